@@ -1,0 +1,1 @@
+//! Tracing, OpenTelemetry, Prometheus metrics and one health model for Soma platform services

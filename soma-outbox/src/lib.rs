@@ -1,0 +1,1 @@
+//! A PostgreSQL transactional outbox with an ordered, sharded relay, dead letters and an inbox

@@ -1,0 +1,1 @@
+//! A resilient Redis client (fred) with cache, rate limiter, idempotency, lease and pub/sub helpers

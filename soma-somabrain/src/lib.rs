@@ -1,0 +1,1 @@
+//! A typed, circuit-broken client for the SomaBrain memory service

@@ -1,0 +1,1 @@
+//! Keeps process-environment access inside allowed crates.
