@@ -1,1 +1,179 @@
-fn main() {}
+//! Workspace tasks for the Soma Platform SDK.
+//!
+//! ```text
+//! cargo xtask test            # the whole pipeline CI runs (README: Quick start)
+//! cargo xtask stack up|down|status
+//! cargo xtask lint-env [--manifest-path PATH] [--format text|json]
+//! ```
+//!
+//! `test` brings up every service the suite needs (installing what is
+//! missing), then runs the format check, clippy with `-D warnings`,
+//! `lint-env`, `cargo deny`, and the tests. Each step prints its duration.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+mod stack;
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  test [--no-stack] [--only-tests] [-- <nextest args>]
+                       bring up the stack, then fmt, clippy, lint-env, deny and all tests
+  stack up|down|status the local services (PostgreSQL, Redis, tansu, and stack.d extras)
+  lint-env [--manifest-path PATH] [--format text|json]
+                       forbid process-environment access outside allowed crates
+  deny                 cargo deny --offline check licenses bans sources";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let Some(cmd) = args.next() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let rest: Vec<String> = args.collect();
+    let result = match cmd.as_str() {
+        "lint-env" => return exit(soma_lint_env::cli(rest)),
+        "stack" => stack::cli(&rest),
+        "test" | "ci" => test(&rest),
+        "deny" => ensure_cargo_deny().and_then(|()| deny()),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => {
+            eprintln!("xtask: unknown command `{other}`\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// The workspace root (the parent of this crate's directory).
+pub(crate) fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace root, failing with its name on a non-zero exit.
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("could not start `{program}`: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{program} {}` failed ({status})", args.join(" ")))
+    }
+}
+
+fn step(name: &str, f: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
+    println!("\n==> {name}");
+    let started = Instant::now();
+    let r = f();
+    let secs = started.elapsed().as_secs_f64();
+    match &r {
+        Ok(()) => println!("==> {name}: ok in {secs:.1}s"),
+        Err(e) => println!("==> {name}: FAILED in {secs:.1}s: {e}"),
+    }
+    r
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    #[allow(clippy::disallowed_methods)] // xtask is on the lint-env allowlist
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
+    home.join("bin")
+}
+
+fn have_cargo_subcommand(name: &str) -> bool {
+    cargo_bin_dir().join(format!("cargo-{name}")).exists()
+        || Command::new("cargo")
+            .args([name, "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
+
+fn ensure_cargo_deny() -> Result<(), String> {
+    if have_cargo_subcommand("deny") {
+        return Ok(());
+    }
+    println!("installing cargo-deny (cargo install --locked)");
+    run("cargo", &["install", "--locked", "cargo-deny"])
+}
+
+fn deny() -> Result<(), String> {
+    // `--offline` needs every platform's crates in the local cache (the graph
+    // covers all targets); fetch them first.
+    run("cargo", &["fetch", "--quiet"])?;
+    run(
+        "cargo",
+        &["deny", "--offline", "check", "licenses", "bans", "sources"],
+    )
+}
+
+fn test(args: &[String]) -> Result<(), String> {
+    let (ours, passthrough) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &[][..]),
+    };
+    let mut with_stack = true;
+    let mut checks = true;
+    for a in ours {
+        match a.as_str() {
+            "--no-stack" => with_stack = false,
+            "--only-tests" => checks = false,
+            other => return Err(format!("unknown `test` option `{other}`\n{USAGE}")),
+        }
+    }
+    let started = Instant::now();
+    if with_stack {
+        step("stack up", || stack::up())?;
+    }
+    if checks {
+        step("install cargo-deny", ensure_cargo_deny)?;
+        step("cargo fmt --check", || run("cargo", &["fmt", "--all", "--", "--check"]))?;
+        step("clippy -D warnings", || {
+            run(
+                "cargo",
+                &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+            )
+        })?;
+        step("lint-env", || {
+            let manifest = root().join("Cargo.toml");
+            match soma_lint_env::cli(["--manifest-path".to_owned(), manifest.display().to_string()]) {
+                0 => Ok(()),
+                code => Err(format!("lint-env exited with {code}")),
+            }
+        })?;
+        step("cargo deny", deny)?;
+    }
+    step("doc tests", || run("cargo", &["test", "--workspace", "--doc"]))?;
+    step("tests (nextest)", || {
+        let mut a = vec!["nextest", "run", "--workspace", "--no-fail-fast"];
+        a.extend(passthrough.iter().map(String::as_str));
+        run("cargo", &a)
+    })?;
+    println!(
+        "\nxtask test: all steps passed in {:.1} min",
+        started.elapsed().as_secs_f64() / 60.0
+    );
+    Ok(())
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# tansu 0.6.0, the Kafka-protocol broker, on 127.0.0.1:9092 with SQLite storage
+# in $SOMA_STACK_DIR/tansu (survives kill -9 and restarts, so broker-outage
+# tests are honest). Installed from crates.io when missing (~12 min cold on
+# 2 cores; reused from ~/.cargo/bin afterwards).
+set -euo pipefail
+: "${SOMA_STACK_DIR:?run through cargo xtask stack up}"
+export PATH="$HOME/.cargo/bin:$PATH"
+want="0.6.0"
+if ! command -v tansu >/dev/null || ! tansu --version 2>/dev/null | grep -q "$want"; then
+  echo "stack: installing tansu $want (cargo install, several minutes cold)"
+  cargo install tansu --locked --version "$want" --no-default-features --features dynostore,libsql
+fi
+port_open() { (exec 3<>/dev/tcp/127.0.0.1/9092) 2>/dev/null; }
+if port_open; then
+  exit 0
+fi
+dir="$SOMA_STACK_DIR/tansu"
+mkdir -p "$dir"
+echo "stack: starting tansu on 127.0.0.1:9092 (data in $dir)"
+# The sqlite path in the URL is relative to the broker's working directory.
+cd "$dir"
+# tansu reads a few variables (LISTENER_URL, STORAGE_ENGINE, ...) as flag
+# defaults; the flags below win, and we clear them so nothing else leaks in.
+env -u LISTENER_URL -u ADVERTISED_LISTENER_URL -u STORAGE_ENGINE -u CLUSTER_ID \
+  nohup tansu broker \
+    --listener-url tcp://127.0.0.1:9092 \
+    --advertised-listener-url tcp://127.0.0.1:9092 \
+    --storage-engine sqlite://tansu.db \
+    >"$dir/tansu.log" 2>&1 &
+echo $! >"$SOMA_STACK_DIR/tansu.pid"
+for _ in $(seq 1 120); do
+  port_open && exit 0
+  sleep 0.25
+done
+echo "stack: tansu did not open 127.0.0.1:9092; log: $dir/tansu.log" >&2
+tail -n 30 "$dir/tansu.log" >&2 || true
+exit 1
