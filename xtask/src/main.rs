@@ -34,7 +34,7 @@ fn main() -> ExitCode {
     };
     let rest: Vec<String> = args.collect();
     let result = match cmd.as_str() {
-        "lint-env" => return exit(soma_lint_env::cli(rest)),
+        "lint-env" => return exit(lint_env(rest)),
         "stack" => stack::cli(&rest),
         "test" | "ci" => test(&rest),
         "deny" => ensure_cargo_deny().and_then(|()| deny()),
@@ -54,6 +54,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `lint-env` on this workspace unless `--manifest-path` says otherwise.
+fn lint_env(mut args: Vec<String>) -> i32 {
+    if !args.iter().any(|a| a.starts_with("--manifest-path")) {
+        args.splice(
+            0..0,
+            [
+                "--manifest-path".to_owned(),
+                root().join("Cargo.toml").display().to_string(),
+            ],
+        );
+    }
+    soma_lint_env::cli(args)
 }
 
 fn exit(code: i32) -> ExitCode {
@@ -149,23 +163,31 @@ fn test(args: &[String]) -> Result<(), String> {
     }
     if checks {
         step("install cargo-deny", ensure_cargo_deny)?;
-        step("cargo fmt --check", || run("cargo", &["fmt", "--all", "--", "--check"]))?;
+        step("cargo fmt --check", || {
+            run("cargo", &["fmt", "--all", "--", "--check"])
+        })?;
         step("clippy -D warnings", || {
             run(
                 "cargo",
-                &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+                &[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
             )
         })?;
-        step("lint-env", || {
-            let manifest = root().join("Cargo.toml");
-            match soma_lint_env::cli(["--manifest-path".to_owned(), manifest.display().to_string()]) {
-                0 => Ok(()),
-                code => Err(format!("lint-env exited with {code}")),
-            }
+        step("lint-env", || match lint_env(Vec::new()) {
+            0 => Ok(()),
+            code => Err(format!("lint-env exited with {code}")),
         })?;
         step("cargo deny", deny)?;
     }
-    step("doc tests", || run("cargo", &["test", "--workspace", "--doc"]))?;
+    step("doc tests", || {
+        run("cargo", &["test", "--workspace", "--doc"])
+    })?;
     step("tests (nextest)", || {
         let mut a = vec!["nextest", "run", "--workspace", "--no-fail-fast"];
         a.extend(passthrough.iter().map(String::as_str));

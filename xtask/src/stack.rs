@@ -44,7 +44,11 @@ pub(crate) fn up() -> Result<(), String> {
         .collect();
     scripts.sort();
     for script in scripts {
-        let name = script.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let name = script
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         println!("stack: {name}");
         let status = Command::new("bash")
             .arg(&script)
