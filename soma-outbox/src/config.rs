@@ -1,0 +1,224 @@
+//! Configuration sections: [`OutboxConfig`] and [`RelayConfig`].
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::OutboxError;
+
+/// The `outbox` section: where the tables live and what producers may write.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct OutboxConfig {
+    /// PostgreSQL schema holding the outbox, dead-letter, inbox and settings
+    /// tables. Created and migrated by [`Outbox::new`](crate::Outbox::new).
+    /// Lowercase ASCII letters, digits and `_`, not starting with a digit,
+    /// at most 63 characters.
+    pub schema: String,
+    /// Largest accepted payload, in bytes. Larger payloads are rejected with
+    /// [`OutboxError::PayloadTooLarge`] before anything is written.
+    pub max_payload_bytes: usize,
+    /// How many times one dead letter may be requeued
+    /// ([`Outbox::requeue_dead_letter`](crate::Outbox::requeue_dead_letter)).
+    pub max_replays: u32,
+    /// The outbox health component turns degraded when the oldest pending
+    /// message is older than this many seconds.
+    pub health_max_pending_age_secs: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            schema: "soma_outbox".to_owned(),
+            max_payload_bytes: 1024 * 1024,
+            max_replays: 3,
+            health_max_pending_age_secs: 60,
+        }
+    }
+}
+
+impl OutboxConfig {
+    /// Checks every value, naming the first bad one.
+    pub fn validate(&self) -> Result<(), OutboxError> {
+        validate_identifier(&self.schema)?;
+        if self.max_payload_bytes == 0 {
+            return Err(OutboxError::InvalidConfig(
+                "max_payload_bytes must be > 0".into(),
+            ));
+        }
+        if self.max_payload_bytes > 256 * 1024 * 1024 {
+            return Err(OutboxError::InvalidConfig(
+                "max_payload_bytes must be <= 268435456 (PostgreSQL bytea practical limit)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a schema name: `[a-z_][a-z0-9_]{0,62}`.
+pub(crate) fn validate_identifier(name: &str) -> Result<(), OutboxError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit()
+        && !name.starts_with("pg_");
+    if ok {
+        Ok(())
+    } else {
+        Err(OutboxError::InvalidConfig(format!(
+            "schema {name:?} must be 1-63 lowercase ASCII letters, digits or '_', \
+             not start with a digit or 'pg_'"
+        )))
+    }
+}
+
+/// The `relay` section: how a [`Relay`](crate::Relay) claims, publishes and retries.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct RelayConfig {
+    /// Most messages claimed and handed to the sink in one batch.
+    pub batch_size: usize,
+    /// Number of shards message keys hash into. Each shard is owned by one
+    /// relay at a time. Every relay of one schema must use the same value;
+    /// a relay started with another value while others run fails with
+    /// [`OutboxError::ShardCountMismatch`].
+    pub shards: u32,
+    /// Polling fallback: how often an idle relay looks for work when no
+    /// notification arrives (e.g. after a retry backoff expires).
+    pub poll_interval_ms: u64,
+    /// Base of the exponential retry backoff.
+    pub backoff_base_ms: u64,
+    /// Cap of the exponential retry backoff.
+    pub backoff_max_ms: u64,
+    /// Attempts before a message is moved to the dead-letter table.
+    pub max_attempts: u32,
+    /// 0: delete a message once delivered. Otherwise keep it, marked sent,
+    /// for this many seconds (the dedupe window then covers it too); the
+    /// relay purges older sent messages.
+    pub retention_secs: u64,
+    /// How often a relay re-reads the set of live relays and takes or gives
+    /// up shards. Takeover after a relay dies happens within about this long.
+    pub rebalance_interval_ms: u64,
+    /// Longest time the sink may take for one batch; on expiry every record
+    /// of the batch counts as a failed attempt.
+    pub sink_timeout_ms: u64,
+    /// Delay before reconnecting after the relay's database connection fails.
+    pub reconnect_backoff_ms: u64,
+    /// How often the pending-count and oldest-age gauges are refreshed.
+    pub stats_interval_ms: u64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            shards: 16,
+            poll_interval_ms: 500,
+            backoff_base_ms: 200,
+            backoff_max_ms: 60_000,
+            max_attempts: 10,
+            retention_secs: 0,
+            rebalance_interval_ms: 1_000,
+            sink_timeout_ms: 30_000,
+            reconnect_backoff_ms: 1_000,
+            stats_interval_ms: 5_000,
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Checks every value, naming the first bad one.
+    pub fn validate(&self) -> Result<(), OutboxError> {
+        let bad = |m: &str| Err(OutboxError::InvalidConfig(m.to_owned()));
+        if self.batch_size == 0 || self.batch_size > 10_000 {
+            return bad("relay batch_size must be in 1..=10000");
+        }
+        if self.shards == 0 || self.shards > 4096 {
+            return bad("relay shards must be in 1..=4096");
+        }
+        if self.max_attempts == 0 {
+            return bad("relay max_attempts must be > 0");
+        }
+        if self.poll_interval_ms == 0 || self.rebalance_interval_ms == 0 {
+            return bad("relay poll_interval_ms and rebalance_interval_ms must be > 0");
+        }
+        if self.backoff_base_ms > self.backoff_max_ms {
+            return bad("relay backoff_base_ms must be <= backoff_max_ms");
+        }
+        if self.sink_timeout_ms == 0 {
+            return bad("relay sink_timeout_ms must be > 0");
+        }
+        Ok(())
+    }
+
+    pub(crate) fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms)
+    }
+    pub(crate) fn rebalance_interval(&self) -> Duration {
+        Duration::from_millis(self.rebalance_interval_ms)
+    }
+
+    /// Exponential backoff with full jitter for a message that has now failed
+    /// `attempts` times: uniform in `[0, min(max, base * 2^(attempts-1))]`.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let exp = attempts.saturating_sub(1).min(40);
+        let ceiling = self
+            .backoff_base_ms
+            .saturating_mul(1u64 << exp)
+            .min(self.backoff_max_ms);
+        let ms = if ceiling == 0 {
+            0
+        } else {
+            rand::random_range(0..=ceiling)
+        };
+        Duration::from_millis(ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers() {
+        assert!(validate_identifier("soma_outbox").is_ok());
+        assert!(validate_identifier("_x1").is_ok());
+        for bad in ["", "1abc", "Abc", "a-b", "a\"b", "pg_x", &"a".repeat(64)] {
+            assert!(validate_identifier(bad).unwrap_err().is_config(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn backoff_is_bounded_and_grows() {
+        let c = RelayConfig {
+            backoff_base_ms: 100,
+            backoff_max_ms: 1_000,
+            ..Default::default()
+        };
+        for attempt in 1..30 {
+            let ceiling = (100u64 << (attempt - 1).min(40)).min(1_000);
+            for _ in 0..50 {
+                assert!(c.backoff(attempt).as_millis() as u64 <= ceiling);
+            }
+        }
+        // Full jitter: over many draws the later attempts reach past the base.
+        assert!((0..200).any(|_| c.backoff(5).as_millis() > 100));
+    }
+
+    #[test]
+    fn defaults_validate() {
+        OutboxConfig::default().validate().unwrap();
+        RelayConfig::default().validate().unwrap();
+        assert!(
+            RelayConfig {
+                shards: 0,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap_err()
+            .is_config()
+        );
+    }
+}

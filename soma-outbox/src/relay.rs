@@ -1,0 +1,809 @@
+//! The relay: claims pending messages in commit order, publishes them through
+//! a [`Sink`], and records the outcome, shard by shard.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use sqlx::postgres::{PgListener, PgRow};
+use sqlx::{ConnectOptions, Connection, PgConnection, Row};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::metrics::OutboxMetrics;
+use crate::schema::{channel_name, lock_namespace};
+use crate::{Outbox, OutboxError, OutboxRecord, RelayConfig, Sink, SinkOutcome};
+
+/// Longest error text kept per attempt.
+const MAX_ERROR_CHARS: usize = 2_000;
+
+/// Drains an [`Outbox`] into a [`Sink`]. Build with [`Relay::new`], start
+/// with [`Relay::spawn`].
+///
+/// Several relays (in one or many processes) may run against one schema:
+/// they split the shards between them, see the [crate docs](crate).
+///
+/// Connections: a running relay opens one dedicated connection (with the
+/// pool's connect options, outside the pool) for its shard locks and batch
+/// transactions, holds one pool connection for `LISTEN`, and briefly uses the
+/// pool for the statistics query. Size the pool accordingly.
+///
+/// Under pressure: the relay keeps nothing in memory beyond the batch in
+/// flight. When the sink fails, messages stay in the outbox table (growing
+/// without bound; watch `soma_outbox_pending` and the health component) and
+/// are retried with backoff; when PostgreSQL is unreachable, the relay
+/// reconnects every [`RelayConfig::reconnect_backoff_ms`], counting
+/// `soma_outbox_relay_errors_total`.
+pub struct Relay {
+    outbox: Outbox,
+    sink: Arc<dyn Sink>,
+    config: RelayConfig,
+    metrics: OutboxMetrics,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("schema", &self.outbox.schema())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Running relay. Dropping it leaves the relay running; call
+/// [`shutdown`](RelayHandle::shutdown).
+#[derive(Debug)]
+pub struct RelayHandle {
+    cancel: CancellationToken,
+    main: JoinHandle<Result<(), OutboxError>>,
+    aux: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+/// Counters of one relay since it started (also exported as metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayCounters {
+    /// Messages the sink delivered and the relay committed as delivered.
+    pub published: u64,
+    /// Failed attempts that will be retried.
+    pub failed: u64,
+    /// Messages moved to the dead-letter table.
+    pub dead_lettered: u64,
+    /// Batches committed.
+    pub batches: u64,
+    /// Times the sink delivered a record after an undelivered earlier record
+    /// of the same key in one batch (a [`Sink`] contract violation).
+    pub order_violations: u64,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    owned: Mutex<Vec<u32>>,
+    published: AtomicU64,
+    failed: AtomicU64,
+    dead_lettered: AtomicU64,
+    batches: AtomicU64,
+    order_violations: AtomicU64,
+}
+
+impl RelayHandle {
+    /// Stops the relay: the in-flight batch is published and committed, then
+    /// the relay's connection is closed, releasing its shards to other
+    /// relays. Returns the error that stopped the relay early, if any.
+    pub async fn shutdown(self) -> Result<(), OutboxError> {
+        self.cancel.cancel();
+        let res = match self.main.await {
+            Ok(r) => r,
+            Err(e) => Err(OutboxError::Relay(e.to_string())),
+        };
+        for t in self.aux {
+            t.abort();
+            let _ = t.await;
+        }
+        res
+    }
+
+    /// Stops the relay at once, without finishing the in-flight batch: its
+    /// transaction rolls back when the connection drops, so the batch is
+    /// published again by whichever relay takes the shards over (the
+    /// duplicate case of the guarantees). This is what a crash looks like to
+    /// the database.
+    pub fn abort(self) {
+        self.main.abort();
+        for t in &self.aux {
+            t.abort();
+        }
+    }
+
+    /// Whether the relay task has ended (after an error or shutdown).
+    pub fn is_finished(&self) -> bool {
+        self.main.is_finished()
+    }
+
+    /// Shards this relay owns right now.
+    pub fn owned_shards(&self) -> Vec<u32> {
+        self.shared
+            .owned
+            .lock()
+            .map(|o| o.clone())
+            .unwrap_or_default()
+    }
+
+    /// Counters since the relay started.
+    pub fn counters(&self) -> RelayCounters {
+        let s = &self.shared;
+        RelayCounters {
+            published: s.published.load(Ordering::Relaxed),
+            failed: s.failed.load(Ordering::Relaxed),
+            dead_lettered: s.dead_lettered.load(Ordering::Relaxed),
+            batches: s.batches.load(Ordering::Relaxed),
+            order_violations: s.order_violations.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Relay {
+    /// A relay draining `outbox` into `sink`. The configuration is checked
+    /// when the relay starts: an invalid one ends the relay at once, and
+    /// [`RelayHandle::shutdown`] returns the error (check early with
+    /// [`RelayConfig::validate`]).
+    pub fn new<S: Sink>(outbox: Outbox, sink: S, config: RelayConfig) -> Self {
+        Self {
+            outbox,
+            sink: Arc::new(sink),
+            config,
+            metrics: OutboxMetrics::detached(),
+        }
+    }
+
+    /// Exports the relay's metrics through `metrics` (see [`OutboxMetrics`]).
+    pub fn with_metrics(mut self, metrics: OutboxMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Starts the relay on the current tokio runtime.
+    pub fn spawn(self) -> RelayHandle {
+        let cancel = CancellationToken::new();
+        let shared = Arc::new(Shared::default());
+        let wake = Arc::new(Notify::new());
+        let mut aux = Vec::new();
+        if self.config.validate().is_ok() {
+            aux.push(tokio::spawn(listen(
+                self.outbox.clone(),
+                wake.clone(),
+                cancel.clone(),
+            )));
+            aux.push(tokio::spawn(monitor(
+                self.outbox.clone(),
+                self.config.clone(),
+                self.metrics.clone(),
+                cancel.clone(),
+            )));
+        }
+        let worker = Worker::new(self, shared.clone(), wake, cancel.clone());
+        let main = tokio::spawn(worker.run());
+        RelayHandle {
+            cancel,
+            main,
+            aux,
+            shared,
+        }
+    }
+}
+
+/// Wakes the worker on NOTIFY. Lost notifications (reconnects) are covered
+/// by the worker's polling.
+async fn listen(outbox: Outbox, wake: Arc<Notify>, cancel: CancellationToken) {
+    let channel = channel_name(outbox.schema());
+    let schema = outbox.schema().to_owned();
+    loop {
+        let attempt = async {
+            let mut l = PgListener::connect_with(outbox.pool()).await?;
+            l.listen(&channel).await?;
+            wake.notify_one();
+            loop {
+                l.recv().await?;
+                wake.notify_one();
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), sqlx::Error>(())
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = attempt => if let Err(e) = r {
+                tracing::warn!(schema = %schema, error = %e, "outbox listener failed; polling until it reconnects");
+            },
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Refreshes the pending gauges and purges retained sent messages.
+async fn monitor(
+    outbox: Outbox,
+    config: RelayConfig,
+    metrics: OutboxMetrics,
+    cancel: CancellationToken,
+) {
+    let every = Duration::from_millis(config.stats_interval_ms.max(100));
+    loop {
+        match outbox.stats().await {
+            Ok(s) => metrics.observe_stats(&s),
+            Err(e) => {
+                tracing::warn!(schema = outbox.schema(), error = %e, "outbox stats query failed")
+            }
+        }
+        if config.retention_secs > 0 {
+            if let Err(e) = outbox
+                .purge_sent(Duration::from_secs(config.retention_secs), 10_000)
+                .await
+            {
+                tracing::warn!(schema = outbox.schema(), error = %e, "purging sent outbox messages failed");
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// SQL text for one schema.
+struct RelaySql {
+    claim: String,
+    delivered: String,
+    retry: String,
+    dead_letter: String,
+    settings_get: String,
+    settings_put: String,
+}
+
+impl RelaySql {
+    fn new(q: &str, retain: bool) -> Self {
+        Self {
+            // Commit order = (txid, seq), restricted to transactions below the
+            // snapshot's xmin (finished ones), to the shards we own, to
+            // records whose backoff expired, and to keys with no earlier
+            // record still waiting for a retry.
+            claim: format!(
+                "SELECT o.id, o.topic, o.key, o.payload, o.headers, o.attempts, o.created_at
+                 FROM {q}.outbox o
+                 WHERE o.sent_at IS NULL
+                   AND o.txid < (SELECT pg_snapshot_xmin(pg_current_snapshot()))
+                   AND o.key_hash % $1 = ANY($2)
+                   AND o.available_at <= now()
+                   AND (o.key IS NULL OR NOT EXISTS (
+                        SELECT 1 FROM {q}.outbox p
+                        WHERE p.topic = o.topic AND p.key = o.key AND p.sent_at IS NULL
+                          AND p.attempts > 0
+                          AND (p.txid, p.seq) < (o.txid, o.seq)
+                          AND p.available_at > now()))
+                 ORDER BY o.txid, o.seq
+                 LIMIT $3
+                 FOR UPDATE OF o"
+            ),
+            delivered: if retain {
+                format!("UPDATE {q}.outbox SET sent_at = clock_timestamp() WHERE id = ANY($1)")
+            } else {
+                format!("DELETE FROM {q}.outbox WHERE id = ANY($1)")
+            },
+            retry: format!(
+                "UPDATE {q}.outbox o
+                 SET attempts = o.attempts + 1,
+                     last_error = f.err,
+                     available_at = clock_timestamp() + f.delay_ms * interval '1 millisecond',
+                     errors = o.errors || jsonb_build_array(jsonb_build_object(
+                         'at', clock_timestamp(), 'attempt', o.attempts + 1, 'error', f.err))
+                 FROM UNNEST($1::uuid[], $2::text[], $3::int8[]) AS f(id, err, delay_ms)
+                 WHERE o.id = f.id"
+            ),
+            dead_letter: format!(
+                "WITH f AS (SELECT * FROM UNNEST($1::uuid[], $2::text[]) AS f(id, err)),
+                 moved AS (
+                     DELETE FROM {q}.outbox o USING f WHERE o.id = f.id
+                     RETURNING o.id, o.topic, o.key, o.key_hash, o.payload, o.headers,
+                               o.dedupe_key, o.created_at, o.attempts, o.replays, o.errors, f.err)
+                 INSERT INTO {q}.dead_letters (id, topic, key, key_hash, payload, headers,
+                     dedupe_key, created_at, attempts, replays, last_error, errors)
+                 SELECT id, topic, key, key_hash, payload, headers, dedupe_key, created_at,
+                        attempts + 1, replays, err,
+                        errors || jsonb_build_array(jsonb_build_object(
+                            'at', clock_timestamp(), 'attempt', attempts + 1, 'error', err))
+                 FROM moved"
+            ),
+            settings_get: format!("SELECT shards FROM {q}.relay_settings"),
+            settings_put: format!(
+                "INSERT INTO {q}.relay_settings (singleton, shards) VALUES (true, $1)
+                 ON CONFLICT (singleton) DO UPDATE SET shards = EXCLUDED.shards, updated_at = now()"
+            ),
+        }
+    }
+}
+
+/// The relay's main task. It owns ONE connection: the session-level advisory
+/// locks that make it the owner of its shards and every claim transaction
+/// live on it, so a relay can only ever claim rows of shards it holds, and
+/// losing the connection loses locks and the open transaction together.
+struct Worker {
+    outbox: Outbox,
+    sink: Arc<dyn Sink>,
+    config: RelayConfig,
+    metrics: OutboxMetrics,
+    sql: RelaySql,
+    shared: Arc<Shared>,
+    wake: Arc<Notify>,
+    cancel: CancellationToken,
+    conn: Option<PgConnection>,
+    owned: BTreeSet<u32>,
+    /// `ns|1`: shard locks; `ns|2`: membership locks; `ns|3`: settings/migrations.
+    ns: i32,
+    next_rebalance: Instant,
+    reported_owned: i64,
+}
+
+struct Claimed {
+    id: Uuid,
+    attempts: i32,
+    record: OutboxRecord,
+}
+
+impl Worker {
+    fn new(
+        relay: Relay,
+        shared: Arc<Shared>,
+        wake: Arc<Notify>,
+        cancel: CancellationToken,
+    ) -> Self {
+        let sql = RelaySql::new(
+            relay.outbox.quoted_schema(),
+            relay.config.retention_secs > 0,
+        );
+        let ns = lock_namespace(relay.outbox.schema());
+        Self {
+            outbox: relay.outbox,
+            sink: relay.sink,
+            config: relay.config,
+            metrics: relay.metrics,
+            sql,
+            shared,
+            wake,
+            cancel,
+            conn: None,
+            owned: BTreeSet::new(),
+            ns,
+            next_rebalance: Instant::now(),
+            reported_owned: 0,
+        }
+    }
+
+    async fn run(mut self) -> Result<(), OutboxError> {
+        self.config.validate()?;
+        let schema = self.outbox.schema().to_owned();
+        let mut idle_hot = 0u32;
+        let mut result = Ok(());
+        while !self.cancel.is_cancelled() {
+            let step = self.step().boxed().await;
+            match step {
+                Ok(n) if n > 0 => {
+                    idle_hot = 0;
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) if e.is_shard_count_mismatch() => {
+                    tracing::error!(schema = %schema, error = %e, "relay stopped");
+                    result = Err(e);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(schema = %schema, error = %e, "relay connection failed; reconnecting");
+                    self.metrics.relay_error();
+                    self.drop_connection();
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(self.config.reconnect_backoff_ms)) => {}
+                    }
+                    continue;
+                }
+            }
+            // Idle. A notification may arrive while an older transaction is
+            // still open (its rows are not claimable yet); poll quickly for a
+            // short while after a wake-up, then fall back to the slow poll.
+            let until_rebalance = self
+                .next_rebalance
+                .saturating_duration_since(Instant::now());
+            let wait = if idle_hot > 0 {
+                idle_hot -= 1;
+                Duration::from_millis(5)
+            } else {
+                self.config.poll_interval()
+            }
+            .min(until_rebalance);
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = self.wake.notified() => idle_hot = 40,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.close().await;
+        }
+        self.set_owned();
+        result
+    }
+
+    fn drop_connection(&mut self) {
+        self.conn = None;
+        self.owned.clear();
+        self.set_owned();
+    }
+
+    fn set_owned(&mut self) {
+        if let Ok(mut o) = self.shared.owned.lock() {
+            *o = self.owned.iter().copied().collect();
+        }
+        let now = self.owned.len() as i64;
+        self.metrics.shards_delta(now - self.reported_owned);
+        self.reported_owned = now;
+    }
+
+    /// Connects and rebalances if due, then runs one batch. Returns the
+    /// number of records handled.
+    async fn step(&mut self) -> Result<usize, OutboxError> {
+        if self.conn.is_none() {
+            self.connect().boxed().await?;
+            self.next_rebalance = Instant::now();
+        }
+        if Instant::now() >= self.next_rebalance {
+            self.rebalance().boxed().await?;
+            self.next_rebalance = Instant::now() + self.config.rebalance_interval();
+        }
+        if self.owned.is_empty() {
+            return Ok(0);
+        }
+        self.batch().boxed().await
+    }
+
+    async fn connect(&mut self) -> Result<(), OutboxError> {
+        let opts = (*self.outbox.pool().connect_options())
+            .clone()
+            .application_name(&format!("soma-outbox-relay {}", self.outbox.schema()));
+        let mut conn = opts.connect().await?;
+        // Let the server drop a vanished relay's session (and its locks)
+        // fast. The claim must walk the (txid, seq) index and stop at the
+        // batch size; with a large backlog the planner's row estimates
+        // otherwise favour sorting every pending row, so sorting is
+        // disabled on this (claim-only) session, and JIT is useless here.
+        let setup = format!(
+            "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2;
+             SET tcp_keepalives_count = 3;
+             SET idle_in_transaction_session_timeout = {};
+             SET jit = off; SET enable_sort = off;",
+            self.config.sink_timeout_ms.saturating_mul(2).max(10_000)
+        );
+        for stmt in setup.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            sqlx::query(stmt).execute(&mut conn).await?;
+        }
+        // Membership: one session lock per live relay, counted to share shards.
+        loop {
+            let id: i32 = rand::random_range(1..i32::MAX);
+            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                .bind(self.ns | 2)
+                .bind(id)
+                .fetch_one(&mut conn)
+                .await?;
+            if got {
+                break;
+            }
+        }
+        self.check_settings(&mut conn).boxed().await?;
+        self.conn = Some(conn);
+        tracing::info!(schema = self.outbox.schema(), "relay connected");
+        Ok(())
+    }
+
+    /// Every relay of a schema must agree on the shard count, or two relays
+    /// could own the same key.
+    async fn check_settings(&self, conn: &mut PgConnection) -> Result<(), OutboxError> {
+        let mut tx = conn.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1, 1)")
+            .bind(self.ns | 3)
+            .execute(&mut *tx)
+            .await?;
+        let current: Option<i32> = sqlx::query_scalar(&self.sql.settings_get)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let want = self.config.shards as i32;
+        match current {
+            Some(s) if s == want => {}
+            Some(s) => {
+                let members = count_members(&mut tx, self.ns).await?;
+                if members > 1 {
+                    return Err(OutboxError::ShardCountMismatch {
+                        configured: self.config.shards,
+                        active: s as u32,
+                    });
+                }
+                sqlx::query(&self.sql.settings_put)
+                    .bind(want)
+                    .execute(&mut *tx)
+                    .await?;
+                tracing::info!(
+                    schema = self.outbox.schema(),
+                    from = s,
+                    to = want,
+                    "relay shard count changed"
+                );
+            }
+            None => {
+                sqlx::query(&self.sql.settings_put)
+                    .bind(want)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Takes or gives up shards so each live relay owns about
+    /// `ceil(shards / relays)`.
+    async fn rebalance(&mut self) -> Result<(), OutboxError> {
+        let ns = self.ns;
+        let conn = self.conn.as_mut().expect("connected");
+        let members = count_members(conn, ns).await?.max(1) as u32;
+        let fair = self.config.shards.div_ceil(members) as usize;
+        let mut changed = false;
+        while self.owned.len() > fair {
+            let shard = *self.owned.iter().next_back().expect("non-empty");
+            sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+                .bind(ns | 1)
+                .bind(shard as i32)
+                .execute(&mut *conn)
+                .await?;
+            self.owned.remove(&shard);
+            changed = true;
+        }
+        if self.owned.len() < fair {
+            let held: Vec<i64> = sqlx::query_scalar(
+                "SELECT objid::int8 FROM pg_locks
+                 WHERE locktype = 'advisory' AND objsubid = 2 AND granted
+                   AND classid = $1::int4::oid
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .bind(ns | 1)
+            .fetch_all(&mut *conn)
+            .await?;
+            let held: HashSet<u32> = held.into_iter().map(|s| s as u32).collect();
+            let start = rand::random_range(0..self.config.shards);
+            for i in 0..self.config.shards {
+                if self.owned.len() >= fair {
+                    break;
+                }
+                let shard = (start + i) % self.config.shards;
+                if held.contains(&shard) {
+                    continue;
+                }
+                let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                    .bind(ns | 1)
+                    .bind(shard as i32)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if got {
+                    self.owned.insert(shard);
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            tracing::info!(
+                schema = self.outbox.schema(),
+                relays = members,
+                owned = ?self.owned,
+                "relay shards rebalanced"
+            );
+            self.set_owned();
+        }
+        Ok(())
+    }
+
+    /// Claims, publishes and settles one batch in one transaction.
+    async fn batch(&mut self) -> Result<usize, OutboxError> {
+        let started = Instant::now();
+        let owned: Vec<i32> = self.owned.iter().map(|s| *s as i32).collect();
+        let conn = self.conn.as_mut().expect("connected");
+        let mut tx = conn.begin().await?;
+        let rows: Vec<PgRow> = sqlx::query(&self.sql.claim)
+            .bind(self.config.shards as i32)
+            .bind(&owned)
+            .bind(self.config.batch_size as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(0);
+        }
+        let claimed = rows
+            .iter()
+            .map(parse_row)
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let batch: Vec<OutboxRecord> = claimed.iter().map(|c| c.record.clone()).collect();
+        let outcomes = publish(&*self.sink, &self.config, self.outbox.schema(), &batch).await;
+
+        let mut delivered = Vec::new();
+        let (mut retry_ids, mut retry_errs, mut retry_delays) =
+            (Vec::new(), Vec::new(), Vec::new());
+        let (mut dead_ids, mut dead_errs) = (Vec::new(), Vec::new());
+        let mut blocked: HashSet<(&str, &str)> = HashSet::new();
+        let mut violations = 0u64;
+        let mut failed_attempts = 0u64;
+        for (i, c) in claimed.iter().enumerate() {
+            let outcome = outcomes.get(i).cloned().unwrap_or_else(|| {
+                SinkOutcome::retry(format!(
+                    "sink returned {} outcomes for {} records",
+                    outcomes.len(),
+                    claimed.len()
+                ))
+            });
+            let group = c
+                .record
+                .key
+                .as_deref()
+                .map(|k| (c.record.topic.as_str(), k));
+            match outcome {
+                SinkOutcome::Delivered => {
+                    if group.is_some_and(|g| blocked.contains(&g)) {
+                        violations += 1;
+                    }
+                    delivered.push(c.id);
+                }
+                SinkOutcome::Retry { error } => {
+                    if let Some(g) = group {
+                        if !blocked.insert(g) {
+                            // Held back behind an earlier failed record of
+                            // its key: not an attempt of its own. It stays
+                            // as it is and waits for that record.
+                            continue;
+                        }
+                    }
+                    failed_attempts += 1;
+                    let error = truncate(error);
+                    let attempts = (c.attempts + 1) as u32;
+                    if attempts >= self.config.max_attempts {
+                        dead_ids.push(c.id);
+                        dead_errs.push(error);
+                    } else {
+                        retry_ids.push(c.id);
+                        retry_errs.push(error);
+                        retry_delays.push(self.config.backoff(attempts).as_millis() as i64);
+                    }
+                }
+                SinkOutcome::Reject { error } => {
+                    dead_ids.push(c.id);
+                    dead_errs.push(truncate(error));
+                }
+            }
+        }
+        if !delivered.is_empty() {
+            sqlx::query(&self.sql.delivered)
+                .bind(&delivered)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !retry_ids.is_empty() {
+            sqlx::query(&self.sql.retry)
+                .bind(&retry_ids)
+                .bind(&retry_errs)
+                .bind(&retry_delays)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !dead_ids.is_empty() {
+            sqlx::query(&self.sql.dead_letter)
+                .bind(&dead_ids)
+                .bind(&dead_errs)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+
+        let s = &self.shared;
+        s.published
+            .fetch_add(delivered.len() as u64, Ordering::Relaxed);
+        s.failed.fetch_add(failed_attempts, Ordering::Relaxed);
+        s.dead_lettered
+            .fetch_add(dead_ids.len() as u64, Ordering::Relaxed);
+        s.batches.fetch_add(1, Ordering::Relaxed);
+        s.order_violations.fetch_add(violations, Ordering::Relaxed);
+        self.metrics.observe_batch(
+            delivered.len() as u64,
+            failed_attempts,
+            dead_ids.len() as u64,
+            started.elapsed(),
+        );
+        if violations > 0 {
+            tracing::warn!(
+                schema = self.outbox.schema(),
+                count = violations,
+                "sink delivered records after an undelivered earlier record of the same key"
+            );
+        }
+        for (id, err) in dead_ids.iter().zip(&dead_errs) {
+            tracing::warn!(schema = self.outbox.schema(), message_id = %id, error = %err, "message dead-lettered");
+        }
+        Ok(claimed.len())
+    }
+}
+
+/// Calls the sink with a timeout, turning a panic or timeout into `Retry`
+/// for every record.
+async fn publish(
+    sink: &dyn Sink,
+    config: &RelayConfig,
+    schema: &str,
+    batch: &[OutboxRecord],
+) -> Vec<SinkOutcome> {
+    let timeout = Duration::from_millis(config.sink_timeout_ms);
+    let call = AssertUnwindSafe(sink.send_batch(batch)).catch_unwind();
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(outcomes)) => outcomes,
+        Ok(Err(_)) => {
+            tracing::error!(schema, "sink panicked; retrying the batch");
+            vec![SinkOutcome::retry("sink panicked"); batch.len()]
+        }
+        Err(_) => vec![
+            SinkOutcome::retry(format!(
+                "sink did not answer within {} ms",
+                config.sink_timeout_ms
+            ));
+            batch.len()
+        ],
+    }
+}
+
+async fn count_members(conn: &mut PgConnection, ns: i32) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks
+         WHERE locktype = 'advisory' AND objsubid = 2 AND granted
+           AND classid = $1::int4::oid
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .bind(ns | 2)
+    .fetch_one(&mut *conn)
+    .await
+}
+
+fn parse_row(r: &PgRow) -> Result<Claimed, sqlx::Error> {
+    let id: Uuid = r.try_get("id")?;
+    let attempts: i32 = r.try_get("attempts")?;
+    let headers: serde_json::Value = r.try_get("headers")?;
+    let headers: BTreeMap<String, String> = serde_json::from_value(headers).unwrap_or_default();
+    Ok(Claimed {
+        id,
+        attempts,
+        record: OutboxRecord {
+            id,
+            topic: r.try_get("topic")?,
+            key: r.try_get("key")?,
+            payload: r.try_get("payload")?,
+            headers,
+            attempts,
+            created_at: r.try_get("created_at")?,
+        },
+    })
+}
+
+fn truncate(mut s: String) -> String {
+    if s.chars().count() > MAX_ERROR_CHARS {
+        s = s.chars().take(MAX_ERROR_CHARS).collect();
+    }
+    s.replace('\0', "")
+}

@@ -1,0 +1,754 @@
+//! Relay behaviour against a real PostgreSQL: commit order, crashes,
+//! several relays, retries and dead letters.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{RecordingSink, assert_ordered, fast_relay, first_publications, setup, wait_until};
+use soma_outbox::{NewMessage, OutboxError, Relay, RelayConfig, SinkOutcome};
+
+fn msg(key: &str, seq: u64) -> NewMessage {
+    NewMessage::new("events", seq.to_string().into_bytes()).with_key(key)
+}
+
+/// Concurrent producers, one per key, each committing its messages in
+/// sequence; long transactions (held open after writing) interleave with
+/// short ones, and a relay drains all the while. No record may be skipped,
+/// and each key's records must arrive in the order they were committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn late_commits_are_never_skipped_nor_reordered() {
+    let db = setup("late").await;
+    let sink = RecordingSink::new();
+    let relay = Relay::new(db.outbox.clone(), sink.clone(), fast_relay()).spawn();
+
+    const KEYS: usize = 6;
+    const PER_KEY: u64 = 25;
+    let producers = (0..KEYS).map(|k| {
+        let pool = db.pool.clone();
+        let outbox = db.outbox.clone();
+        async move {
+            let key = format!("k{k}");
+            for seq in 0..PER_KEY {
+                let mut tx = pool.begin().await.unwrap();
+                // Take the xid with the first write, like a business update would.
+                outbox.enqueue(&mut tx, &[msg(&key, seq)]).await.unwrap();
+                // Every third transaction of some keys stays open a while,
+                // so later transactions of other keys commit before it.
+                let hold = if (seq as usize + k) % 3 == 0 {
+                    60 + 20 * (k as u64 % 3)
+                } else {
+                    0
+                };
+                tokio::time::sleep(Duration::from_millis(hold)).await;
+                tx.commit().await.unwrap();
+            }
+        }
+    });
+    // A long transaction that also holds an *unrelated* write open for
+    // longer than everything else: rows of later transactions wait for it.
+    let blocker = {
+        let pool = db.pool.clone();
+        let outbox = db.outbox.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            outbox.enqueue(&mut tx, &[msg("blocker", 0)]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            tx.commit().await.unwrap();
+        }
+    };
+    futures::future::join(futures::future::join_all(producers), blocker).await;
+
+    let total = KEYS as u64 * PER_KEY + 1;
+    wait_until(Duration::from_secs(20), "all records published", || async {
+        sink.published().len() as u64 >= total
+    })
+    .await;
+    relay.shutdown().await.unwrap();
+
+    let published = sink.published();
+    let ids: HashSet<_> = published.iter().map(|r| r.id).collect();
+    assert_eq!(ids.len() as u64, total, "no record skipped");
+    assert_eq!(
+        published.len() as u64,
+        total,
+        "no duplicates without a crash"
+    );
+    let per_key = first_publications(&published);
+    assert_ordered(&per_key);
+    for k in 0..KEYS {
+        assert_eq!(per_key[&format!("k{k}")].len() as u64, PER_KEY);
+    }
+    assert_eq!(db.pending().await, 0);
+    db.drop_schema().await;
+}
+
+/// The precise late-commit case: transaction L writes message 0 of key
+/// `x` and stays open; a later transaction writes message 1 of `x` and
+/// commits first. A relay that read "what is committed, in id order" would
+/// publish 1 and then 0, or skip 0 behind its cursor. Here 1 is held back
+/// until L finishes, then both go out in transaction order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_committing_transaction_holds_back_later_ones_instead_of_being_reordered() {
+    let db = setup("latecase").await;
+    let sink = RecordingSink::new();
+    let relay = Relay::new(db.outbox.clone(), sink.clone(), fast_relay()).spawn();
+
+    let mut long = db.pool.begin().await.unwrap();
+    db.outbox.enqueue(&mut long, &[msg("x", 0)]).await.unwrap();
+    db.outbox.enqueue_standalone(&[msg("x", 1)]).await.unwrap();
+    // Unrelated keys committed after L are held back too (cost of the guard).
+    db.outbox.enqueue_standalone(&[msg("y", 2)]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        sink.published().is_empty(),
+        "nothing after the open transaction may go out yet"
+    );
+    long.commit().await.unwrap();
+
+    wait_until(Duration::from_secs(10), "all three published", || async {
+        sink.published().len() == 3
+    })
+    .await;
+    relay.shutdown().await.unwrap();
+    let per_key = first_publications(&sink.published());
+    assert_eq!(per_key["x"], vec![0, 1]);
+    db.drop_schema().await;
+}
+
+/// The relay publishes a batch and dies before committing: the next relay
+/// publishes that batch again (at most a duplicate), nothing is lost, and
+/// each key stays in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_killed_between_publish_and_commit_duplicates_but_never_loses() {
+    let db = setup("crash").await;
+    let n = 300u64;
+    let msgs: Vec<_> = (0..n).map(|i| msg(&format!("k{}", i % 7), i)).collect();
+    db.outbox.enqueue_standalone(&msgs).await.unwrap();
+
+    let sink = RecordingSink::new();
+    let published_then_hung = sink.hang_after_next_publish();
+    let cfg = RelayConfig {
+        batch_size: 50,
+        ..fast_relay()
+    };
+    let doomed = Relay::new(db.outbox.clone(), sink.clone(), cfg.clone()).spawn();
+    let in_flight = tokio::time::timeout(Duration::from_secs(10), published_then_hung)
+        .await
+        .expect("first batch published")
+        .unwrap();
+    assert_eq!(in_flight, 50);
+    doomed.abort(); // dies after the broker's ack, before its commit
+
+    let survivor = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
+    wait_until(Duration::from_secs(20), "outbox drained", || async {
+        db.pending().await == 0
+    })
+    .await;
+    survivor.shutdown().await.unwrap();
+
+    let published = sink.published();
+    let distinct: HashSet<_> = published.iter().map(|r| r.id).collect();
+    assert_eq!(distinct.len() as u64, n, "never a loss");
+    let dups = published.len() as u64 - n;
+    assert!(
+        dups <= in_flight as u64,
+        "duplicates only from the in-flight batch: {dups}"
+    );
+    assert_eq!(
+        dups, in_flight as u64,
+        "the uncommitted batch is published again"
+    );
+    assert_ordered(&first_publications(&published));
+    db.drop_schema().await;
+}
+
+async fn drain_with_relays(relays: usize) {
+    let db = setup(&format!("multi{relays}")).await;
+    let n = 1_500u64;
+    let keys = 40;
+    let msgs: Vec<_> = (0..n).map(|i| msg(&format!("k{}", i % keys), i)).collect();
+    for chunk in msgs.chunks(500) {
+        db.outbox.enqueue_standalone(chunk).await.unwrap();
+    }
+    let sink = RecordingSink::new();
+    let cfg = RelayConfig {
+        batch_size: 20,
+        shards: 12,
+        ..fast_relay()
+    };
+    // Slow the sink a little so the drain outlasts several rebalances.
+    sink.set_rule(|_| None);
+    let mut handles: Vec<_> = (0..relays)
+        .map(|i| {
+            Relay::new(
+                db.outbox.clone(),
+                SlowSink(sink.tagged(&format!("r{i}"))),
+                cfg.clone(),
+            )
+            .spawn()
+        })
+        .collect();
+
+    // All relays share the shards (one owner per shard).
+    wait_until(
+        Duration::from_secs(10),
+        "shards spread over every relay",
+        || {
+            let owned: Vec<Vec<u32>> = handles.iter().map(|h| h.owned_shards()).collect();
+            async move {
+                let all: Vec<u32> = owned.iter().flatten().copied().collect();
+                let distinct: HashSet<u32> = all.iter().copied().collect();
+                owned.iter().all(|o| !o.is_empty()) && distinct.len() == all.len()
+            }
+        },
+    )
+    .await;
+
+    // Kill one relay mid-drain once it has published something.
+    let victim = handles.remove(0);
+    wait_until(Duration::from_secs(20), "victim publishing", || async {
+        sink.published_tagged().iter().any(|(t, _)| t == "r0")
+    })
+    .await;
+    let victim_shards = victim.owned_shards();
+    victim.abort();
+    let killed_at = std::time::Instant::now();
+
+    // Survivors take its shards over within seconds.
+    wait_until(
+        Duration::from_secs(5),
+        "takeover of the dead relay's shards",
+        || {
+            let owned: HashSet<u32> = handles.iter().flat_map(|h| h.owned_shards()).collect();
+            let want = victim_shards.clone();
+            async move { want.iter().all(|s| owned.contains(s)) && owned.len() == 12 }
+        },
+    )
+    .await;
+    let takeover = killed_at.elapsed();
+    assert!(
+        takeover < Duration::from_secs(5),
+        "takeover took {takeover:?}"
+    );
+
+    wait_until(Duration::from_secs(30), "outbox drained", || async {
+        db.pending().await == 0
+    })
+    .await;
+    for h in handles {
+        h.shutdown().await.unwrap();
+    }
+
+    let published = sink.published_tagged();
+    let mut count: HashMap<uuid::Uuid, Vec<String>> = HashMap::new();
+    for (tag, r) in &published {
+        count.entry(r.id).or_default().push(tag.clone());
+    }
+    assert_eq!(count.len() as u64, n, "every message delivered");
+    // Duplicates only for the batch the killed relay had in flight: each
+    // duplicated message was first published by the victim.
+    let dups: Vec<_> = count.values().filter(|t| t.len() > 1).collect();
+    assert!(
+        dups.len() <= cfg.batch_size,
+        "at most one in-flight batch duplicated: {}",
+        dups.len()
+    );
+    for tags in &dups {
+        assert_eq!(tags.len(), 2, "{tags:?}");
+        assert_eq!(
+            tags[0], "r0",
+            "only the crashed relay's batch is republished: {tags:?}"
+        );
+    }
+    assert_ordered(&first_publications(
+        &published.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
+    ));
+    db.drop_schema().await;
+}
+
+/// A sink that takes a little time per batch, like a broker round trip.
+struct SlowSink(common::TaggedSink);
+
+#[async_trait::async_trait]
+impl soma_outbox::Sink for SlowSink {
+    async fn send_batch(&self, batch: &[soma_outbox::OutboxRecord]) -> Vec<SinkOutcome> {
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        self.0.send_batch(batch).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_relays_drain_together_and_take_over_from_a_dead_one() {
+    drain_with_relays(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_relays_drain_together_and_take_over_from_a_dead_one() {
+    drain_with_relays(3).await;
+}
+
+/// Without a crash, relays running side by side never publish a message twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relays_without_a_crash_never_duplicate() {
+    let db = setup("nodup").await;
+    let sink = RecordingSink::new();
+    let cfg = RelayConfig {
+        batch_size: 25,
+        shards: 6,
+        ..fast_relay()
+    };
+    let handles: Vec<_> = (0..3)
+        .map(|i| {
+            Relay::new(
+                db.outbox.clone(),
+                sink.tagged(&format!("r{i}")),
+                cfg.clone(),
+            )
+            .spawn()
+        })
+        .collect();
+    let n = 900u64;
+    // Produce while relays start, rebalance and drain.
+    for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
+        let msgs: Vec<_> = chunk
+            .iter()
+            .map(|i| msg(&format!("k{}", i % 30), *i))
+            .collect();
+        db.outbox.enqueue_standalone(&msgs).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_until(Duration::from_secs(30), "outbox drained", || async {
+        db.pending().await == 0
+    })
+    .await;
+    for h in handles {
+        h.shutdown().await.unwrap();
+    }
+    let published = sink.published();
+    let distinct: HashSet<_> = published.iter().map(|r| r.id).collect();
+    assert_eq!(distinct.len() as u64, n);
+    assert_eq!(published.len() as u64, n, "no duplicates without a crash");
+    assert_ordered(&first_publications(&published));
+    db.drop_schema().await;
+}
+
+/// A failing record blocks its own key (in order) and no other; after
+/// `max_attempts` it is dead-lettered with its error history, requeued, and
+/// delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letter_requeue_deliver_and_poison_never_stalls_other_keys() {
+    let db = setup("dlq").await;
+    let poison = msg("bad", 0);
+    let poison_id = poison.id;
+    let mut msgs = vec![poison];
+    msgs.extend((1..4).map(|i| msg("bad", i))); // behind the poison record
+    msgs.extend((0..50).map(|i| msg(&format!("good{}", i % 5), i)));
+    db.outbox.enqueue_standalone(&msgs).await.unwrap();
+
+    let sink = RecordingSink::new();
+    sink.set_rule(move |r| (r.id == poison_id).then(|| SinkOutcome::retry("broker said no")));
+    let cfg = RelayConfig {
+        max_attempts: 4,
+        backoff_base_ms: 50,
+        backoff_max_ms: 200,
+        ..fast_relay()
+    };
+    let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
+
+    // Other keys flow at once; the poison key's later records wait behind it.
+    wait_until(Duration::from_secs(10), "other keys delivered", || async {
+        sink.published()
+            .iter()
+            .filter(|r| r.key.as_deref() != Some("bad"))
+            .count()
+            == 50
+    })
+    .await;
+    // Then the poison record is dead-lettered and its key continues, in order.
+    wait_until(
+        Duration::from_secs(15),
+        "poison dead-lettered, key unblocked",
+        || async {
+            sink.published()
+                .iter()
+                .filter(|r| r.key.as_deref() == Some("bad"))
+                .count()
+                == 3
+        },
+    )
+    .await;
+    let bad: Vec<u64> = first_publications(&sink.published())["bad"].clone();
+    assert_eq!(bad, vec![1, 2, 3]);
+    // Later records of the poison key were never offered ahead of it being settled.
+    let offered = sink.offered();
+    let last_poison_try = offered
+        .iter()
+        .rposition(|(r, _)| r.id == poison_id)
+        .unwrap();
+    let first_later = offered
+        .iter()
+        .position(|(r, o)| {
+            r.key.as_deref() == Some("bad") && r.id != poison_id && *o == SinkOutcome::Delivered
+        })
+        .unwrap();
+    assert!(
+        first_later > last_poison_try,
+        "later records of the key waited for the poison record"
+    );
+    assert_eq!(
+        offered.iter().filter(|(r, _)| r.id == poison_id).count(),
+        4,
+        "max_attempts tries"
+    );
+
+    let dead = db.outbox.dead_letters(10, None).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, poison_id);
+    assert_eq!(dead[0].attempts, 4);
+    assert_eq!(dead[0].last_error, "broker said no");
+    assert_eq!(
+        dead[0].errors.as_array().unwrap().len(),
+        4,
+        "{:?}",
+        dead[0].errors
+    );
+    // Counters move when the relay commits, just after the sink returns.
+    wait_until(Duration::from_secs(5), "counters committed", || async {
+        let c = relay.counters();
+        (c.dead_lettered, c.published) == (1, 53)
+    })
+    .await;
+    let c = relay.counters();
+    assert!(c.failed >= 4);
+
+    // Requeue: delivered with the same id once the broker accepts it.
+    sink.clear_rule();
+    db.outbox.requeue_dead_letter(poison_id).await.unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "requeued message delivered",
+        || async { sink.published().iter().any(|r| r.id == poison_id) },
+    )
+    .await;
+    assert!(db.outbox.dead_letters(10, None).await.unwrap().is_empty());
+    relay.shutdown().await.unwrap();
+    assert_eq!(db.pending().await, 0);
+    db.drop_schema().await;
+}
+
+/// A `Reject` dead-letters at once; the replay guard and purge work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reject_replay_guard_and_purge() {
+    let db = common::setup_with("reject", |c| c.max_replays = 1).await;
+    let m = msg("k", 0);
+    let id = m.id;
+    db.outbox
+        .enqueue_standalone(&[m, msg("k", 1)])
+        .await
+        .unwrap();
+    let sink = RecordingSink::new();
+    sink.set_rule(move |r| (r.id == id).then(|| SinkOutcome::reject("too large for broker")));
+    let relay = Relay::new(db.outbox.clone(), sink.clone(), fast_relay()).spawn();
+    wait_until(
+        Duration::from_secs(10),
+        "rejected and next delivered",
+        || async { db.pending().await == 0 },
+    )
+    .await;
+    let dead = db.outbox.dead_letters(10, None).await.unwrap();
+    assert_eq!((dead.len(), dead[0].attempts), (1, 1));
+
+    // First requeue allowed, rejected again, second refused by the guard.
+    db.outbox.requeue_dead_letter(id).await.unwrap();
+    wait_until(Duration::from_secs(10), "rejected again", || async {
+        db.outbox.dead_letters(10, None).await.unwrap().len() == 1
+    })
+    .await;
+    let e: OutboxError = db.outbox.requeue_dead_letter(id).await.unwrap_err();
+    assert!(e.is_replay_limit(), "{e}");
+    assert!(
+        db.outbox
+            .requeue_dead_letter(uuid::Uuid::now_v7())
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+    assert_eq!(
+        db.outbox
+            .purge_dead_letters(Some(&[id]), None)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(db.outbox.dead_letters(10, None).await.unwrap().is_empty());
+    relay.shutdown().await.unwrap();
+    db.drop_schema().await;
+}
+
+/// Graceful shutdown finishes the in-flight batch (it is committed, not
+/// re-published).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_finishes_the_in_flight_batch() {
+    let db = setup("shutdown").await;
+    let msgs: Vec<_> = (0..40).map(|i| msg("k", i)).collect();
+    db.outbox.enqueue_standalone(&msgs).await.unwrap();
+    let sink = RecordingSink::new();
+    let cfg = RelayConfig {
+        batch_size: 40,
+        ..fast_relay()
+    };
+    let relay = Relay::new(db.outbox.clone(), SlowSink(sink.tagged("r")), cfg).spawn();
+    wait_until(Duration::from_secs(10), "batch in flight", || async {
+        sink.calls() > 0
+    })
+    .await;
+    relay.shutdown().await.unwrap();
+    assert_eq!(sink.published().len(), 40);
+    assert_eq!(
+        db.pending().await,
+        0,
+        "in-flight batch committed on shutdown"
+    );
+    db.drop_schema().await;
+}
+
+/// Retention keeps delivered rows marked sent (they still dedupe) and they
+/// are not delivered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retention_marks_sent_and_keeps_deduping() {
+    let db = setup("retain").await;
+    let sink = RecordingSink::new();
+    let cfg = RelayConfig {
+        retention_secs: 3600,
+        ..fast_relay()
+    };
+    let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
+    let m = msg("k", 0).with_dedupe_key("order-1");
+    db.outbox.enqueue_standalone(&[m]).await.unwrap();
+    wait_until(Duration::from_secs(10), "delivered", || async {
+        db.pending().await == 0
+    })
+    .await;
+    let again = db
+        .outbox
+        .enqueue_standalone(&[msg("k", 1).with_dedupe_key("order-1")])
+        .await
+        .unwrap();
+    assert!(
+        !again[0].is_inserted(),
+        "sent message still dedupes during retention"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.shutdown().await.unwrap();
+    assert_eq!(sink.published().len(), 1);
+    assert_eq!(db.outbox.purge_sent(Duration::ZERO, 100).await.unwrap(), 1);
+    db.drop_schema().await;
+}
+
+/// A relay with a different shard count than running relays refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relays_must_agree_on_the_shard_count() {
+    let db = setup("shards").await;
+    let a = Relay::new(
+        db.outbox.clone(),
+        RecordingSink::new(),
+        RelayConfig {
+            shards: 4,
+            ..fast_relay()
+        },
+    )
+    .spawn();
+    wait_until(
+        Duration::from_secs(10),
+        "first relay owns shards",
+        || async { !a.owned_shards().is_empty() },
+    )
+    .await;
+    let b = Relay::new(
+        db.outbox.clone(),
+        RecordingSink::new(),
+        RelayConfig {
+            shards: 5,
+            ..fast_relay()
+        },
+    )
+    .spawn();
+    wait_until(Duration::from_secs(10), "second relay stops", || async {
+        b.is_finished()
+    })
+    .await;
+    assert!(b.shutdown().await.unwrap_err().is_shard_count_mismatch());
+    a.shutdown().await.unwrap();
+    // With no relay running, the count may change.
+    let c = Relay::new(
+        db.outbox.clone(),
+        RecordingSink::new(),
+        RelayConfig {
+            shards: 5,
+            ..fast_relay()
+        },
+    )
+    .spawn();
+    wait_until(
+        Duration::from_secs(10),
+        "relay with new count owns shards",
+        || async { c.owned_shards().len() == 5 },
+    )
+    .await;
+    c.shutdown().await.unwrap();
+    db.drop_schema().await;
+}
+
+/// The relay exports its metrics through soma-observability.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_are_exported() {
+    let db = setup("metrics").await;
+    let registry = soma_observability::metrics::MetricsRegistry::default();
+    let m = soma_outbox::OutboxMetrics::new(&registry, &db.outbox);
+    let poison = msg("p", 0);
+    let pid = poison.id;
+    db.outbox
+        .enqueue_standalone(&[poison, msg("a", 1), msg("b", 2)])
+        .await
+        .unwrap();
+    let sink = RecordingSink::new();
+    sink.set_rule(move |r| (r.id == pid).then(|| SinkOutcome::reject("nope")));
+    let relay = Relay::new(db.outbox.clone(), sink.clone(), fast_relay())
+        .with_metrics(m)
+        .spawn();
+    wait_until(Duration::from_secs(10), "drained", || async {
+        db.pending().await == 0
+    })
+    .await;
+    // Gauges refresh every stats interval (200 ms in tests).
+    let want = "soma_outbox_dead_letters{";
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = registry.encode();
+        if text
+            .lines()
+            .any(|l| l.starts_with(want) && l.ends_with(" 1"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    relay.shutdown().await.unwrap();
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .unwrap_or_else(|| panic!("{name} missing in:\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(line("soma_outbox_published_total"), "2");
+    assert_eq!(line("soma_outbox_dead_lettered_total"), "1");
+    assert_eq!(line("soma_outbox_pending"), "0");
+    assert_eq!(line("soma_outbox_dead_letters"), "1");
+    assert!(text.contains("soma_outbox_relay_batch_duration_seconds_bucket"));
+    assert!(text.contains("soma_outbox_oldest_pending_age_seconds"));
+    db.drop_schema().await;
+}
+
+/// The server kills the relay's connection mid-drain (as after a network
+/// loss): the open batch rolls back, the relay reconnects, takes its shards
+/// again and finishes; nothing is lost and each key stays in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_reconnects_after_its_connection_is_killed() {
+    let db = setup("kill").await;
+    let n = 600u64;
+    let msgs: Vec<_> = (0..n).map(|i| msg(&format!("k{}", i % 9), i)).collect();
+    db.outbox.enqueue_standalone(&msgs).await.unwrap();
+    let sink = RecordingSink::new();
+    let cfg = RelayConfig {
+        batch_size: 20,
+        ..fast_relay()
+    };
+    let relay = Relay::new(db.outbox.clone(), SlowSink(sink.tagged("r")), cfg).spawn();
+    wait_until(Duration::from_secs(10), "draining", || async {
+        sink.published().len() > 60
+    })
+    .await;
+
+    let app = format!("soma-outbox-relay {}", db.schema);
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(&app)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, vec![true], "exactly the relay's own connection");
+
+    wait_until(
+        Duration::from_secs(20),
+        "drained after reconnect",
+        || async { db.pending().await == 0 },
+    )
+    .await;
+    assert_eq!(relay.owned_shards().len(), 8, "shards re-acquired");
+    relay.shutdown().await.unwrap();
+    let published = sink.published();
+    let distinct: HashSet<_> = published.iter().map(|r| r.id).collect();
+    assert_eq!(distinct.len() as u64, n, "nothing lost");
+    assert!(
+        published.len() as u64 - n <= 20,
+        "at most the in-flight batch again"
+    );
+    assert_ordered(&first_publications(&published));
+    db.drop_schema().await;
+}
+
+/// An idle relay wakes on NOTIFY at once; without notifications it still
+/// finds work by polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wakes_on_notify_and_falls_back_to_polling() {
+    let db = setup("wake").await;
+    let sink = RecordingSink::new();
+    // Polling alone would take a minute.
+    let slow_poll = RelayConfig {
+        poll_interval_ms: 60_000,
+        rebalance_interval_ms: 60_000,
+        ..fast_relay()
+    };
+    let relay = Relay::new(db.outbox.clone(), sink.clone(), slow_poll).spawn();
+    wait_until(Duration::from_secs(10), "relay owns shards", || async {
+        relay.owned_shards().len() == 8
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // let it go idle
+    let start = std::time::Instant::now();
+    db.outbox.enqueue_standalone(&[msg("k", 0)]).await.unwrap();
+    wait_until(Duration::from_secs(5), "woken by NOTIFY", || async {
+        sink.published().len() == 1
+    })
+    .await;
+    assert!(start.elapsed() < Duration::from_secs(5));
+    relay.shutdown().await.unwrap();
+
+    // No notifications at all (trigger disabled): polling finds the message.
+    sqlx::query(&format!(
+        "ALTER TABLE \"{}\".outbox DISABLE TRIGGER outbox_notify",
+        db.schema
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let fast_poll = RelayConfig {
+        poll_interval_ms: 100,
+        ..fast_relay()
+    };
+    let relay = Relay::new(db.outbox.clone(), sink.clone(), fast_poll).spawn();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    db.outbox.enqueue_standalone(&[msg("k", 1)]).await.unwrap();
+    wait_until(Duration::from_secs(5), "found by polling", || async {
+        sink.published().len() == 2
+    })
+    .await;
+    relay.shutdown().await.unwrap();
+    db.drop_schema().await;
+}
