@@ -1,8 +1,26 @@
-//! Typed, layered, live-reloadable settings and feature flags for Soma
-//! platform services.
-//!
-//! (Crate documentation is being written; see the README.)
+#![doc = include_str!("../README.md")]
 
+mod document;
+mod env;
+mod error;
+pub mod flags;
+mod live;
+mod loader;
+mod profile;
 mod secret;
+#[cfg(feature = "watch")]
+mod watch;
 
+pub use document::{canonical_json, checksum};
+pub use env::{ENV_PREFIX, ENV_SEPARATOR, env_var_to_key, key_to_env_var};
+pub use error::{ConfigError, Origin, Violation};
+pub use flags::{
+    FeatureFlags, FeatureProfile, FlagDescriptor, FlagLookup, FlagSetting, FlagSource, FlagState,
+    FlagsConfig, ResolverError, TenantFlagResolver,
+};
+pub use live::{Change, ConfigUpdate, Live, Reader, Versioned};
+pub use loader::{Checks, Loader, Settings};
+pub use profile::{DeploymentProfile, ProfilePreset};
 pub use secret::{REDACTED, Secret};
+#[cfg(feature = "watch")]
+pub use watch::{WatchHandle, WatchStats};

@@ -1,0 +1,491 @@
+//! [`Loader`]: typed, layered loading.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::fmt;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use figment::Profile;
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Tag, Value};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::document::{self, Layer, Layers};
+use crate::env::{self, EnvSource};
+use crate::error::{ConfigError, Origin, Violation};
+use crate::profile::{DeploymentProfile, ProfilePreset};
+
+/// What a settings type needs to be loaded: `Deserialize` (with
+/// `#[serde(default)]` on every struct), `Serialize` (for snapshots and
+/// checksums) and `Default`.
+pub trait Settings: DeserializeOwned + Serialize + Default + Send + Sync + 'static {}
+impl<T: DeserializeOwned + Serialize + Default + Send + Sync + 'static> Settings for T {}
+
+/// Collects validation failures; handed to every validation hook.
+#[derive(Debug, Default)]
+pub struct Checks {
+    failures: Vec<(String, String)>,
+}
+
+impl Checks {
+    /// Records that the setting at `key` (dotted path) is invalid.
+    pub fn fail(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.failures.push((key.into(), message.into()));
+    }
+
+    /// Records a failure at `key` unless `ok`.
+    pub fn ensure(&mut self, ok: bool, key: impl Into<String>, message: impl Into<String>) {
+        if !ok {
+            self.fail(key, message);
+        }
+    }
+}
+
+type Validator<T> = Arc<dyn Fn(&T, &mut Checks) + Send + Sync>;
+
+#[derive(Debug, Clone)]
+struct FileSource {
+    path: PathBuf,
+    required: bool,
+}
+
+/// Builds a settings value of type `T` from layered sources.
+///
+/// Precedence, lowest first: `T::default()` < the deployment profile's
+/// preset (only when [`profiles`](Loader::profiles) or
+/// [`profile_preset`](Loader::profile_preset) was called) < TOML files in
+/// the order added < `SOMA_*` environment variables < an applied remote
+/// update (see [`Live::apply`](crate::Live::apply)) < programmatic
+/// overrides ([`set`](Loader::set)).
+///
+/// Every load runs the validation hooks; every error names its source and
+/// key path.
+pub struct Loader<T> {
+    files: Vec<FileSource>,
+    env: EnvSource,
+    overrides: serde_json::Value,
+    override_error: Option<(String, String)>,
+    strict: bool,
+    validators: Vec<Validator<T>>,
+    presets: BTreeMap<DeploymentProfile, ProfilePreset>,
+    _settings: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Loader<T> {
+    fn clone(&self) -> Self {
+        Self {
+            files: self.files.clone(),
+            env: self.env.clone(),
+            overrides: self.overrides.clone(),
+            override_error: self.override_error.clone(),
+            strict: self.strict,
+            validators: self.validators.clone(),
+            presets: self.presets.clone(),
+            _settings: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Loader<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Loader")
+            .field("files", &self.files)
+            .field("env", &matches!(self.env, EnvSource::Process))
+            .field("strict", &self.strict)
+            .field("validators", &self.validators.len())
+            .field("profiles", &self.presets.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Settings> Default for Loader<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The result of one successful load: the typed value plus what
+/// [`Live`](crate::Live) needs to version and explain it.
+#[derive(Debug)]
+pub(crate) struct Loaded<T> {
+    pub(crate) value: T,
+    pub(crate) checksum: String,
+    pub(crate) sources: BTreeMap<String, Origin>,
+    pub(crate) profile: DeploymentProfile,
+}
+
+/// A remote update's layer, kept across reloads.
+#[derive(Debug, Clone)]
+pub(crate) struct UpdateLayer {
+    pub(crate) version: u64,
+    pub(crate) dict: Dict,
+}
+
+impl<T: Settings> Loader<T> {
+    /// A loader reading the process environment (`SOMA_*`), no files, not
+    /// strict, no validation hooks.
+    pub fn new() -> Self {
+        Self {
+            files: Vec::new(),
+            env: EnvSource::Process,
+            overrides: serde_json::Value::Object(Default::default()),
+            override_error: None,
+            strict: false,
+            validators: Vec::new(),
+            presets: BTreeMap::new(),
+            _settings: PhantomData,
+        }
+    }
+
+    /// Adds a TOML file that must exist. Later files override earlier ones.
+    pub fn file(mut self, path: impl AsRef<Path>) -> Self {
+        self.files.push(FileSource {
+            path: path.as_ref().to_owned(),
+            required: true,
+        });
+        self
+    }
+
+    /// Adds a TOML file that is skipped when it does not exist.
+    pub fn file_optional(mut self, path: impl AsRef<Path>) -> Self {
+        self.files.push(FileSource {
+            path: path.as_ref().to_owned(),
+            required: false,
+        });
+        self
+    }
+
+    /// Reads the environment from `vars` instead of the process: the
+    /// injectable source for tests and embedders. Non-UTF-8 names and values
+    /// are handled exactly as for the process environment.
+    pub fn env_from<I, K, V>(mut self, vars: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<OsString>,
+        V: Into<OsString>,
+    {
+        self.env = EnvSource::Fixed(
+            vars.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        );
+        self
+    }
+
+    /// Reads no environment variables at all.
+    pub fn without_env(mut self) -> Self {
+        self.env = EnvSource::Disabled;
+        self
+    }
+
+    /// Strict mode: a key that no setting has (a typo such as
+    /// `redis.pool_sise`) is a [`ConfigError::UnknownKey`] naming the key
+    /// and its source. Off by default: unknown keys are logged at `warn`.
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+
+    /// Sets `key` (dotted path) to `value`, above every other source.
+    /// A value that cannot be serialized is reported by the next load.
+    pub fn set(mut self, key: &str, value: impl Serialize) -> Self {
+        match serde_json::to_value(value) {
+            Ok(v) => {
+                let segments: Vec<&str> = key.split('.').collect();
+                let mut node = &mut self.overrides;
+                for seg in &segments[..segments.len() - 1] {
+                    if !node.get(*seg).is_some_and(serde_json::Value::is_object) {
+                        node[*seg] = serde_json::Value::Object(Default::default());
+                    }
+                    node = &mut node[*seg];
+                }
+                node[segments[segments.len() - 1]] = v;
+            }
+            Err(e) => self.override_error = Some((key.to_owned(), e.to_string())),
+        }
+        self
+    }
+
+    /// Adds a validation hook, run after every successful parse on load,
+    /// reload and update. Record failures with [`Checks::fail`] naming the
+    /// key path; the loader adds the source of the offending value.
+    pub fn validate<F>(mut self, hook: F) -> Self
+    where
+        F: Fn(&T, &mut Checks) + Send + Sync + 'static,
+    {
+        self.validators.push(Arc::new(hook));
+        self
+    }
+
+    /// Enables the SDK's built-in `local` and `prod` sizing presets
+    /// ([`DeploymentProfile::builtin_preset`]). The active one is chosen by
+    /// the top-level key `profile`.
+    pub fn profiles(mut self) -> Self {
+        for p in [DeploymentProfile::Local, DeploymentProfile::Prod] {
+            self.presets.insert(p, p.builtin_preset());
+        }
+        self
+    }
+
+    /// Registers (or replaces) the preset for its profile.
+    pub fn profile_preset(mut self, preset: ProfilePreset) -> Self {
+        self.presets.insert(preset.profile(), preset);
+        self
+    }
+
+    /// Loads once and returns the typed value.
+    ///
+    /// # Errors
+    /// Any [`ConfigError`] from reading, parsing, strict mode or validation.
+    pub fn load(&self) -> Result<T, ConfigError> {
+        self.load_full(None).map(|l| l.value)
+    }
+
+    /// Loads and wraps the result in a [`Live`](crate::Live) registry.
+    ///
+    /// # Errors
+    /// As [`load`](Loader::load).
+    pub fn into_live(self) -> Result<crate::Live<T>, ConfigError> {
+        crate::Live::new(self)
+    }
+
+    /// The files this loader reads, for the watcher.
+    #[cfg_attr(not(feature = "watch"), allow(dead_code))]
+    pub(crate) fn file_paths(&self) -> Vec<PathBuf> {
+        self.files.iter().map(|f| f.path.clone()).collect()
+    }
+
+    pub(crate) fn load_full(&self, update: Option<&UpdateLayer>) -> Result<Loaded<T>, ConfigError> {
+        let defaults = serde_json::to_value(T::default()).map_err(|e| ConfigError::Parse {
+            origin: Origin::Default,
+            key: None,
+            message: format!("the settings' defaults do not serialize: {e}"),
+        })?;
+        let sections: BTreeSet<String> = defaults
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+
+        let mut layers = Layers::default();
+        for file in &self.files {
+            if let Some(layer) = read_file(file)? {
+                layers.0.push(layer);
+            }
+        }
+        if let Some(pairs) = self.env.pairs() {
+            let layer = env::env_layer(pairs, &sections)?;
+            if !layer.dict.is_empty() {
+                layers.0.push(layer);
+            }
+        }
+        if let Some(update) = update {
+            layers.0.push(Layer::new(
+                Origin::Update {
+                    version: update.version,
+                },
+                update.dict.clone(),
+            ));
+        }
+        if let Some((key, message)) = &self.override_error {
+            return Err(ConfigError::InvalidValue {
+                origin: Origin::Override,
+                key: key.clone(),
+                message: message.clone(),
+            });
+        }
+        let overrides = document::json_to_dict(&self.overrides, &Origin::Override)?;
+        if !overrides.is_empty() {
+            layers.0.push(Layer::new(Origin::Override, overrides));
+        }
+
+        // The deployment profile is chosen by the sources above the preset.
+        let profile = self.select_profile(&layers)?;
+        if let Some(preset) = self.presets.get(&profile) {
+            let doc = preset.to_document(&defaults);
+            let dict = document::json_to_dict(&doc, &Origin::Profile(profile))?;
+            if !dict.is_empty() {
+                layers
+                    .0
+                    .insert(0, Layer::new(Origin::Profile(profile), dict));
+            }
+        }
+
+        let merged = layers.merged()?;
+        let merged_value = Value::Dict(Tag::Default, merged);
+        let mut ignored: Vec<Vec<String>> = Vec::new();
+        let mut on_ignored = |path: serde_ignored::Path<'_>| ignored.push(path_segments(&path));
+        let de = serde_ignored::Deserializer::new(&merged_value, &mut on_ignored);
+        let value = T::deserialize(de).map_err(|e| map_figment_error(e, &layers))?;
+
+        for path in &ignored {
+            let origin = layers.origin_of(path);
+            let key = path.join(".");
+            if self.strict {
+                return Err(ConfigError::UnknownKey { origin, key });
+            }
+            tracing::warn!(key = %key, source = %origin, "ignoring unknown config key");
+        }
+
+        let mut checks = Checks::default();
+        for hook in &self.validators {
+            hook(&value, &mut checks);
+        }
+        if !checks.failures.is_empty() {
+            let violations = checks
+                .failures
+                .into_iter()
+                .map(|(key, message)| {
+                    let path: Vec<String> = key.split('.').map(str::to_owned).collect();
+                    Violation {
+                        origin: layers.origin_of(&path),
+                        key,
+                        message,
+                    }
+                })
+                .collect();
+            return Err(ConfigError::Validation { violations });
+        }
+
+        let mut effective = defaults;
+        document::merge_json(
+            &mut effective,
+            &document::dict_to_json(match &merged_value {
+                Value::Dict(_, d) => d,
+                _ => unreachable_dict(),
+            }),
+        );
+        let checksum = document::checksum(&effective);
+        let sources = effective
+            .as_object()
+            .map(|m| {
+                m.keys()
+                    .map(|k| (k.clone(), layers.origin_of(std::slice::from_ref(k))))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Loaded {
+            value,
+            checksum,
+            sources,
+            profile,
+        })
+    }
+
+    fn select_profile(&self, layers: &Layers) -> Result<DeploymentProfile, ConfigError> {
+        let key = vec!["profile".to_owned()];
+        for layer in layers.0.iter().rev() {
+            if let Some(v) = layer.dict.get("profile") {
+                let origin = layers.origin_of(&key);
+                return match v.as_str().map(str::parse::<DeploymentProfile>) {
+                    Some(Ok(p)) => Ok(p),
+                    Some(Err(message)) => Err(ConfigError::InvalidValue {
+                        origin,
+                        key: "profile".into(),
+                        message,
+                    }),
+                    None => Err(ConfigError::InvalidValue {
+                        origin,
+                        key: "profile".into(),
+                        message: "expected `local` or `prod`".into(),
+                    }),
+                };
+            }
+        }
+        Ok(DeploymentProfile::default())
+    }
+}
+
+fn unreachable_dict() -> &'static Dict {
+    static EMPTY: std::sync::OnceLock<Dict> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(Dict::new)
+}
+
+fn read_file(file: &FileSource) -> Result<Option<Layer>, ConfigError> {
+    let text = match std::fs::read_to_string(&file.path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !file.required => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            return Err(ConfigError::Parse {
+                origin: Origin::File(file.path.clone()),
+                key: None,
+                message: "the file is not valid UTF-8".into(),
+            });
+        }
+        Err(source) => {
+            return Err(ConfigError::Io {
+                path: file.path.clone(),
+                source,
+            });
+        }
+    };
+    let origin = Origin::File(file.path.clone());
+    let mut data =
+        figment::Provider::data(&Toml::string(&text)).map_err(|e| ConfigError::Parse {
+            origin: origin.clone(),
+            key: (!e.path.is_empty()).then(|| e.path.join(".")),
+            message: e.kind.to_string(),
+        })?;
+    let dict = data.remove(&Profile::Default).unwrap_or_default();
+    Ok(Some(Layer::new(origin, dict)))
+}
+
+fn path_segments(path: &serde_ignored::Path<'_>) -> Vec<String> {
+    use serde_ignored::Path as P;
+    match path {
+        P::Root => Vec::new(),
+        P::Seq { parent, index } => {
+            let mut v = path_segments(parent);
+            v.push(index.to_string());
+            v
+        }
+        P::Map { parent, key } => {
+            let mut v = path_segments(parent);
+            v.push(key.clone());
+            v
+        }
+        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+            path_segments(parent)
+        }
+    }
+}
+
+fn map_figment_error(err: figment::Error, layers: &Layers) -> ConfigError {
+    use figment::error::Kind;
+    let mut path = err.path.clone();
+    let origin = layers.origin_of(&path);
+    match &err.kind {
+        Kind::UnknownField(field, _) => {
+            // `deny_unknown_fields` on the settings type: the path stops at
+            // the struct; add the field.
+            if path.last() != Some(field) {
+                path.push(field.clone());
+            }
+            let origin = layers.origin_of(&path);
+            ConfigError::UnknownKey {
+                origin,
+                key: path.join("."),
+            }
+        }
+        Kind::MissingField(field) => {
+            path.push(field.to_string());
+            ConfigError::InvalidValue {
+                origin,
+                key: path.join("."),
+                message: "missing (add `#[serde(default)]` to the settings struct or set the key)"
+                    .into(),
+            }
+        }
+        kind => ConfigError::InvalidValue {
+            origin,
+            key: if path.is_empty() {
+                "<root>".into()
+            } else {
+                path.join(".")
+            },
+            message: kind.to_string(),
+        },
+    }
+}

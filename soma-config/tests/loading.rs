@@ -1,0 +1,330 @@
+//! Layered loading, provenance and bad input.
+
+mod common;
+
+use common::{AppSettings, no_env, toml_file};
+use soma_config::{ConfigError, DeploymentProfile, Loader, Origin, ProfilePreset};
+
+#[test]
+fn defaults_only() {
+    let s = Loader::<AppSettings>::new()
+        .env_from(no_env())
+        .load()
+        .unwrap();
+    assert_eq!(s, AppSettings::default());
+}
+
+#[test]
+fn precedence_default_file_env_override() {
+    let (_dir, path) = toml_file(
+        r#"
+        service_name = "from-file"
+        [redis]
+        pool_size = 16
+        url = "redis://file:6379"
+        [bus]
+        partitions = 6
+        "#,
+    );
+    let s = Loader::<AppSettings>::new()
+        .file(&path)
+        .env_from([
+            ("SOMA_REDIS__POOL_SIZE", "24"),
+            ("SOMA_BUS__BOOTSTRAP_SERVERS", "broker-a:9092,broker-b:9092"),
+            ("HOME", "/root"),
+        ])
+        .set("bus.partitions", 9)
+        .load()
+        .unwrap();
+    assert_eq!(s.service_name, "from-file");
+    assert_eq!(s.redis.url, "redis://file:6379");
+    assert_eq!(s.redis.pool_size, 24, "env beats file");
+    assert_eq!(s.bus.bootstrap_servers, "broker-a:9092,broker-b:9092");
+    assert_eq!(s.bus.partitions, 9, "override beats file");
+    assert_eq!(
+        s.redis.connect_timeout_ms, 1_000,
+        "untouched keys keep defaults"
+    );
+    assert_eq!(s.bus.topics, vec!["events".to_string()]);
+}
+
+#[test]
+fn later_files_override_earlier_and_optional_files_may_be_missing() {
+    let (_d1, base) = toml_file("[redis]\npool_size = 2\nurl = \"redis://base\"\n");
+    let (_d2, top) = toml_file("[redis]\npool_size = 3\n");
+    let s = Loader::<AppSettings>::new()
+        .env_from(no_env())
+        .file(&base)
+        .file(&top)
+        .file_optional(_d2.path().join("missing.toml"))
+        .load()
+        .unwrap();
+    assert_eq!(
+        (s.redis.pool_size, s.redis.url.as_str()),
+        (3, "redis://base")
+    );
+
+    let err = Loader::<AppSettings>::new()
+        .env_from(no_env())
+        .file(_d1.path().join("nope.toml"))
+        .load()
+        .unwrap_err();
+    assert!(err.is_io(), "{err}");
+    assert!(err.to_string().contains("nope.toml"));
+}
+
+#[test]
+fn secrets_load_from_env_even_when_numeric_and_never_print() {
+    let s = Loader::<AppSettings>::new()
+        .env_from([("SOMA_REDIS__PASSWORD", "12345")])
+        .load()
+        .unwrap();
+    assert_eq!(s.redis.password.expose_secret(), "12345");
+    assert!(!format!("{s:?}").contains("12345"));
+}
+
+#[test]
+fn malformed_toml_names_the_file() {
+    let (_dir, path) = toml_file("[redis\npool_size = 3\n");
+    let err = Loader::<AppSettings>::new()
+        .env_from(no_env())
+        .file(&path)
+        .load()
+        .unwrap_err();
+    assert!(err.is_parse(), "{err}");
+    assert_eq!(err.origin(), Some(Origin::File(path.clone())));
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_type_in_file_names_file_and_key() {
+    let (_dir, path) = toml_file("[redis]\npool_size = \"lots\"\n");
+    let err = Loader::<AppSettings>::new()
+        .env_from(no_env())
+        .file(&path)
+        .load()
+        .unwrap_err();
+    assert!(err.is_invalid_value() && err.is_parse(), "{err}");
+    assert_eq!(err.key(), Some("redis.pool_size"));
+    assert_eq!(err.origin(), Some(Origin::File(path)));
+}
+
+#[test]
+fn wrong_type_in_env_names_the_variable() {
+    let err = Loader::<AppSettings>::new()
+        .env_from([("SOMA_BUS__PARTITIONS", "many")])
+        .load()
+        .unwrap_err();
+    assert!(err.is_invalid_value(), "{err}");
+    assert_eq!(err.key(), Some("bus.partitions"));
+    assert_eq!(
+        err.origin(),
+        Some(Origin::Env {
+            var: "SOMA_BUS__PARTITIONS".into()
+        })
+    );
+    assert!(err.to_string().contains("SOMA_BUS__PARTITIONS"), "{err}");
+}
+
+#[test]
+fn strict_mode_catches_typos_with_source() {
+    let (_dir, path) = toml_file("[redis]\npool_sise = 3\n");
+    let loader = Loader::<AppSettings>::new().env_from(no_env()).file(&path);
+    // Lenient: loads, the typo is ignored (and logged).
+    assert_eq!(loader.clone().load().unwrap().redis.pool_size, 8);
+    let err = loader.strict(true).load().unwrap_err();
+    assert!(err.is_unknown_key(), "{err}");
+    assert_eq!(err.key(), Some("redis.pool_sise"));
+    assert_eq!(err.origin(), Some(Origin::File(path)));
+
+    let err = Loader::<AppSettings>::new()
+        .strict(true)
+        .env_from([("SOMA_REDIS__POOLSIZE", "3")])
+        .load()
+        .unwrap_err();
+    assert!(err.is_unknown_key());
+    assert_eq!(err.key(), Some("redis.poolsize"));
+    assert_eq!(
+        err.origin(),
+        Some(Origin::Env {
+            var: "SOMA_REDIS__POOLSIZE".into()
+        })
+    );
+
+    let err = Loader::<AppSettings>::new()
+        .strict(true)
+        .env_from(no_env())
+        .set("redis.pol", 1)
+        .load()
+        .unwrap_err();
+    assert_eq!(
+        (err.key(), err.origin()),
+        (Some("redis.pol"), Some(Origin::Override))
+    );
+}
+
+#[test]
+fn strict_mode_accepts_map_keys_and_ignores_foreign_soma_variables() {
+    let s = Loader::<AppSettings>::new()
+        .strict(true)
+        .env_from([
+            ("SOMA_LABELS__TEAM", "agents"),
+            ("SOMA_TEST_REDIS_URL", "redis://elsewhere"),
+            ("SOMA_STACK_DIR", "/tmp/x"),
+        ])
+        .load()
+        .unwrap();
+    assert_eq!(s.labels["team"], "agents");
+}
+
+#[cfg(unix)]
+#[test]
+fn non_utf8_env_value_is_typed_error() {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+    let err = Loader::<AppSettings>::new()
+        .env_from([(
+            OsString::from("SOMA_REDIS__URL"),
+            OsString::from_vec(vec![b'r', 0xfe, 0xff]),
+        )])
+        .load()
+        .unwrap_err();
+    assert!(err.is_non_utf8_env());
+    assert_eq!(
+        err.origin(),
+        Some(Origin::Env {
+            var: "SOMA_REDIS__URL".into()
+        })
+    );
+    assert_eq!(err.key(), Some("redis.url"));
+}
+
+#[test]
+fn validation_names_key_and_the_source_of_the_bad_value() {
+    let (_dir, path) = toml_file("[redis]\npool_size = 0\n");
+    let loader = Loader::<AppSettings>::new()
+        .file(&path)
+        .validate(|s, c| {
+            c.ensure(
+                s.redis.pool_size > 0,
+                "redis.pool_size",
+                "must be at least 1",
+            )
+        })
+        .validate(|s, c| {
+            c.ensure(
+                !s.bus.bootstrap_servers.is_empty(),
+                "bus.bootstrap_servers",
+                "required",
+            )
+        });
+    let err = loader
+        .clone()
+        .env_from([("SOMA_BUS__BOOTSTRAP_SERVERS", "\"\"")])
+        .load()
+        .unwrap_err();
+    let ConfigError::Validation { violations } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(violations.len(), 2);
+    assert_eq!(violations[0].key, "redis.pool_size");
+    assert_eq!(violations[0].origin, Origin::File(path.clone()));
+    assert_eq!(
+        violations[1].origin,
+        Origin::Env {
+            var: "SOMA_BUS__BOOTSTRAP_SERVERS".into()
+        }
+    );
+    assert!(err.is_validation());
+    assert!(
+        err.to_string().contains("SOMA_BUS__BOOTSTRAP_SERVERS"),
+        "{err}"
+    );
+    // Fixed by env: passes.
+    assert!(
+        loader
+            .env_from([("SOMA_REDIS__POOL_SIZE", "2")])
+            .load()
+            .is_ok()
+    );
+}
+
+#[test]
+fn profiles_size_but_never_weaken_safety() {
+    let base = Loader::<AppSettings>::new().profiles();
+    let local = base.clone().env_from(no_env()).load().unwrap();
+    let prod = base
+        .clone()
+        .env_from([("SOMA_PROFILE", "prod")])
+        .load()
+        .unwrap();
+    assert_eq!(local.profile, DeploymentProfile::Local);
+    assert_eq!(prod.profile, DeploymentProfile::Prod);
+    assert!(local.redis.pool_size < prod.redis.pool_size);
+    assert!(local.bus.partitions < prod.bus.partitions);
+    for s in [&local, &prod] {
+        assert!(s.auth.required, "authentication stays on in every profile");
+        assert_eq!(s.bus.acks, "all", "durability stays on in every profile");
+    }
+    // Explicit sources still beat the preset.
+    let s = base
+        .clone()
+        .env_from([("SOMA_PROFILE", "prod"), ("SOMA_REDIS__POOL_SIZE", "5")])
+        .load()
+        .unwrap();
+    assert_eq!(s.redis.pool_size, 5);
+
+    // A custom preset cannot even express switching auth off or acks down.
+    let err = ProfilePreset::new(DeploymentProfile::Local)
+        .size("auth.required", 1)
+        .unwrap_err();
+    assert!(err.is_profile_violation());
+    let err = ProfilePreset::new(DeploymentProfile::Local)
+        .size("bus.acks", 1)
+        .unwrap_err();
+    assert!(err.is_profile_violation());
+    // What it can do: size.
+    let preset = ProfilePreset::new(DeploymentProfile::Local)
+        .size("redis.pool_size", 1)
+        .unwrap();
+    let s = Loader::<AppSettings>::new()
+        .env_from(no_env())
+        .profile_preset(preset)
+        .load()
+        .unwrap();
+    assert_eq!(s.redis.pool_size, 1);
+
+    let err = base
+        .env_from([("SOMA_PROFILE", "staging")])
+        .load()
+        .unwrap_err();
+    assert!(err.is_invalid_value());
+    assert_eq!(
+        err.origin(),
+        Some(Origin::Env {
+            var: "SOMA_PROFILE".into()
+        })
+    );
+}
+
+#[test]
+fn env_arrays_and_flag_overrides() {
+    let s = Loader::<AppSettings>::new()
+        .strict(true)
+        .env_from([
+            ("SOMA_BUS__TOPICS", "[a, b, c]"),
+            ("SOMA_FLAGS__PROFILE", "enhanced"),
+            ("SOMA_FLAGS__OVERRIDES__SEMANTIC_CACHE", "off"),
+        ])
+        .load()
+        .unwrap();
+    assert_eq!(s.bus.topics, vec!["a", "b", "c"]);
+    assert_eq!(s.flags.profile, Some(soma_config::FeatureProfile::Enhanced));
+    assert_eq!(
+        s.flags.overrides["semantic_cache"],
+        soma_config::flags::FlagSetting::Off
+    );
+}
