@@ -1,0 +1,375 @@
+//! soma-redis benchmarks against the real Redis on 127.0.0.1:6379.
+//!
+//! ```text
+//! cargo bench -p soma-redis --bench redis -- --warm-up-time 1 --measurement-time 3
+//! ```
+//!
+//! Side by side in one run:
+//! 1. pipelined SET and GET through `RedisClient` (50 tasks × pipelines of 16,
+//!    and 800 concurrent single commands auto-pipelined by fred) vs
+//!    `redis-benchmark -P 16 -c 50 -t set,get` on the same server;
+//! 2. a rate-limit check (one `EVALSHA`) vs a raw fred `GET`;
+//! 3. a cache hit (`Cache::get`, JSON decode) vs a raw fred `GET` of the same bytes.
+//!
+//! A summary with ops/s and ratios is printed at the end.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput};
+use fred::interfaces::KeysInterface;
+use serde::{Deserialize, Serialize};
+use soma_redis::{Cache, CacheOptions, RateLimit, RateLimiter, RedisClient, RedisConfig, Ttl};
+use tokio::runtime::Runtime;
+
+const TASKS: usize = 50;
+const PIPELINE: usize = 16;
+
+#[derive(Clone, Serialize, Deserialize)]
+struct Session {
+    user: String,
+    roles: Vec<String>,
+    exp: u64,
+}
+
+fn rt() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn config() -> RedisConfig {
+    RedisConfig {
+        url: soma_testkit::require_redis(),
+        key_prefix: format!("{}:", soma_testkit::unique_name("bench")),
+        command_timeout_ms: 5_000,
+        pool_size: 4,
+        ..Default::default()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Op {
+    Set,
+    Get,
+}
+
+/// `ops` commands through explicit pipelines of 16, from `TASKS` tasks.
+async fn pipelined(client: &RedisClient, keys: &Arc<Vec<String>>, op: Op, ops: u64) -> Duration {
+    let per_task = (ops as usize).div_ceil(TASKS * PIPELINE).max(1);
+    let start = Instant::now();
+    let mut handles = Vec::with_capacity(TASKS);
+    for t in 0..TASKS {
+        let client = client.clone();
+        let keys = keys.clone();
+        handles.push(tokio::spawn(async move {
+            let key = &keys[t];
+            for _ in 0..per_task {
+                let mut b = client.batch().unwrap();
+                for _ in 0..PIPELINE {
+                    match op {
+                        Op::Set => b.set(key, "xxx", Ttl::secs(300)).await.unwrap(),
+                        Op::Get => b.get(key).await.unwrap(),
+                    }
+                }
+                b.run().await.unwrap();
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    start
+        .elapsed()
+        .mul_f64(ops as f64 / (per_task * TASKS * PIPELINE) as f64)
+}
+
+/// `ops` single commands with `TASKS * PIPELINE` in flight (fred pipelines
+/// them on the pooled connections).
+async fn concurrent(client: &RedisClient, keys: &Arc<Vec<String>>, op: Op, ops: u64) -> Duration {
+    let tasks = TASKS * PIPELINE;
+    let per_task = (ops as usize).div_ceil(tasks).max(1);
+    let start = Instant::now();
+    let mut handles = Vec::with_capacity(tasks);
+    for t in 0..tasks {
+        let client = client.clone();
+        let keys = keys.clone();
+        handles.push(tokio::spawn(async move {
+            let key = &keys[t % TASKS];
+            for _ in 0..per_task {
+                match op {
+                    Op::Set => client.set(key, "xxx", Ttl::secs(300)).await.unwrap(),
+                    Op::Get => {
+                        client.get::<Bytes>(key).await.unwrap();
+                    }
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    start
+        .elapsed()
+        .mul_f64(ops as f64 / (per_task * tasks) as f64)
+}
+
+/// The same as [`pipelined`], straight on fred (no soma-redis wrapper), to
+/// separate the wrapper's cost from fred's.
+async fn raw_pipelined(
+    client: &RedisClient,
+    keys: &Arc<Vec<String>>,
+    op: Op,
+    ops: u64,
+) -> Duration {
+    let per_task = (ops as usize).div_ceil(TASKS * PIPELINE).max(1);
+    let start = Instant::now();
+    let mut handles = Vec::with_capacity(TASKS);
+    for t in 0..TASKS {
+        let pool = client.fred_pool().clone();
+        let keys = keys.clone();
+        handles.push(tokio::spawn(async move {
+            let key = keys[t].as_str();
+            for _ in 0..per_task {
+                let p = pool.next().pipeline();
+                for _ in 0..PIPELINE {
+                    match op {
+                        Op::Set => p
+                            .set::<(), _, _>(
+                                key,
+                                "xxx",
+                                Some(fred::types::Expiration::PX(300_000)),
+                                None,
+                                false,
+                            )
+                            .await
+                            .unwrap(),
+                        Op::Get => p.get::<(), _>(key).await.unwrap(),
+                    }
+                }
+                let _: Vec<fred::types::Value> = p.all().await.unwrap();
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    start
+        .elapsed()
+        .mul_f64(ops as f64 / (per_task * TASKS * PIPELINE) as f64)
+}
+
+/// Runs `redis-benchmark` with the same mix; returns (SET ops/s, GET ops/s).
+fn redis_benchmark(n: u64) -> Option<(f64, f64)> {
+    let out = Command::new("redis-benchmark")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "6379",
+            "-P",
+            "16",
+            "-c",
+            "50",
+            "-t",
+            "set,get",
+            "-n",
+            &n.to_string(),
+            "-q",
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rate = |name: &str| -> Option<f64> {
+        // lines look like "SET: 512820.53 requests per second, p50=1.2 msec" (with \r progress noise)
+        let line = text.split(['\n', '\r']).rfind(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some((rate("SET:")?, rate("GET:")?))
+}
+
+fn bench_pipelined(c: &mut Criterion, rt: &Runtime, client: &RedisClient, keys: &Arc<Vec<String>>) {
+    let mut g = c.benchmark_group("pipelined");
+    let ops = (TASKS * PIPELINE * 10) as u64;
+    g.throughput(Throughput::Elements(ops));
+    g.sample_size(10);
+    for (name, op) in [("set", Op::Set), ("get", Op::Get)] {
+        g.bench_function(format!("client_batch16_{name}"), |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let client = client.clone();
+                let keys = keys.clone();
+                async move {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        total += pipelined(&client, &keys, op, ops).await;
+                    }
+                    total
+                }
+            })
+        });
+        g.bench_function(format!("client_concurrent800_{name}"), |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let client = client.clone();
+                let keys = keys.clone();
+                async move {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        total += concurrent(&client, &keys, op, ops).await;
+                    }
+                    total
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+fn bench_latency(
+    c: &mut Criterion,
+    rt: &Runtime,
+    client: &RedisClient,
+    cache: &Cache<Session>,
+    limiter: &RateLimiter,
+    raw_key: &str,
+) {
+    let mut g = c.benchmark_group("single");
+    let pool = client.fred_pool().clone();
+    g.bench_function("raw_fred_get", |b| {
+        b.to_async(rt)
+            .iter(|| async { pool.get::<Bytes, _>(raw_key).await.unwrap() })
+    });
+    g.bench_function("cache_hit", |b| {
+        b.to_async(rt)
+            .iter(|| async { cache.get("acme", "s1").await.unwrap() })
+    });
+    g.bench_function("rate_limit_check", |b| {
+        b.to_async(rt)
+            .iter(|| async { limiter.check("acme", "bench").await.unwrap() })
+    });
+    g.finish();
+}
+
+/// Interleaved blocks of sequential calls. Returns per-call µs of
+/// (raw GET, cache hit), as the minimum and the median over the blocks (the
+/// minimum is the least disturbed by other load on a shared machine).
+async fn hit_overhead(
+    client: &RedisClient,
+    cache: &Cache<Session>,
+    raw_key: &str,
+) -> ((f64, f64), (f64, f64)) {
+    let pool = client.fred_pool().clone();
+    let (mut raw, mut hit) = (Vec::new(), Vec::new());
+    const BLOCK: u32 = 500;
+    for _ in 0..30 {
+        let s = Instant::now();
+        for _ in 0..BLOCK {
+            pool.get::<Bytes, _>(raw_key).await.unwrap();
+        }
+        raw.push(s.elapsed().as_secs_f64() * 1e6 / f64::from(BLOCK));
+        let s = Instant::now();
+        for _ in 0..BLOCK {
+            cache.get("acme", "s1").await.unwrap();
+        }
+        hit.push(s.elapsed().as_secs_f64() * 1e6 / f64::from(BLOCK));
+    }
+    raw.sort_by(f64::total_cmp);
+    hit.sort_by(f64::total_cmp);
+    ((raw[0], hit[0]), (raw[raw.len() / 2], hit[hit.len() / 2]))
+}
+
+fn main() {
+    let rt = rt();
+    let client = rt
+        .block_on(RedisClient::connect(config()))
+        .expect("redis on 127.0.0.1:6379");
+    let keys: Arc<Vec<String>> = Arc::new(
+        (0..TASKS)
+            .map(|i| client.keys().key("bench", "kv", &i.to_string()).unwrap())
+            .collect(),
+    );
+    let cache: Cache<Session> = Cache::new(
+        &client,
+        "session",
+        CacheOptions::new(Duration::from_secs(600)),
+    )
+    .unwrap();
+    let session = Session {
+        user: "user-42".into(),
+        roles: vec!["admin".into(), "billing".into()],
+        exp: 1_900_000_000,
+    };
+    rt.block_on(cache.set("acme", "s1", &session)).unwrap();
+    let raw_key = cache.key("acme", "s1").unwrap();
+    let limiter = RateLimiter::new(
+        &client,
+        RateLimit::per(u32::MAX / 2, Duration::from_secs(3600)),
+    )
+    .unwrap();
+    rt.block_on(limiter.check("acme", "bench")).unwrap();
+
+    let mut c = Criterion::default().configure_from_args();
+    bench_pipelined(&mut c, &rt, &client, &keys);
+    bench_latency(&mut c, &rt, &client, &cache, &limiter, &raw_key);
+    c.final_summary();
+
+    // Summary, measured back to back on the same server.
+    let n = 400_000u64;
+    let rb = redis_benchmark(n);
+    let (raw_set, raw_get, batch_set, batch_get, conc_set, conc_get) = rt.block_on(async {
+        let rate = |d: Duration| n as f64 / d.as_secs_f64();
+        (
+            rate(raw_pipelined(&client, &keys, Op::Set, n).await),
+            rate(raw_pipelined(&client, &keys, Op::Get, n).await),
+            rate(pipelined(&client, &keys, Op::Set, n).await),
+            rate(pipelined(&client, &keys, Op::Get, n).await),
+            rate(concurrent(&client, &keys, Op::Set, n).await),
+            rate(concurrent(&client, &keys, Op::Get, n).await),
+        )
+    });
+    let ((raw_min, hit_min), (raw_med, hit_med)) =
+        rt.block_on(hit_overhead(&client, &cache, &raw_key));
+    println!("\n=== soma-redis summary ({n} ops per pipelined run) ===");
+    match rb {
+        Some((rb_set, rb_get)) => {
+            println!(
+                "redis-benchmark -P 16 -c 50: SET {rb_set:>10.0} ops/s   GET {rb_get:>10.0} ops/s"
+            );
+            println!(
+                "raw fred batch16 x50 tasks:  SET {raw_set:>10.0} ops/s ({:.2}x)   GET {raw_get:>10.0} ops/s ({:.2}x)",
+                raw_set / rb_set,
+                raw_get / rb_get
+            );
+            println!(
+                "client batch16 x50 tasks:    SET {batch_set:>10.0} ops/s ({:.2}x)   GET {batch_get:>10.0} ops/s ({:.2}x)",
+                batch_set / rb_set,
+                batch_get / rb_get
+            );
+            println!(
+                "client 800 concurrent:       SET {conc_set:>10.0} ops/s ({:.2}x)   GET {conc_get:>10.0} ops/s ({:.2}x)",
+                conc_set / rb_set,
+                conc_get / rb_get
+            );
+        }
+        None => println!(
+            "redis-benchmark not found; client batch16 SET {batch_set:.0} GET {batch_get:.0} ops/s"
+        ),
+    }
+    println!(
+        "cache hit vs raw fred GET, best block: {hit_min:.2} µs vs {raw_min:.2} µs = overhead {:.2} µs per call",
+        hit_min - raw_min
+    );
+    println!(
+        "cache hit vs raw fred GET, median block: {hit_med:.2} µs vs {raw_med:.2} µs = overhead {:.2} µs per call",
+        hit_med - raw_med
+    );
+    rt.block_on(async {
+        let _ = client
+            .del(&keys.iter().map(String::as_str).collect::<Vec<_>>())
+            .await;
+        let _ = cache.invalidate("acme", "s1").await;
+    });
+}

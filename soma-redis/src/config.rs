@@ -1,0 +1,150 @@
+//! [`RedisConfig`]: the `redis` section of an application's settings.
+
+use serde::{Deserialize, Serialize};
+use soma_config::Secret;
+
+/// Connection settings for [`RedisClient`](crate::RedisClient).
+///
+/// Every field has a local-development default (`redis://127.0.0.1:6379`,
+/// pool of 4, 2 s connect timeout, 500 ms command timeout), so an empty
+/// section works on a laptop. Keys are snake_case with unit suffixes.
+///
+/// ```toml
+/// [redis]
+/// url = "rediss://redis.internal:6380/0"
+/// username = "orders-svc"
+/// password = "from-a-secret-store"
+/// pool_size = 8
+/// command_timeout_ms = 250
+/// key_prefix = "prod:"
+///
+/// [redis.reconnect]
+/// min_delay_ms = 50
+/// max_delay_ms = 2000
+/// jitter_ms = 100
+/// ```
+///
+/// The URL scheme selects the deployment, exactly as fred reads it:
+/// `redis://` (plain TCP), `rediss://` (TLS, rustls with the platform's root
+/// certificates), `redis-sentinel://host:26379/0?sentinelServiceName=mymaster&node=h2:26379`
+/// and `redis-cluster://h1:7000?node=h2:7001`. The [`topology`](Self::topology)
+/// field overrides the hosts in the URL when the node list is easier to keep as
+/// a list.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RedisConfig {
+    /// Server URL. Credentials may appear in it, but prefer
+    /// [`username`](Self::username) / [`password`](Self::password) so the URL
+    /// can be logged.
+    pub url: String,
+    /// ACL user name (Redis 6+). Empty means the `default` user.
+    pub username: Option<String>,
+    /// ACL password or `requirepass` secret. Never logged.
+    pub password: Option<Secret>,
+    /// Number of multiplexed connections in the pool. Each connection
+    /// pipelines many concurrent commands, so a small number (2–8) is usually
+    /// enough.
+    pub pool_size: usize,
+    /// Timeout for establishing a connection (TCP, TLS, AUTH, HELLO).
+    pub connect_timeout_ms: u64,
+    /// Timeout for one command, from the call until the reply. A command that
+    /// times out returns [`RedisError::is_timeout`](crate::RedisError::is_timeout).
+    pub command_timeout_ms: u64,
+    /// Extra attempts for idempotent commands (GET, PING, compare-and-set
+    /// scripts) after a timeout or a connection reset. Non-idempotent commands
+    /// are never retried by this crate. `0` disables retries.
+    pub max_retries: u32,
+    /// Delay between those retries.
+    pub retry_delay_ms: u64,
+    /// How the connections are re-established after a failure.
+    pub reconnect: ReconnectConfig,
+    /// Prepended to every key this crate builds, e.g. `"prod:"` or a
+    /// per-test unique prefix. See [`KeySpace`](crate::KeySpace).
+    pub key_prefix: String,
+    /// Sentinel or cluster node lists, overriding the hosts in [`url`](Self::url).
+    pub topology: Topology,
+    /// Interval of the health check PING, when a health registry is attached.
+    pub health_interval_ms: u64,
+    /// Timeout of that PING; a slower reply reports the component down.
+    pub health_timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            username: None,
+            password: None,
+            pool_size: 4,
+            connect_timeout_ms: 2_000,
+            command_timeout_ms: 500,
+            max_retries: 2,
+            retry_delay_ms: 20,
+            reconnect: ReconnectConfig::default(),
+            key_prefix: String::new(),
+            topology: Topology::default(),
+            health_interval_ms: 5_000,
+            health_timeout_ms: 500,
+        }
+    }
+}
+
+/// Exponential backoff with jitter between reconnect attempts.
+///
+/// Attempt *n* waits `min(max_delay_ms, min_delay_ms * base^(n-1)) + rand(0..jitter_ms)`.
+/// While a connection is down, commands fail immediately (see
+/// [`RedisError::is_connection`](crate::RedisError::is_connection)); nothing
+/// is queued behind the reconnect.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReconnectConfig {
+    /// Give up after this many consecutive failed attempts; `0` retries
+    /// forever (the default: a service should outlive a Redis restart).
+    pub max_attempts: u32,
+    /// First delay.
+    pub min_delay_ms: u32,
+    /// Upper bound of the delay (before jitter).
+    pub max_delay_ms: u32,
+    /// Multiplier between consecutive delays.
+    pub base: u32,
+    /// Random extra delay, so a fleet does not reconnect in lockstep.
+    pub jitter_ms: u32,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 0,
+            min_delay_ms: 50,
+            max_delay_ms: 2_000,
+            base: 2,
+            jitter_ms: 100,
+        }
+    }
+}
+
+/// Deployment topology passed through to fred.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum Topology {
+    /// Use the host(s) and scheme in [`RedisConfig::url`] (standalone unless
+    /// the scheme says sentinel or cluster).
+    #[default]
+    FromUrl,
+    /// A primary found through sentinels.
+    Sentinel {
+        /// Sentinel nodes as `host:port`.
+        nodes: Vec<String>,
+        /// The monitored service (master) name.
+        service_name: String,
+        /// ACL user for the sentinels, when it differs from the server's.
+        sentinel_username: Option<String>,
+        /// Password for the sentinels, when it differs from the server's.
+        sentinel_password: Option<Secret>,
+    },
+    /// A Redis Cluster; any reachable node discovers the rest.
+    Cluster {
+        /// Seed nodes as `host:port`.
+        nodes: Vec<String>,
+    },
+}

@@ -1,0 +1,616 @@
+//! Behaviour of the client and each helper against the real Redis on 127.0.0.1:6379.
+
+mod common;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{client, config, eventually};
+use serde::{Deserialize, Serialize};
+use soma_observability::health::{ComponentStatus, HealthRegistry};
+use soma_observability::metrics::MetricsRegistry;
+use soma_redis::rate_limit::{FailureMode, RateLimitKey, RateLimitLayer};
+use soma_redis::{
+    Cache, CacheOptions, Claim, Idempotency, IdempotencyOptions, Lease, LeaseOptions, LoadError,
+    Lookup, PubSub, PubSubEvent, RateLimit, RateLimiter, RedisClient, RedisConfig, Ttl,
+};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tower::{ServiceBuilder, ServiceExt};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Profile {
+    name: String,
+    age: u32,
+}
+
+#[tokio::test]
+async fn client_commands_set_ttl_and_report_metrics() {
+    let metrics = MetricsRegistry::default();
+    let health = HealthRegistry::new();
+    let cfg = RedisConfig {
+        health_interval_ms: 100,
+        ..config()
+    };
+    let c = RedisClient::builder(cfg)
+        .metrics(&metrics)
+        .health(&health)
+        .connect()
+        .await
+        .unwrap();
+    let key = c.keys().key("acme", "demo", "k1").unwrap();
+    c.set(&key, "v1", Ttl::secs(30)).await.unwrap();
+    assert_eq!(c.get::<String>(&key).await.unwrap().as_deref(), Some("v1"));
+    let ttl = c.pttl(&key).await.unwrap().unwrap();
+    assert!(ttl > 0 && ttl <= 30_000, "ttl {ttl}");
+    assert!(!c.set_nx(&key, "v2", Ttl::secs(30)).await.unwrap());
+    assert_eq!(c.del(&[&key]).await.unwrap(), 1);
+    assert_eq!(c.get::<String>(&key).await.unwrap(), None);
+    assert_eq!(c.pttl(&key).await.unwrap(), None);
+
+    let zero = c
+        .set(&key, "v", Ttl::After(Duration::ZERO))
+        .await
+        .unwrap_err();
+    assert!(zero.is_invalid());
+
+    let text = metrics.encode();
+    assert!(text.contains("soma_redis_commands_total"), "{text}");
+    assert!(text.contains(r#"command="get",outcome="ok""#), "{text}");
+    assert!(
+        text.contains("soma_redis_command_duration_seconds_bucket"),
+        "{text}"
+    );
+    let up = eventually(Duration::from_secs(10), || {
+        let h = health.clone();
+        async move {
+            h.component("redis")
+                .is_some_and(|r| r.status == ComponentStatus::Up)
+        }
+    })
+    .await;
+    assert!(
+        up,
+        "health component redis never up: {:?}",
+        health.component("redis")
+    );
+    // pool gauge is published by the monitor task
+    let gauged = eventually(Duration::from_secs(5), || {
+        let m = metrics.clone();
+        async move {
+            m.encode().lines().any(|l| {
+                l.starts_with("soma_redis_pool_connections{")
+                    && l.ends_with(r#"state="connected"} 4"#)
+            })
+        }
+    })
+    .await;
+    assert!(gauged, "{}", metrics.encode());
+}
+
+#[tokio::test]
+async fn unreachable_server_fails_fast_with_connection_errors() {
+    let port = soma_testkit::free_port();
+    let cfg = RedisConfig {
+        url: format!("redis://127.0.0.1:{port}"),
+        connect_timeout_ms: 300,
+        ..Default::default()
+    };
+    // Eager connect reports the problem at startup.
+    let err = RedisClient::connect(cfg.clone()).await.unwrap_err();
+    assert!(err.is_connection() || err.is_timeout(), "{err:?}");
+    // Lazy connect starts, and every command fails with a connection error.
+    let c = RedisClient::builder(cfg).connect_lazy().await.unwrap();
+    for _ in 0..100 {
+        let e = c.get::<String>("soma:_:x:y").await.unwrap_err();
+        assert!(e.is_connection() && e.is_retryable(), "{e:?}");
+    }
+    assert!(!c.is_connected());
+}
+
+#[tokio::test]
+async fn cache_roundtrip_ttl_tenants_and_negative_caching() {
+    let c = client().await;
+    let cache: Cache<Profile> = Cache::new(
+        &c,
+        "profile",
+        CacheOptions::new(Duration::from_secs(60)).with_negative_ttl(Duration::from_secs(5)),
+    )
+    .unwrap();
+    let ada = Profile {
+        name: "Ada".into(),
+        age: 36,
+    };
+    cache.set("acme", "u1", &ada).await.unwrap();
+    assert_eq!(
+        cache.get("acme", "u1").await.unwrap(),
+        Lookup::Hit(ada.clone())
+    );
+    // another tenant does not see it
+    assert_eq!(cache.get("globex", "u1").await.unwrap(), Lookup::Miss);
+    let key = cache.key("acme", "u1").unwrap();
+    assert!(key.ends_with("soma:acme:cache.profile:u1"), "{key}");
+    let ttl = c.pttl(&key).await.unwrap().unwrap();
+    assert!(ttl > 50_000 && ttl <= 60_000, "ttl {ttl}");
+
+    // negative caching: the loader runs once, "absent" is remembered with its own TTL
+    let calls = AtomicUsize::new(0);
+    for _ in 0..3 {
+        let v = cache
+            .get_or_load("acme", "missing", || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Infallible>(None)
+            })
+            .await
+            .unwrap();
+        assert_eq!(v, None);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.get("acme", "missing").await.unwrap(), Lookup::Absent);
+    let nttl = c
+        .pttl(&cache.key("acme", "missing").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(nttl > 0 && nttl <= 5_000, "negative ttl {nttl}");
+
+    assert!(cache.invalidate("acme", "u1").await.unwrap());
+    assert_eq!(cache.get("acme", "u1").await.unwrap(), Lookup::Miss);
+
+    // a value that no longer decodes is a typed decode error
+    c.set(&key, "{not json", Ttl::secs(5)).await.unwrap();
+    assert!(matches!(
+        cache.get("acme", "u1").await,
+        Err(soma_redis::RedisError::Decode(_))
+    ));
+    // bad tenant
+    assert!(cache.get("ac:me", "u1").await.unwrap_err().is_invalid());
+}
+
+#[tokio::test]
+async fn concurrent_get_or_load_runs_the_loader_once() {
+    let c = client().await;
+    let cache: Cache<Profile> =
+        Cache::new(&c, "sf", CacheOptions::new(Duration::from_secs(60))).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let cache = cache.clone();
+        let calls = calls.clone();
+        tasks.push(tokio::spawn(async move {
+            cache
+                .get_or_load("acme", "hot", || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok::<_, Infallible>(Some(Profile {
+                        name: "Hot".into(),
+                        age: 1,
+                    }))
+                })
+                .await
+                .unwrap()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap().name, "Hot");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "loader ran more than once");
+    assert!(matches!(
+        cache.get("acme", "hot").await.unwrap(),
+        Lookup::Hit(_)
+    ));
+
+    // a failing loader: waiters share the error, nothing is cached
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let cache = cache.clone();
+        let calls = calls.clone();
+        tasks.push(tokio::spawn(async move {
+            cache
+                .get_or_load("acme", "broken", || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Err::<Option<Profile>, _>(std::io::Error::other("db down"))
+                })
+                .await
+        }));
+    }
+    for t in tasks {
+        match t.await.unwrap() {
+            Err(LoadError::Loader(e)) => assert_eq!(e.to_string(), "db down"),
+            other => panic!("expected loader error, got {other:?}"),
+        }
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.get("acme", "broken").await.unwrap(), Lookup::Miss);
+}
+
+#[tokio::test]
+async fn rate_limiter_admits_the_limit_then_rejects_with_retry_after() {
+    let c = client().await;
+    let rl = RateLimiter::new(&c, RateLimit::per(5, Duration::from_secs(60))).unwrap();
+    for i in 0..5u32 {
+        let d = rl.check("acme", "POST /v1/orders").await.unwrap();
+        assert!(d.allowed, "request {i} rejected: {d:?}");
+        assert_eq!(d.remaining, 4 - i);
+        assert_eq!(d.retry_after, None);
+    }
+    let d = rl.check("acme", "POST /v1/orders").await.unwrap();
+    assert!(!d.allowed);
+    assert_eq!(d.remaining, 0);
+    let retry = d.retry_after.unwrap();
+    assert!(
+        retry > Duration::from_secs(5) && retry <= Duration::from_secs(12),
+        "{retry:?}"
+    );
+    assert!(d.reset_after > Duration::from_secs(50) && d.reset_after <= Duration::from_secs(60));
+    // other tenants and routes have their own buckets
+    assert!(rl.check("globex", "POST /v1/orders").await.unwrap().allowed);
+    assert!(rl.check("acme", "GET /v1/orders").await.unwrap().allowed);
+    // the bucket key carries a TTL
+    let key = c.keys().key("acme", "rl", "POST /v1/orders").unwrap();
+    let ttl = c.pttl(&key).await.unwrap().unwrap();
+    assert!(ttl > 0 && ttl <= 60_000, "{ttl}");
+
+    // the bucket refills: 10 per 200 ms → one every 20 ms
+    let fast = RateLimiter::new(&c, RateLimit::per(10, Duration::from_millis(200))).unwrap();
+    for _ in 0..10 {
+        assert!(fast.check("acme", "fast").await.unwrap().allowed);
+    }
+    let refilled = eventually(Duration::from_secs(5), || {
+        let fast = fast.clone();
+        async move { fast.check("acme", "fast").await.unwrap().allowed }
+    })
+    .await;
+    assert!(refilled);
+}
+
+/// A rate-limit check is one round trip: MONITOR sees exactly one command
+/// from our client per check (the script's inner GET/SET/TIME are marked `lua`).
+#[tokio::test]
+async fn rate_limit_check_is_one_round_trip() {
+    let c = client().await;
+    let rl = RateLimiter::new(&c, RateLimit::per(1000, Duration::from_secs(60))).unwrap();
+    rl.check("acme", "warmup").await.unwrap(); // loads the script
+    let prefix = c.keys().prefix().to_owned();
+
+    let mut monitor = tokio::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", "6379", "monitor"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-cli");
+    let mut lines = BufReader::new(monitor.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.trim(), "OK");
+
+    const N: usize = 20;
+    for _ in 0..N {
+        rl.check("acme", "POST /v1/x").await.unwrap();
+    }
+    let marker = c.keys().key("acme", "marker", "end").unwrap();
+    let _ = c.get::<String>(&marker).await.unwrap();
+
+    let mut from_client = 0;
+    let mut inner = 0;
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("monitor output")
+            .unwrap()
+            .expect("monitor line");
+        if !line.contains(&prefix) {
+            continue;
+        }
+        if line.contains(&marker) {
+            break;
+        }
+        if line.contains(" lua]") {
+            inner += 1;
+        } else {
+            assert!(
+                line.to_ascii_lowercase().contains("\"evalsha\""),
+                "unexpected command: {line}"
+            );
+            from_client += 1;
+        }
+    }
+    assert_eq!(from_client, N, "round trips per check");
+    assert!(inner >= N, "the script ran inside redis");
+}
+
+#[tokio::test]
+async fn rate_limit_layer_sets_headers_and_rejects() {
+    let c = client().await;
+    let rl = RateLimiter::new(&c, RateLimit::per(2, Duration::from_secs(60))).unwrap();
+    let layer = RateLimitLayer::new(rl, |req: &http::Request<String>| {
+        let tenant = req.headers().get("x-tenant")?.to_str().ok()?.to_owned();
+        Some(RateLimitKey {
+            tenant,
+            route: format!("{} /v1/items", req.method()),
+        })
+    });
+    let svc =
+        ServiceBuilder::new()
+            .layer(layer)
+            .service_fn(|req: http::Request<String>| async move {
+                assert!(
+                    req.extensions()
+                        .get::<soma_redis::RateLimitDecision>()
+                        .is_some()
+                );
+                Ok::<_, Infallible>(http::Response::new("ok".to_owned()))
+            });
+    let req = || {
+        http::Request::builder()
+            .uri("/v1/items")
+            .header("x-tenant", "acme")
+            .body(String::new())
+            .unwrap()
+    };
+    for remaining in ["1", "0"] {
+        let res = svc.clone().oneshot(req()).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["x-ratelimit-limit"], "2");
+        assert_eq!(res.headers()["x-ratelimit-remaining"], remaining);
+        assert!(res.headers().contains_key("x-ratelimit-reset"));
+        assert_eq!(res.body(), "ok");
+    }
+    let res = svc.clone().oneshot(req()).await.unwrap();
+    assert_eq!(res.status(), 429);
+    let retry: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=31).contains(&retry), "{retry}");
+    assert_eq!(res.body(), "");
+
+    // no key → not limited
+    let svc2 = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(
+            RateLimiter::new(&c, RateLimit::per(1, Duration::from_secs(60))).unwrap(),
+            |_: &http::Request<String>| None,
+        ))
+        .service_fn(|_req: http::Request<String>| async {
+            Ok::<_, Infallible>(http::Response::new(String::new()))
+        });
+    for _ in 0..3 {
+        assert_eq!(svc2.clone().oneshot(req()).await.unwrap().status(), 200);
+    }
+}
+
+#[tokio::test]
+async fn rate_limit_layer_failure_modes_when_redis_is_down() {
+    let port = soma_testkit::free_port();
+    let cfg = RedisConfig {
+        url: format!("redis://127.0.0.1:{port}"),
+        ..Default::default()
+    };
+    let down = RedisClient::builder(cfg).connect_lazy().await.unwrap();
+    let rl = RateLimiter::new(&down, RateLimit::per(2, Duration::from_secs(60))).unwrap();
+    let err = rl.check("acme", "x").await.unwrap_err();
+    assert!(err.is_connection(), "{err:?}");
+    let key = |_: &http::Request<String>| {
+        Some(RateLimitKey {
+            tenant: "acme".into(),
+            route: "GET /".into(),
+        })
+    };
+    let ok = |_req: http::Request<String>| async {
+        Ok::<_, Infallible>(http::Response::new(String::new()))
+    };
+    let closed = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(rl.clone(), key))
+        .service_fn(ok);
+    let res = closed
+        .oneshot(http::Request::new(String::new()))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["retry-after"], "1");
+    let open = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(rl, key).failure_mode(FailureMode::Open))
+        .service_fn(ok);
+    assert_eq!(
+        open.oneshot(http::Request::new(String::new()))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn idempotency_claims_stores_and_replays() {
+    let c = client().await;
+    let idem = Idempotency::new(&c, IdempotencyOptions::default()).unwrap();
+    let Claim::Acquired(guard) = idem.claim::<String>("acme", "req-1", "fp-a").await.unwrap()
+    else {
+        panic!("first claim must be acquired");
+    };
+    // concurrent retry while in progress
+    match idem.claim::<String>("acme", "req-1", "fp-a").await.unwrap() {
+        Claim::InProgress { retry_after } => {
+            assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(30))
+        }
+        other => panic!("expected in progress, got {other:?}"),
+    }
+    assert!(matches!(
+        idem.claim::<String>("acme", "req-1", "fp-b").await.unwrap(),
+        Claim::Mismatch
+    ));
+    guard
+        .complete(&"201 created order 7".to_owned())
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        match idem.claim::<String>("acme", "req-1", "fp-a").await.unwrap() {
+            Claim::Completed(r) => assert_eq!(r, "201 created order 7"),
+            other => panic!("expected completed, got {other:?}"),
+        }
+    }
+    let key = c.keys().key("acme", "idem", "req-1").unwrap();
+    let ttl = c.pttl(&key).await.unwrap().unwrap();
+    assert!(ttl > 86_000_000 && ttl <= 86_400_000, "{ttl}");
+    // same key, other tenant: independent
+    assert!(matches!(
+        idem.claim::<String>("globex", "req-1", "fp-a")
+            .await
+            .unwrap(),
+        Claim::Acquired(_)
+    ));
+
+    // release lets a retry run
+    let Claim::Acquired(g) = idem.claim::<String>("acme", "req-2", "fp").await.unwrap() else {
+        panic!()
+    };
+    assert!(g.release().await.unwrap());
+    assert!(matches!(
+        idem.claim::<String>("acme", "req-2", "fp").await.unwrap(),
+        Claim::Acquired(_)
+    ));
+}
+
+#[tokio::test]
+async fn idempotency_in_progress_claims_expire() {
+    let c = client().await;
+    let idem = Idempotency::new(
+        &c,
+        IdempotencyOptions {
+            in_progress_ttl: Duration::from_millis(300),
+            completed_ttl: Duration::from_secs(60),
+        },
+    )
+    .unwrap();
+    let Claim::Acquired(stale) = idem.claim::<u32>("acme", "req", "fp").await.unwrap() else {
+        panic!()
+    };
+    // the "crashed" worker never completes; after the TTL a retry takes over
+    let retaken = eventually(Duration::from_secs(5), || {
+        let idem = idem.clone();
+        async move {
+            matches!(
+                idem.claim::<u32>("acme", "req", "fp").await.unwrap(),
+                Claim::Acquired(_)
+            )
+        }
+    })
+    .await;
+    assert!(retaken);
+    let err = stale.complete(&1u32).await.unwrap_err();
+    assert!(err.is_not_owner(), "{err:?}");
+}
+
+#[tokio::test]
+async fn lease_is_exclusive_renewed_and_fenced() {
+    let c = client().await;
+    let lease = Lease::new(&c, LeaseOptions::new(Duration::from_millis(600))).unwrap();
+    let g1 = lease
+        .try_acquire("acme", "scheduler")
+        .await
+        .unwrap()
+        .expect("free lease");
+    assert!(g1.is_held());
+    assert!(
+        lease
+            .try_acquire("acme", "scheduler")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // renewed well past its TTL
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(g1.is_held());
+    assert!(
+        lease
+            .try_acquire("acme", "scheduler")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let ttl = c.pttl(g1.key()).await.unwrap().unwrap();
+    assert!(ttl > 0 && ttl <= 600, "{ttl}");
+    let t1 = g1.token();
+    assert!(g1.release().await.unwrap());
+    let g2 = lease
+        .acquire("acme", "scheduler", Duration::from_secs(2))
+        .await
+        .unwrap()
+        .expect("released lease");
+    assert!(
+        g2.token() > t1,
+        "fencing token must increase: {} <= {t1}",
+        g2.token()
+    );
+    // other tenant, same name: independent
+    assert!(
+        lease
+            .try_acquire("globex", "scheduler")
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn lease_expires_when_the_holder_stops_renewing() {
+    let holder_client = client().await;
+    let other = RedisClient::connect(RedisConfig {
+        key_prefix: holder_client.keys().prefix().to_owned(),
+        ..config()
+    })
+    .await
+    .unwrap();
+    let lease = Lease::new(
+        &holder_client,
+        LeaseOptions::new(Duration::from_millis(500)),
+    )
+    .unwrap();
+    let g = lease.try_acquire("acme", "relay-0").await.unwrap().unwrap();
+    let t1 = g.token();
+    // The holder "crashes": its connections go away, renewals fail.
+    holder_client.quit().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), g.lost())
+        .await
+        .expect("holder notices the loss");
+    assert!(!g.is_held());
+    let lease2 = Lease::new(&other, LeaseOptions::new(Duration::from_millis(500))).unwrap();
+    let g2 = lease2
+        .acquire("acme", "relay-0", Duration::from_secs(5))
+        .await
+        .unwrap()
+        .expect("lease expired");
+    assert!(g2.token() > t1);
+}
+
+#[tokio::test]
+async fn pubsub_broadcasts_per_tenant_channel() {
+    let c = client().await;
+    let ps = PubSub::connect(&c).await.unwrap();
+    let mut a1 = ps.subscribe("acme", "flags").await.unwrap();
+    let mut a2 = ps.subscribe("acme", "flags").await.unwrap();
+    let mut g = ps.subscribe("globex", "flags").await.unwrap();
+    assert!(a1.channel().ends_with("soma:acme:ch:flags"));
+    let n = ps.publish("acme", "flags", "beta=on").await.unwrap();
+    assert_eq!(n, 1, "one subscriber connection");
+    for s in [&mut a1, &mut a2] {
+        let ev = tokio::time::timeout(Duration::from_secs(5), s.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ev, PubSubEvent::Message("beta=on".into()));
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), g.recv())
+            .await
+            .is_err(),
+        "other tenant got it"
+    );
+}
