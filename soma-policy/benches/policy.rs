@@ -1,0 +1,308 @@
+//! soma-policy benchmarks: embedded vs remote decisions, cache hits, JWT
+//! validation, and the full stack vs a bare axum handler.
+//!
+//! Run: `cargo bench -p soma-policy --bench policy -- --warm-up-time 1 --measurement-time 3`
+//! (needs the OPA evaluator: `bash xtask/stack.d/40-opa.sh`). Ratios are
+//! printed at the end from criterion's median estimates.
+
+#![allow(missing_docs)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::post;
+use criterion::{Criterion, black_box};
+use http::Request;
+use soma_policy::{
+    AuthKind, Authenticator, AuthnLayer, Authorizer, AuthzInput, AuthzLayer, CacheConfig,
+    EmbeddedRego, JwtAlgorithm, OpaConfig, PolicyEngine, PolicyMetrics, Principal, RemoteOpa,
+    RequestInfo, Resource, RouteMap, RouteRule,
+};
+use tower::ServiceExt;
+
+const ENTRY: &str = "data.soma.authz.decision";
+
+fn input() -> AuthzInput {
+    let p = Principal {
+        subject: "alice".into(),
+        tenant: "t1".into(),
+        roles: vec!["user".into()],
+        scopes: vec!["conversation:write".into(), "memory:write".into()],
+        auth_kind: AuthKind::Jwt {
+            issuer: common::ISSUER.into(),
+        },
+    };
+    AuthzInput::new(
+        &p,
+        "conversation.send",
+        Resource {
+            kind: "session".into(),
+            id: Some("s1".into()),
+        },
+    )
+    .with_request(RequestInfo {
+        method: "POST".into(),
+        route: "/v1/sessions/{id}/messages".into(),
+        request_id: Some("r1".into()),
+    })
+    .with_context("resource_tenant", "t1")
+}
+
+fn engines(c: &mut Criterion, rt: &tokio::runtime::Runtime, opa: &common::OpaServer) {
+    let embedded = Arc::new(
+        EmbeddedRego::from_dir(common::policy_dir(), ENTRY, PolicyMetrics::default()).unwrap(),
+    );
+    let remote = {
+        let _g = rt.enter();
+        Arc::new(
+            RemoteOpa::new(&OpaConfig {
+                base_url: opa.base_url(),
+                timeout_ms: 2_000,
+                ..Default::default()
+            })
+            .unwrap(),
+        )
+    };
+    let inp = input();
+    assert!(embedded.evaluate_sync(&inp).unwrap().allow);
+    assert!(rt.block_on(remote.evaluate(&inp)).unwrap().allow);
+    let mut g = c.benchmark_group("decision");
+    // Engine overhead alone: a constant decision, same input.
+    let trivial = EmbeddedRego::from_sources(
+        &[(
+            "t.rego",
+            "package soma.authz\ndecision := {\"allow\": true, \"reasons\": []}\n",
+        )],
+        ENTRY,
+        PolicyMetrics::default(),
+    )
+    .unwrap();
+    g.bench_function("embedded_constant_policy", |b| {
+        b.iter(|| black_box(trivial.evaluate_sync(black_box(&inp)).unwrap()))
+    });
+    g.bench_function("embedded", |b| {
+        b.iter(|| black_box(embedded.evaluate_sync(black_box(&inp)).unwrap()))
+    });
+    g.bench_function("remote_opa_loopback", |b| {
+        b.to_async(rt).iter(|| {
+            let remote = remote.clone();
+            let inp = inp.clone();
+            async move { black_box(remote.evaluate(&inp).await.unwrap()) }
+        })
+    });
+    g.finish();
+
+    let authz = Authorizer::builder(embedded.clone() as Arc<dyn PolicyEngine>)
+        .cache(CacheConfig {
+            enabled: true,
+            ttl_ms: 600_000,
+            capacity: 10_000,
+        })
+        .build();
+    rt.block_on(authz.check(&inp)).unwrap();
+    let mut g = c.benchmark_group("cache");
+    g.bench_function("authorizer_check_hit", |b| {
+        b.to_async(rt)
+            .iter(|| async { black_box(authz.check(&inp).await.unwrap()) })
+    });
+    g.finish();
+}
+
+fn jwt(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    let auth = Authenticator::builder(&common::config_with_static_keys())
+        .build()
+        .unwrap();
+    let mut claims = common::claims("alice");
+    claims["exp"] = serde_json::json!(common::now() + 86_400);
+    let mut g = c.benchmark_group("jwt");
+    for alg in [
+        JwtAlgorithm::HS256,
+        JwtAlgorithm::RS256,
+        JwtAlgorithm::ES256,
+        JwtAlgorithm::EdDSA,
+    ] {
+        let token = common::mint(alg, Some(common::kid_for(alg)), &claims);
+        rt.block_on(auth.verify_token(&token)).unwrap();
+        g.bench_function(alg.as_str(), |b| {
+            b.iter(|| {
+                // Static keys never await: poll once on this thread.
+                black_box(
+                    futures_util::FutureExt::now_or_never(auth.verify_token(&token))
+                        .unwrap()
+                        .unwrap(),
+                )
+            })
+        });
+    }
+    g.finish();
+}
+
+fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    let handler = || async { "ok" };
+    let bare: Router = Router::new().route("/v1/sessions/{id}/messages", post(handler));
+    let config = common::config_with_static_keys();
+    let authn = Arc::new(Authenticator::builder(&config).build().unwrap());
+    let engine = Arc::new(
+        EmbeddedRego::from_dir(common::policy_dir(), ENTRY, PolicyMetrics::default()).unwrap(),
+    );
+    let authz = Arc::new(Authorizer::builder(engine).build());
+    let routes = Arc::new(
+        RouteMap::new([RouteRule::new(
+            "POST",
+            "/v1/sessions/{id}/messages",
+            "conversation.send",
+            "session",
+        )
+        .with_id_param("id")])
+        .unwrap(),
+    );
+    let full: Router = Router::new()
+        .route("/v1/sessions/{id}/messages", post(handler))
+        .route_layer(AuthzLayer::new(authz, routes))
+        .layer(AuthnLayer::new(authn));
+    let mut claims = common::claims("alice");
+    claims["exp"] = serde_json::json!(common::now() + 86_400);
+    let token = format!(
+        "Bearer {}",
+        common::mint(JwtAlgorithm::HS256, Some("hs"), &claims)
+    );
+    // Over real HTTP on loopback (keep-alive client), the way requests reach a service.
+    let (bare_url, full_url) = rt.block_on(async {
+        (
+            common::serve(bare.clone()).await,
+            common::serve(full.clone()).await,
+        )
+    });
+    let client = reqwest::Client::new();
+    let url_bare = format!("{bare_url}/v1/sessions/s1/messages");
+    let url_full = format!("{full_url}/v1/sessions/s1/messages");
+    let send = |url: &str| {
+        let req = client.post(url).header("authorization", &token);
+        async move {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            black_box(r.bytes().await.unwrap())
+        }
+    };
+    rt.block_on(send(&url_full));
+    let mut g = c.benchmark_group("stack");
+    g.bench_function("bare_handler_http", |b| {
+        b.to_async(rt).iter(|| send(&url_bare))
+    });
+    g.bench_function("authn_authz_handler_http", |b| {
+        b.to_async(rt).iter(|| send(&url_full))
+    });
+    // In-process (tower oneshot, no network): the layers' own cost, worst case for the ratio.
+    let req = |t: &str| {
+        Request::post("/v1/sessions/s1/messages")
+            .header("authorization", t)
+            .body(Body::empty())
+            .unwrap()
+    };
+    g.bench_function("bare_handler_inproc", |b| {
+        b.to_async(rt)
+            .iter(|| async { black_box(bare.clone().oneshot(req(&token)).await.unwrap()) })
+    });
+    g.bench_function("authn_authz_handler_inproc", |b| {
+        b.to_async(rt)
+            .iter(|| async { black_box(full.clone().oneshot(req(&token)).await.unwrap()) })
+    });
+    g.finish();
+}
+
+fn median_ns(group: &str, name: &str) -> Option<f64> {
+    // The bench binary lives in <target dir>/release/deps/; criterion writes
+    // its estimates to <target dir>/criterion/.
+    let exe = std::env::current_exe().ok()?;
+    let target = exe.parent()?.parent()?.parent()?;
+    let path = target
+        .join("criterion")
+        .join(group)
+        .join(name)
+        .join("new/estimates.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    v["median"]["point_estimate"].as_f64()
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let opa = common::OpaServer::start();
+    let mut c = Criterion::default().configure_from_args();
+    engines(&mut c, &rt, &opa);
+    jwt(&mut c, &rt);
+    stack(&mut c, &rt);
+    c.final_summary();
+
+    let m = |g, n| median_ns(g, n).unwrap_or(f64::NAN);
+    let embedded = m("decision", "embedded");
+    let remote = m("decision", "remote_opa_loopback");
+    let hit = m("cache", "authorizer_check_hit");
+    let hs = m("jwt", "HS256");
+    let rs = m("jwt", "RS256");
+    let bare = m("stack", "bare_handler_http");
+    let full = m("stack", "authn_authz_handler_http");
+    let bare_in = m("stack", "bare_handler_inproc");
+    let full_in = m("stack", "authn_authz_handler_inproc");
+    println!("\n== soma-policy summary (criterion medians) ==");
+    println!(
+        "embedded decision        {:>10.2} µs   (goal ≤ 15 µs)",
+        embedded / 1e3
+    );
+    println!(
+        "embedded, constant policy{:>10.2} µs   (engine + input conversion only)",
+        m("decision", "embedded_constant_policy") / 1e3
+    );
+    println!("remote OPA (loopback)    {:>10.2} µs", remote / 1e3);
+    println!(
+        "embedded speed-up        {:>10.1} ×    (goal ≥ 20×)",
+        remote / embedded
+    );
+    println!(
+        "cache hit (check)        {:>10.3} µs   (goal ≤ 1 µs)",
+        hit / 1e3
+    );
+    println!(
+        "HS256 validation         {:>10.2} µs   (goal ≤ 5 µs)",
+        hs / 1e3
+    );
+    println!(
+        "RS256 validation         {:>10.2} µs   (goal ≤ 30 µs)",
+        rs / 1e3
+    );
+    println!(
+        "ES256 validation         {:>10.2} µs",
+        m("jwt", "ES256") / 1e3
+    );
+    println!(
+        "EdDSA validation         {:>10.2} µs",
+        m("jwt", "EdDSA") / 1e3
+    );
+    println!(
+        "bare handler (HTTP)      {:>10.2} µs/req  ({:.0} req/s)",
+        bare / 1e3,
+        1e9 / bare
+    );
+    println!(
+        "authn+authz (HTTP)       {:>10.2} µs/req  ({:.0} req/s)",
+        full / 1e3,
+        1e9 / full
+    );
+    println!(
+        "stack keeps (HTTP)       {:>10.2} ×    of bare req/s (goal ≥ 0.6×)",
+        bare / full
+    );
+    println!("bare handler (in-proc)   {:>10.2} µs/req", bare_in / 1e3);
+    println!(
+        "authn+authz (in-proc)    {:>10.2} µs/req  (layers add {:.2} µs)",
+        full_in / 1e3,
+        (full_in - bare_in) / 1e3
+    );
+}

@@ -1,0 +1,122 @@
+# Tests for the reference policy. Run with real OPA (`opa test policy/`) or
+# through the crate's test suite, which evaluates every `test_*` rule with
+# both regorus and OPA's Go evaluator.
+package soma.authz_test
+
+import data.soma.authz
+
+base := {
+	"subject": "user-1",
+	"tenant": "t1",
+	"roles": ["user"],
+	"scopes": ["conversation:write", "memory:write", "scheduler:read"],
+	"action": "conversation.send",
+	"resource": {"kind": "session", "id": "s1"},
+	"request": {"method": "POST", "route": "/v1/sessions/{id}/messages", "request_id": "r1"},
+	"context": {},
+}
+
+test_user_can_send if authz.allow with input as base
+
+test_user_can_write_memory if authz.allow with input as object.union(base, {"action": "memory.write"})
+
+test_unknown_action_denied if {
+	d := authz.decision with input as object.union(base, {"action": "conversation.delete_everything"})
+	d.allow == false
+	"unknown_action" in d.reasons
+}
+
+test_missing_scope_denied if {
+	d := authz.decision with input as object.union(base, {"scopes": []})
+	d.allow == false
+	d.reasons == ["missing_scope"]
+}
+
+test_missing_role_denied if {
+	d := authz.decision with input as object.union(base, {"roles": ["viewer"]})
+	d.reasons == ["missing_role"]
+}
+
+test_cross_tenant_denied if {
+	d := authz.decision with input as object.union(base, {"context": {"resource_tenant": "t2"}})
+	d.allow == false
+	d.reasons == ["tenant_mismatch"]
+}
+
+test_same_tenant_resource_allowed if authz.allow with input as object.union(base, {"context": {"resource_tenant": "t1"}})
+
+test_empty_tenant_denied if {
+	d := authz.decision with input as object.union(base, {"tenant": ""})
+	"missing_tenant" in d.reasons
+}
+
+test_empty_subject_denied if {
+	d := authz.decision with input as object.union(base, {"subject": ""})
+	"missing_subject" in d.reasons
+}
+
+test_user_cannot_execute_tools if {
+	d := authz.decision with input as object.union(base, {"action": "tool.execute", "scopes": ["tool:execute"]})
+	d.reasons == ["missing_role"]
+}
+
+test_agent_executes_low_risk_tool if {
+	authz.allow with input as object.union(base, {
+		"action": "tool.execute", "roles": ["agent"], "scopes": ["tool:execute"],
+		"context": {"tool_risk": "low"},
+	})
+}
+
+test_agent_cannot_execute_high_risk_tool if {
+	d := authz.decision with input as object.union(base, {
+		"action": "tool.execute", "roles": ["agent"], "scopes": ["tool:execute"],
+		"context": {"tool_risk": "high"},
+	})
+	d.reasons == ["high_risk_tool_requires_admin"]
+}
+
+test_admin_executes_high_risk_tool if {
+	authz.allow with input as object.union(base, {
+		"action": "tool.execute", "roles": ["admin"], "scopes": ["tool:execute"],
+		"context": {"tool_risk": "high"},
+	})
+}
+
+test_user_reads_schedules if authz.allow with input as object.union(base, {"action": "scheduler.read"})
+
+test_user_cannot_create_schedules if {
+	d := authz.decision with input as object.union(base, {"action": "scheduler.create", "scopes": ["scheduler:write"]})
+	d.reasons == ["missing_role"]
+}
+
+test_operator_crud_own_schedule if {
+	every action in ["scheduler.create", "scheduler.update", "scheduler.delete"] {
+		authz.allow with input as object.union(base, {
+			"action": action, "roles": ["operator"], "scopes": ["scheduler:write"],
+			"context": {"owner": "user-1"},
+		})
+	}
+}
+
+test_operator_cannot_delete_foreign_schedule if {
+	d := authz.decision with input as object.union(base, {
+		"action": "scheduler.delete", "roles": ["operator"], "scopes": ["scheduler:write"],
+		"context": {"owner": "someone-else"},
+	})
+	d.reasons == ["not_schedule_owner"]
+}
+
+test_operations_admin_needs_admin_and_scope if {
+	authz.allow with input as object.union(base, {"action": "operations.admin", "roles": ["admin"], "scopes": ["ops:admin"]})
+	not authz.allow with input as object.union(base, {"action": "operations.admin", "roles": ["operator"], "scopes": ["ops:admin"]})
+	not authz.allow with input as object.union(base, {"action": "operations.admin", "roles": ["admin"], "scopes": ["ops:read"]})
+}
+
+test_operator_reads_operations if {
+	authz.allow with input as object.union(base, {"action": "operations.read", "roles": ["operator"], "scopes": ["ops:read"]})
+}
+
+test_empty_input_denied if {
+	d := authz.decision with input as {}
+	d.allow == false
+}

@@ -1,0 +1,129 @@
+//! One audit event per authorization decision.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::input::Resource;
+
+/// The record of one decision. Carries identities and outcome, never
+/// credentials, headers or the policy context.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Subject from the verified credential.
+    pub subject: String,
+    /// Tenant from the verified credential.
+    pub tenant: String,
+    /// Action decided.
+    pub action: String,
+    /// Resource the action applied to.
+    pub resource: Resource,
+    /// `allow`, `deny`, `error` or `fail_open`.
+    pub result: String,
+    /// Policy reasons, or the engine error code.
+    pub reason: Vec<String>,
+    /// `embedded`, `remote`, or `cache` when the decision was reused.
+    pub engine: String,
+    /// Time to decide, in microseconds.
+    pub latency_us: u64,
+    /// Request correlation id, when known.
+    pub request_id: Option<String>,
+}
+
+/// Where audit events go besides tracing. Called on the request path, so an
+/// implementation must not block: hand the event to a queue or channel (a
+/// soma-bus publisher, for instance) and return. What a sink does when its
+/// queue is full is its own documented choice.
+pub trait AuditSink: Send + Sync + 'static {
+    /// Records one event.
+    fn record(&self, event: &AuditEvent);
+}
+
+/// Emits each event to tracing only (target `soma_policy::audit`). Every
+/// authorizer does this anyway; use it when no other sink is wanted.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TracingAuditSink;
+
+impl AuditSink for TracingAuditSink {
+    fn record(&self, _event: &AuditEvent) {}
+}
+
+/// Keeps events in memory (tests, local tooling). Unbounded: not for production.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryAuditSink {
+    events: Arc<Mutex<Vec<AuditEvent>>>,
+}
+
+impl MemoryAuditSink {
+    /// A new, empty sink.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Events recorded so far.
+    pub fn events(&self) -> Vec<AuditEvent> {
+        self.events.lock().clone()
+    }
+}
+
+impl AuditSink for MemoryAuditSink {
+    fn record(&self, event: &AuditEvent) {
+        self.events.lock().push(event.clone());
+    }
+}
+
+/// Sends events into a bounded tokio channel (e.g. drained by a soma-bus
+/// publisher). When the channel is full the event is dropped from this sink
+/// (it was still written to tracing) and counted in [`ChannelAuditSink::dropped`].
+#[derive(Debug, Clone)]
+pub struct ChannelAuditSink {
+    tx: tokio::sync::mpsc::Sender<AuditEvent>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ChannelAuditSink {
+    /// A sink and the receiver to drain, holding at most `capacity` events.
+    pub fn new(capacity: usize) -> (Self, tokio::sync::mpsc::Receiver<AuditEvent>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        (
+            Self {
+                tx,
+                dropped: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    /// Events dropped because the channel was full or closed.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl AuditSink for ChannelAuditSink {
+    fn record(&self, event: &AuditEvent) {
+        if self.tx.try_send(event.clone()).is_err() {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+pub(crate) fn emit(sink: &dyn AuditSink, event: &AuditEvent) {
+    tracing::info!(
+        target: "soma_policy::audit",
+        subject = %event.subject,
+        tenant = %event.tenant,
+        action = %event.action,
+        resource_kind = %event.resource.kind,
+        resource_id = event.resource.id.as_deref().unwrap_or(""),
+        result = %event.result,
+        reason = ?event.reason,
+        engine = %event.engine,
+        latency_us = event.latency_us,
+        request_id = event.request_id.as_deref().unwrap_or(""),
+        "authorization decision"
+    );
+    sink.record(event);
+}

@@ -1,0 +1,283 @@
+//! The [`Authorizer`]: engine + cache + fail mode + audit + metrics.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::audit::{AuditEvent, AuditSink, TracingAuditSink, emit};
+use crate::config::{CacheConfig, EngineKind, FailMode, PolicyConfig};
+use crate::engine::{EngineDecision, PolicyEngine, RemoteOpa};
+use crate::metrics::PolicyMetrics;
+use crate::{AuthzError, AuthzInput, EngineError};
+
+/// An authorization decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the action may proceed.
+    pub allow: bool,
+    /// The policy's reasons (or `fail_open`).
+    pub reasons: Vec<String>,
+    /// `embedded`, `remote`, or `cache`.
+    pub engine: &'static str,
+    /// True when the engine was unavailable and fail mode `open` let the
+    /// request through.
+    pub fail_open: bool,
+}
+
+/// Decides whether an [`AuthzInput`] is allowed. Used by the HTTP layer and
+/// directly by workers (`authorizer.check(&input)`).
+///
+/// - Every decision is audited (tracing target `soma_policy::audit` plus the
+///   configured [`AuditSink`]) and counted.
+/// - With the cache enabled, decisions are reused for `ttl_ms`, keyed by the
+///   SHA-256 of [`AuthzInput::canonical_bytes`]; errors are never cached.
+/// - When the engine fails: [`FailMode::Closed`] returns
+///   [`AuthzError::Unavailable`]; [`FailMode::Open`] allows, logs a warning
+///   and counts `soma_policy_fail_open_total`.
+pub struct Authorizer {
+    engine: Arc<dyn PolicyEngine>,
+    engine_name: &'static str,
+    cache: Option<moka::sync::Cache<[u8; 32], EngineDecision>>,
+    fail_mode: FailMode,
+    audit: Arc<dyn AuditSink>,
+    metrics: PolicyMetrics,
+}
+
+impl std::fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authorizer")
+            .field("engine", &self.engine_name)
+            .field("cache", &self.cache.is_some())
+            .field("fail_mode", &self.fail_mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds an [`Authorizer`].
+pub struct AuthorizerBuilder {
+    engine: Arc<dyn PolicyEngine>,
+    cache: CacheConfig,
+    fail_mode: FailMode,
+    audit: Arc<dyn AuditSink>,
+    metrics: Option<PolicyMetrics>,
+}
+
+impl AuthorizerBuilder {
+    /// Decision cache settings (off unless `enabled`).
+    pub fn cache(mut self, cache: CacheConfig) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    /// Fail mode (default [`FailMode::Closed`]).
+    pub fn fail_mode(mut self, mode: FailMode) -> Self {
+        self.fail_mode = mode;
+        self
+    }
+
+    /// Audit sink besides tracing.
+    pub fn audit_sink(mut self, sink: Arc<dyn AuditSink>) -> Self {
+        self.audit = sink;
+        self
+    }
+
+    /// Metric handles.
+    pub fn metrics(mut self, metrics: PolicyMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Builds the authorizer.
+    pub fn build(self) -> Authorizer {
+        if self.fail_mode == FailMode::Open {
+            tracing::warn!(
+                "authorization fail_mode = open: requests are allowed when the policy engine is unavailable"
+            );
+        }
+        let cache = self.cache.enabled.then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(self.cache.capacity)
+                .time_to_live(Duration::from_millis(self.cache.ttl_ms))
+                .build()
+        });
+        Authorizer {
+            engine_name: self.engine.name(),
+            engine: self.engine,
+            cache,
+            fail_mode: self.fail_mode,
+            audit: self.audit,
+            metrics: self.metrics.unwrap_or_default(),
+        }
+    }
+}
+
+impl Authorizer {
+    /// Starts building around `engine`.
+    pub fn builder(engine: Arc<dyn PolicyEngine>) -> AuthorizerBuilder {
+        AuthorizerBuilder {
+            engine,
+            cache: CacheConfig::default(),
+            fail_mode: FailMode::Closed,
+            audit: Arc::new(TracingAuditSink),
+            metrics: None,
+        }
+    }
+
+    /// Builds the engine named by `config.engine` and an authorizer around
+    /// it with the configured cache and fail mode.
+    pub fn from_config(
+        config: &PolicyConfig,
+        metrics: PolicyMetrics,
+    ) -> Result<AuthorizerBuilder, EngineError> {
+        let engine: Arc<dyn PolicyEngine> = match config.engine {
+            EngineKind::Remote => Arc::new(RemoteOpa::new(&config.opa)?),
+            #[cfg(feature = "rego")]
+            EngineKind::Embedded => Arc::new(crate::engine::EmbeddedRego::from_dir(
+                &config.policy_dir,
+                &config.entrypoint,
+                metrics.clone(),
+            )?),
+            #[cfg(not(feature = "rego"))]
+            EngineKind::Embedded => {
+                return Err(EngineError::Load(
+                    "engine = embedded needs the `rego` feature".into(),
+                ));
+            }
+        };
+        Ok(Self::builder(engine)
+            .cache(config.cache.clone())
+            .fail_mode(config.fail_mode)
+            .metrics(metrics))
+    }
+
+    /// The metric handles.
+    pub fn metrics(&self) -> &PolicyMetrics {
+        &self.metrics
+    }
+
+    /// Decides. `Ok` carries allow or deny; `Err` only when no decision
+    /// could be had in fail-closed mode.
+    pub async fn check(&self, input: &AuthzInput) -> Result<Decision, AuthzError> {
+        let start = Instant::now();
+        let key = self.cache.as_ref().map(|_| cache_key(input));
+        if let (Some(cache), Some(key)) = (&self.cache, &key) {
+            if let Some(d) = cache.get(key) {
+                self.metrics.cache(true);
+                let decision = Decision {
+                    allow: d.allow,
+                    reasons: d.reasons,
+                    engine: "cache",
+                    fail_open: false,
+                };
+                self.finish(input, &decision, start, None);
+                return Ok(decision);
+            }
+            self.metrics.cache(false);
+        }
+        match self.engine.evaluate(input).await {
+            Ok(d) => {
+                if let (Some(cache), Some(key)) = (&self.cache, key) {
+                    cache.insert(key, d.clone());
+                }
+                let decision = Decision {
+                    allow: d.allow,
+                    reasons: d.reasons,
+                    engine: self.engine_name,
+                    fail_open: false,
+                };
+                self.finish(input, &decision, start, None);
+                Ok(decision)
+            }
+            Err(e) => match self.fail_mode {
+                FailMode::Closed => {
+                    let decision = Decision {
+                        allow: false,
+                        reasons: vec![e.code().to_owned()],
+                        engine: self.engine_name,
+                        fail_open: false,
+                    };
+                    self.finish(input, &decision, start, Some(&e));
+                    Err(AuthzError::Unavailable(e))
+                }
+                FailMode::Open => {
+                    tracing::warn!(
+                        action = %input.action,
+                        subject = %input.subject,
+                        tenant = %input.tenant,
+                        error = %e,
+                        "policy engine unavailable; allowing because fail_mode = open"
+                    );
+                    self.metrics.fail_open(&input.action);
+                    let decision = Decision {
+                        allow: true,
+                        reasons: vec!["fail_open".to_owned(), e.code().to_owned()],
+                        engine: self.engine_name,
+                        fail_open: true,
+                    };
+                    self.finish(input, &decision, start, Some(&e));
+                    Ok(decision)
+                }
+            },
+        }
+    }
+
+    /// Like [`Authorizer::check`], but a denial is an error
+    /// ([`AuthzError::Forbidden`]) — convenient for workers using `?`.
+    pub async fn enforce(&self, input: &AuthzInput) -> Result<Decision, AuthzError> {
+        let d = self.check(input).await?;
+        if d.allow {
+            Ok(d)
+        } else {
+            Err(AuthzError::Forbidden {
+                action: input.action.clone(),
+                reasons: d.reasons,
+            })
+        }
+    }
+
+    /// Records a denial decided before the engine (an unmapped route).
+    pub(crate) fn record_unmapped(&self, input: &AuthzInput) {
+        let d = Decision {
+            allow: false,
+            reasons: vec!["unmapped_route".into()],
+            engine: "router",
+            fail_open: false,
+        };
+        self.finish(input, &d, Instant::now(), None);
+    }
+
+    fn finish(
+        &self,
+        input: &AuthzInput,
+        d: &Decision,
+        start: Instant,
+        error: Option<&EngineError>,
+    ) {
+        let elapsed = start.elapsed();
+        let result = match (error, d.fail_open, d.allow) {
+            (_, true, _) => "fail_open",
+            (Some(_), _, _) => "error",
+            (None, _, true) => "allow",
+            (None, _, false) => "deny",
+        };
+        self.metrics
+            .decision(&input.action, result, d.engine, elapsed.as_secs_f64());
+        let event = AuditEvent {
+            subject: input.subject.clone(),
+            tenant: input.tenant.clone(),
+            action: input.action.clone(),
+            resource: input.resource.clone(),
+            result: result.to_owned(),
+            reason: d.reasons.clone(),
+            engine: d.engine.to_owned(),
+            latency_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            request_id: input.request.request_id.clone(),
+        };
+        emit(self.audit.as_ref(), &event);
+    }
+}
+
+fn cache_key(input: &AuthzInput) -> [u8; 32] {
+    Sha256::digest(input.canonical_bytes()).into()
+}

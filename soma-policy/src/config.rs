@@ -1,0 +1,301 @@
+//! The `policy` configuration section.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use soma_config::Secret;
+
+use crate::routes::RouteRule;
+
+/// Settings for authentication and authorization, one section of an
+/// application's settings (soma-config composes it).
+///
+/// There is deliberately no switch that turns authentication or policy off:
+/// a local profile runs the same checks with the embedded engine and local
+/// keys. Failing open must be chosen explicitly with [`FailMode::Open`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PolicyConfig {
+    /// Trusted token issuers. A token whose `iss` is not listed is rejected.
+    pub issuers: Vec<IssuerConfig>,
+    /// Clock-skew allowance for `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+    /// Audiences accepted by default (an issuer may override them). A token
+    /// must carry `aud` naming one of them.
+    pub audiences: Vec<String>,
+    /// Tokens longer than this are rejected before any parsing.
+    pub max_token_bytes: usize,
+    /// JWKS settings shared by every issuer that uses a JWKS URL.
+    pub jwks: JwksConfig,
+    /// API-key authentication.
+    pub api_keys: ApiKeyConfig,
+    /// Header a client may send to name its tenant. The tenant always comes
+    /// from the verified credential; a header that disagrees is rejected
+    /// with 403.
+    pub tenant_header: String,
+    /// Which engine decides.
+    pub engine: EngineKind,
+    /// Remote OPA settings (used when `engine = "remote"`).
+    pub opa: OpaConfig,
+    /// Directory of `.rego` policies and `data.json` documents for the
+    /// embedded engine. Files ending in `_test.rego` are not loaded.
+    pub policy_dir: PathBuf,
+    /// Rule evaluated by the embedded engine, as a `data.` path.
+    pub entrypoint: String,
+    /// Decision cache (off by default).
+    pub cache: CacheConfig,
+    /// What happens when the engine cannot decide.
+    pub fail_mode: FailMode,
+    /// Route template + method → action mapping for the HTTP layer.
+    pub routes: Vec<RouteRule>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            issuers: Vec::new(),
+            leeway_secs: 30,
+            audiences: vec!["soma".to_owned()],
+            max_token_bytes: 8 * 1024,
+            jwks: JwksConfig::default(),
+            api_keys: ApiKeyConfig::default(),
+            tenant_header: "x-soma-tenant".to_owned(),
+            engine: EngineKind::Embedded,
+            opa: OpaConfig::default(),
+            policy_dir: PathBuf::from("policy"),
+            entrypoint: "data.soma.authz.decision".to_owned(),
+            cache: CacheConfig::default(),
+            fail_mode: FailMode::Closed,
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// One trusted issuer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct IssuerConfig {
+    /// Exact `iss` value.
+    pub issuer: String,
+    /// Audiences for this issuer; empty means [`PolicyConfig::audiences`].
+    pub audiences: Vec<String>,
+    /// Static verification keys.
+    pub keys: Vec<StaticKey>,
+    /// JWKS document URL (keys are cached and refetched on an unknown `kid`).
+    pub jwks_url: Option<String>,
+    /// Claim holding the tenant (required in every token).
+    pub tenant_claim: String,
+    /// Claim holding the roles (array of strings).
+    pub roles_claim: String,
+}
+
+impl Default for IssuerConfig {
+    fn default() -> Self {
+        Self {
+            issuer: String::new(),
+            audiences: Vec::new(),
+            keys: Vec::new(),
+            jwks_url: None,
+            tenant_claim: "tenant".to_owned(),
+            roles_claim: "roles".to_owned(),
+        }
+    }
+}
+
+/// Signature algorithms accepted. `none` and everything else is rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum JwtAlgorithm {
+    /// HMAC with SHA-256 (shared secret).
+    HS256,
+    /// RSASSA-PKCS1-v1_5 with SHA-256.
+    RS256,
+    /// ECDSA P-256 with SHA-256.
+    ES256,
+    /// Ed25519.
+    EdDSA,
+}
+
+impl JwtAlgorithm {
+    /// The header `alg` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HS256 => "HS256",
+            Self::RS256 => "RS256",
+            Self::ES256 => "ES256",
+            Self::EdDSA => "EdDSA",
+        }
+    }
+
+    /// Parses a header `alg` value.
+    pub fn parse(alg: &str) -> Option<Self> {
+        match alg {
+            "HS256" => Some(Self::HS256),
+            "RS256" => Some(Self::RS256),
+            "ES256" => Some(Self::ES256),
+            "EdDSA" => Some(Self::EdDSA),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn to_jwt(self) -> jsonwebtoken::Algorithm {
+        match self {
+            Self::HS256 => jsonwebtoken::Algorithm::HS256,
+            Self::RS256 => jsonwebtoken::Algorithm::RS256,
+            Self::ES256 => jsonwebtoken::Algorithm::ES256,
+            Self::EdDSA => jsonwebtoken::Algorithm::EdDSA,
+        }
+    }
+}
+
+/// A statically configured verification key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StaticKey {
+    /// Key id matched against the token's `kid` (optional for single-key issuers).
+    #[serde(default)]
+    pub kid: Option<String>,
+    /// Algorithm this key verifies; a token naming another is rejected.
+    pub alg: JwtAlgorithm,
+    /// Shared secret, for `HS256`.
+    #[serde(default)]
+    pub secret: Option<Secret>,
+    /// PEM public key, for `RS256`, `ES256` and `EdDSA`.
+    #[serde(default)]
+    pub public_key_pem: Option<String>,
+}
+
+/// JWKS fetching.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JwksConfig {
+    /// Minimum time between two fetches of one issuer's JWKS. An unknown
+    /// `kid` inside this window is rejected without contacting the identity
+    /// provider, so a flood of made-up kids costs it at most one request per
+    /// window.
+    pub refetch_cooldown_secs: u64,
+    /// Known keys are refreshed after this long (subject to the cooldown).
+    pub max_age_secs: u64,
+    /// Timeout for one JWKS request.
+    pub timeout_ms: u64,
+}
+
+impl Default for JwksConfig {
+    fn default() -> Self {
+        Self {
+            refetch_cooldown_secs: 30,
+            max_age_secs: 600,
+            timeout_ms: 2_000,
+        }
+    }
+}
+
+/// API-key authentication (`<prefix>_<secret>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ApiKeyConfig {
+    /// Accept API keys at all (the store must also be supplied).
+    pub enabled: bool,
+    /// Key prefix, e.g. `soma` for `soma_3kT…`.
+    pub prefix: String,
+    /// Header carrying a key (keys are also accepted as `Authorization: Bearer <key>`).
+    pub header: String,
+}
+
+impl Default for ApiKeyConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            prefix: "soma".to_owned(),
+            header: "x-api-key".to_owned(),
+        }
+    }
+}
+
+/// Which engine decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineKind {
+    /// An OPA server (sidecar) over HTTP.
+    Remote,
+    /// In-process Rego (feature `rego`). The default for local runs.
+    Embedded,
+}
+
+/// Remote OPA settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OpaConfig {
+    /// Base URL, e.g. `http://127.0.0.1:8181`.
+    pub base_url: String,
+    /// Document path under `/v1/data/`, e.g. `soma/authz/decision`.
+    pub package_path: String,
+    /// Timeout for one decision request.
+    pub timeout_ms: u64,
+    /// Circuit breaker.
+    pub breaker: BreakerConfig,
+}
+
+impl Default for OpaConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:8181".to_owned(),
+            package_path: "soma/authz/decision".to_owned(),
+            timeout_ms: 250,
+            breaker: BreakerConfig::default(),
+        }
+    }
+}
+
+/// Circuit breaker for the remote engine: after `failure_threshold`
+/// consecutive failures no request is sent for `reset_timeout_secs`; then one
+/// trial request decides whether it closes again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the breaker.
+    pub failure_threshold: u32,
+    /// How long the breaker stays open.
+    pub reset_timeout_secs: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            reset_timeout_secs: 10,
+        }
+    }
+}
+
+/// Decision cache.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CacheConfig {
+    /// Cache decisions at all (opt-in).
+    pub enabled: bool,
+    /// How long a decision is reused.
+    pub ttl_ms: u64,
+    /// Maximum number of cached decisions.
+    pub capacity: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ttl_ms: 5_000,
+            capacity: 10_000,
+        }
+    }
+}
+
+/// What a caller sees when the engine cannot decide.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    /// Deny with `policy_unavailable` (HTTP 503). The default.
+    #[default]
+    Closed,
+    /// Allow, logging and counting every request let through. Must be chosen
+    /// explicitly.
+    Open,
+}

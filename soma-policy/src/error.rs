@@ -1,0 +1,230 @@
+//! Typed errors: why authentication failed, why an engine could not decide.
+
+use http::StatusCode;
+
+/// Why a request could not be authenticated.
+///
+/// Messages never contain the credential. [`AuthError::status`] gives the
+/// HTTP status the layer answers with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// No credential was presented.
+    #[error("no credential presented")]
+    MissingCredential,
+    /// The token is not a well-formed JWT.
+    #[error("malformed token: {0}")]
+    Malformed(&'static str),
+    /// The token is longer than `max_token_bytes`.
+    #[error("token too large ({len} bytes, limit {max})")]
+    Oversized {
+        /// Length presented.
+        len: usize,
+        /// Configured limit.
+        max: usize,
+    },
+    /// `alg` is `none` or not one of HS256, RS256, ES256, EdDSA.
+    #[error("unsupported token algorithm {0:?}")]
+    UnsupportedAlgorithm(String),
+    /// `iss` names no configured issuer.
+    #[error("untrusted issuer")]
+    UnknownIssuer,
+    /// No key of the issuer matches the token's `kid` and `alg`.
+    #[error("no matching verification key")]
+    UnknownKey,
+    /// The signature does not verify.
+    #[error("invalid signature")]
+    BadSignature,
+    /// `exp` is in the past (beyond the leeway).
+    #[error("token expired")]
+    Expired,
+    /// `nbf` is in the future (beyond the leeway).
+    #[error("token not yet valid")]
+    NotYetValid,
+    /// `aud` names none of the accepted audiences.
+    #[error("wrong audience")]
+    WrongAudience,
+    /// A required claim is missing or has the wrong type.
+    #[error("invalid claims: {0}")]
+    InvalidClaims(String),
+    /// The API key is unknown, revoked, expired or wrong.
+    #[error("invalid API key")]
+    InvalidApiKey,
+    /// The tenant header disagrees with the credential's tenant.
+    #[error("tenant header does not match the credential")]
+    TenantMismatch,
+    /// Keys or API-key records could not be fetched (identity provider or
+    /// store down). Nothing was decided.
+    #[error("credential verification unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl AuthError {
+    /// The HTTP status for this failure: 401, 403 for a tenant mismatch, 503
+    /// when verification itself is unavailable.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::TenantMismatch => StatusCode::FORBIDDEN,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::UNAUTHORIZED,
+        }
+    }
+
+    /// Stable machine-readable code (also the `reason` metric label).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingCredential => "missing_credential",
+            Self::Malformed(_) => "malformed_token",
+            Self::Oversized { .. } => "oversized_token",
+            Self::UnsupportedAlgorithm(_) => "unsupported_algorithm",
+            Self::UnknownIssuer => "unknown_issuer",
+            Self::UnknownKey => "unknown_key",
+            Self::BadSignature => "bad_signature",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::WrongAudience => "wrong_audience",
+            Self::InvalidClaims(_) => "invalid_claims",
+            Self::InvalidApiKey => "invalid_api_key",
+            Self::TenantMismatch => "tenant_mismatch",
+            Self::Unavailable(_) => "auth_unavailable",
+        }
+    }
+
+    /// True when verification could not run (retry later), as opposed to a
+    /// bad credential.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+
+    /// True when the token's validity window is the problem.
+    pub fn is_expired(&self) -> bool {
+        matches!(self, Self::Expired)
+    }
+
+    /// True when no credential was presented at all.
+    pub fn is_missing(&self) -> bool {
+        matches!(self, Self::MissingCredential)
+    }
+}
+
+/// Why an engine could not produce a decision. A decision to deny is not an
+/// error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The engine did not answer in time.
+    #[error("policy engine timed out")]
+    Timeout,
+    /// The engine could not be reached.
+    #[error("policy engine unreachable: {0}")]
+    Transport(String),
+    /// The engine answered with a non-success HTTP status.
+    #[error("policy engine returned HTTP {0}")]
+    Status(u16),
+    /// The answer was neither a boolean nor `{allow, reasons}`.
+    #[error("malformed policy response: {0}")]
+    MalformedResponse(String),
+    /// The decision document is undefined (wrong package path or no policy loaded).
+    #[error("policy decision is undefined")]
+    Undefined,
+    /// The circuit breaker is open; the engine was not contacted.
+    #[error("policy engine circuit open")]
+    CircuitOpen,
+    /// The policy failed to evaluate.
+    #[error("policy evaluation failed: {0}")]
+    Evaluation(String),
+    /// The policy failed to load or compile.
+    #[error("policy failed to load: {0}")]
+    Load(String),
+}
+
+impl EngineError {
+    /// True for a timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Timeout)
+    }
+
+    /// True when the breaker rejected the call without contacting the engine.
+    pub fn is_circuit_open(&self) -> bool {
+        matches!(self, Self::CircuitOpen)
+    }
+
+    /// True when the engine answered something unusable.
+    pub fn is_malformed(&self) -> bool {
+        matches!(self, Self::MalformedResponse(_) | Self::Undefined)
+    }
+
+    /// Bounded label for metrics and audit.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Transport(_) => "transport",
+            Self::Status(_) => "status",
+            Self::MalformedResponse(_) => "malformed_response",
+            Self::Undefined => "undefined",
+            Self::CircuitOpen => "circuit_open",
+            Self::Evaluation(_) => "evaluation",
+            Self::Load(_) => "load",
+        }
+    }
+}
+
+/// Why an authorization check did not allow the request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthzError {
+    /// The policy denied the action (HTTP 403 `forbidden`).
+    #[error("forbidden: {action}")]
+    Forbidden {
+        /// The action denied.
+        action: String,
+        /// The policy's reasons.
+        reasons: Vec<String>,
+    },
+    /// No engine decision could be had in fail-closed mode (HTTP 503
+    /// `policy_unavailable`).
+    #[error("policy unavailable: {0}")]
+    Unavailable(#[from] EngineError),
+    /// The route/method has no action mapping, so it is denied (HTTP 403).
+    #[error("no action mapped for {method} {route}")]
+    Unmapped {
+        /// Request method.
+        method: String,
+        /// Route template (or the path when no template matched).
+        route: String,
+    },
+    /// No principal on the request: the authentication layer is missing in
+    /// front of the authorization layer (HTTP 401).
+    #[error("request is not authenticated")]
+    Unauthenticated,
+}
+
+impl AuthzError {
+    /// True when the policy said no (or the route is unmapped).
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self, Self::Forbidden { .. } | Self::Unmapped { .. })
+    }
+
+    /// True when no decision could be had (fail closed).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+
+    /// The HTTP status for this outcome.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Forbidden { .. } | Self::Unmapped { .. } => StatusCode::FORBIDDEN,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unauthenticated => StatusCode::UNAUTHORIZED,
+        }
+    }
+
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Forbidden { .. } | Self::Unmapped { .. } => "forbidden",
+            Self::Unavailable(_) => "policy_unavailable",
+            Self::Unauthenticated => "unauthenticated",
+        }
+    }
+}

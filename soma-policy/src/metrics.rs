@@ -1,0 +1,188 @@
+//! Metrics registered through soma-observability's `MetricsRegistry`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use soma_observability::metrics::{HistogramFamily, MetricsRegistry};
+use soma_observability::prometheus_client::metrics::counter::Counter;
+use soma_observability::prometheus_client::metrics::family::Family;
+
+/// Handles to every soma-policy metric. Cheap to clone; label values are
+/// bounded (actions come from the route mapping or the worker's fixed set,
+/// results and reasons are fixed strings).
+///
+/// | metric | labels |
+/// |---|---|
+/// | `soma_policy_auth_decisions_total` | `action`, `result` (`allow`, `deny`, `error`, `fail_open`) |
+/// | `soma_policy_auth_duration_seconds` | `engine` |
+/// | `soma_policy_cache_lookups_total` | `result` (`hit`, `miss`) — hit ratio = hit / (hit + miss) |
+/// | `soma_policy_authn_failures_total` | `reason` ([`crate::AuthError::code`]) |
+/// | `soma_policy_fail_open_total` | `action` |
+/// | `soma_policy_reloads_total` | `result` (`ok`, `error`) |
+/// | `soma_policy_jwks_fetches_total` | `result` (`ok`, `error`) |
+#[derive(Clone, Debug)]
+pub struct PolicyMetrics {
+    decisions: Family<ActionResult, Counter>,
+    duration: HistogramFamily<EngineLabel>,
+    cache: Family<ResultLabel, Counter>,
+    authn_failures: Family<ReasonLabel, Counter>,
+    fail_open: Family<ActionLabel, Counter>,
+    reloads: Family<ResultLabel, Counter>,
+    jwks: Family<ResultLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionResult {
+    action: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EngineLabel {
+    engine: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabel {
+    action: String,
+}
+
+impl Default for PolicyMetrics {
+    /// Metrics on a private registry (for tests and benches).
+    fn default() -> Self {
+        Self::new(&MetricsRegistry::default())
+    }
+}
+
+impl PolicyMetrics {
+    /// Registers (or re-uses) the families on `registry`.
+    pub fn new(registry: &MetricsRegistry) -> Self {
+        Self {
+            decisions: registry.counter_family(
+                "soma_policy_auth_decisions_total",
+                "Authorization decisions",
+            ),
+            duration: registry.histogram_family(
+                "soma_policy_auth_duration_seconds",
+                "Time to reach an authorization decision, cache lookups included",
+                &[
+                    0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+                ],
+            ),
+            cache: registry
+                .counter_family("soma_policy_cache_lookups_total", "Decision cache lookups"),
+            authn_failures: registry.counter_family(
+                "soma_policy_authn_failures_total",
+                "Authentication failures by reason",
+            ),
+            fail_open: registry.counter_family(
+                "soma_policy_fail_open_total",
+                "Requests let through without a decision because fail_mode = open",
+            ),
+            reloads: registry
+                .counter_family("soma_policy_reloads_total", "Embedded policy reloads"),
+            jwks: registry
+                .counter_family("soma_policy_jwks_fetches_total", "JWKS document fetches"),
+        }
+    }
+
+    pub(crate) fn decision(
+        &self,
+        action: &str,
+        result: &'static str,
+        engine: &'static str,
+        secs: f64,
+    ) {
+        self.decisions
+            .get_or_create(&ActionResult {
+                action: action.to_owned(),
+                result,
+            })
+            .inc();
+        self.duration
+            .get_or_create(&EngineLabel { engine })
+            .observe(secs);
+    }
+
+    pub(crate) fn cache(&self, hit: bool) {
+        self.cache
+            .get_or_create(&ResultLabel {
+                result: if hit { "hit" } else { "miss" },
+            })
+            .inc();
+    }
+
+    pub(crate) fn authn_failure(&self, reason: &'static str) {
+        self.authn_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub(crate) fn fail_open(&self, action: &str) {
+        self.fail_open
+            .get_or_create(&ActionLabel {
+                action: action.to_owned(),
+            })
+            .inc();
+    }
+
+    #[cfg_attr(not(feature = "rego"), allow(dead_code))]
+    pub(crate) fn reload(&self, ok: bool) {
+        self.reloads
+            .get_or_create(&ResultLabel {
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+    }
+
+    pub(crate) fn jwks_fetch(&self, result: &'static str) {
+        self.jwks.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Decision-cache hits and misses so far.
+    pub fn cache_counts(&self) -> (u64, u64) {
+        let get = |r| self.cache.get_or_create(&ResultLabel { result: r }).get();
+        (get("hit"), get("miss"))
+    }
+
+    /// Count of decisions for `action` with `result` so far.
+    pub fn decisions_count(&self, action: &str, result: &'static str) -> u64 {
+        self.decisions
+            .get_or_create(&ActionResult {
+                action: action.to_owned(),
+                result,
+            })
+            .get()
+    }
+
+    /// Count of requests let through in fail-open mode for `action`.
+    pub fn fail_open_count(&self, action: &str) -> u64 {
+        self.fail_open
+            .get_or_create(&ActionLabel {
+                action: action.to_owned(),
+            })
+            .get()
+    }
+
+    /// JWKS fetches with `result` (`ok` or `error`) so far.
+    pub fn jwks_fetch_count(&self, result: &'static str) -> u64 {
+        self.jwks.get_or_create(&ResultLabel { result }).get()
+    }
+
+    /// Embedded policy reloads with the given outcome so far.
+    pub fn reload_count(&self, ok: bool) -> u64 {
+        self.reloads
+            .get_or_create(&ResultLabel {
+                result: if ok { "ok" } else { "error" },
+            })
+            .get()
+    }
+}

@@ -1,0 +1,166 @@
+//! API keys: in-memory and PostgreSQL stores behave the same.
+#![allow(clippy::field_reassign_with_default)] // tests tweak one setting of a default config
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use soma_policy::{
+    ApiKeyStore, AuthError, AuthKind, Authenticator, InMemoryApiKeyStore, PgApiKeyStore,
+    PolicyConfig, StoreError, generate_key,
+};
+
+fn authenticator(store: Arc<dyn ApiKeyStore>) -> Authenticator {
+    Authenticator::builder(&PolicyConfig::default())
+        .api_key_store(store)
+        .build()
+        .unwrap()
+}
+
+async fn exercise(store: Arc<dyn ApiKeyStore>) {
+    let auth = authenticator(store.clone());
+    let issued = generate_key(
+        "soma",
+        "svc-1",
+        "t1",
+        vec!["agent".into()],
+        vec!["tool:execute".into()],
+    );
+    let key = issued.key.expose_secret().to_owned();
+    assert!(key.starts_with("soma_"));
+    assert_eq!(format!("{:?}", issued.key), "[REDACTED]");
+    let id = issued.record.lookup_id.clone();
+    store.insert(issued.record.clone()).await.unwrap();
+    assert!(matches!(
+        store.insert(issued.record.clone()).await,
+        Err(StoreError::Duplicate)
+    ));
+
+    let p = auth.verify_api_key(&key).await.unwrap();
+    assert_eq!(p.subject, "svc-1");
+    assert_eq!(p.tenant, "t1");
+    assert_eq!(p.roles, vec!["agent"]);
+    assert_eq!(p.scopes, vec!["tool:execute"]);
+    assert_eq!(p.auth_kind, AuthKind::ApiKey { key_id: id.clone() });
+
+    // Same lookup id, different secret tail.
+    let mut forged = key.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    assert_eq!(
+        auth.verify_api_key(&forged).await.unwrap_err(),
+        AuthError::InvalidApiKey
+    );
+    // Unknown id, wrong prefix, garbage.
+    let other = generate_key("soma", "x", "t1", vec![], vec![]);
+    for bad in [
+        other.key.expose_secret(),
+        "other_abcdefghijklmnopqrstuvwxyz0123456789",
+        "soma_short",
+        "soma_",
+        "soma_Ω",
+    ] {
+        assert_eq!(
+            auth.verify_api_key(bad).await.unwrap_err(),
+            AuthError::InvalidApiKey,
+            "{bad}"
+        );
+    }
+    // Revocation.
+    assert!(store.revoke(&id).await.unwrap());
+    assert_eq!(
+        auth.verify_api_key(&key).await.unwrap_err(),
+        AuthError::InvalidApiKey
+    );
+    assert!(!store.revoke("nonexistent_").await.unwrap());
+
+    // Expiry.
+    let mut expired = generate_key("soma", "svc-2", "t1", vec![], vec![]);
+    expired.record.expires_at = Some(SystemTime::now() - Duration::from_secs(5));
+    store.insert(expired.record.clone()).await.unwrap();
+    assert_eq!(
+        auth.verify_api_key(expired.key.expose_secret())
+            .await
+            .unwrap_err(),
+        AuthError::InvalidApiKey
+    );
+    let mut future = generate_key("soma", "svc-3", "t1", vec![], vec![]);
+    future.record.expires_at = Some(SystemTime::now() + Duration::from_secs(3600));
+    store.insert(future.record.clone()).await.unwrap();
+    assert_eq!(
+        auth.verify_api_key(future.key.expose_secret())
+            .await
+            .unwrap()
+            .subject,
+        "svc-3"
+    );
+}
+
+#[tokio::test]
+async fn in_memory_store() {
+    exercise(Arc::new(InMemoryApiKeyStore::new())).await;
+}
+
+#[tokio::test]
+async fn postgres_store() {
+    let url = soma_testkit::require_postgres();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await
+        .unwrap();
+    let schema = soma_testkit::unique_name("policy_keys");
+    let store = PgApiKeyStore::new(pool.clone(), &schema).unwrap();
+    store.migrate().await.unwrap();
+    store.migrate().await.unwrap(); // idempotent
+    exercise(Arc::new(store)).await;
+    // Only hashes are stored: no row contains the plaintext key.
+    let issued = generate_key("soma", "svc-9", "t1", vec![], vec![]);
+    let store = PgApiKeyStore::new(pool.clone(), &schema).unwrap();
+    store.insert(issued.record).await.unwrap();
+    let dump: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT row_to_json(k)::text FROM \"{schema}\".soma_api_keys k"
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(dump.len() >= 4);
+    let secret = issued.key.expose_secret();
+    assert!(
+        dump.iter().all(|row| !row.contains(&secret[5..])),
+        "plaintext key found in the table"
+    );
+    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .execute(&pool)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn schema_names_are_validated() {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .connect_lazy("postgres://x@127.0.0.1/x")
+        .unwrap();
+    for bad in ["", "a-b", "x\"; DROP TABLE y; --", "1abc"] {
+        assert!(PgApiKeyStore::new(pool.clone(), bad).is_err(), "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn store_outage_is_unavailable() {
+    // A pool pointed at a closed port: verification is 503-unavailable, not 401.
+    let port = soma_testkit::free_port();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy(&format!("postgres://postgres@127.0.0.1:{port}/test"))
+        .unwrap();
+    let store = PgApiKeyStore::new(pool, "nope").unwrap();
+    let auth = authenticator(Arc::new(store));
+    let issued = generate_key("soma", "s", "t1", vec![], vec![]);
+    let e = auth
+        .verify_api_key(issued.key.expose_secret())
+        .await
+        .unwrap_err();
+    assert!(e.is_unavailable(), "{e:?}");
+}

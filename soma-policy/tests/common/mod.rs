@@ -1,0 +1,229 @@
+//! Shared helpers for soma-policy's integration tests.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use soma_policy::{IssuerConfig, JwtAlgorithm, PolicyConfig, StaticKey};
+
+pub const ISSUER: &str = "https://id.soma.test";
+pub const HS_SECRET: &str = "test-only-hs256-secret-0123456789abcdef";
+
+pub fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(name: &str) -> String {
+    std::fs::read_to_string(crate_dir().join("tests/fixtures").join(name)).expect("fixture")
+}
+
+pub fn policy_dir() -> PathBuf {
+    crate_dir().join("policy")
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Claims for a valid token of `sub` in tenant `t1`.
+pub fn claims(sub: &str) -> Value {
+    json!({
+        "iss": ISSUER, "aud": "soma", "sub": sub, "tenant": "t1",
+        "roles": ["user"], "scope": "conversation:write memory:write scheduler:read",
+        "iat": now(), "exp": now() + 300,
+    })
+}
+
+pub fn encoding_key(alg: JwtAlgorithm) -> EncodingKey {
+    match alg {
+        JwtAlgorithm::HS256 => EncodingKey::from_secret(HS_SECRET.as_bytes()),
+        JwtAlgorithm::RS256 => {
+            EncodingKey::from_rsa_pem(fixture("rsa_private.pem").as_bytes()).unwrap()
+        }
+        JwtAlgorithm::ES256 => {
+            EncodingKey::from_ec_pem(fixture("ec_private.pem").as_bytes()).unwrap()
+        }
+        JwtAlgorithm::EdDSA => {
+            EncodingKey::from_ed_pem(fixture("ed_private.pem").as_bytes()).unwrap()
+        }
+    }
+}
+
+pub fn jwt_alg(alg: JwtAlgorithm) -> Algorithm {
+    match alg {
+        JwtAlgorithm::HS256 => Algorithm::HS256,
+        JwtAlgorithm::RS256 => Algorithm::RS256,
+        JwtAlgorithm::ES256 => Algorithm::ES256,
+        JwtAlgorithm::EdDSA => Algorithm::EdDSA,
+    }
+}
+
+pub fn mint(alg: JwtAlgorithm, kid: Option<&str>, claims: &Value) -> String {
+    mint_with(alg, &encoding_key(alg), kid, claims)
+}
+
+pub fn mint_with(
+    alg: JwtAlgorithm,
+    key: &EncodingKey,
+    kid: Option<&str>,
+    claims: &Value,
+) -> String {
+    let mut h = Header::new(jwt_alg(alg));
+    h.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&h, claims, key).unwrap()
+}
+
+/// Static keys for all four algorithms, kids `hs`, `rs`, `es`, `ed`.
+pub fn static_keys() -> Vec<StaticKey> {
+    vec![
+        StaticKey {
+            kid: Some("hs".into()),
+            alg: JwtAlgorithm::HS256,
+            secret: Some(HS_SECRET.into()),
+            public_key_pem: None,
+        },
+        StaticKey {
+            kid: Some("rs".into()),
+            alg: JwtAlgorithm::RS256,
+            secret: None,
+            public_key_pem: Some(fixture("rsa_public.pem")),
+        },
+        StaticKey {
+            kid: Some("es".into()),
+            alg: JwtAlgorithm::ES256,
+            secret: None,
+            public_key_pem: Some(fixture("ec_public.pem")),
+        },
+        StaticKey {
+            kid: Some("ed".into()),
+            alg: JwtAlgorithm::EdDSA,
+            secret: None,
+            public_key_pem: Some(fixture("ed_public.pem")),
+        },
+    ]
+}
+
+pub fn config_with_static_keys() -> PolicyConfig {
+    PolicyConfig {
+        issuers: vec![IssuerConfig {
+            issuer: ISSUER.into(),
+            keys: static_keys(),
+            ..Default::default()
+        }],
+        policy_dir: policy_dir(),
+        ..Default::default()
+    }
+}
+
+pub fn kid_for(alg: JwtAlgorithm) -> &'static str {
+    match alg {
+        JwtAlgorithm::HS256 => "hs",
+        JwtAlgorithm::RS256 => "rs",
+        JwtAlgorithm::ES256 => "es",
+        JwtAlgorithm::EdDSA => "ed",
+    }
+}
+
+/// OPA's real evaluator behind a minimal Data API (tests/support/opa_data_api.py).
+pub struct OpaServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl OpaServer {
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server on a free loopback port, loading `policy/`.
+    pub fn start() -> Self {
+        Self::start_with(&policy_dir())
+    }
+
+    pub fn start_with(policy: &std::path::Path) -> Self {
+        let root = crate_dir().parent().unwrap().to_path_buf();
+        let site = root.join(".stack/opa/site");
+        assert!(
+            site.join("opa_bindings/libopabridge.so").exists(),
+            "OPA evaluator is not installed at {}: run `bash xtask/stack.d/40-opa.sh` \
+             (or `cargo xtask stack up`), which unpacks the opa-golib-python-bindings wheel",
+            site.display()
+        );
+        let port = soma_testkit::free_port();
+        let child = Command::new("python3")
+            .arg(crate_dir().join("tests/support/opa_data_api.py"))
+            .arg("--site")
+            .arg(&site)
+            .arg("--policy-dir")
+            .arg(policy)
+            .arg("--port")
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 is required to run the OPA Data API test server");
+        let mut server = Self { child, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("OPA Data API server exited early with {status}");
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "OPA Data API server did not listen on 127.0.0.1:{port} within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    /// Request bodies the server received so far.
+    pub async fn received(&self) -> Vec<Value> {
+        reqwest::get(format!("{}/_received", self.base_url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Evaluates `data.<path>` with `input` directly.
+    pub async fn eval(&self, client: &reqwest::Client, path: &str, input: &Value) -> Value {
+        let r: Value = client
+            .post(format!("{}/v1/data/{path}", self.base_url()))
+            .json(&json!({ "input": input }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        r
+    }
+}
+
+impl Drop for OpaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Serves `app` on a free loopback port; returns the base URL.
+pub async fn serve(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    format!("http://{addr}")
+}

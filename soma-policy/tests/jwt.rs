@@ -1,0 +1,369 @@
+//! JWT verification: every algorithm, every bad input, JWKS with cooldown.
+#![allow(clippy::field_reassign_with_default)] // tests tweak one setting of a default config
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::Router;
+use axum::routing::get;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::*;
+use jsonwebtoken::EncodingKey;
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use serde_json::json;
+use soma_policy::{
+    AuthError, AuthKind, Authenticator, IssuerConfig, JwtAlgorithm, PolicyConfig, PolicyMetrics,
+};
+
+fn authenticator(config: &PolicyConfig) -> Authenticator {
+    Authenticator::builder(config).build().unwrap()
+}
+
+const ALL: [JwtAlgorithm; 4] = [
+    JwtAlgorithm::HS256,
+    JwtAlgorithm::RS256,
+    JwtAlgorithm::ES256,
+    JwtAlgorithm::EdDSA,
+];
+
+#[tokio::test]
+async fn every_algorithm_verifies_and_yields_the_principal() {
+    let auth = authenticator(&config_with_static_keys());
+    for alg in ALL {
+        let token = mint(alg, Some(kid_for(alg)), &claims("alice"));
+        let p = auth
+            .verify_token(&token)
+            .await
+            .unwrap_or_else(|e| panic!("{alg:?}: {e}"));
+        assert_eq!(p.subject, "alice");
+        assert_eq!(p.tenant, "t1");
+        assert_eq!(p.roles, vec!["user"]);
+        assert_eq!(
+            p.scopes,
+            vec!["conversation:write", "memory:write", "scheduler:read"]
+        );
+        assert_eq!(
+            p.auth_kind,
+            AuthKind::Jwt {
+                issuer: ISSUER.into()
+            }
+        );
+        // Without a kid, the key is found by algorithm.
+        let token = mint(alg, None, &claims("bob"));
+        assert_eq!(auth.verify_token(&token).await.unwrap().subject, "bob");
+    }
+}
+
+#[tokio::test]
+async fn malformed_tokens_are_rejected() {
+    let auth = authenticator(&config_with_static_keys());
+    for bad in [
+        "",
+        "abc",
+        "a.b",
+        "a.b.c.d",
+        "!!!.###.$$$",
+        "eyJhbGciOiJIUzI1NiJ9.e30",
+        "eyJ9.eyJ9.sig",
+    ] {
+        let e = auth.verify_token(bad).await.unwrap_err();
+        assert!(matches!(e, AuthError::Malformed(_)), "{bad:?} gave {e:?}");
+        assert_eq!(e.status(), 401);
+    }
+    // Valid header and payload shape, garbage signature.
+    let token = mint(JwtAlgorithm::HS256, Some("hs"), &claims("alice"));
+    let (head, _) = token.rsplit_once('.').unwrap();
+    let e = auth
+        .verify_token(&format!("{head}.AAAA"))
+        .await
+        .unwrap_err();
+    assert_eq!(e, AuthError::BadSignature);
+}
+
+#[tokio::test]
+async fn expired_and_not_yet_valid_tokens_are_rejected_beyond_leeway() {
+    let mut config = config_with_static_keys();
+    config.leeway_secs = 30;
+    let auth = authenticator(&config);
+    let mut c = claims("alice");
+    c["exp"] = json!(now() - 120);
+    let e = auth
+        .verify_token(&mint(JwtAlgorithm::RS256, Some("rs"), &c))
+        .await
+        .unwrap_err();
+    assert_eq!(e, AuthError::Expired);
+    assert!(e.is_expired());
+    // Inside the leeway it still passes.
+    c["exp"] = json!(now() - 10);
+    auth.verify_token(&mint(JwtAlgorithm::RS256, Some("rs"), &c))
+        .await
+        .unwrap();
+
+    let mut c = claims("alice");
+    c["nbf"] = json!(now() + 600);
+    let e = auth
+        .verify_token(&mint(JwtAlgorithm::ES256, Some("es"), &c))
+        .await
+        .unwrap_err();
+    assert_eq!(e, AuthError::NotYetValid);
+    c["nbf"] = json!(now() + 10);
+    auth.verify_token(&mint(JwtAlgorithm::ES256, Some("es"), &c))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn wrong_audience_and_issuer_are_rejected() {
+    let auth = authenticator(&config_with_static_keys());
+    let mut c = claims("alice");
+    c["aud"] = json!("someone-else");
+    assert_eq!(
+        auth.verify_token(&mint(JwtAlgorithm::HS256, Some("hs"), &c))
+            .await
+            .unwrap_err(),
+        AuthError::WrongAudience
+    );
+    let mut c = claims("alice");
+    c.as_object_mut().unwrap().remove("aud");
+    assert!(matches!(
+        auth.verify_token(&mint(JwtAlgorithm::HS256, Some("hs"), &c))
+            .await
+            .unwrap_err(),
+        AuthError::InvalidClaims(_)
+    ));
+    let mut c = claims("alice");
+    c["iss"] = json!("https://evil.example");
+    assert_eq!(
+        auth.verify_token(&mint(JwtAlgorithm::HS256, Some("hs"), &c))
+            .await
+            .unwrap_err(),
+        AuthError::UnknownIssuer
+    );
+}
+
+#[tokio::test]
+async fn alg_none_and_unsupported_algorithms_are_rejected() {
+    let auth = authenticator(&config_with_static_keys());
+    let payload = URL_SAFE_NO_PAD.encode(claims("alice").to_string());
+    for alg in ["none", "None", "HS512", "RS384", "PS256"] {
+        let header = URL_SAFE_NO_PAD.encode(json!({"alg": alg, "typ": "JWT"}).to_string());
+        for sig in ["", "c2ln"] {
+            let e = auth
+                .verify_token(&format!("{header}.{payload}.{sig}"))
+                .await
+                .unwrap_err();
+            assert_eq!(e, AuthError::UnsupportedAlgorithm(alg.into()), "alg {alg}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn wrong_key_and_algorithm_confusion_are_rejected() {
+    let auth = authenticator(&config_with_static_keys());
+    // Signed by a different RSA key under the trusted kid.
+    let other = EncodingKey::from_rsa_pem(fixture("rsa2_private.pem").as_bytes()).unwrap();
+    let token = mint_with(JwtAlgorithm::RS256, &other, Some("rs"), &claims("alice"));
+    assert_eq!(
+        auth.verify_token(&token).await.unwrap_err(),
+        AuthError::BadSignature
+    );
+    // HS256 with a different secret.
+    let token = mint_with(
+        JwtAlgorithm::HS256,
+        &EncodingKey::from_secret(b"another-secret-another-secret-xx"),
+        Some("hs"),
+        &claims("a"),
+    );
+    assert_eq!(
+        auth.verify_token(&token).await.unwrap_err(),
+        AuthError::BadSignature
+    );
+    // HS256 "signed" with the RSA public key under the RSA kid: the kid's key
+    // only verifies RS256, so no key matches.
+    let pubkey = fixture("rsa_public.pem");
+    let token = mint_with(
+        JwtAlgorithm::HS256,
+        &EncodingKey::from_secret(pubkey.as_bytes()),
+        Some("rs"),
+        &claims("a"),
+    );
+    assert_eq!(
+        auth.verify_token(&token).await.unwrap_err(),
+        AuthError::UnknownKey
+    );
+    // Unknown kid with static keys only.
+    let token = mint(JwtAlgorithm::RS256, Some("nope"), &claims("alice"));
+    assert_eq!(
+        auth.verify_token(&token).await.unwrap_err(),
+        AuthError::UnknownKey
+    );
+}
+
+#[tokio::test]
+async fn oversized_tokens_are_rejected_before_parsing() {
+    let mut config = config_with_static_keys();
+    config.max_token_bytes = 4096;
+    let auth = authenticator(&config);
+    let mut c = claims("alice");
+    c["padding"] = json!("x".repeat(8000));
+    let token = mint(JwtAlgorithm::HS256, Some("hs"), &c);
+    let e = auth.verify_token(&token).await.unwrap_err();
+    assert!(matches!(e, AuthError::Oversized { max: 4096, .. }), "{e:?}");
+    assert!(
+        !e.to_string().contains(&token[..20]),
+        "error must not echo the token"
+    );
+}
+
+#[tokio::test]
+async fn missing_or_bad_identity_claims_are_rejected() {
+    let auth = authenticator(&config_with_static_keys());
+    for (field, value) in [
+        ("tenant", json!(null)),
+        ("tenant", json!("")),
+        ("roles", json!("admin")),
+        ("sub", json!("")),
+    ] {
+        let mut c = claims("alice");
+        c[field] = value;
+        let e = auth
+            .verify_token(&mint(JwtAlgorithm::HS256, Some("hs"), &c))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AuthError::InvalidClaims(_)), "{field}: {e:?}");
+    }
+}
+
+#[test]
+fn weak_hs256_secrets_and_keyless_issuers_are_refused_at_build() {
+    let mut config = config_with_static_keys();
+    config.issuers[0].keys[0].secret = Some("short".into());
+    assert!(Authenticator::builder(&config).build().is_err());
+    let mut config = PolicyConfig::default();
+    config.issuers = vec![IssuerConfig {
+        issuer: ISSUER.into(),
+        ..Default::default()
+    }];
+    assert!(Authenticator::builder(&config).build().is_err());
+    assert!(
+        Authenticator::builder(&PolicyConfig::default())
+            .build()
+            .is_err(),
+        "no credential source"
+    );
+}
+
+/// A JWKS endpoint that counts hits and serves the keys in `keys`.
+async fn jwks_server(keys: Arc<parking_lot::Mutex<Vec<Jwk>>>, hits: Arc<AtomicUsize>) -> String {
+    let app = Router::new().route(
+        "/jwks",
+        get(move || {
+            let keys = keys.clone();
+            let hits = hits.clone();
+            async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                axum::Json(JwkSet {
+                    keys: keys.lock().clone(),
+                })
+            }
+        }),
+    );
+    format!("{}/jwks", serve(app).await)
+}
+
+fn public_jwk(private_pem_fixture: &str, kid: &str) -> Jwk {
+    let key = EncodingKey::from_rsa_pem(fixture(private_pem_fixture).as_bytes()).unwrap();
+    let mut jwk = Jwk::from_encoding_key(&key, jsonwebtoken::Algorithm::RS256).unwrap();
+    jwk.common.key_id = Some(kid.into());
+    jwk
+}
+
+#[tokio::test]
+async fn jwks_keys_verify_and_unknown_kid_floods_are_throttled() {
+    let keys = Arc::new(parking_lot::Mutex::new(vec![public_jwk(
+        "rsa_private.pem",
+        "k1",
+    )]));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let url = jwks_server(keys.clone(), hits.clone()).await;
+    let mut config = PolicyConfig::default();
+    config.issuers = vec![IssuerConfig {
+        issuer: ISSUER.into(),
+        jwks_url: Some(url),
+        ..Default::default()
+    }];
+    config.jwks.refetch_cooldown_secs = 2;
+    let metrics = PolicyMetrics::default();
+    let auth = Arc::new(
+        Authenticator::builder(&config)
+            .metrics(metrics.clone())
+            .build()
+            .unwrap(),
+    );
+
+    let good = mint(JwtAlgorithm::RS256, Some("k1"), &claims("alice"));
+    assert_eq!(auth.verify_token(&good).await.unwrap().subject, "alice");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "first use fetches the JWKS once"
+    );
+
+    // 500 tokens with made-up kids, concurrently. (Same payload and
+    // signature with a new header each: the kid is what matters.)
+    let (_, rest) = good.split_once('.').unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..500 {
+        let auth = auth.clone();
+        let header = URL_SAFE_NO_PAD.encode(
+            json!({"alg": "RS256", "typ": "JWT", "kid": format!("made-up-{i}")}).to_string(),
+        );
+        let token = format!("{header}.{rest}");
+        tasks.push(tokio::spawn(async move { auth.verify_token(&token).await }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap_err(), AuthError::UnknownKey);
+    }
+    assert!(
+        hits.load(Ordering::SeqCst) <= 2,
+        "a flood of unknown kids must cost the IdP at most one refetch per cooldown, got {}",
+        hits.load(Ordering::SeqCst)
+    );
+    // Known keys keep working during the flood.
+    auth.verify_token(&good).await.unwrap();
+
+    // Key rotation: a new kid published at the IdP is picked up after the cooldown.
+    keys.lock().push(public_jwk("rsa2_private.pem", "k2"));
+    let rotated = mint_with(
+        JwtAlgorithm::RS256,
+        &EncodingKey::from_rsa_pem(fixture("rsa2_private.pem").as_bytes()).unwrap(),
+        Some("k2"),
+        &claims("alice"),
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let before = hits.load(Ordering::SeqCst);
+    assert_eq!(auth.verify_token(&rotated).await.unwrap().subject, "alice");
+    assert_eq!(hits.load(Ordering::SeqCst), before + 1);
+    assert!(metrics.jwks_fetch_count("ok") >= 2);
+}
+
+#[tokio::test]
+async fn jwks_outage_is_unavailable_not_unauthorized() {
+    let port = soma_testkit::free_port();
+    let mut config = PolicyConfig::default();
+    config.issuers = vec![IssuerConfig {
+        issuer: ISSUER.into(),
+        jwks_url: Some(format!("http://127.0.0.1:{port}/jwks")),
+        ..Default::default()
+    }];
+    let auth = authenticator(&config);
+    let e = auth
+        .verify_token(&mint(JwtAlgorithm::RS256, Some("k1"), &claims("a")))
+        .await
+        .unwrap_err();
+    assert!(e.is_unavailable(), "{e:?}");
+    assert_eq!(e.status(), 503);
+}
