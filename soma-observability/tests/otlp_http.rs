@@ -1,0 +1,14 @@
+//! OTLP/HTTP (protobuf) export of a two-hop HTTP call to a real in-process receiver.
+
+mod common;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hop_http_call_exports_linked_spans_over_http() {
+    let (addr, mut rx) = common::start_http_receiver().await;
+    common::two_hop_scenario(
+        soma_observability::OtlpProtocol::Http,
+        format!("http://{addr}/v1/traces"),
+        &mut rx,
+    )
+    .await;
+}
