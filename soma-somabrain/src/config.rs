@@ -1,0 +1,158 @@
+//! [`SomabrainConfig`]: the client's section of the application settings.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use soma_config::Secret;
+
+/// Settings for a [`SomabrainClient`](crate::SomabrainClient).
+///
+/// Defaults are for local development: a SomaBrain on `127.0.0.1:30101`,
+/// tenant `public`, namespace `default`, a 500 ms connect timeout, a 2 s
+/// per-attempt timeout inside a 5 s per-call deadline, two retries, and a
+/// breaker that opens after 3 consecutive failed calls and lets one probe
+/// through after 30 s.
+///
+/// ```
+/// let cfg: soma_somabrain::SomabrainConfig = serde_json::from_str(r#"{
+///     "base_url": "http://somabrain:30101",
+///     "path_prefix": "/api",
+///     "token": "s3cr3t",
+///     "breaker": { "failure_threshold": 5 }
+/// }"#).unwrap();
+/// assert_eq!(cfg.breaker.failure_threshold, 5);
+/// assert_eq!(cfg.breaker.half_open_after_ms, 30_000); // untouched keys keep defaults
+/// assert!(!format!("{cfg:?}").contains("s3cr3t"));
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SomabrainConfig {
+    /// Scheme, host and port of the SomaBrain server, without a path
+    /// (`http://127.0.0.1:30101`).
+    pub base_url: String,
+    /// Where the API is mounted: `""` (root) or `"/api"`. SomaBrain serves
+    /// its routes under both.
+    pub path_prefix: String,
+    /// Bearer token sent as `Authorization: Bearer <token>`. Empty means no
+    /// `Authorization` header (the server then answers 401 on memory and
+    /// context routes).
+    pub token: Secret,
+    /// Tenant used when a call does not name one.
+    pub default_tenant: String,
+    /// Namespace used when a call does not name one.
+    pub default_namespace: String,
+    /// TCP connect timeout.
+    pub connect_timeout_ms: u64,
+    /// Timeout of one attempt (connect, send, and read the whole response).
+    pub request_timeout_ms: u64,
+    /// Deadline of a whole call, retries and backoff included. A per-call
+    /// deadline ([`CallOptions::deadline`](crate::CallOptions::deadline))
+    /// overrides it.
+    pub call_deadline_ms: u64,
+    /// Idle keep-alive connections kept per host.
+    pub pool_max_idle_per_host: usize,
+    /// How long an idle pooled connection is kept.
+    pub pool_idle_timeout_ms: u64,
+    /// Retry settings.
+    pub retry: RetryConfig,
+    /// Circuit-breaker settings.
+    pub breaker: BreakerConfig,
+}
+
+impl Default for SomabrainConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:30101".to_owned(),
+            path_prefix: String::new(),
+            token: Secret::default(),
+            default_tenant: "public".to_owned(),
+            default_namespace: "default".to_owned(),
+            connect_timeout_ms: 500,
+            request_timeout_ms: 2_000,
+            call_deadline_ms: 5_000,
+            pool_max_idle_per_host: 32,
+            pool_idle_timeout_ms: 90_000,
+            retry: RetryConfig::default(),
+            breaker: BreakerConfig::default(),
+        }
+    }
+}
+
+impl SomabrainConfig {
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub(crate) fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+    pub(crate) fn call_deadline(&self) -> Duration {
+        Duration::from_millis(self.call_deadline_ms)
+    }
+}
+
+/// Retry settings.
+///
+/// Only calls that are safe to repeat are retried: reads (recall, metrics,
+/// feature flags, probes, adaptation state) and keyed writes (remember and
+/// batch remember: the same `key` + `universe` lands on the same coordinate,
+/// so a repeated write overwrites instead of duplicating). Context evaluate
+/// and feedback are retried only when the connection was refused, i.e. the
+/// request provably never reached the server.
+///
+/// Retried outcomes: transport errors, attempt timeouts, 408, 429, 502, 503
+/// and 504. Never retried: other 4xx (the request is wrong and stays wrong),
+/// 500 (an unhandled server exception, usually deterministic) and responses
+/// whose body does not parse.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RetryConfig {
+    /// Retries after the first attempt (so at most `max_retries + 1`
+    /// attempts per call). `0` disables retries.
+    pub max_retries: u32,
+    /// Backoff cap of the first retry; it doubles per retry.
+    pub initial_backoff_ms: u64,
+    /// Upper bound of any backoff cap.
+    pub max_backoff_ms: u64,
+    /// The longest `Retry-After` the client will wait. A server asking for
+    /// longer (or longer than the call's remaining deadline) gets no retry:
+    /// the caller sees the 429/503 at once.
+    pub max_retry_after_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: 2,
+            initial_backoff_ms: 50,
+            max_backoff_ms: 1_000,
+            max_retry_after_ms: 2_000,
+        }
+    }
+}
+
+/// Circuit-breaker settings.
+///
+/// The breaker counts *calls*, not attempts: a call that needed two retries
+/// and then succeeded is one success; a call whose three attempts all failed
+/// is one failure.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BreakerConfig {
+    /// `false` disables the breaker (every call goes to the network).
+    pub enabled: bool,
+    /// Consecutive failed calls that open the breaker.
+    pub failure_threshold: u32,
+    /// How long the breaker stays open before it lets one probe call
+    /// through (half-open).
+    pub half_open_after_ms: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            failure_threshold: 3,
+            half_open_after_ms: 30_000,
+        }
+    }
+}
