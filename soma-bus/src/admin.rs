@@ -1,0 +1,171 @@
+//! Topic administration and the broker health check.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+use soma_observability::health::{
+    CheckOptions, CheckOutcome, Criticality, HealthCheck, HealthRegistry,
+};
+
+use crate::config::BusConfig;
+use crate::error::BusError;
+
+/// Creates topics (and their DLQs) and reads broker metadata. Cheap to clone.
+#[derive(Clone)]
+pub struct TopicAdmin {
+    client: Arc<AdminClient<DefaultClientContext>>,
+    config: BusConfig,
+}
+
+impl std::fmt::Debug for TopicAdmin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TopicAdmin")
+            .field("bootstrap_servers", &self.config.bootstrap_servers)
+            .finish()
+    }
+}
+
+/// Partition count of each topic, as the broker reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    /// Topic name.
+    pub name: String,
+    /// Number of partitions.
+    pub partitions: usize,
+}
+
+impl TopicAdmin {
+    /// An admin client for the configured cluster.
+    pub fn new(config: &BusConfig) -> Result<Self, BusError> {
+        config.validate()?;
+        let client: AdminClient<DefaultClientContext> = config.base_client_config().create()?;
+        Ok(Self {
+            client: Arc::new(client),
+            config: config.clone(),
+        })
+    }
+
+    /// Ensures each topic exists with `topic_partitions` partitions and
+    /// `topic_replication_factor` replicas (existing topics are left as they are).
+    /// With `with_dlq`, also `<topic><dlq_suffix>` for each.
+    pub async fn ensure_topics(&self, topics: &[&str], with_dlq: bool) -> Result<(), BusError> {
+        let mut names: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+        if with_dlq {
+            names.extend(topics.iter().map(|t| self.config.dlq_topic(t)));
+        }
+        let new: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|n| {
+                NewTopic::new(
+                    n,
+                    self.config.topic_partitions,
+                    TopicReplication::Fixed(self.config.topic_replication_factor),
+                )
+            })
+            .collect();
+        let opts = AdminOptions::new().operation_timeout(Some(self.config.admin_timeout()));
+        let fut = self.client.create_topics(new.iter(), &opts);
+        let results =
+            tokio::time::timeout(self.config.admin_timeout() + Duration::from_secs(1), fut)
+                .await
+                .map_err(|_| BusError::Timeout(self.config.admin_timeout_ms))??;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => {
+                    return Err(BusError::Kafka(rdkafka::error::KafkaError::AdminOp(code)))
+                        .inspect_err(|_| {
+                            tracing::error!(event = "create_topic_failed", topic, ?code)
+                        });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes topics (tests and tooling); missing topics are ignored.
+    pub async fn delete_topics(&self, topics: &[&str]) -> Result<(), BusError> {
+        let opts = AdminOptions::new().operation_timeout(Some(self.config.admin_timeout()));
+        let results = self.client.delete_topics(topics, &opts).await?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                Err((_, code)) => {
+                    return Err(BusError::Kafka(rdkafka::error::KafkaError::AdminOp(code)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Broker metadata for `topic` (or all topics), within `admin_timeout_ms`.
+    pub async fn describe(&self, topic: Option<&str>) -> Result<Vec<TopicInfo>, BusError> {
+        let client = self.client.clone();
+        let timeout = self.config.admin_timeout();
+        let topic = topic.map(str::to_owned);
+        let md = tokio::task::spawn_blocking(move || {
+            client.inner().fetch_metadata(topic.as_deref(), timeout)
+        })
+        .await
+        .map_err(|_| BusError::Shutdown)??;
+        Ok(md
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none())
+            .map(|t| TopicInfo {
+                name: t.name().to_owned(),
+                partitions: t.partitions().len(),
+            })
+            .collect())
+    }
+
+    /// A health check that fetches broker metadata within `admin_timeout_ms`.
+    pub fn health_check(&self) -> BrokerHealthCheck {
+        BrokerHealthCheck {
+            admin: self.clone(),
+        }
+    }
+
+    /// Registers [`Self::health_check`] as component `kafka` (required), every `interval`.
+    pub fn register_health(&self, health: &HealthRegistry, interval: Duration) {
+        health.register_check(
+            "kafka",
+            Criticality::Required,
+            self.health_check(),
+            CheckOptions::new(
+                interval,
+                self.config.admin_timeout() + Duration::from_millis(500),
+            ),
+        );
+    }
+}
+
+/// Checks that the broker answers a metadata request in time.
+#[derive(Debug, Clone)]
+pub struct BrokerHealthCheck {
+    admin: TopicAdmin,
+}
+
+#[async_trait::async_trait]
+impl HealthCheck for BrokerHealthCheck {
+    async fn check(&self) -> CheckOutcome {
+        let client = self.admin.client.clone();
+        let timeout = self.admin.config.admin_timeout();
+        let r = tokio::task::spawn_blocking(move || {
+            client
+                .inner()
+                .fetch_metadata(None, timeout)
+                .map(|m| m.brokers().len())
+        })
+        .await;
+        match r {
+            Ok(Ok(n)) if n > 0 => CheckOutcome::up().with_gauge("brokers", n as f64),
+            Ok(Ok(_)) => CheckOutcome::down("metadata lists no brokers"),
+            Ok(Err(e)) => CheckOutcome::down(format!("broker metadata request failed: {e}")),
+            Err(_) => CheckOutcome::down("metadata task panicked"),
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! The `bus` configuration section.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use serde::{Deserialize, Serialize};
+use soma_config::Secret;
+
+use crate::error::BusError;
+
+/// Settings for soma-bus (the `bus` section of an application's settings).
+///
+/// `acks=all` and idempotence are always on; they are not settings. Keys in
+/// [`BusConfig::librdkafka`] that would weaken them are rejected by
+/// [`BusConfig::validate`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BusConfig {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// Kafka client id.
+    pub client_id: String,
+    /// `security.protocol` (`plaintext`, `ssl`, `sasl_plaintext`, `sasl_ssl`).
+    pub security_protocol: String,
+    /// SASL mechanism (e.g. `SCRAM-SHA-512`), when SASL is used.
+    pub sasl_mechanism: Option<String>,
+    /// SASL username.
+    pub sasl_username: Option<String>,
+    /// SASL password (never logged).
+    pub sasl_password: Option<Secret>,
+
+    /// Producer `linger.ms`.
+    pub linger_ms: u64,
+    /// Producer `batch.size` in bytes.
+    pub batch_size_bytes: u64,
+    /// Producer `batch.num.messages`.
+    pub batch_num_messages: u64,
+    /// Max unacknowledged requests per broker connection (1..=5 with idempotence).
+    pub max_in_flight: u32,
+    /// Max messages buffered in the producer before `send` reports the queue full.
+    pub queue_buffering_max_messages: u64,
+    /// How long a publish may wait for the broker's ack before falling back to the outbox.
+    pub publish_timeout_ms: u64,
+    /// Deadline for flushing the producer on shutdown.
+    pub flush_timeout_ms: u64,
+
+    /// Consecutive publish failures that open the breaker (publishes then go straight to the outbox).
+    pub breaker_failure_threshold: u32,
+    /// How long the breaker stays open before Kafka is tried again.
+    pub breaker_reset_timeout_ms: u64,
+    /// How often keys with records waiting in the outbox are re-checked.
+    pub pending_key_poll_interval_ms: u64,
+    /// Ask the outbox (`pending_for_key`) on every publish, not only for keys this process deferred.
+    /// Costs one Postgres round trip per publish; needed when several processes publish the same keys
+    /// and one may defer while another publishes directly.
+    pub check_outbox_per_message: bool,
+
+    /// Consumer group id.
+    pub consumer_group: String,
+    /// Concurrent handler lanes per consumer (messages of one key always use the same lane).
+    pub consumer_concurrency: usize,
+    /// Messages buffered per lane before fetching pauses.
+    pub consumer_lane_capacity: usize,
+    /// Where a group with no committed offset starts: `earliest` or `latest`.
+    pub auto_offset_reset: String,
+    /// Consumer session timeout.
+    pub session_timeout_ms: u64,
+    /// How often completed offsets are committed.
+    pub commit_interval_ms: u64,
+    /// Attempts per message (first try included) before a retryable error dead-letters it.
+    pub max_attempts: u32,
+    /// First retry backoff; doubles per attempt.
+    pub retry_backoff_initial_ms: u64,
+    /// Retry backoff ceiling.
+    pub retry_backoff_max_ms: u64,
+    /// DLQ topic suffix (`<topic><suffix>`).
+    pub dlq_suffix: String,
+    /// Pause between attempts to write a message to the DLQ when that write fails.
+    pub dlq_retry_backoff_ms: u64,
+    /// How long graceful shutdown waits for in-flight handlers.
+    pub shutdown_timeout_ms: u64,
+    /// Consumer lag statistics interval (0 disables the lag metric).
+    pub lag_interval_ms: u64,
+
+    /// Replays after which a message is no longer republished from the DLQ.
+    pub replay_max: u32,
+
+    /// Partitions for topics created by [`crate::TopicAdmin::ensure_topics`].
+    pub topic_partitions: i32,
+    /// Replication factor for created topics.
+    pub topic_replication_factor: i32,
+    /// Timeout for admin and metadata requests (also the health check timeout).
+    pub admin_timeout_ms: u64,
+
+    /// Extra librdkafka properties (e.g. `ssl.ca.location`). Keys controlling
+    /// acks, idempotence, auto-commit or the settings above are rejected.
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "127.0.0.1:9092".to_owned(),
+            client_id: "soma".to_owned(),
+            security_protocol: "plaintext".to_owned(),
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            linger_ms: 5,
+            batch_size_bytes: 1_000_000,
+            batch_num_messages: 10_000,
+            max_in_flight: 5,
+            queue_buffering_max_messages: 100_000,
+            publish_timeout_ms: 5_000,
+            flush_timeout_ms: 10_000,
+            breaker_failure_threshold: 1,
+            breaker_reset_timeout_ms: 2_000,
+            pending_key_poll_interval_ms: 200,
+            check_outbox_per_message: false,
+            consumer_group: "soma".to_owned(),
+            consumer_concurrency: 16,
+            consumer_lane_capacity: 256,
+            auto_offset_reset: "earliest".to_owned(),
+            session_timeout_ms: 10_000,
+            commit_interval_ms: 1_000,
+            max_attempts: 5,
+            retry_backoff_initial_ms: 100,
+            retry_backoff_max_ms: 5_000,
+            dlq_suffix: ".dlq".to_owned(),
+            dlq_retry_backoff_ms: 1_000,
+            shutdown_timeout_ms: 30_000,
+            lag_interval_ms: 5_000,
+            replay_max: 3,
+            topic_partitions: 1,
+            topic_replication_factor: 1,
+            admin_timeout_ms: 5_000,
+            librdkafka: BTreeMap::new(),
+        }
+    }
+}
+
+const RESERVED_KEYS: &[&str] = &[
+    "acks",
+    "request.required.acks",
+    "enable.idempotence",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "bootstrap.servers",
+    "sasl.password",
+    "group.id",
+    "transactional.id",
+];
+
+impl BusConfig {
+    /// Checks the settings; called by every constructor in this crate.
+    pub fn validate(&self) -> Result<(), BusError> {
+        let bad = |m: String| Err(BusError::Config(m));
+        if self.bootstrap_servers.trim().is_empty() {
+            return bad("bootstrap_servers is empty".into());
+        }
+        if !(1..=5).contains(&self.max_in_flight) {
+            return bad(
+                "max_in_flight must be 1..=5 (idempotence keeps order only up to 5)".into(),
+            );
+        }
+        if self.publish_timeout_ms == 0 {
+            return bad("publish_timeout_ms must be > 0".into());
+        }
+        if self.consumer_concurrency == 0 || self.consumer_lane_capacity == 0 {
+            return bad("consumer_concurrency and consumer_lane_capacity must be > 0".into());
+        }
+        if self.max_attempts == 0 {
+            return bad("max_attempts must be >= 1".into());
+        }
+        if self.dlq_suffix.is_empty() {
+            return bad("dlq_suffix is empty".into());
+        }
+        if !matches!(self.auto_offset_reset.as_str(), "earliest" | "latest") {
+            return bad("auto_offset_reset must be `earliest` or `latest`".into());
+        }
+        if self.topic_partitions < 1 || self.topic_replication_factor < 1 {
+            return bad("topic_partitions and topic_replication_factor must be >= 1".into());
+        }
+        if let Some(k) = self
+            .librdkafka
+            .keys()
+            .find(|k| RESERVED_KEYS.contains(&k.as_str()))
+        {
+            return bad(format!(
+                "librdkafka key `{k}` is managed by soma-bus and may not be overridden"
+            ));
+        }
+        Ok(())
+    }
+
+    /// DLQ topic for `topic`.
+    pub fn dlq_topic(&self, topic: &str) -> String {
+        format!("{topic}{}", self.dlq_suffix)
+    }
+
+    pub(crate) fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
+    }
+
+    pub(crate) fn admin_timeout(&self) -> Duration {
+        Duration::from_millis(self.admin_timeout_ms)
+    }
+
+    /// Connection and security properties shared by producers, consumers and admin clients.
+    pub(crate) fn base_client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap_servers)
+            .set("client.id", &self.client_id)
+            .set("security.protocol", &self.security_protocol);
+        if let Some(m) = &self.sasl_mechanism {
+            c.set("sasl.mechanism", m);
+        }
+        if let Some(u) = &self.sasl_username {
+            c.set("sasl.username", u);
+        }
+        if let Some(p) = &self.sasl_password {
+            c.set("sasl.password", p.expose_secret());
+        }
+        for (k, v) in &self.librdkafka {
+            c.set(k, v);
+        }
+        c
+    }
+
+    pub(crate) fn producer_client_config(&self) -> ClientConfig {
+        let mut c = self.base_client_config();
+        // librdkafka's own delivery timeout is a backstop well beyond ours:
+        // the publisher purges on its own deadline so failures are ordered.
+        let backstop = self
+            .publish_timeout_ms
+            .saturating_mul(3)
+            .max(self.publish_timeout_ms + 5_000);
+        c.set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set(
+                "max.in.flight.requests.per.connection",
+                self.max_in_flight.to_string(),
+            )
+            .set("linger.ms", self.linger_ms.to_string())
+            .set("batch.size", self.batch_size_bytes.to_string())
+            .set("batch.num.messages", self.batch_num_messages.to_string())
+            .set(
+                "queue.buffering.max.messages",
+                self.queue_buffering_max_messages.to_string(),
+            )
+            .set("message.timeout.ms", backstop.to_string())
+            .set("reconnect.backoff.ms", "50")
+            .set("reconnect.backoff.max.ms", "1000");
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_overrides_are_guarded() {
+        BusConfig::default().validate().unwrap();
+        let mut c = BusConfig::default();
+        c.librdkafka
+            .insert("enable.idempotence".into(), "false".into());
+        let err = c.validate().unwrap_err();
+        assert!(err.is_config());
+        let c: BusConfig =
+            serde_json::from_str(r#"{"linger_ms": 20, "sasl_password": "hunter2"}"#).unwrap();
+        assert_eq!(c.linger_ms, 20);
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

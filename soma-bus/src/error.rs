@@ -1,0 +1,87 @@
+//! Error types.
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use crate::envelope::EnvelopeError;
+
+/// Errors from soma-bus operations.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// Invalid configuration.
+    #[error("invalid bus configuration: {0}")]
+    Config(String),
+    /// The envelope is invalid.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    /// The broker rejected or failed the request.
+    #[error("kafka error: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The broker did not answer in time.
+    #[error("kafka did not answer within {0} ms")]
+    Timeout(u64),
+    /// Kafka failed and the outbox write failed too: the message was NOT accepted.
+    #[error("kafka unavailable ({kafka}) and outbox write failed: {outbox}")]
+    Unavailable {
+        /// Why Kafka was not used.
+        kafka: String,
+        /// Why the outbox write failed.
+        outbox: soma_outbox::OutboxError,
+    },
+    /// An outbox operation failed.
+    #[error("outbox error: {0}")]
+    Outbox(#[from] soma_outbox::OutboxError),
+    /// Not sent because an earlier message of the same batch could not be enqueued.
+    #[error("not sent: an earlier message of the batch failed: {0}")]
+    NotSent(String),
+    /// The component is shutting down.
+    #[error("shutting down")]
+    Shutdown,
+}
+
+impl BusError {
+    /// True for configuration errors.
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::Config(_))
+    }
+
+    /// True when the message was rejected for what it is (invalid envelope, too large):
+    /// retrying the same message will fail again.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Envelope(_) | Self::Config(_) => true,
+            Self::Kafka(e) => is_permanent_kafka(e),
+            _ => false,
+        }
+    }
+
+    /// True when a dependency (Kafka and/or Postgres) is unavailable; retry later.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::Unavailable { .. } | Self::Timeout(_) | Self::Outbox(_) | Self::NotSent(_)
+        ) || matches!(self, Self::Kafka(e) if !is_permanent_kafka(e))
+    }
+
+    /// True for timeouts.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Timeout(_))
+    }
+}
+
+/// Errors caused by the message itself rather than by the broker being unavailable.
+pub(crate) fn is_permanent_kafka(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidMessage
+                | C::InvalidRecord
+                | C::TopicAuthorizationFailed
+                | C::InvalidTopic
+                | C::UnknownPartition
+                | C::InvalidArgument
+        )
+    )
+}

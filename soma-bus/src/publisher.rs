@@ -1,0 +1,641 @@
+//! The durable publisher: Kafka first, the outbox when Kafka cannot take it.
+//!
+//! # Guarantee
+//!
+//! [`DurablePublisher::publish`] returns `Ok` only when the message is durable:
+//! either the broker acknowledged it with `acks=all`
+//! ([`PublishOutcome::Published`]) or PostgreSQL committed it to the outbox
+//! ([`PublishOutcome::Deferred`]); the soma-outbox relay, with [`KafkaSink`](crate::KafkaSink),
+//! delivers deferred messages when the broker is back. If both fail the call
+//! returns [`BusError::Unavailable`] and nothing was accepted.
+//!
+//! Delivery is **at-least-once**. A message can reach Kafka twice (same
+//! envelope id) when the broker wrote it but the ack was lost (the publish
+//! timed out, so it was also written to the outbox), or when the relay
+//! re-sends a message it had already delivered but not yet marked.
+//!
+//! # Per-key order across the switch
+//!
+//! A message goes to the outbox when the breaker is open, when Kafka fails or
+//! times out, or when its `(topic, key)` already has messages waiting in the
+//! outbox. Keys this process deferred are remembered in memory and released
+//! only once the outbox reports no pending message for that key
+//! (`Outbox::pending_for_key`, polled every `pending_key_poll_interval_ms`),
+//! so a later message never overtakes an earlier deferred one. Failures are
+//! ordered too: on a publish timeout the producer purges everything
+//! unacknowledged, so each partition has an acknowledged prefix and a
+//! deferred suffix.
+//!
+//! **Multi-process caveat:** the memory of deferred keys is per process. If
+//! another process (or this one before a restart) deferred a key, this
+//! process does not know, and a direct publish of that key may overtake the
+//! waiting messages. Set `check_outbox_per_message = true` to ask the outbox
+//! on every publish (one Postgres round trip each) when several processes
+//! publish the same keys, or route all publishers of a key through one process.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use soma_observability::health::{Criticality, HealthRegistry, HealthReporter};
+use soma_observability::metrics::MetricsRegistry;
+use soma_outbox::{NewMessage, Outbox};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::envelope::Envelope;
+use crate::error::{BusError, is_permanent_kafka};
+use crate::metrics::BusMetrics;
+use crate::producer::{BusProducer, Delivery, FlushReport, RawRecord, envelope_headers};
+use crate::trace;
+
+/// How long a key written with [`DurablePublisher::publish_in_tx`] is treated as
+/// pending even if the outbox does not show it yet (its transaction may not have committed).
+const TX_HOLD: Duration = Duration::from_secs(30);
+
+/// Where an accepted message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// Acknowledged by the broker (`acks=all`).
+    Published {
+        /// Partition.
+        partition: i32,
+        /// Offset.
+        offset: i64,
+    },
+    /// Committed to the outbox; the relay will deliver it. Carries the envelope id.
+    Deferred(Uuid),
+}
+
+impl PublishOutcome {
+    /// True when the message went to the outbox.
+    pub fn is_deferred(&self) -> bool {
+        matches!(self, Self::Deferred(_))
+    }
+}
+
+/// Breaker state exposed for health and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Kafka is used.
+    Closed,
+    /// Publishes go straight to the outbox until the reset timeout passes.
+    Open,
+}
+
+struct Breaker {
+    state: Mutex<(u32, Option<Instant>)>,
+    threshold: u32,
+    reset: Duration,
+}
+
+impl Breaker {
+    fn allows(&self) -> bool {
+        self.state.lock().1.is_none_or(|t| Instant::now() >= t)
+    }
+    /// Returns true when the state changed to closed.
+    fn success(&self) -> bool {
+        let mut s = self.state.lock();
+        let was_open = s.1.is_some();
+        *s = (0, None);
+        was_open
+    }
+    /// Returns true when the breaker (re)opened.
+    fn failure(&self) -> bool {
+        let mut s = self.state.lock();
+        s.0 = s.0.saturating_add(1);
+        if s.0 >= self.threshold {
+            s.1 = Some(Instant::now() + self.reset);
+            true
+        } else {
+            false
+        }
+    }
+    fn state(&self) -> BreakerState {
+        if self.state.lock().1.is_some() {
+            BreakerState::Open
+        } else {
+            BreakerState::Closed
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PendingKey {
+    generation: u64,
+    hold_until: Option<Instant>,
+}
+
+/// Keys with messages waiting in the outbox, as far as this process knows.
+#[derive(Default)]
+struct KeyTracker {
+    keys: Mutex<HashMap<String, HashMap<String, PendingKey>>>,
+    len: std::sync::atomic::AtomicUsize,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl KeyTracker {
+    fn is_pending(&self, topic: &str, key: &str) -> bool {
+        if self.len.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return false;
+        }
+        self.keys
+            .lock()
+            .get(topic)
+            .is_some_and(|m| m.contains_key(key))
+    }
+
+    fn add(&self, topic: &str, key: &str, hold: Option<Instant>) {
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let mut keys = self.keys.lock();
+        let m = keys.entry(topic.to_owned()).or_default();
+        match m.get_mut(key) {
+            Some(e) => {
+                e.generation = generation;
+                e.hold_until = e.hold_until.max(hold);
+            }
+            None => {
+                m.insert(
+                    key.to_owned(),
+                    PendingKey {
+                        generation,
+                        hold_until: hold,
+                    },
+                );
+                self.len.fetch_add(1, std::sync::atomic::Ordering::Release);
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Vec<(String, String, u64)> {
+        let keys = self.keys.lock();
+        keys.iter()
+            .flat_map(|(t, m)| m.iter().map(|(k, e)| (t.clone(), k.clone(), e.generation)))
+            .collect()
+    }
+
+    /// Applies a poll result taken at `generation`.
+    fn observed(&self, topic: &str, key: &str, generation: u64, pending: u64) {
+        let mut keys = self.keys.lock();
+        let Some(m) = keys.get_mut(topic) else { return };
+        let Some(e) = m.get_mut(key) else { return };
+        if pending > 0 {
+            e.hold_until = None; // the write is visible: normal rules from now on
+            return;
+        }
+        if e.generation != generation || e.hold_until.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        m.remove(key);
+        self.len.fetch_sub(1, std::sync::atomic::Ordering::Release);
+        if m.is_empty() {
+            keys.remove(topic);
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.len.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+struct Inner {
+    producer: BusProducer,
+    outbox: Outbox,
+    metrics: BusMetrics,
+    breaker: Breaker,
+    tracker: KeyTracker,
+    health: Option<HealthReporter>,
+    check_outbox_per_message: bool,
+    cancel: CancellationToken,
+}
+
+/// Publishes envelopes to Kafka, falling back to the soma-outbox when Kafka is
+/// down, slow, or the key already has messages waiting there. Cheap to clone.
+///
+/// See the [module docs](self) for the guarantee and the ordering caveat.
+#[derive(Clone)]
+pub struct DurablePublisher {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for DurablePublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DurablePublisher")
+            .field("breaker", &self.inner.breaker.state())
+            .field("deferred_keys", &self.inner.tracker.count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builder for [`DurablePublisher`].
+pub struct DurablePublisherBuilder {
+    producer: BusProducer,
+    outbox: Outbox,
+    metrics: Option<MetricsRegistry>,
+    health: Option<HealthRegistry>,
+}
+
+impl DurablePublisherBuilder {
+    /// Registers metrics in `registry` (default: a private registry).
+    pub fn metrics(mut self, registry: &MetricsRegistry) -> Self {
+        self.metrics = Some(registry.clone());
+        self
+    }
+
+    /// Reports the component `bus_publisher` (degraded while publishing to the outbox).
+    pub fn health(mut self, registry: &HealthRegistry) -> Self {
+        self.health = Some(registry.clone());
+        self
+    }
+
+    /// Builds the publisher and starts the pending-key poller (needs a tokio runtime).
+    pub fn build(self) -> DurablePublisher {
+        let cfg = self.producer.config().clone();
+        let metrics = BusMetrics::new(&self.metrics.unwrap_or_default());
+        let health = self.health.map(|h| {
+            let r = h.reporter("bus_publisher", Criticality::Optional);
+            r.set_up();
+            r
+        });
+        metrics.breaker_open.get_or_create(&Vec::new()).set(0);
+        let inner = Arc::new(Inner {
+            producer: self.producer,
+            outbox: self.outbox,
+            metrics,
+            breaker: Breaker {
+                state: Mutex::new((0, None)),
+                threshold: cfg.breaker_failure_threshold.max(1),
+                reset: Duration::from_millis(cfg.breaker_reset_timeout_ms),
+            },
+            tracker: KeyTracker::default(),
+            health,
+            check_outbox_per_message: cfg.check_outbox_per_message,
+            cancel: CancellationToken::new(),
+        });
+        let poll = Duration::from_millis(cfg.pending_key_poll_interval_ms.max(10));
+        tokio::spawn(poll_pending_keys(
+            Arc::downgrade(&inner),
+            poll,
+            inner.cancel.clone(),
+        ));
+        DurablePublisher { inner }
+    }
+}
+
+async fn poll_pending_keys(
+    inner: std::sync::Weak<Inner>,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let snapshot = inner.tracker.snapshot();
+        for (topic, key, generation) in snapshot {
+            match inner.outbox.pending_for_key(&topic, &key).await {
+                Ok(n) => inner.tracker.observed(&topic, &key, generation, n),
+                Err(error) => {
+                    tracing::warn!(event = "pending_key_poll_failed", %error);
+                    break;
+                }
+            }
+        }
+        inner
+            .metrics
+            .deferred_keys
+            .get_or_create(&Vec::new())
+            .set(inner.tracker.count() as i64);
+    }
+}
+
+enum Route {
+    Kafka,
+    Outbox(String),
+}
+
+impl DurablePublisher {
+    /// Starts a builder from a producer and an outbox.
+    pub fn builder(producer: BusProducer, outbox: Outbox) -> DurablePublisherBuilder {
+        DurablePublisherBuilder {
+            producer,
+            outbox,
+            metrics: None,
+            health: None,
+        }
+    }
+
+    /// The underlying producer.
+    pub fn producer(&self) -> &BusProducer {
+        &self.inner.producer
+    }
+
+    /// Current breaker state.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.inner.breaker.state()
+    }
+
+    /// Keys this process currently routes to the outbox because messages are waiting there.
+    pub fn deferred_key_count(&self) -> usize {
+        self.inner.tracker.count()
+    }
+
+    async fn route(&self, topic: &str, env: &Envelope) -> Route {
+        if !self.inner.breaker.allows() {
+            return Route::Outbox("breaker open".into());
+        }
+        if let Some(key) = env.key.as_deref() {
+            if self.inner.tracker.is_pending(topic, key) {
+                return Route::Outbox("key has messages waiting in the outbox".into());
+            }
+            if self.inner.check_outbox_per_message {
+                match self.inner.outbox.pending_for_key(topic, key).await {
+                    Ok(0) => {}
+                    Ok(_) => return Route::Outbox("key has messages waiting in the outbox".into()),
+                    // Unknown: be safe and keep order by using the outbox.
+                    Err(e) => return Route::Outbox(format!("outbox pending check failed: {e}")),
+                }
+            }
+        }
+        Route::Kafka
+    }
+
+    /// Publishes one envelope. See the [module docs](self) for the guarantee.
+    pub async fn publish(&self, topic: &str, env: &Envelope) -> Result<PublishOutcome, BusError> {
+        let span = tracing::info_span!(
+            "soma.publish",
+            topic,
+            message_id = %env.id,
+            tenant = %env.tenant,
+            message_type = %env.message_type,
+            outcome = tracing::field::Empty,
+        );
+        let mut out = self
+            .publish_many(topic, std::slice::from_ref(env))
+            .instrument(span)
+            .await;
+        out.pop().unwrap_or(Err(BusError::Shutdown))
+    }
+
+    /// Publishes many envelopes to one topic; results are per message, in order.
+    ///
+    /// Kafka-bound messages are all enqueued before any acknowledgement is
+    /// awaited; failed and outbox-bound ones are written to the outbox in one
+    /// transaction, in input order.
+    pub async fn publish_many(
+        &self,
+        topic: &str,
+        envs: &[Envelope],
+    ) -> Vec<Result<PublishOutcome, BusError>> {
+        let started = Instant::now();
+        let inner = &*self.inner;
+        let trace = trace::current_trace_context();
+        let mut results: Vec<Option<Result<PublishOutcome, BusError>>> =
+            (0..envs.len()).map(|_| None).collect();
+        // (index, reason) of messages bound for the outbox.
+        let mut to_outbox: Vec<(usize, String)> = Vec::new();
+        // Keys already routed to the outbox in this batch: later ones follow.
+        let mut batch_deferred: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        let mut kafka_idx = Vec::with_capacity(envs.len());
+        for (i, env) in envs.iter().enumerate() {
+            let in_batch = env
+                .key
+                .as_deref()
+                .is_some_and(|k| batch_deferred.contains(k));
+            let route = if in_batch {
+                Route::Outbox("earlier message of the key deferred".into())
+            } else {
+                self.route(topic, env).await
+            };
+            match route {
+                Route::Kafka => kafka_idx.push(i),
+                Route::Outbox(reason) => {
+                    if let Some(k) = env.key.as_deref() {
+                        batch_deferred.insert(k);
+                    }
+                    to_outbox.push((i, reason));
+                }
+            }
+        }
+
+        if !kafka_idx.is_empty() {
+            let deadline = Instant::now() + inner.producer.config().publish_timeout();
+            let handle = inner.producer.handle();
+            let mut futs = Vec::with_capacity(kafka_idx.len());
+            let mut sent = Vec::with_capacity(kafka_idx.len());
+            let mut stop: Option<String> = None;
+            for &i in &kafka_idx {
+                if let Some(reason) = &stop {
+                    to_outbox.push((i, reason.clone()));
+                    continue;
+                }
+                let env = &envs[i];
+                let mut headers = envelope_headers(env);
+                if env.trace.is_none() {
+                    if let Some(t) = &trace {
+                        headers = trace::add_trace_headers(headers, t);
+                    }
+                }
+                match inner
+                    .producer
+                    .enqueue_on(
+                        &handle,
+                        RawRecord {
+                            topic,
+                            key: env.kafka_key(),
+                            payload: &env.payload,
+                            headers,
+                        },
+                        deadline,
+                    )
+                    .await
+                {
+                    Ok(f) => {
+                        futs.push(f);
+                        sent.push(i);
+                    }
+                    Err(e) if e.is_permanent() => {
+                        results[i] = Some(Err(e));
+                    }
+                    Err(e) => {
+                        stop = Some(e.to_string());
+                        to_outbox.push((i, e.to_string()));
+                    }
+                }
+            }
+            let deliveries = inner
+                .producer
+                .await_deliveries_on(&handle, futs, deadline)
+                .await;
+            let mut acked = 0u64;
+            let mut had_failure = stop.is_some();
+            for (i, r) in sent.into_iter().zip(deliveries) {
+                match r {
+                    Ok(Delivery { partition, offset }) => {
+                        acked += 1;
+                        results[i] = Some(Ok(PublishOutcome::Published { partition, offset }));
+                    }
+                    Err(BusError::Kafka(e)) if is_permanent_kafka(&e) => {
+                        results[i] = Some(Err(BusError::Kafka(e)));
+                    }
+                    Err(e) => {
+                        had_failure = true;
+                        to_outbox.push((i, e.to_string()));
+                    }
+                }
+            }
+            if acked > 0 {
+                inner
+                    .metrics
+                    .publish(topic, "kafka", acked, started.elapsed().as_secs_f64());
+            }
+            if had_failure {
+                if inner.breaker.failure() {
+                    inner.metrics.breaker_open.get_or_create(&Vec::new()).set(1);
+                    if let Some(h) = &inner.health {
+                        h.set_degraded("kafka unavailable; publishing to the outbox");
+                    }
+                    tracing::warn!(event = "breaker_open", topic);
+                }
+            } else if acked > 0 && inner.breaker.success() {
+                inner.metrics.breaker_open.get_or_create(&Vec::new()).set(0);
+                if let Some(h) = &inner.health {
+                    h.set_up();
+                }
+                tracing::info!(event = "breaker_closed", topic);
+            }
+        }
+
+        if !to_outbox.is_empty() {
+            to_outbox.sort_by_key(|(i, _)| *i);
+            let msgs: Vec<NewMessage> = to_outbox
+                .iter()
+                .map(|(i, _)| {
+                    let env = &envs[*i];
+                    let mut headers = env.header_map();
+                    if env.trace.is_none() {
+                        if let Some(t) = &trace {
+                            trace::add_trace_map(&mut headers, t);
+                        }
+                    }
+                    NewMessage {
+                        id: env.id,
+                        topic: topic.to_owned(),
+                        key: env.key.clone(),
+                        payload: env.payload.clone(),
+                        headers,
+                        dedupe_key: None,
+                    }
+                })
+                .collect();
+            let reason = to_outbox[0].1.clone();
+            match inner.outbox.enqueue_standalone(&msgs).await {
+                Ok(_) => {
+                    for (i, _) in &to_outbox {
+                        let env = &envs[*i];
+                        if let Some(k) = env.key.as_deref() {
+                            inner.tracker.add(topic, k, None);
+                        }
+                        results[*i] = Some(Ok(PublishOutcome::Deferred(env.id)));
+                    }
+                    inner
+                        .metrics
+                        .deferred_keys
+                        .get_or_create(&Vec::new())
+                        .set(inner.tracker.count() as i64);
+                    inner.metrics.publish(
+                        topic,
+                        "deferred",
+                        msgs.len() as u64,
+                        started.elapsed().as_secs_f64(),
+                    );
+                    tracing::debug!(event = "deferred", topic, count = msgs.len(), reason = %reason);
+                }
+                Err(outbox) => {
+                    tracing::error!(event = "publish_failed", topic, count = msgs.len(), kafka = %reason, error = %outbox);
+                    let text = outbox.to_string();
+                    let mut first = Some(outbox);
+                    for (i, why) in &to_outbox {
+                        let err = match first.take() {
+                            Some(o) => BusError::Unavailable {
+                                kafka: why.clone(),
+                                outbox: o,
+                            },
+                            None => BusError::NotSent(format!("outbox write failed: {text}")),
+                        };
+                        results[*i] = Some(Err(err));
+                    }
+                }
+            }
+        }
+        let failed = results
+            .iter()
+            .filter(|r| matches!(r, Some(Err(_)) | None))
+            .count() as u64;
+        if failed > 0 {
+            inner
+                .metrics
+                .publish(topic, "failed", failed, started.elapsed().as_secs_f64());
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(BusError::Shutdown)))
+            .collect()
+    }
+
+    /// Writes the envelope to the outbox inside the caller's transaction
+    /// (transactional outbox): it is delivered only if `conn`'s transaction
+    /// commits. Later direct publishes of the same key from this process wait
+    /// behind it (the key is held for up to 30 s until the outbox shows it).
+    pub async fn publish_in_tx(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        topic: &str,
+        env: &Envelope,
+    ) -> Result<Uuid, BusError> {
+        let mut headers = env.header_map();
+        if env.trace.is_none() {
+            if let Some(t) = trace::current_trace_context() {
+                trace::add_trace_map(&mut headers, &t);
+            }
+        }
+        let msg = NewMessage {
+            id: env.id,
+            topic: topic.to_owned(),
+            key: env.key.clone(),
+            payload: env.payload.clone(),
+            headers,
+            dedupe_key: None,
+        };
+        self.inner
+            .outbox
+            .enqueue(conn, std::slice::from_ref(&msg))
+            .await?;
+        if let Some(k) = env.key.as_deref() {
+            self.inner
+                .tracker
+                .add(topic, k, Some(Instant::now() + TX_HOLD));
+        }
+        Ok(env.id)
+    }
+
+    /// Stops the key poller and flushes the producer within `flush_timeout_ms`.
+    pub async fn shutdown(&self) -> FlushReport {
+        self.inner.cancel.cancel();
+        let timeout = Duration::from_millis(self.inner.producer.config().flush_timeout_ms);
+        self.inner.producer.flush(timeout).await
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}

@@ -1,0 +1,236 @@
+//! DLQ replay: republish dead-lettered messages to their origin topic.
+//!
+//! [`replay_dlq`] reads `<topic>.dlq` from the replay group's committed
+//! position up to the end it sees at start, and for each record:
+//!
+//! - republishes it to `soma-dlq-origin-topic` with the original key, payload
+//!   and headers (the `soma-dlq-*` headers removed) and `soma-replay-count`
+//!   incremented, waiting for the broker's ack; or
+//! - skips it when it was already replayed `replay_max` times (it stays in the
+//!   DLQ; counted as `exceeded`) — this stops a poison message from looping; or
+//! - skips it when it has no origin header (counted as `malformed`).
+//!
+//! The replay group's offset is committed only after the republish was
+//! acknowledged, so an interrupted replay resumes where it stopped
+//! (at-least-once: a message republished just before a crash may be
+//! republished again, with the same envelope id).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+use soma_observability::metrics::MetricsRegistry;
+
+use crate::config::BusConfig;
+use crate::consumer::{DLQ_HEADER_PREFIX, DLQ_ORIGIN_TOPIC};
+use crate::envelope::HEADER_REPLAY_COUNT;
+use crate::error::BusError;
+use crate::metrics::{BusMetrics, ReplayLabels};
+use crate::producer::{BusProducer, RawRecord};
+
+/// What to replay.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// The DLQ topic to read (e.g. `orders.dlq`).
+    pub dlq_topic: String,
+    /// Consumer group remembering how far replay got (default `<consumer_group>.replay`).
+    pub group: Option<String>,
+    /// Stop after this many records (default: up to the end seen at start).
+    pub max_messages: Option<u64>,
+    /// Override of `BusConfig::replay_max`.
+    pub replay_max: Option<u32>,
+    /// How long to wait for the next record before giving up (default 10 s).
+    pub idle_timeout: Duration,
+}
+
+impl ReplayOptions {
+    /// Replays everything currently in `dlq_topic`.
+    pub fn new(dlq_topic: impl Into<String>) -> Self {
+        Self {
+            dlq_topic: dlq_topic.into(),
+            group: None,
+            max_messages: None,
+            replay_max: None,
+            idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Outcome of a replay run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReplayReport {
+    /// Records republished to their origin topic.
+    pub replayed: u64,
+    /// Records skipped because they reached `replay_max`.
+    pub exceeded: u64,
+    /// Records skipped because they have no origin topic header.
+    pub malformed: u64,
+    /// True when replay reached the end seen at start (false: stopped by `max_messages` or idle timeout).
+    pub complete: bool,
+}
+
+/// Replays `opts.dlq_topic` (see the [module docs](self)).
+pub async fn replay_dlq(
+    config: &BusConfig,
+    producer: &BusProducer,
+    opts: &ReplayOptions,
+    metrics: Option<&MetricsRegistry>,
+) -> Result<ReplayReport, BusError> {
+    config.validate()?;
+    let metrics = BusMetrics::new(&metrics.cloned().unwrap_or_default());
+    let replay_max = opts.replay_max.unwrap_or(config.replay_max);
+    let group = opts
+        .group
+        .clone()
+        .unwrap_or_else(|| format!("{}.replay", config.consumer_group));
+    let mut cc = config.base_client_config();
+    cc.set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest");
+    let consumer: StreamConsumer = cc.create()?;
+    let topic = opts.dlq_topic.clone();
+    let timeout = config.admin_timeout();
+
+    // Where to start and where to stop, per partition.
+    let (consumer, ends, assignment) =
+        tokio::task::spawn_blocking(move || -> Result<_, BusError> {
+            let md = consumer.fetch_metadata(Some(&topic), timeout)?;
+            let parts: Vec<i32> = md
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic && t.error().is_none())
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            let mut tpl = TopicPartitionList::new();
+            for p in &parts {
+                tpl.add_partition(&topic, *p);
+            }
+            let committed = if parts.is_empty() {
+                TopicPartitionList::new()
+            } else {
+                consumer.committed_offsets(tpl, timeout)?
+            };
+            let mut ends = HashMap::new();
+            let mut assignment = TopicPartitionList::new();
+            for p in parts {
+                let (low, high) = consumer.fetch_watermarks(&topic, p, timeout)?;
+                let start = match committed.find_partition(&topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) if o >= low => o,
+                    _ => low,
+                };
+                if start < high {
+                    ends.insert(p, high);
+                    assignment.add_partition_offset(&topic, p, Offset::Offset(start))?;
+                }
+            }
+            Ok((consumer, ends, assignment))
+        })
+        .await
+        .map_err(|_| BusError::Shutdown)??;
+
+    let mut report = ReplayReport::default();
+    if ends.is_empty() {
+        report.complete = true;
+        return Ok(report);
+    }
+    consumer.assign(&assignment)?;
+    let mut remaining = ends.clone();
+    let mut processed = 0u64;
+    let label = |outcome| ReplayLabels {
+        topic: opts.dlq_topic.clone(),
+        outcome,
+    };
+    while !remaining.is_empty() {
+        if opts.max_messages.is_some_and(|m| processed >= m) {
+            break;
+        }
+        let msg = match tokio::time::timeout(opts.idle_timeout, consumer.recv()).await {
+            Err(_) => break,
+            Ok(r) => r?,
+        };
+        let (partition, offset) = (msg.partition(), msg.offset());
+        let Some(end) = remaining.get(&partition).copied() else {
+            continue;
+        };
+        if offset >= end {
+            remaining.remove(&partition);
+            continue;
+        }
+        processed += 1;
+        let headers = msg.headers();
+        let find = |name: &str| {
+            headers
+                .and_then(|h| h.iter().find(|x| x.key == name))
+                .and_then(|x| x.value)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .map(str::to_owned)
+        };
+        let origin = find(DLQ_ORIGIN_TOPIC).filter(|t| !t.is_empty());
+        let count: u32 = find(HEADER_REPLAY_COUNT)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        match origin {
+            None => {
+                report.malformed += 1;
+                metrics.replayed.get_or_create(&label("malformed")).inc();
+                tracing::warn!(event = "replay_malformed", partition, offset);
+            }
+            Some(_) if count >= replay_max => {
+                report.exceeded += 1;
+                metrics.replayed.get_or_create(&label("exceeded")).inc();
+                tracing::warn!(
+                    event = "replay_max_exceeded",
+                    partition,
+                    offset,
+                    count,
+                    replay_max
+                );
+            }
+            Some(origin) => {
+                let mut h = OwnedHeaders::new();
+                if let Some(orig) = headers {
+                    for x in orig.iter() {
+                        if !x.key.starts_with(DLQ_HEADER_PREFIX) && x.key != HEADER_REPLAY_COUNT {
+                            h = h.insert(Header {
+                                key: x.key,
+                                value: x.value,
+                            });
+                        }
+                    }
+                }
+                let next = (count + 1).to_string();
+                h = h.insert(Header {
+                    key: HEADER_REPLAY_COUNT,
+                    value: Some(next.as_bytes()),
+                });
+                let deadline = Instant::now() + config.publish_timeout();
+                let rec = RawRecord {
+                    topic: &origin,
+                    key: msg.key(),
+                    payload: msg.payload().unwrap_or_default(),
+                    headers: h,
+                };
+                let f = producer.enqueue(rec, deadline).await?;
+                producer
+                    .await_deliveries(vec![f], deadline)
+                    .await
+                    .pop()
+                    .unwrap_or(Err(BusError::Shutdown))?;
+                report.replayed += 1;
+                metrics.replayed.get_or_create(&label("replayed")).inc();
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&opts.dlq_topic, partition, Offset::Offset(offset + 1))?;
+        consumer.commit(&tpl, CommitMode::Sync)?;
+        if offset + 1 >= end {
+            remaining.remove(&partition);
+        }
+    }
+    report.complete = remaining.is_empty();
+    Ok(report)
+}

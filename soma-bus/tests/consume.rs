@@ -1,0 +1,590 @@
+//! Publisher + consumer against the shared tansu broker and Postgres.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use soma_bus::consumer::{
+    DLQ_ATTEMPTS, DLQ_ERROR, DLQ_HANDLER, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC,
+};
+use soma_bus::{
+    BusConsumer, BusProducer, DurablePublisher, Envelope, HandlerError, PublishOutcome,
+    ReplayOptions, TraceContext, replay_dlq,
+};
+use soma_observability::metrics::MetricsRegistry;
+
+use common::*;
+
+fn env(key: &str, n: u32) -> Envelope {
+    Envelope::builder("test.event", "tenant-a", key)
+        .json(&serde_json::json!({ "n": n }))
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn round_trip_keeps_headers_and_trace_context() {
+    let bootstrap = soma_testkit::require_kafka();
+    let cfg = config(&bootstrap);
+    let topic = topic(&cfg, "rt").await;
+    let producer = BusProducer::new(&cfg).unwrap();
+    let publisher = DurablePublisher::builder(producer.clone(), outbox().await).build();
+
+    let trace = TraceContext::parse(
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        Some("v=1"),
+    )
+    .unwrap();
+    let sent = Envelope::builder("chat.turn", "tenant-a", "session-1")
+        .json(&serde_json::json!({"text": "hello"}))
+        .unwrap()
+        .correlation_id("corr-1")
+        .causation_id("cause-1")
+        .schema_version(3)
+        .attribute("x-origin", "test")
+        .trace(trace.clone())
+        .build()
+        .unwrap();
+    let outcome = publisher.publish(&topic, &sent).await.unwrap();
+    assert!(
+        matches!(outcome, PublishOutcome::Published { offset: 0, .. }),
+        "{outcome:?}"
+    );
+    // Without an explicit context the publisher still attaches a valid one.
+    let bare = env("session-1", 2);
+    publisher.publish(&topic, &bare).await.unwrap();
+
+    let got = Arc::new(Mutex::new(Vec::<(Envelope, Option<TraceContext>)>::new()));
+    let g = got.clone();
+    let consumer = BusConsumer::builder(&cfg, &[&topic], "rt", move |e: Envelope| {
+        let g = g.clone();
+        async move {
+            // Inside the handler the message's trace is in scope (as a child).
+            g.lock().push((e, soma_bus::trace::current()));
+            Ok(())
+        }
+    })
+    .producer(producer)
+    .spawn()
+    .unwrap();
+    wait_for("two messages", Duration::from_secs(30), || {
+        got.lock().len() == 2
+    })
+    .await;
+    consumer.shutdown().await;
+
+    let got = got.lock();
+    let (first, scope) = &got[0];
+    let mut expect = sent.clone();
+    expect.occurred_at = first.occurred_at;
+    assert_eq!(first, &expect);
+    assert_eq!(
+        first.occurred_at.timestamp_micros(),
+        sent.occurred_at.timestamp_micros()
+    );
+    let scope = scope.as_ref().expect("trace context in handler scope");
+    assert_eq!(scope.trace_id(), trace.trace_id());
+    assert_ne!(scope.span_id(), trace.span_id());
+    let second = &got[1].0;
+    assert_eq!(second.id, bare.id);
+    let t = second
+        .trace
+        .as_ref()
+        .expect("publisher attached a trace context");
+    TraceContext::parse(&t.traceparent, None).unwrap();
+    // A reply built with caused_by continues the trace and correlation.
+    let reply = Envelope::builder("chat.reply", "tenant-a", "session-1")
+        .caused_by(first)
+        .build()
+        .unwrap();
+    assert_eq!(reply.trace.as_ref().unwrap().trace_id(), trace.trace_id());
+    assert_eq!(reply.correlation_id.as_deref(), Some("corr-1"));
+    assert_eq!(reply.causation_id, Some(first.id.to_string()));
+}
+
+#[tokio::test]
+async fn fatal_error_goes_to_dlq_with_metadata_then_replay_is_handled() {
+    let bootstrap = soma_testkit::require_kafka();
+    let cfg = config(&bootstrap);
+    let topic = topic(&cfg, "dlq").await;
+    let producer = BusProducer::new(&cfg).unwrap();
+    let metrics = MetricsRegistry::default();
+
+    let poison = env("k1", 1);
+    let fine = env("k1", 2);
+    producer.send(&topic, &poison).await.unwrap();
+    producer.send(&topic, &fine).await.unwrap();
+
+    let handled = Arc::new(Mutex::new(Vec::<Envelope>::new()));
+    let fail_ids = Arc::new(Mutex::new(HashSet::from([poison.id])));
+    let attempts = Arc::new(Mutex::new(0u32));
+    let (h, f, a) = (handled.clone(), fail_ids.clone(), attempts.clone());
+    let consumer = BusConsumer::builder(&cfg, &[&topic], "billing", move |e: Envelope| {
+        let (h, f, a) = (h.clone(), f.clone(), a.clone());
+        async move {
+            if f.lock().contains(&e.id) {
+                *a.lock() += 1;
+                return Err(HandlerError::fatal("invoice total negative"));
+            }
+            h.lock().push(e);
+            Ok(())
+        }
+    })
+    .producer(producer.clone())
+    .metrics(&metrics)
+    .spawn()
+    .unwrap();
+    // The poison message does not block the next one of the same key.
+    wait_for("second message handled", Duration::from_secs(30), || {
+        handled.lock().iter().any(|e| e.id == fine.id)
+    })
+    .await;
+    assert_eq!(*attempts.lock(), 1, "fatal errors are not retried");
+
+    let dlq = cfg.dlq_topic(&topic);
+    let recs = read_all(&bootstrap, &dlq, Duration::from_secs(20), |v| !v.is_empty()).await;
+    assert_eq!(recs.len(), 1);
+    let r = &recs[0];
+    assert_eq!(header(r, DLQ_ORIGIN_TOPIC).as_deref(), Some(topic.as_str()));
+    assert_eq!(header(r, DLQ_ORIGIN_PARTITION).as_deref(), Some("0"));
+    assert_eq!(header(r, DLQ_ORIGIN_OFFSET).as_deref(), Some("0"));
+    assert_eq!(header(r, DLQ_ATTEMPTS).as_deref(), Some("1"));
+    assert_eq!(header(r, DLQ_HANDLER).as_deref(), Some("billing"));
+    assert!(
+        header(r, DLQ_ERROR)
+            .unwrap()
+            .contains("invoice total negative")
+    );
+    assert_eq!(r.key(), Some(&b"k1"[..]));
+    assert_eq!(header(r, "soma-id"), Some(poison.id.to_string()));
+    assert!(metrics.encode().contains("outcome=\"dead_lettered\""));
+
+    // Fixed: replay sends it back to the origin, where it is handled.
+    fail_ids.lock().clear();
+    let report = replay_dlq(&cfg, &producer, &ReplayOptions::new(&dlq), Some(&metrics))
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.replayed, report.exceeded, report.complete),
+        (1, 0, true)
+    );
+    wait_for("replayed message handled", Duration::from_secs(30), || {
+        handled.lock().iter().any(|e| e.id == poison.id)
+    })
+    .await;
+    let replayed = handled
+        .lock()
+        .iter()
+        .find(|e| e.id == poison.id)
+        .cloned()
+        .unwrap();
+    assert_eq!(replayed.replay_count, 1);
+    // A second replay run finds nothing new (progress is committed).
+    let again = replay_dlq(&cfg, &producer, &ReplayOptions::new(&dlq), None)
+        .await
+        .unwrap();
+    assert_eq!(again.replayed, 0);
+    consumer.shutdown().await;
+}
+
+#[tokio::test]
+async fn replay_stops_at_replay_max() {
+    let bootstrap = soma_testkit::require_kafka();
+    let cfg = config(&bootstrap);
+    let topic = topic(&cfg, "loop").await;
+    let producer = BusProducer::new(&cfg).unwrap();
+    let mut e = env("k", 1);
+    e.replay_count = cfg.replay_max; // already replayed the maximum number of times
+    producer.send(&topic, &e).await.unwrap();
+    let consumer = BusConsumer::builder(&cfg, &[&topic], "always-fails", |_e: Envelope| async {
+        Err(HandlerError::fatal("still broken"))
+    })
+    .producer(producer.clone())
+    .spawn()
+    .unwrap();
+    let dlq = cfg.dlq_topic(&topic);
+    let recs = read_all(&bootstrap, &dlq, Duration::from_secs(30), |v| !v.is_empty()).await;
+    assert_eq!(recs.len(), 1);
+    let report = replay_dlq(&cfg, &producer, &ReplayOptions::new(&dlq), None)
+        .await
+        .unwrap();
+    assert_eq!((report.replayed, report.exceeded), (0, 1));
+    consumer.shutdown().await;
+}
+
+#[tokio::test]
+async fn retryable_errors_are_retried_then_dead_lettered() {
+    let bootstrap = soma_testkit::require_kafka();
+    let cfg = soma_bus::BusConfig {
+        max_attempts: 3,
+        ..config(&bootstrap)
+    };
+    let topic = topic(&cfg, "retry").await;
+    let producer = BusProducer::new(&cfg).unwrap();
+    let flaky = env("k", 1);
+    let doomed = env("k", 2);
+    producer
+        .send_many(&topic, &[flaky.clone(), doomed.clone()])
+        .await
+        .into_iter()
+        .for_each(|r| {
+            r.unwrap();
+        });
+    let calls = Arc::new(Mutex::new(Vec::<uuid::Uuid>::new()));
+    let c = calls.clone();
+    let flaky_id = flaky.id;
+    let consumer = BusConsumer::builder(&cfg, &[&topic], "flaky", move |e: Envelope| {
+        let c = c.clone();
+        async move {
+            let n = {
+                let mut c = c.lock();
+                c.push(e.id);
+                c.iter().filter(|i| **i == e.id).count()
+            };
+            if e.id == flaky_id && n >= 2 {
+                Ok(())
+            } else {
+                Err(HandlerError::retryable("db busy"))
+            }
+        }
+    })
+    .producer(producer)
+    .spawn()
+    .unwrap();
+    let dlq = cfg.dlq_topic(&topic);
+    let recs = read_all(&bootstrap, &dlq, Duration::from_secs(30), |v| !v.is_empty()).await;
+    consumer.shutdown().await;
+    assert_eq!(recs.len(), 1);
+    assert_eq!(header(&recs[0], "soma-id"), Some(doomed.id.to_string()));
+    assert_eq!(header(&recs[0], DLQ_ATTEMPTS).as_deref(), Some("3"));
+    let calls = calls.lock();
+    // Per-key order: the flaky message finished (2 calls) before the next started.
+    assert_eq!(&calls[..2], &[flaky.id, flaky.id]);
+    assert_eq!(calls.iter().filter(|i| **i == doomed.id).count(), 3);
+}
+
+#[tokio::test]
+async fn malformed_records_go_to_dlq_without_wedging_the_partition() {
+    let bootstrap = soma_testkit::require_kafka();
+    let cfg = config(&bootstrap);
+    let topic = topic(&cfg, "bad").await;
+    let raw: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .unwrap();
+    // 1: no soma headers at all.
+    raw.send(
+        FutureRecord::<str, str>::to(&topic).key("k").payload("x"),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    // 2: a malformed schema version.
+    let good = env("k", 1);
+    let mut h = OwnedHeaders::new();
+    for (k, v) in good.header_map() {
+        let v = if k == "soma-schema-version" {
+            "two".to_owned()
+        } else {
+            v
+        };
+        h = h.insert(Header {
+            key: &k,
+            value: Some(v.as_bytes()),
+        });
+    }
+    raw.send(
+        FutureRecord::<str, str>::to(&topic)
+            .key("k")
+            .payload("{}")
+            .headers(h),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    // 3: valid headers, payload that is not the JSON the handler expects.
+    let undecodable = Envelope::builder("test.event", "tenant-a", "k")
+        .payload(b"not json".to_vec())
+        .build()
+        .unwrap();
+    let producer = BusProducer::new(&cfg).unwrap();
+    producer.send(&topic, &undecodable).await.unwrap();
+    // 4: fine.
+    producer.send(&topic, &good).await.unwrap();
+
+    #[derive(serde::Deserialize)]
+    struct Body {
+        #[allow(dead_code)]
+        n: u32,
+    }
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let h2 = handled.clone();
+    let consumer = BusConsumer::builder(&cfg, &[&topic], "strict", move |e: Envelope| {
+        let h = h2.clone();
+        async move {
+            let _body: Body = e.json()?; // undecodable → fatal → DLQ
+            h.lock().push(e.id);
+            Ok(())
+        }
+    })
+    .producer(producer)
+    .spawn()
+    .unwrap();
+    wait_for("good message handled", Duration::from_secs(30), || {
+        handled.lock().contains(&good.id)
+    })
+    .await;
+    let recs = read_all(
+        &bootstrap,
+        &cfg.dlq_topic(&topic),
+        Duration::from_secs(20),
+        |v| v.len() >= 3,
+    )
+    .await;
+    consumer.shutdown().await;
+    assert_eq!(recs.len(), 3, "three bad records dead-lettered");
+    let errors: Vec<String> = recs.iter().map(|r| header(r, DLQ_ERROR).unwrap()).collect();
+    assert!(errors[0].contains("soma-id"), "{}", errors[0]);
+    assert!(errors[1].contains("soma-schema-version"), "{}", errors[1]);
+    assert!(errors[2].contains("JSON"), "{}", errors[2]);
+    assert_eq!(header(&recs[0], DLQ_ATTEMPTS).as_deref(), Some("0"));
+    assert_eq!(header(&recs[2], DLQ_ATTEMPTS).as_deref(), Some("1"));
+    assert_eq!(recs[0].payload(), Some(&b"x"[..]), "original payload kept");
+}
+
+#[tokio::test]
+async fn restarted_consumer_resumes_from_committed_offsets() {
+    let bootstrap = soma_testkit::require_kafka();
+    // Small lanes so shutdown has little buffered work to finish.
+    let cfg = soma_bus::BusConfig {
+        consumer_concurrency: 4,
+        consumer_lane_capacity: 4,
+        ..config(&bootstrap)
+    };
+    let topic = topic(&cfg, "resume").await;
+    let producer = BusProducer::new(&cfg).unwrap();
+    let envs: Vec<Envelope> = (0..300).map(|i| env(&format!("k{}", i % 7), i)).collect();
+    for r in producer.send_many(&topic, &envs).await {
+        r.unwrap();
+    }
+    let seen = Arc::new(Mutex::new(Vec::<(u8, uuid::Uuid)>::new()));
+    let start = |run: u8| {
+        let s = seen.clone();
+        BusConsumer::builder(&cfg, &[&topic], "resume", move |e: Envelope| {
+            let s = s.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                s.lock().push((run, e.id));
+                Ok(())
+            }
+        })
+        .producer(producer.clone())
+        .spawn()
+        .unwrap()
+    };
+    let first = start(1);
+    wait_for("first run progress", Duration::from_secs(30), || {
+        seen.lock().len() >= 100
+    })
+    .await;
+    let report = first.shutdown().await;
+    assert!(report.drained && report.committed, "{report:?}");
+    let after_first = seen.lock().len();
+    assert!(after_first < 300, "first run should stop mid-stream");
+
+    let second = start(2);
+    wait_for("all messages", Duration::from_secs(60), || {
+        seen.lock()
+            .iter()
+            .map(|(_, id)| *id)
+            .collect::<HashSet<_>>()
+            .len()
+            == 300
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    second.shutdown().await;
+    let seen = seen.lock();
+    let ids: HashSet<_> = seen.iter().map(|(_, id)| *id).collect();
+    assert_eq!(ids.len(), 300, "no message lost");
+    // Graceful shutdown committed everything the first run handled: no redelivery.
+    let dup = counts(seen.iter().map(|(_, id)| *id))
+        .into_values()
+        .filter(|n| *n > 1)
+        .count();
+    assert_eq!(
+        dup, 0,
+        "second run re-handled messages the first had committed"
+    );
+    assert!(seen.iter().any(|(r, _)| *r == 2));
+}
+
+#[tokio::test]
+async fn broadcast_subscribers_each_see_every_message() {
+    let bootstrap = soma_testkit::require_kafka();
+    let cfg = config(&bootstrap);
+    let topic = topic(&cfg, "bcast").await;
+    let producer = BusProducer::new(&cfg).unwrap();
+    let a = Arc::new(Mutex::new(HashSet::new()));
+    let b = Arc::new(Mutex::new(HashSet::new()));
+    let mk = |set: Arc<Mutex<HashSet<uuid::Uuid>>>| {
+        BusConsumer::builder(&cfg, &[&topic], "config-updates", move |e: Envelope| {
+            let set = set.clone();
+            async move {
+                set.lock().insert(e.id);
+                Ok(())
+            }
+        })
+        .producer(producer.clone())
+        .broadcast()
+        .spawn()
+        .unwrap()
+    };
+    let (ca, cb) = (mk(a.clone()), mk(b.clone()));
+    // Both join from the end; publish until each has seen the same message.
+    let mut common = None;
+    for i in 0..60 {
+        let e = env("cfg", i);
+        producer.send(&topic, &e).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if a.lock().contains(&e.id) && b.lock().contains(&e.id) {
+            common = Some(e.id);
+            break;
+        }
+    }
+    assert!(
+        common.is_some(),
+        "both broadcast subscribers received a message"
+    );
+    // After both are live, every later message reaches both.
+    let later: Vec<Envelope> = (0..20).map(|i| env("cfg", 100 + i)).collect();
+    for r in producer.send_many(&topic, &later).await {
+        r.unwrap();
+    }
+    wait_for(
+        "both see all later messages",
+        Duration::from_secs(30),
+        || {
+            later
+                .iter()
+                .all(|e| a.lock().contains(&e.id) && b.lock().contains(&e.id))
+        },
+    )
+    .await;
+    ca.shutdown().await;
+    cb.shutdown().await;
+}
+
+#[tokio::test]
+async fn inbox_dedupe_drops_redelivered_messages() {
+    let bootstrap = soma_testkit::require_kafka();
+    let cfg = config(&bootstrap);
+    let topic = topic(&cfg, "inbox").await;
+    let producer = BusProducer::new(&cfg).unwrap();
+    let ob = outbox().await;
+    let e = env("k", 1);
+    // The same message delivered twice (e.g. an ack lost during a broker failure).
+    producer.send(&topic, &e).await.unwrap();
+    producer.send(&topic, &e).await.unwrap();
+    let marker = env("k", 2);
+    producer.send(&topic, &marker).await.unwrap();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let c = calls.clone();
+    let consumer = BusConsumer::builder(&cfg, &[&topic], "ledger", move |e: Envelope| {
+        let c = c.clone();
+        async move {
+            c.lock().push(e.id);
+            Ok(())
+        }
+    })
+    .producer(producer)
+    .inbox(soma_bus::InboxDedupe::new(ob.inbox(), ob.pool().clone()))
+    .spawn()
+    .unwrap();
+    wait_for("marker handled", Duration::from_secs(30), || {
+        calls.lock().contains(&marker.id)
+    })
+    .await;
+    consumer.shutdown().await;
+    assert_eq!(*calls.lock(), vec![e.id, marker.id]);
+}
+
+#[tokio::test]
+async fn publish_in_tx_is_delivered_only_after_commit() {
+    use sqlx::Connection;
+    let bootstrap = soma_testkit::require_kafka();
+    let cfg = config(&bootstrap);
+    let topic = topic(&cfg, "tx").await;
+    let producer = BusProducer::new(&cfg).unwrap();
+    let ob = outbox().await;
+    let relay = soma_outbox::Relay::new(
+        ob.clone(),
+        soma_bus::KafkaSink::new(producer.clone()),
+        soma_outbox::RelayConfig {
+            poll_interval_ms: 100,
+            ..Default::default()
+        },
+    )
+    .spawn();
+    let publisher = DurablePublisher::builder(producer, ob.clone()).build();
+    let rolled_back = env("order-1", 1);
+    let committed = env("order-1", 2);
+    let mut conn = ob.pool().acquire().await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    publisher
+        .publish_in_tx(&mut tx, &topic, &rolled_back)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    publisher
+        .publish_in_tx(&mut tx, &topic, &committed)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    // A direct publish of the same key right after must not overtake it.
+    let direct = env("order-1", 3);
+    let outcome = publisher.publish(&topic, &direct).await.unwrap();
+    assert!(
+        outcome.is_deferred(),
+        "key still pending in the outbox: {outcome:?}"
+    );
+    let recs = read_all(&bootstrap, &topic, Duration::from_secs(30), |v| {
+        v.len() >= 2
+    })
+    .await;
+    let ids: Vec<String> = recs.iter().filter_map(|r| header(r, "soma-id")).collect();
+    assert_eq!(ids, vec![committed.id.to_string(), direct.id.to_string()]);
+    publisher.shutdown().await;
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn broker_health_check_reports_up_and_down() {
+    use soma_observability::health::{ComponentStatus, HealthCheck};
+    let bootstrap = soma_testkit::require_kafka();
+    let up = soma_bus::TopicAdmin::new(&config(&bootstrap))
+        .unwrap()
+        .health_check()
+        .check()
+        .await;
+    assert_eq!(up.status, ComponentStatus::Up, "{up:?}");
+    let dead = soma_bus::BusConfig {
+        admin_timeout_ms: 500,
+        ..config(&format!("127.0.0.1:{}", soma_testkit::free_port()))
+    };
+    let down = soma_bus::TopicAdmin::new(&dead)
+        .unwrap()
+        .health_check()
+        .check()
+        .await;
+    assert_eq!(down.status, ComponentStatus::Down, "{down:?}");
+    assert!(down.reason.unwrap().contains("metadata"));
+}
