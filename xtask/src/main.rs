@@ -159,7 +159,7 @@ fn test(args: &[String]) -> Result<(), String> {
     }
     let started = Instant::now();
     if with_stack {
-        step("stack up", || stack::up())?;
+        step("stack up", stack::up)?;
     }
     if checks {
         step("install cargo-deny", ensure_cargo_deny)?;

@@ -17,8 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// How a developer starts the local services the tests need.
-pub const HOW_TO_START: &str =
-    "start the local stack with `cargo xtask stack up` (the test command `cargo xtask test` does this itself)";
+pub const HOW_TO_START: &str = "start the local stack with `cargo xtask stack up` (the test command `cargo xtask test` does this itself)";
 
 #[allow(clippy::disallowed_methods)] // testkit is on the lint-env allowlist
 fn env_or(name: &str, default: &str) -> String {
@@ -49,7 +48,10 @@ fn host_port(url: &str, default_port: u16) -> String {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
     let hostport = rest.split(['/', '?', ',']).next().unwrap_or(rest);
-    if hostport.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+    if hostport
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
         hostport.to_owned()
     } else {
         format!("{hostport}:{default_port}")
@@ -67,10 +69,7 @@ pub fn require_tcp(service: &str, addr: &str) {
     let ok = resolved
         .iter()
         .any(|a| TcpStream::connect_timeout(a, Duration::from_secs(2)).is_ok());
-    assert!(
-        ok,
-        "{service} is not reachable at {addr}; {HOW_TO_START}"
-    );
+    assert!(ok, "{service} is not reachable at {addr}; {HOW_TO_START}");
 }
 
 /// Returns the PostgreSQL URL after checking the server is reachable.
@@ -104,7 +103,13 @@ pub fn unique_name(prefix: &str) -> String {
     let r: u32 = rand::random();
     let clean: String = prefix
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("{clean}_{}_{n}_{r:08x}", std::process::id())
 }
@@ -122,7 +127,10 @@ mod tests {
 
     #[test]
     fn host_port_parses_urls() {
-        assert_eq!(host_port("postgres://u@127.0.0.1:5432/test", 1), "127.0.0.1:5432");
+        assert_eq!(
+            host_port("postgres://u@127.0.0.1:5432/test", 1),
+            "127.0.0.1:5432"
+        );
         assert_eq!(host_port("redis://127.0.0.1", 6379), "127.0.0.1:6379");
         assert_eq!(host_port("127.0.0.1:9092", 1), "127.0.0.1:9092");
     }
@@ -133,7 +141,10 @@ mod tests {
         let b = unique_name("My-Test");
         assert_ne!(a, b);
         assert!(a.starts_with("my_test_"));
-        assert!(a.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        );
     }
 
     #[test]
