@@ -55,13 +55,14 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use soma_observability::health::{Criticality, HealthRegistry, HealthReporter};
 use soma_observability::metrics::MetricsRegistry;
+use soma_observability::propagation::{record_trace_id, set_parent_from};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::BusConfig;
-use crate::envelope::{Envelope, EnvelopeError, TraceContext};
+use crate::envelope::{Envelope, EnvelopeError};
 use crate::error::BusError;
 use crate::metrics::{BusMetrics, LagLabels};
 use crate::producer::{BusProducer, RawRecord};
@@ -617,31 +618,43 @@ fn backoff(cfg: &BusConfig, attempt: u32) -> Duration {
 }
 
 /// Handles one message to completion. Returns true when its offset may be committed.
+///
+/// Everything, handler and DLQ write included, runs in a `soma.consume` span
+/// whose parent is the record's trace context (see [`crate::trace`]).
 async fn process(msg: &OwnedMessage, s: &Shared) -> bool {
     let topic = msg.topic();
-    let env = match decode(msg) {
-        Ok(env) => env,
-        Err(err) => {
-            s.metrics.consumed(topic, "malformed");
-            tracing::warn!(event = "malformed_message", topic, partition = msg.partition(), offset = msg.offset(), error = %err);
-            return dead_letter(msg, s, 0, &format!("malformed envelope: {err}")).await;
-        }
-    };
-    let parent = env.trace.clone();
     let span = tracing::info_span!(
         "soma.consume",
+        otel.kind = "consumer",
         topic,
         partition = msg.partition(),
         offset = msg.offset(),
-        message_id = %env.id,
-        tenant = %env.tenant,
-        message_type = %env.message_type,
         handler = %s.handler_name,
-        trace_id = parent.as_ref().map(TraceContext::trace_id).unwrap_or_default(),
-        parent_span_id = parent.as_ref().map(TraceContext::span_id).unwrap_or_default(),
+        message_id = tracing::field::Empty,
+        tenant = tracing::field::Empty,
+        message_type = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
     );
-    let ctx = parent.unwrap_or_else(TraceContext::new_root).child();
-    trace::with_trace_context(ctx, process_envelope(msg, env, s).instrument(span)).await
+    // Read from the raw headers, so a malformed record's DLQ write keeps its trace.
+    set_parent_from(&span, &trace::record_trace_headers(msg.headers()));
+    record_trace_id(&span);
+    async {
+        let env = match decode(msg) {
+            Ok(env) => env,
+            Err(err) => {
+                s.metrics.consumed(topic, "malformed");
+                tracing::warn!(event = "malformed_message", topic, partition = msg.partition(), offset = msg.offset(), error = %err);
+                return dead_letter(msg, s, 0, &format!("malformed envelope: {err}")).await;
+            }
+        };
+        let span = tracing::Span::current();
+        span.record("message_id", tracing::field::display(env.id));
+        span.record("tenant", env.tenant.as_str());
+        span.record("message_type", env.message_type.as_str());
+        process_envelope(msg, env, s).await
+    }
+    .instrument(span)
+    .await
 }
 
 async fn process_envelope(msg: &OwnedMessage, env: Envelope, s: &Shared) -> bool {

@@ -91,6 +91,12 @@ impl EnvelopeError {
 }
 
 /// W3C trace context carried by an envelope.
+///
+/// It implements soma-observability's
+/// [`HeaderCarrier`](soma_observability::propagation::HeaderCarrier) (see
+/// [`crate::trace`]). [`TraceContext::parse`] is the strict decoder used for
+/// received records: whatever it accepts, the W3C propagator accepts too, and
+/// what it rejects is reported by reason so the record can be dead-lettered.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TraceContext {
     /// `traceparent` header value (`00-<trace-id>-<span-id>-<flags>`).
@@ -137,6 +143,12 @@ impl TraceContext {
     pub fn trace_id(&self) -> &str {
         self.traceparent.split('-').nth(1).unwrap_or_default()
     }
+
+    /// The 16-hex-digit id of the span that sent the message (the parent of
+    /// the receiver's span).
+    pub fn span_id(&self) -> &str {
+        self.traceparent.split('-').nth(2).unwrap_or_default()
+    }
 }
 
 /// A message on the bus: metadata, ordering key and payload bytes.
@@ -166,7 +178,9 @@ pub struct Envelope {
     pub correlation_id: Option<String>,
     /// Causation id (the id of the message that caused this one).
     pub causation_id: Option<String>,
-    /// W3C trace context.
+    /// W3C trace context. `None` on a new envelope: the publisher then sends
+    /// the context of its `soma.publish` span. Set on received envelopes when
+    /// the record carried a `traceparent`.
     pub trace: Option<TraceContext>,
     /// Application headers (names must not start with `soma-`).
     pub attributes: BTreeMap<String, String>,
@@ -429,7 +443,14 @@ impl EnvelopeBuilder {
     }
 
     /// Makes this message caused by `cause`: causation id = its id, and its
-    /// correlation id (or its id) and trace (as a child span) are carried over.
+    /// correlation id (or its id) and trace are carried over.
+    ///
+    /// The trace: when the current span already belongs to the cause's trace
+    /// (inside the handler's `soma.consume` span), the envelope is left
+    /// without an explicit context and the publisher sends its `soma.publish`
+    /// span's, a real descendant of the consume span. Otherwise the cause's
+    /// context is copied as it is, so the message joins the cause's trace as
+    /// a sibling of the cause's consumers.
     pub fn caused_by(mut self, cause: &Envelope) -> Self {
         self.env.causation_id = Some(cause.id.to_string());
         self.env.correlation_id = Some(
@@ -439,12 +460,17 @@ impl EnvelopeBuilder {
                 .unwrap_or_else(|| cause.id.to_string()),
         );
         if let Some(t) = &cause.trace {
-            self.env.trace = Some(t.child());
+            let in_trace = soma_observability::propagation::current_trace_id()
+                .is_some_and(|id| id == t.trace_id());
+            if !in_trace {
+                self.env.trace = Some(t.clone());
+            }
         }
         self
     }
 
-    /// Sets the W3C trace context explicitly (the publisher otherwise injects the current span's).
+    /// Sets the W3C trace context explicitly; the message is sent with exactly
+    /// this context (the publisher otherwise injects its `soma.publish` span's).
     pub fn trace(mut self, trace: TraceContext) -> Self {
         self.env.trace = Some(trace);
         self

@@ -27,6 +27,10 @@
 //!   Malformed records go to the DLQ instead of wedging the partition.
 //!   [`replay_dlq`] (and the `soma-bus-replay` command) sends them back, with a
 //!   replay count that stops loops.
+//! - **One trace across hops.** `soma.publish` and `soma.consume` are
+//!   OpenTelemetry spans linked through `traceparent` headers, and handlers run
+//!   inside `soma.consume`, so gateway → Kafka → worker → Kafka is one trace
+//!   (see [`trace`]).
 //!
 //! # Example
 //!
@@ -85,4 +89,3 @@ pub use producer::{BusProducer, Delivery, FlushReport};
 pub use publisher::{BreakerState, DurablePublisher, DurablePublisherBuilder, PublishOutcome};
 pub use replay::{ReplayOptions, ReplayReport, replay_dlq};
 pub use sink::KafkaSink;
-pub use trace::with_trace_context;

@@ -40,12 +40,13 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use soma_observability::health::{Criticality, HealthRegistry, HealthReporter};
 use soma_observability::metrics::MetricsRegistry;
+use soma_observability::propagation::{current_trace_id, record_trace_id, set_parent_from};
 use soma_outbox::{NewMessage, Outbox};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, TraceContext};
 use crate::error::{BusError, is_permanent_kafka};
 use crate::metrics::BusMetrics;
 use crate::producer::{BusProducer, Delivery, FlushReport, RawRecord, envelope_headers};
@@ -368,35 +369,83 @@ impl DurablePublisher {
     }
 
     /// Publishes one envelope. See the [module docs](self) for the guarantee.
+    ///
+    /// Runs in a `soma.publish` span (a child of the current span) whose
+    /// context the message carries unless it has its own (see [`crate::trace`]).
     pub async fn publish(&self, topic: &str, env: &Envelope) -> Result<PublishOutcome, BusError> {
         let span = tracing::info_span!(
             "soma.publish",
+            otel.kind = "producer",
             topic,
             message_id = %env.id,
             tenant = %env.tenant,
             message_type = %env.message_type,
             outcome = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
         );
+        if let Some(t) = &env.trace {
+            // An explicit context is sent as it is; with no trace in scope the
+            // publish span joins it rather than starting an unrelated one.
+            if current_trace_id().is_none() {
+                set_parent_from(&span, t);
+            }
+        }
+        record_trace_id(&span);
         let mut out = self
-            .publish_many(topic, std::slice::from_ref(env))
-            .instrument(span)
+            .publish_batch(topic, std::slice::from_ref(env), &span)
+            .instrument(span.clone())
             .await;
-        out.pop().unwrap_or(Err(BusError::Shutdown))
+        let result = out.pop().unwrap_or(Err(BusError::Shutdown));
+        span.record(
+            "outcome",
+            match &result {
+                Ok(PublishOutcome::Published { .. }) => "kafka",
+                Ok(PublishOutcome::Deferred(_)) => "deferred",
+                Err(_) => "failed",
+            },
+        );
+        result
     }
 
     /// Publishes many envelopes to one topic; results are per message, in order.
     ///
     /// Kafka-bound messages are all enqueued before any acknowledgement is
     /// awaited; failed and outbox-bound ones are written to the outbox in one
-    /// transaction, in input order.
+    /// transaction, in input order. Runs in one `soma.publish` span (field
+    /// `count`) whose context every message without its own carries.
     pub async fn publish_many(
         &self,
         topic: &str,
         envs: &[Envelope],
     ) -> Vec<Result<PublishOutcome, BusError>> {
+        let span = tracing::info_span!(
+            "soma.publish",
+            otel.kind = "producer",
+            topic,
+            count = envs.len(),
+            trace_id = tracing::field::Empty,
+        );
+        record_trace_id(&span);
+        self.publish_batch(topic, envs, &span)
+            .instrument(span.clone())
+            .await
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        envs: &[Envelope],
+        span: &tracing::Span,
+    ) -> Vec<Result<PublishOutcome, BusError>> {
         let started = Instant::now();
         let inner = &*self.inner;
-        let trace = trace::current_trace_context();
+        // Injected into messages without a context of their own (the
+        // caller's, when a filter disabled the publish span).
+        let trace = if span.is_disabled() {
+            TraceContext::current()
+        } else {
+            TraceContext::of_span(span)
+        };
         let mut results: Vec<Option<Result<PublishOutcome, BusError>>> =
             (0..envs.len()).map(|_| None).collect();
         // (index, reason) of messages bound for the outbox.
@@ -602,7 +651,8 @@ impl DurablePublisher {
     ) -> Result<Uuid, BusError> {
         let mut headers = env.header_map();
         if env.trace.is_none() {
-            if let Some(t) = trace::current_trace_context() {
+            // The caller's span: the write happens in its transaction.
+            if let Some(t) = TraceContext::current() {
                 trace::add_trace_map(&mut headers, &t);
             }
         }

@@ -1,117 +1,157 @@
-//! W3C trace context on messages.
+//! W3C trace context on messages, through soma-observability's propagation.
 //!
-//! Every published message carries a `traceparent`: the envelope's own (set
-//! with [`EnvelopeBuilder::trace`](crate::EnvelopeBuilder::trace) or inherited
-//! through [`EnvelopeBuilder::caused_by`](crate::EnvelopeBuilder::caused_by)),
-//! or the one in scope via [`with_trace_context`], or a fresh root. The
-//! consumer opens its `soma.consume` span with the message's `trace_id` and
-//! `parent_span_id` as fields and scopes the handler in that context, so a
-//! message published from inside a handler continues the same trace.
+//! A single trace spans gateway → Kafka → worker → Kafka: every hop's spans
+//! are real OpenTelemetry spans (through the `tracing-opentelemetry` layer
+//! that [`soma_observability::init`] installs), linked by the `traceparent` /
+//! `tracestate` headers.
+//!
+//! - **Publish.** [`DurablePublisher`](crate::DurablePublisher) opens a
+//!   `soma.publish` span (a child of the caller's current span) and injects its
+//!   context into every message that has no trace context of its own. An
+//!   explicit context ([`EnvelopeBuilder::trace`](crate::EnvelopeBuilder::trace),
+//!   or one inherited through
+//!   [`EnvelopeBuilder::caused_by`](crate::EnvelopeBuilder::caused_by)) is sent
+//!   as it is. Messages deferred to the outbox store the same headers, so the
+//!   relay delivers them with the context of the original publish.
+//! - **Consume.** [`BusConsumer`](crate::BusConsumer) opens a `soma.consume`
+//!   span whose parent is the message's context
+//!   ([`set_parent_from`](soma_observability::propagation::set_parent_from)),
+//!   records its `trace_id` field, and runs the handler inside it: a message
+//!   published from the handler continues the same trace.
+//!
+//! Without a `tracing-opentelemetry` layer there are no OpenTelemetry
+//! contexts: messages carry only explicitly set trace contexts, and nothing
+//! is invented (a made-up `traceparent` would name spans that no tracer
+//! recorded).
+//!
+//! [`TraceContext`] implements [`HeaderCarrier`], so the soma-observability
+//! helpers read and write it directly:
+//!
+//! ```
+//! use soma_bus::TraceContext;
+//! use soma_observability::propagation::{extract_context, inject_context};
+//!
+//! let incoming = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None)?;
+//! let cx = extract_context(&incoming);
+//! let mut outgoing = TraceContext::default();
+//! inject_context(&cx, &mut outgoing);
+//! assert_eq!(outgoing, incoming);
+//! # Ok::<(), soma_bus::EnvelopeError>(())
+//! ```
 
 use std::collections::BTreeMap;
 
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers as _, OwnedHeaders};
+use soma_observability::propagation::{HeaderCarrier, inject_context};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::envelope::{HEADER_TRACEPARENT, HEADER_TRACESTATE, TraceContext};
 
-tokio::task_local! {
-    static CURRENT: TraceContext;
-}
-
-/// Runs `fut` with `ctx` as the trace context that publishes inside it continue.
-pub async fn with_trace_context<F: std::future::Future>(ctx: TraceContext, fut: F) -> F::Output {
-    CURRENT.scope(ctx, fut).await
-}
-
-/// The trace context in scope, if any.
-pub fn current() -> Option<TraceContext> {
-    CURRENT.try_with(Clone::clone).ok()
-}
-
-fn random_span_id() -> String {
-    loop {
-        let v: u64 = rand::random();
-        if v != 0 {
-            return format!("{v:016x}");
+impl HeaderCarrier for TraceContext {
+    fn get(&self, key: &str) -> Option<&str> {
+        match key {
+            HEADER_TRACEPARENT if !self.traceparent.is_empty() => Some(&self.traceparent),
+            HEADER_TRACESTATE => self.tracestate.as_deref(),
+            _ => None,
         }
+    }
+
+    fn set(&mut self, key: &str, value: String) {
+        match key {
+            HEADER_TRACEPARENT => self.traceparent = value,
+            HEADER_TRACESTATE => self.tracestate = Some(value).filter(|s| !s.is_empty()),
+            _ => {}
+        }
+    }
+
+    fn keys(&self) -> Vec<String> {
+        [HEADER_TRACEPARENT, HEADER_TRACESTATE]
+            .into_iter()
+            .filter(|k| HeaderCarrier::get(self, k).is_some())
+            .map(str::to_owned)
+            .collect()
     }
 }
 
 impl TraceContext {
-    /// A new root context (random trace id and span id, sampled).
-    pub fn new_root() -> Self {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        Self {
-            traceparent: format!("00-{id}-{}-01", random_span_id()),
-            tracestate: None,
-        }
+    /// The OpenTelemetry context of `span`, or `None` when it has none (no
+    /// `tracing-opentelemetry` layer, or the span is disabled and has no
+    /// context of its own).
+    pub fn of_span(span: &tracing::Span) -> Option<Self> {
+        let mut t = Self::default();
+        inject_context(&span.context(), &mut t);
+        (!t.traceparent.is_empty()).then_some(t)
     }
 
-    /// A child of this context: same trace id and flags, new span id.
-    pub fn child(&self) -> Self {
-        let mut parts = self.traceparent.split('-');
-        let version = parts.next().unwrap_or("00");
-        let trace_id = parts.next().unwrap_or_default().to_owned();
-        let flags = parts.nth(1).unwrap_or("01");
-        Self {
-            traceparent: format!("{version}-{trace_id}-{}-{flags}", random_span_id()),
-            tracestate: self.tracestate.clone(),
-        }
-    }
-
-    /// The 16-hex-digit span id of the sender.
-    pub fn span_id(&self) -> &str {
-        self.traceparent.split('-').nth(2).unwrap_or_default()
+    /// The OpenTelemetry context of the current span (see [`TraceContext::of_span`]).
+    pub fn current() -> Option<Self> {
+        Self::of_span(&tracing::Span::current())
     }
 }
 
-/// The context a publish in the current scope should carry.
-pub(crate) fn current_trace_context() -> Option<TraceContext> {
-    Some(current().map_or_else(TraceContext::new_root, |c| c.child()))
+/// The trace headers of a raw record (for the `soma.consume` span's parent,
+/// read before the envelope is decoded so malformed records keep their trace).
+pub(crate) fn record_trace_headers(headers: Option<&OwnedHeaders>) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    for h in headers.into_iter().flat_map(|h| h.iter()) {
+        if h.key == HEADER_TRACEPARENT || h.key == HEADER_TRACESTATE {
+            if let Some(v) = h.value.and_then(|v| std::str::from_utf8(v).ok()) {
+                m.insert(h.key.to_owned(), v.to_owned());
+            }
+        }
+    }
+    m
 }
 
+/// Appends `t` to Kafka headers (for messages without a context of their own).
 pub(crate) fn add_trace_headers(mut h: OwnedHeaders, t: &TraceContext) -> OwnedHeaders {
-    h = h.insert(Header {
-        key: HEADER_TRACEPARENT,
-        value: Some(t.traceparent.as_bytes()),
-    });
-    if let Some(s) = &t.tracestate {
-        h = h.insert(Header {
-            key: HEADER_TRACESTATE,
-            value: Some(s.as_bytes()),
-        });
+    for key in [HEADER_TRACEPARENT, HEADER_TRACESTATE] {
+        if let Some(v) = HeaderCarrier::get(t, key) {
+            h = h.insert(Header {
+                key,
+                value: Some(v.as_bytes()),
+            });
+        }
     }
     h
 }
 
+/// Writes `t` into an outbox header map.
 pub(crate) fn add_trace_map(m: &mut BTreeMap<String, String>, t: &TraceContext) {
-    m.insert(HEADER_TRACEPARENT.to_owned(), t.traceparent.clone());
-    if let Some(s) = &t.tracestate {
-        m.insert(HEADER_TRACESTATE.to_owned(), s.clone());
+    for key in [HEADER_TRACEPARENT, HEADER_TRACESTATE] {
+        if let Some(v) = HeaderCarrier::get(t, key) {
+            m.insert(key.to_owned(), v.to_owned());
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use soma_observability::propagation::extract_context;
+
     use super::*;
 
     #[test]
-    fn root_and_child_are_valid() {
-        let r = TraceContext::new_root();
-        TraceContext::parse(&r.traceparent, None).unwrap();
-        let c = r.child();
-        TraceContext::parse(&c.traceparent, None).unwrap();
-        assert_eq!(r.trace_id(), c.trace_id());
-        assert_ne!(r.span_id(), c.span_id());
+    fn carrier_round_trips_through_the_propagator() {
+        let t = TraceContext::parse(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            Some("vendor=x"),
+        )
+        .unwrap();
+        let mut out = TraceContext::default();
+        inject_context(&extract_context(&t), &mut out);
+        assert_eq!(out, t);
+        assert_eq!(t.keys(), vec!["traceparent", "tracestate"]);
+        assert!(TraceContext::default().keys().is_empty());
     }
 
-    #[tokio::test]
-    async fn scoped_context_is_continued() {
-        let root = TraceContext::new_root();
-        let got = with_trace_context(root.clone(), async { current_trace_context() })
-            .await
-            .unwrap();
-        assert_eq!(got.trace_id(), root.trace_id());
-        assert!(current().is_none());
+    #[test]
+    fn no_context_without_an_otel_layer() {
+        let span = tracing::info_span!("x");
+        assert_eq!(TraceContext::of_span(&span), None);
+        assert_eq!(TraceContext::current(), None);
+        let mut m = BTreeMap::new();
+        add_trace_map(&mut m, &TraceContext::default());
+        assert!(m.is_empty());
     }
 }
