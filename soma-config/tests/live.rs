@@ -5,25 +5,13 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use common::{AppSettings, no_env, toml_file};
+use common::{AppSettings, no_env, strict_live, toml_file};
 use serde_json::json;
 use soma_config::{Change, ConfigUpdate, Live, Loader, Origin, checksum};
 
 fn live_with_file(body: &str) -> (tempfile::TempDir, std::path::PathBuf, Live<AppSettings>) {
     let (dir, path) = toml_file(body);
-    let live = Loader::<AppSettings>::new()
-        .env_from([("SOMA_BUS__PARTITIONS", "4")])
-        .file(&path)
-        .strict(true)
-        .validate(|s, c| {
-            c.ensure(
-                s.redis.pool_size > 0,
-                "redis.pool_size",
-                "must be at least 1",
-            )
-        })
-        .into_live()
-        .unwrap();
+    let live = strict_live(&path, [("SOMA_BUS__PARTITIONS", "4")]);
     (dir, path, live)
 }
 

@@ -5,8 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{AppSettings, no_env, toml_file};
-use soma_config::Loader;
+use common::{no_env, strict_live, toml_file};
 
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -19,19 +18,7 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 #[test]
 fn edits_reload_debounced_and_broken_edits_keep_last_good() {
     let (_dir, path) = toml_file("[redis]\npool_size = 3\n");
-    let live = Loader::<AppSettings>::new()
-        .env_from(no_env())
-        .file(&path)
-        .strict(true)
-        .validate(|s, c| {
-            c.ensure(
-                s.redis.pool_size > 0,
-                "redis.pool_size",
-                "must be at least 1",
-            )
-        })
-        .into_live()
-        .unwrap();
+    let live = strict_live(&path, no_env());
     let handle = live.watch_files(Duration::from_millis(150)).unwrap();
 
     // A burst of writes becomes one reload with the final content.

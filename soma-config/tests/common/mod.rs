@@ -85,3 +85,28 @@ pub fn toml_file(body: &str) -> (tempfile::TempDir, std::path::PathBuf) {
 pub fn no_env() -> Vec<(String, String)> {
     Vec::new()
 }
+
+/// A strict `Live<AppSettings>` over one TOML file and the given environment,
+/// validating that `redis.pool_size` is at least 1.
+pub fn strict_live<K, V>(
+    path: &std::path::Path,
+    env: impl IntoIterator<Item = (K, V)>,
+) -> soma_config::Live<AppSettings>
+where
+    K: Into<std::ffi::OsString>,
+    V: Into<std::ffi::OsString>,
+{
+    soma_config::Loader::<AppSettings>::new()
+        .env_from(env)
+        .file(path)
+        .strict(true)
+        .validate(|s, c| {
+            c.ensure(
+                s.redis.pool_size > 0,
+                "redis.pool_size",
+                "must be at least 1",
+            )
+        })
+        .into_live()
+        .expect("valid settings")
+}
