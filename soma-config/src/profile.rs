@@ -38,25 +38,24 @@ impl DeploymentProfile {
     }
 
     /// The SDK's built-in preset for this profile. It sizes the standard
-    /// soma sections (`redis`, `postgres`, `bus`, `outbox`, `policy`,
-    /// `somabrain`); entries for sections or keys your settings type does
+    /// soma sections (`redis`, `bus`, `relay`, `policy`) and an
+    /// application's `postgres` pool section; entries for sections or keys your settings type does
     /// not have are skipped, so it is safe with any settings type.
     pub fn builtin_preset(self) -> ProfilePreset {
         let p = ProfilePreset::new(self);
         let table: &[(&str, u64, u64)] = &[
-            // key, local, prod
+            // key, local, prod — keys of the soma crates' own config
+            // sections (checked against them by the example platform's tests).
             ("redis.pool_size", 4, 32),
             ("redis.connect_timeout_ms", 2_000, 5_000),
             ("redis.command_timeout_ms", 1_000, 2_000),
             ("postgres.max_connections", 5, 50),
             ("postgres.connect_timeout_ms", 2_000, 5_000),
-            ("bus.partitions", 1, 12),
-            ("bus.request_timeout_ms", 5_000, 30_000),
-            ("outbox.batch_size", 50, 500),
-            ("outbox.poll_interval_ms", 100, 250),
-            ("policy.cache_capacity", 1_000, 100_000),
-            ("policy.request_timeout_ms", 1_000, 2_000),
-            ("somabrain.timeout_ms", 2_000, 5_000),
+            ("bus.topic_partitions", 1, 12),
+            ("bus.consumer_concurrency", 4, 16),
+            ("relay.batch_size", 50, 500),
+            ("relay.poll_interval_ms", 100, 500),
+            ("policy.cache.capacity", 1_000, 100_000),
         ];
         table.iter().fold(p, |p, (key, local, prod)| {
             let v = if self == DeploymentProfile::Local {

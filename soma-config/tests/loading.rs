@@ -264,7 +264,7 @@ fn profiles_size_but_never_weaken_safety() {
     assert_eq!(local.profile, DeploymentProfile::Local);
     assert_eq!(prod.profile, DeploymentProfile::Prod);
     assert!(local.redis.pool_size < prod.redis.pool_size);
-    assert!(local.bus.partitions < prod.bus.partitions);
+    assert!(local.redis.connect_timeout_ms < prod.redis.connect_timeout_ms);
     for s in [&local, &prod] {
         assert!(s.auth.required, "authentication stays on in every profile");
         assert_eq!(s.bus.acks, "all", "durability stays on in every profile");

@@ -13,6 +13,7 @@ package soma.authz
 # which scope the credential must carry.
 actions := {
 	"conversation.send": {"roles": {"user", "agent", "admin"}, "scope": "conversation:write"},
+	"conversation.read": {"roles": {"user", "agent", "admin"}, "scope": "conversation:read"},
 	"tool.execute": {"roles": {"agent", "admin"}, "scope": "tool:execute"},
 	"memory.write": {"roles": {"user", "agent", "admin"}, "scope": "memory:write"},
 	"scheduler.create": {"roles": {"operator", "admin"}, "scope": "scheduler:write"},

@@ -18,6 +18,12 @@ base := {
 
 test_user_can_send if authz.allow with input as base
 
+test_reading_a_conversation_needs_the_read_scope if {
+	authz.allow with input as object.union(base, {"action": "conversation.read", "scopes": ["conversation:read"]})
+	d := authz.decision with input as object.union(base, {"action": "conversation.read"})
+	d.reasons == ["missing_scope"]
+}
+
 test_user_can_write_memory if authz.allow with input as object.union(base, {"action": "memory.write"})
 
 test_unknown_action_denied if {

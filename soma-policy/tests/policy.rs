@@ -66,6 +66,7 @@ async fn rego_tests_pass_under_real_opa() {
 
 const ACTIONS: &[&str] = &[
     "conversation.send",
+    "conversation.read",
     "tool.execute",
     "memory.write",
     "scheduler.create",
@@ -82,6 +83,7 @@ const ACTIONS: &[&str] = &[
 const ROLES: &[&str] = &["user", "agent", "admin", "operator", "viewer", "Admin", ""];
 const SCOPES: &[&str] = &[
     "conversation:write",
+    "conversation:read",
     "tool:execute",
     "memory:write",
     "scheduler:read",

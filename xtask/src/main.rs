@@ -3,6 +3,7 @@
 //! ```text
 //! cargo xtask test            # the whole pipeline CI runs (README: Quick start)
 //! cargo xtask stack up|down|status
+//! cargo xtask platform up|down|status|token   # the example platform (README: Run the platform)
 //! cargo xtask lint-env [--manifest-path PATH] [--format text|json]
 //! ```
 //!
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+mod platform;
 mod stack;
 
 const USAGE: &str = "usage: cargo xtask <command>
@@ -22,6 +24,8 @@ commands:
   test [--no-stack] [--only-tests] [-- <nextest args>]
                        bring up the stack, then fmt, clippy, lint-env, deny and all tests
   stack up|down|status the local services (PostgreSQL, Redis, tansu, and stack.d extras)
+  platform up|down|status|token [--tenant T] [--subject S]
+                       run the example platform (gateway + workers) and smoke-test it
   lint-env [--manifest-path PATH] [--format text|json]
                        forbid process-environment access outside allowed crates
   deny                 cargo deny --offline check licenses bans sources";
@@ -36,6 +40,7 @@ fn main() -> ExitCode {
     let result = match cmd.as_str() {
         "lint-env" => return exit(lint_env(rest)),
         "stack" => stack::cli(&rest),
+        "platform" => platform::cli(&rest),
         "test" | "ci" => test(&rest),
         "deny" => ensure_cargo_deny().and_then(|()| deny()),
         "-h" | "--help" | "help" => {

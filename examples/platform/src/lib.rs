@@ -1,0 +1,73 @@
+#![doc = include_str!("../README.md")]
+
+pub mod cli;
+pub mod conversation;
+pub mod gateway;
+pub mod memory;
+pub mod protocol;
+pub mod runtime;
+pub mod settings;
+
+pub use conversation::ConversationWorker;
+pub use gateway::Gateway;
+pub use memory::MemoryReplicator;
+pub use settings::PlatformSettings;
+
+/// Why a platform service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    /// The settings did not load or validate (names the source and key).
+    #[error("configuration: {0}")]
+    Config(#[from] soma_config::ConfigError),
+    /// PostgreSQL is unreachable or refused the connection.
+    #[error("PostgreSQL at {url}: {source}")]
+    Postgres {
+        /// The URL, without its password.
+        url: String,
+        /// The driver's error.
+        source: sqlx::Error,
+    },
+    /// The outbox could not be set up.
+    #[error(transparent)]
+    Outbox(#[from] soma_outbox::OutboxError),
+    /// Kafka client set-up failed (bad settings; a down broker is not an
+    /// error at start).
+    #[error(transparent)]
+    Bus(#[from] soma_bus::BusError),
+    /// Redis client set-up failed.
+    #[error(transparent)]
+    Redis(#[from] soma_redis::RedisError),
+    /// Authentication or authorization set-up failed (issuers, policy
+    /// files, routes).
+    #[error("policy: {0}")]
+    Policy(String),
+    /// The SomaBrain client could not be built.
+    #[error(transparent)]
+    Somabrain(#[from] soma_somabrain::Error),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address (or which listener).
+        addr: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Telemetry could not be initialised.
+    #[error(transparent)]
+    Telemetry(#[from] soma_observability::TelemetryError),
+}
+
+impl PlatformError {
+    /// Whether the error is bad configuration (fix the settings, don't retry).
+    pub fn is_config(&self) -> bool {
+        matches!(self, PlatformError::Config(_) | PlatformError::Policy(_))
+    }
+
+    /// Whether a dependency was unreachable (retrying later may work).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            PlatformError::Postgres { .. } | PlatformError::Bind { .. }
+        )
+    }
+}

@@ -1,0 +1,167 @@
+//! The memory replicator: writes conversation turns to SomaBrain, after its
+//! own authorization.
+//!
+//! For each `memory.write.requested` envelope (group
+//! `<bus.consumer_group>.memory`):
+//!
+//! 1. authorize `memory.write` on `memory/<conversation>` for the principal
+//!    the gateway verified, with the same [`Authorizer`] and input schema as
+//!    the HTTP layer. A denial dead-letters the message (fatal); a policy
+//!    engine that cannot decide is retried (fail closed);
+//! 2. `remember` it in SomaBrain under the message id as key (a redelivery
+//!    overwrites the same memory). SomaBrain unavailable, timing out or
+//!    rate limiting is retried with backoff, then dead-lettered to
+//!    `<memory topic>.dlq` with the error — nothing is lost, and
+//!    `soma-bus-replay` puts it back once SomaBrain is healthy.
+
+use std::sync::Arc;
+
+use soma_bus::{ConsumerHandle, Envelope, HandlerError};
+use soma_config::Live;
+use soma_observability::health::{CheckOptions, Criticality};
+use soma_policy::{Authorizer, AuthzInput, PolicyMetrics, Resource};
+use soma_somabrain::{CallOptions, Memory, SomabrainClient};
+use tokio::net::TcpListener;
+
+use crate::PlatformError;
+use crate::protocol::MemoryWrite;
+use crate::runtime::{KafkaRole, Runtime};
+use crate::settings::PlatformSettings;
+
+/// Consumer handler name (in DLQ headers and metrics).
+pub const HANDLER: &str = "memory-replicator";
+
+struct Ctx {
+    settings: Arc<PlatformSettings>,
+    authz: Authorizer,
+    brain: SomabrainClient,
+}
+
+/// A running memory replicator.
+pub struct MemoryReplicator {
+    runtime: Runtime,
+    consumer: Option<ConsumerHandle>,
+}
+
+impl std::fmt::Debug for MemoryReplicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryReplicator")
+            .field("admin_addr", &self.runtime.admin_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryReplicator {
+    /// Starts consuming `chat.memory_topic`; admin endpoints on `admin`.
+    pub async fn start(
+        live: Live<PlatformSettings>,
+        admin: TcpListener,
+    ) -> Result<Self, PlatformError> {
+        let runtime = Runtime::start(live, admin, KafkaRole::Consumes, "memory").await?;
+        let settings = runtime.settings.clone();
+        let brain = SomabrainClient::builder(settings.somabrain.clone())
+            .metrics(&runtime.metrics)
+            .build()?;
+        // Writes wait (retry, then DLQ) while SomaBrain is down: degraded.
+        brain.register_health(
+            &runtime.health,
+            Criticality::Optional,
+            CheckOptions::default(),
+        );
+        let authz = Authorizer::from_config(&settings.policy, PolicyMetrics::new(&runtime.metrics))
+            .map_err(|e| PlatformError::Policy(e.to_string()))?
+            .build();
+        let ctx = Arc::new(Ctx {
+            settings: settings.clone(),
+            authz,
+            brain,
+        });
+        let handler = move |env: Envelope| {
+            let ctx = ctx.clone();
+            async move { handle(&ctx, env).await }
+        };
+        let consumer = soma_bus::BusConsumer::builder(
+            &runtime.bus("memory"),
+            &[settings.chat.memory_topic.as_str()],
+            HANDLER,
+            handler,
+        )
+        .producer(runtime.producer.clone())
+        .metrics(&runtime.metrics)
+        .health(&runtime.health)
+        .spawn()?;
+        tracing::info!(event = "memory_replicator_started", admin = %runtime.admin_addr);
+        Ok(Self {
+            runtime,
+            consumer: Some(consumer),
+        })
+    }
+
+    /// Where `/live`, `/ready`, `/v1/health` and `/metrics` listen.
+    pub fn admin_addr(&self) -> std::net::SocketAddr {
+        self.runtime.admin_addr
+    }
+
+    /// The shared runtime.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// Stops fetching, finishes in-flight writes, commits, then shuts the
+    /// runtime down.
+    pub async fn shutdown(mut self) {
+        if let Some(c) = self.consumer.take() {
+            c.shutdown().await;
+        }
+        self.runtime.shutdown().await;
+    }
+}
+
+async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
+    let write: MemoryWrite = env
+        .json()
+        .map_err(|e| HandlerError::fatal(format!("not a memory write: {e}")))?;
+    let input = AuthzInput::new(
+        &write.principal,
+        "memory.write",
+        Resource {
+            kind: "memory".into(),
+            id: Some(write.conversation_id.clone()),
+        },
+    )
+    .with_context("resource_tenant", env.tenant.clone());
+    let decision = ctx
+        .authz
+        .check(&input)
+        .await
+        .map_err(|e| HandlerError::retryable(format!("policy unavailable: {e}")))?;
+    if !decision.allow {
+        return Err(HandlerError::fatal(format!(
+            "memory.write denied: {}",
+            decision.reasons.join(",")
+        )));
+    }
+    let memory = Memory::from_json(
+        write.message_id.to_string(),
+        serde_json::json!({
+            "conversation_id": write.conversation_id,
+            "subject": write.principal.subject,
+            "user_text": write.user_text,
+            "reply_text": write.reply_text,
+        }),
+    )
+    .map_err(HandlerError::fatal)?;
+    let scope = CallOptions::new()
+        .tenant(write.principal.tenant.as_str())
+        .namespace(ctx.settings.chat.memory_namespace.as_str());
+    match ctx.brain.remember(&memory, scope).await {
+        Ok(ack) => {
+            if !ack.is_confirmed() {
+                tracing::warn!(event = "memory_stored_with_warnings", warnings = ?ack.warnings);
+            }
+            Ok(())
+        }
+        Err(e) if e.is_retryable() || e.is_unavailable() => Err(HandlerError::retryable(e)),
+        Err(e) => Err(HandlerError::fatal(e)),
+    }
+}

@@ -1,0 +1,189 @@
+//! What travels on the bus between the gateway and the workers.
+//!
+//! Every message is a soma-bus [`Envelope`](soma_bus::Envelope) keyed by the
+//! conversation id, so one conversation's messages, replies and memory
+//! writes stay in order on their partitions.
+
+use serde::{Deserialize, Serialize};
+use soma_policy::Principal;
+use uuid::Uuid;
+
+/// Envelope type of an accepted user message.
+pub const MESSAGE_RECEIVED: &str = "chat.message.received";
+/// Envelope type of reply events (see [`EventKind`]).
+pub const REPLY_EVENT: &str = "chat.reply.event";
+/// Envelope type of a memory write request.
+pub const MEMORY_WRITE: &str = "memory.write.requested";
+
+/// A user message accepted by the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    /// The conversation.
+    pub conversation_id: String,
+    /// The text the user sent.
+    pub text: String,
+    /// Who sent it, as verified by the gateway's authentication layer (never
+    /// a credential: subject, tenant, roles, scopes and how they
+    /// authenticated).
+    pub principal: Principal,
+    /// The gateway request id, for logs.
+    pub request_id: String,
+}
+
+/// What a reply event says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The worker started answering `message_id`.
+    Started,
+    /// The next piece of the reply text.
+    Delta,
+    /// The reply is complete; `text` is the whole reply.
+    Completed,
+}
+
+impl EventKind {
+    /// The SSE event name: `reply.started`, `reply.delta`, `reply.completed`.
+    pub fn sse_name(self) -> &'static str {
+        match self {
+            EventKind::Started => "reply.started",
+            EventKind::Delta => "reply.delta",
+            EventKind::Completed => "reply.completed",
+        }
+    }
+}
+
+/// One reply event, streamed to the conversation's SSE clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatEvent {
+    /// The conversation.
+    pub conversation_id: String,
+    /// The user message being answered (its envelope id).
+    pub message_id: Uuid,
+    /// Position of this event within the reply, from 0.
+    pub seq: u32,
+    /// What this event is.
+    pub kind: EventKind,
+    /// Delta text, or the full reply on `completed`.
+    pub text: String,
+    /// Whether the reply used SomaBrain memory: `recalled`, `none` or
+    /// `unavailable` (SomaBrain down: answered without memory).
+    pub memory: MemoryStatus,
+}
+
+/// How the worker's memory recall went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryStatus {
+    /// Memories were recalled and used.
+    Recalled,
+    /// SomaBrain answered, with nothing relevant.
+    None,
+    /// SomaBrain was unavailable; the reply was made without memory.
+    Unavailable,
+}
+
+/// A request to remember a conversation turn in SomaBrain, carried out by
+/// the memory replicator after its own `memory.write` authorization.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryWrite {
+    /// The conversation.
+    pub conversation_id: String,
+    /// The user message (its envelope id); also the memory key, so a
+    /// redelivery writes the same memory again rather than a second one.
+    pub message_id: Uuid,
+    /// On whose behalf the memory is written.
+    pub principal: Principal,
+    /// What the user said.
+    pub user_text: String,
+    /// What the assistant answered.
+    pub reply_text: String,
+}
+
+/// Whether `id` is an acceptable conversation id: 1–128 ASCII letters,
+/// digits, `-` or `_` (it becomes a Kafka key and a SomaBrain key).
+pub fn valid_conversation_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The example's assistant: a deterministic reply (this example ships no
+/// language model). It names the sender and what memory was available, so
+/// tests and the demo can check the whole path.
+pub fn compose_reply(req: &ChatRequest, memory: MemoryStatus, recalled: &[String]) -> String {
+    let words = req.text.split_whitespace().count();
+    let memory_note = match memory {
+        MemoryStatus::Recalled => format!("I remember: {}.", recalled.join("; ")),
+        MemoryStatus::None => "I have no memories of this yet.".to_owned(),
+        MemoryStatus::Unavailable => "My memory is unavailable right now.".to_owned(),
+    };
+    format!(
+        "Hello {}, you said {} word{}: \"{}\". {}",
+        req.principal.subject,
+        words,
+        if words == 1 { "" } else { "s" },
+        req.text.trim(),
+        memory_note
+    )
+}
+
+/// Splits a reply into the deltas streamed to clients (word by word,
+/// keeping the spaces, so concatenating the deltas gives the reply).
+pub fn split_deltas(reply: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for ch in reply.chars() {
+        current.push(ch);
+        if ch == ' ' {
+            out.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use soma_policy::AuthKind;
+
+    fn req(text: &str) -> ChatRequest {
+        ChatRequest {
+            conversation_id: "c1".into(),
+            text: text.into(),
+            principal: Principal {
+                subject: "alice".into(),
+                tenant: "acme".into(),
+                roles: vec!["user".into()],
+                scopes: vec![],
+                auth_kind: AuthKind::Jwt {
+                    issuer: "dev".into(),
+                },
+            },
+            request_id: "r".into(),
+        }
+    }
+
+    #[test]
+    fn deltas_concatenate_to_the_reply() {
+        let reply = compose_reply(&req("hi  there"), MemoryStatus::Unavailable, &[]);
+        assert!(reply.starts_with("Hello alice, you said 2 words: \"hi  there\"."));
+        let deltas = split_deltas(&reply);
+        assert!(deltas.len() > 5);
+        assert_eq!(deltas.concat(), reply);
+    }
+
+    #[test]
+    fn conversation_ids_are_restricted() {
+        assert!(valid_conversation_id("conv_1-a"));
+        assert!(!valid_conversation_id(""));
+        assert!(!valid_conversation_id("a b"));
+        assert!(!valid_conversation_id("a:b"));
+        assert!(!valid_conversation_id(&"x".repeat(129)));
+    }
+}

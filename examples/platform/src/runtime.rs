@@ -1,0 +1,274 @@
+//! What every service of the platform starts with: metrics, health, the
+//! Postgres pool, the outbox and its relay, the Kafka producer and durable
+//! publisher, the admin endpoints, and the broadcast consumer that applies
+//! remote configuration updates.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use soma_bus::{
+    BusConfig, BusConsumer, BusProducer, ConsumerHandle, DurablePublisher, Envelope, HandlerError,
+    KafkaSink, TopicAdmin,
+};
+use soma_config::{ConfigUpdate, Live};
+use soma_observability::health::{CheckOptions, Criticality, HealthRegistry};
+use soma_observability::metrics::MetricsRegistry;
+use soma_outbox::{Outbox, OutboxHealthCheck, OutboxMetrics, Relay, RelayHandle};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::PlatformError;
+use crate::settings::PlatformSettings;
+
+/// How Kafka's health counts for a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KafkaRole {
+    /// The service only publishes: with Kafka down its messages go to the
+    /// outbox, so Kafka is `optional` (the service is degraded, still ready).
+    PublishOnly,
+    /// The service consumes: without Kafka it cannot work, so Kafka is
+    /// `required`.
+    Consumes,
+}
+
+/// The shared building blocks of one platform process.
+pub struct Runtime {
+    /// The settings registry (remote updates are applied to it).
+    pub live: Live<PlatformSettings>,
+    /// The settings this process started with.
+    pub settings: Arc<PlatformSettings>,
+    /// The process's metrics (served on `/metrics`).
+    pub metrics: MetricsRegistry,
+    /// The process's health (served on `/live`, `/ready`, `/v1/health`).
+    pub health: HealthRegistry,
+    /// The Postgres pool.
+    pub pool: PgPool,
+    /// The outbox (also the inbox).
+    pub outbox: Outbox,
+    /// The Kafka producer shared by the publisher, the relay and DLQ writes.
+    pub producer: BusProducer,
+    /// Kafka, or the outbox when Kafka is down.
+    pub publisher: DurablePublisher,
+    /// The address the admin endpoints listen on.
+    pub admin_addr: std::net::SocketAddr,
+    relay: Option<RelayHandle>,
+    config_consumer: Option<ConsumerHandle>,
+    admin: Option<JoinHandle<()>>,
+    admin_stop: CancellationToken,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("service", &self.settings.telemetry.service_name)
+            .field("admin_addr", &self.admin_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// Connects everything and starts the relay, the admin endpoints (on
+    /// `admin`) and the configuration-update consumer.
+    ///
+    /// PostgreSQL must be reachable (the outbox is the durability of last
+    /// resort, so a process without it does not start). Kafka need not be:
+    /// topic creation is retried by the health check's view of the broker,
+    /// and publishes fall back to the outbox.
+    pub async fn start(
+        live: Live<PlatformSettings>,
+        admin: TcpListener,
+        kafka: KafkaRole,
+        group_suffix: &str,
+    ) -> Result<Self, PlatformError> {
+        let settings: Arc<PlatformSettings> = Arc::new(live.load().value().clone());
+        let metrics = MetricsRegistry::new(settings.telemetry.const_labels());
+        let health = HealthRegistry::new();
+        health.export_metrics(&metrics);
+
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.postgres.max_connections)
+            .acquire_timeout(Duration::from_millis(settings.postgres.connect_timeout_ms))
+            .connect(&settings.postgres.url)
+            .await
+            .map_err(|source| PlatformError::Postgres {
+                url: redact_url(&settings.postgres.url),
+                source,
+            })?;
+        let outbox = Outbox::new(pool.clone(), settings.outbox.clone()).await?;
+        OutboxHealthCheck::new(outbox.clone()).register(
+            &health,
+            CheckOptions::new(Duration::from_secs(5), Duration::from_secs(2)),
+        );
+
+        let bus = bus_config(&settings.bus, group_suffix);
+        let producer = BusProducer::new(&bus)?;
+        let publisher = DurablePublisher::builder(producer.clone(), outbox.clone())
+            .metrics(&metrics)
+            .health(&health)
+            .build();
+        let relay = Relay::new(
+            outbox.clone(),
+            KafkaSink::new(producer.clone()),
+            settings.relay.clone(),
+        )
+        .with_metrics(OutboxMetrics::new(&metrics, &outbox))
+        .spawn();
+
+        let topic_admin = TopicAdmin::new(&bus)?;
+        let criticality = match kafka {
+            KafkaRole::PublishOnly => Criticality::Optional,
+            KafkaRole::Consumes => Criticality::Required,
+        };
+        health.register_check(
+            "kafka",
+            criticality,
+            topic_admin.health_check(),
+            CheckOptions::new(Duration::from_secs(5), Duration::from_secs(3)),
+        );
+        if let Err(e) = topic_admin.ensure_topics(&settings.topics(), true).await {
+            // Publishing still works (the outbox holds messages until the
+            // broker is back); consumers report the problem through health.
+            tracing::warn!(event = "ensure_topics_failed", error = %e);
+        }
+
+        let config_consumer = spawn_config_updates(&live, &bus, &settings, &producer, &metrics)?;
+
+        let admin_addr = admin.local_addr().map_err(|source| PlatformError::Bind {
+            addr: "admin".into(),
+            source,
+        })?;
+        let admin_stop = CancellationToken::new();
+        let router = soma_observability::admin::admin_router(metrics.clone(), health.clone());
+        let stop = admin_stop.clone();
+        let admin_task = tokio::spawn(async move {
+            let serve = axum::serve(admin, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await });
+            if let Err(e) = serve.await {
+                tracing::error!(event = "admin_server_failed", error = %e);
+            }
+        });
+
+        Ok(Self {
+            live,
+            settings,
+            metrics,
+            health,
+            pool,
+            outbox,
+            producer,
+            publisher,
+            admin_addr,
+            relay: Some(relay),
+            config_consumer: Some(config_consumer),
+            admin: Some(admin_task),
+            admin_stop,
+        })
+    }
+
+    /// The bus settings for this service's consumers (group
+    /// `<bus.consumer_group>.<suffix>`).
+    pub fn bus(&self, group_suffix: &str) -> BusConfig {
+        bus_config(&self.settings.bus, group_suffix)
+    }
+
+    /// Stops the config consumer, flushes the producer within
+    /// `bus.flush_timeout_ms`, lets the relay finish its batch and stops the
+    /// admin endpoints. Messages still in the outbox stay there for the next
+    /// relay: nothing accepted is lost.
+    pub async fn shutdown(mut self) {
+        if let Some(c) = self.config_consumer.take() {
+            c.shutdown().await;
+        }
+        let report = self.publisher.shutdown().await;
+        if !report.is_complete() {
+            tracing::warn!(event = "producer_flush_incomplete", ?report);
+        }
+        if let Some(r) = self.relay.take() {
+            if let Err(e) = r.shutdown().await {
+                tracing::warn!(event = "relay_shutdown_failed", error = %e);
+            }
+        }
+        self.admin_stop.cancel();
+        if let Some(a) = self.admin.take() {
+            let _ = a.await;
+        }
+        self.pool.close().await;
+    }
+}
+
+fn bus_config(base: &BusConfig, group_suffix: &str) -> BusConfig {
+    let mut bus = base.clone();
+    bus.consumer_group = format!("{}.{}", base.consumer_group, group_suffix);
+    bus
+}
+
+/// Every replica applies every remote config update (broadcast consumer):
+/// the fix for an update that reached one replica and never the facade.
+fn spawn_config_updates(
+    live: &Live<PlatformSettings>,
+    bus: &BusConfig,
+    settings: &PlatformSettings,
+    producer: &BusProducer,
+    metrics: &MetricsRegistry,
+) -> Result<ConsumerHandle, PlatformError> {
+    let live = live.clone();
+    let handler = move |env: Envelope| {
+        let live = live.clone();
+        async move {
+            let update: ConfigUpdate = env
+                .json()
+                .map_err(|e| HandlerError::fatal(format!("not a config update: {e}")))?;
+            match live.apply(&update) {
+                Ok(change) => {
+                    tracing::info!(
+                        event = "config_update_applied",
+                        update_version = update.version,
+                        ?change
+                    );
+                    Ok(())
+                }
+                // Keep-last-good: the running value is unchanged.
+                Err(e) => Err(HandlerError::fatal(format!("config update rejected: {e}"))),
+            }
+        }
+    };
+    Ok(BusConsumer::builder(
+        bus,
+        &[settings.chat.config_topic.as_str()],
+        "config-updates",
+        handler,
+    )
+    .producer(producer.clone())
+    .metrics(metrics)
+    .broadcast()
+    .spawn()?)
+}
+
+/// `url` without its password, for error messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}:***@{}", &url[..scheme_end + 3], user, &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_are_removed_from_urls() {
+        assert_eq!(
+            redact_url("postgres://app:hunter2@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(redact_url("postgres://db:5432/x"), "postgres://db:5432/x");
+    }
+}

@@ -1,0 +1,260 @@
+//! The platform's one settings type, composed from each soma crate's section
+//! and loaded by soma-config.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use soma_bus::BusConfig;
+use soma_config::{ConfigError, DeploymentProfile, Live, Loader};
+use soma_observability::TelemetryConfig;
+use soma_outbox::{OutboxConfig, RelayConfig};
+use soma_policy::PolicyConfig;
+use soma_redis::RedisConfig;
+use soma_somabrain::SomabrainConfig;
+
+/// Everything the gateway and the workers are configured with.
+///
+/// Load it with [`load`]: defaults < `config/local.toml` (or the files
+/// given) < `SOMA_*` environment. Each section is the owning crate's own
+/// config struct.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PlatformSettings {
+    /// Deployment profile (`local` or `prod`): sizing only.
+    pub profile: DeploymentProfile,
+    /// Logs, traces and metric labels (soma-observability).
+    pub telemetry: TelemetryConfig,
+    /// Listen addresses of the three services.
+    pub http: HttpSettings,
+    /// The PostgreSQL pool behind the outbox, inbox and API-key store.
+    pub postgres: PostgresSettings,
+    /// Redis (rate limits, idempotency keys).
+    pub redis: RedisConfig,
+    /// Kafka (soma-bus).
+    pub bus: BusConfig,
+    /// The transactional outbox (soma-outbox).
+    pub outbox: OutboxConfig,
+    /// The outbox relay that drains into Kafka.
+    pub relay: RelayConfig,
+    /// Authentication and authorization (soma-policy).
+    pub policy: PolicyConfig,
+    /// The SomaBrain memory service (soma-somabrain).
+    pub somabrain: SomabrainConfig,
+    /// The chat protocol: topics, limits.
+    pub chat: ChatSettings,
+}
+
+/// Where each service listens.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct HttpSettings {
+    /// The gateway's public API (`/v1/conversations/...`).
+    pub gateway_bind: String,
+    /// The gateway's admin endpoints (`/live`, `/ready`, `/v1/health`, `/metrics`).
+    pub gateway_admin_bind: String,
+    /// The conversation worker's admin endpoints.
+    pub conversation_admin_bind: String,
+    /// The memory replicator's admin endpoints.
+    pub memory_admin_bind: String,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            gateway_bind: "127.0.0.1:8080".into(),
+            gateway_admin_bind: "127.0.0.1:9480".into(),
+            conversation_admin_bind: "127.0.0.1:9481".into(),
+            memory_admin_bind: "127.0.0.1:9482".into(),
+            max_body_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// The PostgreSQL pool.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct PostgresSettings {
+    /// Connection URL (no password here: use the `PGPASSWORD`-free trust
+    /// auth locally, or a URL from a secret store in production).
+    pub url: String,
+    /// Pool size.
+    pub max_connections: u32,
+    /// How long to wait for a connection.
+    pub connect_timeout_ms: u64,
+    /// Schema of the gateway's API-key store (soma-policy `PgApiKeyStore`).
+    pub api_keys_schema: String,
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/test".into(),
+            max_connections: 10,
+            connect_timeout_ms: 5_000,
+            api_keys_schema: "soma_api_keys".into(),
+        }
+    }
+}
+
+/// The chat protocol between the gateway and the workers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ChatSettings {
+    /// Accepted user messages, keyed by conversation id.
+    pub requests_topic: String,
+    /// Reply events streamed back to SSE clients, keyed by conversation id.
+    pub events_topic: String,
+    /// Memory writes for the replicator, keyed by conversation id.
+    pub memory_topic: String,
+    /// Remote configuration updates (`{version, checksum, document}`),
+    /// consumed in broadcast mode by every replica.
+    pub config_topic: String,
+    /// Longest accepted message text, in bytes.
+    pub max_message_bytes: usize,
+    /// Messages a tenant may send per route per window.
+    pub rate_limit: u32,
+    /// The rate-limit window in seconds.
+    pub rate_window_secs: u64,
+    /// Events buffered per gateway for slow SSE clients; a client further
+    /// behind than this gets a `lagged` event and its stream ends.
+    pub sse_buffer: usize,
+    /// SSE keep-alive comment interval.
+    pub sse_keepalive_secs: u64,
+    /// SomaBrain namespace used for conversation memory.
+    pub memory_namespace: String,
+    /// How many memories the worker recalls per message.
+    pub recall_top_k: usize,
+}
+
+impl Default for ChatSettings {
+    fn default() -> Self {
+        Self {
+            requests_topic: "chat.requests".into(),
+            events_topic: "chat.events".into(),
+            memory_topic: "memory.writes".into(),
+            config_topic: "config.updates".into(),
+            max_message_bytes: 4 * 1024,
+            rate_limit: 120,
+            rate_window_secs: 60,
+            sse_buffer: 1024,
+            sse_keepalive_secs: 15,
+            memory_namespace: "conversation".into(),
+            recall_top_k: 3,
+        }
+    }
+}
+
+impl PlatformSettings {
+    /// The topics the platform uses (DLQs are added by `ensure_topics`).
+    pub fn topics(&self) -> [&str; 4] {
+        [
+            self.chat.requests_topic.as_str(),
+            self.chat.events_topic.as_str(),
+            self.chat.memory_topic.as_str(),
+            self.chat.config_topic.as_str(),
+        ]
+    }
+}
+
+/// The loader for [`PlatformSettings`]: profile presets, the given TOML
+/// files in order, then the `SOMA_*` environment; strict (unknown keys are
+/// errors) and validated.
+pub fn loader(files: &[PathBuf]) -> Loader<PlatformSettings> {
+    let mut loader = Loader::<PlatformSettings>::new().profiles().strict(true);
+    for f in files {
+        loader = loader.file(f);
+    }
+    loader.validate(|s, checks| {
+        checks.ensure(!s.postgres.url.is_empty(), "postgres.url", "must be set");
+        checks.ensure(
+            s.chat.rate_limit > 0,
+            "chat.rate_limit",
+            "must be at least 1",
+        );
+        checks.ensure(
+            s.chat.rate_window_secs > 0,
+            "chat.rate_window_secs",
+            "must be at least 1",
+        );
+        checks.ensure(
+            s.chat.sse_buffer > 0,
+            "chat.sse_buffer",
+            "must be at least 1",
+        );
+        checks.ensure(
+            s.chat.max_message_bytes > 0 && s.chat.max_message_bytes <= s.http.max_body_bytes,
+            "chat.max_message_bytes",
+            "must be between 1 and http.max_body_bytes",
+        );
+        checks.ensure(
+            !s.policy.issuers.is_empty() || s.policy.api_keys.enabled,
+            "policy.issuers",
+            "no credential is accepted: configure an issuer or enable API keys",
+        );
+    })
+}
+
+/// Loads the settings into a live registry (see [`loader`]).
+pub fn load(files: &[PathBuf]) -> Result<Live<PlatformSettings>, ConfigError> {
+    loader(files).into_live()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// soma-config's built-in sizing presets name keys of the soma crates'
+    /// real config sections: every one must exist in a settings type that
+    /// composes them all, or the preset silently sizes nothing.
+    #[test]
+    fn every_builtin_preset_key_exists_in_the_composed_settings() {
+        let shape = serde_json::to_value(PlatformSettings::default()).unwrap();
+        for profile in [DeploymentProfile::Local, DeploymentProfile::Prod] {
+            for (key, _) in profile.builtin_preset().entries() {
+                let found = key
+                    .split('.')
+                    .try_fold(&shape, |v, part| v.get(part))
+                    .is_some_and(serde_json::Value::is_number);
+                assert!(found, "preset key {key} is not a numeric setting");
+            }
+        }
+    }
+
+    #[test]
+    fn the_local_file_loads_strictly_and_the_prod_profile_resizes() {
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/config/local.toml");
+        let issuer = tempfile_issuer();
+        let live = loader(&[file.into(), issuer.clone()])
+            .without_env()
+            .into_live()
+            .unwrap();
+        let s = live.load();
+        assert_eq!(s.profile, DeploymentProfile::Local);
+        assert_eq!(s.relay.batch_size, 50);
+        assert_eq!(s.policy.issuers.len(), 1);
+        let prod = loader(&[file.into(), issuer])
+            .without_env()
+            .set("profile", "prod")
+            .load()
+            .unwrap();
+        assert_eq!(prod.relay.batch_size, 500);
+        assert_eq!(prod.redis.pool_size, 32);
+        // Sizing only: authentication and policy are untouched.
+        assert_eq!(prod.policy.fail_mode, s.policy.fail_mode);
+        assert_eq!(prod.policy.issuers.len(), 1);
+    }
+
+    fn tempfile_issuer() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("soma-platform-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("issuer.toml");
+        std::fs::write(
+            &p,
+            "[[policy.issuers]]\nissuer = \"t\"\n[[policy.issuers.keys]]\nalg = \"HS256\"\nsecret = \"s\"\n",
+        )
+        .unwrap();
+        p
+    }
+}
