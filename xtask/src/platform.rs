@@ -144,7 +144,15 @@ fn up() -> Result<(), String> {
         );
     }
     for (name, admin) in SERVICES {
-        wait_live(name, admin, Duration::from_secs(90))?;
+        wait_for(name, admin, "/live", Duration::from_secs(90))?;
+    }
+    // Health checks run every few seconds; readiness follows the first
+    // round. Not being ready is reported, not fatal: the smoke test below
+    // says whether the path works.
+    for (name, admin) in SERVICES {
+        if let Err(e) = wait_for(name, admin, "/ready", Duration::from_secs(20)) {
+            println!("platform: {e}");
+        }
     }
     status();
 
@@ -219,15 +227,15 @@ fn status() {
     }
 }
 
-fn wait_live(name: &str, admin: &str, within: Duration) -> Result<(), String> {
+fn wait_for(name: &str, admin: &str, path: &str, within: Duration) -> Result<(), String> {
     let deadline = Instant::now() + within;
     loop {
-        if let Ok((200, _)) = http(admin, "GET", "/live", &[], "") {
+        if let Ok((200, _)) = http(admin, "GET", path, &[], "") {
             return Ok(());
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "{name} is not live on {admin} after {within:?}; see {}/{name}.log",
+                "{name}: {path} on {admin} not 200 after {within:?}; see {}/{name}.log",
                 dir().display()
             ));
         }

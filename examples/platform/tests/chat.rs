@@ -392,6 +392,58 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_degrades_into_the
     );
     assert!(metrics.contains("soma_policy"), "policy metrics exported");
 
+    // A remote config update reaches every replica (broadcast consumers),
+    // each applying it to its live settings.
+    let config_topic = format!("{}.config", env.prefix);
+    let runtimes = [gateway.runtime(), worker.runtime(), memory.runtime()];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut version = 100;
+    loop {
+        version += 1;
+        let update = soma_config::ConfigUpdate::new(version, json!({"chat": {"rate_limit": 77}}));
+        let envelope = soma_bus::Envelope::builder("config.update", "platform", "config")
+            .json(&update)
+            .unwrap()
+            .build()
+            .unwrap();
+        gateway
+            .runtime()
+            .publisher
+            .publish(&config_topic, &envelope)
+            .await
+            .expect("publish the update");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if runtimes.iter().all(|r| r.live.load().chat.rate_limit == 77) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "config update not applied everywhere within 60 s"
+        );
+    }
+    for r in runtimes {
+        let cur = r.live.load();
+        assert!(cur.version() > 1, "a new version was published");
+        assert!(cur.update_version().is_some_and(|v| v > 100));
+    }
+    // A broken update is rejected everywhere and the last good value stays.
+    let bad = soma_config::ConfigUpdate::new(version + 1, json!({"chat": {"rate_limit": 0}}));
+    let envelope = soma_bus::Envelope::builder("config.update", "platform", "config")
+        .json(&bad)
+        .unwrap()
+        .build()
+        .unwrap();
+    gateway
+        .runtime()
+        .publisher
+        .publish(&config_topic, &envelope)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for r in [gateway.runtime(), worker.runtime(), memory.runtime()] {
+        assert_eq!(r.live.load().chat.rate_limit, 77, "keep last good");
+    }
+
     drop(sse);
     memory.shutdown().await;
     worker.shutdown().await;
