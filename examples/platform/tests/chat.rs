@@ -315,7 +315,7 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_degrades_into_the
         Some("key-1"),
     )
     .await;
-    let reused = expect_status(reused, 422).await;
+    expect_status(reused, 422).await;
 
     let events = sse
         .reply_to(&message_id, Duration::from_secs(60))
@@ -518,7 +518,7 @@ async fn authentication_policy_validation_and_rate_limits_answer_as_documented()
     // Signed with another key: 401.
     let forged = env.token_with_secret("bob", "acme", &["user"], ALL_SCOPES, "not-the-key");
     let r = send(&client, &base, "c1", &forged, json!({"text": "hi"}), None).await;
-    let r = expect_status(r, 401).await;
+    expect_status(r, 401).await;
 
     // A tenant header that disagrees with the token: 403.
     let r = client
@@ -529,7 +529,7 @@ async fn authentication_policy_validation_and_rate_limits_answer_as_documented()
         .send()
         .await
         .unwrap();
-    let r = expect_status(r, 403).await;
+    expect_status(r, 403).await;
 
     // Missing scope or role: the policy denies with 403 `forbidden`.
     let no_scope = env.token("bob", "acme", &["user"], "conversation:read");
@@ -539,7 +539,7 @@ async fn authentication_policy_validation_and_rate_limits_answer_as_documented()
     assert!(body.to_string().contains("missing_scope"), "{body}");
     let operator = env.token("olga", "acme", &["operator"], ALL_SCOPES);
     let r = send(&client, &base, "c1", &operator, json!({"text": "hi"}), None).await;
-    let r = expect_status(r, 403).await;
+    expect_status(r, 403).await;
     // Reading the stream needs `conversation:read`.
     let write_only = env.token("bob", "acme", &["user"], "conversation:write");
     let r = client
@@ -548,18 +548,18 @@ async fn authentication_policy_validation_and_rate_limits_answer_as_documented()
         .send()
         .await
         .unwrap();
-    let r = expect_status(r, 403).await;
+    expect_status(r, 403).await;
 
     // Bad input: typed 4xx problems, nothing published.
     let r = send(&client, &base, "bad:id", &good, json!({"text": "hi"}), None).await;
-    let r = expect_status(r, 400).await;
+    expect_status(r, 400).await;
     let r = send(&client, &base, "c1", &good, json!({"text": "   "}), None).await;
-    let r = expect_status(r, 400).await;
+    expect_status(r, 400).await;
     let r = send(&client, &base, "c1", &good, json!({"txt": "hi"}), None).await;
-    let r = expect_status(r, 400).await;
+    expect_status(r, 400).await;
     let big = "x".repeat(5_000);
     let r = send(&client, &base, "c1", &good, json!({"text": big}), None).await;
-    let r = expect_status(r, 413).await;
+    expect_status(r, 413).await;
 
     // Rate limit: 10 per window per tenant and route (the requests above,
     // even those the policy refused, counted against acme's budget: the
@@ -581,7 +581,7 @@ async fn authentication_policy_validation_and_rate_limits_answer_as_documented()
     // Another tenant has its own budget.
     let other = env.token("carol", "globex", &["user"], ALL_SCOPES);
     let r = send(&client, &base, "c1", &other, json!({"text": "hi"}), None).await;
-    let r = expect_status(r, 202).await;
+    expect_status(r, 202).await;
 
     gateway.shutdown().await;
 }
