@@ -25,8 +25,10 @@ const SERVICES: &[(&str, &str)] = &[
     ("soma-gateway", "127.0.0.1:9480"),
     ("soma-conversation-worker", "127.0.0.1:9481"),
     ("soma-memory-replicator", "127.0.0.1:9482"),
+    ("soma-tool-executor", "127.0.0.1:9483"),
 ];
-const USAGE: &str = "usage: cargo xtask platform up|down|status|token [--tenant T] [--subject S]";
+const USAGE: &str =
+    "usage: cargo xtask platform up|down|status|token [--tenant T] [--subject S] [--role R]...";
 
 pub(crate) fn cli(args: &[String]) -> Result<(), String> {
     match args.first().map(String::as_str) {
@@ -39,15 +41,20 @@ pub(crate) fn cli(args: &[String]) -> Result<(), String> {
         Some("token") => {
             let mut tenant = "acme".to_owned();
             let mut subject = "dev-user".to_owned();
+            let mut roles = Vec::new();
             let mut it = args[1..].iter();
             while let Some(a) = it.next() {
                 match a.as_str() {
                     "--tenant" => tenant = it.next().ok_or(USAGE)?.clone(),
                     "--subject" => subject = it.next().ok_or(USAGE)?.clone(),
+                    "--role" => roles.push(it.next().ok_or(USAGE)?.clone()),
                     _ => return Err(USAGE.to_owned()),
                 }
             }
-            println!("{}", token(&secret()?, &subject, &tenant)?);
+            if roles.is_empty() {
+                roles.push("user".to_owned());
+            }
+            println!("{}", token(&secret()?, &subject, &tenant, &roles)?);
             Ok(())
         }
         _ => Err(USAGE.to_owned()),
@@ -85,15 +92,16 @@ fn secret() -> Result<String, String> {
     Ok(secret)
 }
 
-/// A one-hour development token with every chat scope.
-fn token(secret: &str, subject: &str, tenant: &str) -> Result<String, String> {
+/// A one-hour development token with every chat and tool scope; what it
+/// may do then depends on its roles.
+fn token(secret: &str, subject: &str, tenant: &str, roles: &[String]) -> Result<String, String> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_err(|e| e.to_string())?
         .as_secs();
     let claims = serde_json::json!({
         "iss": ISSUER, "aud": AUDIENCE, "sub": subject, "tenant": tenant,
-        "roles": ["user"], "scope": "conversation:write conversation:read memory:write",
+        "roles": roles, "scope": "conversation:write conversation:read memory:write tool:execute",
         "iat": now, "exp": now + 3600,
     });
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
@@ -156,7 +164,7 @@ fn up() -> Result<(), String> {
     }
     status();
 
-    let token = token(&secret, "dev-user", "acme")?;
+    let token = token(&secret, "dev-user", "acme", &["user".to_owned()])?;
     let conversation = format!("demo-{}", std::process::id());
     println!("\nplatform: smoke test — one message through gateway, worker and SSE");
     let reply = smoke(&token, &conversation)?;
@@ -167,7 +175,9 @@ fn up() -> Result<(), String> {
          curl -N -H \"authorization: Bearer $TOKEN\" http://{GATEWAY}/v1/conversations/demo/events &\n\
          curl -H \"authorization: Bearer $TOKEN\" -H 'content-type: application/json' \\\n     \
          -d '{{\"text\":\"hello there\"}}' http://{GATEWAY}/v1/conversations/demo/messages\n\
-         curl http://127.0.0.1:9480/v1/health\n\n\
+         curl http://127.0.0.1:9480/v1/health\n\
+         Tools (send as a message): /time, /wordcount some words, /outbox — a `user` is refused; \
+         cargo xtask platform token --role agent (or admin) makes a token that may run them.\n\n\
          Logs: {}/*.log   Stop: cargo xtask platform down",
         dir.display()
     );

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio::net::TcpListener;
 
-use crate::{ConversationWorker, Gateway, MemoryReplicator, PlatformError};
+use crate::{ConversationWorker, Gateway, MemoryReplicator, PlatformError, ToolExecutor};
 
 /// Which service a binary runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +17,8 @@ pub enum Service {
     ConversationWorker,
     /// `soma-memory-replicator`.
     MemoryReplicator,
+    /// `soma-tool-executor`.
+    ToolExecutor,
 }
 
 impl Service {
@@ -26,6 +28,7 @@ impl Service {
             Service::Gateway => "soma-gateway",
             Service::ConversationWorker => "soma-conversation-worker",
             Service::MemoryReplicator => "soma-memory-replicator",
+            Service::ToolExecutor => "soma-tool-executor",
         }
     }
 }
@@ -90,6 +93,11 @@ async fn run(service: Service, files: &[PathBuf]) -> Result<(), PlatformError> {
         }
         Service::MemoryReplicator => {
             let w = MemoryReplicator::start(live, bind(&http.memory_admin_bind).await?).await?;
+            wait_for_signal().await;
+            w.shutdown().await;
+        }
+        Service::ToolExecutor => {
+            let w = ToolExecutor::start(live, bind(&http.tools_admin_bind).await?).await?;
             wait_for_signal().await;
             w.shutdown().await;
         }

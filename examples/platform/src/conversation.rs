@@ -3,6 +3,8 @@
 //! For each `chat.message.received` envelope (consumer group
 //! `<bus.consumer_group>.conversation`, per-conversation order):
 //!
+//! 0. a message `/<tool> <input>` becomes a tool call for the tool
+//!    executor (same transaction pattern as below, no reply from here);
 //! 1. recall related memories from SomaBrain — when SomaBrain is down the
 //!    reply says so (`memory: "unavailable"`) instead of failing;
 //! 2. in **one Postgres transaction**: record the message id in the inbox
@@ -24,7 +26,7 @@ use soma_somabrain::{CallOptions, RecallRequest, SomabrainClient};
 use tokio::net::TcpListener;
 
 use crate::PlatformError;
-use crate::protocol::{self, ChatEvent, ChatRequest, EventKind, MemoryStatus, MemoryWrite};
+use crate::protocol::{self, ChatRequest, MemoryStatus, MemoryWrite, ToolCall};
 use crate::runtime::{KafkaRole, Runtime};
 use crate::settings::PlatformSettings;
 
@@ -129,6 +131,30 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
         ));
     }
     let chat = &ctx.settings.chat;
+
+    // `/<tool> <input>`: the tool executor answers (after its own
+    // authorization); nothing is recalled or remembered.
+    if let Some((tool, input)) = protocol::parse_tool_call(&req.text) {
+        let call = ToolCall {
+            conversation_id: req.conversation_id.clone(),
+            message_id: env.id,
+            principal: req.principal.clone(),
+            tool,
+            input,
+        };
+        let call_env = Envelope::builder(
+            protocol::TOOL_CALL,
+            env.tenant.as_str(),
+            req.conversation_id.as_str(),
+        )
+        .json(&call)
+        .map_err(HandlerError::fatal)?
+        .caused_by(&env)
+        .build()
+        .map_err(HandlerError::fatal)?;
+        return commit_once(ctx, &env, &[(&chat.tools_topic, &call_env)]).await;
+    }
+
     let scope = CallOptions::new()
         .tenant(req.principal.tenant.as_str())
         .namespace(chat.memory_namespace.as_str())
@@ -155,37 +181,8 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
         }
     };
     let reply = protocol::compose_reply(&req, memory, &recalled);
-
-    let mut events = Vec::new();
-    let mut seq = 0u32;
-    let mut push = |kind: EventKind, text: String| -> Result<(), HandlerError> {
-        let event = ChatEvent {
-            conversation_id: req.conversation_id.clone(),
-            message_id: env.id,
-            seq,
-            kind,
-            text,
-            memory,
-        };
-        seq += 1;
-        let e = Envelope::builder(
-            protocol::REPLY_EVENT,
-            env.tenant.as_str(),
-            req.conversation_id.as_str(),
-        )
-        .json(&event)
-        .map_err(HandlerError::fatal)?
-        .caused_by(&env)
-        .build()
+    let events = protocol::reply_envelopes(&env, env.id, &req.conversation_id, &reply, memory)
         .map_err(HandlerError::fatal)?;
-        events.push(e);
-        Ok(())
-    };
-    push(EventKind::Started, String::new())?;
-    for delta in protocol::split_deltas(&reply) {
-        push(EventKind::Delta, delta)?;
-    }
-    push(EventKind::Completed, reply.clone())?;
     let write = MemoryWrite {
         conversation_id: req.conversation_id.clone(),
         message_id: env.id,
@@ -203,27 +200,37 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
     .caused_by(&env)
     .build()
     .map_err(HandlerError::fatal)?;
+    let mut out: Vec<(&str, &Envelope)> = events
+        .iter()
+        .map(|e| (chat.events_topic.as_str(), e))
+        .collect();
+    out.push((&chat.memory_topic, &memory_env));
+    commit_once(ctx, &env, &out).await
+}
 
+/// In one transaction: record `cause` in the inbox and write `out` to the
+/// outbox — or do nothing when `cause` was already handled.
+async fn commit_once(
+    ctx: &Ctx,
+    cause: &Envelope,
+    out: &[(&str, &Envelope)],
+) -> Result<(), HandlerError> {
     let mut tx = ctx.pool.begin().await.map_err(HandlerError::retryable)?;
     let first = ctx
         .inbox
-        .record(&mut tx, HANDLER, env.id)
+        .record(&mut tx, HANDLER, cause.id)
         .await
         .map_err(HandlerError::retryable)?;
     if !first {
-        tracing::debug!(event = "duplicate_skipped", message_id = %env.id);
+        tracing::debug!(event = "duplicate_skipped", message_id = %cause.id);
         return Ok(());
     }
-    for e in &events {
+    for (topic, e) in out {
         ctx.publisher
-            .publish_in_tx(&mut tx, &chat.events_topic, e)
+            .publish_in_tx(&mut tx, topic, e)
             .await
             .map_err(HandlerError::retryable)?;
     }
-    ctx.publisher
-        .publish_in_tx(&mut tx, &chat.memory_topic, &memory_env)
-        .await
-        .map_err(HandlerError::retryable)?;
     tx.commit().await.map_err(HandlerError::retryable)?;
     Ok(())
 }

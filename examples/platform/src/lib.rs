@@ -7,11 +7,13 @@ pub mod memory;
 pub mod protocol;
 pub mod runtime;
 pub mod settings;
+pub mod tools;
 
 pub use conversation::ConversationWorker;
 pub use gateway::Gateway;
 pub use memory::MemoryReplicator;
 pub use settings::PlatformSettings;
+pub use tools::ToolExecutor;
 
 /// Why a platform service could not start.
 #[derive(Debug, thiserror::Error)]

@@ -14,6 +14,8 @@ pub const MESSAGE_RECEIVED: &str = "chat.message.received";
 pub const REPLY_EVENT: &str = "chat.reply.event";
 /// Envelope type of a memory write request.
 pub const MEMORY_WRITE: &str = "memory.write.requested";
+/// Envelope type of a tool call.
+pub const TOOL_CALL: &str = "tool.call.requested";
 
 /// A user message accepted by the gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +102,38 @@ pub struct MemoryWrite {
     pub reply_text: String,
 }
 
+/// A tool call the conversation worker hands to the tool executor: a user
+/// message of the form `/<tool> <input>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The conversation.
+    pub conversation_id: String,
+    /// The user message (its envelope id); the tool's reply answers it.
+    pub message_id: Uuid,
+    /// On whose behalf the tool runs (authorized again by the executor).
+    pub principal: Principal,
+    /// The tool's name.
+    pub tool: String,
+    /// Everything after the tool name.
+    pub input: String,
+}
+
+/// `Some((tool, input))` when `text` is a tool call: `/` then a name of
+/// ASCII letters, digits, `_` or `-`, then optional input.
+pub fn parse_tool_call(text: &str) -> Option<(String, String)> {
+    let rest = text.trim().strip_prefix('/')?;
+    let (name, input) = match rest.split_once(char::is_whitespace) {
+        Some((n, i)) => (n, i.trim()),
+        None => (rest, ""),
+    };
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    valid.then(|| (name.to_owned(), input.to_owned()))
+}
+
 /// Whether `id` is an acceptable conversation id: 1–128 ASCII letters,
 /// digits, `-` or `_` (it becomes a Kafka key and a SomaBrain key).
 pub fn valid_conversation_id(id: &str) -> bool {
@@ -128,6 +162,44 @@ pub fn compose_reply(req: &ChatRequest, memory: MemoryStatus, recalled: &[String
         req.text.trim(),
         memory_note
     )
+}
+
+/// The events answering the user message `message_id`: `started`, one
+/// `delta` per word, `completed` with the whole reply — each an envelope
+/// keyed by the conversation and caused by `cause` (the message itself, or
+/// the tool call made from it).
+pub fn reply_envelopes(
+    cause: &soma_bus::Envelope,
+    message_id: Uuid,
+    conversation_id: &str,
+    reply: &str,
+    memory: MemoryStatus,
+) -> Result<Vec<soma_bus::Envelope>, soma_bus::EnvelopeError> {
+    let mut kinds = vec![(EventKind::Started, String::new())];
+    kinds.extend(
+        split_deltas(reply)
+            .into_iter()
+            .map(|d| (EventKind::Delta, d)),
+    );
+    kinds.push((EventKind::Completed, reply.to_owned()));
+    kinds
+        .into_iter()
+        .enumerate()
+        .map(|(seq, (kind, text))| {
+            let event = ChatEvent {
+                conversation_id: conversation_id.to_owned(),
+                message_id,
+                seq: seq as u32,
+                kind,
+                text,
+                memory,
+            };
+            soma_bus::Envelope::builder(REPLY_EVENT, cause.tenant.as_str(), conversation_id)
+                .json(&event)?
+                .caused_by(cause)
+                .build()
+        })
+        .collect()
 }
 
 /// Splits a reply into the deltas streamed to clients (word by word,
@@ -176,6 +248,25 @@ mod tests {
         let deltas = split_deltas(&reply);
         assert!(deltas.len() > 5);
         assert_eq!(deltas.concat(), reply);
+    }
+
+    #[test]
+    fn tool_calls_are_recognised() {
+        assert_eq!(
+            parse_tool_call(" /wordcount a b "),
+            Some(("wordcount".into(), "a b".into()))
+        );
+        assert_eq!(
+            parse_tool_call("/time"),
+            Some(("time".into(), String::new()))
+        );
+        assert_eq!(parse_tool_call("time"), None);
+        assert_eq!(parse_tool_call("/"), None);
+        assert_eq!(
+            parse_tool_call("/rm -rf"),
+            Some(("rm".into(), "-rf".into()))
+        );
+        assert_eq!(parse_tool_call("/a:b"), None);
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct HttpSettings {
     pub conversation_admin_bind: String,
     /// The memory replicator's admin endpoints.
     pub memory_admin_bind: String,
+    /// The tool executor's admin endpoints.
+    pub tools_admin_bind: String,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
 }
@@ -67,6 +69,7 @@ impl Default for HttpSettings {
             gateway_admin_bind: "127.0.0.1:9480".into(),
             conversation_admin_bind: "127.0.0.1:9481".into(),
             memory_admin_bind: "127.0.0.1:9482".into(),
+            tools_admin_bind: "127.0.0.1:9483".into(),
             max_body_bytes: 16 * 1024,
         }
     }
@@ -108,6 +111,8 @@ pub struct ChatSettings {
     pub events_topic: String,
     /// Memory writes for the replicator, keyed by conversation id.
     pub memory_topic: String,
+    /// Tool calls for the tool executor, keyed by conversation id.
+    pub tools_topic: String,
     /// Remote configuration updates (`{version, checksum, document}`),
     /// consumed in broadcast mode by every replica.
     pub config_topic: String,
@@ -134,6 +139,7 @@ impl Default for ChatSettings {
             requests_topic: "chat.requests".into(),
             events_topic: "chat.events".into(),
             memory_topic: "memory.writes".into(),
+            tools_topic: "tool.requests".into(),
             config_topic: "config.updates".into(),
             max_message_bytes: 4 * 1024,
             rate_limit: 120,
@@ -148,11 +154,12 @@ impl Default for ChatSettings {
 
 impl PlatformSettings {
     /// The topics the platform uses (DLQs are added by `ensure_topics`).
-    pub fn topics(&self) -> [&str; 4] {
+    pub fn topics(&self) -> [&str; 5] {
         [
             self.chat.requests_topic.as_str(),
             self.chat.events_topic.as_str(),
             self.chat.memory_topic.as_str(),
+            self.chat.tools_topic.as_str(),
             self.chat.config_topic.as_str(),
         ]
     }

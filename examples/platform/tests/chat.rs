@@ -11,7 +11,9 @@ use rdkafka::message::{Headers, Message};
 use serde_json::{Value, json};
 use soma_config::Live;
 use soma_example_platform::gateway::{EVENTS_ROUTE, IDEMPOTENT_REPLAYED};
-use soma_example_platform::{ConversationWorker, Gateway, MemoryReplicator, PlatformSettings};
+use soma_example_platform::{
+    ConversationWorker, Gateway, MemoryReplicator, PlatformSettings, ToolExecutor,
+};
 use tokio::net::TcpListener;
 
 const ISSUER: &str = "https://id.test.soma";
@@ -242,6 +244,9 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_degrades_into_the
     let memory = MemoryReplicator::start(live.clone(), listener().await)
         .await
         .expect("memory replicator starts");
+    let tools = ToolExecutor::start(live.clone(), listener().await)
+        .await
+        .expect("tool executor starts");
     let base = format!("http://{}", gateway.addr());
     let client = reqwest::Client::new();
     let token = env.token("alice", "acme", &["user"], ALL_SCOPES);
@@ -392,10 +397,70 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_degrades_into_the
     );
     assert!(metrics.contains("soma_policy"), "policy metrics exported");
 
+    // Tool calls: the executor authorizes each with the tool's risk from its
+    // own registry; denials are answers, not errors.
+    let agent = env.token("ava", "acme", &["agent"], "conversation:write tool:execute");
+    let admin = env.token(
+        "root",
+        "acme",
+        &["admin"],
+        "conversation:write tool:execute",
+    );
+    let cases = [
+        (
+            &token,
+            "/time",
+            "Tool `time` was not run: missing_role, missing_scope.",
+        ),
+        (&agent, "/wordcount one two  three", "3 words."),
+        (
+            &agent,
+            "/outbox",
+            "Tool `outbox` was not run: high_risk_tool_requires_admin.",
+        ),
+        (&admin, "/outbox", "Outbox: "),
+        (
+            &admin,
+            "/nope",
+            "There is no tool `nope`. Tools: time, wordcount, outbox.",
+        ),
+    ];
+    for (who, text, expected) in cases {
+        let r = send(
+            &client,
+            &base,
+            &conversation,
+            who,
+            json!({"text": text}),
+            None,
+        )
+        .await;
+        let r = expect_status(r, 202).await;
+        let id = r.json::<Value>().await.unwrap()["message_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let events = sse
+            .reply_to(&id, Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|| panic!("no answer to {text}"));
+        let answer = events.last().unwrap().data["text"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(answer.starts_with(expected), "{text}: {answer}");
+        assert_eq!(events.last().unwrap().data["memory"], "none");
+    }
+
     // A remote config update reaches every replica (broadcast consumers),
     // each applying it to its live settings.
     let config_topic = format!("{}.config", env.prefix);
-    let runtimes = [gateway.runtime(), worker.runtime(), memory.runtime()];
+    let runtimes = [
+        gateway.runtime(),
+        worker.runtime(),
+        memory.runtime(),
+        tools.runtime(),
+    ];
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut version = 100;
     loop {
@@ -445,6 +510,7 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_degrades_into_the
     }
 
     drop(sse);
+    tools.shutdown().await;
     memory.shutdown().await;
     worker.shutdown().await;
     gateway.shutdown().await;
