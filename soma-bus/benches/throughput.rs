@@ -7,6 +7,9 @@
 
 #![allow(missing_docs)]
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -21,61 +24,6 @@ const BATCH: usize = 1_000;
 /// Messages per consumer sample: small (64-byte payloads, 2,000 records)
 /// because tansu 0.6.0 stalls serving Fetch for multi-MB partitions.
 const CONSUME: u64 = 2_000;
-
-/// A private tansu on a free port with its own SQLite file; killed on drop.
-struct Broker {
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl Broker {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = soma_testkit::free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let bin = ["tansu", "/root/.cargo/bin/tansu"]
-            .into_iter()
-            .find(|b| {
-                std::process::Command::new(b)
-                    .arg("--version")
-                    .output()
-                    .is_ok()
-            })
-            .expect("tansu is not installed; start the stack with `cargo xtask stack up`");
-        let child = std::process::Command::new(bin)
-            .current_dir(dir.path())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let end = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < end, "private tansu did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self {
-            child,
-            _dir: dir,
-            port,
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn envs(n: usize) -> Vec<Envelope> {
     let payload = vec![b'x'; 1024];
@@ -122,8 +70,8 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let broker = Broker::start();
-    let bootstrap = format!("127.0.0.1:{}", broker.port);
+    let broker = common::OwnBroker::start();
+    let bootstrap = broker.bootstrap();
     let cfg = base_config(&bootstrap);
     // The durable publisher runs before raw rdkafka (tansu's single SQLite
     // file slows as it grows, which favours whichever runs first; this order

@@ -7,9 +7,12 @@
 //! after its handler succeeded or the message was written to `<topic>.dlq`
 //! and the broker acknowledged that write. A failed DLQ write is retried
 //! (every `dlq_retry_backoff_ms`) while the lane holding it — and, once its
-//! queue fills, fetching — waits; it is never skipped. Messages of one key
-//! are handled one at a time, in offset order, on one lane; different keys
-//! run concurrently on `consumer_concurrency` lanes.
+//! queue fills, fetching — waits; it is never skipped. Meanwhile the health
+//! component is degraded. A graceful shutdown that runs out of
+//! `shutdown_timeout_ms` gives up on the write and commits only below the
+//! message, so the next consumer of the group receives it again. Messages
+//! of one key are handled one at a time, in offset order, on one lane;
+//! different keys run concurrently on `consumer_concurrency` lanes.
 //!
 //! Duplicates happen when the process stops (or loses a partition in a
 //! rebalance) after a handler ran but before the offset was committed; the
@@ -43,8 +46,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use parking_lot::Mutex;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{
@@ -388,6 +394,7 @@ impl ConsumerBuilder {
             health,
             hard: hard.clone(),
             stop: stop.clone(),
+            dlq_blocked: AtomicUsize::new(0),
         });
         let task = tokio::spawn(run(Arc::new(consumer), shared));
         Ok(ConsumerHandle {
@@ -411,6 +418,19 @@ struct Shared {
     health: Option<HealthReporter>,
     hard: CancellationToken,
     stop: CancellationToken,
+    /// Lanes currently retrying a failed DLQ write (health stays degraded while > 0).
+    dlq_blocked: AtomicUsize,
+}
+
+impl Shared {
+    /// A lane stopped retrying a DLQ write (written, or abandoned at shutdown).
+    fn dlq_write_recovered(&self) {
+        if self.dlq_blocked.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(h) = &self.health {
+                h.set_up();
+            }
+        }
+    }
 }
 
 /// A running consumer. Dropping it without [`ConsumerHandle::shutdown`]
@@ -527,7 +547,8 @@ async fn run(consumer: Arc<StreamConsumer<Ctx>>, s: Arc<Shared>) -> ShutdownRepo
                 }
             }
         }
-        if errors_in_row == 0 {
+        // A paused lane (failing DLQ write) keeps the component degraded.
+        if errors_in_row == 0 && s.dlq_blocked.load(Ordering::Acquire) == 0 {
             if let Some(h) = &s.health {
                 if h.status().is_some_and(|st| !st.is_up()) {
                     h.set_up();
@@ -536,28 +557,36 @@ async fn run(consumer: Arc<StreamConsumer<Ctx>>, s: Arc<Shared>) -> ShutdownRepo
         }
     }
     drop(senders);
-    let deadline = tokio::time::sleep(Duration::from_millis(s.cfg.shutdown_timeout_ms));
-    tokio::pin!(deadline);
-    let drained = tokio::select! {
-        _ = futures::future::join_all(workers.iter_mut()) => true,
-        () = &mut deadline => {
-            // Stop DLQ retries; give running handlers a moment, then abort them.
-            s.hard.cancel();
-            let grace = tokio::time::timeout(Duration::from_secs(1), futures::future::join_all(workers.iter_mut()));
-            if grace.await.is_err() {
-                for w in &workers {
-                    w.abort();
-                }
+    // A set that forgets finished lanes: a JoinHandle must not be polled
+    // again after it completed, which a second `join_all` over the same
+    // handles (after the deadline) would do.
+    let aborts: Vec<_> = workers.iter().map(JoinHandle::abort_handle).collect();
+    let mut running: FuturesUnordered<JoinHandle<()>> = workers.into_iter().collect();
+    let deadline = Instant::now() + Duration::from_millis(s.cfg.shutdown_timeout_ms);
+    let drained = tokio::time::timeout_at(deadline.into(), drain_lanes(&mut running))
+        .await
+        .is_ok();
+    if !drained {
+        // Stop DLQ retries; give running handlers a moment, then abort them.
+        s.hard.cancel();
+        let grace = tokio::time::timeout(Duration::from_secs(1), drain_lanes(&mut running));
+        if grace.await.is_err() {
+            for a in &aborts {
+                a.abort();
             }
-            false
         }
-    };
+    }
     let committed = commit(&consumer, &s, CommitMode::Sync);
     consumer.unsubscribe();
     if let Some(h) = &s.health {
         h.set_down("consumer stopped");
     }
     ShutdownReport { drained, committed }
+}
+
+/// Waits until every lane task in `running` has ended.
+async fn drain_lanes(running: &mut FuturesUnordered<JoinHandle<()>>) {
+    while running.next().await.is_some() {}
 }
 
 /// Keeps the message's topic/partition/offset/key/payload/headers.
@@ -742,6 +771,8 @@ async fn dead_letter(msg: &OwnedMessage, s: &Shared, attempts: u32, error: &str)
     let attempts_s = attempts.to_string();
     let failed_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let error = truncate(error, MAX_ERROR_BYTES);
+    // True once a write failed: this lane counts in `dlq_blocked` until it ends.
+    let mut failing = false;
     loop {
         let mut h = OwnedHeaders::new();
         if let Some(orig) = msg.headers() {
@@ -776,29 +807,31 @@ async fn dead_letter(msg: &OwnedMessage, s: &Shared, attempts: u32, error: &str)
             payload: msg.payload().unwrap_or_default(),
             headers: h,
         };
-        let result = match s.producer.enqueue(rec, deadline).await {
-            Ok(f) => s
-                .producer
-                .await_deliveries(vec![f], deadline)
-                .await
-                .pop()
-                .unwrap_or(Err(BusError::Shutdown)),
-            Err(e) => Err(e),
-        };
-        match result {
+        match s.producer.send_raw(rec, deadline).await {
             Ok(_) => {
+                if failing {
+                    s.dlq_write_recovered();
+                }
                 s.metrics.consumed(msg.topic(), "dead_lettered");
                 tracing::warn!(event = "dead_lettered", topic = msg.topic(), dlq = %dlq, partition = msg.partition(), offset = msg.offset(), attempts);
                 return true;
             }
             Err(e) => {
                 tracing::error!(event = "dlq_write_failed", dlq = %dlq, error = %e);
+                if !failing {
+                    failing = true;
+                    s.dlq_blocked.fetch_add(1, Ordering::AcqRel);
+                }
                 if let Some(hr) = &s.health {
-                    hr.set_degraded(format!("DLQ write to {dlq} failing; partition paused"));
+                    hr.set_degraded(format!("DLQ write to {dlq} failing; lane paused"));
                 }
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(s.cfg.dlq_retry_backoff_ms)) => {}
-                    () = s.hard.cancelled() => return false,
+                    () = s.hard.cancelled() => {
+                        // Abandoned uncommitted: redelivered after a restart.
+                        s.dlq_write_recovered();
+                        return false;
+                    }
                 }
             }
         }

@@ -151,14 +151,23 @@ impl BusProducer {
         self.inner.purges.load(Ordering::Relaxed)
     }
 
-    /// Enqueues one record into the current handle.
-    pub(crate) async fn enqueue(
+    /// Sends one record and waits for its acknowledgement until `deadline`.
+    ///
+    /// Enqueueing and waiting use the same librdkafka handle, so a timeout
+    /// purges the handle that holds the record (not a newer one created by a
+    /// purge in between, which would leave the record to librdkafka's much
+    /// later `message.timeout.ms`).
+    pub(crate) async fn send_raw(
         &self,
         rec: RawRecord<'_>,
         deadline: Instant,
-    ) -> Result<DeliveryFuture, BusError> {
+    ) -> Result<Delivery, BusError> {
         let h = self.handle();
-        self.enqueue_on(&h, rec, deadline).await
+        let f = self.enqueue_on(&h, rec, deadline).await?;
+        self.await_deliveries_on(&h, vec![f], deadline)
+            .await
+            .pop()
+            .unwrap_or(Err(BusError::Shutdown))
     }
 
     /// Enqueues one record into `handle`, waiting (until `deadline`) while
@@ -202,18 +211,9 @@ impl BusProducer {
         }
     }
 
-    /// Waits for delivery reports until `deadline`; if some are still missing
-    /// then, purges the producer (ordered failure) and collects the rest.
-    pub(crate) async fn await_deliveries(
-        &self,
-        futs: Vec<DeliveryFuture>,
-        deadline: Instant,
-    ) -> Vec<Result<Delivery, BusError>> {
-        let handle = self.handle();
-        self.await_deliveries_on(&handle, futs, deadline).await
-    }
-
-    /// As [`Self::await_deliveries`], for records enqueued into `handle`.
+    /// Waits for delivery reports of records enqueued into `handle` until
+    /// `deadline`; if some are still missing then, purges `handle` (ordered
+    /// failure) and collects the rest.
     pub(crate) async fn await_deliveries_on(
         &self,
         handle: &Arc<Handle>,

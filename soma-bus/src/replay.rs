@@ -214,12 +214,7 @@ pub async fn replay_dlq(
                     payload: msg.payload().unwrap_or_default(),
                     headers: h,
                 };
-                let f = producer.enqueue(rec, deadline).await?;
-                producer
-                    .await_deliveries(vec![f], deadline)
-                    .await
-                    .pop()
-                    .unwrap_or(Err(BusError::Shutdown))?;
+                producer.send_raw(rec, deadline).await?;
                 report.replayed += 1;
                 metrics.replayed.get_or_create(&label("replayed")).inc();
             }

@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -11,6 +13,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use soma_bus::{BusConfig, TopicAdmin};
 use soma_outbox::{Outbox, OutboxConfig};
+use tokio_util::sync::CancellationToken;
 
 /// Config for the shared broker with a unique consumer group.
 pub fn config(bootstrap: &str) -> BusConfig {
@@ -146,6 +149,9 @@ pub async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool
 /// can be killed and restarted without disturbing other tests.
 pub struct OwnBroker {
     pub port: u16,
+    /// The port clients are told to connect to (metadata); `port` unless a
+    /// [`FaultProxy`] sits in front.
+    advertised_port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -170,9 +176,22 @@ fn tansu_binary() -> PathBuf {
 
 impl OwnBroker {
     pub fn start() -> Self {
+        let port = soma_testkit::free_port();
+        Self::start_advertising(port, port)
+    }
+
+    /// A broker listening on a free port that tells clients (in metadata) to
+    /// connect to `advertised_port` instead, where a [`FaultProxy`] forwards
+    /// to it: every connection of its clients then goes through the proxy.
+    pub fn behind_proxy(advertised_port: u16) -> Self {
+        Self::start_advertising(soma_testkit::free_port(), advertised_port)
+    }
+
+    fn start_advertising(port: u16, advertised_port: u16) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut b = Self {
-            port: soma_testkit::free_port(),
+            port,
+            advertised_port,
             dir,
             child: None,
         };
@@ -186,6 +205,7 @@ impl OwnBroker {
 
     fn spawn(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised_port);
         let log = std::fs::File::create(self.dir.path().join("tansu.log")).unwrap();
         let child = Command::new(tansu_binary())
             .current_dir(self.dir.path())
@@ -197,7 +217,7 @@ impl OwnBroker {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args(["--storage-engine", "sqlite://tansu.db"])
             .stdout(Stdio::from(log.try_clone().unwrap()))
@@ -255,8 +275,25 @@ pub fn counts<T: std::hash::Hash + Eq + Clone>(
     m
 }
 
+/// Upper bound of one fetch response in [`read_partitionwise`].
+///
+/// tansu 0.6.0 (SQLite storage) answers a Fetch by reading every record from
+/// the fetch offset to the high watermark whose key + value bytes fit in the
+/// request's `max_bytes` (headers are not counted), and then runs one header
+/// query per record that scans the whole `header` table (it has no index).
+/// With librdkafka's default `fetch.max.bytes` (50 MB) a partition of small
+/// records is answered in one response costing records x all headers in the
+/// database: 5,000 records over 60,000 header rows took 14 s on the quiet
+/// 2-core machine, and under load longer than librdkafka's 60 s socket
+/// timeout, after which the client re-sends the fetch while tansu (which
+/// serves storage requests one at a time) is still working on the old one,
+/// and Metadata queues behind both: the broker looks wedged. Small fetches
+/// keep each request well under a second; the total work is the same.
+pub const BOUNDED_FETCH_BYTES: &str = "4096";
+
 /// Reads each partition of `topic` separately (one consumer per partition,
-/// up to its high watermark), in partition order.
+/// up to its high watermark), in partition order, in fetches of at most
+/// [`BOUNDED_FETCH_BYTES`].
 pub async fn read_partitionwise(
     bootstrap: &str,
     topic: &str,
@@ -285,6 +322,9 @@ pub async fn read_partitionwise(
             .set("group.id", soma_testkit::unique_name("reader"))
             .set("isolation.level", "read_uncommitted")
             .set("enable.auto.commit", "false")
+            .set("fetch.max.bytes", BOUNDED_FETCH_BYTES)
+            .set("max.partition.fetch.bytes", BOUNDED_FETCH_BYTES)
+            .set("message.max.bytes", "1000")
             .create()
             .unwrap();
         let mut tpl = rdkafka::TopicPartitionList::new();
@@ -300,4 +340,99 @@ pub async fn read_partitionwise(
         }
     }
     out
+}
+
+/// A TCP forwarder on a loopback port in front of a broker, for fault
+/// injection on the far side of a Kafka client: [`FaultProxy::cut`] drops
+/// every open connection and refuses new ones (accepts and closes them at
+/// once) until [`FaultProxy::restore`].
+pub struct FaultProxy {
+    pub port: u16,
+    state: Arc<ProxyState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct ProxyState {
+    up: AtomicBool,
+    /// Cancelled on `cut`; replaced on `restore`.
+    conns: parking_lot::Mutex<CancellationToken>,
+    forwarded: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl FaultProxy {
+    /// Listens on `port` (loopback) and forwards to `127.0.0.1:upstream`.
+    pub async fn start(port: u16, upstream: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind proxy port");
+        let state = Arc::new(ProxyState {
+            up: AtomicBool::new(true),
+            conns: parking_lot::Mutex::new(CancellationToken::new()),
+            forwarded: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        });
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !st.up.load(Ordering::SeqCst) {
+                    st.refused.fetch_add(1, Ordering::SeqCst);
+                    drop(client);
+                    continue;
+                }
+                let token = st.conns.lock().clone();
+                st.forwarded.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        () = token.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Self { port, state, task }
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Drops every forwarded connection and refuses new ones.
+    pub fn cut(&self) {
+        self.state.up.store(false, Ordering::SeqCst);
+        let mut conns = self.state.conns.lock();
+        conns.cancel();
+        *conns = CancellationToken::new();
+    }
+
+    /// Forwards new connections again.
+    pub fn restore(&self) {
+        self.state.up.store(true, Ordering::SeqCst);
+    }
+
+    /// Connections refused while cut.
+    pub fn refused(&self) -> u64 {
+        self.state.refused.load(Ordering::SeqCst)
+    }
+
+    /// Connections forwarded.
+    pub fn forwarded(&self) -> u64 {
+        self.state.forwarded.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.state.conns.lock().cancel();
+    }
 }
