@@ -19,8 +19,8 @@ use criterion::{Criterion, black_box};
 use http::Request;
 use soma_policy::{
     AuthKind, Authenticator, AuthnLayer, Authorizer, AuthzInput, AuthzLayer, CacheConfig,
-    EmbeddedRego, JwtAlgorithm, OpaConfig, PolicyEngine, PolicyMetrics, Principal, RemoteOpa,
-    RequestInfo, Resource, RouteMap, RouteRule,
+    EmbeddedRego, JwtAlgorithm, OpaConfig, PolicyEngine, PolicyMetrics, Principal, RegoEvaluator,
+    RemoteOpa, RequestInfo, Resource, RouteMap, RouteRule,
 };
 use tower::ServiceExt;
 
@@ -52,10 +52,18 @@ fn input() -> AuthzInput {
     .with_context("resource_tenant", "t1")
 }
 
+fn embedded(evaluator: RegoEvaluator) -> Arc<EmbeddedRego> {
+    Arc::new(
+        EmbeddedRego::from_dir(common::policy_dir(), ENTRY, PolicyMetrics::default())
+            .unwrap()
+            .with_evaluator(evaluator)
+            .unwrap(),
+    )
+}
+
 fn engines(c: &mut Criterion, rt: &tokio::runtime::Runtime, opa: &common::OpaServer) {
-    let embedded = Arc::new(
-        EmbeddedRego::from_dir(common::policy_dir(), ENTRY, PolicyMetrics::default()).unwrap(),
-    );
+    let embedded_interp = embedded(RegoEvaluator::Interpreter);
+    let embedded = embedded(RegoEvaluator::Vm);
     let remote = {
         let _g = rt.enter();
         Arc::new(
@@ -69,6 +77,7 @@ fn engines(c: &mut Criterion, rt: &tokio::runtime::Runtime, opa: &common::OpaSer
     };
     let inp = input();
     assert!(embedded.evaluate_sync(&inp).unwrap().allow);
+    assert!(embedded_interp.evaluate_sync(&inp).unwrap().allow);
     assert!(rt.block_on(remote.evaluate(&inp)).unwrap().allow);
     let mut g = c.benchmark_group("decision");
     // Engine overhead alone: a constant decision, same input.
@@ -84,7 +93,11 @@ fn engines(c: &mut Criterion, rt: &tokio::runtime::Runtime, opa: &common::OpaSer
     g.bench_function("embedded_constant_policy", |b| {
         b.iter(|| black_box(trivial.evaluate_sync(black_box(&inp)).unwrap()))
     });
+    // The default evaluator (regorus' interpreter) and the opt-in Rego VM.
     g.bench_function("embedded", |b| {
+        b.iter(|| black_box(embedded_interp.evaluate_sync(black_box(&inp)).unwrap()))
+    });
+    g.bench_function("embedded_vm", |b| {
         b.iter(|| black_box(embedded.evaluate_sync(black_box(&inp)).unwrap()))
     });
     g.bench_function("remote_opa_loopback", |b| {
@@ -141,15 +154,38 @@ fn jwt(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     g.finish();
 }
 
-fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+/// Bare vs full stack over HTTP, measured in alternating blocks so both see
+/// the same machine load (criterion measures one after the other, seconds
+/// apart, which on a shared machine can skew the ratio either way).
+struct Paired {
+    bare_us: f64,
+    full_us: f64,
+    keeps: f64,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
     let handler = || async { "ok" };
     let bare: Router = Router::new().route("/v1/sessions/{id}/messages", post(handler));
     let config = common::config_with_static_keys();
     let authn = Arc::new(Authenticator::builder(&config).build().unwrap());
-    let engine = Arc::new(
-        EmbeddedRego::from_dir(common::policy_dir(), ENTRY, PolicyMetrics::default()).unwrap(),
+    // No decision cache: every request evaluates the policy (worst case).
+    let authz = Arc::new(Authorizer::builder(embedded(RegoEvaluator::Vm)).build());
+    let authz_interp = Arc::new(Authorizer::builder(embedded(RegoEvaluator::Interpreter)).build());
+    // With the decision cache on at its default TTL and capacity (every
+    // request after the first is a hit: one user, one route).
+    let authz_cached = Arc::new(
+        Authorizer::builder(embedded(RegoEvaluator::Vm))
+            .cache(CacheConfig {
+                enabled: true,
+                ..Default::default()
+            })
+            .build(),
     );
-    let authz = Arc::new(Authorizer::builder(engine).build());
     let routes = Arc::new(
         RouteMap::new([RouteRule::new(
             "POST",
@@ -162,7 +198,15 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     );
     let full: Router = Router::new()
         .route("/v1/sessions/{id}/messages", post(handler))
-        .route_layer(AuthzLayer::new(authz, routes))
+        .route_layer(AuthzLayer::new(authz, routes.clone()))
+        .layer(AuthnLayer::new(authn.clone()));
+    let full_interp: Router = Router::new()
+        .route("/v1/sessions/{id}/messages", post(handler))
+        .route_layer(AuthzLayer::new(authz_interp, routes.clone()))
+        .layer(AuthnLayer::new(authn.clone()));
+    let full_cached: Router = Router::new()
+        .route("/v1/sessions/{id}/messages", post(handler))
+        .route_layer(AuthzLayer::new(authz_cached, routes))
         .layer(AuthnLayer::new(authn));
     let mut claims = common::claims("alice");
     claims["exp"] = serde_json::json!(common::now() + 86_400);
@@ -171,15 +215,19 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         common::mint(JwtAlgorithm::HS256, Some("hs"), &claims)
     );
     // Over real HTTP on loopback (keep-alive client), the way requests reach a service.
-    let (bare_url, full_url) = rt.block_on(async {
+    let (bare_url, full_url, interp_url, cached_url) = rt.block_on(async {
         (
             common::serve(bare.clone()).await,
             common::serve(full.clone()).await,
+            common::serve(full_interp).await,
+            common::serve(full_cached).await,
         )
     });
     let client = reqwest::Client::new();
     let url_bare = format!("{bare_url}/v1/sessions/s1/messages");
     let url_full = format!("{full_url}/v1/sessions/s1/messages");
+    let url_interp = format!("{interp_url}/v1/sessions/s1/messages");
+    let url_cached = format!("{cached_url}/v1/sessions/s1/messages");
     let send = |url: &str| {
         let req = client.post(url).header("authorization", &token);
         async move {
@@ -189,12 +237,20 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         }
     };
     rt.block_on(send(&url_full));
+    rt.block_on(send(&url_interp));
+    rt.block_on(send(&url_cached));
     let mut g = c.benchmark_group("stack");
     g.bench_function("bare_handler_http", |b| {
         b.to_async(rt).iter(|| send(&url_bare))
     });
     g.bench_function("authn_authz_handler_http", |b| {
         b.to_async(rt).iter(|| send(&url_full))
+    });
+    g.bench_function("authn_authz_interpreter_handler_http", |b| {
+        b.to_async(rt).iter(|| send(&url_interp))
+    });
+    g.bench_function("authn_authz_cached_handler_http", |b| {
+        b.to_async(rt).iter(|| send(&url_cached))
     });
     // In-process (tower oneshot, no network): the layers' own cost, worst case for the ratio.
     let req = |t: &str| {
@@ -212,6 +268,33 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
             .iter(|| async { black_box(full.clone().oneshot(req(&token)).await.unwrap()) })
     });
     g.finish();
+
+    const ROUNDS: usize = 60;
+    const BLOCK: u32 = 100;
+    let (mut bare_t, mut full_t, mut keeps) = (Vec::new(), Vec::new(), Vec::new());
+    rt.block_on(async {
+        for round in 0..ROUNDS {
+            // Alternate which goes first, so neither always follows the other.
+            let mut t = [0.0f64; 2];
+            for k in 0..2 {
+                let which = (k + round) % 2;
+                let url = if which == 0 { &url_bare } else { &url_full };
+                let start = std::time::Instant::now();
+                for _ in 0..BLOCK {
+                    send(url).await;
+                }
+                t[which] = start.elapsed().as_secs_f64() * 1e6 / f64::from(BLOCK);
+            }
+            bare_t.push(t[0]);
+            full_t.push(t[1]);
+            keeps.push(t[0] / t[1]);
+        }
+    });
+    Paired {
+        bare_us: median(bare_t),
+        full_us: median(full_t),
+        keeps: median(keeps),
+    }
 }
 
 fn median_ns(group: &str, name: &str) -> Option<f64> {
@@ -238,11 +321,12 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     engines(&mut c, &rt, &opa);
     jwt(&mut c, &rt);
-    stack(&mut c, &rt);
+    let paired = stack(&mut c, &rt);
     c.final_summary();
 
     let m = |g, n| median_ns(g, n).unwrap_or(f64::NAN);
-    let embedded = m("decision", "embedded");
+    let embedded = m("decision", "embedded_vm");
+    let embedded_interp = m("decision", "embedded");
     let remote = m("decision", "remote_opa_loopback");
     let hit = m("cache", "authorizer_check_hit");
     let hs = m("jwt", "HS256");
@@ -253,17 +337,25 @@ fn main() {
     let full_in = m("stack", "authn_authz_handler_inproc");
     println!("\n== soma-policy summary (criterion medians) ==");
     println!(
-        "embedded decision        {:>10.2} µs   (goal ≤ 15 µs)",
+        "embedded decision, vm    {:>10.2} µs   (goal ≤ 15 µs)",
         embedded / 1e3
     );
     println!(
-        "embedded, constant policy{:>10.2} µs   (engine + input conversion only)",
+        "embedded, interpreter    {:>10.2} µs   (the default evaluator)",
+        embedded_interp / 1e3
+    );
+    println!(
+        "interpreter, const policy{:>10.2} µs   (engine + input conversion only)",
         m("decision", "embedded_constant_policy") / 1e3
     );
     println!("remote OPA (loopback)    {:>10.2} µs", remote / 1e3);
     println!(
-        "embedded speed-up        {:>10.1} ×    (goal ≥ 20×)",
+        "embedded speed-up, vm    {:>10.1} ×    (goal ≥ 20×)",
         remote / embedded
+    );
+    println!(
+        "speed-up, interpreter    {:>10.1} ×",
+        remote / embedded_interp
     );
     println!(
         "cache hit (check)        {:>10.3} µs   (goal ≤ 1 µs)",
@@ -291,13 +383,32 @@ fn main() {
         1e9 / bare
     );
     println!(
-        "authn+authz (HTTP)       {:>10.2} µs/req  ({:.0} req/s)",
+        "authn+authz (HTTP), vm   {:>10.2} µs/req  ({:.0} req/s)",
         full / 1e3,
         1e9 / full
     );
     println!(
-        "stack keeps (HTTP)       {:>10.2} ×    of bare req/s (goal ≥ 0.6×)",
+        "stack keeps (HTTP), vm   {:>10.2} ×    of bare req/s (goal ≥ 0.6×)",
         bare / full
+    );
+    let full_interp = m("stack", "authn_authz_interpreter_handler_http");
+    println!(
+        "stack, interpreter (HTTP){:>10.2} µs/req  ({:.0} req/s, {:.2} × of bare)",
+        full_interp / 1e3,
+        1e9 / full_interp,
+        bare / full_interp
+    );
+    let full_cached = m("stack", "authn_authz_cached_handler_http");
+    println!(
+        "stack, vm + cache (HTTP) {:>10.2} µs/req  ({:.0} req/s, {:.2} × of bare)",
+        full_cached / 1e3,
+        1e9 / full_cached,
+        bare / full_cached
+    );
+    println!(
+        "paired blocks (HTTP)     {:>10.2} vs {:.2} µs/req: stack keeps {:.2} × of bare req/s \
+         (median of 60 alternating blocks of 100)",
+        paired.bare_us, paired.full_us, paired.keeps
     );
     println!("bare handler (in-proc)   {:>10.2} µs/req", bare_in / 1e3);
     println!(

@@ -60,14 +60,18 @@ reasons contains "tenant_mismatch" if {
 	input.context.resource_tenant != input.tenant
 }
 
+# The action table is indexed directly rather than through a body
+# assignment (`rule := actions[input.action]`): regorus' Rego VM does not
+# stop a body on an undefined assignment, so this form keeps the policy
+# correct under both of regorus' evaluators (see RegoEvaluator::Vm).
 reasons contains "missing_role" if {
-	rule := actions[input.action]
-	not has_role(rule.roles)
+	actions[input.action]
+	not has_role(actions[input.action].roles)
 }
 
 reasons contains "missing_scope" if {
-	rule := actions[input.action]
-	not has_scope(rule.scope)
+	actions[input.action]
+	not has_scope(actions[input.action].scope)
 }
 
 # High-risk tools need an administrator, even for agents with the scope.

@@ -38,6 +38,13 @@ pub struct AuditEvent {
 pub trait AuditSink: Send + Sync + 'static {
     /// Records one event.
     fn record(&self, event: &AuditEvent);
+
+    /// Whether this sink takes events. `false` lets the authorizer skip
+    /// building an owned [`AuditEvent`] per decision (tracing still gets
+    /// every decision). Defaults to `true`.
+    fn is_enabled(&self) -> bool {
+        true
+    }
 }
 
 /// Emits each event to tracing only (target `soma_policy::audit`). Every
@@ -47,6 +54,10 @@ pub struct TracingAuditSink;
 
 impl AuditSink for TracingAuditSink {
     fn record(&self, _event: &AuditEvent) {}
+
+    fn is_enabled(&self) -> bool {
+        false
+    }
 }
 
 /// Keeps events in memory (tests, local tooling). Unbounded: not for production.
@@ -110,20 +121,47 @@ impl AuditSink for ChannelAuditSink {
     }
 }
 
-pub(crate) fn emit(sink: &dyn AuditSink, event: &AuditEvent) {
+/// One decision, borrowed from the authorizer's input and decision: written
+/// to tracing as is, turned into an owned [`AuditEvent`] only for a sink
+/// that takes events.
+pub(crate) struct AuditRecord<'a> {
+    pub(crate) subject: &'a str,
+    pub(crate) tenant: &'a str,
+    pub(crate) action: &'a str,
+    pub(crate) resource: &'a Resource,
+    pub(crate) result: &'static str,
+    pub(crate) reason: &'a [String],
+    pub(crate) engine: &'static str,
+    pub(crate) latency_us: u64,
+    pub(crate) request_id: Option<&'a str>,
+}
+
+pub(crate) fn emit(sink: &dyn AuditSink, r: &AuditRecord<'_>) {
     tracing::info!(
         target: "soma_policy::audit",
-        subject = %event.subject,
-        tenant = %event.tenant,
-        action = %event.action,
-        resource_kind = %event.resource.kind,
-        resource_id = event.resource.id.as_deref().unwrap_or(""),
-        result = %event.result,
-        reason = ?event.reason,
-        engine = %event.engine,
-        latency_us = event.latency_us,
-        request_id = event.request_id.as_deref().unwrap_or(""),
+        subject = %r.subject,
+        tenant = %r.tenant,
+        action = %r.action,
+        resource_kind = %r.resource.kind,
+        resource_id = r.resource.id.as_deref().unwrap_or(""),
+        result = %r.result,
+        reason = ?r.reason,
+        engine = %r.engine,
+        latency_us = r.latency_us,
+        request_id = r.request_id.unwrap_or(""),
         "authorization decision"
     );
-    sink.record(event);
+    if sink.is_enabled() {
+        sink.record(&AuditEvent {
+            subject: r.subject.to_owned(),
+            tenant: r.tenant.to_owned(),
+            action: r.action.to_owned(),
+            resource: r.resource.clone(),
+            result: r.result.to_owned(),
+            reason: r.reason.to_vec(),
+            engine: r.engine.to_owned(),
+            latency_us: r.latency_us,
+            request_id: r.request_id.map(str::to_owned),
+        });
+    }
 }

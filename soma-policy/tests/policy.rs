@@ -12,7 +12,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Map, Value, json};
 use soma_observability::health::{ComponentStatus, Criticality, HealthRegistry};
 use soma_policy::{
-    AuthzInput, EmbeddedRego, EngineError, PolicyEngine, PolicyMetrics, RequestInfo, Resource,
+    AuthzInput, EmbeddedRego, EngineError, PolicyEngine, PolicyMetrics, RegoEvaluator, RequestInfo,
+    Resource,
 };
 
 const ENTRY: &str = "data.soma.authz.decision";
@@ -143,17 +144,24 @@ fn generate(rng: &mut StdRng) -> AuthzInput {
     }
 }
 
+/// Both of regorus' evaluators against OPA on the same generated inputs.
 #[tokio::test]
 async fn regorus_and_real_opa_agree_on_generated_inputs() {
     let server = OpaServer::start();
     let client = reqwest::Client::new();
-    let embedded = EmbeddedRego::from_dir(policy_dir(), ENTRY, PolicyMetrics::default()).unwrap();
+    let interpreter =
+        EmbeddedRego::from_dir(policy_dir(), ENTRY, PolicyMetrics::default()).unwrap();
+    assert_eq!(interpreter.evaluator(), RegoEvaluator::Interpreter);
+    let vm = EmbeddedRego::from_dir(policy_dir(), ENTRY, PolicyMetrics::default())
+        .unwrap()
+        .with_evaluator(RegoEvaluator::Vm)
+        .unwrap();
+    assert_eq!(vm.evaluator(), RegoEvaluator::Vm);
     let mut rng = StdRng::seed_from_u64(0x5047_4c43);
     let (mut allows, mut denies) = (0, 0);
     const N: usize = 1_500;
     for i in 0..N {
         let input = generate(&mut rng);
-        let ours = embedded.evaluate(&input).await.unwrap();
         let theirs = server
             .eval(
                 &client,
@@ -162,10 +170,18 @@ async fn regorus_and_real_opa_agree_on_generated_inputs() {
             )
             .await;
         let theirs = &theirs["result"];
+        let ours = interpreter.evaluate(&input).await.unwrap();
         assert_eq!(
             json!({"allow": ours.allow, "reasons": ours.reasons}),
             *theirs,
-            "input #{i} disagrees: {}",
+            "interpreter: input #{i} disagrees: {}",
+            serde_json::to_string(&input).unwrap()
+        );
+        let ours_vm = vm.evaluate(&input).await.unwrap();
+        assert_eq!(
+            ours_vm,
+            ours,
+            "vm: input #{i} disagrees: {}",
             serde_json::to_string(&input).unwrap()
         );
         if ours.allow { allows += 1 } else { denies += 1 }
@@ -175,6 +191,74 @@ async fn regorus_and_real_opa_agree_on_generated_inputs() {
         allows >= 50 && denies >= 50,
         "allows {allows}, denies {denies}"
     );
+}
+
+#[test]
+fn the_vm_refuses_policies_it_cannot_compile_or_gets_wrong() {
+    let load = |src: &str, evaluator| {
+        EmbeddedRego::from_sources(&[("p.rego", src)], ENTRY, PolicyMetrics::default())
+            .and_then(|e| e.with_evaluator(evaluator))
+    };
+    // `with` is not supported by the VM compiler: the interpreter takes it,
+    // the VM refuses to load rather than evaluate something else.
+    let with = "package soma.authz\ndefault decision := {\"allow\": false, \"reasons\": []}\n\
+                decision := {\"allow\": true, \"reasons\": []} if { input.x with input.x as true }\n";
+    let e = load(with, RegoEvaluator::Vm).unwrap_err();
+    assert!(
+        matches!(&e, EngineError::Load(m) if m.contains("cannot compile")),
+        "{e:?}"
+    );
+    assert!(load(with, RegoEvaluator::Interpreter).is_ok());
+    // The known divergence: an undefined body assignment does not stop the
+    // body under the VM. Here it would allow an unknown subject; OPA and the
+    // interpreter deny. The empty-input tripwire catches this policy.
+    let assign = r#"package soma.authz
+grants := {"alice": {"blocked": false}}
+default allow := false
+allow if {
+	g := grants[input.subject]
+	not g.blocked
+}
+decision := {"allow": allow, "reasons": []}
+"#;
+    let e = load(assign, RegoEvaluator::Vm).unwrap_err();
+    assert!(
+        matches!(&e, EngineError::Load(m) if m.contains("disagree")),
+        "{e:?}"
+    );
+    let interpreter = load(assign, RegoEvaluator::Interpreter).unwrap();
+    let mut i = AuthzInput::new(
+        &soma_policy::Principal {
+            subject: "mallory".into(),
+            tenant: "t1".into(),
+            roles: vec![],
+            scopes: vec![],
+            auth_kind: soma_policy::AuthKind::ApiKey { key_id: "k".into() },
+        },
+        "a",
+        Resource::default(),
+    );
+    assert!(!interpreter.evaluate_sync(&i).unwrap().allow);
+    i.subject = "alice".into();
+    assert!(interpreter.evaluate_sync(&i).unwrap().allow);
+
+    // A reload to a policy the VM refuses keeps the last good one, on the VM.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.rego"),
+        "package soma.authz\ndecision := {\"allow\": input.subject == \"alice\", \"reasons\": []}\n",
+    )
+    .unwrap();
+    let engine = EmbeddedRego::from_dir(dir.path(), ENTRY, PolicyMetrics::default())
+        .unwrap()
+        .with_evaluator(RegoEvaluator::Vm)
+        .unwrap();
+    std::fs::write(dir.path().join("p.rego"), assign).unwrap();
+    assert!(matches!(engine.reload(), Err(EngineError::Load(_))));
+    assert!(engine.evaluate_sync(&i).unwrap().allow);
+    i.subject = "mallory".into();
+    assert!(!engine.evaluate_sync(&i).unwrap().allow);
+    assert_eq!(engine.evaluator(), RegoEvaluator::Vm);
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::audit::{AuditEvent, AuditSink, TracingAuditSink, emit};
+use crate::audit::{AuditRecord, AuditSink, TracingAuditSink, emit};
 use crate::config::{CacheConfig, EngineKind, FailMode, PolicyConfig};
 use crate::engine::{EngineDecision, PolicyEngine, RemoteOpa};
 use crate::metrics::PolicyMetrics;
@@ -133,11 +133,14 @@ impl Authorizer {
         let engine: Arc<dyn PolicyEngine> = match config.engine {
             EngineKind::Remote => Arc::new(RemoteOpa::new(&config.opa)?),
             #[cfg(feature = "rego")]
-            EngineKind::Embedded => Arc::new(crate::engine::EmbeddedRego::from_dir(
-                &config.policy_dir,
-                &config.entrypoint,
-                metrics.clone(),
-            )?),
+            EngineKind::Embedded => Arc::new(
+                crate::engine::EmbeddedRego::from_dir(
+                    &config.policy_dir,
+                    &config.entrypoint,
+                    metrics.clone(),
+                )?
+                .with_evaluator(config.evaluator)?,
+            ),
             #[cfg(not(feature = "rego"))]
             EngineKind::Embedded => {
                 return Err(EngineError::Load(
@@ -263,18 +266,18 @@ impl Authorizer {
         };
         self.metrics
             .decision(&input.action, result, d.engine, elapsed.as_secs_f64());
-        let event = AuditEvent {
-            subject: input.subject.clone(),
-            tenant: input.tenant.clone(),
-            action: input.action.clone(),
-            resource: input.resource.clone(),
-            result: result.to_owned(),
-            reason: d.reasons.clone(),
-            engine: d.engine.to_owned(),
+        let record = AuditRecord {
+            subject: &input.subject,
+            tenant: &input.tenant,
+            action: &input.action,
+            resource: &input.resource,
+            result,
+            reason: &d.reasons,
+            engine: d.engine,
             latency_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-            request_id: input.request.request_id.clone(),
+            request_id: input.request.request_id.as_deref(),
         };
-        emit(self.audit.as_ref(), &event);
+        emit(self.audit.as_ref(), &record);
     }
 }
 

@@ -4,14 +4,26 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
+use regorus::languages::rego::compiler::Compiler;
+use regorus::rvm::program::Program;
+use regorus::rvm::vm::RegoVM;
 use regorus::{CompiledPolicy, PolicyModule, Value};
 
 use super::{EngineDecision, PolicyEngine, decision_from_value};
 use soma_observability::health::HealthReporter;
 
 use crate::metrics::PolicyMetrics;
-use crate::{AuthzInput, EngineError};
+use crate::{AuthzInput, EngineError, RegoEvaluator};
+
+/// Most VM instructions one decision may execute; a policy that needs more
+/// (a runaway loop over a large data document) gets an evaluation error,
+/// which the authorizer treats as "no decision" (503 in fail-closed mode).
+pub const MAX_VM_INSTRUCTIONS: usize = 1_000_000;
+
+/// Idle VMs kept per loaded policy; more concurrent evaluations than this
+/// create VMs that are dropped afterwards.
+const MAX_IDLE_VMS: usize = 64;
 
 /// Rego policies evaluated in-process by regorus.
 ///
@@ -21,10 +33,21 @@ use crate::{AuthzInput, EngineError};
 /// directory again and swaps the new policy in atomically; when the new
 /// policy fails to load or compile, the last good one stays in force, the
 /// failure is logged and counted (`soma_policy_reloads_total{result="error"}`).
+///
+/// # How a decision is evaluated
+///
+/// The input is built directly as a regorus value (no JSON round trip).
+/// By default regorus' interpreter evaluates the entry point
+/// ([`RegoEvaluator::Interpreter`]). With [`EmbeddedRego::with_evaluator`]
+/// and [`RegoEvaluator::Vm`] the entry point is compiled at (re)load to Rego
+/// VM bytecode and evaluated on VMs kept in a small pool (regorus resets a
+/// VM before every run; the input is dropped after it) — read the caveats
+/// on [`RegoEvaluator::Vm`] first.
 pub struct EmbeddedRego {
     dir: PathBuf,
     entrypoint: String,
-    current: RwLock<Arc<CompiledPolicy>>,
+    evaluator: RegoEvaluator,
+    current: RwLock<Arc<Loaded>>,
     metrics: PolicyMetrics,
     health: Option<HealthReporter>,
 }
@@ -34,6 +57,7 @@ impl std::fmt::Debug for EmbeddedRego {
         f.debug_struct("EmbeddedRego")
             .field("dir", &self.dir)
             .field("entrypoint", &self.entrypoint)
+            .field("evaluator", &self.evaluator)
             .finish_non_exhaustive()
     }
 }
@@ -47,10 +71,12 @@ impl EmbeddedRego {
         metrics: PolicyMetrics,
     ) -> Result<Self, EngineError> {
         let dir = dir.into();
-        let compiled = compile_dir(&dir, entrypoint)?;
+        let evaluator = RegoEvaluator::default();
+        let compiled = compile_dir(&dir, entrypoint, evaluator)?;
         Ok(Self {
             dir,
             entrypoint: entrypoint.to_owned(),
+            evaluator,
             current: RwLock::new(Arc::new(compiled)),
             metrics,
             health: None,
@@ -71,14 +97,40 @@ impl EmbeddedRego {
                 content: (*content).into(),
             })
             .collect();
-        let compiled = compile(Vec::new(), &modules, entrypoint)?;
+        let evaluator = RegoEvaluator::default();
+        let compiled = compile(Vec::new(), &modules, entrypoint, evaluator)?;
         Ok(Self {
             dir: PathBuf::new(),
             entrypoint: entrypoint.to_owned(),
+            evaluator,
             current: RwLock::new(Arc::new(compiled)),
             metrics,
             health: None,
         })
+    }
+
+    /// Switches the evaluator for the policy in force and every reload.
+    /// Fails (and nothing changes) when `evaluator` is
+    /// [`RegoEvaluator::Vm`] and the VM cannot compile the policy or
+    /// disagrees with the interpreter on an empty input.
+    pub fn with_evaluator(mut self, evaluator: RegoEvaluator) -> Result<Self, EngineError> {
+        if evaluator != self.evaluator {
+            let current = self.current.read().clone();
+            let loaded = Loaded::new(
+                current.policy.clone(),
+                current.data.clone(),
+                &self.entrypoint,
+                evaluator,
+            )?;
+            *self.current.write() = Arc::new(loaded);
+            self.evaluator = evaluator;
+        }
+        Ok(self)
+    }
+
+    /// The evaluator in force.
+    pub fn evaluator(&self) -> RegoEvaluator {
+        self.evaluator
     }
 
     /// Reports health: `degraded` while a failed reload leaves the last good
@@ -92,7 +144,7 @@ impl EmbeddedRego {
     /// Reloads the directory. On error the previous policy stays in force
     /// and the error is returned.
     pub fn reload(&self) -> Result<(), EngineError> {
-        match compile_dir(&self.dir, &self.entrypoint) {
+        match compile_dir(&self.dir, &self.entrypoint, self.evaluator) {
             Ok(compiled) => {
                 *self.current.write() = Arc::new(compiled);
                 self.metrics.reload(true);
@@ -136,23 +188,248 @@ impl EmbeddedRego {
 
     /// Evaluates synchronously (what [`PolicyEngine::evaluate`] does).
     pub fn evaluate_sync(&self, input: &AuthzInput) -> Result<EngineDecision, EngineError> {
-        let bytes =
-            serde_json::to_vec(input).map_err(|e| EngineError::Evaluation(e.to_string()))?;
-        let value: Value =
-            serde_json::from_slice(&bytes).map_err(|e| EngineError::Evaluation(e.to_string()))?;
-        let policy = self.current.read().clone();
-        let out = policy
-            .eval_with_input(value)
-            .map_err(|e| EngineError::Evaluation(e.to_string()))?;
-        if out == Value::Undefined {
-            return Err(EngineError::Undefined);
-        }
-        let json =
-            serde_json::to_value(&out).map_err(|e| EngineError::Evaluation(e.to_string()))?;
-        decision_from_value(&json)
+        let value = to_rego(input)?;
+        let loaded = self.current.read().clone();
+        let out = loaded.eval(value)?;
+        decision_from_rego(&out)
     }
 }
 
+/// A compiled policy, with its VM program when the evaluator is the VM.
+struct Loaded {
+    policy: CompiledPolicy,
+    data: Value,
+    vm: Option<VmPool>,
+}
+
+impl Loaded {
+    fn new(
+        policy: CompiledPolicy,
+        data: Value,
+        entrypoint: &str,
+        evaluator: RegoEvaluator,
+    ) -> Result<Self, EngineError> {
+        // The entry point must evaluate on an empty input: a policy that
+        // errors there would error on every request.
+        let reference = policy
+            .eval_with_input(Value::new_object())
+            .map_err(|e| EngineError::Load(e.to_string()))?;
+        let vm = match evaluator {
+            RegoEvaluator::Interpreter => None,
+            RegoEvaluator::Vm => {
+                let pool = VmPool::new(&policy, &data, entrypoint)?;
+                let on_empty = pool.eval(Value::new_object()).map_err(|e| {
+                    EngineError::Load(format!("the Rego VM cannot evaluate {entrypoint}: {e}"))
+                })?;
+                if on_empty != reference {
+                    return Err(EngineError::Load(format!(
+                        "the Rego VM and the interpreter disagree on {entrypoint} for an empty \
+                         input (vm: {on_empty}, interpreter: {reference}); use evaluator = \
+                         \"interpreter\" for this policy"
+                    )));
+                }
+                Some(pool)
+            }
+        };
+        Ok(Self { policy, data, vm })
+    }
+
+    fn eval(&self, input: Value) -> Result<Value, EngineError> {
+        let out = match &self.vm {
+            Some(pool) => pool.eval(input)?,
+            None => self
+                .policy
+                .eval_with_input(input)
+                .map_err(|e| EngineError::Evaluation(e.to_string()))?,
+        };
+        if out == Value::Undefined {
+            return Err(EngineError::Undefined);
+        }
+        Ok(out)
+    }
+}
+
+/// The entry point compiled for the Rego VM, and idle VMs loaded with it.
+struct VmPool {
+    program: Arc<Program>,
+    data: Value,
+    idle: Mutex<Vec<RegoVM>>,
+}
+
+impl VmPool {
+    fn new(policy: &CompiledPolicy, data: &Value, entrypoint: &str) -> Result<Self, EngineError> {
+        let program = Compiler::compile_from_policy(policy, &[entrypoint]).map_err(|e| {
+            EngineError::Load(format!("the Rego VM cannot compile {entrypoint}: {e}"))
+        })?;
+        let pool = Self {
+            program,
+            data: data.clone(),
+            idle: Mutex::new(Vec::new()),
+        };
+        // Fail here, not on the first request, if the data does not fit.
+        let vm = pool.new_vm()?;
+        pool.idle.lock().push(vm);
+        Ok(pool)
+    }
+
+    fn new_vm(&self) -> Result<RegoVM, EngineError> {
+        let mut vm = RegoVM::new();
+        vm.load_program(self.program.clone());
+        vm.set_max_instructions(MAX_VM_INSTRUCTIONS);
+        vm.set_data(self.data.clone())
+            .map_err(|e| EngineError::Load(format!("data: {e}")))?;
+        Ok(vm)
+    }
+
+    fn eval(&self, input: Value) -> Result<Value, EngineError> {
+        let idle = self.idle.lock().pop();
+        let mut vm = match idle {
+            Some(vm) => vm,
+            // The data was checked when the pool was built; this cannot
+            // fail unless regorus changes its mind.
+            None => self
+                .new_vm()
+                .map_err(|e| EngineError::Evaluation(e.to_string()))?,
+        };
+        vm.set_input(input);
+        let out = vm.execute();
+        // Keep no reference to this request's input in the idle VM.
+        vm.set_input(Value::Null);
+        match out {
+            Ok(v) => {
+                let mut idle = self.idle.lock();
+                if idle.len() < MAX_IDLE_VMS {
+                    idle.push(vm);
+                }
+                Ok(v)
+            }
+            // A VM that failed mid-run is dropped rather than reused.
+            Err(e) => Err(EngineError::Evaluation(e.to_string())),
+        }
+    }
+}
+
+/// Object keys of the input document, allocated once.
+struct Keys {
+    subject: Value,
+    tenant: Value,
+    roles: Value,
+    scopes: Value,
+    action: Value,
+    resource: Value,
+    kind: Value,
+    id: Value,
+    request: Value,
+    method: Value,
+    route: Value,
+    request_id: Value,
+    context: Value,
+    allow: Value,
+    reasons: Value,
+}
+
+fn keys() -> &'static Keys {
+    static KEYS: std::sync::OnceLock<Keys> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| Keys {
+        subject: "subject".into(),
+        tenant: "tenant".into(),
+        roles: "roles".into(),
+        scopes: "scopes".into(),
+        action: "action".into(),
+        resource: "resource".into(),
+        kind: "kind".into(),
+        id: "id".into(),
+        request: "request".into(),
+        method: "method".into(),
+        route: "route".into(),
+        request_id: "request_id".into(),
+        context: "context".into(),
+        allow: "allow".into(),
+        reasons: "reasons".into(),
+    })
+}
+
+/// The input document, exactly as `serde_json::to_value(input)` would give
+/// it (a `None` is `null`), built without a JSON round trip.
+fn to_rego(input: &AuthzInput) -> Result<Value, EngineError> {
+    use serde::Deserialize as _;
+    use std::collections::BTreeMap;
+    let k = keys();
+    let strings = |xs: &[String]| {
+        Value::from(
+            xs.iter()
+                .map(|x| Value::from(x.as_str()))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let opt = |x: &Option<String>| x.as_deref().map_or(Value::Null, Value::from);
+    let mut context = BTreeMap::new();
+    for (key, v) in &input.context {
+        // serde_json's own deserializer into regorus' value: the same
+        // conversion `Value::from_json_str` applies to JSON text.
+        let v = Value::deserialize(v).map_err(|e| EngineError::Evaluation(e.to_string()))?;
+        context.insert(Value::from(key.as_str()), v);
+    }
+    let resource = BTreeMap::from([
+        (k.kind.clone(), Value::from(input.resource.kind.as_str())),
+        (k.id.clone(), opt(&input.resource.id)),
+    ]);
+    let request = BTreeMap::from([
+        (k.method.clone(), Value::from(input.request.method.as_str())),
+        (k.route.clone(), Value::from(input.request.route.as_str())),
+        (k.request_id.clone(), opt(&input.request.request_id)),
+    ]);
+    Ok(Value::from(BTreeMap::from([
+        (k.subject.clone(), Value::from(input.subject.as_str())),
+        (k.tenant.clone(), Value::from(input.tenant.as_str())),
+        (k.roles.clone(), strings(&input.roles)),
+        (k.scopes.clone(), strings(&input.scopes)),
+        (k.action.clone(), Value::from(input.action.as_str())),
+        (k.resource.clone(), Value::from(resource)),
+        (k.request.clone(), Value::from(request)),
+        (k.context.clone(), Value::from(context)),
+    ])))
+}
+
+/// [`decision_from_value`] on a regorus value. The common shapes (a
+/// boolean, or `{allow: bool, reasons: [string]}`) are read in place;
+/// anything else goes through JSON, so its outcome (and error) is exactly
+/// what a remote engine's answer of the same shape would give.
+fn decision_from_rego(v: &Value) -> Result<EngineDecision, EngineError> {
+    match v {
+        Value::Bool(allow) => {
+            return Ok(EngineDecision {
+                allow: *allow,
+                reasons: Vec::new(),
+            });
+        }
+        Value::Object(o) => {
+            let k = keys();
+            if let Some(Value::Bool(allow)) = o.get(&k.allow) {
+                let reasons = match o.get(&k.reasons) {
+                    None | Some(Value::Null) => Some(Vec::new()),
+                    Some(Value::Array(a)) => a
+                        .iter()
+                        .map(|r| match r {
+                            Value::String(s) => Some(s.to_string()),
+                            _ => None,
+                        })
+                        .collect(),
+                    Some(_) => None,
+                };
+                if let Some(reasons) = reasons {
+                    return Ok(EngineDecision {
+                        allow: *allow,
+                        reasons,
+                    });
+                }
+            }
+        }
+        _ => {}
+    }
+    let json = serde_json::to_value(v).map_err(|e| EngineError::Evaluation(e.to_string()))?;
+    decision_from_value(&json)
+}
 #[async_trait]
 impl PolicyEngine for EmbeddedRego {
     fn name(&self) -> &'static str {
@@ -168,7 +445,8 @@ fn compile(
     data: Vec<Value>,
     modules: &[PolicyModule],
     entrypoint: &str,
-) -> Result<CompiledPolicy, EngineError> {
+    evaluator: RegoEvaluator,
+) -> Result<Loaded, EngineError> {
     if modules.is_empty() {
         return Err(EngineError::Load("no .rego policies found".into()));
     }
@@ -183,18 +461,18 @@ fn compile(
             .add_policy(m.id.to_string(), m.content.to_string())
             .map_err(|e| EngineError::Load(e.to_string()))?;
     }
+    let data = engine.get_data();
     let compiled = engine
         .compile_with_entrypoint(&entrypoint.into())
         .map_err(|e| EngineError::Load(e.to_string()))?;
-    // The entry point must evaluate on an empty input: a policy that errors
-    // there would error on every request.
-    compiled
-        .eval_with_input(Value::new_object())
-        .map_err(|e| EngineError::Load(e.to_string()))?;
-    Ok(compiled)
+    Loaded::new(compiled, data, entrypoint, evaluator)
 }
 
-fn compile_dir(dir: &Path, entrypoint: &str) -> Result<CompiledPolicy, EngineError> {
+fn compile_dir(
+    dir: &Path,
+    entrypoint: &str,
+    evaluator: RegoEvaluator,
+) -> Result<Loaded, EngineError> {
     let mut modules = Vec::new();
     let mut data = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -228,5 +506,83 @@ fn compile_dir(dir: &Path, entrypoint: &str) -> Result<CompiledPolicy, EngineErr
             }
         }
     }
-    compile(data, &modules, entrypoint)
+    compile(data, &modules, entrypoint, evaluator)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AuthKind, Principal, RequestInfo, Resource};
+    use serde_json::json;
+
+    fn input() -> AuthzInput {
+        let p = Principal {
+            subject: "alice".into(),
+            tenant: "t1".into(),
+            roles: vec!["user".into(), "ünïcode".into()],
+            scopes: vec![],
+            auth_kind: AuthKind::ApiKey { key_id: "k".into() },
+        };
+        AuthzInput::new(&p, "conversation.send", Resource::default())
+    }
+
+    #[test]
+    fn the_input_value_is_exactly_the_json_one() {
+        let cases = [
+            input(),
+            input()
+                .with_request(RequestInfo {
+                    method: "POST".into(),
+                    route: "/v1/x/{id}".into(),
+                    request_id: Some("r1".into()),
+                })
+                .with_context("resource_tenant", "t1")
+                .with_context("n", json!([1, -2, 3.5, 1e300, u64::MAX, null, true]))
+                .with_context("o", json!({"b": {"c": []}, "a": "x\"y"})),
+            {
+                let mut i = input();
+                i.resource = Resource {
+                    kind: "session".into(),
+                    id: Some("s1".into()),
+                };
+                i.with_context("", json!({}))
+            },
+        ];
+        for i in cases {
+            let via_json = Value::from_json_str(&serde_json::to_string(&i).unwrap()).unwrap();
+            assert_eq!(to_rego(&i).unwrap(), via_json, "{i:?}");
+        }
+    }
+
+    #[test]
+    fn decisions_read_in_place_match_the_json_reading() {
+        let cases = [
+            "true",
+            "false",
+            r#"{"allow": true, "reasons": []}"#,
+            r#"{"allow": false, "reasons": ["a", "b"]}"#,
+            r#"{"allow": false}"#,
+            r#"{"allow": false, "reasons": null}"#,
+            r#"{"allow": false, "reasons": [1]}"#,
+            r#"{"allow": "yes"}"#,
+            r#"{"allow": true, "reasons": "a"}"#,
+            r#"[true]"#,
+            r#""allow""#,
+        ];
+        for c in cases {
+            let ours = decision_from_rego(&Value::from_json_str(c).unwrap());
+            let json = decision_from_value(&serde_json::from_str(c).unwrap());
+            assert_eq!(ours, json, "{c}");
+        }
+        // A set of reasons (a policy that does not sort them) reads as an array.
+        let set = Value::from(std::collections::BTreeSet::from([
+            Value::from("b"),
+            Value::from("a"),
+        ]));
+        let mut obj = std::collections::BTreeMap::new();
+        obj.insert(Value::from("allow"), Value::Bool(false));
+        obj.insert(Value::from("reasons"), set);
+        let d = decision_from_rego(&Value::from(obj)).unwrap();
+        assert_eq!(d.reasons, ["a", "b"]);
+    }
 }

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 #[cfg(feature = "rego")]
-pub use embedded::EmbeddedRego;
+pub use embedded::{EmbeddedRego, MAX_VM_INSTRUCTIONS};
 pub use remote::{CircuitState, RemoteOpa};
 
 use crate::{AuthzInput, EngineError};
