@@ -1,8 +1,12 @@
 //! Side-by-side throughput: raw rdkafka vs the durable publisher (Kafka up),
 //! the outbox fallback (broker down), and a consumer with a no-op handler.
 //!
-//! Starts a private tansu broker (so load never disturbs the shared one) and
-//! needs Postgres on 127.0.0.1:5432:
+//! Starts private tansu brokers (so load never disturbs the shared one; the
+//! two publish cases get one each, because tansu slows as its SQLite file
+//! grows) and needs Postgres on 127.0.0.1:5432. After the criterion groups a
+//! paired phase runs the durable publisher and raw rdkafka back to back for
+//! `ROUNDS` rounds, alternating which goes first, each sample on a fresh
+//! topic, and prints the median of the per-round ratios:
 //! `cargo bench -p soma-bus --bench throughput -- --warm-up-time 1 --measurement-time 3`
 
 #![allow(missing_docs)]
@@ -21,6 +25,8 @@ use soma_bus::{BusConfig, BusConsumer, BusProducer, DurablePublisher, Envelope, 
 use soma_outbox::{Outbox, OutboxConfig};
 
 const BATCH: usize = 1_000;
+/// Paired rounds for the durable / raw ratio.
+const ROUNDS: usize = 8;
 /// Messages per consumer sample: small (64-byte payloads, 2,000 records)
 /// because tansu 0.6.0 stalls serving Fetch for multi-MB partitions.
 const CONSUME: u64 = 2_000;
@@ -73,17 +79,14 @@ fn bench(c: &mut Criterion) {
     let broker = common::OwnBroker::start();
     let bootstrap = broker.bootstrap();
     let cfg = base_config(&bootstrap);
-    // The durable publisher runs before raw rdkafka (tansu's single SQLite
-    // file slows as it grows, which favours whichever runs first; this order
-    // was measured both ways, see the README).
-    // Separate, equally fresh topics: tansu slows down as a partition grows,
-    // so sharing one topic would favour whichever ran first.
+    // The raw producer gets a broker of its own, equally fresh.
+    let raw_broker = common::OwnBroker::start();
+    let raw_cfg = base_config(&raw_broker.bootstrap());
     let topic = soma_testkit::unique_name("bench");
-    let dtopic = soma_testkit::unique_name("benchd");
     rt.block_on(async {
         TopicAdmin::new(&cfg)
             .unwrap()
-            .ensure_topics(&[&topic, &dtopic], false)
+            .ensure_topics(&[&topic], false)
             .await
             .unwrap()
     });
@@ -92,7 +95,7 @@ fn bench(c: &mut Criterion) {
     // Raw rdkafka with the same producer settings, keys, payloads and headers.
     let raw: FutureProducer = {
         let mut cc = rdkafka::ClientConfig::new();
-        cc.set("bootstrap.servers", &bootstrap)
+        cc.set("bootstrap.servers", &raw_cfg.bootstrap_servers)
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", cfg.linger_ms.to_string())
@@ -133,6 +136,17 @@ fn bench(c: &mut Criterion) {
         }
         (up, down)
     });
+    let durable = DurableCase {
+        publisher: &publisher,
+        cfg: &cfg,
+        messages: &messages,
+    };
+    let raw_case = RawCase {
+        raw: &raw,
+        cfg: &raw_cfg,
+        messages: &messages,
+        headers: &raw_headers,
+    };
 
     // Consumer: fill a topic once, then each sample consumes all of it in a new group.
     let ctopic = soma_testkit::unique_name("benchc");
@@ -205,25 +219,21 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(BATCH as u64));
     g.sample_size(10);
     g.bench_function(BenchmarkId::new("durable_publisher_kafka_up", BATCH), |b| {
-        b.to_async(&rt).iter(|| async {
-            for r in publisher.publish_many(&dtopic, &messages).await {
-                assert!(!r.unwrap().is_deferred());
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                total += durable.sample().await;
             }
+            total
         })
     });
     g.bench_function(BenchmarkId::new("raw_rdkafka", BATCH), |b| {
-        b.to_async(&rt).iter(|| async {
-            let mut futs = Vec::with_capacity(BATCH);
-            for (e, h) in messages.iter().zip(&raw_headers) {
-                let rec = FutureRecord::to(&topic)
-                    .key(e.key.as_deref().unwrap())
-                    .payload(&e.payload)
-                    .headers(h.clone());
-                futs.push(raw.send_result(rec).map_err(|(e, _)| e).unwrap());
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                total += raw_case.sample().await;
             }
-            for f in futures::future::join_all(futs).await {
-                f.unwrap().unwrap();
-            }
+            total
         })
     });
     g.bench_function(
@@ -240,10 +250,106 @@ fn bench(c: &mut Criterion) {
     );
     g.finish();
 
+    // Paired phase: load on a shared machine drifts over minutes, so the
+    // ratio is taken per round from samples run back to back.
+    let (mut d_rates, mut r_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    rt.block_on(async {
+        for round in 0..ROUNDS {
+            let (d, r) = if round % 2 == 0 {
+                let d = durable.sample().await;
+                (d, raw_case.sample().await)
+            } else {
+                let r = raw_case.sample().await;
+                (durable.sample().await, r)
+            };
+            let (d, r) = (BATCH as f64 / d.as_secs_f64(), BATCH as f64 / r.as_secs_f64());
+            d_rates.push(d);
+            r_rates.push(r);
+            ratios.push(d / r);
+        }
+    });
+    println!(
+        "\ndurable publisher (Kafka up) vs raw rdkafka: {BATCH} x 1 KiB keyed messages per sample, \
+         {ROUNDS} rounds, order alternated, one broker per case, fresh topic per sample"
+    );
+    println!("  raw rdkafka FutureProducer      median {:>7.0} msg/s", median(&r_rates));
+    println!(
+        "  DurablePublisher::publish_many  median {:>7.0} msg/s   durable / raw: median {:.2}x (min {:.2}x, max {:.2}x; goal >= 0.85x)",
+        median(&d_rates),
+        median(&ratios),
+        ratios.iter().copied().fold(f64::INFINITY, f64::min),
+        ratios.iter().copied().fold(0.0, f64::max),
+    );
+
     rt.block_on(async {
         publisher.shutdown().await;
     });
     drop(broker);
+    drop(raw_broker);
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The durable publisher (Kafka up) sending `messages` to a fresh topic.
+#[derive(Clone, Copy)]
+struct DurableCase<'a> {
+    publisher: &'a DurablePublisher,
+    cfg: &'a BusConfig,
+    messages: &'a [Envelope],
+}
+
+impl DurableCase<'_> {
+    async fn sample(&self) -> Duration {
+        let topic = fresh_topic(self.cfg).await;
+        let started = Instant::now();
+        for r in self.publisher.publish_many(&topic, self.messages).await {
+            assert!(!r.unwrap().is_deferred());
+        }
+        started.elapsed()
+    }
+}
+
+/// Raw rdkafka sending the same messages (all enqueued, then every delivery
+/// report awaited) to a fresh topic on its own broker.
+#[derive(Clone, Copy)]
+struct RawCase<'a> {
+    raw: &'a FutureProducer,
+    cfg: &'a BusConfig,
+    messages: &'a [Envelope],
+    headers: &'a [OwnedHeaders],
+}
+
+impl RawCase<'_> {
+    async fn sample(&self) -> Duration {
+        let topic = fresh_topic(self.cfg).await;
+        let started = Instant::now();
+        let mut futs = Vec::with_capacity(self.messages.len());
+        for (e, h) in self.messages.iter().zip(self.headers) {
+            let rec = FutureRecord::to(&topic)
+                .key(e.key.as_deref().unwrap())
+                .payload(&e.payload)
+                .headers(h.clone());
+            futs.push(self.raw.send_result(rec).map_err(|(e, _)| e).unwrap());
+        }
+        for f in futures::future::join_all(futs).await {
+            f.unwrap().unwrap();
+        }
+        started.elapsed()
+    }
+}
+
+async fn fresh_topic(cfg: &BusConfig) -> String {
+    let topic = soma_testkit::unique_name("benchp");
+    TopicAdmin::new(cfg)
+        .unwrap()
+        .ensure_topics(&[&topic], false)
+        .await
+        .unwrap();
+    topic
 }
 
 criterion_group!(benches, bench);
