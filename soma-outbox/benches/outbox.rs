@@ -34,6 +34,13 @@ fn batch(n: usize) -> Vec<NewMessage> {
 }
 
 async fn enqueue_values(pool: &PgPool, schema: &str, msgs: &[NewMessage]) {
+    enqueue_values_with(pool, schema, msgs, true).await
+}
+
+/// `persistent = false`: the statement is parsed and planned on every call,
+/// as happens when batch sizes vary (each size is a different statement
+/// text, and a 7,000-parameter statement is not worth caching per size).
+async fn enqueue_values_with(pool: &PgPool, schema: &str, msgs: &[NewMessage], persistent: bool) {
     let mut qb = QueryBuilder::new(format!(
         "INSERT INTO \"{schema}\".outbox (id, topic, key, key_hash, payload, headers, dedupe_key) "
     ));
@@ -48,7 +55,12 @@ async fn enqueue_values(pool: &PgPool, schema: &str, msgs: &[NewMessage]) {
     });
     qb.push(" ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING RETURNING id");
     let mut tx = pool.begin().await.unwrap();
-    let ids: Vec<Uuid> = qb.build_query_scalar().fetch_all(&mut *tx).await.unwrap();
+    let ids: Vec<Uuid> = qb
+        .build_query_scalar()
+        .persistent(persistent)
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
     assert_eq!(ids.len(), msgs.len());
     tx.commit().await.unwrap();
 }
@@ -136,6 +148,11 @@ fn main() {
         g.bench_function("multi_row_values", |b| {
             b.to_async(&rt).iter(|| async {
                 enqueue_values(&pool, ob.schema(), &batch(BATCH)).await;
+            })
+        });
+        g.bench_function("multi_row_values_unprepared", |b| {
+            b.to_async(&rt).iter(|| async {
+                enqueue_values_with(&pool, ob.schema(), &batch(BATCH), false).await;
             })
         });
         g.finish();
