@@ -5,13 +5,19 @@
 //! ```
 //!
 //! Side by side in one run:
-//! 1. pipelined SET and GET through `RedisClient` (50 tasks × pipelines of 16,
-//!    and 800 concurrent single commands auto-pipelined by fred) vs
-//!    `redis-benchmark -P 16 -c 50 -t set,get` on the same server;
-//! 2. a rate-limit check (one `EVALSHA`) vs a raw fred `GET`;
-//! 3. a cache hit (`Cache::get`, JSON decode) vs a raw fred `GET` of the same bytes.
+//! 1. the bulk path (`Bulk` + `RedisClient::run_bulk`, 50 tasks × batches of
+//!    16) vs `redis-benchmark -P 16 -c 50` for the same commands on the same
+//!    server: `SET key xxx` (`-t set`; the client with `Ttl::NoExpiry`),
+//!    `SET key xxx PX 300000` (what the client sends with a TTL) and `GET`
+//!    (`-t get`), in interleaved rounds, with 4 (default) and 50 bulk
+//!    connections;
+//! 2. the fred paths for context: `RedisClient::batch` (fred pipelines of 16
+//!    × 50 tasks), 800 concurrent single commands, and the same pipelines
+//!    straight on the fred pool;
+//! 3. a rate-limit check (one `EVALSHA`) vs a raw fred `GET`;
+//! 4. a cache hit (`Cache::get`, JSON decode) vs a raw fred `GET` of the same bytes.
 //!
-//! A summary with ops/s and ratios is printed at the end.
+//! Summaries with ops/s and ratios are printed at the end.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -21,11 +27,15 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput};
 use fred::interfaces::KeysInterface;
 use serde::{Deserialize, Serialize};
-use soma_redis::{Cache, CacheOptions, RateLimit, RateLimiter, RedisClient, RedisConfig, Ttl};
+use soma_redis::{
+    Bulk, Cache, CacheOptions, RateLimit, RateLimiter, RedisClient, RedisConfig, Ttl,
+};
 use tokio::runtime::Runtime;
 
 const TASKS: usize = 50;
 const PIPELINE: usize = 16;
+/// Interleaved rounds of redis-benchmark and the bulk path in the summary.
+const ROUNDS: usize = 5;
 
 #[derive(Clone, Serialize, Deserialize)]
 struct Session {
@@ -54,7 +64,10 @@ fn config() -> RedisConfig {
 
 #[derive(Clone, Copy, PartialEq)]
 enum Op {
+    /// `SET key xxx PX 300000` (the crate's TTL rule)
     Set,
+    /// `SET key xxx` (`Ttl::NoExpiry`): the command `redis-benchmark -t set` sends
+    SetNoTtl,
     Get,
 }
 
@@ -73,10 +86,56 @@ async fn pipelined(client: &RedisClient, keys: &Arc<Vec<String>>, op: Op, ops: u
                 for _ in 0..PIPELINE {
                     match op {
                         Op::Set => b.set(key, "xxx", Ttl::secs(300)).await.unwrap(),
+                        Op::SetNoTtl => b.set(key, "xxx", Ttl::NoExpiry).await.unwrap(),
                         Op::Get => b.get(key).await.unwrap(),
                     }
                 }
                 b.run().await.unwrap();
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    start
+        .elapsed()
+        .mul_f64(ops as f64 / (per_task * TASKS * PIPELINE) as f64)
+}
+
+/// `ops` commands through the bulk path ([`Bulk`] + `run_bulk`), batches of
+/// 16 built per call, from `TASKS` tasks.
+async fn bulk_pipelined(
+    client: &RedisClient,
+    keys: &Arc<Vec<String>>,
+    op: Op,
+    ops: u64,
+) -> Duration {
+    let per_task = (ops as usize).div_ceil(TASKS * PIPELINE).max(1);
+    let start = Instant::now();
+    let mut handles = Vec::with_capacity(TASKS);
+    for t in 0..TASKS {
+        let client = client.clone();
+        let keys = keys.clone();
+        handles.push(tokio::spawn(async move {
+            let key = &keys[t];
+            for _ in 0..per_task {
+                let mut b = Bulk::with_capacity(PIPELINE);
+                for _ in 0..PIPELINE {
+                    match op {
+                        Op::Set => {
+                            b.set(key, "xxx", Ttl::secs(300)).unwrap();
+                        }
+                        Op::SetNoTtl => {
+                            b.set(key, "xxx", Ttl::NoExpiry).unwrap();
+                        }
+                        Op::Get => {
+                            b.get(key);
+                        }
+                    }
+                }
+                for r in client.run_bulk(&b).await.unwrap() {
+                    r.unwrap();
+                }
             }
         }));
     }
@@ -103,6 +162,7 @@ async fn concurrent(client: &RedisClient, keys: &Arc<Vec<String>>, op: Op, ops: 
             for _ in 0..per_task {
                 match op {
                     Op::Set => client.set(key, "xxx", Ttl::secs(300)).await.unwrap(),
+                    Op::SetNoTtl => client.set(key, "xxx", Ttl::NoExpiry).await.unwrap(),
                     Op::Get => {
                         client.get::<Bytes>(key).await.unwrap();
                     }
@@ -138,11 +198,11 @@ async fn raw_pipelined(
                 let p = pool.next().pipeline();
                 for _ in 0..PIPELINE {
                     match op {
-                        Op::Set => p
+                        Op::Set | Op::SetNoTtl => p
                             .set::<(), _, _>(
                                 key,
                                 "xxx",
-                                Some(fred::types::Expiration::PX(300_000)),
+                                (op == Op::Set).then_some(fred::types::Expiration::PX(300_000)),
                                 None,
                                 false,
                             )
@@ -163,33 +223,51 @@ async fn raw_pipelined(
         .mul_f64(ops as f64 / (per_task * TASKS * PIPELINE) as f64)
 }
 
-/// Runs `redis-benchmark` with the same mix; returns (SET ops/s, GET ops/s).
-fn redis_benchmark(n: u64) -> Option<(f64, f64)> {
-    let out = Command::new("redis-benchmark")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            "6379",
-            "-P",
-            "16",
-            "-c",
-            "50",
-            "-t",
-            "set,get",
-            "-n",
-            &n.to_string(),
-            "-q",
-        ])
-        .output()
-        .ok()?;
+/// Runs `redis-benchmark -h 127.0.0.1 -p 6379 -P 16 -c 50 -n {n} -q {test}`
+/// and returns its requests per second (`None` when it is not installed).
+/// `test` is `-t set`, `-t get` or a literal command.
+fn redis_benchmark(n: u64, test: &[&str]) -> Option<f64> {
+    let n = n.to_string();
+    let mut args = vec![
+        "-h",
+        "127.0.0.1",
+        "-p",
+        "6379",
+        "-P",
+        "16",
+        "-c",
+        "50",
+        "-n",
+        &n,
+        "-q",
+    ];
+    args.extend_from_slice(test);
+    let out = Command::new("redis-benchmark").args(&args).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let rate = |name: &str| -> Option<f64> {
-        // lines look like "SET: 512820.53 requests per second, p50=1.2 msec" (with \r progress noise)
-        let line = text.split(['\n', '\r']).rfind(|l| l.starts_with(name))?;
-        line.split_whitespace().nth(1)?.parse().ok()
-    };
-    Some((rate("SET:")?, rate("GET:")?))
+    // the last line reads "SET: 512820.53 requests per second, p50=1.2 msec"
+    // (or "SET key:__rand_int__ xxx PX 300000: 376293.53 requests per second, ..."),
+    // after \r-separated progress lines
+    let line = text
+        .split(['\n', '\r'])
+        .rfind(|l| l.contains(" requests per second"))?;
+    let before = line.split(" requests per second").next()?;
+    before.split_whitespace().last()?.parse().ok()
+}
+
+/// (this process's user+system CPU, finished children's user+system CPU) in
+/// clock ticks of 10 ms (Linux `USER_HZ`), from `/proc/self/stat`.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // fields after "pid (comm)": state is field 3, utime 14, stime 15, cutime 16, cstime 17
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    Some((fields[0] + fields[1], fields[2] + fields[3]))
 }
 
 fn bench_pipelined(c: &mut Criterion, rt: &Runtime, client: &RedisClient, keys: &Arc<Vec<String>>) {
@@ -206,6 +284,19 @@ fn bench_pipelined(c: &mut Criterion, rt: &Runtime, client: &RedisClient, keys: 
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
                         total += pipelined(&client, &keys, op, ops).await;
+                    }
+                    total
+                }
+            })
+        });
+        g.bench_function(format!("client_bulk16_{name}"), |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let client = client.clone();
+                let keys = keys.clone();
+                async move {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        total += bulk_pipelined(&client, &keys, op, ops).await;
                     }
                     total
                 }
@@ -316,9 +407,94 @@ fn main() {
     bench_latency(&mut c, &rt, &client, &cache, &limiter, &raw_key);
     c.final_summary();
 
-    // Summary, measured back to back on the same server.
+    // Summary 1: the bulk path vs redis-benchmark, interleaved so that each
+    // ratio compares runs made seconds apart (other load on a shared machine
+    // drifts over minutes).
+    let n = 200_000u64;
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let wide = rt
+        .block_on(RedisClient::connect(RedisConfig {
+            bulk_connections: TASKS,
+            ..config()
+        }))
+        .expect("redis on 127.0.0.1:6379");
+    let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    let tests: [(&str, &[&str], Op); 3] = [
+        ("SET (no TTL)", &["-t", "set"], Op::SetNoTtl),
+        (
+            "SET PX 300000",
+            &["SET", "key:__rand_int__", "xxx", "PX", "300000"],
+            Op::Set,
+        ),
+        ("GET", &["-t", "get"], Op::Get),
+    ];
+    println!(
+        "\n=== bulk path vs redis-benchmark -P 16 -c 50, {n} commands per run, {ROUNDS} rounds (load average at start: {}) ===",
+        load.trim()
+    );
+    println!(
+        "client: {TASKS} tasks, each sending Bulk batches of {PIPELINE} through RedisClient::run_bulk; \
+         bulk_connections = 4 (default) and {TASKS} (one per task, like redis-benchmark -c 50)"
+    );
+    println!(
+        "{:<14} {:>5} {:>14} {:>16} {:>7} {:>16} {:>7}",
+        "command", "round", "redis-bench/s", "bulk 4 conns/s", "ratio", "bulk 50 conns/s", "ratio"
+    );
+    let mut ratios: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); tests.len()];
+    let mut rb_missing = false;
+    let mut cpu = vec![(0u64, 0u64); tests.len()];
+    for round in 0..ROUNDS {
+        for (i, (name, test, op)) in tests.iter().enumerate() {
+            let cpu0 = cpu_ticks();
+            let Some(rb) = redis_benchmark(n, test) else {
+                rb_missing = true;
+                break;
+            };
+            let cpu1 = cpu_ticks();
+            let narrow = rt.block_on(async { rate(bulk_pipelined(&client, &keys, *op, n).await) });
+            let cpu2 = cpu_ticks();
+            let wide_rate = rt.block_on(async { rate(bulk_pipelined(&wide, &keys, *op, n).await) });
+            ratios[i].0.push(narrow / rb);
+            ratios[i].1.push(wide_rate / rb);
+            // CPU per command (10 ms ticks): redis-benchmark (a finished child) vs this process
+            if let (Some(c0), Some(c1), Some(c2)) = (cpu0, cpu1, cpu2) {
+                cpu[i].0 += c1.1 - c0.1;
+                cpu[i].1 += c2.0 - c1.0;
+            }
+            println!(
+                "{name:<14} {round:>5} {rb:>14.0} {narrow:>16.0} {:>6.2}x {wide_rate:>16.0} {:>6.2}x",
+                narrow / rb,
+                wide_rate / rb
+            );
+        }
+    }
+    if rb_missing {
+        println!("redis-benchmark not found (apt-get install redis-tools): no ratios");
+    } else {
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        for ((name, _, _), (narrow, wide)) in tests.iter().zip(ratios.iter_mut()) {
+            println!(
+                "median ratio {name:<14}: {:.2}x (4 bulk connections)   {:.2}x ({TASKS} bulk connections)",
+                median(narrow),
+                median(wide)
+            );
+        }
+        let per_cmd = |ticks: u64| ticks as f64 * 10_000.0 / (n * ROUNDS as u64) as f64;
+        for ((name, _, _), (rb, bulk)) in tests.iter().zip(&cpu) {
+            println!(
+                "CPU per command {name:<14}: redis-benchmark {:.2} µs, client (bulk, 4 connections) {:.2} µs",
+                per_cmd(*rb),
+                per_cmd(*bulk)
+            );
+        }
+    }
+
+    // Summary 2: the same mix through fred (raw and through the client), for context.
     let n = 400_000u64;
-    let rb = redis_benchmark(n);
+    let rb = redis_benchmark(n, &["-t", "set"]).zip(redis_benchmark(n, &["-t", "get"]));
     let (raw_set, raw_get, batch_set, batch_get, conc_set, conc_get) = rt.block_on(async {
         let rate = |d: Duration| n as f64 / d.as_secs_f64();
         (
@@ -332,7 +508,7 @@ fn main() {
     });
     let ((raw_min, hit_min), (raw_med, hit_med)) =
         rt.block_on(hit_overhead(&client, &cache, &raw_key));
-    println!("\n=== soma-redis summary ({n} ops per pipelined run) ===");
+    println!("\n=== fred paths, {n} ops per run (SET with PX 300000) ===");
     match rb {
         Some((rb_set, rb_get)) => {
             println!(

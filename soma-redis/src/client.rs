@@ -19,6 +19,7 @@ use soma_observability::metrics::MetricsRegistry;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use crate::bulk::BulkPool;
 use crate::metrics::{RedisMetrics, StateLabels};
 use crate::{KeySpace, RedisConfig, RedisError, Topology, Ttl};
 
@@ -69,6 +70,7 @@ pub(crate) struct Inner {
     pub(crate) metrics: RedisMetrics,
     pub(crate) builder: Builder,
     config: RedisConfig,
+    pub(crate) bulk: BulkPool,
     tasks: parking_lot::Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -171,7 +173,9 @@ impl RedisClientBuilder {
             max_attempts: Some(1),
             ..Default::default()
         };
+        let bulk = BulkPool::new(builder.get_config(), &config);
         let inner = Arc::new(Inner {
+            bulk,
             opts,
             max_retries: config.max_retries,
             retry_delay: Duration::from_millis(config.retry_delay_ms),
@@ -449,6 +453,12 @@ impl RedisClient {
     ///
     /// Fails fast with a connection error when no connection is up. A
     /// pipeline is never retried (it may contain non-idempotent commands).
+    ///
+    /// This goes through fred (any command, shared pooled connections, one
+    /// future per command). For bulk `GET`/`SET`/`DEL`/`PEXPIRE` — cache
+    /// warm-ups, bulk reads — [`Bulk`](crate::Bulk) +
+    /// [`run_bulk`](Self::run_bulk) is several times faster and reports
+    /// server errors per command.
     pub fn batch(&self) -> Result<Batch, RedisError> {
         if !self.is_connected() {
             return Err(RedisError::Connection(

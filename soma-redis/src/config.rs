@@ -45,6 +45,10 @@ pub struct RedisConfig {
     /// pipelines many concurrent commands, so a small number (2–8) is usually
     /// enough.
     pub pool_size: usize,
+    /// Dedicated connections of the bulk path ([`Bulk`](crate::Bulk)),
+    /// opened on first use. At most this many bulk batches are in flight at
+    /// once; further callers wait for a free connection.
+    pub bulk_connections: usize,
     /// Timeout for establishing a connection (TCP, TLS, AUTH, HELLO).
     pub connect_timeout_ms: u64,
     /// Timeout for one command, from the call until the reply. A command that
@@ -76,6 +80,7 @@ impl Default for RedisConfig {
             username: None,
             password: None,
             pool_size: 4,
+            bulk_connections: 4,
             connect_timeout_ms: 2_000,
             command_timeout_ms: 500,
             max_retries: 2,

@@ -102,6 +102,15 @@ impl RedisError {
         }
     }
 
+    /// A RESP error reply (`-ERR ...`) for one command.
+    pub(crate) fn from_server_reply(msg: &str) -> Self {
+        if msg.starts_with("NOAUTH") || msg.starts_with("WRONGPASS") || msg.starts_with("NOPERM") {
+            Self::Auth(msg.to_owned())
+        } else {
+            Self::Server(msg.to_owned())
+        }
+    }
+
     pub(crate) fn invalid(msg: impl Into<String>) -> Self {
         Self::InvalidArgument(msg.into())
     }

@@ -38,6 +38,15 @@
 //! | [`Lease`] | singleton lock with fencing token, auto-renewed | `lease` |
 //! | [`PubSub`] | broadcast with resubscribe and a reconnect signal | `ch` |
 //!
+//! # Bulk reads and writes
+//!
+//! For cache warm-ups and other bulk work, [`Bulk`] +
+//! [`RedisClient::run_bulk`] encode a whole batch into one buffer and send it
+//! on dedicated connections, several times faster than fred's per-command
+//! pipelines; per-command server errors, typed batch errors, the same TTL
+//! rule and metrics. [`Cache::set_many`] and [`Cache::get_many`] use it for
+//! typed cache warm-ups and lookups. See [`Bulk`].
+//!
 //! # Example
 //!
 //! ```no_run
@@ -56,6 +65,7 @@
 //! # Ok(()) }
 //! ```
 
+mod bulk;
 mod cache;
 mod client;
 mod config;
@@ -67,6 +77,7 @@ mod metrics;
 mod pubsub;
 pub mod rate_limit;
 
+pub use bulk::{Bulk, BulkReply};
 pub use cache::{Cache, CacheOptions, LoadError, Lookup};
 pub use client::{
     Batch, CommandIdempotency, RedisClient, RedisClientBuilder, RedisHealthCheck, Script,

@@ -47,12 +47,23 @@ where
 pub struct PrivateRedis {
     pub port: u16,
     child: Option<Child>,
+    extra_args: Vec<String>,
 }
 
 impl PrivateRedis {
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts it with extra `redis-server` arguments (config directives such
+    /// as `--requirepass`), kept across restarts.
+    pub async fn start_with(extra_args: &[&str]) -> Self {
         let port = soma_testkit::free_port();
-        let mut s = Self { port, child: None };
+        let mut s = Self {
+            port,
+            child: None,
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
+        };
         s.restart().await;
         s
     }
@@ -74,6 +85,7 @@ impl PrivateRedis {
                 "--appendonly",
                 "no",
             ])
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
