@@ -29,8 +29,8 @@ use soma_bus::{BusConsumer, ConsumerHandle, Envelope, HandlerError, PublishOutco
 use soma_config::Live;
 use soma_observability::http::{HttpMetricsLayer, TraceLayer};
 use soma_policy::{
-    ApiKeyStore, Authenticator, AuthnLayer, Authorizer, AuthzLayer, PgApiKeyStore, PolicyMetrics,
-    Principal, RouteMap, RouteRule,
+    ApiKeyStore, Authenticator, AuthnLayer, AuthzLayer, PgApiKeyStore, PolicyMetrics, Principal,
+    RouteMap, RouteRule,
 };
 use soma_redis::rate_limit::{RateLimitKey, RateLimitLayer};
 use soma_redis::{Claim, Idempotency, IdempotencyOptions, RateLimit, RateLimiter, RedisClient};
@@ -166,9 +166,7 @@ impl Gateway {
             .metrics(policy_metrics.clone())
             .build()
             .map_err(|e| PlatformError::Policy(e.to_string()))?;
-        let authz = Authorizer::from_config(&settings.policy, policy_metrics)
-            .map_err(|e| PlatformError::Policy(e.to_string()))?
-            .build();
+        let authz = runtime.authorizer(policy_metrics)?;
         let mut rules = routes();
         rules.extend(settings.policy.routes.iter().cloned());
         let routes = RouteMap::new(rules).map_err(|e| PlatformError::Policy(e.to_string()))?;

@@ -68,9 +68,7 @@ impl MemoryReplicator {
             Criticality::Optional,
             CheckOptions::default(),
         );
-        let authz = Authorizer::from_config(&settings.policy, PolicyMetrics::new(&runtime.metrics))
-            .map_err(|e| PlatformError::Policy(e.to_string()))?
-            .build();
+        let authz = runtime.authorizer(PolicyMetrics::new(&runtime.metrics))?;
         let ctx = Arc::new(Ctx {
             settings: settings.clone(),
             authz,

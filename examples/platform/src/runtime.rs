@@ -14,6 +14,7 @@ use soma_config::{ConfigUpdate, Live};
 use soma_observability::health::{CheckOptions, Criticality, HealthRegistry};
 use soma_observability::metrics::MetricsRegistry;
 use soma_outbox::{Outbox, OutboxHealthCheck, OutboxMetrics, Relay, RelayHandle};
+use soma_policy::{Authorizer, EmbeddedRego, EngineKind, PolicyEngine, PolicyMetrics, RemoteOpa};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
@@ -166,6 +167,42 @@ impl Runtime {
             admin: Some(admin_task),
             admin_stop,
         })
+    }
+
+    /// The authorizer every service uses, from the `policy` section: the
+    /// embedded Rego engine (reported as health component `policy`, and
+    /// recompiled from `policy.policy_dir` whenever the settings change —
+    /// e.g. a config update on the `config.updates` topic — keeping the last
+    /// good policy when the new one does not compile), or the remote OPA
+    /// sidecar (component `opa`, with its circuit breaker).
+    /// `metrics` are the process's policy metrics (create them once per
+    /// registry: the authenticator shares them).
+    pub fn authorizer(&self, metrics: PolicyMetrics) -> Result<Authorizer, PlatformError> {
+        let policy = &self.settings.policy;
+        let policy_err = |e: soma_policy::EngineError| PlatformError::Policy(e.to_string());
+        let engine: Arc<dyn PolicyEngine> = match policy.engine {
+            EngineKind::Embedded => {
+                let rego = Arc::new(
+                    EmbeddedRego::from_dir(&policy.policy_dir, &policy.entrypoint, metrics.clone())
+                        .map_err(policy_err)?
+                        .with_evaluator(policy.evaluator)
+                        .map_err(policy_err)?
+                        .with_health(self.health.reporter("policy", Criticality::Required)),
+                );
+                rego.spawn_reloader(self.live.subscribe());
+                rego
+            }
+            EngineKind::Remote => Arc::new(
+                RemoteOpa::new(&policy.opa)
+                    .map_err(policy_err)?
+                    .with_health(self.health.reporter("opa", Criticality::Required)),
+            ),
+        };
+        Ok(Authorizer::builder(engine)
+            .cache(policy.cache.clone())
+            .fail_mode(policy.fail_mode)
+            .metrics(metrics)
+            .build())
     }
 
     /// The bus settings for this service's consumers (group

@@ -94,9 +94,7 @@ impl ToolExecutor {
     ) -> Result<Self, PlatformError> {
         let runtime = Runtime::start(live, admin, KafkaRole::Consumes, "tools").await?;
         let settings = runtime.settings.clone();
-        let authz = Authorizer::from_config(&settings.policy, PolicyMetrics::new(&runtime.metrics))
-            .map_err(|e| PlatformError::Policy(e.to_string()))?
-            .build();
+        let authz = runtime.authorizer(PolicyMetrics::new(&runtime.metrics))?;
         let ctx = Arc::new(Ctx {
             settings: settings.clone(),
             authz,

@@ -729,3 +729,109 @@ async fn with_kafka_unreachable_the_gateway_defers_to_the_outbox_and_stays_ready
     assert_eq!(ready.status(), 200);
     gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_edit_applies_on_the_next_config_update_and_a_broken_one_keeps_the_last_good() {
+    let env = Env::new();
+    let src = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../soma-policy/policy"
+    ));
+    let dir = std::env::temp_dir().join(soma_testkit::unique_name("policy"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let original = std::fs::read_to_string(src.join("soma.rego")).unwrap();
+    std::fs::write(dir.join("soma.rego"), &original).unwrap();
+    let live = env.settings(&[("policy.policy_dir", json!(dir.display().to_string()))]);
+    let gateway = Gateway::start(live, listener().await, listener().await)
+        .await
+        .expect("gateway starts");
+    let base = format!("http://{}", gateway.addr());
+    let client = reqwest::Client::new();
+    let user = env.token("uma", "acme", &["user"], ALL_SCOPES);
+    let r = send(&client, &base, "c1", &user, json!({"text": "hi"}), None).await;
+    expect_status(r, 202).await;
+
+    // Tighten the policy on disk: sending now needs the admin role.
+    let tightened = original.replace(
+        r#""conversation.send": {"roles": {"user", "agent", "admin"}"#,
+        r#""conversation.send": {"roles": {"admin"}"#,
+    );
+    assert_ne!(tightened, original, "the policy text changed");
+    std::fs::write(dir.join("soma.rego"), &tightened).unwrap();
+    // Nothing happens until the settings change: a config update does it.
+    let config_topic = format!("{}.config", env.prefix);
+    let mut version = 500;
+    let mut publish_update = async |rate: u32| {
+        version += 1;
+        let update = soma_config::ConfigUpdate::new(version, json!({"chat": {"rate_limit": rate}}));
+        let envelope = soma_bus::Envelope::builder("config.update", "platform", "config")
+            .json(&update)
+            .unwrap()
+            .build()
+            .unwrap();
+        gateway
+            .runtime()
+            .publisher
+            .publish(&config_topic, &envelope)
+            .await
+            .expect("publish the update");
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut rate = 200;
+    loop {
+        rate += 1;
+        publish_update(rate).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let r = send(&client, &base, "c1", &user, json!({"text": "hi"}), None).await;
+        if r.status() == 403 {
+            let body = r.text().await.unwrap();
+            assert!(body.contains("missing_role"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the policy edit never took effect"
+        );
+    }
+
+    // A policy that does not compile: the last good one stays in force and
+    // health says so.
+    std::fs::write(
+        dir.join("soma.rego"),
+        "package soma.authz\n\nthis is not rego {",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        rate += 1;
+        publish_update(rate).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let health: Value = client
+            .get(format!("http://{}/v1/health", gateway.admin_addr()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if health["components"]["policy"]["status"] == "degraded" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a broken policy was not reported: {health}"
+        );
+    }
+    let r = send(&client, &base, "c1", &user, json!({"text": "hi"}), None).await;
+    let body = expect_status(r, 403).await.text().await.unwrap();
+    assert!(
+        body.contains("missing_role"),
+        "the tightened policy still decides: {body}"
+    );
+    let admin = env.token("ada", "acme", &["admin"], ALL_SCOPES);
+    let r = send(&client, &base, "c1", &admin, json!({"text": "hi"}), None).await;
+    expect_status(r, 202).await;
+
+    gateway.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
