@@ -1,7 +1,7 @@
 //! soma-policy benchmarks: embedded vs remote decisions, cache hits, JWT
 //! validation, and the full stack vs a bare axum handler.
 //!
-//! Run: `cargo bench -p soma-policy --bench policy -- --warm-up-time 1 --measurement-time 3`
+//! Run: `cargo bench -p soma-policy --bench policy -- --warm-up-time 1 --measurement-time 2`
 //! (needs the OPA evaluator: `bash xtask/stack.d/40-opa.sh`). Ratios are
 //! printed at the end from criterion's median estimates.
 
@@ -16,6 +16,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::routing::post;
 use criterion::{Criterion, black_box};
+use futures_util::StreamExt;
 use http::Request;
 use soma_policy::{
     AuthKind, Authenticator, AuthnLayer, Authorizer, AuthzInput, AuthzLayer, CacheConfig,
@@ -239,6 +240,34 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
     rt.block_on(send(&url_full));
     rt.block_on(send(&url_interp));
     rt.block_on(send(&url_cached));
+    // `n` requests, `CONCURRENCY` in flight at a time, one client: what a
+    // service's requests per second are measured with. Sequential requests
+    // (concurrency 1) measure latency instead, and on an idle 2-vCPU
+    // machine that is dominated by waking a parked worker thread.
+    const CONCURRENCY: usize = 16;
+    let burst = |url: &str, n: u64| {
+        let url = url.to_owned();
+        let send = &send;
+        async move {
+            futures_util::stream::iter(0..n)
+                .map(|_| send(&url))
+                .buffer_unordered(CONCURRENCY)
+                .for_each(|_| async {})
+                .await
+        }
+    };
+    let timed = |url: &str| {
+        let burst = &burst;
+        let url = url.to_owned();
+        move |iters: u64| {
+            let url = url.clone();
+            async move {
+                let start = std::time::Instant::now();
+                burst(&url, iters).await;
+                start.elapsed()
+            }
+        }
+    };
     let mut g = c.benchmark_group("stack");
     g.bench_function("bare_handler_http", |b| {
         b.to_async(rt).iter(|| send(&url_bare))
@@ -246,11 +275,17 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
     g.bench_function("authn_authz_handler_http", |b| {
         b.to_async(rt).iter(|| send(&url_full))
     });
-    g.bench_function("authn_authz_interpreter_handler_http", |b| {
-        b.to_async(rt).iter(|| send(&url_interp))
+    g.bench_function("bare_handler_http_c16", |b| {
+        b.to_async(rt).iter_custom(timed(&url_bare))
     });
-    g.bench_function("authn_authz_cached_handler_http", |b| {
-        b.to_async(rt).iter(|| send(&url_cached))
+    g.bench_function("authn_authz_handler_http_c16", |b| {
+        b.to_async(rt).iter_custom(timed(&url_full))
+    });
+    g.bench_function("authn_authz_interpreter_handler_http_c16", |b| {
+        b.to_async(rt).iter_custom(timed(&url_interp))
+    });
+    g.bench_function("authn_authz_cached_handler_http_c16", |b| {
+        b.to_async(rt).iter_custom(timed(&url_cached))
     });
     // In-process (tower oneshot, no network): the layers' own cost, worst case for the ratio.
     let req = |t: &str| {
@@ -269,8 +304,8 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
     });
     g.finish();
 
-    const ROUNDS: usize = 60;
-    const BLOCK: u32 = 100;
+    const ROUNDS: usize = 40;
+    const BLOCK: u64 = 400;
     let (mut bare_t, mut full_t, mut keeps) = (Vec::new(), Vec::new(), Vec::new());
     rt.block_on(async {
         for round in 0..ROUNDS {
@@ -280,10 +315,8 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
                 let which = (k + round) % 2;
                 let url = if which == 0 { &url_bare } else { &url_full };
                 let start = std::time::Instant::now();
-                for _ in 0..BLOCK {
-                    send(url).await;
-                }
-                t[which] = start.elapsed().as_secs_f64() * 1e6 / f64::from(BLOCK);
+                burst(url, BLOCK).await;
+                t[which] = start.elapsed().as_secs_f64() * 1e6 / BLOCK as f64;
             }
             bare_t.push(t[0]);
             full_t.push(t[1]);
@@ -333,6 +366,8 @@ fn main() {
     let rs = m("jwt", "RS256");
     let bare = m("stack", "bare_handler_http");
     let full = m("stack", "authn_authz_handler_http");
+    let bare_c = m("stack", "bare_handler_http_c16");
+    let full_c = m("stack", "authn_authz_handler_http_c16");
     let bare_in = m("stack", "bare_handler_inproc");
     let full_in = m("stack", "authn_authz_handler_inproc");
     println!("\n== soma-policy summary (criterion medians) ==");
@@ -377,38 +412,37 @@ fn main() {
         "EdDSA validation         {:>10.2} µs",
         m("jwt", "EdDSA") / 1e3
     );
+    let rps = |ns: f64| 1e9 / ns;
+    println!("bare handler (HTTP, c16) {:>10.0} req/s", rps(bare_c));
     println!(
-        "bare handler (HTTP)      {:>10.2} µs/req  ({:.0} req/s)",
+        "authn+authz, vm (c16)    {:>10.0} req/s  keeps {:.2} × of bare (goal ≥ 0.6×)",
+        rps(full_c),
+        bare_c / full_c
+    );
+    let interp_c = m("stack", "authn_authz_interpreter_handler_http_c16");
+    println!(
+        "authn+authz, interp (c16){:>10.0} req/s  keeps {:.2} × of bare",
+        rps(interp_c),
+        bare_c / interp_c
+    );
+    let cached_c = m("stack", "authn_authz_cached_handler_http_c16");
+    println!(
+        "authn+authz, vm+cache    {:>10.0} req/s  keeps {:.2} × of bare",
+        rps(cached_c),
+        bare_c / cached_c
+    );
+    println!(
+        "paired blocks (c16)      {:>10.0} vs {:.0} req/s: keeps {:.2} × of bare \
+         (median of 40 alternating blocks of 400)",
+        1e6 / paired.bare_us,
+        1e6 / paired.full_us,
+        paired.keeps
+    );
+    println!(
+        "sequential (c1) latency  {:>10.2} vs {:.2} µs/req  ({:.2} × of bare req/s)",
         bare / 1e3,
-        1e9 / bare
-    );
-    println!(
-        "authn+authz (HTTP), vm   {:>10.2} µs/req  ({:.0} req/s)",
         full / 1e3,
-        1e9 / full
-    );
-    println!(
-        "stack keeps (HTTP), vm   {:>10.2} ×    of bare req/s (goal ≥ 0.6×)",
         bare / full
-    );
-    let full_interp = m("stack", "authn_authz_interpreter_handler_http");
-    println!(
-        "stack, interpreter (HTTP){:>10.2} µs/req  ({:.0} req/s, {:.2} × of bare)",
-        full_interp / 1e3,
-        1e9 / full_interp,
-        bare / full_interp
-    );
-    let full_cached = m("stack", "authn_authz_cached_handler_http");
-    println!(
-        "stack, vm + cache (HTTP) {:>10.2} µs/req  ({:.0} req/s, {:.2} × of bare)",
-        full_cached / 1e3,
-        1e9 / full_cached,
-        bare / full_cached
-    );
-    println!(
-        "paired blocks (HTTP)     {:>10.2} vs {:.2} µs/req: stack keeps {:.2} × of bare req/s \
-         (median of 60 alternating blocks of 100)",
-        paired.bare_us, paired.full_us, paired.keeps
     );
     println!("bare handler (in-proc)   {:>10.2} µs/req", bare_in / 1e3);
     println!(
