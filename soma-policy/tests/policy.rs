@@ -341,3 +341,36 @@ fn empty_or_missing_policy_dirs_fail_to_load() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn the_vm_is_chosen_through_configuration() {
+    let mut config: soma_policy::PolicyConfig =
+        serde_json::from_value(json!({"evaluator": "vm"})).unwrap();
+    assert_eq!(config.evaluator, RegoEvaluator::Vm);
+    assert_eq!(
+        soma_policy::PolicyConfig::default().evaluator,
+        RegoEvaluator::Interpreter
+    );
+    config.policy_dir = policy_dir();
+    let authz = soma_policy::Authorizer::from_config(&config, PolicyMetrics::default())
+        .unwrap()
+        .build();
+    let p = soma_policy::Principal {
+        subject: "alice".into(),
+        tenant: "t1".into(),
+        roles: vec!["agent".into()],
+        scopes: vec!["tool:execute".into()],
+        auth_kind: soma_policy::AuthKind::ApiKey { key_id: "k".into() },
+    };
+    let tool = Resource {
+        kind: "tool".into(),
+        id: Some("search".into()),
+    };
+    let low = AuthzInput::new(&p, "tool.execute", tool.clone()).with_context("tool_risk", "low");
+    let d = authz.check(&low).await.unwrap();
+    assert!(d.allow, "{d:?}");
+    let high = AuthzInput::new(&p, "tool.execute", tool).with_context("tool_risk", "high");
+    let d = authz.check(&high).await.unwrap();
+    assert_eq!(d.reasons, ["high_risk_tool_requires_admin"]);
+    assert!(!d.allow);
+}
