@@ -262,7 +262,10 @@ fn bench(c: &mut Criterion) {
                 let r = raw_case.sample().await;
                 (durable.sample().await, r)
             };
-            let (d, r) = (BATCH as f64 / d.as_secs_f64(), BATCH as f64 / r.as_secs_f64());
+            let (d, r) = (
+                BATCH as f64 / d.as_secs_f64(),
+                BATCH as f64 / r.as_secs_f64(),
+            );
             d_rates.push(d);
             r_rates.push(r);
             ratios.push(d / r);
@@ -272,7 +275,10 @@ fn bench(c: &mut Criterion) {
         "\ndurable publisher (Kafka up) vs raw rdkafka: {BATCH} x 1 KiB keyed messages per sample, \
          {ROUNDS} rounds, order alternated, one broker per case, fresh topic per sample"
     );
-    println!("  raw rdkafka FutureProducer      median {:>7.0} msg/s", median(&r_rates));
+    println!(
+        "  raw rdkafka FutureProducer      median {:>7.0} msg/s",
+        median(&r_rates)
+    );
     println!(
         "  DurablePublisher::publish_many  median {:>7.0} msg/s   durable / raw: median {:.2}x (min {:.2}x, max {:.2}x; goal >= 0.85x)",
         median(&d_rates),
