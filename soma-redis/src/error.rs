@@ -151,6 +151,9 @@ fn looks_like_connection(details: &str) -> bool {
     d.contains("connection")
         || d.contains("not initialized")
         || d.contains("router")
+        // fred, when no connection is up to take the command (it also
+        // schedules a reconnect): `Unknown` "Failed to route command."
+        || d.contains("failed to route")
         || d.contains("closed")
 }
 
@@ -169,6 +172,8 @@ mod tests {
         let e: RedisError =
             FredError::new(ErrorKind::Canceled, "Connection closed unexpectedly.").into();
         assert!(e.is_connection() && e.is_retryable() && !e.is_timeout());
+        let e: RedisError = FredError::new(ErrorKind::Unknown, "Failed to route command.").into();
+        assert!(e.is_connection() && e.is_retryable(), "{e:?}");
         let e: RedisError = FredError::new(ErrorKind::Timeout, "Request timed out.").into();
         assert!(e.is_timeout() && e.is_retryable() && !e.is_connection());
         let e: RedisError =
