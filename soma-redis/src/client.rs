@@ -72,8 +72,6 @@ pub(crate) struct Inner {
     config: RedisConfig,
     pub(crate) bulk: BulkPool,
     tasks: parking_lot::Mutex<Vec<JoinHandle<()>>>,
-    /// Bumped on every connection event (connected, reconnected, error).
-    conn_events: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Drop for Inner {
@@ -188,7 +186,6 @@ impl RedisClientBuilder {
             pool,
             config,
             tasks: parking_lot::Mutex::new(Vec::new()),
-            conn_events: Arc::new(tokio::sync::watch::channel(0).0),
         });
         let client = RedisClient { inner };
         client.spawn_monitors();
@@ -198,28 +195,6 @@ impl RedisClientBuilder {
                 Duration::from_millis(client.inner.config.health_timeout_ms.max(10)),
             );
             health.register_check("redis", Criticality::Required, client.health_check(), opts);
-            // Re-check at once on every connection event instead of waiting
-            // up to `health_interval_ms`: `/ready` follows the first
-            // connection (and a lost one) within ~50 ms. Re-registering
-            // replaces the check task, whose first check runs immediately.
-            let weak = Arc::downgrade(&client.inner);
-            let mut events = client.inner.conn_events.subscribe();
-            let task = tokio::spawn(async move {
-                while events.changed().await.is_ok() {
-                    // Let the state settle, and fold bursts into one check.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    events.borrow_and_update();
-                    let Some(inner) = weak.upgrade() else { break };
-                    let client = RedisClient { inner };
-                    health.register_check(
-                        "redis",
-                        Criticality::Required,
-                        client.health_check(),
-                        opts,
-                    );
-                }
-            });
-            client.inner.tasks.lock().push(task);
         }
         Ok(client)
     }
@@ -509,7 +484,6 @@ impl RedisClient {
             let mut rx = c.reconnect_rx();
             let counter = self.inner.metrics.reconnects.clone();
             let n = notify.clone();
-            let ev = self.inner.conn_events.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
                     match rx.recv().await {
@@ -517,7 +491,6 @@ impl RedisClient {
                             tracing::info!(server = %server, "redis connection re-established");
                             counter.inc();
                             n.notify_one();
-                            ev.send_modify(|v| *v = v.wrapping_add(1));
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
@@ -526,7 +499,6 @@ impl RedisClient {
             }));
             let mut erx = c.error_rx();
             let n = notify.clone();
-            let ev = self.inner.conn_events.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
                     match erx.recv().await {
@@ -534,7 +506,6 @@ impl RedisClient {
                             let server = server.map(|s| s.to_string()).unwrap_or_default();
                             tracing::warn!(error = %error, server = %server, "redis connection error");
                             n.notify_one();
-                            ev.send_modify(|v| *v = v.wrapping_add(1));
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
