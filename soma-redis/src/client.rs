@@ -13,7 +13,7 @@ use fred::types::config::{
 };
 use fred::types::{Builder, ClusterHash, CustomCommand, Expiration, FromValue, SetOptions, Value};
 use soma_observability::health::{
-    CheckOptions, CheckOutcome, Criticality, HealthCheck, HealthRegistry,
+    CheckOptions, CheckOutcome, Criticality, HealthCheck, HealthRegistry, HealthReporter,
 };
 use soma_observability::metrics::MetricsRegistry;
 use tokio::sync::Notify;
@@ -188,14 +188,18 @@ impl RedisClientBuilder {
             tasks: parking_lot::Mutex::new(Vec::new()),
         });
         let client = RedisClient { inner };
-        client.spawn_monitors();
-        if let Some(health) = self.health {
+        let reporter = self.health.map(|health| {
             let opts = CheckOptions::new(
                 Duration::from_millis(client.inner.config.health_interval_ms.max(100)),
                 Duration::from_millis(client.inner.config.health_timeout_ms.max(10)),
             );
             health.register_check("redis", Criticality::Required, client.health_check(), opts);
-        }
+            // Connection events also set the status at once (no command is
+            // sent for it), so `/ready` follows a new or lost connection
+            // without waiting for the next PING.
+            health.reporter("redis", Criticality::Required)
+        });
+        client.spawn_monitors(reporter);
         Ok(client)
     }
 }
@@ -477,13 +481,14 @@ impl RedisClient {
         self.inner.pool.quit().await.map_err(Into::into)
     }
 
-    fn spawn_monitors(&self) {
+    fn spawn_monitors(&self, health: Option<HealthReporter>) {
         let notify = Arc::new(Notify::new());
         let mut tasks = Vec::new();
         for c in self.inner.pool.clients() {
             let mut rx = c.reconnect_rx();
             let counter = self.inner.metrics.reconnects.clone();
             let n = notify.clone();
+            let up = health.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
                     match rx.recv().await {
@@ -491,6 +496,9 @@ impl RedisClient {
                             tracing::info!(server = %server, "redis connection re-established");
                             counter.inc();
                             n.notify_one();
+                            if let Some(h) = &up {
+                                h.set_up();
+                            }
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
@@ -499,6 +507,7 @@ impl RedisClient {
             }));
             let mut erx = c.error_rx();
             let n = notify.clone();
+            let down = health.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
                     match erx.recv().await {
@@ -506,6 +515,12 @@ impl RedisClient {
                             let server = server.map(|s| s.to_string()).unwrap_or_default();
                             tracing::warn!(error = %error, server = %server, "redis connection error");
                             n.notify_one();
+                            if let Some(h) = &down {
+                                h.set_down(format!(
+                                    "connection error: {}",
+                                    RedisError::from(error.clone()).kind_label()
+                                ));
+                            }
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => break,

@@ -233,3 +233,63 @@ async fn survives_a_server_restart_under_load() {
     assert!(text.contains("soma_redis_reconnects_total"), "{text}");
     assert!(text.contains(r#"outcome="connection""#), "{text}");
 }
+
+/// Health follows connection events at once, not only every
+/// `health_interval_ms` (set to 10 minutes here, so only the connection
+/// events can move the component after its first check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_connection_events_without_waiting_for_the_interval() {
+    let mut server = PrivateRedis::start().await;
+    let health = HealthRegistry::new();
+    let cfg = RedisConfig {
+        url: server.url(),
+        key_prefix: format!("{}:", soma_testkit::unique_name("health_events")),
+        pool_size: 2,
+        connect_timeout_ms: 500,
+        health_interval_ms: 600_000,
+        reconnect: ReconnectConfig {
+            min_delay_ms: 50,
+            max_delay_ms: 200,
+            ..ReconnectConfig::default()
+        },
+        ..RedisConfig::default()
+    };
+    let client = RedisClient::builder(cfg)
+        .health(&health)
+        .connect_lazy()
+        .await
+        .expect("client");
+    let status = |h: &HealthRegistry| h.component("redis").map(|c| c.status);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let h = health.clone();
+            async move { status(&h) == Some(ComponentStatus::Up) }
+        })
+        .await,
+        "redis not up after the first connection: {:?}",
+        health.component("redis")
+    );
+
+    server.kill().await;
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let h = health.clone();
+            async move { status(&h) == Some(ComponentStatus::Down) }
+        })
+        .await,
+        "redis not down after the server died: {:?}",
+        health.component("redis")
+    );
+
+    server.restart().await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let h = health.clone();
+            async move { status(&h) == Some(ComponentStatus::Up) }
+        })
+        .await,
+        "redis not up again after the restart: {:?}",
+        health.component("redis")
+    );
+    let _ = client.quit().await;
+}
