@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio::net::TcpListener;
 
-use crate::{ConversationWorker, Gateway, MemoryReplicator, PlatformError, ToolExecutor};
+use crate::{Gateway, PlatformError, Worker, conversation, memory, tools};
 
 /// Which service a binary runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,7 +74,7 @@ async fn run(service: Service, files: &[PathBuf]) -> Result<(), PlatformError> {
     let settings = live.load().value().clone();
     let telemetry = soma_observability::init(&settings.telemetry)?;
     let http = &settings.http;
-    match service {
+    let worker: Option<Worker> = match service {
         Service::Gateway => {
             let gw = Gateway::start(
                 live,
@@ -84,23 +84,21 @@ async fn run(service: Service, files: &[PathBuf]) -> Result<(), PlatformError> {
             .await?;
             wait_for_signal().await;
             gw.shutdown().await;
+            None
         }
         Service::ConversationWorker => {
-            let w =
-                ConversationWorker::start(live, bind(&http.conversation_admin_bind).await?).await?;
-            wait_for_signal().await;
-            w.shutdown().await;
+            Some(conversation::start(live, bind(&http.conversation_admin_bind).await?).await?)
         }
         Service::MemoryReplicator => {
-            let w = MemoryReplicator::start(live, bind(&http.memory_admin_bind).await?).await?;
-            wait_for_signal().await;
-            w.shutdown().await;
+            Some(memory::start(live, bind(&http.memory_admin_bind).await?).await?)
         }
         Service::ToolExecutor => {
-            let w = ToolExecutor::start(live, bind(&http.tools_admin_bind).await?).await?;
-            wait_for_signal().await;
-            w.shutdown().await;
+            Some(tools::start(live, bind(&http.tools_admin_bind).await?).await?)
         }
+    };
+    if let Some(w) = worker {
+        wait_for_signal().await;
+        w.shutdown().await;
     }
     tracing::info!(event = "stopped", service = service.name());
     if let Err(e) = telemetry.shutdown_async().await {

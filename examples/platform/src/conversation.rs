@@ -18,16 +18,14 @@
 
 use std::sync::Arc;
 
-use soma_bus::{ConsumerHandle, Envelope, HandlerError};
+use soma_bus::{Envelope, HandlerError};
 use soma_config::Live;
-use soma_observability::health::{CheckOptions, Criticality};
-use soma_outbox::Inbox;
 use soma_somabrain::{CallOptions, RecallRequest, SomabrainClient};
 use tokio::net::TcpListener;
 
 use crate::PlatformError;
 use crate::protocol::{self, ChatRequest, MemoryStatus, MemoryWrite, ToolCall};
-use crate::runtime::{KafkaRole, Runtime};
+use crate::runtime::{Effects, KafkaRole, Runtime, Worker};
 use crate::settings::PlatformSettings;
 
 /// Inbox handler name (one inbox row per message id and handler).
@@ -35,90 +33,28 @@ pub const HANDLER: &str = "conversation-worker";
 
 struct Ctx {
     settings: Arc<PlatformSettings>,
-    pool: sqlx::PgPool,
-    inbox: Inbox,
-    publisher: soma_bus::DurablePublisher,
+    effects: Effects,
     brain: SomabrainClient,
 }
 
-/// A running conversation worker.
-pub struct ConversationWorker {
-    runtime: Runtime,
-    consumer: Option<ConsumerHandle>,
-}
-
-impl std::fmt::Debug for ConversationWorker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConversationWorker")
-            .field("admin_addr", &self.runtime.admin_addr)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ConversationWorker {
-    /// Starts consuming `chat.requests_topic`; admin endpoints on `admin`.
-    pub async fn start(
-        live: Live<PlatformSettings>,
-        admin: TcpListener,
-    ) -> Result<Self, PlatformError> {
-        let runtime = Runtime::start(live, admin, KafkaRole::Consumes, "conversation").await?;
-        let settings = runtime.settings.clone();
-        let brain = SomabrainClient::builder(settings.somabrain.clone())
-            .metrics(&runtime.metrics)
-            .build()?;
-        // SomaBrain down makes the worker degraded, not down: it answers
-        // without memory.
-        brain.register_health(
-            &runtime.health,
-            Criticality::Optional,
-            CheckOptions::default(),
-        );
-        let ctx = Arc::new(Ctx {
-            settings: settings.clone(),
-            pool: runtime.pool.clone(),
-            inbox: runtime.outbox.inbox(),
-            publisher: runtime.publisher.clone(),
-            brain,
-        });
-        let handler = move |env: Envelope| {
-            let ctx = ctx.clone();
-            async move { handle(&ctx, env).await }
-        };
-        let consumer = soma_bus::BusConsumer::builder(
-            &runtime.bus("conversation"),
-            &[settings.chat.requests_topic.as_str()],
-            HANDLER,
-            handler,
-        )
-        .producer(runtime.producer.clone())
-        .metrics(&runtime.metrics)
-        .health(&runtime.health)
-        .spawn()?;
-        tracing::info!(event = "conversation_worker_started", admin = %runtime.admin_addr);
-        Ok(Self {
-            runtime,
-            consumer: Some(consumer),
-        })
-    }
-
-    /// Where `/live`, `/ready`, `/v1/health` and `/metrics` listen.
-    pub fn admin_addr(&self) -> std::net::SocketAddr {
-        self.runtime.admin_addr
-    }
-
-    /// The shared runtime.
-    pub fn runtime(&self) -> &Runtime {
-        &self.runtime
-    }
-
-    /// Stops fetching, finishes in-flight messages, commits, then shuts the
-    /// runtime down.
-    pub async fn shutdown(mut self) {
-        if let Some(c) = self.consumer.take() {
-            c.shutdown().await;
-        }
-        self.runtime.shutdown().await;
-    }
+/// Starts a conversation worker consuming `chat.requests_topic`; admin
+/// endpoints on `admin`.
+pub async fn start(
+    live: Live<PlatformSettings>,
+    admin: TcpListener,
+) -> Result<Worker, PlatformError> {
+    let runtime = Runtime::start(live, admin, KafkaRole::Consumes, "conversation").await?;
+    let ctx = Arc::new(Ctx {
+        settings: runtime.settings.clone(),
+        effects: runtime.effects(),
+        // Without SomaBrain the worker answers without memory.
+        brain: runtime.somabrain()?,
+    });
+    let topic = ctx.settings.chat.requests_topic.clone();
+    runtime.into_worker(&topic, HANDLER, move |env: Envelope| {
+        let ctx = ctx.clone();
+        async move { handle(&ctx, env).await }
+    })
 }
 
 async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
@@ -152,7 +88,10 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
         .caused_by(&env)
         .build()
         .map_err(HandlerError::fatal)?;
-        return commit_once(ctx, &env, &[(&chat.tools_topic, &call_env)]).await;
+        return ctx
+            .effects
+            .commit_once(HANDLER, env.id, &[(&chat.tools_topic, &call_env)])
+            .await;
     }
 
     let scope = CallOptions::new()
@@ -205,32 +144,5 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
         .map(|e| (chat.events_topic.as_str(), e))
         .collect();
     out.push((&chat.memory_topic, &memory_env));
-    commit_once(ctx, &env, &out).await
-}
-
-/// In one transaction: record `cause` in the inbox and write `out` to the
-/// outbox — or do nothing when `cause` was already handled.
-async fn commit_once(
-    ctx: &Ctx,
-    cause: &Envelope,
-    out: &[(&str, &Envelope)],
-) -> Result<(), HandlerError> {
-    let mut tx = ctx.pool.begin().await.map_err(HandlerError::retryable)?;
-    let first = ctx
-        .inbox
-        .record(&mut tx, HANDLER, cause.id)
-        .await
-        .map_err(HandlerError::retryable)?;
-    if !first {
-        tracing::debug!(event = "duplicate_skipped", message_id = %cause.id);
-        return Ok(());
-    }
-    for (topic, e) in out {
-        ctx.publisher
-            .publish_in_tx(&mut tx, topic, e)
-            .await
-            .map_err(HandlerError::retryable)?;
-    }
-    tx.commit().await.map_err(HandlerError::retryable)?;
-    Ok(())
+    ctx.effects.commit_once(HANDLER, env.id, &out).await
 }

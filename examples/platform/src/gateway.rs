@@ -308,6 +308,17 @@ fn problem(status: StatusCode, kind: &str, detail: &str) -> Response {
         .into_response()
 }
 
+/// `Some(400 invalid_conversation_id)` unless `id` is a valid conversation id.
+fn reject_conversation_id(id: &str) -> Option<Response> {
+    (!protocol::valid_conversation_id(id)).then(|| {
+        problem(
+            StatusCode::BAD_REQUEST,
+            "invalid_conversation_id",
+            "conversation ids are 1-128 characters of [A-Za-z0-9_-]",
+        )
+    })
+}
+
 fn request_id(headers: &HeaderMap) -> String {
     headers
         .get(soma_policy::REQUEST_ID_HEADER)
@@ -324,12 +335,8 @@ async fn post_message(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !protocol::valid_conversation_id(&conversation_id) {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "invalid_conversation_id",
-            "conversation ids are 1-128 characters of [A-Za-z0-9_-]",
-        );
+    if let Some(r) = reject_conversation_id(&conversation_id) {
+        return r;
     }
     let msg: SendMessage = match serde_json::from_slice(&body) {
         Ok(m) => m,
@@ -483,12 +490,8 @@ async fn events_stream(
     Extension(principal): Extension<Principal>,
     Path(conversation_id): Path<String>,
 ) -> Response {
-    if !protocol::valid_conversation_id(&conversation_id) {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "invalid_conversation_id",
-            "conversation ids are 1-128 characters of [A-Za-z0-9_-]",
-        );
+    if let Some(r) = reject_conversation_id(&conversation_id) {
+        return r;
     }
     // Subscribed before the response starts: everything the hub receives
     // from now on is seen.

@@ -9,11 +9,9 @@ pub mod runtime;
 pub mod settings;
 pub mod tools;
 
-pub use conversation::ConversationWorker;
 pub use gateway::Gateway;
-pub use memory::MemoryReplicator;
+pub use runtime::Worker;
 pub use settings::PlatformSettings;
-pub use tools::ToolExecutor;
 
 /// Why a platform service could not start.
 #[derive(Debug, thiserror::Error)]

@@ -16,16 +16,15 @@
 
 use std::sync::Arc;
 
-use soma_bus::{ConsumerHandle, Envelope, HandlerError};
+use soma_bus::{Envelope, HandlerError};
 use soma_config::Live;
-use soma_observability::health::{CheckOptions, Criticality};
 use soma_policy::{Authorizer, AuthzInput, PolicyMetrics, Resource};
 use soma_somabrain::{CallOptions, Memory, SomabrainClient};
 use tokio::net::TcpListener;
 
 use crate::PlatformError;
 use crate::protocol::MemoryWrite;
-use crate::runtime::{KafkaRole, Runtime};
+use crate::runtime::{KafkaRole, Runtime, Worker};
 use crate::settings::PlatformSettings;
 
 /// Consumer handler name (in DLQ headers and metrics).
@@ -37,82 +36,24 @@ struct Ctx {
     brain: SomabrainClient,
 }
 
-/// A running memory replicator.
-pub struct MemoryReplicator {
-    runtime: Runtime,
-    consumer: Option<ConsumerHandle>,
-}
-
-impl std::fmt::Debug for MemoryReplicator {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryReplicator")
-            .field("admin_addr", &self.runtime.admin_addr)
-            .finish_non_exhaustive()
-    }
-}
-
-impl MemoryReplicator {
-    /// Starts consuming `chat.memory_topic`; admin endpoints on `admin`.
-    pub async fn start(
-        live: Live<PlatformSettings>,
-        admin: TcpListener,
-    ) -> Result<Self, PlatformError> {
-        let runtime = Runtime::start(live, admin, KafkaRole::Consumes, "memory").await?;
-        let settings = runtime.settings.clone();
-        let brain = SomabrainClient::builder(settings.somabrain.clone())
-            .metrics(&runtime.metrics)
-            .build()?;
+/// Starts a memory replicator consuming `chat.memory_topic`; admin
+/// endpoints on `admin`.
+pub async fn start(
+    live: Live<PlatformSettings>,
+    admin: TcpListener,
+) -> Result<Worker, PlatformError> {
+    let runtime = Runtime::start(live, admin, KafkaRole::Consumes, "memory").await?;
+    let ctx = Arc::new(Ctx {
+        settings: runtime.settings.clone(),
+        authz: runtime.authorizer(PolicyMetrics::new(&runtime.metrics))?,
         // Writes wait (retry, then DLQ) while SomaBrain is down: degraded.
-        brain.register_health(
-            &runtime.health,
-            Criticality::Optional,
-            CheckOptions::default(),
-        );
-        let authz = runtime.authorizer(PolicyMetrics::new(&runtime.metrics))?;
-        let ctx = Arc::new(Ctx {
-            settings: settings.clone(),
-            authz,
-            brain,
-        });
-        let handler = move |env: Envelope| {
-            let ctx = ctx.clone();
-            async move { handle(&ctx, env).await }
-        };
-        let consumer = soma_bus::BusConsumer::builder(
-            &runtime.bus("memory"),
-            &[settings.chat.memory_topic.as_str()],
-            HANDLER,
-            handler,
-        )
-        .producer(runtime.producer.clone())
-        .metrics(&runtime.metrics)
-        .health(&runtime.health)
-        .spawn()?;
-        tracing::info!(event = "memory_replicator_started", admin = %runtime.admin_addr);
-        Ok(Self {
-            runtime,
-            consumer: Some(consumer),
-        })
-    }
-
-    /// Where `/live`, `/ready`, `/v1/health` and `/metrics` listen.
-    pub fn admin_addr(&self) -> std::net::SocketAddr {
-        self.runtime.admin_addr
-    }
-
-    /// The shared runtime.
-    pub fn runtime(&self) -> &Runtime {
-        &self.runtime
-    }
-
-    /// Stops fetching, finishes in-flight writes, commits, then shuts the
-    /// runtime down.
-    pub async fn shutdown(mut self) {
-        if let Some(c) = self.consumer.take() {
-            c.shutdown().await;
-        }
-        self.runtime.shutdown().await;
-    }
+        brain: runtime.somabrain()?,
+    });
+    let topic = ctx.settings.chat.memory_topic.clone();
+    runtime.into_worker(&topic, HANDLER, move |env: Envelope| {
+        let ctx = ctx.clone();
+        async move { handle(&ctx, env).await }
+    })
 }
 
 async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {

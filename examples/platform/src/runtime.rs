@@ -7,19 +7,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use soma_bus::{
-    BusConfig, BusConsumer, BusProducer, ConsumerHandle, DurablePublisher, Envelope, HandlerError,
-    KafkaSink, TopicAdmin,
+    BusConfig, BusConsumer, BusProducer, ConsumerHandle, DurablePublisher, Envelope, Handler,
+    HandlerError, KafkaSink, TopicAdmin,
 };
 use soma_config::{ConfigUpdate, Live};
 use soma_observability::health::{CheckOptions, Criticality, HealthRegistry};
 use soma_observability::metrics::MetricsRegistry;
-use soma_outbox::{Outbox, OutboxHealthCheck, OutboxMetrics, Relay, RelayHandle};
+use soma_outbox::{Inbox, Outbox, OutboxHealthCheck, OutboxMetrics, Relay, RelayHandle};
 use soma_policy::{Authorizer, EmbeddedRego, EngineKind, PolicyEngine, PolicyMetrics, RemoteOpa};
+use soma_somabrain::SomabrainClient;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::PlatformError;
 use crate::settings::PlatformSettings;
@@ -55,6 +57,7 @@ pub struct Runtime {
     pub publisher: DurablePublisher,
     /// The address the admin endpoints listen on.
     pub admin_addr: std::net::SocketAddr,
+    group_suffix: String,
     relay: Option<RelayHandle>,
     config_consumer: Option<ConsumerHandle>,
     admin: Option<JoinHandle<()>>,
@@ -162,6 +165,7 @@ impl Runtime {
             producer,
             publisher,
             admin_addr,
+            group_suffix: group_suffix.to_owned(),
             relay: Some(relay),
             config_consumer: Some(config_consumer),
             admin: Some(admin_task),
@@ -205,6 +209,54 @@ impl Runtime {
             .build())
     }
 
+    /// A SomaBrain client reporting through this process's metrics, with an
+    /// optional `somabrain` health component: SomaBrain down makes the
+    /// service degraded, not down.
+    pub fn somabrain(&self) -> Result<SomabrainClient, PlatformError> {
+        let brain = SomabrainClient::builder(self.settings.somabrain.clone())
+            .metrics(&self.metrics)
+            .build()?;
+        brain.register_health(&self.health, Criticality::Optional, CheckOptions::default());
+        Ok(brain)
+    }
+
+    /// Exactly-once effects on this process's pool, inbox and publisher.
+    pub fn effects(&self) -> Effects {
+        Effects {
+            pool: self.pool.clone(),
+            inbox: self.outbox.inbox(),
+            publisher: self.publisher.clone(),
+        }
+    }
+
+    /// Turns this runtime into a worker consuming `topic` in group
+    /// `<bus.consumer_group>.<group suffix given to start>`, calling
+    /// `handler` (named `handler_name` in DLQ headers, logs and metrics),
+    /// with DLQ writes on the shared producer and a required
+    /// `bus_consumer.<handler_name>` health component.
+    pub fn into_worker(
+        self,
+        topic: &str,
+        handler_name: &str,
+        handler: impl Handler,
+    ) -> Result<Worker, PlatformError> {
+        let consumer = BusConsumer::builder(
+            &self.bus(&self.group_suffix),
+            &[topic],
+            handler_name,
+            handler,
+        )
+        .producer(self.producer.clone())
+        .metrics(&self.metrics)
+        .health(&self.health)
+        .spawn()?;
+        tracing::info!(event = "worker_started", handler = handler_name, admin = %self.admin_addr);
+        Ok(Worker {
+            runtime: self,
+            consumer: Some(consumer),
+        })
+    }
+
     /// The bus settings for this service's consumers (group
     /// `<bus.consumer_group>.<suffix>`).
     pub fn bus(&self, group_suffix: &str) -> BusConfig {
@@ -233,6 +285,81 @@ impl Runtime {
             let _ = a.await;
         }
         self.pool.close().await;
+    }
+}
+
+/// A running worker: the shared runtime plus one consumer.
+pub struct Worker {
+    runtime: Runtime,
+    consumer: Option<ConsumerHandle>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("runtime", &self.runtime)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// Where `/live`, `/ready`, `/v1/health` and `/metrics` listen.
+    pub fn admin_addr(&self) -> std::net::SocketAddr {
+        self.runtime.admin_addr
+    }
+
+    /// The shared runtime.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// Stops fetching, finishes in-flight messages, commits, then shuts the
+    /// runtime down.
+    pub async fn shutdown(mut self) {
+        if let Some(c) = self.consumer.take() {
+            c.shutdown().await;
+        }
+        self.runtime.shutdown().await;
+    }
+}
+
+/// A handler's effects, applied exactly once per message id: the inbox
+/// record and the outbox writes share one Postgres transaction.
+#[derive(Debug, Clone)]
+pub struct Effects {
+    pool: PgPool,
+    inbox: Inbox,
+    publisher: DurablePublisher,
+}
+
+impl Effects {
+    /// In one transaction: record `cause` for `handler` in the inbox and
+    /// write `out` (topic, envelope) to the outbox — or do nothing when
+    /// `handler` already handled `cause`. Database errors are retryable.
+    pub async fn commit_once(
+        &self,
+        handler: &str,
+        cause: Uuid,
+        out: &[(&str, &Envelope)],
+    ) -> Result<(), HandlerError> {
+        let mut tx = self.pool.begin().await.map_err(HandlerError::retryable)?;
+        let first = self
+            .inbox
+            .record(&mut tx, handler, cause)
+            .await
+            .map_err(HandlerError::retryable)?;
+        if !first {
+            tracing::debug!(event = "duplicate_skipped", handler, message_id = %cause);
+            return Ok(());
+        }
+        for (topic, e) in out {
+            self.publisher
+                .publish_in_tx(&mut tx, topic, e)
+                .await
+                .map_err(HandlerError::retryable)?;
+        }
+        tx.commit().await.map_err(HandlerError::retryable)?;
+        Ok(())
     }
 }
 

@@ -23,15 +23,15 @@
 
 use std::sync::Arc;
 
-use soma_bus::{ConsumerHandle, Envelope, HandlerError};
+use soma_bus::{Envelope, HandlerError};
 use soma_config::Live;
-use soma_outbox::{Inbox, Outbox};
+use soma_outbox::Outbox;
 use soma_policy::{Authorizer, AuthzInput, PolicyMetrics, Resource};
 use tokio::net::TcpListener;
 
 use crate::PlatformError;
 use crate::protocol::{self, MemoryStatus, ToolCall};
-use crate::runtime::{KafkaRole, Runtime};
+use crate::runtime::{Effects, KafkaRole, Runtime, Worker};
 use crate::settings::PlatformSettings;
 
 /// Consumer and inbox handler name.
@@ -66,82 +66,28 @@ pub const TOOLS: &[(&str, Risk)] = &[
 struct Ctx {
     settings: Arc<PlatformSettings>,
     authz: Authorizer,
-    pool: sqlx::PgPool,
-    inbox: Inbox,
     outbox: Outbox,
-    publisher: soma_bus::DurablePublisher,
+    effects: Effects,
 }
 
-/// A running tool executor.
-pub struct ToolExecutor {
-    runtime: Runtime,
-    consumer: Option<ConsumerHandle>,
-}
-
-impl std::fmt::Debug for ToolExecutor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ToolExecutor")
-            .field("admin_addr", &self.runtime.admin_addr)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ToolExecutor {
-    /// Starts consuming `chat.tools_topic`; admin endpoints on `admin`.
-    pub async fn start(
-        live: Live<PlatformSettings>,
-        admin: TcpListener,
-    ) -> Result<Self, PlatformError> {
-        let runtime = Runtime::start(live, admin, KafkaRole::Consumes, "tools").await?;
-        let settings = runtime.settings.clone();
-        let authz = runtime.authorizer(PolicyMetrics::new(&runtime.metrics))?;
-        let ctx = Arc::new(Ctx {
-            settings: settings.clone(),
-            authz,
-            pool: runtime.pool.clone(),
-            inbox: runtime.outbox.inbox(),
-            outbox: runtime.outbox.clone(),
-            publisher: runtime.publisher.clone(),
-        });
-        let handler = move |env: Envelope| {
-            let ctx = ctx.clone();
-            async move { handle(&ctx, env).await }
-        };
-        let consumer = soma_bus::BusConsumer::builder(
-            &runtime.bus("tools"),
-            &[settings.chat.tools_topic.as_str()],
-            HANDLER,
-            handler,
-        )
-        .producer(runtime.producer.clone())
-        .metrics(&runtime.metrics)
-        .health(&runtime.health)
-        .spawn()?;
-        tracing::info!(event = "tool_executor_started", admin = %runtime.admin_addr);
-        Ok(Self {
-            runtime,
-            consumer: Some(consumer),
-        })
-    }
-
-    /// Where `/live`, `/ready`, `/v1/health` and `/metrics` listen.
-    pub fn admin_addr(&self) -> std::net::SocketAddr {
-        self.runtime.admin_addr
-    }
-
-    /// The shared runtime.
-    pub fn runtime(&self) -> &Runtime {
-        &self.runtime
-    }
-
-    /// Stops fetching, finishes in-flight calls, commits, then shuts the
-    /// runtime down.
-    pub async fn shutdown(mut self) {
-        if let Some(c) = self.consumer.take() {
-            c.shutdown().await;
-        }
-        self.runtime.shutdown().await;
-    }
+/// Starts a tool executor consuming `chat.tools_topic`; admin endpoints on
+/// `admin`.
+pub async fn start(
+    live: Live<PlatformSettings>,
+    admin: TcpListener,
+) -> Result<Worker, PlatformError> {
+    let runtime = Runtime::start(live, admin, KafkaRole::Consumes, "tools").await?;
+    let ctx = Arc::new(Ctx {
+        settings: runtime.settings.clone(),
+        authz: runtime.authorizer(PolicyMetrics::new(&runtime.metrics))?,
+        outbox: runtime.outbox.clone(),
+        effects: runtime.effects(),
+    });
+    let topic = ctx.settings.chat.tools_topic.clone();
+    runtime.into_worker(&topic, HANDLER, move |env: Envelope| {
+        let ctx = ctx.clone();
+        async move { handle(&ctx, env).await }
+    })
 }
 
 async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
@@ -195,23 +141,11 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
     )
     .map_err(HandlerError::fatal)?;
 
-    let mut tx = ctx.pool.begin().await.map_err(HandlerError::retryable)?;
-    if !ctx
-        .inbox
-        .record(&mut tx, HANDLER, env.id)
-        .await
-        .map_err(HandlerError::retryable)?
-    {
-        return Ok(()); // already answered
-    }
-    for e in &events {
-        ctx.publisher
-            .publish_in_tx(&mut tx, &ctx.settings.chat.events_topic, e)
-            .await
-            .map_err(HandlerError::retryable)?;
-    }
-    tx.commit().await.map_err(HandlerError::retryable)?;
-    Ok(())
+    let out: Vec<(&str, &Envelope)> = events
+        .iter()
+        .map(|e| (ctx.settings.chat.events_topic.as_str(), e))
+        .collect();
+    ctx.effects.commit_once(HANDLER, env.id, &out).await
 }
 
 async fn run(ctx: &Ctx, tool: &str, input: &str) -> Result<String, HandlerError> {

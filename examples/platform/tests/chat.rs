@@ -11,9 +11,7 @@ use rdkafka::message::{Headers, Message};
 use serde_json::{Value, json};
 use soma_config::Live;
 use soma_example_platform::gateway::{EVENTS_ROUTE, IDEMPOTENT_REPLAYED};
-use soma_example_platform::{
-    ConversationWorker, Gateway, MemoryReplicator, PlatformSettings, ToolExecutor,
-};
+use soma_example_platform::{Gateway, PlatformSettings, conversation, memory, tools};
 use tokio::net::TcpListener;
 
 const ISSUER: &str = "https://id.test.soma";
@@ -123,6 +121,43 @@ async fn expect_status(r: reqwest::Response, code: u16) -> reqwest::Response {
     let status = r.status();
     let body = r.text().await.unwrap_or_default();
     panic!("expected {code}, got {status}: {body}");
+}
+
+/// Publishes the config update `{version, document}` to `topic` through
+/// `gateway`'s durable publisher.
+async fn publish_config_update(gateway: &Gateway, topic: &str, version: u64, document: Value) {
+    let update = soma_config::ConfigUpdate::new(version, document);
+    let envelope = soma_bus::Envelope::builder("config.update", "platform", "config")
+        .json(&update)
+        .unwrap()
+        .build()
+        .unwrap();
+    gateway
+        .runtime()
+        .publisher
+        .publish(topic, &envelope)
+        .await
+        .expect("publish the update");
+}
+
+/// `GET /v1/health` on an admin address.
+async fn get_health(client: &reqwest::Client, admin: std::net::SocketAddr) -> Value {
+    client
+        .get(format!("http://{admin}/v1/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The `message_id` of a `202 Accepted` answer.
+async fn message_id_of(r: reqwest::Response) -> String {
+    r.json::<Value>().await.unwrap()["message_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 const ALL_SCOPES: &str = "conversation:write conversation:read memory:write";
@@ -238,13 +273,13 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_degrades_into_the
     let gateway = Gateway::start(live.clone(), listener().await, listener().await)
         .await
         .expect("gateway starts");
-    let worker = ConversationWorker::start(live.clone(), listener().await)
+    let worker = conversation::start(live.clone(), listener().await)
         .await
         .expect("conversation worker starts");
-    let memory = MemoryReplicator::start(live.clone(), listener().await)
+    let memory = memory::start(live.clone(), listener().await)
         .await
         .expect("memory replicator starts");
-    let tools = ToolExecutor::start(live.clone(), listener().await)
+    let tools = tools::start(live.clone(), listener().await)
         .await
         .expect("tool executor starts");
     let base = format!("http://{}", gateway.addr());
@@ -272,10 +307,7 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_degrades_into_the
         )
         .await;
         let r = expect_status(r, 202).await;
-        let id = r.json::<Value>().await.unwrap()["message_id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let id = message_id_of(r).await;
         if sse.reply_to(&id, Duration::from_secs(15)).await.is_some() {
             break;
         }
@@ -368,14 +400,7 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_degrades_into_the
     assert!(!dlq["soma-dlq-error"].is_empty());
 
     // Health says what is degraded.
-    let health: Value = client
-        .get(format!("http://{}/v1/health", worker.admin_addr()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = get_health(&client, worker.admin_addr()).await;
     let brain = &health["components"]["somabrain"];
     assert!(
         brain["status"] == "down" || brain["status"] == "degraded",
@@ -436,10 +461,7 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_degrades_into_the
         )
         .await;
         let r = expect_status(r, 202).await;
-        let id = r.json::<Value>().await.unwrap()["message_id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let id = message_id_of(r).await;
         let events = sse
             .reply_to(&id, Duration::from_secs(60))
             .await
@@ -465,18 +487,13 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_degrades_into_the
     let mut version = 100;
     loop {
         version += 1;
-        let update = soma_config::ConfigUpdate::new(version, json!({"chat": {"rate_limit": 77}}));
-        let envelope = soma_bus::Envelope::builder("config.update", "platform", "config")
-            .json(&update)
-            .unwrap()
-            .build()
-            .unwrap();
-        gateway
-            .runtime()
-            .publisher
-            .publish(&config_topic, &envelope)
-            .await
-            .expect("publish the update");
+        publish_config_update(
+            &gateway,
+            &config_topic,
+            version,
+            json!({"chat": {"rate_limit": 77}}),
+        )
+        .await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         if runtimes.iter().all(|r| r.live.load().chat.rate_limit == 77) {
             break;
@@ -492,18 +509,13 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_degrades_into_the
         assert!(cur.update_version().is_some_and(|v| v > 100));
     }
     // A broken update is rejected everywhere and the last good value stays.
-    let bad = soma_config::ConfigUpdate::new(version + 1, json!({"chat": {"rate_limit": 0}}));
-    let envelope = soma_bus::Envelope::builder("config.update", "platform", "config")
-        .json(&bad)
-        .unwrap()
-        .build()
-        .unwrap();
-    gateway
-        .runtime()
-        .publisher
-        .publish(&config_topic, &envelope)
-        .await
-        .unwrap();
+    publish_config_update(
+        &gateway,
+        &config_topic,
+        version + 1,
+        json!({"chat": {"rate_limit": 0}}),
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     for r in [gateway.runtime(), worker.runtime(), memory.runtime()] {
         assert_eq!(r.live.load().chat.rate_limit, 77, "keep last good");
@@ -697,14 +709,7 @@ async fn with_kafka_unreachable_the_gateway_defers_to_the_outbox_and_stays_ready
     // Kafka is optional for a publish-only service: degraded, still ready.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let health: Value = client
-            .get(format!("http://{}/v1/health", gateway.admin_addr()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let health: Value = get_health(&client, gateway.admin_addr()).await;
         // (Other components' checks may still be catching up with their
         // first connection; wait for the steady state.)
         if health["components"]["kafka"]["status"] == "down" && health["status"] == "degraded" {
@@ -763,18 +768,13 @@ async fn a_policy_edit_applies_on_the_next_config_update_and_a_broken_one_keeps_
     let mut version = 500;
     let mut publish_update = async |rate: u32| {
         version += 1;
-        let update = soma_config::ConfigUpdate::new(version, json!({"chat": {"rate_limit": rate}}));
-        let envelope = soma_bus::Envelope::builder("config.update", "platform", "config")
-            .json(&update)
-            .unwrap()
-            .build()
-            .unwrap();
-        gateway
-            .runtime()
-            .publisher
-            .publish(&config_topic, &envelope)
-            .await
-            .expect("publish the update");
+        publish_config_update(
+            &gateway,
+            &config_topic,
+            version,
+            json!({"chat": {"rate_limit": rate}}),
+        )
+        .await;
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut rate = 200;
@@ -806,14 +806,7 @@ async fn a_policy_edit_applies_on_the_next_config_update_and_a_broken_one_keeps_
         rate += 1;
         publish_update(rate).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let health: Value = client
-            .get(format!("http://{}/v1/health", gateway.admin_addr()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let health: Value = get_health(&client, gateway.admin_addr()).await;
         if health["components"]["policy"]["status"] == "degraded" {
             break;
         }
