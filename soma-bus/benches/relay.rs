@@ -220,18 +220,7 @@ async fn relay_case(batch_size: usize) -> RelayCase {
 fn raw_case() -> RawCase {
     let broker = common::OwnBroker::start();
     let cfg = bus_config(&broker.bootstrap());
-    let mut cc = rdkafka::ClientConfig::new();
-    cc.set("bootstrap.servers", &cfg.bootstrap_servers)
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("linger.ms", cfg.linger_ms.to_string())
-        .set("batch.size", cfg.batch_size_bytes.to_string())
-        .set("batch.num.messages", cfg.batch_num_messages.to_string())
-        .set(
-            "max.in.flight.requests.per.connection",
-            cfg.max_in_flight.to_string(),
-        );
-    let raw = cc.create().unwrap();
+    let raw = common::raw_producer(&cfg);
     RawCase { broker, cfg, raw }
 }
 

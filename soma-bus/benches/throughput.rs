@@ -93,20 +93,8 @@ fn bench(c: &mut Criterion) {
     let messages = envs(BATCH);
 
     // Raw rdkafka with the same producer settings, keys, payloads and headers.
-    let raw: FutureProducer = {
-        let mut cc = rdkafka::ClientConfig::new();
-        cc.set("bootstrap.servers", &raw_cfg.bootstrap_servers)
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("linger.ms", cfg.linger_ms.to_string())
-            .set("batch.size", cfg.batch_size_bytes.to_string())
-            .set("batch.num.messages", cfg.batch_num_messages.to_string())
-            .set(
-                "max.in.flight.requests.per.connection",
-                cfg.max_in_flight.to_string(),
-            );
-        cc.create().unwrap()
-    };
+    // (`raw_cfg` differs from `cfg` only in the broker and consumer group.)
+    let raw = common::raw_producer(&raw_cfg);
     let raw_headers: Vec<OwnedHeaders> = messages
         .iter()
         .map(|e| {

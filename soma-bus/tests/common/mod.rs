@@ -15,6 +15,25 @@ use soma_bus::{BusConfig, TopicAdmin};
 use soma_outbox::{Outbox, OutboxConfig};
 use tokio_util::sync::CancellationToken;
 
+/// A raw rdkafka producer with the producer settings `cfg` gives the bus
+/// (acks=all, idempotence, linger, batching, in-flight): the baseline the
+/// benchmarks compare the bus with.
+pub fn raw_producer(cfg: &BusConfig) -> rdkafka::producer::FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", &cfg.bootstrap_servers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", cfg.linger_ms.to_string())
+        .set("batch.size", cfg.batch_size_bytes.to_string())
+        .set("batch.num.messages", cfg.batch_num_messages.to_string())
+        .set(
+            "max.in.flight.requests.per.connection",
+            cfg.max_in_flight.to_string(),
+        )
+        .create()
+        .expect("raw rdkafka producer")
+}
+
 /// Config for the shared broker with a unique consumer group.
 pub fn config(bootstrap: &str) -> BusConfig {
     BusConfig {
