@@ -21,14 +21,6 @@ use soma_observability::metrics::MetricsRegistry;
 
 use common::*;
 
-fn env(key: &str, n: u32) -> Envelope {
-    Envelope::builder("test.event", "tenant-a", key)
-        .json(&serde_json::json!({ "n": n }))
-        .unwrap()
-        .build()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn round_trip_keeps_headers_and_trace_context() {
     let bootstrap = soma_testkit::require_kafka();

@@ -27,14 +27,6 @@ use uuid::Uuid;
 
 use common::*;
 
-fn env(key: &str, n: u32) -> Envelope {
-    Envelope::builder("test.event", "tenant-a", key)
-        .json(&serde_json::json!({ "n": n }))
-        .unwrap()
-        .build()
-        .unwrap()
-}
-
 /// Reads the group's committed offset of partition 0 (OffsetFetch; does not join the group).
 struct CommittedProbe {
     consumer: Arc<BaseConsumer>,

@@ -12,14 +12,6 @@ use soma_outbox::{Relay, RelayConfig};
 
 use common::*;
 
-fn env(key: &str, n: u32) -> Envelope {
-    Envelope::builder("test.event", "tenant-a", key)
-        .json(&serde_json::json!({ "n": n }))
-        .unwrap()
-        .build()
-        .unwrap()
-}
-
 fn is_kafka(o: &PublishOutcome) -> bool {
     matches!(o, PublishOutcome::Published { .. })
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
-use soma_bus::{BusConfig, TopicAdmin};
+use soma_bus::{BusConfig, Envelope, TopicAdmin};
 use soma_outbox::{Outbox, OutboxConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +32,15 @@ pub fn raw_producer(cfg: &BusConfig) -> rdkafka::producer::FutureProducer {
         )
         .create()
         .expect("raw rdkafka producer")
+}
+
+/// A keyed test envelope whose JSON payload is `{"n": n}`.
+pub fn env(key: &str, n: u32) -> Envelope {
+    Envelope::builder("test.event", "tenant-a", key)
+        .json(&serde_json::json!({ "n": n }))
+        .unwrap()
+        .build()
+        .unwrap()
 }
 
 /// Config for the shared broker with a unique consumer group.
