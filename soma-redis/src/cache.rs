@@ -223,14 +223,28 @@ where
     pub async fn get(&self, tenant: &str, id: &str) -> Result<Lookup<T>, RedisError> {
         let key = self.key(tenant, id)?;
         let r = self.get_key(&key).await;
-        let counter = match &r {
+        self.count(&r);
+        r
+    }
+
+    /// Counts one lookup by its outcome.
+    fn count(&self, r: &Result<Lookup<T>, RedisError>) {
+        let counter = match r {
             Ok(Lookup::Hit(_)) => &self.metrics.hit,
             Ok(Lookup::Absent) => &self.metrics.absent,
             Ok(Lookup::Miss) => &self.metrics.miss,
             Err(_) => &self.metrics.error,
         };
         counter.inc();
-        r
+    }
+
+    /// What a stored value (or its absence) means.
+    fn decode(raw: Option<&[u8]>) -> Result<Lookup<T>, RedisError> {
+        match raw {
+            None => Ok(Lookup::Miss),
+            Some(ABSENT) => Ok(Lookup::Absent),
+            Some(b) => Ok(Lookup::Hit(serde_json::from_slice(b)?)),
+        }
     }
 
     async fn get_key(&self, key: &str) -> Result<Lookup<T>, RedisError> {
@@ -240,11 +254,7 @@ where
                 c.get::<Option<Bytes>, _>(key).await
             })
             .await?;
-        match raw {
-            None => Ok(Lookup::Miss),
-            Some(b) if b.as_ref() == ABSENT => Ok(Lookup::Absent),
-            Some(b) => Ok(Lookup::Hit(serde_json::from_slice(&b)?)),
-        }
+        Self::decode(raw.as_deref())
     }
 
     /// Stores `value` with the cache's TTL.
@@ -323,24 +333,15 @@ where
             .into_iter()
             .map(|reply| {
                 let r = match reply {
-                    Ok(fred::types::Value::Null) => Ok(Lookup::Miss),
-                    Ok(fred::types::Value::Bytes(b)) if b.as_ref() == ABSENT => Ok(Lookup::Absent),
-                    Ok(fred::types::Value::Bytes(b)) => serde_json::from_slice(&b)
-                        .map(Lookup::Hit)
-                        .map_err(RedisError::from),
+                    Ok(fred::types::Value::Null) => Self::decode(None),
+                    Ok(fred::types::Value::Bytes(b)) => Self::decode(Some(&b)),
                     Ok(other) => Err(RedisError::Decode(format!(
                         "unexpected reply to GET: {:?}",
                         other.kind()
                     ))),
                     Err(e) => Err(e),
                 };
-                let counter = match &r {
-                    Ok(Lookup::Hit(_)) => &self.metrics.hit,
-                    Ok(Lookup::Absent) => &self.metrics.absent,
-                    Ok(Lookup::Miss) => &self.metrics.miss,
-                    Err(_) => &self.metrics.error,
-                };
-                counter.inc();
+                self.count(&r);
                 r
             })
             .collect())
