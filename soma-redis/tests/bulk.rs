@@ -27,6 +27,23 @@ fn commands_total(metrics: &MetricsRegistry, command: &str, outcome: &str) -> f6
 }
 
 /// Sends a raw command on the client's fred pool (test setup only).
+/// `CLIENT KILL TYPE normal SKIPME yes`: closes every other normal
+/// connection (the bulk ones included), not the one sending it.
+async fn kill_normal_clients(client: &RedisClient) {
+    raw(
+        client,
+        "CLIENT",
+        vec![
+            "KILL".into(),
+            "TYPE".into(),
+            "normal".into(),
+            "SKIPME".into(),
+            "yes".into(),
+        ],
+    )
+    .await;
+}
+
 async fn raw(client: &RedisClient, cmd: &'static str, args: Vec<Value>) -> Value {
     client
         .fred_pool()
@@ -285,18 +302,7 @@ async fn a_killed_connection_fails_its_batch_and_the_next_batch_reconnects() {
 
     // 1. The server closes the (idle) bulk connection; the batch right after
     //    finds it broken: a typed connection error, and the next one reconnects.
-    raw(
-        &client,
-        "CLIENT",
-        vec![
-            "KILL".into(),
-            "TYPE".into(),
-            "normal".into(),
-            "SKIPME".into(),
-            "yes".into(),
-        ],
-    )
-    .await;
+    kill_normal_clients(&client).await;
     let err = client.run_bulk(&get).await.unwrap_err();
     assert!(err.is_connection() && err.is_retryable(), "{err:?}");
     let replies = client.run_bulk(&get).await.unwrap();
@@ -304,18 +310,7 @@ async fn a_killed_connection_fails_its_batch_and_the_next_batch_reconnects() {
 
     // 2. Killed while idle for longer than the idle check: the next batch
     //    notices before sending and reconnects without an error.
-    raw(
-        &client,
-        "CLIENT",
-        vec![
-            "KILL".into(),
-            "TYPE".into(),
-            "normal".into(),
-            "SKIPME".into(),
-            "yes".into(),
-        ],
-    )
-    .await;
+    kill_normal_clients(&client).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     let replies = client.run_bulk(&get).await.unwrap();
     assert_eq!(bytes(&replies[0]).as_deref(), Some(&b"v1"[..]));
