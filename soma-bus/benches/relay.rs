@@ -38,7 +38,7 @@ use criterion::{
 };
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use soma_bus::{BusConfig, BusProducer, Envelope, KafkaSink, TopicAdmin};
+use soma_bus::{BusConfig, BusProducer, Envelope, KafkaSink};
 use soma_outbox::{NewMessage, Outbox, OutboxConfig, Relay, RelayConfig, RelayHandle};
 
 /// Messages per sample.
@@ -76,31 +76,11 @@ fn bus_config(bootstrap: &str) -> BusConfig {
     }
 }
 
-async fn fresh_topic(cfg: &BusConfig) -> String {
-    let t = soma_testkit::unique_name("relaybench");
-    TopicAdmin::new(cfg)
-        .unwrap()
-        .ensure_topics(&[&t], false)
-        .await
-        .unwrap();
-    t
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
-}
-
 /// Timed drain: `N` messages committed to the outbox in one transaction
 /// while an idle relay (already holding its shards) waits; timed from the
 /// commit until the relay reports all `N` published.
 async fn relay_sample(ob: &Outbox, cfg: &BusConfig, relay: &RelayHandle) -> Duration {
-    let topic = fresh_topic(cfg).await;
+    let topic = common::new_topic(cfg, "relaybench", false).await;
     let msgs = messages(&topic);
     let before = relay.counters();
     ob.enqueue_standalone(&msgs).await.unwrap();
@@ -126,7 +106,7 @@ async fn relay_sample(ob: &Outbox, cfg: &BusConfig, relay: &RelayHandle) -> Dura
 /// each chunk's delivery reports awaited before the next (`chunk` = `N`: all
 /// enqueued at once, then every report awaited).
 async fn raw_sample(raw: &FutureProducer, cfg: &BusConfig, chunk: usize) -> Duration {
-    let topic = fresh_topic(cfg).await;
+    let topic = common::new_topic(cfg, "relaybench", false).await;
     let msgs = messages(&topic);
     let headers: Vec<OwnedHeaders> = msgs
         .iter()
@@ -306,14 +286,17 @@ fn bench(c: &mut Criterion) {
         "relay into Kafka vs raw rdkafka: {N} x 1 KiB keyed messages per sample, {ROUNDS} rounds, order rotated each round"
     );
     for (i, (name, _)) in RAW_CASES.iter().enumerate() {
-        println!("  {name:<36} median {:>7.0} msg/s", median(&rates[i]));
+        println!(
+            "  {name:<36} median {:>7.0} msg/s",
+            common::median(&rates[i])
+        );
     }
     for (i, case) in relays.iter().enumerate() {
         let own = &rates[raws + i];
         let ratio = |base: &[f64]| -> (f64, f64, f64) {
             let r: Vec<f64> = own.iter().zip(base).map(|(a, b)| a / b).collect();
             (
-                median(&r),
+                common::median(&r),
                 r.iter().copied().fold(f64::INFINITY, f64::min),
                 r.iter().copied().fold(0.0, f64::max),
             )
@@ -323,7 +306,7 @@ fn bench(c: &mut Criterion) {
         println!(
             "  {:<36} median {:>7.0} msg/s   relay / raw: median {m:.2}x (min {lo:.2}x, max {hi:.2}x; goal >= 0.8x)   relay / raw in chunks of 500: {mc:.2}x",
             case.name,
-            median(own),
+            common::median(own),
         );
     }
 

@@ -265,12 +265,12 @@ fn bench(c: &mut Criterion) {
     );
     println!(
         "  raw rdkafka FutureProducer      median {:>7.0} msg/s",
-        median(&r_rates)
+        common::median(&r_rates)
     );
     println!(
         "  DurablePublisher::publish_many  median {:>7.0} msg/s   durable / raw: median {:.2}x (min {:.2}x, max {:.2}x; goal >= 0.85x)",
-        median(&d_rates),
-        median(&ratios),
+        common::median(&d_rates),
+        common::median(&ratios),
         ratios.iter().copied().fold(f64::INFINITY, f64::min),
         ratios.iter().copied().fold(0.0, f64::max),
     );
@@ -280,12 +280,6 @@ fn bench(c: &mut Criterion) {
     });
     drop(broker);
     drop(raw_broker);
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// The durable publisher (Kafka up) sending `messages` to a fresh topic.
@@ -298,7 +292,7 @@ struct DurableCase<'a> {
 
 impl DurableCase<'_> {
     async fn sample(&self) -> Duration {
-        let topic = fresh_topic(self.cfg).await;
+        let topic = common::new_topic(self.cfg, "benchp", false).await;
         let started = Instant::now();
         for r in self.publisher.publish_many(&topic, self.messages).await {
             assert!(!r.unwrap().is_deferred());
@@ -319,7 +313,7 @@ struct RawCase<'a> {
 
 impl RawCase<'_> {
     async fn sample(&self) -> Duration {
-        let topic = fresh_topic(self.cfg).await;
+        let topic = common::new_topic(self.cfg, "benchp", false).await;
         let started = Instant::now();
         let mut futs = Vec::with_capacity(self.messages.len());
         for (e, h) in self.messages.iter().zip(self.headers) {
@@ -334,16 +328,6 @@ impl RawCase<'_> {
         }
         started.elapsed()
     }
-}
-
-async fn fresh_topic(cfg: &BusConfig) -> String {
-    let topic = soma_testkit::unique_name("benchp");
-    TopicAdmin::new(cfg)
-        .unwrap()
-        .ensure_topics(&[&topic], false)
-        .await
-        .unwrap();
-    topic
 }
 
 criterion_group!(benches, bench);

@@ -63,13 +63,25 @@ pub fn config(bootstrap: &str) -> BusConfig {
 
 /// A topic (and its DLQ) created on the broker.
 pub async fn topic(cfg: &BusConfig, prefix: &str) -> String {
+    new_topic(cfg, prefix, true).await
+}
+
+/// A fresh topic named from `prefix`, with its `.dlq` when `with_dlq`.
+pub async fn new_topic(cfg: &BusConfig, prefix: &str, with_dlq: bool) -> String {
     let t = soma_testkit::unique_name(prefix);
     TopicAdmin::new(cfg)
         .unwrap()
-        .ensure_topics(&[&t], true)
+        .ensure_topics(&[&t], with_dlq)
         .await
         .unwrap();
     t
+}
+
+/// The median of `v` (NaN when empty), for the benchmarks' paired rounds.
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// An outbox in a fresh schema of the `test` database.
