@@ -3,7 +3,9 @@
 //! `cargo bench -p soma-outbox --bench outbox -- --warm-up-time 1 --measurement-time 3`
 //!
 //! 1. criterion: batched enqueue of 1,000 rows with `UNNEST` arrays (the crate's
-//!    path) vs the same rows as one multi-row `VALUES` insert, same table, same run.
+//!    path) vs the same rows as one multi-row `VALUES` insert, same table, same
+//!    run, and the server-side floor (`INSERT ... SELECT` from rows already on
+//!    the server), which bounds what any way of sending the rows can gain.
 //! 2. a timed drain of 50,000 messages through a relay into a sink that does no I/O.
 //! 3. commit-to-publish latency at a steady 1,000 msg/s (p50/p99/max).
 //!
@@ -63,6 +65,59 @@ async fn enqueue_values_with(pool: &PgPool, schema: &str, msgs: &[NewMessage], p
         .unwrap();
     assert_eq!(ids.len(), msgs.len());
     tx.commit().await.unwrap();
+}
+
+/// The server's share alone: the same rows inserted by `INSERT ... SELECT`
+/// from a table already on the server (same columns, same table, same
+/// indexes, same ON CONFLICT and RETURNING, one transaction), so nothing is
+/// sent or decoded per row. No way of sending the rows can be faster than
+/// this, which bounds any method's speed-up over `VALUES`.
+async fn enqueue_server_floor(pool: &PgPool, schema: &str) {
+    let mut tx = pool.begin().await.unwrap();
+    let ids: Vec<Uuid> = sqlx::query_scalar(&format!(
+        "INSERT INTO \"{schema}\".outbox (id, topic, key, key_hash, payload, headers, dedupe_key)
+         SELECT ('01900000-0000-7000-8000-' ||
+                 lpad(to_hex(nextval('\"{schema}\".floor_ids')), 12, '0'))::uuid,
+                topic, key, key_hash, payload, headers, dedupe_key
+         FROM \"{schema}\".floor_rows ORDER BY ord
+         ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING RETURNING id"
+    ))
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(ids.len(), BATCH);
+    tx.commit().await.unwrap();
+}
+
+/// Fills the staging table `enqueue_server_floor` copies from with `BATCH`
+/// rows like `batch()`'s. Its ids come from a sequence, ascending like the
+/// UUIDv7 ids `NewMessage` makes (random ones would cost the primary key
+/// index more).
+async fn create_floor_rows(pool: &PgPool, schema: &str) {
+    sqlx::query(&format!("CREATE SEQUENCE \"{schema}\".floor_ids"))
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "CREATE TABLE \"{schema}\".floor_rows AS
+         SELECT i AS ord, 'bench.events'::text AS topic, 'key-' || (i % 100) AS key,
+                7 AS key_hash, convert_to(repeat('x', 200), 'UTF8') AS payload,
+                '{{\"content-type\": \"application/json\"}}'::jsonb AS headers,
+                NULL::text AS dedupe_key
+         FROM generate_series(0, {}) AS i",
+        BATCH - 1
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Empties the outbox table, so each measurement starts from the same size.
+async fn truncate(pool: &PgPool, schema: &str) {
+    sqlx::query(&format!("TRUNCATE \"{schema}\".outbox"))
+        .execute(pool)
+        .await
+        .unwrap();
 }
 
 async fn setup(rt_pool: &PgPool, name: &str) -> Outbox {
@@ -137,34 +192,41 @@ fn main() {
 
     // 1. Enqueue: UNNEST vs multi-row VALUES.
     let ob = rt.block_on(setup(&pool, "bench_enq"));
+    rt.block_on(create_floor_rows(&pool, ob.schema()));
     {
         let mut g = c.benchmark_group("enqueue_1000_rows");
         g.throughput(Throughput::Elements(BATCH as u64));
+        rt.block_on(truncate(&pool, ob.schema()));
         g.bench_function("unnest", |b| {
             b.to_async(&rt).iter(|| async {
                 ob.enqueue_standalone(&batch(BATCH)).await.unwrap();
             })
         });
+        rt.block_on(truncate(&pool, ob.schema()));
         g.bench_function("multi_row_values", |b| {
             b.to_async(&rt).iter(|| async {
                 enqueue_values(&pool, ob.schema(), &batch(BATCH)).await;
             })
         });
+        rt.block_on(truncate(&pool, ob.schema()));
         g.bench_function("multi_row_values_unprepared", |b| {
             b.to_async(&rt).iter(|| async {
                 enqueue_values_with(&pool, ob.schema(), &batch(BATCH), false).await;
             })
         });
+        rt.block_on(truncate(&pool, ob.schema()));
+        g.bench_function("server_floor_insert_select", |b| {
+            b.to_async(&rt)
+                .iter(|| async { enqueue_server_floor(&pool, ob.schema()).await })
+        });
         g.finish();
     }
-    let (unnest, values) = rt.block_on(async {
-        sqlx::query(&format!("TRUNCATE \"{}\".outbox", ob.schema()))
-            .execute(&pool)
-            .await
-            .unwrap();
-        // Interleave the two to share the machine's noise fairly.
-        let (mut u, mut v) = (0.0, 0.0);
+    let (unnest, values, floor) = rt.block_on(async {
+        // Interleave the three to share the machine's noise fairly, each
+        // segment starting from an empty table.
+        let (mut u, mut v, mut f) = (0.0, 0.0, 0.0);
         for _ in 0..3 {
+            truncate(&pool, ob.schema()).await;
             u += timed_rows_per_sec(
                 async || {
                     ob.enqueue_standalone(&batch(BATCH)).await.unwrap();
@@ -172,13 +234,17 @@ fn main() {
                 10,
             )
             .await;
+            truncate(&pool, ob.schema()).await;
             v += timed_rows_per_sec(
                 async || enqueue_values(&pool, ob.schema(), &batch(BATCH)).await,
                 10,
             )
             .await;
+            truncate(&pool, ob.schema()).await;
+            f += timed_rows_per_sec(async || enqueue_server_floor(&pool, ob.schema()).await, 10)
+                .await;
         }
-        (u / 3.0, v / 3.0)
+        (u / 3.0, v / 3.0, f / 3.0)
     });
     rt.block_on(drop_schema(&pool, &ob));
 
@@ -265,6 +331,11 @@ fn main() {
     println!(
         "  UNNEST / VALUES          {:>10.2}x         (goal >= 2x)",
         unnest / values
+    );
+    println!("  server-side floor        {floor:>10.0} rows/s   (INSERT ... SELECT, nothing sent)");
+    println!(
+        "  floor / VALUES           {:>10.2}x         (the most any way of sending rows can gain)",
+        floor / values
     );
     println!("  relay drain, no-I/O sink {drain:>10.0} msg/s    (goal >= 20,000)");
     println!(
