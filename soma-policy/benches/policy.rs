@@ -64,7 +64,8 @@ fn embedded(evaluator: RegoEvaluator) -> Arc<EmbeddedRego> {
 
 fn engines(c: &mut Criterion, rt: &tokio::runtime::Runtime, opa: &common::OpaServer) {
     let embedded_interp = embedded(RegoEvaluator::Interpreter);
-    let embedded = embedded(RegoEvaluator::Vm);
+    let embedded = embedded(RegoEvaluator::Auto);
+    assert_eq!(embedded.active_evaluator(), RegoEvaluator::Vm);
     let remote = {
         let _g = rt.enter();
         Arc::new(
@@ -94,12 +95,13 @@ fn engines(c: &mut Criterion, rt: &tokio::runtime::Runtime, opa: &common::OpaSer
     g.bench_function("embedded_constant_policy", |b| {
         b.iter(|| black_box(trivial.evaluate_sync(black_box(&inp)).unwrap()))
     });
-    // The default evaluator (regorus' interpreter) and the opt-in Rego VM.
+    // The default evaluator (auto: the reference policy is eligible for the
+    // Rego VM) and regorus' interpreter.
     g.bench_function("embedded", |b| {
-        b.iter(|| black_box(embedded_interp.evaluate_sync(black_box(&inp)).unwrap()))
-    });
-    g.bench_function("embedded_vm", |b| {
         b.iter(|| black_box(embedded.evaluate_sync(black_box(&inp)).unwrap()))
+    });
+    g.bench_function("embedded_interpreter", |b| {
+        b.iter(|| black_box(embedded_interp.evaluate_sync(black_box(&inp)).unwrap()))
     });
     g.bench_function("remote_opa_loopback", |b| {
         b.to_async(rt).iter(|| {
@@ -127,7 +129,11 @@ fn engines(c: &mut Criterion, rt: &tokio::runtime::Runtime, opa: &common::OpaSer
 }
 
 fn jwt(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
-    let auth = Authenticator::builder(&common::config_with_static_keys())
+    // Full verification every time: the verified-token cache off.
+    let mut uncached = common::config_with_static_keys();
+    uncached.token_cache.enabled = false;
+    let auth = Authenticator::builder(&uncached).build().unwrap();
+    let cached = Authenticator::builder(&common::config_with_static_keys())
         .build()
         .unwrap();
     let mut claims = common::claims("alice");
@@ -152,6 +158,18 @@ fn jwt(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
             })
         });
     }
+    // The same token again, with the verified-token cache (the default).
+    let token = common::mint(JwtAlgorithm::RS256, Some("rs"), &claims);
+    rt.block_on(cached.verify_token(&token)).unwrap();
+    g.bench_function("cached_token", |b| {
+        b.iter(|| {
+            black_box(
+                futures_util::FutureExt::now_or_never(cached.verify_token(&token))
+                    .unwrap()
+                    .unwrap(),
+            )
+        })
+    });
     g.finish();
 }
 
@@ -175,12 +193,12 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
     let config = common::config_with_static_keys();
     let authn = Arc::new(Authenticator::builder(&config).build().unwrap());
     // No decision cache: every request evaluates the policy (worst case).
-    let authz = Arc::new(Authorizer::builder(embedded(RegoEvaluator::Vm)).build());
+    let authz = Arc::new(Authorizer::builder(embedded(RegoEvaluator::Auto)).build());
     let authz_interp = Arc::new(Authorizer::builder(embedded(RegoEvaluator::Interpreter)).build());
     // With the decision cache on at its default TTL and capacity (every
     // request after the first is a hit: one user, one route).
     let authz_cached = Arc::new(
-        Authorizer::builder(embedded(RegoEvaluator::Vm))
+        Authorizer::builder(embedded(RegoEvaluator::Auto))
             .cache(CacheConfig {
                 enabled: true,
                 ..Default::default()
@@ -358,8 +376,8 @@ fn main() {
     c.final_summary();
 
     let m = |g, n| median_ns(g, n).unwrap_or(f64::NAN);
-    let embedded = m("decision", "embedded_vm");
-    let embedded_interp = m("decision", "embedded");
+    let embedded = m("decision", "embedded");
+    let embedded_interp = m("decision", "embedded_interpreter");
     let remote = m("decision", "remote_opa_loopback");
     let hit = m("cache", "authorizer_check_hit");
     let hs = m("jwt", "HS256");
@@ -372,11 +390,11 @@ fn main() {
     let full_in = m("stack", "authn_authz_handler_inproc");
     println!("\n== soma-policy summary (criterion medians) ==");
     println!(
-        "embedded decision, vm    {:>10.2} µs   (goal ≤ 15 µs)",
+        "embedded decision        {:>10.2} µs   (default evaluator: auto → VM; goal ≤ 15 µs)",
         embedded / 1e3
     );
     println!(
-        "embedded, interpreter    {:>10.2} µs   (the default evaluator)",
+        "embedded, interpreter    {:>10.2} µs   (evaluator = \"interpreter\")",
         embedded_interp / 1e3
     );
     println!(
@@ -385,7 +403,7 @@ fn main() {
     );
     println!("remote OPA (loopback)    {:>10.2} µs", remote / 1e3);
     println!(
-        "embedded speed-up, vm    {:>10.1} ×    (goal ≥ 20×)",
+        "embedded speed-up        {:>10.1} ×    (goal ≥ 20×)",
         remote / embedded
     );
     println!(
@@ -405,6 +423,10 @@ fn main() {
         rs / 1e3
     );
     println!(
+        "cached token (any alg)   {:>10.2} µs   (verified-token cache hit, the default)",
+        m("jwt", "cached_token") / 1e3
+    );
+    println!(
         "ES256 validation         {:>10.2} µs",
         m("jwt", "ES256") / 1e3
     );
@@ -415,7 +437,7 @@ fn main() {
     let rps = |ns: f64| 1e9 / ns;
     println!("bare handler (HTTP, c16) {:>10.0} req/s", rps(bare_c));
     println!(
-        "authn+authz, vm (c16)    {:>10.0} req/s  keeps {:.2} × of bare (goal ≥ 0.6×)",
+        "authn+authz (c16)        {:>10.0} req/s  keeps {:.2} × of bare (goal ≥ 0.6×)",
         rps(full_c),
         bare_c / full_c
     );
@@ -427,7 +449,7 @@ fn main() {
     );
     let cached_c = m("stack", "authn_authz_cached_handler_http_c16");
     println!(
-        "authn+authz, vm+cache    {:>10.0} req/s  keeps {:.2} × of bare",
+        "authn+authz + cache      {:>10.0} req/s  keeps {:.2} × of bare",
         rps(cached_c),
         bare_c / cached_c
     );

@@ -27,6 +27,8 @@ pub struct PolicyConfig {
     pub max_token_bytes: usize,
     /// JWKS settings shared by every issuer that uses a JWKS URL.
     pub jwks: JwksConfig,
+    /// Cache of verified JWTs (on by default).
+    pub token_cache: TokenCacheConfig,
     /// API-key authentication.
     pub api_keys: ApiKeyConfig,
     /// Header a client may send to name its tenant. The tenant always comes
@@ -42,9 +44,9 @@ pub struct PolicyConfig {
     pub policy_dir: PathBuf,
     /// Rule evaluated by the embedded engine, as a `data.` path.
     pub entrypoint: String,
-    /// How the embedded engine evaluates the policy: `interpreter` (the
-    /// default) or `vm` (opt-in, several times faster; read [`RegoEvaluator::Vm`]
-    /// before choosing it).
+    /// How the embedded engine evaluates the policy: `auto` (the default:
+    /// the Rego VM when the policy is eligible, else the interpreter),
+    /// `interpreter` or `vm` (see [`RegoEvaluator`]).
     pub evaluator: RegoEvaluator,
     /// Decision cache (off by default).
     pub cache: CacheConfig,
@@ -62,6 +64,7 @@ impl Default for PolicyConfig {
             audiences: vec!["soma".to_owned()],
             max_token_bytes: 8 * 1024,
             jwks: JwksConfig::default(),
+            token_cache: TokenCacheConfig::default(),
             api_keys: ApiKeyConfig::default(),
             tenant_header: "x-soma-tenant".to_owned(),
             engine: EngineKind::Embedded,
@@ -229,32 +232,43 @@ pub enum EngineKind {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RegoEvaluator {
-    /// regorus' tree-walking interpreter, its reference evaluator: every
-    /// Rego construct regorus supports, OPA's semantics. The default.
+    /// The Rego VM when the policy is eligible for it (see [`Self::Vm`]),
+    /// the interpreter otherwise; decided again at every (re)load, and
+    /// logged when a policy falls back. The default.
+    /// `EmbeddedRego::active_evaluator` tells which one is in force.
     #[default]
+    Auto,
+    /// regorus' tree-walking interpreter, its reference evaluator: every
+    /// Rego construct regorus supports, OPA's semantics.
     Interpreter,
     /// The entry point compiled to regorus' Rego virtual machine (RVM)
     /// bytecode at load, evaluated on pooled VMs: several times faster
-    /// on the reference policy.
+    /// (about 8 µs instead of 44 µs per decision on the reference policy).
     ///
-    /// Opt-in, because in regorus 0.14 the VM does not cover every construct
-    /// and has known divergences from OPA. One matters for security: a body
-    /// assignment whose right side is undefined (`r := data.grants[input.user]`)
-    /// does not stop the body as it does in OPA, so `allow if { r := …; not
-    /// r.blocked }` would allow an unknown user. Choose it for a policy that
-    /// avoids such assignments and is tested against OPA, as the shipped
-    /// `policy/soma.rego` is (the crate's differential test runs it on both
-    /// evaluators against OPA). A policy the VM cannot compile (e.g. one
-    /// using `with`), or on which the VM and the interpreter disagree for an
-    /// empty input, fails to load instead of being evaluated wrongly; that
-    /// check is a tripwire, not a proof.
+    /// regorus 0.14's VM is not a drop-in for OPA everywhere, so a policy
+    /// is eligible only when all of these hold, checked at every (re)load:
+    /// - the VM compiles the entry point (it cannot compile `with`);
+    /// - no query contains a `:=` assignment: the VM does not stop a body
+    ///   whose assignment's right side is undefined
+    ///   (`allow if { g := grants[input.user]; not g.blocked }` would allow
+    ///   an unknown user), which matters for security. Index directly
+    ///   (`not grants[input.user].blocked`), use a helper rule
+    ///   (`g := grants[input.user]` as a rule of its own) or unify (`=`),
+    ///   which the VM evaluates as OPA does;
+    /// - the VM and the interpreter agree on an empty input.
+    ///
+    /// With `Vm` an ineligible policy fails to load (a reload keeps the last
+    /// good policy); with [`Self::Auto`] it runs on the interpreter. The
+    /// shipped `policy/soma.rego` is eligible, and the crate's differential
+    /// test checks OPA, the interpreter and the VM agree on it.
     Vm,
 }
 
 impl RegoEvaluator {
-    /// `interpreter` or `vm`.
+    /// `auto`, `interpreter` or `vm`.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Auto => "auto",
             Self::Interpreter => "interpreter",
             Self::Vm => "vm",
         }
@@ -303,6 +317,38 @@ impl Default for BreakerConfig {
         Self {
             failure_threshold: 5,
             reset_timeout_secs: 10,
+        }
+    }
+}
+
+/// Cache of verified JWTs, so a client that sends the same token again is
+/// not re-verified (signature, base64 and JSON) on every request.
+///
+/// Keyed by the SHA-256 of the exact token (the token itself is not kept);
+/// only tokens that passed every check are cached. A hit still checks `exp`
+/// and `nbf` (with the leeway) against the clock, so a cached token expires
+/// exactly when it would have failed verification. Any change of an
+/// issuer's JWKS key set invalidates every entry, and an entry lives at
+/// most `max_ttl_secs`, which also bounds how long a key removed from a
+/// JWKS keeps verifying the tokens it signed (plus `jwks.max_age_secs`, as
+/// without the cache).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TokenCacheConfig {
+    /// Cache verified tokens at all.
+    pub enabled: bool,
+    /// Maximum number of cached tokens.
+    pub capacity: u64,
+    /// Longest time an entry is reused, in seconds.
+    pub max_ttl_secs: u64,
+}
+
+impl Default for TokenCacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            capacity: 10_000,
+            max_ttl_secs: 60,
         }
     }
 }

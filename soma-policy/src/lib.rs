@@ -29,8 +29,9 @@
 //!   case every request let through is logged and counted.
 //! - **Engines behind one trait.** [`RemoteOpa`] (OPA sidecar, timeout,
 //!   circuit breaker) and `EmbeddedRego` (feature `rego`: regorus, hot reload,
-//!   keep-last-good; regorus' interpreter by default, its Rego VM opt-in with
-//!   [`RegoEvaluator::Vm`]). The reference policy ships in `policy/soma.rego`.
+//!   keep-last-good; regorus' Rego VM for policies that pass its safety
+//!   checks, its interpreter for the rest, see [`RegoEvaluator`]). The
+//!   reference policy ships in `policy/soma.rego`.
 //! - **Audited.** One [`AuditEvent`] per decision to tracing and an
 //!   [`AuditSink`]; metrics `soma_policy_auth_decisions_total{action,result}`,
 //!   `soma_policy_auth_duration_seconds`, cache hits and misses.
@@ -80,7 +81,7 @@ pub use authz::{
 };
 pub use config::{
     ApiKeyConfig, BreakerConfig, CacheConfig, EngineKind, FailMode, IssuerConfig, JwksConfig,
-    JwtAlgorithm, OpaConfig, PolicyConfig, RegoEvaluator, StaticKey,
+    JwtAlgorithm, OpaConfig, PolicyConfig, RegoEvaluator, StaticKey, TokenCacheConfig,
 };
 #[cfg(feature = "rego")]
 pub use engine::EmbeddedRego;

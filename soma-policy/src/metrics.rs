@@ -18,6 +18,7 @@ use soma_observability::prometheus_client::metrics::family::Family;
 /// | `soma_policy_fail_open_total` | `action` |
 /// | `soma_policy_reloads_total` | `result` (`ok`, `error`) |
 /// | `soma_policy_jwks_fetches_total` | `result` (`ok`, `error`) |
+/// | `soma_policy_token_cache_lookups_total` | `result` (`hit`, `miss`) — verified-JWT cache |
 #[derive(Clone, Debug)]
 pub struct PolicyMetrics {
     decisions: Family<ActionResult, Counter>,
@@ -27,6 +28,7 @@ pub struct PolicyMetrics {
     fail_open: Family<ActionLabel, Counter>,
     reloads: Family<ResultLabel, Counter>,
     jwks: Family<ResultLabel, Counter>,
+    token_cache: Family<ResultLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -91,6 +93,10 @@ impl PolicyMetrics {
                 .counter_family("soma_policy_reloads_total", "Embedded policy reloads"),
             jwks: registry
                 .counter_family("soma_policy_jwks_fetches_total", "JWKS document fetches"),
+            token_cache: registry.counter_family(
+                "soma_policy_token_cache_lookups_total",
+                "Verified-JWT cache lookups",
+            ),
         }
     }
 
@@ -145,6 +151,23 @@ impl PolicyMetrics {
 
     pub(crate) fn jwks_fetch(&self, result: &'static str) {
         self.jwks.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    pub(crate) fn token_cache(&self, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.token_cache
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Verified-JWT cache hits and misses so far.
+    pub fn token_cache_counts(&self) -> (u64, u64) {
+        let get = |r| {
+            self.token_cache
+                .get_or_create(&ResultLabel { result: r })
+                .get()
+        };
+        (get("hit"), get("miss"))
     }
 
     /// Decision-cache hits and misses so far.

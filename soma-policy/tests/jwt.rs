@@ -367,3 +367,110 @@ async fn jwks_outage_is_unavailable_not_unauthorized() {
     assert!(e.is_unavailable(), "{e:?}");
     assert_eq!(e.status(), 503);
 }
+
+#[tokio::test]
+async fn verified_tokens_are_cached_and_still_expire_on_time() {
+    let mut config = config_with_static_keys();
+    config.leeway_secs = 0;
+    let metrics = PolicyMetrics::default();
+    let auth = Authenticator::builder(&config)
+        .metrics(metrics.clone())
+        .build()
+        .unwrap();
+    let mut c = claims("alice");
+    c["exp"] = json!(now() + 2);
+    let token = mint(JwtAlgorithm::RS256, Some("rs"), &c);
+    let first = auth.verify_token(&token).await.unwrap();
+    assert_eq!(metrics.token_cache_counts(), (0, 1));
+    let again = auth.verify_token(&token).await.unwrap();
+    assert_eq!(again, first);
+    assert_eq!(metrics.token_cache_counts(), (1, 1));
+
+    // Another signature over the same header and claims is another token:
+    // verified (and rejected), whatever is cached.
+    let (head, _) = token.rsplit_once('.').unwrap();
+    let forged = format!("{head}.AAAA");
+    for _ in 0..2 {
+        assert_eq!(
+            auth.verify_token(&forged).await.unwrap_err(),
+            AuthError::BadSignature
+        );
+    }
+    assert_eq!(
+        metrics.token_cache_counts(),
+        (1, 3),
+        "failures are never cached"
+    );
+
+    // A cached token expires exactly when verification would reject it.
+    while now() <= c["exp"].as_i64().unwrap() {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        auth.verify_token(&token).await.unwrap_err(),
+        AuthError::Expired
+    );
+    assert_eq!(
+        auth.verify_token(&token).await.unwrap_err(),
+        AuthError::Expired
+    );
+}
+
+#[tokio::test]
+async fn a_jwks_key_set_change_invalidates_cached_tokens() {
+    let keys = Arc::new(parking_lot::Mutex::new(vec![public_jwk(
+        "rsa_private.pem",
+        "k1",
+    )]));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let url = jwks_server(keys.clone(), hits.clone()).await;
+    let mut config = PolicyConfig::default();
+    config.issuers = vec![IssuerConfig {
+        issuer: ISSUER.into(),
+        jwks_url: Some(url),
+        ..Default::default()
+    }];
+    config.jwks.refetch_cooldown_secs = 0;
+    let metrics = PolicyMetrics::default();
+    let auth = Authenticator::builder(&config)
+        .metrics(metrics.clone())
+        .build()
+        .unwrap();
+    let good = mint(JwtAlgorithm::RS256, Some("k1"), &claims("alice"));
+    auth.verify_token(&good).await.unwrap();
+    auth.verify_token(&good).await.unwrap();
+    assert_eq!(metrics.token_cache_counts(), (1, 1));
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    // The IdP rotates k1 out; a token naming the new kid makes us refetch.
+    *keys.lock() = vec![public_jwk("rsa2_private.pem", "k2")];
+    let rotated = mint_with(
+        JwtAlgorithm::RS256,
+        &EncodingKey::from_rsa_pem(fixture("rsa2_private.pem").as_bytes()).unwrap(),
+        Some("k2"),
+        &claims("bob"),
+    );
+    assert_eq!(auth.verify_token(&rotated).await.unwrap().subject, "bob");
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    // The token signed with the removed key is verified again, and fails.
+    assert_eq!(
+        auth.verify_token(&good).await.unwrap_err(),
+        AuthError::UnknownKey
+    );
+}
+
+#[tokio::test]
+async fn the_token_cache_can_be_turned_off() {
+    let mut config = config_with_static_keys();
+    config.token_cache.enabled = false;
+    let metrics = PolicyMetrics::default();
+    let auth = Authenticator::builder(&config)
+        .metrics(metrics.clone())
+        .build()
+        .unwrap();
+    let token = mint(JwtAlgorithm::HS256, Some("hs"), &claims("alice"));
+    for _ in 0..3 {
+        auth.verify_token(&token).await.unwrap();
+    }
+    assert_eq!(metrics.token_cache_counts(), (0, 0));
+}

@@ -149,14 +149,15 @@ fn generate(rng: &mut StdRng) -> AuthzInput {
 async fn regorus_and_real_opa_agree_on_generated_inputs() {
     let server = OpaServer::start();
     let client = reqwest::Client::new();
-    let interpreter =
-        EmbeddedRego::from_dir(policy_dir(), ENTRY, PolicyMetrics::default()).unwrap();
-    assert_eq!(interpreter.evaluator(), RegoEvaluator::Interpreter);
-    let vm = EmbeddedRego::from_dir(policy_dir(), ENTRY, PolicyMetrics::default())
+    let interpreter = EmbeddedRego::from_dir(policy_dir(), ENTRY, PolicyMetrics::default())
         .unwrap()
-        .with_evaluator(RegoEvaluator::Vm)
+        .with_evaluator(RegoEvaluator::Interpreter)
         .unwrap();
-    assert_eq!(vm.evaluator(), RegoEvaluator::Vm);
+    assert_eq!(interpreter.active_evaluator(), RegoEvaluator::Interpreter);
+    // The default (auto) runs the reference policy on the VM.
+    let vm = EmbeddedRego::from_dir(policy_dir(), ENTRY, PolicyMetrics::default()).unwrap();
+    assert_eq!(vm.evaluator(), RegoEvaluator::Auto);
+    assert_eq!(vm.active_evaluator(), RegoEvaluator::Vm);
     let mut rng = StdRng::seed_from_u64(0x5047_4c43);
     let (mut allows, mut denies) = (0, 0);
     const N: usize = 1_500;
@@ -193,26 +194,15 @@ async fn regorus_and_real_opa_agree_on_generated_inputs() {
     );
 }
 
-#[test]
-fn the_vm_refuses_policies_it_cannot_compile_or_gets_wrong() {
-    let load = |src: &str, evaluator| {
-        EmbeddedRego::from_sources(&[("p.rego", src)], ENTRY, PolicyMetrics::default())
-            .and_then(|e| e.with_evaluator(evaluator))
-    };
-    // `with` is not supported by the VM compiler: the interpreter takes it,
-    // the VM refuses to load rather than evaluate something else.
-    let with = "package soma.authz\ndefault decision := {\"allow\": false, \"reasons\": []}\n\
-                decision := {\"allow\": true, \"reasons\": []} if { input.x with input.x as true }\n";
-    let e = load(with, RegoEvaluator::Vm).unwrap_err();
-    assert!(
-        matches!(&e, EngineError::Load(m) if m.contains("cannot compile")),
-        "{e:?}"
-    );
-    assert!(load(with, RegoEvaluator::Interpreter).is_ok());
-    // The known divergence: an undefined body assignment does not stop the
-    // body under the VM. Here it would allow an unknown subject; OPA and the
-    // interpreter deny. The empty-input tripwire catches this policy.
-    let assign = r#"package soma.authz
+fn load(src: &str, entry: &str, evaluator: RegoEvaluator) -> Result<EmbeddedRego, EngineError> {
+    EmbeddedRego::from_sources(&[("p.rego", src)], entry, PolicyMetrics::default())
+        .and_then(|e| e.with_evaluator(evaluator))
+}
+
+/// regorus' known VM divergence: an undefined `:=` does not stop the body.
+/// Here it would allow an unknown subject under the VM; OPA and the
+/// interpreter deny.
+const ASSIGN: &str = r#"package soma.authz
 grants := {"alice": {"blocked": false}}
 default allow := false
 allow if {
@@ -221,15 +211,11 @@ allow if {
 }
 decision := {"allow": allow, "reasons": []}
 "#;
-    let e = load(assign, RegoEvaluator::Vm).unwrap_err();
-    assert!(
-        matches!(&e, EngineError::Load(m) if m.contains("disagree")),
-        "{e:?}"
-    );
-    let interpreter = load(assign, RegoEvaluator::Interpreter).unwrap();
-    let mut i = AuthzInput::new(
+
+fn principal_input(subject: &str) -> AuthzInput {
+    AuthzInput::new(
         &soma_policy::Principal {
-            subject: "mallory".into(),
+            subject: subject.into(),
             tenant: "t1".into(),
             roles: vec![],
             scopes: vec![],
@@ -237,7 +223,29 @@ decision := {"allow": allow, "reasons": []}
         },
         "a",
         Resource::default(),
+    )
+}
+
+#[test]
+fn the_vm_refuses_policies_it_cannot_compile_or_gets_wrong() {
+    // `with` is not supported by the VM compiler: the interpreter takes it,
+    // the VM refuses to load rather than evaluate something else.
+    let with = "package soma.authz\ndefault decision := {\"allow\": false, \"reasons\": []}\n\
+                decision := {\"allow\": true, \"reasons\": []} if { input.x with input.x as true }\n";
+    let e = load(with, ENTRY, RegoEvaluator::Vm).unwrap_err();
+    assert!(
+        matches!(&e, EngineError::Load(m) if m.contains("cannot compile")),
+        "{e:?}"
     );
+    assert!(load(with, ENTRY, RegoEvaluator::Interpreter).is_ok());
+    // A body assignment is refused, and the error says where.
+    let e = load(ASSIGN, ENTRY, RegoEvaluator::Vm).unwrap_err();
+    assert!(
+        matches!(&e, EngineError::Load(m) if m.contains("not eligible") && m.contains("p.rego:5:")),
+        "{e:?}"
+    );
+    let interpreter = load(ASSIGN, ENTRY, RegoEvaluator::Interpreter).unwrap();
+    let mut i = principal_input("mallory");
     assert!(!interpreter.evaluate_sync(&i).unwrap().allow);
     i.subject = "alice".into();
     assert!(interpreter.evaluate_sync(&i).unwrap().allow);
@@ -253,12 +261,207 @@ decision := {"allow": allow, "reasons": []}
         .unwrap()
         .with_evaluator(RegoEvaluator::Vm)
         .unwrap();
-    std::fs::write(dir.path().join("p.rego"), assign).unwrap();
+    std::fs::write(dir.path().join("p.rego"), ASSIGN).unwrap();
     assert!(matches!(engine.reload(), Err(EngineError::Load(_))));
     assert!(engine.evaluate_sync(&i).unwrap().allow);
     i.subject = "mallory".into();
     assert!(!engine.evaluate_sync(&i).unwrap().allow);
-    assert_eq!(engine.evaluator(), RegoEvaluator::Vm);
+    assert_eq!(engine.active_evaluator(), RegoEvaluator::Vm);
+}
+
+/// `auto` (the default) puts each (re)loaded policy on the VM when it is
+/// eligible and on the interpreter when not, so the unknown subject is
+/// denied either way.
+#[test]
+fn auto_runs_eligible_policies_on_the_vm_and_the_rest_on_the_interpreter() {
+    let dir = tempfile::tempdir().unwrap();
+    let safe = "package soma.authz\ngrants := {\"alice\": {\"blocked\": false}}\n\
+                default allow := false\nallow if { grants[input.subject]; not grants[input.subject].blocked }\n\
+                decision := {\"allow\": allow, \"reasons\": []}\n";
+    std::fs::write(dir.path().join("p.rego"), safe).unwrap();
+    let engine = EmbeddedRego::from_dir(dir.path(), ENTRY, PolicyMetrics::default()).unwrap();
+    assert_eq!(engine.evaluator(), RegoEvaluator::Auto);
+    assert_eq!(engine.active_evaluator(), RegoEvaluator::Vm);
+    let (alice, mallory) = (principal_input("alice"), principal_input("mallory"));
+    assert!(engine.evaluate_sync(&alice).unwrap().allow);
+    assert!(!engine.evaluate_sync(&mallory).unwrap().allow);
+
+    std::fs::write(dir.path().join("p.rego"), ASSIGN).unwrap();
+    engine.reload().unwrap();
+    assert_eq!(engine.active_evaluator(), RegoEvaluator::Interpreter);
+    assert!(engine.evaluate_sync(&alice).unwrap().allow);
+    assert!(!engine.evaluate_sync(&mallory).unwrap().allow);
+
+    std::fs::write(dir.path().join("p.rego"), safe).unwrap();
+    engine.reload().unwrap();
+    assert_eq!(engine.active_evaluator(), RegoEvaluator::Vm);
+    // Forcing the interpreter holds across reloads.
+    let engine = engine.with_evaluator(RegoEvaluator::Interpreter).unwrap();
+    engine.reload().unwrap();
+    assert_eq!(engine.active_evaluator(), RegoEvaluator::Interpreter);
+}
+
+/// The constructs the VM check lets through, on undefined, defined and
+/// wrongly typed operands, against real OPA; each `:=` variant must be kept
+/// off the VM (and `auto` must run it on the interpreter). The differences
+/// found are asserted exactly, so a regorus upgrade that changes any of
+/// them fails here, naming the construct and the input.
+#[tokio::test]
+async fn vm_interpreter_and_real_opa_on_undefined_operands() {
+    // (rule, the context key whose absence makes regorus differ from OPA):
+    // under `not`, OPA evaluates an undefined call argument or reference
+    // index before the negation, so the body fails (deny); regorus, with
+    // both evaluators, negates the undefined expression (allow). Policies
+    // must check such operands are defined first, as the reference policy
+    // does (`actions[input.action]` before `not has_role(...)`).
+    let eligible: [(&str, Option<&str>); 25] = [
+        ("allow if { r = input.missing; true }", None),
+        ("allow if { input.missing == input.missing2 }", None),
+        ("allow if { input.missing != 1 }", None),
+        ("allow if { not input.missing }", None),
+        ("allow if { not grants[input.user].blocked }", Some("user")),
+        ("allow if { count(input.missing) == 0 }", None),
+        (
+            "allow if { not count(input.missing) == 0 }",
+            Some("missing"),
+        ),
+        ("f(x) := x\nallow if { f(input.missing) }", None),
+        ("allow if { some x in input.missing; x == 1 }", None),
+        ("allow if { some x in input.xs; x == 1 }", None),
+        ("allow if { every x in input.missing { x == 1 } }", None),
+        ("allow if { every x in input.xs { x > 0 } }", None),
+        ("allow if { input.missing[0] }", None),
+        (
+            "allow if { count([x | some x in input.missing]) == 0 }",
+            None,
+        ),
+        ("allow if { y = input.missing + 1; y > 0 }", None),
+        ("allow := false if { input.x == 2 } else := true", None),
+        (
+            "s contains input.missing if true\nallow if { count(s) == 0 }",
+            None,
+        ),
+        ("r := grants[input.user]\nallow if { not r.blocked }", None),
+        (
+            "r := grants[input.user]\nallow if { x = r; not x.blocked }",
+            None,
+        ),
+        ("allow if { object.get(input, \"missing\", true) }", None),
+        (
+            "allow if { startswith(input.missing, \"a\") == false }",
+            None,
+        ),
+        ("allow if { input.missing in {1} }", None),
+        ("allow if { not input.missing in {1} }", Some("missing")),
+        ("allow if { not input.missing == 1 }", None),
+        ("allow if { input.user in object.keys(grants) }", None),
+    ];
+    let assignments = [
+        "allow if { r := grants[input.user]; not r.blocked }",
+        "allow if { r := input.missing; true }",
+        "allow if { r := input.missing; not r }",
+        "allow if { r := {\"a\": input.missing}; true }",
+        "r := grants[input.user]\nallow if { x := r; not x.blocked }",
+        "allow if { y := input.missing + 1; y > 0 }",
+    ];
+    let contexts = [
+        json!({}),
+        json!({"user": "bob", "x": 1, "xs": [1, 2]}),
+        json!({"user": "alice", "x": 2, "xs": [0], "missing": false}),
+        json!({"user": "alice", "xs": [], "missing": [1]}),
+    ];
+    let rules: Vec<(&str, bool, Option<&str>)> = eligible
+        .iter()
+        .map(|(r, k)| (*r, true, *k))
+        .chain(assignments.iter().map(|r| (*r, false, None)))
+        .collect();
+    // One package per construct, all served by one OPA; the rules read
+    // `input.*` and the generated values travel in the input's `context`.
+    let dir = tempfile::tempdir().unwrap();
+    let sources: Vec<String> = rules
+        .iter()
+        .enumerate()
+        .map(|(i, (rule, _, _))| {
+            format!(
+                "package p{i}\nimport rego.v1\ngrants := {{\"alice\": {{\"blocked\": false}}}}\n\
+                 default allow := false\n{}\n",
+                rule.replace("input.", "input.context.")
+            )
+        })
+        .collect();
+    for (i, src) in sources.iter().enumerate() {
+        std::fs::write(dir.path().join(format!("p{i}.rego")), src).unwrap();
+    }
+    let opa = OpaServer::start_with(dir.path());
+    let client = reqwest::Client::new();
+    let (mut type_errors, mut interpreter_errors, mut not_undefined) = (0, 0, 0);
+    for (i, ((rule, is_eligible, differs_without), src)) in rules.iter().zip(&sources).enumerate() {
+        let entry = format!("data.p{i}.allow");
+        let interpreter = load(src, &entry, RegoEvaluator::Interpreter).unwrap();
+        let auto = load(src, &entry, RegoEvaluator::Auto).unwrap();
+        let vm = load(src, &entry, RegoEvaluator::Vm);
+        assert_eq!(vm.is_ok(), *is_eligible, "{rule}: {:?}", vm.err());
+        let expected = if *is_eligible {
+            RegoEvaluator::Vm
+        } else {
+            RegoEvaluator::Interpreter
+        };
+        assert_eq!(auto.active_evaluator(), expected, "{rule}");
+        for context in &contexts {
+            let mut input = principal_input("s");
+            input.context = context.as_object().unwrap().clone();
+            let theirs = opa
+                .eval(
+                    &client,
+                    &format!("p{i}/allow"),
+                    &serde_json::to_value(&input).unwrap(),
+                )
+                .await;
+            // `None`: an evaluation error (a builtin given the wrong type);
+            // OPA answers 500, our authorizer 503. Fail-closed either way.
+            let theirs = theirs["result"].as_bool();
+            let decide = |e: &EmbeddedRego| e.evaluate_sync(&input).map(|d| d.allow).ok();
+            let interp = decide(&interpreter);
+            let vm_says = vm.as_ref().ok().map(decide);
+            if differs_without.is_some_and(|k| !context.as_object().unwrap().contains_key(k)) {
+                assert_eq!(
+                    (interp, vm_says, theirs),
+                    (Some(true), Some(Some(true)), Some(false))
+                );
+                not_undefined += 1;
+                continue;
+            }
+            // Where the interpreter decides, it decides as OPA. Where it errs
+            // (also iterating over a non-collection, which OPA treats as
+            // empty), the authorizer fails closed.
+            match interp {
+                Some(_) => assert_eq!(interp, theirs, "interpreter vs OPA: {rule} on {context}"),
+                None => interpreter_errors += 1,
+            }
+            // The VM decides as OPA; where OPA errs, the VM's rule fails and
+            // the default applies (deny).
+            if let Some(vm_says) = vm_says {
+                match theirs {
+                    Some(_) => assert_eq!(vm_says, theirs, "vm vs OPA: {rule} on {context}"),
+                    None => {
+                        assert_eq!(vm_says, Some(false), "vm: {rule} on {context}");
+                        type_errors += 1;
+                    }
+                }
+            }
+            let want = if *is_eligible {
+                decide(vm.as_ref().unwrap())
+            } else {
+                interp
+            };
+            assert_eq!(decide(&auto), want, "auto: {rule} on {context}");
+        }
+    }
+    assert_eq!(
+        (type_errors, interpreter_errors, not_undefined),
+        (6, 10, 5),
+        "(OPA type errors, interpreter errors, `not`-over-undefined differences)"
+    );
 }
 
 #[tokio::test]
@@ -349,7 +552,7 @@ async fn the_vm_is_chosen_through_configuration() {
     assert_eq!(config.evaluator, RegoEvaluator::Vm);
     assert_eq!(
         soma_policy::PolicyConfig::default().evaluator,
-        RegoEvaluator::Interpreter
+        RegoEvaluator::Auto
     );
     config.policy_dir = policy_dir();
     let authz = soma_policy::Authorizer::from_config(&config, PolicyMetrics::default())

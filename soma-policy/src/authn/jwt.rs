@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -11,6 +12,7 @@ use jsonwebtoken::{DecodingKey, Validation, errors::ErrorKind};
 use parking_lot::RwLock;
 use serde::Deserialize;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use crate::config::{IssuerConfig, JwksConfig, JwtAlgorithm, PolicyConfig};
 use crate::metrics::PolicyMetrics;
@@ -21,10 +23,32 @@ use crate::{AuthError, AuthKind, Principal};
 /// Checks, in order: size, shape, `alg` (only HS256, RS256, ES256, EdDSA; never
 /// `none`), issuer, key (by `kid` and `alg`; a key only verifies the
 /// algorithm it is configured for), signature, `exp`, `nbf`, `aud`, then the
-/// `sub` and tenant claims.
+/// `sub` and tenant claims. A token that passed them all is remembered (see
+/// [`TokenCacheConfig`](crate::TokenCacheConfig)); a cached token is only
+/// re-checked against the clock.
 pub struct JwtVerifier {
     issuers: HashMap<String, Issuer>,
     max_token_bytes: usize,
+    leeway_secs: u64,
+    cache: Option<moka::sync::Cache<[u8; 32], Arc<Verified>>>,
+    /// Bumped whenever an issuer's JWKS key set is replaced; entries cached
+    /// under an older generation are misses.
+    key_generation: Arc<AtomicU64>,
+    metrics: PolicyMetrics,
+}
+
+/// A token that passed verification.
+struct Verified {
+    principal: Principal,
+    exp: u64,
+    nbf: Option<u64>,
+    key_generation: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -42,6 +66,7 @@ struct Issuer {
     tenant_claim: String,
     roles_claim: String,
     validations: HashMap<JwtAlgorithm, Validation>,
+    key_generation: Arc<AtomicU64>,
 }
 
 #[derive(Clone)]
@@ -65,14 +90,26 @@ impl JwtVerifier {
         config: &PolicyConfig,
         metrics: PolicyMetrics,
     ) -> Result<Self, JwtConfigError> {
+        let key_generation = Arc::new(AtomicU64::new(0));
         let mut issuers = HashMap::new();
         for ic in &config.issuers {
-            let issuer = Issuer::build(ic, config, metrics.clone())?;
+            let issuer = Issuer::build(ic, config, metrics.clone(), key_generation.clone())?;
             issuers.insert(ic.issuer.clone(), issuer);
         }
+        let tc = &config.token_cache;
+        let cache = tc.enabled.then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(tc.capacity)
+                .time_to_live(Duration::from_secs(tc.max_ttl_secs))
+                .build()
+        });
         Ok(Self {
             issuers,
             max_token_bytes: config.max_token_bytes,
+            leeway_secs: config.leeway_secs,
+            cache,
+            key_generation,
+            metrics,
         })
     }
 
@@ -89,6 +126,36 @@ impl JwtVerifier {
                 max: self.max_token_bytes,
             });
         }
+        let Some(cache) = &self.cache else {
+            return self.verify_uncached(token).await.map(|v| v.principal);
+        };
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let generation = self.key_generation.load(Ordering::Acquire);
+        if let Some(hit) = cache.get(&key) {
+            if hit.key_generation == generation {
+                self.metrics.token_cache(true);
+                // The checks jsonwebtoken makes, against the clock of now.
+                let now = unix_now();
+                if hit.exp < now.saturating_sub(self.leeway_secs) {
+                    cache.invalidate(&key);
+                    return Err(AuthError::Expired);
+                }
+                if hit.nbf.is_some_and(|nbf| nbf > now + self.leeway_secs) {
+                    return Err(AuthError::NotYetValid);
+                }
+                return Ok(hit.principal.clone());
+            }
+        }
+        self.metrics.token_cache(false);
+        let verified = self.verify_uncached(token).await?;
+        let principal = verified.principal.clone();
+        // Tagged with the generation its key was read under: if the key set
+        // changed since, the next request verifies again.
+        cache.insert(key, Arc::new(verified));
+        Ok(principal)
+    }
+
+    async fn verify_uncached(&self, token: &str) -> Result<Verified, AuthError> {
         let mut parts = token.split('.');
         let (Some(h), Some(p), Some(_s), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -117,12 +184,23 @@ impl JwtVerifier {
             .iss
             .ok_or_else(|| AuthError::InvalidClaims("missing iss".into()))?;
         let issuer = self.issuers.get(&iss).ok_or(AuthError::UnknownIssuer)?;
-        let candidates = issuer.keys_for(header.kid.as_deref(), alg).await?;
+        let (candidates, key_generation) = issuer.keys_for(header.kid.as_deref(), alg).await?;
         let validation = &issuer.validations[&alg];
         let mut last = AuthError::UnknownKey;
         for key in candidates {
             match jsonwebtoken::decode::<Value>(token, &key.key, validation) {
-                Ok(data) => return issuer.principal(data.claims),
+                Ok(data) => {
+                    // Required and validated by jsonwebtoken: a number.
+                    let exp = data.claims.get("exp").and_then(Value::as_u64);
+                    let nbf = data.claims.get("nbf").and_then(Value::as_u64);
+                    let principal = issuer.principal(data.claims)?;
+                    return Ok(Verified {
+                        principal,
+                        exp: exp.ok_or_else(|| AuthError::InvalidClaims("bad exp".into()))?,
+                        nbf,
+                        key_generation,
+                    });
+                }
                 Err(e) => {
                     last = map_jwt_error(e.kind());
                     if !matches!(last, AuthError::BadSignature) {
@@ -163,6 +241,7 @@ impl Issuer {
         ic: &IssuerConfig,
         config: &PolicyConfig,
         metrics: PolicyMetrics,
+        key_generation: Arc<AtomicU64>,
     ) -> Result<Self, JwtConfigError> {
         let err = |reason: String| JwtConfigError {
             issuer: ic.issuer.clone(),
@@ -231,7 +310,10 @@ impl Issuer {
             validations.insert(alg, v);
         }
         let jwks = match &ic.jwks_url {
-            Some(url) => Some(Jwks::new(url.clone(), &config.jwks, metrics).map_err(err)?),
+            Some(url) => Some(
+                Jwks::new(url.clone(), &config.jwks, metrics, key_generation.clone())
+                    .map_err(err)?,
+            ),
             None => None,
         };
         Ok(Self {
@@ -241,30 +323,31 @@ impl Issuer {
             tenant_claim: ic.tenant_claim.clone(),
             roles_claim: ic.roles_claim.clone(),
             validations,
+            key_generation,
         })
     }
 
+    /// The keys that may verify a token with `kid` and `alg`, and the key
+    /// generation they were read under.
     async fn keys_for(
         &self,
         kid: Option<&str>,
         alg: JwtAlgorithm,
-    ) -> Result<Vec<VerifyKey>, AuthError> {
+    ) -> Result<(Vec<VerifyKey>, u64), AuthError> {
         let matches = |k: &VerifyKey| k.alg == alg && (kid.is_none() || k.kid.as_deref() == kid);
-        let mut out: Vec<VerifyKey> = self
+        let out: Vec<VerifyKey> = self
             .static_keys
             .iter()
             .filter(|k| matches(k))
             .cloned()
             .collect();
-        if out.is_empty() {
-            if let Some(jwks) = &self.jwks {
-                out = jwks.keys_for(kid, alg).await?;
-            }
+        if !out.is_empty() {
+            // Static keys never change; any generation is current for them.
+            return Ok((out, self.key_generation.load(Ordering::Acquire)));
         }
-        if out.is_empty() {
-            Err(AuthError::UnknownKey)
-        } else {
-            Ok(out)
+        match &self.jwks {
+            Some(jwks) => jwks.keys_for(kid, alg).await,
+            None => Err(AuthError::UnknownKey),
         }
     }
 
@@ -323,6 +406,7 @@ struct Jwks {
     state: RwLock<JwksState>,
     fetch: tokio::sync::Mutex<()>,
     metrics: PolicyMetrics,
+    key_generation: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -333,7 +417,12 @@ struct JwksState {
 }
 
 impl Jwks {
-    fn new(url: String, cfg: &JwksConfig, metrics: PolicyMetrics) -> Result<Self, String> {
+    fn new(
+        url: String,
+        cfg: &JwksConfig,
+        metrics: PolicyMetrics,
+        key_generation: Arc<AtomicU64>,
+    ) -> Result<Self, String> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.timeout_ms))
             .build()
@@ -346,10 +435,14 @@ impl Jwks {
             state: RwLock::new(JwksState::default()),
             fetch: tokio::sync::Mutex::new(()),
             metrics,
+            key_generation,
         })
     }
 
-    fn lookup(&self, kid: Option<&str>, alg: JwtAlgorithm) -> (Vec<VerifyKey>, bool, bool) {
+    /// Matching keys, whether they are stale, whether a fetch is allowed,
+    /// and the key generation, read under the same lock as the keys (the
+    /// generation is bumped under the write lock that replaces them).
+    fn lookup(&self, kid: Option<&str>, alg: JwtAlgorithm) -> (Vec<VerifyKey>, bool, bool, u64) {
         let st = self.state.read();
         let keys: Vec<VerifyKey> = st
             .keys
@@ -359,35 +452,33 @@ impl Jwks {
             .collect();
         let stale = st.fetched_at.is_none_or(|t| t.elapsed() >= self.max_age);
         let may_fetch = st.attempted_at.is_none_or(|t| t.elapsed() >= self.cooldown);
-        (keys, stale, may_fetch)
+        let generation = self.key_generation.load(Ordering::Acquire);
+        (keys, stale, may_fetch, generation)
     }
 
     async fn keys_for(
         &self,
         kid: Option<&str>,
         alg: JwtAlgorithm,
-    ) -> Result<Vec<VerifyKey>, AuthError> {
-        let (keys, stale, may_fetch) = self.lookup(kid, alg);
-        if !keys.is_empty() && !stale {
-            return Ok(keys);
-        }
-        if !may_fetch {
-            // Within the cooldown: answer from what we have, never hammer the IdP.
-            return if keys.is_empty() {
+    ) -> Result<(Vec<VerifyKey>, u64), AuthError> {
+        let found = |keys: Vec<VerifyKey>, generation| {
+            if keys.is_empty() {
                 Err(AuthError::UnknownKey)
             } else {
-                Ok(keys)
-            };
+                Ok((keys, generation))
+            }
+        };
+        let (keys, stale, may_fetch, generation) = self.lookup(kid, alg);
+        if (!keys.is_empty() && !stale) || !may_fetch {
+            // Fresh, or within the cooldown: answer from what we have,
+            // never hammer the IdP.
+            return found(keys, generation);
         }
         let _guard = self.fetch.lock().await;
         // Another task may have fetched while we waited.
-        let (keys, stale, may_fetch) = self.lookup(kid, alg);
+        let (keys, stale, may_fetch, generation) = self.lookup(kid, alg);
         if (!keys.is_empty() && !stale) || !may_fetch {
-            return if keys.is_empty() {
-                Err(AuthError::UnknownKey)
-            } else {
-                Ok(keys)
-            };
+            return found(keys, generation);
         }
         self.state.write().attempted_at = Some(Instant::now());
         match self.fetch_keys().await {
@@ -396,6 +487,8 @@ impl Jwks {
                 let mut st = self.state.write();
                 st.keys = fresh;
                 st.fetched_at = Some(Instant::now());
+                // Tokens verified with the previous key set are verified again.
+                self.key_generation.fetch_add(1, Ordering::AcqRel);
             }
             Err(e) => {
                 self.metrics.jwks_fetch("error");
@@ -404,15 +497,11 @@ impl Jwks {
                     return Err(AuthError::Unavailable(format!("JWKS fetch failed: {e}")));
                 }
                 // Keep serving the keys we have.
-                return Ok(keys);
+                return Ok((keys, generation));
             }
         }
-        let (keys, _, _) = self.lookup(kid, alg);
-        if keys.is_empty() {
-            Err(AuthError::UnknownKey)
-        } else {
-            Ok(keys)
-        }
+        let (keys, _, _, generation) = self.lookup(kid, alg);
+        found(keys, generation)
     }
 
     async fn fetch_keys(&self) -> Result<Vec<VerifyKey>, String> {

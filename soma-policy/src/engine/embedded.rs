@@ -37,12 +37,13 @@ const MAX_IDLE_VMS: usize = 64;
 /// # How a decision is evaluated
 ///
 /// The input is built directly as a regorus value (no JSON round trip).
-/// By default regorus' interpreter evaluates the entry point
-/// ([`RegoEvaluator::Interpreter`]). With [`EmbeddedRego::with_evaluator`]
-/// and [`RegoEvaluator::Vm`] the entry point is compiled at (re)load to Rego
-/// VM bytecode and evaluated on VMs kept in a small pool (regorus resets a
-/// VM before every run; the input is dropped after it) — read the caveats
-/// on [`RegoEvaluator::Vm`] first.
+/// By default ([`RegoEvaluator::Auto`]) a policy eligible for regorus' Rego
+/// VM (see [`RegoEvaluator::Vm`] for the checks) has its entry point
+/// compiled at (re)load to VM bytecode, evaluated on VMs kept in a small
+/// pool (regorus resets a VM before every run; the input is dropped after
+/// it); any other policy is evaluated by regorus' interpreter.
+/// [`EmbeddedRego::with_evaluator`] forces one or the other, and
+/// [`EmbeddedRego::active_evaluator`] tells which one is in force.
 pub struct EmbeddedRego {
     dir: PathBuf,
     entrypoint: String,
@@ -111,8 +112,7 @@ impl EmbeddedRego {
 
     /// Switches the evaluator for the policy in force and every reload.
     /// Fails (and nothing changes) when `evaluator` is
-    /// [`RegoEvaluator::Vm`] and the VM cannot compile the policy or
-    /// disagrees with the interpreter on an empty input.
+    /// [`RegoEvaluator::Vm`] and the policy is not eligible for the VM.
     pub fn with_evaluator(mut self, evaluator: RegoEvaluator) -> Result<Self, EngineError> {
         if evaluator != self.evaluator {
             let current = self.current.read().clone();
@@ -128,9 +128,16 @@ impl EmbeddedRego {
         Ok(self)
     }
 
-    /// The evaluator in force.
+    /// The evaluator chosen (possibly [`RegoEvaluator::Auto`]).
     pub fn evaluator(&self) -> RegoEvaluator {
         self.evaluator
+    }
+
+    /// The evaluator the policy in force runs on:
+    /// [`RegoEvaluator::Vm`] or [`RegoEvaluator::Interpreter`] (with
+    /// [`RegoEvaluator::Auto`], whichever the policy was eligible for).
+    pub fn active_evaluator(&self) -> RegoEvaluator {
+        self.current.read().active()
     }
 
     /// Reports health: `degraded` while a failed reload leaves the last good
@@ -195,7 +202,7 @@ impl EmbeddedRego {
     }
 }
 
-/// A compiled policy, with its VM program when the evaluator is the VM.
+/// A compiled policy, with its VM program when the VM evaluates it.
 struct Loaded {
     policy: CompiledPolicy,
     data: Value,
@@ -216,22 +223,29 @@ impl Loaded {
             .map_err(|e| EngineError::Load(e.to_string()))?;
         let vm = match evaluator {
             RegoEvaluator::Interpreter => None,
-            RegoEvaluator::Vm => {
-                let pool = VmPool::new(&policy, &data, entrypoint)?;
-                let on_empty = pool.eval(Value::new_object()).map_err(|e| {
-                    EngineError::Load(format!("the Rego VM cannot evaluate {entrypoint}: {e}"))
-                })?;
-                if on_empty != reference {
-                    return Err(EngineError::Load(format!(
-                        "the Rego VM and the interpreter disagree on {entrypoint} for an empty \
-                         input (vm: {on_empty}, interpreter: {reference}); use evaluator = \
-                         \"interpreter\" for this policy"
-                    )));
+            RegoEvaluator::Vm => Some(VmPool::eligible(&policy, &data, entrypoint, &reference)?),
+            RegoEvaluator::Auto => match VmPool::eligible(&policy, &data, entrypoint, &reference) {
+                Ok(pool) => Some(pool),
+                Err(e) => {
+                    tracing::warn!(
+                        reason = %e,
+                        "policy is not eligible for the Rego VM; evaluating it with \
+                         regorus' interpreter"
+                    );
+                    None
                 }
-                Some(pool)
-            }
+            },
         };
         Ok(Self { policy, data, vm })
+    }
+
+    /// The evaluator this policy runs on: `Vm` or `Interpreter`.
+    fn active(&self) -> RegoEvaluator {
+        if self.vm.is_some() {
+            RegoEvaluator::Vm
+        } else {
+            RegoEvaluator::Interpreter
+        }
     }
 
     fn eval(&self, input: Value) -> Result<Value, EngineError> {
@@ -257,6 +271,38 @@ struct VmPool {
 }
 
 impl VmPool {
+    /// A pool for `policy` if it is eligible for the VM (see
+    /// [`RegoEvaluator::Vm`]); `reference` is the interpreter's result on
+    /// an empty input.
+    fn eligible(
+        policy: &CompiledPolicy,
+        data: &Value,
+        entrypoint: &str,
+        reference: &Value,
+    ) -> Result<Self, EngineError> {
+        let hazards = super::vm_check::hazards(policy);
+        if !hazards.is_empty() {
+            let list: Vec<String> = hazards.iter().map(ToString::to_string).collect();
+            return Err(EngineError::Load(format!(
+                "the policy is not eligible for the Rego VM: {}; use evaluator = \
+                 \"interpreter\" or \"auto\" for this policy",
+                list.join("; ")
+            )));
+        }
+        let pool = Self::new(policy, data, entrypoint)?;
+        let on_empty = pool.eval(Value::new_object()).map_err(|e| {
+            EngineError::Load(format!("the Rego VM cannot evaluate {entrypoint}: {e}"))
+        })?;
+        if on_empty != *reference {
+            return Err(EngineError::Load(format!(
+                "the Rego VM and the interpreter disagree on {entrypoint} for an empty \
+                 input (vm: {on_empty}, interpreter: {reference}); use evaluator = \
+                 \"interpreter\" or \"auto\" for this policy"
+            )));
+        }
+        Ok(pool)
+    }
+
     fn new(policy: &CompiledPolicy, data: &Value, entrypoint: &str) -> Result<Self, EngineError> {
         let program = Compiler::compile_from_policy(policy, &[entrypoint]).map_err(|e| {
             EngineError::Load(format!("the Rego VM cannot compile {entrypoint}: {e}"))
@@ -276,6 +322,10 @@ impl VmPool {
         let mut vm = RegoVM::new();
         vm.load_program(self.program.clone());
         vm.set_max_instructions(MAX_VM_INSTRUCTIONS);
+        // A builtin given the wrong type (`count(false)`) is an evaluation
+        // error, as in OPA and regorus' interpreter. The VM's default makes
+        // it undefined, which `not count(x) == 0` would turn into an allow.
+        vm.set_strict_builtin_errors(true);
         vm.set_data(self.data.clone())
             .map_err(|e| EngineError::Load(format!("data: {e}")))?;
         Ok(vm)

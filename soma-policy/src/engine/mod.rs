@@ -3,6 +3,8 @@
 #[cfg(feature = "rego")]
 mod embedded;
 mod remote;
+#[cfg(feature = "rego")]
+mod vm_check;
 
 use async_trait::async_trait;
 use serde_json::Value;
