@@ -133,7 +133,13 @@ async fn failed_dlq_write_pauses_retries_and_never_commits() {
         );
     }
 
-    let producer = BusProducer::new(&cfg).unwrap();
+    // The origin producer talks to the shared broker, which the rest of the
+    // suite loads too: the short timeout is for the DLQ producer only.
+    let producer = BusProducer::new(&BusConfig {
+        publish_timeout_ms: 10_000,
+        ..cfg.clone()
+    })
+    .unwrap();
     let before = env("k", 0);
     let poison = env("k", 1);
     let after = env("k", 2);
