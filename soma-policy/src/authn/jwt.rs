@@ -155,6 +155,13 @@ impl JwtVerifier {
         Ok(principal)
     }
 
+    fn single_issuer(&self) -> Option<&Issuer> {
+        match self.issuers.len() {
+            1 => self.issuers.values().next(),
+            _ => None,
+        }
+    }
+
     async fn verify_uncached(&self, token: &str) -> Result<Verified, AuthError> {
         let mut parts = token.split('.');
         let (Some(h), Some(p), Some(_s), None) =
@@ -174,16 +181,23 @@ impl JwtVerifier {
             .ok_or(AuthError::Malformed("header has no alg"))?;
         let alg =
             JwtAlgorithm::parse(&alg_name).ok_or(AuthError::UnsupportedAlgorithm(alg_name))?;
-        #[derive(Deserialize)]
-        struct RawIss {
-            iss: Option<String>,
-        }
-        let claims: RawIss =
-            decode_segment(p).ok_or(AuthError::Malformed("payload is not base64url JSON"))?;
-        let iss = claims
-            .iss
-            .ok_or_else(|| AuthError::InvalidClaims("missing iss".into()))?;
-        let issuer = self.issuers.get(&iss).ok_or(AuthError::UnknownIssuer)?;
+        let issuer = match self.single_issuer() {
+            // One issuer: no need to read `iss` first; jsonwebtoken checks it
+            // (a wrong one is UnknownIssuer, a missing one "missing iss").
+            Some(issuer) => issuer,
+            None => {
+                #[derive(Deserialize)]
+                struct RawIss {
+                    iss: Option<String>,
+                }
+                let claims: RawIss = decode_segment(p)
+                    .ok_or(AuthError::Malformed("payload is not base64url JSON"))?;
+                let iss = claims
+                    .iss
+                    .ok_or_else(|| AuthError::InvalidClaims("missing iss".into()))?;
+                self.issuers.get(&iss).ok_or(AuthError::UnknownIssuer)?
+            }
+        };
         let (candidates, key_generation) = issuer.keys_for(header.kid.as_deref(), alg).await?;
         let validation = &issuer.validations[&alg];
         let mut last = AuthError::UnknownKey;
