@@ -281,8 +281,16 @@ fn public_jwk(private_pem_fixture: &str, kid: &str) -> Jwk {
     jwk
 }
 
-#[tokio::test]
-async fn jwks_keys_verify_and_unknown_kid_floods_are_throttled() {
+/// An authenticator whose one issuer publishes `k1` (rsa_private.pem) on a
+/// JWKS endpoint this test controls.
+struct JwksIssuer {
+    auth: Authenticator,
+    keys: Arc<parking_lot::Mutex<Vec<Jwk>>>,
+    hits: Arc<AtomicUsize>,
+    metrics: PolicyMetrics,
+}
+
+async fn jwks_issuer(refetch_cooldown_secs: u64) -> JwksIssuer {
     let keys = Arc::new(parking_lot::Mutex::new(vec![public_jwk(
         "rsa_private.pem",
         "k1",
@@ -295,14 +303,29 @@ async fn jwks_keys_verify_and_unknown_kid_floods_are_throttled() {
         jwks_url: Some(url),
         ..Default::default()
     }];
-    config.jwks.refetch_cooldown_secs = 2;
+    config.jwks.refetch_cooldown_secs = refetch_cooldown_secs;
     let metrics = PolicyMetrics::default();
-    let auth = Arc::new(
-        Authenticator::builder(&config)
-            .metrics(metrics.clone())
-            .build()
-            .unwrap(),
-    );
+    let auth = Authenticator::builder(&config)
+        .metrics(metrics.clone())
+        .build()
+        .unwrap();
+    JwksIssuer {
+        auth,
+        keys,
+        hits,
+        metrics,
+    }
+}
+
+#[tokio::test]
+async fn jwks_keys_verify_and_unknown_kid_floods_are_throttled() {
+    let JwksIssuer {
+        auth,
+        keys,
+        hits,
+        metrics,
+    } = jwks_issuer(2).await;
+    let auth = Arc::new(auth);
 
     let good = mint(JwtAlgorithm::RS256, Some("k1"), &claims("alice"));
     assert_eq!(auth.verify_token(&good).await.unwrap().subject, "alice");
@@ -418,24 +441,12 @@ async fn verified_tokens_are_cached_and_still_expire_on_time() {
 
 #[tokio::test]
 async fn a_jwks_key_set_change_invalidates_cached_tokens() {
-    let keys = Arc::new(parking_lot::Mutex::new(vec![public_jwk(
-        "rsa_private.pem",
-        "k1",
-    )]));
-    let hits = Arc::new(AtomicUsize::new(0));
-    let url = jwks_server(keys.clone(), hits.clone()).await;
-    let mut config = PolicyConfig::default();
-    config.issuers = vec![IssuerConfig {
-        issuer: ISSUER.into(),
-        jwks_url: Some(url),
-        ..Default::default()
-    }];
-    config.jwks.refetch_cooldown_secs = 0;
-    let metrics = PolicyMetrics::default();
-    let auth = Authenticator::builder(&config)
-        .metrics(metrics.clone())
-        .build()
-        .unwrap();
+    let JwksIssuer {
+        auth,
+        keys,
+        hits,
+        metrics,
+    } = jwks_issuer(0).await;
     let good = mint(JwtAlgorithm::RS256, Some("k1"), &claims("alice"));
     auth.verify_token(&good).await.unwrap();
     auth.verify_token(&good).await.unwrap();

@@ -123,13 +123,7 @@ impl Walker {
                     value,
                     collection,
                     ..
-                } => {
-                    if let Some(k) = key {
-                        self.expr(k);
-                    }
-                    self.expr(value);
-                    self.expr(collection);
-                }
+                } => self.membership(key.as_ref(), value, collection),
                 Literal::Expr { expr, .. } => self.expr(expr),
                 Literal::NotExpr { expr, .. } => self.expr(expr),
                 Literal::Every { domain, query, .. } => {
@@ -138,6 +132,15 @@ impl Walker {
                 }
             }
         }
+    }
+
+    /// `[key,] value in collection`, as an expression or a `some` statement.
+    fn membership(&mut self, key: Option<&Ref<Expr>>, value: &Ref<Expr>, collection: &Ref<Expr>) {
+        if let Some(k) = key {
+            self.expr(k);
+        }
+        self.expr(value);
+        self.expr(collection);
     }
 
     fn expr(&mut self, e: &Ref<Expr>) {
@@ -202,13 +205,7 @@ impl Walker {
                 value,
                 collection,
                 ..
-            } => {
-                if let Some(k) = key {
-                    self.expr(k);
-                }
-                self.expr(value);
-                self.expr(collection);
-            }
+            } => self.membership(key.as_ref(), value, collection),
             other => self.report(other.span(), UNKNOWN),
         }
     }
