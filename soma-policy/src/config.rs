@@ -251,16 +251,19 @@ pub enum RegoEvaluator {
     /// - no query contains a `:=` assignment: the VM does not stop a body
     ///   whose assignment's right side is undefined
     ///   (`allow if { g := grants[input.user]; not g.blocked }` would allow
-    ///   an unknown user), which matters for security. Index directly
-    ///   (`not grants[input.user].blocked`), use a helper rule
-    ///   (`g := grants[input.user]` as a rule of its own) or unify (`=`),
-    ///   which the VM evaluates as OPA does;
+    ///   an unknown user). Index directly (`not grants[input.user].blocked`),
+    ///   use a helper rule or unify (`=`), which the VM evaluates as OPA does;
+    /// - no builtin call that can fail, and no arithmetic: where OPA reports
+    ///   an error (`count(false)`), the VM drops the rule body, so a deny
+    ///   rule adds nothing. Type tests (`is_string`, …), `count`/`sort` of
+    ///   the policy's own partial set rules and the policy's own functions
+    ///   pass;
     /// - the VM and the interpreter agree on an empty input.
     ///
     /// With `Vm` an ineligible policy fails to load (a reload keeps the last
     /// good policy); with [`Self::Auto`] it runs on the interpreter. The
-    /// shipped `policy/soma.rego` is eligible, and the crate's differential
-    /// test checks OPA, the interpreter and the VM agree on it.
+    /// shipped `policy/soma.rego` is eligible, and the crate's tests check
+    /// that OPA, the interpreter and the VM agree on it.
     Vm,
 }
 

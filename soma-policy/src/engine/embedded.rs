@@ -322,10 +322,11 @@ impl VmPool {
         let mut vm = RegoVM::new();
         vm.load_program(self.program.clone());
         vm.set_max_instructions(MAX_VM_INSTRUCTIONS);
-        // A builtin given the wrong type (`count(false)`) is an evaluation
-        // error, as in OPA and regorus' interpreter. The VM's default makes
-        // it undefined, which `not count(x) == 0` would turn into an allow.
-        vm.set_strict_builtin_errors(true);
+        // The VM's default (non-strict) mode, which orders values of
+        // different types as OPA does. Its strict mode makes `"a" > 1` an
+        // error, and the VM drops a rule body that errs, which in a deny-set
+        // rule (`deny contains … if input.size > 100`) would allow. Builtin
+        // errors, which the VM also drops, are kept off it by the VM check.
         vm.set_data(self.data.clone())
             .map_err(|e| EngineError::Load(format!("data: {e}")))?;
         Ok(vm)

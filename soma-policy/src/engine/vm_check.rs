@@ -1,19 +1,32 @@
 //! A static check that keeps regorus' Rego VM off policies it is known to
-//! evaluate differently from OPA.
+//! evaluate differently from OPA in ways that can allow.
 //!
-//! In regorus 0.14 the VM does not stop a body when the right side of a
-//! `:=` assignment is undefined (`g := grants[input.user]` for an unknown
-//! user): the body goes on with an undefined `g`, so `not g.blocked`
-//! succeeds and `allow if { g := …; not g.blocked }` allows. OPA and
-//! regorus' interpreter stop the body there. The check walks every module
-//! of a compiled policy and reports each `:=` inside a query (rule bodies,
-//! `else` bodies, function bodies, comprehensions, `every` bodies); such a
-//! policy is never evaluated on the VM. Unification (`=`), references,
-//! calls, `not`, `some … in`, `every`, comprehensions and the other
-//! constructs were compared on undefined operands and agree (see the
-//! `vm_and_interpreter_agree_on_undefined_operands` test), so they pass.
-//! A construct this walker does not know (a variant added by a regorus
-//! feature it was not written for) is reported too: unknown means unsafe.
+//! Two hazards, both found comparing the VM with real OPA and the
+//! interpreter (see the `vm_interpreter_and_real_opa_on_undefined_operands`
+//! test):
+//!
+//! 1. In regorus 0.14 the VM does not stop a body when the right side of a
+//!    `:=` assignment is undefined (`g := grants[input.user]` for an
+//!    unknown user): the body goes on with an undefined `g`, so
+//!    `not g.blocked` succeeds and `allow if { g := …; not g.blocked }`
+//!    allows. OPA and the interpreter stop the body there.
+//! 2. Where a builtin fails (`count(false)`, `startswith(5, "x")`, `1 / 0`,
+//!    `"a" + 1`), OPA and the interpreter report an error (no decision:
+//!    503); the VM drops the rule body instead, so a deny rule
+//!    (`deny contains "bad" if count(input.items) > 2`) adds nothing and the
+//!    request is allowed.
+//!
+//! The check walks every module of a compiled policy (rule heads and bodies,
+//! `else` and function bodies, comprehensions, `every` bodies) and reports
+//! each `:=` inside a query, each arithmetic expression and each call of a
+//! builtin, except the builtins that cannot fail (the `is_*` type tests and
+//! `type_name`) and `count` / `sort` applied directly to a partial set rule
+//! of the policy (`count(reasons)`), whose value is always a set. Calls of
+//! the policy's own functions pass (their bodies are checked). Unification
+//! (`=`), references, comparisons, `not`, `some … in`, `every` and
+//! comprehensions evaluate as in OPA and pass. A construct this walker does
+//! not know (a variant added by a regorus feature it was not written for)
+//! is reported too: unknown means unsafe.
 
 use regorus::CompiledPolicy;
 use regorus::unstable::{AssignOp, Expr, Literal, Query, Ref, Rule, RuleAssign, RuleHead, Span};
@@ -36,10 +49,46 @@ impl std::fmt::Display for Hazard {
 const ASSIGNMENT: &str = "`:=` assignment in a body (the Rego VM does not stop the body when \
                           its right side is undefined)";
 const UNKNOWN: &str = "construct not covered by the Rego VM safety check";
+const BUILTIN: &str = "call of a builtin that can fail (the Rego VM drops a body whose builtin \
+                       fails, where OPA reports an error)";
+const ARITHMETIC: &str = "arithmetic (the Rego VM drops a body whose arithmetic fails, where \
+                          OPA reports an error)";
+
+/// Builtins that return a value for every argument.
+const TOTAL_BUILTINS: [&str; 8] = [
+    "is_string",
+    "is_number",
+    "is_boolean",
+    "is_array",
+    "is_set",
+    "is_object",
+    "is_null",
+    "type_name",
+];
+
+/// Builtins that cannot fail on a set.
+const SET_BUILTINS: [&str; 2] = ["count", "sort"];
 
 /// Every hazard in `policy`, in source order per module.
 pub(crate) fn hazards(policy: &CompiledPolicy) -> Vec<Hazard> {
     let mut w = Walker::default();
+    // The policy's own functions and partial set rules, by name as written
+    // in their heads.
+    for module in policy.get_modules() {
+        for rule in &module.policy {
+            if let Rule::Spec { head, .. } = rule.as_ref() {
+                match head {
+                    RuleHead::Func { refr, .. } => {
+                        w.functions.push(refr.span().text().to_owned());
+                    }
+                    RuleHead::Set { refr, .. } => {
+                        w.sets.push(refr.span().text().to_owned());
+                    }
+                    RuleHead::Compr { .. } => {}
+                }
+            }
+        }
+    }
     for module in policy.get_modules() {
         for rule in &module.policy {
             w.rule(rule);
@@ -51,6 +100,8 @@ pub(crate) fn hazards(policy: &CompiledPolicy) -> Vec<Hazard> {
 #[derive(Default)]
 struct Walker {
     found: Vec<Hazard>,
+    functions: Vec<String>,
+    sets: Vec<String>,
 }
 
 impl Walker {
@@ -134,6 +185,27 @@ impl Walker {
         }
     }
 
+    /// Reports a call of a builtin that can fail.
+    fn call(&mut self, fcn: &Ref<Expr>, params: &[Ref<Expr>]) {
+        let name = fcn.span().text();
+        // The policy's own function, by its name or through `data.`.
+        if self.functions.iter().any(|f| f == name) || name.starts_with("data.") {
+            return;
+        }
+        if TOTAL_BUILTINS.contains(&name) {
+            return;
+        }
+        if let [arg] = params {
+            if SET_BUILTINS.contains(&name)
+                && matches!(arg.as_ref(), Expr::Var { .. })
+                && self.sets.iter().any(|s| s == arg.span().text())
+            {
+                return;
+            }
+        }
+        self.report(fcn.span(), BUILTIN);
+    }
+
     /// `[key,] value in collection`, as an expression or a `some` statement.
     fn membership(&mut self, key: Option<&Ref<Expr>>, value: &Ref<Expr>, collection: &Ref<Expr>) {
         if let Some(k) = key {
@@ -175,6 +247,7 @@ impl Walker {
                 self.query(query);
             }
             Expr::Call { fcn, params, .. } => {
+                self.call(fcn, params);
                 self.expr(fcn);
                 for p in params {
                     self.expr(p);
@@ -186,9 +259,12 @@ impl Walker {
                 self.expr(refr);
                 self.expr(index);
             }
-            Expr::BinExpr { lhs, rhs, .. }
-            | Expr::BoolExpr { lhs, rhs, .. }
-            | Expr::ArithExpr { lhs, rhs, .. } => {
+            Expr::ArithExpr { span, lhs, rhs, .. } => {
+                self.report(span, ARITHMETIC);
+                self.expr(lhs);
+                self.expr(rhs);
+            }
+            Expr::BinExpr { lhs, rhs, .. } | Expr::BoolExpr { lhs, rhs, .. } => {
                 self.expr(lhs);
                 self.expr(rhs);
             }
@@ -235,10 +311,7 @@ mod tests {
                 "f(a) := b if { b := a.c }\nallow if f(input)",
                 "p.rego:3:16",
             ),
-            (
-                "allow if { count([y | y := input.a[_]]) > 0 }",
-                "p.rego:3:23",
-            ),
+            ("allow if { [y | y := input.a[_]] == [1] }", "p.rego:3:17"),
             (
                 "s := {k: v | some k; v := input.o[k]}\nallow if s",
                 "p.rego:3:22",
@@ -266,18 +339,60 @@ t := {"a": {"roles": {"x"}}}
 default allow := false
 r := data.grants[input.user]
 f(x) := y if y = x
+deny contains "d" if input.size > 100
 allow := true if {
 	x = input.x
 	not r.blocked
 	some a in input.as
 	a in {"b"}
 	every v in input.vs { v > 1 }
-	count([z | some z in input.zs; z = 1]) > 0
+	[z | some z in input.zs; z = 1]
 	t[input.k].roles
 	f(1) == 1
+	data.p.f(2) == 2
+	is_string(input.s)
+	count(deny) == 0
+	sort(deny) == []
 } else := false
 "#;
         assert_eq!(check(src), []);
+    }
+
+    #[test]
+    fn builtins_that_can_fail_and_arithmetic_are_found() {
+        let cases = [
+            ("allow if count(input.items) > 2", "p.rego:3:10", "builtin"),
+            (
+                "allow if { startswith(input.name, \"x\") }",
+                "p.rego:3:12",
+                "builtin",
+            ),
+            (
+                "allow if { object.get(input, \"a\", 1) == 1 }",
+                "p.rego:3:18",
+                "builtin",
+            ),
+            ("allow if { input.a + 1 > 2 }", "p.rego:3:20", "arithmetic"),
+            (
+                "allow if { x = input.a / input.b; x > 0 }",
+                "p.rego:3:24",
+                "arithmetic",
+            ),
+            // count of something that is not one of the policy's set rules.
+            ("s := {1}\nallow if count(s) == 1", "p.rego:4:10", "builtin"),
+            (
+                "allow if count([x | some x in input.xs]) > 0",
+                "p.rego:3:10",
+                "builtin",
+            ),
+        ];
+        for (rule, at, what) in cases {
+            let src = format!("package p\nimport rego.v1\n{rule}\n");
+            let h = check(&src);
+            assert_eq!(h.len(), 1, "{rule}: {h:?}");
+            assert_eq!(h[0].at, at, "{rule}");
+            assert!(h[0].what.contains(what), "{rule}: {}", h[0].what);
+        }
     }
 
     #[test]
