@@ -85,6 +85,30 @@ impl AuthzInput {
     /// The decision cache keys on a hash of these bytes, so entries are
     /// never shared across subjects, tenants, roles or scopes.
     pub fn canonical_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        self.write_canonical(&mut out);
+        out
+    }
+
+    /// SHA-256 of [`canonical_bytes`](Self::canonical_bytes), computed
+    /// while serializing (nothing is buffered).
+    pub(crate) fn canonical_digest(&self) -> [u8; 32] {
+        struct Hashing(sha2::Sha256);
+        impl std::io::Write for Hashing {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                sha2::Digest::update(&mut self.0, buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut h = Hashing(<sha2::Sha256 as sha2::Digest>::new());
+        self.write_canonical(&mut h);
+        sha2::Digest::finalize(h.0).into()
+    }
+
+    fn write_canonical(&self, w: impl std::io::Write) {
         #[derive(Serialize)]
         struct Canon<'a> {
             action: &'a str,
@@ -106,7 +130,8 @@ impl AuthzInput {
             subject: &self.subject,
             tenant: &self.tenant,
         };
-        serde_json::to_vec(&canon).unwrap_or_default()
+        // Serializing strings and JSON values into memory cannot fail.
+        let _ = serde_json::to_writer(w, &canon);
     }
 }
 
@@ -179,5 +204,13 @@ mod tests {
         let mut c = input("s", "t");
         c.roles.push("admin".into());
         assert_ne!(input("s", "t").canonical_bytes(), c.canonical_bytes());
+        // The streamed digest is the digest of those bytes.
+        for i in [a, b, c] {
+            let want: [u8; 32] = sha2::Digest::finalize(
+                <sha2::Sha256 as sha2::Digest>::new_with_prefix(i.canonical_bytes()),
+            )
+            .into();
+            assert_eq!(i.canonical_digest(), want);
+        }
     }
 }

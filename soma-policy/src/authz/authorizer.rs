@@ -3,8 +3,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
 use crate::audit::{AuditRecord, AuditSink, TracingAuditSink, emit};
 use crate::config::{CacheConfig, EngineKind, FailMode, PolicyConfig};
 use crate::engine::{EngineDecision, PolicyEngine, RemoteOpa};
@@ -282,5 +280,5 @@ impl Authorizer {
 }
 
 fn cache_key(input: &AuthzInput) -> [u8; 32] {
-    Sha256::digest(input.canonical_bytes()).into()
+    input.canonical_digest()
 }
