@@ -21,7 +21,8 @@
 //! each `:=` inside a query, each arithmetic expression and each call of a
 //! builtin, except the builtins that cannot fail (the `is_*` type tests and
 //! `type_name`) and `count` / `sort` applied directly to a partial set rule
-//! of the policy (`count(reasons)`), whose value is always a set. Calls of
+//! of the policy (`count(reasons)`, unless a `some` or `every` anywhere
+//! binds a local variable of that name), whose value is always a set. Calls of
 //! the policy's own functions pass (their bodies are checked). Unification
 //! (`=`), references, comparisons, `not`, `some … in`, `every` and
 //! comprehensions evaluate as in OPA and pass. A construct this walker does
@@ -94,6 +95,13 @@ pub(crate) fn hazards(policy: &CompiledPolicy) -> Vec<Hazard> {
             w.rule(rule);
         }
     }
+    // `count(reasons)` is only safe if `reasons` is the set rule, not a
+    // local variable of that name (`every reasons in …` may shadow it).
+    for (name, span) in std::mem::take(&mut w.set_calls) {
+        if w.locals.contains(&name) {
+            w.report(&span, BUILTIN);
+        }
+    }
     w.found
 }
 
@@ -102,6 +110,11 @@ struct Walker {
     found: Vec<Hazard>,
     functions: Vec<String>,
     sets: Vec<String>,
+    /// `count`/`sort` calls exempted because their argument names a set
+    /// rule, with the call's location.
+    set_calls: Vec<(String, Span)>,
+    /// Names bound as local variables anywhere (`some`, `every`).
+    locals: Vec<String>,
 }
 
 impl Walker {
@@ -168,16 +181,31 @@ impl Walker {
                 self.expr(&m.r#as);
             }
             match &stmt.literal {
-                Literal::SomeVars { .. } => {}
+                Literal::SomeVars { vars, .. } => {
+                    self.locals.extend(vars.iter().map(|v| v.text().to_owned()));
+                }
                 Literal::SomeIn {
                     key,
                     value,
                     collection,
                     ..
-                } => self.membership(key.as_ref(), value, collection),
+                } => {
+                    for bound in key.iter().chain([value]) {
+                        self.locals.push(bound.span().text().to_owned());
+                    }
+                    self.membership(key.as_ref(), value, collection)
+                }
                 Literal::Expr { expr, .. } => self.expr(expr),
                 Literal::NotExpr { expr, .. } => self.expr(expr),
-                Literal::Every { domain, query, .. } => {
+                Literal::Every {
+                    key,
+                    value,
+                    domain,
+                    query,
+                    ..
+                } => {
+                    self.locals
+                        .extend(key.iter().chain([value]).map(|v| v.text().to_owned()));
                     self.expr(domain);
                     self.query(query);
                 }
@@ -196,10 +224,13 @@ impl Walker {
             return;
         }
         if let [arg] = params {
+            let arg_name = arg.span().text();
             if SET_BUILTINS.contains(&name)
                 && matches!(arg.as_ref(), Expr::Var { .. })
-                && self.sets.iter().any(|s| s == arg.span().text())
+                && self.sets.iter().any(|s| s == arg_name)
             {
+                self.set_calls
+                    .push((arg_name.to_owned(), fcn.span().clone()));
                 return;
             }
         }
