@@ -73,9 +73,13 @@ const SET_BUILTINS: [&str; 2] = ["count", "sort"];
 /// Every hazard in `policy`, in source order per module.
 pub(crate) fn hazards(policy: &CompiledPolicy) -> Vec<Hazard> {
     let mut w = Walker::default();
-    // The policy's own functions and partial set rules, by name as written
-    // in their heads.
     for module in policy.get_modules() {
+        // The module's own functions and partial set rules, by name as
+        // written in their heads. (One defined in another file of the same
+        // package is not recognised: its calls are reported, which only
+        // keeps the policy on the interpreter.)
+        w.functions.clear();
+        w.sets.clear();
         for rule in &module.policy {
             if let Rule::Spec { head, .. } = rule.as_ref() {
                 match head {
@@ -89,8 +93,6 @@ pub(crate) fn hazards(policy: &CompiledPolicy) -> Vec<Hazard> {
                 }
             }
         }
-    }
-    for module in policy.get_modules() {
         for rule in &module.policy {
             w.rule(rule);
         }
@@ -424,6 +426,27 @@ allow := true if {
             assert_eq!(h[0].at, at, "{rule}");
             assert!(h[0].what.contains(what), "{rule}: {}", h[0].what);
         }
+    }
+
+    #[test]
+    fn set_rules_and_functions_of_another_module_do_not_exempt_calls() {
+        let mut e = regorus::Engine::new();
+        e.add_policy(
+            "a.rego".into(),
+            "package a\nimport rego.v1\nnames contains 1 if true\nstartswith(x, y) := true\n"
+                .into(),
+        )
+        .unwrap();
+        e.add_policy(
+            "b.rego".into(),
+            "package b\nimport rego.v1\nnames := input.n\n\
+             allow if { count(names) == 0; startswith(input.s, \"x\") }\n"
+                .into(),
+        )
+        .unwrap();
+        let c = e.compile_with_entrypoint(&"data.b.allow".into()).unwrap();
+        let at: Vec<String> = hazards(&c).into_iter().map(|h| h.at).collect();
+        assert_eq!(at, ["b.rego:4:12", "b.rego:4:31"]);
     }
 
     #[test]
