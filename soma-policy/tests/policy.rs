@@ -539,17 +539,7 @@ async fn hot_reload_swaps_policy_and_keeps_last_good_on_error() {
     let task = engine.spawn_reloader(rx);
 
     let as_subject = |s: &str| {
-        let mut i = AuthzInput::new(
-            &soma_policy::Principal {
-                subject: s.into(),
-                tenant: "t1".into(),
-                roles: vec![],
-                scopes: vec![],
-                auth_kind: soma_policy::AuthKind::ApiKey { key_id: "k".into() },
-            },
-            "a",
-            Resource::default(),
-        );
+        let mut i = principal_input(s);
         i.request.method = "GET".into();
         i
     };
