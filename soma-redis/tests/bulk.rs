@@ -66,6 +66,17 @@ fn bytes(reply: &Result<Value, RedisError>) -> Option<Vec<u8>> {
 
 /// A client for a private server: one bulk connection (so every batch uses
 /// the same one), fast reconnect backoff.
+/// A client on the shared server (`config()`), with its metrics.
+async fn client_with_metrics() -> (RedisClient, MetricsRegistry) {
+    let metrics = MetricsRegistry::default();
+    let client = RedisClient::builder(config())
+        .metrics(&metrics)
+        .connect()
+        .await
+        .unwrap();
+    (client, metrics)
+}
+
 async fn private_client(url: String, command_timeout_ms: u64) -> (RedisClient, MetricsRegistry) {
     let metrics = MetricsRegistry::default();
     let cfg = RedisConfig {
@@ -94,12 +105,7 @@ async fn private_client(url: String, command_timeout_ms: u64) -> (RedisClient, M
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_and_ttls_round_trip_in_order() {
-    let metrics = MetricsRegistry::default();
-    let client = RedisClient::builder(config())
-        .metrics(&metrics)
-        .connect()
-        .await
-        .unwrap();
+    let (client, metrics) = client_with_metrics().await;
     let ks = client.keys();
     // 2,500 commands: three round trips of at most 1,024.
     const N: usize = 2_500;
@@ -200,12 +206,7 @@ async fn values_and_ttls_round_trip_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_error_is_reported_for_its_command_only() {
-    let metrics = MetricsRegistry::default();
-    let client = RedisClient::builder(config())
-        .metrics(&metrics)
-        .connect()
-        .await
-        .unwrap();
+    let (client, metrics) = client_with_metrics().await;
     let ks = client.keys();
     let list = ks.key("acme", "bulk", "a-list").unwrap();
     let (a, b) = (
@@ -537,12 +538,7 @@ struct Price {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_warm_up_and_bulk_lookup_go_through_the_bulk_path() {
-    let metrics = MetricsRegistry::default();
-    let client = RedisClient::builder(config())
-        .metrics(&metrics)
-        .connect()
-        .await
-        .unwrap();
+    let (client, metrics) = client_with_metrics().await;
     let prices: Cache<Price> = Cache::new(
         &client,
         "price",
