@@ -144,15 +144,6 @@ impl JwtAlgorithm {
             _ => None,
         }
     }
-
-    pub(crate) fn to_jwt(self) -> jsonwebtoken::Algorithm {
-        match self {
-            Self::HS256 => jsonwebtoken::Algorithm::HS256,
-            Self::RS256 => jsonwebtoken::Algorithm::RS256,
-            Self::ES256 => jsonwebtoken::Algorithm::ES256,
-            Self::EdDSA => jsonwebtoken::Algorithm::EdDSA,
-        }
-    }
 }
 
 /// A statically configured verification key.

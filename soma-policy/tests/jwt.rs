@@ -485,3 +485,245 @@ async fn the_token_cache_can_be_turned_off() {
     }
     assert_eq!(metrics.token_cache_counts(), (0, 0));
 }
+
+#[tokio::test]
+async fn jwks_serves_every_asymmetric_algorithm_and_never_a_secret() {
+    let jwk = |alg: JwtAlgorithm, kid: &str| {
+        let mut jwk = if alg == JwtAlgorithm::EdDSA {
+            // jsonwebtoken cannot make an OKP JWK; the public key is the
+            // raw 32 bytes its PEM holds.
+            let key = jsonwebtoken::DecodingKey::from_ed_pem(fixture("ed_public.pem").as_bytes())
+                .unwrap();
+            serde_json::from_value(json!({
+                "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA",
+                "x": URL_SAFE_NO_PAD.encode(key.as_bytes()),
+            }))
+            .unwrap()
+        } else {
+            Jwk::from_encoding_key(&encoding_key(alg), jwt_alg(alg)).unwrap()
+        };
+        jwk.common.key_id = Some(kid.into());
+        jwk
+    };
+    let keys = Arc::new(parking_lot::Mutex::new(vec![
+        jwk(JwtAlgorithm::RS256, "k-rs"),
+        jwk(JwtAlgorithm::ES256, "k-es"),
+        jwk(JwtAlgorithm::EdDSA, "k-ed"),
+        // A symmetric key published by mistake must not verify anything.
+        jwk(JwtAlgorithm::HS256, "k-hs"),
+    ]));
+    let url = jwks_server(keys, Arc::new(AtomicUsize::new(0))).await;
+    let mut config = PolicyConfig::default();
+    config.issuers = vec![IssuerConfig {
+        issuer: ISSUER.into(),
+        jwks_url: Some(url),
+        ..Default::default()
+    }];
+    let auth = authenticator(&config);
+    for (alg, kid) in [
+        (JwtAlgorithm::RS256, "k-rs"),
+        (JwtAlgorithm::ES256, "k-es"),
+        (JwtAlgorithm::EdDSA, "k-ed"),
+    ] {
+        let token = mint(alg, Some(kid), &claims("alice"));
+        assert_eq!(
+            auth.verify_token(&token).await.unwrap().subject,
+            "alice",
+            "{alg:?}"
+        );
+        // This signature over other claims does not verify.
+        let other = mint(alg, Some(kid), &claims("mallory"));
+        let (head, _) = other.rsplit_once('.').unwrap();
+        let (_, sig) = token.rsplit_once('.').unwrap();
+        assert_eq!(
+            auth.verify_token(&format!("{head}.{sig}"))
+                .await
+                .unwrap_err(),
+            AuthError::BadSignature,
+            "{alg:?}"
+        );
+    }
+    let token = mint(JwtAlgorithm::HS256, Some("k-hs"), &claims("alice"));
+    assert_eq!(
+        auth.verify_token(&token).await.unwrap_err(),
+        AuthError::UnknownKey
+    );
+}
+
+/// The verifier against jsonwebtoken's `decode`, configured as the verifier
+/// is (issuer, audience, leeway, required `exp`/`iss`/`aud`/`sub`), on
+/// tokens altered one way each: both must accept or both reject. Where the
+/// verifier is deliberately stricter, it must reject.
+#[tokio::test]
+async fn verification_agrees_with_jsonwebtoken() {
+    use jsonwebtoken::{DecodingKey, Validation};
+    let mut config = config_with_static_keys();
+    config.leeway_secs = 30;
+    config.token_cache.enabled = false;
+    let auth = authenticator(&config);
+    let b64 = |v: &str| URL_SAFE_NO_PAD.encode(v);
+    let sign = |alg: JwtAlgorithm, header: &str, payload: &str| {
+        let msg = format!("{header}.{payload}");
+        let sig =
+            jsonwebtoken::crypto::sign(msg.as_bytes(), &encoding_key(alg), jwt_alg(alg)).unwrap();
+        format!("{msg}.{sig}")
+    };
+    let n = now();
+    let base = claims("alice");
+    let with = |k: &str, v: serde_json::Value| {
+        let mut c = base.clone();
+        c[k] = v;
+        c.to_string()
+    };
+    let without = |k: &str| {
+        let mut c = base.clone();
+        c.as_object_mut().unwrap().remove(k);
+        c.to_string()
+    };
+    // Payloads (JSON text), each changing one thing.
+    let payloads: Vec<(&str, String)> = vec![
+        ("valid", base.to_string()),
+        ("expired", with("exp", json!(n - 120))),
+        ("expired within leeway", with("exp", json!(n - 10))),
+        ("exp float", with("exp", json!(n as f64 + 100.4))),
+        ("exp string", with("exp", json!((n + 100).to_string()))),
+        ("exp negative", with("exp", json!(-5))),
+        ("exp null", with("exp", json!(null))),
+        ("exp missing", without("exp")),
+        ("nbf future", with("nbf", json!(n + 600))),
+        ("nbf within leeway", with("nbf", json!(n + 10))),
+        ("nbf past", with("nbf", json!(n - 10))),
+        ("nbf string", with("nbf", json!("soon"))),
+        ("aud array", with("aud", json!(["other", "soma"]))),
+        ("aud wrong", with("aud", json!("other"))),
+        ("aud empty array", with("aud", json!([]))),
+        ("aud number", with("aud", json!(5))),
+        ("aud mixed array", with("aud", json!(["soma", 5]))),
+        ("aud missing", without("aud")),
+        ("iss wrong", with("iss", json!("https://evil.example"))),
+        ("iss number", with("iss", json!(5))),
+        ("iss missing", without("iss")),
+        ("sub number", with("sub", json!(5))),
+        ("sub missing", without("sub")),
+        (
+            "extra claims",
+            with("x", json!({"deep": [1, {"a": null}], "s": "\u{e9}"})),
+        ),
+        (
+            "escaped strings",
+            base.to_string().replace("alice", "al\\u0069ce"),
+        ),
+        (
+            "duplicate sub",
+            base.to_string().replacen('{', "{\"sub\":\"bob\",", 1),
+        ),
+        ("array payload", "[1,2]".into()),
+        ("not json", "{\"sub\":".into()),
+    ];
+    let mut compared = 0;
+    for alg in ALL {
+        let key = match alg {
+            JwtAlgorithm::HS256 => DecodingKey::from_secret(HS_SECRET.as_bytes()),
+            JwtAlgorithm::RS256 => {
+                DecodingKey::from_rsa_pem(fixture("rsa_public.pem").as_bytes()).unwrap()
+            }
+            JwtAlgorithm::ES256 => {
+                DecodingKey::from_ec_pem(fixture("ec_public.pem").as_bytes()).unwrap()
+            }
+            JwtAlgorithm::EdDSA => {
+                DecodingKey::from_ed_pem(fixture("ed_public.pem").as_bytes()).unwrap()
+            }
+        };
+        let mut v = Validation::new(jwt_alg(alg));
+        v.leeway = 30;
+        v.validate_nbf = true;
+        v.set_audience(&["soma"]);
+        v.set_issuer(&[ISSUER]);
+        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        let header =
+            b64(&json!({"alg": alg.as_str(), "typ": "JWT", "kid": kid_for(alg)}).to_string());
+        let mut tokens: Vec<(String, String)> = payloads
+            .iter()
+            .map(|(what, p)| (what.to_string(), sign(alg, &header, &b64(p))))
+            .collect();
+        let good = sign(alg, &header, &b64(&base.to_string()));
+        let (msg, sig) = good.rsplit_once('.').unwrap();
+        let flip = |s: &str, i: usize| {
+            let mut b = s.as_bytes().to_vec();
+            b[i] = if b[i] == b'A' { b'B' } else { b'A' };
+            String::from_utf8(b).unwrap()
+        };
+        tokens.extend([
+            (
+                "signature flipped".into(),
+                format!("{msg}.{}", flip(sig, 3)),
+            ),
+            (
+                "signature truncated".into(),
+                format!("{msg}.{}", &sig[..sig.len() - 4]),
+            ),
+            ("signature empty".into(), format!("{msg}.")),
+            ("signature padded".into(), format!("{good}=")),
+            (
+                "signature standard base64".into(),
+                format!("{msg}.{}", sig.replace(['-', '_'], "+")),
+            ),
+            ("payload flipped".into(), {
+                let (h, rest) = good.split_once('.').unwrap();
+                format!("{h}.{}", flip(rest, 5))
+            }),
+            (
+                "header without kid".into(),
+                sign(
+                    alg,
+                    &b64(&json!({"alg": alg.as_str()}).to_string()),
+                    &b64(&base.to_string()),
+                ),
+            ),
+            (
+                "header padded".into(),
+                sign(alg, &format!("{header}="), &b64(&base.to_string())),
+            ),
+            (
+                "header alg lowercase".into(),
+                sign(
+                    alg,
+                    &b64(&json!({"alg": alg.as_str().to_lowercase()}).to_string()),
+                    &b64(&base.to_string()),
+                ),
+            ),
+            (
+                "header not an object".into(),
+                sign(alg, &b64("[]"), &b64(&base.to_string())),
+            ),
+            ("four parts".into(), format!("{good}.x")),
+        ]);
+        for (what, token) in &tokens {
+            let ours = auth.verify_token(token).await;
+            let theirs = jsonwebtoken::decode::<serde_json::Value>(token, &key, &v);
+            assert_eq!(
+                ours.is_ok(),
+                theirs.is_ok(),
+                "{alg:?} {what}: ours {ours:?}, jsonwebtoken {:?}",
+                theirs.map(|_| ()).map_err(|e| e.to_string())
+            );
+            compared += 1;
+        }
+        // Deliberately stricter: a repeated claim the verifier reads (which
+        // of the two would count is not defined), and a `crit` header.
+        let dup_tenant = base.to_string().replacen('{', "{\"tenant\":\"t2\",", 1);
+        let token = sign(alg, &header, &b64(&dup_tenant));
+        assert!(jsonwebtoken::decode::<serde_json::Value>(&token, &key, &v).is_ok());
+        assert!(matches!(
+            auth.verify_token(&token).await.unwrap_err(),
+            AuthError::Malformed(_)
+        ));
+        let crit = b64(&json!({"alg": alg.as_str(), "crit": ["exp"], "exp": 1}).to_string());
+        let token = sign(alg, &crit, &b64(&base.to_string()));
+        assert!(matches!(
+            auth.verify_token(&token).await.unwrap_err(),
+            AuthError::Malformed(_)
+        ));
+    }
+    assert_eq!(compared, 4 * (28 + 11));
+}

@@ -5,14 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::DecodingKey;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
-use jsonwebtoken::{DecodingKey, Validation, errors::ErrorKind};
 use parking_lot::RwLock;
-use serde::Deserialize;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+use super::jws::{self, Claim, ClaimNames, Claims, KeyMaterial};
 
 use crate::config::{IssuerConfig, JwksConfig, JwtAlgorithm, PolicyConfig};
 use crate::metrics::PolicyMetrics;
@@ -65,15 +63,22 @@ struct Issuer {
     jwks: Option<Jwks>,
     tenant_claim: String,
     roles_claim: String,
-    validations: HashMap<JwtAlgorithm, Validation>,
+    audiences: Vec<String>,
     key_generation: Arc<AtomicU64>,
 }
 
-#[derive(Clone)]
 struct VerifyKey {
     kid: Option<String>,
     alg: JwtAlgorithm,
-    key: Arc<DecodingKey>,
+    key: Arc<KeyMaterial>,
+}
+
+impl VerifyKey {
+    /// Whether this key may verify a token with `kid` (any key of the
+    /// algorithm when the token names none) and `alg`.
+    fn matches(&self, kid: Option<&str>, alg: JwtAlgorithm) -> bool {
+        self.alg == alg && (kid.is_none() || self.kid.as_deref() == kid)
+    }
 }
 
 /// Error building a verifier from configuration.
@@ -163,90 +168,31 @@ impl JwtVerifier {
     }
 
     async fn verify_uncached(&self, token: &str) -> Result<Verified, AuthError> {
-        let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(_s), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(AuthError::Malformed("expected three dot-separated parts"));
-        };
-        #[derive(Deserialize)]
-        struct RawHeader {
-            alg: Option<String>,
-            kid: Option<String>,
-        }
-        let header: RawHeader =
-            decode_segment(h).ok_or(AuthError::Malformed("header is not base64url JSON"))?;
-        let alg_name = header
-            .alg
-            .ok_or(AuthError::Malformed("header has no alg"))?;
-        let alg =
-            JwtAlgorithm::parse(&alg_name).ok_or(AuthError::UnsupportedAlgorithm(alg_name))?;
+        let parts = jws::split(token)?;
+        let signature = jws::signature_bytes(parts.signature)?;
+        let payload = jws::payload_bytes(parts.payload)?;
         let issuer = match self.single_issuer() {
-            // One issuer: no need to read `iss` first; jsonwebtoken checks it
-            // (a wrong one is UnknownIssuer, a missing one "missing iss").
+            // One issuer: its claim names are known before the payload is
+            // read, so the payload is read once, after the signature.
             Some(issuer) => issuer,
             None => {
-                #[derive(Deserialize)]
-                struct RawIss {
-                    iss: Option<String>,
-                }
-                let claims: RawIss = decode_segment(p)
-                    .ok_or(AuthError::Malformed("payload is not base64url JSON"))?;
-                let iss = claims
-                    .iss
-                    .ok_or_else(|| AuthError::InvalidClaims("missing iss".into()))?;
-                self.issuers.get(&iss).ok_or(AuthError::UnknownIssuer)?
+                // Several: `iss` picks the issuer (and its keys) before the
+                // signature can be checked.
+                let claims = Claims::parse(&payload, ClaimNames::STANDARD)?;
+                self.issuers
+                    .get(claims.iss()?)
+                    .ok_or(AuthError::UnknownIssuer)?
             }
         };
-        let (candidates, key_generation) = issuer.keys_for(header.kid.as_deref(), alg).await?;
-        let validation = &issuer.validations[&alg];
-        let mut last = AuthError::UnknownKey;
-        for key in candidates {
-            match jsonwebtoken::decode::<Value>(token, &key.key, validation) {
-                Ok(data) => {
-                    // Required and validated by jsonwebtoken: a number.
-                    let exp = data.claims.get("exp").and_then(Value::as_u64);
-                    let nbf = data.claims.get("nbf").and_then(Value::as_u64);
-                    let principal = issuer.principal(data.claims)?;
-                    return Ok(Verified {
-                        principal,
-                        exp: exp.ok_or_else(|| AuthError::InvalidClaims("bad exp".into()))?,
-                        nbf,
-                        key_generation,
-                    });
-                }
-                Err(e) => {
-                    last = map_jwt_error(e.kind());
-                    if !matches!(last, AuthError::BadSignature) {
-                        return Err(last);
-                    }
-                }
-            }
+        let alg = parts.header.alg;
+        let (candidates, key_generation) =
+            issuer.keys_for(parts.header.kid.as_deref(), alg).await?;
+        let message = parts.message.as_bytes();
+        if !candidates.iter().any(|k| k.verifies(message, &signature)) {
+            return Err(AuthError::BadSignature);
         }
-        Err(last)
-    }
-}
-
-fn decode_segment<T: for<'de> Deserialize<'de>>(seg: &str) -> Option<T> {
-    let raw = URL_SAFE_NO_PAD.decode(seg.trim_end_matches('=')).ok()?;
-    serde_json::from_slice(&raw).ok()
-}
-
-fn map_jwt_error(kind: &ErrorKind) -> AuthError {
-    match kind {
-        ErrorKind::ExpiredSignature => AuthError::Expired,
-        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-        ErrorKind::InvalidAudience => AuthError::WrongAudience,
-        ErrorKind::InvalidSignature => AuthError::BadSignature,
-        ErrorKind::InvalidIssuer => AuthError::UnknownIssuer,
-        ErrorKind::InvalidAlgorithm => AuthError::UnknownKey,
-        ErrorKind::MissingRequiredClaim(c) => AuthError::InvalidClaims(format!("missing {c}")),
-        ErrorKind::InvalidClaimFormat(c) => AuthError::InvalidClaims(format!("bad {c}")),
-        ErrorKind::InvalidToken
-        | ErrorKind::Base64(_)
-        | ErrorKind::Json(_)
-        | ErrorKind::Utf8(_) => AuthError::Malformed("undecodable token"),
-        _ => AuthError::BadSignature,
+        let claims = Claims::parse(&payload, issuer.claim_names())?;
+        issuer.validate(&claims, self.leeway_secs, key_generation)
     }
 }
 
@@ -278,7 +224,7 @@ impl Issuer {
                     if s.expose_secret().len() < 32 {
                         return Err(err("HS256 secret must be at least 32 bytes".into()));
                     }
-                    DecodingKey::from_secret(s.expose_secret().as_bytes())
+                    KeyMaterial::hmac(s.expose_secret().as_bytes())
                 }
                 alg => {
                     let pem = k.public_key_pem.as_deref().ok_or_else(|| {
@@ -289,7 +235,9 @@ impl Issuer {
                         JwtAlgorithm::ES256 => DecodingKey::from_ec_pem(pem.as_bytes()),
                         _ => DecodingKey::from_ed_pem(pem.as_bytes()),
                     };
-                    r.map_err(|e| err(format!("bad {} public key: {e}", alg.as_str())))?
+                    let key =
+                        r.map_err(|e| err(format!("bad {} public key: {e}", alg.as_str())))?;
+                    KeyMaterial::public(alg, &key).map_err(err)?
                 }
             };
             static_keys.push(VerifyKey {
@@ -306,23 +254,6 @@ impl Issuer {
         if audiences.is_empty() {
             return Err(err("no audiences configured".into()));
         }
-        let mut validations = HashMap::new();
-        for alg in [
-            JwtAlgorithm::HS256,
-            JwtAlgorithm::RS256,
-            JwtAlgorithm::ES256,
-            JwtAlgorithm::EdDSA,
-        ] {
-            let mut v = Validation::new(alg.to_jwt());
-            v.leeway = config.leeway_secs;
-            v.validate_exp = true;
-            v.validate_nbf = true;
-            v.validate_aud = true;
-            v.set_audience(&audiences);
-            v.set_issuer(&[&ic.issuer]);
-            v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-            validations.insert(alg, v);
-        }
         let jwks = match &ic.jwks_url {
             Some(url) => Some(
                 Jwks::new(url.clone(), &config.jwks, metrics, key_generation.clone())
@@ -336,7 +267,7 @@ impl Issuer {
             jwks,
             tenant_claim: ic.tenant_claim.clone(),
             roles_claim: ic.roles_claim.clone(),
-            validations,
+            audiences,
             key_generation,
         })
     }
@@ -347,13 +278,12 @@ impl Issuer {
         &self,
         kid: Option<&str>,
         alg: JwtAlgorithm,
-    ) -> Result<(Vec<VerifyKey>, u64), AuthError> {
-        let matches = |k: &VerifyKey| k.alg == alg && (kid.is_none() || k.kid.as_deref() == kid);
-        let out: Vec<VerifyKey> = self
+    ) -> Result<(Vec<Arc<KeyMaterial>>, u64), AuthError> {
+        let out: Vec<Arc<KeyMaterial>> = self
             .static_keys
             .iter()
-            .filter(|k| matches(k))
-            .cloned()
+            .filter(|k| k.matches(kid, alg))
+            .map(|k| k.key.clone())
             .collect();
         if !out.is_empty() {
             // Static keys never change; any generation is current for them.
@@ -365,34 +295,66 @@ impl Issuer {
         }
     }
 
-    fn principal(&self, claims: Value) -> Result<Principal, AuthError> {
-        let sub = claims
-            .get("sub")
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty());
-        let sub =
-            sub.ok_or_else(|| AuthError::InvalidClaims("sub must be a non-empty string".into()))?;
-        let tenant = claims
-            .get(&self.tenant_claim)
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty());
-        let tenant = tenant.ok_or_else(|| {
+    fn claim_names(&self) -> ClaimNames<'_> {
+        ClaimNames {
+            tenant: Some(&self.tenant_claim),
+            roles: Some(&self.roles_claim),
+        }
+    }
+
+    /// The checks after the signature, in order: `exp`, `nbf` (both with
+    /// the leeway), `iss`, `aud`, then the identity claims.
+    fn validate(
+        &self,
+        claims: &Claims<'_>,
+        leeway: u64,
+        key_generation: u64,
+    ) -> Result<Verified, AuthError> {
+        let exp = claims.exp()?;
+        let nbf = claims.nbf()?;
+        let now = unix_now();
+        if exp < now.saturating_sub(leeway) {
+            return Err(AuthError::Expired);
+        }
+        if nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
+            return Err(AuthError::NotYetValid);
+        }
+        if claims.iss()? != self.name {
+            return Err(AuthError::UnknownIssuer);
+        }
+        claims.check_audience(&self.audiences)?;
+        Ok(Verified {
+            principal: self.principal(claims)?,
+            exp,
+            nbf,
+            key_generation,
+        })
+    }
+
+    fn principal(&self, claims: &Claims<'_>) -> Result<Principal, AuthError> {
+        let non_empty = |c: &Option<Claim<'_>>| match c {
+            Some(Claim::Str(s)) if !s.is_empty() => Some(s.to_string()),
+            _ => None,
+        };
+        let subject = non_empty(&claims.sub)
+            .ok_or_else(|| AuthError::InvalidClaims("sub must be a non-empty string".into()))?;
+        let tenant = non_empty(&claims.tenant).ok_or_else(|| {
             AuthError::InvalidClaims(format!("{} must be a non-empty string", self.tenant_claim))
         })?;
-        let roles = string_list(claims.get(&self.roles_claim)).ok_or_else(|| {
+        let roles = string_list(&claims.roles).ok_or_else(|| {
             AuthError::InvalidClaims(format!("{} must be an array of strings", self.roles_claim))
         })?;
         // `scope` (space-separated string, RFC 8693) or `scp` (array).
-        let scopes = match (claims.get("scope"), claims.get("scp")) {
-            (Some(Value::String(s)), _) => s.split_whitespace().map(str::to_owned).collect(),
+        let scopes = match (&claims.scope, &claims.scp) {
+            (Some(Claim::Str(s)), _) => s.split_whitespace().map(str::to_owned).collect(),
             (None, scp) => string_list(scp).ok_or_else(|| {
                 AuthError::InvalidClaims("scp must be an array of strings".into())
             })?,
             _ => return Err(AuthError::InvalidClaims("scope must be a string".into())),
         };
         Ok(Principal {
-            subject: sub.to_owned(),
-            tenant: tenant.to_owned(),
+            subject,
+            tenant,
             roles,
             scopes,
             auth_kind: AuthKind::Jwt {
@@ -402,10 +364,10 @@ impl Issuer {
     }
 }
 
-fn string_list(v: Option<&Value>) -> Option<Vec<String>> {
+fn string_list(v: &Option<Claim<'_>>) -> Option<Vec<String>> {
     match v {
-        None | Some(Value::Null) => Some(Vec::new()),
-        Some(Value::Array(a)) => a.iter().map(|x| x.as_str().map(str::to_owned)).collect(),
+        None | Some(Claim::Null) => Some(Vec::new()),
+        Some(Claim::StrList(a)) => Some(a.iter().map(|x| x.to_string()).collect()),
         Some(_) => None,
     }
 }
@@ -456,13 +418,17 @@ impl Jwks {
     /// Matching keys, whether they are stale, whether a fetch is allowed,
     /// and the key generation, read under the same lock as the keys (the
     /// generation is bumped under the write lock that replaces them).
-    fn lookup(&self, kid: Option<&str>, alg: JwtAlgorithm) -> (Vec<VerifyKey>, bool, bool, u64) {
+    fn lookup(
+        &self,
+        kid: Option<&str>,
+        alg: JwtAlgorithm,
+    ) -> (Vec<Arc<KeyMaterial>>, bool, bool, u64) {
         let st = self.state.read();
-        let keys: Vec<VerifyKey> = st
+        let keys: Vec<Arc<KeyMaterial>> = st
             .keys
             .iter()
-            .filter(|k| k.alg == alg && (kid.is_none() || k.kid.as_deref() == kid))
-            .cloned()
+            .filter(|k| k.matches(kid, alg))
+            .map(|k| k.key.clone())
             .collect();
         let stale = st.fetched_at.is_none_or(|t| t.elapsed() >= self.max_age);
         let may_fetch = st.attempted_at.is_none_or(|t| t.elapsed() >= self.cooldown);
@@ -474,8 +440,8 @@ impl Jwks {
         &self,
         kid: Option<&str>,
         alg: JwtAlgorithm,
-    ) -> Result<(Vec<VerifyKey>, u64), AuthError> {
-        let found = |keys: Vec<VerifyKey>, generation| {
+    ) -> Result<(Vec<Arc<KeyMaterial>>, u64), AuthError> {
+        let found = |keys: Vec<Arc<KeyMaterial>>, generation| {
             if keys.is_empty() {
                 Err(AuthError::UnknownKey)
             } else {
@@ -552,7 +518,10 @@ impl Jwks {
                 }
                 (None, _) => continue,
             };
-            match DecodingKey::from_jwk(jwk) {
+            let key = DecodingKey::from_jwk(jwk)
+                .map_err(|e| e.to_string())
+                .and_then(|key| KeyMaterial::public(alg, &key));
+            match key {
                 Ok(key) => out.push(VerifyKey {
                     kid: jwk.common.key_id.clone(),
                     alg,

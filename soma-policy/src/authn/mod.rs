@@ -1,6 +1,7 @@
 //! Authentication: bearer JWTs and API keys → [`Principal`].
 
 mod apikey;
+mod jws;
 mod jwt;
 mod layer;
 #[cfg(feature = "postgres")]
