@@ -83,10 +83,10 @@ impl<ResBody, E> Future for ResponseFuture<ResBody, E> {
     }
 }
 
-fn matched_template<B>(_req: &Request<B>) -> Option<String> {
+fn matched_template<B>(_req: &Request<B>) -> Option<&str> {
     #[cfg(feature = "axum")]
     if let Some(m) = _req.extensions().get::<axum::extract::MatchedPath>() {
-        return Some(m.as_str().to_owned());
+        return Some(m.as_str());
     }
     None
 }
@@ -114,10 +114,11 @@ where
         let routes = self.routes.clone();
         ResponseFuture {
             inner: Box::pin(async move {
-                let Some(principal) = req.extensions().get::<Principal>().cloned() else {
+                // Read the principal in place: the input copies what it needs.
+                let Some(principal) = req.extensions().get::<Principal>() else {
                     return Ok(authz_failure(&AuthzError::Unauthenticated));
                 };
-                let method = req.method().as_str().to_owned();
+                let method = req.method().as_str();
                 let template = matched_template(&req);
                 let request_id = req
                     .headers()
@@ -125,21 +126,23 @@ where
                     .and_then(|v| v.to_str().ok())
                     .filter(|v| v.len() <= 128)
                     .map(str::to_owned);
-                let Some(resolved) = routes.resolve(&method, template.as_deref(), req.uri().path())
-                else {
-                    let route = template.unwrap_or_else(|| "<unmatched>".to_owned());
-                    let input = AuthzInput::new(&principal, "unmapped", Default::default())
+                let Some(resolved) = routes.resolve(method, template, req.uri().path()) else {
+                    let route = template.unwrap_or("<unmatched>").to_owned();
+                    let input = AuthzInput::new(principal, "unmapped", Default::default())
                         .with_request(RequestInfo {
-                            method: method.clone(),
+                            method: method.to_owned(),
                             route: route.clone(),
                             request_id,
                         });
                     authorizer.record_unmapped(&input);
-                    return Ok(authz_failure(&AuthzError::Unmapped { method, route }));
+                    return Ok(authz_failure(&AuthzError::Unmapped {
+                        method: method.to_owned(),
+                        route,
+                    }));
                 };
-                let input = AuthzInput::new(&principal, resolved.action, resolved.resource)
+                let input = AuthzInput::new(principal, resolved.action, resolved.resource)
                     .with_request(RequestInfo {
-                        method,
+                        method: method.to_owned(),
                         route: resolved.route,
                         request_id,
                     });
