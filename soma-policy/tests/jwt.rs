@@ -492,8 +492,7 @@ async fn jwks_serves_every_asymmetric_algorithm_and_never_a_secret() {
         let mut jwk = if alg == JwtAlgorithm::EdDSA {
             // jsonwebtoken cannot make an OKP JWK; the public key is the
             // raw 32 bytes its PEM holds.
-            let key = jsonwebtoken::DecodingKey::from_ed_pem(fixture("ed_public.pem").as_bytes())
-                .unwrap();
+            let key = decoding_key(alg);
             serde_json::from_value(json!({
                 "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA",
                 "x": URL_SAFE_NO_PAD.encode(key.as_bytes()),
@@ -556,7 +555,7 @@ async fn jwks_serves_every_asymmetric_algorithm_and_never_a_secret() {
 /// verifier is deliberately stricter, it must reject.
 #[tokio::test]
 async fn verification_agrees_with_jsonwebtoken() {
-    use jsonwebtoken::{DecodingKey, Validation};
+    use jsonwebtoken::Validation;
     let mut config = config_with_static_keys();
     config.leeway_secs = 30;
     config.token_cache.enabled = false;
@@ -622,18 +621,7 @@ async fn verification_agrees_with_jsonwebtoken() {
     ];
     let mut compared = 0;
     for alg in ALL {
-        let key = match alg {
-            JwtAlgorithm::HS256 => DecodingKey::from_secret(HS_SECRET.as_bytes()),
-            JwtAlgorithm::RS256 => {
-                DecodingKey::from_rsa_pem(fixture("rsa_public.pem").as_bytes()).unwrap()
-            }
-            JwtAlgorithm::ES256 => {
-                DecodingKey::from_ec_pem(fixture("ec_public.pem").as_bytes()).unwrap()
-            }
-            JwtAlgorithm::EdDSA => {
-                DecodingKey::from_ed_pem(fixture("ed_public.pem").as_bytes()).unwrap()
-            }
-        };
+        let key = decoding_key(alg);
         let mut v = Validation::new(jwt_alg(alg));
         v.leeway = 30;
         v.validate_nbf = true;

@@ -55,6 +55,18 @@ pub fn encoding_key(alg: JwtAlgorithm) -> EncodingKey {
     }
 }
 
+/// The public half (or the secret) that verifies [`encoding_key`]'s tokens.
+pub fn decoding_key(alg: JwtAlgorithm) -> jsonwebtoken::DecodingKey {
+    use jsonwebtoken::DecodingKey;
+    match alg {
+        JwtAlgorithm::HS256 => Ok(DecodingKey::from_secret(HS_SECRET.as_bytes())),
+        JwtAlgorithm::RS256 => DecodingKey::from_rsa_pem(fixture("rsa_public.pem").as_bytes()),
+        JwtAlgorithm::ES256 => DecodingKey::from_ec_pem(fixture("ec_public.pem").as_bytes()),
+        JwtAlgorithm::EdDSA => DecodingKey::from_ed_pem(fixture("ed_public.pem").as_bytes()),
+    }
+    .unwrap()
+}
+
 pub fn jwt_alg(alg: JwtAlgorithm) -> Algorithm {
     match alg {
         JwtAlgorithm::HS256 => Algorithm::HS256,
