@@ -19,9 +19,10 @@ use crate::{AuthError, AuthKind, Principal};
 /// Verifies bearer JWTs against the configured issuers.
 ///
 /// Checks, in order: size, shape, `alg` (only HS256, RS256, ES256, EdDSA; never
-/// `none`), issuer, key (by `kid` and `alg`; a key only verifies the
-/// algorithm it is configured for), signature, `exp`, `nbf`, `aud`, then the
-/// `sub` and tenant claims. A token that passed them all is remembered (see
+/// `none`), key (by `kid` and `alg`; a key only verifies the algorithm it is
+/// configured for), signature, `exp`, `nbf`, `iss`, `aud`, then the `sub`
+/// and tenant claims. With several issuers, `iss` is read first, since it
+/// picks the keys. A token that passed them all is remembered (see
 /// [`TokenCacheConfig`](crate::TokenCacheConfig)); a cached token is only
 /// re-checked against the clock.
 pub struct JwtVerifier {
@@ -47,6 +48,27 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// `exp` and `nbf` against the clock, with `leeway` seconds either way: at
+/// verification and again on every token-cache hit.
+fn check_window(exp: u64, nbf: Option<u64>, leeway: u64) -> Result<(), AuthError> {
+    let now = unix_now();
+    if exp < now.saturating_sub(leeway) {
+        return Err(AuthError::Expired);
+    }
+    if nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
+        return Err(AuthError::NotYetValid);
+    }
+    Ok(())
+}
+
+/// The keys among `keys` that may verify a token with `kid` and `alg`.
+fn matching(keys: &[VerifyKey], kid: Option<&str>, alg: JwtAlgorithm) -> Vec<Arc<KeyMaterial>> {
+    keys.iter()
+        .filter(|k| k.matches(kid, alg))
+        .map(|k| k.key.clone())
+        .collect()
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -139,14 +161,12 @@ impl JwtVerifier {
         if let Some(hit) = cache.get(&key) {
             if hit.key_generation == generation {
                 self.metrics.token_cache(true);
-                // The checks jsonwebtoken makes, against the clock of now.
-                let now = unix_now();
-                if hit.exp < now.saturating_sub(self.leeway_secs) {
-                    cache.invalidate(&key);
-                    return Err(AuthError::Expired);
-                }
-                if hit.nbf.is_some_and(|nbf| nbf > now + self.leeway_secs) {
-                    return Err(AuthError::NotYetValid);
+                // The validity window again, against the clock of now.
+                if let Err(e) = check_window(hit.exp, hit.nbf, self.leeway_secs) {
+                    if e.is_expired() {
+                        cache.invalidate(&key);
+                    }
+                    return Err(e);
                 }
                 return Ok(hit.principal.clone());
             }
@@ -279,12 +299,7 @@ impl Issuer {
         kid: Option<&str>,
         alg: JwtAlgorithm,
     ) -> Result<(Vec<Arc<KeyMaterial>>, u64), AuthError> {
-        let out: Vec<Arc<KeyMaterial>> = self
-            .static_keys
-            .iter()
-            .filter(|k| k.matches(kid, alg))
-            .map(|k| k.key.clone())
-            .collect();
+        let out = matching(&self.static_keys, kid, alg);
         if !out.is_empty() {
             // Static keys never change; any generation is current for them.
             return Ok((out, self.key_generation.load(Ordering::Acquire)));
@@ -312,13 +327,7 @@ impl Issuer {
     ) -> Result<Verified, AuthError> {
         let exp = claims.exp()?;
         let nbf = claims.nbf()?;
-        let now = unix_now();
-        if exp < now.saturating_sub(leeway) {
-            return Err(AuthError::Expired);
-        }
-        if nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
-            return Err(AuthError::NotYetValid);
-        }
+        check_window(exp, nbf, leeway)?;
         if claims.iss()? != self.name {
             return Err(AuthError::UnknownIssuer);
         }
@@ -424,12 +433,7 @@ impl Jwks {
         alg: JwtAlgorithm,
     ) -> (Vec<Arc<KeyMaterial>>, bool, bool, u64) {
         let st = self.state.read();
-        let keys: Vec<Arc<KeyMaterial>> = st
-            .keys
-            .iter()
-            .filter(|k| k.matches(kid, alg))
-            .map(|k| k.key.clone())
-            .collect();
+        let keys = matching(&st.keys, kid, alg);
         let stale = st.fetched_at.is_none_or(|t| t.elapsed() >= self.max_age);
         let may_fetch = st.attempted_at.is_none_or(|t| t.elapsed() >= self.cooldown);
         let generation = self.key_generation.load(Ordering::Acquire);
