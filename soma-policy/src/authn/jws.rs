@@ -8,6 +8,7 @@
 //! checks need.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::fmt;
 
 use aws_lc_rs::hmac;
@@ -110,12 +111,13 @@ fn rsa_public_key_der(n: &[u8], e: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A token split into its three segments. `message` is what was signed.
+/// A token split into its three segments, decoded. `message` is what was
+/// signed; `payload` is the claims' JSON text.
 pub(crate) struct Parts<'t> {
     pub(crate) message: &'t str,
-    pub(crate) payload: &'t str,
-    pub(crate) signature: &'t str,
     pub(crate) header: Header,
+    pub(crate) signature: Vec<u8>,
+    pub(crate) payload: Vec<u8>,
 }
 
 /// The header fields read: `alg` and `kid`.
@@ -124,7 +126,7 @@ pub(crate) struct Header {
     pub(crate) kid: Option<String>,
 }
 
-/// Splits `token` and reads its header.
+/// Splits `token`, reads its header, then decodes its signature and payload.
 ///
 /// A header must be base64url (no padding) JSON with a string `alg` naming
 /// a supported algorithm; `kid`, if present, must be a string. A header
@@ -143,9 +145,7 @@ pub(crate) fn split(token: &str) -> Result<Parts<'_>, AuthError> {
         kid: Option<Cow<'a, str>>,
         crit: Option<IgnoredAny>,
     }
-    let raw = URL_SAFE_NO_PAD
-        .decode(h)
-        .map_err(|_| AuthError::Malformed("header is not base64url"))?;
+    let raw = segment(h, "header is not base64url")?;
     let header: RawHeader<'_> =
         serde_json::from_slice(&raw).map_err(|_| AuthError::Malformed("header is not JSON"))?;
     if header.crit.is_some() {
@@ -160,27 +160,20 @@ pub(crate) fn split(token: &str) -> Result<Parts<'_>, AuthError> {
         .ok_or_else(|| AuthError::UnsupportedAlgorithm(alg_name.into_owned()))?;
     Ok(Parts {
         message: &token[..h.len() + 1 + p.len()],
-        payload: p,
-        signature: s,
         header: Header {
             alg,
             kid: header.kid.map(Cow::into_owned),
         },
+        signature: segment(s, "signature is not base64url")?,
+        payload: segment(p, "payload is not base64url")?,
     })
 }
 
-/// Decodes the signature segment.
-pub(crate) fn signature_bytes(segment: &str) -> Result<Vec<u8>, AuthError> {
+/// Decodes one base64url segment (no padding); `malformed` says which.
+fn segment(seg: &str, malformed: &'static str) -> Result<Vec<u8>, AuthError> {
     URL_SAFE_NO_PAD
-        .decode(segment)
-        .map_err(|_| AuthError::Malformed("signature is not base64url"))
-}
-
-/// Decodes the payload segment (the claims' JSON text).
-pub(crate) fn payload_bytes(segment: &str) -> Result<Vec<u8>, AuthError> {
-    URL_SAFE_NO_PAD
-        .decode(segment)
-        .map_err(|_| AuthError::Malformed("payload is not base64url"))
+        .decode(seg)
+        .map_err(|_| AuthError::Malformed(malformed))
 }
 
 /// One claim's value, as far as the checks care.
@@ -307,18 +300,21 @@ impl<'a> Claims<'a> {
     /// appears twice is refused: which of the two a consumer would see is
     /// not defined (RFC 7519 §4 lets a parser reject it).
     pub(crate) fn parse(json: &'a [u8], names: ClaimNames<'_>) -> Result<Self, AuthError> {
+        let duplicate = Cell::new(false);
         let mut de = serde_json::Deserializer::from_slice(json);
-        let claims = ClaimsSeed { names }
-            .deserialize(&mut de)
-            .and_then(|c| de.end().map(|()| c))
-            .map_err(|e| {
-                if e.to_string().starts_with("duplicate claim") {
-                    AuthError::Malformed("a claim appears twice")
-                } else {
-                    AuthError::Malformed("payload is not a JSON object")
-                }
-            })?;
-        Ok(claims)
+        ClaimsSeed {
+            names,
+            duplicate: &duplicate,
+        }
+        .deserialize(&mut de)
+        .and_then(|c| de.end().map(|()| c))
+        .map_err(|_| {
+            AuthError::Malformed(if duplicate.get() {
+                "a claim appears twice"
+            } else {
+                "payload is not a JSON object"
+            })
+        })
     }
 
     /// `exp` as whole seconds; it is required.
@@ -367,11 +363,13 @@ impl<'a> Claims<'a> {
     }
 }
 
-struct ClaimsSeed<'n> {
+struct ClaimsSeed<'n, 'd> {
     names: ClaimNames<'n>,
+    /// Set when a claim read here appears twice.
+    duplicate: &'d Cell<bool>,
 }
 
-impl<'de> DeserializeSeed<'de> for ClaimsSeed<'_> {
+impl<'de> DeserializeSeed<'de> for ClaimsSeed<'_, '_> {
     type Value = Claims<'de>;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
@@ -379,7 +377,7 @@ impl<'de> DeserializeSeed<'de> for ClaimsSeed<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for ClaimsSeed<'_> {
+impl<'de> Visitor<'de> for ClaimsSeed<'_, '_> {
     type Value = Claims<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -425,6 +423,7 @@ impl<'de> Visitor<'de> for ClaimsSeed<'_> {
             let value: Claim<'de> = map.next_value()?;
             for slot in slots.into_iter().flatten() {
                 if slot.is_some() {
+                    self.duplicate.set(true);
                     return Err(de::Error::custom(format_args!("duplicate claim {key}")));
                 }
                 *slot = Some(value.clone());
@@ -476,6 +475,10 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+        assert_eq!(
+            Claims::parse(br#"{"sub":"a","sub":"b"}"#, NAMES).unwrap_err(),
+            AuthError::Malformed("a claim appears twice")
+        );
         // A duplicate claim nobody reads is skipped like any other.
         Claims::parse(br#"{"x":1,"x":2}"#, NAMES).unwrap();
     }
