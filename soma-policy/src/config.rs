@@ -234,7 +234,8 @@ pub enum RegoEvaluator {
     Interpreter,
     /// The entry point compiled to regorus' Rego virtual machine (RVM)
     /// bytecode at load, evaluated on pooled VMs: several times faster
-    /// (about 8 µs instead of 44 µs per decision on the reference policy).
+    /// (8–11 µs instead of 44–69 µs per decision on the reference policy in
+    /// the crate's benchmarks; see its README).
     ///
     /// regorus 0.14's VM is not a drop-in for OPA everywhere, so a policy
     /// is eligible only when all of these hold, checked at every (re)load:
