@@ -195,9 +195,28 @@ impl EmbeddedRego {
 
     /// Evaluates synchronously (what [`PolicyEngine::evaluate`] does).
     pub fn evaluate_sync(&self, input: &AuthzInput) -> Result<EngineDecision, EngineError> {
-        let value = to_rego(input)?;
+        self.evaluate_value(to_rego(input)?)
+    }
+
+    /// Evaluates an arbitrary input document: one this crate's
+    /// [`AuthzInput`] cannot express (a missing field, a field of another
+    /// type), as a caller other than this crate may send to an OPA
+    /// sidecar. Use it to test a policy against such inputs, or to replay
+    /// logged inputs. The layers and [`EmbeddedRego::evaluate_sync`] build
+    /// the document from an [`AuthzInput`] instead.
+    pub fn evaluate_document(
+        &self,
+        input: &serde_json::Value,
+    ) -> Result<EngineDecision, EngineError> {
+        use serde::Deserialize as _;
+        let value =
+            Value::deserialize(input).map_err(|e| EngineError::Evaluation(e.to_string()))?;
+        self.evaluate_value(value)
+    }
+
+    fn evaluate_value(&self, input: Value) -> Result<EngineDecision, EngineError> {
         let loaded = self.current.read().clone();
-        let out = loaded.eval(value)?;
+        let out = loaded.eval(input)?;
         decision_from_rego(&out)
     }
 }
