@@ -7,6 +7,17 @@
 # The input never carries credentials or raw headers.
 #
 # Deny by default. A request is allowed only when no reason to deny exists.
+#
+# Every negated test is a rule (`not known_action`, `not has_role`), never
+# a negated call or reference over the input: OPA evaluates the operands
+# of `not actions[input.action]` or `not "admin" in input.roles` before
+# the negation, so when the field is missing the body fails instead of
+# holding, and a request without an action would be allowed. The crate's
+# tests hold the policy to real OPA's decisions on malformed inputs too.
+#
+# Within a body, the test that fails for an allowed request comes first
+# (`not has_role` before `known_action`): the order does not change the
+# decision, and regorus' VM stops a body at its first failing expression.
 package soma.authz
 
 # Action table: which roles may perform an action (any one suffices) and
@@ -28,7 +39,13 @@ default allow := false
 
 allow if count(reasons) == 0
 
-decision := {"allow": allow, "reasons": sort(reasons)}
+# `reasons` is read once. Unification (`=`), not `:=`: regorus' VM does
+# not stop a body on an undefined `:=` (see RegoEvaluator::Vm), and the
+# crate keeps such policies off the VM.
+decision := {"allow": r == [], "reasons": r} if r = sort(reasons)
+
+# What the reasons below test. Each is evaluated once per decision.
+known_action if actions[input.action]
 
 valid_subject if {
 	is_string(input.subject)
@@ -40,14 +57,16 @@ valid_tenant if {
 	input.tenant != ""
 }
 
-has_role(allowed) if {
+has_role if {
 	some r in input.roles
-	r in allowed
+	r in actions[input.action].roles
 }
 
-has_scope(s) if s in input.scopes
+has_scope if actions[input.action].scope in input.scopes
 
-reasons contains "unknown_action" if not actions[input.action]
+admin if "admin" in input.roles
+
+reasons contains "unknown_action" if not known_action
 
 reasons contains "missing_subject" if not valid_subject
 
@@ -56,35 +75,31 @@ reasons contains "missing_tenant" if not valid_tenant
 # Tenant isolation: a resource owned by another tenant is never reachable,
 # whatever the roles.
 reasons contains "tenant_mismatch" if {
-	valid_tenant
 	input.context.resource_tenant != input.tenant
+	valid_tenant
 }
 
-# The action table is indexed directly rather than through a body
-# assignment (`rule := actions[input.action]`): regorus' Rego VM does not
-# stop a body on an undefined assignment, so this form keeps the policy
-# correct under both of regorus' evaluators (see RegoEvaluator::Vm).
 reasons contains "missing_role" if {
-	actions[input.action]
-	not has_role(actions[input.action].roles)
+	not has_role
+	known_action
 }
 
 reasons contains "missing_scope" if {
-	actions[input.action]
-	not has_scope(actions[input.action].scope)
+	not has_scope
+	known_action
 }
 
 # High-risk tools need an administrator, even for agents with the scope.
 reasons contains "high_risk_tool_requires_admin" if {
 	input.action == "tool.execute"
 	input.context.tool_risk == "high"
-	not "admin" in input.roles
+	not admin
 }
 
-# Deleting a schedule someone else owns needs an administrator.
+# Changing or deleting a schedule someone else owns needs an administrator.
 reasons contains "not_schedule_owner" if {
 	input.action in {"scheduler.update", "scheduler.delete"}
 	is_string(input.context.owner)
 	input.context.owner != input.subject
-	not "admin" in input.roles
+	not admin
 }

@@ -126,3 +126,36 @@ test_empty_input_denied if {
 	d := authz.decision with input as {}
 	d.allow == false
 }
+
+# A missing field denies under OPA as under regorus. OPA evaluates the
+# operands of a negated call or reference before the negation, so
+# `not actions[input.action]` fails, rather than holds, when the action
+# is missing; the policy negates rules (`not known_action`) instead.
+test_missing_action_denied if {
+	d := authz.decision with input as object.remove(base, ["action"])
+	d.allow == false
+	d.reasons == ["unknown_action"]
+}
+
+test_missing_roles_denied if {
+	d := authz.decision with input as object.remove(base, ["roles"])
+	d.reasons == ["missing_role"]
+}
+
+test_missing_scopes_denied if {
+	d := authz.decision with input as object.remove(base, ["scopes"])
+	d.reasons == ["missing_scope"]
+}
+
+test_missing_subject_and_tenant_denied if {
+	d := authz.decision with input as object.remove(base, ["subject", "tenant"])
+	d.reasons == ["missing_subject", "missing_tenant"]
+}
+
+test_high_risk_tool_without_roles_needs_admin if {
+	d := authz.decision with input as object.remove(
+		object.union(base, {"action": "tool.execute", "scopes": ["tool:execute"], "context": {"tool_risk": "high"}}),
+		["roles"],
+	)
+	d.reasons == ["high_risk_tool_requires_admin", "missing_role"]
+}

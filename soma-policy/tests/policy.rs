@@ -313,8 +313,8 @@ async fn vm_interpreter_and_real_opa_on_undefined_operands() {
     // under `not`, OPA evaluates an undefined call argument or reference
     // index before the negation, so the body fails (deny); regorus, with
     // both evaluators, negates the undefined expression (allow). Policies
-    // must check such operands are defined first, as the reference policy
-    // does (`actions[input.action]` before `not has_role(...)`).
+    // must negate rules instead, as the reference policy does
+    // (`not known_action`, `not has_role`).
     let eligible: [(&str, Option<&str>); 20] = [
         ("allow if { r = input.missing; true }", None),
         ("allow if { input.missing == input.missing2 }", None),
@@ -622,4 +622,114 @@ async fn the_vm_is_chosen_through_configuration() {
     let d = authz.check(&high).await.unwrap();
     assert_eq!(d.reasons, ["high_risk_tool_requires_admin"]);
     assert!(!d.allow);
+}
+
+/// Inputs [`AuthzInput`] cannot express: each field of an allowed request
+/// missing, or of another type. A caller other than this crate may send
+/// them to an OPA sidecar; the policy must deny them under OPA exactly as
+/// under regorus (where regorus errs, the engine fails closed: 503).
+#[tokio::test]
+async fn regorus_and_real_opa_agree_on_malformed_inputs() {
+    let server = OpaServer::start();
+    let client = reqwest::Client::new();
+    let interpreter = EmbeddedRego::from_dir(policy_dir(), ENTRY, PolicyMetrics::default())
+        .unwrap()
+        .with_evaluator(RegoEvaluator::Interpreter)
+        .unwrap();
+    let vm = EmbeddedRego::from_dir(policy_dir(), ENTRY, PolicyMetrics::default()).unwrap();
+    assert_eq!(vm.active_evaluator(), RegoEvaluator::Vm);
+    let odd = [
+        json!(null),
+        json!(5),
+        json!(true),
+        json!(""),
+        json!("admin"),
+        json!([]),
+        json!(["admin"]),
+        json!([1]),
+        json!({"a": "admin"}),
+    ];
+    let bases = [
+        (
+            "conversation.send",
+            json!(["user"]),
+            json!(["conversation:write"]),
+            json!({"resource_tenant": "t1"}),
+        ),
+        (
+            "tool.execute",
+            json!(["admin"]),
+            json!(["tool:execute"]),
+            json!({"tool_risk": "high"}),
+        ),
+        (
+            "scheduler.update",
+            json!(["admin"]),
+            json!(["scheduler:write"]),
+            json!({"owner": "bob"}),
+        ),
+    ];
+    let mut problems = Vec::new();
+    let mut n = 0;
+    for (action, roles, scopes, context) in bases {
+        let base = json!({
+            "subject": "alice", "tenant": "t1", "roles": roles, "scopes": scopes,
+            "action": action, "resource": {"kind": "k", "id": "r1"},
+            "request": {"method": "POST", "route": "/v1/x", "request_id": "r"},
+            "context": context,
+        });
+        let mut inputs = vec![base.clone()];
+        let mut paths: Vec<Vec<String>> = base
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| vec![k.clone()])
+            .collect();
+        for k in ["resource_tenant", "tool_risk", "owner"] {
+            paths.push(vec!["context".into(), k.into()]);
+        }
+        for path in &paths {
+            for v in odd.iter().map(Some).chain([None]) {
+                let mut input = base.clone();
+                let (last, parents) = path.split_last().unwrap();
+                let mut at = &mut input;
+                for p in parents {
+                    at = &mut at[p.as_str()];
+                }
+                match v {
+                    Some(v) => at[last.as_str()] = v.clone(),
+                    None => {
+                        at.as_object_mut().unwrap().remove(last.as_str());
+                    }
+                }
+                inputs.push(input);
+            }
+        }
+        for input in inputs {
+            n += 1;
+            let theirs = server.eval(&client, "soma/authz/decision", &input).await;
+            let theirs = theirs.get("result").cloned();
+            let show = |r: Result<soma_policy::EngineDecision, EngineError>| match r {
+                Ok(d) => json!({"allow": d.allow, "reasons": d.reasons}),
+                Err(e) => json!({"error": e.to_string()}),
+            };
+            let interp = show(interpreter.evaluate_document(&input));
+            let on_vm = show(vm.evaluate_document(&input));
+            let opa = theirs.clone().unwrap_or(json!("undefined"));
+            // regorus' interpreter errs on `some r in <not a collection>`
+            // where OPA and the VM iterate nothing: a 503, never an allow.
+            let interp_closed = interp.get("error").is_some() && opa["allow"] == json!(false);
+            if (interp != opa && !interp_closed) || on_vm != opa {
+                problems.push(format!(
+                    "{input}\n  opa {opa}\n  interpreter {interp}\n  vm {on_vm}"
+                ));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{} of {n} disagree:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
 }
