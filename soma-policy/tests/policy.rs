@@ -144,20 +144,26 @@ fn generate(rng: &mut StdRng) -> AuthzInput {
     }
 }
 
-/// Both of regorus' evaluators against OPA on the same generated inputs.
-#[tokio::test]
-async fn regorus_and_real_opa_agree_on_generated_inputs() {
-    let server = OpaServer::start();
-    let client = reqwest::Client::new();
+/// The reference policy on regorus' interpreter, and with the default
+/// evaluator (auto), which runs it on the VM.
+fn reference_policy_on_both_evaluators() -> (EmbeddedRego, EmbeddedRego) {
     let interpreter = EmbeddedRego::from_dir(policy_dir(), ENTRY, PolicyMetrics::default())
         .unwrap()
         .with_evaluator(RegoEvaluator::Interpreter)
         .unwrap();
     assert_eq!(interpreter.active_evaluator(), RegoEvaluator::Interpreter);
-    // The default (auto) runs the reference policy on the VM.
     let vm = EmbeddedRego::from_dir(policy_dir(), ENTRY, PolicyMetrics::default()).unwrap();
     assert_eq!(vm.evaluator(), RegoEvaluator::Auto);
     assert_eq!(vm.active_evaluator(), RegoEvaluator::Vm);
+    (interpreter, vm)
+}
+
+/// Both of regorus' evaluators against OPA on the same generated inputs.
+#[tokio::test]
+async fn regorus_and_real_opa_agree_on_generated_inputs() {
+    let server = OpaServer::start();
+    let client = reqwest::Client::new();
+    let (interpreter, vm) = reference_policy_on_both_evaluators();
     let mut rng = StdRng::seed_from_u64(0x5047_4c43);
     let (mut allows, mut denies) = (0, 0);
     const N: usize = 1_500;
@@ -632,12 +638,7 @@ async fn the_vm_is_chosen_through_configuration() {
 async fn regorus_and_real_opa_agree_on_malformed_inputs() {
     let server = OpaServer::start();
     let client = reqwest::Client::new();
-    let interpreter = EmbeddedRego::from_dir(policy_dir(), ENTRY, PolicyMetrics::default())
-        .unwrap()
-        .with_evaluator(RegoEvaluator::Interpreter)
-        .unwrap();
-    let vm = EmbeddedRego::from_dir(policy_dir(), ENTRY, PolicyMetrics::default()).unwrap();
-    assert_eq!(vm.active_evaluator(), RegoEvaluator::Vm);
+    let (interpreter, vm) = reference_policy_on_both_evaluators();
     let odd = [
         json!(null),
         json!(5),
