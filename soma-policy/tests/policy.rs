@@ -155,6 +155,7 @@ fn reference_policy_on_both_evaluators() -> (EmbeddedRego, EmbeddedRego) {
     let vm = EmbeddedRego::from_dir(policy_dir(), ENTRY, PolicyMetrics::default()).unwrap();
     assert_eq!(vm.evaluator(), RegoEvaluator::Auto);
     assert_eq!(vm.active_evaluator(), RegoEvaluator::Vm);
+    assert_eq!(vm.opa_divergences(), Vec::<String>::new());
     (interpreter, vm)
 }
 
@@ -419,6 +420,13 @@ async fn vm_interpreter_and_real_opa_on_undefined_operands() {
     for (i, ((rule, is_eligible, differs_without), src)) in rules.iter().zip(&sources).enumerate() {
         let entry = format!("data.p{i}.allow");
         let interpreter = load(src, &entry, RegoEvaluator::Interpreter).unwrap();
+        // The load-time check flags exactly the constructs found to differ.
+        assert_eq!(
+            interpreter.opa_divergences().is_empty(),
+            differs_without.is_none(),
+            "{rule}: {:?}",
+            interpreter.opa_divergences()
+        );
         let auto = load(src, &entry, RegoEvaluator::Auto).unwrap();
         let vm = load(src, &entry, RegoEvaluator::Vm);
         assert_eq!(vm.is_ok(), *is_eligible, "{rule}: {:?}", vm.err());

@@ -140,6 +140,20 @@ impl EmbeddedRego {
         self.current.read().active()
     }
 
+    /// Where the policy in force negates an operand that may be undefined
+    /// (`not actions[input.action]`, `not is_string(input.x)`, `not "a" in
+    /// input.xs`), each as `file:line:col: what`; empty for the reference
+    /// policy. Real OPA evaluates such an operand before the negation, so
+    /// with the field missing the body fails there and holds here: a policy
+    /// meant to decide the same on an OPA sidecar must negate a rule instead
+    /// (`known if actions[input.action]`, then `not known`). Each finding is
+    /// also logged at warn when the policy loads. The check is syntactic: it
+    /// also flags an operand an earlier expression of the same body already
+    /// requires to be defined.
+    pub fn opa_divergences(&self) -> Vec<String> {
+        self.current.read().divergences.clone()
+    }
+
     /// Reports health: `degraded` while a failed reload leaves the last good
     /// policy in force, `up` after a successful (re)load.
     pub fn with_health(mut self, reporter: HealthReporter) -> Self {
@@ -226,6 +240,8 @@ struct Loaded {
     policy: CompiledPolicy,
     data: Value,
     vm: Option<VmPool>,
+    /// Negations OPA decides differently (`file:line:col: what`).
+    divergences: Vec<String>,
 }
 
 impl Loaded {
@@ -255,7 +271,23 @@ impl Loaded {
                 }
             },
         };
-        Ok(Self { policy, data, vm })
+        let divergences: Vec<String> = super::negation_check::divergent_negations(&policy)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        for d in &divergences {
+            tracing::warn!(
+                finding = %d,
+                "the policy negates an operand that may be undefined: real OPA decides \
+                 this differently from regorus"
+            );
+        }
+        Ok(Self {
+            policy,
+            data,
+            vm,
+            divergences,
+        })
     }
 
     /// The evaluator this policy runs on: `Vm` or `Interpreter`.

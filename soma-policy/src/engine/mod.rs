@@ -2,6 +2,8 @@
 
 #[cfg(feature = "rego")]
 mod embedded;
+#[cfg(feature = "rego")]
+mod negation_check;
 mod remote;
 #[cfg(feature = "rego")]
 mod vm_check;

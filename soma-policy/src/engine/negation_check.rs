@@ -1,0 +1,326 @@
+//! A static check for negations that real OPA and regorus decide
+//! differently when an operand is missing.
+//!
+//! OPA evaluates the operands of a call, of a membership test and the
+//! index of a reference before it applies `not`: with `input.action`
+//! missing, `not actions[input.action]`, `not is_string(input.action)` and
+//! `not "admin" in input.roles` make the body fail. regorus, with both
+//! evaluators, negates the undefined expression, so the body holds. In a
+//! deny rule (`reasons contains "unknown_action" if not
+//! actions[input.action]`) OPA then adds no reason and allows. A bare
+//! reference (`not input.x`), a rule (`not known_action`) and a comparison
+//! of references (`not input.x == 1`) are negated alike by both.
+//!
+//! The evidence is the `vm_interpreter_and_real_opa_on_undefined_operands`
+//! test, which asserts that this check flags exactly the constructs found
+//! to differ against OPA's own evaluator. Findings are warnings: the
+//! policy still loads (both engines are right by their own rules), but a
+//! policy that is to mean the same on an OPA sidecar must negate rules
+//! instead (`known_action if actions[input.action]`, then `not
+//! known_action`), as the reference policy does. The check is syntactic:
+//! it does not know that an earlier expression of the body requires the
+//! operand (`actions[input.action]; not f(actions[input.action])`), and
+//! flags that too.
+
+use regorus::CompiledPolicy;
+use regorus::unstable::{Expr, Literal, Query, Ref, Rule, RuleHead, Span};
+
+use super::vm_check::Hazard;
+
+const CALL: &str = "`not` over a call or membership test with an operand that may be undefined \
+                    (OPA fails the body where regorus negates; negate a rule instead)";
+const INDEX: &str = "`not` over a reference whose index may be undefined (OPA fails the body \
+                     where regorus negates; negate a rule instead)";
+
+/// Every negation in `policy` that OPA decides differently when an operand
+/// is undefined, in source order per module.
+pub(crate) fn divergent_negations(policy: &CompiledPolicy) -> Vec<Hazard> {
+    let mut w = Walker::default();
+    for module in policy.get_modules() {
+        // Names that may be undefined when referenced: the documents and
+        // this module's rules (its functions are calls, checked by their
+        // arguments).
+        w.documents = vec!["input".to_owned(), "data".to_owned()];
+        for rule in &module.policy {
+            let refr = match rule.as_ref() {
+                Rule::Spec {
+                    head: RuleHead::Compr { refr, .. } | RuleHead::Set { refr, .. },
+                    ..
+                }
+                | Rule::Default { refr, .. } => refr,
+                Rule::Spec { .. } => continue,
+            };
+            let text = refr.span().text();
+            let base = text.split(['.', '[']).next().unwrap_or(text);
+            w.documents.push(base.to_owned());
+        }
+        for rule in &module.policy {
+            w.rule(rule);
+        }
+    }
+    w.found
+}
+
+#[derive(Default)]
+struct Walker {
+    found: Vec<Hazard>,
+    documents: Vec<String>,
+}
+
+impl Walker {
+    fn report(&mut self, span: &Span, what: &'static str) {
+        self.found.push(Hazard {
+            at: format!("{}:{}:{}", span.source.file(), span.line, span.col),
+            what,
+        });
+    }
+
+    fn rule(&mut self, rule: &Rule) {
+        match rule {
+            Rule::Spec { head, bodies, .. } => {
+                match head {
+                    RuleHead::Compr { assign, .. } | RuleHead::Func { assign, .. } => {
+                        if let Some(a) = assign {
+                            self.visit(&a.value);
+                        }
+                    }
+                    RuleHead::Set { key, .. } => {
+                        if let Some(k) = key {
+                            self.visit(k);
+                        }
+                    }
+                }
+                for body in bodies {
+                    if let Some(a) = &body.assign {
+                        self.visit(&a.value);
+                    }
+                    self.query(&body.query);
+                }
+            }
+            Rule::Default { value, .. } => self.visit(value),
+        }
+    }
+
+    fn query(&mut self, q: &Query) {
+        for stmt in &q.stmts {
+            match &stmt.literal {
+                Literal::NotExpr { span, expr } => {
+                    if let Some(what) = self.negated(expr) {
+                        self.report(span, what);
+                    }
+                    self.visit(expr);
+                }
+                Literal::Expr { expr, .. } => self.visit(expr),
+                Literal::SomeIn {
+                    key,
+                    value,
+                    collection,
+                    ..
+                } => {
+                    for e in key.iter().chain([value, collection]) {
+                        self.visit(e);
+                    }
+                }
+                Literal::Every { domain, query, .. } => {
+                    self.visit(domain);
+                    self.query(query);
+                }
+                Literal::SomeVars { .. } => {}
+            }
+        }
+    }
+
+    /// Finds the negations nested in comprehensions.
+    fn visit(&mut self, e: &Ref<Expr>) {
+        match e.as_ref() {
+            Expr::ArrayCompr { term, query, .. } | Expr::SetCompr { term, query, .. } => {
+                self.visit(term);
+                self.query(query);
+            }
+            Expr::ObjectCompr {
+                key, value, query, ..
+            } => {
+                self.visit(key);
+                self.visit(value);
+                self.query(query);
+            }
+            Expr::Array { items, .. } | Expr::Set { items, .. } => {
+                for i in items {
+                    self.visit(i);
+                }
+            }
+            Expr::Object { fields, .. } => {
+                for (_, k, v) in fields {
+                    self.visit(k);
+                    self.visit(v);
+                }
+            }
+            Expr::Call { params, .. } => {
+                for p in params {
+                    self.visit(p);
+                }
+            }
+            Expr::UnaryExpr { expr, .. } => self.visit(expr),
+            Expr::RefDot { refr, .. } => self.visit(refr),
+            Expr::RefBrack { refr, index, .. } => {
+                self.visit(refr);
+                self.visit(index);
+            }
+            Expr::ArithExpr { lhs, rhs, .. }
+            | Expr::BinExpr { lhs, rhs, .. }
+            | Expr::BoolExpr { lhs, rhs, .. }
+            | Expr::AssignExpr { lhs, rhs, .. } => {
+                self.visit(lhs);
+                self.visit(rhs);
+            }
+            Expr::Membership {
+                key,
+                value,
+                collection,
+                ..
+            } => {
+                for e in key.iter().chain([value, collection]) {
+                    self.visit(e);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The expression under a `not`: what makes OPA evaluate an operand
+    /// that may be undefined before the negation, if anything does.
+    fn negated(&self, e: &Ref<Expr>) -> Option<&'static str> {
+        match e.as_ref() {
+            Expr::Call { params, .. } => params
+                .iter()
+                .any(|p| self.may_be_undefined(p))
+                .then_some(CALL),
+            Expr::Membership {
+                key,
+                value,
+                collection,
+                ..
+            } => key
+                .iter()
+                .chain([value, collection])
+                .any(|p| self.may_be_undefined(p))
+                .then_some(CALL),
+            Expr::RefBrack { refr, index, .. } => {
+                if self.may_be_undefined(index) {
+                    Some(INDEX)
+                } else {
+                    self.negated(refr)
+                }
+            }
+            Expr::RefDot { refr, .. } => self.negated(refr),
+            Expr::UnaryExpr { expr, .. } => self.negated(expr),
+            Expr::ArithExpr { lhs, rhs, .. }
+            | Expr::BinExpr { lhs, rhs, .. }
+            | Expr::BoolExpr { lhs, rhs, .. } => self.negated(lhs).or_else(|| self.negated(rhs)),
+            _ => None,
+        }
+    }
+
+    /// Whether `e` may be undefined: it reads a document (`input`, `data`,
+    /// a rule) or a field of anything. Literals, comprehensions and local
+    /// variables are defined.
+    fn may_be_undefined(&self, e: &Ref<Expr>) -> bool {
+        match e.as_ref() {
+            Expr::String { .. }
+            | Expr::RawString { .. }
+            | Expr::Number { .. }
+            | Expr::Bool { .. }
+            | Expr::Null { .. }
+            | Expr::ArrayCompr { .. }
+            | Expr::SetCompr { .. }
+            | Expr::ObjectCompr { .. } => false,
+            Expr::Var { span, .. } => self.documents.iter().any(|d| d == span.text()),
+            Expr::Array { items, .. } | Expr::Set { items, .. } => {
+                items.iter().any(|i| self.may_be_undefined(i))
+            }
+            Expr::Object { fields, .. } => fields
+                .iter()
+                .any(|(_, k, v)| self.may_be_undefined(k) || self.may_be_undefined(v)),
+            Expr::Call { params, .. } => params.iter().any(|p| self.may_be_undefined(p)),
+            Expr::UnaryExpr { expr, .. } => self.may_be_undefined(expr),
+            Expr::ArithExpr { lhs, rhs, .. }
+            | Expr::BinExpr { lhs, rhs, .. }
+            | Expr::BoolExpr { lhs, rhs, .. } => {
+                self.may_be_undefined(lhs) || self.may_be_undefined(rhs)
+            }
+            // References, memberships, and anything this walker does not
+            // know.
+            _ => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(src: &str) -> Vec<String> {
+        let mut e = regorus::Engine::new();
+        e.add_policy("p.rego".into(), src.into()).unwrap();
+        let c = e.compile_with_entrypoint(&"data.p.allow".into()).unwrap();
+        divergent_negations(&c).into_iter().map(|h| h.at).collect()
+    }
+
+    #[test]
+    fn negated_calls_memberships_and_dynamic_indexes_are_found() {
+        let cases = [
+            ("allow if not actions[input.action]", "p.rego:4:10"),
+            ("allow if not is_string(input.subject)", "p.rego:4:10"),
+            ("allow if not \"admin\" in input.roles", "p.rego:4:10"),
+            ("allow if { not count(input.xs) == 0 }", "p.rego:4:12"),
+            ("allow if { not actions[input.a].roles }", "p.rego:4:12"),
+            ("allow if { not actions[known].roles }", "p.rego:4:12"),
+            ("allow if { [1 | not input.x in {1}] == [] }", "p.rego:4:17"),
+            (
+                "allow if { every x in [1] { not x in input.xs } }",
+                "p.rego:4:29",
+            ),
+        ];
+        for (rule, at) in cases {
+            let src = format!(
+                "package p\nimport rego.v1\nactions := {{\"a\": {{\"roles\": 1}}}}\n{rule}\n\
+                 known if input.k\n"
+            );
+            assert_eq!(check(&src), [at], "{rule}");
+        }
+    }
+
+    #[test]
+    fn negated_rules_references_and_comparisons_pass() {
+        let src = r#"package p
+import rego.v1
+actions := {"a": 1}
+known if actions[input.action]
+f(x) := x
+allow if {
+	not known
+	not input.missing
+	not input.a.b
+	not input.x == 1
+	not actions.a
+	some r in input.rs
+	not r in {"x"}
+	not actions[r]
+	not f(1)
+	not is_string(r)
+}
+"#;
+        assert_eq!(check(src), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_reference_policy_has_none() {
+        let src = include_str!("../../policy/soma.rego");
+        let mut e = regorus::Engine::new();
+        e.add_policy("soma.rego".into(), src.into()).unwrap();
+        let c = e
+            .compile_with_entrypoint(&"data.soma.authz.decision".into())
+            .unwrap();
+        assert_eq!(divergent_negations(&c), []);
+    }
+}
