@@ -4,6 +4,8 @@
 mod embedded;
 #[cfg(feature = "rego")]
 mod negation_check;
+#[cfg(feature = "rego")]
+mod rego_walk;
 mod remote;
 #[cfg(feature = "rego")]
 mod vm_check;

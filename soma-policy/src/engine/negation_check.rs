@@ -23,9 +23,9 @@
 //! flags that too.
 
 use regorus::CompiledPolicy;
-use regorus::unstable::{Expr, Literal, Query, Ref, Rule, RuleHead, Span};
+use regorus::unstable::{Expr, Ref, Rule, RuleHead, Span};
 
-use super::vm_check::Hazard;
+use super::rego_walk::{self, Hazard, Visitor};
 
 const CALL: &str = "`not` over a call or membership test with an operand that may be undefined \
                     (OPA fails the body where regorus negates; negate a rule instead)";
@@ -55,7 +55,7 @@ pub(crate) fn divergent_negations(policy: &CompiledPolicy) -> Vec<Hazard> {
             w.documents.push(base.to_owned());
         }
         for rule in &module.policy {
-            w.rule(rule);
+            rego_walk::rule(&mut w, rule);
         }
     }
     w.found
@@ -69,122 +69,7 @@ struct Walker {
 
 impl Walker {
     fn report(&mut self, span: &Span, what: &'static str) {
-        self.found.push(Hazard {
-            at: format!("{}:{}:{}", span.source.file(), span.line, span.col),
-            what,
-        });
-    }
-
-    fn rule(&mut self, rule: &Rule) {
-        match rule {
-            Rule::Spec { head, bodies, .. } => {
-                match head {
-                    RuleHead::Compr { assign, .. } | RuleHead::Func { assign, .. } => {
-                        if let Some(a) = assign {
-                            self.visit(&a.value);
-                        }
-                    }
-                    RuleHead::Set { key, .. } => {
-                        if let Some(k) = key {
-                            self.visit(k);
-                        }
-                    }
-                }
-                for body in bodies {
-                    if let Some(a) = &body.assign {
-                        self.visit(&a.value);
-                    }
-                    self.query(&body.query);
-                }
-            }
-            Rule::Default { value, .. } => self.visit(value),
-        }
-    }
-
-    fn query(&mut self, q: &Query) {
-        for stmt in &q.stmts {
-            match &stmt.literal {
-                Literal::NotExpr { span, expr } => {
-                    if let Some(what) = self.negated(expr) {
-                        self.report(span, what);
-                    }
-                    self.visit(expr);
-                }
-                Literal::Expr { expr, .. } => self.visit(expr),
-                Literal::SomeIn {
-                    key,
-                    value,
-                    collection,
-                    ..
-                } => {
-                    for e in key.iter().chain([value, collection]) {
-                        self.visit(e);
-                    }
-                }
-                Literal::Every { domain, query, .. } => {
-                    self.visit(domain);
-                    self.query(query);
-                }
-                Literal::SomeVars { .. } => {}
-            }
-        }
-    }
-
-    /// Finds the negations nested in comprehensions.
-    fn visit(&mut self, e: &Ref<Expr>) {
-        match e.as_ref() {
-            Expr::ArrayCompr { term, query, .. } | Expr::SetCompr { term, query, .. } => {
-                self.visit(term);
-                self.query(query);
-            }
-            Expr::ObjectCompr {
-                key, value, query, ..
-            } => {
-                self.visit(key);
-                self.visit(value);
-                self.query(query);
-            }
-            Expr::Array { items, .. } | Expr::Set { items, .. } => {
-                for i in items {
-                    self.visit(i);
-                }
-            }
-            Expr::Object { fields, .. } => {
-                for (_, k, v) in fields {
-                    self.visit(k);
-                    self.visit(v);
-                }
-            }
-            Expr::Call { params, .. } => {
-                for p in params {
-                    self.visit(p);
-                }
-            }
-            Expr::UnaryExpr { expr, .. } => self.visit(expr),
-            Expr::RefDot { refr, .. } => self.visit(refr),
-            Expr::RefBrack { refr, index, .. } => {
-                self.visit(refr);
-                self.visit(index);
-            }
-            Expr::ArithExpr { lhs, rhs, .. }
-            | Expr::BinExpr { lhs, rhs, .. }
-            | Expr::BoolExpr { lhs, rhs, .. }
-            | Expr::AssignExpr { lhs, rhs, .. } => {
-                self.visit(lhs);
-                self.visit(rhs);
-            }
-            Expr::Membership {
-                key,
-                value,
-                collection,
-                ..
-            } => {
-                for e in key.iter().chain([value, collection]) {
-                    self.visit(e);
-                }
-            }
-            _ => {}
-        }
+        self.found.push(Hazard::at(span, what));
     }
 
     /// The expression under a `not`: what makes OPA evaluate an operand
@@ -255,6 +140,14 @@ impl Walker {
     }
 }
 
+impl Visitor for Walker {
+    fn negation(&mut self, span: &Span, e: &Ref<Expr>) {
+        if let Some(what) = self.negated(e) {
+            self.report(span, what);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,12 +208,6 @@ allow if {
 
     #[test]
     fn the_reference_policy_has_none() {
-        let src = include_str!("../../policy/soma.rego");
-        let mut e = regorus::Engine::new();
-        e.add_policy("soma.rego".into(), src.into()).unwrap();
-        let c = e
-            .compile_with_entrypoint(&"data.soma.authz.decision".into())
-            .unwrap();
-        assert_eq!(divergent_negations(&c), []);
+        assert_eq!(divergent_negations(&rego_walk::reference_policy()), []);
     }
 }

@@ -30,22 +30,9 @@
 //! is reported too: unknown means unsafe.
 
 use regorus::CompiledPolicy;
-use regorus::unstable::{AssignOp, Expr, Literal, Query, Ref, Rule, RuleAssign, RuleHead, Span};
+use regorus::unstable::{AssignOp, Expr, Ref, Rule, RuleHead, Span};
 
-/// Where and why a policy is not eligible for the VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Hazard {
-    /// `file:line:col`.
-    pub at: String,
-    /// What was found.
-    pub what: &'static str,
-}
-
-impl std::fmt::Display for Hazard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.at, self.what)
-    }
-}
+use super::rego_walk::{self, Hazard, Visitor};
 
 const ASSIGNMENT: &str = "`:=` assignment in a body (the Rego VM does not stop the body when \
                           its right side is undefined)";
@@ -94,7 +81,7 @@ pub(crate) fn hazards(policy: &CompiledPolicy) -> Vec<Hazard> {
             }
         }
         for rule in &module.policy {
-            w.rule(rule);
+            rego_walk::rule(&mut w, rule);
         }
     }
     // `count(reasons)` is only safe if `reasons` is the set rule, not a
@@ -121,98 +108,7 @@ struct Walker {
 
 impl Walker {
     fn report(&mut self, span: &Span, what: &'static str) {
-        self.found.push(Hazard {
-            at: format!("{}:{}:{}", span.source.file(), span.line, span.col),
-            what,
-        });
-    }
-
-    fn rule(&mut self, rule: &Rule) {
-        match rule {
-            Rule::Spec { head, bodies, .. } => {
-                match head {
-                    RuleHead::Compr { refr, assign, .. } => {
-                        self.expr(refr);
-                        self.assign(assign.as_ref());
-                    }
-                    RuleHead::Set { refr, key, .. } => {
-                        self.expr(refr);
-                        if let Some(k) = key {
-                            self.expr(k);
-                        }
-                    }
-                    RuleHead::Func {
-                        refr, args, assign, ..
-                    } => {
-                        self.expr(refr);
-                        for a in args {
-                            self.expr(a);
-                        }
-                        self.assign(assign.as_ref());
-                    }
-                }
-                for body in bodies {
-                    self.assign(body.assign.as_ref());
-                    self.query(&body.query);
-                }
-            }
-            Rule::Default {
-                refr, args, value, ..
-            } => {
-                self.expr(refr);
-                for a in args {
-                    self.expr(a);
-                }
-                self.expr(value);
-            }
-        }
-    }
-
-    /// A rule head's `:= value` (or an `else := value`): the rule's value,
-    /// not a body statement; only what it contains is checked.
-    fn assign(&mut self, assign: Option<&RuleAssign>) {
-        if let Some(a) = assign {
-            self.expr(&a.value);
-        }
-    }
-
-    fn query(&mut self, q: &Query) {
-        for stmt in &q.stmts {
-            for m in &stmt.with_mods {
-                self.expr(&m.refr);
-                self.expr(&m.r#as);
-            }
-            match &stmt.literal {
-                Literal::SomeVars { vars, .. } => {
-                    self.locals.extend(vars.iter().map(|v| v.text().to_owned()));
-                }
-                Literal::SomeIn {
-                    key,
-                    value,
-                    collection,
-                    ..
-                } => {
-                    for bound in key.iter().chain([value]) {
-                        self.locals.push(bound.span().text().to_owned());
-                    }
-                    self.membership(key.as_ref(), value, collection)
-                }
-                Literal::Expr { expr, .. } => self.expr(expr),
-                Literal::NotExpr { expr, .. } => self.expr(expr),
-                Literal::Every {
-                    key,
-                    value,
-                    domain,
-                    query,
-                    ..
-                } => {
-                    self.locals
-                        .extend(key.iter().chain([value]).map(|v| v.text().to_owned()));
-                    self.expr(domain);
-                    self.query(query);
-                }
-            }
-        }
+        self.found.push(Hazard::at(span, what));
     }
 
     /// Reports a call of a builtin that can fail.
@@ -238,85 +134,27 @@ impl Walker {
         }
         self.report(fcn.span(), BUILTIN);
     }
+}
 
-    /// `[key,] value in collection`, as an expression or a `some` statement.
-    fn membership(&mut self, key: Option<&Ref<Expr>>, value: &Ref<Expr>, collection: &Ref<Expr>) {
-        if let Some(k) = key {
-            self.expr(k);
+impl Visitor for Walker {
+    fn expr(&mut self, e: &Ref<Expr>) {
+        match e.as_ref() {
+            Expr::Call { fcn, params, .. } => self.call(fcn, params),
+            Expr::ArithExpr { span, .. } => self.report(span, ARITHMETIC),
+            // `:=` can only be a query statement; flag it wherever it is.
+            Expr::AssignExpr { op, lhs, .. } if *op == AssignOp::ColEq => {
+                self.report(lhs.span(), ASSIGNMENT);
+            }
+            _ => {}
         }
-        self.expr(value);
-        self.expr(collection);
     }
 
-    fn expr(&mut self, e: &Ref<Expr>) {
-        #[allow(unreachable_patterns)]
-        match e.as_ref() {
-            Expr::String { .. }
-            | Expr::RawString { .. }
-            | Expr::Number { .. }
-            | Expr::Bool { .. }
-            | Expr::Null { .. }
-            | Expr::Var { .. } => {}
-            Expr::Array { items, .. } | Expr::Set { items, .. } => {
-                for i in items {
-                    self.expr(i);
-                }
-            }
-            Expr::Object { fields, .. } => {
-                for (_, k, v) in fields {
-                    self.expr(k);
-                    self.expr(v);
-                }
-            }
-            Expr::ArrayCompr { term, query, .. } | Expr::SetCompr { term, query, .. } => {
-                self.expr(term);
-                self.query(query);
-            }
-            Expr::ObjectCompr {
-                key, value, query, ..
-            } => {
-                self.expr(key);
-                self.expr(value);
-                self.query(query);
-            }
-            Expr::Call { fcn, params, .. } => {
-                self.call(fcn, params);
-                self.expr(fcn);
-                for p in params {
-                    self.expr(p);
-                }
-            }
-            Expr::UnaryExpr { expr, .. } => self.expr(expr),
-            Expr::RefDot { refr, .. } => self.expr(refr),
-            Expr::RefBrack { refr, index, .. } => {
-                self.expr(refr);
-                self.expr(index);
-            }
-            Expr::ArithExpr { span, lhs, rhs, .. } => {
-                self.report(span, ARITHMETIC);
-                self.expr(lhs);
-                self.expr(rhs);
-            }
-            Expr::BinExpr { lhs, rhs, .. } | Expr::BoolExpr { lhs, rhs, .. } => {
-                self.expr(lhs);
-                self.expr(rhs);
-            }
-            Expr::AssignExpr { op, lhs, rhs, .. } => {
-                // `:=` can only be a query statement; flag it wherever it is.
-                if *op == AssignOp::ColEq {
-                    self.report(lhs.span(), ASSIGNMENT);
-                }
-                self.expr(lhs);
-                self.expr(rhs);
-            }
-            Expr::Membership {
-                key,
-                value,
-                collection,
-                ..
-            } => self.membership(key.as_ref(), value, collection),
-            other => self.report(other.span(), UNKNOWN),
-        }
+    fn local(&mut self, name: &str) {
+        self.locals.push(name.to_owned());
+    }
+
+    fn unknown(&mut self, e: &Ref<Expr>) {
+        self.report(e.span(), UNKNOWN);
     }
 }
 
@@ -451,12 +289,6 @@ allow := true if {
 
     #[test]
     fn the_reference_policy_is_eligible() {
-        let src = include_str!("../../policy/soma.rego");
-        let mut e = regorus::Engine::new();
-        e.add_policy("soma.rego".into(), src.into()).unwrap();
-        let c = e
-            .compile_with_entrypoint(&"data.soma.authz.decision".into())
-            .unwrap();
-        assert_eq!(hazards(&c), []);
+        assert_eq!(hazards(&rego_walk::reference_policy()), []);
     }
 }
