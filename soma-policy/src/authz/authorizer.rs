@@ -131,14 +131,12 @@ impl Authorizer {
         let engine: Arc<dyn PolicyEngine> = match config.engine {
             EngineKind::Remote => Arc::new(RemoteOpa::new(&config.opa)?),
             #[cfg(feature = "rego")]
-            EngineKind::Embedded => Arc::new(
-                crate::engine::EmbeddedRego::from_dir(
-                    &config.policy_dir,
-                    &config.entrypoint,
-                    metrics.clone(),
-                )?
-                .with_evaluator(config.evaluator)?,
-            ),
+            EngineKind::Embedded => Arc::new(crate::engine::EmbeddedRego::from_dir_on(
+                config.policy_dir.clone(),
+                &config.entrypoint,
+                metrics.clone(),
+                config.evaluator,
+            )?),
             #[cfg(not(feature = "rego"))]
             EngineKind::Embedded => {
                 return Err(EngineError::Load(

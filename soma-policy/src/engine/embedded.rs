@@ -71,8 +71,17 @@ impl EmbeddedRego {
         entrypoint: &str,
         metrics: PolicyMetrics,
     ) -> Result<Self, EngineError> {
-        let dir = dir.into();
-        let evaluator = RegoEvaluator::default();
+        Self::from_dir_on(dir.into(), entrypoint, metrics, RegoEvaluator::default())
+    }
+
+    /// [`EmbeddedRego::from_dir`] then [`EmbeddedRego::with_evaluator`],
+    /// loading the policy once.
+    pub(crate) fn from_dir_on(
+        dir: PathBuf,
+        entrypoint: &str,
+        metrics: PolicyMetrics,
+        evaluator: RegoEvaluator,
+    ) -> Result<Self, EngineError> {
         let compiled = compile_dir(&dir, entrypoint, evaluator)?;
         Ok(Self {
             dir,
@@ -121,6 +130,7 @@ impl EmbeddedRego {
                 current.data.clone(),
                 &self.entrypoint,
                 evaluator,
+                Some(current.divergences.clone()),
             )?;
             *self.current.write() = Arc::new(loaded);
             self.evaluator = evaluator;
@@ -250,6 +260,8 @@ impl Loaded {
         data: Value,
         entrypoint: &str,
         evaluator: RegoEvaluator,
+        // The policy's divergences when they are known (and were logged).
+        divergences: Option<Vec<String>>,
     ) -> Result<Self, EngineError> {
         // The entry point must evaluate on an empty input: a policy that
         // errors there would error on every request.
@@ -271,17 +283,20 @@ impl Loaded {
                 }
             },
         };
-        let divergences: Vec<String> = super::negation_check::divergent_negations(&policy)
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        for d in &divergences {
-            tracing::warn!(
-                finding = %d,
-                "the policy negates an operand that may be undefined: real OPA decides \
-                 this differently from regorus"
-            );
-        }
+        let divergences = divergences.unwrap_or_else(|| {
+            let found: Vec<String> = super::negation_check::divergent_negations(&policy)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            for d in &found {
+                tracing::warn!(
+                    finding = %d,
+                    "the policy negates an operand that may be undefined: real OPA decides \
+                     this differently from regorus"
+                );
+            }
+            found
+        });
         Ok(Self {
             policy,
             data,
@@ -567,7 +582,7 @@ fn compile(
     let compiled = engine
         .compile_with_entrypoint(&entrypoint.into())
         .map_err(|e| EngineError::Load(e.to_string()))?;
-    Loaded::new(compiled, data, entrypoint, evaluator)
+    Loaded::new(compiled, data, entrypoint, evaluator, None)
 }
 
 fn compile_dir(
