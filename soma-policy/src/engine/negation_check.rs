@@ -39,7 +39,8 @@ pub(crate) fn divergent_negations(policy: &CompiledPolicy) -> Vec<Hazard> {
     for module in policy.get_modules() {
         // Names that may be undefined when referenced: the documents and
         // this module's rules (its functions are calls, checked by their
-        // arguments).
+        // arguments). A rule defined in another file of the same package
+        // is not known here, so a negation indexed by it is not flagged.
         w.documents = vec!["input".to_owned(), "data".to_owned()];
         for rule in &module.policy {
             let refr = match rule.as_ref() {
