@@ -64,12 +64,10 @@ fn bytes(reply: &Result<Value, RedisError>) -> Option<Vec<u8>> {
     }
 }
 
-/// A client for a private server: one bulk connection (so every batch uses
-/// the same one), fast reconnect backoff.
-/// A client on the shared server (`config()`), with its metrics.
-async fn client_with_metrics() -> (RedisClient, MetricsRegistry) {
+/// A client connected with `cfg`, with its metrics.
+async fn connect_with_metrics(cfg: RedisConfig) -> (RedisClient, MetricsRegistry) {
     let metrics = MetricsRegistry::default();
-    let client = RedisClient::builder(config())
+    let client = RedisClient::builder(cfg)
         .metrics(&metrics)
         .connect()
         .await
@@ -77,8 +75,14 @@ async fn client_with_metrics() -> (RedisClient, MetricsRegistry) {
     (client, metrics)
 }
 
+/// A client on the shared server (`config()`), with its metrics.
+async fn client_with_metrics() -> (RedisClient, MetricsRegistry) {
+    connect_with_metrics(config()).await
+}
+
+/// A client for a private server: one bulk connection (so every batch uses
+/// the same one), fast reconnect backoff.
 async fn private_client(url: String, command_timeout_ms: u64) -> (RedisClient, MetricsRegistry) {
-    let metrics = MetricsRegistry::default();
     let cfg = RedisConfig {
         url,
         key_prefix: format!("{}:", soma_testkit::unique_name("bulk")),
@@ -95,12 +99,7 @@ async fn private_client(url: String, command_timeout_ms: u64) -> (RedisClient, M
         },
         ..Default::default()
     };
-    let client = RedisClient::builder(cfg)
-        .metrics(&metrics)
-        .connect()
-        .await
-        .unwrap();
-    (client, metrics)
+    connect_with_metrics(cfg).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
