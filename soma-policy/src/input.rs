@@ -93,19 +93,10 @@ impl AuthzInput {
     /// SHA-256 of [`canonical_bytes`](Self::canonical_bytes), computed
     /// while serializing (nothing is buffered).
     pub(crate) fn canonical_digest(&self) -> [u8; 32] {
-        struct Hashing(sha2::Sha256);
-        impl std::io::Write for Hashing {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                sha2::Digest::update(&mut self.0, buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let mut h = Hashing(<sha2::Sha256 as sha2::Digest>::new());
+        // The hasher is an `io::Write` (sha2's `std` feature).
+        let mut h = <sha2::Sha256 as sha2::Digest>::new();
         self.write_canonical(&mut h);
-        sha2::Digest::finalize(h.0).into()
+        sha2::Digest::finalize(h).into()
     }
 
     fn write_canonical(&self, w: impl std::io::Write) {
