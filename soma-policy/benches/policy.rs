@@ -14,43 +14,19 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::routing::post;
 use criterion::{Criterion, black_box};
 use futures_util::StreamExt;
 use http::Request;
 use soma_policy::{
-    AuthKind, Authenticator, AuthnLayer, Authorizer, AuthzInput, AuthzLayer, CacheConfig,
-    EmbeddedRego, JwtAlgorithm, OpaConfig, PolicyEngine, PolicyMetrics, Principal, RegoEvaluator,
-    RemoteOpa, RequestInfo, Resource, RouteMap, RouteRule,
+    Authenticator, Authorizer, AuthzInput, CacheConfig, EmbeddedRego, JwtAlgorithm, OpaConfig,
+    PolicyEngine, PolicyMetrics, RegoEvaluator, RemoteOpa,
 };
 use tower::ServiceExt;
 
 const ENTRY: &str = "data.soma.authz.decision";
 
 fn input() -> AuthzInput {
-    let p = Principal {
-        subject: "alice".into(),
-        tenant: "t1".into(),
-        roles: vec!["user".into()],
-        scopes: vec!["conversation:write".into(), "memory:write".into()],
-        auth_kind: AuthKind::Jwt {
-            issuer: common::ISSUER.into(),
-        },
-    };
-    AuthzInput::new(
-        &p,
-        "conversation.send",
-        Resource {
-            kind: "session".into(),
-            id: Some("s1".into()),
-        },
-    )
-    .with_request(RequestInfo {
-        method: "POST".into(),
-        route: "/v1/sessions/{id}/messages".into(),
-        request_id: Some("r1".into()),
-    })
-    .with_context("resource_tenant", "t1")
+    common::send_input()
 }
 
 fn embedded(evaluator: RegoEvaluator) -> Arc<EmbeddedRego> {
@@ -188,8 +164,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
-    let handler = || async { "ok" };
-    let bare: Router = Router::new().route("/v1/sessions/{id}/messages", post(handler));
+    let bare: Router = common::bare_router();
     let config = common::config_with_static_keys();
     let authn = Arc::new(Authenticator::builder(&config).build().unwrap());
     // No decision cache: every request evaluates the policy (worst case).
@@ -205,34 +180,10 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
             })
             .build(),
     );
-    let routes = Arc::new(
-        RouteMap::new([RouteRule::new(
-            "POST",
-            "/v1/sessions/{id}/messages",
-            "conversation.send",
-            "session",
-        )
-        .with_id_param("id")])
-        .unwrap(),
-    );
-    let full: Router = Router::new()
-        .route("/v1/sessions/{id}/messages", post(handler))
-        .route_layer(AuthzLayer::new(authz, routes.clone()))
-        .layer(AuthnLayer::new(authn.clone()));
-    let full_interp: Router = Router::new()
-        .route("/v1/sessions/{id}/messages", post(handler))
-        .route_layer(AuthzLayer::new(authz_interp, routes.clone()))
-        .layer(AuthnLayer::new(authn.clone()));
-    let full_cached: Router = Router::new()
-        .route("/v1/sessions/{id}/messages", post(handler))
-        .route_layer(AuthzLayer::new(authz_cached, routes))
-        .layer(AuthnLayer::new(authn));
-    let mut claims = common::claims("alice");
-    claims["exp"] = serde_json::json!(common::now() + 86_400);
-    let token = format!(
-        "Bearer {}",
-        common::mint(JwtAlgorithm::HS256, Some("hs"), &claims)
-    );
+    let full: Router = common::guarded_router(authn.clone(), Some(authz));
+    let full_interp: Router = common::guarded_router(authn.clone(), Some(authz_interp));
+    let full_cached: Router = common::guarded_router(authn, Some(authz_cached));
+    let token = common::long_lived_bearer();
     // Over real HTTP on loopback (keep-alive client), the way requests reach a service.
     let (bare_url, full_url, interp_url, cached_url) = rt.block_on(async {
         (
@@ -243,10 +194,11 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
         )
     });
     let client = reqwest::Client::new();
-    let url_bare = format!("{bare_url}/v1/sessions/s1/messages");
-    let url_full = format!("{full_url}/v1/sessions/s1/messages");
-    let url_interp = format!("{interp_url}/v1/sessions/s1/messages");
-    let url_cached = format!("{cached_url}/v1/sessions/s1/messages");
+    let path = common::SEND_PATH;
+    let url_bare = format!("{bare_url}{path}");
+    let url_full = format!("{full_url}{path}");
+    let url_interp = format!("{interp_url}{path}");
+    let url_cached = format!("{cached_url}{path}");
     let send = |url: &str| {
         let req = client.post(url).header("authorization", &token);
         async move {
@@ -307,7 +259,7 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
     });
     // In-process (tower oneshot, no network): the layers' own cost, worst case for the ratio.
     let req = |t: &str| {
-        Request::post("/v1/sessions/s1/messages")
+        Request::post(common::SEND_PATH)
             .header("authorization", t)
             .body(Body::empty())
             .unwrap()

@@ -1,13 +1,18 @@
-//! Shared helpers for soma-policy's integration tests.
+//! Shared helpers for soma-policy's integration tests, benchmarks and
+//! measuring examples.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
-use soma_policy::{IssuerConfig, JwtAlgorithm, PolicyConfig, StaticKey};
+use soma_policy::{
+    AuthKind, Authenticator, AuthnLayer, Authorizer, AuthzInput, AuthzLayer, IssuerConfig,
+    JwtAlgorithm, PolicyConfig, Principal, RequestInfo, Resource, RouteMap, RouteRule, StaticKey,
+};
 
 pub const ISSUER: &str = "https://id.soma.test";
 pub const HS_SECRET: &str = "test-only-hs256-secret-0123456789abcdef";
@@ -238,4 +243,65 @@ pub async fn serve(app: axum::Router) -> String {
         axum::serve(listener, app).await.unwrap();
     });
     format!("http://{addr}")
+}
+
+/// The route the benchmarks and measuring examples send to.
+pub const SEND_ROUTE: &str = "/v1/sessions/{id}/messages";
+/// A path of [`SEND_ROUTE`].
+pub const SEND_PATH: &str = "/v1/sessions/s1/messages";
+
+/// The benchmarks' input: alice (role `user`) sends a message to a session
+/// of her own tenant, which the reference policy allows.
+pub fn send_input() -> AuthzInput {
+    let p = Principal {
+        subject: "alice".into(),
+        tenant: "t1".into(),
+        roles: vec!["user".into()],
+        scopes: vec!["conversation:write".into(), "memory:write".into()],
+        auth_kind: AuthKind::Jwt {
+            issuer: ISSUER.into(),
+        },
+    };
+    AuthzInput::new(
+        &p,
+        "conversation.send",
+        Resource {
+            kind: "session".into(),
+            id: Some("s1".into()),
+        },
+    )
+    .with_request(RequestInfo {
+        method: "POST".into(),
+        route: SEND_ROUTE.into(),
+        request_id: Some("r1".into()),
+    })
+    .with_context("resource_tenant", "t1")
+}
+
+/// `Bearer <HS256 token>` for alice, valid for a day.
+pub fn long_lived_bearer() -> String {
+    let mut c = claims("alice");
+    c["exp"] = json!(now() + 86_400);
+    format!("Bearer {}", mint(JwtAlgorithm::HS256, Some("hs"), &c))
+}
+
+/// [`SEND_ROUTE`] answering `ok`, with no layers.
+pub fn bare_router() -> axum::Router {
+    axum::Router::new().route(SEND_ROUTE, axum::routing::post(|| async { "ok" }))
+}
+
+/// [`bare_router`] behind authentication (`authn`) and, when given,
+/// authorization (`authz`, the route mapped to `conversation.send`).
+pub fn guarded_router(authn: Arc<Authenticator>, authz: Option<Arc<Authorizer>>) -> axum::Router {
+    let mut router = bare_router();
+    if let Some(authz) = authz {
+        let routes =
+            RouteMap::new([
+                RouteRule::new("POST", SEND_ROUTE, "conversation.send", "session")
+                    .with_id_param("id"),
+            ])
+            .unwrap();
+        router = router.route_layer(AuthzLayer::new(authz, Arc::new(routes)));
+    }
+    router.layer(AuthnLayer::new(authn))
 }
