@@ -14,39 +14,7 @@ use common::*;
 use serde_json::{Value, json};
 use soma_observability::health::{ComponentStatus, Criticality, HealthRegistry};
 use soma_policy::engine::CircuitState;
-use soma_policy::{
-    AuthKind, Authorizer, AuthzInput, BreakerConfig, EngineError, OpaConfig, PolicyEngine,
-    Principal, RemoteOpa, RequestInfo, Resource,
-};
-
-fn principal() -> Principal {
-    Principal {
-        subject: "alice".into(),
-        tenant: "t1".into(),
-        roles: vec!["user".into()],
-        scopes: vec!["conversation:write".into()],
-        auth_kind: AuthKind::Jwt {
-            issuer: ISSUER.into(),
-        },
-    }
-}
-
-fn input() -> AuthzInput {
-    AuthzInput::new(
-        &principal(),
-        "conversation.send",
-        Resource {
-            kind: "session".into(),
-            id: Some("s1".into()),
-        },
-    )
-    .with_request(RequestInfo {
-        method: "POST".into(),
-        route: "/v1/sessions/{session_id}/messages".into(),
-        request_id: Some("req-1".into()),
-    })
-    .with_context("resource_tenant", "t1")
-}
+use soma_policy::{Authorizer, BreakerConfig, EngineError, OpaConfig, PolicyEngine, RemoteOpa};
 
 fn opa(base: &str, timeout_ms: u64) -> RemoteOpa {
     RemoteOpa::new(&OpaConfig {
@@ -65,10 +33,10 @@ fn opa(base: &str, timeout_ms: u64) -> RemoteOpa {
 async fn remote_opa_decides_with_the_real_evaluator_and_sends_exactly_the_schema() {
     let server = OpaServer::start();
     let engine = opa(&server.base_url(), 2_000);
-    let d = engine.evaluate(&input()).await.unwrap();
+    let d = engine.evaluate(&send_input()).await.unwrap();
     assert!(d.allow, "{d:?}");
     assert!(d.reasons.is_empty());
-    let mut denied = input();
+    let mut denied = send_input();
     denied.context.insert("resource_tenant".into(), json!("t2"));
     let d = engine.evaluate(&denied).await.unwrap();
     assert!(!d.allow);
@@ -99,10 +67,11 @@ async fn remote_opa_decides_with_the_real_evaluator_and_sends_exactly_the_schema
     assert_eq!(
         *got,
         json!({
-            "subject": "alice", "tenant": "t1", "roles": ["user"], "scopes": ["conversation:write"],
+            "subject": "alice", "tenant": "t1", "roles": ["user"],
+            "scopes": ["conversation:write", "memory:write"],
             "action": "conversation.send",
             "resource": {"kind": "session", "id": "s1"},
-            "request": {"method": "POST", "route": "/v1/sessions/{session_id}/messages", "request_id": "req-1"},
+            "request": {"method": "POST", "route": "/v1/sessions/{id}/messages", "request_id": "r1"},
             "context": {"resource_tenant": "t1"},
         })
     );
@@ -117,7 +86,7 @@ async fn remote_opa_decides_with_the_real_evaluator_and_sends_exactly_the_schema
 
 #[tokio::test]
 async fn the_http_stack_sends_no_credentials_to_opa() {
-    use soma_policy::{Authenticator, AuthnLayer, AuthzLayer, RouteMap, RouteRule};
+    use soma_policy::Authenticator;
     let server = OpaServer::start();
     let authn = Arc::new(
         Authenticator::builder(&config_with_static_keys())
@@ -125,20 +94,7 @@ async fn the_http_stack_sends_no_credentials_to_opa() {
             .unwrap(),
     );
     let authz = Arc::new(Authorizer::builder(Arc::new(opa(&server.base_url(), 2_000))).build());
-    let routes = Arc::new(
-        RouteMap::new([RouteRule::new(
-            "POST",
-            "/v1/sessions/{id}/messages",
-            "conversation.send",
-            "session",
-        )
-        .with_id_param("id")])
-        .unwrap(),
-    );
-    let app = Router::new()
-        .route("/v1/sessions/{id}/messages", post(|| async { "ok" }))
-        .route_layer(AuthzLayer::new(authz, routes))
-        .layer(AuthnLayer::new(authn));
+    let app = guarded_router(authn, Some(authz));
     let url = serve(app).await;
     let token = mint(
         soma_policy::JwtAlgorithm::HS256,
@@ -214,13 +170,19 @@ async fn malformed_responses_are_typed_errors() {
     ];
     for (body, check) in cases {
         let url = fault_server(200, body, Duration::ZERO, Arc::default()).await;
-        let e = opa(&url, 1_000).evaluate(&input()).await.unwrap_err();
+        let e = opa(&url, 1_000).evaluate(&send_input()).await.unwrap_err();
         assert!(check(&e), "{body}: {e:?}");
         assert!(e.is_malformed());
     }
     // Both accepted shapes.
     let url = fault_server(200, r#"{"result": true}"#, Duration::ZERO, Arc::default()).await;
-    assert!(opa(&url, 1_000).evaluate(&input()).await.unwrap().allow);
+    assert!(
+        opa(&url, 1_000)
+            .evaluate(&send_input())
+            .await
+            .unwrap()
+            .allow
+    );
     let url = fault_server(
         200,
         r#"{"result": {"allow": false, "reasons": ["r1"]}}"#,
@@ -229,7 +191,11 @@ async fn malformed_responses_are_typed_errors() {
     )
     .await;
     assert_eq!(
-        opa(&url, 1_000).evaluate(&input()).await.unwrap().reasons,
+        opa(&url, 1_000)
+            .evaluate(&send_input())
+            .await
+            .unwrap()
+            .reasons,
         vec!["r1"]
     );
 }
@@ -249,7 +215,7 @@ async fn timeouts_fail_fast_and_open_the_breaker() {
     assert_eq!(health.component("opa").unwrap().status, ComponentStatus::Up);
     for _ in 0..3 {
         let t = Instant::now();
-        let e = engine.evaluate(&input()).await.unwrap_err();
+        let e = engine.evaluate(&send_input()).await.unwrap_err();
         assert!(e.is_timeout(), "{e:?}");
         assert!(t.elapsed() < Duration::from_secs(2));
     }
@@ -257,7 +223,7 @@ async fn timeouts_fail_fast_and_open_the_breaker() {
     let opa_health = health.component("opa").unwrap();
     assert_eq!(opa_health.status, ComponentStatus::Down);
     assert!(opa_health.reason.unwrap().contains("timeout"));
-    let e = engine.evaluate(&input()).await.unwrap_err();
+    let e = engine.evaluate(&send_input()).await.unwrap_err();
     assert!(e.is_circuit_open());
     assert_eq!(
         hits.load(Ordering::SeqCst),
@@ -266,7 +232,13 @@ async fn timeouts_fail_fast_and_open_the_breaker() {
     );
     // After the reset timeout one trial goes through (and fails again here).
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert!(engine.evaluate(&input()).await.unwrap_err().is_timeout());
+    assert!(
+        engine
+            .evaluate(&send_input())
+            .await
+            .unwrap_err()
+            .is_timeout()
+    );
     assert_eq!(hits.load(Ordering::SeqCst), 4);
     assert_eq!(engine.circuit_state(), CircuitState::Open);
 }
@@ -278,20 +250,20 @@ async fn server_errors_count_toward_the_breaker_and_recover() {
     let engine = opa(&url, 1_000);
     for _ in 0..3 {
         assert_eq!(
-            engine.evaluate(&input()).await.unwrap_err(),
+            engine.evaluate(&send_input()).await.unwrap_err(),
             EngineError::Status(500)
         );
     }
     assert!(
         engine
-            .evaluate(&input())
+            .evaluate(&send_input())
             .await
             .unwrap_err()
             .is_circuit_open()
     );
     // Through the authorizer (fail closed), an open breaker is `policy_unavailable`.
     let authz = Authorizer::builder(Arc::new(engine)).build();
-    let e = authz.check(&input()).await.unwrap_err();
+    let e = authz.check(&send_input()).await.unwrap_err();
     assert!(e.is_unavailable());
     assert_eq!(e.code(), "policy_unavailable");
     assert_eq!(e.status(), 503);
@@ -299,7 +271,7 @@ async fn server_errors_count_toward_the_breaker_and_recover() {
     // A healthy OPA closes the breaker after the reset timeout.
     let server = OpaServer::start();
     let engine = opa(&server.base_url(), 2_000);
-    assert!(engine.evaluate(&input()).await.unwrap().allow);
+    assert!(engine.evaluate(&send_input()).await.unwrap().allow);
     assert_eq!(engine.circuit_state(), CircuitState::Closed);
 }
 
@@ -313,7 +285,7 @@ async fn undefined_package_path_is_an_error_not_a_decision() {
     })
     .unwrap();
     assert_eq!(
-        engine.evaluate(&input()).await.unwrap_err(),
+        engine.evaluate(&send_input()).await.unwrap_err(),
         EngineError::Undefined
     );
     let _: Value = json!(null);
