@@ -1,5 +1,6 @@
 //! [`KafkaSink`]: the soma-outbox relay's way to Kafka.
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use rdkafka::message::{Header, OwnedHeaders};
@@ -13,9 +14,18 @@ use crate::producer::{BusProducer, RawRecord};
 /// A batch is enqueued in order and acknowledgements awaited together (within
 /// `publish_timeout_ms`). On timeout the producer purges everything
 /// unacknowledged, so within a partition a failed record is never followed by
-/// a delivered one of the same batch: the relay keeps per-key order. Records
-/// the broker rejects for what they are (too large, invalid, not authorized)
-/// are `Reject`ed so the relay dead-letters them; everything else is `Retry`.
+/// a delivered one of the same batch: the relay keeps per-key order.
+///
+/// Outcomes: records the broker refuses for what they are (too large,
+/// invalid, not authorized) are [`Reject`](SinkOutcome::Reject)ed, and
+/// later records of the same key in the batch are not sent (they wait for
+/// the operator's decision, see
+/// [`RelayConfig::dead_letter_order`](soma_outbox::RelayConfig::dead_letter_order)).
+/// Every other failure (broker unreachable, timeout, purge, transport) means
+/// the broker is unavailable, not that the record is at fault:
+/// [`Unavailable`](SinkOutcome::Unavailable). The relay then backs off and
+/// no record loses an attempt, so an outage of any length dead-letters
+/// nothing.
 #[derive(Debug, Clone)]
 pub struct KafkaSink {
     producer: BusProducer,
@@ -30,13 +40,9 @@ impl KafkaSink {
 
 fn outcome(e: &BusError) -> SinkOutcome {
     if e.is_permanent() {
-        SinkOutcome::Reject {
-            error: e.to_string(),
-        }
+        SinkOutcome::reject(e.to_string())
     } else {
-        SinkOutcome::Retry {
-            error: e.to_string(),
-        }
+        SinkOutcome::unavailable(e.to_string())
     }
 }
 
@@ -49,9 +55,18 @@ impl Sink for KafkaSink {
         let mut sent = Vec::with_capacity(batch.len());
         let mut out: Vec<Option<SinkOutcome>> = (0..batch.len()).map(|_| None).collect();
         let mut stopped: Option<String> = None;
+        // Keys with a record rejected in this batch: their later records wait.
+        let mut rejected: HashSet<(&str, &str)> = HashSet::new();
         for (i, r) in batch.iter().enumerate() {
             if let Some(e) = &stopped {
-                out[i] = Some(SinkOutcome::Retry { error: e.clone() });
+                out[i] = Some(SinkOutcome::unavailable(e.clone()));
+                continue;
+            }
+            let group = r.key.as_deref().map(|k| (r.topic.as_str(), k));
+            if group.is_some_and(|g| rejected.contains(&g)) {
+                out[i] = Some(SinkOutcome::retry(
+                    "not sent: an earlier record of its key was rejected",
+                ));
                 continue;
             }
             let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
@@ -72,7 +87,12 @@ impl Sink for KafkaSink {
                     futs.push(f);
                     sent.push(i);
                 }
-                Err(e) if e.is_permanent() => out[i] = Some(outcome(&e)),
+                Err(e) if e.is_permanent() => {
+                    if let Some(g) = group {
+                        rejected.insert(g);
+                    }
+                    out[i] = Some(outcome(&e));
+                }
                 Err(e) => {
                     // Stop here: nothing after a failed record may be sent ahead of it.
                     stopped = Some(e.to_string());
@@ -91,11 +111,7 @@ impl Sink for KafkaSink {
             });
         }
         out.into_iter()
-            .map(|o| {
-                o.unwrap_or(SinkOutcome::Retry {
-                    error: "not attempted".into(),
-                })
-            })
+            .map(|o| o.unwrap_or_else(|| SinkOutcome::unavailable("not attempted")))
             .collect()
     }
 }

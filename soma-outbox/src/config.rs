@@ -74,6 +74,28 @@ pub(crate) fn validate_identifier(name: &str) -> Result<(), OutboxError> {
     }
 }
 
+/// What a dead-lettered message does to later messages of its key
+/// ([`RelayConfig::dead_letter_order`]).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterOrder {
+    /// Later messages of the key wait while any earlier message of the key
+    /// is in the dead-letter table. An operator either requeues it
+    /// ([`Outbox::requeue_dead_letter`](crate::Outbox::requeue_dead_letter):
+    /// it is delivered first, in its original place) or purges it
+    /// ([`Outbox::purge_dead_letters`](crate::Outbox::purge_dead_letters):
+    /// the key continues without it). Per-key order is never broken
+    /// silently; a blocked key shows as pending age and in the dead-letter
+    /// gauge.
+    #[default]
+    BlockKey,
+    /// Later messages of the key proceed at once: dead-lettering gives up the
+    /// message's place in its key's order, and a requeue delivers it after
+    /// whatever was delivered meanwhile. Choose this only where per-key
+    /// order matters less than progress.
+    ReleaseKey,
+}
+
 /// The `relay` section: how a [`Relay`](crate::Relay) claims, publishes and retries.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
@@ -92,8 +114,31 @@ pub struct RelayConfig {
     pub backoff_base_ms: u64,
     /// Cap of the exponential retry backoff.
     pub backoff_max_ms: u64,
-    /// Attempts before a message is moved to the dead-letter table.
+    /// Failed attempts ([`SinkOutcome::Retry`](crate::SinkOutcome::Retry),
+    /// a sink panic) before a message is moved to the dead-letter table.
+    /// Times the sink was *unavailable*
+    /// ([`SinkOutcome::Unavailable`](crate::SinkOutcome::Unavailable), a
+    /// sink timeout) are not attempts: an outage of any length never
+    /// dead-letters anything.
     pub max_attempts: u32,
+    /// Opt-in maximum age, in seconds: a message still undelivered this long
+    /// after it was enqueued is dead-lettered at its next failed or
+    /// unavailable attempt, even while the sink is down. 0 (the default):
+    /// no maximum age; messages wait for the broker for as long as it takes.
+    pub dead_letter_after_secs: u64,
+    /// What a dead letter does to later messages of its key. The default,
+    /// [`DeadLetterOrder::BlockKey`], keeps them waiting until an operator
+    /// requeues the dead letter (it goes back to its original place) or
+    /// purges it, so a later message never overtakes a dead-lettered one.
+    pub dead_letter_order: DeadLetterOrder,
+    /// First wait after the sink was unavailable (the relay as a whole backs
+    /// off; no message's attempts change). Doubles per consecutive
+    /// unavailable batch, with full jitter, up to
+    /// [`unavailable_backoff_max_ms`](Self::unavailable_backoff_max_ms).
+    pub unavailable_backoff_initial_ms: u64,
+    /// Longest wait between two probes of an unavailable sink: once the
+    /// broker is back, delivery resumes within about this long.
+    pub unavailable_backoff_max_ms: u64,
     /// 0: delete a message once delivered. Otherwise keep it, marked sent,
     /// for this many seconds (the dedupe window then covers it too); the
     /// relay purges older sent messages.
@@ -101,8 +146,9 @@ pub struct RelayConfig {
     /// How often a relay re-reads the set of live relays and takes or gives
     /// up shards. Takeover after a relay dies happens within about this long.
     pub rebalance_interval_ms: u64,
-    /// Longest time the sink may take for one batch; on expiry every record
-    /// of the batch counts as a failed attempt.
+    /// Longest time the sink may take for one batch; on expiry the sink
+    /// counts as unavailable for every record of the batch (no attempt is
+    /// counted) and the relay backs off.
     pub sink_timeout_ms: u64,
     /// Delay before reconnecting after the relay's database connection fails.
     pub reconnect_backoff_ms: u64,
@@ -119,6 +165,10 @@ impl Default for RelayConfig {
             backoff_base_ms: 200,
             backoff_max_ms: 60_000,
             max_attempts: 10,
+            dead_letter_after_secs: 0,
+            dead_letter_order: DeadLetterOrder::BlockKey,
+            unavailable_backoff_initial_ms: 250,
+            unavailable_backoff_max_ms: 5_000,
             retention_secs: 0,
             rebalance_interval_ms: 1_000,
             sink_timeout_ms: 30_000,
@@ -150,6 +200,13 @@ impl RelayConfig {
         if self.sink_timeout_ms == 0 {
             return bad("relay sink_timeout_ms must be > 0");
         }
+        if self.unavailable_backoff_initial_ms == 0
+            || self.unavailable_backoff_initial_ms > self.unavailable_backoff_max_ms
+        {
+            return bad(
+                "relay unavailable_backoff_initial_ms must be > 0 and <= unavailable_backoff_max_ms",
+            );
+        }
         Ok(())
     }
 
@@ -158,6 +215,22 @@ impl RelayConfig {
     }
     pub(crate) fn rebalance_interval(&self) -> Duration {
         Duration::from_millis(self.rebalance_interval_ms)
+    }
+
+    /// The relay's wait after `consecutive` unavailable batches in a row
+    /// (1 for the first): exponential from
+    /// [`unavailable_backoff_initial_ms`](Self::unavailable_backoff_initial_ms)
+    /// up to [`unavailable_backoff_max_ms`](Self::unavailable_backoff_max_ms),
+    /// with equal jitter (at least half of the exponential value, so probes
+    /// never come back-to-back against a down broker).
+    pub fn unavailable_backoff(&self, consecutive: u32) -> Duration {
+        let exp = consecutive.saturating_sub(1).min(40);
+        let ceiling = self
+            .unavailable_backoff_initial_ms
+            .saturating_mul(1u64 << exp)
+            .min(self.unavailable_backoff_max_ms);
+        let half = ceiling / 2;
+        Duration::from_millis(half + rand::random_range(0..=ceiling - half))
     }
 
     /// Exponential backoff with full jitter for a message that has now failed
@@ -208,9 +281,29 @@ mod tests {
     }
 
     #[test]
+    fn unavailable_backoff_has_a_floor_grows_and_is_capped() {
+        let c = RelayConfig {
+            unavailable_backoff_initial_ms: 100,
+            unavailable_backoff_max_ms: 1_000,
+            ..Default::default()
+        };
+        for n in 1..40 {
+            let ceiling = (100u64 << (n - 1).min(40)).min(1_000);
+            for _ in 0..50 {
+                let d = c.unavailable_backoff(n).as_millis() as u64;
+                assert!(d >= ceiling / 2 && d <= ceiling, "{n}: {d} vs {ceiling}");
+            }
+        }
+    }
+
+    #[test]
     fn defaults_validate() {
         OutboxConfig::default().validate().unwrap();
         RelayConfig::default().validate().unwrap();
+        assert_eq!(
+            RelayConfig::default().dead_letter_order,
+            DeadLetterOrder::BlockKey
+        );
         assert!(
             RelayConfig {
                 shards: 0,

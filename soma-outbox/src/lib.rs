@@ -30,10 +30,18 @@
 //!   degraded once the oldest is older than the threshold.
 //! * A failed message blocks later messages of its key until it succeeds
 //!   or is dead-lettered, and never blocks other keys.
-//! * Dead-lettering (after [`RelayConfig::max_attempts`] failures, or at
-//!   once on [`SinkOutcome::Reject`]) gives up the message's place in its
-//!   key's order: later messages of the key proceed. A requeued dead letter
-//!   is ordered as a new message.
+//! * **An outage is not an attempt.** When the sink is unavailable
+//!   ([`SinkOutcome::Unavailable`]: broker down, timeout, transport error)
+//!   the relay backs off as a whole and probes with one message at a time;
+//!   no message's attempt count changes, so no outage, however long,
+//!   dead-letters anything (unless the opt-in
+//!   [`RelayConfig::dead_letter_after_secs`] is set).
+//! * Dead-lettering (after [`RelayConfig::max_attempts`] failed attempts, or
+//!   at once on [`SinkOutcome::Reject`]) never lets a later message of the
+//!   key overtake silently: by default ([`DeadLetterOrder::BlockKey`]) the
+//!   key waits until an operator requeues the dead letter (delivered first,
+//!   in its original place) or purges it. [`DeadLetterOrder::ReleaseKey`]
+//!   is the explicit choice to let the key proceed without it.
 //! * Invalid input (payload over [`OutboxConfig::max_payload_bytes`],
 //!   invalid topic name, malformed message) is rejected with a typed error
 //!   before anything is written.
@@ -97,8 +105,20 @@
 //! failing message holds back its own key only. Later records of that key
 //! that were in the same batch are left untouched (not counted as attempts)
 //! and wait. After `max_attempts`, the row moves to the dead-letter table
-//! with its error history, in the same transaction. A message the sink
-//! [rejects](SinkOutcome::Reject) is dead-lettered at once.
+//! with its error history and its `(txid, seq)` place, in the same
+//! transaction. A message the sink [rejects](SinkOutcome::Reject) is
+//! dead-lettered at once. With [`DeadLetterOrder::BlockKey`] the claim also
+//! skips keyed rows that have an earlier row of their key in the dead-letter
+//! table (an index probe on `dead_letters (topic, key, txid, seq)`).
+//!
+//! An [unavailable](SinkOutcome::Unavailable) sink is different: nothing
+//! about the record changes; the relay waits
+//! ([`RelayConfig::unavailable_backoff_initial_ms`] doubling, with jitter,
+//! up to [`RelayConfig::unavailable_backoff_max_ms`]) and then claims a
+//! batch of one record as a probe, returning to full batches once the sink
+//! delivers again. While it waits, [`Relay::with_health`]'s component
+//! `outbox_relay` is degraded and the gauge
+//! `soma_outbox_relay_sink_unavailable` is 1.
 //!
 //! # Operations
 //!
@@ -190,7 +210,7 @@ mod relay;
 mod schema;
 mod sink;
 
-pub use config::{OutboxConfig, RelayConfig};
+pub use config::{DeadLetterOrder, OutboxConfig, RelayConfig};
 pub use error::OutboxError;
 pub use inbox::Inbox;
 pub use message::{EnqueueOutcome, MAX_DEDUPE_KEY_BYTES, NewMessage, OutboxRecord, validate_topic};

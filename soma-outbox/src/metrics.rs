@@ -34,6 +34,9 @@ struct SchemaLabel {
 /// | `soma_outbox_relay_batch_duration_seconds` | histogram | claim → publish → commit of one batch |
 /// | `soma_outbox_relay_shards_owned` | gauge | shards this process's relays own |
 /// | `soma_outbox_relay_errors_total` | counter | relay database failures (reconnects) |
+/// | `soma_outbox_relay_sink_unavailable` | gauge | relays in this process backing off because the sink is unavailable |
+/// | `soma_outbox_relay_sink_wait_milliseconds_total` | counter | time relays spent waiting for an unavailable sink |
+/// | `soma_outbox_relay_order_violations_total` | counter | records a sink delivered after an undelivered earlier record of their key (a [`Sink`](crate::Sink) contract violation; should stay 0) |
 ///
 /// Every series has the label `schema`. The gauges are refreshed by each
 /// running relay every [`RelayConfig::stats_interval_ms`](crate::RelayConfig::stats_interval_ms).
@@ -49,6 +52,9 @@ pub struct OutboxMetrics {
     batch_duration: HistogramFamily<SchemaLabel>,
     shards_owned: Family<SchemaLabel, Gauge>,
     errors: Family<SchemaLabel, Counter>,
+    sink_unavailable: Family<SchemaLabel, Gauge>,
+    sink_wait: Family<SchemaLabel, Counter>,
+    order_violations: Family<SchemaLabel, Counter>,
 }
 
 const BATCH_BUCKETS: &[f64] = &[
@@ -108,6 +114,18 @@ impl OutboxMetrics {
                 "soma_outbox_relay_errors_total",
                 "Outbox relay database failures",
             ),
+            sink_unavailable: r.gauge_family(
+                "soma_outbox_relay_sink_unavailable",
+                "Outbox relays backing off because their sink is unavailable",
+            ),
+            sink_wait: r.counter_family(
+                "soma_outbox_relay_sink_wait_milliseconds_total",
+                "Time outbox relays spent waiting for an unavailable sink",
+            ),
+            order_violations: r.counter_family(
+                "soma_outbox_relay_order_violations_total",
+                "Records a sink delivered after an undelivered earlier record of their key",
+            ),
         }
     }
 
@@ -135,6 +153,25 @@ impl OutboxMetrics {
     /// Relays in one process add up: each reports its own change.
     pub(crate) fn shards_delta(&self, delta: i64) {
         self.shards_owned.get_or_create(&self.label).inc_by(delta);
+    }
+
+    /// A relay entered (`true`) or left (`false`) its unavailable backoff.
+    pub(crate) fn sink_unavailable(&self, unavailable: bool) {
+        self.sink_unavailable
+            .get_or_create(&self.label)
+            .inc_by(if unavailable { 1 } else { -1 });
+    }
+
+    pub(crate) fn sink_wait(&self, waited: Duration) {
+        self.sink_wait
+            .get_or_create(&self.label)
+            .inc_by(waited.as_millis() as u64);
+    }
+
+    pub(crate) fn order_violations(&self, n: u64) {
+        if n > 0 {
+            self.order_violations.get_or_create(&self.label).inc_by(n);
+        }
     }
 
     pub(crate) fn relay_error(&self) {

@@ -298,9 +298,13 @@ impl Outbox {
     }
 
     /// Moves a dead letter back into the outbox with its id, attempts reset
-    /// and its replay count increased. It is ordered as a new message: it is
-    /// delivered after messages of its key enqueued before the requeue
-    /// (dead-lettering gives up the original position).
+    /// and its replay count increased. It goes back to its original place in
+    /// its key's order: with
+    /// [`DeadLetterOrder::BlockKey`](crate::DeadLetterOrder::BlockKey) the
+    /// later messages of its key waited for it and are delivered after it;
+    /// with `ReleaseKey` they may have been delivered already. (A dead letter
+    /// written before schema version 2 has no recorded place and is ordered
+    /// as a new message.)
     ///
     /// Refused with [`OutboxError::ReplayLimit`] once the message was
     /// requeued [`OutboxConfig::max_replays`] times, with
@@ -324,11 +328,14 @@ impl Outbox {
         let moved = sqlx::query(&format!(
             "WITH d AS (DELETE FROM {q}.dead_letters WHERE id = $1 RETURNING *)
              INSERT INTO {q}.outbox (id, topic, key, key_hash, payload, headers, dedupe_key,
-                                     created_at, attempts, replays, errors)
+                                     created_at, attempts, replays, errors, txid, seq)
+             OVERRIDING SYSTEM VALUE
              SELECT id, topic, key, key_hash, payload, headers, dedupe_key,
                     created_at, 0, replays + 1,
                     errors || jsonb_build_array(jsonb_build_object(
-                        'at', now(), 'requeued', true, 'replay', replays + 1))
+                        'at', now(), 'requeued', true, 'replay', replays + 1)),
+                    COALESCE(txid, pg_current_xact_id()),
+                    COALESCE(seq, nextval(pg_get_serial_sequence('{q}.outbox', 'seq')))
              FROM d
              ON CONFLICT DO NOTHING"
         ))

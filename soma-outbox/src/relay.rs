@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,9 +15,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use soma_observability::health::{Criticality, HealthRegistry, HealthReporter};
+
 use crate::metrics::OutboxMetrics;
 use crate::schema::{channel_name, lock_namespace};
-use crate::{Outbox, OutboxError, OutboxRecord, RelayConfig, Sink, SinkOutcome};
+use crate::{DeadLetterOrder, Outbox, OutboxError, OutboxRecord, RelayConfig, Sink, SinkOutcome};
 
 /// Longest error text kept per attempt.
 const MAX_ERROR_CHARS: usize = 2_000;
@@ -34,9 +36,11 @@ const MAX_ERROR_CHARS: usize = 2_000;
 /// pool for the statistics query. Size the pool accordingly.
 ///
 /// Under pressure: the relay keeps nothing in memory beyond the batch in
-/// flight. When the sink fails, messages stay in the outbox table (growing
-/// without bound; watch `soma_outbox_pending` and the health component) and
-/// are retried with backoff; when PostgreSQL is unreachable, the relay
+/// flight. When the sink is unavailable, messages stay in the outbox table
+/// (growing without bound; watch `soma_outbox_pending` and the health
+/// component) with their attempts untouched while the relay backs off and
+/// probes; a record the sink fails on its own is retried with backoff; when
+/// PostgreSQL is unreachable, the relay
 /// reconnects every [`RelayConfig::reconnect_backoff_ms`], counting
 /// `soma_outbox_relay_errors_total`.
 pub struct Relay {
@@ -44,6 +48,7 @@ pub struct Relay {
     sink: Arc<dyn Sink>,
     config: RelayConfig,
     metrics: OutboxMetrics,
+    health: Option<HealthReporter>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -89,6 +94,7 @@ struct Shared {
     dead_lettered: AtomicU64,
     batches: AtomicU64,
     order_violations: AtomicU64,
+    sink_unavailable: AtomicBool,
 }
 
 impl RelayHandle {
@@ -125,6 +131,11 @@ impl RelayHandle {
         self.main.is_finished()
     }
 
+    /// True while the relay is backing off because its sink is unavailable.
+    pub fn sink_unavailable(&self) -> bool {
+        self.shared.sink_unavailable.load(Ordering::Relaxed)
+    }
+
     /// Shards this relay owns right now.
     pub fn owned_shards(&self) -> Vec<u32> {
         self.shared
@@ -158,7 +169,18 @@ impl Relay {
             sink: Arc::new(sink),
             config,
             metrics: OutboxMetrics::detached(),
+            health: None,
         }
+    }
+
+    /// Reports the health component `outbox_relay` (optional) in `health`:
+    /// `up` while the sink takes records, `degraded` while it is unavailable
+    /// and the relay is backing off (messages wait in the outbox).
+    pub fn with_health(mut self, health: &HealthRegistry) -> Self {
+        let r = health.reporter("outbox_relay", Criticality::Optional);
+        r.set_up();
+        self.health = Some(r);
+        self
     }
 
     /// Exports the relay's metrics through `metrics` (see [`OutboxMetrics`]).
@@ -272,8 +294,10 @@ impl RelaySql {
         Self {
             // Commit order = (txid, seq), restricted to transactions below the
             // snapshot's xmin (finished ones), to the shards we own, to
-            // records whose backoff expired, and to keys with no earlier
-            // record still waiting for a retry.
+            // records whose backoff expired, to keys with no earlier
+            // record still waiting for a retry, and (with
+            // `DeadLetterOrder::BlockKey`, $4) to keys with no earlier
+            // record in the dead-letter table.
             claim: format!(
                 "SELECT o.id, o.topic, o.key, o.payload, o.headers, o.attempts, o.created_at
                  FROM {q}.outbox o
@@ -287,6 +311,10 @@ impl RelaySql {
                           AND p.attempts > 0
                           AND (p.txid, p.seq) < (o.txid, o.seq)
                           AND p.available_at > now()))
+                   AND (o.key IS NULL OR NOT $4 OR NOT EXISTS (
+                        SELECT 1 FROM {q}.dead_letters d
+                        WHERE d.topic = o.topic AND d.key = o.key
+                          AND (d.txid IS NULL OR (d.txid, d.seq) < (o.txid, o.seq))))
                  ORDER BY o.txid, o.seq
                  LIMIT $3
                  FOR UPDATE OF o"
@@ -311,13 +339,15 @@ impl RelaySql {
                  moved AS (
                      DELETE FROM {q}.outbox o USING f WHERE o.id = f.id
                      RETURNING o.id, o.topic, o.key, o.key_hash, o.payload, o.headers,
-                               o.dedupe_key, o.created_at, o.attempts, o.replays, o.errors, f.err)
+                               o.dedupe_key, o.created_at, o.attempts, o.replays, o.errors,
+                               o.txid, o.seq, f.err)
                  INSERT INTO {q}.dead_letters (id, topic, key, key_hash, payload, headers,
-                     dedupe_key, created_at, attempts, replays, last_error, errors)
+                     dedupe_key, created_at, attempts, replays, last_error, errors, txid, seq)
                  SELECT id, topic, key, key_hash, payload, headers, dedupe_key, created_at,
                         attempts + 1, replays, err,
                         errors || jsonb_build_array(jsonb_build_object(
-                            'at', clock_timestamp(), 'attempt', attempts + 1, 'error', err))
+                            'at', clock_timestamp(), 'attempt', attempts + 1, 'error', err)),
+                        txid, seq
                  FROM moved"
             ),
             settings_get: format!("SELECT shards FROM {q}.relay_settings"),
@@ -348,6 +378,17 @@ struct Worker {
     ns: i32,
     next_rebalance: Instant,
     reported_owned: i64,
+    unavailable: Unavailable,
+    health: Option<HealthReporter>,
+}
+
+/// The relay's view of an unavailable sink.
+#[derive(Debug, Default)]
+struct Unavailable {
+    /// Unavailable batches in a row (0: the sink is available).
+    streak: u32,
+    /// When the current unavailability started.
+    since: Option<Instant>,
 }
 
 struct Claimed {
@@ -382,6 +423,8 @@ impl Worker {
             ns,
             next_rebalance: Instant::now(),
             reported_owned: 0,
+            unavailable: Unavailable::default(),
+            health: relay.health,
         }
     }
 
@@ -393,7 +436,20 @@ impl Worker {
         while !self.cancel.is_cancelled() {
             let step = self.step().boxed().await;
             match step {
-                Ok(n) if n > 0 => {
+                Ok(b) if b.unavailable.is_some() => {
+                    let wait = self.sink_unavailable(b.unavailable.unwrap_or_default());
+                    let waited = Instant::now();
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    self.metrics.sink_wait(waited.elapsed());
+                    continue;
+                }
+                Ok(b) if b.handled > 0 => {
+                    if b.delivered > 0 {
+                        self.sink_available();
+                    }
                     idle_hot = 0;
                     continue;
                 }
@@ -440,6 +496,51 @@ impl Worker {
         result
     }
 
+    /// Records an unavailable batch; returns how long to wait before the
+    /// next probe.
+    fn sink_unavailable(&mut self, error: String) -> Duration {
+        let u = &mut self.unavailable;
+        u.streak = u.streak.saturating_add(1);
+        let since = *u.since.get_or_insert_with(Instant::now);
+        let wait = self.config.unavailable_backoff(u.streak);
+        if u.streak == 1 {
+            tracing::warn!(
+                schema = self.outbox.schema(),
+                error = %error,
+                "sink unavailable; relay backing off (no message loses its place or an attempt)"
+            );
+            self.metrics.sink_unavailable(true);
+        }
+        if let Some(h) = &self.health {
+            h.set_degraded(format!(
+                "sink unavailable for {:.0}s ({} probes): {error}",
+                since.elapsed().as_secs_f64(),
+                u.streak
+            ));
+        }
+        self.shared.sink_unavailable.store(true, Ordering::Relaxed);
+        wait
+    }
+
+    /// The sink delivered again: leave the backoff.
+    fn sink_available(&mut self) {
+        let u = &mut self.unavailable;
+        if let Some(since) = u.since.take() {
+            tracing::info!(
+                schema = self.outbox.schema(),
+                unavailable_secs = since.elapsed().as_secs_f64(),
+                probes = u.streak,
+                "sink available again; relay resumes full batches"
+            );
+            self.metrics.sink_unavailable(false);
+        }
+        u.streak = 0;
+        if let Some(h) = &self.health {
+            h.set_up();
+        }
+        self.shared.sink_unavailable.store(false, Ordering::Relaxed);
+    }
+
     fn drop_connection(&mut self) {
         self.conn = None;
         self.owned.clear();
@@ -455,9 +556,8 @@ impl Worker {
         self.reported_owned = now;
     }
 
-    /// Connects and rebalances if due, then runs one batch. Returns the
-    /// number of records handled.
-    async fn step(&mut self) -> Result<usize, OutboxError> {
+    /// Connects and rebalances if due, then runs one batch.
+    async fn step(&mut self) -> Result<Batch, OutboxError> {
         if self.conn.is_none() {
             self.connect().boxed().await?;
             self.next_rebalance = Instant::now();
@@ -467,7 +567,7 @@ impl Worker {
             self.next_rebalance = Instant::now() + self.config.rebalance_interval();
         }
         if self.owned.is_empty() {
-            return Ok(0);
+            return Ok(Batch::default());
         }
         self.batch().boxed().await
     }
@@ -615,21 +715,31 @@ impl Worker {
         Ok(())
     }
 
-    /// Claims, publishes and settles one batch in one transaction.
-    async fn batch(&mut self) -> Result<usize, OutboxError> {
+    /// Claims, publishes and settles one batch in one transaction. While
+    /// the sink is unavailable the batch is a probe of one record: the
+    /// oldest claimable one, so nothing else is handed to a sink that
+    /// cannot take it.
+    async fn batch(&mut self) -> Result<Batch, OutboxError> {
         let started = Instant::now();
         let owned: Vec<i32> = self.owned.iter().map(|s| *s as i32).collect();
+        let limit = if self.unavailable.streak > 0 {
+            1
+        } else {
+            self.config.batch_size
+        };
+        let block_on_dead = self.config.dead_letter_order == DeadLetterOrder::BlockKey;
         let conn = self.conn.as_mut().expect("connected");
         let mut tx = conn.begin().await?;
         let rows: Vec<PgRow> = sqlx::query(&self.sql.claim)
             .bind(self.config.shards as i32)
             .bind(&owned)
-            .bind(self.config.batch_size as i64)
+            .bind(limit as i64)
+            .bind(block_on_dead)
             .fetch_all(&mut *tx)
             .await?;
         if rows.is_empty() {
             tx.commit().await?;
-            return Ok(0);
+            return Ok(Batch::default());
         }
         let claimed = rows
             .iter()
@@ -637,79 +747,26 @@ impl Worker {
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
         let batch: Vec<OutboxRecord> = claimed.iter().map(|c| c.record.clone()).collect();
         let outcomes = publish(&*self.sink, &self.config, self.outbox.schema(), &batch).await;
+        let settled = settle(&self.config, &claimed, outcomes, chrono::Utc::now());
 
-        let mut delivered = Vec::new();
-        let (mut retry_ids, mut retry_errs, mut retry_delays) =
-            (Vec::new(), Vec::new(), Vec::new());
-        let (mut dead_ids, mut dead_errs) = (Vec::new(), Vec::new());
-        let mut blocked: HashSet<(&str, &str)> = HashSet::new();
-        let mut violations = 0u64;
-        let mut failed_attempts = 0u64;
-        for (i, c) in claimed.iter().enumerate() {
-            let outcome = outcomes.get(i).cloned().unwrap_or_else(|| {
-                SinkOutcome::retry(format!(
-                    "sink returned {} outcomes for {} records",
-                    outcomes.len(),
-                    claimed.len()
-                ))
-            });
-            let group = c
-                .record
-                .key
-                .as_deref()
-                .map(|k| (c.record.topic.as_str(), k));
-            match outcome {
-                SinkOutcome::Delivered => {
-                    if group.is_some_and(|g| blocked.contains(&g)) {
-                        violations += 1;
-                    }
-                    delivered.push(c.id);
-                }
-                SinkOutcome::Retry { error } => {
-                    if let Some(g) = group {
-                        if !blocked.insert(g) {
-                            // Held back behind an earlier failed record of
-                            // its key: not an attempt of its own. It stays
-                            // as it is and waits for that record.
-                            continue;
-                        }
-                    }
-                    failed_attempts += 1;
-                    let error = truncate(error);
-                    let attempts = (c.attempts + 1) as u32;
-                    if attempts >= self.config.max_attempts {
-                        dead_ids.push(c.id);
-                        dead_errs.push(error);
-                    } else {
-                        retry_ids.push(c.id);
-                        retry_errs.push(error);
-                        retry_delays.push(self.config.backoff(attempts).as_millis() as i64);
-                    }
-                }
-                SinkOutcome::Reject { error } => {
-                    dead_ids.push(c.id);
-                    dead_errs.push(truncate(error));
-                }
-            }
-        }
-        if !delivered.is_empty() {
+        if !settled.delivered.is_empty() {
             sqlx::query(&self.sql.delivered)
-                .bind(&delivered)
+                .bind(&settled.delivered)
                 .execute(&mut *tx)
                 .await?;
         }
-        if !retry_ids.is_empty() {
+        if !settled.retry_ids.is_empty() {
             sqlx::query(&self.sql.retry)
-                .bind(&retry_ids)
-                .bind(&retry_errs)
-                .bind(&retry_delays)
+                .bind(&settled.retry_ids)
+                .bind(&settled.retry_errs)
+                .bind(&settled.retry_delays)
                 .execute(&mut *tx)
                 .await?;
         }
-        if !dead_ids.is_empty() {
+        if !settled.dead_ids.is_empty() {
             sqlx::query(&self.sql.dead_letter)
-                .bind(&dead_ids)
-                .bind(&dead_errs)
+                .bind(&settled.dead_ids)
+                .bind(&settled.dead_errs)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -717,34 +774,144 @@ impl Worker {
 
         let s = &self.shared;
         s.published
-            .fetch_add(delivered.len() as u64, Ordering::Relaxed);
-        s.failed.fetch_add(failed_attempts, Ordering::Relaxed);
+            .fetch_add(settled.delivered.len() as u64, Ordering::Relaxed);
+        s.failed
+            .fetch_add(settled.failed_attempts, Ordering::Relaxed);
         s.dead_lettered
-            .fetch_add(dead_ids.len() as u64, Ordering::Relaxed);
+            .fetch_add(settled.dead_ids.len() as u64, Ordering::Relaxed);
         s.batches.fetch_add(1, Ordering::Relaxed);
-        s.order_violations.fetch_add(violations, Ordering::Relaxed);
+        s.order_violations
+            .fetch_add(settled.violations, Ordering::Relaxed);
         self.metrics.observe_batch(
-            delivered.len() as u64,
-            failed_attempts,
-            dead_ids.len() as u64,
+            settled.delivered.len() as u64,
+            settled.failed_attempts,
+            settled.dead_ids.len() as u64,
             started.elapsed(),
         );
-        if violations > 0 {
+        self.metrics.order_violations(settled.violations);
+        if settled.violations > 0 {
             tracing::warn!(
                 schema = self.outbox.schema(),
-                count = violations,
+                count = settled.violations,
                 "sink delivered records after an undelivered earlier record of the same key"
             );
         }
-        for (id, err) in dead_ids.iter().zip(&dead_errs) {
+        for (id, err) in settled.dead_ids.iter().zip(&settled.dead_errs) {
             tracing::warn!(schema = self.outbox.schema(), message_id = %id, error = %err, "message dead-lettered");
         }
-        Ok(claimed.len())
+        Ok(Batch {
+            handled: claimed.len(),
+            delivered: settled.delivered.len(),
+            unavailable: settled.unavailable,
+        })
     }
 }
 
-/// Calls the sink with a timeout, turning a panic or timeout into `Retry`
-/// for every record.
+/// What one batch did, for the run loop.
+#[derive(Debug, Default)]
+struct Batch {
+    /// Records claimed.
+    handled: usize,
+    /// Records the sink delivered.
+    delivered: usize,
+    /// Set when the sink was unavailable for some record: why.
+    unavailable: Option<String>,
+}
+
+/// The database changes one batch's outcomes call for.
+#[derive(Debug, Default)]
+struct Settled {
+    delivered: Vec<Uuid>,
+    retry_ids: Vec<Uuid>,
+    retry_errs: Vec<String>,
+    retry_delays: Vec<i64>,
+    dead_ids: Vec<Uuid>,
+    dead_errs: Vec<String>,
+    violations: u64,
+    failed_attempts: u64,
+    unavailable: Option<String>,
+}
+
+/// Turns the sink's outcomes for `claimed` into database changes.
+///
+/// Per key, the first record that is not delivered holds back every later
+/// record of its key in the batch: those stay exactly as they are (not an
+/// attempt of their own) and wait for it. A later record the sink delivered
+/// anyway is a contract violation, counted (it is on the broker, so it is
+/// marked delivered). `Unavailable` changes nothing but the relay's backoff,
+/// unless the opt-in maximum age has passed.
+fn settle(
+    config: &RelayConfig,
+    claimed: &[Claimed],
+    outcomes: Vec<SinkOutcome>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Settled {
+    let mut out = Settled::default();
+    let mut blocked: HashSet<(&str, &str)> = HashSet::new();
+    let max_age = (config.dead_letter_after_secs > 0).then(|| {
+        chrono::Duration::seconds(config.dead_letter_after_secs.min(i64::MAX as u64) as i64)
+    });
+    let too_old = |c: &Claimed| max_age.is_some_and(|m| now - c.record.created_at > m);
+    let mut outcomes = outcomes.into_iter();
+    for c in claimed {
+        let outcome = outcomes.next().unwrap_or_else(|| {
+            SinkOutcome::retry(format!(
+                "sink returned fewer outcomes than the {} records of the batch",
+                claimed.len()
+            ))
+        });
+        let group = c
+            .record
+            .key
+            .as_deref()
+            .map(|k| (c.record.topic.as_str(), k));
+        // True when an earlier record of this key was not delivered.
+        let held = group.is_some_and(|g| !blocked.insert(g));
+        match outcome {
+            SinkOutcome::Delivered => {
+                if held {
+                    out.violations += 1;
+                } else if let Some(g) = group {
+                    blocked.remove(&g);
+                }
+                out.delivered.push(c.id);
+            }
+            SinkOutcome::Reject { error } => {
+                out.dead_ids.push(c.id);
+                out.dead_errs.push(truncate(error));
+            }
+            SinkOutcome::Retry { .. } | SinkOutcome::Unavailable { .. } if held => {}
+            SinkOutcome::Unavailable { error } => {
+                if too_old(c) {
+                    out.dead_ids.push(c.id);
+                    out.dead_errs.push(truncate(format!(
+                        "older than dead_letter_after_secs ({} s); sink unavailable: {error}",
+                        config.dead_letter_after_secs
+                    )));
+                }
+                out.unavailable.get_or_insert(error);
+            }
+            SinkOutcome::Retry { error } => {
+                out.failed_attempts += 1;
+                let error = truncate(error);
+                let attempts = (c.attempts + 1) as u32;
+                if attempts >= config.max_attempts || too_old(c) {
+                    out.dead_ids.push(c.id);
+                    out.dead_errs.push(error);
+                } else {
+                    out.retry_ids.push(c.id);
+                    out.retry_errs.push(error);
+                    out.retry_delays
+                        .push(config.backoff(attempts).as_millis() as i64);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Calls the sink with a timeout, turning a panic into `Retry` and a timeout
+/// into `Unavailable` for every record.
 async fn publish(
     sink: &dyn Sink,
     config: &RelayConfig,
@@ -760,7 +927,7 @@ async fn publish(
             vec![SinkOutcome::retry("sink panicked"); batch.len()]
         }
         Err(_) => vec![
-            SinkOutcome::retry(format!(
+            SinkOutcome::unavailable(format!(
                 "sink did not answer within {} ms",
                 config.sink_timeout_ms
             ));

@@ -19,14 +19,21 @@ struct Migration {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../migrations/0001_init.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "dead_letter_order",
+        sql: include_str!("../migrations/0002_dead_letter_order.sql"),
+    },
+];
 
 /// Latest schema version this crate knows.
-pub(crate) const LATEST_VERSION: i32 = 1;
+pub(crate) const LATEST_VERSION: i32 = 2;
 
 /// SQL for one migration with placeholders filled in.
 fn render(sql: &str, schema: &str) -> String {

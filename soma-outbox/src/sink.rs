@@ -24,9 +24,14 @@ use crate::OutboxRecord;
 ///   and the record is treated as delivered (it is on the broker).
 /// * `Delivered` means the broker has the message durably. The relay then
 ///   commits; a crash between the two is the only source of duplicates.
+/// * [`SinkOutcome::Unavailable`] says the *sink* could not take the record
+///   (broker down, timeout, transport error), not that the record is at
+///   fault: the relay backs off as a whole and the record keeps its place
+///   and its attempt count. Use `Retry` only for a failure that is about the
+///   record and may pass on its own, `Reject` for one that will not.
 /// * A sink should return within
 ///   [`RelayConfig::sink_timeout_ms`](crate::RelayConfig::sink_timeout_ms);
-///   after that the relay counts every record as a failed attempt.
+///   after that the relay treats every record as `Unavailable`.
 /// * A panic counts as `Retry` for every record of the batch.
 #[async_trait::async_trait]
 pub trait Sink: Send + Sync + 'static {
@@ -54,15 +59,31 @@ impl<S: Sink + ?Sized> Sink for Box<S> {
 pub enum SinkOutcome {
     /// The broker acknowledged it: the relay deletes it (or marks it sent).
     Delivered,
-    /// Transient failure: the relay retries after an exponential backoff with
-    /// full jitter, and later records of the same key wait for it. After
-    /// `max_attempts` it is dead-lettered.
+    /// Transient failure of this record: the relay retries it after an
+    /// exponential backoff with full jitter, and later records of the same
+    /// key wait for it. After
+    /// [`max_attempts`](crate::RelayConfig::max_attempts) it is
+    /// dead-lettered.
     Retry {
         /// Why it failed (kept in the record's error history).
         error: String,
     },
+    /// The sink as a whole cannot take records now (broker unreachable,
+    /// timed out, purged at the deadline). Not an attempt: the record stays
+    /// where it is, later records of its key wait, and the relay backs off
+    /// ([`RelayConfig::unavailable_backoff_initial_ms`](crate::RelayConfig::unavailable_backoff_initial_ms))
+    /// before it probes again. Never dead-letters, unless the opt-in
+    /// [`RelayConfig::dead_letter_after_secs`](crate::RelayConfig::dead_letter_after_secs)
+    /// has passed.
+    Unavailable {
+        /// Why the sink could not take it (kept in the relay's log and
+        /// health, not in the record's history).
+        error: String,
+    },
     /// Permanent failure (e.g. message too large for the broker): the relay
-    /// dead-letters it now and later records of its key proceed.
+    /// dead-letters it now. Later records of its key wait for an operator or
+    /// proceed, as [`RelayConfig::dead_letter_order`](crate::RelayConfig::dead_letter_order)
+    /// says.
     Reject {
         /// Why it was rejected (kept in the dead letter's error history).
         error: String,
@@ -73,6 +94,12 @@ impl SinkOutcome {
     /// A `Retry` outcome.
     pub fn retry(error: impl Into<String>) -> Self {
         Self::Retry {
+            error: error.into(),
+        }
+    }
+    /// An `Unavailable` outcome.
+    pub fn unavailable(error: impl Into<String>) -> Self {
+        Self::Unavailable {
             error: error.into(),
         }
     }

@@ -170,7 +170,7 @@ async fn migrations_are_idempotent_versioned_and_concurrent_safe() {
     .fetch_all(&db.pool)
     .await
     .unwrap();
-    assert_eq!(versions, vec![1]);
+    assert_eq!(versions, vec![1, 2]);
 
     // A hand-edited migration record is detected.
     sqlx::query(&format!(

@@ -4,10 +4,11 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{RecordingSink, assert_ordered, fast_relay, first_publications, setup, wait_until};
-use soma_outbox::{NewMessage, OutboxError, Relay, RelayConfig, SinkOutcome};
+use soma_outbox::{DeadLetterOrder, NewMessage, OutboxError, Relay, RelayConfig, SinkOutcome};
 
 fn msg(key: &str, seq: u64) -> NewMessage {
     NewMessage::new("events", seq.to_string().into_bytes()).with_key(key)
@@ -335,10 +336,12 @@ async fn relays_without_a_crash_never_duplicate() {
 }
 
 /// A failing record blocks its own key (in order) and no other; after
-/// `max_attempts` it is dead-lettered with its error history, requeued, and
-/// delivered.
+/// `max_attempts` it is dead-lettered with its error history. By default
+/// (`DeadLetterOrder::BlockKey`) the later records of its key keep waiting
+/// behind the dead letter; requeued, it goes back to its place and the key
+/// drains in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn dead_letter_requeue_deliver_and_poison_never_stalls_other_keys() {
+async fn dead_letter_blocks_its_key_until_requeued_and_poison_never_stalls_other_keys() {
     let db = setup("dlq").await;
     let poison = msg("bad", 0);
     let poison_id = poison.id;
@@ -355,6 +358,7 @@ async fn dead_letter_requeue_deliver_and_poison_never_stalls_other_keys() {
         backoff_max_ms: 200,
         ..fast_relay()
     };
+    assert_eq!(cfg.dead_letter_order, DeadLetterOrder::BlockKey);
     let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
 
     // Other keys flow at once; the poison key's later records wait behind it.
@@ -366,45 +370,30 @@ async fn dead_letter_requeue_deliver_and_poison_never_stalls_other_keys() {
             == 50
     })
     .await;
-    // Then the poison record is dead-lettered and its key continues, in order.
-    wait_until(
-        Duration::from_secs(15),
-        "poison dead-lettered, key unblocked",
-        || async {
-            sink.published()
-                .iter()
-                .filter(|r| r.key.as_deref() == Some("bad"))
-                .count()
-                == 3
-        },
-    )
+    wait_until(Duration::from_secs(15), "poison dead-lettered", || async {
+        db.outbox.dead_letters(10, None).await.unwrap().len() == 1
+    })
     .await;
-    let bad: Vec<u64> = first_publications(&sink.published())["bad"].clone();
-    assert_eq!(bad, vec![1, 2, 3]);
-    // Later records of the poison key were never offered ahead of it being settled.
-    let offered = sink.offered();
-    let last_poison_try = offered
-        .iter()
-        .rposition(|(r, _)| r.id == poison_id)
-        .unwrap();
-    let first_later = offered
-        .iter()
-        .position(|(r, o)| {
-            r.key.as_deref() == Some("bad") && r.id != poison_id && *o == SinkOutcome::Delivered
-        })
-        .unwrap();
-    assert!(
-        first_later > last_poison_try,
-        "later records of the key waited for the poison record"
-    );
+    // Well past the dead-lettering: the key stays blocked behind it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(
-        offered.iter().filter(|(r, _)| r.id == poison_id).count(),
+        sink.published()
+            .iter()
+            .filter(|r| r.key.as_deref() == Some("bad"))
+            .count(),
+        0,
+        "no later record of a dead-lettered key overtakes it"
+    );
+    assert_eq!(db.pending().await, 3, "the key's later records wait");
+    assert_eq!(
+        sink.offered()
+            .iter()
+            .filter(|(r, _)| r.id == poison_id)
+            .count(),
         4,
         "max_attempts tries"
     );
-
     let dead = db.outbox.dead_letters(10, None).await.unwrap();
-    assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].id, poison_id);
     assert_eq!(dead[0].attempts, 4);
     assert_eq!(dead[0].last_error, "broker said no");
@@ -414,31 +403,70 @@ async fn dead_letter_requeue_deliver_and_poison_never_stalls_other_keys() {
         "{:?}",
         dead[0].errors
     );
-    // Counters move when the relay commits, just after the sink returns.
     wait_until(Duration::from_secs(5), "counters committed", || async {
         let c = relay.counters();
-        (c.dead_lettered, c.published) == (1, 53)
+        (c.dead_lettered, c.published) == (1, 50)
     })
     .await;
-    let c = relay.counters();
-    assert!(c.failed >= 4);
+    assert!(relay.counters().failed >= 4);
 
-    // Requeue: delivered with the same id once the broker accepts it.
+    // Requeue: delivered first, in its original place, then the rest of the key.
     sink.clear_rule();
     db.outbox.requeue_dead_letter(poison_id).await.unwrap();
-    wait_until(
-        Duration::from_secs(10),
-        "requeued message delivered",
-        || async { sink.published().iter().any(|r| r.id == poison_id) },
-    )
+    wait_until(Duration::from_secs(10), "key drained", || async {
+        db.pending().await == 0
+    })
     .await;
+    let bad: Vec<u64> = first_publications(&sink.published())["bad"].clone();
+    assert_eq!(bad, vec![0, 1, 2, 3]);
     assert!(db.outbox.dead_letters(10, None).await.unwrap().is_empty());
+    assert_eq!(relay.counters().order_violations, 0);
     relay.shutdown().await.unwrap();
-    assert_eq!(db.pending().await, 0);
     db.drop_schema().await;
 }
 
-/// A `Reject` dead-letters at once; the replay guard and purge work.
+/// With `DeadLetterOrder::ReleaseKey` (an explicit choice) a dead letter
+/// gives up its place: the key's later records proceed at once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn release_key_lets_later_records_proceed_past_a_dead_letter() {
+    let db = setup("dlqrel").await;
+    let poison = msg("bad", 0);
+    let poison_id = poison.id;
+    let mut msgs = vec![poison];
+    msgs.extend((1..4).map(|i| msg("bad", i)));
+    db.outbox.enqueue_standalone(&msgs).await.unwrap();
+    let sink = RecordingSink::new();
+    sink.set_rule(move |r| (r.id == poison_id).then(|| SinkOutcome::retry("broker said no")));
+    let cfg = RelayConfig {
+        max_attempts: 3,
+        dead_letter_order: DeadLetterOrder::ReleaseKey,
+        ..fast_relay()
+    };
+    let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
+    wait_until(Duration::from_secs(15), "key unblocked", || async {
+        db.pending().await == 0
+    })
+    .await;
+    let bad: Vec<u64> = first_publications(&sink.published())["bad"].clone();
+    assert_eq!(bad, vec![1, 2, 3]);
+    assert_eq!(db.outbox.dead_letters(10, None).await.unwrap().len(), 1);
+    // The later records were only offered after the poison record was settled.
+    let offered = sink.offered();
+    let last_poison_try = offered
+        .iter()
+        .rposition(|(r, _)| r.id == poison_id)
+        .unwrap();
+    let first_later = offered
+        .iter()
+        .position(|(r, o)| r.id != poison_id && *o == SinkOutcome::Delivered)
+        .unwrap();
+    assert!(first_later > last_poison_try);
+    relay.shutdown().await.unwrap();
+    db.drop_schema().await;
+}
+
+/// A `Reject` dead-letters at once and holds its key; the replay guard
+/// works; purging the dead letter releases the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reject_replay_guard_and_purge() {
     let db = common::setup_with("reject", |c| c.max_replays = 1).await;
@@ -451,14 +479,15 @@ async fn reject_replay_guard_and_purge() {
     let sink = RecordingSink::new();
     sink.set_rule(move |r| (r.id == id).then(|| SinkOutcome::reject("too large for broker")));
     let relay = Relay::new(db.outbox.clone(), sink.clone(), fast_relay()).spawn();
-    wait_until(
-        Duration::from_secs(10),
-        "rejected and next delivered",
-        || async { db.pending().await == 0 },
-    )
+    wait_until(Duration::from_secs(10), "rejected", || async {
+        db.outbox.dead_letters(10, None).await.unwrap().len() == 1
+    })
     .await;
     let dead = db.outbox.dead_letters(10, None).await.unwrap();
     assert_eq!((dead.len(), dead[0].attempts), (1, 1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(db.pending().await, 1, "the key's next record waits");
+    assert!(sink.published().is_empty());
 
     // First requeue allowed, rejected again, second refused by the guard.
     db.outbox.requeue_dead_letter(id).await.unwrap();
@@ -475,6 +504,7 @@ async fn reject_replay_guard_and_purge() {
             .unwrap_err()
             .is_not_found()
     );
+    // The operator gives up on it: the key continues.
     assert_eq!(
         db.outbox
             .purge_dead_letters(Some(&[id]), None)
@@ -483,8 +513,192 @@ async fn reject_replay_guard_and_purge() {
         1
     );
     assert!(db.outbox.dead_letters(10, None).await.unwrap().is_empty());
+    wait_until(Duration::from_secs(10), "next record delivered", || async {
+        db.pending().await == 0
+    })
+    .await;
+    assert_eq!(first_publications(&sink.published())["k"], vec![1]);
     relay.shutdown().await.unwrap();
     db.drop_schema().await;
+}
+
+/// The sink is unavailable for far longer than `max_attempts` × backoff:
+/// nothing is dead-lettered, no attempt is counted, the relay probes one
+/// record at a time, reports degraded health and the wait metrics; when the
+/// sink is back everything is delivered in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unavailable_sink_costs_latency_never_messages_or_order() {
+    let db = setup("unavail").await;
+    let registry = soma_observability::metrics::MetricsRegistry::default();
+    let health = soma_observability::health::HealthRegistry::new();
+    let n = 120u64;
+    let msgs: Vec<_> = (0..n).map(|i| msg(&format!("k{}", i % 6), i)).collect();
+    db.outbox.enqueue_standalone(&msgs).await.unwrap();
+    let sink = RecordingSink::new();
+    sink.set_rule(|_| Some(SinkOutcome::unavailable("broker transport failure")));
+    let cfg = RelayConfig {
+        max_attempts: 2,
+        backoff_base_ms: 1,
+        backoff_max_ms: 5,
+        unavailable_backoff_initial_ms: 20,
+        unavailable_backoff_max_ms: 80,
+        ..fast_relay()
+    };
+    let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg)
+        .with_metrics(soma_outbox::OutboxMetrics::new(&registry, &db.outbox))
+        .with_health(&health)
+        .spawn();
+    wait_until(Duration::from_secs(10), "relay backing off", || async {
+        relay.sink_unavailable() && sink.calls() >= 5
+    })
+    .await;
+    let component = health
+        .component("outbox_relay")
+        .expect("outbox_relay component");
+    assert_eq!(component.status.as_str(), "degraded", "{component:?}");
+    // An outage many times max_attempts × backoff long.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let calls_during = sink.calls();
+    assert!(calls_during >= 20, "probed {calls_during} times");
+    assert!(
+        sink.offered().len() <= calls_during + 100,
+        "while unavailable each probe offers one record (offered {} in {calls_during} calls)",
+        sink.offered().len()
+    );
+    assert_eq!(db.pending().await, n, "nothing left the outbox");
+    assert!(db.outbox.dead_letters(10, None).await.unwrap().is_empty());
+    assert_eq!(
+        relay.counters().failed,
+        0,
+        "unavailability is not an attempt"
+    );
+    let attempts: i64 = sqlx::query_scalar(&format!(
+        "SELECT coalesce(max(attempts), 0)::int8 FROM \"{}\".outbox",
+        db.schema
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(attempts, 0);
+
+    sink.clear_rule();
+    wait_until(
+        Duration::from_secs(10),
+        "drained after the outage",
+        || async { db.pending().await == 0 },
+    )
+    .await;
+    let published = sink.published();
+    assert_eq!(published.len() as u64, n, "each record once");
+    assert_ordered(&first_publications(&published));
+    assert!(!relay.sink_unavailable());
+    let component = health.component("outbox_relay").unwrap();
+    assert_eq!(component.status.as_str(), "up");
+    let text = registry.encode();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .unwrap_or_else(|| panic!("{name} missing in:\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("soma_outbox_relay_sink_unavailable"), 0.0);
+    assert!(value("soma_outbox_relay_sink_wait_milliseconds_total") >= 2_000.0);
+    assert_eq!(value("soma_outbox_failed_total"), 0.0);
+    relay.shutdown().await.unwrap();
+    db.drop_schema().await;
+}
+
+/// The opt-in maximum age dead-letters a message the sink could not take
+/// in time, even while the sink is unavailable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letter_after_secs_is_the_only_way_an_outage_dead_letters() {
+    let db = setup("maxage").await;
+    db.outbox
+        .enqueue_standalone(&[msg("k", 0), msg("k", 1)])
+        .await
+        .unwrap();
+    let sink = RecordingSink::new();
+    sink.set_rule(|_| Some(SinkOutcome::unavailable("broker down")));
+    let cfg = RelayConfig {
+        dead_letter_after_secs: 1,
+        dead_letter_order: DeadLetterOrder::ReleaseKey,
+        unavailable_backoff_initial_ms: 20,
+        unavailable_backoff_max_ms: 50,
+        ..fast_relay()
+    };
+    let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
+    wait_until(Duration::from_secs(10), "both aged out", || async {
+        db.outbox.dead_letters(10, None).await.unwrap().len() == 2
+    })
+    .await;
+    let dead = db.outbox.dead_letters(10, None).await.unwrap();
+    assert!(
+        dead.iter()
+            .all(|d| d.last_error.contains("dead_letter_after_secs")),
+        "{dead:?}"
+    );
+    assert!(sink.published().is_empty());
+    relay.shutdown().await.unwrap();
+    db.drop_schema().await;
+}
+
+/// A sink that does not answer within `sink_timeout_ms` counts as
+/// unavailable: no attempt is counted, the record keeps its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sink_timeout_is_unavailability_not_an_attempt() {
+    let db = setup("sinkto").await;
+    db.outbox
+        .enqueue_standalone(&[msg("k", 0), msg("k", 1)])
+        .await
+        .unwrap();
+    let slow = StalledSink {
+        slow: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        inner: RecordingSink::new(),
+    };
+    let cfg = RelayConfig {
+        sink_timeout_ms: 50,
+        max_attempts: 1,
+        unavailable_backoff_initial_ms: 10,
+        unavailable_backoff_max_ms: 20,
+        ..fast_relay()
+    };
+    let relay = Relay::new(db.outbox.clone(), slow.clone(), cfg).spawn();
+    wait_until(Duration::from_secs(10), "backing off", || async {
+        relay.sink_unavailable()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(db.outbox.dead_letters(10, None).await.unwrap().is_empty());
+    assert_eq!(relay.counters().failed, 0);
+    slow.slow.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_until(Duration::from_secs(10), "delivered", || async {
+        db.pending().await == 0
+    })
+    .await;
+    assert_eq!(first_publications(&slow.inner.published())["k"], vec![0, 1]);
+    relay.shutdown().await.unwrap();
+    db.drop_schema().await;
+}
+
+/// Sleeps past any timeout while `slow` is set, then records like [`RecordingSink`].
+#[derive(Clone)]
+struct StalledSink {
+    slow: Arc<std::sync::atomic::AtomicBool>,
+    inner: RecordingSink,
+}
+
+#[async_trait::async_trait]
+impl soma_outbox::Sink for StalledSink {
+    async fn send_batch(&self, batch: &[soma_outbox::OutboxRecord]) -> Vec<SinkOutcome> {
+        if self.slow.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        self.inner.send_batch(batch).await
+    }
 }
 
 /// Graceful shutdown finishes the in-flight batch (it is committed, not

@@ -81,8 +81,9 @@ type Rule = Box<dyn Fn(&OutboxRecord) -> Option<SinkOutcome> + Send + Sync>;
 /// The far side of the relay: records what it "publishes" (as a broker
 /// would), and can be told to fail records or to hang after publishing.
 ///
-/// It follows the `Sink` contract: once a record of a key is not delivered,
-/// later records of that key in the same batch are not published either.
+/// It follows the `Sink` contract: once a record of a key is not delivered
+/// (retried, unavailable or rejected), later records of that key in the same
+/// batch are not published either.
 #[derive(Clone, Default)]
 pub struct RecordingSink {
     inner: Arc<Inner>,
@@ -172,7 +173,7 @@ impl RecordingSink {
                         .and_then(|f| f(r))
                         .unwrap_or(SinkOutcome::Delivered)
                 };
-                if !matches!(outcome, SinkOutcome::Delivered | SinkOutcome::Reject { .. }) {
+                if outcome != SinkOutcome::Delivered {
                     if let Some(g) = group {
                         stopped.insert(g);
                     }
