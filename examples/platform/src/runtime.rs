@@ -119,6 +119,7 @@ impl Runtime {
             settings.relay.clone(),
         )
         .with_metrics(OutboxMetrics::new(&metrics, &outbox))
+        .with_health(&health)
         .spawn();
 
         let topic_admin = TopicAdmin::new(&bus)?;
