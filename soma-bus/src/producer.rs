@@ -13,9 +13,20 @@
 //! messages to the outbox keeps per-key order. A purged message that was
 //! already in flight may still have been written by the broker; it is then
 //! delivered twice (same envelope id).
+//!
+//! **Healing.** Every user of the producer (the durable publisher, the
+//! outbox relay's [`KafkaSink`](crate::KafkaSink), DLQ writes, replay)
+//! sends through the same handle, so they heal together: when the broker
+//! refuses the producer's identity (unknown producer id, out-of-order
+//! sequence, fenced or invalid epoch), or three sends in a row fail with
+//! non-permanent errors and no acknowledgement in between, the handle is
+//! replaced by a fresh one (a new idempotent producer id) exactly as after a
+//! purge: what was queued on the old one fails in order and is retried by
+//! its caller. A timeout purges and replaces the handle too. No service
+//! restart is needed after a broker restart.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -80,6 +91,33 @@ struct Inner {
     handle: RwLock<Arc<Handle>>,
     config: BusConfig,
     purges: AtomicU64,
+    /// Sends (or batches) in a row that failed with a non-permanent error
+    /// other than a timeout, with no acknowledgement in between.
+    failed_in_a_row: AtomicU32,
+    /// Handles replaced because the producer kept failing (healed).
+    heals: AtomicU64,
+}
+
+/// Consecutive failed sends (no acknowledgement in between) after which the
+/// librdkafka handle is replaced by a fresh one: a producer that sees the
+/// broker answer but keeps failing (after a broker restart with lost state,
+/// unknown broker errors) heals without a restart of the service.
+const HEAL_AFTER_FAILURES: u32 = 3;
+
+/// Errors that mean the broker no longer accepts this producer's identity or
+/// sequence state: only a new producer id can continue.
+fn is_identity_error(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::UnknownProducerId
+                | C::OutOfOrderSequenceNumber
+                | C::InvalidProducerEpoch
+                | C::InvalidProducerIdMapping
+                | C::ProducerFenced
+        )
+    )
 }
 
 /// Idempotent `acks=all` Kafka producer shared by the publisher, the outbox
@@ -126,6 +164,8 @@ impl BusProducer {
                 handle: RwLock::new(Arc::new(handle)),
                 config: config.clone(),
                 purges: AtomicU64::new(0),
+                failed_in_a_row: AtomicU32::new(0),
+                heals: AtomicU64::new(0),
             }),
         })
     }
@@ -149,6 +189,40 @@ impl BusProducer {
     /// How many times the producer purged unacknowledged messages after a timeout.
     pub fn purge_count(&self) -> u64 {
         self.inner.purges.load(Ordering::Relaxed)
+    }
+
+    /// How many times the producer replaced its librdkafka handle because
+    /// it kept failing while the broker answered (see [`BusProducer`]'s
+    /// "Healing").
+    pub fn heal_count(&self) -> u64 {
+        self.inner.heals.load(Ordering::Relaxed)
+    }
+
+    /// Counts a send that failed with `e` on `handle`; replaces the handle
+    /// when the broker refuses the producer's identity, or after
+    /// [`HEAL_AFTER_FAILURES`] failures in a row.
+    fn note_failure(&self, handle: &Arc<Handle>, e: &KafkaError) {
+        let n = self.inner.failed_in_a_row.fetch_add(1, Ordering::AcqRel) + 1;
+        let identity = is_identity_error(e);
+        if identity || n >= HEAL_AFTER_FAILURES {
+            self.inner.failed_in_a_row.store(0, Ordering::Release);
+            if self.retire(handle) {
+                self.inner.heals.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    event = "producer_healed",
+                    error = %e,
+                    failures_in_a_row = n,
+                    identity,
+                    "producer kept failing; continuing on a fresh producer (new producer id)"
+                );
+            }
+        }
+    }
+
+    fn note_success(&self) {
+        if self.inner.failed_in_a_row.load(Ordering::Relaxed) != 0 {
+            self.inner.failed_in_a_row.store(0, Ordering::Release);
+        }
     }
 
     /// Sends one record and waits for its acknowledgement until `deadline`.
@@ -204,6 +278,8 @@ impl BusProducer {
                 Err((e, _)) => {
                     if handle.producer.client().fatal_error().is_some() {
                         self.purge_handle(handle);
+                    } else if !crate::error::is_permanent_kafka(&e) {
+                        self.note_failure(handle, &e);
                     }
                     return Err(e.into());
                 }
@@ -230,12 +306,18 @@ impl BusProducer {
         };
         let timeout_ms = self.inner.config.publish_timeout_ms;
         let mut fatal_checked = false;
-        raw.into_iter()
+        let mut acked = false;
+        let mut unhealthy: Option<KafkaError> = None;
+        let out = raw
+            .into_iter()
             .map(|r| match r {
-                Ok(Ok(d)) => Ok(Delivery {
-                    partition: d.partition,
-                    offset: d.offset,
-                }),
+                Ok(Ok(d)) => {
+                    acked = true;
+                    Ok(Delivery {
+                        partition: d.partition,
+                        offset: d.offset,
+                    })
+                }
                 Ok(Err((e, _))) => {
                     if !fatal_checked {
                         fatal_checked = true;
@@ -244,11 +326,23 @@ impl BusProducer {
                             self.purge_handle(handle);
                         }
                     }
-                    Err(map_delivery_error(e, timeout_ms))
+                    let mapped = map_delivery_error(e, timeout_ms);
+                    if let BusError::Kafka(k) = &mapped {
+                        if unhealthy.is_none() && !crate::error::is_permanent_kafka(k) {
+                            unhealthy = Some(k.clone());
+                        }
+                    }
+                    Err(mapped)
                 }
                 Err(_canceled) => Err(BusError::Timeout(timeout_ms)),
             })
-            .collect()
+            .collect();
+        if acked {
+            self.note_success();
+        } else if let Some(e) = unhealthy {
+            self.note_failure(handle, &e);
+        }
+        out
     }
 
     /// Purges everything queued or in flight (those messages fail now, in
@@ -262,18 +356,27 @@ impl BusProducer {
     }
 
     fn purge_handle(&self, handle: &Arc<Handle>) {
+        if self.retire(handle) {
+            self.inner.purges.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                event = "producer_purge",
+                "publish deadline passed; failing unacknowledged messages"
+            );
+        }
+    }
+
+    /// Marks `handle` purged, installs a fresh handle in its place, fails
+    /// everything still queued or in flight on it (in order), and retires it
+    /// off the async workers. Returns false when `handle` was retired
+    /// already (by another caller).
+    fn retire(&self, handle: &Arc<Handle>) -> bool {
         {
             let mut purged = handle.purged.write();
             if *purged {
-                return; // purged already (by another caller)
+                return false;
             }
             *purged = true;
         }
-        self.inner.purges.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            event = "producer_purge",
-            "publish deadline passed; failing unacknowledged messages"
-        );
         {
             let mut current = self.inner.handle.write();
             if Arc::ptr_eq(&current, handle) {
@@ -298,6 +401,7 @@ impl BusProducer {
                 drop(retired);
             });
         }
+        true
     }
 
     /// Sends one envelope and waits for the ack (or `publish_timeout_ms`).

@@ -7,9 +7,15 @@ set -euo pipefail
 : "${SOMA_STACK_DIR:?run through cargo xtask stack up}"
 export PATH="$HOME/.cargo/bin:$PATH"
 want="0.6.0"
-if ! command -v tansu >/dev/null || ! tansu --version 2>/dev/null | grep -q "$want"; then
-  echo "stack: installing tansu $want (cargo install, several minutes cold)"
-  cargo install tansu --locked --version "$want" --no-default-features --features dynostore,libsql
+# Both storage engines are built in (SQLite and PostgreSQL) so the stack can
+# pick one; the marker records which features the installed binary has.
+features="dynostore,libsql,postgres"
+marker="$HOME/.cargo/tansu-$want.features"
+if ! command -v tansu >/dev/null || ! tansu --version 2>/dev/null | grep -q "$want" \
+   || [ "$(cat "$marker" 2>/dev/null)" != "$features" ]; then
+  echo "stack: installing tansu $want with $features (cargo install, ~10 min cold)"
+  cargo install tansu --locked --force --version "$want" --no-default-features --features "$features"
+  echo "$features" >"$marker"
 fi
 port_open() { (exec 3<>/dev/tcp/127.0.0.1/9092) 2>/dev/null; }
 if port_open; then
