@@ -688,14 +688,13 @@ async fn process(msg: &OwnedMessage, s: &Shared) -> bool {
 
 async fn process_envelope(msg: &OwnedMessage, env: Envelope, s: &Shared) -> bool {
     let topic = msg.topic();
-    let mut inbox_tx = None;
     if let Some(inbox) = &s.inbox {
-        match inbox.begin(&s.handler_name, env.id).await {
-            Ok(None) => {
+        match inbox.seen(&s.handler_name, env.id).await {
+            Ok(true) => {
                 s.metrics.consumed(topic, "duplicate");
                 return true;
             }
-            Ok(Some(tx)) => inbox_tx = Some(tx),
+            Ok(false) => {}
             Err(error) => {
                 // Without the inbox we cannot tell; handling again is the at-least-once choice.
                 tracing::warn!(event = "inbox_check_failed", %error);
@@ -717,8 +716,8 @@ async fn process_envelope(msg: &OwnedMessage, env: Envelope, s: &Shared) -> bool
             .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
-                if let Some(tx) = inbox_tx.take() {
-                    if let Err(error) = tx.commit().await {
+                if let Some(inbox) = &s.inbox {
+                    if let Err(error) = inbox.record(&s.handler_name, env.id).await {
                         tracing::warn!(event = "inbox_record_failed", %error);
                     }
                 }
@@ -741,7 +740,6 @@ async fn process_envelope(msg: &OwnedMessage, env: Envelope, s: &Shared) -> bool
                     return true;
                 }
                 // Not recorded in the inbox: a replay from the DLQ must be handled.
-                drop(inbox_tx);
                 return dead_letter(msg, s, attempt, &e.to_string()).await;
             }
         }

@@ -67,6 +67,7 @@
 pub mod admin;
 pub mod config;
 pub mod consumer;
+mod effects;
 pub mod envelope;
 pub mod error;
 pub mod inbox;
@@ -82,6 +83,7 @@ pub use config::BusConfig;
 pub use consumer::{
     BusConsumer, ConsumerBuilder, ConsumerHandle, Handler, HandlerError, ShutdownReport,
 };
+pub use effects::{Effects, EffectsTx};
 pub use envelope::{Envelope, EnvelopeBuilder, EnvelopeError, TraceContext};
 pub use error::BusError;
 pub use inbox::InboxDedupe;

@@ -504,6 +504,112 @@ async fn inbox_dedupe_drops_redelivered_messages() {
     assert_eq!(*calls.lock(), vec![e.id, marker.id]);
 }
 
+/// While a handler runs (and retries), the inbox holds no transaction with
+/// an assigned id: rows other sessions commit meanwhile stay claimable by an
+/// outbox relay (`txid < pg_snapshot_xmin`). Before, the inbox record was
+/// inserted in a transaction kept open across the handler, and every relay
+/// of the database stalled behind it.
+#[tokio::test]
+async fn inbox_dedupe_holds_no_transaction_across_the_handler() {
+    let bootstrap = soma_testkit::require_kafka();
+    let cfg = config(&bootstrap);
+    let topic = topic(&cfg, "inboxtx").await;
+    let producer = BusProducer::new(&cfg).unwrap();
+    let ob = outbox().await;
+    let e = env("k", 1);
+    producer.send(&topic, &e).await.unwrap();
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let r = release.clone();
+    let consumer = BusConsumer::builder(&cfg, &[&topic], "slow", move |e: Envelope| {
+        let entered_tx = entered_tx.clone();
+        let r = r.clone();
+        async move {
+            let _ = entered_tx.send(e.id);
+            r.notified().await;
+            Ok(())
+        }
+    })
+    .producer(producer)
+    .inbox(soma_bus::InboxDedupe::new(ob.inbox(), ob.pool().clone()))
+    .spawn()
+    .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), entered.recv())
+        .await
+        .expect("handler entered")
+        .unwrap();
+    assert_eq!(got, e.id);
+    // The handler is now blocked. A row committed now must become claimable.
+    ob.enqueue_standalone(&[soma_outbox::NewMessage::new("other", b"x".to_vec()).with_key("k")])
+        .await
+        .unwrap();
+    let claimable = format!(
+        "SELECT bool_and(txid < pg_snapshot_xmin(pg_current_snapshot())) FROM \"{}\".outbox",
+        ob.schema()
+    );
+    let mut ok = false;
+    for _ in 0..100 {
+        let all: Option<bool> = sqlx::query_scalar(&claimable)
+            .fetch_one(ob.pool())
+            .await
+            .unwrap();
+        if all == Some(true) {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        ok,
+        "a row committed while the handler ran stayed behind an open inbox transaction"
+    );
+    release.notify_one();
+    consumer.shutdown().await;
+    // Recorded after the handler succeeded.
+    let mut conn = ob.pool().acquire().await.unwrap();
+    assert!(ob.inbox().contains(&mut conn, "slow", e.id).await.unwrap());
+}
+
+/// `Effects`: the inbox record and the outgoing messages commit together,
+/// once per message id; a duplicate writes nothing.
+#[tokio::test]
+async fn effects_commit_once_per_message_id() {
+    let bootstrap = soma_testkit::require_kafka();
+    let cfg = config(&bootstrap);
+    let ob = outbox().await;
+    let publisher = DurablePublisher::builder(BusProducer::new(&cfg).unwrap(), ob.clone()).build();
+    let effects = soma_bus::Effects::new(ob.pool().clone(), ob.inbox(), publisher);
+    let cause = uuid::Uuid::now_v7();
+    let out = env("conv-1", 1);
+    assert!(
+        effects
+            .commit_once("worker", cause, &[("replies", &out)])
+            .await
+            .unwrap()
+    );
+    assert!(
+        !effects
+            .commit_once("worker", cause, &[("replies", &out)])
+            .await
+            .unwrap(),
+        "a duplicate writes nothing"
+    );
+    // A rolled-back attempt records nothing: the message is handled later.
+    let other = uuid::Uuid::now_v7();
+    let mut tx = effects.begin("worker", other).await.unwrap().unwrap();
+    tx.publish("replies", &env("conv-2", 1)).await.unwrap();
+    drop(tx);
+    assert!(effects.begin("worker", other).await.unwrap().is_some());
+    let rows: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{}\".outbox WHERE topic = 'replies'",
+        ob.schema()
+    ))
+    .fetch_one(ob.pool())
+    .await
+    .unwrap();
+    assert_eq!(rows, 1);
+}
+
 #[tokio::test]
 async fn publish_in_tx_is_delivered_only_after_commit() {
     use sqlx::Connection;

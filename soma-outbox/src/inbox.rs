@@ -35,6 +35,7 @@ use crate::schema::quote_ident;
 #[derive(Debug, Clone)]
 pub struct Inbox {
     record_sql: String,
+    contains_sql: String,
     purge_sql: String,
 }
 
@@ -46,6 +47,9 @@ impl Inbox {
             record_sql: format!(
                 "INSERT INTO {q}.inbox (consumer, message_id) VALUES ($1, $2)
                  ON CONFLICT DO NOTHING RETURNING true"
+            ),
+            contains_sql: format!(
+                "SELECT EXISTS (SELECT 1 FROM {q}.inbox WHERE consumer = $1 AND message_id = $2)"
             ),
             purge_sql: format!(
                 "DELETE FROM {q}.inbox WHERE processed_at < now() - $1 * interval '1 millisecond'"
@@ -74,6 +78,24 @@ impl Inbox {
             .fetch_optional(&mut *conn)
             .await?;
         Ok(first.is_some())
+    }
+
+    /// Whether `consumer` already recorded `message_id` (a committed
+    /// record, as `conn` sees it). A read only: for a check before the work
+    /// and a [`record`](Self::record) after it, without holding a
+    /// transaction (and its transaction id) open across the work.
+    pub async fn contains(
+        &self,
+        conn: &mut PgConnection,
+        consumer: &str,
+        message_id: Uuid,
+    ) -> Result<bool, OutboxError> {
+        let seen: bool = sqlx::query_scalar(&self.contains_sql)
+            .bind(consumer)
+            .bind(message_id)
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(seen)
     }
 
     /// Forgets entries older than `age`. A duplicate arriving after its entry

@@ -25,7 +25,9 @@ use tokio::net::TcpListener;
 
 use crate::PlatformError;
 use crate::protocol::{self, ChatRequest, MemoryStatus, MemoryWrite, ToolCall};
-use crate::runtime::{Effects, KafkaRole, Runtime, Worker};
+use soma_bus::Effects;
+
+use crate::runtime::{KafkaRole, Runtime, Worker};
 use crate::settings::PlatformSettings;
 
 /// Inbox handler name (one inbox row per message id and handler).
@@ -91,7 +93,8 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
         return ctx
             .effects
             .commit_once(HANDLER, env.id, &[(&chat.tools_topic, &call_env)])
-            .await;
+            .await
+            .map(|_| ());
     }
 
     let scope = CallOptions::new()
@@ -144,5 +147,8 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
         .map(|e| (chat.events_topic.as_str(), e))
         .collect();
     out.push((&chat.memory_topic, &memory_env));
-    ctx.effects.commit_once(HANDLER, env.id, &out).await
+    ctx.effects
+        .commit_once(HANDLER, env.id, &out)
+        .await
+        .map(|_| ())
 }

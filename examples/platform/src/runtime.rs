@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use soma_bus::{
-    BusConfig, BusConsumer, BusProducer, ConsumerHandle, DurablePublisher, Envelope, Handler,
-    HandlerError, KafkaSink, TopicAdmin,
+    BusConfig, BusConsumer, BusProducer, ConsumerHandle, DurablePublisher, Effects, Envelope,
+    Handler, HandlerError, KafkaSink, TopicAdmin,
 };
 use soma_config::{ConfigUpdate, Live};
 use soma_observability::health::{CheckOptions, Criticality, HealthRegistry};
 use soma_observability::metrics::MetricsRegistry;
-use soma_outbox::{Inbox, Outbox, OutboxHealthCheck, OutboxMetrics, Relay, RelayHandle};
+use soma_outbox::{Outbox, OutboxHealthCheck, OutboxMetrics, Relay, RelayHandle};
 use soma_policy::{Authorizer, EmbeddedRego, EngineKind, PolicyEngine, PolicyMetrics, RemoteOpa};
 use soma_somabrain::SomabrainClient;
 use sqlx::PgPool;
@@ -21,7 +21,6 @@ use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::PlatformError;
 use crate::settings::PlatformSettings;
@@ -223,11 +222,11 @@ impl Runtime {
 
     /// Exactly-once effects on this process's pool, inbox and publisher.
     pub fn effects(&self) -> Effects {
-        Effects {
-            pool: self.pool.clone(),
-            inbox: self.outbox.inbox(),
-            publisher: self.publisher.clone(),
-        }
+        Effects::new(
+            self.pool.clone(),
+            self.outbox.inbox(),
+            self.publisher.clone(),
+        )
     }
 
     /// Turns this runtime into a worker consuming `topic` in group
@@ -321,46 +320,6 @@ impl Worker {
             c.shutdown().await;
         }
         self.runtime.shutdown().await;
-    }
-}
-
-/// A handler's effects, applied exactly once per message id: the inbox
-/// record and the outbox writes share one Postgres transaction.
-#[derive(Debug, Clone)]
-pub struct Effects {
-    pool: PgPool,
-    inbox: Inbox,
-    publisher: DurablePublisher,
-}
-
-impl Effects {
-    /// In one transaction: record `cause` for `handler` in the inbox and
-    /// write `out` (topic, envelope) to the outbox — or do nothing when
-    /// `handler` already handled `cause`. Database errors are retryable.
-    pub async fn commit_once(
-        &self,
-        handler: &str,
-        cause: Uuid,
-        out: &[(&str, &Envelope)],
-    ) -> Result<(), HandlerError> {
-        let mut tx = self.pool.begin().await.map_err(HandlerError::retryable)?;
-        let first = self
-            .inbox
-            .record(&mut tx, handler, cause)
-            .await
-            .map_err(HandlerError::retryable)?;
-        if !first {
-            tracing::debug!(event = "duplicate_skipped", handler, message_id = %cause);
-            return Ok(());
-        }
-        for (topic, e) in out {
-            self.publisher
-                .publish_in_tx(&mut tx, topic, e)
-                .await
-                .map_err(HandlerError::retryable)?;
-        }
-        tx.commit().await.map_err(HandlerError::retryable)?;
-        Ok(())
     }
 }
 

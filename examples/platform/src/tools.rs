@@ -31,7 +31,9 @@ use tokio::net::TcpListener;
 
 use crate::PlatformError;
 use crate::protocol::{self, MemoryStatus, ToolCall};
-use crate::runtime::{Effects, KafkaRole, Runtime, Worker};
+use soma_bus::Effects;
+
+use crate::runtime::{KafkaRole, Runtime, Worker};
 use crate::settings::PlatformSettings;
 
 /// Consumer and inbox handler name.
@@ -145,7 +147,10 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
         .iter()
         .map(|e| (ctx.settings.chat.events_topic.as_str(), e))
         .collect();
-    ctx.effects.commit_once(HANDLER, env.id, &out).await
+    ctx.effects
+        .commit_once(HANDLER, env.id, &out)
+        .await
+        .map(|_| ())
 }
 
 async fn run(ctx: &Ctx, tool: &str, input: &str) -> Result<String, HandlerError> {
