@@ -20,7 +20,8 @@
 //! times out, or when its `(topic, key)` already has messages waiting in the
 //! outbox. Keys this process deferred are remembered in memory and released
 //! only once the outbox reports no pending message for that key
-//! (`Outbox::pending_for_key`, polled every `pending_key_poll_interval_ms`),
+//! (`Outbox::pending_for_keys`, one query for up to 1,000 keys, polled every
+//! `pending_key_poll_interval_ms`),
 //! so a later message never overtakes an earlier deferred one. Failures are
 //! ordered too: on a publish timeout the producer purges everything
 //! unacknowledged, so each partition has an acknowledged prefix and a
@@ -55,6 +56,9 @@ use crate::trace;
 /// How long a key written with [`DurablePublisher::publish_in_tx`] is treated as
 /// pending even if the outbox does not show it yet (its transaction may not have committed).
 const TX_HOLD: Duration = Duration::from_secs(30);
+
+/// Deferred keys asked about in one query of the pending-key poller.
+const PENDING_POLL_CHUNK: usize = 1_000;
 
 /// Where an accepted message went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -300,9 +304,18 @@ async fn poll_pending_keys(
         }
         let Some(inner) = inner.upgrade() else { return };
         let snapshot = inner.tracker.snapshot();
-        for (topic, key, generation) in snapshot {
-            match inner.outbox.pending_for_key(&topic, &key).await {
-                Ok(n) => inner.tracker.observed(&topic, &key, generation, n),
+        // One query per poll for every deferred key, in chunks.
+        for chunk in snapshot.chunks(PENDING_POLL_CHUNK) {
+            let keys: Vec<(&str, &str)> = chunk
+                .iter()
+                .map(|(t, k, _)| (t.as_str(), k.as_str()))
+                .collect();
+            match inner.outbox.pending_for_keys(&keys).await {
+                Ok(counts) => {
+                    for ((topic, key, generation), n) in chunk.iter().zip(counts) {
+                        inner.tracker.observed(topic, key, *generation, n);
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(event = "pending_key_poll_failed", %error);
                     break;

@@ -234,6 +234,27 @@ impl Outbox {
         Ok(n as u64)
     }
 
+    /// [`pending_for_key`](Self::pending_for_key) for many keys in one
+    /// query: the counts, in the order of `keys`.
+    pub async fn pending_for_keys(&self, keys: &[(&str, &str)]) -> Result<Vec<u64>, OutboxError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let q = self.quoted_schema();
+        let (topics, names): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+        let counts: Vec<i64> = sqlx::query_scalar(&format!(
+            "SELECT (SELECT count(*) FROM {q}.outbox o
+                     WHERE o.topic = k.topic AND o.key = k.key AND o.sent_at IS NULL)
+             FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS k(topic, key, n)
+             ORDER BY k.n"
+        ))
+        .bind(&topics)
+        .bind(&names)
+        .fetch_all(&self.inner.pool)
+        .await?;
+        Ok(counts.into_iter().map(|n| n as u64).collect())
+    }
+
     /// Pending count, oldest pending age and dead-letter count.
     pub async fn stats(&self) -> Result<OutboxStats, OutboxError> {
         let q = self.quoted_schema();

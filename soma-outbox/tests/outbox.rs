@@ -43,6 +43,19 @@ async fn enqueue_in_caller_transaction_commits_and_rolls_back_with_it() {
     tx.commit().await.unwrap();
     assert_eq!(ob.pending_for_key("orders", "a").await.unwrap(), 3);
     assert_eq!(ob.pending_for_key("orders", "b").await.unwrap(), 0);
+    assert_eq!(
+        ob.pending_for_keys(&[
+            ("orders", "b"),
+            ("orders", "a"),
+            ("other", "a"),
+            ("orders", "a")
+        ])
+        .await
+        .unwrap(),
+        vec![0, 3, 0, 3],
+        "one query, answers in the order asked"
+    );
+    assert!(ob.pending_for_keys(&[]).await.unwrap().is_empty());
 
     // Stored in input order inside the transaction, with headers and payload intact.
     let rows: Vec<(uuid::Uuid, Vec<u8>, serde_json::Value)> = sqlx::query_as(&format!(
