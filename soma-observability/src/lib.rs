@@ -45,6 +45,7 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod propagation;
+pub mod shutdown;
 pub mod telemetry;
 
 pub use config::{LogFormat, OtlpProtocol, TelemetryConfig};

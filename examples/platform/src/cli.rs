@@ -82,7 +82,9 @@ async fn run(service: Service, files: &[PathBuf]) -> Result<(), PlatformError> {
                 bind(&http.gateway_admin_bind).await?,
             )
             .await?;
-            wait_for_signal().await;
+            let lifecycle = gw.runtime().lifecycle.clone();
+            lifecycle.listen_for_signals();
+            lifecycle.requested().await;
             gw.shutdown().await;
             None
         }
@@ -97,7 +99,9 @@ async fn run(service: Service, files: &[PathBuf]) -> Result<(), PlatformError> {
         }
     };
     if let Some(w) = worker {
-        wait_for_signal().await;
+        let lifecycle = w.runtime().lifecycle.clone();
+        lifecycle.listen_for_signals();
+        lifecycle.requested().await;
         w.shutdown().await;
     }
     tracing::info!(event = "stopped", service = service.name());
@@ -105,26 +109,4 @@ async fn run(service: Service, files: &[PathBuf]) -> Result<(), PlatformError> {
         eprintln!("{}: telemetry flush: {e}", service.name());
     }
     Ok(())
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

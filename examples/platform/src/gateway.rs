@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use soma_bus::{BusConsumer, ConsumerHandle, Envelope, HandlerError, PublishOutcome};
 use soma_config::Live;
 use soma_observability::http::{HttpMetricsLayer, TraceLayer};
+use soma_observability::shutdown::Shutdown;
 use soma_policy::{
     ApiKeyStore, Authenticator, AuthnLayer, AuthzLayer, PgApiKeyStore, PolicyMetrics, Principal,
     RouteMap, RouteRule,
@@ -98,6 +99,7 @@ struct Shared {
     runtime_publisher: soma_bus::DurablePublisher,
     idempotency: Idempotency,
     hub: broadcast::Sender<Arc<HubEvent>>,
+    lifecycle: Shutdown,
 }
 
 /// A running gateway.
@@ -179,6 +181,7 @@ impl Gateway {
             runtime_publisher: runtime.publisher.clone(),
             idempotency,
             hub,
+            lifecycle: runtime.lifecycle.clone(),
         });
         let rate_limit = RateLimitLayer::new(limiter, |req: &Request<Body>| {
             let principal = req.extensions().get::<Principal>()?;
@@ -196,6 +199,13 @@ impl Gateway {
             .layer(AuthnLayer::new(Arc::new(authn)))
             .fallback(|| async { problem(StatusCode::NOT_FOUND, "not_found", "no such route") })
             .layer(DefaultBodyLimit::max(settings.http.max_body_bytes))
+            .layer(
+                tower::ServiceBuilder::new()
+                    .layer(axum::error_handling::HandleErrorLayer::new(overload_answer))
+                    .load_shed()
+                    .concurrency_limit(settings.http.max_concurrent_requests)
+                    .timeout(Duration::from_millis(settings.http.request_timeout_ms)),
+            )
             .layer(HttpMetricsLayer::new(&runtime.metrics))
             .layer(TraceLayer::from_config(&settings.telemetry))
             .with_state(shared);
@@ -239,18 +249,43 @@ impl Gateway {
         &self.runtime
     }
 
-    /// Stops accepting requests, ends SSE streams, stops the event
-    /// consumer, then shuts the runtime down (producer flush, relay).
+    /// The shutdown sequence (see [`Runtime::lifecycle`]): readiness down,
+    /// the drain delay, then stop accepting and finish in-flight requests
+    /// (SSE streams end with a `shutdown` event telling the client to
+    /// reconnect), stop the SSE hub's consumer, close Redis, and shut the
+    /// runtime down (publisher flush before the pool closes, relay, admin).
+    /// Every stage shares the one `shutdown.deadline_ms`.
     pub async fn shutdown(mut self) {
+        let lifecycle = self.runtime.lifecycle.clone();
+        lifecycle.begin();
+        lifecycle.drain_delay().await;
         self.stop.cancel();
+        if let Some(server) = self.server.take() {
+            let abort = server.abort_handle();
+            if !lifecycle
+                .stage("http", async {
+                    let _ = server.await;
+                })
+                .await
+            {
+                // Requests still running past the deadline are cut: their
+                // clients got no answer, so nothing they sent was accepted
+                // unless its publish had already completed.
+                abort.abort();
+            }
+        }
         if let Some(e) = self.events.take() {
-            e.shutdown().await;
+            lifecycle
+                .stage("sse_hub", async {
+                    e.shutdown().await;
+                })
+                .await;
         }
-        if let Some(s) = self.server.take() {
-            // SSE streams keep connections open; don't wait for clients forever.
-            let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
-        }
-        let _ = self.redis.quit().await;
+        lifecycle
+            .stage("redis", async {
+                let _ = self.redis.quit().await;
+            })
+            .await;
         self.runtime.shutdown().await;
     }
 }
@@ -291,6 +326,34 @@ fn spawn_hub(
     // that Kafka is down.
     .broadcast()
     .spawn()?)
+}
+
+/// What the overload layers' errors answer: `504` when a request ran past
+/// `http.request_timeout_ms`, `503` when `http.max_concurrent_requests` were
+/// already in flight (load is shed at once instead of queueing without
+/// bound, so a stuck dependency cannot pile requests up until memory runs
+/// out). Problem bodies, like every other error.
+async fn overload_answer(err: tower::BoxError) -> Response {
+    if err.is::<tower::timeout::error::Elapsed>() {
+        problem(
+            StatusCode::GATEWAY_TIMEOUT,
+            "request_timeout",
+            "the request did not complete in time; retry it with the same Idempotency-Key",
+        )
+    } else if err.is::<tower::load_shed::error::Overloaded>() {
+        problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many requests in flight; retry shortly",
+        )
+    } else {
+        tracing::error!(event = "request_failed", error = %err);
+        problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
+    }
 }
 
 fn problem(status: StatusCode, kind: &str, detail: &str) -> Response {
@@ -528,7 +591,16 @@ async fn events_stream(
                 }
             };
             futures::future::ready(Some(event))
-        });
+        })
+        // Shutting down: end the stream with an event telling the client to
+        // reconnect (to another replica, or this one once restarted).
+        .take_until(gw.lifecycle.draining())
+        .chain(futures::stream::once(async {
+            Event::default()
+                .event("shutdown")
+                .retry(Duration::from_millis(1_000))
+                .json_data(serde_json::json!({ "reconnect": true }))
+        }));
     Sse::new(stream)
         .keep_alive(
             KeepAlive::new().interval(Duration::from_secs(gw.settings.chat.sse_keepalive_secs)),

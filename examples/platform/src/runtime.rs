@@ -13,6 +13,7 @@ use soma_bus::{
 use soma_config::{ConfigUpdate, Live};
 use soma_observability::health::{CheckOptions, Criticality, HealthRegistry};
 use soma_observability::metrics::MetricsRegistry;
+use soma_observability::shutdown::Shutdown;
 use soma_outbox::{Outbox, OutboxHealthCheck, OutboxMetrics, Relay, RelayHandle};
 use soma_policy::{Authorizer, EmbeddedRego, EngineKind, PolicyEngine, PolicyMetrics, RemoteOpa};
 use soma_somabrain::SomabrainClient;
@@ -56,6 +57,10 @@ pub struct Runtime {
     pub publisher: DurablePublisher,
     /// The address the admin endpoints listen on.
     pub admin_addr: std::net::SocketAddr,
+    /// This process's shutdown: SIGTERM turns readiness down and starts the
+    /// staged shutdown within `shutdown.deadline_ms`; a second SIGTERM
+    /// forces it (see soma-observability's `shutdown` module).
+    pub lifecycle: Shutdown,
     group_suffix: String,
     relay: Option<RelayHandle>,
     config_consumer: Option<ConsumerHandle>,
@@ -90,6 +95,7 @@ impl Runtime {
         let metrics = MetricsRegistry::new(settings.telemetry.const_labels());
         let health = HealthRegistry::new();
         health.export_metrics(&metrics);
+        let lifecycle = Shutdown::new(settings.shutdown.clone(), &health);
 
         let pool = PgPoolOptions::new()
             .max_connections(settings.postgres.max_connections)
@@ -165,6 +171,7 @@ impl Runtime {
             producer,
             publisher,
             admin_addr,
+            lifecycle,
             group_suffix: group_suffix.to_owned(),
             relay: Some(relay),
             config_consumer: Some(config_consumer),
@@ -263,28 +270,62 @@ impl Runtime {
         bus_config(&self.settings.bus, group_suffix)
     }
 
-    /// Stops the config consumer, flushes the producer within
-    /// `bus.flush_timeout_ms`, lets the relay finish its batch and stops the
-    /// admin endpoints. Messages still in the outbox stay there for the next
-    /// relay: nothing accepted is lost.
+    /// The runtime's stages of the shutdown sequence, after the service
+    /// stopped taking work: stop the config consumer; flush the durable
+    /// publisher (every accepted message acknowledged by Kafka or already
+    /// in the outbox) **before** the pool closes; let the relay finish its
+    /// batch; stop the admin endpoints (they served `/ready` = 503 during
+    /// the drain); close the pool. Messages still in the outbox stay there
+    /// for the next relay: nothing accepted is lost.
     pub async fn shutdown(mut self) {
+        let lifecycle = self.lifecycle.clone();
+        lifecycle.begin();
         if let Some(c) = self.config_consumer.take() {
-            c.shutdown().await;
+            lifecycle
+                .stage("config_consumer", async {
+                    c.shutdown().await;
+                })
+                .await;
         }
-        let report = self.publisher.shutdown().await;
-        if !report.is_complete() {
-            tracing::warn!(event = "producer_flush_incomplete", ?report);
-        }
+        let publisher = self.publisher.clone();
+        lifecycle
+            .stage("publisher", async move {
+                let report = publisher.shutdown().await;
+                if !report.is_complete() {
+                    tracing::warn!(event = "producer_flush_incomplete", ?report);
+                }
+            })
+            .await;
         if let Some(r) = self.relay.take() {
-            if let Err(e) = r.shutdown().await {
-                tracing::warn!(event = "relay_shutdown_failed", error = %e);
-            }
+            lifecycle
+                .stage("relay", async {
+                    if let Err(e) = r.shutdown().await {
+                        tracing::warn!(event = "relay_shutdown_failed", error = %e);
+                    }
+                })
+                .await;
         }
         self.admin_stop.cancel();
         if let Some(a) = self.admin.take() {
-            let _ = a.await;
+            lifecycle
+                .stage("admin", async {
+                    let _ = a.await;
+                })
+                .await;
         }
-        self.pool.close().await;
+        let pool = self.pool.clone();
+        lifecycle
+            .stage("postgres", async move {
+                pool.close().await;
+            })
+            .await;
+        let report = lifecycle.finish();
+        tracing::info!(
+            event = "runtime_stopped",
+            completed = report.completed(),
+            forced = report.forced,
+            abandoned = ?report.abandoned
+        );
     }
 }
 
@@ -313,11 +354,20 @@ impl Worker {
         &self.runtime
     }
 
-    /// Stops fetching, finishes in-flight messages, commits, then shuts the
-    /// runtime down.
+    /// Readiness down, then stops fetching, finishes in-flight messages and
+    /// commits what was handled (stage `consumer`), then shuts the runtime
+    /// down.
     pub async fn shutdown(mut self) {
+        let lifecycle = self.runtime.lifecycle.clone();
+        lifecycle.begin();
+        lifecycle.drain_delay().await;
         if let Some(c) = self.consumer.take() {
-            c.shutdown().await;
+            lifecycle
+                .stage("consumer", async {
+                    let report = c.shutdown().await;
+                    tracing::info!(event = "consumer_stopped", ?report);
+                })
+                .await;
         }
         self.runtime.shutdown().await;
     }

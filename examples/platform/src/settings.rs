@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use soma_bus::BusConfig;
 use soma_config::{ConfigError, DeploymentProfile, Live, Loader};
 use soma_observability::TelemetryConfig;
+use soma_observability::shutdown::ShutdownConfig;
 use soma_outbox::{OutboxConfig, RelayConfig};
 use soma_policy::PolicyConfig;
 use soma_redis::RedisConfig;
@@ -42,6 +43,9 @@ pub struct PlatformSettings {
     pub somabrain: SomabrainConfig,
     /// The chat protocol: topics, limits.
     pub chat: ChatSettings,
+    /// Graceful shutdown: the deadline and the drain delay
+    /// (soma-observability).
+    pub shutdown: ShutdownConfig,
 }
 
 /// Where each service listens.
@@ -60,6 +64,12 @@ pub struct HttpSettings {
     pub tools_admin_bind: String,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Longest a request may take before the gateway answers `504` (the
+    /// SSE stream's body is not bounded by it, only its start).
+    pub request_timeout_ms: u64,
+    /// Requests the gateway handles at once; beyond that it sheds load with
+    /// `503` at once instead of queueing without bound.
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for HttpSettings {
@@ -71,6 +81,8 @@ impl Default for HttpSettings {
             memory_admin_bind: "127.0.0.1:9482".into(),
             tools_admin_bind: "127.0.0.1:9483".into(),
             max_body_bytes: 16 * 1024,
+            request_timeout_ms: 10_000,
+            max_concurrent_requests: 512,
         }
     }
 }
@@ -194,6 +206,16 @@ pub fn loader(files: &[PathBuf]) -> Loader<PlatformSettings> {
             s.chat.max_message_bytes > 0 && s.chat.max_message_bytes <= s.http.max_body_bytes,
             "chat.max_message_bytes",
             "must be between 1 and http.max_body_bytes",
+        );
+        checks.ensure(
+            s.http.request_timeout_ms > 0,
+            "http.request_timeout_ms",
+            "must be at least 1",
+        );
+        checks.ensure(
+            s.http.max_concurrent_requests > 0,
+            "http.max_concurrent_requests",
+            "must be at least 1",
         );
         checks.ensure(
             !s.policy.issuers.is_empty() || s.policy.api_keys.enabled,

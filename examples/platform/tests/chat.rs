@@ -828,3 +828,165 @@ async fn a_policy_edit_applies_on_the_next_config_update_and_a_broken_one_keeps_
     gateway.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The gateway's shutdown sequence under load: readiness goes down first,
+/// requests in flight finish (every `202` was accepted: it is in the outbox
+/// or on Kafka), an open SSE stream ends with a `shutdown` event telling the
+/// client to reconnect, and the pool closes only after the publisher
+/// flushed. Kafka is unreachable here so each POST is in flight for the
+/// publish timeout when the shutdown starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_drains_in_flight_requests_ends_sse_with_reconnect_and_loses_nothing() {
+    let env = Env::new();
+    let dead_broker = format!("127.0.0.1:{}", soma_testkit::free_port());
+    let live = env.settings(&[
+        ("bus.bootstrap_servers", json!(dead_broker)),
+        ("bus.publish_timeout_ms", json!(700)),
+        ("shutdown.deadline_ms", json!(15_000)),
+    ]);
+    let gateway = Gateway::start(live, listener().await, listener().await)
+        .await
+        .expect("the gateway starts without Kafka");
+    let base = format!("http://{}", gateway.addr());
+    let admin = gateway.admin_addr();
+    let client = reqwest::Client::new();
+    let token = env.token("erin", "acme", &["user"], ALL_SCOPES);
+    let pool = sqlx::PgPool::connect(&soma_testkit::postgres_url())
+        .await
+        .unwrap();
+    let mut sse = SseReader::open(&client, &base, "c-drain", &token).await;
+
+    // 24 POSTs in flight (each waits ~700 ms for Kafka, then the outbox).
+    let mut posts = Vec::new();
+    for i in 0..24 {
+        let client = client.clone();
+        let base = base.clone();
+        let token = token.clone();
+        posts.push(tokio::spawn(async move {
+            let r = client
+                .post(format!("{base}/v1/conversations/c-drain/messages"))
+                .bearer_auth(&token)
+                .json(&json!({"text": format!("m{i}")}))
+                .send()
+                .await;
+            match r {
+                Ok(r) if r.status() == 202 => Some(message_id_of(r).await),
+                _ => None,
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let stopping = tokio::spawn(gateway.shutdown());
+
+    // Readiness goes down while the requests are still draining.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ready = client.get(format!("http://{admin}/ready")).send().await;
+        if matches!(&ready, Ok(r) if r.status() == 503) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readiness never went down: {ready:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The open stream ends with a reconnect instruction.
+    let ev = sse
+        .next(Instant::now() + Duration::from_secs(10))
+        .await
+        .expect("a final event before the stream ends");
+    assert_eq!(ev.event, "shutdown", "{ev:?}");
+    assert_eq!(ev.data["reconnect"], true);
+    assert!(
+        sse.next(Instant::now() + Duration::from_secs(5))
+            .await
+            .is_none(),
+        "the stream ends after the shutdown event"
+    );
+
+    let mut accepted = Vec::new();
+    for p in posts {
+        if let Some(id) = p.await.unwrap() {
+            accepted.push(id);
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(20), stopping)
+        .await
+        .expect("shutdown within its deadline")
+        .unwrap();
+    assert_eq!(
+        accepted.len(),
+        24,
+        "requests already in flight when the shutdown began are finished, not cut"
+    );
+    // Every accepted message is durable (Kafka is down: all in the outbox).
+    let rows: Vec<(uuid::Uuid,)> = sqlx::query_as(&format!(
+        "SELECT id FROM {}_outbox.outbox WHERE key = 'c-drain'",
+        env.prefix
+    ))
+    .fetch_all(&pool)
+    .await
+    .expect("outbox rows");
+    let stored: std::collections::HashSet<String> = rows.iter().map(|r| r.0.to_string()).collect();
+    for id in &accepted {
+        assert!(stored.contains(id), "accepted {id} is not in the outbox");
+    }
+    assert_eq!(stored.len(), accepted.len(), "nothing un-accepted appears");
+}
+
+/// A stuck dependency cannot pile requests up: past
+/// `http.max_concurrent_requests` the gateway sheds load with `503`, and a
+/// request running past `http.request_timeout_ms` answers `504`, both with
+/// problem bodies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overload_is_shed_with_503_and_slow_requests_time_out_with_504() {
+    let env = Env::new();
+    let dead_broker = format!("127.0.0.1:{}", soma_testkit::free_port());
+    let live = env.settings(&[
+        ("bus.bootstrap_servers", json!(dead_broker)),
+        ("bus.publish_timeout_ms", json!(3_000)),
+        ("http.request_timeout_ms", json!(600)),
+        ("http.max_concurrent_requests", json!(2)),
+    ]);
+    let gateway = Gateway::start(live, listener().await, listener().await)
+        .await
+        .expect("the gateway starts without Kafka");
+    let base = format!("http://{}", gateway.addr());
+    let client = reqwest::Client::new();
+    let token = env.token("fay", "acme", &["user"], ALL_SCOPES);
+    let mut posts = Vec::new();
+    for i in 0..6 {
+        let client = client.clone();
+        let base = base.clone();
+        let token = token.clone();
+        posts.push(tokio::spawn(async move {
+            let r = client
+                .post(format!("{base}/v1/conversations/c-slow/messages"))
+                .bearer_auth(&token)
+                .json(&json!({"text": format!("m{i}")}))
+                .send()
+                .await
+                .expect("an answer");
+            let status = r.status().as_u16();
+            let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+            let body: Value = r.json().await.unwrap();
+            (status, ct, body)
+        }));
+    }
+    let mut by_status = std::collections::BTreeMap::<u16, usize>::new();
+    for p in posts {
+        let (status, ct, body) = p.await.unwrap();
+        *by_status.entry(status).or_default() += 1;
+        assert_eq!(ct, "application/problem+json", "{status} {body}");
+        match status {
+            504 => assert_eq!(body["title"], "request_timeout", "{body}"),
+            503 => assert_eq!(body["title"], "overloaded", "{body}"),
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(by_status.get(&504), Some(&2), "{by_status:?}");
+    assert_eq!(by_status.get(&503), Some(&4), "{by_status:?}");
+    gateway.shutdown().await;
+}
