@@ -990,3 +990,109 @@ async fn overload_is_shed_with_503_and_slow_requests_time_out_with_504() {
     assert_eq!(by_status.get(&503), Some(&4), "{by_status:?}");
     gateway.shutdown().await;
 }
+
+/// The conversation worker stopped (SIGTERM's shutdown sequence) while
+/// handler calls are in flight, then a new one started in its place: every
+/// accepted message is answered exactly once (one `completed` reply event
+/// per message, never two with different ids).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_stopped_mid_stream_and_replaced_answers_every_message_exactly_once() {
+    let env = Env::new();
+    let live = env.settings(&[]);
+    let gateway = Gateway::start(live.clone(), listener().await, listener().await)
+        .await
+        .expect("gateway starts");
+    let mut first = Some(
+        conversation::start(live.clone(), listener().await)
+            .await
+            .expect("worker starts"),
+    );
+    let base = format!("http://{}", gateway.addr());
+    let client = reqwest::Client::new();
+    let token = env.token("gus", "acme", &["user"], ALL_SCOPES);
+    let mut accepted = Vec::new();
+    for i in 0..40 {
+        let conversation = format!("c-roll-{}", i % 4);
+        let r = send(
+            &client,
+            &base,
+            &conversation,
+            &token,
+            json!({"text": format!("m{i}")}),
+            None,
+        )
+        .await;
+        accepted.push(message_id_of(expect_status(r, 202).await).await);
+        if i == 20 {
+            // Half-way: stop the worker while it is handling.
+            if let Some(w) = first.take() {
+                w.shutdown().await;
+            }
+        }
+    }
+    let second = conversation::start(live.clone(), listener().await)
+        .await
+        .expect("replacement worker starts");
+
+    // Read every reply event; count distinct `completed` envelopes per message.
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", soma_testkit::kafka_bootstrap())
+        .set("group.id", soma_testkit::unique_name("reply_reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer
+        .subscribe(&[format!("{}.events", env.prefix).as_str()])
+        .expect("subscribe");
+    let mut completed: std::collections::HashMap<String, std::collections::HashSet<String>> =
+        std::collections::HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while accepted.iter().any(|id| !completed.contains_key(id)) {
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .unwrap_or_else(|| {
+                panic!(
+                    "replies missing after 120 s: {} of {}",
+                    accepted.len() - completed.len(),
+                    accepted.len()
+                )
+            });
+        let Ok(Ok(msg)) = tokio::time::timeout(left, consumer.recv()).await else {
+            continue;
+        };
+        let payload: Value =
+            serde_json::from_slice(msg.payload().unwrap_or_default()).unwrap_or(Value::Null);
+        if payload["kind"] != "completed" {
+            continue;
+        }
+        let envelope_id = msg
+            .headers()
+            .and_then(|h| {
+                h.iter()
+                    .find(|x| x.key == soma_bus::envelope::HEADER_ID)
+                    .map(|x| String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())
+            })
+            .unwrap_or_else(|| format!("{}:{}", msg.partition(), msg.offset()));
+        completed
+            .entry(
+                payload["message_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+            .or_default()
+            .insert(envelope_id);
+    }
+    for id in &accepted {
+        let replies = &completed[id];
+        assert_eq!(
+            replies.len(),
+            1,
+            "message {id} answered {} times",
+            replies.len()
+        );
+    }
+    second.shutdown().await;
+    gateway.shutdown().await;
+}
