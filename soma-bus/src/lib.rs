@@ -75,6 +75,7 @@ mod metrics;
 pub mod producer;
 pub mod publisher;
 pub mod replay;
+mod sequencer;
 pub mod sink;
 pub mod trace;
 

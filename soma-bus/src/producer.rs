@@ -76,14 +76,25 @@ pub(crate) struct RawRecord<'a> {
 pub(crate) struct Handle {
     producer: FutureProducer,
     purged: RwLock<bool>,
+    /// Distinguishes handles: a later handle has a larger generation.
+    generation: u64,
 }
+
+/// Generations of librdkafka handles in this process.
+static HANDLE_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 impl Handle {
     fn new(config: &BusConfig) -> Result<Self, KafkaError> {
         Ok(Self {
             producer: config.producer_client_config().create()?,
             purged: RwLock::new(false),
+            generation: HANDLE_GENERATION.fetch_add(1, Ordering::Relaxed),
         })
+    }
+
+    /// This handle's generation (unique in the process).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
     }
 }
 

@@ -27,6 +27,15 @@
 //! unacknowledged, so each partition has an acknowledged prefix and a
 //! deferred suffix.
 //!
+//! **Concurrent callers of one key** keep call order as well: each keyed
+//! message draws a ticket when it is routed, and a message that goes to the
+//! outbox is written only after every earlier message of its key (from any
+//! caller of this publisher) was acknowledged, written to the outbox, or
+//! failed. While an earlier message of a key is on its way to the outbox, or
+//! in flight on a producer handle that has since been purged, later messages
+//! of the key follow it to the outbox rather than overtake it on a fresh
+//! handle. A caller whose future is dropped releases its tickets.
+//!
 //! **Multi-process caveat:** the memory of deferred keys is per process. If
 //! another process (or this one before a restart) deferred a key, this
 //! process does not know, and a direct publish of that key may overtake the
@@ -51,6 +60,7 @@ use crate::envelope::{Envelope, TraceContext};
 use crate::error::{BusError, is_permanent_kafka};
 use crate::metrics::BusMetrics;
 use crate::producer::{BusProducer, Delivery, FlushReport, RawRecord, envelope_headers};
+use crate::sequencer::{Lane, Sequencer, Tickets};
 use crate::trace;
 
 /// How long a key written with [`DurablePublisher::publish_in_tx`] is treated as
@@ -214,6 +224,7 @@ struct Inner {
     metrics: BusMetrics,
     breaker: Breaker,
     tracker: KeyTracker,
+    sequencer: Sequencer,
     health: Option<HealthReporter>,
     check_outbox_per_message: bool,
     cancel: CancellationToken,
@@ -278,6 +289,7 @@ impl DurablePublisherBuilder {
                 reset: Duration::from_millis(cfg.breaker_reset_timeout_ms),
             },
             tracker: KeyTracker::default(),
+            sequencer: Sequencer::default(),
             health,
             check_outbox_per_message: cfg.check_outbox_per_message,
             cancel: CancellationToken::new(),
@@ -444,6 +456,10 @@ impl DurablePublisher {
             .await
     }
 
+    /// route → send in order → defer. Every keyed message holds a ticket of
+    /// the [`Sequencer`] from routing until it is acknowledged, written to
+    /// the outbox, or failed, so concurrent publishes of one key keep call
+    /// order across the switch to the outbox.
     async fn publish_batch(
         &self,
         topic: &str,
@@ -451,7 +467,6 @@ impl DurablePublisher {
         span: &tracing::Span,
     ) -> Vec<Result<PublishOutcome, BusError>> {
         let started = Instant::now();
-        let inner = &*self.inner;
         // Injected into messages without a context of their own (the
         // caller's, when a filter disabled the publish span).
         let trace = if span.is_disabled() {
@@ -461,9 +476,79 @@ impl DurablePublisher {
         };
         let mut results: Vec<Option<Result<PublishOutcome, BusError>>> =
             (0..envs.len()).map(|_| None).collect();
-        // (index, reason) of messages bound for the outbox.
+        let (mut to_outbox, mut kafka_idx) = self.route_all(topic, envs).await;
+
+        let handle = self.inner.producer.handle();
+        let keys: Vec<Option<(&str, &str)>> = envs
+            .iter()
+            .map(|e| e.key.as_deref().map(|k| (topic, k)))
+            .collect();
+        let mut lanes = vec![Lane::Outbox; envs.len()];
+        for &i in &kafka_idx {
+            lanes[i] = Lane::Kafka(handle.generation());
+        }
+        let (mut tickets, forced) = self
+            .inner
+            .sequencer
+            .draw(&keys, &lanes, handle.generation());
+        kafka_idx.retain(|&i| {
+            if forced[i] {
+                to_outbox.push((i, "an earlier message of the key is being deferred".into()));
+            }
+            !forced[i]
+        });
+
+        if !kafka_idx.is_empty() {
+            self.send_in_order(
+                topic,
+                envs,
+                &kafka_idx,
+                &handle,
+                trace.as_ref(),
+                started,
+                &mut tickets,
+                &mut results,
+                &mut to_outbox,
+            )
+            .await;
+        }
+        if !to_outbox.is_empty() {
+            self.defer(
+                topic,
+                envs,
+                to_outbox,
+                trace.as_ref(),
+                started,
+                &tickets,
+                &mut results,
+            )
+            .await;
+        }
+        drop(tickets);
+        let failed = results
+            .iter()
+            .filter(|r| matches!(r, Some(Err(_)) | None))
+            .count() as u64;
+        if failed > 0 {
+            self.inner
+                .metrics
+                .publish(topic, "failed", failed, started.elapsed().as_secs_f64());
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(BusError::Shutdown)))
+            .collect()
+    }
+
+    /// Routes each envelope: `(outbox-bound with the reason, Kafka-bound)`.
+    /// A key routed to the outbox takes its later messages in the batch
+    /// with it.
+    async fn route_all(
+        &self,
+        topic: &str,
+        envs: &[Envelope],
+    ) -> (Vec<(usize, String)>, Vec<usize>) {
         let mut to_outbox: Vec<(usize, String)> = Vec::new();
-        // Keys already routed to the outbox in this batch: later ones follow.
         let mut batch_deferred: std::collections::HashSet<&str> = std::collections::HashSet::new();
         let mut kafka_idx = Vec::with_capacity(envs.len());
         for (i, env) in envs.iter().enumerate() {
@@ -486,170 +571,171 @@ impl DurablePublisher {
                 }
             }
         }
+        (to_outbox, kafka_idx)
+    }
 
-        if !kafka_idx.is_empty() {
-            let deadline = Instant::now() + inner.producer.config().publish_timeout();
-            let handle = inner.producer.handle();
-            let mut futs = Vec::with_capacity(kafka_idx.len());
-            let mut sent = Vec::with_capacity(kafka_idx.len());
-            let mut stop: Option<String> = None;
-            for &i in &kafka_idx {
-                if let Some(reason) = &stop {
-                    to_outbox.push((i, reason.clone()));
-                    continue;
-                }
-                let env = &envs[i];
-                let mut headers = envelope_headers(env);
-                if env.trace.is_none() {
-                    if let Some(t) = &trace {
-                        headers = trace::add_trace_headers(headers, t);
-                    }
-                }
-                match inner
-                    .producer
-                    .enqueue_on(
-                        &handle,
-                        RawRecord {
-                            topic,
-                            key: env.kafka_key(),
-                            payload: &env.payload,
-                            headers,
-                        },
-                        deadline,
-                    )
-                    .await
-                {
-                    Ok(f) => {
-                        futs.push(f);
-                        sent.push(i);
-                    }
-                    Err(e) if e.is_permanent() => {
-                        results[i] = Some(Err(e));
-                    }
-                    Err(e) => {
-                        stop = Some(e.to_string());
-                        to_outbox.push((i, e.to_string()));
-                    }
+    /// Enqueues the Kafka-bound envelopes on `handle` in order (stopping at
+    /// the first transient failure: the rest go to the outbox), awaits the
+    /// acknowledgements together, and updates the breaker.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_in_order(
+        &self,
+        topic: &str,
+        envs: &[Envelope],
+        kafka_idx: &[usize],
+        handle: &Arc<crate::producer::Handle>,
+        trace: Option<&TraceContext>,
+        started: Instant,
+        tickets: &mut Tickets,
+        results: &mut [Option<Result<PublishOutcome, BusError>>],
+        to_outbox: &mut Vec<(usize, String)>,
+    ) {
+        let inner = &*self.inner;
+        let deadline = Instant::now() + inner.producer.config().publish_timeout();
+        let mut futs = Vec::with_capacity(kafka_idx.len());
+        let mut sent = Vec::with_capacity(kafka_idx.len());
+        let mut stop: Option<String> = None;
+        for &i in kafka_idx {
+            if let Some(reason) = &stop {
+                tickets.to_outbox(i);
+                to_outbox.push((i, reason.clone()));
+                continue;
+            }
+            let env = &envs[i];
+            let mut headers = envelope_headers(env);
+            if env.trace.is_none() {
+                if let Some(t) = trace {
+                    headers = trace::add_trace_headers(headers, t);
                 }
             }
-            let deliveries = inner
-                .producer
-                .await_deliveries_on(&handle, futs, deadline)
-                .await;
-            let mut acked = 0u64;
-            let mut had_failure = stop.is_some();
-            for (i, r) in sent.into_iter().zip(deliveries) {
-                match r {
-                    Ok(Delivery { partition, offset }) => {
-                        acked += 1;
-                        results[i] = Some(Ok(PublishOutcome::Published { partition, offset }));
-                    }
-                    Err(BusError::Kafka(e)) if is_permanent_kafka(&e) => {
-                        results[i] = Some(Err(BusError::Kafka(e)));
-                    }
-                    Err(e) => {
-                        had_failure = true;
-                        to_outbox.push((i, e.to_string()));
-                    }
+            let rec = RawRecord {
+                topic,
+                key: env.kafka_key(),
+                payload: &env.payload,
+                headers,
+            };
+            match inner.producer.enqueue_on(handle, rec, deadline).await {
+                Ok(f) => {
+                    futs.push(f);
+                    sent.push(i);
                 }
-            }
-            if acked > 0 {
-                inner
-                    .metrics
-                    .publish(topic, "kafka", acked, started.elapsed().as_secs_f64());
-            }
-            if had_failure {
-                if inner.breaker.failure() {
-                    inner.metrics.breaker_open.get_or_create(&Vec::new()).set(1);
-                    if let Some(h) = &inner.health {
-                        h.set_degraded("kafka unavailable; publishing to the outbox");
-                    }
-                    tracing::warn!(event = "breaker_open", topic);
+                Err(e) if e.is_permanent() => {
+                    tickets.settle(i);
+                    results[i] = Some(Err(e));
                 }
-            } else if acked > 0 && inner.breaker.success() {
-                inner.metrics.breaker_open.get_or_create(&Vec::new()).set(0);
-                if let Some(h) = &inner.health {
-                    h.set_up();
-                }
-                tracing::info!(event = "breaker_closed", topic);
-            }
-        }
-
-        if !to_outbox.is_empty() {
-            to_outbox.sort_by_key(|(i, _)| *i);
-            let msgs: Vec<NewMessage> = to_outbox
-                .iter()
-                .map(|(i, _)| {
-                    let env = &envs[*i];
-                    let mut headers = env.header_map();
-                    if env.trace.is_none() {
-                        if let Some(t) = &trace {
-                            trace::add_trace_map(&mut headers, t);
-                        }
-                    }
-                    NewMessage {
-                        id: env.id,
-                        topic: topic.to_owned(),
-                        key: env.key.clone(),
-                        payload: env.payload.clone(),
-                        headers,
-                        dedupe_key: None,
-                    }
-                })
-                .collect();
-            let reason = to_outbox[0].1.clone();
-            match inner.outbox.enqueue_standalone(&msgs).await {
-                Ok(_) => {
-                    for (i, _) in &to_outbox {
-                        let env = &envs[*i];
-                        if let Some(k) = env.key.as_deref() {
-                            inner.tracker.add(topic, k, None);
-                        }
-                        results[*i] = Some(Ok(PublishOutcome::Deferred(env.id)));
-                    }
-                    inner
-                        .metrics
-                        .deferred_keys
-                        .get_or_create(&Vec::new())
-                        .set(inner.tracker.count() as i64);
-                    inner.metrics.publish(
-                        topic,
-                        "deferred",
-                        msgs.len() as u64,
-                        started.elapsed().as_secs_f64(),
-                    );
-                    tracing::debug!(event = "deferred", topic, count = msgs.len(), reason = %reason);
-                }
-                Err(outbox) => {
-                    tracing::error!(event = "publish_failed", topic, count = msgs.len(), kafka = %reason, error = %outbox);
-                    let text = outbox.to_string();
-                    let mut first = Some(outbox);
-                    for (i, why) in &to_outbox {
-                        let err = match first.take() {
-                            Some(o) => BusError::Unavailable {
-                                kafka: why.clone(),
-                                outbox: o,
-                            },
-                            None => BusError::NotSent(format!("outbox write failed: {text}")),
-                        };
-                        results[*i] = Some(Err(err));
-                    }
+                Err(e) => {
+                    stop = Some(e.to_string());
+                    tickets.to_outbox(i);
+                    to_outbox.push((i, e.to_string()));
                 }
             }
         }
-        let failed = results
-            .iter()
-            .filter(|r| matches!(r, Some(Err(_)) | None))
-            .count() as u64;
-        if failed > 0 {
+        let deliveries = inner
+            .producer
+            .await_deliveries_on(handle, futs, deadline)
+            .await;
+        let mut acked = 0u64;
+        let mut had_failure = stop.is_some();
+        for (i, r) in sent.into_iter().zip(deliveries) {
+            match r {
+                Ok(Delivery { partition, offset }) => {
+                    acked += 1;
+                    tickets.settle(i);
+                    results[i] = Some(Ok(PublishOutcome::Published { partition, offset }));
+                }
+                Err(BusError::Kafka(e)) if is_permanent_kafka(&e) => {
+                    tickets.settle(i);
+                    results[i] = Some(Err(BusError::Kafka(e)));
+                }
+                Err(e) => {
+                    had_failure = true;
+                    tickets.to_outbox(i);
+                    to_outbox.push((i, e.to_string()));
+                }
+            }
+        }
+        if acked > 0 {
             inner
                 .metrics
-                .publish(topic, "failed", failed, started.elapsed().as_secs_f64());
+                .publish(topic, "kafka", acked, started.elapsed().as_secs_f64());
         }
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or(Err(BusError::Shutdown)))
-            .collect()
+        if had_failure {
+            if inner.breaker.failure() {
+                inner.metrics.breaker_open.get_or_create(&Vec::new()).set(1);
+                if let Some(h) = &inner.health {
+                    h.set_degraded("kafka unavailable; publishing to the outbox");
+                }
+                tracing::warn!(event = "breaker_open", topic);
+            }
+        } else if acked > 0 && inner.breaker.success() {
+            inner.metrics.breaker_open.get_or_create(&Vec::new()).set(0);
+            if let Some(h) = &inner.health {
+                h.set_up();
+            }
+            tracing::info!(event = "breaker_closed", topic);
+        }
+    }
+
+    /// Writes the outbox-bound envelopes in one transaction, in input order,
+    /// once every earlier publish of their keys (by other callers) settled.
+    #[allow(clippy::too_many_arguments)]
+    async fn defer(
+        &self,
+        topic: &str,
+        envs: &[Envelope],
+        mut to_outbox: Vec<(usize, String)>,
+        trace: Option<&TraceContext>,
+        started: Instant,
+        tickets: &Tickets,
+        results: &mut [Option<Result<PublishOutcome, BusError>>],
+    ) {
+        let inner = &*self.inner;
+        to_outbox.sort_by_key(|(i, _)| *i);
+        let indexes: Vec<usize> = to_outbox.iter().map(|(i, _)| *i).collect();
+        tickets.wait_turn(&indexes).await;
+        let msgs: Vec<NewMessage> = to_outbox
+            .iter()
+            .map(|(i, _)| outbox_message(topic, &envs[*i], trace))
+            .collect();
+        let reason = to_outbox[0].1.clone();
+        match inner.outbox.enqueue_standalone(&msgs).await {
+            Ok(_) => {
+                for (i, _) in &to_outbox {
+                    let env = &envs[*i];
+                    if let Some(k) = env.key.as_deref() {
+                        inner.tracker.add(topic, k, None);
+                    }
+                    results[*i] = Some(Ok(PublishOutcome::Deferred(env.id)));
+                }
+                inner
+                    .metrics
+                    .deferred_keys
+                    .get_or_create(&Vec::new())
+                    .set(inner.tracker.count() as i64);
+                inner.metrics.publish(
+                    topic,
+                    "deferred",
+                    msgs.len() as u64,
+                    started.elapsed().as_secs_f64(),
+                );
+                tracing::debug!(event = "deferred", topic, count = msgs.len(), reason = %reason);
+            }
+            Err(outbox) => {
+                tracing::error!(event = "publish_failed", topic, count = msgs.len(), kafka = %reason, error = %outbox);
+                let text = outbox.to_string();
+                let mut first = Some(outbox);
+                for (i, why) in &to_outbox {
+                    let err = match first.take() {
+                        Some(o) => BusError::Unavailable {
+                            kafka: why.clone(),
+                            outbox: o,
+                        },
+                        None => BusError::NotSent(format!("outbox write failed: {text}")),
+                    };
+                    results[*i] = Some(Err(err));
+                }
+            }
+        }
     }
 
     /// Writes the envelope to the outbox inside the caller's transaction
@@ -662,21 +748,8 @@ impl DurablePublisher {
         topic: &str,
         env: &Envelope,
     ) -> Result<Uuid, BusError> {
-        let mut headers = env.header_map();
-        if env.trace.is_none() {
-            // The caller's span: the write happens in its transaction.
-            if let Some(t) = TraceContext::current() {
-                trace::add_trace_map(&mut headers, &t);
-            }
-        }
-        let msg = NewMessage {
-            id: env.id,
-            topic: topic.to_owned(),
-            key: env.key.clone(),
-            payload: env.payload.clone(),
-            headers,
-            dedupe_key: None,
-        };
+        // The caller's span: the write happens in its transaction.
+        let msg = outbox_message(topic, env, TraceContext::current().as_ref());
         self.inner
             .outbox
             .enqueue(conn, std::slice::from_ref(&msg))
@@ -694,6 +767,26 @@ impl DurablePublisher {
         self.inner.cancel.cancel();
         let timeout = Duration::from_millis(self.inner.producer.config().flush_timeout_ms);
         self.inner.producer.flush(timeout).await
+    }
+}
+
+/// The outbox message for `env` on `topic`, carrying `trace` unless the
+/// envelope has its own trace context (the one Envelope → outbox
+/// conversion).
+fn outbox_message(topic: &str, env: &Envelope, trace: Option<&TraceContext>) -> NewMessage {
+    let mut headers = env.header_map();
+    if env.trace.is_none() {
+        if let Some(t) = trace {
+            trace::add_trace_map(&mut headers, t);
+        }
+    }
+    NewMessage {
+        id: env.id,
+        topic: topic.to_owned(),
+        key: env.key.clone(),
+        payload: env.payload.clone(),
+        headers,
+        dedupe_key: None,
     }
 }
 

@@ -123,3 +123,42 @@ async fn per_message_outbox_check_keeps_key_order_across_processes() {
     c.shutdown().await;
     relay.shutdown().await.unwrap();
 }
+
+/// Many callers publish one key at once while Kafka fails under them: their
+/// messages fall back to the outbox in call order, not in the order their
+/// outbox transactions happen to commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_fallbacks_of_one_key_reach_the_outbox_in_call_order() {
+    soma_testkit::require_kafka();
+    let ob = outbox().await;
+    let cfg = BusConfig {
+        bootstrap_servers: format!("127.0.0.1:{}", soma_testkit::free_port()),
+        publish_timeout_ms: 400,
+        // Every call tries Kafka first, so every one falls back itself.
+        breaker_failure_threshold: 1_000_000,
+        ..config("unused")
+    };
+    let publisher = DurablePublisher::builder(BusProducer::new(&cfg).unwrap(), ob.clone()).build();
+    let envs: Vec<Envelope> = (0..40).map(|n| env("k", n)).collect();
+    let mut calls = Vec::new();
+    for e in &envs {
+        let p = publisher.clone();
+        let e = e.clone();
+        calls.push(tokio::spawn(async move { p.publish("conc", &e).await }));
+        // Call order: each publish starts 3 ms after the previous one.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    for c in calls {
+        assert!(c.await.unwrap().unwrap().is_deferred());
+    }
+    let rows: Vec<(uuid::Uuid,)> = sqlx::query_as(&format!(
+        "SELECT id FROM \"{}\".outbox WHERE key = 'k' ORDER BY txid, seq",
+        ob.schema()
+    ))
+    .fetch_all(ob.pool())
+    .await
+    .unwrap();
+    let stored: Vec<uuid::Uuid> = rows.into_iter().map(|r| r.0).collect();
+    let called: Vec<uuid::Uuid> = envs.iter().map(|e| e.id).collect();
+    assert_eq!(stored, called, "outbox order is call order");
+}
