@@ -202,6 +202,25 @@ async fn lost_responses_with_the_full_in_flight_window() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_sequence_number() {
+    let o = bounded(
+        "out of order sequence",
+        Duration::from_secs(60),
+        run(Case {
+            max_in_flight: 5,
+            one_message_per_request: true,
+            librdkafka: &[],
+            fault: Fault::Errors(vec![
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER;
+            2
+        ]),
+        }),
+    )
+    .await;
+    check("out of order sequence", &o);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_enough_replicas_after_append() {
     let o = bounded(
         "not enough replicas after append",
