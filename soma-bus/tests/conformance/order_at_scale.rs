@@ -22,8 +22,11 @@ use crate::harness::*;
 async fn thousand_messages_sixteen_keys_concurrent_lanes_with_retries_keep_key_order() {
     quiet_logs();
     bounded("order at scale", Duration::from_secs(120), async {
+        // Sent with the bare producer (no outbox): a generous publish timeout,
+        // so a busy shared broker does not turn sends into (ambiguous) timeouts.
         let cfg = BusConfig {
             consumer_concurrency: 8,
+            publish_timeout_ms: 30_000,
             ..config(&soma_testkit::require_kafka())
         };
         let topic = topic_with(&cfg, "c2order", 4).await;
