@@ -33,6 +33,17 @@ pub enum BusError {
     /// Not sent because an earlier message of the same batch could not be enqueued.
     #[error("not sent: an earlier message of the batch failed: {0}")]
     NotSent(String),
+    /// The broker's delivery report named no offset, so it does not prove
+    /// the message is stored: librdkafka reports some idempotence paths
+    /// (a `DUPLICATE_SEQUENCE_NUMBER` answer, a sequence error that turned
+    /// fatal) as delivered without one. Treated as not acknowledged: the
+    /// durable publisher keeps the message in the outbox (a duplicate, same
+    /// envelope id, if the broker did store it).
+    #[error("delivery not confirmed: the broker reported no offset (partition {partition})")]
+    Unconfirmed {
+        /// The partition the report named.
+        partition: i32,
+    },
     /// The component is shutting down.
     #[error("shutting down")]
     Shutdown,
@@ -58,7 +69,11 @@ impl BusError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            Self::Unavailable { .. } | Self::Timeout(_) | Self::Outbox(_) | Self::NotSent(_)
+            Self::Unavailable { .. }
+                | Self::Timeout(_)
+                | Self::Outbox(_)
+                | Self::NotSent(_)
+                | Self::Unconfirmed { .. }
         ) || matches!(self, Self::Kafka(e) if !is_permanent_kafka(e))
     }
 

@@ -14,6 +14,11 @@
 //! already in flight may still have been written by the broker; it is then
 //! delivered twice (same envelope id).
 //!
+//! **Acknowledged means stored at an offset.** A delivery report without
+//! an offset (librdkafka's answer to some idempotence paths, e.g. a
+//! `DUPLICATE_SEQUENCE_NUMBER`) is returned as [`BusError::Unconfirmed`],
+//! never as `Ok`.
+//!
 //! **Healing.** Every user of the producer (the durable publisher, the
 //! outbox relay's [`KafkaSink`](crate::KafkaSink), DLQ writes, replay)
 //! sends through the same handle, so they heal together: when the broker
@@ -322,6 +327,10 @@ impl BusProducer {
         let out = raw
             .into_iter()
             .map(|r| match r {
+                // Not proof of storage: see `BusError::Unconfirmed`.
+                Ok(Ok(d)) if d.offset < 0 => Err(BusError::Unconfirmed {
+                    partition: d.partition,
+                }),
                 Ok(Ok(d)) => {
                     acked = true;
                     Ok(Delivery {

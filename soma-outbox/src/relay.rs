@@ -279,6 +279,24 @@ async fn monitor(
     }
 }
 
+/// Planner settings of the relay's session: the claim must walk the
+/// `(txid, seq)` index and stop at the batch size (see `Worker::connect`).
+const CLAIM_SESSION_SETTINGS: &[&str] = &["SET jit = off", "SET enable_sort = off"];
+
+impl Relay {
+    /// The relay's claim query for `outbox` and the planner settings its
+    /// session runs it under, for plan regression tests. Parameters: `$1`
+    /// shard count (int4), `$2` owned shards (int4[]), `$3` batch size
+    /// (int8), `$4` block keys behind dead letters (bool). Not a stable API.
+    #[doc(hidden)]
+    pub fn claim_query_for_tests(outbox: &Outbox) -> (String, &'static [&'static str]) {
+        (
+            RelaySql::new(outbox.quoted_schema(), false).claim,
+            CLAIM_SESSION_SETTINGS,
+        )
+    }
+}
+
 /// SQL text for one schema.
 struct RelaySql {
     claim: String,
@@ -585,11 +603,16 @@ impl Worker {
         let setup = format!(
             "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2;
              SET tcp_keepalives_count = 3;
-             SET idle_in_transaction_session_timeout = {};
-             SET jit = off; SET enable_sort = off;",
+             SET idle_in_transaction_session_timeout = {};",
             self.config.sink_timeout_ms.saturating_mul(2).max(10_000)
         );
-        for stmt in setup.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        let planner = CLAIM_SESSION_SETTINGS.iter().copied();
+        for stmt in setup
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .chain(planner)
+        {
             sqlx::query(stmt).execute(&mut conn).await?;
         }
         // Membership: one session lock per live relay, counted to share shards.

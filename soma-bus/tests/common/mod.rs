@@ -382,10 +382,12 @@ pub async fn read_partitionwise(
     out
 }
 
-/// A TCP forwarder on a loopback port in front of a broker, for fault
-/// injection on the far side of a Kafka client: [`FaultProxy::cut`] drops
-/// every open connection and refuses new ones (accepts and closes them at
-/// once) until [`FaultProxy::restore`].
+/// A TCP forwarder on a loopback port in front of a broker (or any TCP
+/// server), for fault injection on the far side of a client:
+/// [`FaultProxy::cut`] drops every open connection and refuses new ones
+/// (accepts and closes them at once) until [`FaultProxy::restore`];
+/// [`FaultProxy::set_delay`] holds every forwarded chunk, in both
+/// directions, for a fixed latency (order and throughput kept).
 pub struct FaultProxy {
     pub port: u16,
     state: Arc<ProxyState>,
@@ -398,6 +400,44 @@ struct ProxyState {
     conns: parking_lot::Mutex<CancellationToken>,
     forwarded: AtomicU64,
     refused: AtomicU64,
+    /// Added one-way latency in milliseconds (0: none).
+    delay_ms: Arc<AtomicU64>,
+}
+
+/// Copies `from` to `to`, each chunk held until `delay` after it was read
+/// (the delay in force when it was read). A reader and a writer task with a
+/// queue between them, so a slow link still carries many chunks at once.
+async fn delayed_pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Arc<AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let reader = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let due = Instant::now() + Duration::from_millis(delay.load(Ordering::SeqCst));
+                    if tx.send((due, buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due.into()).await;
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(reader, writer);
 }
 
 impl FaultProxy {
@@ -411,11 +451,12 @@ impl FaultProxy {
             conns: parking_lot::Mutex::new(CancellationToken::new()),
             forwarded: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            delay_ms: Arc::new(AtomicU64::new(0)),
         });
         let st = state.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut client, _)) = listener.accept().await else {
+                let Ok((client, _)) = listener.accept().await else {
                     continue;
                 };
                 if !st.up.load(Ordering::SeqCst) {
@@ -425,14 +466,23 @@ impl FaultProxy {
                 }
                 let token = st.conns.lock().clone();
                 st.forwarded.fetch_add(1, Ordering::SeqCst);
+                let delay = st.delay_ms.clone();
                 tokio::spawn(async move {
-                    let Ok(mut server) =
-                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
                     else {
                         return;
                     };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = async {
+                            tokio::join!(
+                                delayed_pipe(cr, sw, delay.clone()),
+                                delayed_pipe(sr, cw, delay),
+                            )
+                        } => {}
                         () = token.cancelled() => {}
                     }
                 });
@@ -457,6 +507,14 @@ impl FaultProxy {
     /// Forwards new connections again.
     pub fn restore(&self) {
         self.state.up.store(true, Ordering::SeqCst);
+    }
+
+    /// Holds every chunk forwarded from now on for `delay`, each way
+    /// (`Duration::ZERO` removes the latency).
+    pub fn set_delay(&self, delay: Duration) {
+        self.state
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Connections refused while cut.
