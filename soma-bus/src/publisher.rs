@@ -7,7 +7,12 @@
 //! ([`PublishOutcome::Published`]) or PostgreSQL committed it to the outbox
 //! ([`PublishOutcome::Deferred`]); the soma-outbox relay, with [`KafkaSink`](crate::KafkaSink),
 //! delivers deferred messages when the broker is back. If both fail the call
-//! returns [`BusError::Unavailable`] and nothing was accepted.
+//! returns [`BusError::Unavailable`]: the message was not accepted, and the
+//! caller should retry it **with the same envelope** (same id). One edge
+//! remains: a Kafka send that timed out and was purged may still have been
+//! written by the broker just before the purge, so a message the call
+//! refused can appear on the topic; a retry with the same id is then a
+//! duplicate the consumers' inbox drops, never a second message.
 //!
 //! Delivery is **at-least-once**. A message can reach Kafka twice (same
 //! envelope id) when the broker wrote it but the ack was lost (the publish

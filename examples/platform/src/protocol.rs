@@ -164,8 +164,8 @@ pub fn compose_reply(req: &ChatRequest, memory: MemoryStatus, recalled: &[String
     )
 }
 
-/// The events answering the user message `message_id`: `started`, one
-/// `delta` per word, `completed` with the whole reply — each an envelope
+/// The events answering the user message `message_id`: `started`, at most
+/// [`MAX_DELTAS`] `delta`s, `completed` with the whole reply — each an envelope
 /// keyed by the conversation and caused by `cause` (the message itself, or
 /// the tool call made from it).
 pub fn reply_envelopes(
@@ -202,14 +202,22 @@ pub fn reply_envelopes(
         .collect()
 }
 
-/// Splits a reply into the deltas streamed to clients (word by word,
-/// keeping the spaces, so concatenating the deltas gives the reply).
+/// Most `delta` events one reply is streamed in. Each event is a message
+/// through the outbox, the relay and the broker, so a reply costs at most
+/// `MAX_DELTAS + 2` of them however long it is (one per word made the
+/// broker the platform's bottleneck under load).
+pub const MAX_DELTAS: usize = 4;
+
+/// Splits a reply into at most [`MAX_DELTAS`] deltas of about equal length,
+/// cut at word boundaries (keeping the spaces, so concatenating the deltas
+/// gives the reply).
 pub fn split_deltas(reply: &str) -> Vec<String> {
+    let target = reply.len().div_ceil(MAX_DELTAS).max(1);
     let mut out = Vec::new();
     let mut current = String::new();
     for ch in reply.chars() {
         current.push(ch);
-        if ch == ' ' {
+        if ch == ' ' && current.len() >= target && out.len() + 1 < MAX_DELTAS {
             out.push(std::mem::take(&mut current));
         }
     }
@@ -246,8 +254,14 @@ mod tests {
         let reply = compose_reply(&req("hi  there"), MemoryStatus::Unavailable, &[]);
         assert!(reply.starts_with("Hello alice, you said 2 words: \"hi  there\"."));
         let deltas = split_deltas(&reply);
-        assert!(deltas.len() > 5);
+        assert!(deltas.len() > 1 && deltas.len() <= MAX_DELTAS, "{deltas:?}");
         assert_eq!(deltas.concat(), reply);
+        let long = "word ".repeat(500);
+        let deltas = split_deltas(&long);
+        assert_eq!(deltas.len(), MAX_DELTAS, "bounded however long the reply");
+        assert_eq!(deltas.concat(), long);
+        assert_eq!(split_deltas("one"), vec!["one".to_owned()]);
+        assert!(split_deltas("").is_empty());
     }
 
     #[test]
