@@ -8,8 +8,9 @@ use soma_observability::TelemetryConfig;
 
 /// How recall ranks memories against a query.
 ///
-/// Both are PostgreSQL-native; the default was chosen by the measured recall
-/// quality on the labelled set in `tests/relevance.rs` (see the README).
+/// Both are PostgreSQL-native. The default, `trigram`, was chosen by the
+/// measured recall quality on the labelled set in `tests/relevance.rs`
+/// (MRR@10 0.72 against 0.65 for `fts`; the README has the table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Ranking {
@@ -17,11 +18,11 @@ pub enum Ranking {
     /// stemmed terms OR-ed together, scored by `ts_rank` normalised to
     /// `rank / (rank + 1)`. Matches word forms ("booked" ~ "booking"), not
     /// misspellings.
-    #[default]
     Fts,
     /// Trigram similarity (`pg_trgm`): `word_similarity(query, text)`, the
     /// best match of the query against any stretch of the memory's text.
-    /// Tolerates misspellings and partial words, not synonyms.
+    /// Tolerates misspellings and partial words, not synonyms. The default.
+    #[default]
     Trigram,
 }
 
@@ -39,9 +40,9 @@ impl Ranking {
 ///
 /// ```
 /// let cfg: soma_memory_service::MemoryConfig = serde_json::from_str(
-///     r#"{"token": "local-dev-token", "ranking": "trigram"}"#,
+///     r#"{"token": "local-dev-token", "ranking": "fts"}"#,
 /// ).unwrap();
-/// assert_eq!(cfg.ranking, soma_memory_service::Ranking::Trigram);
+/// assert_eq!(cfg.ranking, soma_memory_service::Ranking::Fts);
 /// assert_eq!(cfg.wm_capacity, 32); // untouched keys keep their defaults
 /// assert!(!format!("{cfg:?}").contains("local-dev-token"));
 /// ```

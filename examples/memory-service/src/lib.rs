@@ -23,8 +23,9 @@
 //! - **Isolation.** Recall sees only the `X-Tenant-ID` tenant and the body's
 //!   namespace — working memory included (SomaBrain's working memory leaks
 //!   across namespaces; this service does not).
-//! - **Ranked.** Hits are ordered by PostgreSQL full-text rank (or trigram
-//!   similarity, [`Ranking`]); `top_k` caps the results, `wm_hits` /
+//! - **Ranked.** Hits are ordered by relevance: `pg_trgm` word similarity
+//!   by default, PostgreSQL full-text rank as the alternative ([`Ranking`],
+//!   chosen by measurement); `top_k` caps the results, `wm_hits` /
 //!   `ltm_hits` count the matches before the cap.
 //! - **Health is reported.** A background check pings PostgreSQL; `/readyz`
 //!   and `/health` read its cached state.
