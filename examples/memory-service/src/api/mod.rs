@@ -39,11 +39,11 @@ impl ServiceMetrics {
         Self {
             writes: registry.counter_family(
                 "soma_memory_service_writes",
-                "Memories written, by outcome (stored or deduplicated).",
+                "Memories written, by outcome (stored or deduplicated)",
             ),
             recalls: registry.counter_family(
                 "soma_memory_service_recalls",
-                "Recalls served, by layer and whether anything was found.",
+                "Recalls served, by layer and whether anything was found",
             ),
         }
     }

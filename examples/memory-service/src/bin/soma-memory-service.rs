@@ -25,6 +25,7 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     let settings = match soma_memory_service::loader(&args.config)
         .set("telemetry.service_name", "soma-memory-service")
+        .set("telemetry.service_version", env!("CARGO_PKG_VERSION"))
         .load()
     {
         Ok(s) => s,
