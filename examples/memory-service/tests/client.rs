@@ -487,3 +487,87 @@ async fn batch_context_reward_and_probes_through_the_client() {
     assert_eq!(health.details["memory_ok"], true);
     svc.stop().await;
 }
+
+/// The example platform's pattern: the memory replicator stores a turn
+/// (key = message id, `user_text` / `reply_text`), the conversation worker
+/// later recalls with the user's next message, `top_k` 3, and reads
+/// `user_text` of the hits in its namespace.
+#[tokio::test]
+async fn a_conversation_turn_is_recalled_by_a_later_question() {
+    let svc = TestService::start().await;
+    let c = svc.client();
+    let s = || scope("tenant-a", "conversation");
+    let turns = [
+        ("My favourite colour is green.", "Noted: green."),
+        ("I am flying to Lisbon next Tuesday.", "Have a good trip!"),
+        ("Remind me to water the plants.", "I will."),
+    ];
+    for (i, (user, reply)) in turns.iter().enumerate() {
+        let m = Memory::from_json(
+            format!("0190f0aa-0000-7000-8000-00000000000{i}"),
+            json!({"conversation_id": "c-1", "subject": "user-1", "user_text": user, "reply_text": reply}),
+        )
+        .unwrap();
+        c.remember(&m, s()).await.unwrap();
+    }
+    for (question, expected) in [
+        (
+            "what is my favourite colour?",
+            "My favourite colour is green.",
+        ),
+        (
+            "when am I flying to Lisbon?",
+            "I am flying to Lisbon next Tuesday.",
+        ),
+        ("which plants need water", "Remind me to water the plants."),
+    ] {
+        let found = c
+            .recall(&RecallRequest::new(question).top_k(3), s())
+            .await
+            .unwrap();
+        let texts: Vec<&str> = found
+            .hits_in_namespace()
+            .filter_map(|h| h.content.get("user_text").and_then(Value::as_str))
+            .collect();
+        assert_eq!(texts.first(), Some(&expected), "{question}: {texts:?}");
+    }
+    svc.stop().await;
+}
+
+/// PostgreSQL gone: memory routes answer 503 at once (nothing buffered),
+/// the client calls it unavailable, and readiness turns degraded.
+#[tokio::test]
+async fn storage_down_is_a_503_and_not_ready() {
+    let svc = TestService::start().await;
+    let c = svc.client();
+    svc.pool.close().await;
+    let e = c
+        .recall(&RecallRequest::new("anything"), scope("acme", "agent"))
+        .await
+        .unwrap_err();
+    assert!(e.is_unavailable() && !e.is_rejected(), "{e}");
+    assert_eq!(e.status().map(|s| s.as_u16()), Some(503));
+    assert_eq!(
+        e.detail(),
+        Some(&ServerDetail::Message("Memory storage unavailable".into()))
+    );
+    let e = c
+        .remember(&memory("k", "x"), scope("acme", "agent"))
+        .await
+        .unwrap_err();
+    assert!(e.is_unavailable(), "{e}");
+    // The background check notices within its 5 s interval.
+    let mut degraded = false;
+    for _ in 0..40 {
+        if c.readyz().await.unwrap().status == ReadyStatus::Degraded {
+            degraded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(degraded, "readyz turns degraded when PostgreSQL is gone");
+    let health = c.health().await.unwrap();
+    assert_eq!(health.status, AggregateStatus::Critical);
+    assert_eq!(health.details["memory_ok"], false);
+    svc.stop().await;
+}

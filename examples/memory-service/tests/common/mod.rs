@@ -14,6 +14,7 @@ pub const TOKEN: &str = "memory-test-token-4e1b";
 
 pub struct TestService {
     pub addr: SocketAddr,
+    pub db_url: String,
     pub schema: String,
     pub pool: PgPool,
     pub metrics: MetricsRegistry,
@@ -60,6 +61,7 @@ impl TestService {
         });
         let this = TestService {
             addr,
+            db_url: url,
             schema,
             pool,
             metrics,
@@ -106,16 +108,19 @@ impl TestService {
         SomabrainClient::new(self.client_config()).unwrap()
     }
 
-    /// Stops the server and drops the schema.
+    /// Stops the server and drops the schema (over a fresh connection: a
+    /// test may have closed the service's pool).
     pub async fn stop(self) {
         self.task.abort();
+        self.pool.close().await;
+        let pool = PgPool::connect(&self.db_url).await.expect("PostgreSQL");
         sqlx::raw_sql(&format!(
             "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
             self.schema
         ))
-        .execute(&self.pool)
+        .execute(&pool)
         .await
         .expect("drop test schema");
-        self.pool.close().await;
+        pool.close().await;
     }
 }
