@@ -191,8 +191,8 @@ fn spawn_sweeper(store: store::Store, every: Duration) {
             tick.tick().await;
             match store.sweep_expired().await {
                 Ok(0) => {}
-                Ok(n) => tracing::debug!(deleted = n, "expired memories swept"),
-                Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+                Ok(n) => tracing::debug!(event = "expired_memories_swept", deleted = n),
+                Err(e) => tracing::warn!(event = "expiry_sweep_failed", error = %e),
             }
         }
     });

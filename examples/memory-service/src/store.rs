@@ -430,10 +430,10 @@ async fn migrate(pool: &PgPool, schema: &str, trgm: &str) -> Result<(), Error> {
         .execute(&mut *tx)
         .await?;
         tracing::info!(
+            event = "migration_applied",
             schema,
             version = m.version,
-            name = m.name,
-            "migration applied"
+            name = m.name
         );
     }
     tx.commit().await?;

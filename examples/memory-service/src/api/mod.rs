@@ -94,7 +94,7 @@ impl AppState {
     }
 }
 
-/// `X-Tenant-ID`, when sent and non-empty.
+/// A header's value, when sent, UTF-8 and non-empty.
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get(name)

@@ -55,7 +55,7 @@ pub(crate) enum Rejection {
 
 impl From<crate::Error> for Rejection {
     fn from(err: crate::Error) -> Self {
-        tracing::warn!(error = %err, "memory storage call failed");
+        tracing::warn!(event = "storage_call_failed", error = %err);
         Rejection::Unavailable
     }
 }
