@@ -18,6 +18,7 @@ const SERVICES: &[(&str, &str)] = &[
     ("PostgreSQL", "127.0.0.1:5432"),
     ("Redis", "127.0.0.1:6379"),
     ("tansu (Kafka protocol)", "127.0.0.1:9092"),
+    ("memory (SomaBrain stand-in)", "127.0.0.1:9696"),
 ];
 
 pub(crate) fn cli(args: &[String]) -> Result<(), String> {
