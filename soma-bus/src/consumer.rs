@@ -106,6 +106,14 @@ pub enum HandlerError {
     /// invariant): dead-letter it now.
     #[error("fatal: {0}")]
     Fatal(String),
+    /// A dependency the handler needs is down (its service unreachable, its
+    /// breaker open): the message **waits**. It is retried with the retry
+    /// backoff (capped at `retry_backoff_max_ms`) for as long as it takes,
+    /// its attempts are not counted and it is never dead-lettered; later
+    /// messages of its key wait behind it. A shutdown abandons the wait and
+    /// the message is redelivered after the restart.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl HandlerError {
@@ -117,9 +125,17 @@ impl HandlerError {
     pub fn fatal(e: impl std::fmt::Display) -> Self {
         Self::Fatal(e.to_string())
     }
+    /// A dependency is down: wait, never dead-letter.
+    pub fn unavailable(e: impl std::fmt::Display) -> Self {
+        Self::Unavailable(e.to_string())
+    }
     /// True for retryable errors.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Retryable(_))
+    }
+    /// True when a dependency is down and the message waits.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
     }
 }
 
@@ -702,6 +718,7 @@ async fn process_envelope(msg: &OwnedMessage, env: Envelope, s: &Shared) -> bool
         }
     }
     let mut attempt = 0u32;
+    let mut waits = 0u32;
     loop {
         attempt += 1;
         let started = Instant::now();
@@ -723,6 +740,20 @@ async fn process_envelope(msg: &OwnedMessage, env: Envelope, s: &Shared) -> bool
                 }
                 s.metrics.consumed(topic, "handled");
                 return true;
+            }
+            Err(HandlerError::Unavailable(e)) => {
+                // Not an attempt: the dependency is down, the message waits.
+                waits += 1;
+                s.metrics.consumed(topic, "waiting");
+                if waits == 1 || waits % 20 == 0 {
+                    tracing::warn!(event = "handler_waiting", waits, error = %e);
+                }
+                attempt -= 1;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff(&s.cfg, waits.min(16))) => {}
+                    // Shutting down: abandon; the message is redelivered after restart.
+                    () = s.stop.cancelled() => return false,
+                }
             }
             Err(HandlerError::Retryable(e)) if attempt < s.cfg.max_attempts => {
                 s.metrics.consumed(topic, "retried");

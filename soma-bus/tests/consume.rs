@@ -258,6 +258,61 @@ async fn retryable_errors_are_retried_then_dead_lettered() {
     assert_eq!(calls.iter().filter(|i| **i == doomed.id).count(), 3);
 }
 
+/// A handler whose dependency is down reports `Unavailable`: the message
+/// waits far beyond `max_attempts` and is never dead-lettered; the next
+/// message of its key waits behind it; both are handled once it is back.
+#[tokio::test]
+async fn unavailable_dependencies_make_messages_wait_never_dead_letter() {
+    let bootstrap = soma_testkit::require_kafka();
+    let cfg = soma_bus::BusConfig {
+        max_attempts: 2,
+        retry_backoff_initial_ms: 10,
+        retry_backoff_max_ms: 40,
+        ..config(&bootstrap)
+    };
+    let topic = topic(&cfg, "wait").await;
+    let producer = BusProducer::new(&cfg).unwrap();
+    let first = env("k", 1);
+    let second = env("k", 2);
+    for e in [&first, &second] {
+        producer.send(&topic, e).await.unwrap();
+    }
+    let calls = Arc::new(Mutex::new(Vec::<uuid::Uuid>::new()));
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (c, d) = (calls.clone(), down.clone());
+    let consumer = BusConsumer::builder(&cfg, &[&topic], "waiter", move |e: Envelope| {
+        let (c, d) = (c.clone(), d.clone());
+        async move {
+            c.lock().push(e.id);
+            if d.load(std::sync::atomic::Ordering::SeqCst) {
+                Err(HandlerError::unavailable("somabrain unreachable"))
+            } else {
+                Ok(())
+            }
+        }
+    })
+    .producer(producer)
+    .spawn()
+    .unwrap();
+    wait_for("many waits", Duration::from_secs(30), || {
+        calls.lock().len() >= 10
+    })
+    .await;
+    assert!(
+        calls.lock().iter().all(|i| *i == first.id),
+        "the key's next message waits behind the first"
+    );
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_for("both handled", Duration::from_secs(30), || {
+        calls.lock().contains(&second.id)
+    })
+    .await;
+    consumer.shutdown().await;
+    let dlq = cfg.dlq_topic(&topic);
+    let recs = read_all(&bootstrap, &dlq, Duration::from_secs(3), |v| !v.is_empty()).await;
+    assert!(recs.is_empty(), "nothing dead-lettered: {}", recs.len());
+}
+
 #[tokio::test]
 async fn malformed_records_go_to_dlq_without_wedging_the_partition() {
     let bootstrap = soma_testkit::require_kafka();

@@ -10,9 +10,11 @@
 //!    engine that cannot decide is retried (fail closed);
 //! 2. `remember` it in SomaBrain under the message id as key (a redelivery
 //!    overwrites the same memory). SomaBrain unavailable, timing out or
-//!    rate limiting is retried with backoff, then dead-lettered to
-//!    `<memory topic>.dlq` with the error — nothing is lost, and
-//!    `soma-bus-replay` puts it back once SomaBrain is healthy.
+//!    rate limiting makes the write **wait** ([`HandlerError::Unavailable`]:
+//!    retried with backoff for as long as it takes, never dead-lettered; the
+//!    consumer lag grows and health shows `somabrain` degraded). Only a
+//!    permanent refusal (a 4xx other than 429, validation) is dead-lettered
+//!    to `<memory topic>.dlq`.
 
 use std::sync::Arc;
 
@@ -100,7 +102,9 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
             }
             Ok(())
         }
-        Err(e) if e.is_retryable() || e.is_unavailable() => Err(HandlerError::retryable(e)),
+        // SomaBrain down, overloaded or its breaker open: the write waits
+        // (backoff, never dead-lettered) until it is back.
+        Err(e) if e.is_retryable() || e.is_unavailable() => Err(HandlerError::unavailable(e)),
         Err(e) => Err(HandlerError::fatal(e)),
     }
 }
