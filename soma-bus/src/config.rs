@@ -228,6 +228,25 @@ impl BusConfig {
         c
     }
 
+    /// Properties every soma-bus consumer shares (the subscriber, broadcast
+    /// and DLQ replay consumers).
+    ///
+    /// soma-bus writes no Kafka transactions, so `read_committed` (librdkafka's
+    /// default) buys nothing over `read_uncommitted`; reading uncommitted also
+    /// keeps consumers that start at the end of a partition (broadcast) or ask
+    /// for its watermarks (replay) working on brokers whose read_committed
+    /// ListOffsets is broken: tansu 0.6.0 with PostgreSQL 15 storage answers it
+    /// with a syntax error (see "Known limits of the local broker" in the
+    /// workspace README). An `isolation.level` in
+    /// [`librdkafka`](Self::librdkafka) wins.
+    pub(crate) fn consumer_client_config(&self) -> ClientConfig {
+        let mut c = self.base_client_config();
+        if !self.librdkafka.contains_key("isolation.level") {
+            c.set("isolation.level", "read_uncommitted");
+        }
+        c
+    }
+
     pub(crate) fn producer_client_config(&self) -> ClientConfig {
         let mut c = self.base_client_config();
         // librdkafka's own delivery timeout is a backstop well beyond ours:
@@ -272,5 +291,22 @@ mod tests {
             serde_json::from_str(r#"{"linger_ms": 20, "sasl_password": "hunter2"}"#).unwrap();
         assert_eq!(c.linger_ms, 20);
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn consumers_read_uncommitted_unless_overridden() {
+        let c = BusConfig::default();
+        assert_eq!(
+            c.consumer_client_config().get("isolation.level"),
+            Some("read_uncommitted")
+        );
+        let mut c = BusConfig::default();
+        c.librdkafka
+            .insert("isolation.level".into(), "read_committed".into());
+        c.validate().unwrap();
+        assert_eq!(
+            c.consumer_client_config().get("isolation.level"),
+            Some("read_committed")
+        );
     }
 }

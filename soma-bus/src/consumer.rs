@@ -361,7 +361,7 @@ impl ConsumerBuilder {
             cfg.consumer_group.clone()
         };
         let progress = Arc::new(Mutex::new(Progress::default()));
-        let mut cc = cfg.base_client_config();
+        let mut cc = cfg.consumer_client_config();
         cc.set("group.id", &group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")

@@ -86,7 +86,7 @@ pub async fn replay_dlq(
         .group
         .clone()
         .unwrap_or_else(|| format!("{}.replay", config.consumer_group));
-    let mut cc = config.base_client_config();
+    let mut cc = config.consumer_client_config();
     cc.set("group.id", &group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
