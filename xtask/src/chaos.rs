@@ -926,24 +926,94 @@ fn print_logs(ctx: &Ctx, s: Scenario) {
     });
     for log in logs {
         let text = fs::read_to_string(&log).unwrap_or_default();
-        let interesting: Vec<&str> = text
-            .lines()
-            .filter(|l| {
-                l.contains("WARN")
-                    || l.contains("ERROR")
-                    || l.contains("panic")
-                    || l.contains("FATAL")
-            })
-            .collect();
-        let tail = &interesting[interesting.len().saturating_sub(12)..];
-        println!(
-            "--- {} (last {} warnings/errors of {})",
-            log.display(),
-            tail.len(),
-            interesting.len()
-        );
-        for l in tail {
-            println!("  {}", l.chars().take(400).collect::<String>());
+        println!("--- {}", log.display());
+        for line in distinct_problems(&text, 10) {
+            println!("  {line}");
         }
+    }
+}
+
+/// The last `n` distinct warnings and errors of a log, each with how often
+/// it occurred: ANSI colours removed, and lines that differ only in
+/// timestamps, ids and counts folded into one.
+fn distinct_problems(text: &str, n: usize) -> Vec<String> {
+    let mut order: Vec<String> = Vec::new();
+    let mut seen: std::collections::HashMap<String, (usize, String)> =
+        std::collections::HashMap::new();
+    for raw in text.lines() {
+        let line = strip_ansi(raw);
+        let problem = ["WARN", "ERROR", "panic", "FATAL"]
+            .iter()
+            .any(|w| line.contains(w));
+        if !problem || line.contains("TopicAlreadyExists") {
+            continue;
+        }
+        let signature: String = line
+            .chars()
+            .skip_while(|c| !c.is_alphabetic() || c.is_ascii_hexdigit())
+            .filter(|c| !c.is_ascii_digit())
+            .take(90)
+            .collect();
+        let entry = seen.entry(signature.clone()).or_insert((0, String::new()));
+        entry.0 += 1;
+        entry.1 = line.chars().take(300).collect();
+        order.retain(|s| *s != signature);
+        order.push(signature);
+    }
+    order[order.len().saturating_sub(n)..]
+        .iter()
+        .map(|sig| {
+            let (count, line) = &seen[sig];
+            format!("{count:>5}× {line}")
+        })
+        .collect()
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_tails_fold_repeated_warnings_and_drop_colours() {
+        let log = "\u{1b}[2m2026-12-05T08:55:04.735191Z\u{1b}[0m  WARN x: event: \"breaker_open\"\n\
+                   2026-12-05T08:55:05.100000Z  WARN x: event: \"breaker_open\"\n\
+                   2026-12-05T08:55:06.000000Z  INFO x: fine\n\
+                   2026-12-05T08:55:07.000000Z ERROR y: relay failed\n";
+        let tail = distinct_problems(log, 10);
+        assert_eq!(tail.len(), 2, "{tail:?}");
+        assert!(
+            tail[0].starts_with("    2× 2026-12-05T08:55:05.100000Z  WARN"),
+            "{tail:?}"
+        );
+        assert!(tail[1].contains("ERROR y: relay failed"));
+    }
+
+    #[test]
+    fn options_parse_and_postgres_storage_needs_its_schema() {
+        let args = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let o = parse(&args(&["--short", "--scenario", "redis-restart"])).unwrap();
+        assert_eq!(o.scenarios, vec![Scenario::RedisRestart]);
+        assert_eq!(o.plan.burst, 200);
+        assert_eq!(parse(&args(&[])).unwrap().scenarios.len(), 5);
+        assert!(parse(&args(&["--scenario", "nope"])).is_err());
+        assert!(parse(&args(&["--storage", "postgres"])).is_err());
     }
 }
