@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use super::deps::Proc;
 use crate::platform::http;
-use crate::root;
 
 /// The gateway's API on the chaos stack.
 pub(crate) const GATEWAY: &str = "127.0.0.1:28080";
@@ -36,6 +35,9 @@ pub(crate) struct Wiring {
     pub(crate) bootstrap: String,
     pub(crate) somabrain_url: String,
     pub(crate) issuer_file: PathBuf,
+    /// The checkout the binaries come from: their working directory (the
+    /// policy directory is relative to it) and where `config/local.toml` is read.
+    pub(crate) source: PathBuf,
 }
 
 impl Wiring {
@@ -73,9 +75,9 @@ impl Platform {
         let mut procs = Vec::new();
         for (name, _, _) in SERVICES {
             let mut cmd = Command::new(bin_dir.join(name));
-            cmd.current_dir(root())
+            cmd.current_dir(&wiring.source)
                 .arg("--config")
-                .arg(root().join("examples/platform/config/local.toml"))
+                .arg(wiring.source.join("examples/platform/config/local.toml"))
                 .arg("--config")
                 .arg(&wiring.issuer_file)
                 .envs(wiring.env());

@@ -41,6 +41,7 @@ pub(crate) fn read_topic(bootstrap: &str, topic: &str) -> Result<Vec<Record>, St
         // tansu's SQLite storage scans its header table per record served:
         // small fetches keep each answer well inside the socket timeout
         // (README: Known limits of the local broker).
+        .set("message.max.bytes", "65536")
         .set("fetch.max.bytes", "65536")
         .set("max.partition.fetch.bytes", "16384")
         .create()
