@@ -454,6 +454,9 @@ async fn drive(ctx: &mut Ctx, s: Scenario) -> Result<Row, String> {
     let mut notes = Vec::new();
     let back_at = fault(ctx, s, &mut load, &mut notes).await?;
     let (ready_secs, recover_secs) = recover(ctx, &load, back_at, plan.recover_limit).await;
+    if recover_secs.is_none() {
+        notes.push(stuck(ctx, &load, plan.recover_limit).await);
+    }
     // Late duplicates would arrive now.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let truth = match tokio::task::block_in_place(|| Truth::read(ctx)) {
@@ -683,6 +686,35 @@ impl Truth {
             outbox: truth::outbox_counts(&ctx.pg, DB)?,
         })
     }
+}
+
+/// What was still wrong when the recovery wait ran out: services not
+/// ready (with their unhealthy health components), replies not seen on
+/// SSE, outbox rows pending.
+async fn stuck(ctx: &Ctx, load: &Load, limit: Duration) -> String {
+    let (not_ready, pending) = tokio::task::block_in_place(|| {
+        let not_ready: Vec<String> = Platform::not_ready()
+            .into_iter()
+            .map(|name| format!("{name} ({})", Platform::unhealthy(name).join("; ")))
+            .collect();
+        (not_ready, truth::outbox_pending(&ctx.pg, DB))
+    });
+    let o = load.observed.lock().await;
+    let unanswered = o.accepted.len()
+        - o.accepted
+            .keys()
+            .filter(|id| o.completed.contains_key(*id))
+            .count();
+    format!(
+        "not recovered {limit:?} after the dependency's return: not ready: {}; \
+         {unanswered} accepted messages without a reply on SSE; pending outbox rows: {}",
+        if not_ready.is_empty() {
+            "none".to_owned()
+        } else {
+            not_ready.join(", ")
+        },
+        pending.map_or_else(|| "unknown".to_owned(), |p| p.to_string())
+    )
 }
 
 /// The row from what the client saw and the ground truth.

@@ -99,6 +99,31 @@ impl Platform {
             .collect()
     }
 
+    /// The health components of `service` that are not `up`, with their reasons.
+    pub(crate) fn unhealthy(service: &str) -> Vec<String> {
+        let Some((_, _, admin)) = SERVICES.iter().find(|(name, _, _)| *name == service) else {
+            return Vec::new();
+        };
+        let Ok((_, body)) = http(admin, "GET", "/v1/health", &[], "") else {
+            return vec!["admin endpoint not answering".to_owned()];
+        };
+        let health: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        health["components"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, c)| c["status"] != "up")
+            .map(|(name, c)| {
+                format!(
+                    "{name} {} {}: {}",
+                    c["criticality"].as_str().unwrap_or("?"),
+                    c["status"].as_str().unwrap_or("?"),
+                    c["reason"].as_str().unwrap_or("")
+                )
+            })
+            .collect()
+    }
+
     /// Services that exited on their own, with their exit status.
     pub(crate) fn exited(&mut self) -> Vec<String> {
         self.procs
