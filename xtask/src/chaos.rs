@@ -486,7 +486,18 @@ async fn drive(ctx: &mut Ctx, s: Scenario) -> Result<Row, String> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     load.stop().await;
+    let hub_consumed = tokio::task::block_in_place(|| Platform::gateway_consumed(EVENTS_TOPIC));
     let observed = load.observed.lock().await;
+    let sse_missed = observed
+        .accepted
+        .keys()
+        .any(|id| truth.replies.completed.contains_key(id) && !observed.completed.contains_key(id));
+    if let Some(n) = hub_consumed.filter(|_| sse_missed) {
+        notes.push(format!(
+            "the gateway's SSE hub consumed {n} of the {} records in {EVENTS_TOPIC}",
+            truth.replies.records
+        ));
+    }
     let mut row = count(s, &observed, &truth, notes);
     row.ready_secs = ready_secs;
     row.recover_secs = recover_secs;

@@ -124,6 +124,19 @@ impl Platform {
             .collect()
     }
 
+    /// The gateway's `soma_bus_consumed_total` for `topic` (all outcomes):
+    /// how many reply events its SSE hub took from the bus.
+    pub(crate) fn gateway_consumed(topic: &str) -> Option<u64> {
+        let (_, body) = http(SERVICES[0].2, "GET", "/metrics", &[], "").ok()?;
+        let label = format!("topic=\"{topic}\"");
+        Some(
+            body.lines()
+                .filter(|l| l.starts_with("soma_bus_consumed_total") && l.contains(&label))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as u64,
+        )
+    }
+
     /// Services that exited on their own, with their exit status.
     pub(crate) fn exited(&mut self) -> Vec<String> {
         self.procs

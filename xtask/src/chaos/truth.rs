@@ -126,6 +126,8 @@ pub(crate) struct Replies {
     /// Reply events present more than once with the same envelope id
     /// (a redelivery: an SSE client attached at the time sees it twice).
     pub(crate) same_id_again: u64,
+    /// Records in the topic.
+    pub(crate) records: u64,
 }
 
 /// Reads the replies from the events topic.
@@ -134,6 +136,7 @@ pub(crate) fn replies(bootstrap: &str, topic: &str) -> Result<Replies, String> {
     let mut seen = HashSet::new();
     let mut records = read_topic(bootstrap, topic)?;
     records.sort_by_key(|rec| rec.partition); // stable: offset order within a partition
+    r.records = records.len() as u64;
     for rec in records {
         if let Some(id) = &rec.id {
             if !seen.insert(id.clone()) {
