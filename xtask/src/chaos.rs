@@ -276,10 +276,18 @@ async fn main(opts: Opts) -> Result<(), String> {
             Err(e) => Row::broken(s, e),
         };
         println!(
-            "==> chaos: {} {} in {:.0} s",
+            "==> chaos: {} {} in {:.0} s: accepted {}, delivered {}, dupes {}, order {}, \
+             dead {}, ready {}, recover {}",
             s.name(),
             if row.pass { "passed" } else { "FAILED" },
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64(),
+            row.accepted,
+            row.delivered,
+            row.duplicates,
+            row.order_violations,
+            row.dead_lettered,
+            secs(row.ready_secs),
+            secs(row.recover_secs)
         );
         if !row.pass {
             print_logs(&ctx, s);
