@@ -4,6 +4,7 @@
 //! cargo xtask test            # the whole pipeline CI runs (README: Quick start)
 //! cargo xtask stack up|down|status
 //! cargo xtask platform up|down|status|token   # the example platform (README: Run the platform)
+//! cargo xtask chaos [--short] [--scenario NAME]...  # faults under load (README: Chaos)
 //! cargo xtask lint-env [--manifest-path PATH] [--format text|json]
 //! ```
 //!
@@ -15,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+mod chaos;
+mod load;
 mod platform;
 mod stack;
 
@@ -26,6 +29,9 @@ commands:
   stack up|down|status the local services (PostgreSQL, Redis, tansu, and stack.d extras)
   platform up|down|status|token [--tenant T] [--subject S]
                        run the example platform (gateway + workers) and smoke-test it
+  chaos [--short] [--scenario NAME]... [--keep] [--storage sqlite|postgres]
+                       prove the durable chat path on the running platform under
+                       broker, PostgreSQL, Redis and SomaBrain faults (README: Chaos)
   lint-env [--manifest-path PATH] [--format text|json]
                        forbid process-environment access outside allowed crates
   deny                 cargo deny --offline check licenses bans sources";
@@ -41,6 +47,7 @@ fn main() -> ExitCode {
         "lint-env" => return exit(lint_env(rest)),
         "stack" => stack::cli(&rest),
         "platform" => platform::cli(&rest),
+        "chaos" => chaos::cli(&rest),
         "test" | "ci" => test(&rest),
         "deny" => ensure_cargo_deny().and_then(|()| deny()),
         "-h" | "--help" | "help" => {

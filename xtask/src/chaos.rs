@@ -1,0 +1,1089 @@
+//! `cargo xtask chaos`: the durable chat path proven on the running platform.
+//!
+//! The promise under test: a chat message the gateway accepted with `202`
+//! is answered, in per-conversation order, exactly once as the client sees
+//! it, whatever fails underneath. The harness starts a private stack
+//! (PostgreSQL, Redis and tansu on their own loopback ports, data in
+//! `.stack/chaos/`), the four platform binaries as processes against it,
+//! and per scenario: a fresh database, broker and Redis; the services; one
+//! SSE stream per conversation; a load of chat messages; one fault in one
+//! dependency; then it waits for the platform to recover on its own (it
+//! never restarts a platform service) and reads the ground truth (the
+//! replies topic from the beginning, the outbox tables, the DLQ topics).
+//!
+//! See the README's "Chaos" section for the scenarios and pass criteria.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+
+use crate::load::{self, Conversation, Load, Observed};
+use crate::{platform, root, run};
+
+mod deps;
+mod services;
+mod truth;
+
+use deps::{Broker, Postgres, Redis, Storage};
+use services::{GATEWAY, Platform, Wiring};
+
+const USAGE: &str = "usage: cargo xtask chaos [--short] [--scenario NAME]... [--keep] \
+[--storage sqlite|postgres] [--broker-schema FILE] [--somabrain-url URL] [--bin-dir DIR [--platform-root DIR]]
+
+scenarios: broker-kill, broker-outage, postgres-restart, redis-restart, somabrain-down";
+
+const PG_PORT: u16 = 25432;
+const BROKER_PG_PORT: u16 = 25433;
+const REDIS_PORT: u16 = 26379;
+const BROKER_PORT: u16 = 29092;
+/// Nothing listens here: SomaBrain is unreachable unless `--somabrain-url` says otherwise.
+const SOMABRAIN_URL: &str = "http://127.0.0.1:29696";
+const DB: &str = "chaos";
+/// Topics of `examples/platform/config/local.toml` (defaults).
+const EVENTS_TOPIC: &str = "chat.events";
+const REQUESTS_TOPIC: &str = "chat.requests";
+const MEMORY_TOPIC: &str = "memory.writes";
+const TOPICS: [&str; 5] = [
+    "chat.requests",
+    "chat.events",
+    "memory.writes",
+    "tool.requests",
+    "config.updates",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    BrokerKill,
+    BrokerOutage,
+    PostgresRestart,
+    RedisRestart,
+    SomabrainDown,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 5] = [
+        Scenario::BrokerKill,
+        Scenario::BrokerOutage,
+        Scenario::PostgresRestart,
+        Scenario::RedisRestart,
+        Scenario::SomabrainDown,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::BrokerKill => "broker-kill",
+            Scenario::BrokerOutage => "broker-outage",
+            Scenario::PostgresRestart => "postgres-restart",
+            Scenario::RedisRestart => "redis-restart",
+            Scenario::SomabrainDown => "somabrain-down",
+        }
+    }
+}
+
+/// Sizes of the load and the faults.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    burst: u64,
+    conversations: usize,
+    broker_down: Duration,
+    outage: Duration,
+    outage_messages: u64,
+    brain_window: Duration,
+    brain_messages: u64,
+    /// How long to wait for recovery before calling it failed.
+    recover_limit: Duration,
+}
+
+impl Plan {
+    fn full() -> Self {
+        Self {
+            burst: 1_000,
+            conversations: 50,
+            broker_down: Duration::from_secs(10),
+            outage: Duration::from_secs(300),
+            outage_messages: 2_000,
+            brain_window: Duration::from_secs(120),
+            brain_messages: 600,
+            recover_limit: Duration::from_secs(240),
+        }
+    }
+
+    fn short() -> Self {
+        Self {
+            burst: 200,
+            conversations: 20,
+            broker_down: Duration::from_secs(10),
+            outage: Duration::from_secs(35),
+            outage_messages: 300,
+            brain_window: Duration::from_secs(30),
+            brain_messages: 150,
+            recover_limit: Duration::from_secs(120),
+        }
+    }
+}
+
+struct Opts {
+    plan: Plan,
+    short: bool,
+    keep: bool,
+    storage: Storage,
+    broker_schema: Option<PathBuf>,
+    somabrain_url: String,
+    /// Prebuilt platform binaries (default: build this checkout's).
+    bin_dir: Option<PathBuf>,
+    /// The checkout those binaries were built from (default: this one).
+    platform_root: PathBuf,
+    scenarios: Vec<Scenario>,
+}
+
+fn parse(args: &[String]) -> Result<Opts, String> {
+    let mut o = Opts {
+        plan: Plan::full(),
+        short: false,
+        keep: false,
+        storage: Storage::Sqlite,
+        broker_schema: None,
+        somabrain_url: SOMABRAIN_URL.to_owned(),
+        bin_dir: None,
+        platform_root: root(),
+        scenarios: Vec::new(),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().ok_or_else(|| USAGE.to_owned());
+        match a.as_str() {
+            "--short" => {
+                o.short = true;
+                o.plan = Plan::short();
+            }
+            "--keep" => o.keep = true,
+            "--storage" => {
+                o.storage = match value()?.as_str() {
+                    "sqlite" => Storage::Sqlite,
+                    "postgres" => Storage::Postgres,
+                    other => return Err(format!("unknown storage `{other}`\n{USAGE}")),
+                }
+            }
+            "--broker-schema" => o.broker_schema = Some(PathBuf::from(value()?)),
+            "--somabrain-url" => o.somabrain_url = value()?,
+            "--bin-dir" => o.bin_dir = Some(PathBuf::from(value()?)),
+            "--platform-root" => o.platform_root = PathBuf::from(value()?),
+            "--scenario" => {
+                let name = value()?;
+                let s = Scenario::ALL
+                    .into_iter()
+                    .find(|s| s.name() == name)
+                    .ok_or_else(|| format!("unknown scenario `{name}`\n{USAGE}"))?;
+                o.scenarios.push(s);
+            }
+            "-h" | "--help" => return Err(USAGE.to_owned()),
+            other => return Err(format!("unknown option `{other}`\n{USAGE}")),
+        }
+    }
+    if o.scenarios.is_empty() {
+        o.scenarios = Scenario::ALL.to_vec();
+    }
+    if o.storage == Storage::Postgres && o.broker_schema.is_none() {
+        return Err(
+            "--storage postgres needs --broker-schema FILE: the PostgreSQL schema of the \
+             installed tansu version (tansu's etc/initdb.d/010-schema.sql); tansu does not \
+             create it itself"
+                .to_owned(),
+        );
+    }
+    Ok(o)
+}
+
+pub(crate) fn cli(args: &[String]) -> Result<(), String> {
+    let opts = parse(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    runtime.block_on(main(opts))
+}
+
+/// The private stack and what every scenario needs.
+struct Ctx {
+    dir: PathBuf,
+    bin_dir: PathBuf,
+    pg: Postgres,
+    broker_pg: Option<Postgres>,
+    redis: Redis,
+    broker: Broker,
+    secret: String,
+    issuer_file: PathBuf,
+    opts: Opts,
+}
+
+async fn main(opts: Opts) -> Result<(), String> {
+    let dir = root().join(".stack").join("chaos");
+    fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let bin_dir = match &opts.bin_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            println!("chaos: building the platform binaries");
+            run(
+                "cargo",
+                &["build", "--quiet", "-p", "soma-example-platform", "--bins"],
+            )?;
+            platform::target_dir().join("debug")
+        }
+    };
+    let secret = platform::random_hex()?;
+    let issuer_file = dir.join("issuer.toml");
+    fs::write(&issuer_file, platform::issuer_toml(&secret)).map_err(|e| e.to_string())?;
+    let (broker_pg, storage_url) = match opts.storage {
+        Storage::Sqlite => (None, "sqlite://tansu.db".to_owned()),
+        Storage::Postgres => {
+            let pg = Postgres::new("broker-pg", &dir, BROKER_PG_PORT);
+            let url = pg.url("tansu");
+            (Some(pg), url)
+        }
+    };
+    let mut ctx = Ctx {
+        pg: Postgres::new("pg", &dir, PG_PORT),
+        broker_pg,
+        redis: Redis::new(&dir, REDIS_PORT),
+        broker: Broker::new(&dir, BROKER_PORT, storage_url),
+        dir,
+        bin_dir,
+        secret,
+        issuer_file,
+        opts,
+    };
+    println!(
+        "chaos: private stack in {} (PostgreSQL {PG_PORT}, Redis {REDIS_PORT}, tansu {BROKER_PORT} \
+         with {} storage); gateway {GATEWAY}; SomaBrain {}",
+        ctx.dir.display(),
+        match ctx.opts.storage {
+            Storage::Sqlite => "SQLite",
+            Storage::Postgres => "PostgreSQL",
+        },
+        ctx.opts.somabrain_url
+    );
+    let mut rows = Vec::new();
+    let scenarios = ctx.opts.scenarios.clone();
+    for s in scenarios {
+        println!("\n==> chaos: {}", s.name());
+        let started = Instant::now();
+        let row = match scenario(&mut ctx, s).await {
+            Ok(row) => row,
+            Err(e) => Row::broken(s, e),
+        };
+        println!(
+            "==> chaos: {} {} in {:.0} s: accepted {}, delivered {}, dupes {}, order {}, \
+             dead {}, ready {}, recover {}",
+            s.name(),
+            if row.pass { "passed" } else { "FAILED" },
+            started.elapsed().as_secs_f64(),
+            row.accepted,
+            row.delivered,
+            row.duplicates,
+            row.order_violations,
+            row.dead_lettered,
+            secs(row.ready_secs),
+            secs(row.recover_secs)
+        );
+        if !row.pass {
+            print_logs(&ctx, s);
+        }
+        rows.push(row);
+    }
+    if !ctx.opts.keep {
+        stop_stack(&mut ctx);
+    } else {
+        println!(
+            "\nchaos: --keep: the private stack is still up (platform services stopped); \
+             logs in {}",
+            ctx.dir.display()
+        );
+    }
+    print_table(&rows);
+    let path = write_json(&ctx, &rows)?;
+    println!("chaos: table written to {}", path.display());
+    if rows.iter().all(|r| r.pass) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} of {} scenarios failed",
+            rows.iter().filter(|r| !r.pass).count(),
+            rows.len()
+        ))
+    }
+}
+
+fn stop_stack(ctx: &mut Ctx) {
+    ctx.broker.stop();
+    ctx.redis.stop();
+    let _ = ctx.pg.stop();
+    if let Some(pg) = &ctx.broker_pg {
+        let _ = pg.stop();
+    }
+}
+
+/// A fresh stack for one scenario: empty database, broker storage and Redis.
+fn fresh_stack(ctx: &mut Ctx, log_dir: &Path) -> Result<(), String> {
+    ctx.broker.stop();
+    ctx.redis.stop();
+    ctx.pg.start()?;
+    ctx.pg.recreate_db(DB)?;
+    match &ctx.broker_pg {
+        None => ctx.broker.wipe()?,
+        Some(pg) => {
+            pg.start()?;
+            pg.recreate_db("tansu")?;
+            let schema = ctx.opts.broker_schema.as_deref().unwrap_or(Path::new(""));
+            pg.psql_file("tansu", schema)?;
+        }
+    }
+    ctx.redis.log = log_dir.join("redis.log");
+    ctx.broker.log = log_dir.join("tansu.log");
+    ctx.redis.start()?;
+    ctx.broker.start()
+}
+
+/// One row of the table.
+#[derive(Debug, Default)]
+struct Row {
+    scenario: &'static str,
+    accepted: u64,
+    delivered: u64,
+    seen_on_sse: u64,
+    duplicates: u64,
+    order_violations: u64,
+    dead_lettered: u64,
+    pending_outbox: u64,
+    ready_secs: Option<f64>,
+    recover_secs: Option<f64>,
+    restarted_by_hand: u64,
+    errors: BTreeMap<String, u64>,
+    gave_up: u64,
+    notes: Vec<String>,
+    pass: bool,
+}
+
+impl Row {
+    fn broken(s: Scenario, e: String) -> Self {
+        Row {
+            scenario: s.name(),
+            notes: vec![format!("the scenario could not run: {e}")],
+            ..Row::default()
+        }
+    }
+}
+
+async fn scenario(ctx: &mut Ctx, s: Scenario) -> Result<Row, String> {
+    let log_dir = ctx.dir.join(s.name());
+    let _ = fs::remove_dir_all(&log_dir);
+    fs::create_dir_all(&log_dir).map_err(|e| e.to_string())?;
+    tokio::task::block_in_place(|| fresh_stack(ctx, &log_dir))?;
+    let wiring = Wiring {
+        postgres_url: ctx.pg.url(DB),
+        redis_url: format!("redis://{}", ctx.redis.addr()),
+        bootstrap: ctx.broker.addr(),
+        somabrain_url: ctx.opts.somabrain_url.clone(),
+        issuer_file: ctx.issuer_file.clone(),
+        source: ctx.opts.platform_root.clone(),
+    };
+    let mut platform = Platform::start(&ctx.bin_dir, &log_dir, &wiring)?;
+    let result = drive(ctx, s).await;
+    let exited = platform.exited();
+    platform.stop();
+    let mut row = result?;
+    if !exited.is_empty() {
+        row.notes.push(format!(
+            "exited during the scenario (not restarted): {}",
+            exited.join(", ")
+        ));
+        row.pass = false;
+    }
+    Ok(row)
+}
+
+async fn wait_ready(within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let not_ready = tokio::task::block_in_place(Platform::not_ready);
+        if not_ready.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "not ready {within:?} after start: {}",
+                not_ready.join(", ")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Starts the load, injects the fault, waits for recovery, counts.
+async fn drive(ctx: &mut Ctx, s: Scenario) -> Result<Row, String> {
+    wait_ready(Duration::from_secs(90)).await?;
+    let plan = ctx.opts.plan;
+    let run = format!(
+        "{}-{}",
+        s.name(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default()
+    );
+    let conversations: Vec<Conversation> = (0..plan.conversations)
+        .map(|i| {
+            // One tenant per conversation: the shipped per-tenant rate limit
+            // (chat.rate_limit per minute) stays as configured.
+            let token = platform::token(
+                &ctx.secret,
+                &format!("chaos-user-{i}"),
+                &format!("chaos-{i}"),
+                &["user".to_owned()],
+            );
+            token.map(|token| Conversation {
+                id: format!("{run}-c{i}"),
+                token,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let warm = conversations[0].clone();
+    let mut load = Load::new(&format!("http://{GATEWAY}"), &run, conversations);
+    load.listen(Duration::from_secs(30)).await?;
+    warm_up(&load, &warm).await?;
+    println!(
+        "chaos: {}: SSE streams open, replies flowing; load starts",
+        s.name()
+    );
+
+    let mut notes = Vec::new();
+    let back_at = fault(ctx, s, &mut load, &mut notes).await?;
+    let (ready_secs, recover_secs) = recover(ctx, &load, back_at, plan.recover_limit).await;
+    if recover_secs.is_none() {
+        notes.push(stuck(ctx, &load, plan.recover_limit).await);
+    }
+    // Late duplicates would arrive now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let truth = match tokio::task::block_in_place(|| Truth::read(ctx)) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            notes.push(format!(
+                "ground truth unreadable, the row is the client's view only: {e}"
+            ));
+            None
+        }
+    };
+    let unknown = truth.is_none();
+    let truth = truth.unwrap_or_default();
+    // The SSE streams trail the topic a little: give them time to show
+    // what the topic had when it was read, then stop listening.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let o = load.observed.lock().await;
+        let behind = o
+            .accepted
+            .keys()
+            .any(|id| truth.replies.completed.contains_key(id) && !o.completed.contains_key(id));
+        drop(o);
+        if !behind {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    load.stop().await;
+    let hub_consumed = tokio::task::block_in_place(|| Platform::gateway_consumed(EVENTS_TOPIC));
+    let observed = load.observed.lock().await;
+    let sse_missed = observed
+        .accepted
+        .keys()
+        .any(|id| truth.replies.completed.contains_key(id) && !observed.completed.contains_key(id));
+    if let Some(n) = hub_consumed.filter(|_| sse_missed) {
+        notes.push(format!(
+            "the gateway's SSE hub consumed {n} of the {} records in {EVENTS_TOPIC}",
+            truth.replies.records
+        ));
+    }
+    let mut row = count(s, &observed, &truth, notes);
+    row.ready_secs = ready_secs;
+    row.recover_secs = recover_secs;
+    judge(&mut row);
+    row.pass &= !unknown;
+    Ok(row)
+}
+
+/// SSE is live only and the gateway's reply consumer starts at the end of
+/// the topic once it has its partitions: send warm-up messages until one
+/// reply streams back.
+async fn warm_up(load: &Load, warm: &Conversation) -> Result<(), String> {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(120) {
+        let id = load.probe(warm).await?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if load.observed.lock().await.completed.contains_key(&id) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Err("no warm-up reply reached the SSE stream within 120 s".to_owned())
+}
+
+/// Runs the scenario's load and fault; returns when the dependency was back.
+async fn fault(
+    ctx: &mut Ctx,
+    s: Scenario,
+    load: &mut Load,
+    notes: &mut Vec<String>,
+) -> Result<Instant, String> {
+    let plan = ctx.opts.plan;
+    let give_up = plan.recover_limit;
+    match s {
+        Scenario::BrokerKill => {
+            let sending = load.send(plan.burst, None, give_up);
+            wait_accepted(load, plan.burst / 5).await;
+            ctx.broker.kill9();
+            println!(
+                "chaos: broker killed (kill -9) after {} accepted",
+                accepted(load).await
+            );
+            tokio::time::sleep(plan.broker_down).await;
+            tokio::task::block_in_place(|| ctx.broker.start())?;
+            let back = Instant::now();
+            println!("chaos: broker restarted after {:?}", plan.broker_down);
+            let _ = sending.await;
+            Ok(back)
+        }
+        Scenario::BrokerOutage => {
+            let window = plan.outage + Duration::from_secs(12);
+            let sending = load.send(plan.outage_messages, Some(window), give_up);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            tokio::task::block_in_place(|| ctx.broker.stop());
+            println!(
+                "chaos: broker stopped for {:?} while messages arrive",
+                plan.outage
+            );
+            tokio::time::sleep(plan.outage).await;
+            tokio::task::block_in_place(|| ctx.broker.start())?;
+            let back = Instant::now();
+            println!(
+                "chaos: broker restarted; {} accepted so far",
+                accepted(load).await
+            );
+            let _ = sending.await;
+            Ok(back)
+        }
+        Scenario::PostgresRestart => {
+            let sending = load.send(plan.burst, None, give_up);
+            wait_accepted(load, plan.burst / 4).await;
+            println!(
+                "chaos: pg_ctl restart -m fast after {} accepted",
+                accepted(load).await
+            );
+            tokio::task::block_in_place(|| ctx.pg.restart())?;
+            let back = Instant::now();
+            let _ = sending.await;
+            Ok(back)
+        }
+        Scenario::RedisRestart => {
+            let sending = load.send(plan.burst, None, give_up);
+            wait_accepted(load, plan.burst / 4).await;
+            println!(
+                "chaos: Redis restarted after {} accepted",
+                accepted(load).await
+            );
+            tokio::task::block_in_place(|| {
+                ctx.redis.stop();
+                ctx.redis.start()
+            })?;
+            let back = Instant::now();
+            let _ = sending.await;
+            Ok(back)
+        }
+        Scenario::SomabrainDown => {
+            let sending = load.send(plan.brain_messages, Some(plan.brain_window), give_up);
+            let _ = sending.await;
+            if ctx.opts.somabrain_url == SOMABRAIN_URL {
+                notes.push(format!(
+                    "no SomaBrain runs locally: it was unreachable for the whole run \
+                     ({:?} of memory writes), recovery measured from the window's end",
+                    plan.brain_window
+                ));
+            }
+            Ok(Instant::now())
+        }
+    }
+}
+
+async fn accepted(load: &Load) -> usize {
+    load.observed.lock().await.accepted.len()
+}
+
+async fn wait_accepted(load: &Load, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (accepted(load).await as u64) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until every service is `/ready` and the backlog is drained (every
+/// accepted message answered — on SSE, or in the replies topic when a
+/// stream dropped — and no pending outbox row). Returns seconds from
+/// `back_at` to all-ready and to recovered.
+async fn recover(
+    ctx: &Ctx,
+    load: &Load,
+    back_at: Instant,
+    limit: Duration,
+) -> (Option<f64>, Option<f64>) {
+    let mut ready_at = None;
+    let mut last_topic_check = Instant::now();
+    let bootstrap = ctx.broker.addr();
+    loop {
+        let now = Instant::now();
+        if ready_at.is_none() && tokio::task::block_in_place(Platform::not_ready).is_empty() {
+            ready_at = Some(now);
+        }
+        let mut drained = load.observed.lock().await.all_delivered();
+        if !drained && now.duration_since(last_topic_check) > Duration::from_secs(5) {
+            last_topic_check = now;
+            let accepted: Vec<String> = load
+                .observed
+                .lock()
+                .await
+                .accepted
+                .keys()
+                .cloned()
+                .collect();
+            let bs = bootstrap.clone();
+            if let Ok(Ok(r)) =
+                tokio::task::spawn_blocking(move || truth::replies(&bs, EVENTS_TOPIC)).await
+            {
+                let sse = load.observed.lock().await;
+                drained = accepted
+                    .iter()
+                    .all(|id| r.completed.contains_key(id) || sse.completed.contains_key(id));
+            }
+        }
+        if drained {
+            drained = tokio::task::block_in_place(|| truth::outbox_pending(&ctx.pg, DB)) == Some(0);
+        }
+        if drained {
+            if let Some(r) = ready_at {
+                let secs = |t: Instant| t.saturating_duration_since(back_at).as_secs_f64();
+                return (Some(secs(r)), Some(secs(r.max(now))));
+            }
+        }
+        if now.duration_since(back_at) > limit {
+            let ready = ready_at.map(|r| r.saturating_duration_since(back_at).as_secs_f64());
+            return (ready, None);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The ground truth after a scenario.
+#[derive(Default)]
+struct Truth {
+    replies: truth::Replies,
+    requests: HashSet<String>,
+    dlqs: BTreeMap<String, u64>,
+    outbox: BTreeMap<String, (u64, u64)>,
+}
+
+impl Truth {
+    fn read(ctx: &Ctx) -> Result<Self, String> {
+        let bootstrap = ctx.broker.addr();
+        let dlq_topics: Vec<String> = TOPICS.iter().map(|t| format!("{t}.dlq")).collect();
+        Ok(Self {
+            replies: truth::replies(&bootstrap, EVENTS_TOPIC)?,
+            requests: truth::ids_in(&bootstrap, REQUESTS_TOPIC)?,
+            dlqs: truth::dlq_counts(&bootstrap, &dlq_topics)?,
+            outbox: truth::outbox_counts(&ctx.pg, DB)?,
+        })
+    }
+}
+
+/// What was still wrong when the recovery wait ran out: services not
+/// ready (with their unhealthy health components), replies not seen on
+/// SSE, outbox rows pending.
+async fn stuck(ctx: &Ctx, load: &Load, limit: Duration) -> String {
+    let (not_ready, pending) = tokio::task::block_in_place(|| {
+        let not_ready: Vec<String> = Platform::not_ready()
+            .into_iter()
+            .map(|name| format!("{name} ({})", Platform::unhealthy(name).join("; ")))
+            .collect();
+        (not_ready, truth::outbox_pending(&ctx.pg, DB))
+    });
+    let o = load.observed.lock().await;
+    let unanswered = o.accepted.len()
+        - o.accepted
+            .keys()
+            .filter(|id| o.completed.contains_key(*id))
+            .count();
+    format!(
+        "not recovered {limit:?} after the dependency's return: not ready: {}; \
+         {unanswered} accepted messages without a reply on SSE; pending outbox rows: {}",
+        if not_ready.is_empty() {
+            "none".to_owned()
+        } else {
+            not_ready.join(", ")
+        },
+        pending.map_or_else(|| "unknown".to_owned(), |p| p.to_string())
+    )
+}
+
+/// The row from what the client saw and the ground truth.
+fn count(s: Scenario, observed: &Observed, truth: &Truth, mut notes: Vec<String>) -> Row {
+    let tally = observed.tally();
+    let Truth {
+        replies,
+        requests,
+        dlqs,
+        outbox,
+    } = truth;
+    let mut delivered = 0;
+    let mut topic_duplicates = observed.double_accepts;
+    let mut lost_before_bus = 0;
+    for id in observed.accepted.keys() {
+        let in_topic = replies.completed.get(id);
+        if in_topic.is_some() || observed.completed.contains_key(id) {
+            delivered += 1;
+        } else if !requests.contains(id) {
+            lost_before_bus += 1;
+        }
+        if let Some(ids) = in_topic {
+            let distinct: HashSet<&String> = ids.iter().collect();
+            topic_duplicates += distinct.len() as u64 - 1;
+        }
+    }
+    let topic_order: u64 = replies
+        .completion_order
+        .values()
+        .map(|order| load::order_violations(order, &observed.accepted))
+        .sum();
+    let dead_outbox: u64 = outbox.values().map(|(d, _)| d).sum();
+    let pending: u64 = outbox.values().map(|(_, p)| p).sum();
+    // SomaBrain never runs locally, so memory writes dead-letter in every
+    // scenario; that is the somabrain-down row's subject, and counting it in
+    // the broker, PostgreSQL and Redis rows would hide what those faults did.
+    let memory_dlq = format!("{MEMORY_TOPIC}.dlq");
+    let dead_bus: u64 = dlqs
+        .iter()
+        .filter(|(t, _)| s == Scenario::SomabrainDown || **t != memory_dlq)
+        .map(|(_, n)| n)
+        .sum();
+    if s != Scenario::SomabrainDown {
+        if let Some(n) = dlqs.get(&memory_dlq) {
+            notes.push(format!(
+                "{memory_dlq} {n} (SomaBrain absent; judged in the somabrain-down row, not counted here)"
+            ));
+        }
+    }
+
+    let deferred = observed
+        .accepted
+        .values()
+        .filter(|m| m.delivery == "deferred")
+        .count();
+    notes.push(format!(
+        "delivery: {} kafka, {deferred} deferred (outbox); delivered per SSE {}, per replies topic {}",
+        observed.accepted.len() - deferred,
+        tally.delivered,
+        observed
+            .accepted
+            .keys()
+            .filter(|id| replies.completed.contains_key(*id))
+            .count()
+    ));
+    if observed.sse_reconnects > 0 || observed.sse_lagged > 0 {
+        notes.push(format!(
+            "SSE streams reopened {} times ({} lagged); replies missed meanwhile were read from the topic",
+            observed.sse_reconnects, observed.sse_lagged
+        ));
+    } else if tally.delivered < delivered {
+        notes.push(format!(
+            "the SSE streams never dropped, yet missed {} replies the topic has",
+            delivered - tally.delivered
+        ));
+    }
+    let lost = observed.accepted.len() as u64 - delivered;
+    if lost > 0 {
+        notes.push(format!(
+            "{lost} accepted messages never answered; {lost_before_bus} of them never reached \
+             {REQUESTS_TOPIC}"
+        ));
+    }
+    if replies.same_id_again > 0 {
+        notes.push(format!(
+            "{} reply events are in {EVENTS_TOPIC} twice with the same id (redelivery)",
+            replies.same_id_again
+        ));
+    }
+    if dead_outbox + dead_bus > 0 {
+        let per: Vec<String> = outbox
+            .iter()
+            .filter(|(_, (d, _))| *d > 0)
+            .map(|(s, (d, _))| format!("{s}.dead_letters {d}"))
+            .chain(
+                dlqs.iter()
+                    .filter(|(t, _)| s == Scenario::SomabrainDown || **t != memory_dlq)
+                    .map(|(t, n)| format!("{t} {n}")),
+            )
+            .collect();
+        notes.push(format!("dead-lettered: {}", per.join(", ")));
+    }
+    if pending > 0 {
+        notes.push(format!("{pending} outbox rows still pending at the end"));
+    }
+    Row {
+        scenario: s.name(),
+        accepted: tally.accepted,
+        delivered,
+        seen_on_sse: tally.delivered,
+        duplicates: tally.duplicates.max(topic_duplicates),
+        order_violations: tally.order_violations.max(topic_order),
+        dead_lettered: dead_outbox + dead_bus,
+        pending_outbox: pending,
+        errors: observed.errors.clone(),
+        gave_up: observed.gave_up,
+        notes,
+        ..Row::default()
+    }
+}
+
+/// Pass criteria: nothing lost, no duplicate, no order violation, nothing
+/// dead-lettered, no manual restart, all ready within 60 s and recovered.
+fn judge(row: &mut Row) {
+    let sse_gap_unexplained = row
+        .notes
+        .iter()
+        .any(|n| n.starts_with("the SSE streams never dropped"));
+    row.pass = row.accepted > 0
+        && row.delivered == row.accepted
+        && !sse_gap_unexplained
+        && row.duplicates == 0
+        && row.order_violations == 0
+        && row.dead_lettered == 0
+        && row.restarted_by_hand == 0
+        && row.ready_secs.is_some_and(|s| s <= 60.0)
+        && row.recover_secs.is_some();
+}
+
+fn secs(s: Option<f64>) -> String {
+    s.map_or_else(|| "never".to_owned(), |s| format!("{s:.1} s"))
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "\n{:<17} {:>8} {:>9} {:>6} {:>6} {:>5} {:>9} {:>9} {:>8}  result",
+        "scenario",
+        "accepted",
+        "delivered",
+        "dupes",
+        "order",
+        "dead",
+        "ready",
+        "recover",
+        "by hand"
+    );
+    for r in rows {
+        println!(
+            "{:<17} {:>8} {:>9} {:>6} {:>6} {:>5} {:>9} {:>9} {:>8}  {}",
+            r.scenario,
+            r.accepted,
+            r.delivered,
+            r.duplicates,
+            r.order_violations,
+            r.dead_lettered,
+            secs(r.ready_secs),
+            secs(r.recover_secs),
+            r.restarted_by_hand,
+            if r.pass { "pass" } else { "FAIL" }
+        );
+    }
+    for r in rows {
+        let errors: Vec<String> = r.errors.iter().map(|(k, v)| format!("{k}×{v}")).collect();
+        println!("\n{}:", r.scenario);
+        if !errors.is_empty() {
+            println!(
+                "  client errors (retried): {}{}",
+                errors.join(" "),
+                if r.gave_up > 0 {
+                    format!("; {} sends given up", r.gave_up)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        for n in &r.notes {
+            println!("  {n}");
+        }
+    }
+}
+
+fn write_json(ctx: &Ctx, rows: &[Row]) -> Result<PathBuf, String> {
+    let dir = platform::target_dir().join("chaos");
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let rows: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "scenario": r.scenario,
+                "accepted": r.accepted,
+                "delivered": r.delivered,
+                "delivered_seen_on_sse": r.seen_on_sse,
+                "client_visible_duplicates": r.duplicates,
+                "order_violations": r.order_violations,
+                "dead_lettered": r.dead_lettered,
+                "pending_outbox_rows": r.pending_outbox,
+                "ready_after_secs": r.ready_secs,
+                "time_to_recover_secs": r.recover_secs,
+                "services_restarted_by_hand": r.restarted_by_hand,
+                "client_errors_by_status": r.errors,
+                "sends_given_up": r.gave_up,
+                "notes": r.notes,
+                "pass": r.pass,
+            })
+        })
+        .collect();
+    let doc = json!({
+        "short": ctx.opts.short,
+        "broker_storage": match ctx.opts.storage { Storage::Sqlite => "sqlite", Storage::Postgres => "postgres" },
+        "somabrain_url": ctx.opts.somabrain_url,
+        "commit": git_head(),
+        "platform_binaries": ctx.bin_dir.display().to_string(),
+        "platform_root": ctx.opts.platform_root.display().to_string(),
+        "rows": rows,
+    });
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let path = dir.join(format!("chaos-{stamp}.json"));
+    let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+    fs::write(&path, &text).map_err(|e| e.to_string())?;
+    fs::write(dir.join("latest.json"), &text).map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
+fn git_head() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(root())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The tail of each service log's warnings and errors, and of the
+/// dependency the scenario touched.
+fn print_logs(ctx: &Ctx, s: Scenario) {
+    let log_dir = ctx.dir.join(s.name());
+    let mut logs: Vec<PathBuf> = services::SERVICES
+        .iter()
+        .map(|(name, _, _)| log_dir.join(format!("{name}.log")))
+        .collect();
+    logs.push(match s {
+        Scenario::BrokerKill | Scenario::BrokerOutage | Scenario::SomabrainDown => {
+            ctx.broker.log.clone()
+        }
+        Scenario::PostgresRestart => ctx.pg.log.clone(),
+        Scenario::RedisRestart => ctx.redis.log.clone(),
+    });
+    for log in logs {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        println!("--- {}", log.display());
+        for line in distinct_problems(&text, 10) {
+            println!("  {line}");
+        }
+    }
+}
+
+/// The last `n` distinct warnings and errors of a log, each with how often
+/// it occurred: ANSI colours removed, and lines that differ only in
+/// timestamps, ids and counts folded into one.
+fn distinct_problems(text: &str, n: usize) -> Vec<String> {
+    let mut order: Vec<String> = Vec::new();
+    let mut seen: std::collections::HashMap<String, (usize, String)> =
+        std::collections::HashMap::new();
+    for raw in text.lines() {
+        let line = strip_ansi(raw);
+        let problem = ["WARN", "ERROR", "panic", "FATAL"]
+            .iter()
+            .any(|w| line.contains(w));
+        if !problem || line.contains("TopicAlreadyExists") {
+            continue;
+        }
+        let signature: String = line
+            .chars()
+            .skip_while(|c| !c.is_alphabetic() || c.is_ascii_hexdigit())
+            .filter(|c| !c.is_ascii_digit())
+            .take(90)
+            .collect();
+        let entry = seen.entry(signature.clone()).or_insert((0, String::new()));
+        entry.0 += 1;
+        entry.1 = line.chars().take(300).collect();
+        order.retain(|s| *s != signature);
+        order.push(signature);
+    }
+    order[order.len().saturating_sub(n)..]
+        .iter()
+        .map(|sig| {
+            let (count, line) = &seen[sig];
+            format!("{count:>5}× {line}")
+        })
+        .collect()
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_tails_fold_repeated_warnings_and_drop_colours() {
+        let log = "\u{1b}[2m2026-12-05T08:55:04.735191Z\u{1b}[0m  WARN x: event: \"breaker_open\"\n\
+                   2026-12-05T08:55:05.100000Z  WARN x: event: \"breaker_open\"\n\
+                   2026-12-05T08:55:06.000000Z  INFO x: fine\n\
+                   2026-12-05T08:55:07.000000Z ERROR y: relay failed\n";
+        let tail = distinct_problems(log, 10);
+        assert_eq!(tail.len(), 2, "{tail:?}");
+        assert!(
+            tail[0].starts_with("    2× 2026-12-05T08:55:05.100000Z  WARN"),
+            "{tail:?}"
+        );
+        assert!(tail[1].contains("ERROR y: relay failed"));
+    }
+
+    #[test]
+    fn options_parse_and_postgres_storage_needs_its_schema() {
+        let args = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let o = parse(&args(&["--short", "--scenario", "redis-restart"])).unwrap();
+        assert_eq!(o.scenarios, vec![Scenario::RedisRestart]);
+        assert_eq!(o.plan.burst, 200);
+        assert_eq!(parse(&args(&[])).unwrap().scenarios.len(), 5);
+        assert!(parse(&args(&["--scenario", "nope"])).is_err());
+        assert!(parse(&args(&["--storage", "postgres"])).is_err());
+    }
+}
