@@ -10,6 +10,16 @@ use std::time::Duration;
 use common::{RecordingSink, assert_ordered, fast_relay, first_publications, setup, wait_until};
 use soma_outbox::{DeadLetterOrder, NewMessage, OutboxError, Relay, RelayConfig, SinkOutcome};
 
+/// The value of the (single) series `name` in Prometheus exposition `text`.
+fn series<'a>(text: &'a str, name: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")))
+        .unwrap_or_else(|| panic!("{name} missing in:\n{text}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+}
+
 fn msg(key: &str, seq: u64) -> NewMessage {
     NewMessage::new("events", seq.to_string().into_bytes()).with_key(key)
 }
@@ -595,16 +605,7 @@ async fn an_unavailable_sink_costs_latency_never_messages_or_order() {
     let component = health.component("outbox_relay").unwrap();
     assert_eq!(component.status.as_str(), "up");
     let text = registry.encode();
-    let value = |name: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(&format!("{name}{{")))
-            .unwrap_or_else(|| panic!("{name} missing in:\n{text}"))
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let value = |name: &str| -> f64 { series(&text, name).parse().unwrap() };
     assert_eq!(value("soma_outbox_relay_sink_unavailable"), 0.0);
     assert!(value("soma_outbox_relay_sink_wait_milliseconds_total") >= 2_000.0);
     assert_eq!(value("soma_outbox_failed_total"), 0.0);
@@ -850,15 +851,7 @@ async fn metrics_are_exported() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     relay.shutdown().await.unwrap();
-    let line = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(&format!("{name}{{")))
-            .unwrap_or_else(|| panic!("{name} missing in:\n{text}"))
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .to_owned()
-    };
+    let line = |name: &str| series(&text, name).to_owned();
     assert_eq!(line("soma_outbox_published_total"), "2");
     assert_eq!(line("soma_outbox_dead_lettered_total"), "1");
     assert_eq!(line("soma_outbox_pending"), "0");
