@@ -34,16 +34,35 @@
 //!
 //! # Broadcast
 //!
-//! [`ConsumerBuilder::broadcast`] joins a consumer group unique to this
-//! instance (`<consumer_group>.broadcast.<uuid>`) starting at the end of each
-//! partition, so every replica sees every message published while it runs
-//! and nothing from before. Offsets are not committed and failed messages are
-//! not dead-lettered (every replica would write its own copy): after the
-//! retries they are logged and counted as `dropped`. Each run leaves an
-//! empty group behind on the broker, which expires with the broker's offsets
-//! retention.
+//! [`ConsumerBuilder::broadcast`] assigns itself every partition of its
+//! topics, starting at the end of each, without joining a consumer group:
+//! every replica sees every message published while it runs and nothing
+//! from before. No group coordinator is involved, so a broker restart or a
+//! lost session never resets the position: the consumer keeps fetching from
+//! where it was once the broker is back (a subscribed group member that had
+//! to rejoin would start again at the end and skip what was published
+//! meanwhile). Partitions added to a topic later are picked up within
+//! 30 seconds, from their beginning. Offsets are not committed and failed
+//! messages are not dead-lettered (every replica would write its own copy):
+//! after the retries they are logged and counted as `dropped`.
+//!
+//! # Health
+//!
+//! With [`ConsumerBuilder::health`], a consume error (the broker
+//! unreachable) degrades the component `bus_consumer.<handler>`. It is up
+//! again as soon as a message arrives **or** a metadata request for the
+//! consumed topics succeeds (tried every second while degraded), so a
+//! consumer of an idle topic recovers as well as a busy one.
+//!
+//! # Duplicates seen by this process
+//!
+//! [`ConsumerBuilder::dedupe_window`] drops a message whose envelope id this
+//! consumer handled among its last `n` handled messages, without a database:
+//! the defence of a broadcast consumer (which has no inbox) against a
+//! producer's redelivered duplicates. It does not survive a restart; the
+//! inbox does.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -282,6 +301,7 @@ pub struct ConsumerBuilder {
     health: Option<HealthRegistry>,
     inbox: Option<crate::inbox::InboxDedupe>,
     broadcast: bool,
+    dedupe_window: usize,
 }
 
 /// Entry point for consumers.
@@ -307,6 +327,7 @@ impl BusConsumer {
             health: None,
             inbox: None,
             broadcast: false,
+            dedupe_window: 0,
         }
     }
 }
@@ -336,6 +357,13 @@ impl ConsumerBuilder {
     /// Broadcast mode: every instance sees every message (see the module docs).
     pub fn broadcast(mut self) -> Self {
         self.broadcast = true;
+        self
+    }
+    /// Drops a message whose envelope id was among the last `n` this
+    /// consumer handled (in memory; see the module docs). `0` (the default)
+    /// turns it off.
+    pub fn dedupe_window(mut self, n: usize) -> Self {
+        self.dedupe_window = n;
         self
     }
 
@@ -385,8 +413,11 @@ impl ConsumerBuilder {
             group: group.clone(),
         };
         let consumer: StreamConsumer<Ctx> = cc.create_with_context(ctx)?;
-        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics)?;
+        if !self.broadcast {
+            // Broadcast consumers assign themselves in `run` (no group).
+            let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&topics)?;
+        }
         let health = self.health.map(|h| {
             let r = h.reporter(
                 format!("bus_consumer.{}", self.handler_name),
@@ -406,7 +437,10 @@ impl ConsumerBuilder {
             metrics,
             progress,
             inbox: self.inbox,
+            recent: (self.dedupe_window > 0)
+                .then(|| Mutex::new(RecentIds::new(self.dedupe_window))),
             broadcast: self.broadcast,
+            topics: self.topics,
             health,
             hard: hard.clone(),
             stop: stop.clone(),
@@ -430,7 +464,10 @@ struct Shared {
     metrics: BusMetrics,
     progress: Arc<Mutex<Progress>>,
     inbox: Option<crate::inbox::InboxDedupe>,
+    /// Envelope ids handled lately (`dedupe_window`).
+    recent: Option<Mutex<RecentIds>>,
     broadcast: bool,
+    topics: Vec<String>,
     health: Option<HealthReporter>,
     hard: CancellationToken,
     stop: CancellationToken,
@@ -529,6 +566,13 @@ async fn run(consumer: Arc<StreamConsumer<Ctx>>, s: Arc<Shared>) -> ShutdownRepo
     let mut commit_tick =
         tokio::time::interval(Duration::from_millis(s.cfg.commit_interval_ms.max(10)));
     commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut probe_tick = tokio::time::interval(PROBE_INTERVAL);
+    probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut partitions_tick = tokio::time::interval(PARTITIONS_INTERVAL);
+    partitions_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Broadcast: the partitions assigned so far (none until the first
+    // metadata answer; retried every probe tick until then).
+    let mut assigned: Option<HashSet<(String, i32)>> = None;
     let mut errors_in_row = 0u32;
     loop {
         tokio::select! {
@@ -536,6 +580,27 @@ async fn run(consumer: Arc<StreamConsumer<Ctx>>, s: Arc<Shared>) -> ShutdownRepo
             () = s.stop.cancelled() => break,
             _ = commit_tick.tick() => {
                 commit(&consumer, &s, CommitMode::Async);
+            }
+            // Unassigned broadcast consumer, or degraded by a consume error:
+            // ask the broker for the topics' metadata. An answer clears the
+            // error (an idle topic brings no message that would).
+            _ = probe_tick.tick(), if errors_in_row > 0 || (s.broadcast && assigned.is_none()) => {
+                match topic_partitions(&consumer, &s.topics).await {
+                    Ok(parts) => {
+                        errors_in_row = 0;
+                        if s.broadcast {
+                            assign_new(&consumer, &s, &mut assigned, parts);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::debug!(event = "consumer_probe_failed", %error, group = %s.group);
+                    }
+                }
+            }
+            _ = partitions_tick.tick(), if s.broadcast && assigned.is_some() => {
+                if let Ok(parts) = topic_partitions(&consumer, &s.topics).await {
+                    assign_new(&consumer, &s, &mut assigned, parts);
+                }
             }
             msg = consumer.recv() => match msg {
                 Ok(m) => {
@@ -593,11 +658,131 @@ async fn run(consumer: Arc<StreamConsumer<Ctx>>, s: Arc<Shared>) -> ShutdownRepo
         }
     }
     let committed = commit(&consumer, &s, CommitMode::Sync);
-    consumer.unsubscribe();
+    if s.broadcast {
+        let _ = consumer.unassign();
+    } else {
+        consumer.unsubscribe();
+    }
     if let Some(h) = &s.health {
         h.set_down("consumer stopped");
     }
     ShutdownReport { drained, committed }
+}
+
+/// How often a degraded (or not yet assigned broadcast) consumer asks the
+/// broker for metadata.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a broadcast consumer looks for partitions added to its topics.
+const PARTITIONS_INTERVAL: Duration = Duration::from_secs(30);
+/// The longest one metadata request may take.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Every partition of `topics`, as the broker reports them now (a blocking
+/// librdkafka call, run off the async workers). A topic the broker does not
+/// know is an error.
+async fn topic_partitions(
+    consumer: &Arc<StreamConsumer<Ctx>>,
+    topics: &[String],
+) -> Result<Vec<(String, i32)>, BusError> {
+    let consumer = consumer.clone();
+    let topics = topics.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let mut parts = Vec::new();
+        for topic in &topics {
+            let md = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
+            for t in md.topics().iter().filter(|t| t.name() == topic) {
+                if let Some(err) = t.error() {
+                    return Err(BusError::Kafka(rdkafka::error::KafkaError::MetadataFetch(
+                        err.into(),
+                    )));
+                }
+                if t.partitions().is_empty() {
+                    return Err(BusError::Config(format!("topic {topic} has no partitions")));
+                }
+                parts.extend(t.partitions().iter().map(|p| (topic.clone(), p.id())));
+            }
+        }
+        Ok(parts)
+    })
+    .await
+    .map_err(|e| BusError::Config(format!("metadata task failed: {e}")))?
+}
+
+/// Broadcast: adds the partitions in `parts` not yet assigned. The first
+/// assignment starts at the end of each partition (messages from before the
+/// consumer started are not its business); partitions that appear later
+/// start at their beginning (all they hold was published while it ran).
+fn assign_new(
+    consumer: &StreamConsumer<Ctx>,
+    s: &Shared,
+    assigned: &mut Option<HashSet<(String, i32)>>,
+    parts: Vec<(String, i32)>,
+) {
+    let first = assigned.is_none();
+    let known = assigned.get_or_insert_with(HashSet::new);
+    let mut tpl = TopicPartitionList::new();
+    let mut added = Vec::new();
+    for (topic, partition) in parts {
+        if known.contains(&(topic.clone(), partition)) {
+            continue;
+        }
+        let at = if first {
+            Offset::End
+        } else {
+            Offset::Beginning
+        };
+        if tpl.add_partition_offset(&topic, partition, at).is_ok() {
+            added.push((topic, partition));
+        }
+    }
+    if added.is_empty() {
+        return;
+    }
+    match consumer.incremental_assign(&tpl) {
+        Ok(()) => {
+            tracing::info!(event = "broadcast_assigned", partitions = added.len(), group = %s.group);
+            known.extend(added);
+        }
+        Err(error) => {
+            tracing::warn!(event = "broadcast_assign_failed", %error, group = %s.group);
+            if first && known.is_empty() {
+                *assigned = None;
+            }
+        }
+    }
+}
+
+/// The envelope ids a consumer handled lately, oldest first out.
+struct RecentIds {
+    ids: HashSet<uuid::Uuid>,
+    order: VecDeque<uuid::Uuid>,
+    capacity: usize,
+}
+
+impl RecentIds {
+    fn new(capacity: usize) -> Self {
+        Self {
+            ids: HashSet::with_capacity(capacity.min(1 << 16)),
+            order: VecDeque::with_capacity(capacity.min(1 << 16)),
+            capacity,
+        }
+    }
+
+    fn contains(&self, id: &uuid::Uuid) -> bool {
+        self.ids.contains(id)
+    }
+
+    fn insert(&mut self, id: uuid::Uuid) {
+        if !self.ids.insert(id) {
+            return;
+        }
+        self.order.push_back(id);
+        if self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
 }
 
 /// Waits until every lane task in `running` has ended.
@@ -704,6 +889,12 @@ async fn process(msg: &OwnedMessage, s: &Shared) -> bool {
 
 async fn process_envelope(msg: &OwnedMessage, env: Envelope, s: &Shared) -> bool {
     let topic = msg.topic();
+    if let Some(recent) = &s.recent {
+        if recent.lock().contains(&env.id) {
+            s.metrics.consumed(topic, "duplicate");
+            return true;
+        }
+    }
     if let Some(inbox) = &s.inbox {
         match inbox.seen(&s.handler_name, env.id).await {
             Ok(true) => {
@@ -733,6 +924,9 @@ async fn process_envelope(msg: &OwnedMessage, env: Envelope, s: &Shared) -> bool
             .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
+                if let Some(recent) = &s.recent {
+                    recent.lock().insert(env.id);
+                }
                 if let Some(inbox) = &s.inbox {
                     if let Err(error) = inbox.record(&s.handler_name, env.id).await {
                         tracing::warn!(event = "inbox_record_failed", %error);
@@ -870,6 +1064,22 @@ async fn dead_letter(msg: &OwnedMessage, s: &Shared, attempts: u32, error: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recent_ids_forget_the_oldest_beyond_capacity() {
+        let ids: Vec<uuid::Uuid> = (0..4).map(|_| uuid::Uuid::now_v7()).collect();
+        let mut r = RecentIds::new(3);
+        for id in &ids[..3] {
+            r.insert(*id);
+        }
+        r.insert(ids[0]); // already there: not a second entry
+        assert!(ids[..3].iter().all(|id| r.contains(id)));
+        r.insert(ids[3]);
+        assert!(!r.contains(&ids[0]), "the oldest is forgotten");
+        assert!(ids[1..].iter().all(|id| r.contains(id)));
+        assert_eq!(r.order.len(), 3);
+        assert_eq!(r.ids.len(), 3);
+    }
 
     #[test]
     fn progress_commits_lowest_in_flight() {
