@@ -3,9 +3,9 @@
 //! (nothing published after the return is skipped), and a broadcast
 //! consumer's dedupe window drops a redelivered envelope.
 //!
-//! Fault injection on the far side of the client: a private tansu behind a
-//! loopback [`FaultProxy`] that the test cuts (every connection dropped,
-//! new ones refused) and restores; the broker and its data stay as they were.
+//! Fault injection on the far side of the client: a private tansu, killed
+//! and started again, or behind a loopback [`FaultProxy`] that the test
+//! cuts (every connection dropped, new ones refused) and restores.
 
 mod common;
 
@@ -57,7 +57,19 @@ async fn broker_behind_proxy(prefix: &str) -> (OwnBroker, FaultProxy, BusConfig,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_consumer_is_up_again_once_the_broker_is_back() {
-    let (_broker, proxy, cfg, topic) = broker_behind_proxy("idle").await;
+    // The broker itself goes away here (kill -9, then started again on the
+    // same port and data), as in the platform's broker-kill chaos scenario.
+    let mut broker = OwnBroker::start();
+    let cfg = BusConfig {
+        session_timeout_ms: 6_000,
+        ..config(&broker.bootstrap())
+    };
+    let topic = soma_testkit::unique_name("idle");
+    TopicAdmin::new(&cfg)
+        .unwrap()
+        .ensure_topics(&[&topic], true)
+        .await
+        .unwrap();
     let health = HealthRegistry::new();
     let consumer = BusConsumer::builder(&cfg, &[topic.as_str()], "idle", |_env: Envelope| async {
         Ok::<(), HandlerError>(())
@@ -74,7 +86,7 @@ async fn an_idle_consumer_is_up_again_once_the_broker_is_back() {
         health.component(name)
     );
 
-    proxy.cut();
+    broker.kill9();
     wait_until(
         "the consumer degraded by the lost broker",
         Duration::from_secs(60),
@@ -82,7 +94,7 @@ async fn an_idle_consumer_is_up_again_once_the_broker_is_back() {
     )
     .await;
     let reason = health.component(name).unwrap().reason;
-    proxy.restore();
+    broker.restart();
     let back = Instant::now();
     // No message arrives on the idle topic; the consumer must find out by itself.
     wait_until(
