@@ -27,20 +27,20 @@ mod deps;
 mod services;
 mod truth;
 
-use deps::{Broker, Postgres, Redis, Storage};
+use deps::{Broker, MemoryService, Postgres, Redis, Storage};
 use services::{GATEWAY, Platform, Wiring};
 
 const USAGE: &str = "usage: cargo xtask chaos [--short] [--scenario NAME]... [--keep] \
-[--storage sqlite|postgres] [--broker-schema FILE] [--somabrain-url URL] [--bin-dir DIR [--platform-root DIR]]
+[--storage postgres|sqlite] [--broker-schema FILE] [--bin-dir DIR [--platform-root DIR]]
 
-scenarios: broker-kill, broker-outage, postgres-restart, redis-restart, somabrain-down";
+scenarios: broker-kill, broker-outage, postgres-restart, redis-restart, somabrain-down, rolling-restart";
 
 const PG_PORT: u16 = 25432;
 const BROKER_PG_PORT: u16 = 25433;
 const REDIS_PORT: u16 = 26379;
 const BROKER_PORT: u16 = 29092;
-/// Nothing listens here: SomaBrain is unreachable unless `--somabrain-url` says otherwise.
-const SOMABRAIN_URL: &str = "http://127.0.0.1:29696";
+/// The private memory service (the SomaBrain stand-in).
+const SOMABRAIN_ADDR: &str = "127.0.0.1:29696";
 const DB: &str = "chaos";
 /// Topics of `examples/platform/config/local.toml` (defaults).
 const EVENTS_TOPIC: &str = "chat.events";
@@ -61,15 +61,17 @@ enum Scenario {
     PostgresRestart,
     RedisRestart,
     SomabrainDown,
+    RollingRestart,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 5] = [
+    const ALL: [Scenario; 6] = [
         Scenario::BrokerKill,
         Scenario::BrokerOutage,
         Scenario::PostgresRestart,
         Scenario::RedisRestart,
         Scenario::SomabrainDown,
+        Scenario::RollingRestart,
     ];
 
     fn name(self) -> &'static str {
@@ -79,6 +81,7 @@ impl Scenario {
             Scenario::PostgresRestart => "postgres-restart",
             Scenario::RedisRestart => "redis-restart",
             Scenario::SomabrainDown => "somabrain-down",
+            Scenario::RollingRestart => "rolling-restart",
         }
     }
 }
@@ -93,6 +96,8 @@ struct Plan {
     outage_messages: u64,
     brain_window: Duration,
     brain_messages: u64,
+    /// How long the steady stream of a rolling restart lasts.
+    rolling_window: Duration,
     /// How long to wait for recovery before calling it failed.
     recover_limit: Duration,
 }
@@ -107,6 +112,7 @@ impl Plan {
             outage_messages: 2_000,
             brain_window: Duration::from_secs(120),
             brain_messages: 600,
+            rolling_window: Duration::from_secs(180),
             recover_limit: Duration::from_secs(240),
         }
     }
@@ -120,6 +126,7 @@ impl Plan {
             outage_messages: 300,
             brain_window: Duration::from_secs(30),
             brain_messages: 150,
+            rolling_window: Duration::from_secs(60),
             recover_limit: Duration::from_secs(120),
         }
     }
@@ -131,7 +138,6 @@ struct Opts {
     keep: bool,
     storage: Storage,
     broker_schema: Option<PathBuf>,
-    somabrain_url: String,
     /// Prebuilt platform binaries (default: build this checkout's).
     bin_dir: Option<PathBuf>,
     /// The checkout those binaries were built from (default: this one).
@@ -144,9 +150,10 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         plan: Plan::full(),
         short: false,
         keep: false,
-        storage: Storage::Sqlite,
-        broker_schema: None,
-        somabrain_url: SOMABRAIN_URL.to_owned(),
+        // What `cargo xtask stack up` runs: tansu on PostgreSQL storage,
+        // with the schema the stack creates for it.
+        storage: Storage::Postgres,
+        broker_schema: Some(root().join("xtask/stack.d/tansu-pg-schema.sql")),
         bin_dir: None,
         platform_root: root(),
         scenarios: Vec::new(),
@@ -168,7 +175,6 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                 }
             }
             "--broker-schema" => o.broker_schema = Some(PathBuf::from(value()?)),
-            "--somabrain-url" => o.somabrain_url = value()?,
             "--bin-dir" => o.bin_dir = Some(PathBuf::from(value()?)),
             "--platform-root" => o.platform_root = PathBuf::from(value()?),
             "--scenario" => {
@@ -185,14 +191,6 @@ fn parse(args: &[String]) -> Result<Opts, String> {
     }
     if o.scenarios.is_empty() {
         o.scenarios = Scenario::ALL.to_vec();
-    }
-    if o.storage == Storage::Postgres && o.broker_schema.is_none() {
-        return Err(
-            "--storage postgres needs --broker-schema FILE: the PostgreSQL schema of the \
-             installed tansu version (tansu's etc/initdb.d/010-schema.sql); tansu does not \
-             create it itself"
-                .to_owned(),
-        );
     }
     Ok(o)
 }
@@ -215,6 +213,7 @@ struct Ctx {
     broker_pg: Option<Postgres>,
     redis: Redis,
     broker: Broker,
+    memory: MemoryService,
     secret: String,
     issuer_file: PathBuf,
     opts: Opts,
@@ -229,7 +228,15 @@ async fn main(opts: Opts) -> Result<(), String> {
             println!("chaos: building the platform binaries");
             run(
                 "cargo",
-                &["build", "--quiet", "-p", "soma-example-platform", "--bins"],
+                &[
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "soma-example-platform",
+                    "-p",
+                    "soma-memory-service",
+                    "--bins",
+                ],
             )?;
             platform::target_dir().join("debug")
         }
@@ -245,8 +252,17 @@ async fn main(opts: Opts) -> Result<(), String> {
             (Some(pg), url)
         }
     };
+    let pg = Postgres::new("pg", &dir, PG_PORT);
+    let memory = MemoryService::new(
+        SOMABRAIN_ADDR,
+        bin_dir.join("soma-memory-service"),
+        opts.platform_root
+            .join("examples/memory-service/config/local.toml"),
+        pg.url(DB),
+    );
     let mut ctx = Ctx {
-        pg: Postgres::new("pg", &dir, PG_PORT),
+        pg,
+        memory,
         broker_pg,
         redis: Redis::new(&dir, REDIS_PORT),
         broker: Broker::new(&dir, BROKER_PORT, storage_url),
@@ -258,13 +274,12 @@ async fn main(opts: Opts) -> Result<(), String> {
     };
     println!(
         "chaos: private stack in {} (PostgreSQL {PG_PORT}, Redis {REDIS_PORT}, tansu {BROKER_PORT} \
-         with {} storage); gateway {GATEWAY}; SomaBrain {}",
+         with {} storage); gateway {GATEWAY}; memory service (SomaBrain) {SOMABRAIN_ADDR}",
         ctx.dir.display(),
         match ctx.opts.storage {
             Storage::Sqlite => "SQLite",
             Storage::Postgres => "PostgreSQL",
         },
-        ctx.opts.somabrain_url
     );
     let mut rows = Vec::new();
     let scenarios = ctx.opts.scenarios.clone();
@@ -318,6 +333,7 @@ async fn main(opts: Opts) -> Result<(), String> {
 }
 
 fn stop_stack(ctx: &mut Ctx) {
+    ctx.memory.stop();
     ctx.broker.stop();
     ctx.redis.stop();
     let _ = ctx.pg.stop();
@@ -328,6 +344,7 @@ fn stop_stack(ctx: &mut Ctx) {
 
 /// A fresh stack for one scenario: empty database, broker storage and Redis.
 fn fresh_stack(ctx: &mut Ctx, log_dir: &Path) -> Result<(), String> {
+    ctx.memory.stop();
     ctx.broker.stop();
     ctx.redis.stop();
     ctx.pg.start()?;
@@ -343,8 +360,10 @@ fn fresh_stack(ctx: &mut Ctx, log_dir: &Path) -> Result<(), String> {
     }
     ctx.redis.log = log_dir.join("redis.log");
     ctx.broker.log = log_dir.join("tansu.log");
+    ctx.memory.log = log_dir.join("memory-service.log");
     ctx.redis.start()?;
-    ctx.broker.start()
+    ctx.broker.start()?;
+    ctx.memory.start()
 }
 
 /// One row of the table.
@@ -357,6 +376,8 @@ struct Row {
     duplicates: u64,
     order_violations: u64,
     dead_lettered: u64,
+    /// Accepted messages whose memory write landed in the memory service.
+    remembered: u64,
     pending_outbox: u64,
     ready_secs: Option<f64>,
     recover_secs: Option<f64>,
@@ -386,12 +407,12 @@ async fn scenario(ctx: &mut Ctx, s: Scenario) -> Result<Row, String> {
         postgres_url: ctx.pg.url(DB),
         redis_url: format!("redis://{}", ctx.redis.addr()),
         bootstrap: ctx.broker.addr(),
-        somabrain_url: ctx.opts.somabrain_url.clone(),
+        somabrain_url: format!("http://{SOMABRAIN_ADDR}"),
         issuer_file: ctx.issuer_file.clone(),
         source: ctx.opts.platform_root.clone(),
     };
     let mut platform = Platform::start(&ctx.bin_dir, &log_dir, &wiring)?;
-    let result = drive(ctx, s).await;
+    let result = drive(ctx, &mut platform, s).await;
     let exited = platform.exited();
     platform.stop();
     let mut row = result?;
@@ -423,7 +444,7 @@ async fn wait_ready(within: Duration) -> Result<(), String> {
 }
 
 /// Starts the load, injects the fault, waits for recovery, counts.
-async fn drive(ctx: &mut Ctx, s: Scenario) -> Result<Row, String> {
+async fn drive(ctx: &mut Ctx, platform: &mut Platform, s: Scenario) -> Result<Row, String> {
     wait_ready(Duration::from_secs(90)).await?;
     let plan = ctx.opts.plan;
     let run = format!(
@@ -460,7 +481,7 @@ async fn drive(ctx: &mut Ctx, s: Scenario) -> Result<Row, String> {
     );
 
     let mut notes = Vec::new();
-    let back_at = fault(ctx, s, &mut load, &mut notes).await?;
+    let back_at = fault(ctx, platform, s, &mut load, &mut notes).await?;
     let (ready_secs, recover_secs) = recover(ctx, &load, back_at, plan.recover_limit).await;
     if recover_secs.is_none() {
         notes.push(stuck(ctx, &load, plan.recover_limit).await);
@@ -535,6 +556,7 @@ async fn warm_up(load: &Load, warm: &Conversation) -> Result<(), String> {
 /// Runs the scenario's load and fault; returns when the dependency was back.
 async fn fault(
     ctx: &mut Ctx,
+    platform: &mut Platform,
     s: Scenario,
     load: &mut Load,
     notes: &mut Vec<String>,
@@ -604,16 +626,72 @@ async fn fault(
             Ok(back)
         }
         Scenario::SomabrainDown => {
-            let sending = load.send(plan.brain_messages, Some(plan.brain_window), give_up);
+            let window = plan.brain_window + Duration::from_secs(12);
+            let sending = load.send(plan.brain_messages, Some(window), give_up);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            tokio::task::block_in_place(|| ctx.memory.stop());
+            println!(
+                "chaos: memory service (SomaBrain) stopped for {:?} while messages arrive",
+                plan.brain_window
+            );
+            tokio::time::sleep(plan.brain_window).await;
+            let landed = tokio::task::block_in_place(|| truth::memory_keys(&ctx.pg, DB))
+                .map(|k| k.len())
+                .unwrap_or_default();
+            tokio::task::block_in_place(|| ctx.memory.start())?;
+            let back = Instant::now();
+            println!(
+                "chaos: memory service restarted; {} accepted so far, {landed} memories stored before",
+                accepted(load).await
+            );
+            notes.push(format!(
+                "memory service down {:?}; {landed} memories were stored when it came back",
+                plan.brain_window
+            ));
             let _ = sending.await;
-            if ctx.opts.somabrain_url == SOMABRAIN_URL {
-                notes.push(format!(
-                    "no SomaBrain runs locally: it was unreachable for the whole run \
-                     ({:?} of memory writes), recovery measured from the window's end",
-                    plan.brain_window
-                ));
+            Ok(back)
+        }
+        Scenario::RollingRestart => {
+            // A deploy: while a steady stream of messages flows, each
+            // service in turn gets SIGTERM and is started again (gateway,
+            // conversation worker, tool executor, memory replicator, then
+            // the gateway again); the next goes only once the new process
+            // is ready.
+            let window = plan.rolling_window;
+            let sending = load.send(plan.burst, Some(window), give_up);
+            let order = [0usize, 1, 3, 2, 0];
+            let step = window / (order.len() as u32 + 1);
+            let t0 = Instant::now();
+            for (k, &i) in order.iter().enumerate() {
+                let name = services::SERVICES[i].0;
+                let due = t0 + step * (k as u32 + 1);
+                tokio::time::sleep_until(due.into()).await;
+                let at = accepted(load).await;
+                let grace = Duration::from_secs(30);
+                let stopped = tokio::task::block_in_place(|| platform.redeploy(i, grace))?;
+                let started = Instant::now();
+                while !tokio::task::block_in_place(|| Platform::is_ready(i)) {
+                    if started.elapsed() > Duration::from_secs(60) {
+                        return Err(format!("{name} not ready 60 s after its redeploy"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                let note = format!(
+                    "{name} redeployed after {at} accepted: old process exited in {:.1} s, new one ready in {:.1} s",
+                    stopped.as_secs_f64(),
+                    started.elapsed().as_secs_f64()
+                );
+                println!("chaos: {note}");
+                notes.push(note);
+                if stopped >= grace {
+                    notes.push(format!(
+                        "graceful shutdown overran: {name} needed SIGKILL after {grace:?}"
+                    ));
+                }
             }
-            Ok(Instant::now())
+            let back = Instant::now();
+            let _ = sending.await;
+            Ok(back)
         }
     }
 }
@@ -641,6 +719,7 @@ async fn recover(
 ) -> (Option<f64>, Option<f64>) {
     let mut ready_at = None;
     let mut last_topic_check = Instant::now();
+    let mut last_memory_check = Instant::now() - Duration::from_secs(10);
     let bootstrap = ctx.broker.addr();
     loop {
         let now = Instant::now();
@@ -671,6 +750,15 @@ async fn recover(
         if drained {
             drained = tokio::task::block_in_place(|| truth::outbox_pending(&ctx.pg, DB)) == Some(0);
         }
+        if drained && now.duration_since(last_memory_check) > Duration::from_secs(2) {
+            // Every accepted message's memory write landed in the memory service.
+            last_memory_check = now;
+            let keys = tokio::task::block_in_place(|| truth::memory_keys(&ctx.pg, DB));
+            let o = load.observed.lock().await;
+            drained = keys.is_ok_and(|k| o.accepted.keys().all(|id| k.contains(id)));
+        } else if drained {
+            drained = false;
+        }
         if drained {
             if let Some(r) = ready_at {
                 let secs = |t: Instant| t.saturating_duration_since(back_at).as_secs_f64();
@@ -692,6 +780,7 @@ struct Truth {
     requests: HashSet<String>,
     dlqs: BTreeMap<String, u64>,
     outbox: BTreeMap<String, (u64, u64)>,
+    memories: HashSet<String>,
 }
 
 impl Truth {
@@ -703,6 +792,7 @@ impl Truth {
             requests: truth::ids_in(&bootstrap, REQUESTS_TOPIC)?,
             dlqs: truth::dlq_counts(&bootstrap, &dlq_topics)?,
             outbox: truth::outbox_counts(&ctx.pg, DB)?,
+            memories: truth::memory_keys(&ctx.pg, DB)?,
         })
     }
 }
@@ -744,6 +834,7 @@ fn count(s: Scenario, observed: &Observed, truth: &Truth, mut notes: Vec<String>
         requests,
         dlqs,
         outbox,
+        memories,
     } = truth;
     let mut delivered = 0;
     let mut topic_duplicates = observed.double_accepts;
@@ -767,21 +858,17 @@ fn count(s: Scenario, observed: &Observed, truth: &Truth, mut notes: Vec<String>
         .sum();
     let dead_outbox: u64 = outbox.values().map(|(d, _)| d).sum();
     let pending: u64 = outbox.values().map(|(_, p)| p).sum();
-    // SomaBrain never runs locally, so memory writes dead-letter in every
-    // scenario; that is the somabrain-down row's subject, and counting it in
-    // the broker, PostgreSQL and Redis rows would hide what those faults did.
-    let memory_dlq = format!("{MEMORY_TOPIC}.dlq");
-    let dead_bus: u64 = dlqs
-        .iter()
-        .filter(|(t, _)| s == Scenario::SomabrainDown || **t != memory_dlq)
-        .map(|(_, n)| n)
-        .sum();
-    if s != Scenario::SomabrainDown {
-        if let Some(n) = dlqs.get(&memory_dlq) {
-            notes.push(format!(
-                "{memory_dlq} {n} (SomaBrain absent; judged in the somabrain-down row, not counted here)"
-            ));
-        }
+    let dead_bus: u64 = dlqs.values().sum();
+    let remembered = observed
+        .accepted
+        .keys()
+        .filter(|id| memories.contains(*id))
+        .count() as u64;
+    if remembered < observed.accepted.len() as u64 {
+        notes.push(format!(
+            "{} accepted messages have no memory in the memory service ({MEMORY_TOPIC} writes not landed)",
+            observed.accepted.len() as u64 - remembered
+        ));
     }
 
     let deferred = observed
@@ -828,11 +915,7 @@ fn count(s: Scenario, observed: &Observed, truth: &Truth, mut notes: Vec<String>
             .iter()
             .filter(|(_, (d, _))| *d > 0)
             .map(|(s, (d, _))| format!("{s}.dead_letters {d}"))
-            .chain(
-                dlqs.iter()
-                    .filter(|(t, _)| s == Scenario::SomabrainDown || **t != memory_dlq)
-                    .map(|(t, n)| format!("{t} {n}")),
-            )
+            .chain(dlqs.iter().map(|(t, n)| format!("{t} {n}")))
             .collect();
         notes.push(format!("dead-lettered: {}", per.join(", ")));
     }
@@ -847,6 +930,7 @@ fn count(s: Scenario, observed: &Observed, truth: &Truth, mut notes: Vec<String>
         duplicates: tally.duplicates.max(topic_duplicates),
         order_violations: tally.order_violations.max(topic_order),
         dead_lettered: dead_outbox + dead_bus,
+        remembered,
         pending_outbox: pending,
         errors: observed.errors.clone(),
         gave_up: observed.gave_up,
@@ -862,9 +946,15 @@ fn judge(row: &mut Row) {
         .notes
         .iter()
         .any(|n| n.starts_with("the SSE streams never dropped"));
+    let killed = row
+        .notes
+        .iter()
+        .any(|n| n.starts_with("graceful shutdown overran"));
     row.pass = row.accepted > 0
         && row.delivered == row.accepted
+        && row.remembered == row.accepted
         && !sse_gap_unexplained
+        && !killed
         && row.duplicates == 0
         && row.order_violations == 0
         && row.dead_lettered == 0
@@ -879,10 +969,11 @@ fn secs(s: Option<f64>) -> String {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "\n{:<17} {:>8} {:>9} {:>6} {:>6} {:>5} {:>9} {:>9} {:>8}  result",
+        "\n{:<17} {:>8} {:>9} {:>6} {:>6} {:>6} {:>5} {:>9} {:>9} {:>8}  result",
         "scenario",
         "accepted",
         "delivered",
+        "memory",
         "dupes",
         "order",
         "dead",
@@ -892,10 +983,11 @@ fn print_table(rows: &[Row]) {
     );
     for r in rows {
         println!(
-            "{:<17} {:>8} {:>9} {:>6} {:>6} {:>5} {:>9} {:>9} {:>8}  {}",
+            "{:<17} {:>8} {:>9} {:>6} {:>6} {:>6} {:>5} {:>9} {:>9} {:>8}  {}",
             r.scenario,
             r.accepted,
             r.delivered,
+            r.remembered,
             r.duplicates,
             r.order_violations,
             r.dead_lettered,
@@ -936,6 +1028,7 @@ fn write_json(ctx: &Ctx, rows: &[Row]) -> Result<PathBuf, String> {
                 "accepted": r.accepted,
                 "delivered": r.delivered,
                 "delivered_seen_on_sse": r.seen_on_sse,
+                "memories_landed": r.remembered,
                 "client_visible_duplicates": r.duplicates,
                 "order_violations": r.order_violations,
                 "dead_lettered": r.dead_lettered,
@@ -953,7 +1046,7 @@ fn write_json(ctx: &Ctx, rows: &[Row]) -> Result<PathBuf, String> {
     let doc = json!({
         "short": ctx.opts.short,
         "broker_storage": match ctx.opts.storage { Storage::Sqlite => "sqlite", Storage::Postgres => "postgres" },
-        "somabrain_url": ctx.opts.somabrain_url,
+        "somabrain": format!("memory service on {SOMABRAIN_ADDR}"),
         "commit": git_head(),
         "platform_binaries": ctx.bin_dir.display().to_string(),
         "platform_root": ctx.opts.platform_root.display().to_string(),
@@ -988,9 +1081,9 @@ fn print_logs(ctx: &Ctx, s: Scenario) {
         .map(|(name, _, _)| log_dir.join(format!("{name}.log")))
         .collect();
     logs.push(match s {
-        Scenario::BrokerKill | Scenario::BrokerOutage | Scenario::SomabrainDown => {
-            ctx.broker.log.clone()
-        }
+        Scenario::BrokerKill | Scenario::BrokerOutage => ctx.broker.log.clone(),
+        Scenario::SomabrainDown => ctx.memory.log.clone(),
+        Scenario::RollingRestart => ctx.broker.log.clone(),
         Scenario::PostgresRestart => ctx.pg.log.clone(),
         Scenario::RedisRestart => ctx.redis.log.clone(),
     });
@@ -1077,13 +1170,19 @@ mod tests {
     }
 
     #[test]
-    fn options_parse_and_postgres_storage_needs_its_schema() {
+    fn options_parse_with_the_stacks_broker_storage_by_default() {
         let args = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         let o = parse(&args(&["--short", "--scenario", "redis-restart"])).unwrap();
         assert_eq!(o.scenarios, vec![Scenario::RedisRestart]);
         assert_eq!(o.plan.burst, 200);
-        assert_eq!(parse(&args(&[])).unwrap().scenarios.len(), 5);
+        assert_eq!(parse(&args(&[])).unwrap().scenarios.len(), 6);
         assert!(parse(&args(&["--scenario", "nope"])).is_err());
-        assert!(parse(&args(&["--storage", "postgres"])).is_err());
+        let o = parse(&args(&[])).unwrap();
+        assert_eq!(o.storage, Storage::Postgres);
+        assert!(
+            o.broker_schema
+                .is_some_and(|p| p.ends_with("tansu-pg-schema.sql"))
+        );
+        assert!(parse(&args(&["--storage", "tape"])).is_err());
     }
 }

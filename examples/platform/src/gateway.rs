@@ -325,6 +325,9 @@ fn spawn_hub(
     // still accept messages (into the outbox). The `kafka` component says
     // that Kafka is down.
     .broadcast()
+    // At-least-once on the bus, once on SSE: a reply event redelivered
+    // (same envelope id) is dropped here, before any stream sees it.
+    .dedupe_window(settings.chat.sse_dedupe_window)
     .spawn()?)
 }
 

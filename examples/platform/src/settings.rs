@@ -137,6 +137,9 @@ pub struct ChatSettings {
     /// Events buffered per gateway for slow SSE clients; a client further
     /// behind than this gets a `lagged` event and its stream ends.
     pub sse_buffer: usize,
+    /// Reply events a gateway remembers by id, so one delivered twice on
+    /// the bus (a producer's retry after an outage) reaches SSE clients once.
+    pub sse_dedupe_window: usize,
     /// SSE keep-alive comment interval.
     pub sse_keepalive_secs: u64,
     /// SomaBrain namespace used for conversation memory.
@@ -157,6 +160,7 @@ impl Default for ChatSettings {
             rate_limit: 120,
             rate_window_secs: 60,
             sse_buffer: 1024,
+            sse_dedupe_window: 65_536,
             sse_keepalive_secs: 15,
             memory_namespace: "conversation".into(),
             recall_top_k: 3,

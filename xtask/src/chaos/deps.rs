@@ -434,3 +434,73 @@ fn tansu_bin() -> PathBuf {
         PathBuf::from("tansu")
     }
 }
+
+/// The local memory service (`examples/memory-service`, the SomaBrain
+/// stand-in) on a private port, storing in the chaos database.
+pub(crate) struct MemoryService {
+    pub(crate) addr: &'static str,
+    bin: PathBuf,
+    config: PathBuf,
+    postgres_url: String,
+    /// Where its output goes (set per scenario).
+    pub(crate) log: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl MemoryService {
+    pub(crate) fn new(
+        addr: &'static str,
+        bin: PathBuf,
+        config: PathBuf,
+        postgres_url: String,
+    ) -> Self {
+        Self {
+            addr,
+            bin,
+            config,
+            postgres_url,
+            log: PathBuf::from("memory-service.log"),
+            proc: None,
+        }
+    }
+
+    pub(crate) fn start(&mut self) -> Result<(), String> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .env("SOMA_HTTP__BIND", self.addr)
+            .env("SOMA_POSTGRES__URL", &self.postgres_url);
+        self.proc = Some(Proc::spawn("memory-service", cmd, &self.log)?);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if matches!(
+                crate::platform::http(self.addr, "GET", "/readyz", &[], ""),
+                Ok((200, _))
+            ) {
+                return Ok(());
+            }
+            if let Some(p) = &mut self.proc {
+                if let Some(status) = p.exited() {
+                    return Err(format!(
+                        "the memory service exited ({status}); log: {}",
+                        self.log.display()
+                    ));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the memory service was not ready on {} within 30 s; log: {}",
+                    self.addr,
+                    self.log.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub(crate) fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.terminate(Duration::from_secs(10));
+        }
+    }
+}

@@ -67,27 +67,57 @@ impl Wiring {
 /// The running services.
 pub(crate) struct Platform {
     pub(crate) procs: Vec<Proc>,
+    bin_dir: PathBuf,
+    log_dir: PathBuf,
+    source: PathBuf,
+    issuer_file: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Platform {
     /// Starts the four binaries from `bin_dir`, logs in `log_dir`.
     pub(crate) fn start(bin_dir: &Path, log_dir: &Path, wiring: &Wiring) -> Result<Self, String> {
-        let mut procs = Vec::new();
+        let mut platform = Self {
+            procs: Vec::new(),
+            bin_dir: bin_dir.to_owned(),
+            log_dir: log_dir.to_owned(),
+            source: wiring.source.clone(),
+            issuer_file: wiring.issuer_file.clone(),
+            env: wiring.env(),
+        };
         for (name, _, _) in SERVICES {
-            let mut cmd = Command::new(bin_dir.join(name));
-            cmd.current_dir(&wiring.source)
-                .arg("--config")
-                .arg(wiring.source.join("examples/platform/config/local.toml"))
-                .arg("--config")
-                .arg(&wiring.issuer_file)
-                .envs(wiring.env());
-            procs.push(Proc::spawn(
-                name,
-                cmd,
-                &log_dir.join(format!("{name}.log")),
-            )?);
+            let proc = platform.spawn(name)?;
+            platform.procs.push(proc);
         }
-        Ok(Self { procs })
+        Ok(platform)
+    }
+
+    fn spawn(&self, name: &str) -> Result<Proc, String> {
+        let mut cmd = Command::new(self.bin_dir.join(name));
+        cmd.current_dir(&self.source)
+            .arg("--config")
+            .arg(self.source.join("examples/platform/config/local.toml"))
+            .arg("--config")
+            .arg(&self.issuer_file)
+            .envs(self.env.iter().cloned());
+        Proc::spawn(name, cmd, &self.log_dir.join(format!("{name}.log")))
+    }
+
+    /// A deploy of service `i`: SIGTERM (its graceful shutdown, SIGKILL
+    /// after `grace`), then the same binary started again. Returns how long
+    /// the old process took to exit.
+    pub(crate) fn redeploy(&mut self, i: usize, grace: Duration) -> Result<Duration, String> {
+        let name = SERVICES[i].0;
+        let started = std::time::Instant::now();
+        self.procs[i].terminate(grace);
+        let stopped = started.elapsed();
+        self.procs[i] = self.spawn(name)?;
+        Ok(stopped)
+    }
+
+    /// Whether service `i` answers `/ready` with 200.
+    pub(crate) fn is_ready(i: usize) -> bool {
+        matches!(http(SERVICES[i].2, "GET", "/ready", &[], ""), Ok((200, _)))
     }
 
     /// Names of services that are not `/ready` (or not answering).

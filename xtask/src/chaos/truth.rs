@@ -224,3 +224,15 @@ pub(crate) fn outbox_pending(pg: &Postgres, db: &str) -> Option<u64> {
         .ok()
         .map(|m| m.values().map(|(_, p)| p).sum())
 }
+
+/// The keys of the memories the memory service stores (the memory
+/// replicator writes each chat message under its message id).
+pub(crate) fn memory_keys(pg: &Postgres, db: &str) -> Result<HashSet<String>, String> {
+    let out = pg.psql(db, "SELECT key FROM soma_memory.memories")?;
+    Ok(out
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
