@@ -167,9 +167,22 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
     let bare: Router = common::bare_router();
     let config = common::config_with_static_keys();
     let authn = Arc::new(Authenticator::builder(&config).build().unwrap());
-    // No decision cache: every request evaluates the policy (worst case).
-    let authz = Arc::new(Authorizer::builder(embedded(RegoEvaluator::Auto)).build());
-    let authz_interp = Arc::new(Authorizer::builder(embedded(RegoEvaluator::Interpreter)).build());
+    // No decision cache (it is on by default): every request evaluates the
+    // policy (worst case).
+    let no_cache = || CacheConfig {
+        enabled: false,
+        ..Default::default()
+    };
+    let authz = Arc::new(
+        Authorizer::builder(embedded(RegoEvaluator::Auto))
+            .cache(no_cache())
+            .build(),
+    );
+    let authz_interp = Arc::new(
+        Authorizer::builder(embedded(RegoEvaluator::Interpreter))
+            .cache(no_cache())
+            .build(),
+    );
     // With the decision cache on at its default TTL and capacity (every
     // request after the first is a hit: one user, one route).
     let authz_cached = Arc::new(

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::StreamExt;
-use soma_policy::{Authenticator, Authorizer, EmbeddedRego, PolicyMetrics};
+use soma_policy::{Authenticator, Authorizer, CacheConfig, EmbeddedRego, PolicyMetrics};
 
 const IN_FLIGHT: usize = 16;
 
@@ -59,7 +59,15 @@ fn main() {
                         eprintln!("{}: {e}", dir.display());
                         std::process::exit(1);
                     });
-            let authz = Arc::new(Authorizer::builder(Arc::new(engine)).build());
+            // No decision cache (on by default): every request is decided.
+            let authz = Arc::new(
+                Authorizer::builder(Arc::new(engine))
+                    .cache(CacheConfig {
+                        enabled: false,
+                        ..Default::default()
+                    })
+                    .build(),
+            );
             common::guarded_router(authn(), Some(authz))
         }
         _ => usage(),

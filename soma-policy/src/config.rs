@@ -48,7 +48,7 @@ pub struct PolicyConfig {
     /// the Rego VM when the policy is eligible, else the interpreter),
     /// `interpreter` or `vm` (see [`RegoEvaluator`]).
     pub evaluator: RegoEvaluator,
-    /// Decision cache (off by default).
+    /// Decision cache (on by default, 1 s).
     pub cache: CacheConfig,
     /// What happens when the engine cannot decide.
     pub fail_mode: FailMode,
@@ -90,6 +90,10 @@ pub struct IssuerConfig {
     /// Static verification keys.
     pub keys: Vec<StaticKey>,
     /// JWKS document URL (keys are cached and refetched on an unknown `kid`).
+    /// Must be `https://`; `http://` is accepted only for a loopback host
+    /// (`localhost`, `127.0.0.0/8`, `[::1]`), e.g. a local identity provider
+    /// or a test. Redirects are not followed, and a document over 1 MiB is
+    /// refused as it streams in.
     pub jwks_url: Option<String>,
     /// Claim holding the tenant (required in every token).
     pub tenant_claim: String,
@@ -149,7 +153,9 @@ impl JwtAlgorithm {
 /// A statically configured verification key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StaticKey {
-    /// Key id matched against the token's `kid` (optional for single-key issuers).
+    /// Key id matched against the token's `kid`. A token without `kid` is
+    /// accepted only when its issuer has exactly one key of the token's
+    /// algorithm (static or from the JWKS).
     #[serde(default)]
     pub kid: Option<String>,
     /// Algorithm this key verifies; a token naming another is rejected.
@@ -188,6 +194,29 @@ impl Default for JwksConfig {
 }
 
 /// API-key authentication (`<prefix>_<secret>`).
+///
+/// Every well-formed key whose lookup id is not cached costs the store a
+/// query. Two guards keep guessing from exhausting it:
+///
+/// - **Negative cache.** A lookup id the store did not find is remembered
+///   for `negative_cache_ttl_secs` (at most `negative_cache_capacity` ids,
+///   least-used dropped first); the same id presented again is rejected
+///   without a query. A key issued within that window with a recently
+///   guessed id would be refused until it expires; ids are 72 random bits.
+/// - **Per-client failure limiter.** Each client (peer IPv4 address or IPv6
+///   /64, from axum's `ConnectInfo<SocketAddr>` in the request extensions)
+///   may fail `client_failure_burst` times, refilled at
+///   `client_failures_per_sec`; past that, its API-key attempts are
+///   answered 429 `too_many_attempts` before the store is asked. Successful
+///   verifications cost nothing. Requests without a peer address (a server
+///   not started with `into_make_service_with_connect_info`) share one
+///   bucket, so serve with connect info. Behind a proxy the peer is the
+///   proxy. `client_failure_burst = 0` turns the limiter off.
+///
+/// Give the store its own small pool too ([`PgApiKeyStore::connect`]), so
+/// what still reaches it cannot take the connections other work needs.
+///
+/// [`PgApiKeyStore::connect`]: crate::PgApiKeyStore
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ApiKeyConfig {
@@ -197,6 +226,16 @@ pub struct ApiKeyConfig {
     pub prefix: String,
     /// Header carrying a key (keys are also accepted as `Authorization: Bearer <key>`).
     pub header: String,
+    /// How long an unknown lookup id is remembered, in seconds (0: never).
+    pub negative_cache_ttl_secs: u64,
+    /// Most unknown lookup ids remembered.
+    pub negative_cache_capacity: u64,
+    /// Failed API-key attempts a client may make in a burst (0: no limit).
+    pub client_failure_burst: u32,
+    /// Failed attempts a client regains per second.
+    pub client_failures_per_sec: u32,
+    /// Most clients tracked by the failure limiter.
+    pub client_limiter_capacity: u64,
 }
 
 impl Default for ApiKeyConfig {
@@ -205,6 +244,11 @@ impl Default for ApiKeyConfig {
             enabled: true,
             prefix: "soma".to_owned(),
             header: "x-api-key".to_owned(),
+            negative_cache_ttl_secs: 30,
+            negative_cache_capacity: 100_000,
+            client_failure_burst: 20,
+            client_failures_per_sec: 1,
+            client_limiter_capacity: 100_000,
         }
     }
 }
@@ -348,13 +392,22 @@ impl Default for TokenCacheConfig {
     }
 }
 
-/// Decision cache.
+/// Decision cache: on by default, each decision reused for 1 s.
+///
+/// Keyed by the engine's policy generation and the SHA-256 of the canonical
+/// input (subject, tenant, roles, scopes, action, resource, method, route,
+/// context — not the request id), so two requests share a decision only when
+/// the policy saw the same thing, and a reload of the embedded engine is
+/// seen by the next request. A remote OPA's policy can change without us
+/// knowing: a decision may then outlive it by up to `ttl_ms`. Errors are
+/// never cached. Under pressure the cache drops least-used entries past
+/// `capacity`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CacheConfig {
-    /// Cache decisions at all (opt-in).
+    /// Cache decisions at all (default on).
     pub enabled: bool,
-    /// How long a decision is reused.
+    /// How long a decision is reused, in milliseconds (default 1000).
     pub ttl_ms: u64,
     /// Maximum number of cached decisions.
     pub capacity: u64,
@@ -363,8 +416,8 @@ pub struct CacheConfig {
 impl Default for CacheConfig {
     fn default() -> Self {
         Self {
-            enabled: false,
-            ttl_ms: 5_000,
+            enabled: true,
+            ttl_ms: 1_000,
             capacity: 10_000,
         }
     }
@@ -377,7 +430,13 @@ pub enum FailMode {
     /// Deny with `policy_unavailable` (HTTP 503). The default.
     #[default]
     Closed,
-    /// Allow, logging and counting every request let through. Must be chosen
+    /// Allow when the engine is unavailable — timeout, transport error, open
+    /// circuit breaker, HTTP 5xx (see [`EngineError::is_unavailable`]) —
+    /// logging and counting every request let through. An engine that
+    /// answered but could not decide (undefined decision, malformed answer,
+    /// evaluation or load error, HTTP 4xx) still denies. Must be chosen
     /// explicitly.
+    ///
+    /// [`EngineError::is_unavailable`]: crate::EngineError::is_unavailable
     Open,
 }

@@ -53,6 +53,10 @@ pub enum AuthError {
     /// The tenant header disagrees with the credential's tenant.
     #[error("tenant header does not match the credential")]
     TenantMismatch,
+    /// The client failed too many API-key attempts recently; the store was
+    /// not asked (HTTP 429 `too_many_attempts`).
+    #[error("too many failed attempts")]
+    RateLimited,
     /// Keys or API-key records could not be fetched (identity provider or
     /// store down). Nothing was decided.
     #[error("credential verification unavailable: {0}")]
@@ -60,11 +64,13 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    /// The HTTP status for this failure: 401, 403 for a tenant mismatch, 503
-    /// when verification itself is unavailable.
+    /// The HTTP status for this failure: 401, 403 for a tenant mismatch, 429
+    /// for too many failed attempts, 503 when verification itself is
+    /// unavailable.
     pub fn status(&self) -> StatusCode {
         match self {
             Self::TenantMismatch => StatusCode::FORBIDDEN,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::UNAUTHORIZED,
         }
@@ -86,7 +92,20 @@ impl AuthError {
             Self::InvalidClaims(_) => "invalid_claims",
             Self::InvalidApiKey => "invalid_api_key",
             Self::TenantMismatch => "tenant_mismatch",
+            Self::RateLimited => "too_many_attempts",
             Self::Unavailable(_) => "auth_unavailable",
+        }
+    }
+
+    /// The problem body's `detail`: the error's message, except for
+    /// [`AuthError::Unavailable`], whose cause (a JWKS URL, a database error)
+    /// is logged but never told to the client — it gets a fixed sentence.
+    pub fn public_detail(&self) -> String {
+        match self {
+            Self::Unavailable(_) => {
+                "credential verification is temporarily unavailable; retry later".to_owned()
+            }
+            other => other.to_string(),
         }
     }
 
@@ -94,6 +113,11 @@ impl AuthError {
     /// bad credential.
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Unavailable(_))
+    }
+
+    /// True when the client was turned away for too many failed attempts.
+    pub fn is_rate_limited(&self) -> bool {
+        matches!(self, Self::RateLimited)
     }
 
     /// True when the token's validity window is the problem.
@@ -118,7 +142,8 @@ pub enum EngineError {
     /// The engine could not be reached.
     #[error("policy engine unreachable: {0}")]
     Transport(String),
-    /// The engine answered with a non-success HTTP status.
+    /// The engine answered with a non-success HTTP status (other than an
+    /// evaluation error, which is [`EngineError::Evaluation`]).
     #[error("policy engine returned HTTP {0}")]
     Status(u16),
     /// The answer was neither a boolean nor `{allow, reasons}`.
@@ -147,6 +172,27 @@ impl EngineError {
     /// True when the breaker rejected the call without contacting the engine.
     pub fn is_circuit_open(&self) -> bool {
         matches!(self, Self::CircuitOpen)
+    }
+
+    /// True when the engine could not be asked at all: a timeout, a transport
+    /// error, an open circuit breaker or an HTTP 5xx that is not a policy
+    /// evaluation error. Only these let [`FailMode::Open`](crate::FailMode)
+    /// allow a request.
+    ///
+    /// Everything else means the engine was reached and the policy itself is
+    /// wrong or could not decide on this input — an undefined decision (wrong
+    /// package path, no policy loaded), a malformed answer, an evaluation
+    /// error, a load error, an HTTP 4xx — and is always denied: failing open
+    /// there would let one crafted input, or one bad deployment, allow
+    /// everything.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Timeout | Self::Transport(_) | Self::CircuitOpen => true,
+            Self::Status(code) => *code >= 500,
+            Self::MalformedResponse(_) | Self::Undefined | Self::Evaluation(_) | Self::Load(_) => {
+                false
+            }
+        }
     }
 
     /// True when the engine answered something unusable.

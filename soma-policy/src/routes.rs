@@ -130,6 +130,13 @@ impl RouteMap {
     /// Resolves a request. `template` is the framework's matched route
     /// (axum's `MatchedPath`) when known; otherwise `path` is matched against
     /// every template.
+    ///
+    /// `path` is the raw (percent-encoded) request path. The resource id is
+    /// decoded exactly as axum decodes the handler's path parameters (each
+    /// `%XX`, as UTF-8), so the policy decides on the id the handler acts
+    /// on. A parameter holding an encoded `/` (`%2F`), invalid UTF-8 or
+    /// nothing matches no rule (and is denied as unmapped); `//` is not
+    /// collapsed.
     pub fn resolve(
         &self,
         method: &str,
@@ -157,13 +164,50 @@ impl RouteMap {
     }
 }
 
+/// A template's segments (it starts with `/`, checked at compile).
 fn split(p: &str) -> impl Iterator<Item = &str> {
-    p.split('/').filter(|s| !s.is_empty())
+    p.strip_prefix('/').unwrap_or(p).split('/')
+}
+
+/// A path parameter's value as axum gives it to the handler: each `%XX`
+/// decoded, the result UTF-8 (a malformed `%` sequence stays as it is, as
+/// with axum). `None` — the request does not match — for invalid UTF-8, for
+/// an empty value, and for an encoded `/` (`%2F`), which would let one id
+/// name two resources (`a%2Fb` and `a/b` under a wildcard).
+fn decode_param(raw: &str) -> Option<String> {
+    if raw.is_empty() {
+        return None;
+    }
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                let b = u8::try_from(h * 16 + l).ok()?;
+                if b == b'/' {
+                    return None;
+                }
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8(out).ok()
 }
 
 /// `Some(id)` when `path` matches (`id` is `None` without an id param).
+///
+/// Segments are compared as they are on the wire, empty ones included (a
+/// `//` is not collapsed: axum's router does not collapse it either);
+/// literals match their raw text; parameters are decoded by
+/// [`decode_param`], so the policy sees the id the handler sees.
 fn match_path(segs: &[Seg], path: &str, id_param: Option<&str>) -> Option<Option<String>> {
-    let mut parts = split(path);
+    let mut parts = path.strip_prefix('/')?.split('/');
     let mut id = None;
     for seg in segs {
         match seg {
@@ -173,15 +217,16 @@ fn match_path(segs: &[Seg], path: &str, id_param: Option<&str>) -> Option<Option
                 }
             }
             Seg::Param(name) => {
-                let v = parts.next()?;
+                let v = decode_param(parts.next()?)?;
                 if Some(name.as_str()) == id_param {
-                    id = Some(v.to_owned());
+                    id = Some(v);
                 }
             }
             Seg::Rest(name) => {
                 let rest: Vec<&str> = parts.by_ref().collect();
+                let v = decode_param(&rest.join("/"))?;
                 if Some(name.as_str()) == id_param {
-                    id = Some(rest.join("/"));
+                    id = Some(v);
                 }
             }
         }
@@ -247,6 +292,48 @@ mod tests {
                 .is_none()
         );
         assert!(map().resolve("GET", None, "/v1/unknown").is_none());
+    }
+
+    #[test]
+    fn parameters_are_decoded_as_axum_decodes_them() {
+        let id = |path: &str| {
+            map()
+                .resolve("GET", None, path)
+                .map(|r| r.resource.id.unwrap())
+        };
+        assert_eq!(id("/v1/schedules/%73ecret").as_deref(), Some("secret"));
+        assert_eq!(id("/v1/schedules/caf%C3%A9").as_deref(), Some("café"));
+        assert_eq!(id("/v1/schedules/100%").as_deref(), Some("100%"));
+        assert_eq!(id("/v1/schedules/a%2Bb").as_deref(), Some("a+b"));
+        // An encoded `/`, invalid UTF-8 and an empty id match nothing.
+        assert_eq!(id("/v1/schedules/a%2Fb"), None);
+        assert_eq!(id("/v1/schedules/a%2fb"), None);
+        assert_eq!(id("/v1/schedules/%FF"), None);
+        assert_eq!(id("/v1/schedules/"), None);
+        let file = |path: &str| {
+            map()
+                .resolve("PUT", None, path)
+                .map(|r| r.resource.id.unwrap())
+        };
+        assert_eq!(file("/v1/files/a/%62/c").as_deref(), Some("a/b/c"));
+        assert_eq!(file("/v1/files/a%2Fb/c"), None);
+    }
+
+    #[test]
+    fn double_slashes_are_not_collapsed() {
+        assert!(map().resolve("GET", None, "/v1//schedules/1").is_none());
+        assert!(map().resolve("GET", None, "//v1/schedules/1").is_none());
+        assert!(map().resolve("GET", None, "/v1/schedules//1").is_none());
+        assert!(map().resolve("GET", None, "/v1/schedules/1/").is_none());
+        assert_eq!(
+            map()
+                .resolve("PUT", None, "/v1/files/a//b")
+                .unwrap()
+                .resource
+                .id
+                .as_deref(),
+            Some("a//b")
+        );
     }
 
     #[test]

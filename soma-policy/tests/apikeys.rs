@@ -164,3 +164,98 @@ async fn store_outage_is_unavailable() {
         .unwrap_err();
     assert!(e.is_unavailable(), "{e:?}");
 }
+
+#[tokio::test]
+async fn postgres_infinite_expiry_does_not_panic() {
+    let url = soma_testkit::require_postgres();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await
+        .unwrap();
+    let schema = soma_testkit::unique_name("policy_keys_inf");
+    let store = PgApiKeyStore::new(pool.clone(), &schema).unwrap();
+    store.migrate().await.unwrap();
+    let auth = authenticator(Arc::new(store.clone()));
+    for (expires_at, valid) in [("infinity", true), ("-infinity", false)] {
+        let issued = generate_key("soma", "svc-inf", "t1", vec![], vec![]);
+        store.insert(issued.record.clone()).await.unwrap();
+        sqlx::query(&format!(
+            "UPDATE \"{schema}\".soma_api_keys SET expires_at = '{expires_at}' WHERE lookup_id = $1"
+        ))
+        .bind(&issued.record.lookup_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+        let r = auth.verify_api_key(issued.key.expose_secret()).await;
+        assert_eq!(r.is_ok(), valid, "{expires_at}: {r:?}");
+    }
+    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .execute(&pool)
+        .await
+        .unwrap();
+}
+
+/// Counts the lookups that reach the store.
+struct Counting(InMemoryApiKeyStore, std::sync::atomic::AtomicUsize);
+
+#[async_trait::async_trait]
+impl ApiKeyStore for Counting {
+    async fn find(&self, id: &str) -> Result<Option<soma_policy::ApiKeyRecord>, StoreError> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.find(id).await
+    }
+    async fn insert(&self, r: soma_policy::ApiKeyRecord) -> Result<(), StoreError> {
+        self.0.insert(r).await
+    }
+    async fn revoke(&self, id: &str) -> Result<bool, StoreError> {
+        self.0.revoke(id).await
+    }
+}
+
+#[tokio::test]
+async fn key_guessing_is_bounded_before_the_store() {
+    let store = Arc::new(Counting(InMemoryApiKeyStore::new(), Default::default()));
+    let good = generate_key("soma", "svc", "t1", vec![], vec![]);
+    store.insert(good.record.clone()).await.unwrap();
+    let mut config = PolicyConfig::default();
+    config.api_keys.client_failure_burst = 5;
+    let auth = Authenticator::builder(&config)
+        .api_key_store(store.clone())
+        .build()
+        .unwrap();
+    let lookups = || store.1.load(std::sync::atomic::Ordering::SeqCst);
+    let attacker = Some("192.0.2.66".parse().unwrap());
+    let other = Some("198.51.100.7".parse().unwrap());
+
+    // The same unknown id again: answered from the negative cache.
+    let guess = generate_key("soma", "x", "t1", vec![], vec![]);
+    let guess = guess.key.expose_secret();
+    for _ in 0..3 {
+        assert_eq!(
+            auth.verify_api_key_from(guess, other).await.unwrap_err(),
+            AuthError::InvalidApiKey
+        );
+    }
+    assert_eq!(lookups(), 1, "an unknown id is looked up once");
+
+    // Fresh guesses from one client: `burst` reach the store, then 429.
+    for i in 0..50 {
+        let g = generate_key("soma", "x", "t1", vec![], vec![]);
+        let e = auth
+            .verify_api_key_from(g.key.expose_secret(), attacker)
+            .await
+            .unwrap_err();
+        if i >= 5 {
+            assert_eq!(e, AuthError::RateLimited, "attempt {i}");
+            assert_eq!(e.status(), 429);
+        }
+    }
+    assert_eq!(lookups(), 1 + 5);
+    // Another client, and the good key, are unaffected.
+    let p = auth
+        .verify_api_key_from(good.key.expose_secret(), other)
+        .await
+        .unwrap();
+    assert_eq!(p.subject, "svc");
+}

@@ -715,3 +715,112 @@ async fn verification_agrees_with_jsonwebtoken() {
     }
     assert_eq!(compared, 4 * (28 + 11));
 }
+
+#[test]
+fn jwks_urls_must_be_https_or_loopback() {
+    for (url, ok) in [
+        ("https://idp.example.com/jwks", true),
+        ("http://127.0.0.1:8080/jwks", true),
+        ("http://localhost/jwks", true),
+        ("http://[::1]:9000/jwks", true),
+        ("http://idp.example.com/jwks", false),
+        ("http://10.0.0.5/jwks", false),
+        ("ftp://idp.example.com/jwks", false),
+        ("not a url", false),
+    ] {
+        let mut config = PolicyConfig::default();
+        config.issuers = vec![IssuerConfig {
+            issuer: ISSUER.into(),
+            jwks_url: Some(url.into()),
+            ..Default::default()
+        }];
+        assert_eq!(Authenticator::builder(&config).build().is_ok(), ok, "{url}");
+    }
+}
+
+/// An issuer whose JWKS URL is `path` on a server this test controls.
+async fn jwks_issuer_at(app: Router, path: &str) -> Authenticator {
+    let base = serve(app).await;
+    let mut config = PolicyConfig::default();
+    config.issuers = vec![IssuerConfig {
+        issuer: ISSUER.into(),
+        jwks_url: Some(format!("{base}{path}")),
+        ..Default::default()
+    }];
+    authenticator(&config)
+}
+
+#[tokio::test]
+async fn jwks_redirects_are_not_followed() {
+    let good = JwkSet {
+        keys: vec![public_jwk("rsa_private.pem", "k1")],
+    };
+    let app = Router::new()
+        .route(
+            "/jwks",
+            get(|| async { axum::response::Redirect::temporary("/elsewhere") }),
+        )
+        .route("/elsewhere", get(move || async move { axum::Json(good) }));
+    let auth = jwks_issuer_at(app, "/jwks").await;
+    let e = auth
+        .verify_token(&mint(JwtAlgorithm::RS256, Some("k1"), &claims("a")))
+        .await
+        .unwrap_err();
+    assert!(e.is_unavailable(), "the redirect target was used: {e:?}");
+}
+
+#[tokio::test]
+async fn oversized_jwks_documents_are_refused_while_streaming() {
+    use futures_util::{StreamExt, stream};
+    // 4 MiB streamed without a content length, a valid JWKS up front.
+    let app = Router::new().route(
+        "/jwks",
+        get(|| async {
+            let head = format!(
+                r#"{{"keys": [{}], "pad": ""#,
+                serde_json::to_string(&public_jwk("rsa_private.pem", "k1")).unwrap()
+            );
+            let pad = stream::iter((0..4096).map(|_| Ok::<_, std::io::Error>(vec![b'x'; 1024])));
+            let body = stream::once(async move { Ok(head.into_bytes()) })
+                .chain(pad)
+                .chain(stream::once(async { Ok(br#""}"#.to_vec()) }));
+            axum::body::Body::from_stream(body)
+        }),
+    );
+    let auth = jwks_issuer_at(app, "/jwks").await;
+    let e = auth
+        .verify_token(&mint(JwtAlgorithm::RS256, Some("k1"), &claims("a")))
+        .await
+        .unwrap_err();
+    assert!(e.is_unavailable(), "{e:?}");
+}
+
+#[tokio::test]
+async fn a_token_without_kid_needs_a_single_key_of_its_algorithm() {
+    let keys = Arc::new(parking_lot::Mutex::new(vec![public_jwk(
+        "rsa_private.pem",
+        "k1",
+    )]));
+    let url = jwks_server(keys.clone(), Arc::default()).await;
+    let mut config = PolicyConfig::default();
+    config.issuers = vec![IssuerConfig {
+        issuer: ISSUER.into(),
+        jwks_url: Some(url),
+        ..Default::default()
+    }];
+    config.jwks.refetch_cooldown_secs = 0;
+    config.jwks.max_age_secs = 0;
+    config.token_cache.enabled = false;
+    let auth = authenticator(&config);
+    let no_kid = mint(JwtAlgorithm::RS256, None, &claims("alice"));
+    // One RS256 key: a token without kid is verified by it.
+    assert_eq!(auth.verify_token(&no_kid).await.unwrap().subject, "alice");
+    // Two: the token must say which.
+    keys.lock().push(public_jwk("rsa2_private.pem", "k2"));
+    assert_eq!(
+        auth.verify_token(&no_kid).await.unwrap_err(),
+        AuthError::UnknownKey
+    );
+    let with_kid = mint(JwtAlgorithm::RS256, Some("k1"), &claims("alice"));
+    assert_eq!(auth.verify_token(&with_kid).await.unwrap().subject, "alice");
+}

@@ -12,9 +12,10 @@ use axum::routing::{get, post};
 use common::*;
 use serde_json::{Value, json};
 use soma_policy::{
-    ApiKeyStore, Authenticator, AuthnLayer, Authorizer, AuthzLayer, CacheConfig, Decision,
-    EmbeddedRego, FailMode, InMemoryApiKeyStore, JwtAlgorithm, MemoryAuditSink, OpaConfig,
-    PolicyEngine, PolicyMetrics, Principal, RemoteOpa, RouteMap, RouteRule, generate_key,
+    ApiKeyStore, Authenticator, AuthnLayer, Authorizer, AuthzError, AuthzInput, AuthzLayer,
+    CacheConfig, Decision, EmbeddedRego, EngineDecision, EngineError, FailMode,
+    InMemoryApiKeyStore, JwtAlgorithm, MemoryAuditSink, OpaConfig, PolicyEngine, PolicyMetrics,
+    Principal, RemoteOpa, RouteMap, RouteRule, StoreError, generate_key,
 };
 
 fn routes() -> Arc<RouteMap> {
@@ -361,4 +362,229 @@ async fn decision_cache_hits_per_subject_and_never_across_subjects() {
     assert_eq!(s.metrics.cache_counts(), (1, 3));
     let engines: Vec<String> = s.audit.events().iter().map(|e| e.engine.clone()).collect();
     assert_eq!(engines, vec!["embedded", "cache", "embedded", "embedded"]);
+}
+
+/// An engine that always fails with one error.
+struct Failing(EngineError);
+
+#[async_trait::async_trait]
+impl PolicyEngine for Failing {
+    fn name(&self) -> &'static str {
+        "failing"
+    }
+
+    async fn evaluate(&self, _: &AuthzInput) -> Result<EngineDecision, EngineError> {
+        Err(self.0.clone())
+    }
+}
+
+#[tokio::test]
+async fn fail_open_allows_only_when_the_engine_is_unavailable() {
+    let unavailable = [
+        EngineError::Timeout,
+        EngineError::Transport("connection refused".into()),
+        EngineError::CircuitOpen,
+        EngineError::Status(500),
+        EngineError::Status(503),
+    ];
+    let undecided = [
+        EngineError::Undefined,
+        EngineError::MalformedResponse("not JSON".into()),
+        EngineError::Evaluation("eval_conflict_error".into()),
+        EngineError::Load("no .rego policies found".into()),
+        EngineError::Status(400),
+        EngineError::Status(404),
+    ];
+    for e in unavailable {
+        assert!(e.is_unavailable(), "{e:?}");
+        let metrics = PolicyMetrics::default();
+        let authz = Authorizer::builder(Arc::new(Failing(e.clone())))
+            .fail_mode(FailMode::Open)
+            .metrics(metrics.clone())
+            .build();
+        let d = authz.check(&send_input()).await.unwrap();
+        assert!(d.allow && d.fail_open, "{e:?} fails open");
+        assert_eq!(metrics.fail_open_count("conversation.send"), 1);
+    }
+    for e in undecided {
+        assert!(!e.is_unavailable(), "{e:?}");
+        let metrics = PolicyMetrics::default();
+        let authz = Authorizer::builder(Arc::new(Failing(e.clone())))
+            .fail_mode(FailMode::Open)
+            .metrics(metrics.clone())
+            .build();
+        let err = authz.check(&send_input()).await.unwrap_err();
+        assert_eq!(err, AuthzError::Unavailable(e.clone()), "{e:?} is denied");
+        assert!(authz.enforce(&send_input()).await.is_err());
+        assert_eq!(metrics.fail_open_count("conversation.send"), 0, "{e:?}");
+    }
+}
+
+/// A key store that is down, with the kind of message sqlx gives.
+struct DownStore;
+
+#[async_trait::async_trait]
+impl ApiKeyStore for DownStore {
+    async fn find(&self, _: &str) -> Result<Option<soma_policy::ApiKeyRecord>, StoreError> {
+        Err(StoreError::Unavailable(
+            "error returned from database: password authentication failed for user \"soma_keys\" at 10.0.4.7:5432".into(),
+        ))
+    }
+    async fn insert(&self, _: soma_policy::ApiKeyRecord) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("down".into()))
+    }
+    async fn revoke(&self, _: &str) -> Result<bool, StoreError> {
+        Err(StoreError::Unavailable("down".into()))
+    }
+}
+
+#[tokio::test]
+async fn unavailable_bodies_carry_a_stable_code_and_no_internal_detail() {
+    let port = soma_testkit::free_port();
+    let mut config = soma_policy::PolicyConfig::default();
+    config.issuers = vec![soma_policy::IssuerConfig {
+        issuer: ISSUER.into(),
+        jwks_url: Some(format!("http://127.0.0.1:{port}/internal/idp/jwks.json")),
+        ..Default::default()
+    }];
+    let authn = Arc::new(
+        Authenticator::builder(&config)
+            .api_key_store(Arc::new(DownStore))
+            .build()
+            .unwrap(),
+    );
+    let app = Router::new()
+        .route("/v1/schedules/{id}", get(|| async { "ok" }))
+        .layer(AuthnLayer::new(authn));
+    let url = serve(app).await;
+    let key = generate_key("soma", "s", "t1", vec![], vec![]);
+    let c = reqwest::Client::new();
+    for auth in [
+        format!("Bearer {}", key.key.expose_secret()),
+        format!(
+            "Bearer {}",
+            mint(JwtAlgorithm::RS256, Some("k1"), &claims("a"))
+        ),
+    ] {
+        let r = c
+            .get(format!("{url}/v1/schedules/1"))
+            .header("authorization", auth)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        assert_eq!(
+            r.headers()["content-type"],
+            soma_policy::PROBLEM_CONTENT_TYPE
+        );
+        let text = r.text().await.unwrap();
+        let body: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(body["code"], "auth_unavailable");
+        for leak in [
+            "database",
+            "soma_keys",
+            "10.0.4.7",
+            "127.0.0.1",
+            "internal/idp",
+            "jwks",
+            "JWKS",
+        ] {
+            assert!(!text.contains(leak), "{leak:?} leaked: {text}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn several_tenant_headers_are_rejected() {
+    let s = embedded_stack().await;
+    let c = reqwest::Client::new();
+    let url = format!("{}/v1/sessions/s-1/messages", s.url);
+    for second in ["t2", "t1"] {
+        let r = c
+            .post(&url)
+            .header("authorization", bearer("alice"))
+            .header("x-soma-tenant", "t1")
+            .header("x-soma-tenant", second)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "t1 + {second}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["code"], "tenant_mismatch");
+    }
+}
+
+/// Allows everything and records the resource ids it was asked about.
+#[derive(Default)]
+struct Recording(parking_lot::Mutex<Vec<Option<String>>>);
+
+#[async_trait::async_trait]
+impl PolicyEngine for Recording {
+    fn name(&self) -> &'static str {
+        "recording"
+    }
+
+    async fn evaluate(&self, input: &AuthzInput) -> Result<EngineDecision, EngineError> {
+        self.0.lock().push(input.resource.id.clone());
+        Ok(EngineDecision {
+            allow: true,
+            reasons: vec![],
+        })
+    }
+}
+
+#[tokio::test]
+async fn the_policy_sees_the_resource_id_the_handler_sees() {
+    let engine = Arc::new(Recording::default());
+    let authz = Arc::new(Authorizer::builder(engine.clone()).build());
+    let authn = Arc::new(
+        Authenticator::builder(&config_with_static_keys())
+            .build()
+            .unwrap(),
+    );
+    let routes = Arc::new(
+        RouteMap::new([
+            RouteRule::new("GET", "/v1/docs/{id}", "doc.read", "doc").with_id_param("id"),
+            RouteRule::new("GET", "/v1/files/{*path}", "file.read", "file").with_id_param("path"),
+        ])
+        .unwrap(),
+    );
+    let app = Router::new()
+        .route(
+            "/v1/docs/{id}",
+            get(|axum::extract::Path(id): axum::extract::Path<String>| async move { id }),
+        )
+        .route(
+            "/v1/files/{*path}",
+            get(|axum::extract::Path(p): axum::extract::Path<String>| async move { p }),
+        )
+        .route_layer(AuthzLayer::new(authz, routes))
+        .layer(AuthnLayer::new(authn));
+    let url = serve(app).await;
+    let c = reqwest::Client::new();
+    let get = |path: &str| {
+        c.get(format!("{url}{path}"))
+            .header("authorization", bearer("alice"))
+            .send()
+    };
+    for (path, id) in [
+        ("/v1/docs/%73ecret", "secret"),
+        ("/v1/docs/caf%C3%A9", "café"),
+        ("/v1/docs/plain", "plain"),
+        ("/v1/files/a/%62/c", "a/b/c"),
+    ] {
+        let r = get(path).await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let handler_saw = r.text().await.unwrap();
+        assert_eq!(handler_saw, id, "{path}");
+        let policy_saw = engine.0.lock().pop().unwrap();
+        assert_eq!(policy_saw.as_deref(), Some(id), "{path}");
+    }
+    // An encoded `/` in a parameter is denied before the handler or the
+    // policy: it would make one id name two resources.
+    for path in ["/v1/docs/a%2Fb", "/v1/files/a%2Fb/c"] {
+        let r = get(path).await.unwrap();
+        assert_eq!(r.status(), 403, "{path}");
+    }
+    assert!(engine.0.lock().is_empty());
 }

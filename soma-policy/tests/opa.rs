@@ -290,3 +290,39 @@ async fn undefined_package_path_is_an_error_not_a_decision() {
     );
     let _: Value = json!(null);
 }
+
+#[tokio::test]
+async fn evaluation_errors_and_4xx_deny_even_in_fail_open_mode() {
+    use soma_policy::FailMode;
+    let opa_eval_error = r#"{"code": "internal_error", "message": "policy.rego:3: eval_conflict_error: complete rules must not produce multiple outputs"}"#;
+    let cases: [(u16, &'static str, bool); 4] = [
+        (500, opa_eval_error, false),
+        (
+            400,
+            r#"{"code": "invalid_parameter", "message": "bad input"}"#,
+            false,
+        ),
+        (500, "proxy error", true),
+        (502, "bad gateway", true),
+    ];
+    for (status, body, fails_open) in cases {
+        let url = fault_server(status, body, Duration::ZERO, Arc::default()).await;
+        let e = opa(&url, 1_000).evaluate(&send_input()).await.unwrap_err();
+        assert_eq!(e.is_unavailable(), fails_open, "{status} {body}: {e:?}");
+        let engine = opa(&url, 1_000);
+        let authz = Authorizer::builder(Arc::new(engine))
+            .fail_mode(FailMode::Open)
+            .build();
+        let r = authz.check(&send_input()).await;
+        assert_eq!(r.is_ok(), fails_open, "{status} {body}: {r:?}");
+    }
+    // An evaluation error does not open the breaker: a crafted input cannot
+    // turn fail-open on for everyone.
+    let url = fault_server(500, opa_eval_error, Duration::ZERO, Arc::default()).await;
+    let engine = opa(&url, 1_000);
+    for _ in 0..5 {
+        let e = engine.evaluate(&send_input()).await.unwrap_err();
+        assert!(matches!(e, EngineError::Evaluation(_)), "{e:?}");
+    }
+    assert_eq!(engine.circuit_state(), CircuitState::Closed);
+}

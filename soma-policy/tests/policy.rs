@@ -742,3 +742,47 @@ async fn regorus_and_real_opa_agree_on_malformed_inputs() {
         problems.join("\n")
     );
 }
+
+#[tokio::test]
+async fn the_decision_cache_forgets_on_policy_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |src: &str| std::fs::write(dir.path().join("p.rego"), src).unwrap();
+    write(
+        "package soma.authz\ndecision := {\"allow\": input.subject == \"alice\", \"reasons\": []}\n",
+    );
+    let engine =
+        Arc::new(EmbeddedRego::from_dir(dir.path(), ENTRY, PolicyMetrics::default()).unwrap());
+    let metrics = PolicyMetrics::default();
+    let authz = soma_policy::Authorizer::builder(engine.clone())
+        .cache(soma_policy::CacheConfig {
+            enabled: true,
+            ttl_ms: 60_000,
+            capacity: 100,
+        })
+        .metrics(metrics.clone())
+        .build();
+    let alice = principal_input("alice");
+    assert!(authz.check(&alice).await.unwrap().allow);
+    assert_eq!(authz.check(&alice).await.unwrap().engine, "cache");
+
+    write(
+        "package soma.authz\ndecision := {\"allow\": input.subject == \"bob\", \"reasons\": []}\n",
+    );
+    let before = engine.generation();
+    engine.reload().unwrap();
+    assert_ne!(engine.generation(), before);
+    let d = authz.check(&alice).await.unwrap();
+    assert!(
+        !d.allow,
+        "a decision of the old policy was served after the reload"
+    );
+    assert_eq!(d.engine, "embedded");
+    assert_eq!(authz.check(&alice).await.unwrap().engine, "cache");
+}
+
+#[test]
+fn the_decision_cache_is_on_by_default_for_one_second() {
+    let c = soma_policy::CacheConfig::default();
+    assert!(c.enabled);
+    assert_eq!(c.ttl_ms, 1_000);
+}

@@ -157,8 +157,15 @@ impl Gateway {
         let idempotency = Idempotency::new(&redis, IdempotencyOptions::default())?;
 
         let policy_metrics = PolicyMetrics::new(&runtime.metrics);
-        let keys = PgApiKeyStore::new(runtime.pool.clone(), &settings.postgres.api_keys_schema)
-            .map_err(|e| PlatformError::Policy(e.to_string()))?;
+        // Its own small pool: API-key lookups (one per unknown key) must not
+        // take the connections the outbox and its fallback need.
+        let keys = PgApiKeyStore::connect(
+            &settings.postgres.url,
+            &settings.postgres.api_keys_schema,
+            settings.postgres.api_keys_max_connections,
+        )
+        .await
+        .map_err(|e| PlatformError::Policy(e.to_string()))?;
         keys.migrate()
             .await
             .map_err(|e| PlatformError::Policy(e.to_string()))?;
@@ -218,7 +225,10 @@ impl Gateway {
         let s = stop.clone();
         let server = tokio::spawn(async move {
             let serve =
-                axum::serve(api, app).with_graceful_shutdown(async move { s.cancelled().await });
+                // With the peer address in the extensions, so soma-policy's
+                // failed-API-key limiter works per client.
+                axum::serve(api, app.into_make_service_with_connect_info::<SocketAddr>())
+                    .with_graceful_shutdown(async move { s.cancelled().await });
             if let Err(e) = serve.await {
                 tracing::error!(event = "api_server_failed", error = %e);
             }

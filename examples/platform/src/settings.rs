@@ -100,6 +100,10 @@ pub struct PostgresSettings {
     pub connect_timeout_ms: u64,
     /// Schema of the gateway's API-key store (soma-policy `PgApiKeyStore`).
     pub api_keys_schema: String,
+    /// Size of the API-key store's own pool, separate from the pool above:
+    /// a flood of API-key lookups waits on these connections, never on
+    /// the outbox's.
+    pub api_keys_max_connections: u32,
 }
 
 impl Default for PostgresSettings {
@@ -109,6 +113,7 @@ impl Default for PostgresSettings {
             max_connections: 10,
             connect_timeout_ms: 5_000,
             api_keys_schema: "soma_api_keys".into(),
+            api_keys_max_connections: 2,
         }
     }
 }

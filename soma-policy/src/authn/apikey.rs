@@ -6,6 +6,7 @@
 //! presented key is found by lookup id and accepted only when the SHA-256 of
 //! what was presented equals the stored hash, compared in constant time.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -17,6 +18,7 @@ use sha2::{Digest, Sha256};
 use soma_config::Secret;
 use subtle::ConstantTimeEq;
 
+use super::guard::KeyGuard;
 use crate::{AuthKind, Principal};
 
 /// Length of the public lookup id taken from the start of the secret part.
@@ -133,19 +135,33 @@ pub(crate) fn parse_key<'a>(prefix: &str, key: &'a str) -> Option<&'a str> {
     Some(&secret[..LOOKUP_ID_LEN])
 }
 
-/// Verifies a presented key against `store`.
+/// Verifies a presented key against `store`, behind `guard`: a client out of
+/// failed attempts is refused before the store is asked, and so is a lookup
+/// id the store recently did not know.
 pub(crate) async fn verify_key(
     store: &dyn ApiKeyStore,
+    guard: &KeyGuard,
+    peer: Option<IpAddr>,
     prefix: &str,
     key: &str,
 ) -> Result<Principal, crate::AuthError> {
     use crate::AuthError;
     let lookup_id = parse_key(prefix, key).ok_or(AuthError::InvalidApiKey)?;
+    if guard.exhausted(peer) {
+        return Err(AuthError::RateLimited);
+    }
+    if guard.known_unknown(lookup_id) {
+        guard.failed(peer);
+        return Err(AuthError::InvalidApiKey);
+    }
     let presented = hash_key(key);
     let record = store.find(lookup_id).await.map_err(|e| match e {
         StoreError::Unavailable(m) => AuthError::Unavailable(m),
         _ => AuthError::InvalidApiKey,
     })?;
+    if record.is_none() {
+        guard.remember_unknown(lookup_id);
+    }
     // Compare against a dummy hash when there is no record, so an unknown id
     // and a wrong secret cost the same.
     let (stored, record) = match record {
@@ -154,12 +170,12 @@ pub(crate) async fn verify_key(
     };
     let equal: bool = presented.ct_eq(&stored).into();
     let record = match record {
-        Some(r) if equal => r,
-        _ => return Err(AuthError::InvalidApiKey),
+        Some(r) if equal && !r.revoked && r.expires_at.is_none_or(|t| t > SystemTime::now()) => r,
+        _ => {
+            guard.failed(peer);
+            return Err(AuthError::InvalidApiKey);
+        }
     };
-    if record.revoked || record.expires_at.is_some_and(|t| t <= SystemTime::now()) {
-        return Err(AuthError::InvalidApiKey);
-    }
     Ok(Principal {
         subject: record.subject,
         tenant: record.tenant,

@@ -20,7 +20,8 @@ use crate::{AuthError, AuthKind, Principal};
 ///
 /// Checks, in order: size, shape, `alg` (only HS256, RS256, ES256, EdDSA; never
 /// `none`), key (by `kid` and `alg`; a key only verifies the algorithm it is
-/// configured for), signature, `exp`, `nbf`, `iss`, `aud`, then the `sub`
+/// configured for; a token without `kid` only when its issuer has exactly one
+/// key of that algorithm), signature, `exp`, `nbf`, `iss`, `aud`, then the `sub`
 /// and tenant claims. With several issuers, `iss` is read first, since it
 /// picks the keys. A token that passed them all is remembered (see
 /// [`TokenCacheConfig`](crate::TokenCacheConfig)); a cached token is only
@@ -64,11 +65,20 @@ fn check_window(exp: u64, nbf: Option<u64>, leeway: u64) -> Result<(), AuthError
 }
 
 /// The keys among `keys` that may verify a token with `kid` and `alg`.
+///
+/// A token without `kid` is verified only when exactly one key of its
+/// algorithm is known: with several, it must name one (it would otherwise be
+/// tried against every key, and any key ever published would do).
 fn matching(keys: &[VerifyKey], kid: Option<&str>, alg: JwtAlgorithm) -> Vec<Arc<KeyMaterial>> {
-    keys.iter()
+    let out: Vec<_> = keys
+        .iter()
         .filter(|k| k.matches(kid, alg))
         .map(|k| k.key.clone())
-        .collect()
+        .collect();
+    if kid.is_none() && out.len() > 1 {
+        return Vec::new();
+    }
+    out
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -383,6 +393,46 @@ fn string_list(v: &Option<Claim<'_>>) -> Option<Vec<String>> {
     }
 }
 
+/// Largest JWKS document read; a longer one is refused while it streams in.
+const MAX_JWKS_BYTES: usize = 1024 * 1024;
+
+/// A JWKS URL must be `https://`; `http://` only for a loopback host
+/// (`localhost`, `127.0.0.0/8`, `::1`: a sidecar or a test), where nothing
+/// crosses a network.
+fn check_jwks_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("jwks_url {url:?}: {e}"))?;
+    let host = parsed.host_str().unwrap_or("");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        _ => Err(format!(
+            "jwks_url {url:?} must use https (http is allowed only for a loopback host)"
+        )),
+    }
+}
+
+/// The response body, refused as soon as it grows past `max` bytes (the
+/// whole body is never buffered first).
+async fn read_limited(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    let too_large = || format!("JWKS document larger than {max} bytes");
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        if out.len() + chunk.len() > max {
+            return Err(too_large());
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
 /// One issuer's JWKS: fetched lazily, cached, refetched on an unknown `kid`
 /// at most once per cooldown window (single-flight).
 struct Jwks {
@@ -410,8 +460,13 @@ impl Jwks {
         metrics: PolicyMetrics,
         key_generation: Arc<AtomicU64>,
     ) -> Result<Self, String> {
+        check_jwks_url(&url)?;
+        // No redirects: a JWKS URL names the one place keys come from; a
+        // redirect (to http, to another host) would let whoever controls it
+        // choose the keys.
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.timeout_ms))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("http client: {e}"))?;
         Ok(Self {
@@ -500,10 +555,7 @@ impl Jwks {
         if !resp.status().is_success() {
             return Err(format!("HTTP {}", resp.status().as_u16()));
         }
-        let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
-        if bytes.len() > 1024 * 1024 {
-            return Err("JWKS document larger than 1 MiB".into());
-        }
+        let bytes = read_limited(resp, MAX_JWKS_BYTES).await?;
         let set: JwkSet = serde_json::from_slice(&bytes).map_err(|e| format!("bad JWKS: {e}"))?;
         let mut out = Vec::new();
         for jwk in &set.keys {

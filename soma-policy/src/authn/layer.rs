@@ -1,6 +1,7 @@
 //! The authentication tower layer.
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -19,8 +20,12 @@ use crate::problem::problem;
 /// On success the [`crate::Principal`] is inserted into the request's
 /// extensions and the inner service is called. On failure the inner service
 /// is not called and the client gets a JSON problem: 401 with
-/// `WWW-Authenticate: Bearer …`, 403 on a tenant-header mismatch, 503 when
-/// keys or the key store are unreachable. The credential is never logged.
+/// `WWW-Authenticate: Bearer …`, 403 on a tenant-header mismatch, 429
+/// `too_many_attempts` (with `Retry-After`) when the client's address
+/// (axum's `ConnectInfo<SocketAddr>`) failed too many API-key attempts, 503 when
+/// keys or the key store are unreachable. The credential is never logged;
+/// the cause of a 503 is logged (`warn`) and the body carries only the
+/// stable code `auth_unavailable`.
 #[derive(Clone, Debug)]
 pub struct AuthnLayer {
     auth: Arc<Authenticator>,
@@ -94,10 +99,16 @@ where
         let auth = self.auth.clone();
         ResponseFuture {
             inner: Box::pin(async move {
-                match auth.authenticate(req.headers()).await {
+                match auth.authenticate_from(req.headers(), peer(&req)).await {
                     Ok(principal) => {
                         req.extensions_mut().insert(principal);
                         inner.call(req).await
+                    }
+                    Err(e) if e.is_unavailable() => {
+                        // The detail (a JWKS URL, a database error) is for the
+                        // operator's log, never for an unauthenticated client.
+                        tracing::warn!(reason = e.code(), error = %e, "credential verification unavailable");
+                        Ok(auth_failure(&e))
                     }
                     Err(e) => {
                         tracing::debug!(reason = e.code(), "authentication failed");
@@ -109,10 +120,28 @@ where
     }
 }
 
+/// The client's address: axum's `ConnectInfo<SocketAddr>` (feature `axum`,
+/// served with `into_make_service_with_connect_info::<SocketAddr>()`), or a
+/// bare `SocketAddr` another server put in the extensions.
+fn peer<B>(req: &Request<B>) -> Option<IpAddr> {
+    #[cfg(feature = "axum")]
+    if let Some(info) = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+    {
+        return Some(info.0.ip());
+    }
+    req.extensions().get::<SocketAddr>().map(SocketAddr::ip)
+}
+
 /// The response for an authentication failure.
+///
+/// The body's `detail` is [`AuthError::public_detail`]: a fixed sentence per
+/// code, so no internal detail (JWKS URLs, database errors) reaches a client
+/// that has not even authenticated.
 pub(crate) fn auth_failure<B: From<Bytes>>(e: &AuthError) -> Response<B> {
     let status = e.status();
-    let mut res = problem(status, e.code(), &e.to_string());
+    let mut res = problem(status, e.code(), &e.public_detail());
     if status == http::StatusCode::UNAUTHORIZED {
         // RFC 6750 §3: no error attribute when no credential was presented.
         let value = if e.is_missing() {
@@ -126,6 +155,10 @@ pub(crate) fn auth_failure<B: From<Bytes>>(e: &AuthError) -> Response<B> {
         if let Ok(v) = HeaderValue::from_str(&value) {
             res.headers_mut().insert(header::WWW_AUTHENTICATE, v);
         }
+    }
+    if e.is_rate_limited() {
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     res
 }

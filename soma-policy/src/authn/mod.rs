@@ -1,12 +1,14 @@
 //! Authentication: bearer JWTs and API keys → [`Principal`].
 
 mod apikey;
+mod guard;
 mod jws;
 mod jwt;
 mod layer;
 #[cfg(feature = "postgres")]
 mod postgres;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName};
@@ -28,11 +30,13 @@ use crate::{AuthError, Principal};
 /// `Authorization: Bearer <prefix>_<secret>` or `<api key header>: <prefix>_<secret>`.
 ///
 /// The tenant comes from the credential only. A request that also names a
-/// tenant in the tenant header must name the same one, or it is rejected with
-/// [`AuthError::TenantMismatch`].
+/// tenant in the tenant header must name the same one, exactly once, or it is
+/// rejected with [`AuthError::TenantMismatch`] (several tenant headers are
+/// rejected even when they all agree).
 pub struct Authenticator {
     jwt: JwtVerifier,
     api_keys: Option<Arc<dyn ApiKeyStore>>,
+    key_guard: guard::KeyGuard,
     api_key_prefix: String,
     api_key_header: HeaderName,
     tenant_header: HeaderName,
@@ -101,6 +105,7 @@ impl AuthenticatorBuilder {
         Ok(Authenticator {
             jwt,
             api_keys,
+            key_guard: guard::KeyGuard::new(&self.config.api_keys),
             api_key_prefix: self.config.api_keys.prefix.clone(),
             api_key_header: header(&self.config.api_keys.header)?,
             tenant_header: header(&self.config.tenant_header)?,
@@ -119,16 +124,34 @@ impl Authenticator {
         }
     }
 
-    /// Authenticates a request from its headers (the layer calls this).
+    /// Authenticates a request from its headers, as a client without a
+    /// known address (see [`Authenticator::authenticate_from`]).
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, AuthError> {
-        let result = self.authenticate_inner(headers).await;
+        self.authenticate_from(headers, None).await
+    }
+
+    /// Authenticates a request from its headers, sent by `peer` (the layer
+    /// calls this with the address from axum's `ConnectInfo`). Failed
+    /// API-key attempts are charged to `peer` (see
+    /// [`ApiKeyConfig`](crate::ApiKeyConfig)); all requests without an
+    /// address share one allowance.
+    pub async fn authenticate_from(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<IpAddr>,
+    ) -> Result<Principal, AuthError> {
+        let result = self.authenticate_inner(headers, peer).await;
         if let Err(e) = &result {
             self.metrics.authn_failure(e.code());
         }
         result
     }
 
-    async fn authenticate_inner(&self, headers: &HeaderMap) -> Result<Principal, AuthError> {
+    async fn authenticate_inner(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<IpAddr>,
+    ) -> Result<Principal, AuthError> {
         let principal = if let Some(value) = headers.get(http::header::AUTHORIZATION) {
             let value = value
                 .to_str()
@@ -144,18 +167,22 @@ impl Authenticator {
                 return Err(AuthError::MissingCredential);
             }
             if self.is_api_key(cred) {
-                self.verify_api_key(cred).await?
+                self.verify_api_key_from(cred, peer).await?
             } else {
                 self.verify_token(cred).await?
             }
         } else if let Some(value) = headers.get(&self.api_key_header) {
             let key = value.to_str().map_err(|_| AuthError::InvalidApiKey)?;
-            self.verify_api_key(key.trim()).await?
+            self.verify_api_key_from(key.trim(), peer).await?
         } else {
             return Err(AuthError::MissingCredential);
         };
-        if let Some(claimed) = headers.get(&self.tenant_header) {
-            if claimed.as_bytes() != principal.tenant.as_bytes() {
+        // Every value must agree, and there may be only one: a proxy or a
+        // handler reading another value than the first must not see a tenant
+        // that was never compared.
+        let mut claimed = headers.get_all(&self.tenant_header).iter();
+        if let Some(first) = claimed.next() {
+            if claimed.next().is_some() || first.as_bytes() != principal.tenant.as_bytes() {
                 return Err(AuthError::TenantMismatch);
             }
         }
@@ -172,10 +199,31 @@ impl Authenticator {
         self.jwt.verify(token).await
     }
 
-    /// Verifies an API key.
+    /// Verifies an API key presented by a client without a known address.
     pub async fn verify_api_key(&self, key: &str) -> Result<Principal, AuthError> {
+        self.verify_api_key_from(key, None).await
+    }
+
+    /// Verifies an API key presented by `peer`: refused with
+    /// [`AuthError::RateLimited`] before the store is asked when `peer` has
+    /// failed too often, and with [`AuthError::InvalidApiKey`] without a
+    /// query when its lookup id was recently unknown.
+    pub async fn verify_api_key_from(
+        &self,
+        key: &str,
+        peer: Option<IpAddr>,
+    ) -> Result<Principal, AuthError> {
         match &self.api_keys {
-            Some(store) => apikey::verify_key(store.as_ref(), &self.api_key_prefix, key).await,
+            Some(store) => {
+                apikey::verify_key(
+                    store.as_ref(),
+                    &self.key_guard,
+                    peer,
+                    &self.api_key_prefix,
+                    key,
+                )
+                .await
+            }
             None => Err(AuthError::InvalidApiKey),
         }
     }

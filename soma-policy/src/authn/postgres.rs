@@ -23,6 +23,19 @@ fn unavailable(e: sqlx::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// `expires_at` as seconds since the epoch (PostgreSQL's `EXTRACT(EPOCH …)`)
+/// to an expiry: `'infinity'` (and any instant past what `SystemTime` holds)
+/// never expires; `'-infinity'`, instants before 1970 and NaN are already
+/// expired.
+fn expiry_from_epoch(secs: f64) -> Option<SystemTime> {
+    if secs.is_nan() || secs <= 0.0 {
+        return Some(SystemTime::UNIX_EPOCH);
+    }
+    std::time::Duration::try_from_secs_f64(secs)
+        .ok()
+        .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d))
+}
+
 impl PgApiKeyStore {
     /// A store in `schema` (a plain identifier: letters, digits, `_`).
     pub fn new(pool: PgPool, schema: &str) -> Result<Self, StoreError> {
@@ -40,6 +53,35 @@ impl PgApiKeyStore {
             table: format!("\"{schema}\".soma_api_keys"),
             schema: schema.to_owned(),
         })
+    }
+
+    /// A store in `schema` on its own pool of at most `max_connections`
+    /// connections to `url`, waiting at most 1 s for one.
+    ///
+    /// Prefer this to sharing a pool: every API-key request that gets past
+    /// the negative cache and the failure limiter (see
+    /// [`ApiKeyConfig`](crate::ApiKeyConfig)) costs a query, and on a shared
+    /// pool a flood of them would take the connections the outbox and its
+    /// fallback need. With its own pool, the worst a flood does is make
+    /// API-key verification itself wait, then answer 503
+    /// `auth_unavailable`.
+    pub async fn connect(
+        url: &str,
+        schema: &str,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(std::time::Duration::from_secs(1))
+            .connect(url)
+            .await
+            .map_err(unavailable)?;
+        Self::new(pool, schema)
+    }
+
+    /// The store's pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// Creates the schema and table if missing (idempotent).
@@ -96,8 +138,7 @@ impl ApiKeyStore for PgApiKeyStore {
             tenant: row.try_get("tenant").map_err(unavailable)?,
             roles: row.try_get("roles").map_err(unavailable)?,
             scopes: row.try_get("scopes").map_err(unavailable)?,
-            expires_at: expires
-                .map(|s| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs_f64(s.max(0.0))),
+            expires_at: expires.and_then(expiry_from_epoch),
             revoked: row.try_get("revoked").map_err(unavailable)?,
         }))
     }
@@ -140,5 +181,26 @@ impl ApiKeyStore for PgApiKeyStore {
         .await
         .map_err(unavailable)?;
         Ok(res.rows_affected() > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn infinite_and_out_of_range_expiries_do_not_panic() {
+        assert_eq!(expiry_from_epoch(f64::INFINITY), None);
+        assert_eq!(expiry_from_epoch(1e300), None);
+        assert_eq!(
+            expiry_from_epoch(f64::NEG_INFINITY),
+            Some(SystemTime::UNIX_EPOCH)
+        );
+        assert_eq!(expiry_from_epoch(f64::NAN), Some(SystemTime::UNIX_EPOCH));
+        assert_eq!(expiry_from_epoch(-5.0), Some(SystemTime::UNIX_EPOCH));
+        assert_eq!(
+            expiry_from_epoch(10.0),
+            Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(10))
+        );
     }
 }

@@ -28,15 +28,21 @@ pub struct Decision {
 ///
 /// - Every decision is audited (tracing target `soma_policy::audit` plus the
 ///   configured [`AuditSink`]) and counted.
-/// - With the cache enabled, decisions are reused for `ttl_ms`, keyed by the
-///   SHA-256 of [`AuthzInput::canonical_bytes`]; errors are never cached.
-/// - When the engine fails: [`FailMode::Closed`] returns
-///   [`AuthzError::Unavailable`]; [`FailMode::Open`] allows, logs a warning
-///   and counts `soma_policy_fail_open_total`.
+/// - With the cache enabled (the default, for 1 s), decisions are reused for
+///   `ttl_ms`, keyed by the engine's policy generation
+///   ([`PolicyEngine::generation`]) and the SHA-256 of
+///   [`AuthzInput::canonical_bytes`]: a policy reload is seen by the next
+///   request; errors are never cached.
+/// - When no decision can be had: [`FailMode::Closed`] returns
+///   [`AuthzError::Unavailable`]. [`FailMode::Open`] allows, logs a warning
+///   and counts `soma_policy_fail_open_total` only when the engine is
+///   unavailable ([`EngineError::is_unavailable`]: timeout, transport error,
+///   open breaker, HTTP 5xx); every other engine error is denied as in
+///   fail-closed mode.
 pub struct Authorizer {
     engine: Arc<dyn PolicyEngine>,
     engine_name: &'static str,
-    cache: Option<moka::sync::Cache<[u8; 32], EngineDecision>>,
+    cache: Option<moka::sync::Cache<CacheKey, EngineDecision>>,
     fail_mode: FailMode,
     audit: Arc<dyn AuditSink>,
     metrics: PolicyMetrics,
@@ -62,7 +68,7 @@ pub struct AuthorizerBuilder {
 }
 
 impl AuthorizerBuilder {
-    /// Decision cache settings (off unless `enabled`).
+    /// Decision cache settings (on by default, 1 s; see [`CacheConfig`]).
     pub fn cache(mut self, cache: CacheConfig) -> Self {
         self.cache = cache;
         self
@@ -159,7 +165,10 @@ impl Authorizer {
     /// could be had in fail-closed mode.
     pub async fn check(&self, input: &AuthzInput) -> Result<Decision, AuthzError> {
         let start = Instant::now();
-        let key = self.cache.as_ref().map(|_| cache_key(input));
+        let key = self
+            .cache
+            .as_ref()
+            .map(|_| cache_key(self.engine.as_ref(), input));
         if let (Some(cache), Some(key)) = (&self.cache, &key) {
             if let Some(d) = cache.get(key) {
                 self.metrics.cache(true);
@@ -188,36 +197,39 @@ impl Authorizer {
                 self.finish(input, &decision, start, None);
                 Ok(decision)
             }
-            Err(e) => match self.fail_mode {
-                FailMode::Closed => {
-                    let decision = Decision {
-                        allow: false,
-                        reasons: vec![e.code().to_owned()],
-                        engine: self.engine_name,
-                        fail_open: false,
-                    };
-                    self.finish(input, &decision, start, Some(&e));
-                    Err(AuthzError::Unavailable(e))
-                }
-                FailMode::Open => {
-                    tracing::warn!(
-                        action = %input.action,
-                        subject = %input.subject,
-                        tenant = %input.tenant,
-                        error = %e,
-                        "policy engine unavailable; allowing because fail_mode = open"
-                    );
-                    self.metrics.fail_open(&input.action);
-                    let decision = Decision {
-                        allow: true,
-                        reasons: vec!["fail_open".to_owned(), e.code().to_owned()],
-                        engine: self.engine_name,
-                        fail_open: true,
-                    };
-                    self.finish(input, &decision, start, Some(&e));
-                    Ok(decision)
-                }
-            },
+            // Only an engine that could not be asked fails open. A policy
+            // that was asked and could not decide (undefined decision,
+            // malformed answer, evaluation or load error, HTTP 4xx) denies in
+            // either mode: failing open there would let one crafted input or
+            // one bad deployment allow everything.
+            Err(e) if self.fail_mode == FailMode::Open && e.is_unavailable() => {
+                tracing::warn!(
+                    action = %input.action,
+                    subject = %input.subject,
+                    tenant = %input.tenant,
+                    error = %e,
+                    "policy engine unavailable; allowing because fail_mode = open"
+                );
+                self.metrics.fail_open(&input.action);
+                let decision = Decision {
+                    allow: true,
+                    reasons: vec!["fail_open".to_owned(), e.code().to_owned()],
+                    engine: self.engine_name,
+                    fail_open: true,
+                };
+                self.finish(input, &decision, start, Some(&e));
+                Ok(decision)
+            }
+            Err(e) => {
+                let decision = Decision {
+                    allow: false,
+                    reasons: vec![e.code().to_owned()],
+                    engine: self.engine_name,
+                    fail_open: false,
+                };
+                self.finish(input, &decision, start, Some(&e));
+                Err(AuthzError::Unavailable(e))
+            }
         }
     }
 
@@ -277,6 +289,13 @@ impl Authorizer {
     }
 }
 
-fn cache_key(input: &AuthzInput) -> [u8; 32] {
-    input.canonical_digest()
+/// A cached decision's key: the policy generation it was decided under and
+/// the SHA-256 of the canonical input.
+type CacheKey = (u64, [u8; 32]);
+
+/// Read before the engine is asked: a decision made while a reload lands is
+/// filed under the older generation, which no request after the reload asks
+/// for.
+fn cache_key(engine: &dyn PolicyEngine, input: &AuthzInput) -> CacheKey {
+    (engine.generation(), input.canonical_digest())
 }

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
@@ -49,6 +50,8 @@ pub struct EmbeddedRego {
     entrypoint: String,
     evaluator: RegoEvaluator,
     current: RwLock<Arc<Loaded>>,
+    /// Bumped after every policy swap (see [`PolicyEngine::generation`]).
+    generation: AtomicU64,
     metrics: PolicyMetrics,
     health: Option<HealthReporter>,
 }
@@ -88,6 +91,7 @@ impl EmbeddedRego {
             entrypoint: entrypoint.to_owned(),
             evaluator,
             current: RwLock::new(Arc::new(compiled)),
+            generation: AtomicU64::new(0),
             metrics,
             health: None,
         })
@@ -114,6 +118,7 @@ impl EmbeddedRego {
             entrypoint: entrypoint.to_owned(),
             evaluator,
             current: RwLock::new(Arc::new(compiled)),
+            generation: AtomicU64::new(0),
             metrics,
             health: None,
         })
@@ -178,6 +183,9 @@ impl EmbeddedRego {
         match compile_dir(&self.dir, &self.entrypoint, self.evaluator) {
             Ok(compiled) => {
                 *self.current.write() = Arc::new(compiled);
+                // After the swap: a caller that reads the new generation
+                // evaluates the new policy.
+                self.generation.fetch_add(1, Ordering::AcqRel);
                 self.metrics.reload(true);
                 if let Some(h) = &self.health {
                     h.set_up();
@@ -555,6 +563,10 @@ impl PolicyEngine for EmbeddedRego {
 
     async fn evaluate(&self, input: &AuthzInput) -> Result<EngineDecision, EngineError> {
         self.evaluate_sync(input)
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 }
 

@@ -37,6 +37,17 @@ pub trait PolicyEngine: Send + Sync + 'static {
     /// Decides. A denial is `Ok(EngineDecision { allow: false, .. })`; an
     /// `Err` means no decision could be had.
     async fn evaluate(&self, input: &AuthzInput) -> Result<EngineDecision, EngineError>;
+
+    /// The generation of the policy in force: changes whenever the policy
+    /// does (`EmbeddedRego` bumps it after every successful reload). The
+    /// [`Authorizer`](crate::Authorizer)'s decision cache keys on it, so a
+    /// reload is seen by the very next request. Engines that cannot tell
+    /// (a remote OPA, whose bundles change without telling us) keep the
+    /// default `0`; their cached decisions live at most the cache's
+    /// `ttl_ms`.
+    fn generation(&self) -> u64 {
+        0
+    }
 }
 
 /// Interprets a decision document: `true`/`false`, or an object with a

@@ -157,6 +157,13 @@ impl RemoteOpa {
             .await
             .map_err(map_reqwest)?;
         let status = resp.status();
+        if status == reqwest::StatusCode::INTERNAL_SERVER_ERROR {
+            // OPA answers an evaluation error (a conflict, a builtin error
+            // under strict mode) with 500 `internal_error`: the engine is up,
+            // the policy could not decide on this input.
+            let bytes = resp.bytes().await.unwrap_or_default();
+            return Err(classify_500(&bytes));
+        }
         if !status.is_success() {
             return Err(EngineError::Status(status.as_u16()));
         }
@@ -169,6 +176,21 @@ impl RemoteOpa {
             .get("result")
             .ok_or(EngineError::Undefined)?;
         decision_from_value(result)
+    }
+}
+
+/// A 500 carrying OPA's error document `{"code": "internal_error", "message"}`
+/// is an evaluation error; any other 500 (a proxy, a crashed sidecar) is
+/// [`EngineError::Status`].
+fn classify_500(body: &[u8]) -> EngineError {
+    let doc: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let opa_error = doc.as_ref().and_then(|d| {
+        (d.get("code")?.as_str()? == "internal_error")
+            .then(|| d.get("message").and_then(|m| m.as_str()).unwrap_or(""))
+    });
+    match opa_error {
+        Some(message) => EngineError::Evaluation(message.chars().take(512).collect()),
+        None => EngineError::Status(500),
     }
 }
 
@@ -193,7 +215,8 @@ impl PolicyEngine for RemoteOpa {
         let r = self.call(input).await;
         match &r {
             // A 4xx is our request's fault, not the engine's health.
-            Ok(_) | Err(EngineError::Status(0..500)) => {
+            // So is an evaluation error: the engine answered.
+            Ok(_) | Err(EngineError::Status(0..500) | EngineError::Evaluation(_)) => {
                 if self.breaker.success() {
                     tracing::info!("opa circuit closed");
                     if let Some(h) = &self.health {
