@@ -114,7 +114,11 @@ fn bench(c: &mut Criterion) {
         let dead = BusConfig {
             bootstrap_servers: format!("127.0.0.1:{}", soma_testkit::free_port()),
             publish_timeout_ms: 500,
-            breaker_reset_timeout_ms: 3_600_000,
+            breaker: soma_observability::resilience::BreakerConfig {
+                enabled: true,
+                failure_threshold: 1,
+                open_ms: 3_600_000,
+            },
             ..cfg.clone()
         };
         let down =

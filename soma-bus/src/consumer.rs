@@ -840,11 +840,17 @@ fn decode(msg: &OwnedMessage) -> Result<Envelope, EnvelopeError> {
     Envelope::from_kafka(msg.key(), msg.payload(), iter)
 }
 
+/// The retry delay before `attempt` (1 for the first retry): the shared
+/// [`Backoff`](soma_observability::resilience::Backoff) without jitter,
+/// `min(retry_backoff_max_ms, retry_backoff_initial_ms * 2^(attempt-1))`.
 fn backoff(cfg: &BusConfig, attempt: u32) -> Duration {
-    let exp = cfg
-        .retry_backoff_initial_ms
-        .saturating_mul(1u64 << attempt.saturating_sub(1).min(20));
-    Duration::from_millis(exp.min(cfg.retry_backoff_max_ms))
+    use soma_observability::resilience::{Backoff, BackoffConfig, Jitter};
+    Backoff::new(BackoffConfig {
+        initial_ms: cfg.retry_backoff_initial_ms,
+        max_ms: cfg.retry_backoff_max_ms,
+        jitter: Jitter::None,
+    })
+    .delay(attempt)
 }
 
 /// Handles one message to completion. Returns true when its offset may be committed.

@@ -89,6 +89,6 @@ pub use envelope::{Envelope, EnvelopeBuilder, EnvelopeError, TraceContext};
 pub use error::BusError;
 pub use inbox::InboxDedupe;
 pub use producer::{BusProducer, Delivery, FlushReport};
-pub use publisher::{BreakerState, DurablePublisher, DurablePublisherBuilder, PublishOutcome};
+pub use publisher::{DurablePublisher, DurablePublisherBuilder, PublishOutcome};
 pub use replay::{ReplayOptions, ReplayReport, replay_dlq};
 pub use sink::KafkaSink;

@@ -53,9 +53,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use soma_observability::health::{Criticality, HealthRegistry, HealthReporter};
+use soma_observability::health::{Criticality, HealthRegistry};
 use soma_observability::metrics::MetricsRegistry;
 use soma_observability::propagation::{current_trace_id, record_trace_id, set_parent_from};
+use soma_observability::resilience::{BreakerState, CircuitBreaker, OpenHealth, Permit};
 use soma_outbox::{NewMessage, Outbox};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -93,52 +94,6 @@ impl PublishOutcome {
     /// True when the message went to the outbox.
     pub fn is_deferred(&self) -> bool {
         matches!(self, Self::Deferred(_))
-    }
-}
-
-/// Breaker state exposed for health and tests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BreakerState {
-    /// Kafka is used.
-    Closed,
-    /// Publishes go straight to the outbox until the reset timeout passes.
-    Open,
-}
-
-struct Breaker {
-    state: Mutex<(u32, Option<Instant>)>,
-    threshold: u32,
-    reset: Duration,
-}
-
-impl Breaker {
-    fn allows(&self) -> bool {
-        self.state.lock().1.is_none_or(|t| Instant::now() >= t)
-    }
-    /// Returns true when the state changed to closed.
-    fn success(&self) -> bool {
-        let mut s = self.state.lock();
-        let was_open = s.1.is_some();
-        *s = (0, None);
-        was_open
-    }
-    /// Returns true when the breaker (re)opened.
-    fn failure(&self) -> bool {
-        let mut s = self.state.lock();
-        s.0 = s.0.saturating_add(1);
-        if s.0 >= self.threshold {
-            s.1 = Some(Instant::now() + self.reset);
-            true
-        } else {
-            false
-        }
-    }
-    fn state(&self) -> BreakerState {
-        if self.state.lock().1.is_some() {
-            BreakerState::Open
-        } else {
-            BreakerState::Closed
-        }
     }
 }
 
@@ -227,10 +182,9 @@ struct Inner {
     producer: BusProducer,
     outbox: Outbox,
     metrics: BusMetrics,
-    breaker: Breaker,
+    breaker: CircuitBreaker,
     tracker: KeyTracker,
     sequencer: Sequencer,
-    health: Option<HealthReporter>,
     check_outbox_per_message: bool,
     cancel: CancellationToken,
 }
@@ -277,25 +231,27 @@ impl DurablePublisherBuilder {
     /// Builds the publisher and starts the pending-key poller (needs a tokio runtime).
     pub fn build(self) -> DurablePublisher {
         let cfg = self.producer.config().clone();
-        let metrics = BusMetrics::new(&self.metrics.unwrap_or_default());
+        let metrics = BusMetrics::new(&self.metrics.clone().unwrap_or_default());
         let health = self.health.map(|h| {
             let r = h.reporter("bus_publisher", Criticality::Optional);
             r.set_up();
             r
         });
         metrics.breaker_open.get_or_create(&Vec::new()).set(0);
+        let mut breaker = CircuitBreaker::new("bus_publisher", cfg.breaker);
+        if let Some(registry) = &self.metrics {
+            breaker = breaker.metrics(registry);
+        }
+        if let Some(h) = &health {
+            breaker = breaker.health(h.clone(), OpenHealth::Degraded);
+        }
         let inner = Arc::new(Inner {
             producer: self.producer,
             outbox: self.outbox,
             metrics,
-            breaker: Breaker {
-                state: Mutex::new((0, None)),
-                threshold: cfg.breaker_failure_threshold.max(1),
-                reset: Duration::from_millis(cfg.breaker_reset_timeout_ms),
-            },
+            breaker,
             tracker: KeyTracker::default(),
             sequencer: Sequencer::default(),
-            health,
             check_outbox_per_message: cfg.check_outbox_per_message,
             cancel: CancellationToken::new(),
         });
@@ -368,7 +324,8 @@ impl DurablePublisher {
         &self.inner.producer
     }
 
-    /// Current breaker state.
+    /// Current breaker state (the shared
+    /// [`BreakerState`]; half-open means the next publish probes Kafka).
     pub fn breaker_state(&self) -> BreakerState {
         self.inner.breaker.state()
     }
@@ -378,8 +335,8 @@ impl DurablePublisher {
         self.inner.tracker.count()
     }
 
-    async fn route(&self, topic: &str, env: &Envelope) -> Route {
-        if !self.inner.breaker.allows() {
+    async fn route(&self, topic: &str, env: &Envelope, breaker_open: bool) -> Route {
+        if breaker_open {
             return Route::Outbox("breaker open".into());
         }
         if let Some(key) = env.key.as_deref() {
@@ -481,7 +438,12 @@ impl DurablePublisher {
         };
         let mut results: Vec<Option<Result<PublishOutcome, BusError>>> =
             (0..envs.len()).map(|_| None).collect();
-        let (mut to_outbox, mut kafka_idx) = self.route_all(topic, envs).await;
+        // One permit per call: while open every call goes to the outbox at
+        // once; half-open admits exactly one probe call. The permit is
+        // dropped unreported if this future is cancelled, which frees the
+        // probe slot.
+        let permit = self.inner.breaker.try_acquire().ok();
+        let (mut to_outbox, mut kafka_idx) = self.route_all(topic, envs, permit.is_none()).await;
 
         let handle = self.inner.producer.handle();
         let keys: Vec<Option<(&str, &str)>> = envs
@@ -503,9 +465,10 @@ impl DurablePublisher {
             !forced[i]
         });
 
-        if !kafka_idx.is_empty() {
+        if let (false, Some(permit)) = (kafka_idx.is_empty(), permit) {
             self.send_in_order(
                 topic,
+                permit,
                 envs,
                 &kafka_idx,
                 &handle,
@@ -552,6 +515,7 @@ impl DurablePublisher {
         &self,
         topic: &str,
         envs: &[Envelope],
+        breaker_open: bool,
     ) -> (Vec<(usize, String)>, Vec<usize>) {
         let mut to_outbox: Vec<(usize, String)> = Vec::new();
         let mut batch_deferred: std::collections::HashSet<&str> = std::collections::HashSet::new();
@@ -564,7 +528,7 @@ impl DurablePublisher {
             let route = if in_batch {
                 Route::Outbox("earlier message of the key deferred".into())
             } else {
-                self.route(topic, env).await
+                self.route(topic, env, breaker_open).await
             };
             match route {
                 Route::Kafka => kafka_idx.push(i),
@@ -586,6 +550,7 @@ impl DurablePublisher {
     async fn send_in_order(
         &self,
         topic: &str,
+        permit: Permit,
         envs: &[Envelope],
         kafka_idx: &[usize],
         handle: &Arc<crate::producer::Handle>,
@@ -664,20 +629,23 @@ impl DurablePublisher {
                 .metrics
                 .publish(topic, "kafka", acked, started.elapsed().as_secs_f64());
         }
+        let before = inner.breaker.state();
         if had_failure {
-            if inner.breaker.failure() {
-                inner.metrics.breaker_open.get_or_create(&Vec::new()).set(1);
-                if let Some(h) = &inner.health {
-                    h.set_degraded("kafka unavailable; publishing to the outbox");
-                }
-                tracing::warn!(event = "breaker_open", topic);
-            }
-        } else if acked > 0 && inner.breaker.success() {
-            inner.metrics.breaker_open.get_or_create(&Vec::new()).set(0);
-            if let Some(h) = &inner.health {
-                h.set_up();
-            }
-            tracing::info!(event = "breaker_closed", topic);
+            permit.failure();
+        } else if acked > 0 {
+            permit.success();
+        } else {
+            drop(permit); // nothing says anything about Kafka
+        }
+        let after = inner.breaker.state();
+        if before != after {
+            let open = i64::from(after == BreakerState::Open);
+            inner
+                .metrics
+                .breaker_open
+                .get_or_create(&Vec::new())
+                .set(open);
+            tracing::info!(event = "publisher_breaker", topic, state = after.as_str());
         }
     }
 

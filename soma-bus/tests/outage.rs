@@ -44,7 +44,11 @@ async fn outage(total: usize) {
     let bootstrap = broker.bootstrap();
     let cfg = BusConfig {
         publish_timeout_ms: 2_000,
-        breaker_reset_timeout_ms: 500,
+        breaker: soma_observability::resilience::BreakerConfig {
+            enabled: true,
+            failure_threshold: 1,
+            open_ms: 500,
+        },
         pending_key_poll_interval_ms: 100,
         ..config(&bootstrap)
     };

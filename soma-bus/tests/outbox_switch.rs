@@ -37,7 +37,11 @@ async fn per_message_outbox_check_keeps_key_order_across_processes() {
     let dead_cfg = BusConfig {
         bootstrap_servers: format!("127.0.0.1:{}", soma_testkit::free_port()),
         publish_timeout_ms: 500,
-        breaker_reset_timeout_ms: 3_600_000,
+        breaker: soma_observability::resilience::BreakerConfig {
+            enabled: true,
+            failure_threshold: 1,
+            open_ms: 3_600_000,
+        },
         ..base.clone()
     };
     let a = DurablePublisher::builder(BusProducer::new(&dead_cfg).unwrap(), ob.clone()).build();
@@ -135,7 +139,11 @@ async fn concurrent_fallbacks_of_one_key_reach_the_outbox_in_call_order() {
         bootstrap_servers: format!("127.0.0.1:{}", soma_testkit::free_port()),
         publish_timeout_ms: 400,
         // Every call tries Kafka first, so every one falls back itself.
-        breaker_failure_threshold: 1_000_000,
+        breaker: soma_observability::resilience::BreakerConfig {
+            enabled: true,
+            failure_threshold: 1_000_000,
+            open_ms: 2_000,
+        },
         ..config("unused")
     };
     let publisher = DurablePublisher::builder(BusProducer::new(&cfg).unwrap(), ob.clone()).build();

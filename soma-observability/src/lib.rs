@@ -24,6 +24,9 @@
 //! - **Health is reported, not polled**: [`health::HealthRegistry`] caches
 //!   component state pushed by reporters or produced by background checks with
 //!   timeouts, so probes never wait on a dependency.
+//! - **One resilience vocabulary**: [`resilience::CircuitBreaker`] (one
+//!   cancellation-safe probe in half-open) and [`resilience::Backoff`], with
+//!   one config spelling, named per component in metrics and health.
 //! - **Secrets stay out**: `Authorization`, `Cookie`, `Set-Cookie`, `X-Api-Key`
 //!   and configured headers never reach logs or span attributes
 //!   ([`http::SensitiveHeaders`]); OTLP headers in the config are secrets.
@@ -45,6 +48,7 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod propagation;
+pub mod resilience;
 pub mod shutdown;
 pub mod telemetry;
 

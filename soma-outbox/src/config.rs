@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use soma_observability::resilience::{Backoff, BackoffConfig, Jitter};
 
 use crate::OutboxError;
 
@@ -224,29 +225,23 @@ impl RelayConfig {
     /// with equal jitter (at least half of the exponential value, so probes
     /// never come back-to-back against a down broker).
     pub fn unavailable_backoff(&self, consecutive: u32) -> Duration {
-        let exp = consecutive.saturating_sub(1).min(40);
-        let ceiling = self
-            .unavailable_backoff_initial_ms
-            .saturating_mul(1u64 << exp)
-            .min(self.unavailable_backoff_max_ms);
-        let half = ceiling / 2;
-        Duration::from_millis(half + rand::random_range(0..=ceiling - half))
+        Backoff::new(BackoffConfig {
+            initial_ms: self.unavailable_backoff_initial_ms,
+            max_ms: self.unavailable_backoff_max_ms,
+            jitter: Jitter::Equal,
+        })
+        .delay(consecutive)
     }
 
     /// Exponential backoff with full jitter for a message that has now failed
     /// `attempts` times: uniform in `[0, min(max, base * 2^(attempts-1))]`.
     pub fn backoff(&self, attempts: u32) -> Duration {
-        let exp = attempts.saturating_sub(1).min(40);
-        let ceiling = self
-            .backoff_base_ms
-            .saturating_mul(1u64 << exp)
-            .min(self.backoff_max_ms);
-        let ms = if ceiling == 0 {
-            0
-        } else {
-            rand::random_range(0..=ceiling)
-        };
-        Duration::from_millis(ms)
+        Backoff::new(BackoffConfig {
+            initial_ms: self.backoff_base_ms,
+            max_ms: self.backoff_max_ms,
+            jitter: Jitter::Full,
+        })
+        .delay(attempts)
     }
 }
 

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use soma_config::Secret;
+pub use soma_observability::resilience::BreakerConfig;
 
 use crate::routes::RouteRule;
 
@@ -324,7 +325,11 @@ pub struct OpaConfig {
     pub package_path: String,
     /// Timeout for one decision request.
     pub timeout_ms: u64,
-    /// Circuit breaker.
+    /// Circuit breaker (the shared spelling): after `failure_threshold`
+    /// consecutive failures no request is sent for `open_ms`; then one trial
+    /// request decides whether it closes again. Defaults here: 5 failures,
+    /// 10 000 ms (keys missing from a given section take the shared
+    /// defaults, 3 and 30 000).
     pub breaker: BreakerConfig,
 }
 
@@ -334,28 +339,11 @@ impl Default for OpaConfig {
             base_url: "http://127.0.0.1:8181".to_owned(),
             package_path: "soma/authz/decision".to_owned(),
             timeout_ms: 250,
-            breaker: BreakerConfig::default(),
-        }
-    }
-}
-
-/// Circuit breaker for the remote engine: after `failure_threshold`
-/// consecutive failures no request is sent for `reset_timeout_secs`; then one
-/// trial request decides whether it closes again.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct BreakerConfig {
-    /// Consecutive failures that open the breaker.
-    pub failure_threshold: u32,
-    /// How long the breaker stays open.
-    pub reset_timeout_secs: u64,
-}
-
-impl Default for BreakerConfig {
-    fn default() -> Self {
-        Self {
-            failure_threshold: 5,
-            reset_timeout_secs: 10,
+            breaker: BreakerConfig {
+                enabled: true,
+                failure_threshold: 5,
+                open_ms: 10_000,
+            },
         }
     }
 }

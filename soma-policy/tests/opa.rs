@@ -23,7 +23,8 @@ fn opa(base: &str, timeout_ms: u64) -> RemoteOpa {
         timeout_ms,
         breaker: BreakerConfig {
             failure_threshold: 3,
-            reset_timeout_secs: 1,
+            open_ms: 1_000,
+            ..BreakerConfig::default()
         },
     })
     .unwrap()
@@ -222,7 +223,7 @@ async fn timeouts_fail_fast_and_open_the_breaker() {
     assert_eq!(engine.circuit_state(), CircuitState::Open);
     let opa_health = health.component("opa").unwrap();
     assert_eq!(opa_health.status, ComponentStatus::Down);
-    assert!(opa_health.reason.unwrap().contains("timeout"));
+    assert!(opa_health.reason.unwrap().contains("open"));
     let e = engine.evaluate(&send_input()).await.unwrap_err();
     assert!(e.is_circuit_open());
     assert_eq!(
@@ -240,6 +241,43 @@ async fn timeouts_fail_fast_and_open_the_breaker() {
             .is_timeout()
     );
     assert_eq!(hits.load(Ordering::SeqCst), 4);
+    assert_eq!(engine.circuit_state(), CircuitState::Open);
+}
+
+#[tokio::test]
+async fn a_cancelled_trial_does_not_leave_the_breaker_open() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let url = fault_server(
+        200,
+        r#"{"result": true}"#,
+        Duration::from_secs(5),
+        hits.clone(),
+    )
+    .await;
+    let engine = opa(&url, 150);
+    for _ in 0..3 {
+        assert!(
+            engine
+                .evaluate(&send_input())
+                .await
+                .unwrap_err()
+                .is_timeout()
+        );
+    }
+    assert_eq!(engine.circuit_state(), CircuitState::Open);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The trial's caller gives up (its future is dropped) mid-call.
+    let cancelled =
+        tokio::time::timeout(Duration::from_millis(30), engine.evaluate(&send_input())).await;
+    assert!(cancelled.is_err(), "the trial was cancelled");
+    // Give the server a moment to count the cancelled trial's request.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(hits.load(Ordering::SeqCst), 4);
+    // The next caller is the new trial: it reaches OPA instead of being
+    // refused by a breaker stuck behind a trial that no longer exists.
+    let e = engine.evaluate(&send_input()).await.unwrap_err();
+    assert!(e.is_timeout(), "{e:?}");
+    assert_eq!(hits.load(Ordering::SeqCst), 5);
     assert_eq!(engine.circuit_state(), CircuitState::Open);
 }
 

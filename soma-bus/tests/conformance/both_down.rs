@@ -27,7 +27,11 @@ async fn kafka_and_postgres_down_publish_returns_err_and_leaves_no_phantom() {
         let pg = FaultProxy::start(soma_testkit::free_port(), 5432).await;
         let cfg = BusConfig {
             publish_timeout_ms: 1_000,
-            breaker_reset_timeout_ms: 300,
+            breaker: soma_observability::resilience::BreakerConfig {
+                enabled: true,
+                failure_threshold: 1,
+                open_ms: 300,
+            },
             pending_key_poll_interval_ms: 100,
             ..config(&kafka.addr())
         };

@@ -28,7 +28,11 @@ async fn broker_killed_mid_publish_many_every_accepted_message_takes_effect_once
         let mut broker = OwnBroker::start();
         let cfg = BusConfig {
             publish_timeout_ms: 2_000,
-            breaker_reset_timeout_ms: 500,
+            breaker: soma_observability::resilience::BreakerConfig {
+            enabled: true,
+            failure_threshold: 1,
+            open_ms: 500,
+        },
             pending_key_poll_interval_ms: 100,
             consumer_concurrency: 4,
             ..config(&broker.bootstrap())

@@ -26,7 +26,11 @@ async fn consumer_resumes_after_a_network_cut_and_a_broker_restart_and_commits_l
         let proxy = FaultProxy::start(proxy_port, broker.port).await;
         let cfg = BusConfig {
             publish_timeout_ms: 1_500,
-            breaker_reset_timeout_ms: 300,
+            breaker: soma_observability::resilience::BreakerConfig {
+                enabled: true,
+                failure_threshold: 1,
+                open_ms: 300,
+            },
             pending_key_poll_interval_ms: 100,
             consumer_concurrency: 4,
             ..config(&proxy.addr())

@@ -28,7 +28,11 @@ async fn latency_above_the_publish_timeout_defers_and_duplicates_only_with_the_s
         let proxy = FaultProxy::start(proxy_port, broker.port).await;
         let cfg = BusConfig {
             publish_timeout_ms: 1_000,
-            breaker_reset_timeout_ms: 300,
+            breaker: soma_observability::resilience::BreakerConfig {
+                enabled: true,
+                failure_threshold: 1,
+                open_ms: 300,
+            },
             pending_key_poll_interval_ms: 100,
             consumer_concurrency: 4,
             ..config(&proxy.addr())

@@ -1,105 +1,38 @@
 //! OPA over HTTP (a sidecar): `POST {base}/v1/data/{path}` with `{"input": …}`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use parking_lot::Mutex;
 use serde::Serialize;
 
 use super::{EngineDecision, PolicyEngine, decision_from_value};
 use soma_observability::health::HealthReporter;
+use soma_observability::resilience::{CircuitBreaker, OpenHealth};
 
 use crate::config::OpaConfig;
 use crate::{AuthzInput, EngineError};
 
 /// A remote OPA server.
 ///
-/// Every call has a timeout. A circuit breaker stops calling after
+/// Every call has a timeout. A circuit breaker (the shared
+/// [`CircuitBreaker`], component `opa`) stops calling after
 /// `failure_threshold` consecutive failures (timeouts, transport errors, 5xx,
-/// malformed answers) for `reset_timeout_secs`, then lets one trial call
-/// through; while open, calls fail at once with [`EngineError::CircuitOpen`]
-/// (the authorizer's fail mode then applies). Nothing is retried here: a
-/// retry would double the latency of a request that is already waiting.
+/// malformed answers) for `open_ms`, then lets exactly one trial call
+/// through; while open, and while the trial is out, calls fail at once with
+/// [`EngineError::CircuitOpen`] (the authorizer's fail mode then applies). A
+/// trial whose caller is cancelled frees the trial slot, so the next call
+/// tries again. Nothing is retried here: a retry would double the latency of
+/// a request that is already waiting.
 #[derive(Debug)]
 pub struct RemoteOpa {
     client: reqwest::Client,
     url: String,
-    breaker: Breaker,
-    health: Option<HealthReporter>,
+    breaker: CircuitBreaker,
 }
 
-/// State of the remote engine's circuit breaker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CircuitState {
-    /// Calls go through.
-    Closed,
-    /// Calls are rejected until the reset timeout passes.
-    Open,
-    /// One trial call is in flight.
-    HalfOpen,
-}
-
-#[derive(Debug)]
-struct Breaker {
-    threshold: u32,
-    reset: Duration,
-    state: Mutex<BreakerState>,
-}
-
-#[derive(Debug)]
-struct BreakerState {
-    failures: u32,
-    open_until: Option<Instant>,
-    trial_in_flight: bool,
-}
-
-impl Breaker {
-    fn admit(&self) -> bool {
-        let mut st = self.state.lock();
-        match st.open_until {
-            None => true,
-            Some(t) if Instant::now() >= t && !st.trial_in_flight => {
-                st.trial_in_flight = true;
-                true
-            }
-            Some(_) => false,
-        }
-    }
-
-    /// Returns true when this closed an open breaker.
-    fn success(&self) -> bool {
-        let mut st = self.state.lock();
-        st.failures = 0;
-        st.trial_in_flight = false;
-        st.open_until.take().is_some()
-    }
-
-    /// Returns true when this opened the breaker.
-    fn failure(&self) -> bool {
-        let mut st = self.state.lock();
-        st.failures = st.failures.saturating_add(1);
-        st.trial_in_flight = false;
-        if st.failures >= self.threshold {
-            let opened = st.open_until.is_none();
-            if opened {
-                tracing::warn!(failures = st.failures, "opa circuit opened");
-            }
-            st.open_until = Some(Instant::now() + self.reset);
-            return opened;
-        }
-        false
-    }
-
-    fn state(&self) -> CircuitState {
-        let st = self.state.lock();
-        match st.open_until {
-            None => CircuitState::Closed,
-            Some(_) if st.trial_in_flight => CircuitState::HalfOpen,
-            Some(t) if Instant::now() >= t => CircuitState::HalfOpen,
-            Some(_) => CircuitState::Open,
-        }
-    }
-}
+/// State of the remote engine's circuit breaker (the shared
+/// [`BreakerState`](soma_observability::resilience::BreakerState)).
+pub use soma_observability::resilience::BreakerState as CircuitState;
 
 impl RemoteOpa {
     /// A client for the OPA described by `config`.
@@ -117,25 +50,26 @@ impl RemoteOpa {
         Ok(Self {
             client,
             url,
-            breaker: Breaker {
-                threshold: config.breaker.failure_threshold.max(1),
-                reset: Duration::from_secs(config.breaker.reset_timeout_secs),
-                state: Mutex::new(BreakerState {
-                    failures: 0,
-                    open_until: None,
-                    trial_in_flight: false,
-                }),
-            },
-            health: None,
+            breaker: CircuitBreaker::new("opa", config.breaker),
         })
     }
 
     /// Reports the engine's health: `down` while the breaker is open, `up`
     /// again when a call succeeds. Register the reporter as
     /// `Criticality::Required` when policy decisions gate traffic.
+    ///
+    /// # Panics
+    ///
+    /// Never for a freshly built engine (the breaker is not shared yet).
     pub fn with_health(mut self, reporter: HealthReporter) -> Self {
         reporter.set_up();
-        self.health = Some(reporter);
+        self.breaker = self.breaker.health(reporter, OpenHealth::Down);
+        self
+    }
+
+    /// Exports the breaker's state as `soma_circuit_breaker_state{component="opa"}`.
+    pub fn with_metrics(mut self, registry: &soma_observability::metrics::MetricsRegistry) -> Self {
+        self.breaker = self.breaker.metrics(registry);
         self
     }
 
@@ -209,30 +143,23 @@ impl PolicyEngine for RemoteOpa {
     }
 
     async fn evaluate(&self, input: &AuthzInput) -> Result<EngineDecision, EngineError> {
-        if !self.breaker.admit() {
+        // Dropped unreported if this future is cancelled: a cancelled trial
+        // frees the half-open slot instead of holding the breaker open.
+        let Ok(permit) = self.breaker.try_acquire() else {
             return Err(EngineError::CircuitOpen);
-        }
+        };
         let r = self.call(input).await;
         match &r {
             // A 4xx is our request's fault, not the engine's health.
-            // So is an evaluation error: the engine answered.
+            // So is an evaluation error: the engine answered (and an input
+            // crafted to fail evaluation must not open the breaker, which in
+            // fail-open mode would allow everyone).
             Ok(_) | Err(EngineError::Status(0..500) | EngineError::Evaluation(_)) => {
-                if self.breaker.success() {
-                    tracing::info!("opa circuit closed");
-                    if let Some(h) = &self.health {
-                        h.set_up();
-                    }
-                }
+                permit.success();
             }
             Err(e) => {
-                if self.breaker.failure() {
-                    if let Some(h) = &self.health {
-                        h.set_down(format!(
-                            "OPA circuit open after repeated failures (last: {})",
-                            e.code()
-                        ));
-                    }
-                }
+                tracing::debug!(event = "opa_call_failed", code = e.code());
+                permit.failure();
             }
         }
         r

@@ -1,0 +1,104 @@
+//! The publisher's breaker during a Kafka outage: while half-open exactly
+//! one publish probes Kafka (and alone waits the publish timeout); every
+//! other publish goes to the outbox at once. A probe whose caller is
+//! cancelled frees the slot. Real Postgres; Kafka is an unreachable port.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use soma_bus::{BusConfig, BusProducer, DurablePublisher};
+use soma_observability::resilience::{BreakerConfig, BreakerState};
+
+use common::*;
+
+const PUBLISH_TIMEOUT_MS: u64 = 800;
+const OPEN_MS: u64 = 300;
+
+async fn dead_publisher() -> DurablePublisher {
+    let cfg = BusConfig {
+        bootstrap_servers: format!("127.0.0.1:{}", soma_testkit::free_port()),
+        publish_timeout_ms: PUBLISH_TIMEOUT_MS,
+        breaker: BreakerConfig {
+            enabled: true,
+            failure_threshold: 1,
+            open_ms: OPEN_MS,
+        },
+        ..config("unused")
+    };
+    DurablePublisher::builder(BusProducer::new(&cfg).unwrap(), outbox().await).build()
+}
+
+/// Opens the breaker with one publish that waits the timeout, then waits
+/// until the breaker is half-open.
+async fn open_then_half_open(p: &DurablePublisher, topic: &str, key: &str) {
+    assert!(p.publish(topic, &env(key, 0)).await.unwrap().is_deferred());
+    assert_eq!(p.breaker_state(), BreakerState::Open);
+    tokio::time::sleep(Duration::from_millis(OPEN_MS + 50)).await;
+    assert_eq!(p.breaker_state(), BreakerState::HalfOpen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_publishers_in_an_outage_only_the_probe_waits() {
+    let p = dead_publisher().await;
+    let topic = "outage.fifty";
+    open_then_half_open(&p, topic, "opener").await;
+
+    let calls = (0..50).map(|n| {
+        let p = p.clone();
+        async move {
+            let t = Instant::now();
+            let out = p.publish(topic, &env(&format!("k{n}"), n)).await;
+            (t.elapsed(), out)
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    let slow = Duration::from_millis(PUBLISH_TIMEOUT_MS / 2);
+    let waited: Vec<_> = results.iter().filter(|(d, _)| *d >= slow).collect();
+    assert_eq!(
+        waited.len(),
+        1,
+        "only the probe waits for Kafka: {results:?}"
+    );
+    for (_, out) in &results {
+        assert!(out.as_ref().unwrap().is_deferred());
+    }
+    assert_eq!(
+        p.breaker_state(),
+        BreakerState::Open,
+        "the failed probe re-opened it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_probe_frees_the_breaker() {
+    let p = dead_publisher().await;
+    let topic = "outage.cancel";
+    open_then_half_open(&p, topic, "opener").await;
+
+    // The probe's caller gives up long before the publish timeout.
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(100),
+        p.publish(topic, &env("probe-1", 1)),
+    )
+    .await;
+    assert!(cancelled.is_err());
+    assert_eq!(p.breaker_state(), BreakerState::HalfOpen);
+
+    // The next publish is the new probe: it tries Kafka (and waits the
+    // timeout) instead of being refused by a breaker stuck behind a probe
+    // that no longer exists.
+    let t = Instant::now();
+    assert!(
+        p.publish(topic, &env("probe-2", 2))
+            .await
+            .unwrap()
+            .is_deferred()
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(PUBLISH_TIMEOUT_MS / 2),
+        "probe-2 went to Kafka: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(p.breaker_state(), BreakerState::Open);
+}
