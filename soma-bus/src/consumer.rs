@@ -745,7 +745,7 @@ async fn process_envelope(msg: &OwnedMessage, env: Envelope, s: &Shared) -> bool
                 // Not an attempt: the dependency is down, the message waits.
                 waits += 1;
                 s.metrics.consumed(topic, "waiting");
-                if waits == 1 || waits % 20 == 0 {
+                if waits == 1 || waits.is_multiple_of(20) {
                     tracing::warn!(event = "handler_waiting", waits, error = %e);
                 }
                 attempt -= 1;
