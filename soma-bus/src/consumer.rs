@@ -98,6 +98,7 @@ const MAX_ERROR_BYTES: usize = 2048;
 
 /// What a handler reports when it cannot process a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum HandlerError {
     /// A transient failure (dependency down, timeout): retry with backoff.
     #[error("retryable: {0}")]
