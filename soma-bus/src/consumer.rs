@@ -117,6 +117,7 @@ const MAX_ERROR_BYTES: usize = 2048;
 
 /// What a handler reports when it cannot process a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum HandlerError {
     /// A transient failure (dependency down, timeout): retry with backoff.
     #[error("retryable: {0}")]
@@ -945,7 +946,7 @@ async fn process_envelope(msg: &OwnedMessage, env: Envelope, s: &Shared) -> bool
                 // Not an attempt: the dependency is down, the message waits.
                 waits += 1;
                 s.metrics.consumed(topic, "waiting");
-                if waits == 1 || waits % 20 == 0 {
+                if waits == 1 || waits.is_multiple_of(20) {
                     tracing::warn!(event = "handler_waiting", waits, error = %e);
                 }
                 attempt -= 1;

@@ -47,6 +47,7 @@ pub const CONTENT_TYPE_JSON: &str = "application/json";
 
 /// Why a Kafka record (or an envelope under construction) is not a valid envelope.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum EnvelopeError {
     /// A required header is absent.
     #[error("required header `{0}` is missing")]

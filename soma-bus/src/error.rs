@@ -6,6 +6,7 @@ use crate::envelope::EnvelopeError;
 
 /// Errors from soma-bus operations.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BusError {
     /// Invalid configuration.
     #[error("invalid bus configuration: {0}")]

@@ -63,6 +63,7 @@
 //! relay.shutdown().await?;
 //! # Ok(()) }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod admin;
 pub mod config;
@@ -92,3 +93,8 @@ pub use producer::{BusProducer, Delivery, FlushReport};
 pub use publisher::{DurablePublisher, DurablePublisherBuilder, PublishOutcome};
 pub use replay::{ReplayOptions, ReplayReport, replay_dlq};
 pub use sink::KafkaSink;
+
+/// The README's examples, compiled as doctests so they cannot drift.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

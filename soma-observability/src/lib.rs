@@ -40,6 +40,7 @@
 //! | `reqwest` | [`http::client`]: client spans and context injection for outgoing calls |
 //!
 //! None is on by default.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "axum")]
 pub mod admin;

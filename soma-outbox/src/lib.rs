@@ -199,6 +199,7 @@
 //! relay.shutdown().await?; // finishes the in-flight batch
 //! # Ok(()) }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod config;
 mod error;
@@ -218,3 +219,8 @@ pub use metrics::{OutboxHealthCheck, OutboxMetrics};
 pub use outbox::{DeadLetter, Outbox, OutboxStats};
 pub use relay::{Relay, RelayCounters, RelayHandle};
 pub use sink::{Sink, SinkOutcome};
+
+/// The README's examples, compiled as doctests so they cannot drift.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -47,7 +47,7 @@ async fn late_commits_are_never_skipped_nor_reordered() {
                 outbox.enqueue(&mut tx, &[msg(&key, seq)]).await.unwrap();
                 // Every third transaction of some keys stays open a while,
                 // so later transactions of other keys commit before it.
-                let hold = if (seq as usize + k) % 3 == 0 {
+                let hold = if (seq as usize + k).is_multiple_of(3) {
                     60 + 20 * (k as u64 % 3)
                 } else {
                     0

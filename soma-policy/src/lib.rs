@@ -31,7 +31,8 @@
 //!   circuit breaker) and `EmbeddedRego` (feature `rego`: regorus, hot reload,
 //!   keep-last-good; regorus' Rego VM for policies that pass its safety
 //!   checks, its interpreter for the rest, see [`RegoEvaluator`]). The
-//!   reference policy ships in `policy/soma.rego`.
+//!   reference policy ships in `policy/soma.rego`, with its tests, and is
+//!   available as data from [`reference_policy()`].
 //! - **Audited.** One [`AuditEvent`] per decision to tracing and an
 //!   [`AuditSink`]; metrics `soma_policy_auth_decisions_total{action,result}`,
 //!   `soma_policy_auth_duration_seconds`, cache hits and misses.
@@ -54,6 +55,7 @@
 //!     .layer(AuthnLayer::new(authn));
 //! # let _ = app; Ok(()) }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod audit;
 mod authn;
@@ -65,6 +67,7 @@ mod input;
 mod metrics;
 mod principal;
 mod problem;
+mod reference;
 mod routes;
 
 pub use audit::{AuditEvent, AuditSink, ChannelAuditSink, MemoryAuditSink, TracingAuditSink};
@@ -91,6 +94,7 @@ pub use input::{AuthzInput, RequestInfo, Resource};
 pub use metrics::PolicyMetrics;
 pub use principal::{AuthKind, Principal};
 pub use problem::PROBLEM_CONTENT_TYPE;
+pub use reference::{ReferencePolicy, reference_policy};
 pub use routes::{ResolvedRoute, RouteError, RouteMap, RouteRule};
 
 /// The README's example is compiled as a doctest.

@@ -62,6 +62,7 @@ pub enum Lookup<T> {
 /// Why [`Cache::get_or_load`] failed. Redis failures are *not* among them:
 /// the cache then degrades to calling the loader.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum LoadError<E> {
     /// The loader failed. Concurrent callers that waited on the same load
     /// share this error (hence the `Arc`).

@@ -64,6 +64,7 @@
 //! }
 //! # Ok(()) }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod bulk;
 mod cache;
@@ -93,3 +94,8 @@ pub use rate_limit::{RateLimit, RateLimitDecision, RateLimitLayer, RateLimiter};
 /// The fred crate this client is built on, for types such as
 /// [`fred::types::Value`] used by [`RedisClient::eval`] and [`Batch::run`].
 pub use fred;
+
+/// The README's examples, compiled as doctests so they cannot drift.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -82,6 +82,7 @@
 //! # Features
 //!
 //! - `axum`: [`proxy`], an axum router for the gateway's operator routes.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod breaker;
 mod client;

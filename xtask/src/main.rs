@@ -10,7 +10,9 @@
 //!
 //! `test` brings up every service the suite needs (installing what is
 //! missing), then runs the format check, clippy with `-D warnings`,
-//! `lint-env`, `cargo deny`, and the tests. Each step prints its duration.
+//! `lint-env`, `cargo deny`, the release checks (`msrv`, `docs`, `package`:
+//! see `release.rs`), and the tests. Each step prints its
+//! duration; `--step NAME` runs one.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -19,13 +21,17 @@ use std::time::Instant;
 mod chaos;
 mod load;
 mod platform;
+mod release;
 mod stack;
 
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  test [--no-stack] [--only-tests] [-- <nextest args>]
-                       bring up the stack, then fmt, clippy, lint-env, deny and all tests
+  test [--no-stack] [--only-tests] [--step NAME]... [-- <nextest args>]
+                       bring up the stack, then fmt, clippy, lint-env, deny, msrv,
+                       docs, package, doc-tests and tests; `--step`
+                       runs only the named steps (the stack only for doc-tests
+                       and tests)
   stack up|down|status the local services (PostgreSQL, Redis, tansu, and stack.d extras)
   platform up|down|status|token [--tenant T] [--subject S]
                        run the example platform (gateway + workers) and smoke-test it
@@ -155,6 +161,20 @@ fn deny() -> Result<(), String> {
     )
 }
 
+/// The steps of `cargo xtask test`, in order: the name `--step` takes, and
+/// whether it is a check (skipped by `--only-tests`) rather than a test.
+const STEPS: &[(&str, bool)] = &[
+    ("fmt", true),
+    ("clippy", true),
+    ("lint-env", true),
+    ("deny", true),
+    ("msrv", true),
+    ("docs", true),
+    ("package", true),
+    ("doc-tests", false),
+    ("tests", false),
+];
+
 fn test(args: &[String]) -> Result<(), String> {
     let (ours, passthrough) = match args.iter().position(|a| a == "--") {
         Some(i) => (&args[..i], &args[i + 1..]),
@@ -162,23 +182,59 @@ fn test(args: &[String]) -> Result<(), String> {
     };
     let mut with_stack = true;
     let mut checks = true;
-    for a in ours {
+    let mut only: Vec<&str> = Vec::new();
+    let mut it = ours.iter();
+    while let Some(a) = it.next() {
         match a.as_str() {
             "--no-stack" => with_stack = false,
             "--only-tests" => checks = false,
+            "--step" => {
+                let name = it.next().ok_or("`--step` needs a step name")?;
+                let known = STEPS.iter().find(|(n, _)| n == name).ok_or_else(|| {
+                    let names: Vec<&str> = STEPS.iter().map(|(n, _)| *n).collect();
+                    format!("unknown step `{name}`; steps: {}", names.join(", "))
+                })?;
+                only.push(known.0);
+            }
             other => return Err(format!("unknown `test` option `{other}`\n{USAGE}")),
         }
     }
+    let selected: Vec<&str> = STEPS
+        .iter()
+        .filter(|(name, check)| {
+            if only.is_empty() {
+                checks || !check
+            } else {
+                only.contains(name)
+            }
+        })
+        .map(|(name, _)| *name)
+        .collect();
     let started = Instant::now();
-    if with_stack {
+    // The whole pipeline brings the stack up first (it also installs what the
+    // builds need, e.g. cmake); of single steps, only the doc tests and the
+    // test suite talk to the services.
+    let needs_stack =
+        only.is_empty() || selected.iter().any(|s| matches!(*s, "doc-tests" | "tests"));
+    if with_stack && needs_stack {
         step("stack up", stack::up)?;
     }
-    if checks {
-        step("install cargo-deny", ensure_cargo_deny)?;
-        step("cargo fmt --check", || {
+    for name in selected {
+        run_step(name, passthrough)?;
+    }
+    println!(
+        "\nxtask test: all steps passed in {:.1} min",
+        started.elapsed().as_secs_f64() / 60.0
+    );
+    Ok(())
+}
+
+fn run_step(name: &str, passthrough: &[String]) -> Result<(), String> {
+    match name {
+        "fmt" => step("cargo fmt --check", || {
             run("cargo", &["fmt", "--all", "--", "--check"])
-        })?;
-        step("clippy -D warnings", || {
+        }),
+        "clippy" => step("clippy -D warnings", || {
             run(
                 "cargo",
                 &[
@@ -190,24 +246,26 @@ fn test(args: &[String]) -> Result<(), String> {
                     "warnings",
                 ],
             )
-        })?;
-        step("lint-env", || match lint_env(Vec::new()) {
+        }),
+        "lint-env" => step("lint-env", || match lint_env(Vec::new()) {
             0 => Ok(()),
             code => Err(format!("lint-env exited with {code}")),
-        })?;
-        step("cargo deny", deny)?;
+        }),
+        "deny" => {
+            step("install cargo-deny", ensure_cargo_deny)?;
+            step("cargo deny", deny)
+        }
+        "msrv" => step("msrv: locked dependencies vs rust-version", release::msrv),
+        "docs" => step("docs as docs.rs builds them (nightly)", release::docs),
+        "package" => step("cargo package (published crates)", release::package),
+        "doc-tests" => step("doc tests", || {
+            run("cargo", &["test", "--workspace", "--doc"])
+        }),
+        "tests" => step("tests (nextest)", || {
+            let mut a = vec!["nextest", "run", "--workspace", "--no-fail-fast"];
+            a.extend(passthrough.iter().map(String::as_str));
+            run("cargo", &a)
+        }),
+        other => Err(format!("no step `{other}`")),
     }
-    step("doc tests", || {
-        run("cargo", &["test", "--workspace", "--doc"])
-    })?;
-    step("tests (nextest)", || {
-        let mut a = vec!["nextest", "run", "--workspace", "--no-fail-fast"];
-        a.extend(passthrough.iter().map(String::as_str));
-        run("cargo", &a)
-    })?;
-    println!(
-        "\nxtask test: all steps passed in {:.1} min",
-        started.elapsed().as_secs_f64() / 60.0
-    );
-    Ok(())
 }

@@ -52,6 +52,7 @@
 //!
 //! The allowlist lives in the linted workspace's root `Cargo.toml`; see
 //! [`Config`] and the README.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 // The README's examples run as doctests.
 #[cfg(doctest)]

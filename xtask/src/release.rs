@@ -1,0 +1,174 @@
+//! The release checks of `cargo xtask test`: what a user of the published
+//! crates meets (`cargo add`, docs.rs, their own compiler, their own tests).
+//!
+//! - `msrv`: no locked dependency needs a newer compiler than the declared
+//!   `rust-version` (README: Minimum supported Rust version).
+//! - `docs`: the docs build as docs.rs builds them (nightly, all features,
+//!   `--cfg docsrs`), with warnings, missing docs and broken intra-doc links
+//!   denied.
+//! - `package`: `cargo package` on every published crate, which builds each
+//!   from its tarball against the others' packaged versions.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::{root, run};
+
+/// `cargo metadata` for this workspace, with the lockfile as it is.
+fn metadata() -> Result<Value, String> {
+    let out = Command::new("cargo")
+        .args(["metadata", "--format-version", "1", "--locked"])
+        .current_dir(root())
+        .output()
+        .map_err(|e| format!("could not start `cargo metadata`: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`cargo metadata --locked` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("cargo metadata output: {e}"))
+}
+
+/// The workspace members that are published (no `publish = false`).
+pub(crate) fn published_crates() -> Result<Vec<String>, String> {
+    let meta = metadata()?;
+    let members = string_set(&meta["workspace_members"]);
+    Ok(meta["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["id"].as_str().is_some_and(|id| members.contains(&id)))
+        .filter(|p| p["publish"].as_array().is_none_or(|r| !r.is_empty()))
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect())
+}
+
+fn string_set(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
+/// `1.88.0` / `1.88` as `(1, 88, 0)`.
+fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
+    let mut parts = v.trim().split('.').map(|p| p.parse::<u64>().ok());
+    let major = parts.next()??;
+    let minor = parts.next().flatten().unwrap_or(0);
+    let patch = parts.next().flatten().unwrap_or(0);
+    Some((major, minor, patch))
+}
+
+/// Fails when a locked dependency declares a `rust-version` above ours.
+///
+/// Every package of the resolved graph counts, for every target platform and
+/// every kind of dependency (`cargo metadata` without `--filter-platform`):
+/// the MSRV promises that `cargo build` of any crate here works on that
+/// compiler with this lockfile. Our own code is held to it by clippy's
+/// `incompatible_msrv` lint (std APIs newer than `rust-version`), which runs
+/// in the `clippy` step; language features are held to it only when the
+/// declared version is the installed stable one (see README).
+pub(crate) fn msrv() -> Result<(), String> {
+    let meta = metadata()?;
+    let members = string_set(&meta["workspace_members"]);
+    let packages = meta["packages"].as_array().cloned().unwrap_or_default();
+    let declared = packages
+        .iter()
+        .filter(|p| p["id"].as_str().is_some_and(|id| members.contains(&id)))
+        .filter_map(|p| p["rust_version"].as_str())
+        .filter_map(|v| parse_version(v).map(|pv| (pv, v.to_owned())))
+        .min()
+        .ok_or("no workspace member declares a rust-version")?;
+    let mut above: Vec<((u64, u64, u64), String)> = packages
+        .iter()
+        .filter(|p| p["id"].as_str().is_some_and(|id| !members.contains(&id)))
+        .filter_map(|p| {
+            let rv = p["rust_version"].as_str()?;
+            let pv = parse_version(rv)?;
+            let who = format!(
+                "{} {} (rust-version {rv})",
+                p["name"].as_str()?,
+                p["version"].as_str()?
+            );
+            Some((pv, who))
+        })
+        .filter(|(pv, _)| *pv > declared.0)
+        .collect();
+    above.sort();
+    let highest = packages
+        .iter()
+        .filter(|p| p["id"].as_str().is_some_and(|id| !members.contains(&id)))
+        .filter_map(|p| parse_version(p["rust_version"].as_str()?))
+        .max();
+    println!(
+        "declared rust-version {}; highest among {} locked packages: {}",
+        declared.1,
+        packages.len() - members.len(),
+        highest.map_or("none".to_owned(), |(a, b, c)| format!("{a}.{b}.{c}"))
+    );
+    let rustc = Command::new("rustc")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let installed = rustc.split_whitespace().nth(1).and_then(parse_version);
+    match installed {
+        Some((a, b, _)) if (a, b) == (declared.0.0, declared.0.1) => println!(
+            "{rustc} is the declared minor version: this pipeline's build is the MSRV build"
+        ),
+        _ => println!(
+            "{rustc} is newer than the declared version: our own code is held to it by \
+             clippy's incompatible_msrv lint only (std APIs, not language features)"
+        ),
+    }
+    if above.is_empty() {
+        return Ok(());
+    }
+    for (_, who) in &above {
+        eprintln!("  needs a newer compiler: {who}");
+    }
+    Err(format!(
+        "{} locked package(s) need a compiler newer than rust-version {}: raise \
+         `workspace.package.rust-version` (and say so in CHANGELOG.md) or pin them lower \
+         with `cargo update -p NAME --precise VERSION`",
+        above.len(),
+        declared.1
+    ))
+}
+
+/// The published crates' docs as docs.rs builds them.
+pub(crate) fn docs() -> Result<(), String> {
+    let crates = published_crates()?;
+    let mut args = vec!["+nightly", "doc", "--no-deps", "--all-features", "--locked"];
+    for c in &crates {
+        args.extend(["-p", c.as_str()]);
+    }
+    let status = Command::new("cargo")
+        .args(&args)
+        .env(
+            "RUSTDOCFLAGS",
+            "--cfg docsrs -D warnings -D missing_docs -D rustdoc::broken_intra_doc_links",
+        )
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("could not start `cargo +nightly doc`: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`cargo {}` failed ({status})", args.join(" ")))
+    }
+}
+
+/// `cargo package` on every published crate: each is built from its tarball,
+/// with its dependencies on the others resolved to their packaged versions.
+pub(crate) fn package() -> Result<(), String> {
+    let crates = published_crates()?;
+    let mut args = vec!["package", "--locked", "--allow-dirty"];
+    for c in &crates {
+        args.extend(["-p", c.as_str()]);
+    }
+    run("cargo", &args)
+}
