@@ -173,6 +173,7 @@ const STEPS: &[(&str, bool)] = &[
     ("package", true),
     ("doc-tests", false),
     ("tests", false),
+    ("chaos", false),
 ];
 
 fn test(args: &[String]) -> Result<(), String> {
@@ -214,8 +215,10 @@ fn test(args: &[String]) -> Result<(), String> {
     // The whole pipeline brings the stack up first (it also installs what the
     // builds need, e.g. cmake); of single steps, only the doc tests and the
     // test suite talk to the services.
-    let needs_stack =
-        only.is_empty() || selected.iter().any(|s| matches!(*s, "doc-tests" | "tests"));
+    let needs_stack = only.is_empty()
+        || selected
+            .iter()
+            .any(|s| matches!(*s, "doc-tests" | "tests" | "chaos"));
     if with_stack && needs_stack {
         step("stack up", stack::up)?;
     }
@@ -265,6 +268,11 @@ fn run_step(name: &str, passthrough: &[String]) -> Result<(), String> {
             let mut a = vec!["nextest", "run", "--workspace", "--no-fail-fast"];
             a.extend(passthrough.iter().map(String::as_str));
             run("cargo", &a)
+        }),
+        // The platform's promise on the running binaries, faults injected
+        // into a private stack (README, "Chaos"): the short form, minutes.
+        "chaos" => step("chaos --short (the platform under faults)", || {
+            chaos::cli(&["--short".to_owned()])
         }),
         other => Err(format!("no step `{other}`")),
     }
