@@ -102,17 +102,31 @@ async fn in_memory_store() {
     exercise(Arc::new(InMemoryApiKeyStore::new())).await;
 }
 
-#[tokio::test]
-async fn postgres_store() {
+/// A migrated key store in a fresh schema of the test PostgreSQL, its pool
+/// and schema name (drop it with [`drop_schema`]).
+async fn pg_store(prefix: &str) -> (PgApiKeyStore, sqlx::PgPool, String) {
     let url = soma_testkit::require_postgres();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
         .connect(&url)
         .await
         .unwrap();
-    let schema = soma_testkit::unique_name("policy_keys");
+    let schema = soma_testkit::unique_name(prefix);
     let store = PgApiKeyStore::new(pool.clone(), &schema).unwrap();
     store.migrate().await.unwrap();
+    (store, pool, schema)
+}
+
+async fn drop_schema(pool: &sqlx::PgPool, schema: &str) {
+    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn postgres_store() {
+    let (store, pool, schema) = pg_store("policy_keys").await;
     store.migrate().await.unwrap(); // idempotent
     exercise(Arc::new(store)).await;
     // Only hashes are stored: no row contains the plaintext key.
@@ -131,10 +145,7 @@ async fn postgres_store() {
         dump.iter().all(|row| !row.contains(&secret[5..])),
         "plaintext key found in the table"
     );
-    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    drop_schema(&pool, &schema).await;
 }
 
 #[tokio::test]
@@ -167,15 +178,7 @@ async fn store_outage_is_unavailable() {
 
 #[tokio::test]
 async fn postgres_infinite_expiry_does_not_panic() {
-    let url = soma_testkit::require_postgres();
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&url)
-        .await
-        .unwrap();
-    let schema = soma_testkit::unique_name("policy_keys_inf");
-    let store = PgApiKeyStore::new(pool.clone(), &schema).unwrap();
-    store.migrate().await.unwrap();
+    let (store, pool, schema) = pg_store("policy_keys_inf").await;
     let auth = authenticator(Arc::new(store.clone()));
     for (expires_at, valid) in [("infinity", true), ("-infinity", false)] {
         let issued = generate_key("soma", "svc-inf", "t1", vec![], vec![]);
@@ -190,10 +193,7 @@ async fn postgres_infinite_expiry_does_not_panic() {
         let r = auth.verify_api_key(issued.key.expose_secret()).await;
         assert_eq!(r.is_ok(), valid, "{expires_at}: {r:?}");
     }
-    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    drop_schema(&pool, &schema).await;
 }
 
 /// Counts the lookups that reach the store.
