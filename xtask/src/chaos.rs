@@ -25,6 +25,7 @@ use crate::{platform, root, run};
 
 mod deps;
 mod services;
+mod stress;
 mod truth;
 
 use deps::{Broker, MemoryService, Postgres, Redis, Storage};
@@ -32,6 +33,7 @@ use services::{GATEWAY, Platform, Wiring};
 
 const USAGE: &str = "usage: cargo xtask chaos [--short] [--scenario NAME]... [--keep] \
 [--storage postgres|sqlite] [--broker-schema FILE] [--bin-dir DIR [--platform-root DIR]]
+       cargo xtask chaos --stress [N]   (the bus/outbox conformance suite, N copies at once; default 3)
 
 scenarios: broker-kill, broker-outage, postgres-restart, redis-restart, somabrain-down, rolling-restart";
 
@@ -196,6 +198,16 @@ fn parse(args: &[String]) -> Result<Opts, String> {
 }
 
 pub(crate) fn cli(args: &[String]) -> Result<(), String> {
+    if args.first().is_some_and(|a| a == "--stress") {
+        let copies = match args.get(1..) {
+            Some([]) | None => 3,
+            Some([n]) => n
+                .parse()
+                .map_err(|_| format!("--stress takes a count\n{USAGE}"))?,
+            Some(_) => return Err(USAGE.to_owned()),
+        };
+        return stress::run(copies);
+    }
     let opts = parse(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -235,12 +247,15 @@ async fn main(opts: Opts) -> Result<(), String> {
                     "soma-example-platform",
                     "-p",
                     "soma-memory-service",
+                    "-p",
+                    "soma-topic-dump",
                     "--bins",
                 ],
             )?;
             platform::target_dir().join("debug")
         }
     };
+    truth::set_reader(bin_dir.join("soma-topic-dump"));
     let secret = platform::random_hex()?;
     let issuer_file = dir.join("issuer.toml");
     fs::write(&issuer_file, platform::issuer_toml(&secret)).map_err(|e| e.to_string())?;

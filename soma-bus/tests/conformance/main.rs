@@ -15,9 +15,11 @@
 //! cannot express a fault (it does not enforce idempotent-producer
 //! sequence numbers, so sequence errors run on the mock).
 //!
-//! Stress mode: `cargo nextest run -p soma-bus --test conformance
-//! --run-ignored only` runs the `*_stress` variants, which run scenarios
-//! several times in parallel.
+//! Stress mode: `cargo xtask chaos --stress [N]` runs N copies of this
+//! suite and soma-outbox's at once, `*_stress` variants included;
+//! `cargo nextest run -p soma-bus --test conformance --run-ignored only`
+//! runs just the `*_stress` variants, which run scenarios several times in
+//! parallel.
 
 #[path = "../common/mod.rs"]
 mod common;

@@ -1,18 +1,26 @@
 //! Ground truth after a scenario, read behind the client's back: the
 //! platform's topics on the private broker (from the beginning, with an
-//! rdkafka consumer of its own) and the outbox tables in the private
+//! `soma-topic-dump` consumer of its own) and the outbox tables in the private
 //! PostgreSQL.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 
 use super::deps::Postgres;
+
+/// The topic reader binary (`soma-topic-dump`, built with the platform's
+/// binaries): librdkafka lives there, not in xtask, so xtask builds on a
+/// machine without cmake.
+static READER: OnceLock<PathBuf> = OnceLock::new();
+
+/// Names the topic reader binary; called once before any topic is read.
+pub(crate) fn set_reader(path: PathBuf) {
+    let _ = READER.set(path);
+}
 
 /// One record of a topic.
 #[derive(Debug, Clone)]
@@ -27,94 +35,25 @@ pub(crate) struct Record {
 /// Every record of `topic` from the beginning, partition by partition in
 /// offset order. A topic that does not exist has no records.
 pub(crate) fn read_topic(bootstrap: &str, topic: &str) -> Result<Vec<Record>, String> {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("chaos-truth-{nanos}"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest")
-        // tansu 0.6.0 on PostgreSQL 15 fails ListOffsets at read_committed
-        // (its query needs PostgreSQL 16); the platform's consumers read
-        // uncommitted too (soma-bus's consumer config).
-        .set("isolation.level", "read_uncommitted")
-        .set("log_level", "3")
-        // tansu's SQLite storage scans its header table per record served:
-        // small fetches keep each answer well inside the socket timeout
-        // (README: Known limits of the local broker).
-        .set("message.max.bytes", "65536")
-        .set("fetch.max.bytes", "65536")
-        .set("max.partition.fetch.bytes", "16384")
-        .create()
-        .map_err(|e| format!("Kafka reader: {e}"))?;
-    let timeout = Duration::from_secs(10);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| format!("metadata of {topic}: {e}"))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    let mut high: HashMap<i32, i64> = HashMap::new();
-    let mut tpl = TopicPartitionList::new();
-    for &p in &partitions {
-        let (_, h) = consumer
-            .fetch_watermarks(topic, p, timeout)
-            .map_err(|e| format!("watermarks of {topic}/{p}: {e}"))?;
-        if h > 0 {
-            high.insert(p, h);
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .map_err(|e| e.to_string())?;
-        }
+    let reader = READER
+        .get()
+        .ok_or("the topic reader (soma-topic-dump) was not set")?;
+    let out = Command::new(reader)
+        .args([bootstrap, topic])
+        .output()
+        .map_err(|e| format!("run {}: {e}", reader.display()))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
     }
     let mut records = Vec::new();
-    if high.is_empty() {
-        return Ok(records);
-    }
-    consumer.assign(&tpl).map_err(|e| e.to_string())?;
-    let mut pending: HashSet<i32> = high.keys().copied().collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !pending.is_empty() {
-        if Instant::now() > deadline {
-            return Err(format!(
-                "reading {topic}: partitions {pending:?} not read to their end within 60 s"
-            ));
-        }
-        match consumer.poll(Duration::from_millis(500)) {
-            None => {}
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                pending.remove(&p);
-            }
-            Some(Err(e)) => return Err(format!("reading {topic}: {e}")),
-            Some(Ok(m)) => {
-                let id = m.headers().and_then(|hs| {
-                    hs.iter()
-                        .find(|h| h.key == "soma-id")
-                        .and_then(|h| h.value)
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                });
-                let value = m
-                    .payload()
-                    .and_then(|p| serde_json::from_slice(p).ok())
-                    .unwrap_or_default();
-                if high
-                    .get(&m.partition())
-                    .is_some_and(|h| m.offset() + 1 >= *h)
-                {
-                    pending.remove(&m.partition());
-                }
-                records.push(Record {
-                    partition: m.partition(),
-                    id,
-                    value,
-                });
-            }
-        }
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| format!("topic reader output: {e}"))?;
+        records.push(Record {
+            partition: v["partition"].as_i64().unwrap_or(-1) as i32,
+            id: v["id"].as_str().map(str::to_owned),
+            value: v["value"].clone(),
+        });
     }
     Ok(records)
 }
