@@ -5,6 +5,7 @@
 //! cargo xtask stack up|down|status
 //! cargo xtask platform up|down|status|token   # the example platform (README: Run the platform)
 //! cargo xtask chaos [--short] [--scenario NAME]...  # faults under load (README: Chaos)
+//! cargo xtask mutants [--crate NAME] [--changed-since REV]  # mutation testing (mutants.rs)
 //! cargo xtask lint-env [--manifest-path PATH] [--format text|json]
 //! ```
 //!
@@ -20,6 +21,7 @@ use std::time::Instant;
 
 mod chaos;
 mod load;
+mod mutants;
 mod platform;
 mod release;
 mod stack;
@@ -38,6 +40,8 @@ commands:
   chaos [--short] [--scenario NAME]... [--keep] [--storage sqlite|postgres]
                        prove the durable chat path on the running platform under
                        broker, PostgreSQL, Redis and SomaBrain faults (README: Chaos)
+  mutants [--crate NAME]... [--file PATH]... [--re REGEX] [--changed-since REV]
+                       mutation testing of the core modules (cargo-mutants; README: Mutation testing)
   lint-env [--manifest-path PATH] [--format text|json]
                        forbid process-environment access outside allowed crates
   deny                 cargo deny --offline check licenses bans sources";
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
         "stack" => stack::cli(&rest),
         "platform" => platform::cli(&rest),
         "chaos" => chaos::cli(&rest),
+        "mutants" => mutants::cli(&rest),
         "test" | "ci" => test(&rest),
         "deny" => ensure_cargo_deny().and_then(|()| deny()),
         "-h" | "--help" | "help" => {
