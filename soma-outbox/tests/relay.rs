@@ -959,3 +959,208 @@ async fn wakes_on_notify_and_falls_back_to_polling() {
     relay.shutdown().await.unwrap();
     db.drop_schema().await;
 }
+
+/// Ownership of `handles`, sorted per relay.
+fn ownership(handles: &[&soma_outbox::RelayHandle]) -> Vec<Vec<u32>> {
+    handles
+        .iter()
+        .map(|h| {
+            let mut o = h.owned_shards();
+            o.sort_unstable();
+            o
+        })
+        .collect()
+}
+
+/// True when `owned` covers `shards` exactly once with no relay above its
+/// fair share (`shards / relays`, rounded up).
+fn exactly_fair(owned: &[Vec<u32>], shards: u32) -> bool {
+    let fair = shards.div_ceil(owned.len() as u32) as usize;
+    let all: Vec<u32> = owned.iter().flatten().copied().collect();
+    let distinct: HashSet<u32> = all.iter().copied().collect();
+    all.len() == shards as usize
+        && distinct.len() == all.len()
+        && owned.iter().all(|o| o.len() <= fair)
+}
+
+/// Scale-out hand-over without a crash: a relay running alone owns every
+/// shard; a second one joins, the first *gives up* half (unlocks them) and
+/// the second actually acquires and drains them. Ownership ends exactly
+/// fair and stays so (no shard given up and taken back in a loop), and a
+/// third relay makes it four each. Nothing is published twice: no shard is
+/// ever owned by two relays at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_joining_relay_takes_over_exactly_the_shards_the_first_gives_up() {
+    let db = setup("handover").await;
+    let sink = RecordingSink::new();
+    let cfg = RelayConfig {
+        shards: 12,
+        batch_size: 10,
+        ..fast_relay()
+    };
+    let a = Relay::new(db.outbox.clone(), sink.tagged("a"), cfg.clone()).spawn();
+    wait_until(Duration::from_secs(10), "a owns all 12 shards", || async {
+        a.owned_shards().len() == 12
+    })
+    .await;
+
+    let b = Relay::new(db.outbox.clone(), sink.tagged("b"), cfg.clone()).spawn();
+    wait_until(Duration::from_secs(10), "6 + 6 after b joins", || async {
+        exactly_fair(&ownership(&[&a, &b]), 12)
+    })
+    .await;
+    // Stable: over several rebalance intervals nothing moves.
+    let settled = ownership(&[&a, &b]);
+    assert_eq!(settled.iter().map(Vec::len).collect::<Vec<_>>(), [6, 6]);
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            ownership(&[&a, &b]),
+            settled,
+            "ownership moved while stable"
+        );
+    }
+
+    // b really processes the shards a gave up: with 60 keys every shard
+    // gets records, and each relay publishes only records of its own shards.
+    let n = 600u64;
+    let msgs: Vec<_> = (0..n).map(|i| msg(&format!("h{}", i % 60), i)).collect();
+    db.outbox.enqueue_standalone(&msgs).await.unwrap();
+    wait_until(Duration::from_secs(20), "drained by a and b", || async {
+        db.pending().await == 0
+    })
+    .await;
+    let published = sink.published_tagged();
+    assert_eq!(published.len() as u64, n, "each record once");
+    let mut by_key: HashMap<String, HashSet<String>> = HashMap::new();
+    for (tag, r) in &published {
+        by_key
+            .entry(r.key.clone().unwrap_or_default())
+            .or_default()
+            .insert(tag.clone());
+    }
+    let b_keys = by_key.values().filter(|t| t.contains("b")).count();
+    let a_keys = by_key.values().filter(|t| t.contains("a")).count();
+    assert!(
+        a_keys > 0 && b_keys > 0,
+        "both relays drain their shards (a: {a_keys} keys, b: {b_keys} keys)"
+    );
+    assert!(
+        by_key.values().all(|t| t.len() == 1),
+        "a key is published by one relay only while ownership is stable"
+    );
+    assert_ordered(&first_publications(
+        &published.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
+    ));
+
+    let c = Relay::new(db.outbox.clone(), sink.tagged("c"), cfg.clone()).spawn();
+    wait_until(
+        Duration::from_secs(10),
+        "4 + 4 + 4 after c joins",
+        || async {
+            let o = ownership(&[&a, &b, &c]);
+            exactly_fair(&o, 12) && o.iter().all(|s| s.len() == 4)
+        },
+    )
+    .await;
+    // A graceful leave hands its shards back: the two left end 6 + 6.
+    c.shutdown().await.unwrap();
+    wait_until(Duration::from_secs(10), "6 + 6 after c leaves", || async {
+        let o = ownership(&[&a, &b]);
+        exactly_fair(&o, 12) && o.iter().all(|s| s.len() == 6)
+    })
+    .await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    db.drop_schema().await;
+}
+
+/// A sink that breaks the contract once: of the first batch holding two
+/// records of key `v`, it fails the first and delivers the second.
+struct OneViolation {
+    inner: RecordingSink,
+    done: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl soma_outbox::Sink for OneViolation {
+    async fn send_batch(&self, batch: &[soma_outbox::OutboxRecord]) -> Vec<SinkOutcome> {
+        use std::sync::atomic::Ordering;
+        let vs: Vec<usize> = (0..batch.len())
+            .filter(|&i| batch[i].key.as_deref() == Some("v"))
+            .collect();
+        if vs.len() >= 2 && !self.done.swap(true, Ordering::SeqCst) {
+            let mut out = Vec::with_capacity(batch.len());
+            for (i, _) in batch.iter().enumerate() {
+                out.push(if i == vs[0] {
+                    SinkOutcome::retry("first of v fails")
+                } else {
+                    SinkOutcome::Delivered
+                });
+            }
+            return out;
+        }
+        self.inner.send_batch(batch).await
+    }
+}
+
+/// A sink that delivers a later record of a key after failing an earlier
+/// one is a contract violation: the relay counts exactly that one, in its
+/// counters and in `soma_outbox_relay_order_violations_total`, and a sink
+/// that keeps the contract counts none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sink_order_violation_is_counted_once_in_counters_and_metrics() {
+    let db = setup("violation").await;
+    let registry = soma_observability::metrics::MetricsRegistry::default();
+    let m = soma_outbox::OutboxMetrics::new(&registry, &db.outbox);
+    db.outbox
+        .enqueue_standalone(&[msg("v", 0), msg("v", 1), msg("w", 2), msg("v", 3)])
+        .await
+        .unwrap();
+    let sink = OneViolation {
+        inner: RecordingSink::new(),
+        done: Default::default(),
+    };
+    let relay = Relay::new(db.outbox.clone(), sink, fast_relay())
+        .with_metrics(m)
+        .spawn();
+    wait_until(Duration::from_secs(10), "drained", || async {
+        db.pending().await == 0
+    })
+    .await;
+    let counters = relay.counters();
+    relay.shutdown().await.unwrap();
+    // v1 and v3 were delivered while v0 failed: two later records of the
+    // key went out ahead of it.
+    assert_eq!(counters.order_violations, 2, "{counters:?}");
+    assert_eq!(
+        series(
+            &registry.encode(),
+            "soma_outbox_relay_order_violations_total"
+        ),
+        "2"
+    );
+    assert_eq!(counters.published, 4, "{counters:?}");
+    db.drop_schema().await;
+
+    // The same records through a sink that keeps the contract: none.
+    let db = setup("noviolation").await;
+    db.outbox
+        .enqueue_standalone(&[msg("v", 0), msg("v", 1), msg("v", 3)])
+        .await
+        .unwrap();
+    let sink = RecordingSink::new();
+    let first = std::sync::atomic::AtomicBool::new(true);
+    sink.set_rule(move |r| {
+        (r.key.as_deref() == Some("v") && first.swap(false, std::sync::atomic::Ordering::SeqCst))
+            .then(|| SinkOutcome::retry("first fails"))
+    });
+    let relay = Relay::new(db.outbox.clone(), sink, fast_relay()).spawn();
+    wait_until(Duration::from_secs(10), "drained", || async {
+        db.pending().await == 0
+    })
+    .await;
+    assert_eq!(relay.counters().order_violations, 0);
+    relay.shutdown().await.unwrap();
+    db.drop_schema().await;
+}
