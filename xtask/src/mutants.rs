@@ -16,7 +16,9 @@
 //! caught ÷ (caught + missed + timeout). A timeout is not a kill: a
 //! mutant that makes a loop report progress without doing any must be
 //! caught by a test that checks the work was done. Equivalent mutants are
-//! excluded in `.cargo/mutants.toml`, one reason each.
+//! excluded in `.cargo/mutants.toml`, one reason each. With one job (the
+//! default) the tree is mutated in place, reusing the warm target
+//! directory; don't edit it while the run lasts.
 
 use std::fs;
 use std::path::PathBuf;
@@ -212,10 +214,15 @@ pub(crate) fn cli(args: &[String]) -> Result<(), String> {
             .map(String::from)
             .to_vec();
         a.extend(["--output".into(), out_dir.display().to_string()]);
-        a.extend([
-            "--jobs".into(),
-            o.jobs.clone().unwrap_or_else(|| "1".into()),
-        ]);
+        let jobs = o.jobs.clone().unwrap_or_else(|| "1".into());
+        if jobs == "1" {
+            // One job mutates this tree in place and reuses its warm target
+            // directory (a copy would build every dependency cold); the
+            // sources are restored when cargo-mutants ends. Don't edit the
+            // tree meanwhile.
+            a.push("--in-place".into());
+        }
+        a.extend(["--jobs".into(), jobs]);
         // A timeout is reported, not counted as a kill: keep it bounded.
         a.extend([
             "--timeout".into(),
