@@ -221,8 +221,9 @@ pub(crate) fn cli(args: &[String]) -> Result<(), String> {
             // sources are restored when cargo-mutants ends. Don't edit the
             // tree meanwhile.
             a.push("--in-place".into());
+        } else {
+            a.extend(["--jobs".into(), jobs]);
         }
-        a.extend(["--jobs".into(), jobs]);
         // A timeout is reported, not counted as a kill: keep it bounded.
         a.extend([
             "--timeout".into(),
