@@ -28,6 +28,9 @@ use sha2::{Digest, Sha256};
 use soma_bus::{BusConsumer, ConsumerHandle, Envelope, HandlerError, PublishOutcome};
 use soma_config::Live;
 use soma_observability::http::{HttpMetricsLayer, TraceLayer};
+use soma_observability::metrics::MetricsRegistry;
+use soma_observability::prometheus_client::metrics::counter::Counter;
+use soma_observability::prometheus_client::metrics::family::Family;
 use soma_observability::shutdown::Shutdown;
 use soma_policy::{
     ApiKeyStore, Authenticator, AuthnLayer, AuthzLayer, PgApiKeyStore, PolicyMetrics, Principal,
@@ -167,12 +170,49 @@ impl Drop for Subscription {
     }
 }
 
+type CauseFamily = Family<Vec<(&'static str, &'static str)>, Counter>;
+
+/// The SSE streams' metrics.
+#[derive(Clone)]
+struct SseMetrics {
+    /// `soma_platform_sse_resumes_total{cause}`.
+    resumes: CauseFamily,
+    /// `soma_platform_sse_resets_total`.
+    resets: Counter,
+}
+
+impl SseMetrics {
+    fn new(registry: &MetricsRegistry) -> Self {
+        Self {
+            resumes: registry.counter_family(
+                "soma_platform_sse_resumes_total",
+                "SSE streams caught up from the session event store, by cause: \
+                 last_event_id (a reconnect), lagged (fell behind chat.sse_buffer), \
+                 gap (a live event beyond the next expected id)",
+            ),
+            resets: registry
+                .counter_family::<Vec<(&'static str, &'static str)>>(
+                    "soma_platform_sse_resets_total",
+                    "event: reset sent: the events after a client's Last-Event-ID are no \
+                     longer kept (retention) or never existed",
+                )
+                .get_or_create(&Vec::new())
+                .clone(),
+        }
+    }
+
+    fn resumed(&self, cause: &'static str) {
+        self.resumes.get_or_create(&vec![("cause", cause)]).inc();
+    }
+}
+
 struct Shared {
     settings: Arc<PlatformSettings>,
     runtime_publisher: soma_bus::DurablePublisher,
     idempotency: Idempotency,
     hub: Arc<Hub>,
     store: SessionEvents,
+    sse_metrics: SseMetrics,
     lifecycle: Shutdown,
 }
 
@@ -263,6 +303,7 @@ impl Gateway {
             idempotency,
             hub,
             store: runtime.session_events.clone(),
+            sse_metrics: SseMetrics::new(&runtime.metrics),
             lifecycle: runtime.lifecycle.clone(),
         });
         let rate_limit = RateLimitLayer::new(limiter, |req: &Request<Body>| {
@@ -637,6 +678,35 @@ const REPLAY_PAGE: u32 = 500;
 
 type SseItem = Result<Event, axum::Error>;
 
+/// What a [`Session`] sends next.
+#[derive(Debug, Clone, PartialEq)]
+enum Out {
+    Chat(ChatEvent),
+    Reset { last_event_id: u64, resumed_after: u64 },
+    Shutdown,
+    Unavailable,
+}
+
+impl Out {
+    fn into_sse(self) -> SseItem {
+        match self {
+            Out::Chat(e) => sse_event(&e),
+            Out::Reset {
+                last_event_id,
+                resumed_after,
+            } => reset_event(last_event_id, resumed_after),
+            Out::Shutdown => Event::default()
+                .event("shutdown")
+                .retry(Duration::from_millis(1_000))
+                .json_data(serde_json::json!({ "reconnect": true })),
+            Out::Unavailable => Event::default()
+                .event("unavailable")
+                .retry(Duration::from_millis(1_000))
+                .json_data(serde_json::json!({ "reconnect": true })),
+        }
+    }
+}
+
 fn sse_event(e: &ChatEvent) -> SseItem {
     let ev = Event::default().event(e.kind.sse_name());
     // An event that was not stored (`event_id` 0) has no id to resume from.
@@ -671,11 +741,12 @@ fn reset_event(last_event_id: u64, resumed_after: u64) -> SseItem {
 struct Session {
     sub: Subscription,
     store: SessionEvents,
+    metrics: SseMetrics,
     lifecycle: Shutdown,
     tenant: String,
     conversation_id: String,
     last: u64,
-    pending: VecDeque<SseItem>,
+    pending: VecDeque<Out>,
     done: bool,
 }
 
@@ -689,8 +760,11 @@ impl Session {
             .await?;
         let first_kept = bounds.oldest.unwrap_or(bounds.head + 1);
         if self.last + 1 < first_kept {
-            self.pending
-                .push_back(reset_event(self.last, first_kept - 1));
+            self.metrics.resets.inc();
+            self.pending.push_back(Out::Reset {
+                last_event_id: self.last,
+                resumed_after: first_kept - 1,
+            });
             self.last = first_kept - 1;
         }
         loop {
@@ -702,7 +776,7 @@ impl Session {
             for e in rows {
                 if e.event_id > self.last {
                     self.last = e.event_id;
-                    self.pending.push_back(sse_event(&e));
+                    self.pending.push_back(Out::Chat(e));
                 }
             }
             if !full {
@@ -714,20 +788,16 @@ impl Session {
     /// Catches up from the store; when the store cannot be read, ends the
     /// stream with `event: unavailable` and a `retry:` so the client
     /// reconnects with `Last-Event-ID` (nothing is lost, only later).
-    async fn resume(&mut self) {
+    async fn resume(&mut self, cause: &'static str) {
+        self.metrics.resumed(cause);
         if let Err(e) = self.catch_up().await {
             tracing::warn!(event = "sse_resume_failed", error = %e);
             self.done = true;
-            self.pending.push_back(
-                Event::default()
-                    .event("unavailable")
-                    .retry(Duration::from_millis(1_000))
-                    .json_data(serde_json::json!({ "reconnect": true })),
-            );
+            self.pending.push_back(Out::Unavailable);
         }
     }
 
-    async fn next(&mut self) -> Option<SseItem> {
+    async fn next(&mut self) -> Option<Out> {
         loop {
             if let Some(e) = self.pending.pop_front() {
                 return Some(e);
@@ -742,12 +812,7 @@ impl Session {
                     // reconnect (to another replica, or this one once
                     // restarted) with `Last-Event-ID`.
                     self.done = true;
-                    return Some(
-                        Event::default()
-                            .event("shutdown")
-                            .retry(Duration::from_millis(1_000))
-                            .json_data(serde_json::json!({ "reconnect": true })),
-                    );
+                    return Some(Out::Shutdown);
                 }
                 r = self.sub.rx.recv() => r,
             };
@@ -755,29 +820,29 @@ impl Session {
                 Ok(e) => {
                     let id = e.event.event_id;
                     if id == 0 {
-                        return Some(sse_event(&e.event));
+                        return Some(Out::Chat(e.event.clone()));
                     }
                     if id <= self.last {
                         continue;
                     }
                     if id == self.last + 1 {
                         self.last = id;
-                        return Some(sse_event(&e.event));
+                        return Some(Out::Chat(e.event.clone()));
                     }
-                    self.resume().await;
+                    self.resume("gap").await;
                     if !self.done && id > self.last {
                         // Live has what the store does not (yet): send it
                         // rather than hold the stream back.
                         tracing::warn!(event = "sse_gap_not_in_store", after = self.last, id);
                         self.last = id;
-                        self.pending.push_back(sse_event(&e.event));
+                        self.pending.push_back(Out::Chat(e.event.clone()));
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     // Further behind than `chat.sse_buffer`: resumed from the
                     // store instead of being cut off.
                     tracing::debug!(event = "sse_lagged_resumed", missed);
-                    self.resume().await;
+                    self.resume("lagged").await;
                 }
                 Err(broadcast::error::RecvError::Closed) => self.done = true,
             }
@@ -828,6 +893,7 @@ async fn events_stream(
     let mut session = Session {
         sub,
         store: gw.store.clone(),
+        metrics: gw.sse_metrics.clone(),
         lifecycle: gw.lifecycle.clone(),
         tenant: principal.tenant,
         conversation_id,
@@ -851,11 +917,16 @@ async fn events_stream(
                 Ok(b) if after > b.head => {
                     // An id this conversation never had: say so, go on
                     // after the newest.
-                    session.pending.push_back(reset_event(after, b.head));
+                    gw.sse_metrics.resets.inc();
+                    session.pending.push_back(Out::Reset {
+                        last_event_id: after,
+                        resumed_after: b.head,
+                    });
                     session.last = b.head;
                     Ok(())
                 }
                 Ok(_) => {
+                    gw.sse_metrics.resumed("last_event_id");
                     session.last = after;
                     session.catch_up().await
                 }
@@ -872,7 +943,7 @@ async fn events_stream(
         );
     }
     let stream = futures::stream::unfold(session, |mut s| async move {
-        s.next().await.map(|e| (e, s))
+        s.next().await.map(|e| (e.into_sse(), s))
     });
     Sse::new(stream)
         .keep_alive(
@@ -903,6 +974,103 @@ mod tests {
             let r = last_event_id(&headers(bad)).unwrap_err();
             assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{bad}");
         }
+    }
+
+    /// A stream whose conversation channel overflowed (`chat.sse_buffer` =
+    /// 1, three events sent before it reads) is caught up from the store:
+    /// every event once, in order, nothing cut off. Real PostgreSQL.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lagged_stream_is_resumed_from_the_store_without_a_gap() {
+        soma_testkit::require_postgres();
+        let pool = sqlx::PgPool::connect(&soma_testkit::postgres_url())
+            .await
+            .expect("PostgreSQL (start it with `cargo xtask stack up`)");
+        let schema = soma_testkit::unique_name("sse_lag");
+        let store = SessionEvents::new(pool.clone(), &schema).unwrap();
+        store.migrate().await.unwrap();
+        let mut events: Vec<ChatEvent> = protocol::reply_events(
+            Uuid::now_v7(),
+            "c1",
+            "one two three four five six seven eight",
+            protocol::MemoryStatus::None,
+        );
+        let mut tx = pool.begin().await.unwrap();
+        store.append(&mut tx, "t", "c1", &mut events).await.unwrap();
+        tx.commit().await.unwrap();
+        let ids: Vec<u64> = events.iter().map(|e| e.event_id).collect();
+        assert_eq!(ids, (1..=events.len() as u64).collect::<Vec<_>>());
+
+        let hub = Hub::new(1);
+        let registry = MetricsRegistry::new(Default::default());
+        let metrics = SseMetrics::new(&registry);
+        let health = soma_observability::health::HealthRegistry::new();
+        let mut session = Session {
+            sub: hub.subscribe("t", "c1"),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            lifecycle: Shutdown::new(Default::default(), &health),
+            tenant: "t".into(),
+            conversation_id: "c1".into(),
+            last: 0,
+            pending: VecDeque::new(),
+            done: false,
+        };
+        // Another conversation's traffic goes to its own channel (none: no
+        // subscriber), never into this one.
+        for e in &events {
+            hub.publish(HubEvent {
+                tenant: "t".into(),
+                event: ChatEvent {
+                    conversation_id: "c2".into(),
+                    ..e.clone()
+                },
+            });
+        }
+        for e in &events[..3] {
+            hub.publish(HubEvent {
+                tenant: "t".into(),
+                event: e.clone(),
+            });
+        }
+        let mut seen = Vec::new();
+        for _ in 0..events.len() {
+            let next = tokio::time::timeout(Duration::from_secs(5), session.next())
+                .await
+                .expect("an event within 5 s")
+                .expect("the stream goes on");
+            let Out::Chat(e) = next else {
+                panic!("expected a chat event, got {next:?}")
+            };
+            seen.push(e.event_id);
+        }
+        assert_eq!(seen, ids, "every stored event once, in order");
+        assert_eq!(
+            metrics
+                .resumes
+                .get_or_create(&vec![("cause", "lagged")])
+                .get(),
+            1
+        );
+        // Live again: the next event is delivered from the channel.
+        let mut more = protocol::reply_events(Uuid::now_v7(), "c1", "again", protocol::MemoryStatus::None);
+        let mut tx = pool.begin().await.unwrap();
+        store.append(&mut tx, "t", "c1", &mut more).await.unwrap();
+        tx.commit().await.unwrap();
+        hub.publish(HubEvent {
+            tenant: "t".into(),
+            event: more[0].clone(),
+        });
+        let next = tokio::time::timeout(Duration::from_secs(5), session.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(next, Out::Chat(more[0].clone()));
+        drop(session);
+        assert_eq!(hub.len(), 0);
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&pool)
+            .await
+            .unwrap();
     }
 
     #[test]
