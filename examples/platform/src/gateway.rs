@@ -682,7 +682,10 @@ type SseItem = Result<Event, axum::Error>;
 #[derive(Debug, Clone, PartialEq)]
 enum Out {
     Chat(ChatEvent),
-    Reset { last_event_id: u64, resumed_after: u64 },
+    Reset {
+        last_event_id: u64,
+        resumed_after: u64,
+    },
     Shutdown,
     Unavailable,
 }
@@ -850,28 +853,37 @@ impl Session {
     }
 }
 
-/// Parses `Last-Event-ID`: `Ok(None)` when absent or empty.
-fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, Response> {
+/// A `Last-Event-ID` that is not an id this API sends.
+#[derive(Debug, thiserror::Error)]
+#[error("Last-Event-ID must be the id of an event this API sent (a decimal integer)")]
+struct InvalidLastEventId;
+
+impl IntoResponse for InvalidLastEventId {
+    fn into_response(self) -> Response {
+        problem(
+            StatusCode::BAD_REQUEST,
+            "invalid_last_event_id",
+            &self.to_string(),
+        )
+    }
+}
+
+/// Parses `Last-Event-ID`: `Ok(None)` when absent or empty; ids are
+/// decimal integers up to 2^63-1 (PostgreSQL `BIGINT`).
+fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, InvalidLastEventId> {
     let Some(v) = headers.get(LAST_EVENT_ID) else {
         return Ok(None);
     };
     match v.to_str().map(str::trim) {
         Ok("") => Ok(None),
-        Ok(s) if s.bytes().all(|b| b.is_ascii_digit()) && s.len() <= 19 => {
-            Ok(s.parse::<u64>().ok().filter(|n| *n <= i64::MAX as u64)).and_then(|n| {
-                n.map(Some).ok_or_else(invalid_last_event_id)
-            })
-        }
-        _ => Err(invalid_last_event_id()),
+        Ok(s) if s.bytes().all(|b| b.is_ascii_digit()) => s
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n <= i64::MAX as u64)
+            .map(Some)
+            .ok_or(InvalidLastEventId),
+        _ => Err(InvalidLastEventId),
     }
-}
-
-fn invalid_last_event_id() -> Response {
-    problem(
-        StatusCode::BAD_REQUEST,
-        "invalid_last_event_id",
-        "Last-Event-ID must be the id of an event this API sent (a decimal integer)",
-    )
 }
 
 async fn events_stream(
@@ -885,7 +897,7 @@ async fn events_stream(
     }
     let resume_from = match last_event_id(&headers) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     // Subscribed before the store is read: an event is in the replay, or
     // on the channel, or both (then dropped by id) — never in neither.
@@ -970,8 +982,15 @@ mod tests {
         assert_eq!(last_event_id(&headers("")).unwrap(), None);
         assert_eq!(last_event_id(&headers("42")).unwrap(), Some(42));
         assert_eq!(last_event_id(&headers(" 7 ")).unwrap(), Some(7));
-        for bad in ["-1", "abc", "1.5", "0x10", "99999999999999999999", "9223372036854775808"] {
-            let r = last_event_id(&headers(bad)).unwrap_err();
+        for bad in [
+            "-1",
+            "abc",
+            "1.5",
+            "0x10",
+            "99999999999999999999",
+            "9223372036854775808",
+        ] {
+            let r = last_event_id(&headers(bad)).unwrap_err().into_response();
             assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{bad}");
         }
     }
@@ -1052,7 +1071,8 @@ mod tests {
             1
         );
         // Live again: the next event is delivered from the channel.
-        let mut more = protocol::reply_events(Uuid::now_v7(), "c1", "again", protocol::MemoryStatus::None);
+        let mut more =
+            protocol::reply_events(Uuid::now_v7(), "c1", "again", protocol::MemoryStatus::None);
         let mut tx = pool.begin().await.unwrap();
         store.append(&mut tx, "t", "c1", &mut more).await.unwrap();
         tx.commit().await.unwrap();

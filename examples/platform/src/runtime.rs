@@ -112,7 +112,8 @@ impl Runtime {
                 source,
             })?;
         let outbox = Outbox::new(pool.clone(), settings.outbox.clone()).await?;
-        let session_events = SessionEvents::new(pool.clone(), &settings.chat.session_events_schema)?;
+        let session_events =
+            SessionEvents::new(pool.clone(), &settings.chat.session_events_schema)?;
         session_events.migrate().await?;
         OutboxHealthCheck::new(outbox.clone()).register(
             &health,
