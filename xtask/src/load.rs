@@ -11,9 +11,11 @@
 //! A `POST` that is not answered `202` is retried (same `Idempotency-Key`,
 //! so a retry of a message the gateway did accept gets the first answer
 //! back) until `give_up` has passed; every non-`202` answer is counted by
-//! status. An SSE stream that ends or fails is reopened and counted: SSE is
-//! live only, so a reconnected client can miss events published while it was
-//! away. Used by `cargo xtask chaos`; meant to serve a load benchmark too.
+//! status. An SSE stream that ends or fails is reopened and counted; it is
+//! reopened with `Last-Event-ID` (the last event id it saw), so the gateway —
+//! any gateway — replays what it missed meanwhile from its session event
+//! store. Event ids are numbers per conversation, so they are recorded per
+//! conversation. Used by `cargo xtask chaos`; meant to serve a load benchmark too.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -119,7 +121,12 @@ impl Observed {
             self.sse_lagged += 1;
             return;
         }
-        if !id.is_empty() && !self.event_ids.insert(id.to_owned()) {
+        if !event.starts_with("reply.") {
+            // `reset`, `shutdown`, `unavailable`: stream control, not replies
+            // (a `reset` id repeats the last id replayed).
+            return;
+        }
+        if !id.is_empty() && !self.event_ids.insert(format!("{conversation}/{id}")) {
             self.duplicate_event_ids += 1;
             return;
         }
@@ -212,6 +219,7 @@ impl Load {
                 observed: self.observed.clone(),
                 stop: self.stop.clone(),
                 opened: Some(tx.clone()),
+                last_event_id: None,
             };
             self.listeners.push(tokio::spawn(ctx.run()));
         }
@@ -394,6 +402,8 @@ struct Listener {
     observed: Arc<Mutex<Observed>>,
     stop: Arc<AtomicBool>,
     opened: Option<tokio::sync::mpsc::Sender<usize>>,
+    /// The id of the last event seen, sent as `Last-Event-ID` on reconnect.
+    last_event_id: Option<String>,
 }
 
 impl Listener {
@@ -405,13 +415,15 @@ impl Listener {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             first = false;
-            let resp = self
+            let mut req = self
                 .client
                 .get(&self.url)
                 .bearer_auth(&self.token)
-                .header("accept", "text/event-stream")
-                .send()
-                .await;
+                .header("accept", "text/event-stream");
+            if let Some(id) = &self.last_event_id {
+                req = req.header("last-event-id", id.as_str());
+            }
+            let resp = req.send().await;
             let resp = match resp {
                 Ok(r) if r.status().is_success() => r,
                 _ => continue,
@@ -423,7 +435,7 @@ impl Listener {
         }
     }
 
-    async fn read(&self, resp: reqwest::Response) {
+    async fn read(&mut self, resp: reqwest::Response) {
         let mut stream = resp.bytes_stream();
         let mut buf = String::new();
         while let Some(chunk) = stream.next().await {
@@ -442,8 +454,11 @@ impl Listener {
                         data.push_str(v.trim_start());
                     }
                 }
+                if !id.is_empty() {
+                    self.last_event_id = Some(id.clone());
+                }
                 if data.is_empty() {
-                    continue; // keep-alive comment
+                    continue; // heartbeat comment
                 }
                 let data: Value = serde_json::from_str(&data).unwrap_or_default();
                 let mut o = self.observed.lock().await;

@@ -8,8 +8,10 @@
 //! 1. recall related memories from SomaBrain — when SomaBrain is down the
 //!    reply says so (`memory: "unavailable"`) instead of failing;
 //! 2. in **one Postgres transaction**: record the message id in the inbox
-//!    (a redelivered message is skipped), write the reply events and the
-//!    memory-write request to the outbox (`publish_in_tx`), commit;
+//!    (a redelivered message is skipped), number and store the reply
+//!    events in the session event store (what SSE clients resume from,
+//!    see [`session_events`]), write them and the memory-write request
+//!    to the outbox (`publish_in_tx`), commit;
 //! 3. the relay delivers those records to Kafka in commit order.
 //!
 //! So the reply is produced exactly once per message id, even across
@@ -17,6 +19,7 @@
 //! outbox holds it).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use soma_bus::{Envelope, HandlerError};
 use soma_config::Live;
@@ -28,6 +31,7 @@ use crate::protocol::{self, ChatRequest, MemoryStatus, MemoryWrite, ToolCall};
 use soma_bus::Effects;
 
 use crate::runtime::{KafkaRole, Runtime, Worker};
+use crate::session_events::{self, SessionEvents};
 use crate::settings::PlatformSettings;
 
 /// Inbox handler name (one inbox row per message id and handler).
@@ -36,6 +40,7 @@ pub const HANDLER: &str = "conversation-worker";
 struct Ctx {
     settings: Arc<PlatformSettings>,
     effects: Effects,
+    store: SessionEvents,
     brain: SomabrainClient,
 }
 
@@ -49,10 +54,19 @@ pub async fn start(
     let ctx = Arc::new(Ctx {
         settings: runtime.settings.clone(),
         effects: runtime.effects(),
+        store: runtime.session_events.clone(),
         // Without SomaBrain the worker answers without memory.
         brain: runtime.somabrain()?,
     });
-    let topic = ctx.settings.chat.requests_topic.clone();
+    let chat = &ctx.settings.chat;
+    // Retention of the session event store, off the handling path.
+    runtime.session_events.clone().spawn_pruner(
+        &runtime.lifecycle,
+        Duration::from_millis(chat.session_events_prune_interval_ms),
+        chat.session_events_max_per_conversation,
+        Duration::from_secs(chat.session_events_max_age_secs),
+    );
+    let topic = chat.requests_topic.clone();
     runtime.into_worker(&topic, HANDLER, move |env: Envelope| {
         let ctx = ctx.clone();
         async move { handle(&ctx, env).await }
@@ -123,8 +137,7 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
         }
     };
     let reply = protocol::compose_reply(&req, memory, &recalled);
-    let events = protocol::reply_envelopes(&env, env.id, &req.conversation_id, &reply, memory)
-        .map_err(HandlerError::fatal)?;
+    let events = protocol::reply_events(env.id, &req.conversation_id, &reply, memory);
     let write = MemoryWrite {
         conversation_id: req.conversation_id.clone(),
         message_id: env.id,
@@ -142,13 +155,15 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
     .caused_by(&env)
     .build()
     .map_err(HandlerError::fatal)?;
-    let mut out: Vec<(&str, &Envelope)> = events
-        .iter()
-        .map(|e| (chat.events_topic.as_str(), e))
-        .collect();
-    out.push((&chat.memory_topic, &memory_env));
-    ctx.effects
-        .commit_once(HANDLER, env.id, &out)
-        .await
-        .map(|_| ())
+    session_events::commit_reply(
+        &ctx.effects,
+        &ctx.store,
+        HANDLER,
+        &env,
+        &chat.events_topic,
+        events,
+        &[(&chat.memory_topic, &memory_env)],
+    )
+    .await
+    .map(|_| ())
 }

@@ -4,13 +4,14 @@
 //! | Route | Action | What it does |
 //! |---|---|---|
 //! | `POST /v1/conversations/{id}/messages` | `conversation.send` | Accepts `{"text": …}`, publishes it durably (Kafka, or the outbox when Kafka is down), answers `202` with the message id. An `Idempotency-Key` header makes retries return the first answer. |
-//! | `GET /v1/conversations/{id}/events` | `conversation.read` | Server-sent events `reply.started`, `reply.delta`, `reply.completed` for that conversation of the caller's tenant, from the moment of connecting. |
+//! | `GET /v1/conversations/{id}/events` | `conversation.read` | Server-sent events `reply.started`, `reply.delta`, `reply.completed` for that conversation of the caller's tenant: from the moment of connecting, or, with `Last-Event-ID`, every event after that id still kept (replayed from the session event store, then live). Heartbeat comments every `chat.sse_heartbeat_ms`. |
 //!
 //! Every request passes, in order: metrics and tracing → authentication (JWT
 //! or API key; `401`) → rate limit per tenant and route (`429`) →
 //! authorization through the embedded Rego policy (`403`, or `503` when no
 //! decision can be had) → the handler.
 
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,12 +23,14 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use soma_bus::{BusConsumer, ConsumerHandle, Envelope, HandlerError, PublishOutcome};
 use soma_config::Live;
 use soma_observability::http::{HttpMetricsLayer, TraceLayer};
+use soma_observability::metrics::MetricsRegistry;
+use soma_observability::prometheus_client::metrics::counter::Counter;
+use soma_observability::prometheus_client::metrics::family::Family;
 use soma_observability::shutdown::Shutdown;
 use soma_policy::{
     ApiKeyStore, Authenticator, AuthnLayer, AuthzLayer, PgApiKeyStore, PolicyMetrics, Principal,
@@ -38,14 +41,13 @@ use soma_redis::{Claim, Idempotency, IdempotencyOptions, RateLimit, RateLimiter,
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::PlatformError;
 use crate::protocol::{self, ChatEvent, ChatRequest};
 use crate::runtime::{KafkaRole, Runtime};
+use crate::session_events::SessionEvents;
 use crate::settings::PlatformSettings;
 
 /// Route template of message intake.
@@ -90,15 +92,127 @@ struct SendMessage {
 #[derive(Debug)]
 struct HubEvent {
     tenant: String,
-    envelope_id: Uuid,
     event: ChatEvent,
+}
+
+type ChannelKey = (String, String);
+type Channels = HashMap<ChannelKey, broadcast::Sender<Arc<HubEvent>>>;
+
+/// The gateway's live fan-out: one broadcast channel per `(tenant,
+/// conversation)` that has subscribers, created by the first and dropped
+/// with the last. A busy conversation fills only its own channel, so it
+/// cannot push other conversations' streams behind.
+struct Hub {
+    buffer: usize,
+    channels: std::sync::Mutex<Channels>,
+}
+
+impl Hub {
+    fn new(buffer: usize) -> Arc<Self> {
+        Arc::new(Self {
+            buffer,
+            channels: std::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn channels(&self) -> std::sync::MutexGuard<'_, Channels> {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands `event` to its conversation's subscribers, if any.
+    fn publish(&self, event: HubEvent) {
+        let key = (event.tenant.clone(), event.event.conversation_id.clone());
+        let tx = self.channels().get(&key).cloned();
+        if let Some(tx) = tx {
+            // Every receiver gone since the lookup: nobody to tell.
+            let _ = tx.send(Arc::new(event));
+        }
+    }
+
+    fn subscribe(self: &Arc<Self>, tenant: &str, conversation_id: &str) -> Subscription {
+        let key = (tenant.to_owned(), conversation_id.to_owned());
+        let rx = self
+            .channels()
+            .entry(key.clone())
+            .or_insert_with(|| broadcast::channel(self.buffer).0)
+            .subscribe();
+        Subscription {
+            rx,
+            hub: self.clone(),
+            key,
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.channels().len()
+    }
+}
+
+/// One stream's receiver; dropping the last one of a conversation drops
+/// its channel.
+struct Subscription {
+    rx: broadcast::Receiver<Arc<HubEvent>>,
+    hub: Arc<Hub>,
+    key: ChannelKey,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut channels = self.hub.channels();
+        // `self.rx` is still alive here: it is the last when the count is 1.
+        if channels
+            .get(&self.key)
+            .is_some_and(|tx| tx.receiver_count() <= 1)
+        {
+            channels.remove(&self.key);
+        }
+    }
+}
+
+type CauseFamily = Family<Vec<(&'static str, &'static str)>, Counter>;
+
+/// The SSE streams' metrics.
+#[derive(Clone)]
+struct SseMetrics {
+    /// `soma_platform_sse_resumes_total{cause}`.
+    resumes: CauseFamily,
+    /// `soma_platform_sse_resets_total`.
+    resets: Counter,
+}
+
+impl SseMetrics {
+    fn new(registry: &MetricsRegistry) -> Self {
+        Self {
+            resumes: registry.counter_family(
+                "soma_platform_sse_resumes_total",
+                "SSE streams caught up from the session event store, by cause: \
+                 last_event_id (a reconnect), lagged (fell behind chat.sse_buffer), \
+                 gap (a live event beyond the next expected id)",
+            ),
+            resets: registry
+                .counter_family::<Vec<(&'static str, &'static str)>>(
+                    "soma_platform_sse_resets_total",
+                    "event: reset sent: the events after a client's Last-Event-ID are no \
+                     longer kept (retention) or never existed",
+                )
+                .get_or_create(&Vec::new())
+                .clone(),
+        }
+    }
+
+    fn resumed(&self, cause: &'static str) {
+        self.resumes.get_or_create(&vec![("cause", cause)]).inc();
+    }
 }
 
 struct Shared {
     settings: Arc<PlatformSettings>,
     runtime_publisher: soma_bus::DurablePublisher,
     idempotency: Idempotency,
-    hub: broadcast::Sender<Arc<HubEvent>>,
+    hub: Arc<Hub>,
+    store: SessionEvents,
+    sse_metrics: SseMetrics,
     lifecycle: Shutdown,
 }
 
@@ -180,7 +294,7 @@ impl Gateway {
         rules.extend(settings.policy.routes.iter().cloned());
         let routes = RouteMap::new(rules).map_err(|e| PlatformError::Policy(e.to_string()))?;
 
-        let (hub, _) = broadcast::channel(settings.chat.sse_buffer);
+        let hub = Hub::new(settings.chat.sse_buffer);
         let events = spawn_hub(&runtime, hub.clone())?;
 
         let shared = Arc::new(Shared {
@@ -188,6 +302,8 @@ impl Gateway {
             runtime_publisher: runtime.publisher.clone(),
             idempotency,
             hub,
+            store: runtime.session_events.clone(),
+            sse_metrics: SseMetrics::new(&runtime.metrics),
             lifecycle: runtime.lifecycle.clone(),
         });
         let rate_limit = RateLimitLayer::new(limiter, |req: &Request<Body>| {
@@ -301,11 +417,10 @@ impl Gateway {
 }
 
 /// Reply events reach every gateway replica (broadcast group), which fans
-/// them out to its SSE clients.
-fn spawn_hub(
-    runtime: &Runtime,
-    hub: broadcast::Sender<Arc<HubEvent>>,
-) -> Result<ConsumerHandle, PlatformError> {
+/// them out to its SSE clients per conversation. The gateway does not
+/// write the session event store: the worker stored each event, with its
+/// number, before publishing it.
+fn spawn_hub(runtime: &Runtime, hub: Arc<Hub>) -> Result<ConsumerHandle, PlatformError> {
     let handler = move |env: Envelope| {
         let hub = hub.clone();
         async move {
@@ -313,11 +428,10 @@ fn spawn_hub(
                 .json()
                 .map_err(|e| HandlerError::fatal(format!("undecodable reply event: {e}")))?;
             // No SSE client connected is not an error.
-            let _ = hub.send(Arc::new(HubEvent {
+            hub.publish(HubEvent {
                 tenant: env.tenant.clone(),
-                envelope_id: env.id,
                 event,
-            }));
+            });
             Ok(())
         }
     };
@@ -556,67 +670,441 @@ async fn post_message(
     (StatusCode::ACCEPTED, axum::Json(accepted)).into_response()
 }
 
-enum Item {
-    Event(Arc<HubEvent>),
-    Lagged(u64),
+/// Request header with the id of the last event an SSE client saw.
+pub const LAST_EVENT_ID: &str = "last-event-id";
+
+/// Stored events read per query when a stream replays or catches up.
+const REPLAY_PAGE: u32 = 500;
+
+type SseItem = Result<Event, axum::Error>;
+
+/// What a [`Session`] sends next.
+#[derive(Debug, Clone, PartialEq)]
+enum Out {
+    Chat(ChatEvent),
+    Reset {
+        last_event_id: u64,
+        resumed_after: u64,
+    },
+    Shutdown,
+    Unavailable,
+}
+
+impl Out {
+    fn into_sse(self) -> SseItem {
+        match self {
+            Out::Chat(e) => sse_event(&e),
+            Out::Reset {
+                last_event_id,
+                resumed_after,
+            } => reset_event(last_event_id, resumed_after),
+            Out::Shutdown => Event::default()
+                .event("shutdown")
+                .retry(Duration::from_millis(1_000))
+                .json_data(serde_json::json!({ "reconnect": true })),
+            Out::Unavailable => Event::default()
+                .event("unavailable")
+                .retry(Duration::from_millis(1_000))
+                .json_data(serde_json::json!({ "reconnect": true })),
+        }
+    }
+}
+
+fn sse_event(e: &ChatEvent) -> SseItem {
+    let ev = Event::default().event(e.kind.sse_name());
+    // An event that was not stored (`event_id` 0) has no id to resume from.
+    let ev = if e.event_id > 0 {
+        ev.id(e.event_id.to_string())
+    } else {
+        ev
+    };
+    ev.json_data(e)
+}
+
+/// `event: reset`: the events after `last_event_id` up to `resumed_after`
+/// are no longer kept (retention) or never existed; the stream goes on
+/// after `resumed_after` (also its `id`, so a reconnect resumes there).
+fn reset_event(last_event_id: u64, resumed_after: u64) -> SseItem {
+    Event::default()
+        .event("reset")
+        .id(resumed_after.to_string())
+        .json_data(serde_json::json!({
+            "last_event_id": last_event_id,
+            "resumed_after": resumed_after,
+        }))
+}
+
+/// One SSE stream: replay from the session event store after the client's
+/// `Last-Event-ID`, then live from the conversation's channel. Event ids
+/// are dense per conversation, so the stream tells exactly what it has
+/// sent (`last`): a live event at or below it is a duplicate (dropped), one
+/// beyond `last + 1` means something was missed (a lagged channel, or an
+/// event that reached the channel before this stream subscribed) and the
+/// stream catches up from the store first. So every event once, in order.
+struct Session {
+    sub: Subscription,
+    store: SessionEvents,
+    metrics: SseMetrics,
+    lifecycle: Shutdown,
+    tenant: String,
+    conversation_id: String,
+    last: u64,
+    pending: VecDeque<Out>,
+    done: bool,
+}
+
+impl Session {
+    /// Queues the stored events after `last` (with an `event: reset` first
+    /// when the oldest of them is no longer kept).
+    async fn catch_up(&mut self) -> Result<(), crate::session_events::SessionEventsError> {
+        let bounds = self
+            .store
+            .bounds(&self.tenant, &self.conversation_id)
+            .await?;
+        let first_kept = bounds.oldest.unwrap_or(bounds.head + 1);
+        if self.last + 1 < first_kept {
+            self.metrics.resets.inc();
+            self.pending.push_back(Out::Reset {
+                last_event_id: self.last,
+                resumed_after: first_kept - 1,
+            });
+            self.last = first_kept - 1;
+        }
+        loop {
+            let rows = self
+                .store
+                .after(&self.tenant, &self.conversation_id, self.last, REPLAY_PAGE)
+                .await?;
+            let full = rows.len() as u32 == REPLAY_PAGE;
+            for e in rows {
+                if e.event_id > self.last {
+                    self.last = e.event_id;
+                    self.pending.push_back(Out::Chat(e));
+                }
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Catches up from the store; when the store cannot be read, ends the
+    /// stream with `event: unavailable` and a `retry:` so the client
+    /// reconnects with `Last-Event-ID` (nothing is lost, only later).
+    async fn resume(&mut self, cause: &'static str) {
+        self.metrics.resumed(cause);
+        if let Err(e) = self.catch_up().await {
+            tracing::warn!(event = "sse_resume_failed", error = %e);
+            self.done = true;
+            self.pending.push_back(Out::Unavailable);
+        }
+    }
+
+    async fn next(&mut self) -> Option<Out> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Some(e);
+            }
+            if self.done {
+                return None;
+            }
+            let received = tokio::select! {
+                biased;
+                _ = self.lifecycle.draining() => {
+                    // Shutting down: end the stream telling the client to
+                    // reconnect (to another replica, or this one once
+                    // restarted) with `Last-Event-ID`.
+                    self.done = true;
+                    return Some(Out::Shutdown);
+                }
+                r = self.sub.rx.recv() => r,
+            };
+            match received {
+                Ok(e) => {
+                    let id = e.event.event_id;
+                    if id == 0 {
+                        return Some(Out::Chat(e.event.clone()));
+                    }
+                    if id <= self.last {
+                        continue;
+                    }
+                    if id == self.last + 1 {
+                        self.last = id;
+                        return Some(Out::Chat(e.event.clone()));
+                    }
+                    self.resume("gap").await;
+                    if !self.done && id > self.last {
+                        // Live has what the store does not (yet): send it
+                        // rather than hold the stream back.
+                        tracing::warn!(event = "sse_gap_not_in_store", after = self.last, id);
+                        self.last = id;
+                        self.pending.push_back(Out::Chat(e.event.clone()));
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    // Further behind than `chat.sse_buffer`: resumed from the
+                    // store instead of being cut off.
+                    tracing::debug!(event = "sse_lagged_resumed", missed);
+                    self.resume("lagged").await;
+                }
+                Err(broadcast::error::RecvError::Closed) => self.done = true,
+            }
+        }
+    }
+}
+
+/// A `Last-Event-ID` that is not an id this API sends.
+#[derive(Debug, thiserror::Error)]
+#[error("Last-Event-ID must be the id of an event this API sent (a decimal integer)")]
+struct InvalidLastEventId;
+
+impl IntoResponse for InvalidLastEventId {
+    fn into_response(self) -> Response {
+        problem(
+            StatusCode::BAD_REQUEST,
+            "invalid_last_event_id",
+            &self.to_string(),
+        )
+    }
+}
+
+/// Parses `Last-Event-ID`: `Ok(None)` when absent or empty; ids are
+/// decimal integers up to 2^63-1 (PostgreSQL `BIGINT`).
+fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, InvalidLastEventId> {
+    let Some(v) = headers.get(LAST_EVENT_ID) else {
+        return Ok(None);
+    };
+    match v.to_str().map(str::trim) {
+        Ok("") => Ok(None),
+        Ok(s) if s.bytes().all(|b| b.is_ascii_digit()) => s
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n <= i64::MAX as u64)
+            .map(Some)
+            .ok_or(InvalidLastEventId),
+        _ => Err(InvalidLastEventId),
+    }
 }
 
 async fn events_stream(
     State(gw): State<Arc<Shared>>,
     Extension(principal): Extension<Principal>,
     Path(conversation_id): Path<String>,
+    headers: HeaderMap,
 ) -> Response {
     if let Some(r) = reject_conversation_id(&conversation_id) {
         return r;
     }
-    // Subscribed before the response starts: everything the hub receives
-    // from now on is seen.
-    let rx = gw.hub.subscribe();
-    let tenant = principal.tenant;
-    let stream = BroadcastStream::new(rx)
-        .map(|r| match r {
-            Ok(e) => Item::Event(e),
-            Err(BroadcastStreamRecvError::Lagged(n)) => Item::Lagged(n),
-        })
-        .filter(move |item| {
-            let keep = match item {
-                Item::Event(e) => e.tenant == tenant && e.event.conversation_id == conversation_id,
-                Item::Lagged(_) => true,
-            };
-            futures::future::ready(keep)
-        })
-        .scan(false, |ended, item| {
-            if *ended {
-                return futures::future::ready(None);
-            }
-            let event = match item {
-                Item::Event(e) => Event::default()
-                    .event(e.event.kind.sse_name())
-                    .id(e.envelope_id.to_string())
-                    .json_data(&e.event),
-                Item::Lagged(n) => {
-                    // The client fell further behind than `chat.sse_buffer`:
-                    // say how much it missed and end the stream.
-                    *ended = true;
-                    Event::default()
-                        .event("lagged")
-                        .json_data(serde_json::json!({ "missed": n }))
+    let resume_from = match last_event_id(&headers) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    // Subscribed before the store is read: an event is in the replay, or
+    // on the channel, or both (then dropped by id) — never in neither.
+    let sub = gw.hub.subscribe(&principal.tenant, &conversation_id);
+    let mut session = Session {
+        sub,
+        store: gw.store.clone(),
+        metrics: gw.sse_metrics.clone(),
+        lifecycle: gw.lifecycle.clone(),
+        tenant: principal.tenant,
+        conversation_id,
+        last: 0,
+        pending: VecDeque::new(),
+        done: false,
+    };
+    let started = match resume_from {
+        // From now on: everything after the newest stored event.
+        None => gw
+            .store
+            .bounds(&session.tenant, &session.conversation_id)
+            .await
+            .map(|b| session.last = b.head),
+        Some(after) => {
+            match gw
+                .store
+                .bounds(&session.tenant, &session.conversation_id)
+                .await
+            {
+                Ok(b) if after > b.head => {
+                    // An id this conversation never had: say so, go on
+                    // after the newest.
+                    gw.sse_metrics.resets.inc();
+                    session.pending.push_back(Out::Reset {
+                        last_event_id: after,
+                        resumed_after: b.head,
+                    });
+                    session.last = b.head;
+                    Ok(())
                 }
-            };
-            futures::future::ready(Some(event))
-        })
-        // Shutting down: end the stream with an event telling the client to
-        // reconnect (to another replica, or this one once restarted).
-        .take_until(gw.lifecycle.draining())
-        .chain(futures::stream::once(async {
-            Event::default()
-                .event("shutdown")
-                .retry(Duration::from_millis(1_000))
-                .json_data(serde_json::json!({ "reconnect": true }))
-        }));
+                Ok(_) => {
+                    gw.sse_metrics.resumed("last_event_id");
+                    session.last = after;
+                    session.catch_up().await
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
+    if let Err(e) = started {
+        tracing::warn!(event = "sse_store_unavailable", error = %e);
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "session_store_unavailable",
+            "cannot read the conversation's events right now; retry later",
+        );
+    }
+    let stream = futures::stream::unfold(session, |mut s| async move {
+        s.next().await.map(|e| (e.into_sse(), s))
+    });
     Sse::new(stream)
         .keep_alive(
-            KeepAlive::new().interval(Duration::from_secs(gw.settings.chat.sse_keepalive_secs)),
+            KeepAlive::new()
+                .interval(Duration::from_millis(gw.settings.chat.sse_heartbeat_ms))
+                .text("heartbeat"),
         )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(LAST_EVENT_ID, HeaderValue::from_str(v).unwrap());
+        h
+    }
+
+    #[test]
+    fn last_event_id_is_a_decimal_integer() {
+        assert_eq!(last_event_id(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(last_event_id(&headers("")).unwrap(), None);
+        assert_eq!(last_event_id(&headers("42")).unwrap(), Some(42));
+        assert_eq!(last_event_id(&headers(" 7 ")).unwrap(), Some(7));
+        for bad in [
+            "-1",
+            "abc",
+            "1.5",
+            "0x10",
+            "99999999999999999999",
+            "9223372036854775808",
+        ] {
+            let r = last_event_id(&headers(bad)).unwrap_err().into_response();
+            assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
+
+    /// A stream whose conversation channel overflowed (`chat.sse_buffer` =
+    /// 1, three events sent before it reads) is caught up from the store:
+    /// every event once, in order, nothing cut off. Real PostgreSQL.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lagged_stream_is_resumed_from_the_store_without_a_gap() {
+        soma_testkit::require_postgres();
+        let pool = sqlx::PgPool::connect(&soma_testkit::postgres_url())
+            .await
+            .expect("PostgreSQL (start it with `cargo xtask stack up`)");
+        let schema = soma_testkit::unique_name("sse_lag");
+        let store = SessionEvents::new(pool.clone(), &schema).unwrap();
+        store.migrate().await.unwrap();
+        let mut events: Vec<ChatEvent> = protocol::reply_events(
+            Uuid::now_v7(),
+            "c1",
+            "one two three four five six seven eight",
+            protocol::MemoryStatus::None,
+        );
+        let mut tx = pool.begin().await.unwrap();
+        store.append(&mut tx, "t", "c1", &mut events).await.unwrap();
+        tx.commit().await.unwrap();
+        let ids: Vec<u64> = events.iter().map(|e| e.event_id).collect();
+        assert_eq!(ids, (1..=events.len() as u64).collect::<Vec<_>>());
+
+        let hub = Hub::new(1);
+        let registry = MetricsRegistry::new(Default::default());
+        let metrics = SseMetrics::new(&registry);
+        let health = soma_observability::health::HealthRegistry::new();
+        let mut session = Session {
+            sub: hub.subscribe("t", "c1"),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            lifecycle: Shutdown::new(Default::default(), &health),
+            tenant: "t".into(),
+            conversation_id: "c1".into(),
+            last: 0,
+            pending: VecDeque::new(),
+            done: false,
+        };
+        // Another conversation's traffic goes to its own channel (none: no
+        // subscriber), never into this one.
+        for e in &events {
+            hub.publish(HubEvent {
+                tenant: "t".into(),
+                event: ChatEvent {
+                    conversation_id: "c2".into(),
+                    ..e.clone()
+                },
+            });
+        }
+        for e in &events[..3] {
+            hub.publish(HubEvent {
+                tenant: "t".into(),
+                event: e.clone(),
+            });
+        }
+        let mut seen = Vec::new();
+        for _ in 0..events.len() {
+            let next = tokio::time::timeout(Duration::from_secs(5), session.next())
+                .await
+                .expect("an event within 5 s")
+                .expect("the stream goes on");
+            let Out::Chat(e) = next else {
+                panic!("expected a chat event, got {next:?}")
+            };
+            seen.push(e.event_id);
+        }
+        assert_eq!(seen, ids, "every stored event once, in order");
+        assert_eq!(
+            metrics
+                .resumes
+                .get_or_create(&vec![("cause", "lagged")])
+                .get(),
+            1
+        );
+        // Live again: the next event is delivered from the channel.
+        let mut more =
+            protocol::reply_events(Uuid::now_v7(), "c1", "again", protocol::MemoryStatus::None);
+        let mut tx = pool.begin().await.unwrap();
+        store.append(&mut tx, "t", "c1", &mut more).await.unwrap();
+        tx.commit().await.unwrap();
+        hub.publish(HubEvent {
+            tenant: "t".into(),
+            event: more[0].clone(),
+        });
+        let next = tokio::time::timeout(Duration::from_secs(5), session.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(next, Out::Chat(more[0].clone()));
+        drop(session);
+        assert_eq!(hub.len(), 0);
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn a_conversation_channel_lives_as_long_as_its_subscribers() {
+        let hub = Hub::new(4);
+        let a = hub.subscribe("t", "c1");
+        let b = hub.subscribe("t", "c1");
+        let other = hub.subscribe("t", "c2");
+        assert_eq!(hub.len(), 2);
+        drop(a);
+        assert_eq!(hub.len(), 2, "c1 still has a subscriber");
+        drop(b);
+        assert_eq!(hub.len(), 1, "c1's channel went with its last subscriber");
+        drop(other);
+        assert_eq!(hub.len(), 0);
+    }
 }

@@ -6,6 +6,7 @@ pub mod gateway;
 pub mod memory;
 pub mod protocol;
 pub mod runtime;
+pub mod session_events;
 pub mod settings;
 pub mod tools;
 
@@ -52,6 +53,9 @@ pub enum PlatformError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The session event store could not be set up.
+    #[error(transparent)]
+    SessionEvents(#[from] session_events::SessionEventsError),
     /// Telemetry could not be initialised.
     #[error(transparent)]
     Telemetry(#[from] soma_observability::TelemetryError),
@@ -60,14 +64,19 @@ pub enum PlatformError {
 impl PlatformError {
     /// Whether the error is bad configuration (fix the settings, don't retry).
     pub fn is_config(&self) -> bool {
-        matches!(self, PlatformError::Config(_) | PlatformError::Policy(_))
+        match self {
+            PlatformError::Config(_) | PlatformError::Policy(_) => true,
+            PlatformError::SessionEvents(e) => e.is_config(),
+            _ => false,
+        }
     }
 
     /// Whether a dependency was unreachable (retrying later may work).
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            PlatformError::Postgres { .. } | PlatformError::Bind { .. }
-        )
+        match self {
+            PlatformError::Postgres { .. } | PlatformError::Bind { .. } => true,
+            PlatformError::SessionEvents(e) => e.is_unavailable(),
+            _ => false,
+        }
     }
 }

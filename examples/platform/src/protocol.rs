@@ -71,6 +71,12 @@ pub struct ChatEvent {
     /// Whether the reply used SomaBrain memory: `recalled`, `none` or
     /// `unavailable` (SomaBrain down: answered without memory).
     pub memory: MemoryStatus,
+    /// The event's number in its conversation's session event stream
+    /// (dense from 1 per tenant and conversation, given by the session
+    /// event store in the transaction that produced it): the SSE `id`, and
+    /// what `Last-Event-ID` resumes from. 0 on an event that was not stored.
+    #[serde(default)]
+    pub event_id: u64,
 }
 
 /// How the worker's memory recall went.
@@ -165,16 +171,15 @@ pub fn compose_reply(req: &ChatRequest, memory: MemoryStatus, recalled: &[String
 }
 
 /// The events answering the user message `message_id`: `started`, at most
-/// [`MAX_DELTAS`] `delta`s, `completed` with the whole reply — each an envelope
-/// keyed by the conversation and caused by `cause` (the message itself, or
-/// the tool call made from it).
-pub fn reply_envelopes(
-    cause: &soma_bus::Envelope,
+/// [`MAX_DELTAS`] `delta`s, `completed` with the whole reply — not yet
+/// numbered (`event_id` 0; the session event store numbers them, see
+/// [`commit_reply`](crate::session_events::commit_reply)).
+pub fn reply_events(
     message_id: Uuid,
     conversation_id: &str,
     reply: &str,
     memory: MemoryStatus,
-) -> Result<Vec<soma_bus::Envelope>, soma_bus::EnvelopeError> {
+) -> Vec<ChatEvent> {
     let mut kinds = vec![(EventKind::Started, String::new())];
     kinds.extend(
         split_deltas(reply)
@@ -185,21 +190,33 @@ pub fn reply_envelopes(
     kinds
         .into_iter()
         .enumerate()
-        .map(|(seq, (kind, text))| {
-            let event = ChatEvent {
-                conversation_id: conversation_id.to_owned(),
-                message_id,
-                seq: seq as u32,
-                kind,
-                text,
-                memory,
-            };
-            soma_bus::Envelope::builder(REPLY_EVENT, cause.tenant.as_str(), conversation_id)
-                .json(&event)?
-                .caused_by(cause)
-                .build()
+        .map(|(seq, (kind, text))| ChatEvent {
+            conversation_id: conversation_id.to_owned(),
+            message_id,
+            seq: seq as u32,
+            kind,
+            text,
+            memory,
+            event_id: 0,
         })
         .collect()
+}
+
+/// The envelope carrying `event`: keyed by its conversation (so one
+/// conversation's events stay in order on one partition), caused by
+/// `cause` (the message itself, or the tool call made from it).
+pub fn event_envelope(
+    cause: &soma_bus::Envelope,
+    event: &ChatEvent,
+) -> Result<soma_bus::Envelope, soma_bus::EnvelopeError> {
+    soma_bus::Envelope::builder(
+        REPLY_EVENT,
+        cause.tenant.as_str(),
+        event.conversation_id.as_str(),
+    )
+    .json(event)?
+    .caused_by(cause)
+    .build()
 }
 
 /// Most `delta` events one reply is streamed in. Each event is a message

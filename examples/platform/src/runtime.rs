@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::PlatformError;
+use crate::session_events::SessionEvents;
 use crate::settings::PlatformSettings;
 
 /// How Kafka's health counts for a service.
@@ -51,6 +52,10 @@ pub struct Runtime {
     pub pool: PgPool,
     /// The outbox (also the inbox).
     pub outbox: Outbox,
+    /// The session event store (`chat.session_events_schema`): written by
+    /// the workers that produce reply events, read by the gateway's SSE
+    /// streams.
+    pub session_events: SessionEvents,
     /// The Kafka producer shared by the publisher, the relay and DLQ writes.
     pub producer: BusProducer,
     /// Kafka, or the outbox when Kafka is down.
@@ -107,6 +112,9 @@ impl Runtime {
                 source,
             })?;
         let outbox = Outbox::new(pool.clone(), settings.outbox.clone()).await?;
+        let session_events =
+            SessionEvents::new(pool.clone(), &settings.chat.session_events_schema)?;
+        session_events.migrate().await?;
         OutboxHealthCheck::new(outbox.clone()).register(
             &health,
             CheckOptions::new(Duration::from_secs(5), Duration::from_secs(2)),
@@ -168,6 +176,7 @@ impl Runtime {
             health,
             pool,
             outbox,
+            session_events,
             producer,
             publisher,
             admin_addr,

@@ -139,14 +139,28 @@ pub struct ChatSettings {
     pub rate_limit: u32,
     /// The rate-limit window in seconds.
     pub rate_window_secs: u64,
-    /// Events buffered per gateway for slow SSE clients; a client further
-    /// behind than this gets a `lagged` event and its stream ends.
+    /// Live events buffered per conversation channel of a gateway (one
+    /// channel per `(tenant, conversation)` with subscribers). A stream
+    /// further behind than this is not cut off: it resumes from the session
+    /// event store, then goes on live.
     pub sse_buffer: usize,
     /// Reply events a gateway remembers by id, so one delivered twice on
     /// the bus (a producer's retry after an outage) reaches SSE clients once.
     pub sse_dedupe_window: usize,
-    /// SSE keep-alive comment interval.
-    pub sse_keepalive_secs: u64,
+    /// Interval of the SSE heartbeat (a `: heartbeat` comment sent when the
+    /// stream was otherwise quiet this long), so proxies keep idle streams
+    /// open and clients notice dead ones.
+    pub sse_heartbeat_ms: u64,
+    /// PostgreSQL schema of the session event store (what `Last-Event-ID`
+    /// resumes from).
+    pub session_events_schema: String,
+    /// Newest events kept per conversation; older ones are pruned.
+    pub session_events_max_per_conversation: u64,
+    /// Longest an event is kept, in seconds, however few its conversation
+    /// has.
+    pub session_events_max_age_secs: u64,
+    /// How often the conversation worker prunes the session event store.
+    pub session_events_prune_interval_ms: u64,
     /// SomaBrain namespace used for conversation memory.
     pub memory_namespace: String,
     /// How many memories the worker recalls per message.
@@ -166,7 +180,11 @@ impl Default for ChatSettings {
             rate_window_secs: 60,
             sse_buffer: 1024,
             sse_dedupe_window: 65_536,
-            sse_keepalive_secs: 15,
+            sse_heartbeat_ms: 15_000,
+            session_events_schema: "soma_chat".into(),
+            session_events_max_per_conversation: 1_000,
+            session_events_max_age_secs: 24 * 3600,
+            session_events_prune_interval_ms: 60_000,
             memory_namespace: "conversation".into(),
             recall_top_k: 3,
         }
@@ -209,6 +227,21 @@ pub fn loader(files: &[PathBuf]) -> Loader<PlatformSettings> {
         checks.ensure(
             s.chat.sse_buffer > 0,
             "chat.sse_buffer",
+            "must be at least 1",
+        );
+        checks.ensure(
+            s.chat.sse_heartbeat_ms > 0,
+            "chat.sse_heartbeat_ms",
+            "must be at least 1",
+        );
+        checks.ensure(
+            s.chat.session_events_max_per_conversation > 0,
+            "chat.session_events_max_per_conversation",
+            "must be at least 1",
+        );
+        checks.ensure(
+            s.chat.session_events_prune_interval_ms > 0,
+            "chat.session_events_prune_interval_ms",
             "must be at least 1",
         );
         checks.ensure(

@@ -34,6 +34,7 @@ use crate::protocol::{self, MemoryStatus, ToolCall};
 use soma_bus::Effects;
 
 use crate::runtime::{KafkaRole, Runtime, Worker};
+use crate::session_events::{self, SessionEvents};
 use crate::settings::PlatformSettings;
 
 /// Consumer and inbox handler name.
@@ -70,6 +71,7 @@ struct Ctx {
     authz: Authorizer,
     outbox: Outbox,
     effects: Effects,
+    store: SessionEvents,
 }
 
 /// Starts a tool executor consuming `chat.tools_topic`; admin endpoints on
@@ -84,6 +86,7 @@ pub async fn start(
         authz: runtime.authorizer(PolicyMetrics::new(&runtime.metrics))?,
         outbox: runtime.outbox.clone(),
         effects: runtime.effects(),
+        store: runtime.session_events.clone(),
     });
     let topic = ctx.settings.chat.tools_topic.clone();
     runtime.into_worker(&topic, HANDLER, move |env: Envelope| {
@@ -134,23 +137,23 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
         }
     };
     // The reply answers the user's message, not this envelope.
-    let events = protocol::reply_envelopes(
-        &env,
+    let events = protocol::reply_events(
         call.message_id,
         &call.conversation_id,
         &reply,
         MemoryStatus::None,
+    );
+    session_events::commit_reply(
+        &ctx.effects,
+        &ctx.store,
+        HANDLER,
+        &env,
+        &ctx.settings.chat.events_topic,
+        events,
+        &[],
     )
-    .map_err(HandlerError::fatal)?;
-
-    let out: Vec<(&str, &Envelope)> = events
-        .iter()
-        .map(|e| (ctx.settings.chat.events_topic.as_str(), e))
-        .collect();
-    ctx.effects
-        .commit_once(HANDLER, env.id, &out)
-        .await
-        .map(|_| ())
+    .await
+    .map(|_| ())
 }
 
 async fn run(ctx: &Ctx, tool: &str, input: &str) -> Result<String, HandlerError> {

@@ -50,6 +50,7 @@ impl Env {
             .set("bus.max_attempts", 2)
             .set("bus.retry_backoff_initial_ms", 50)
             .set("outbox.schema", format!("{p}_outbox"))
+            .set("chat.session_events_schema", format!("{p}_chat"))
             .set("chat.requests_topic", format!("{p}.requests"))
             .set("chat.events_topic", format!("{p}.events"))
             .set("chat.memory_topic", format!("{p}.memory"))
@@ -177,10 +178,18 @@ struct SseEvent {
 
 impl SseReader {
     async fn open(client: &reqwest::Client, base: &str, conversation: &str, token: &str) -> Self {
-        let url = format!("{base}{}", EVENTS_ROUTE.replace("{id}", conversation));
-        let resp = client
-            .get(url)
-            .bearer_auth(token)
+        Self::resume(client, base, conversation, token, None).await
+    }
+
+    /// Opens the stream with `Last-Event-ID: last_event_id` when given.
+    async fn resume(
+        client: &reqwest::Client,
+        base: &str,
+        conversation: &str,
+        token: &str,
+        last_event_id: Option<&str>,
+    ) -> Self {
+        let resp = events_request(client, base, conversation, token, last_event_id)
             .send()
             .await
             .expect("open SSE");
@@ -246,6 +255,21 @@ impl SseReader {
         }
         None
     }
+}
+
+fn events_request(
+    client: &reqwest::Client,
+    base: &str,
+    conversation: &str,
+    token: &str,
+    last_event_id: Option<&str>,
+) -> reqwest::RequestBuilder {
+    let url = format!("{base}{}", EVENTS_ROUTE.replace("{id}", conversation));
+    let mut req = client.get(url).bearer_auth(token);
+    if let Some(id) = last_event_id {
+        req = req.header("last-event-id", id);
+    }
+    req
 }
 
 async fn send(
@@ -1112,5 +1136,558 @@ async fn a_worker_stopped_mid_stream_and_replaced_answers_every_message_exactly_
         );
     }
     second.shutdown().await;
+    gateway.shutdown().await;
+}
+
+/// Sends warm-up messages until a reply reaches every one of `streams`
+/// (each gateway's broadcast consumer starts at the end of the topic once
+/// its partitions are assigned). Returns the last warm-up reply's events
+/// as `streams[0]` saw them.
+async fn warm_up(
+    client: &reqwest::Client,
+    base: &str,
+    conversation: &str,
+    token: &str,
+    streams: &mut [&mut SseReader],
+) -> Vec<SseEvent> {
+    let started = Instant::now();
+    let mut i = 0;
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "no reply reached every SSE stream within 90 s"
+        );
+        i += 1;
+        let r = send(
+            client,
+            base,
+            conversation,
+            token,
+            json!({"text": format!("warm-up {i}")}),
+            None,
+        )
+        .await;
+        let id = message_id_of(expect_status(r, 202).await).await;
+        let mut first = None;
+        let mut all = true;
+        for s in streams.iter_mut() {
+            match s.reply_to(&id, Duration::from_secs(5)).await {
+                Some(events) => {
+                    first.get_or_insert(events);
+                }
+                None => all = false,
+            }
+        }
+        if all {
+            return first.expect("at least one stream");
+        }
+    }
+}
+
+/// Reads events until `message_id`'s `reply.completed`, returning every
+/// event read (of any message) in order.
+async fn read_through(sse: &mut SseReader, message_id: &str, within: Duration) -> Vec<SseEvent> {
+    let deadline = Instant::now() + within;
+    let mut out = Vec::new();
+    while let Some(ev) = sse.next(deadline).await {
+        let done = ev.event == "reply.completed" && ev.data["message_id"] == message_id;
+        out.push(ev);
+        if done {
+            return out;
+        }
+    }
+    panic!("no reply.completed for {message_id} within {within:?}; read {out:?}");
+}
+
+fn ids(events: &[SseEvent]) -> Vec<u64> {
+    events
+        .iter()
+        .map(|e| {
+            e.id.parse::<u64>()
+                .unwrap_or_else(|_| panic!("event id of {e:?}"))
+        })
+        .collect()
+}
+
+/// Asserts the ids are dense and increasing from `first`.
+fn assert_dense_from(events: &[SseEvent], first: u64) {
+    let got = ids(events);
+    let want: Vec<u64> = (first..first + got.len() as u64).collect();
+    assert_eq!(got, want, "every event once, in order, no gap: {events:?}");
+}
+
+/// The `(message_id, seq)` pairs of `events`.
+fn positions(events: &[SseEvent]) -> Vec<(String, u64)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e.data["message_id"].as_str().unwrap_or_default().to_owned(),
+                e.data["seq"].as_u64().unwrap_or(u64::MAX),
+            )
+        })
+        .collect()
+}
+
+/// A counter's value on an admin `/metrics`, summed over the series of
+/// `name` whose labels include `label` (e.g. `cause="lagged"`; "" for all).
+async fn metric(
+    client: &reqwest::Client,
+    admin: std::net::SocketAddr,
+    name: &str,
+    label: &str,
+) -> f64 {
+    let text = client
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']) && rest.contains(label))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Issue #18 item 4: a client that drops its stream mid-reply and
+/// reconnects with `Last-Event-ID` — to another gateway instance — gets
+/// every event it missed exactly once, in order, then the live stream; and
+/// a gateway draining for shutdown hands its clients over the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_sse_client_resumes_with_last_event_id_on_another_gateway_and_misses_nothing() {
+    let env = Env::new();
+    let live = env.settings(&[("shutdown.deadline_ms", json!(10_000))]);
+    let g1 = Gateway::start(live.clone(), listener().await, listener().await)
+        .await
+        .expect("gateway 1 starts");
+    let g2 = Gateway::start(live.clone(), listener().await, listener().await)
+        .await
+        .expect("gateway 2 starts");
+    let worker = conversation::start(live.clone(), listener().await)
+        .await
+        .expect("conversation worker starts");
+    let (base1, base2) = (
+        format!("http://{}", g1.addr()),
+        format!("http://{}", g2.addr()),
+    );
+    let client = reqwest::Client::new();
+    let token = env.token("alice", "acme", &["user"], ALL_SCOPES);
+    let conversation = format!("c-{}", uuid::Uuid::new_v4().simple());
+    let mut s1 = SseReader::open(&client, &base1, &conversation, &token).await;
+    let mut s2 = SseReader::open(&client, &base2, &conversation, &token).await;
+    warm_up(
+        &client,
+        &base1,
+        &conversation,
+        &token,
+        &mut [&mut s1, &mut s2],
+    )
+    .await;
+    drop(s2);
+
+    // Mid-reply: the client reads `started` and one delta, then drops.
+    let m1 = message_id_of(
+        expect_status(
+            send(
+                &client,
+                &base1,
+                &conversation,
+                &token,
+                json!({"text": "first question, with a few words in it"}),
+                None,
+            )
+            .await,
+            202,
+        )
+        .await,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut head = Vec::new();
+    while head.len() < 2 {
+        let ev = s1.next(deadline).await.expect("the start of m1's reply");
+        if ev.data["message_id"] == m1.as_str() {
+            head.push(ev);
+        }
+    }
+    assert_eq!(head[0].event, "reply.started");
+    assert_eq!(head[1].event, "reply.delta");
+    let last = head[1].id.clone();
+    drop(s1);
+    // Sent while disconnected.
+    let m2 = message_id_of(
+        expect_status(
+            send(
+                &client,
+                &base1,
+                &conversation,
+                &token,
+                json!({"text": "second question"}),
+                None,
+            )
+            .await,
+            202,
+        )
+        .await,
+    )
+    .await;
+
+    // Reconnect to the other gateway.
+    let mut r = SseReader::resume(&client, &base2, &conversation, &token, Some(&last)).await;
+    let missed = read_through(&mut r, &m2, Duration::from_secs(30)).await;
+    assert_dense_from(&missed, last.parse::<u64>().unwrap() + 1);
+    let pos = positions(&missed);
+    let m1_rest: Vec<_> = pos.iter().take_while(|(m, _)| *m == m1).cloned().collect();
+    let m2_all: Vec<_> = pos[m1_rest.len()..].to_vec();
+    assert!(
+        m1_rest.len() >= 2,
+        "the rest of m1 (more deltas, completed): {pos:?}"
+    );
+    assert_eq!(
+        m1_rest,
+        (2..2 + m1_rest.len() as u64)
+            .map(|s| (m1.clone(), s))
+            .collect::<Vec<_>>(),
+        "m1 resumes right after the last event seen"
+    );
+    assert_eq!(
+        m2_all,
+        (0..m2_all.len() as u64)
+            .map(|s| (m2.clone(), s))
+            .collect::<Vec<_>>(),
+        "then all of m2, nothing else"
+    );
+    assert_eq!(missed.last().unwrap().event, "reply.completed");
+
+    // Then live continues on the same stream.
+    let m3 = message_id_of(
+        expect_status(
+            send(
+                &client,
+                &base1,
+                &conversation,
+                &token,
+                json!({"text": "third"}),
+                None,
+            )
+            .await,
+            202,
+        )
+        .await,
+    )
+    .await;
+    let next = read_through(&mut r, &m3, Duration::from_secs(30)).await;
+    let after = *ids(&missed).last().unwrap();
+    assert_dense_from(&next, after + 1);
+    assert!(
+        next.iter().all(|e| e.data["message_id"] == m3.as_str()),
+        "{next:?}"
+    );
+    assert!(
+        metric(
+            &client,
+            g2.admin_addr(),
+            "soma_platform_sse_resumes_total",
+            "cause=\"last_event_id\""
+        )
+        .await
+            >= 1.0
+    );
+
+    // Gateway 2 drains: its stream ends with `shutdown`; the client
+    // resumes on gateway 1 from the last id it saw and misses nothing
+    // (m4 is answered while it is between gateways).
+    let last = next.last().unwrap().id.clone();
+    let stopping = tokio::spawn(g2.shutdown());
+    let ev = r
+        .next(Instant::now() + Duration::from_secs(15))
+        .await
+        .expect("a final event");
+    assert_eq!(ev.event, "shutdown", "{ev:?}");
+    let m4 = message_id_of(
+        expect_status(
+            send(
+                &client,
+                &base1,
+                &conversation,
+                &token,
+                json!({"text": "fourth"}),
+                None,
+            )
+            .await,
+            202,
+        )
+        .await,
+    )
+    .await;
+    let mut r1 = SseReader::resume(&client, &base1, &conversation, &token, Some(&last)).await;
+    let m4_events = read_through(&mut r1, &m4, Duration::from_secs(30)).await;
+    assert_dense_from(&m4_events, last.parse::<u64>().unwrap() + 1);
+    assert!(
+        m4_events
+            .iter()
+            .all(|e| e.data["message_id"] == m4.as_str()),
+        "{m4_events:?}"
+    );
+    stopping.await.unwrap();
+    worker.shutdown().await;
+    g1.shutdown().await;
+}
+
+/// Retention keeps the newest `chat.session_events_max_per_conversation`
+/// events; a `Last-Event-ID` older than that gets `event: reset` and then
+/// the oldest kept onwards; one the conversation never had gets `reset`
+/// and the live stream; a malformed one is a 400 problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retention_keeps_the_newest_events_and_an_expired_last_event_id_gets_a_reset() {
+    let env = Env::new();
+    let live = env.settings(&[
+        ("chat.session_events_max_per_conversation", json!(4)),
+        ("chat.session_events_prune_interval_ms", json!(200)),
+    ]);
+    let gateway = Gateway::start(live.clone(), listener().await, listener().await)
+        .await
+        .expect("gateway starts");
+    let worker = conversation::start(live.clone(), listener().await)
+        .await
+        .expect("conversation worker starts");
+    let base = format!("http://{}", gateway.addr());
+    let client = reqwest::Client::new();
+    let token = env.token("bob", "acme", &["user"], ALL_SCOPES);
+    let conversation = format!("c-{}", uuid::Uuid::new_v4().simple());
+
+    // Malformed ids: typed problem bodies.
+    for bad in ["abc", "-3", "1.5", "18446744073709551616"] {
+        let r = events_request(&client, &base, &conversation, &token, Some(bad))
+            .send()
+            .await
+            .unwrap();
+        let r = expect_status(r, 400).await;
+        assert_eq!(
+            r.headers()["content-type"].to_str().unwrap(),
+            soma_policy::PROBLEM_CONTENT_TYPE
+        );
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["title"], "invalid_last_event_id", "{bad}: {body}");
+        assert_eq!(body["status"], 400);
+    }
+
+    let mut sse = SseReader::open(&client, &base, &conversation, &token).await;
+    warm_up(&client, &base, &conversation, &token, &mut [&mut sse]).await;
+    let m = message_id_of(
+        expect_status(
+            send(
+                &client,
+                &base,
+                &conversation,
+                &token,
+                json!({"text": "one more message to keep"}),
+                None,
+            )
+            .await,
+            202,
+        )
+        .await,
+    )
+    .await;
+    let events = read_through(&mut sse, &m, Duration::from_secs(30)).await;
+    let head = *ids(&events).last().unwrap();
+    assert!(head > 4, "more events than are kept: {head}");
+
+    // Pruning runs on the worker's timer: wait until only the newest 4 remain.
+    let pool = sqlx::PgPool::connect(&soma_testkit::postgres_url())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let kept = loop {
+        let rows: Vec<(i64,)> = sqlx::query_as(&format!(
+            "SELECT seq FROM {}_chat.session_events WHERE tenant = 'acme' AND conversation_id = $1 ORDER BY seq",
+            env.prefix
+        ))
+        .bind(&conversation)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let kept: Vec<u64> = rows.into_iter().map(|r| r.0 as u64).collect();
+        if kept.len() <= 4 || Instant::now() > deadline {
+            break kept;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        kept,
+        (head - 3..=head).collect::<Vec<_>>(),
+        "the newest 4 are kept"
+    );
+
+    // Older than retention: reset, then the oldest kept onwards.
+    let mut r = SseReader::resume(&client, &base, &conversation, &token, Some("1")).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reset = r.next(deadline).await.expect("a reset event");
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    assert_eq!(reset.data["last_event_id"], 1);
+    assert_eq!(reset.data["resumed_after"], head - 4);
+    assert_eq!(reset.id, (head - 4).to_string());
+    let mut replayed = Vec::new();
+    while replayed.len() < 4 {
+        replayed.push(r.next(deadline).await.expect("the kept events"));
+    }
+    assert_dense_from(&replayed, head - 3);
+
+    // An id this conversation never had: reset to the newest, then live.
+    let mut f = SseReader::resume(
+        &client,
+        &base,
+        &conversation,
+        &token,
+        Some(&(head + 100).to_string()),
+    )
+    .await;
+    let reset = f
+        .next(Instant::now() + Duration::from_secs(10))
+        .await
+        .expect("a reset event");
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    assert_eq!(reset.data["resumed_after"], head);
+    let m2 = message_id_of(
+        expect_status(
+            send(
+                &client,
+                &base,
+                &conversation,
+                &token,
+                json!({"text": "after the reset"}),
+                None,
+            )
+            .await,
+            202,
+        )
+        .await,
+    )
+    .await;
+    let live_events = read_through(&mut f, &m2, Duration::from_secs(30)).await;
+    assert_dense_from(&live_events, head + 1);
+    assert!(
+        metric(
+            &client,
+            gateway.admin_addr(),
+            "soma_platform_sse_resets_total",
+            ""
+        )
+        .await
+            >= 2.0
+    );
+    worker.shutdown().await;
+    gateway.shutdown().await;
+}
+
+/// Fan-out is per conversation: with `chat.sse_buffer` = 1, a burst of
+/// replies on one conversation cannot make another's stream miss or lag;
+/// a stream that overflows its own channel is caught up from the store
+/// (every event once, in order), not cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_conversation_does_not_disturb_another_and_a_lagged_stream_sees_no_gap() {
+    let env = Env::new();
+    let live = env.settings(&[("chat.sse_buffer", json!(1))]);
+    let gateway = Gateway::start(live.clone(), listener().await, listener().await)
+        .await
+        .expect("gateway starts");
+    let worker = conversation::start(live.clone(), listener().await)
+        .await
+        .expect("conversation worker starts");
+    let base = format!("http://{}", gateway.addr());
+    let client = reqwest::Client::new();
+    let token = env.token("carol", "acme", &["user"], ALL_SCOPES);
+    let busy = format!("busy-{}", uuid::Uuid::new_v4().simple());
+    let quiet = format!("quiet-{}", uuid::Uuid::new_v4().simple());
+    let mut b = SseReader::open(&client, &base, &busy, &token).await;
+    let mut q = SseReader::open(&client, &base, &quiet, &token).await;
+    let warm = warm_up(&client, &base, &busy, &token, &mut [&mut b]).await;
+    let busy_from = *ids(&warm).last().unwrap() + 1;
+
+    let mut sent = Vec::new();
+    for i in 0..8 {
+        let r = send(
+            &client,
+            &base,
+            &busy,
+            &token,
+            json!({"text": format!("busy message number {i} with words")}),
+            None,
+        )
+        .await;
+        sent.push(message_id_of(expect_status(r, 202).await).await);
+    }
+    let qm = message_id_of(
+        expect_status(
+            send(
+                &client,
+                &base,
+                &quiet,
+                &token,
+                json!({"text": "quiet one"}),
+                None,
+            )
+            .await,
+            202,
+        )
+        .await,
+    )
+    .await;
+
+    let quiet_events = read_through(&mut q, &qm, Duration::from_secs(60)).await;
+    assert!(
+        quiet_events.iter().all(|e| e.event.starts_with("reply.")),
+        "{quiet_events:?}"
+    );
+    assert_dense_from(&quiet_events, 1);
+
+    let busy_events = read_through(&mut b, sent.last().unwrap(), Duration::from_secs(60)).await;
+    assert!(
+        busy_events.iter().all(|e| e.event.starts_with("reply.")),
+        "no reset, no lagged: {busy_events:?}"
+    );
+    assert_dense_from(&busy_events, busy_from);
+    let pos = positions(&busy_events);
+    let mut expected_msgs: Vec<&str> = pos.iter().map(|(m, _)| m.as_str()).collect();
+    expected_msgs.dedup();
+    assert_eq!(
+        expected_msgs,
+        sent.iter().map(String::as_str).collect::<Vec<_>>(),
+        "every reply, in send order"
+    );
+    for m in &sent {
+        let seqs: Vec<u64> = pos
+            .iter()
+            .filter(|(x, _)| x == m)
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(
+            seqs,
+            (0..seqs.len() as u64).collect::<Vec<_>>(),
+            "reply {m} whole and in order"
+        );
+    }
+    let resumed = metric(
+        &client,
+        gateway.admin_addr(),
+        "soma_platform_sse_resumes_total",
+        "cause=\"lagged\"",
+    )
+    .await
+        + metric(
+            &client,
+            gateway.admin_addr(),
+            "soma_platform_sse_resumes_total",
+            "cause=\"gap\"",
+        )
+        .await;
+    println!("streams caught up from the store during the burst: {resumed}");
+    worker.shutdown().await;
     gateway.shutdown().await;
 }
