@@ -17,9 +17,9 @@ use soma_observability::metrics::MetricsRegistry;
 use soma_observability::resilience::{BreakerState, CircuitBreaker, Permit};
 use tracing::Instrument;
 
-use crate::endpoint::EndpointGroup;
 use crate::Endpoint;
 use crate::config::{RetryConfig, SomabrainConfig};
+use crate::endpoint::EndpointGroup;
 use crate::endpoint::Idempotency;
 use crate::error::{Error, ErrorKind};
 use crate::metrics::ClientMetrics;
@@ -896,15 +896,19 @@ mod tests {
             "http://127.0.0.1:30101/api/",
             "http://127.0.0.1:30101/?x=1",
         ] {
-            let mut c = SomabrainConfig::default();
-            c.base_url = with_path.into();
-            let e = SomabrainClient::new(c).unwrap_err();
+            let e = SomabrainClient::new(SomabrainConfig {
+                base_url: with_path.into(),
+                ..SomabrainConfig::default()
+            })
+            .unwrap_err();
             assert_eq!(e.kind(), ErrorKind::Config, "{with_path}");
             assert!(e.to_string().contains("path_prefix"), "{e}");
         }
         // A trailing slash alone is not a path.
-        let mut ok = SomabrainConfig::default();
-        ok.base_url = "http://127.0.0.1:30101/".into();
-        SomabrainClient::new(ok).expect("trailing slash accepted");
+        SomabrainClient::new(SomabrainConfig {
+            base_url: "http://127.0.0.1:30101/".into(),
+            ..SomabrainConfig::default()
+        })
+        .expect("trailing slash accepted");
     }
 }

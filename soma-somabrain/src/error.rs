@@ -452,8 +452,16 @@ mod tests {
         assert!(e.is_circuit_open() && e.is_unavailable() && !e.counts_as_breaker_failure());
         let e = Error::from_status(Endpoint::Recall, StatusCode::TOO_MANY_REQUESTS, b"", None);
         assert!(e.is_rejected() && e.is_rate_limited() && e.is_retryable());
-        assert!(e.counts_as_breaker_failure(), "429: the route is refusing service");
-        let e = Error::from_status(Endpoint::Recall, StatusCode::UNPROCESSABLE_ENTITY, b"", None);
+        assert!(
+            e.counts_as_breaker_failure(),
+            "429: the route is refusing service"
+        );
+        let e = Error::from_status(
+            Endpoint::Recall,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            b"",
+            None,
+        );
         assert!(!e.counts_as_breaker_failure(), "422: the server is up");
     }
 }

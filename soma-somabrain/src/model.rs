@@ -743,7 +743,9 @@ impl AggregateHealth {
     /// down (while `/readyz` stays ready and remember still acknowledges
     /// `persisted_to_ltm: true`); `None` when the field is absent.
     pub fn memory_ok(&self) -> Option<bool> {
-        self.details.get("memory_ok").and_then(serde_json::Value::as_bool)
+        self.details
+            .get("memory_ok")
+            .and_then(serde_json::Value::as_bool)
     }
 }
 

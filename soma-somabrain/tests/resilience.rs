@@ -12,8 +12,8 @@ use soma_observability::health::{ComponentStatus, HealthCheck};
 use soma_observability::metrics::MetricsRegistry;
 use soma_observability::resilience::BreakerState;
 use soma_somabrain::{
-    CallOptions, EndpointGroup, ErrorKind, FeedbackRequest, Memory, RecallRequest,
-    SomabrainClient, SomabrainConfig, SomabrainHealthCheck,
+    CallOptions, EndpointGroup, ErrorKind, FeedbackRequest, Memory, RecallRequest, SomabrainClient,
+    SomabrainConfig, SomabrainHealthCheck,
 };
 
 const READ: EndpointGroup = EndpointGroup::MemoryRead;
@@ -652,10 +652,7 @@ async fn one_failing_route_opens_only_its_group() {
         let e = c.adaptation_state(CallOptions::new()).await.unwrap_err();
         assert!(e.is_unavailable() && !e.is_circuit_open(), "{e}");
     }
-    assert_eq!(
-        c.breaker_state(EndpointGroup::Context),
-        BreakerState::Open
-    );
+    assert_eq!(c.breaker_state(EndpointGroup::Context), BreakerState::Open);
     let e = c.adaptation_state(CallOptions::new()).await.unwrap_err();
     assert!(e.is_circuit_open(), "{e}");
     // Memory is untouched: recall and remember still reach the server.
@@ -728,7 +725,10 @@ async fn health_closes_an_open_breaker_after_its_period_without_traffic() {
     let comp = registry.component(soma_somabrain::COMPONENT).unwrap();
     assert_eq!(comp.status, ComponentStatus::Down);
     assert!(
-        comp.reason.as_deref().unwrap_or_default().contains("somabrain.memory_read"),
+        comp.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("somabrain.memory_read"),
         "the open group is named: {comp:?}"
     );
 
@@ -776,7 +776,13 @@ async fn health_reports_a_lost_memory_backend_as_degraded() {
     // ...only /health tells.
     let o = check.check().await;
     assert_eq!(o.status, ComponentStatus::Degraded, "{o:?}");
-    assert!(o.reason.as_deref().unwrap_or_default().contains("memory_ok"), "{o:?}");
+    assert!(
+        o.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("memory_ok"),
+        "{o:?}"
+    );
     server
         .state
         .memory_down
