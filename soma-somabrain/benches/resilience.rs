@@ -73,7 +73,7 @@ async fn setup() -> Setup {
     let mut open_cfg = cfg;
     open_cfg.base_url = format!("http://127.0.0.1:{}", soma_testkit::free_port());
     open_cfg.breaker.failure_threshold = 1;
-    open_cfg.breaker.half_open_after_ms = 3_600_000;
+    open_cfg.breaker.open_ms = 3_600_000;
     open_cfg.retry.max_retries = 0;
     let open = SomabrainClient::builder(open_cfg)
         .metrics(&MetricsRegistry::default())

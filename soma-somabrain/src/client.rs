@@ -14,11 +14,12 @@ use reqwest::header::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use soma_observability::metrics::MetricsRegistry;
+use soma_observability::resilience::{BreakerState, CircuitBreaker, Permit};
 use tracing::Instrument;
 
 use crate::Endpoint;
-use crate::breaker::{Breaker, BreakerState, Permit};
 use crate::config::{RetryConfig, SomabrainConfig};
+use crate::endpoint::EndpointGroup;
 use crate::endpoint::Idempotency;
 use crate::error::{Error, ErrorKind};
 use crate::metrics::ClientMetrics;
@@ -150,6 +151,14 @@ impl SomabrainClientBuilder {
                 "base_url {base:?} must be http(s)://host[:port]"
             )));
         }
+        // A path in base_url would apply to some routes and not others
+        // (probes live at the server root): refuse it, point at path_prefix.
+        if parsed.path() != "/" || parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(Error::config(format!(
+                "base_url {base:?} must not have a path, query or fragment; \
+                 put the API mount point in path_prefix (e.g. \"/api\")"
+            )));
+        }
         let prefix = cfg.path_prefix.trim_end_matches('/');
         if !(prefix.is_empty() || prefix.starts_with('/')) || prefix.contains(['?', '#']) {
             return Err(Error::config(format!(
@@ -190,7 +199,13 @@ impl SomabrainClientBuilder {
             .build()
             .map_err(|e| Error::config("HTTP client could not be built").with_source(e))?;
         let metrics = self.metrics.as_ref().map(ClientMetrics::new);
-        let breaker = Breaker::new(&cfg.breaker, metrics.clone());
+        let breakers = EndpointGroup::ALL.map(|group| {
+            let breaker = CircuitBreaker::new(group.component(), cfg.breaker);
+            match &self.metrics {
+                Some(registry) => breaker.metrics(registry),
+                None => breaker,
+            }
+        });
         Ok(SomabrainClient {
             inner: Arc::new(Inner {
                 http,
@@ -201,7 +216,7 @@ impl SomabrainClientBuilder {
                 retry: cfg.retry.clone(),
                 request_timeout: cfg.request_timeout(),
                 call_deadline: cfg.call_deadline(),
-                breaker,
+                breakers,
                 metrics,
                 injector: self.injector,
             }),
@@ -228,7 +243,7 @@ struct Inner {
     retry: RetryConfig,
     request_timeout: Duration,
     call_deadline: Duration,
-    breaker: Breaker,
+    breakers: [CircuitBreaker; EndpointGroup::ALL.len()],
     metrics: Option<ClientMetrics>,
     injector: Option<HeaderInjector>,
 }
@@ -239,7 +254,7 @@ impl fmt::Debug for SomabrainClient {
             .field("api", &self.inner.urls[0])
             .field("default_tenant", &self.inner.default_tenant)
             .field("default_namespace", &self.inner.default_namespace)
-            .field("breaker", &self.inner.breaker.state())
+            .field("breakers", &self.inner.breakers)
             .finish_non_exhaustive()
     }
 }
@@ -286,9 +301,15 @@ impl SomabrainClient {
         }
     }
 
-    /// The breaker's current state.
-    pub fn breaker_state(&self) -> BreakerState {
-        self.inner.breaker.state()
+    /// The current state of `group`'s circuit breaker.
+    pub fn breaker_state(&self, group: EndpointGroup) -> BreakerState {
+        self.breaker(group).state()
+    }
+
+    /// The circuit breaker guarding `group` (component
+    /// [`EndpointGroup::component`]).
+    pub fn breaker(&self, group: EndpointGroup) -> &CircuitBreaker {
+        &self.inner.breakers[group.index()]
     }
 
     /// The tenant a call with `opts` uses.
@@ -381,6 +402,10 @@ impl SomabrainClient {
         if request.query.is_empty() {
             return Err(Error::invalid(Some(ep), "recall query must not be empty"));
         }
+        // The server silently answers top_k 0 as 1: refuse it here instead.
+        if request.top_k == 0 {
+            return Err(Error::invalid(Some(ep), "recall top_k must be at least 1"));
+        }
         let namespace = self.namespace_of(&opts);
         let body = json(
             ep,
@@ -472,8 +497,9 @@ impl SomabrainClient {
 
     // ---- probes -------------------------------------------------------
 
-    /// `GET /healthz`. Probes bypass the breaker (they are how recovery is
-    /// noticed) and are always sent to the server root.
+    /// `GET /healthz`. Probes are never refused by a breaker (they are how
+    /// recovery is noticed) and are always sent to the server root; their
+    /// outcomes move the [`EndpointGroup::Operator`] breaker.
     pub async fn healthz(&self) -> Result<Liveness, Error> {
         let opts = CallOptions::default();
         let call = self.call(Endpoint::Healthz, &opts, false, false, None)?;
@@ -527,10 +553,10 @@ impl SomabrainClient {
     /// Asks the breaker for permission, before any work is done for the
     /// call (so a refused call costs one lock and a counter increment).
     #[inline]
-    fn admit(&self, ep: Endpoint, opts: &CallOptions) -> Result<Option<Permit<'_>>, Error> {
-        match self.inner.breaker.try_acquire() {
-            Some(p) => Ok(Some(p)),
-            None => {
+    fn admit(&self, ep: Endpoint, opts: &CallOptions) -> Result<Option<Permit>, Error> {
+        match self.breaker(ep.group()).try_acquire() {
+            Ok(p) => Ok(Some(p)),
+            Err(_) => {
                 if let Some(m) = &self.inner.metrics {
                     m.circuit_open(ep);
                 }
@@ -542,7 +568,7 @@ impl SomabrainClient {
     async fn execute<T: DeserializeOwned>(
         &self,
         call: Call,
-        permit: Option<Permit<'_>>,
+        permit: Option<Permit>,
         opts: &CallOptions,
     ) -> Result<T, Error> {
         let ep = call.endpoint;
@@ -591,24 +617,22 @@ impl SomabrainClient {
         if let Some(m) = &self.inner.metrics {
             m.call(ep, status, started.elapsed());
         }
-        match result {
-            Ok((value, _, _)) => {
-                if let Some(p) = permit {
-                    p.success();
-                }
-                Ok(value)
-            }
-            Err(e) => {
-                if let Some(p) = permit {
-                    if e.counts_as_breaker_failure() {
-                        p.failure();
-                    } else {
-                        p.success();
-                    }
-                }
-                Err(e.with_request_id(request_id.to_str().ok()))
-            }
+        // Probes hold no permit (never refused); their outcome is recorded
+        // on the operator group's breaker all the same.
+        let failed = result
+            .as_ref()
+            .err()
+            .is_some_and(Error::counts_as_breaker_failure);
+        match permit {
+            Some(p) if failed => p.failure(),
+            Some(p) => p.success(),
+            None if ep.is_probe() && failed => self.breaker(ep.group()).record_failure(),
+            None if ep.is_probe() => self.breaker(ep.group()).record_success(),
+            None => {}
         }
+        result
+            .map(|(value, _, _)| value)
+            .map_err(|e| e.with_request_id(request_id.to_str().ok()))
     }
 
     async fn attempts<T: DeserializeOwned>(
@@ -867,5 +891,24 @@ mod tests {
             ErrorKind::Config
         );
         assert_eq!(bad(|c| c.token = "a\nb".into()).kind(), ErrorKind::Config);
+        for with_path in [
+            "http://127.0.0.1:30101/api",
+            "http://127.0.0.1:30101/api/",
+            "http://127.0.0.1:30101/?x=1",
+        ] {
+            let e = SomabrainClient::new(SomabrainConfig {
+                base_url: with_path.into(),
+                ..SomabrainConfig::default()
+            })
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Config, "{with_path}");
+            assert!(e.to_string().contains("path_prefix"), "{e}");
+        }
+        // A trailing slash alone is not a path.
+        SomabrainClient::new(SomabrainConfig {
+            base_url: "http://127.0.0.1:30101/".into(),
+            ..SomabrainConfig::default()
+        })
+        .expect("trailing slash accepted");
     }
 }

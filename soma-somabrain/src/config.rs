@@ -4,14 +4,16 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use soma_config::Secret;
+use soma_observability::resilience::BreakerConfig;
 
 /// Settings for a [`SomabrainClient`](crate::SomabrainClient).
 ///
 /// Defaults are for local development: a SomaBrain on `127.0.0.1:30101`,
 /// tenant `public`, namespace `default`, a 500 ms connect timeout, a 2 s
 /// per-attempt timeout inside a 5 s per-call deadline, two retries, and a
-/// breaker that opens after 3 consecutive failed calls and lets one probe
-/// through after 30 s.
+/// breaker per [endpoint group](crate::EndpointGroup) that opens after 3
+/// consecutive failed calls of its group and lets one probe through after
+/// 30 s.
 ///
 /// ```
 /// let cfg: soma_somabrain::SomabrainConfig = serde_json::from_str(r#"{
@@ -21,14 +23,17 @@ use soma_config::Secret;
 ///     "breaker": { "failure_threshold": 5 }
 /// }"#).unwrap();
 /// assert_eq!(cfg.breaker.failure_threshold, 5);
-/// assert_eq!(cfg.breaker.half_open_after_ms, 30_000); // untouched keys keep defaults
+/// assert_eq!(cfg.breaker.open_ms, 30_000); // untouched keys keep defaults
 /// assert!(!format!("{cfg:?}").contains("s3cr3t"));
 /// ```
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SomabrainConfig {
     /// Scheme, host and port of the SomaBrain server, without a path
-    /// (`http://127.0.0.1:30101`).
+    /// (`http://127.0.0.1:30101`). A URL with a path (`http://h/api`) is
+    /// refused at build time with [`ErrorKind::Config`](crate::ErrorKind::Config):
+    /// put the mount point in [`path_prefix`](Self::path_prefix) (probes
+    /// stay at the server root).
     pub base_url: String,
     /// Where the API is mounted: `""` (root) or `"/api"`. SomaBrain serves
     /// its routes under both.
@@ -55,7 +60,11 @@ pub struct SomabrainConfig {
     pub pool_idle_timeout_ms: u64,
     /// Retry settings.
     pub retry: RetryConfig,
-    /// Circuit-breaker settings.
+    /// Circuit-breaker settings (the shared spelling: `enabled`,
+    /// `failure_threshold`, `open_ms`), applied to each
+    /// [endpoint group](crate::EndpointGroup)'s own breaker. The breakers
+    /// count *calls*, not attempts: a call whose three attempts all failed
+    /// is one failure; one that succeeded after two retries is a success.
     pub breaker: BreakerConfig,
 }
 
@@ -126,33 +135,6 @@ impl Default for RetryConfig {
             initial_backoff_ms: 50,
             max_backoff_ms: 1_000,
             max_retry_after_ms: 2_000,
-        }
-    }
-}
-
-/// Circuit-breaker settings.
-///
-/// The breaker counts *calls*, not attempts: a call that needed two retries
-/// and then succeeded is one success; a call whose three attempts all failed
-/// is one failure.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct BreakerConfig {
-    /// `false` disables the breaker (every call goes to the network).
-    pub enabled: bool,
-    /// Consecutive failed calls that open the breaker.
-    pub failure_threshold: u32,
-    /// How long the breaker stays open before it lets one probe call
-    /// through (half-open).
-    pub half_open_after_ms: u64,
-}
-
-impl Default for BreakerConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            failure_threshold: 3,
-            half_open_after_ms: 30_000,
         }
     }
 }

@@ -33,6 +33,68 @@ pub enum Endpoint {
     Health,
 }
 
+/// A group of routes that share one circuit breaker.
+///
+/// One failing route opens only its group's breaker: the real server's
+/// `/context/adaptation/state` answering 500 on every call does not stop
+/// recall and remember. Each group's breaker is a
+/// [`CircuitBreaker`](soma_observability::resilience::CircuitBreaker) named
+/// by [`component`](Self::component), the label of
+/// `soma_circuit_breaker_state{component}` and the name the health check
+/// reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum EndpointGroup {
+    /// Remember and batch remember.
+    MemoryWrite,
+    /// Recall and memory metrics.
+    MemoryRead,
+    /// Context evaluate, feedback (reward), adaptation state (weights) and
+    /// feature flags.
+    Context,
+    /// The probes `/healthz`, `/readyz`, `/health`. Probes are never
+    /// refused (they are how recovery is noticed); their outcomes still
+    /// move this group's breaker, so an unreachable server shows here.
+    Operator,
+}
+
+impl EndpointGroup {
+    /// Every group, in declaration order.
+    pub const ALL: [EndpointGroup; 4] = [
+        EndpointGroup::MemoryWrite,
+        EndpointGroup::MemoryRead,
+        EndpointGroup::Context,
+        EndpointGroup::Operator,
+    ];
+
+    /// The breaker's component name: `somabrain.memory_write`,
+    /// `somabrain.memory_read`, `somabrain.context`, `somabrain.operator`.
+    pub const fn component(self) -> &'static str {
+        match self {
+            EndpointGroup::MemoryWrite => "somabrain.memory_write",
+            EndpointGroup::MemoryRead => "somabrain.memory_read",
+            EndpointGroup::Context => "somabrain.context",
+            EndpointGroup::Operator => "somabrain.operator",
+        }
+    }
+
+    /// Whether a service cannot use SomaBrain's memory while this group is
+    /// open (the health check then reports `down`; otherwise `degraded`).
+    pub const fn is_memory(self) -> bool {
+        matches!(self, EndpointGroup::MemoryWrite | EndpointGroup::MemoryRead)
+    }
+
+    pub(crate) const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for EndpointGroup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.component())
+    }
+}
+
 /// Whether a call may be repeated after a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Idempotency {
@@ -87,8 +149,21 @@ impl Endpoint {
         }
     }
 
+    /// The group whose circuit breaker guards this route.
+    pub const fn group(self) -> EndpointGroup {
+        match self {
+            Endpoint::Remember | Endpoint::RememberBatch => EndpointGroup::MemoryWrite,
+            Endpoint::Recall | Endpoint::MemoryMetrics => EndpointGroup::MemoryRead,
+            Endpoint::ContextEvaluate
+            | Endpoint::ContextFeedback
+            | Endpoint::AdaptationState
+            | Endpoint::FeatureFlags => EndpointGroup::Context,
+            Endpoint::Healthz | Endpoint::Readyz | Endpoint::Health => EndpointGroup::Operator,
+        }
+    }
+
     /// Probes are plain server routes: never under the API prefix, never
-    /// behind the breaker, never authenticated.
+    /// refused by a breaker, never authenticated.
     pub const fn is_probe(self) -> bool {
         matches!(
             self,

@@ -333,13 +333,15 @@ impl Error {
     }
 
     /// Whether this outcome counts as a failure for the circuit breaker:
-    /// the server was unreachable, too slow, failing (5xx), or answered
-    /// garbage. A 4xx proves the server is up and counts as a success.
+    /// the route is down — unreachable, too slow, failing (5xx), rate
+    /// limiting (429, still refused after the retries the client allows),
+    /// or answering garbage. Any other 4xx (validation, auth, not found)
+    /// proves the server is up and counts as a success.
     pub(crate) fn counts_as_breaker_failure(&self) -> bool {
         matches!(
             self.inner.kind,
             ErrorKind::Timeout | ErrorKind::Transport | ErrorKind::Server | ErrorKind::Decode
-        )
+        ) || self.is_rate_limited()
     }
 }
 
@@ -450,6 +452,16 @@ mod tests {
         assert!(e.is_circuit_open() && e.is_unavailable() && !e.counts_as_breaker_failure());
         let e = Error::from_status(Endpoint::Recall, StatusCode::TOO_MANY_REQUESTS, b"", None);
         assert!(e.is_rejected() && e.is_rate_limited() && e.is_retryable());
-        assert!(!e.counts_as_breaker_failure());
+        assert!(
+            e.counts_as_breaker_failure(),
+            "429: the route is refusing service"
+        );
+        let e = Error::from_status(
+            Endpoint::Recall,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            b"",
+            None,
+        );
+        assert!(!e.counts_as_breaker_failure(), "422: the server is up");
     }
 }

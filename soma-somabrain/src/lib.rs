@@ -19,15 +19,20 @@
 //!   the tenant into `X-Tenant-ID` *and* into the body or query wherever the
 //!   route names one, from the same value, so they cannot disagree (recall
 //!   reads only the header; remember only the body).
-//! - **Breaker counts calls, not attempts.** A call with two failed attempts
-//!   and a third that succeeds is one success. After
-//!   [`failure_threshold`](BreakerConfig::failure_threshold) consecutive
-//!   failed calls (transport error, timeout, 5xx, undecodable body) the
-//!   breaker opens and calls fail at once with
-//!   [`Error::is_circuit_open`] — no request, no waiting. After
-//!   [`half_open_after_ms`](BreakerConfig::half_open_after_ms) one probe call
-//!   goes through; its success closes the breaker, its failure re-opens it.
-//!   A 4xx proves the server is up and counts as a success.
+//! - **One breaker per endpoint group, counting calls, not attempts.**
+//!   Memory writes, memory reads, context/learning and the operator probes
+//!   ([`EndpointGroup`]) each have their own shared
+//!   [`CircuitBreaker`](soma_observability::resilience::CircuitBreaker)
+//!   (component `somabrain.memory_write` etc.), so one failing route does
+//!   not refuse the others. A call with two failed attempts and a third
+//!   that succeeds is one success. After `breaker.failure_threshold`
+//!   (default 3) consecutive failed calls of a group (transport error,
+//!   timeout, 5xx, 429, undecodable body) its breaker opens and its calls
+//!   fail at once with [`Error::is_circuit_open`] — no request, no
+//!   waiting. After `breaker.open_ms` (default 30 s) exactly one probe
+//!   call goes through (or the health check probes); its success closes
+//!   the breaker, its failure re-opens it. Any other 4xx proves the server
+//!   is up and counts as a success.
 //! - **Retries only where repeating is safe.** Reads and keyed writes
 //!   (remember, batch: the same key + universe overwrites) are retried on
 //!   transport errors, timeouts, 408, 429, 502, 503 and 504, with full-jitter
@@ -84,7 +89,6 @@
 //! - `axum`: [`proxy`], an axum router for the gateway's operator routes.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod breaker;
 mod client;
 mod config;
 mod endpoint;
@@ -95,8 +99,6 @@ mod model;
 #[cfg(feature = "axum")]
 pub mod proxy;
 
-pub use breaker::BreakerState;
-
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
@@ -104,8 +106,8 @@ pub use client::{
     CallOptions, FAST_ACK_HEADER, HeaderInjector, NAMESPACE_HEADER, REQUEST_ID_HEADER,
     SomabrainClient, SomabrainClientBuilder, TENANT_HEADER,
 };
-pub use config::{BreakerConfig, RetryConfig, SomabrainConfig};
-pub use endpoint::Endpoint;
+pub use config::{RetryConfig, SomabrainConfig};
+pub use endpoint::{Endpoint, EndpointGroup};
 pub use error::{Error, ErrorKind, ServerDetail, ValidationIssue};
 pub use health::{COMPONENT, SomabrainHealthCheck};
 pub use model::{

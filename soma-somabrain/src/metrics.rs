@@ -5,8 +5,12 @@
 //! | `soma_somabrain_requests_total` | counter | `endpoint` (route template), `status` (HTTP code, or `circuit_open`, `timeout`, `transport`, `decode_error`, `invalid_request`) |
 //! | `soma_somabrain_request_duration_seconds` | histogram | `endpoint` |
 //! | `soma_somabrain_retries_total` | counter | `endpoint` |
-//! | `soma_somabrain_breaker_state` | gauge (state set: 1 for the current state) | `state` (`closed`, `open`, `half_open`) |
-//! | `soma_somabrain_breaker_transitions_total` | counter | `from`, `to` |
+//! | `soma_circuit_breaker_state` | gauge (0 closed, 1 open, 2 half-open) | `component` (one per [`EndpointGroup`](crate::EndpointGroup): `somabrain.memory_write`, `somabrain.memory_read`, `somabrain.context`, `somabrain.operator`) |
+//! | `soma_circuit_breaker_transitions_total` | counter | `component`, `to` |
+//!
+//! The two breaker metrics are the shared ones of
+//! [`soma_observability::resilience`] (the bus publisher and the OPA
+//! engine export the same names under their own components).
 //!
 //! One sample per *call* (retries included) in `requests_total` and the
 //! duration histogram; each retry also counts in `retries_total`.
@@ -17,12 +21,10 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use soma_observability::metrics::{HistogramFamily, MetricsRegistry};
 
 use crate::Endpoint;
-use crate::breaker::BreakerState;
 
 /// Name of the requests counter.
 pub const REQUESTS_TOTAL: &str = "soma_somabrain_requests_total";
@@ -30,10 +32,6 @@ pub const REQUESTS_TOTAL: &str = "soma_somabrain_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "soma_somabrain_request_duration_seconds";
 /// Name of the retries counter.
 pub const RETRIES_TOTAL: &str = "soma_somabrain_retries_total";
-/// Name of the breaker state gauge.
-pub const BREAKER_STATE: &str = "soma_somabrain_breaker_state";
-/// Name of the breaker transitions counter.
-pub const BREAKER_TRANSITIONS_TOTAL: &str = "soma_somabrain_breaker_transitions_total";
 
 const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -50,17 +48,6 @@ struct EndpointLabels {
     endpoint: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabels {
-    state: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TransitionLabels {
-    from: &'static str,
-    to: &'static str,
-}
-
 const N: usize = Endpoint::ALL.len();
 
 /// Metric handles, resolved once per endpoint so the hot path does not hash
@@ -72,8 +59,6 @@ pub(crate) struct ClientMetrics {
     circuit_open: [Counter; N],
     duration: [Histogram; N],
     retries: [Counter; N],
-    state: Family<StateLabels, Gauge>,
-    transitions: Family<TransitionLabels, Counter>,
 }
 
 impl ClientMetrics {
@@ -91,14 +76,6 @@ impl ClientMetrics {
             RETRIES_TOTAL,
             "SomaBrain call attempts beyond the first",
         );
-        let state = registry.gauge_family::<StateLabels>(
-            BREAKER_STATE,
-            "SomaBrain circuit breaker state (1 for the current state)",
-        );
-        let transitions = registry.counter_family::<TransitionLabels>(
-            BREAKER_TRANSITIONS_TOTAL,
-            "SomaBrain circuit breaker state transitions",
-        );
         let req = |ep: Endpoint, status: &'static str| {
             requests.get_or_create_owned(&RequestLabels {
                 endpoint: ep.path(),
@@ -114,8 +91,6 @@ impl ClientMetrics {
             duration: Endpoint::ALL.map(|e| duration.get_or_create_owned(&ep(e))),
             retries: Endpoint::ALL.map(|e| retries.get_or_create_owned(&ep(e))),
             requests,
-            state,
-            transitions,
         }
     }
 
@@ -140,35 +115,5 @@ impl ClientMetrics {
                 .inc();
         }
         self.duration[endpoint.index()].observe(elapsed.as_secs_f64());
-    }
-
-    pub(crate) fn breaker_init(&self) {
-        for s in [
-            BreakerState::Closed,
-            BreakerState::Open,
-            BreakerState::HalfOpen,
-        ] {
-            let v = i64::from(s == BreakerState::Closed);
-            self.state
-                .get_or_create(&StateLabels { state: s.as_str() })
-                .set(v);
-        }
-    }
-
-    pub(crate) fn breaker_transition(&self, from: BreakerState, to: BreakerState) {
-        self.state
-            .get_or_create(&StateLabels {
-                state: from.as_str(),
-            })
-            .set(0);
-        self.state
-            .get_or_create(&StateLabels { state: to.as_str() })
-            .set(1);
-        self.transitions
-            .get_or_create(&TransitionLabels {
-                from: from.as_str(),
-                to: to.as_str(),
-            })
-            .inc();
     }
 }

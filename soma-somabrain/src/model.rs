@@ -393,7 +393,9 @@ impl RecallRequest {
         }
     }
 
-    /// Sets `top_k`.
+    /// Sets `top_k`. `0` is refused by
+    /// [`recall`](crate::SomabrainClient::recall) with an invalid-request
+    /// error (the server would silently answer it as 1).
     pub fn top_k(mut self, top_k: u32) -> Self {
         self.top_k = top_k;
         self
@@ -734,6 +736,17 @@ pub struct AggregateHealth {
     /// Everything else the server reports (components, counts, ...).
     #[serde(flatten)]
     pub details: JsonObject,
+}
+
+impl AggregateHealth {
+    /// The server's `memory_ok`: `Some(false)` when its memory backend is
+    /// down (while `/readyz` stays ready and remember still acknowledges
+    /// `persisted_to_ltm: true`); `None` when the field is absent.
+    pub fn memory_ok(&self) -> Option<bool> {
+        self.details
+            .get("memory_ok")
+            .and_then(serde_json::Value::as_bool)
+    }
 }
 
 #[derive(Serialize)]

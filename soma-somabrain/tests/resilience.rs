@@ -10,10 +10,13 @@ use common::{FakeSomabrain, Fault};
 use serde_json::json;
 use soma_observability::health::{ComponentStatus, HealthCheck};
 use soma_observability::metrics::MetricsRegistry;
+use soma_observability::resilience::BreakerState;
 use soma_somabrain::{
-    BreakerState, CallOptions, ErrorKind, FeedbackRequest, Memory, RecallRequest, SomabrainClient,
+    CallOptions, EndpointGroup, ErrorKind, FeedbackRequest, Memory, RecallRequest, SomabrainClient,
     SomabrainConfig, SomabrainHealthCheck,
 };
+
+const READ: EndpointGroup = EndpointGroup::MemoryRead;
 
 fn client(server: &FakeSomabrain, f: impl FnOnce(&mut SomabrainConfig)) -> SomabrainClient {
     let mut cfg = server.config();
@@ -251,7 +254,7 @@ async fn breaker_counts_calls_and_goes_closed_open_half_open_closed() {
     let server = FakeSomabrain::start().await;
     let registry = MetricsRegistry::default();
     let mut cfg = server.config();
-    cfg.breaker.half_open_after_ms = 100;
+    cfg.breaker.open_ms = 100;
     let c = SomabrainClient::builder(cfg)
         .metrics(&registry)
         .build()
@@ -262,7 +265,7 @@ async fn breaker_counts_calls_and_goes_closed_open_half_open_closed() {
     c.recall(&recall(), CallOptions::new()).await.unwrap_err();
     assert_eq!(server.seen_count(), 3);
     assert_eq!(
-        c.breaker_state(),
+        c.breaker_state(READ),
         BreakerState::Closed,
         "3 attempts = 1 failed call"
     );
@@ -274,14 +277,14 @@ async fn breaker_counts_calls_and_goes_closed_open_half_open_closed() {
     for _ in 0..3 {
         c.recall(&recall(), CallOptions::new()).await.unwrap_err();
     }
-    assert_eq!(c.breaker_state(), BreakerState::Open);
+    assert_eq!(c.breaker_state(READ), BreakerState::Open);
     let seen = server.seen_count();
 
     // Open: answered without a request.
     server.set_delay(Duration::from_millis(300));
     let started = Instant::now();
     let e = c
-        .remember(&memory("k"), CallOptions::new().request_id("r-open"))
+        .recall(&recall(), CallOptions::new().request_id("r-open"))
         .await
         .unwrap_err();
     let took = started.elapsed();
@@ -301,11 +304,11 @@ async fn breaker_counts_calls_and_goes_closed_open_half_open_closed() {
         tokio::spawn(async move { c.recall(&recall(), CallOptions::new()).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(c.breaker_state(), BreakerState::HalfOpen);
+    assert_eq!(c.breaker_state(READ), BreakerState::HalfOpen);
     let e = c.recall(&recall(), CallOptions::new()).await.unwrap_err();
     assert!(e.is_circuit_open(), "only one probe while half-open: {e}");
     probe.await.unwrap().expect("probe succeeds");
-    assert_eq!(c.breaker_state(), BreakerState::Closed);
+    assert_eq!(c.breaker_state(READ), BreakerState::Closed);
     assert_eq!(
         server.seen_count(),
         seen + 1,
@@ -313,46 +316,41 @@ async fn breaker_counts_calls_and_goes_closed_open_half_open_closed() {
     );
 
     let text = registry.encode();
-    for (from, to) in [
-        ("closed", "open"),
-        ("open", "half_open"),
-        ("half_open", "closed"),
-    ] {
+    for to in ["open", "half_open", "closed"] {
         let line = text
             .lines()
             .find(|l| {
-                l.starts_with("soma_somabrain_breaker_transitions_total")
-                    && l.contains(&format!("from=\"{from}\""))
+                l.starts_with("soma_circuit_breaker_transitions_total")
+                    && l.contains("component=\"somabrain.memory_read\"")
                     && l.contains(&format!("to=\"{to}\""))
             })
-            .unwrap_or_else(|| panic!("transition {from}->{to} in\n{text}"));
+            .unwrap_or_else(|| panic!("transition to {to} in\n{text}"));
         assert!(line.ends_with(" 1"), "{line}");
     }
-    let state = |s: &str| {
-        text.lines()
-            .find(|l| {
-                l.starts_with("soma_somabrain_breaker_state{")
-                    && l.contains(&format!("state=\"{s}\""))
-            })
-            .unwrap_or_else(|| panic!("state {s}"))
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .to_owned()
-    };
-    assert_eq!(
-        (state("closed"), state("open"), state("half_open")),
-        ("1".into(), "0".into(), "0".into())
+    for g in EndpointGroup::ALL {
+        let component = format!("component=\"{}\"", g.component());
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("soma_circuit_breaker_state{") && l.contains(&component))
+            .unwrap_or_else(|| panic!("{component} gauge in\n{text}"));
+        assert!(line.ends_with(" 0"), "closed: {line}");
+    }
+    assert!(
+        !text.contains("component=\"somabrain.memory_write\",to="),
+        "the write group never moved:\n{text}"
     );
     let open_line = text
         .lines()
         .find(|l| {
             l.starts_with("soma_somabrain_requests_total")
                 && l.contains("status=\"circuit_open\"")
-                && l.contains("/memory/remember\"")
+                && l.contains("/memory/recall\"")
         })
         .expect("circuit_open counted");
-    assert!(open_line.ends_with(" 1"), "{open_line}");
+    assert!(
+        open_line.ends_with(" 2"),
+        "one refused while open, one while the probe was out: {open_line}"
+    );
     let retries = text
         .lines()
         .find(|l| l.starts_with("soma_somabrain_retries_total") && l.contains("/memory/recall\""))
@@ -365,7 +363,7 @@ async fn a_failed_probe_reopens_and_4xx_keeps_the_breaker_closed() {
     let server = FakeSomabrain::start().await;
     let c = client(&server, |c| {
         c.breaker.failure_threshold = 1;
-        c.breaker.half_open_after_ms = 50;
+        c.breaker.open_ms = 50;
         c.retry.max_retries = 0;
     });
     server.push_n(5, Fault::status(422));
@@ -378,18 +376,18 @@ async fn a_failed_probe_reopens_and_4xx_keeps_the_breaker_closed() {
         );
     }
     assert_eq!(
-        c.breaker_state(),
+        c.breaker_state(READ),
         BreakerState::Closed,
         "a 4xx proves the server is up"
     );
     server.push(Fault::status(502));
     c.recall(&recall(), CallOptions::new()).await.unwrap_err();
-    assert_eq!(c.breaker_state(), BreakerState::Open);
+    assert_eq!(c.breaker_state(READ), BreakerState::Open);
     tokio::time::sleep(Duration::from_millis(70)).await;
     server.push(Fault::status(502));
     c.recall(&recall(), CallOptions::new()).await.unwrap_err();
     assert_eq!(
-        c.breaker_state(),
+        c.breaker_state(READ),
         BreakerState::Open,
         "failed probe re-opens"
     );
@@ -642,4 +640,175 @@ async fn trace_context_injector_adds_headers_to_every_attempt() {
             "same request id on every attempt"
         );
     }
+}
+
+#[tokio::test]
+async fn one_failing_route_opens_only_its_group() {
+    let server = FakeSomabrain::start().await;
+    // The real server's adaptation state answers 500 on every call.
+    server.fail_route(Some("/context/adaptation/state"));
+    let c = client(&server, |_| {});
+    for _ in 0..3 {
+        let e = c.adaptation_state(CallOptions::new()).await.unwrap_err();
+        assert!(e.is_unavailable() && !e.is_circuit_open(), "{e}");
+    }
+    assert_eq!(c.breaker_state(EndpointGroup::Context), BreakerState::Open);
+    let e = c.adaptation_state(CallOptions::new()).await.unwrap_err();
+    assert!(e.is_circuit_open(), "{e}");
+    // Memory is untouched: recall and remember still reach the server.
+    c.remember(&memory("k"), CallOptions::new())
+        .await
+        .expect("remember goes through");
+    c.recall(&recall(), CallOptions::new())
+        .await
+        .expect("recall goes through");
+    for g in [EndpointGroup::MemoryWrite, EndpointGroup::MemoryRead] {
+        assert_eq!(c.breaker_state(g), BreakerState::Closed, "{g}");
+    }
+}
+
+#[tokio::test]
+async fn validation_errors_do_not_count_but_rate_limits_do() {
+    let server = FakeSomabrain::start().await;
+    let c = client(&server, |c| {
+        c.breaker.failure_threshold = 1;
+        c.retry.max_retries = 0;
+    });
+    server.push_n(3, Fault::status(422));
+    for _ in 0..3 {
+        let e = c
+            .remember(&memory("k"), CallOptions::new())
+            .await
+            .unwrap_err();
+        assert!(e.is_rejected(), "{e}");
+    }
+    assert_eq!(
+        c.breaker_state(EndpointGroup::MemoryWrite),
+        BreakerState::Closed,
+        "a 422 proves the route is up"
+    );
+    server.push(Fault::too_many("60"));
+    let e = c
+        .remember(&memory("k"), CallOptions::new())
+        .await
+        .unwrap_err();
+    assert!(e.is_rate_limited(), "{e}");
+    assert_eq!(
+        c.breaker_state(EndpointGroup::MemoryWrite),
+        BreakerState::Open,
+        "a 429 the client gave up on counts: the route is refusing service"
+    );
+}
+
+#[tokio::test]
+async fn health_closes_an_open_breaker_after_its_period_without_traffic() {
+    let server = FakeSomabrain::start().await;
+    let c = client(&server, |c| {
+        c.breaker.failure_threshold = 1;
+        c.breaker.open_ms = 200;
+        c.retry.max_retries = 0;
+    });
+    server.fail_route(Some("/memory/recall"));
+    c.recall(&recall(), CallOptions::new()).await.unwrap_err();
+    assert_eq!(c.breaker_state(READ), BreakerState::Open);
+
+    let registry = soma_observability::health::HealthRegistry::new();
+    c.register_health(
+        &registry,
+        soma_observability::health::Criticality::Optional,
+        soma_observability::health::CheckOptions::new(
+            Duration::from_millis(20),
+            Duration::from_secs(1),
+        ),
+    );
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let comp = registry.component(soma_somabrain::COMPONENT).unwrap();
+    assert_eq!(comp.status, ComponentStatus::Down);
+    assert!(
+        comp.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("somabrain.memory_read"),
+        "the open group is named: {comp:?}"
+    );
+
+    // The server heals; nobody calls recall.
+    server.fail_route(None);
+    let recalls = || {
+        server
+            .seen()
+            .iter()
+            .filter(|s| s.path == "/memory/recall")
+            .count()
+    };
+    let before = recalls();
+    let started = Instant::now();
+    loop {
+        let comp = registry.component(soma_somabrain::COMPONENT).unwrap();
+        if comp.status == ComponentStatus::Up {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "health still {comp:?} 2 s after healing (open period 200 ms, interval 20 ms)"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(c.breaker_state(READ), BreakerState::Closed);
+    assert_eq!(recalls(), before, "no recall was made: the check probed");
+    c.recall(&recall(), CallOptions::new())
+        .await
+        .expect("calls go through again");
+}
+
+#[tokio::test]
+async fn health_reports_a_lost_memory_backend_as_degraded() {
+    let server = FakeSomabrain::start().await;
+    let c = client(&server, |_| {});
+    let check = SomabrainHealthCheck::new(c.clone());
+    assert_eq!(check.check().await.status, ComponentStatus::Up);
+    server
+        .state
+        .memory_down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    // Writes are still acknowledged, readiness is still ready...
+    c.remember(&memory("k"), CallOptions::new()).await.unwrap();
+    // ...only /health tells.
+    let o = check.check().await;
+    assert_eq!(o.status, ComponentStatus::Degraded, "{o:?}");
+    assert!(
+        o.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("memory_ok"),
+        "{o:?}"
+    );
+    server
+        .state
+        .memory_down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(check.check().await.status, ComponentStatus::Up);
+}
+
+#[tokio::test]
+async fn top_k_zero_is_refused_before_sending() {
+    let server = FakeSomabrain::start().await;
+    let c = client(&server, |_| {});
+    let e = c
+        .recall(&RecallRequest::new("memory").top_k(0), CallOptions::new())
+        .await
+        .unwrap_err();
+    assert!(e.is_invalid_request(), "{e}");
+    assert_eq!(server.seen_count(), 0, "nothing sent");
+    assert_eq!(c.breaker_state(READ), BreakerState::Closed);
+}
+
+#[tokio::test]
+async fn a_base_url_with_a_path_is_a_config_error() {
+    let server = FakeSomabrain::start().await;
+    let mut cfg = server.config();
+    cfg.base_url = format!("{}/api", server.url());
+    let e = SomabrainClient::new(cfg).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config);
+    assert!(e.to_string().contains("path_prefix"), "{e}");
 }

@@ -485,6 +485,7 @@ async fn batch_context_reward_and_probes_through_the_client() {
     let health = c.health().await.unwrap();
     assert_eq!(health.status, AggregateStatus::Healthy);
     assert_eq!(health.details["memory_ok"], true);
+    assert_eq!(health.memory_ok(), Some(true));
     svc.stop().await;
 }
 
@@ -569,5 +570,6 @@ async fn storage_down_is_a_503_and_not_ready() {
     let health = c.health().await.unwrap();
     assert_eq!(health.status, AggregateStatus::Critical);
     assert_eq!(health.details["memory_ok"], false);
+    assert_eq!(health.memory_ok(), Some(false));
     svc.stop().await;
 }

@@ -154,6 +154,11 @@ pub struct ServerState {
     store: Mutex<HashMap<String, Vec<Stored>>>,
     feedback: Mutex<HashMap<String, u64>>,
     pub ready_degraded: std::sync::atomic::AtomicBool,
+    /// `/health` says `memory_ok: false` (everything else keeps answering,
+    /// as the real server does when its memory backend is down).
+    pub memory_down: std::sync::atomic::AtomicBool,
+    /// A route template that answers 500 on every call while set.
+    failing_route: Mutex<Option<String>>,
 }
 
 pub struct FakeSomabrain {
@@ -203,7 +208,7 @@ impl FakeSomabrain {
         };
         c.retry.initial_backoff_ms = 5;
         c.retry.max_backoff_ms = 20;
-        c.breaker.half_open_after_ms = 60_000;
+        c.breaker.open_ms = 60_000;
         c
     }
 
@@ -233,6 +238,12 @@ impl FakeSomabrain {
 
     pub fn seen_count(&self) -> usize {
         self.state.seen.lock().len()
+    }
+
+    /// Makes `route` (e.g. `/context/adaptation/state`) answer 500 on every
+    /// call; `None` heals it.
+    pub fn fail_route(&self, route: Option<&str>) {
+        *self.state.failing_route.lock() = route.map(str::to_owned);
     }
 
     pub fn faults_left(&self) -> usize {
@@ -395,6 +406,12 @@ async fn handle(State(st): State<Arc<ServerState>>, req: Request) -> Response {
         return resp;
     }
 
+    if st.failing_route.lock().as_deref() == Some(route) {
+        return json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"detail": "injected: route failing"}),
+        );
+    }
     let fault = st.faults.lock().pop_front();
     match fault {
         Some(Fault::Respond {
@@ -468,7 +485,11 @@ async fn handle(State(st): State<Arc<ServerState>>, req: Request) -> Response {
         }
         "/health" => json_response(
             StatusCode::OK,
-            json!({"status": "healthy", "version": "1.0.0", "ok": true}),
+            if st.memory_down.load(Ordering::SeqCst) {
+                json!({"status": "degraded", "version": "1.0.0", "ok": false, "memory_ok": false})
+            } else {
+                json!({"status": "healthy", "version": "1.0.0", "ok": true, "memory_ok": true})
+            },
         ),
         "/memory/remember" => {
             let item = store(
