@@ -606,23 +606,15 @@ async fn fault(
             Ok(back)
         }
         Scenario::BrokerOutage => {
-            let window = plan.outage + Duration::from_secs(12);
-            let sending = load.send(plan.outage_messages, Some(window), give_up);
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            tokio::task::block_in_place(|| ctx.broker.stop());
-            println!(
-                "chaos: broker stopped for {:?} while messages arrive",
-                plan.outage
-            );
-            tokio::time::sleep(plan.outage).await;
-            tokio::task::block_in_place(|| ctx.broker.start())?;
-            let back = Instant::now();
-            println!(
-                "chaos: broker restarted; {} accepted so far",
-                accepted(load).await
-            );
-            let _ = sending.await;
-            Ok(back)
+            outage(
+                ctx,
+                load,
+                Dependency::Broker,
+                plan.outage_messages,
+                plan.outage,
+                notes,
+            )
+            .await
         }
         Scenario::PostgresRestart => {
             let sending = load.send(plan.burst, None, give_up);
@@ -652,30 +644,8 @@ async fn fault(
             Ok(back)
         }
         Scenario::SomabrainDown => {
-            let window = plan.brain_window + Duration::from_secs(12);
-            let sending = load.send(plan.brain_messages, Some(window), give_up);
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            tokio::task::block_in_place(|| ctx.memory.stop());
-            println!(
-                "chaos: memory service (SomaBrain) stopped for {:?} while messages arrive",
-                plan.brain_window
-            );
-            tokio::time::sleep(plan.brain_window).await;
-            let landed = tokio::task::block_in_place(|| truth::memory_keys(&ctx.pg, DB))
-                .map(|k| k.len())
-                .unwrap_or_default();
-            tokio::task::block_in_place(|| ctx.memory.start())?;
-            let back = Instant::now();
-            println!(
-                "chaos: memory service restarted; {} accepted so far, {landed} memories stored before",
-                accepted(load).await
-            );
-            notes.push(format!(
-                "memory service down {:?}; {landed} memories were stored when it came back",
-                plan.brain_window
-            ));
-            let _ = sending.await;
-            Ok(back)
+            let (n, window) = (plan.brain_messages, plan.brain_window);
+            outage(ctx, load, Dependency::Somabrain, n, window, notes).await
         }
         Scenario::RollingRestart => {
             // A deploy behind two gateways: while a steady stream of
@@ -703,12 +673,19 @@ async fn fault(
                 let due = t0 + step * (k as u32 + 1);
                 tokio::time::sleep_until(due.into()).await;
                 if service.api.is_some() {
-                    let other = if *service == GATEWAY_A { GATEWAY_B } else { GATEWAY_A };
+                    let other = if *service == GATEWAY_A {
+                        GATEWAY_B
+                    } else {
+                        GATEWAY_A
+                    };
                     let j = platform
                         .index(other)
                         .ok_or_else(|| format!("{} is not running", other.name))?;
                     if !tokio::task::block_in_place(|| platform.is_ready(j)) {
-                        return Err(format!("{name} due for redeploy while {} is not ready", other.name));
+                        return Err(format!(
+                            "{name} due for redeploy while {} is not ready",
+                            other.name
+                        ));
                     }
                 }
                 let at = accepted(load).await;
@@ -739,6 +716,81 @@ async fn fault(
             Ok(back)
         }
     }
+}
+
+/// A dependency the harness stops for a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dependency {
+    /// tansu.
+    Broker,
+    /// The memory service (the SomaBrain stand-in).
+    Somabrain,
+}
+
+impl Dependency {
+    fn label(self) -> &'static str {
+        match self {
+            Dependency::Broker => "broker",
+            Dependency::Somabrain => "memory service (SomaBrain)",
+        }
+    }
+
+    fn stop(self, ctx: &mut Ctx) {
+        match self {
+            Dependency::Broker => ctx.broker.stop(),
+            Dependency::Somabrain => ctx.memory.stop(),
+        }
+    }
+
+    fn start(self, ctx: &mut Ctx) -> Result<(), String> {
+        match self {
+            Dependency::Broker => ctx.broker.start(),
+            Dependency::Somabrain => ctx.memory.start(),
+        }
+    }
+}
+
+/// `messages` paced over `window` plus 12 s; 2 s in, `dependency` is
+/// stopped for `window`, then started again. Returns when it was back.
+async fn outage(
+    ctx: &mut Ctx,
+    load: &mut Load,
+    dependency: Dependency,
+    messages: u64,
+    window: Duration,
+    notes: &mut Vec<String>,
+) -> Result<Instant, String> {
+    let give_up = ctx.opts.plan.recover_limit;
+    let sending = load.send(messages, Some(window + Duration::from_secs(12)), give_up);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::task::block_in_place(|| dependency.stop(ctx));
+    let label = dependency.label();
+    println!("chaos: {label} stopped for {window:?} while messages arrive");
+    tokio::time::sleep(window).await;
+    let landed = match dependency {
+        Dependency::Somabrain => Some(
+            tokio::task::block_in_place(|| truth::memory_keys(&ctx.pg, DB))
+                .map(|k| k.len())
+                .unwrap_or_default(),
+        ),
+        Dependency::Broker => None,
+    };
+    tokio::task::block_in_place(|| dependency.start(ctx))?;
+    let back = Instant::now();
+    let so_far = accepted(load).await;
+    match landed {
+        Some(landed) => {
+            println!(
+                "chaos: {label} restarted; {so_far} accepted so far, {landed} memories stored before"
+            );
+            notes.push(format!(
+                "{label} down {window:?}; {landed} memories were stored when it came back"
+            ));
+        }
+        None => println!("chaos: {label} restarted; {so_far} accepted so far"),
+    }
+    let _ = sending.await;
+    Ok(back)
 }
 
 async fn accepted(load: &Load) -> usize {

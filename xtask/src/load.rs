@@ -369,7 +369,10 @@ impl Sender {
                 Attempt::Failed(e) => e,
             };
             if n > 1 {
-                match self.attempt((first + 1) % n, seq, &key, &mut first_id).await {
+                match self
+                    .attempt((first + 1) % n, seq, &key, &mut first_id)
+                    .await
+                {
                     Attempt::Accepted => {
                         self.observed.lock().await.failovers += 1;
                         return;

@@ -270,7 +270,12 @@ async fn completed_replies(
             })
             .unwrap_or_else(|| format!("{}:{}", msg.partition(), msg.offset()));
         completed
-            .entry(payload["message_id"].as_str().unwrap_or_default().to_owned())
+            .entry(
+                payload["message_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
             .or_default()
             .insert(envelope_id);
     }
@@ -338,23 +343,18 @@ async fn a_tool_executor_stopped_with_calls_in_flight_and_replaced_runs_each_cal
     let second = tools::start(live.clone(), listener().await)
         .await
         .expect("replacement tool executor starts");
-    let replies = completed_replies(
-        &format!("{prefix}.events"),
-        &calls,
-        Duration::from_secs(90),
-    )
-    .await;
+    let replies =
+        completed_replies(&format!("{prefix}.events"), &calls, Duration::from_secs(90)).await;
     for id in &calls {
         let n = replies.get(id).map_or(0, HashSet::len);
         assert_eq!(n, 1, "tool call {id} answered {n} times");
     }
-    let (inbox_rows,): (i64,) = sqlx::query_as(&format!(
-        "SELECT count(*) FROM {inbox} WHERE consumer = $1"
-    ))
-    .bind(tools::HANDLER)
-    .fetch_one(&pool)
-    .await
-    .expect("inbox rows");
+    let (inbox_rows,): (i64,) =
+        sqlx::query_as(&format!("SELECT count(*) FROM {inbox} WHERE consumer = $1"))
+            .bind(tools::HANDLER)
+            .fetch_one(&pool)
+            .await
+            .expect("inbox rows");
     assert_eq!(inbox_rows, REQUESTS as i64, "one inbox row per call");
 
     let second_outcomes = consumed(&second.runtime().metrics, &tools_topic);
