@@ -397,9 +397,7 @@ impl Row {
     fn client_errors(&self) -> u64 {
         self.errors.values().sum::<u64>() + self.gave_up
     }
-}
 
-impl Row {
     fn broken(s: Scenario, e: String) -> Self {
         Row {
             scenario: s.name(),

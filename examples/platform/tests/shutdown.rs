@@ -482,6 +482,21 @@ async fn a_memory_replicator_stopped_with_writes_in_flight_and_replaced_stores_e
         assert_eq!(stored.get(key), Some(&1), "memory {key} rows");
     }
     assert_eq!(stored.len(), keys.len(), "no memory that was not sent");
+    // The unique key makes a replayed write overwrite its own row, so the
+    // rows alone cannot show a second write. Every INSERT takes a value of
+    // the id sequence (one that conflicts too): the sequence counts the
+    // writes that reached the memory service's store.
+    let (writes, called): (i64, bool) = sqlx::query_as(&format!(
+        "SELECT last_value, is_called FROM {memory_schema}.memories_id_seq"
+    ))
+    .fetch_one(&pool)
+    .await
+    .expect("the memory service's id sequence");
+    assert!(called, "the memory service stored nothing");
+    assert_eq!(
+        writes, REQUESTS as i64,
+        "writes that reached the memory service's store (a replayed write takes a second id)"
+    );
     let second_outcomes = consumed(&second.runtime().metrics, &memory_topic);
     for (who, outcomes) in [("old", &first_outcomes), ("new", &second_outcomes)] {
         assert_eq!(
