@@ -148,6 +148,34 @@ async fn postgres_store() {
     drop_schema(&pool, &schema).await;
 }
 
+/// Replicas starting together migrate the same fresh schema at once: every
+/// one succeeds (the chaos harness's two gateways once lost this race on
+/// `CREATE SCHEMA IF NOT EXISTS`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_migrations_of_one_fresh_schema_all_succeed() {
+    let url = soma_testkit::require_postgres();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&url)
+        .await
+        .unwrap();
+    for round in 0..5 {
+        let schema = soma_testkit::unique_name("policy_keys_race");
+        let migrations: Vec<_> = (0..6)
+            .map(|_| {
+                let store = PgApiKeyStore::new(pool.clone(), &schema).unwrap();
+                tokio::spawn(async move { store.migrate().await })
+            })
+            .collect();
+        for m in migrations {
+            m.await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("round {round}: a concurrent migrate failed: {e}"));
+        }
+        drop_schema(&pool, &schema).await;
+    }
+}
+
 #[tokio::test]
 async fn schema_names_are_validated() {
     let pool = sqlx::postgres::PgPoolOptions::new()

@@ -29,7 +29,7 @@ mod stress;
 mod truth;
 
 use deps::{Broker, MemoryService, Postgres, Redis, Storage};
-use services::{GATEWAY, Platform, Wiring};
+use services::{GATEWAY_A, GATEWAY_B, Platform, Wiring};
 
 const USAGE: &str = "usage: cargo xtask chaos [--short] [--scenario NAME]... [--keep] \
 [--storage postgres|sqlite] [--broker-schema FILE] [--bin-dir DIR [--platform-root DIR]]
@@ -289,12 +289,13 @@ async fn main(opts: Opts) -> Result<(), String> {
     };
     println!(
         "chaos: private stack in {} (PostgreSQL {PG_PORT}, Redis {REDIS_PORT}, tansu {BROKER_PORT} \
-         with {} storage); gateway {GATEWAY}; memory service (SomaBrain) {SOMABRAIN_ADDR}",
+         with {} storage); gateway {}; memory service (SomaBrain) {SOMABRAIN_ADDR}",
         ctx.dir.display(),
         match ctx.opts.storage {
             Storage::Sqlite => "SQLite",
             Storage::Postgres => "PostgreSQL",
         },
+        GATEWAY_A.api.unwrap_or_default(),
     );
     let mut rows = Vec::new();
     let scenarios = ctx.opts.scenarios.clone();
@@ -398,12 +399,20 @@ struct Row {
     recover_secs: Option<f64>,
     restarted_by_hand: u64,
     errors: BTreeMap<String, u64>,
+    /// Sends one gateway failed and the other accepted at once.
+    failovers: u64,
     gave_up: u64,
     notes: Vec<String>,
     pass: bool,
 }
 
 impl Row {
+    /// Client-visible errors: failed attempts no other gateway answered in
+    /// their place, plus sends given up on.
+    fn client_errors(&self) -> u64 {
+        self.errors.values().sum::<u64>() + self.gave_up
+    }
+
     fn broken(s: Scenario, e: String) -> Self {
         Row {
             scenario: s.name(),
@@ -426,7 +435,10 @@ async fn scenario(ctx: &mut Ctx, s: Scenario) -> Result<Row, String> {
         issuer_file: ctx.issuer_file.clone(),
         source: ctx.opts.platform_root.clone(),
     };
-    let mut platform = Platform::start(&ctx.bin_dir, &log_dir, &wiring)?;
+    // A deploy is judged behind two gateways (no client error at all); the
+    // dependency faults run with one.
+    let two_gateways = s == Scenario::RollingRestart;
+    let mut platform = Platform::start(&ctx.bin_dir, &log_dir, &wiring, two_gateways)?;
     let result = drive(ctx, &mut platform, s).await;
     let exited = platform.exited();
     platform.stop();
@@ -441,10 +453,10 @@ async fn scenario(ctx: &mut Ctx, s: Scenario) -> Result<Row, String> {
     Ok(row)
 }
 
-async fn wait_ready(within: Duration) -> Result<(), String> {
+async fn wait_ready(platform: &Platform, within: Duration) -> Result<(), String> {
     let deadline = Instant::now() + within;
     loop {
-        let not_ready = tokio::task::block_in_place(Platform::not_ready);
+        let not_ready = tokio::task::block_in_place(|| platform.not_ready());
         if not_ready.is_empty() {
             return Ok(());
         }
@@ -460,7 +472,7 @@ async fn wait_ready(within: Duration) -> Result<(), String> {
 
 /// Starts the load, injects the fault, waits for recovery, counts.
 async fn drive(ctx: &mut Ctx, platform: &mut Platform, s: Scenario) -> Result<Row, String> {
-    wait_ready(Duration::from_secs(90)).await?;
+    wait_ready(platform, Duration::from_secs(90)).await?;
     let plan = ctx.opts.plan;
     let run = format!(
         "{}-{}",
@@ -487,7 +499,7 @@ async fn drive(ctx: &mut Ctx, platform: &mut Platform, s: Scenario) -> Result<Ro
         })
         .collect::<Result<_, _>>()?;
     let warm = conversations[0].clone();
-    let mut load = Load::new(&format!("http://{GATEWAY}"), &run, conversations);
+    let mut load = Load::new(&platform.gateway_urls(), &run, conversations);
     load.listen(Duration::from_secs(30)).await?;
     warm_up(&load, &warm).await?;
     println!(
@@ -497,9 +509,10 @@ async fn drive(ctx: &mut Ctx, platform: &mut Platform, s: Scenario) -> Result<Ro
 
     let mut notes = Vec::new();
     let back_at = fault(ctx, platform, s, &mut load, &mut notes).await?;
-    let (ready_secs, recover_secs) = recover(ctx, &load, back_at, plan.recover_limit).await;
+    let (ready_secs, recover_secs) =
+        recover(ctx, platform, &load, back_at, plan.recover_limit).await;
     if recover_secs.is_none() {
-        notes.push(stuck(ctx, &load, plan.recover_limit).await);
+        notes.push(stuck(ctx, platform, &load, plan.recover_limit).await);
     }
     // Late duplicates would arrive now.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -530,22 +543,33 @@ async fn drive(ctx: &mut Ctx, platform: &mut Platform, s: Scenario) -> Result<Ro
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     load.stop().await;
-    let hub_consumed = tokio::task::block_in_place(|| Platform::gateway_consumed(EVENTS_TOPIC));
+    let hub_consumed = tokio::task::block_in_place(|| platform.gateway_consumed(EVENTS_TOPIC));
     let observed = load.observed.lock().await;
     let sse_missed = observed
         .accepted
         .keys()
         .any(|id| truth.replies.completed.contains_key(id) && !observed.completed.contains_key(id));
-    if let Some(n) = hub_consumed.filter(|_| sse_missed) {
-        notes.push(format!(
-            "the gateway's SSE hub consumed {n} of the {} records in {EVENTS_TOPIC}",
-            truth.replies.records
-        ));
+    if sse_missed {
+        for (gateway, n) in hub_consumed {
+            notes.push(format!(
+                "{gateway}'s SSE hub consumed {n} of the {} records in {EVENTS_TOPIC}",
+                truth.replies.records
+            ));
+        }
     }
     let mut row = count(s, &observed, &truth, notes);
     row.ready_secs = ready_secs;
     row.recover_secs = recover_secs;
     judge(&mut row);
+    // Behind two gateways a deploy shows the client no error at all: a
+    // gateway refusing or draining is routed around (a failover).
+    if s == Scenario::RollingRestart && row.client_errors() > 0 {
+        row.notes.push(format!(
+            "{} client-visible errors behind two gateways (must be 0)",
+            row.client_errors()
+        ));
+        row.pass = false;
+    }
     row.pass &= !unknown;
     Ok(row)
 }
@@ -595,23 +619,15 @@ async fn fault(
             Ok(back)
         }
         Scenario::BrokerOutage => {
-            let window = plan.outage + Duration::from_secs(12);
-            let sending = load.send(plan.outage_messages, Some(window), give_up);
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            tokio::task::block_in_place(|| ctx.broker.stop());
-            println!(
-                "chaos: broker stopped for {:?} while messages arrive",
-                plan.outage
-            );
-            tokio::time::sleep(plan.outage).await;
-            tokio::task::block_in_place(|| ctx.broker.start())?;
-            let back = Instant::now();
-            println!(
-                "chaos: broker restarted; {} accepted so far",
-                accepted(load).await
-            );
-            let _ = sending.await;
-            Ok(back)
+            outage(
+                ctx,
+                load,
+                Dependency::Broker,
+                plan.outage_messages,
+                plan.outage,
+                notes,
+            )
+            .await
         }
         Scenario::PostgresRestart => {
             let sending = load.send(plan.burst, None, give_up);
@@ -641,51 +657,55 @@ async fn fault(
             Ok(back)
         }
         Scenario::SomabrainDown => {
-            let window = plan.brain_window + Duration::from_secs(12);
-            let sending = load.send(plan.brain_messages, Some(window), give_up);
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            tokio::task::block_in_place(|| ctx.memory.stop());
-            println!(
-                "chaos: memory service (SomaBrain) stopped for {:?} while messages arrive",
-                plan.brain_window
-            );
-            tokio::time::sleep(plan.brain_window).await;
-            let landed = tokio::task::block_in_place(|| truth::memory_keys(&ctx.pg, DB))
-                .map(|k| k.len())
-                .unwrap_or_default();
-            tokio::task::block_in_place(|| ctx.memory.start())?;
-            let back = Instant::now();
-            println!(
-                "chaos: memory service restarted; {} accepted so far, {landed} memories stored before",
-                accepted(load).await
-            );
-            notes.push(format!(
-                "memory service down {:?}; {landed} memories were stored when it came back",
-                plan.brain_window
-            ));
-            let _ = sending.await;
-            Ok(back)
+            let (n, window) = (plan.brain_messages, plan.brain_window);
+            outage(ctx, load, Dependency::Somabrain, n, window, notes).await
         }
         Scenario::RollingRestart => {
-            // A deploy: while a steady stream of messages flows, each
-            // service in turn gets SIGTERM and is started again (gateway,
-            // conversation worker, tool executor, memory replicator, then
-            // the gateway again); the next goes only once the new process
-            // is ready.
+            // A deploy behind two gateways: while a steady stream of
+            // messages flows, each service in turn gets SIGTERM and is
+            // started again (gateway A, conversation worker, tool executor,
+            // memory replicator, gateway B); the next goes only once the
+            // new process is ready, and a gateway only while the other one
+            // is ready, so a client always has a gateway to fail over to.
             let window = plan.rolling_window;
             let sending = load.send(plan.burst, Some(window), give_up);
-            let order = [0usize, 1, 3, 2, 0];
+            let order = [
+                GATEWAY_A,
+                services::WORKER,
+                services::TOOLS,
+                services::MEMORY,
+                GATEWAY_B,
+            ];
             let step = window / (order.len() as u32 + 1);
             let t0 = Instant::now();
-            for (k, &i) in order.iter().enumerate() {
-                let name = services::SERVICES[i].0;
+            for (k, service) in order.iter().enumerate() {
+                let name = service.name;
+                let i = platform
+                    .index(*service)
+                    .ok_or_else(|| format!("{name} is not running"))?;
                 let due = t0 + step * (k as u32 + 1);
                 tokio::time::sleep_until(due.into()).await;
+                if service.api.is_some() {
+                    let other = if *service == GATEWAY_A {
+                        GATEWAY_B
+                    } else {
+                        GATEWAY_A
+                    };
+                    let j = platform
+                        .index(other)
+                        .ok_or_else(|| format!("{} is not running", other.name))?;
+                    if !tokio::task::block_in_place(|| platform.is_ready(j)) {
+                        return Err(format!(
+                            "{name} due for redeploy while {} is not ready",
+                            other.name
+                        ));
+                    }
+                }
                 let at = accepted(load).await;
                 let grace = Duration::from_secs(30);
                 let stopped = tokio::task::block_in_place(|| platform.redeploy(i, grace))?;
                 let started = Instant::now();
-                while !tokio::task::block_in_place(|| Platform::is_ready(i)) {
+                while !tokio::task::block_in_place(|| platform.is_ready(i)) {
                     if started.elapsed() > Duration::from_secs(60) {
                         return Err(format!("{name} not ready 60 s after its redeploy"));
                     }
@@ -711,6 +731,81 @@ async fn fault(
     }
 }
 
+/// A dependency the harness stops for a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dependency {
+    /// tansu.
+    Broker,
+    /// The memory service (the SomaBrain stand-in).
+    Somabrain,
+}
+
+impl Dependency {
+    fn label(self) -> &'static str {
+        match self {
+            Dependency::Broker => "broker",
+            Dependency::Somabrain => "memory service (SomaBrain)",
+        }
+    }
+
+    fn stop(self, ctx: &mut Ctx) {
+        match self {
+            Dependency::Broker => ctx.broker.stop(),
+            Dependency::Somabrain => ctx.memory.stop(),
+        }
+    }
+
+    fn start(self, ctx: &mut Ctx) -> Result<(), String> {
+        match self {
+            Dependency::Broker => ctx.broker.start(),
+            Dependency::Somabrain => ctx.memory.start(),
+        }
+    }
+}
+
+/// `messages` paced over `window` plus 12 s; 2 s in, `dependency` is
+/// stopped for `window`, then started again. Returns when it was back.
+async fn outage(
+    ctx: &mut Ctx,
+    load: &mut Load,
+    dependency: Dependency,
+    messages: u64,
+    window: Duration,
+    notes: &mut Vec<String>,
+) -> Result<Instant, String> {
+    let give_up = ctx.opts.plan.recover_limit;
+    let sending = load.send(messages, Some(window + Duration::from_secs(12)), give_up);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::task::block_in_place(|| dependency.stop(ctx));
+    let label = dependency.label();
+    println!("chaos: {label} stopped for {window:?} while messages arrive");
+    tokio::time::sleep(window).await;
+    let landed = match dependency {
+        Dependency::Somabrain => Some(
+            tokio::task::block_in_place(|| truth::memory_keys(&ctx.pg, DB))
+                .map(|k| k.len())
+                .unwrap_or_default(),
+        ),
+        Dependency::Broker => None,
+    };
+    tokio::task::block_in_place(|| dependency.start(ctx))?;
+    let back = Instant::now();
+    let so_far = accepted(load).await;
+    match landed {
+        Some(landed) => {
+            println!(
+                "chaos: {label} restarted; {so_far} accepted so far, {landed} memories stored before"
+            );
+            notes.push(format!(
+                "{label} down {window:?}; {landed} memories were stored when it came back"
+            ));
+        }
+        None => println!("chaos: {label} restarted; {so_far} accepted so far"),
+    }
+    let _ = sending.await;
+    Ok(back)
+}
+
 async fn accepted(load: &Load) -> usize {
     load.observed.lock().await.accepted.len()
 }
@@ -728,6 +823,7 @@ async fn wait_accepted(load: &Load, n: u64) {
 /// `back_at` to all-ready and to recovered.
 async fn recover(
     ctx: &Ctx,
+    platform: &Platform,
     load: &Load,
     back_at: Instant,
     limit: Duration,
@@ -738,7 +834,7 @@ async fn recover(
     let bootstrap = ctx.broker.addr();
     loop {
         let now = Instant::now();
-        if ready_at.is_none() && tokio::task::block_in_place(Platform::not_ready).is_empty() {
+        if ready_at.is_none() && tokio::task::block_in_place(|| platform.not_ready()).is_empty() {
             ready_at = Some(now);
         }
         let mut drained = load.observed.lock().await.all_delivered();
@@ -815,11 +911,12 @@ impl Truth {
 /// What was still wrong when the recovery wait ran out: services not
 /// ready (with their unhealthy health components), replies not seen on
 /// SSE, outbox rows pending.
-async fn stuck(ctx: &Ctx, load: &Load, limit: Duration) -> String {
+async fn stuck(ctx: &Ctx, platform: &Platform, load: &Load, limit: Duration) -> String {
     let (not_ready, pending) = tokio::task::block_in_place(|| {
-        let not_ready: Vec<String> = Platform::not_ready()
+        let not_ready: Vec<String> = platform
+            .not_ready()
             .into_iter()
-            .map(|name| format!("{name} ({})", Platform::unhealthy(name).join("; ")))
+            .map(|name| format!("{name} ({})", platform.unhealthy(name).join("; ")))
             .collect();
         (not_ready, truth::outbox_pending(&ctx.pg, DB))
     });
@@ -948,6 +1045,7 @@ fn count(s: Scenario, observed: &Observed, truth: &Truth, mut notes: Vec<String>
         remembered,
         pending_outbox: pending,
         errors: observed.errors.clone(),
+        failovers: observed.failovers,
         gave_up: observed.gave_up,
         notes,
         ..Row::default()
@@ -984,7 +1082,7 @@ fn secs(s: Option<f64>) -> String {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "\n{:<17} {:>8} {:>9} {:>6} {:>6} {:>6} {:>5} {:>9} {:>9} {:>8}  result",
+        "\n{:<17} {:>8} {:>9} {:>6} {:>6} {:>6} {:>5} {:>6} {:>9} {:>9} {:>9} {:>8}  result",
         "scenario",
         "accepted",
         "delivered",
@@ -992,13 +1090,15 @@ fn print_table(rows: &[Row]) {
         "dupes",
         "order",
         "dead",
+        "errors",
+        "failovers",
         "ready",
         "recover",
         "by hand"
     );
     for r in rows {
         println!(
-            "{:<17} {:>8} {:>9} {:>6} {:>6} {:>6} {:>5} {:>9} {:>9} {:>8}  {}",
+            "{:<17} {:>8} {:>9} {:>6} {:>6} {:>6} {:>5} {:>6} {:>9} {:>9} {:>9} {:>8}  {}",
             r.scenario,
             r.accepted,
             r.delivered,
@@ -1006,6 +1106,8 @@ fn print_table(rows: &[Row]) {
             r.duplicates,
             r.order_violations,
             r.dead_lettered,
+            r.client_errors(),
+            r.failovers,
             secs(r.ready_secs),
             secs(r.recover_secs),
             r.restarted_by_hand,
@@ -1052,6 +1154,8 @@ fn write_json(ctx: &Ctx, rows: &[Row]) -> Result<PathBuf, String> {
                 "time_to_recover_secs": r.recover_secs,
                 "services_restarted_by_hand": r.restarted_by_hand,
                 "client_errors_by_status": r.errors,
+                "client_errors": r.client_errors(),
+                "failovers": r.failovers,
                 "sends_given_up": r.gave_up,
                 "notes": r.notes,
                 "pass": r.pass,
@@ -1091,9 +1195,10 @@ fn git_head() -> String {
 /// dependency the scenario touched.
 fn print_logs(ctx: &Ctx, s: Scenario) {
     let log_dir = ctx.dir.join(s.name());
-    let mut logs: Vec<PathBuf> = services::SERVICES
+    let mut logs: Vec<PathBuf> = services::ALL
         .iter()
-        .map(|(name, _, _)| log_dir.join(format!("{name}.log")))
+        .map(|s| log_dir.join(format!("{}.log", s.name)))
+        .filter(|p| p.exists())
         .collect();
     logs.push(match s {
         Scenario::BrokerKill | Scenario::BrokerOutage => ctx.broker.log.clone(),

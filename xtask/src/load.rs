@@ -16,6 +16,15 @@
 //! any gateway — replays what it missed meanwhile from its session event
 //! store. Event ids are numbers per conversation, so they are recorded per
 //! conversation. Used by `cargo xtask chaos`; meant to serve a load benchmark too.
+//!
+//! With several gateways (replicas behind one client, as behind a load
+//! balancer) the POSTs and SSE streams are spread over them: a message goes
+//! first to gateway `(conversation + seq) % n`, a stream to
+//! `conversation % n`. A POST refused or failed there (connection refused
+//! during a drain, `503`, …) is sent again at once to the next gateway with
+//! the same `Idempotency-Key`; one that succeeds there is a **failover**,
+//! counted apart from the errors, which are then only what the client could
+//! not route around. A reopened SSE stream goes to the next gateway.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -51,8 +60,12 @@ pub(crate) struct Observed {
     /// Logical sends (one idempotency key) answered with two different
     /// message ids: the gateway took the same message twice.
     pub(crate) double_accepts: u64,
-    /// Non-`202` answers and transport errors, by status (`503`, `connect`, …).
+    /// Non-`202` answers and transport errors, by status (`503`, `connect`, …),
+    /// that no other gateway answered in their place.
     pub(crate) errors: BTreeMap<String, u64>,
+    /// Sends refused or failed by one gateway and accepted at once by
+    /// another (same idempotency key).
+    pub(crate) failovers: u64,
     /// Logical sends given up on (never answered `202`).
     pub(crate) gave_up: u64,
     /// Every SSE event id seen, and how often one was seen again.
@@ -169,7 +182,8 @@ pub(crate) fn order_violations(
 /// The load generator.
 pub(crate) struct Load {
     client: reqwest::Client,
-    base: String,
+    /// The gateways' base URLs.
+    bases: Arc<Vec<String>>,
     run: String,
     conversations: Arc<Vec<Conversation>>,
     pub(crate) observed: Arc<Mutex<Observed>>,
@@ -179,9 +193,10 @@ pub(crate) struct Load {
 }
 
 impl Load {
-    /// A generator talking to the gateway at `base` (`http://host:port`);
-    /// `run` makes its idempotency keys unique.
-    pub(crate) fn new(base: &str, run: &str, conversations: Vec<Conversation>) -> Self {
+    /// A generator talking to the gateways at `bases` (`http://host:port`,
+    /// at least one); `run` makes its idempotency keys unique.
+    pub(crate) fn new(bases: &[String], run: &str, conversations: Vec<Conversation>) -> Self {
+        assert!(!bases.is_empty(), "the load needs a gateway");
         let n = conversations.len();
         let observed = Observed {
             send_order: vec![Vec::new(); n],
@@ -193,7 +208,12 @@ impl Load {
                 .pool_max_idle_per_host(256)
                 .build()
                 .expect("an HTTP client without TLS settings builds"),
-            base: base.trim_end_matches('/').to_owned(),
+            bases: Arc::new(
+                bases
+                    .iter()
+                    .map(|b| b.trim_end_matches('/').to_owned())
+                    .collect(),
+            ),
             run: run.to_owned(),
             conversations: Arc::new(conversations),
             observed: Arc::new(Mutex::new(observed)),
@@ -210,10 +230,12 @@ impl Load {
         for i in 0..self.conversations.len() {
             let ctx = Listener {
                 client: self.client.clone(),
-                url: format!(
-                    "{}/v1/conversations/{}/events",
-                    self.base, self.conversations[i].id
-                ),
+                urls: self
+                    .bases
+                    .iter()
+                    .map(|b| format!("{b}/v1/conversations/{}/events", self.conversations[i].id))
+                    .collect(),
+                at: i % self.bases.len(),
                 token: self.conversations[i].token.clone(),
                 conversation: i,
                 observed: self.observed.clone(),
@@ -260,7 +282,7 @@ impl Load {
             self.next_seq[c as usize] += share.len() as u64;
             let sender = Sender {
                 client: self.client.clone(),
-                base: self.base.clone(),
+                bases: self.bases.clone(),
                 run: self.run.clone(),
                 conversations: self.conversations.clone(),
                 conversation: c as usize,
@@ -289,7 +311,7 @@ impl Load {
     pub(crate) async fn probe(&self, conversation: &Conversation) -> Result<String, String> {
         let url = format!(
             "{}/v1/conversations/{}/messages",
-            self.base, conversation.id
+            self.bases[0], conversation.id
         );
         let r = self
             .client
@@ -323,7 +345,7 @@ impl Load {
 
 struct Sender {
     client: reqwest::Client,
-    base: String,
+    bases: Arc<Vec<String>>,
     run: String,
     conversations: Arc<Vec<Conversation>>,
     conversation: usize,
@@ -331,72 +353,115 @@ struct Sender {
     give_up: Duration,
 }
 
+/// What one POST to one gateway came to.
+enum Attempt {
+    /// `202` with a message id: recorded.
+    Accepted,
+    /// Anything else, by status or transport error.
+    Failed(String),
+}
+
 impl Sender {
+    /// Sends message `seq` until accepted or `give_up` passed: first to its
+    /// gateway, and after a failure there at once to the next one (a
+    /// failover when that one accepts).
     async fn send_one(&self, seq: u64) {
-        let conv = &self.conversations[self.conversation];
         let key = format!("{}-{}-{seq}", self.run, self.conversation);
-        let url = format!("{}/v1/conversations/{}/messages", self.base, conv.id);
-        let body = serde_json::json!({ "text": format!("chaos message {seq} of {}", conv.id) });
+        let n = self.bases.len();
+        let first = (self.conversation + seq as usize) % n;
         let deadline = Instant::now() + self.give_up;
         let mut first_id: Option<String> = None;
         loop {
-            let outcome = self
-                .client
-                .post(&url)
-                .bearer_auth(&conv.token)
-                .header("idempotency-key", &key)
-                .json(&body)
-                .timeout(Duration::from_secs(15))
-                .send()
-                .await;
-            let error = match outcome {
-                Ok(r) if r.status().as_u16() == 202 => {
-                    let v: Value = r.json().await.unwrap_or_default();
-                    if let (Some(id), Some(delivery)) =
-                        (v["message_id"].as_str(), v["delivery"].as_str())
-                    {
-                        let mut o = self.observed.lock().await;
-                        if first_id.as_deref().is_some_and(|f| f != id) {
-                            o.double_accepts += 1;
-                        }
-                        if !o.accepted.contains_key(id) {
-                            o.accepted.insert(
-                                id.to_owned(),
-                                Sent {
-                                    seq,
-                                    delivery: delivery.to_owned(),
-                                },
-                            );
-                            o.send_order[self.conversation].push(id.to_owned());
-                        }
+            let error = match self.attempt(first, seq, &key, &mut first_id).await {
+                Attempt::Accepted => return,
+                Attempt::Failed(e) => e,
+            };
+            if n > 1 {
+                match self
+                    .attempt((first + 1) % n, seq, &key, &mut first_id)
+                    .await
+                {
+                    Attempt::Accepted => {
+                        self.observed.lock().await.failovers += 1;
                         return;
                     }
-                    // A 202 whose body we could not read: ask again (the
-                    // idempotency key returns the same answer).
-                    first_id = v["message_id"].as_str().map(str::to_owned);
-                    "202-unreadable".to_owned()
+                    Attempt::Failed(e) => self.count_error(e).await,
                 }
-                Ok(r) => r.status().as_u16().to_string(),
-                Err(e) if e.is_timeout() => "timeout".to_owned(),
-                Err(e) if e.is_connect() => "connect".to_owned(),
-                Err(_) => "transport".to_owned(),
-            };
-            {
-                let mut o = self.observed.lock().await;
-                *o.errors.entry(error).or_default() += 1;
-                if Instant::now() > deadline {
-                    o.gave_up += 1;
-                    return;
-                }
+            }
+            self.count_error(error).await;
+            if Instant::now() > deadline {
+                self.observed.lock().await.gave_up += 1;
+                return;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+
+    async fn count_error(&self, error: String) {
+        *self.observed.lock().await.errors.entry(error).or_default() += 1;
+    }
+
+    /// One POST of message `seq` to gateway `gateway`; a `202` is recorded.
+    async fn attempt(
+        &self,
+        gateway: usize,
+        seq: u64,
+        key: &str,
+        first_id: &mut Option<String>,
+    ) -> Attempt {
+        let conv = &self.conversations[self.conversation];
+        let url = format!(
+            "{}/v1/conversations/{}/messages",
+            self.bases[gateway], conv.id
+        );
+        let body = serde_json::json!({ "text": format!("chaos message {seq} of {}", conv.id) });
+        let outcome = self
+            .client
+            .post(&url)
+            .bearer_auth(&conv.token)
+            .header("idempotency-key", key)
+            .json(&body)
+            .timeout(Duration::from_secs(15))
+            .send()
+            .await;
+        let r = match outcome {
+            Ok(r) if r.status().as_u16() == 202 => r,
+            Ok(r) => return Attempt::Failed(r.status().as_u16().to_string()),
+            Err(e) if e.is_timeout() => return Attempt::Failed("timeout".to_owned()),
+            Err(e) if e.is_connect() => return Attempt::Failed("connect".to_owned()),
+            Err(_) => return Attempt::Failed("transport".to_owned()),
+        };
+        let v: Value = r.json().await.unwrap_or_default();
+        let (Some(id), Some(delivery)) = (v["message_id"].as_str(), v["delivery"].as_str()) else {
+            // A 202 whose body we could not read: ask again (the
+            // idempotency key returns the same answer).
+            *first_id = v["message_id"].as_str().map(str::to_owned);
+            return Attempt::Failed("202-unreadable".to_owned());
+        };
+        let mut o = self.observed.lock().await;
+        if first_id.as_deref().is_some_and(|f| f != id) {
+            o.double_accepts += 1;
+        }
+        if !o.accepted.contains_key(id) {
+            o.accepted.insert(
+                id.to_owned(),
+                Sent {
+                    seq,
+                    delivery: delivery.to_owned(),
+                },
+            );
+            o.send_order[self.conversation].push(id.to_owned());
+        }
+        Attempt::Accepted
     }
 }
 
 struct Listener {
     client: reqwest::Client,
-    url: String,
+    /// The stream's URL on each gateway.
+    urls: Vec<String>,
+    /// The gateway it reads from now; a reopened stream moves to the next.
+    at: usize,
     token: String,
     conversation: usize,
     observed: Arc<Mutex<Observed>>,
@@ -412,12 +477,13 @@ impl Listener {
         while !self.stop.load(Ordering::Relaxed) {
             if !first {
                 self.observed.lock().await.sse_reconnects += 1;
+                self.at = (self.at + 1) % self.urls.len();
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             first = false;
             let mut req = self
                 .client
-                .get(&self.url)
+                .get(&self.urls[self.at])
                 .bearer_auth(&self.token)
                 .header("accept", "text/event-stream");
             if let Some(id) = &self.last_event_id {

@@ -84,10 +84,19 @@ impl PgApiKeyStore {
         &self.pool
     }
 
-    /// Creates the schema and table if missing (idempotent).
+    /// Creates the schema and table if missing (idempotent). Concurrent
+    /// callers (replicas starting together) serialize on a transaction-level
+    /// advisory lock: `CREATE ... IF NOT EXISTS` alone races on the
+    /// catalog's unique index and fails one of them.
     pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!("soma-policy api keys {}", self.schema))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", self.schema))
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
         sqlx::query(&format!(
@@ -104,9 +113,10 @@ impl PgApiKeyStore {
             )",
             self.table
         ))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
         Ok(())
     }
 }
