@@ -604,9 +604,9 @@ impl BulkPool {
 fn backoff_delay(r: &ReconnectConfig, failures: u32) -> Duration {
     let exp = failures.saturating_sub(1).min(30);
     let base = u64::from(r.base.max(1));
-    let delay = u64::from(r.min_delay_ms.max(1))
+    let delay = u64::from(r.initial_ms.max(1))
         .saturating_mul(base.saturating_pow(exp))
-        .min(u64::from(r.max_delay_ms.max(1)));
+        .min(u64::from(r.max_ms.max(1)));
     let jitter = if r.jitter_ms > 0 {
         rand::random_range(0..u64::from(r.jitter_ms))
     } else {
@@ -764,8 +764,8 @@ mod tests {
     fn backoff_grows_and_is_capped() {
         let r = ReconnectConfig {
             max_attempts: 0,
-            min_delay_ms: 10,
-            max_delay_ms: 100,
+            initial_ms: 10,
+            max_ms: 100,
             base: 2,
             jitter_ms: 0,
         };

@@ -783,8 +783,8 @@ pub(crate) fn fred_builder(cfg: &RedisConfig) -> Result<Builder, RedisError> {
     let r = &cfg.reconnect;
     let mut policy = ReconnectPolicy::new_exponential(
         r.max_attempts,
-        r.min_delay_ms.max(1),
-        r.max_delay_ms.max(1),
+        r.initial_ms.max(1),
+        r.max_ms.max(1),
         r.base.max(1),
     );
     policy.set_jitter(r.jitter_ms);

@@ -19,8 +19,8 @@ use soma_config::Secret;
 /// key_prefix = "prod:"
 ///
 /// [redis.reconnect]
-/// min_delay_ms = 50
-/// max_delay_ms = 2000
+/// initial_ms = 50
+/// max_ms = 2000
 /// jitter_ms = 100
 /// ```
 ///
@@ -96,7 +96,13 @@ impl Default for RedisConfig {
 
 /// Exponential backoff with jitter between reconnect attempts.
 ///
-/// Attempt *n* waits `min(max_delay_ms, min_delay_ms * base^(n-1)) + rand(0..jitter_ms)`.
+/// Attempt *n* waits `min(max_ms, initial_ms * base^(n-1)) + rand(0..jitter_ms)`.
+/// `initial_ms` and `max_ms` are spelled as in the SDK's shared
+/// [`BackoffConfig`](soma_observability::resilience::BackoffConfig) (the old
+/// keys `min_delay_ms` / `max_delay_ms` are still read). The reconnect loop
+/// itself is fred's (it owns the connections), so the jitter is fred's:
+/// an *added* random delay of up to `jitter_ms`, not the shared config's
+/// full/equal jitter, and `base` may differ from 2.
 /// While a connection is down, commands fail immediately (see
 /// [`RedisError::is_connection`](crate::RedisError::is_connection)); nothing
 /// is queued behind the reconnect.
@@ -106,10 +112,12 @@ pub struct ReconnectConfig {
     /// Give up after this many consecutive failed attempts; `0` retries
     /// forever (the default: a service should outlive a Redis restart).
     pub max_attempts: u32,
-    /// First delay.
-    pub min_delay_ms: u32,
-    /// Upper bound of the delay (before jitter).
-    pub max_delay_ms: u32,
+    /// First delay (old key: `min_delay_ms`).
+    #[serde(alias = "min_delay_ms")]
+    pub initial_ms: u32,
+    /// Upper bound of the delay, before jitter (old key: `max_delay_ms`).
+    #[serde(alias = "max_delay_ms")]
+    pub max_ms: u32,
     /// Multiplier between consecutive delays.
     pub base: u32,
     /// Random extra delay, so a fleet does not reconnect in lockstep.
@@ -120,8 +128,8 @@ impl Default for ReconnectConfig {
     fn default() -> Self {
         Self {
             max_attempts: 0,
-            min_delay_ms: 50,
-            max_delay_ms: 2_000,
+            initial_ms: 50,
+            max_ms: 2_000,
             base: 2,
             jitter_ms: 100,
         }
@@ -152,4 +160,19 @@ pub enum Topology {
         /// Seed nodes as `host:port`.
         nodes: Vec<String>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReconnectConfig;
+
+    #[test]
+    fn reconnect_delays_use_the_shared_spelling_and_still_read_the_old_keys() {
+        let new: ReconnectConfig =
+            serde_json::from_str(r#"{"initial_ms": 7, "max_ms": 70}"#).unwrap();
+        assert_eq!((new.initial_ms, new.max_ms, new.base), (7, 70, 2));
+        let old: ReconnectConfig =
+            serde_json::from_str(r#"{"min_delay_ms": 8, "max_delay_ms": 80}"#).unwrap();
+        assert_eq!((old.initial_ms, old.max_ms), (8, 80));
+    }
 }

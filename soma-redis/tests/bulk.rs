@@ -92,8 +92,8 @@ async fn private_client(url: String, command_timeout_ms: u64) -> (RedisClient, M
         command_timeout_ms,
         reconnect: ReconnectConfig {
             max_attempts: 0,
-            min_delay_ms: 20,
-            max_delay_ms: 200,
+            initial_ms: 20,
+            max_ms: 200,
             base: 2,
             jitter_ms: 10,
         },

@@ -33,8 +33,8 @@ async fn survives_a_server_restart_under_load() {
         health_timeout_ms: 500,
         reconnect: ReconnectConfig {
             max_attempts: 0,
-            min_delay_ms: 20,
-            max_delay_ms: 200,
+            initial_ms: 20,
+            max_ms: 200,
             base: 2,
             jitter_ms: 20,
         },
@@ -248,8 +248,8 @@ async fn health_follows_connection_events_without_waiting_for_the_interval() {
         connect_timeout_ms: 500,
         health_interval_ms: 600_000,
         reconnect: ReconnectConfig {
-            min_delay_ms: 50,
-            max_delay_ms: 200,
+            initial_ms: 50,
+            max_ms: 200,
             ..ReconnectConfig::default()
         },
         ..RedisConfig::default()
