@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{FakeSomabrain, Fault};
+use common::{ContractServer, Fault};
 use serde_json::json;
 use soma_observability::health::{ComponentStatus, HealthCheck};
 use soma_observability::metrics::MetricsRegistry;
@@ -15,7 +15,7 @@ use soma_somabrain::{
     SomabrainConfig, SomabrainHealthCheck,
 };
 
-fn client(server: &FakeSomabrain, f: impl FnOnce(&mut SomabrainConfig)) -> SomabrainClient {
+fn client(server: &ContractServer, f: impl FnOnce(&mut SomabrainConfig)) -> SomabrainClient {
     let mut cfg = server.config();
     f(&mut cfg);
     SomabrainClient::new(cfg).unwrap()
@@ -61,7 +61,7 @@ async fn connection_refused_is_unavailable_and_retried_within_budget() {
 
 #[tokio::test]
 async fn reset_connections_are_retried_for_safe_calls_only() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     server.reset_next_connections(2);
     let c = client(&server, |_| {});
     let ack = c
@@ -83,7 +83,7 @@ async fn reset_connections_are_retried_for_safe_calls_only() {
     );
 
     // Feedback is not idempotent: a reset after connecting is not retried.
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     server.reset_next_connections(1);
     let c = client(&server, |_| {});
     let fb = FeedbackRequest {
@@ -103,7 +103,7 @@ async fn reset_connections_are_retried_for_safe_calls_only() {
 
 #[tokio::test]
 async fn slow_responses_past_the_deadline_time_out() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     server.push_n(5, Fault::Delay(Duration::from_millis(800)));
     let c = client(&server, |_| {});
     let started = Instant::now();
@@ -123,7 +123,7 @@ async fn slow_responses_past_the_deadline_time_out() {
 
     // A per-attempt timeout shorter than the deadline: the slow attempt is
     // abandoned and the retry succeeds.
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     server.push(Fault::Delay(Duration::from_millis(800)));
     let c = client(&server, |c| c.request_timeout_ms = 100);
     let r = c
@@ -136,7 +136,7 @@ async fn slow_responses_past_the_deadline_time_out() {
 
 #[tokio::test]
 async fn bursts_of_503_are_retried_and_never_beyond_the_budget() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |_| {});
     server.push_n(2, Fault::status(503));
     c.recall(&recall(), CallOptions::new())
@@ -162,7 +162,7 @@ async fn bursts_of_503_are_retried_and_never_beyond_the_budget() {
 
 #[tokio::test]
 async fn rejections_and_server_bugs_are_not_retried() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |_| {});
     for fault in [
         Fault::status(422),
@@ -206,7 +206,7 @@ async fn rejections_and_server_bugs_are_not_retried() {
 
 #[tokio::test]
 async fn rate_limits_honour_retry_after() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |_| {});
     server.push(Fault::too_many("1"));
     let started = Instant::now();
@@ -234,7 +234,7 @@ async fn rate_limits_honour_retry_after() {
 
 #[tokio::test]
 async fn malformed_json_is_a_decode_error_not_a_panic() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |_| {});
     server.push(Fault::MalformedJson);
     let e = c
@@ -248,7 +248,7 @@ async fn malformed_json_is_a_decode_error_not_a_panic() {
 
 #[tokio::test]
 async fn breaker_counts_calls_and_goes_closed_open_half_open_closed() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let registry = MetricsRegistry::default();
     let mut cfg = server.config();
     cfg.breaker.half_open_after_ms = 100;
@@ -362,7 +362,7 @@ async fn breaker_counts_calls_and_goes_closed_open_half_open_closed() {
 
 #[tokio::test]
 async fn a_failed_probe_reopens_and_4xx_keeps_the_breaker_closed() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |c| {
         c.breaker.failure_threshold = 1;
         c.breaker.half_open_after_ms = 50;
@@ -403,7 +403,7 @@ async fn a_failed_probe_reopens_and_4xx_keeps_the_breaker_closed() {
 
 #[tokio::test]
 async fn a_hundred_concurrent_calls_run_concurrently() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     server.set_delay(Duration::from_millis(100));
     let c = client(&server, |_| {});
     let started = Instant::now();
@@ -430,7 +430,7 @@ async fn a_hundred_concurrent_calls_run_concurrently() {
 
 #[tokio::test]
 async fn tenant_header_always_equals_the_tenant_in_body_or_query() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |_| {});
     let tenants = ["acme", "globex", "initech", "umbrella"];
     let calls = tenants.iter().enumerate().map(|(i, t)| {
@@ -488,7 +488,7 @@ async fn tenant_header_always_equals_the_tenant_in_body_or_query() {
 
 #[tokio::test]
 async fn remember_surfaces_fast_ack_warnings() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |_| {});
     let ack = c
         .remember(&memory("fast"), CallOptions::new().fast_ack(true))
@@ -507,7 +507,7 @@ async fn remember_surfaces_fast_ack_warnings() {
 
 #[tokio::test]
 async fn health_component_follows_server_and_breaker() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |c| {
         c.breaker.failure_threshold = 1;
         c.retry.max_retries = 0;
@@ -569,7 +569,7 @@ async fn health_component_follows_server_and_breaker() {
 
 #[tokio::test]
 async fn metrics_count_calls_by_route_template_and_status() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let registry = MetricsRegistry::default();
     let c = SomabrainClient::builder(server.config())
         .metrics(&registry)
@@ -602,7 +602,7 @@ async fn metrics_count_calls_by_route_template_and_status() {
 
 #[tokio::test]
 async fn secrets_never_print() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |_| {});
     let dbg = format!("{c:?} {:?}", server.config());
     assert!(!dbg.contains(common::TOKEN), "{dbg}");
@@ -613,7 +613,7 @@ async fn secrets_never_print() {
 
 #[tokio::test]
 async fn trace_context_injector_adds_headers_to_every_attempt() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = SomabrainClient::builder(server.config())
         .header_injector(|h| {
             h.insert(

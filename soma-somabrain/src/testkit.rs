@@ -1,0 +1,1022 @@
+//! A strict SomaBrain contract server for tests (feature `testkit`): test
+//! code that uses [`SomabrainClient`](crate::SomabrainClient) without a
+//! SomaBrain deployment.
+//!
+//! [`ContractServer::start`] listens on a loopback port and serves the
+//! contract of SomaBrain's memory and context API as recorded in this
+//! crate's `tests/fixtures/` (upstream commit 9902512). It is *stricter*
+//! than the real server where that catches client bugs:
+//!
+//! - unknown paths (including trailing slashes) → Django's HTML 404 page;
+//!   wrong method → 405 `Method not allowed` (text/html);
+//! - memory and context routes (not feature flags, not probes) need
+//!   `Authorization: Bearer` [`TOKEN`] → else 401 `{"detail":"Unauthorized"}`;
+//! - unparseable JSON or a missing `Content-Type: application/json` → 400
+//!   `{"detail":"Cannot parse request body"}`;
+//! - a missing required field → 422 `[{"type":"missing","loc":["body","payload",<field>],"msg":"Field required"}]`
+//!   (the real shape); an unknown field → 422 `extra_forbidden` (stricter
+//!   than the real server, which ignores it);
+//! - `X-Tenant-ID` is required on memory and context routes and must equal
+//!   the tenant in the body or query (`tenant` / `tenant_id`); `X-Namespace`,
+//!   when sent, must equal the namespace in the body or query → else 400.
+//!
+//! Remembered memories are kept in memory per tenant and namespace and
+//! returned by recall (a substring match on the query).
+//!
+//! Faults: connections reset at accept ([`ContractServer::reset_next_connections`]),
+//! a fixed delay on every request ([`ContractServer::set_delay`]), and a queue
+//! of per-request faults ([`ContractServer::push`]) consumed in order by
+//! requests that passed validation: a canned response (status, content type,
+//! body, `Retry-After`), a delay, or a malformed JSON body.
+//!
+//! ```
+//! use soma_somabrain::testkit::{ContractServer, Fault};
+//! use soma_somabrain::{CallOptions, Memory, RecallRequest, SomabrainClient};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let server = ContractServer::start().await;
+//! let client = SomabrainClient::new(server.config())?; // tenant "acme", namespace "agent"
+//! let memory = Memory::from_json("note-1", serde_json::json!({"text": "window seat"}))?;
+//! client.remember(&memory, CallOptions::new()).await?;
+//!
+//! server.push(Fault::status(400)); // the next request gets a 400
+//! let err = client.recall(&RecallRequest::new("seat"), CallOptions::new()).await.unwrap_err();
+//! assert!(!err.is_unavailable());
+//! assert_eq!(server.faults_left(), 0);
+//! assert_eq!(server.seen()[0].path, "/memory/remember");
+//! # Ok(()) }
+//! ```
+#![allow(clippy::result_large_err)]
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::SomabrainConfig;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use parking::Mutex;
+use serde_json::{Value, json};
+
+mod parking {
+    /// std Mutex that ignores poisoning (a failed assertion in one test task
+    /// must not cascade).
+    #[derive(Default)]
+    pub(super) struct Mutex<T>(std::sync::Mutex<T>);
+    impl<T> Mutex<T> {
+        pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, T> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+}
+
+/// The bearer token the server accepts ([`ContractServer::config`] sets it).
+pub const TOKEN: &str = "test-token-7f3a";
+/// Django's stock 404 page, as recorded (`23-error-unknown-path.json`).
+pub const HTML_404: &str = "\n<!doctype html>\n<html lang=\"en\">\n<head>\n  <title>Not Found</title>\n</head>\n<body>\n  <h1>Not Found</h1><p>The requested resource was not found on this server.</p>\n</body>\n</html>\n";
+/// Django's stock 500 page with DEBUG off (not in the recordings: no route
+/// produced one; 18 shows a handled 500 with a JSON detail).
+pub const HTML_500: &str = "\n<!doctype html>\n<html lang=\"en\">\n<head>\n  <title>Server Error (500)</title>\n</head>\n<body>\n  <h1>Server Error (500)</h1><p></p>\n</body>\n</html>\n";
+const NINJA_JSON: &str = "application/json; charset=utf-8";
+
+/// A request as the server saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// HTTP method.
+    pub method: String,
+    /// Path, without the query.
+    pub path: String,
+    /// Decoded query parameters.
+    pub query: BTreeMap<String, String>,
+    /// Lower-cased names.
+    pub headers: BTreeMap<String, String>,
+    /// The JSON body, when there was one.
+    pub body: Option<Value>,
+}
+
+impl Seen {
+    /// A header by (case-insensitive) name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+}
+
+/// A fault queued with [`ContractServer::push`], consumed by the next
+/// request that passed validation.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Answer with this response instead of serving the request.
+    Respond {
+        /// HTTP status.
+        status: u16,
+        /// `Content-Type` header.
+        content_type: String,
+        /// Body text.
+        body: String,
+        /// `Retry-After` header, if any.
+        retry_after: Option<String>,
+    },
+    /// Wait this long, then serve the request.
+    Delay(Duration),
+    /// Serve the request but send a truncated, unparseable JSON body.
+    MalformedJson,
+}
+
+impl Fault {
+    /// A JSON `{"detail": ...}` response with `status`.
+    pub fn status(status: u16) -> Self {
+        Fault::Respond {
+            status,
+            content_type: NINJA_JSON.into(),
+            body: json!({"detail": format!("injected {status}")}).to_string(),
+            retry_after: None,
+        }
+    }
+    /// Django's HTML 500 page.
+    pub fn html_500() -> Self {
+        Fault::Respond {
+            status: 500,
+            content_type: "text/html; charset=utf-8".into(),
+            body: HTML_500.into(),
+            retry_after: None,
+        }
+    }
+    /// 429 with a `Retry-After` header.
+    pub fn too_many(retry_after: &str) -> Self {
+        Fault::Respond {
+            status: 429,
+            content_type: NINJA_JSON.into(),
+            body: json!({"detail": "rate limited"}).to_string(),
+            retry_after: Some(retry_after.into()),
+        }
+    }
+    /// Replays the response of a recorded exchange (the JSON of a
+    /// `tests/fixtures/*.json` file).
+    ///
+    /// # Panics
+    ///
+    /// If `rec` has no `response.status` or `response.content_type`.
+    pub fn replay(rec: &Value) -> Self {
+        let r = &rec["response"];
+        let body = match &r["body"] {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        Fault::Respond {
+            status: r["status"].as_u64().unwrap() as u16,
+            content_type: r["content_type"].as_str().unwrap().into(),
+            body,
+            retry_after: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Stored {
+    namespace: String,
+    key: String,
+    universe: String,
+    payload: Value,
+}
+
+/// What the server counts; shared with its tasks.
+#[derive(Default)]
+pub struct ServerState {
+    seen: Mutex<Vec<Seen>>,
+    faults: Mutex<VecDeque<Fault>>,
+    resets: AtomicUsize,
+    /// Connections accepted (after injected resets).
+    pub accepted: AtomicUsize,
+    delay_ms: AtomicUsize,
+    in_flight: AtomicUsize,
+    /// The most requests handled at once.
+    pub max_in_flight: AtomicUsize,
+    store: Mutex<HashMap<String, Vec<Stored>>>,
+    feedback: Mutex<HashMap<String, u64>>,
+    /// When set, `/readyz` answers degraded (503).
+    pub ready_degraded: std::sync::atomic::AtomicBool,
+}
+
+/// The contract server; stops when dropped. See the [module docs](self).
+pub struct ContractServer {
+    /// The loopback address it listens on.
+    pub addr: SocketAddr,
+    /// Counters and switches.
+    pub state: Arc<ServerState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ContractServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ContractServer {
+    /// Starts the server on `127.0.0.1` and an OS-chosen port.
+    ///
+    /// # Panics
+    ///
+    /// If no loopback port can be bound.
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(ServerState::default());
+        let app = Router::new().fallback(handle).with_state(state.clone());
+        let listener = FaultyListener {
+            inner: listener,
+            state: state.clone(),
+        };
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .await
+                .expect("fake somabrain serve");
+        });
+        ContractServer { addr, state, task }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A client config pointing here, with fast test timings.
+    pub fn config(&self) -> SomabrainConfig {
+        let mut c = SomabrainConfig {
+            base_url: self.url(),
+            token: TOKEN.into(),
+            default_tenant: "acme".into(),
+            default_namespace: "agent".into(),
+            ..SomabrainConfig::default()
+        };
+        c.retry.initial_backoff_ms = 5;
+        c.retry.max_backoff_ms = 20;
+        c.breaker.half_open_after_ms = 60_000;
+        c
+    }
+
+    /// Queues a fault for the next request that passes validation.
+    pub fn push(&self, fault: Fault) {
+        self.state.faults.lock().push_back(fault);
+    }
+
+    /// Queues `n` copies of `fault`.
+    pub fn push_n(&self, n: usize, fault: Fault) {
+        for _ in 0..n {
+            self.push(fault.clone());
+        }
+    }
+
+    /// Resets the next `n` connections at accept.
+    pub fn reset_next_connections(&self, n: usize) {
+        self.state.resets.store(n, Ordering::SeqCst);
+    }
+
+    /// Delays every request by `d` (zero: no delay).
+    pub fn set_delay(&self, d: Duration) {
+        self.state
+            .delay_ms
+            .store(d.as_millis() as usize, Ordering::SeqCst);
+    }
+
+    /// Every request received, in arrival order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().clone()
+    }
+
+    /// How many requests were received.
+    pub fn seen_count(&self) -> usize {
+        self.state.seen.lock().len()
+    }
+
+    /// Queued faults not consumed yet.
+    pub fn faults_left(&self) -> usize {
+        self.state.faults.lock().len()
+    }
+}
+
+struct FaultyListener {
+    inner: tokio::net::TcpListener,
+    state: Arc<ServerState>,
+}
+
+impl axum::serve::Listener for FaultyListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((stream, addr)) = self.inner.accept().await else {
+                continue;
+            };
+            self.state.accepted.fetch_add(1, Ordering::SeqCst);
+            let reset = self
+                .state
+                .resets
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if reset {
+                // Abortive close: the peer gets a TCP RST.
+                let _ = stream.set_zero_linger();
+                drop(stream);
+                continue;
+            }
+            return (stream, addr);
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, NINJA_JSON)],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn detail(status: StatusCode, msg: &str) -> Response {
+    json_response(status, json!({ "detail": msg }))
+}
+
+fn html(status: StatusCode, body: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        body.to_owned(),
+    )
+        .into_response()
+}
+
+const API_ROUTES: &[(&str, Method)] = &[
+    ("/memory/remember", Method::POST),
+    ("/memory/remember/batch", Method::POST),
+    ("/memory/recall", Method::POST),
+    ("/memory/metrics", Method::GET),
+    ("/context/evaluate", Method::POST),
+    ("/context/feedback", Method::POST),
+    ("/context/adaptation/state", Method::GET),
+    ("/context/feature-flags", Method::GET),
+];
+const PROBES: &[&str] = &["/healthz", "/readyz", "/health"];
+
+const MEMORY_FIELDS: &[&str] = &[
+    "key",
+    "value",
+    "meta",
+    "universe",
+    "ttl_seconds",
+    "tags",
+    "policy_tags",
+    "attachments",
+    "links",
+    "signals",
+    "importance",
+    "novelty",
+    "trace_id",
+];
+
+struct InFlight<'a>(&'a ServerState);
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn handle(State(st): State<Arc<ServerState>>, req: Request) -> Response {
+    let n = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    st.max_in_flight.fetch_max(n, Ordering::SeqCst);
+    let _guard = InFlight(&st);
+
+    let (parts, body) = req.into_parts();
+    let bytes: Bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let path = parts.uri.path().to_owned();
+    let query: BTreeMap<String, String> =
+        parts.uri.query().map(url_decode_pairs).unwrap_or_default();
+    let headers: BTreeMap<String, String> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                v.to_str().unwrap_or("<non-ascii>").to_owned(),
+            )
+        })
+        .collect();
+    let body_json: Option<Value> = if bytes.is_empty() {
+        None
+    } else {
+        Some(
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into())),
+        )
+    };
+    st.seen.lock().push(Seen {
+        method: parts.method.to_string(),
+        path: path.clone(),
+        query: query.clone(),
+        headers: headers.clone(),
+        body: body_json,
+    });
+
+    let delay = st.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay as u64)).await;
+    }
+
+    // Routing: API routes at the root and under /api; probes at the root.
+    let route = path
+        .strip_prefix("/api")
+        .filter(|p| p.starts_with('/'))
+        .unwrap_or(&path);
+    let is_probe = PROBES.contains(&path.as_str());
+    let api = API_ROUTES.iter().find(|(p, _)| *p == route);
+    let method = match (api, is_probe) {
+        (Some((_, m)), _) => m.clone(),
+        (None, true) => Method::GET,
+        (None, false) => return html(StatusCode::NOT_FOUND, HTML_404),
+    };
+    if parts.method != method {
+        return html(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed");
+    }
+
+    if let Err(resp) = validate(route, is_probe, &parts.headers, &query, &bytes) {
+        return resp;
+    }
+
+    let fault = st.faults.lock().pop_front();
+    match fault {
+        Some(Fault::Respond {
+            status,
+            content_type,
+            body,
+            retry_after,
+        }) => {
+            let mut resp = (
+                StatusCode::from_u16(status).unwrap(),
+                [(header::CONTENT_TYPE, content_type)],
+                body,
+            )
+                .into_response();
+            if let Some(ra) = retry_after {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, ra.parse().unwrap());
+            }
+            return resp;
+        }
+        Some(Fault::MalformedJson) => {
+            return (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, NINJA_JSON)],
+                "{\"ok\": tru",
+            )
+                .into_response();
+        }
+        Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+        None => {}
+    }
+
+    let body: Value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    let tenant = parts
+        .headers
+        .get("x-tenant-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let request_id = parts
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let fast_ack = parts
+        .headers
+        .get("x-soma-fast-ack")
+        .and_then(|v| v.to_str().ok())
+        == Some("true");
+    match route {
+        "/healthz" => json_response(
+            StatusCode::OK,
+            json!({"status": "healthy", "timestamp": "2026-11-22T03:01:03+00:00"}),
+        ),
+        "/readyz" => {
+            if st.ready_degraded.load(Ordering::SeqCst) {
+                json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"status": "degraded", "checks": {"database": "unhealthy", "cache": "healthy"}}),
+                )
+            } else {
+                json_response(
+                    StatusCode::OK,
+                    json!({"status": "ready", "checks": {"database": "healthy", "cache": "healthy"}}),
+                )
+            }
+        }
+        "/health" => json_response(
+            StatusCode::OK,
+            json!({"status": "healthy", "version": "1.0.0", "ok": true}),
+        ),
+        "/memory/remember" => {
+            let item = store(
+                &st,
+                &body["tenant"],
+                &body["namespace"],
+                body["universe"].as_str(),
+                &body,
+            );
+            let mut r = write_result(&item, &body, request_id.clone(), fast_ack);
+            r["ok"] = json!(true);
+            r["tenant"] = body["tenant"].clone();
+            r["namespace"] = body["namespace"].clone();
+            json_response(StatusCode::OK, r)
+        }
+        "/memory/remember/batch" => {
+            let results: Vec<Value> = body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .enumerate()
+                .map(|(i, it)| {
+                    let universe = it["universe"].as_str().or(body["universe"].as_str());
+                    let item = store(&st, &body["tenant"], &body["namespace"], universe, it);
+                    let mut r = write_result(
+                        &item,
+                        it,
+                        request_id.as_ref().map(|id| format!("{id}:{i}")),
+                        false,
+                    );
+                    r.as_object_mut().unwrap().remove("queued_for_ltm");
+                    r
+                })
+                .collect();
+            json_response(
+                StatusCode::OK,
+                json!({"ok": true, "tenant": body["tenant"], "namespace": body["namespace"], "results": results}),
+            )
+        }
+        "/memory/recall" => {
+            let ns = body["namespace"].as_str().unwrap_or("default").to_owned();
+            let top_k = body["top_k"].as_u64().unwrap_or(10) as usize;
+            let layer = body["layer"].as_str().unwrap_or("both");
+            let q = body["query"].as_str().unwrap_or("").to_lowercase();
+            let items = st.store.lock().get(&tenant).cloned().unwrap_or_default();
+            let mut results = Vec::new();
+            let (mut wm, mut ltm) = (0, 0);
+            if layer != "ltm" {
+                // Like the real server: WM is every item of the header tenant, any namespace.
+                for it in &items {
+                    wm += 1;
+                    results.push(json!({"content": it.payload, "layer": "wm", "score": 1.0}));
+                }
+            }
+            if layer != "wm" {
+                for it in items.iter().filter(|i| i.namespace == ns) {
+                    let text = it.payload["text"].as_str().unwrap_or("").to_lowercase();
+                    if !q.is_empty() && text.contains(&q) {
+                        ltm += 1;
+                        results.push(json!({"content": it.payload, "layer": "ltm", "score": 0.5, "coordinate": coord(&it.universe, &it.key)}));
+                    }
+                }
+            }
+            results.truncate(top_k);
+            json_response(
+                StatusCode::OK,
+                json!({"tenant": tenant, "namespace": ns, "results": results, "wm_hits": wm, "ltm_hits": ltm,
+                       "duration_ms": 1.5, "total_results": results.len(), "degraded": false, "degraded_reasons": []}),
+            )
+        }
+        "/memory/metrics" => {
+            let n = st.store.lock().get(&tenant).map_or(0, Vec::len);
+            json_response(
+                StatusCode::OK,
+                json!({"tenant": query["tenant"], "namespace": query["namespace"], "wm_items": n, "circuit_open": false}),
+            )
+        }
+        "/context/evaluate" => json_response(
+            StatusCode::OK,
+            json!({"query": body["query"], "prompt": format!("Context for: {}", body["query"].as_str().unwrap_or("")),
+                   "tenant_id": body["tenant_id"], "memories": [], "weights": {"alpha": 1.0}}),
+        ),
+        "/context/feedback" => {
+            *st.feedback.lock().entry(tenant.clone()).or_default() += 1;
+            json_response(
+                StatusCode::OK,
+                json!({"accepted": true, "adaptation_applied": true}),
+            )
+        }
+        "/context/adaptation/state" => {
+            let n = st.feedback.lock().get(&tenant).copied().unwrap_or(0);
+            json_response(
+                StatusCode::OK,
+                json!({"tenant_id": query.get("tenant_id"), "retrieval": {"alpha": 1.0, "beta": 0.2, "gamma": 0.1, "tau": 0.7},
+                       "utility": {"lambda_": 1.0, "mu": 0.1, "nu": 0.05}, "history_len": n, "learning_rate": 0.05}),
+            )
+        }
+        "/context/feature-flags" => json_response(
+            StatusCode::OK,
+            serde_json::from_str::<Value>(include_str!(
+                "../tests/fixtures/15-context-feature-flags.json"
+            ))
+            .expect("embedded fixture 15 is JSON")["response"]["body"]
+                .clone(),
+        ),
+        _ => html(StatusCode::NOT_FOUND, HTML_404),
+    }
+}
+
+fn coord(universe: &str, key: &str) -> Value {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (universe, key).hash(&mut h);
+    let v = h.finish();
+    let f = |s: u32| ((v >> s) & 0xffff) as f64 / 32768.0 - 1.0;
+    json!([f(0), f(16), f(32)])
+}
+
+fn store(
+    st: &ServerState,
+    tenant: &Value,
+    ns: &Value,
+    universe: Option<&str>,
+    item: &Value,
+) -> Stored {
+    let tenant = tenant.as_str().unwrap().to_owned();
+    let mut payload = item["value"].as_object().cloned().unwrap_or_default();
+    payload.insert("tenant".into(), json!(tenant));
+    payload.insert("namespace".into(), ns.clone());
+    payload.insert("key".into(), item["key"].clone());
+    let stored = Stored {
+        namespace: ns.as_str().unwrap().to_owned(),
+        key: item["key"].as_str().unwrap().to_owned(),
+        universe: universe.unwrap_or("real").to_owned(),
+        payload: Value::Object(payload),
+    };
+    let mut store = st.store.lock();
+    let items = store.entry(tenant).or_default();
+    // Same key + universe → same coordinate → overwrite.
+    items.retain(|i| !(i.key == stored.key && i.universe == stored.universe));
+    items.push(stored.clone());
+    stored
+}
+
+fn write_result(item: &Stored, req: &Value, request_id: Option<String>, fast_ack: bool) -> Value {
+    let ttl = req["ttl_seconds"]
+        .as_u64()
+        .or(req["signals"]["ttl_seconds"].as_u64());
+    let importance = req["importance"]
+        .as_f64()
+        .or(req["signals"]["importance"].as_f64());
+    let novelty = req["novelty"]
+        .as_f64()
+        .or(req["signals"]["novelty"].as_f64());
+    json!({
+        "key": item.key, "coordinate": coord(&item.universe, &item.key),
+        "promoted_to_wm": true, "persisted_to_ltm": !fast_ack, "queued_for_ltm": fast_ack, "deduplicated": false,
+        "importance": importance, "novelty": novelty, "ttl_applied": ttl, "trace_id": req["trace_id"],
+        "request_id": request_id,
+        "warnings": if fast_ack { vec!["ltm-persist:queued-async"] } else { vec![] },
+        "signals": {"importance": importance, "novelty": novelty, "ttl_seconds": ttl, "reinforcement": null,
+                    "recall_bias": null, "promoted_to_wm": true, "persisted_to_ltm": !fast_ack},
+    })
+}
+
+fn url_decode_pairs(q: &str) -> BTreeMap<String, String> {
+    q.split('&')
+        .filter(|s| !s.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (pct_decode(k), pct_decode(v))
+        })
+        .collect()
+}
+
+fn pct_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap_or(b'?'));
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn missing(loc: Vec<Value>) -> Value {
+    json!({"type": "missing", "loc": loc, "msg": "Field required"})
+}
+
+fn extra(loc: Vec<Value>) -> Value {
+    json!({"type": "extra_forbidden", "loc": loc, "msg": "Extra inputs are not permitted"})
+}
+
+fn check_fields(
+    obj: &serde_json::Map<String, Value>,
+    required: &[&str],
+    allowed: &[&str],
+    loc: &[Value],
+    issues: &mut Vec<Value>,
+) {
+    for f in required {
+        if obj.get(*f).is_none_or(Value::is_null) {
+            let mut l = loc.to_vec();
+            l.push(json!(f));
+            issues.push(missing(l));
+        }
+    }
+    for k in obj.keys() {
+        if !allowed.contains(&k.as_str()) {
+            let mut l = loc.to_vec();
+            l.push(json!(k));
+            issues.push(extra(l));
+        }
+    }
+}
+
+fn validate(
+    route: &str,
+    is_probe: bool,
+    headers: &HeaderMap,
+    query: &BTreeMap<String, String>,
+    bytes: &[u8],
+) -> Result<(), Response> {
+    if is_probe {
+        return Ok(());
+    }
+    if route != "/context/feature-flags" {
+        let auth = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if auth != Some(&format!("Bearer {TOKEN}")) {
+            return Err(detail(StatusCode::UNAUTHORIZED, "Unauthorized"));
+        }
+    }
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let tenant_h = h("x-tenant-id");
+    let namespace_h = h("x-namespace");
+    let needs_tenant = route != "/context/feature-flags";
+    if needs_tenant && tenant_h.is_none_or(str::is_empty) {
+        return Err(detail(
+            StatusCode::BAD_REQUEST,
+            "X-Tenant-ID header required",
+        ));
+    }
+    let get = matches!(
+        route,
+        "/memory/metrics" | "/context/adaptation/state" | "/context/feature-flags"
+    );
+    if get {
+        if !bytes.is_empty() {
+            return Err(detail(StatusCode::BAD_REQUEST, "GET with a body"));
+        }
+        let (allowed, tkey): (&[&str], Option<&str>) = match route {
+            "/memory/metrics" => (&["tenant", "namespace"], Some("tenant")),
+            "/context/adaptation/state" => (&["tenant_id"], Some("tenant_id")),
+            _ => (&[], None),
+        };
+        let bad: Vec<Value> = query
+            .keys()
+            .filter(|k| !allowed.contains(&k.as_str()))
+            .map(|k| extra(vec![json!("query"), json!(k)]))
+            .collect();
+        if !bad.is_empty() {
+            return Err(json_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"detail": bad}),
+            ));
+        }
+        if let Some(tk) = tkey {
+            if query.get(tk).map(String::as_str) != tenant_h {
+                return Err(detail(
+                    StatusCode::BAD_REQUEST,
+                    &format!("query {tk} does not match X-Tenant-ID"),
+                ));
+            }
+        }
+        if let (Some(ns), Some(q)) = (namespace_h, query.get("namespace")) {
+            if ns != q {
+                return Err(detail(
+                    StatusCode::BAD_REQUEST,
+                    "X-Namespace does not match query namespace",
+                ));
+            }
+        }
+        return Ok(());
+    }
+    let ct = h("content-type").unwrap_or("");
+    let Some(Value::Object(obj)) = (ct.starts_with("application/json"))
+        .then(|| serde_json::from_slice::<Value>(bytes).ok())
+        .flatten()
+    else {
+        return Err(detail(StatusCode::BAD_REQUEST, "Cannot parse request body"));
+    };
+    let loc = [json!("body"), json!("payload")];
+    let mut issues = Vec::new();
+    let (body_tenant_key, ns_key) = match route {
+        "/memory/remember" => {
+            let allowed: Vec<&str> = ["tenant", "namespace"]
+                .iter()
+                .chain(MEMORY_FIELDS)
+                .copied()
+                .collect();
+            check_fields(
+                &obj,
+                &["tenant", "namespace", "key", "value"],
+                &allowed,
+                &loc,
+                &mut issues,
+            );
+            check_memory(&obj, &loc, &mut issues);
+            (Some("tenant"), Some("namespace"))
+        }
+        "/memory/remember/batch" => {
+            check_fields(
+                &obj,
+                &["tenant", "namespace", "items"],
+                &["tenant", "namespace", "items", "universe"],
+                &loc,
+                &mut issues,
+            );
+            match obj.get("items").and_then(Value::as_array) {
+                Some(items) if !items.is_empty() => {
+                    for (i, it) in items.iter().enumerate() {
+                        let iloc = [loc[0].clone(), loc[1].clone(), json!("items"), json!(i)];
+                        match it.as_object() {
+                            Some(o) => {
+                                check_fields(o, &["key", "value"], MEMORY_FIELDS, &iloc, &mut issues);
+                                check_memory(o, &iloc, &mut issues);
+                            }
+                            None => issues.push(json!({"type": "model_type", "loc": iloc, "msg": "Input should be an object"})),
+                        }
+                    }
+                }
+                Some(_) => issues.push(json!({"type": "too_short", "loc": [loc[0], loc[1], "items"], "msg": "List should have at least 1 item"})),
+                None => {}
+            }
+            (Some("tenant"), Some("namespace"))
+        }
+        "/memory/recall" => {
+            check_fields(
+                &obj,
+                &["query"],
+                &["query", "top_k", "layer", "tenant", "namespace", "universe"],
+                &loc,
+                &mut issues,
+            );
+            if let Some(l) = obj.get("layer") {
+                if !matches!(l.as_str(), Some("wm" | "ltm" | "both")) {
+                    issues.push(json!({"type": "enum", "loc": [loc[0], loc[1], "layer"], "msg": "layer must be wm, ltm or both"}));
+                }
+            }
+            (Some("tenant"), Some("namespace"))
+        }
+        "/context/evaluate" => {
+            check_fields(
+                &obj,
+                &["session_id", "query", "top_k", "tenant_id"],
+                &["session_id", "query", "top_k", "tenant_id"],
+                &loc,
+                &mut issues,
+            );
+            (Some("tenant_id"), None)
+        }
+        "/context/feedback" => {
+            let allowed = [
+                "session_id",
+                "query",
+                "prompt",
+                "response_text",
+                "utility",
+                "reward",
+                "metadata",
+                "tenant_id",
+            ];
+            check_fields(
+                &obj,
+                &[
+                    "session_id",
+                    "query",
+                    "prompt",
+                    "response_text",
+                    "utility",
+                    "tenant_id",
+                ],
+                &allowed,
+                &loc,
+                &mut issues,
+            );
+            (Some("tenant_id"), None)
+        }
+        _ => (None, None),
+    };
+    if !issues.is_empty() {
+        return Err(json_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"detail": issues}),
+        ));
+    }
+    if let Some(tk) = body_tenant_key {
+        if let Some(t) = obj.get(tk) {
+            if t.as_str() != tenant_h {
+                return Err(detail(
+                    StatusCode::BAD_REQUEST,
+                    &format!("body {tk} does not match X-Tenant-ID"),
+                ));
+            }
+        }
+    }
+    if let (Some(nk), Some(ns)) = (ns_key, namespace_h) {
+        if obj.get(nk).and_then(Value::as_str) != Some(ns) {
+            return Err(detail(
+                StatusCode::BAD_REQUEST,
+                "X-Namespace does not match body namespace",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_memory(obj: &serde_json::Map<String, Value>, loc: &[Value], issues: &mut Vec<Value>) {
+    let at = |f: &str| {
+        let mut l = loc.to_vec();
+        l.push(json!(f));
+        l
+    };
+    if obj
+        .get("key")
+        .is_some_and(|k| k.as_str().is_none_or(str::is_empty))
+    {
+        issues.push(json!({"type": "string_too_short", "loc": at("key"), "msg": "String should have at least 1 character"}));
+    }
+    if obj.get("value").is_some_and(|v| !v.is_object()) {
+        issues.push(json!({"type": "dict_type", "loc": at("value"), "msg": "Input should be a valid dictionary"}));
+    }
+    for (name, allowed) in [(
+        "signals",
+        &[
+            "importance",
+            "novelty",
+            "ttl_seconds",
+            "reinforcement",
+            "recall_bias",
+        ][..],
+    )] {
+        if let Some(Value::Object(o)) = obj.get(name) {
+            check_fields(o, &[], allowed, &at(name), issues);
+        }
+    }
+    if let Some(Value::Array(a)) = obj.get("attachments") {
+        for (i, x) in a.iter().enumerate() {
+            if let Some(o) = x.as_object() {
+                let mut l = at("attachments");
+                l.push(json!(i));
+                check_fields(
+                    o,
+                    &["kind"],
+                    &["kind", "uri", "content_type", "checksum", "data", "meta"],
+                    &l,
+                    issues,
+                );
+            }
+        }
+    }
+    if let Some(Value::Array(a)) = obj.get("links") {
+        for (i, x) in a.iter().enumerate() {
+            if let Some(o) = x.as_object() {
+                let mut l = at("links");
+                l.push(json!(i));
+                check_fields(
+                    o,
+                    &["rel", "target"],
+                    &["rel", "target", "weight", "meta"],
+                    &l,
+                    issues,
+                );
+            }
+        }
+    }
+}
