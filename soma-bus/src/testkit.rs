@@ -82,12 +82,17 @@ struct State {
     /// Fail every message until [`MemoryPublisher::reset`].
     fail_always: bool,
     fault: Option<Fault>,
+    /// Accept this many more messages as deferred (outbox) instead of published.
+    defer_count: usize,
 }
 
 /// An in-memory [`Publish`] that records envelopes and can be told to fail.
 ///
 /// Accepted messages get [`PublishOutcome::Published`] on partition 0 with
-/// per-topic offsets counting from 0. Faults count **per envelope**: a
+/// per-topic offsets counting from 0, or [`PublishOutcome::Deferred`] with
+/// the envelope id after [`defer_next`](Self::defer_next) (what the durable
+/// publisher returns when Kafka is down and the outbox kept the message).
+/// Faults count **per envelope**: a
 /// `publish_many` of three envelopes after `fail_next(2, ..)` fails the first
 /// two and accepts the third, as the real publisher reports per-message
 /// results. Failed envelopes are not recorded (they were not accepted).
@@ -111,6 +116,13 @@ impl MemoryPublisher {
         s.fault = Some(fault);
     }
 
+    /// Accepts the next `n` envelopes as [`PublishOutcome::Deferred`] (kept in
+    /// the outbox, as while Kafka is down); they are recorded like published
+    /// ones. A pending fault is applied first.
+    pub fn defer_next(&self, n: usize) {
+        self.state.lock().defer_count = n;
+    }
+
     /// Fails every envelope with `fault` until [`reset`](Self::reset).
     pub fn fail_until_reset(&self, fault: Fault) {
         let mut s = self.state.lock();
@@ -118,9 +130,10 @@ impl MemoryPublisher {
         s.fault = Some(fault);
     }
 
-    /// Stops failing. Keeps what was recorded.
+    /// Stops failing and deferring. Keeps what was recorded.
     pub fn reset(&self) {
         let mut s = self.state.lock();
+        s.defer_count = 0;
         s.fail_count = 0;
         s.fail_always = false;
         s.fault = None;
@@ -182,12 +195,18 @@ impl MemoryPublisher {
                 return Err(fault.to_error());
             }
         }
-        let offset = s.next_offset.entry(topic.to_owned()).or_insert(0);
-        let outcome = PublishOutcome::Published {
-            partition: 0,
-            offset: *offset,
+        let outcome = if s.defer_count > 0 {
+            s.defer_count -= 1;
+            PublishOutcome::Deferred(env.id)
+        } else {
+            let offset = s.next_offset.entry(topic.to_owned()).or_insert(0);
+            let outcome = PublishOutcome::Published {
+                partition: 0,
+                offset: *offset,
+            };
+            *offset += 1;
+            outcome
         };
-        *offset += 1;
         s.recorded.push(Recorded {
             topic: topic.to_owned(),
             envelope: env.clone(),
@@ -286,6 +305,25 @@ mod tests {
         bus.reset();
         assert!(bus.publish("t", &env("a")).await.is_ok());
         assert_eq!(bus.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn defer_next_returns_deferred_with_the_envelope_id_and_records() {
+        let bus = MemoryPublisher::new();
+        bus.defer_next(1);
+        let (a, b) = (env("a"), env("b"));
+        assert_eq!(
+            bus.publish("t", &a).await.unwrap(),
+            PublishOutcome::Deferred(a.id)
+        );
+        assert_eq!(
+            bus.publish("t", &b).await.unwrap(),
+            PublishOutcome::Published {
+                partition: 0,
+                offset: 0
+            }
+        );
+        assert_eq!(bus.on_topic("t"), vec![a, b]);
     }
 
     #[tokio::test]

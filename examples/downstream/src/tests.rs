@@ -106,6 +106,17 @@ async fn a_bus_outage_is_a_503_and_nothing_is_recorded_or_recalled() {
 }
 
 #[tokio::test]
+async fn a_question_kept_in_the_outbox_is_answered_as_deferred() {
+    let h = harness().await;
+    h.bus.defer_next(1);
+    let (status, body) = ask(&h, &h.key, "seat").await;
+    assert_eq!(status, StatusCode::OK);
+    let answer: Answer = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer.delivery, "deferred");
+    assert_eq!(h.bus.len(), 1);
+}
+
+#[tokio::test]
 async fn a_refused_message_is_a_422() {
     let h = harness().await;
     h.bus.fail_next(1, BusFault::Refused);
