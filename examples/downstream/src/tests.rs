@@ -72,7 +72,9 @@ async fn a_question_is_announced_keyed_by_the_caller_and_answered_from_memory() 
     let (status, body) = ask(&h, &h.key, "seat").await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     let answer: Answer = serde_json::from_slice(&body).unwrap();
-    assert_eq!(answer.memories, vec!["window seat".to_owned()]);
+    // Working and long-term memory may both return it (the real server does).
+    assert!(!answer.memories.is_empty(), "{answer:?}");
+    assert!(answer.memories.iter().all(|m| m == "window seat"), "{answer:?}");
     assert!(!answer.degraded);
     assert_eq!(answer.delivery, "kafka");
 
