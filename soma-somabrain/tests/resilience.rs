@@ -70,10 +70,7 @@ async fn reset_connections_are_retried_for_safe_calls_only() {
         .expect("third attempt succeeds");
     assert!(ack.ok);
     assert_eq!(
-        server
-            .state
-            .accepted
-            .load(std::sync::atomic::Ordering::SeqCst),
+        server.accepted_connections(),
         3
     );
     assert_eq!(
@@ -417,10 +414,7 @@ async fn a_hundred_concurrent_calls_run_concurrently() {
     let results = futures::future::join_all(calls).await;
     let took = started.elapsed();
     assert!(results.iter().all(Result::is_ok));
-    let max = server
-        .state
-        .max_in_flight
-        .load(std::sync::atomic::Ordering::SeqCst);
+    let max = server.max_in_flight();
     assert!(max >= 50, "the server saw {max} requests in flight at once");
     assert!(
         took < Duration::from_secs(1),
@@ -514,17 +508,11 @@ async fn health_component_follows_server_and_breaker() {
     });
     let check = SomabrainHealthCheck::new(c.clone());
     assert_eq!(check.check().await.status, ComponentStatus::Up);
-    server
-        .state
-        .ready_degraded
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    server.set_ready_degraded(true);
     let o = check.check().await;
     assert_eq!(o.status, ComponentStatus::Degraded);
     assert!(o.reason.unwrap().contains("database"));
-    server
-        .state
-        .ready_degraded
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    server.set_ready_degraded(false);
     server.push(Fault::status(503));
     c.recall(&recall(), CallOptions::new()).await.unwrap_err();
     let o = check.check().await;
