@@ -370,7 +370,8 @@ async fn jwks_keys_verify_and_unknown_kid_floods_are_throttled() {
 async fn jwks_outage_is_unavailable_not_unauthorized() {
     let port = soma_testkit::free_port();
     let mut config = PolicyConfig::default();
-    config.issuers = vec![IssuerConfig::new(ISSUER).with_jwks_url(format!("http://127.0.0.1:{port}/jwks"))];
+    config.issuers =
+        vec![IssuerConfig::new(ISSUER).with_jwks_url(format!("http://127.0.0.1:{port}/jwks"))];
     let auth = authenticator(&config);
     let e = auth
         .verify_token(&mint(JwtAlgorithm::RS256, Some("k1"), &claims("a")))

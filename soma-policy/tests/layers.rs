@@ -445,7 +445,10 @@ impl ApiKeyStore for DownStore {
 async fn unavailable_bodies_carry_a_stable_code_and_no_internal_detail() {
     let port = soma_testkit::free_port();
     let mut config = soma_policy::PolicyConfig::default();
-    config.issuers = vec![soma_policy::IssuerConfig::new(ISSUER).with_jwks_url(format!("http://127.0.0.1:{port}/internal/idp/jwks.json"))];
+    config.issuers = vec![
+        soma_policy::IssuerConfig::new(ISSUER)
+            .with_jwks_url(format!("http://127.0.0.1:{port}/internal/idp/jwks.json")),
+    ];
     let authn = Arc::new(
         Authenticator::builder(&config)
             .api_key_store(Arc::new(DownStore))

@@ -26,8 +26,7 @@ fn opa(base: &str, timeout_ms: u64) -> RemoteOpa {
         open_ms: 1_000,
         ..BreakerConfig::default()
     };
-    RemoteOpa::new(&config)
-    .unwrap()
+    RemoteOpa::new(&config).unwrap()
 }
 
 #[tokio::test]
@@ -319,8 +318,7 @@ async fn undefined_package_path_is_an_error_not_a_decision() {
     let mut config = OpaConfig::default();
     config.base_url = server.base_url();
     config.package_path = "soma/no_such_package/decision".into();
-    let engine = RemoteOpa::new(&config)
-    .unwrap();
+    let engine = RemoteOpa::new(&config).unwrap();
     assert_eq!(
         engine.evaluate(&send_input()).await.unwrap_err(),
         EngineError::Undefined

@@ -69,10 +69,7 @@ async fn reset_connections_are_retried_for_safe_calls_only() {
         .await
         .expect("third attempt succeeds");
     assert!(ack.ok);
-    assert_eq!(
-        server.accepted_connections(),
-        3
-    );
+    assert_eq!(server.accepted_connections(), 3);
     assert_eq!(
         server.seen_count(),
         1,

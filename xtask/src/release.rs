@@ -186,7 +186,12 @@ fn published_versions(meta: &Value) -> Vec<(String, String)> {
         .flatten()
         .filter(|p| p["id"].as_str().is_some_and(|id| members.contains(&id)))
         .filter(|p| p["publish"].as_array().is_none_or(|r| !r.is_empty()))
-        .filter_map(|p| Some((p["name"].as_str()?.to_owned(), p["version"].as_str()?.to_owned())))
+        .filter_map(|p| {
+            Some((
+                p["name"].as_str()?.to_owned(),
+                p["version"].as_str()?.to_owned(),
+            ))
+        })
         .collect()
 }
 
@@ -216,7 +221,10 @@ pub(crate) fn downstream() -> Result<(), String> {
             ));
         }
         args.push("--config".into());
-        args.push(format!("patch.crates-io.{name}.path={:?}", dir.display().to_string()));
+        args.push(format!(
+            "patch.crates-io.{name}.path={:?}",
+            dir.display().to_string()
+        ));
     }
     std::fs::copy(root().join("Cargo.lock"), example.join("Cargo.lock"))
         .map_err(|e| format!("seeding examples/downstream/Cargo.lock: {e}"))?;
@@ -229,6 +237,8 @@ pub(crate) fn downstream() -> Result<(), String> {
     if status.success() {
         Ok(())
     } else {
-        Err(format!("`cargo test` in examples/downstream failed ({status})"))
+        Err(format!(
+            "`cargo test` in examples/downstream failed ({status})"
+        ))
     }
 }

@@ -67,14 +67,20 @@ async fn ask(h: &Harness, key: &str, question: &str) -> (StatusCode, Vec<u8>) {
 async fn a_question_is_announced_keyed_by_the_caller_and_answered_from_memory() {
     let h = harness().await;
     let memory = Memory::from_json("seat", serde_json::json!({"text": "window seat"})).unwrap();
-    h.client.remember(&memory, CallOptions::new()).await.unwrap();
+    h.client
+        .remember(&memory, CallOptions::new())
+        .await
+        .unwrap();
 
     let (status, body) = ask(&h, &h.key, "seat").await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     let answer: Answer = serde_json::from_slice(&body).unwrap();
     // Working and long-term memory may both return it (the real server does).
     assert!(!answer.memories.is_empty(), "{answer:?}");
-    assert!(answer.memories.iter().all(|m| m == "window seat"), "{answer:?}");
+    assert!(
+        answer.memories.iter().all(|m| m == "window seat"),
+        "{answer:?}"
+    );
     assert!(!answer.degraded);
     assert_eq!(answer.delivery, "kafka");
 
@@ -99,7 +105,11 @@ async fn a_bus_outage_is_a_503_and_nothing_is_recorded_or_recalled() {
     let (status, _) = ask(&h, &h.key, "seat").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(h.bus.is_empty());
-    assert_eq!(h.brain.seen_count(), 0, "no recall for an unannounced question");
+    assert_eq!(
+        h.brain.seen_count(),
+        0,
+        "no recall for an unannounced question"
+    );
 
     // The fault was for one call only.
     let (status, _) = ask(&h, &h.key, "seat").await;

@@ -224,7 +224,9 @@ impl ContractServer {
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(ServerState::default());
-        let app = Router::new().fallback(contract::handle).with_state(state.clone());
+        let app = Router::new()
+            .fallback(contract::handle)
+            .with_state(state.clone());
         let listener = FaultyListener {
             inner: listener,
             state: state.clone(),
@@ -352,4 +354,3 @@ impl axum::serve::Listener for FaultyListener {
         self.inner.local_addr()
     }
 }
-
