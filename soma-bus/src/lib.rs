@@ -74,10 +74,14 @@ pub mod error;
 pub mod inbox;
 mod metrics;
 pub mod producer;
+mod publish;
 pub mod publisher;
 pub mod replay;
 mod sequencer;
 pub mod sink;
+#[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
+pub mod testkit;
 pub mod trace;
 
 pub use admin::{BrokerHealthCheck, TopicAdmin, TopicInfo};
@@ -90,6 +94,7 @@ pub use envelope::{Envelope, EnvelopeBuilder, EnvelopeError, TraceContext};
 pub use error::BusError;
 pub use inbox::InboxDedupe;
 pub use producer::{BusProducer, Delivery, FlushReport};
+pub use publish::Publish;
 pub use publisher::{DurablePublisher, DurablePublisherBuilder, PublishOutcome};
 pub use replay::{ReplayOptions, ReplayReport, replay_dlq};
 pub use sink::KafkaSink;

@@ -45,10 +45,11 @@ fn engines(c: &mut Criterion, rt: &tokio::runtime::Runtime, opa: &common::OpaSer
     let remote = {
         let _g = rt.enter();
         Arc::new(
-            RemoteOpa::new(&OpaConfig {
-                base_url: opa.base_url(),
-                timeout_ms: 2_000,
-                ..Default::default()
+            RemoteOpa::new(&{
+                let mut c = OpaConfig::default();
+                c.base_url = opa.base_url();
+                c.timeout_ms = 2_000;
+                c
             })
             .unwrap(),
         )
@@ -89,10 +90,12 @@ fn engines(c: &mut Criterion, rt: &tokio::runtime::Runtime, opa: &common::OpaSer
     g.finish();
 
     let authz = Authorizer::builder(embedded.clone() as Arc<dyn PolicyEngine>)
-        .cache(CacheConfig {
-            enabled: true,
-            ttl_ms: 600_000,
-            capacity: 10_000,
+        .cache({
+            let mut c = CacheConfig::default();
+            c.enabled = true;
+            c.ttl_ms = 600_000;
+            c.capacity = 10_000;
+            c
         })
         .build();
     rt.block_on(authz.check(&inp)).unwrap();
@@ -169,9 +172,10 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
     let authn = Arc::new(Authenticator::builder(&config).build().unwrap());
     // No decision cache (it is on by default): every request evaluates the
     // policy (worst case).
-    let no_cache = || CacheConfig {
-        enabled: false,
-        ..Default::default()
+    let no_cache = || {
+        let mut c = CacheConfig::default();
+        c.enabled = false;
+        c
     };
     let authz = Arc::new(
         Authorizer::builder(embedded(RegoEvaluator::Auto))
@@ -187,9 +191,10 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
     // request after the first is a hit: one user, one route).
     let authz_cached = Arc::new(
         Authorizer::builder(embedded(RegoEvaluator::Auto))
-            .cache(CacheConfig {
-                enabled: true,
-                ..Default::default()
+            .cache({
+                let mut c = CacheConfig::default();
+                c.enabled = true;
+                c
             })
             .build(),
     );

@@ -62,9 +62,10 @@ fn main() {
             // No decision cache (on by default): every request is decided.
             let authz = Arc::new(
                 Authorizer::builder(Arc::new(engine))
-                    .cache(CacheConfig {
-                        enabled: false,
-                        ..Default::default()
+                    .cache({
+                        let mut c = CacheConfig::default();
+                        c.enabled = false;
+                        c
                     })
                     .build(),
             );

@@ -16,6 +16,7 @@ use crate::routes::RouteRule;
 /// keys. Failing open must be chosen explicitly with [`FailMode::Open`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct PolicyConfig {
     /// Trusted token issuers. A token whose `iss` is not listed is rejected.
     pub issuers: Vec<IssuerConfig>,
@@ -83,6 +84,7 @@ impl Default for PolicyConfig {
 /// One trusted issuer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct IssuerConfig {
     /// Exact `iss` value.
     pub issuer: String,
@@ -100,6 +102,25 @@ pub struct IssuerConfig {
     pub tenant_claim: String,
     /// Claim holding the roles (array of strings).
     pub roles_claim: String,
+}
+
+impl IssuerConfig {
+    /// An issuer trusted by its exact `iss` value, with the default claims
+    /// (`tenant`, `roles`) and no keys yet: add [`with_jwks_url`](Self::with_jwks_url)
+    /// or [`keys`](Self::keys).
+    pub fn new(issuer: impl Into<String>) -> Self {
+        Self {
+            issuer: issuer.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Verifies this issuer's tokens with the keys of a JWKS document (see
+    /// [`jwks_url`](Self::jwks_url) for the accepted URLs).
+    pub fn with_jwks_url(mut self, url: impl Into<String>) -> Self {
+        self.jwks_url = Some(url.into());
+        self
+    }
 }
 
 impl Default for IssuerConfig {
@@ -172,6 +193,7 @@ pub struct StaticKey {
 /// JWKS fetching.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct JwksConfig {
     /// Minimum time between two fetches of one issuer's JWKS. An unknown
     /// `kid` inside this window is rejected without contacting the identity
@@ -220,6 +242,7 @@ impl Default for JwksConfig {
 /// [`PgApiKeyStore::connect`]: crate::PgApiKeyStore
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct ApiKeyConfig {
     /// Accept API keys at all (the store must also be supplied).
     pub enabled: bool,
@@ -318,6 +341,7 @@ impl RegoEvaluator {
 /// Remote OPA settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct OpaConfig {
     /// Base URL, e.g. `http://127.0.0.1:8181`.
     pub base_url: String,
@@ -361,6 +385,7 @@ impl Default for OpaConfig {
 /// without the cache).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct TokenCacheConfig {
     /// Cache verified tokens at all.
     pub enabled: bool,
@@ -392,6 +417,7 @@ impl Default for TokenCacheConfig {
 /// `capacity`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct CacheConfig {
     /// Cache decisions at all (default on).
     pub enabled: bool,

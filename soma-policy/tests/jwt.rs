@@ -243,10 +243,7 @@ fn weak_hs256_secrets_and_keyless_issuers_are_refused_at_build() {
     config.issuers[0].keys[0].secret = Some("short".into());
     assert!(Authenticator::builder(&config).build().is_err());
     let mut config = PolicyConfig::default();
-    config.issuers = vec![IssuerConfig {
-        issuer: ISSUER.into(),
-        ..Default::default()
-    }];
+    config.issuers = vec![IssuerConfig::new(ISSUER)];
     assert!(Authenticator::builder(&config).build().is_err());
     assert!(
         Authenticator::builder(&PolicyConfig::default())
@@ -298,11 +295,7 @@ async fn jwks_issuer(refetch_cooldown_secs: u64) -> JwksIssuer {
     let hits = Arc::new(AtomicUsize::new(0));
     let url = jwks_server(keys.clone(), hits.clone()).await;
     let mut config = PolicyConfig::default();
-    config.issuers = vec![IssuerConfig {
-        issuer: ISSUER.into(),
-        jwks_url: Some(url),
-        ..Default::default()
-    }];
+    config.issuers = vec![IssuerConfig::new(ISSUER).with_jwks_url(url)];
     config.jwks.refetch_cooldown_secs = refetch_cooldown_secs;
     let metrics = PolicyMetrics::default();
     let auth = Authenticator::builder(&config)
@@ -377,11 +370,8 @@ async fn jwks_keys_verify_and_unknown_kid_floods_are_throttled() {
 async fn jwks_outage_is_unavailable_not_unauthorized() {
     let port = soma_testkit::free_port();
     let mut config = PolicyConfig::default();
-    config.issuers = vec![IssuerConfig {
-        issuer: ISSUER.into(),
-        jwks_url: Some(format!("http://127.0.0.1:{port}/jwks")),
-        ..Default::default()
-    }];
+    config.issuers =
+        vec![IssuerConfig::new(ISSUER).with_jwks_url(format!("http://127.0.0.1:{port}/jwks"))];
     let auth = authenticator(&config);
     let e = auth
         .verify_token(&mint(JwtAlgorithm::RS256, Some("k1"), &claims("a")))
@@ -513,11 +503,7 @@ async fn jwks_serves_every_asymmetric_algorithm_and_never_a_secret() {
     ]));
     let url = jwks_server(keys, Arc::new(AtomicUsize::new(0))).await;
     let mut config = PolicyConfig::default();
-    config.issuers = vec![IssuerConfig {
-        issuer: ISSUER.into(),
-        jwks_url: Some(url),
-        ..Default::default()
-    }];
+    config.issuers = vec![IssuerConfig::new(ISSUER).with_jwks_url(url)];
     let auth = authenticator(&config);
     for (alg, kid) in [
         (JwtAlgorithm::RS256, "k-rs"),
@@ -729,11 +715,7 @@ fn jwks_urls_must_be_https_or_loopback() {
         ("not a url", false),
     ] {
         let mut config = PolicyConfig::default();
-        config.issuers = vec![IssuerConfig {
-            issuer: ISSUER.into(),
-            jwks_url: Some(url.into()),
-            ..Default::default()
-        }];
+        config.issuers = vec![IssuerConfig::new(ISSUER).with_jwks_url(url)];
         assert_eq!(Authenticator::builder(&config).build().is_ok(), ok, "{url}");
     }
 }
@@ -742,11 +724,7 @@ fn jwks_urls_must_be_https_or_loopback() {
 async fn jwks_issuer_at(app: Router, path: &str) -> Authenticator {
     let base = serve(app).await;
     let mut config = PolicyConfig::default();
-    config.issuers = vec![IssuerConfig {
-        issuer: ISSUER.into(),
-        jwks_url: Some(format!("{base}{path}")),
-        ..Default::default()
-    }];
+    config.issuers = vec![IssuerConfig::new(ISSUER).with_jwks_url(format!("{base}{path}"))];
     authenticator(&config)
 }
 
@@ -803,11 +781,7 @@ async fn a_token_without_kid_needs_a_single_key_of_its_algorithm() {
     )]));
     let url = jwks_server(keys.clone(), Arc::default()).await;
     let mut config = PolicyConfig::default();
-    config.issuers = vec![IssuerConfig {
-        issuer: ISSUER.into(),
-        jwks_url: Some(url),
-        ..Default::default()
-    }];
+    config.issuers = vec![IssuerConfig::new(ISSUER).with_jwks_url(url)];
     config.jwks.refetch_cooldown_secs = 0;
     config.jwks.max_age_secs = 0;
     config.token_cache.enabled = false;

@@ -81,10 +81,12 @@ async fn stack_with(engine: Arc<dyn PolicyEngine>, fail_mode: FailMode, cache: b
     let authz = Arc::new(
         Authorizer::builder(engine)
             .fail_mode(fail_mode)
-            .cache(CacheConfig {
-                enabled: cache,
-                ttl_ms: 60_000,
-                capacity: 1000,
+            .cache({
+                let mut c = CacheConfig::default();
+                c.enabled = cache;
+                c.ttl_ms = 60_000;
+                c.capacity = 1000;
+                c
             })
             .audit_sink(Arc::new(audit.clone()))
             .metrics(metrics.clone())
@@ -274,10 +276,11 @@ async fn policy_denial_is_403_forbidden_and_unmapped_routes_are_denied() {
 fn dead_opa() -> Arc<dyn PolicyEngine> {
     let port = soma_testkit::free_port();
     Arc::new(
-        RemoteOpa::new(&OpaConfig {
-            base_url: format!("http://127.0.0.1:{port}"),
-            timeout_ms: 200,
-            ..Default::default()
+        RemoteOpa::new(&{
+            let mut c = OpaConfig::default();
+            c.base_url = format!("http://127.0.0.1:{port}");
+            c.timeout_ms = 200;
+            c
         })
         .unwrap(),
     )
@@ -442,11 +445,10 @@ impl ApiKeyStore for DownStore {
 async fn unavailable_bodies_carry_a_stable_code_and_no_internal_detail() {
     let port = soma_testkit::free_port();
     let mut config = soma_policy::PolicyConfig::default();
-    config.issuers = vec![soma_policy::IssuerConfig {
-        issuer: ISSUER.into(),
-        jwks_url: Some(format!("http://127.0.0.1:{port}/internal/idp/jwks.json")),
-        ..Default::default()
-    }];
+    config.issuers = vec![
+        soma_policy::IssuerConfig::new(ISSUER)
+            .with_jwks_url(format!("http://127.0.0.1:{port}/internal/idp/jwks.json")),
+    ];
     let authn = Arc::new(
         Authenticator::builder(&config)
             .api_key_store(Arc::new(DownStore))

@@ -17,17 +17,16 @@ use soma_policy::engine::CircuitState;
 use soma_policy::{Authorizer, BreakerConfig, EngineError, OpaConfig, PolicyEngine, RemoteOpa};
 
 fn opa(base: &str, timeout_ms: u64) -> RemoteOpa {
-    RemoteOpa::new(&OpaConfig {
-        base_url: base.into(),
-        package_path: "soma/authz/decision".into(),
-        timeout_ms,
-        breaker: BreakerConfig {
-            failure_threshold: 3,
-            open_ms: 1_000,
-            ..BreakerConfig::default()
-        },
-    })
-    .unwrap()
+    let mut config = OpaConfig::default();
+    config.base_url = base.into();
+    config.package_path = "soma/authz/decision".into();
+    config.timeout_ms = timeout_ms;
+    config.breaker = BreakerConfig {
+        failure_threshold: 3,
+        open_ms: 1_000,
+        ..BreakerConfig::default()
+    };
+    RemoteOpa::new(&config).unwrap()
 }
 
 #[tokio::test]
@@ -316,12 +315,10 @@ async fn server_errors_count_toward_the_breaker_and_recover() {
 #[tokio::test]
 async fn undefined_package_path_is_an_error_not_a_decision() {
     let server = OpaServer::start();
-    let engine = RemoteOpa::new(&OpaConfig {
-        base_url: server.base_url(),
-        package_path: "soma/no_such_package/decision".into(),
-        ..Default::default()
-    })
-    .unwrap();
+    let mut config = OpaConfig::default();
+    config.base_url = server.base_url();
+    config.package_path = "soma/no_such_package/decision".into();
+    let engine = RemoteOpa::new(&config).unwrap();
     assert_eq!(
         engine.evaluate(&send_input()).await.unwrap_err(),
         EngineError::Undefined

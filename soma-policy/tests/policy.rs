@@ -754,10 +754,12 @@ async fn the_decision_cache_forgets_on_policy_reload() {
         Arc::new(EmbeddedRego::from_dir(dir.path(), ENTRY, PolicyMetrics::default()).unwrap());
     let metrics = PolicyMetrics::default();
     let authz = soma_policy::Authorizer::builder(engine.clone())
-        .cache(soma_policy::CacheConfig {
-            enabled: true,
-            ttl_ms: 60_000,
-            capacity: 100,
+        .cache({
+            let mut c = soma_policy::CacheConfig::default();
+            c.enabled = true;
+            c.ttl_ms = 60_000;
+            c.capacity = 100;
+            c
         })
         .metrics(metrics.clone())
         .build();

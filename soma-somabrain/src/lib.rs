@@ -87,6 +87,8 @@
 //! # Features
 //!
 //! - `axum`: [`proxy`], an axum router for the gateway's operator routes.
+//! - `testkit`: [`testkit::ContractServer`], a strict SomaBrain stand-in on a
+//!   loopback port for downstream unit tests, with fault injection.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod client;
@@ -98,6 +100,9 @@ pub mod metrics;
 mod model;
 #[cfg(feature = "axum")]
 pub mod proxy;
+#[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
+pub mod testkit;
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -6,14 +6,14 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{FakeSomabrain, Fault, TOKEN, fixture, fixture_names};
+use common::{ContractServer, Fault, TOKEN, fixture, fixture_names};
 use serde_json::{Value, json};
 use soma_somabrain::{
     AggregateStatus, CallOptions, ContextRequest, Error, FeedbackRequest, HitLayer, Layer, Memory,
     ReadyStatus, RecallRequest, RememberBatch, ServerDetail, SomabrainClient, SomabrainConfig,
 };
 
-fn client(server: &FakeSomabrain, f: impl FnOnce(&mut SomabrainConfig)) -> SomabrainClient {
+fn client(server: &ContractServer, f: impl FnOnce(&mut SomabrainConfig)) -> SomabrainClient {
     let mut cfg = server.config();
     f(&mut cfg);
     SomabrainClient::new(cfg).unwrap()
@@ -30,7 +30,7 @@ fn memory_from(body: &Value) -> Memory {
 type Outcome = Result<Value, Error>;
 
 /// Makes the client call that corresponds to recording `name`.
-async fn call_like(server: &FakeSomabrain, name: &str, rec: &Value) -> Outcome {
+async fn call_like(server: &ContractServer, name: &str, rec: &Value) -> Outcome {
     let req = &rec["request"];
     let headers = &req["headers"];
     let body = &req["body"];
@@ -168,7 +168,7 @@ const EXTRA_HEADERS: &[&str] = &[
 
 #[tokio::test]
 async fn requests_have_the_recorded_shape() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     for name in REPRODUCED {
         let rec = fixture(name);
         let before = server.seen_count();
@@ -247,7 +247,7 @@ async fn every_recorded_response_parses_or_is_a_typed_error() {
     let names = fixture_names();
     assert_eq!(names.len(), 25, "all 25 recordings are fixtures");
     for name in &names {
-        let server = FakeSomabrain::start().await;
+        let server = ContractServer::start().await;
         let rec = fixture(name);
         server.push(Fault::replay(&rec));
         let outcome = call_like(&server, name, &rec).await;
@@ -421,7 +421,7 @@ fn check_error(name: &str, e: &Error) {
 
 #[tokio::test]
 async fn the_strict_server_refuses_what_the_real_one_refuses() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let m = Memory::from_json("k1", json!({"text": "hello"})).unwrap();
 
     let wrong_prefix = client(&server, |c| c.path_prefix = "/nope".into());
@@ -480,7 +480,7 @@ async fn the_strict_server_refuses_what_the_real_one_refuses() {
 
 #[tokio::test]
 async fn recall_wm_hits_leak_across_namespaces_and_can_be_filtered() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |_| {});
     let m = Memory::from_json("trip", json!({"text": "Paris trip in June"})).unwrap();
     c.remember(&m, CallOptions::new().namespace("agent"))

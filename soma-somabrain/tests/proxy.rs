@@ -4,7 +4,7 @@ mod common;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{FakeSomabrain, Fault, fixture};
+use common::{ContractServer, Fault, fixture};
 use serde_json::{Value, json};
 use soma_somabrain::SomabrainClient;
 use soma_somabrain::proxy::{self, ProxyOptions, Scope};
@@ -44,7 +44,7 @@ fn scoped(method: &str, uri: &str, tenant: &str, body: Option<Value>) -> Request
 
 #[tokio::test]
 async fn operator_routes_go_through_the_client_with_the_callers_tenant() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let client = SomabrainClient::new(server.config()).unwrap();
     let app: axum::Router = proxy::router(client);
 
@@ -114,7 +114,7 @@ async fn operator_routes_go_through_the_client_with_the_callers_tenant() {
 
 #[tokio::test]
 async fn tenant_header_is_ignored_unless_trusted() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let client = SomabrainClient::new(server.config()).unwrap();
     let untrusted: axum::Router = proxy::router(client.clone());
     let trusted: axum::Router = proxy::router_with(
@@ -141,7 +141,7 @@ async fn tenant_header_is_ignored_unless_trusted() {
 
 #[tokio::test]
 async fn upstream_failures_map_to_gateway_statuses() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let mut cfg = server.config();
     cfg.breaker.failure_threshold = 1;
     cfg.retry.max_retries = 0;

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{FakeSomabrain, Fault};
+use common::{ContractServer, Fault};
 use serde_json::json;
 use soma_observability::health::{ComponentStatus, HealthCheck};
 use soma_observability::metrics::MetricsRegistry;
@@ -18,7 +18,7 @@ use soma_somabrain::{
 
 const READ: EndpointGroup = EndpointGroup::MemoryRead;
 
-fn client(server: &FakeSomabrain, f: impl FnOnce(&mut SomabrainConfig)) -> SomabrainClient {
+fn client(server: &ContractServer, f: impl FnOnce(&mut SomabrainConfig)) -> SomabrainClient {
     let mut cfg = server.config();
     f(&mut cfg);
     SomabrainClient::new(cfg).unwrap()
@@ -64,7 +64,7 @@ async fn connection_refused_is_unavailable_and_retried_within_budget() {
 
 #[tokio::test]
 async fn reset_connections_are_retried_for_safe_calls_only() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     server.reset_next_connections(2);
     let c = client(&server, |_| {});
     let ack = c
@@ -72,13 +72,7 @@ async fn reset_connections_are_retried_for_safe_calls_only() {
         .await
         .expect("third attempt succeeds");
     assert!(ack.ok);
-    assert_eq!(
-        server
-            .state
-            .accepted
-            .load(std::sync::atomic::Ordering::SeqCst),
-        3
-    );
+    assert_eq!(server.accepted_connections(), 3);
     assert_eq!(
         server.seen_count(),
         1,
@@ -86,7 +80,7 @@ async fn reset_connections_are_retried_for_safe_calls_only() {
     );
 
     // Feedback is not idempotent: a reset after connecting is not retried.
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     server.reset_next_connections(1);
     let c = client(&server, |_| {});
     let fb = FeedbackRequest {
@@ -106,7 +100,7 @@ async fn reset_connections_are_retried_for_safe_calls_only() {
 
 #[tokio::test]
 async fn slow_responses_past_the_deadline_time_out() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     server.push_n(5, Fault::Delay(Duration::from_millis(800)));
     let c = client(&server, |_| {});
     let started = Instant::now();
@@ -126,7 +120,7 @@ async fn slow_responses_past_the_deadline_time_out() {
 
     // A per-attempt timeout shorter than the deadline: the slow attempt is
     // abandoned and the retry succeeds.
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     server.push(Fault::Delay(Duration::from_millis(800)));
     let c = client(&server, |c| c.request_timeout_ms = 100);
     let r = c
@@ -139,7 +133,7 @@ async fn slow_responses_past_the_deadline_time_out() {
 
 #[tokio::test]
 async fn bursts_of_503_are_retried_and_never_beyond_the_budget() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |_| {});
     server.push_n(2, Fault::status(503));
     c.recall(&recall(), CallOptions::new())
@@ -165,7 +159,7 @@ async fn bursts_of_503_are_retried_and_never_beyond_the_budget() {
 
 #[tokio::test]
 async fn rejections_and_server_bugs_are_not_retried() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |_| {});
     for fault in [
         Fault::status(422),
@@ -209,7 +203,7 @@ async fn rejections_and_server_bugs_are_not_retried() {
 
 #[tokio::test]
 async fn rate_limits_honour_retry_after() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |_| {});
     server.push(Fault::too_many("1"));
     let started = Instant::now();
@@ -237,7 +231,7 @@ async fn rate_limits_honour_retry_after() {
 
 #[tokio::test]
 async fn malformed_json_is_a_decode_error_not_a_panic() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |_| {});
     server.push(Fault::MalformedJson);
     let e = c
@@ -251,7 +245,7 @@ async fn malformed_json_is_a_decode_error_not_a_panic() {
 
 #[tokio::test]
 async fn breaker_counts_calls_and_goes_closed_open_half_open_closed() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let registry = MetricsRegistry::default();
     let mut cfg = server.config();
     cfg.breaker.open_ms = 100;
@@ -360,7 +354,7 @@ async fn breaker_counts_calls_and_goes_closed_open_half_open_closed() {
 
 #[tokio::test]
 async fn a_failed_probe_reopens_and_4xx_keeps_the_breaker_closed() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |c| {
         c.breaker.failure_threshold = 1;
         c.breaker.open_ms = 50;
@@ -401,7 +395,7 @@ async fn a_failed_probe_reopens_and_4xx_keeps_the_breaker_closed() {
 
 #[tokio::test]
 async fn a_hundred_concurrent_calls_run_concurrently() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     server.set_delay(Duration::from_millis(100));
     let c = client(&server, |_| {});
     let started = Instant::now();
@@ -415,10 +409,7 @@ async fn a_hundred_concurrent_calls_run_concurrently() {
     let results = futures::future::join_all(calls).await;
     let took = started.elapsed();
     assert!(results.iter().all(Result::is_ok));
-    let max = server
-        .state
-        .max_in_flight
-        .load(std::sync::atomic::Ordering::SeqCst);
+    let max = server.max_in_flight();
     assert!(max >= 50, "the server saw {max} requests in flight at once");
     assert!(
         took < Duration::from_secs(1),
@@ -428,7 +419,7 @@ async fn a_hundred_concurrent_calls_run_concurrently() {
 
 #[tokio::test]
 async fn tenant_header_always_equals_the_tenant_in_body_or_query() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |_| {});
     let tenants = ["acme", "globex", "initech", "umbrella"];
     let calls = tenants.iter().enumerate().map(|(i, t)| {
@@ -486,7 +477,7 @@ async fn tenant_header_always_equals_the_tenant_in_body_or_query() {
 
 #[tokio::test]
 async fn remember_surfaces_fast_ack_warnings() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |_| {});
     let ack = c
         .remember(&memory("fast"), CallOptions::new().fast_ack(true))
@@ -505,24 +496,18 @@ async fn remember_surfaces_fast_ack_warnings() {
 
 #[tokio::test]
 async fn health_component_follows_server_and_breaker() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |c| {
         c.breaker.failure_threshold = 1;
         c.retry.max_retries = 0;
     });
     let check = SomabrainHealthCheck::new(c.clone());
     assert_eq!(check.check().await.status, ComponentStatus::Up);
-    server
-        .state
-        .ready_degraded
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    server.set_ready_degraded(true);
     let o = check.check().await;
     assert_eq!(o.status, ComponentStatus::Degraded);
     assert!(o.reason.unwrap().contains("database"));
-    server
-        .state
-        .ready_degraded
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    server.set_ready_degraded(false);
     server.push(Fault::status(503));
     c.recall(&recall(), CallOptions::new()).await.unwrap_err();
     let o = check.check().await;
@@ -567,7 +552,7 @@ async fn health_component_follows_server_and_breaker() {
 
 #[tokio::test]
 async fn metrics_count_calls_by_route_template_and_status() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let registry = MetricsRegistry::default();
     let c = SomabrainClient::builder(server.config())
         .metrics(&registry)
@@ -600,7 +585,7 @@ async fn metrics_count_calls_by_route_template_and_status() {
 
 #[tokio::test]
 async fn secrets_never_print() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |_| {});
     let dbg = format!("{c:?} {:?}", server.config());
     assert!(!dbg.contains(common::TOKEN), "{dbg}");
@@ -611,7 +596,7 @@ async fn secrets_never_print() {
 
 #[tokio::test]
 async fn trace_context_injector_adds_headers_to_every_attempt() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = SomabrainClient::builder(server.config())
         .header_injector(|h| {
             h.insert(
@@ -644,7 +629,7 @@ async fn trace_context_injector_adds_headers_to_every_attempt() {
 
 #[tokio::test]
 async fn one_failing_route_opens_only_its_group() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     // The real server's adaptation state answers 500 on every call.
     server.fail_route(Some("/context/adaptation/state"));
     let c = client(&server, |_| {});
@@ -669,7 +654,7 @@ async fn one_failing_route_opens_only_its_group() {
 
 #[tokio::test]
 async fn validation_errors_do_not_count_but_rate_limits_do() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |c| {
         c.breaker.failure_threshold = 1;
         c.retry.max_retries = 0;
@@ -702,7 +687,7 @@ async fn validation_errors_do_not_count_but_rate_limits_do() {
 
 #[tokio::test]
 async fn health_closes_an_open_breaker_after_its_period_without_traffic() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |c| {
         c.breaker.failure_threshold = 1;
         c.breaker.open_ms = 200;
@@ -763,14 +748,11 @@ async fn health_closes_an_open_breaker_after_its_period_without_traffic() {
 
 #[tokio::test]
 async fn health_reports_a_lost_memory_backend_as_degraded() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |_| {});
     let check = SomabrainHealthCheck::new(c.clone());
     assert_eq!(check.check().await.status, ComponentStatus::Up);
-    server
-        .state
-        .memory_down
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    server.set_memory_down(true);
     // Writes are still acknowledged, readiness is still ready...
     c.remember(&memory("k"), CallOptions::new()).await.unwrap();
     // ...only /health tells.
@@ -783,16 +765,13 @@ async fn health_reports_a_lost_memory_backend_as_degraded() {
             .contains("memory_ok"),
         "{o:?}"
     );
-    server
-        .state
-        .memory_down
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    server.set_memory_down(false);
     assert_eq!(check.check().await.status, ComponentStatus::Up);
 }
 
 #[tokio::test]
 async fn top_k_zero_is_refused_before_sending() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let c = client(&server, |_| {});
     let e = c
         .recall(&RecallRequest::new("memory").top_k(0), CallOptions::new())
@@ -805,7 +784,7 @@ async fn top_k_zero_is_refused_before_sending() {
 
 #[tokio::test]
 async fn a_base_url_with_a_path_is_a_config_error() {
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let mut cfg = server.config();
     cfg.base_url = format!("{}/api", server.url());
     let e = SomabrainClient::new(cfg).unwrap_err();

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::FakeSomabrain;
+use common::ContractServer;
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use soma_somabrain::{CallOptions, RecallRequest, SomabrainClient};
 use tracing::Instrument as _;
@@ -17,7 +17,7 @@ async fn traceparent_continues_the_callers_trace() {
     // Current-thread runtime: the thread-local default covers the whole call.
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let server = FakeSomabrain::start().await;
+    let server = ContractServer::start().await;
     let client = SomabrainClient::new(server.config()).unwrap();
     let turn = tracing::info_span!("turn");
     let trace_id = turn.context().span().span_context().trace_id();

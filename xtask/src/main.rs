@@ -31,7 +31,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   test [--no-stack] [--only-tests] [--step NAME]... [-- <nextest args>]
                        bring up the stack, then fmt, clippy, lint-env, deny, msrv,
-                       docs, package, doc-tests and tests; `--step`
+                       docs, package, downstream, doc-tests and tests; `--step`
                        runs only the named steps (the stack only for doc-tests
                        and tests)
   stack up|down|status the local services (PostgreSQL, Redis, tansu, and stack.d extras)
@@ -176,6 +176,7 @@ const STEPS: &[(&str, bool)] = &[
     ("msrv", true),
     ("docs", true),
     ("package", true),
+    ("downstream", true),
     ("doc-tests", false),
     ("tests", false),
     ("chaos", false),
@@ -266,6 +267,10 @@ fn run_step(name: &str, passthrough: &[String]) -> Result<(), String> {
         "msrv" => step("msrv: locked dependencies vs rust-version", release::msrv),
         "docs" => step("docs as docs.rs builds them (nightly)", release::docs),
         "package" => step("cargo package (published crates)", release::package),
+        "downstream" => step(
+            "examples/downstream against the packaged crates",
+            release::downstream,
+        ),
         "doc-tests" => step("doc tests", || {
             run("cargo", &["test", "--workspace", "--doc"])
         }),

@@ -8,7 +8,11 @@
 //!   denied.
 //! - `package`: `cargo package` on every published crate, which builds each
 //!   from its tarball against the others' packaged versions.
+//! - `downstream`: `examples/downstream`, a crate outside the workspace that
+//!   depends on the crates by registry version, tested against the packages
+//!   the `package` step left in `target/package/`.
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
@@ -171,4 +175,70 @@ pub(crate) fn package() -> Result<(), String> {
         args.extend(["-p", c.as_str()]);
     }
     run("cargo", &args)
+}
+
+/// The published crates with their versions.
+fn published_versions(meta: &Value) -> Vec<(String, String)> {
+    let members = string_set(&meta["workspace_members"]);
+    meta["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["id"].as_str().is_some_and(|id| members.contains(&id)))
+        .filter(|p| p["publish"].as_array().is_none_or(|r| !r.is_empty()))
+        .filter_map(|p| {
+            Some((
+                p["name"].as_str()?.to_owned(),
+                p["version"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// `cargo test` in `examples/downstream` (outside the workspace) against the
+/// crates the `package` step verified: each published crate is patched to
+/// its `target/package/<crate>-<version>/` directory on the command line, so
+/// the example's manifest stays what a user writes (`soma-bus = "0.1"`).
+///
+/// The example's lockfile is seeded from the workspace's (same versions of
+/// every shared dependency) and the build shares the workspace's target
+/// directory, so only the example and the packaged soma crates compile.
+pub(crate) fn downstream() -> Result<(), String> {
+    let meta = metadata()?;
+    let target = meta["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .ok_or("cargo metadata names no target directory")?;
+    let example = root().join("examples").join("downstream");
+    let mut args: Vec<String> = vec!["test".into()];
+    for (name, version) in published_versions(&meta) {
+        let dir = target.join("package").join(format!("{name}-{version}"));
+        if !dir.join("Cargo.toml").exists() {
+            return Err(format!(
+                "{} is missing: run the package step first \
+                 (`cargo xtask test --step package --step downstream`)",
+                dir.display()
+            ));
+        }
+        args.push("--config".into());
+        args.push(format!(
+            "patch.crates-io.{name}.path={:?}",
+            dir.display().to_string()
+        ));
+    }
+    std::fs::copy(root().join("Cargo.lock"), example.join("Cargo.lock"))
+        .map_err(|e| format!("seeding examples/downstream/Cargo.lock: {e}"))?;
+    let status = Command::new("cargo")
+        .args(&args)
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(&example)
+        .status()
+        .map_err(|e| format!("could not start `cargo test` in examples/downstream: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`cargo test` in examples/downstream failed ({status})"
+        ))
+    }
 }

@@ -188,6 +188,37 @@ pub(crate) async fn verify_key(
 }
 
 /// An in-process store (tests, single-node tools). Keys are lost on restart.
+///
+/// This is the test adapter for API-key authentication: hand it to
+/// [`Authenticator::builder`](crate::Authenticator::builder) in unit tests
+/// instead of [`PgApiKeyStore`](crate::PgApiKeyStore) (feature `postgres`),
+/// and no PostgreSQL is needed. It behaves like the PostgreSQL store:
+/// `insert` of an existing lookup id fails with [`StoreError::Duplicate`],
+/// `revoke` keeps the record marked revoked (the authenticator then rejects
+/// the key). Clones share the records, so a test can keep one handle and
+/// issue or revoke keys while the authenticator runs.
+///
+/// ```
+/// use std::sync::Arc;
+/// use soma_policy::{ApiKeyStore, Authenticator, InMemoryApiKeyStore, PolicyConfig, generate_key};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let keys = InMemoryApiKeyStore::new();
+/// let issued = generate_key("soma", "svc-reporter", "acme", vec!["reader".into()], vec![]);
+/// keys.insert(issued.record.clone()).await?;
+///
+/// let authn = Authenticator::builder(&PolicyConfig::default())
+///     .api_key_store(Arc::new(keys.clone()))
+///     .build()?;
+/// let mut headers = http::HeaderMap::new();
+/// headers.insert("x-api-key", issued.key.expose_secret().parse()?);
+/// let who = authn.authenticate(&headers).await?;
+/// assert_eq!((who.subject.as_str(), who.tenant.as_str()), ("svc-reporter", "acme"));
+///
+/// assert!(keys.revoke(&issued.record.lookup_id).await?);
+/// assert!(authn.authenticate(&headers).await.is_err(), "a revoked key is rejected");
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Default, Clone)]
 pub struct InMemoryApiKeyStore {
     records: Arc<RwLock<std::collections::HashMap<String, ApiKeyRecord>>>,

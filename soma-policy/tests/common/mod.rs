@@ -127,15 +127,12 @@ pub fn static_keys() -> Vec<StaticKey> {
 }
 
 pub fn config_with_static_keys() -> PolicyConfig {
-    PolicyConfig {
-        issuers: vec![IssuerConfig {
-            issuer: ISSUER.into(),
-            keys: static_keys(),
-            ..Default::default()
-        }],
-        policy_dir: policy_dir(),
-        ..Default::default()
-    }
+    let mut issuer = IssuerConfig::new(ISSUER);
+    issuer.keys = static_keys();
+    let mut config = PolicyConfig::default();
+    config.issuers = vec![issuer];
+    config.policy_dir = policy_dir();
+    config
 }
 
 pub fn kid_for(alg: JwtAlgorithm) -> &'static str {

@@ -1,0 +1,706 @@
+//! The contract itself: routing, validation and the recorded responses.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::{Fault, HTML_404, NINJA_JSON, Seen, ServerState, Stored, TOKEN};
+
+fn json_response(status: StatusCode, body: Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, NINJA_JSON)],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn detail(status: StatusCode, msg: &str) -> Response {
+    json_response(status, json!({ "detail": msg }))
+}
+
+fn html(status: StatusCode, body: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        body.to_owned(),
+    )
+        .into_response()
+}
+
+const API_ROUTES: &[(&str, Method)] = &[
+    ("/memory/remember", Method::POST),
+    ("/memory/remember/batch", Method::POST),
+    ("/memory/recall", Method::POST),
+    ("/memory/metrics", Method::GET),
+    ("/context/evaluate", Method::POST),
+    ("/context/feedback", Method::POST),
+    ("/context/adaptation/state", Method::GET),
+    ("/context/feature-flags", Method::GET),
+];
+const PROBES: &[&str] = &["/healthz", "/readyz", "/health"];
+
+const MEMORY_FIELDS: &[&str] = &[
+    "key",
+    "value",
+    "meta",
+    "universe",
+    "ttl_seconds",
+    "tags",
+    "policy_tags",
+    "attachments",
+    "links",
+    "signals",
+    "importance",
+    "novelty",
+    "trace_id",
+];
+
+struct InFlight<'a>(&'a ServerState);
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+pub(super) async fn handle(State(st): State<Arc<ServerState>>, req: Request) -> Response {
+    let n = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    st.max_in_flight.fetch_max(n, Ordering::SeqCst);
+    let _guard = InFlight(&st);
+
+    let (parts, body) = req.into_parts();
+    let bytes: Bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let path = parts.uri.path().to_owned();
+    let query: BTreeMap<String, String> =
+        parts.uri.query().map(url_decode_pairs).unwrap_or_default();
+    let headers: BTreeMap<String, String> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                v.to_str().unwrap_or("<non-ascii>").to_owned(),
+            )
+        })
+        .collect();
+    let body_json: Option<Value> = if bytes.is_empty() {
+        None
+    } else {
+        Some(
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into())),
+        )
+    };
+    st.seen.lock().push(Seen {
+        method: parts.method.to_string(),
+        path: path.clone(),
+        query: query.clone(),
+        headers: headers.clone(),
+        body: body_json,
+    });
+
+    let delay = st.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay as u64)).await;
+    }
+
+    // Routing: API routes at the root and under /api; probes at the root.
+    let route = path
+        .strip_prefix("/api")
+        .filter(|p| p.starts_with('/'))
+        .unwrap_or(&path);
+    let is_probe = PROBES.contains(&path.as_str());
+    let api = API_ROUTES.iter().find(|(p, _)| *p == route);
+    let method = match (api, is_probe) {
+        (Some((_, m)), _) => m.clone(),
+        (None, true) => Method::GET,
+        (None, false) => return html(StatusCode::NOT_FOUND, HTML_404),
+    };
+    if parts.method != method {
+        return html(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed");
+    }
+
+    if let Err(resp) = validate(route, is_probe, &parts.headers, &query, &bytes) {
+        return resp;
+    }
+
+    if st.failing_route.lock().as_deref() == Some(route) {
+        return json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"detail": "injected: route failing"}),
+        );
+    }
+    let fault = st.faults.lock().pop_front();
+    match fault {
+        Some(Fault::Respond {
+            status,
+            content_type,
+            body,
+            retry_after,
+        }) => {
+            let mut resp = (
+                StatusCode::from_u16(status).unwrap(),
+                [(header::CONTENT_TYPE, content_type)],
+                body,
+            )
+                .into_response();
+            if let Some(ra) = retry_after {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, ra.parse().unwrap());
+            }
+            return resp;
+        }
+        Some(Fault::MalformedJson) => {
+            return (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, NINJA_JSON)],
+                "{\"ok\": tru",
+            )
+                .into_response();
+        }
+        Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+        None => {}
+    }
+
+    let body: Value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    let tenant = parts
+        .headers
+        .get("x-tenant-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let request_id = parts
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let fast_ack = parts
+        .headers
+        .get("x-soma-fast-ack")
+        .and_then(|v| v.to_str().ok())
+        == Some("true");
+    match route {
+        "/healthz" => json_response(
+            StatusCode::OK,
+            json!({"status": "healthy", "timestamp": "2026-11-22T03:01:03+00:00"}),
+        ),
+        "/readyz" => {
+            if st.ready_degraded.load(Ordering::SeqCst) {
+                json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"status": "degraded", "checks": {"database": "unhealthy", "cache": "healthy"}}),
+                )
+            } else {
+                json_response(
+                    StatusCode::OK,
+                    json!({"status": "ready", "checks": {"database": "healthy", "cache": "healthy"}}),
+                )
+            }
+        }
+        "/health" => json_response(
+            StatusCode::OK,
+            if st.memory_down.load(Ordering::SeqCst) {
+                json!({"status": "degraded", "version": "1.0.0", "ok": false, "memory_ok": false})
+            } else {
+                json!({"status": "healthy", "version": "1.0.0", "ok": true, "memory_ok": true})
+            },
+        ),
+        "/memory/remember" => {
+            let item = store(
+                &st,
+                &body["tenant"],
+                &body["namespace"],
+                body["universe"].as_str(),
+                &body,
+            );
+            let mut r = write_result(&item, &body, request_id.clone(), fast_ack);
+            r["ok"] = json!(true);
+            r["tenant"] = body["tenant"].clone();
+            r["namespace"] = body["namespace"].clone();
+            json_response(StatusCode::OK, r)
+        }
+        "/memory/remember/batch" => {
+            let results: Vec<Value> = body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .enumerate()
+                .map(|(i, it)| {
+                    let universe = it["universe"].as_str().or(body["universe"].as_str());
+                    let item = store(&st, &body["tenant"], &body["namespace"], universe, it);
+                    let mut r = write_result(
+                        &item,
+                        it,
+                        request_id.as_ref().map(|id| format!("{id}:{i}")),
+                        false,
+                    );
+                    r.as_object_mut().unwrap().remove("queued_for_ltm");
+                    r
+                })
+                .collect();
+            json_response(
+                StatusCode::OK,
+                json!({"ok": true, "tenant": body["tenant"], "namespace": body["namespace"], "results": results}),
+            )
+        }
+        "/memory/recall" => {
+            let ns = body["namespace"].as_str().unwrap_or("default").to_owned();
+            let top_k = body["top_k"].as_u64().unwrap_or(10) as usize;
+            let layer = body["layer"].as_str().unwrap_or("both");
+            let q = body["query"].as_str().unwrap_or("").to_lowercase();
+            let items = st.store.lock().get(&tenant).cloned().unwrap_or_default();
+            let mut results = Vec::new();
+            let (mut wm, mut ltm) = (0, 0);
+            if layer != "ltm" {
+                // Like the real server: WM is every item of the header tenant, any namespace.
+                for it in &items {
+                    wm += 1;
+                    results.push(json!({"content": it.payload, "layer": "wm", "score": 1.0}));
+                }
+            }
+            if layer != "wm" {
+                for it in items.iter().filter(|i| i.namespace == ns) {
+                    let text = it.payload["text"].as_str().unwrap_or("").to_lowercase();
+                    if !q.is_empty() && text.contains(&q) {
+                        ltm += 1;
+                        results.push(json!({"content": it.payload, "layer": "ltm", "score": 0.5, "coordinate": coord(&it.universe, &it.key)}));
+                    }
+                }
+            }
+            results.truncate(top_k);
+            json_response(
+                StatusCode::OK,
+                json!({"tenant": tenant, "namespace": ns, "results": results, "wm_hits": wm, "ltm_hits": ltm,
+                       "duration_ms": 1.5, "total_results": results.len(), "degraded": false, "degraded_reasons": []}),
+            )
+        }
+        "/memory/metrics" => {
+            let n = st.store.lock().get(&tenant).map_or(0, Vec::len);
+            json_response(
+                StatusCode::OK,
+                json!({"tenant": query["tenant"], "namespace": query["namespace"], "wm_items": n, "circuit_open": false}),
+            )
+        }
+        "/context/evaluate" => json_response(
+            StatusCode::OK,
+            json!({"query": body["query"], "prompt": format!("Context for: {}", body["query"].as_str().unwrap_or("")),
+                   "tenant_id": body["tenant_id"], "memories": [], "weights": {"alpha": 1.0}}),
+        ),
+        "/context/feedback" => {
+            *st.feedback.lock().entry(tenant.clone()).or_default() += 1;
+            json_response(
+                StatusCode::OK,
+                json!({"accepted": true, "adaptation_applied": true}),
+            )
+        }
+        "/context/adaptation/state" => {
+            let n = st.feedback.lock().get(&tenant).copied().unwrap_or(0);
+            json_response(
+                StatusCode::OK,
+                json!({"tenant_id": query.get("tenant_id"), "retrieval": {"alpha": 1.0, "beta": 0.2, "gamma": 0.1, "tau": 0.7},
+                       "utility": {"lambda_": 1.0, "mu": 0.1, "nu": 0.05}, "history_len": n, "learning_rate": 0.05}),
+            )
+        }
+        "/context/feature-flags" => json_response(
+            StatusCode::OK,
+            serde_json::from_str::<Value>(include_str!(
+                "../../tests/fixtures/15-context-feature-flags.json"
+            ))
+            .expect("embedded fixture 15 is JSON")["response"]["body"]
+                .clone(),
+        ),
+        _ => html(StatusCode::NOT_FOUND, HTML_404),
+    }
+}
+
+fn coord(universe: &str, key: &str) -> Value {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (universe, key).hash(&mut h);
+    let v = h.finish();
+    let f = |s: u32| ((v >> s) & 0xffff) as f64 / 32768.0 - 1.0;
+    json!([f(0), f(16), f(32)])
+}
+
+fn store(
+    st: &ServerState,
+    tenant: &Value,
+    ns: &Value,
+    universe: Option<&str>,
+    item: &Value,
+) -> Stored {
+    let tenant = tenant.as_str().unwrap().to_owned();
+    let mut payload = item["value"].as_object().cloned().unwrap_or_default();
+    payload.insert("tenant".into(), json!(tenant));
+    payload.insert("namespace".into(), ns.clone());
+    payload.insert("key".into(), item["key"].clone());
+    let stored = Stored {
+        namespace: ns.as_str().unwrap().to_owned(),
+        key: item["key"].as_str().unwrap().to_owned(),
+        universe: universe.unwrap_or("real").to_owned(),
+        payload: Value::Object(payload),
+    };
+    let mut store = st.store.lock();
+    let items = store.entry(tenant).or_default();
+    // Same key + universe → same coordinate → overwrite.
+    items.retain(|i| !(i.key == stored.key && i.universe == stored.universe));
+    items.push(stored.clone());
+    stored
+}
+
+fn write_result(item: &Stored, req: &Value, request_id: Option<String>, fast_ack: bool) -> Value {
+    let ttl = req["ttl_seconds"]
+        .as_u64()
+        .or(req["signals"]["ttl_seconds"].as_u64());
+    let importance = req["importance"]
+        .as_f64()
+        .or(req["signals"]["importance"].as_f64());
+    let novelty = req["novelty"]
+        .as_f64()
+        .or(req["signals"]["novelty"].as_f64());
+    json!({
+        "key": item.key, "coordinate": coord(&item.universe, &item.key),
+        "promoted_to_wm": true, "persisted_to_ltm": !fast_ack, "queued_for_ltm": fast_ack, "deduplicated": false,
+        "importance": importance, "novelty": novelty, "ttl_applied": ttl, "trace_id": req["trace_id"],
+        "request_id": request_id,
+        "warnings": if fast_ack { vec!["ltm-persist:queued-async"] } else { vec![] },
+        "signals": {"importance": importance, "novelty": novelty, "ttl_seconds": ttl, "reinforcement": null,
+                    "recall_bias": null, "promoted_to_wm": true, "persisted_to_ltm": !fast_ack},
+    })
+}
+
+fn url_decode_pairs(q: &str) -> BTreeMap<String, String> {
+    q.split('&')
+        .filter(|s| !s.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (pct_decode(k), pct_decode(v))
+        })
+        .collect()
+}
+
+fn pct_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap_or(b'?'));
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn missing(loc: Vec<Value>) -> Value {
+    json!({"type": "missing", "loc": loc, "msg": "Field required"})
+}
+
+fn extra(loc: Vec<Value>) -> Value {
+    json!({"type": "extra_forbidden", "loc": loc, "msg": "Extra inputs are not permitted"})
+}
+
+fn check_fields(
+    obj: &serde_json::Map<String, Value>,
+    required: &[&str],
+    allowed: &[&str],
+    loc: &[Value],
+    issues: &mut Vec<Value>,
+) {
+    for f in required {
+        if obj.get(*f).is_none_or(Value::is_null) {
+            let mut l = loc.to_vec();
+            l.push(json!(f));
+            issues.push(missing(l));
+        }
+    }
+    for k in obj.keys() {
+        if !allowed.contains(&k.as_str()) {
+            let mut l = loc.to_vec();
+            l.push(json!(k));
+            issues.push(extra(l));
+        }
+    }
+}
+
+fn validate(
+    route: &str,
+    is_probe: bool,
+    headers: &HeaderMap,
+    query: &BTreeMap<String, String>,
+    bytes: &[u8],
+) -> Result<(), Response> {
+    if is_probe {
+        return Ok(());
+    }
+    if route != "/context/feature-flags" {
+        let auth = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if auth != Some(&format!("Bearer {TOKEN}")) {
+            return Err(detail(StatusCode::UNAUTHORIZED, "Unauthorized"));
+        }
+    }
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let tenant_h = h("x-tenant-id");
+    let namespace_h = h("x-namespace");
+    let needs_tenant = route != "/context/feature-flags";
+    if needs_tenant && tenant_h.is_none_or(str::is_empty) {
+        return Err(detail(
+            StatusCode::BAD_REQUEST,
+            "X-Tenant-ID header required",
+        ));
+    }
+    let get = matches!(
+        route,
+        "/memory/metrics" | "/context/adaptation/state" | "/context/feature-flags"
+    );
+    if get {
+        if !bytes.is_empty() {
+            return Err(detail(StatusCode::BAD_REQUEST, "GET with a body"));
+        }
+        let (allowed, tkey): (&[&str], Option<&str>) = match route {
+            "/memory/metrics" => (&["tenant", "namespace"], Some("tenant")),
+            "/context/adaptation/state" => (&["tenant_id"], Some("tenant_id")),
+            _ => (&[], None),
+        };
+        let bad: Vec<Value> = query
+            .keys()
+            .filter(|k| !allowed.contains(&k.as_str()))
+            .map(|k| extra(vec![json!("query"), json!(k)]))
+            .collect();
+        if !bad.is_empty() {
+            return Err(json_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"detail": bad}),
+            ));
+        }
+        if let Some(tk) = tkey {
+            if query.get(tk).map(String::as_str) != tenant_h {
+                return Err(detail(
+                    StatusCode::BAD_REQUEST,
+                    &format!("query {tk} does not match X-Tenant-ID"),
+                ));
+            }
+        }
+        if let (Some(ns), Some(q)) = (namespace_h, query.get("namespace")) {
+            if ns != q {
+                return Err(detail(
+                    StatusCode::BAD_REQUEST,
+                    "X-Namespace does not match query namespace",
+                ));
+            }
+        }
+        return Ok(());
+    }
+    let ct = h("content-type").unwrap_or("");
+    let Some(Value::Object(obj)) = (ct.starts_with("application/json"))
+        .then(|| serde_json::from_slice::<Value>(bytes).ok())
+        .flatten()
+    else {
+        return Err(detail(StatusCode::BAD_REQUEST, "Cannot parse request body"));
+    };
+    let loc = [json!("body"), json!("payload")];
+    let mut issues = Vec::new();
+    let (body_tenant_key, ns_key) = match route {
+        "/memory/remember" => {
+            let allowed: Vec<&str> = ["tenant", "namespace"]
+                .iter()
+                .chain(MEMORY_FIELDS)
+                .copied()
+                .collect();
+            check_fields(
+                &obj,
+                &["tenant", "namespace", "key", "value"],
+                &allowed,
+                &loc,
+                &mut issues,
+            );
+            check_memory(&obj, &loc, &mut issues);
+            (Some("tenant"), Some("namespace"))
+        }
+        "/memory/remember/batch" => {
+            check_fields(
+                &obj,
+                &["tenant", "namespace", "items"],
+                &["tenant", "namespace", "items", "universe"],
+                &loc,
+                &mut issues,
+            );
+            match obj.get("items").and_then(Value::as_array) {
+                Some(items) if !items.is_empty() => {
+                    for (i, it) in items.iter().enumerate() {
+                        let iloc = [loc[0].clone(), loc[1].clone(), json!("items"), json!(i)];
+                        match it.as_object() {
+                            Some(o) => {
+                                check_fields(o, &["key", "value"], MEMORY_FIELDS, &iloc, &mut issues);
+                                check_memory(o, &iloc, &mut issues);
+                            }
+                            None => issues.push(json!({"type": "model_type", "loc": iloc, "msg": "Input should be an object"})),
+                        }
+                    }
+                }
+                Some(_) => issues.push(json!({"type": "too_short", "loc": [loc[0], loc[1], "items"], "msg": "List should have at least 1 item"})),
+                None => {}
+            }
+            (Some("tenant"), Some("namespace"))
+        }
+        "/memory/recall" => {
+            check_fields(
+                &obj,
+                &["query"],
+                &["query", "top_k", "layer", "tenant", "namespace", "universe"],
+                &loc,
+                &mut issues,
+            );
+            if let Some(l) = obj.get("layer") {
+                if !matches!(l.as_str(), Some("wm" | "ltm" | "both")) {
+                    issues.push(json!({"type": "enum", "loc": [loc[0], loc[1], "layer"], "msg": "layer must be wm, ltm or both"}));
+                }
+            }
+            (Some("tenant"), Some("namespace"))
+        }
+        "/context/evaluate" => {
+            check_fields(
+                &obj,
+                &["session_id", "query", "top_k", "tenant_id"],
+                &["session_id", "query", "top_k", "tenant_id"],
+                &loc,
+                &mut issues,
+            );
+            (Some("tenant_id"), None)
+        }
+        "/context/feedback" => {
+            let allowed = [
+                "session_id",
+                "query",
+                "prompt",
+                "response_text",
+                "utility",
+                "reward",
+                "metadata",
+                "tenant_id",
+            ];
+            check_fields(
+                &obj,
+                &[
+                    "session_id",
+                    "query",
+                    "prompt",
+                    "response_text",
+                    "utility",
+                    "tenant_id",
+                ],
+                &allowed,
+                &loc,
+                &mut issues,
+            );
+            (Some("tenant_id"), None)
+        }
+        _ => (None, None),
+    };
+    if !issues.is_empty() {
+        return Err(json_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"detail": issues}),
+        ));
+    }
+    if let Some(tk) = body_tenant_key {
+        if let Some(t) = obj.get(tk) {
+            if t.as_str() != tenant_h {
+                return Err(detail(
+                    StatusCode::BAD_REQUEST,
+                    &format!("body {tk} does not match X-Tenant-ID"),
+                ));
+            }
+        }
+    }
+    if let (Some(nk), Some(ns)) = (ns_key, namespace_h) {
+        if obj.get(nk).and_then(Value::as_str) != Some(ns) {
+            return Err(detail(
+                StatusCode::BAD_REQUEST,
+                "X-Namespace does not match body namespace",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_memory(obj: &serde_json::Map<String, Value>, loc: &[Value], issues: &mut Vec<Value>) {
+    let at = |f: &str| {
+        let mut l = loc.to_vec();
+        l.push(json!(f));
+        l
+    };
+    if obj
+        .get("key")
+        .is_some_and(|k| k.as_str().is_none_or(str::is_empty))
+    {
+        issues.push(json!({"type": "string_too_short", "loc": at("key"), "msg": "String should have at least 1 character"}));
+    }
+    if obj.get("value").is_some_and(|v| !v.is_object()) {
+        issues.push(json!({"type": "dict_type", "loc": at("value"), "msg": "Input should be a valid dictionary"}));
+    }
+    for (name, allowed) in [(
+        "signals",
+        &[
+            "importance",
+            "novelty",
+            "ttl_seconds",
+            "reinforcement",
+            "recall_bias",
+        ][..],
+    )] {
+        if let Some(Value::Object(o)) = obj.get(name) {
+            check_fields(o, &[], allowed, &at(name), issues);
+        }
+    }
+    if let Some(Value::Array(a)) = obj.get("attachments") {
+        for (i, x) in a.iter().enumerate() {
+            if let Some(o) = x.as_object() {
+                let mut l = at("attachments");
+                l.push(json!(i));
+                check_fields(
+                    o,
+                    &["kind"],
+                    &["kind", "uri", "content_type", "checksum", "data", "meta"],
+                    &l,
+                    issues,
+                );
+            }
+        }
+    }
+    if let Some(Value::Array(a)) = obj.get("links") {
+        for (i, x) in a.iter().enumerate() {
+            if let Some(o) = x.as_object() {
+                let mut l = at("links");
+                l.push(json!(i));
+                check_fields(
+                    o,
+                    &["rel", "target"],
+                    &["rel", "target", "weight", "meta"],
+                    &l,
+                    issues,
+                );
+            }
+        }
+    }
+}
