@@ -732,18 +732,26 @@ impl Worker {
                 }
             }
         }
-        if moves > 0 {
-            self.shared.shard_moves.fetch_add(moves, Ordering::Relaxed);
-            self.metrics.shard_moves(moves);
-            tracing::info!(
-                schema = self.outbox.schema(),
-                relays = members,
-                owned = ?self.owned,
-                "relay shards rebalanced"
-            );
-            self.set_owned();
-        }
+        self.moved(moves, members);
         Ok(())
+    }
+
+    /// Publishes a rebalance that gave up or took over `moves` shards:
+    /// counters, metrics, the shared view of the owned shards, and a log
+    /// line. Nothing when nothing moved.
+    fn moved(&mut self, moves: u64, members: u32) {
+        if moves == 0 {
+            return;
+        }
+        self.shared.shard_moves.fetch_add(moves, Ordering::Relaxed);
+        self.metrics.shard_moves(moves);
+        tracing::info!(
+            schema = self.outbox.schema(),
+            relays = members,
+            owned = ?self.owned,
+            "relay shards rebalanced"
+        );
+        self.set_owned();
     }
 
     /// Claims, publishes and settles one batch in one transaction. While
