@@ -37,6 +37,7 @@ struct SchemaLabel {
 /// | `soma_outbox_relay_sink_unavailable` | gauge | relays in this process backing off because the sink is unavailable |
 /// | `soma_outbox_relay_sink_wait_milliseconds_total` | counter | time relays spent waiting for an unavailable sink |
 /// | `soma_outbox_relay_order_violations_total` | counter | records a sink delivered after an undelivered earlier record of their key (a [`Sink`](crate::Sink) contract violation; should stay 0) |
+/// | `soma_outbox_relay_shard_moves_total` | counter | shards relays gave up or took over (flat while the set of relays is stable; a steady rise means shards flap) |
 ///
 /// Every series has the label `schema`. The gauges are refreshed by each
 /// running relay every [`RelayConfig::stats_interval_ms`](crate::RelayConfig::stats_interval_ms).
@@ -55,6 +56,7 @@ pub struct OutboxMetrics {
     sink_unavailable: Family<SchemaLabel, Gauge>,
     sink_wait: Family<SchemaLabel, Counter>,
     order_violations: Family<SchemaLabel, Counter>,
+    shard_moves: Family<SchemaLabel, Counter>,
 }
 
 const BATCH_BUCKETS: &[f64] = &[
@@ -126,6 +128,10 @@ impl OutboxMetrics {
                 "soma_outbox_relay_order_violations_total",
                 "Records a sink delivered after an undelivered earlier record of their key",
             ),
+            shard_moves: r.counter_family(
+                "soma_outbox_relay_shard_moves_total",
+                "Shards relays gave up or took over",
+            ),
         }
     }
 
@@ -172,6 +178,10 @@ impl OutboxMetrics {
         if n > 0 {
             self.order_violations.get_or_create(&self.label).inc_by(n);
         }
+    }
+
+    pub(crate) fn shard_moves(&self, n: u64) {
+        self.shard_moves.get_or_create(&self.label).inc_by(n);
     }
 
     pub(crate) fn relay_error(&self) {

@@ -84,6 +84,10 @@ pub struct RelayCounters {
     /// Times the sink delivered a record after an undelivered earlier record
     /// of the same key in one batch (a [`Sink`] contract violation).
     pub order_violations: u64,
+    /// Shards this relay gave up or took over (joins, leaves, takeovers,
+    /// reconnects). Flat while the set of relays is stable: a count that
+    /// keeps rising means shards are flapping between relays.
+    pub shard_moves: u64,
 }
 
 #[derive(Debug, Default)]
@@ -94,6 +98,7 @@ struct Shared {
     dead_lettered: AtomicU64,
     batches: AtomicU64,
     order_violations: AtomicU64,
+    shard_moves: AtomicU64,
     sink_unavailable: AtomicBool,
 }
 
@@ -154,6 +159,7 @@ impl RelayHandle {
             dead_lettered: s.dead_lettered.load(Ordering::Relaxed),
             batches: s.batches.load(Ordering::Relaxed),
             order_violations: s.order_violations.load(Ordering::Relaxed),
+            shard_moves: s.shard_moves.load(Ordering::Relaxed),
         }
     }
 }
@@ -684,7 +690,7 @@ impl Worker {
         let conn = self.conn.as_mut().expect("connected");
         let members = count_members(conn, ns).await?.max(1) as u32;
         let fair = self.config.shards.div_ceil(members) as usize;
-        let mut changed = false;
+        let mut moves = 0u64;
         while self.owned.len() > fair {
             let shard = *self.owned.iter().next_back().expect("non-empty");
             sqlx::query("SELECT pg_advisory_unlock($1, $2)")
@@ -693,7 +699,7 @@ impl Worker {
                 .execute(&mut *conn)
                 .await?;
             self.owned.remove(&shard);
-            changed = true;
+            moves += 1;
         }
         if self.owned.len() < fair {
             let held: Vec<i64> = sqlx::query_scalar(
@@ -722,20 +728,30 @@ impl Worker {
                     .await?;
                 if got {
                     self.owned.insert(shard);
-                    changed = true;
+                    moves += 1;
                 }
             }
         }
-        if changed {
-            tracing::info!(
-                schema = self.outbox.schema(),
-                relays = members,
-                owned = ?self.owned,
-                "relay shards rebalanced"
-            );
-            self.set_owned();
-        }
+        self.moved(moves, members);
         Ok(())
+    }
+
+    /// Publishes a rebalance that gave up or took over `moves` shards:
+    /// counters, metrics, the shared view of the owned shards, and a log
+    /// line. Nothing when nothing moved.
+    fn moved(&mut self, moves: u64, members: u32) {
+        if moves == 0 {
+            return;
+        }
+        self.shared.shard_moves.fetch_add(moves, Ordering::Relaxed);
+        self.metrics.shard_moves(moves);
+        tracing::info!(
+            schema = self.outbox.schema(),
+            relays = members,
+            owned = ?self.owned,
+            "relay shards rebalanced"
+        );
+        self.set_owned();
     }
 
     /// Claims, publishes and settles one batch in one transaction. While
@@ -812,13 +828,7 @@ impl Worker {
             started.elapsed(),
         );
         self.metrics.order_violations(settled.violations);
-        if settled.violations > 0 {
-            tracing::warn!(
-                schema = self.outbox.schema(),
-                count = settled.violations,
-                "sink delivered records after an undelivered earlier record of the same key"
-            );
-        }
+        log_order_violations(self.outbox.schema(), settled.violations);
         for (id, err) in settled.dead_ids.iter().zip(&settled.dead_errs) {
             tracing::warn!(schema = self.outbox.schema(), message_id = %id, error = %err, "message dead-lettered");
         }
@@ -827,6 +837,18 @@ impl Worker {
             delivered: settled.delivered.len(),
             unavailable: settled.unavailable,
         })
+    }
+}
+
+/// Warns about `n` sink contract violations of one batch (log only: the
+/// counters and metrics are kept by the caller).
+fn log_order_violations(schema: &str, n: u64) {
+    if n > 0 {
+        tracing::warn!(
+            schema,
+            count = n,
+            "sink delivered records after an undelivered earlier record of the same key"
+        );
     }
 }
 

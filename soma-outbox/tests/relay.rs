@@ -1009,9 +1009,16 @@ async fn a_joining_relay_takes_over_exactly_the_shards_the_first_gives_up() {
         exactly_fair(&ownership(&[&a, &b]), 12)
     })
     .await;
-    // Stable: over several rebalance intervals nothing moves.
+    // Stable: over several rebalance intervals nothing moves, not even a
+    // shard given up and taken back within one rebalance.
     let settled = ownership(&[&a, &b]);
     assert_eq!(settled.iter().map(Vec::len).collect::<Vec<_>>(), [6, 6]);
+    let moves = |hs: &[&soma_outbox::RelayHandle]| -> Vec<u64> {
+        hs.iter().map(|h| h.counters().shard_moves).collect()
+    };
+    // a took 12 and gave up 6; b took 6.
+    let before = moves(&[&a, &b]);
+    assert_eq!(before, [18, 6], "shard moves so far");
     for _ in 0..8 {
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(
@@ -1020,6 +1027,7 @@ async fn a_joining_relay_takes_over_exactly_the_shards_the_first_gives_up() {
             "ownership moved while stable"
         );
     }
+    assert_eq!(moves(&[&a, &b]), before, "shards flapped while stable");
 
     // b really processes the shards a gave up: with 60 keys every shard
     // gets records, and each relay publishes only records of its own shards.
@@ -1070,6 +1078,20 @@ async fn a_joining_relay_takes_over_exactly_the_shards_the_first_gives_up() {
         exactly_fair(&o, 12) && o.iter().all(|s| s.len() == 6)
     })
     .await;
+    // Shards taken back after a leave are really released on the next
+    // join (a relay that locked a shard it already held would hold it
+    // twice, and one unlock would not free it).
+    let d = Relay::new(db.outbox.clone(), sink.tagged("d"), cfg.clone()).spawn();
+    wait_until(
+        Duration::from_secs(10),
+        "4 + 4 + 4 after d joins",
+        || async {
+            let o = ownership(&[&a, &b, &d]);
+            exactly_fair(&o, 12) && o.iter().all(|s| s.len() == 4)
+        },
+    )
+    .await;
+    d.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
     db.drop_schema().await;
