@@ -199,6 +199,7 @@ impl FlagDescriptor {
 /// `SOMA_FLAGS__OVERRIDES__SEMANTIC_CACHE=off`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct FlagsConfig {
     /// The active feature profile; `None` uses each flag's default.
     pub profile: Option<FeatureProfile>,
@@ -224,6 +225,18 @@ impl Default for FlagsConfig {
 }
 
 impl FlagsConfig {
+    /// The same settings with `profile` active.
+    pub fn with_profile(mut self, profile: FeatureProfile) -> Self {
+        self.profile = Some(profile);
+        self
+    }
+
+    /// The same settings with `flag` overridden to `setting`.
+    pub fn with_override(mut self, flag: impl Into<String>, setting: FlagSetting) -> Self {
+        self.overrides.insert(flag.into(), setting);
+        self
+    }
+
     fn cache_ttl(&self) -> Duration {
         Duration::from_millis(if self.tenant_cache_ttl_ms == 0 {
             30_000

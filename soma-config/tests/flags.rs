@@ -47,10 +47,7 @@ fn profiles_decide_membership() {
         (FeatureProfile::Max, [true, true, true, true]),
     ];
     for (profile, on) in expect {
-        let f = flags(FlagsConfig {
-            profile: Some(profile),
-            ..Default::default()
-        });
+        let f = flags(FlagsConfig::default().with_profile(profile));
         for (name, want) in [
             "audit_log",
             "vector_recall",
@@ -72,13 +69,11 @@ fn profiles_decide_membership() {
 
 #[test]
 fn config_override_beats_profile_and_dependencies_apply() {
-    let mut overrides = std::collections::BTreeMap::new();
-    overrides.insert("vector_recall".to_string(), FlagSetting::Off);
-    let f = flags(FlagsConfig {
-        profile: Some(FeatureProfile::Max),
-        overrides,
-        ..Default::default()
-    });
+    let f = flags(
+        FlagsConfig::default()
+            .with_profile(FeatureProfile::Max)
+            .with_override("vector_recall", FlagSetting::Off),
+    );
     let v = f.lookup("vector_recall").unwrap();
     assert_eq!((v.state, v.source), (FlagState::Off, FlagSource::Config));
     let s = f.lookup("semantic_cache").unwrap();
@@ -99,12 +94,7 @@ fn unknown_names_are_errors_never_false() {
     assert!(f.is_on("nope").unwrap_err().is_unknown_flag());
     assert!(f.set_degraded("nope", "x").unwrap_err().is_unknown_flag());
     assert!(f.clear_degraded("nope").unwrap_err().is_unknown_flag());
-    let mut overrides = std::collections::BTreeMap::new();
-    overrides.insert("nope".to_string(), FlagSetting::On);
-    let bad = FlagsConfig {
-        overrides,
-        ..Default::default()
-    };
+    let bad = FlagsConfig::default().with_override("nope", FlagSetting::On);
     assert!(f.set_config(bad.clone()).unwrap_err().is_unknown_flag());
     assert!(
         FeatureFlags::new(descriptors(), bad, None)
@@ -130,10 +120,7 @@ fn registry_rejects_bad_descriptors() {
 
 #[test]
 fn degraded_is_set_and_cleared_at_runtime_and_propagates() {
-    let f = flags(FlagsConfig {
-        profile: Some(FeatureProfile::Enhanced),
-        ..Default::default()
-    });
+    let f = flags(FlagsConfig::default().with_profile(FeatureProfile::Enhanced));
     f.set_degraded("vector_recall", "vector store down")
         .unwrap();
     let v = f.lookup("vector_recall").unwrap();
@@ -200,12 +187,9 @@ async fn tenant_overrides_are_cached_with_ttl_and_bounded() {
         .lock()
         .unwrap()
         .insert(("acme".into(), "vector_recall".into()), FlagSetting::On);
-    let config = FlagsConfig {
-        profile: Some(FeatureProfile::Minimal),
-        tenant_cache_ttl_ms: 1_000,
-        tenant_cache_capacity: 3,
-        ..Default::default()
-    };
+    let mut config = FlagsConfig::default().with_profile(FeatureProfile::Minimal);
+    config.tenant_cache_ttl_ms = 1_000;
+    config.tenant_cache_capacity = 3;
     let f = FeatureFlags::new(
         descriptors(),
         config,
