@@ -53,13 +53,12 @@ fn rt() -> Runtime {
 }
 
 fn config() -> RedisConfig {
-    RedisConfig {
-        url: soma_testkit::require_redis(),
-        key_prefix: format!("{}:", soma_testkit::unique_name("bench")),
-        command_timeout_ms: 5_000,
-        pool_size: 4,
-        ..Default::default()
-    }
+    let mut config = RedisConfig::default();
+    config.url = soma_testkit::require_redis();
+    config.key_prefix = format!("{}:", soma_testkit::unique_name("bench"));
+    config.command_timeout_ms = 5_000;
+    config.pool_size = 4;
+    config
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -412,11 +411,10 @@ fn main() {
     // drifts over minutes).
     let n = 200_000u64;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut wide_config = config();
+    wide_config.bulk_connections = TASKS;
     let wide = rt
-        .block_on(RedisClient::connect(RedisConfig {
-            bulk_connections: TASKS,
-            ..config()
-        }))
+        .block_on(RedisClient::connect(wide_config))
         .expect("redis on 127.0.0.1:6379");
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
     let tests: [(&str, &[&str], Op); 3] = [

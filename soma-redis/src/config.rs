@@ -32,6 +32,7 @@ use soma_config::Secret;
 /// a list.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct RedisConfig {
     /// Server URL. Credentials may appear in it, but prefer
     /// [`username`](Self::username) / [`password`](Self::password) so the URL
@@ -108,6 +109,7 @@ impl Default for RedisConfig {
 /// is queued behind the reconnect.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct ReconnectConfig {
     /// Give up after this many consecutive failed attempts; `0` retries
     /// forever (the default: a service should outlive a Redis restart).

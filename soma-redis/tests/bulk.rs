@@ -11,9 +11,7 @@ use common::{PrivateRedis, config, eventually};
 use fred::interfaces::ClientLike;
 use fred::types::{ClusterHash, CustomCommand, Value};
 use soma_observability::metrics::MetricsRegistry;
-use soma_redis::{
-    Bulk, Cache, CacheOptions, Lookup, ReconnectConfig, RedisClient, RedisConfig, RedisError, Ttl,
-};
+use soma_redis::{Bulk, Cache, CacheOptions, Lookup, RedisClient, RedisConfig, RedisError, Ttl};
 
 /// The value of `soma_redis_commands_total{command,outcome}` (0 when absent).
 fn commands_total(metrics: &MetricsRegistry, command: &str, outcome: &str) -> f64 {
@@ -83,22 +81,18 @@ async fn client_with_metrics() -> (RedisClient, MetricsRegistry) {
 /// A client for a private server: one bulk connection (so every batch uses
 /// the same one), fast reconnect backoff.
 async fn private_client(url: String, command_timeout_ms: u64) -> (RedisClient, MetricsRegistry) {
-    let cfg = RedisConfig {
-        url,
-        key_prefix: format!("{}:", soma_testkit::unique_name("bulk")),
-        pool_size: 1,
-        bulk_connections: 1,
-        connect_timeout_ms: 500,
-        command_timeout_ms,
-        reconnect: ReconnectConfig {
-            max_attempts: 0,
-            initial_ms: 20,
-            max_ms: 200,
-            base: 2,
-            jitter_ms: 10,
-        },
-        ..Default::default()
-    };
+    let mut cfg = RedisConfig::default();
+    cfg.url = url;
+    cfg.key_prefix = format!("{}:", soma_testkit::unique_name("bulk"));
+    cfg.pool_size = 1;
+    cfg.bulk_connections = 1;
+    cfg.connect_timeout_ms = 500;
+    cfg.command_timeout_ms = command_timeout_ms;
+    cfg.reconnect.max_attempts = 0;
+    cfg.reconnect.initial_ms = 20;
+    cfg.reconnect.max_ms = 200;
+    cfg.reconnect.base = 2;
+    cfg.reconnect.jitter_ms = 10;
     connect_with_metrics(cfg).await
 }
 
@@ -249,12 +243,9 @@ async fn a_server_error_is_reported_for_its_command_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_batches_get_their_own_replies() {
-    let client = RedisClient::connect(RedisConfig {
-        bulk_connections: 3,
-        ..config()
-    })
-    .await
-    .unwrap();
+    let mut cfg = config();
+    cfg.bulk_connections = 3;
+    let client = RedisClient::connect(cfg).await.unwrap();
     // 24 tasks on 3 connections: batches wait for a free connection, and
     // every reply must belong to the batch that sent the command.
     let mut tasks = Vec::new();
@@ -441,14 +432,15 @@ async fn authenticates_selects_the_database_and_honours_tls() {
         "+@all",
     ])
     .await;
-    let cfg = |user: &str, password: &str, db: u8| RedisConfig {
-        url: format!("redis://127.0.0.1:{}/{db}", server.port),
-        username: Some(user.to_owned()),
-        password: Some(password.into()),
-        key_prefix: format!("{}:", soma_testkit::unique_name("bulkauth")),
-        bulk_connections: 1,
-        connect_timeout_ms: 1_000,
-        ..Default::default()
+    let cfg = |user: &str, password: &str, db: u8| {
+        let mut cfg = RedisConfig::default();
+        cfg.url = format!("redis://127.0.0.1:{}/{db}", server.port);
+        cfg.username = Some(user.to_owned());
+        cfg.password = Some(password.into());
+        cfg.key_prefix = format!("{}:", soma_testkit::unique_name("bulkauth"));
+        cfg.bulk_connections = 1;
+        cfg.connect_timeout_ms = 1_000;
+        cfg
     };
     let db3 = RedisClient::connect(cfg("bulkuser", "bulk-secret", 3))
         .await
@@ -508,13 +500,12 @@ async fn authenticates_selects_the_database_and_honours_tls() {
             }
         })
     };
-    let tls = RedisClient::builder(RedisConfig {
-        url: format!("rediss://127.0.0.1:{port}"),
-        ..cfg("bulkuser", "bulk-secret", 0)
-    })
-    .connect_lazy()
-    .await
-    .unwrap();
+    let mut tls_config = cfg("bulkuser", "bulk-secret", 0);
+    tls_config.url = format!("rediss://127.0.0.1:{port}");
+    let tls = RedisClient::builder(tls_config)
+        .connect_lazy()
+        .await
+        .unwrap();
     let start = Instant::now();
     let err = tls.run_bulk(&get).await.unwrap_err();
     assert!(err.is_connection(), "{err:?}");

@@ -29,10 +29,8 @@ struct Profile {
 async fn client_commands_set_ttl_and_report_metrics() {
     let metrics = MetricsRegistry::default();
     let health = HealthRegistry::new();
-    let cfg = RedisConfig {
-        health_interval_ms: 100,
-        ..config()
-    };
+    let mut cfg = config();
+    cfg.health_interval_ms = 100;
     let c = RedisClient::builder(cfg)
         .metrics(&metrics)
         .health(&health)
@@ -92,11 +90,9 @@ async fn client_commands_set_ttl_and_report_metrics() {
 #[tokio::test]
 async fn unreachable_server_fails_fast_with_connection_errors() {
     let port = soma_testkit::free_port();
-    let cfg = RedisConfig {
-        url: format!("redis://127.0.0.1:{port}"),
-        connect_timeout_ms: 300,
-        ..Default::default()
-    };
+    let mut cfg = RedisConfig::default();
+    cfg.url = format!("redis://127.0.0.1:{port}");
+    cfg.connect_timeout_ms = 300;
     // Eager connect reports the problem at startup.
     let err = RedisClient::connect(cfg.clone()).await.unwrap_err();
     assert!(err.is_connection() || err.is_timeout(), "{err:?}");
@@ -389,10 +385,8 @@ async fn rate_limit_layer_sets_headers_and_rejects() {
 #[tokio::test]
 async fn rate_limit_layer_failure_modes_when_redis_is_down() {
     let port = soma_testkit::free_port();
-    let cfg = RedisConfig {
-        url: format!("redis://127.0.0.1:{port}"),
-        ..Default::default()
-    };
+    let mut cfg = RedisConfig::default();
+    cfg.url = format!("redis://127.0.0.1:{port}");
     let down = RedisClient::builder(cfg).connect_lazy().await.unwrap();
     let rl = RateLimiter::new(&down, RateLimit::per(2, Duration::from_secs(60))).unwrap();
     let err = rl.check("acme", "x").await.unwrap_err();
@@ -562,12 +556,9 @@ async fn lease_is_exclusive_renewed_and_fenced() {
 #[tokio::test]
 async fn lease_expires_when_the_holder_stops_renewing() {
     let holder_client = client().await;
-    let other = RedisClient::connect(RedisConfig {
-        key_prefix: holder_client.keys().prefix().to_owned(),
-        ..config()
-    })
-    .await
-    .unwrap();
+    let mut other_config = config();
+    other_config.key_prefix = holder_client.keys().prefix().to_owned();
+    let other = RedisClient::connect(other_config).await.unwrap();
     let lease = Lease::new(
         &holder_client,
         LeaseOptions::new(Duration::from_millis(500)),

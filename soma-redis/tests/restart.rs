@@ -14,8 +14,7 @@ use common::{PrivateRedis, eventually};
 use soma_observability::health::{ComponentStatus, HealthRegistry};
 use soma_observability::metrics::MetricsRegistry;
 use soma_redis::{
-    Cache, CacheOptions, PubSub, PubSubEvent, RateLimit, RateLimiter, ReconnectConfig, RedisClient,
-    RedisConfig, Ttl,
+    Cache, CacheOptions, PubSub, PubSubEvent, RateLimit, RateLimiter, RedisClient, RedisConfig, Ttl,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -23,23 +22,19 @@ async fn survives_a_server_restart_under_load() {
     let mut server = PrivateRedis::start().await;
     let metrics = MetricsRegistry::default();
     let health = HealthRegistry::new();
-    let cfg = RedisConfig {
-        url: server.url(),
-        key_prefix: format!("{}:", soma_testkit::unique_name("restart")),
-        pool_size: 2,
-        connect_timeout_ms: 500,
-        command_timeout_ms: 1_000,
-        health_interval_ms: 100,
-        health_timeout_ms: 500,
-        reconnect: ReconnectConfig {
-            max_attempts: 0,
-            initial_ms: 20,
-            max_ms: 200,
-            base: 2,
-            jitter_ms: 20,
-        },
-        ..Default::default()
-    };
+    let mut cfg = RedisConfig::default();
+    cfg.url = server.url();
+    cfg.key_prefix = format!("{}:", soma_testkit::unique_name("restart"));
+    cfg.pool_size = 2;
+    cfg.connect_timeout_ms = 500;
+    cfg.command_timeout_ms = 1_000;
+    cfg.health_interval_ms = 100;
+    cfg.health_timeout_ms = 500;
+    cfg.reconnect.max_attempts = 0;
+    cfg.reconnect.initial_ms = 20;
+    cfg.reconnect.max_ms = 200;
+    cfg.reconnect.base = 2;
+    cfg.reconnect.jitter_ms = 20;
     let client = RedisClient::builder(cfg)
         .metrics(&metrics)
         .health(&health)
@@ -241,19 +236,14 @@ async fn survives_a_server_restart_under_load() {
 async fn health_follows_connection_events_without_waiting_for_the_interval() {
     let mut server = PrivateRedis::start().await;
     let health = HealthRegistry::new();
-    let cfg = RedisConfig {
-        url: server.url(),
-        key_prefix: format!("{}:", soma_testkit::unique_name("health_events")),
-        pool_size: 2,
-        connect_timeout_ms: 500,
-        health_interval_ms: 600_000,
-        reconnect: ReconnectConfig {
-            initial_ms: 50,
-            max_ms: 200,
-            ..ReconnectConfig::default()
-        },
-        ..RedisConfig::default()
-    };
+    let mut cfg = RedisConfig::default();
+    cfg.url = server.url();
+    cfg.key_prefix = format!("{}:", soma_testkit::unique_name("health_events"));
+    cfg.pool_size = 2;
+    cfg.connect_timeout_ms = 500;
+    cfg.health_interval_ms = 600_000;
+    cfg.reconnect.initial_ms = 50;
+    cfg.reconnect.max_ms = 200;
     let client = RedisClient::builder(cfg)
         .health(&health)
         .connect_lazy()

@@ -9,13 +9,11 @@ use tokio::process::{Child, Command};
 
 /// A config for the shared Redis with a unique key prefix.
 pub fn config() -> RedisConfig {
-    let url = soma_testkit::require_redis();
-    RedisConfig {
-        url,
-        key_prefix: format!("{}:", soma_testkit::unique_name("soma_redis_test")),
-        command_timeout_ms: 2_000,
-        ..Default::default()
-    }
+    let mut config = RedisConfig::default();
+    config.url = soma_testkit::require_redis();
+    config.key_prefix = format!("{}:", soma_testkit::unique_name("soma_redis_test"));
+    config.command_timeout_ms = 2_000;
+    config
 }
 
 pub async fn client() -> RedisClient {
