@@ -52,13 +52,9 @@ async fn setup() -> Setup {
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let url = format!("http://{addr}");
-    let cfg = SomabrainConfig {
-        base_url: url.clone(),
-        token: TOKEN.into(),
-        default_tenant: "acme".into(),
-        default_namespace: "agent".into(),
-        ..SomabrainConfig::default()
-    };
+    let mut cfg = SomabrainConfig::new(url.clone()).with_token(TOKEN);
+    cfg.default_tenant = "acme".into();
+    cfg.default_namespace = "agent".into();
     let client = SomabrainClient::builder(cfg.clone())
         .metrics(&MetricsRegistry::default())
         .build()

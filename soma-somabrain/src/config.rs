@@ -28,6 +28,7 @@ use soma_observability::resilience::BreakerConfig;
 /// ```
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct SomabrainConfig {
     /// Scheme, host and port of the SomaBrain server, without a path
     /// (`http://127.0.0.1:30101`). A URL with a path (`http://h/api`) is
@@ -88,6 +89,27 @@ impl Default for SomabrainConfig {
 }
 
 impl SomabrainConfig {
+    /// The defaults with the server at `base_url` (scheme, host and port;
+    /// see [`base_url`](Self::base_url)).
+    ///
+    /// ```
+    /// let cfg = soma_somabrain::SomabrainConfig::new("http://somabrain:30101").with_token("s3cr3t");
+    /// assert_eq!(cfg.base_url, "http://somabrain:30101");
+    /// assert_eq!(cfg.token.expose_secret(), "s3cr3t");
+    /// ```
+    pub fn new(base_url: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The same settings with the bearer [`token`](Self::token).
+    pub fn with_token(mut self, token: impl Into<Secret>) -> Self {
+        self.token = token.into();
+        self
+    }
+
     pub(crate) fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
@@ -114,6 +136,7 @@ impl SomabrainConfig {
 /// whose body does not parse.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct RetryConfig {
     /// Retries after the first attempt (so at most `max_retries + 1`
     /// attempts per call). `0` disables retries.

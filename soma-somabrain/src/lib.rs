@@ -64,10 +64,7 @@
 //! ```no_run
 //! use soma_somabrain::{CallOptions, Memory, RecallRequest, SomabrainClient, SomabrainConfig};
 //! # async fn demo() -> Result<(), soma_somabrain::Error> {
-//! let client = SomabrainClient::new(SomabrainConfig {
-//!     token: "dev-token".into(),
-//!     ..SomabrainConfig::default()
-//! })?;
+//! let client = SomabrainClient::new(SomabrainConfig::default().with_token("dev-token"))?;
 //! let scope = CallOptions::new().tenant("acme").namespace("agent");
 //!
 //! let memory = Memory::from_json("note-1", serde_json::json!({"text": "window seat"}))?;

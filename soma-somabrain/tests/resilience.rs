@@ -35,11 +35,7 @@ fn recall() -> RecallRequest {
 #[tokio::test]
 async fn connection_refused_is_unavailable_and_retried_within_budget() {
     let port = soma_testkit::free_port();
-    let cfg = SomabrainConfig {
-        base_url: format!("http://127.0.0.1:{port}"),
-        ..SomabrainConfig::default()
-    };
-    let mut cfg = cfg;
+    let mut cfg = SomabrainConfig::new(format!("http://127.0.0.1:{port}"));
     cfg.retry.initial_backoff_ms = 1;
     let c = SomabrainClient::new(cfg).unwrap();
     let e = c.recall(&recall(), CallOptions::new()).await.unwrap_err();
@@ -540,10 +536,7 @@ async fn health_component_follows_server_and_breaker() {
 
     // Down server: probes report it (they bypass the breaker).
     drop(server);
-    let cfg = SomabrainConfig {
-        base_url: format!("http://127.0.0.1:{}", soma_testkit::free_port()),
-        ..SomabrainConfig::default()
-    };
+    let cfg = SomabrainConfig::new(format!("http://127.0.0.1:{}", soma_testkit::free_port()));
     let o = SomabrainHealthCheck::new(SomabrainClient::new(cfg).unwrap())
         .check()
         .await;

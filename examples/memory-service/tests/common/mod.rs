@@ -92,13 +92,9 @@ impl TestService {
 
     /// A client config pointing here (no retries: tests see each answer).
     pub fn client_config(&self) -> SomabrainConfig {
-        let mut c = SomabrainConfig {
-            base_url: self.url(),
-            token: TOKEN.into(),
-            default_tenant: "acme".into(),
-            default_namespace: "agent".into(),
-            ..SomabrainConfig::default()
-        };
+        let mut c = SomabrainConfig::new(self.url()).with_token(TOKEN);
+        c.default_tenant = "acme".into();
+        c.default_namespace = "agent".into();
         c.retry.max_retries = 0;
         c.breaker.enabled = false;
         c
