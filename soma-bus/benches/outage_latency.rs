@@ -61,11 +61,9 @@ struct Figures {
 
 async fn run(breaker: BreakerConfig) -> Figures {
     let (bootstrap, hole) = black_hole().await;
-    let cfg = BusConfig {
-        publish_timeout_ms: PUBLISH_TIMEOUT_MS,
-        breaker,
-        ..common::config(&bootstrap)
-    };
+    let mut cfg = common::config(&bootstrap);
+    cfg.publish_timeout_ms = PUBLISH_TIMEOUT_MS;
+    cfg.breaker = breaker;
     let outbox = common::outbox().await;
     let publisher =
         DurablePublisher::builder(BusProducer::new(&cfg).unwrap(), outbox.clone()).build();
@@ -126,11 +124,7 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         let on = run(BusConfig::default().breaker).await;
-        let off = run(BreakerConfig {
-            enabled: false,
-            ..BreakerConfig::default()
-        })
-        .await;
+        let off = run(BreakerConfig::disabled()).await;
         println!(
             "outage_latency: {PUBLISHERS} publishers x {ROUNDS} publishes, black-holed broker, publish_timeout_ms {PUBLISH_TIMEOUT_MS}"
         );

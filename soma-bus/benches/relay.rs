@@ -68,12 +68,11 @@ fn messages(topic: &str) -> Vec<NewMessage> {
 }
 
 fn bus_config(bootstrap: &str) -> BusConfig {
-    BusConfig {
-        bootstrap_servers: bootstrap.to_owned(),
-        lag_interval_ms: 0,
-        publish_timeout_ms: 30_000,
-        ..BusConfig::default()
-    }
+    let mut c = BusConfig::default();
+    c.bootstrap_servers = bootstrap.to_owned();
+    c.lag_interval_ms = 0;
+    c.publish_timeout_ms = 30_000;
+    c
 }
 
 /// Timed drain: `N` messages committed to the outbox in one transaction
@@ -167,19 +166,14 @@ async fn relay_case(batch_size: usize) -> RelayCase {
         .unwrap();
     let ob = Outbox::new(
         pool,
-        OutboxConfig {
-            schema: soma_testkit::unique_name("relaybench"),
-            ..OutboxConfig::default()
-        },
+        OutboxConfig::new(soma_testkit::unique_name("relaybench")),
     )
     .await
     .unwrap();
-    let relay_cfg = RelayConfig {
-        batch_size,
-        poll_interval_ms: 50,
-        stats_interval_ms: 60_000,
-        ..RelayConfig::default()
-    };
+    let mut relay_cfg = RelayConfig::default();
+    relay_cfg.batch_size = batch_size;
+    relay_cfg.poll_interval_ms = 50;
+    relay_cfg.stats_interval_ms = 60_000;
     let shards = relay_cfg.shards as usize;
     let relay = Relay::new(ob.clone(), KafkaSink::new(producer.clone()), relay_cfg).spawn();
     let end = Instant::now() + Duration::from_secs(30);

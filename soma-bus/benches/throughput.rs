@@ -44,12 +44,11 @@ fn envs(n: usize) -> Vec<Envelope> {
 }
 
 fn base_config(bootstrap: &str) -> BusConfig {
-    BusConfig {
-        bootstrap_servers: bootstrap.to_owned(),
-        consumer_group: soma_testkit::unique_name("bench"),
-        lag_interval_ms: 0,
-        ..BusConfig::default()
-    }
+    let mut c = BusConfig::default();
+    c.bootstrap_servers = bootstrap.to_owned();
+    c.consumer_group = soma_testkit::unique_name("bench");
+    c.lag_interval_ms = 0;
+    c
 }
 
 async fn outbox() -> Outbox {
@@ -61,10 +60,7 @@ async fn outbox() -> Outbox {
         .unwrap();
     Outbox::new(
         pool,
-        OutboxConfig {
-            schema: soma_testkit::unique_name("busbench"),
-            ..Default::default()
-        },
+        OutboxConfig::new(soma_testkit::unique_name("busbench")),
     )
     .await
     .unwrap()
@@ -111,16 +107,10 @@ fn bench(c: &mut Criterion) {
     let (publisher, down) = rt.block_on(async {
         let up = DurablePublisher::builder(BusProducer::new(&cfg).unwrap(), outbox().await).build();
         // Broker down: nothing listens on this port; the first publish opens the breaker.
-        let dead = BusConfig {
-            bootstrap_servers: format!("127.0.0.1:{}", soma_testkit::free_port()),
-            publish_timeout_ms: 500,
-            breaker: soma_observability::resilience::BreakerConfig {
-                enabled: true,
-                failure_threshold: 1,
-                open_ms: 3_600_000,
-            },
-            ..cfg.clone()
-        };
+        let mut dead = cfg.clone();
+        dead.bootstrap_servers = format!("127.0.0.1:{}", soma_testkit::free_port());
+        dead.publish_timeout_ms = 500;
+        dead.breaker = soma_observability::resilience::BreakerConfig::new(1, 3_600_000);
         let down =
             DurablePublisher::builder(BusProducer::new(&dead).unwrap(), outbox().await).build();
         for r in down.publish_many(&topic, &messages[..1]).await {
@@ -173,10 +163,8 @@ fn bench(c: &mut Criterion) {
                     let count = Arc::new(AtomicU64::new(0));
                     let first = Arc::new(parking_lot::Mutex::new(None::<Instant>));
                     let (n, f) = (count.clone(), first.clone());
-                    let cfg = BusConfig {
-                        consumer_group: soma_testkit::unique_name("benchg"),
-                        ..cfg.clone()
-                    };
+                    let mut cfg = cfg.clone();
+                    cfg.consumer_group = soma_testkit::unique_name("benchg");
                     let consumer =
                         BusConsumer::builder(&cfg, &[&ctopic], "noop", move |_e: Envelope| {
                             let (n, f) = (n.clone(), f.clone());

@@ -17,6 +17,7 @@ use crate::error::BusError;
 /// [`BusConfig::validate`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct BusConfig {
     /// Comma-separated `host:port` list.
     pub bootstrap_servers: String,
@@ -119,11 +120,7 @@ impl Default for BusConfig {
             queue_buffering_max_messages: 100_000,
             publish_timeout_ms: 5_000,
             flush_timeout_ms: 10_000,
-            breaker: BreakerConfig {
-                enabled: true,
-                failure_threshold: 1,
-                open_ms: 2_000,
-            },
+            breaker: BreakerConfig::new(1, 2_000),
             pending_key_poll_interval_ms: 200,
             check_outbox_per_message: false,
             consumer_group: "soma".to_owned(),

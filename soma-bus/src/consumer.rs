@@ -846,11 +846,10 @@ fn decode(msg: &OwnedMessage) -> Result<Envelope, EnvelopeError> {
 /// `min(retry_backoff_max_ms, retry_backoff_initial_ms * 2^(attempt-1))`.
 fn backoff(cfg: &BusConfig, attempt: u32) -> Duration {
     use soma_observability::resilience::{Backoff, BackoffConfig, Jitter};
-    Backoff::new(BackoffConfig {
-        initial_ms: cfg.retry_backoff_initial_ms,
-        max_ms: cfg.retry_backoff_max_ms,
-        jitter: Jitter::None,
-    })
+    Backoff::new(
+        BackoffConfig::new(cfg.retry_backoff_initial_ms, cfg.retry_backoff_max_ms)
+            .with_jitter(Jitter::None),
+    )
     .delay(attempt)
 }
 

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use soma_bus::{BusConfig, BusProducer, DurablePublisher};
+use soma_bus::{BusProducer, DurablePublisher};
 use soma_observability::resilience::{BreakerConfig, BreakerState};
 
 use common::*;
@@ -16,16 +16,10 @@ const PUBLISH_TIMEOUT_MS: u64 = 800;
 const OPEN_MS: u64 = 300;
 
 async fn dead_publisher() -> DurablePublisher {
-    let cfg = BusConfig {
-        bootstrap_servers: format!("127.0.0.1:{}", soma_testkit::free_port()),
-        publish_timeout_ms: PUBLISH_TIMEOUT_MS,
-        breaker: BreakerConfig {
-            enabled: true,
-            failure_threshold: 1,
-            open_ms: OPEN_MS,
-        },
-        ..config("unused")
-    };
+    let mut cfg = config("unused");
+    cfg.bootstrap_servers = format!("127.0.0.1:{}", soma_testkit::free_port());
+    cfg.publish_timeout_ms = PUBLISH_TIMEOUT_MS;
+    cfg.breaker = BreakerConfig::new(1, OPEN_MS);
     DurablePublisher::builder(BusProducer::new(&cfg).unwrap(), outbox().await).build()
 }
 

@@ -36,10 +36,8 @@ async fn broker_behind_proxy(prefix: &str) -> (OwnBroker, FaultProxy, BusConfig,
     let proxy_port = soma_testkit::free_port();
     let broker = OwnBroker::behind_proxy(proxy_port);
     let proxy = FaultProxy::start(proxy_port, broker.port).await;
-    let cfg = BusConfig {
-        session_timeout_ms: 6_000,
-        ..config(&proxy.addr())
-    };
+    let mut cfg = config(&proxy.addr());
+    cfg.session_timeout_ms = 6_000;
     let topic = soma_testkit::unique_name(prefix);
     let end = Instant::now() + Duration::from_secs(30);
     loop {
@@ -60,10 +58,8 @@ async fn an_idle_consumer_is_up_again_once_the_broker_is_back() {
     // The broker itself goes away here (kill -9, then started again on the
     // same port and data), as in the platform's broker-kill chaos scenario.
     let mut broker = OwnBroker::start();
-    let cfg = BusConfig {
-        session_timeout_ms: 6_000,
-        ..config(&broker.bootstrap())
-    };
+    let mut cfg = config(&broker.bootstrap());
+    cfg.session_timeout_ms = 6_000;
     let topic = soma_testkit::unique_name("idle");
     TopicAdmin::new(&cfg)
         .unwrap()
@@ -127,11 +123,9 @@ async fn a_broadcast_consumer_keeps_its_position_and_drops_redeliveries() {
     .dedupe_window(100)
     .spawn()
     .unwrap();
-    let producer = BusProducer::new(&BusConfig {
-        publish_timeout_ms: 10_000,
-        ..cfg.clone()
-    })
-    .unwrap();
+    let mut producer_cfg = cfg.clone();
+    producer_cfg.publish_timeout_ms = 10_000;
+    let producer = BusProducer::new(&producer_cfg).unwrap();
 
     // Assigned once a probe reaches the end of the partition: send until the
     // consumer sees something, then count from there.

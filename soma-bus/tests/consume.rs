@@ -210,10 +210,8 @@ async fn replay_stops_at_replay_max() {
 #[tokio::test]
 async fn retryable_errors_are_retried_then_dead_lettered() {
     let bootstrap = soma_testkit::require_kafka();
-    let cfg = soma_bus::BusConfig {
-        max_attempts: 3,
-        ..config(&bootstrap)
-    };
+    let mut cfg = config(&bootstrap);
+    cfg.max_attempts = 3;
     let topic = topic(&cfg, "retry").await;
     let producer = BusProducer::new(&cfg).unwrap();
     let flaky = env("k", 1);
@@ -264,12 +262,10 @@ async fn retryable_errors_are_retried_then_dead_lettered() {
 #[tokio::test]
 async fn unavailable_dependencies_make_messages_wait_never_dead_letter() {
     let bootstrap = soma_testkit::require_kafka();
-    let cfg = soma_bus::BusConfig {
-        max_attempts: 2,
-        retry_backoff_initial_ms: 10,
-        retry_backoff_max_ms: 40,
-        ..config(&bootstrap)
-    };
+    let mut cfg = config(&bootstrap);
+    cfg.max_attempts = 2;
+    cfg.retry_backoff_initial_ms = 10;
+    cfg.retry_backoff_max_ms = 40;
     let topic = topic(&cfg, "wait").await;
     let producer = BusProducer::new(&cfg).unwrap();
     let first = env("k", 1);
@@ -406,11 +402,9 @@ async fn malformed_records_go_to_dlq_without_wedging_the_partition() {
 async fn restarted_consumer_resumes_from_committed_offsets() {
     let bootstrap = soma_testkit::require_kafka();
     // Small lanes so shutdown has little buffered work to finish.
-    let cfg = soma_bus::BusConfig {
-        consumer_concurrency: 4,
-        consumer_lane_capacity: 4,
-        ..config(&bootstrap)
-    };
+    let mut cfg = config(&bootstrap);
+    cfg.consumer_concurrency = 4;
+    cfg.consumer_lane_capacity = 4;
     let topic = topic(&cfg, "resume").await;
     let producer = BusProducer::new(&cfg).unwrap();
     let envs: Vec<Envelope> = (0..300).map(|i| env(&format!("k{}", i % 7), i)).collect();
@@ -673,13 +667,12 @@ async fn publish_in_tx_is_delivered_only_after_commit() {
     let topic = topic(&cfg, "tx").await;
     let producer = BusProducer::new(&cfg).unwrap();
     let ob = outbox().await;
+    let mut relay_config = soma_outbox::RelayConfig::default();
+    relay_config.poll_interval_ms = 100;
     let relay = soma_outbox::Relay::new(
         ob.clone(),
         soma_bus::KafkaSink::new(producer.clone()),
-        soma_outbox::RelayConfig {
-            poll_interval_ms: 100,
-            ..Default::default()
-        },
+        relay_config,
     )
     .spawn();
     let publisher = DurablePublisher::builder(producer, ob.clone()).build();
@@ -725,10 +718,8 @@ async fn broker_health_check_reports_up_and_down() {
         .check()
         .await;
     assert_eq!(up.status, ComponentStatus::Up, "{up:?}");
-    let dead = soma_bus::BusConfig {
-        admin_timeout_ms: 500,
-        ..config(&format!("127.0.0.1:{}", soma_testkit::free_port()))
-    };
+    let mut dead = config(&format!("127.0.0.1:{}", soma_testkit::free_port()));
+    dead.admin_timeout_ms = 500;
     let down = soma_bus::TopicAdmin::new(&dead)
         .unwrap()
         .health_check()

@@ -21,7 +21,7 @@ use soma_bus::consumer::{
     DLQ_ATTEMPTS, DLQ_ERROR, DLQ_GROUP, DLQ_HANDLER, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION,
     DLQ_ORIGIN_TOPIC,
 };
-use soma_bus::{BusConfig, BusConsumer, BusProducer, Envelope, HandlerError, TopicAdmin};
+use soma_bus::{BusConsumer, BusProducer, Envelope, HandlerError, TopicAdmin};
 use soma_observability::health::{ComponentStatus, HealthRegistry};
 use uuid::Uuid;
 
@@ -94,12 +94,10 @@ async fn failed_dlq_write_pauses_retries_and_never_commits() {
         .with_test_writer()
         .try_init();
     let bootstrap = soma_testkit::require_kafka();
-    let cfg = BusConfig {
-        publish_timeout_ms: 1_000,
-        dlq_retry_backoff_ms: 200,
-        shutdown_timeout_ms: 2_000,
-        ..config(&bootstrap)
-    };
+    let mut cfg = config(&bootstrap);
+    cfg.publish_timeout_ms = 1_000;
+    cfg.dlq_retry_backoff_ms = 200;
+    cfg.shutdown_timeout_ms = 2_000;
     // Origin topic on the shared broker (no DLQ there: it lives behind the proxy).
     let topic = soma_testkit::unique_name("dlqcut");
     TopicAdmin::new(&cfg)
@@ -112,10 +110,8 @@ async fn failed_dlq_write_pauses_retries_and_never_commits() {
     let proxy_port = soma_testkit::free_port();
     let dlq_broker = OwnBroker::behind_proxy(proxy_port);
     let proxy = FaultProxy::start(proxy_port, dlq_broker.port).await;
-    let dlq_cfg = BusConfig {
-        bootstrap_servers: proxy.addr(),
-        ..cfg.clone()
-    };
+    let mut dlq_cfg = cfg.clone();
+    dlq_cfg.bootstrap_servers = proxy.addr();
     let warm_topic = soma_testkit::unique_name("warm");
     TopicAdmin::new(&dlq_cfg)
         .unwrap()
@@ -135,11 +131,9 @@ async fn failed_dlq_write_pauses_retries_and_never_commits() {
 
     // The origin producer talks to the shared broker, which the rest of the
     // suite loads too: the short timeout is for the DLQ producer only.
-    let producer = BusProducer::new(&BusConfig {
-        publish_timeout_ms: 10_000,
-        ..cfg.clone()
-    })
-    .unwrap();
+    let mut producer_cfg = cfg.clone();
+    producer_cfg.publish_timeout_ms = 10_000;
+    let producer = BusProducer::new(&producer_cfg).unwrap();
     let before = env("k", 0);
     let poison = env("k", 1);
     let after = env("k", 2);

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use soma_bus::{
-    BusConfig, BusProducer, DurablePublisher, Envelope, KafkaSink, PublishOutcome, TopicAdmin,
-};
+use soma_bus::{BusProducer, DurablePublisher, Envelope, KafkaSink, PublishOutcome, TopicAdmin};
 use soma_outbox::{Relay, RelayConfig};
 
 use common::*;
@@ -42,38 +40,24 @@ async fn outage(total: usize) {
         .try_init();
     let mut broker = OwnBroker::start();
     let bootstrap = broker.bootstrap();
-    let cfg = BusConfig {
-        publish_timeout_ms: 2_000,
-        breaker: soma_observability::resilience::BreakerConfig {
-            enabled: true,
-            failure_threshold: 1,
-            open_ms: 500,
-        },
-        pending_key_poll_interval_ms: 100,
-        ..config(&bootstrap)
-    };
+    let mut cfg = config(&bootstrap);
+    cfg.publish_timeout_ms = 2_000;
+    cfg.breaker = soma_observability::resilience::BreakerConfig::new(1, 500);
+    cfg.pending_key_poll_interval_ms = 100;
     let topic = soma_testkit::unique_name("outage");
-    let admin = TopicAdmin::new(&BusConfig {
-        topic_partitions: 2,
-        ..cfg.clone()
-    })
-    .unwrap();
+    let mut admin_cfg = cfg.clone();
+    admin_cfg.topic_partitions = 2;
+    let admin = TopicAdmin::new(&admin_cfg).unwrap();
     admin.ensure_topics(&[&topic], false).await.unwrap();
     let ob = outbox().await;
     let producer = BusProducer::new(&cfg).unwrap();
-    let relay = Relay::new(
-        ob.clone(),
-        KafkaSink::new(producer.clone()),
-        RelayConfig {
-            poll_interval_ms: 100,
-            backoff_base_ms: 100,
-            backoff_max_ms: 1_000,
-            max_attempts: 10_000,
-            sink_timeout_ms: 10_000,
-            ..RelayConfig::default()
-        },
-    )
-    .spawn();
+    let mut relay_config = RelayConfig::default();
+    relay_config.poll_interval_ms = 100;
+    relay_config.backoff_base_ms = 100;
+    relay_config.backoff_max_ms = 1_000;
+    relay_config.max_attempts = 10_000;
+    relay_config.sink_timeout_ms = 10_000;
+    let relay = Relay::new(ob.clone(), KafkaSink::new(producer.clone()), relay_config).spawn();
     let publisher = DurablePublisher::builder(producer.clone(), ob.clone()).build();
 
     let envs: Vec<Envelope> = (0..total)

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use soma_bus::{BusConfig, BusProducer, DurablePublisher, Envelope, KafkaSink, PublishOutcome};
+use soma_bus::{BusProducer, DurablePublisher, Envelope, KafkaSink, PublishOutcome};
 use soma_outbox::{Relay, RelayConfig};
 
 use common::*;
@@ -19,31 +19,21 @@ fn is_kafka(o: &PublishOutcome) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_message_outbox_check_keeps_key_order_across_processes() {
     let bootstrap = soma_testkit::require_kafka();
-    let base = BusConfig {
-        pending_key_poll_interval_ms: 100,
-        ..config(&bootstrap)
-    };
+    let mut base = config(&bootstrap);
+    base.pending_key_poll_interval_ms = 100;
     let topic = topic(&base, "switch").await;
     let ob = outbox().await;
 
     // "Process B": Kafka is up; asks the outbox on every publish.
-    let checked_cfg = BusConfig {
-        check_outbox_per_message: true,
-        ..base.clone()
-    };
+    let mut checked_cfg = base.clone();
+    checked_cfg.check_outbox_per_message = true;
     let producer = BusProducer::new(&checked_cfg).unwrap();
     let b = DurablePublisher::builder(producer.clone(), ob.clone()).build();
     // "Process A": same outbox, but its broker connection is down, so it defers.
-    let dead_cfg = BusConfig {
-        bootstrap_servers: format!("127.0.0.1:{}", soma_testkit::free_port()),
-        publish_timeout_ms: 500,
-        breaker: soma_observability::resilience::BreakerConfig {
-            enabled: true,
-            failure_threshold: 1,
-            open_ms: 3_600_000,
-        },
-        ..base.clone()
-    };
+    let mut dead_cfg = base.clone();
+    dead_cfg.bootstrap_servers = format!("127.0.0.1:{}", soma_testkit::free_port());
+    dead_cfg.publish_timeout_ms = 500;
+    dead_cfg.breaker = soma_observability::resilience::BreakerConfig::new(1, 3_600_000);
     let a = DurablePublisher::builder(BusProducer::new(&dead_cfg).unwrap(), ob.clone()).build();
     // "Process C": Kafka up, default settings (only its own deferrals count).
     let c = DurablePublisher::builder(BusProducer::new(&base).unwrap(), ob.clone()).build();
@@ -83,15 +73,9 @@ async fn per_message_outbox_check_keeps_key_order_across_processes() {
     );
 
     // The relay drains the outbox; then B goes back to Kafka for k.
-    let relay = Relay::new(
-        ob.clone(),
-        KafkaSink::new(producer.clone()),
-        RelayConfig {
-            poll_interval_ms: 100,
-            ..RelayConfig::default()
-        },
-    )
-    .spawn();
+    let mut relay_config = RelayConfig::default();
+    relay_config.poll_interval_ms = 100;
+    let relay = Relay::new(ob.clone(), KafkaSink::new(producer.clone()), relay_config).spawn();
     let end = Instant::now() + Duration::from_secs(30);
     while ob.stats().await.unwrap().pending > 0 {
         assert!(Instant::now() < end, "outbox not drained");
@@ -135,17 +119,11 @@ async fn per_message_outbox_check_keeps_key_order_across_processes() {
 async fn concurrent_fallbacks_of_one_key_reach_the_outbox_in_call_order() {
     soma_testkit::require_kafka();
     let ob = outbox().await;
-    let cfg = BusConfig {
-        bootstrap_servers: format!("127.0.0.1:{}", soma_testkit::free_port()),
-        publish_timeout_ms: 400,
-        // Every call tries Kafka first, so every one falls back itself.
-        breaker: soma_observability::resilience::BreakerConfig {
-            enabled: true,
-            failure_threshold: 1_000_000,
-            open_ms: 2_000,
-        },
-        ..config("unused")
-    };
+    let mut cfg = config("unused");
+    cfg.bootstrap_servers = format!("127.0.0.1:{}", soma_testkit::free_port());
+    cfg.publish_timeout_ms = 400;
+    // Every call tries Kafka first, so every one falls back itself.
+    cfg.breaker = soma_observability::resilience::BreakerConfig::new(1_000_000, 2_000);
     let publisher = DurablePublisher::builder(BusProducer::new(&cfg).unwrap(), ob.clone()).build();
     let envs: Vec<Envelope> = (0..40).map(|n| env("k", n)).collect();
     let mut calls = Vec::new();

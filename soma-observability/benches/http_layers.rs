@@ -93,16 +93,14 @@ fn benches(c: &mut Criterion) {
     let (addr, mut rx) = rt.block_on(common::start_grpc_receiver());
     rt.spawn(async move { while rx.recv().await.is_some() {} });
     // Logs at WARN (the request path logs nothing), spans at INFO.
-    let config = TelemetryConfig {
-        service_name: "bench".into(),
-        log_filter: "warn".into(),
-        trace_filter: Some("info".into()),
-        otlp_endpoint: Some(format!("http://{addr}")),
-        otlp_protocol: OtlpProtocol::Grpc,
-        sampling_ratio: 0.1,
-        batch_scheduled_delay_ms: 200,
-        ..Default::default()
-    };
+    let mut config = TelemetryConfig::default();
+    config.service_name = "bench".into();
+    config.log_filter = "warn".into();
+    config.trace_filter = Some("info".into());
+    config.otlp_endpoint = Some(format!("http://{addr}"));
+    config.otlp_protocol = OtlpProtocol::Grpc;
+    config.sampling_ratio = 0.1;
+    config.batch_scheduled_delay_ms = 200;
     let guard = {
         let _rt = rt.enter();
         TelemetryBuilder::new(&config)
@@ -117,11 +115,9 @@ fn benches(c: &mut Criterion) {
     let mut with_trace = TraceLayer::new().layer(tower::service_fn(handler));
 
     // The same plus JSON logs at INFO carrying span fields (to a sink).
-    let json_config = TelemetryConfig {
-        log_filter: "info".into(),
-        log_format: soma_observability::LogFormat::Json,
-        ..config.clone()
-    };
+    let mut json_config = config.clone();
+    json_config.log_filter = "info".into();
+    json_config.log_format = soma_observability::LogFormat::Json;
     let (json_dispatch, json_guard) = {
         let _rt = rt.enter();
         TelemetryBuilder::new(&json_config)

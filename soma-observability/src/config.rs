@@ -42,6 +42,7 @@ pub enum OtlpProtocol {
 /// set explicitly and wins.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct TelemetryConfig {
     /// `service.name` resource attribute and `service` metric label.
     pub service_name: String,
@@ -114,6 +115,29 @@ impl Default for TelemetryConfig {
 }
 
 impl TelemetryConfig {
+    /// The defaults for one service: its name, version and deployment
+    /// environment (the `service`, `version` and `env` labels). Set other
+    /// fields on the result.
+    ///
+    /// ```
+    /// use soma_observability::{LogFormat, TelemetryConfig};
+    /// let mut config = TelemetryConfig::new("gateway", "1.4.0", "staging");
+    /// config.log_format = LogFormat::Json;
+    /// assert_eq!(config.const_labels().service, "gateway");
+    /// ```
+    pub fn new(
+        service_name: impl Into<String>,
+        service_version: impl Into<String>,
+        environment: impl Into<String>,
+    ) -> Self {
+        Self {
+            service_name: service_name.into(),
+            service_version: service_version.into(),
+            environment: environment.into(),
+            ..Self::default()
+        }
+    }
+
     /// Metric constant labels matching this config (`service`, `version`, `env`).
     pub fn const_labels(&self) -> ConstLabels {
         ConstLabels::new(&self.service_name, &self.service_version, &self.environment)

@@ -58,6 +58,7 @@ use crate::health::{Criticality, HealthRegistry, HealthReporter};
 /// The `shutdown` section of a service's settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct ShutdownConfig {
     /// The whole shutdown, from the first signal to exit, in milliseconds.
     pub deadline_ms: u64,

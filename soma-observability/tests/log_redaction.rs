@@ -27,13 +27,11 @@ impl Write for Capture {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_token_never_printed() {
     let capture = Capture::default();
-    let config = TelemetryConfig {
-        log_filter: "trace".into(),
-        log_format: LogFormat::Json,
-        sensitive_headers: vec!["X-Tenant-Secret".into()],
-        record_headers: vec!["authorization".into(), "cookie".into()],
-        ..Default::default()
-    };
+    let mut config = TelemetryConfig::default();
+    config.log_filter = "trace".into();
+    config.log_format = LogFormat::Json;
+    config.sensitive_headers = vec!["X-Tenant-Secret".into()];
+    config.record_headers = vec!["authorization".into(), "cookie".into()];
     let writer = capture.clone();
     let _guard = TelemetryBuilder::new(&config)
         .with_writer(move || writer.clone())

@@ -12,14 +12,12 @@ async fn shutdown_returns_within_deadline_when_collector_hangs() {
     let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = hung.local_addr().unwrap();
     let deadline = Duration::from_millis(1000);
-    let config = TelemetryConfig {
-        otlp_endpoint: Some(format!("http://{addr}")),
-        otlp_protocol: OtlpProtocol::Grpc,
-        otlp_timeout_ms: 30_000,
-        batch_scheduled_delay_ms: 50,
-        shutdown_timeout_ms: deadline.as_millis() as u64,
-        ..Default::default()
-    };
+    let mut config = TelemetryConfig::default();
+    config.otlp_endpoint = Some(format!("http://{addr}"));
+    config.otlp_protocol = OtlpProtocol::Grpc;
+    config.otlp_timeout_ms = 30_000;
+    config.batch_scheduled_delay_ms = 50;
+    config.shutdown_timeout_ms = deadline.as_millis() as u64;
     let (dispatch, guard) = TelemetryBuilder::new(&config)
         .with_writer(std::io::sink)
         .build()

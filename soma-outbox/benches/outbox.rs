@@ -122,15 +122,9 @@ async fn truncate(pool: &PgPool, schema: &str) {
 
 async fn setup(rt_pool: &PgPool, name: &str) -> Outbox {
     let schema = soma_testkit::unique_name(name);
-    Outbox::new(
-        rt_pool.clone(),
-        OutboxConfig {
-            schema,
-            ..OutboxConfig::default()
-        },
-    )
-    .await
-    .unwrap()
+    Outbox::new(rt_pool.clone(), OutboxConfig::new(schema))
+        .await
+        .unwrap()
 }
 
 async fn drop_schema(pool: &PgPool, outbox: &Outbox) {
@@ -256,11 +250,9 @@ fn main() {
             ob.enqueue_standalone(&batch(5_000)).await.unwrap();
         }
         let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let cfg = RelayConfig {
-            batch_size: 2_000,
-            shards: 16,
-            ..RelayConfig::default()
-        };
+        let mut cfg = RelayConfig::default();
+        cfg.batch_size = 2_000;
+        cfg.shards = 16;
         let start = Instant::now();
         let relay = Relay::new(ob.clone(), NullSink(seen.clone()), cfg).spawn();
         loop {
@@ -280,10 +272,8 @@ fn main() {
     let (p50, p99, max, n) = rt.block_on(async {
         let ob = setup(&pool, "bench_lat").await;
         let stamps = Arc::new(Mutex::new(HashMap::new()));
-        let cfg = RelayConfig {
-            batch_size: 500,
-            ..RelayConfig::default()
-        };
+        let mut cfg = RelayConfig::default();
+        cfg.batch_size = 500;
         let relay = Relay::new(ob.clone(), StampSink(stamps.clone()), cfg).spawn();
         tokio::time::sleep(Duration::from_millis(500)).await;
         let secs = 5u64;

@@ -10,6 +10,7 @@ use crate::OutboxError;
 /// The `outbox` section: where the tables live and what producers may write.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct OutboxConfig {
     /// PostgreSQL schema holding the outbox, dead-letter, inbox and settings
     /// tables. Created and migrated by [`Outbox::new`](crate::Outbox::new).
@@ -39,6 +40,15 @@ impl Default for OutboxConfig {
 }
 
 impl OutboxConfig {
+    /// The defaults with the tables in `schema` (see [`schema`](Self::schema)
+    /// for the accepted names).
+    pub fn new(schema: impl Into<String>) -> Self {
+        Self {
+            schema: schema.into(),
+            ..Self::default()
+        }
+    }
+
     /// Checks every value, naming the first bad one.
     pub fn validate(&self) -> Result<(), OutboxError> {
         validate_identifier(&self.schema)?;
@@ -100,6 +110,7 @@ pub enum DeadLetterOrder {
 /// The `relay` section: how a [`Relay`](crate::Relay) claims, publishes and retries.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct RelayConfig {
     /// Most messages claimed and handed to the sink in one batch.
     pub batch_size: usize,
@@ -225,22 +236,22 @@ impl RelayConfig {
     /// with equal jitter (at least half of the exponential value, so probes
     /// never come back-to-back against a down broker).
     pub fn unavailable_backoff(&self, consecutive: u32) -> Duration {
-        Backoff::new(BackoffConfig {
-            initial_ms: self.unavailable_backoff_initial_ms,
-            max_ms: self.unavailable_backoff_max_ms,
-            jitter: Jitter::Equal,
-        })
+        Backoff::new(
+            BackoffConfig::new(
+                self.unavailable_backoff_initial_ms,
+                self.unavailable_backoff_max_ms,
+            )
+            .with_jitter(Jitter::Equal),
+        )
         .delay(consecutive)
     }
 
     /// Exponential backoff with full jitter for a message that has now failed
     /// `attempts` times: uniform in `[0, min(max, base * 2^(attempts-1))]`.
     pub fn backoff(&self, attempts: u32) -> Duration {
-        Backoff::new(BackoffConfig {
-            initial_ms: self.backoff_base_ms,
-            max_ms: self.backoff_max_ms,
-            jitter: Jitter::Full,
-        })
+        Backoff::new(
+            BackoffConfig::new(self.backoff_base_ms, self.backoff_max_ms).with_jitter(Jitter::Full),
+        )
         .delay(attempts)
     }
 }

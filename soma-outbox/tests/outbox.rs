@@ -168,10 +168,8 @@ async fn bad_input_is_rejected_before_anything_is_written() {
 async fn migrations_are_idempotent_versioned_and_concurrent_safe() {
     let db = setup("mig").await;
     // Many concurrent openers of the same schema: all succeed, one migration row.
-    let config = OutboxConfig {
-        schema: db.schema.clone(),
-        ..OutboxConfig::default()
-    };
+    let mut config = OutboxConfig::default();
+    config.schema = db.schema.clone();
     let opens = (0..4).map(|_| Outbox::new(db.pool.clone(), config.clone()));
     for r in futures::future::join_all(opens).await {
         r.unwrap();
@@ -213,10 +211,8 @@ async fn migrations_are_idempotent_versioned_and_concurrent_safe() {
     );
 
     // Invalid schema names never reach SQL.
-    let bad = OutboxConfig {
-        schema: "x\"; DROP TABLE y; --".into(),
-        ..OutboxConfig::default()
-    };
+    let mut bad = OutboxConfig::default();
+    bad.schema = "x\"; DROP TABLE y; --".into();
     assert!(
         Outbox::new(db.pool.clone(), bad)
             .await

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{RecordingSink, assert_ordered, fast_relay, first_publications, setup, wait_until};
-use soma_outbox::{DeadLetterOrder, NewMessage, OutboxError, Relay, RelayConfig, SinkOutcome};
+use soma_outbox::{DeadLetterOrder, NewMessage, OutboxError, Relay, SinkOutcome};
 
 /// The value of the (single) series `name` in Prometheus exposition `text`.
 fn series<'a>(text: &'a str, name: &str) -> &'a str {
@@ -140,10 +140,8 @@ async fn relay_killed_between_publish_and_commit_duplicates_but_never_loses() {
 
     let sink = RecordingSink::new();
     let published_then_hung = sink.hang_after_next_publish();
-    let cfg = RelayConfig {
-        batch_size: 50,
-        ..fast_relay()
-    };
+    let mut cfg = fast_relay();
+    cfg.batch_size = 50;
     let doomed = Relay::new(db.outbox.clone(), sink.clone(), cfg.clone()).spawn();
     let in_flight = tokio::time::timeout(Duration::from_secs(10), published_then_hung)
         .await
@@ -184,11 +182,9 @@ async fn drain_with_relays(relays: usize) {
         db.outbox.enqueue_standalone(chunk).await.unwrap();
     }
     let sink = RecordingSink::new();
-    let cfg = RelayConfig {
-        batch_size: 20,
-        shards: 12,
-        ..fast_relay()
-    };
+    let mut cfg = fast_relay();
+    cfg.batch_size = 20;
+    cfg.shards = 12;
     // Slow the sink a little so the drain outlasts several rebalances.
     sink.set_rule(|_| None);
     let mut handles: Vec<_> = (0..relays)
@@ -305,11 +301,9 @@ async fn three_relays_drain_together_and_take_over_from_a_dead_one() {
 async fn relays_without_a_crash_never_duplicate() {
     let db = setup("nodup").await;
     let sink = RecordingSink::new();
-    let cfg = RelayConfig {
-        batch_size: 25,
-        shards: 6,
-        ..fast_relay()
-    };
+    let mut cfg = fast_relay();
+    cfg.batch_size = 25;
+    cfg.shards = 6;
     let handles: Vec<_> = (0..3)
         .map(|i| {
             Relay::new(
@@ -362,12 +356,10 @@ async fn dead_letter_blocks_its_key_until_requeued_and_poison_never_stalls_other
 
     let sink = RecordingSink::new();
     sink.set_rule(move |r| (r.id == poison_id).then(|| SinkOutcome::retry("broker said no")));
-    let cfg = RelayConfig {
-        max_attempts: 4,
-        backoff_base_ms: 50,
-        backoff_max_ms: 200,
-        ..fast_relay()
-    };
+    let mut cfg = fast_relay();
+    cfg.max_attempts = 4;
+    cfg.backoff_base_ms = 50;
+    cfg.backoff_max_ms = 200;
     assert_eq!(cfg.dead_letter_order, DeadLetterOrder::BlockKey);
     let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
 
@@ -447,11 +439,9 @@ async fn release_key_lets_later_records_proceed_past_a_dead_letter() {
     db.outbox.enqueue_standalone(&msgs).await.unwrap();
     let sink = RecordingSink::new();
     sink.set_rule(move |r| (r.id == poison_id).then(|| SinkOutcome::retry("broker said no")));
-    let cfg = RelayConfig {
-        max_attempts: 3,
-        dead_letter_order: DeadLetterOrder::ReleaseKey,
-        ..fast_relay()
-    };
+    let mut cfg = fast_relay();
+    cfg.max_attempts = 3;
+    cfg.dead_letter_order = DeadLetterOrder::ReleaseKey;
     let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
     wait_until(Duration::from_secs(15), "key unblocked", || async {
         db.pending().await == 0
@@ -546,14 +536,12 @@ async fn an_unavailable_sink_costs_latency_never_messages_or_order() {
     db.outbox.enqueue_standalone(&msgs).await.unwrap();
     let sink = RecordingSink::new();
     sink.set_rule(|_| Some(SinkOutcome::unavailable("broker transport failure")));
-    let cfg = RelayConfig {
-        max_attempts: 2,
-        backoff_base_ms: 1,
-        backoff_max_ms: 5,
-        unavailable_backoff_initial_ms: 20,
-        unavailable_backoff_max_ms: 80,
-        ..fast_relay()
-    };
+    let mut cfg = fast_relay();
+    cfg.max_attempts = 2;
+    cfg.backoff_base_ms = 1;
+    cfg.backoff_max_ms = 5;
+    cfg.unavailable_backoff_initial_ms = 20;
+    cfg.unavailable_backoff_max_ms = 80;
     let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg)
         .with_metrics(soma_outbox::OutboxMetrics::new(&registry, &db.outbox))
         .with_health(&health)
@@ -624,13 +612,11 @@ async fn dead_letter_after_secs_is_the_only_way_an_outage_dead_letters() {
         .unwrap();
     let sink = RecordingSink::new();
     sink.set_rule(|_| Some(SinkOutcome::unavailable("broker down")));
-    let cfg = RelayConfig {
-        dead_letter_after_secs: 1,
-        dead_letter_order: DeadLetterOrder::ReleaseKey,
-        unavailable_backoff_initial_ms: 20,
-        unavailable_backoff_max_ms: 50,
-        ..fast_relay()
-    };
+    let mut cfg = fast_relay();
+    cfg.dead_letter_after_secs = 1;
+    cfg.dead_letter_order = DeadLetterOrder::ReleaseKey;
+    cfg.unavailable_backoff_initial_ms = 20;
+    cfg.unavailable_backoff_max_ms = 50;
     let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
     wait_until(Duration::from_secs(10), "both aged out", || async {
         db.outbox.dead_letters(10, None).await.unwrap().len() == 2
@@ -660,13 +646,11 @@ async fn a_sink_timeout_is_unavailability_not_an_attempt() {
         slow: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         inner: RecordingSink::new(),
     };
-    let cfg = RelayConfig {
-        sink_timeout_ms: 50,
-        max_attempts: 1,
-        unavailable_backoff_initial_ms: 10,
-        unavailable_backoff_max_ms: 20,
-        ..fast_relay()
-    };
+    let mut cfg = fast_relay();
+    cfg.sink_timeout_ms = 50;
+    cfg.max_attempts = 1;
+    cfg.unavailable_backoff_initial_ms = 10;
+    cfg.unavailable_backoff_max_ms = 20;
     let relay = Relay::new(db.outbox.clone(), slow.clone(), cfg).spawn();
     wait_until(Duration::from_secs(10), "backing off", || async {
         relay.sink_unavailable()
@@ -710,10 +694,8 @@ async fn shutdown_finishes_the_in_flight_batch() {
     let msgs: Vec<_> = (0..40).map(|i| msg("k", i)).collect();
     db.outbox.enqueue_standalone(&msgs).await.unwrap();
     let sink = RecordingSink::new();
-    let cfg = RelayConfig {
-        batch_size: 40,
-        ..fast_relay()
-    };
+    let mut cfg = fast_relay();
+    cfg.batch_size = 40;
     let relay = Relay::new(db.outbox.clone(), SlowSink(sink.tagged("r")), cfg).spawn();
     wait_until(Duration::from_secs(10), "batch in flight", || async {
         sink.calls() > 0
@@ -735,10 +717,8 @@ async fn shutdown_finishes_the_in_flight_batch() {
 async fn retention_marks_sent_and_keeps_deduping() {
     let db = setup("retain").await;
     let sink = RecordingSink::new();
-    let cfg = RelayConfig {
-        retention_secs: 3600,
-        ..fast_relay()
-    };
+    let mut cfg = fast_relay();
+    cfg.retention_secs = 3600;
     let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
     let m = msg("k", 0).with_dedupe_key("order-1");
     db.outbox.enqueue_standalone(&[m]).await.unwrap();
@@ -766,30 +746,19 @@ async fn retention_marks_sent_and_keeps_deduping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relays_must_agree_on_the_shard_count() {
     let db = setup("shards").await;
-    let a = Relay::new(
-        db.outbox.clone(),
-        RecordingSink::new(),
-        RelayConfig {
-            shards: 4,
-            ..fast_relay()
-        },
-    )
-    .spawn();
+    let with_shards = |shards| {
+        let mut c = fast_relay();
+        c.shards = shards;
+        c
+    };
+    let a = Relay::new(db.outbox.clone(), RecordingSink::new(), with_shards(4)).spawn();
     wait_until(
         Duration::from_secs(10),
         "first relay owns shards",
         || async { !a.owned_shards().is_empty() },
     )
     .await;
-    let b = Relay::new(
-        db.outbox.clone(),
-        RecordingSink::new(),
-        RelayConfig {
-            shards: 5,
-            ..fast_relay()
-        },
-    )
-    .spawn();
+    let b = Relay::new(db.outbox.clone(), RecordingSink::new(), with_shards(5)).spawn();
     wait_until(Duration::from_secs(10), "second relay stops", || async {
         b.is_finished()
     })
@@ -797,15 +766,7 @@ async fn relays_must_agree_on_the_shard_count() {
     assert!(b.shutdown().await.unwrap_err().is_shard_count_mismatch());
     a.shutdown().await.unwrap();
     // With no relay running, the count may change.
-    let c = Relay::new(
-        db.outbox.clone(),
-        RecordingSink::new(),
-        RelayConfig {
-            shards: 5,
-            ..fast_relay()
-        },
-    )
-    .spawn();
+    let c = Relay::new(db.outbox.clone(), RecordingSink::new(), with_shards(5)).spawn();
     wait_until(
         Duration::from_secs(10),
         "relay with new count owns shards",
@@ -871,10 +832,8 @@ async fn relay_reconnects_after_its_connection_is_killed() {
     let msgs: Vec<_> = (0..n).map(|i| msg(&format!("k{}", i % 9), i)).collect();
     db.outbox.enqueue_standalone(&msgs).await.unwrap();
     let sink = RecordingSink::new();
-    let cfg = RelayConfig {
-        batch_size: 20,
-        ..fast_relay()
-    };
+    let mut cfg = fast_relay();
+    cfg.batch_size = 20;
     let relay = Relay::new(db.outbox.clone(), SlowSink(sink.tagged("r")), cfg).spawn();
     wait_until(Duration::from_secs(10), "draining", || async {
         sink.published().len() > 60
@@ -917,11 +876,9 @@ async fn wakes_on_notify_and_falls_back_to_polling() {
     let db = setup("wake").await;
     let sink = RecordingSink::new();
     // Polling alone would take a minute.
-    let slow_poll = RelayConfig {
-        poll_interval_ms: 60_000,
-        rebalance_interval_ms: 60_000,
-        ..fast_relay()
-    };
+    let mut slow_poll = fast_relay();
+    slow_poll.poll_interval_ms = 60_000;
+    slow_poll.rebalance_interval_ms = 60_000;
     let relay = Relay::new(db.outbox.clone(), sink.clone(), slow_poll).spawn();
     wait_until(Duration::from_secs(10), "relay owns shards", || async {
         relay.owned_shards().len() == 8
@@ -945,10 +902,8 @@ async fn wakes_on_notify_and_falls_back_to_polling() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let fast_poll = RelayConfig {
-        poll_interval_ms: 100,
-        ..fast_relay()
-    };
+    let mut fast_poll = fast_relay();
+    fast_poll.poll_interval_ms = 100;
     let relay = Relay::new(db.outbox.clone(), sink.clone(), fast_poll).spawn();
     tokio::time::sleep(Duration::from_millis(500)).await;
     db.outbox.enqueue_standalone(&[msg("k", 1)]).await.unwrap();
@@ -993,11 +948,9 @@ fn exactly_fair(owned: &[Vec<u32>], shards: u32) -> bool {
 async fn a_joining_relay_takes_over_exactly_the_shards_the_first_gives_up() {
     let db = setup("handover").await;
     let sink = RecordingSink::new();
-    let cfg = RelayConfig {
-        shards: 12,
-        batch_size: 10,
-        ..fast_relay()
-    };
+    let mut cfg = fast_relay();
+    cfg.shards = 12;
+    cfg.batch_size = 10;
     let a = Relay::new(db.outbox.clone(), sink.tagged("a"), cfg.clone()).spawn();
     wait_until(Duration::from_secs(10), "a owns all 12 shards", || async {
         a.owned_shards().len() == 12

@@ -363,11 +363,7 @@ impl Default for OpaConfig {
             base_url: "http://127.0.0.1:8181".to_owned(),
             package_path: "soma/authz/decision".to_owned(),
             timeout_ms: 250,
-            breaker: BreakerConfig {
-                enabled: true,
-                failure_threshold: 5,
-                open_ms: 10_000,
-            },
+            breaker: BreakerConfig::new(5, 10_000),
         }
     }
 }

@@ -21,11 +21,7 @@ fn opa(base: &str, timeout_ms: u64) -> RemoteOpa {
     config.base_url = base.into();
     config.package_path = "soma/authz/decision".into();
     config.timeout_ms = timeout_ms;
-    config.breaker = BreakerConfig {
-        failure_threshold: 3,
-        open_ms: 1_000,
-        ..BreakerConfig::default()
-    };
+    config.breaker = BreakerConfig::new(3, 1_000);
     RemoteOpa::new(&config).unwrap()
 }
 

@@ -65,16 +65,14 @@ async fn main() -> ExitCode {
         },
         None => None,
     };
-    let config = BusConfig {
-        bootstrap_servers: args.bootstrap_servers,
-        client_id: args.client_id,
-        security_protocol: args.security_protocol,
-        sasl_mechanism: args.sasl_mechanism,
-        sasl_username: args.sasl_username,
-        sasl_password,
-        replay_max: args.replay_max,
-        ..BusConfig::default()
-    };
+    let mut config = BusConfig::default();
+    config.bootstrap_servers = args.bootstrap_servers;
+    config.client_id = args.client_id;
+    config.security_protocol = args.security_protocol;
+    config.sasl_mechanism = args.sasl_mechanism;
+    config.sasl_username = args.sasl_username;
+    config.sasl_password = sasl_password;
+    config.replay_max = args.replay_max;
     let producer = match BusProducer::new(&config) {
         Ok(p) => p,
         Err(e) => {

@@ -45,20 +45,19 @@ pub fn env(key: &str, n: u32) -> Envelope {
 
 /// Config for the shared broker with a unique consumer group.
 pub fn config(bootstrap: &str) -> BusConfig {
-    BusConfig {
-        bootstrap_servers: bootstrap.to_owned(),
-        client_id: "soma-bus-test".into(),
-        consumer_group: soma_testkit::unique_name("g"),
-        publish_timeout_ms: 3_000,
-        retry_backoff_initial_ms: 20,
-        retry_backoff_max_ms: 100,
-        dlq_retry_backoff_ms: 200,
-        commit_interval_ms: 200,
-        lag_interval_ms: 1_000,
-        session_timeout_ms: 6_000,
-        shutdown_timeout_ms: 10_000,
-        ..BusConfig::default()
-    }
+    let mut c = BusConfig::default();
+    c.bootstrap_servers = bootstrap.to_owned();
+    c.client_id = "soma-bus-test".into();
+    c.consumer_group = soma_testkit::unique_name("g");
+    c.publish_timeout_ms = 3_000;
+    c.retry_backoff_initial_ms = 20;
+    c.retry_backoff_max_ms = 100;
+    c.dlq_retry_backoff_ms = 200;
+    c.commit_interval_ms = 200;
+    c.lag_interval_ms = 1_000;
+    c.session_timeout_ms = 6_000;
+    c.shutdown_timeout_ms = 10_000;
+    c
 }
 
 /// A topic (and its DLQ) created on the broker.
@@ -93,15 +92,7 @@ pub async fn outbox() -> Outbox {
         .await
         .unwrap();
     let schema = soma_testkit::unique_name("bus");
-    Outbox::new(
-        pool,
-        OutboxConfig {
-            schema,
-            ..OutboxConfig::default()
-        },
-    )
-    .await
-    .unwrap()
+    Outbox::new(pool, OutboxConfig::new(schema)).await.unwrap()
 }
 
 /// Reads every record of `topic` from the beginning until `done` says stop

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use soma_bus::{BusProducer, KafkaSink};
-use soma_outbox::{NewMessage, Relay, RelayConfig};
+use soma_outbox::{NewMessage, Relay};
 
 use crate::common::{config, outbox};
 use crate::harness::*;
@@ -21,15 +21,9 @@ async fn relay_with_batch_size_one_delivers_everything_in_key_order() {
         let ob = outbox().await;
         let ledger = Ledger::new(ob.clone(), "c11").await;
         let producer = BusProducer::new(&cfg).unwrap();
-        let relay = Relay::new(
-            ob.clone(),
-            KafkaSink::new(producer.clone()),
-            RelayConfig {
-                batch_size: 1,
-                ..relay_config()
-            },
-        )
-        .spawn();
+        let mut one = relay_config();
+        one.batch_size = 1;
+        let relay = Relay::new(ob.clone(), KafkaSink::new(producer.clone()), one).spawn();
         let consumer = ledger
             .consumer(&cfg, &[&topic], "a", Faults::default())
             .producer(producer.clone())

@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use soma_bus::{BusConfig, BusProducer, DurablePublisher, KafkaSink};
+use soma_bus::{BusProducer, DurablePublisher, KafkaSink};
 use soma_outbox::{Outbox, OutboxConfig, Relay};
 
 use crate::common::{FaultProxy, OwnBroker, config, outbox};
@@ -25,16 +25,10 @@ async fn kafka_and_postgres_down_publish_returns_err_and_leaves_no_phantom() {
         let broker = OwnBroker::behind_proxy(kafka_port);
         let kafka = FaultProxy::start(kafka_port, broker.port).await;
         let pg = FaultProxy::start(soma_testkit::free_port(), 5432).await;
-        let cfg = BusConfig {
-            publish_timeout_ms: 1_000,
-            breaker: soma_observability::resilience::BreakerConfig {
-                enabled: true,
-                failure_threshold: 1,
-                open_ms: 300,
-            },
-            pending_key_poll_interval_ms: 100,
-            ..config(&kafka.addr())
-        };
+        let mut cfg = config(&kafka.addr());
+        cfg.publish_timeout_ms = 1_000;
+        cfg.breaker = soma_observability::resilience::BreakerConfig::new(1, 300);
+        cfg.pending_key_poll_interval_ms = 100;
         let topic = topic_with(&cfg, "c8down", 1).await;
         // The ledger and the checks use PostgreSQL directly; the publisher
         // and the relay go through the proxy.
@@ -66,15 +60,9 @@ async fn kafka_and_postgres_down_publish_returns_err_and_leaves_no_phantom() {
             .connect(&url)
             .await
             .unwrap();
-        let ob = Outbox::new(
-            proxied_pool,
-            OutboxConfig {
-                schema: direct.schema().to_owned(),
-                ..OutboxConfig::default()
-            },
-        )
-        .await
-        .unwrap();
+        let ob = Outbox::new(proxied_pool, OutboxConfig::new(direct.schema()))
+            .await
+            .unwrap();
         let producer = BusProducer::new(&cfg).unwrap();
         let relay =
             Relay::new(ob.clone(), KafkaSink::new(producer.clone()), relay_config()).spawn();

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use soma_bus::{BusConfig, BusProducer, DurablePublisher, KafkaSink};
+use soma_bus::{BusProducer, DurablePublisher, KafkaSink};
 use soma_outbox::Relay;
 
 use crate::common::{OwnBroker, config, outbox, wait_for};
@@ -26,17 +26,11 @@ async fn broker_killed_mid_publish_many_every_accepted_message_takes_effect_once
     quiet_logs();
     bounded("broker kill", Duration::from_secs(150), async {
         let mut broker = OwnBroker::start();
-        let cfg = BusConfig {
-            publish_timeout_ms: 2_000,
-            breaker: soma_observability::resilience::BreakerConfig {
-            enabled: true,
-            failure_threshold: 1,
-            open_ms: 500,
-        },
-            pending_key_poll_interval_ms: 100,
-            consumer_concurrency: 4,
-            ..config(&broker.bootstrap())
-        };
+        let mut cfg = config(&broker.bootstrap());
+        cfg.publish_timeout_ms = 2_000;
+        cfg.breaker = soma_observability::resilience::BreakerConfig::new(1, 500);
+        cfg.pending_key_poll_interval_ms = 100;
+        cfg.consumer_concurrency = 4;
         let topic = topic_with(&cfg, "c1kill", 2).await;
         let ob = outbox().await;
         let ledger = Ledger::new(ob.clone(), "c1").await;

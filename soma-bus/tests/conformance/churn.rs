@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use soma_bus::{BusConfig, BusProducer, DurablePublisher, KafkaSink};
+use soma_bus::{BusProducer, DurablePublisher, KafkaSink};
 use soma_outbox::Relay;
 
 use crate::common::{config, outbox};
@@ -40,11 +40,9 @@ async fn churn_stress() {
 }
 
 async fn churn(cycles: usize) {
-    let cfg = BusConfig {
-        consumer_concurrency: 4,
-        pending_key_poll_interval_ms: 100,
-        ..config(&soma_testkit::require_kafka())
-    };
+    let mut cfg = config(&soma_testkit::require_kafka());
+    cfg.consumer_concurrency = 4;
+    cfg.pending_key_poll_interval_ms = 100;
     let topic = topic_with(&cfg, "c9churn", 2).await;
     let ob = outbox().await;
     let ledger = Ledger::new(ob.clone(), "c9").await;

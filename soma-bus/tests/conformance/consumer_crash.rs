@@ -15,7 +15,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use soma_bus::{BusConfig, BusProducer};
+use soma_bus::BusProducer;
 
 use crate::common::{config, outbox};
 use crate::harness::*;
@@ -33,11 +33,9 @@ async fn crash_between_handler_and_commit_redelivers_same_ids_and_effects_happen
         for (e, r) in envs.iter().zip(producer.send_many(&topic, &envs).await) {
             msgs.answer(e.id, &r);
         }
-        let mut crashy_cfg = BusConfig {
-            consumer_concurrency: 1,
-            commit_interval_ms: 60_000,
-            ..base.clone()
-        };
+        let mut crashy_cfg = base.clone();
+        crashy_cfg.consumer_concurrency = 1;
+        crashy_cfg.commit_interval_ms = 60_000;
         crashy_cfg
             .librdkafka
             .insert("max.poll.interval.ms".into(), "7000".into());

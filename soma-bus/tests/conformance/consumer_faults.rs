@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use soma_bus::{BusConfig, BusProducer, DurablePublisher, KafkaSink};
+use soma_bus::{BusProducer, DurablePublisher, KafkaSink};
 use soma_outbox::Relay;
 
 use crate::common::{FaultProxy, OwnBroker, config, outbox};
@@ -24,17 +24,11 @@ async fn consumer_resumes_after_a_network_cut_and_a_broker_restart_and_commits_l
         let proxy_port = soma_testkit::free_port();
         let mut broker = OwnBroker::behind_proxy(proxy_port);
         let proxy = FaultProxy::start(proxy_port, broker.port).await;
-        let cfg = BusConfig {
-            publish_timeout_ms: 1_500,
-            breaker: soma_observability::resilience::BreakerConfig {
-                enabled: true,
-                failure_threshold: 1,
-                open_ms: 300,
-            },
-            pending_key_poll_interval_ms: 100,
-            consumer_concurrency: 4,
-            ..config(&proxy.addr())
-        };
+        let mut cfg = config(&proxy.addr());
+        cfg.publish_timeout_ms = 1_500;
+        cfg.breaker = soma_observability::resilience::BreakerConfig::new(1, 300);
+        cfg.pending_key_poll_interval_ms = 100;
+        cfg.consumer_concurrency = 4;
         let topic = topic_with(&cfg, "c7cons", 2).await;
         let ob = outbox().await;
         let ledger = Ledger::new(ob.clone(), "c7").await;

@@ -451,31 +451,29 @@ pub async fn bounded<T>(what: &str, limit: Duration, f: impl std::future::Future
 /// A fresh topic (with its DLQ) of `partitions` partitions on `cfg`'s broker.
 pub async fn topic_with(cfg: &BusConfig, prefix: &str, partitions: i32) -> String {
     let t = soma_testkit::unique_name(prefix);
-    soma_bus::TopicAdmin::new(&BusConfig {
-        topic_partitions: partitions,
-        ..cfg.clone()
-    })
-    .unwrap()
-    .ensure_topics(&[&t], true)
-    .await
-    .unwrap();
+    let mut admin_cfg = cfg.clone();
+    admin_cfg.topic_partitions = partitions;
+    soma_bus::TopicAdmin::new(&admin_cfg)
+        .unwrap()
+        .ensure_topics(&[&t], true)
+        .await
+        .unwrap();
     t
 }
 
 /// A relay configuration for the suite: quick polls and probes, no
 /// dead-lettering by attempts (an outage must not dead-letter anything).
 pub fn relay_config() -> soma_outbox::RelayConfig {
-    soma_outbox::RelayConfig {
-        poll_interval_ms: 100,
-        backoff_base_ms: 50,
-        backoff_max_ms: 500,
-        max_attempts: 10_000,
-        unavailable_backoff_initial_ms: 100,
-        unavailable_backoff_max_ms: 1_000,
-        sink_timeout_ms: 15_000,
-        reconnect_backoff_ms: 200,
-        ..soma_outbox::RelayConfig::default()
-    }
+    let mut c = soma_outbox::RelayConfig::default();
+    c.poll_interval_ms = 100;
+    c.backoff_base_ms = 50;
+    c.backoff_max_ms = 500;
+    c.max_attempts = 10_000;
+    c.unavailable_backoff_initial_ms = 100;
+    c.unavailable_backoff_max_ms = 1_000;
+    c.sink_timeout_ms = 15_000;
+    c.reconnect_backoff_ms = 200;
+    c
 }
 
 /// The consumer-side inbox dedupe on `ledger`'s outbox (same inbox table

@@ -29,7 +29,7 @@ use std::time::Duration;
 use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use soma_bus::{BusConfig, BusProducer, Delivery, Envelope};
+use soma_bus::{BusProducer, Delivery, Envelope};
 
 use crate::common::{config, header, read_all};
 use crate::harness::{Msgs, bounded, quiet_logs};
@@ -65,11 +65,9 @@ async fn run(case: Case) -> Outcome {
     let mock = MockCluster::new(1).expect("librdkafka mock cluster");
     let topic = "idem";
     mock.create_topic(topic, 2, 1).unwrap();
-    let mut cfg = BusConfig {
-        publish_timeout_ms: 10_000,
-        max_in_flight: case.max_in_flight,
-        ..config(&mock.bootstrap_servers())
-    };
+    let mut cfg = config(&mock.bootstrap_servers());
+    cfg.publish_timeout_ms = 10_000;
+    cfg.max_in_flight = case.max_in_flight;
     if case.one_message_per_request {
         cfg.batch_num_messages = 1;
         cfg.linger_ms = 0;

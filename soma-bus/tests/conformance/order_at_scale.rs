@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use soma_bus::{BusConfig, BusProducer};
+use soma_bus::BusProducer;
 
 use crate::common::{config, outbox};
 use crate::harness::*;
@@ -24,11 +24,9 @@ async fn thousand_messages_sixteen_keys_concurrent_lanes_with_retries_keep_key_o
     bounded("order at scale", Duration::from_secs(120), async {
         // Sent with the bare producer (no outbox): a generous publish timeout,
         // so a busy shared broker does not turn sends into (ambiguous) timeouts.
-        let cfg = BusConfig {
-            consumer_concurrency: 8,
-            publish_timeout_ms: 30_000,
-            ..config(&soma_testkit::require_kafka())
-        };
+        let mut cfg = config(&soma_testkit::require_kafka());
+        cfg.consumer_concurrency = 8;
+        cfg.publish_timeout_ms = 30_000;
         let topic = topic_with(&cfg, "c2order", 4).await;
         let ledger = Ledger::new(outbox().await, "c2").await;
         let producer = BusProducer::new(&cfg).unwrap();
@@ -103,16 +101,10 @@ async fn consumers_see_only_their_topics_and_same_keys_on_two_topics_are_indepen
             .producer(producer.clone())
             .spawn()
             .unwrap();
+        let mut cfg3 = cfg.clone();
+        cfg3.consumer_group = soma_testkit::unique_name("g3");
         let c3 = third
-            .consumer(
-                &BusConfig {
-                    consumer_group: soma_testkit::unique_name("g3"),
-                    ..cfg.clone()
-                },
-                &[&t3],
-                "y",
-                Faults::default(),
-            )
+            .consumer(&cfg3, &[&t3], "y", Faults::default())
             .producer(producer.clone())
             .spawn()
             .unwrap();

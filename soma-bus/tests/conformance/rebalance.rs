@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use soma_bus::{BusConfig, BusProducer};
+use soma_bus::BusProducer;
 
 use crate::common::{config, outbox, wait_for};
 use crate::harness::*;
@@ -26,10 +26,8 @@ const KEYS: usize = 16;
 async fn members_join_leave_and_abort_while_keyed_traffic_flows() {
     quiet_logs();
     bounded("rebalance", Duration::from_secs(150), async {
-        let cfg = BusConfig {
-            consumer_concurrency: 4,
-            ..config(&soma_testkit::require_kafka())
-        };
+        let mut cfg = config(&soma_testkit::require_kafka());
+        cfg.consumer_concurrency = 4;
         let topic = topic_with(&cfg, "c3rebal", 4).await;
         let ledger = Ledger::new(outbox().await, "c3").await;
         let producer = BusProducer::new(&cfg).unwrap();

@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use soma_bus::{BusConfig, BusProducer, DurablePublisher, KafkaSink};
+use soma_bus::{BusProducer, DurablePublisher, KafkaSink};
 use soma_outbox::Relay;
 
 use crate::common::{FaultProxy, OwnBroker, config, outbox};
@@ -26,17 +26,11 @@ async fn latency_above_the_publish_timeout_defers_and_duplicates_only_with_the_s
         let proxy_port = soma_testkit::free_port();
         let broker = OwnBroker::behind_proxy(proxy_port);
         let proxy = FaultProxy::start(proxy_port, broker.port).await;
-        let cfg = BusConfig {
-            publish_timeout_ms: 1_000,
-            breaker: soma_observability::resilience::BreakerConfig {
-                enabled: true,
-                failure_threshold: 1,
-                open_ms: 300,
-            },
-            pending_key_poll_interval_ms: 100,
-            consumer_concurrency: 4,
-            ..config(&proxy.addr())
-        };
+        let mut cfg = config(&proxy.addr());
+        cfg.publish_timeout_ms = 1_000;
+        cfg.breaker = soma_observability::resilience::BreakerConfig::new(1, 300);
+        cfg.pending_key_poll_interval_ms = 100;
+        cfg.consumer_concurrency = 4;
         let topic = topic_with(&cfg, "c5slow", 2).await;
         let ob = outbox().await;
         let ledger = Ledger::new(ob.clone(), "c5").await;

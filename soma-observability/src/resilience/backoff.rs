@@ -30,6 +30,7 @@ pub enum Jitter {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct BackoffConfig {
     /// The value of the first attempt, before jitter (default 100). It
     /// doubles per attempt.
@@ -50,6 +51,24 @@ impl Default for BackoffConfig {
     }
 }
 
+impl BackoffConfig {
+    /// A backoff from `initial_ms` doubling up to `max_ms`, with the default
+    /// [`Jitter::Full`] (change it with [`with_jitter`](Self::with_jitter)).
+    pub const fn new(initial_ms: u64, max_ms: u64) -> Self {
+        Self {
+            initial_ms,
+            max_ms,
+            jitter: Jitter::Full,
+        }
+    }
+
+    /// The same settings with another [`Jitter`].
+    pub const fn with_jitter(mut self, jitter: Jitter) -> Self {
+        self.jitter = jitter;
+        self
+    }
+}
+
 /// Capped exponential backoff: attempt `n` (1 for the first retry) waits
 /// `min(max_ms, initial_ms * 2^(n-1))`, spread by the [`Jitter`].
 ///
@@ -59,12 +78,12 @@ impl Default for BackoffConfig {
 /// ```
 /// use std::time::Duration;
 /// use soma_observability::resilience::{Backoff, BackoffConfig, Jitter};
-/// let b = Backoff::new(BackoffConfig { initial_ms: 100, max_ms: 350, jitter: Jitter::None });
+/// let b = Backoff::new(BackoffConfig::new(100, 350).with_jitter(Jitter::None));
 /// assert_eq!(b.delay(1), Duration::from_millis(100));
 /// assert_eq!(b.delay(2), Duration::from_millis(200));
 /// assert_eq!(b.delay(3), Duration::from_millis(350));
 /// // Deterministic jitter: pass the random sample yourself.
-/// let full = Backoff::new(BackoffConfig { jitter: Jitter::Full, ..BackoffConfig::default() });
+/// let full = Backoff::new(BackoffConfig::default().with_jitter(Jitter::Full));
 /// assert_eq!(full.delay_from(1, 0), Duration::ZERO);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -31,6 +31,7 @@ pub const BREAKER_TRANSITIONS_TOTAL: &str = "soma_circuit_breaker_transitions_to
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct BreakerConfig {
     /// `false` turns the breaker off: every call is admitted and nothing is
     /// counted (default `true`).
@@ -49,6 +50,26 @@ impl Default for BreakerConfig {
             enabled: true,
             failure_threshold: 3,
             open_ms: 30_000,
+        }
+    }
+}
+
+impl BreakerConfig {
+    /// An enabled breaker that opens after `failure_threshold` consecutive
+    /// failed calls and stays open for `open_ms`.
+    pub const fn new(failure_threshold: u32, open_ms: u64) -> Self {
+        Self {
+            enabled: true,
+            failure_threshold,
+            open_ms,
+        }
+    }
+
+    /// A breaker that is off: every call is admitted, nothing is counted.
+    pub fn disabled() -> Self {
+        Self {
+            enabled: false,
+            ..Self::default()
         }
     }
 }
@@ -197,7 +218,7 @@ struct Inner {
 ///
 /// ```
 /// use soma_observability::resilience::{BreakerConfig, BreakerState, CircuitBreaker};
-/// let breaker = CircuitBreaker::new("opa", BreakerConfig { failure_threshold: 1, ..Default::default() });
+/// let breaker = CircuitBreaker::new("opa", BreakerConfig::new(1, 30_000));
 /// let permit = breaker.try_acquire().expect("closed: admitted");
 /// permit.failure();
 /// assert_eq!(breaker.state(), BreakerState::Open);

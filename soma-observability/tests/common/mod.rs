@@ -192,18 +192,16 @@ pub async fn two_hop_scenario(
     use soma_observability::telemetry::TelemetryBuilder;
     use soma_observability::{LogFormat, TelemetryConfig};
 
-    let config = TelemetryConfig {
-        service_name: "two-hop-test".into(),
-        service_version: "9.9.9".into(),
-        environment: "ci".into(),
-        log_filter: "info".into(),
-        log_format: LogFormat::Json,
-        otlp_endpoint: Some(endpoint),
-        otlp_protocol: protocol,
-        batch_scheduled_delay_ms: 100,
-        record_headers: vec!["authorization".into(), "x-tenant".into()],
-        ..Default::default()
-    };
+    let mut config = TelemetryConfig::default();
+    config.service_name = "two-hop-test".into();
+    config.service_version = "9.9.9".into();
+    config.environment = "ci".into();
+    config.log_filter = "info".into();
+    config.log_format = LogFormat::Json;
+    config.otlp_endpoint = Some(endpoint);
+    config.otlp_protocol = protocol;
+    config.batch_scheduled_delay_ms = 100;
+    config.record_headers = vec!["authorization".into(), "x-tenant".into()];
     let guard = TelemetryBuilder::new(&config)
         .with_writer(std::io::sink)
         .init()

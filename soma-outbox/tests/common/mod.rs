@@ -29,10 +29,8 @@ pub async fn setup_with(prefix: &str, tweak: impl FnOnce(&mut OutboxConfig)) -> 
         .await
         .expect("connect to PostgreSQL");
     let schema = soma_testkit::unique_name(&format!("ob_{prefix}"));
-    let mut config = OutboxConfig {
-        schema: schema.clone(),
-        ..OutboxConfig::default()
-    };
+    let mut config = OutboxConfig::default();
+    config.schema = schema.clone();
     tweak(&mut config);
     let outbox = Outbox::new(pool.clone(), config)
         .await
@@ -62,18 +60,17 @@ impl TestDb {
 
 /// Relay settings for tests: fast polling, fast rebalance, short backoff.
 pub fn fast_relay() -> RelayConfig {
-    RelayConfig {
-        batch_size: 100,
-        shards: 8,
-        poll_interval_ms: 50,
-        backoff_base_ms: 10,
-        backoff_max_ms: 100,
-        max_attempts: 5,
-        rebalance_interval_ms: 200,
-        reconnect_backoff_ms: 100,
-        stats_interval_ms: 200,
-        ..RelayConfig::default()
-    }
+    let mut c = RelayConfig::default();
+    c.batch_size = 100;
+    c.shards = 8;
+    c.poll_interval_ms = 50;
+    c.backoff_base_ms = 10;
+    c.backoff_max_ms = 100;
+    c.max_attempts = 5;
+    c.rebalance_interval_ms = 200;
+    c.reconnect_backoff_ms = 100;
+    c.stats_interval_ms = 200;
+    c
 }
 
 type Rule = Box<dyn Fn(&OutboxRecord) -> Option<SinkOutcome> + Send + Sync>;
