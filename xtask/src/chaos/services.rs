@@ -88,8 +88,10 @@ pub(crate) struct Wiring {
 impl Wiring {
     /// The `SOMA_*` overrides. Besides addresses, one sizing change:
     /// `chat.sse_buffer` holds a whole burst's reply events, so a client
-    /// reading 50 streams at once is not cut off as `lagged` while the
-    /// backlog drains (that limit is about slow clients, not durability).
+    /// reading 50 streams at once while the backlog drains does not fall
+    /// behind its channels (a stream that does is resumed from the session
+    /// event store, one PostgreSQL read per resume — correct, but load the
+    /// harness should not add to the fault it measures).
     fn env(&self) -> Vec<(String, String)> {
         [
             ("SOMA_POSTGRES__URL", &self.postgres_url),
