@@ -3,13 +3,15 @@
 //!
 //! | Route | Action | What it does |
 //! |---|---|---|
-//! | `POST /v1/conversations/{id}/messages` | `conversation.send` | Accepts `{"text": …}`, publishes it durably (Kafka, or the outbox when Kafka is down), answers `202` with the message id. An `Idempotency-Key` header makes retries return the first answer. |
-//! | `GET /v1/conversations/{id}/events` | `conversation.read` | Server-sent events `reply.started`, `reply.delta`, `reply.completed` for that conversation of the caller's tenant: from the moment of connecting, or, with `Last-Event-ID`, every event after that id still kept (replayed from the session event store, then live). Heartbeat comments every `chat.sse_heartbeat_ms`. |
+//! | `POST /v1/conversations/{id}/messages` | `conversation.send` | Accepts `{"text": …}`, publishes it durably (Kafka, or the outbox when Kafka is down), answers `202` with the message id. An `Idempotency-Key` header (scoped per tenant and subject) makes retries return the first answer, and derives the message id from (tenant, subject, key). |
+//! | `GET /v1/conversations/{id}/events` | `conversation.read` | Server-sent events `assistant.started`, `assistant.delta`, `assistant.completed`, `error` and `tool.result` for that conversation: from the moment of connecting, or, with `Last-Event-ID`, every event after that id still kept (replayed from the session event store, then live). Heartbeat comments every `chat.sse_heartbeat_ms`. |
 //!
 //! Every request passes, in order: metrics and tracing → authentication (JWT
 //! or API key; `401`) → rate limit per tenant and route (`429`) →
 //! authorization through the embedded Rego policy (`403`, or `503` when no
-//! decision can be had) → the handler.
+//! decision can be had) → the handler, which authorizes the action again
+//! with the conversation's owner (see [`crate::conversations`]): another
+//! subject or tenant gets `403`.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;

@@ -333,7 +333,7 @@ mod tests {
     #[test]
     fn deltas_concatenate_to_the_reply() {
         let reply = "Hello alice, you said 2 words: \"hi  there\". My memory is unavailable.";
-        let deltas = split_deltas(&reply);
+        let deltas = split_deltas(reply);
         assert!(deltas.len() > 1 && deltas.len() <= MAX_DELTAS, "{deltas:?}");
         assert_eq!(deltas.concat(), reply);
         let events = reply_events(Uuid::nil(), "c1", reply, MemoryStatus::None, &["k".into()]);

@@ -160,7 +160,7 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_writes_wait_for_s
     }
     let dlq_topic = format!("{}.memory.dlq", env.prefix);
     assert!(
-        dlq_record_within(&dlq_topic, &message_id, Duration::from_secs(5))
+        record_within(&dlq_topic, &message_id, Duration::from_secs(5))
             .await
             .is_none(),
         "a write waiting for SomaBrain was dead-lettered"

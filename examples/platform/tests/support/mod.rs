@@ -299,12 +299,12 @@ pub async fn send(
 }
 
 /// Reads `topic` from the start until a record whose payload names
-/// `message_id` and returns its headers; `None` when none arrives in time.
-pub async fn dlq_record_within(
+/// `message_id` and returns its payload and headers; `None` when none arrives in time.
+pub async fn record_within(
     topic: &str,
     message_id: &str,
     within: Duration,
-) -> Option<std::collections::BTreeMap<String, String>> {
+) -> Option<(Value, std::collections::BTreeMap<String, String>)> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", soma_testkit::kafka_bootstrap())
         .set("group.id", soma_testkit::unique_name("dlq_reader"))
@@ -335,7 +335,7 @@ pub async fn dlq_record_within(
                 );
             }
         }
-        return Some(headers);
+        return Some((payload, headers));
     }
 }
 
