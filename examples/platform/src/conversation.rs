@@ -338,7 +338,12 @@ async fn recall(ctx: &Ctx, req: &ChatRequest) -> (MemoryStatus, Vec<RecalledMemo
         let request = RecallRequest::new(req.text.as_str()).top_k(chat.recall_top_k as u32);
         ctx.brain.recall(&request, scope).await.map(|r| {
             r.hits_in_namespace()
-                .filter_map(|h| memory_of(h.content.get("message_id"), h.content.get("user_text")))
+                .filter_map(|h| {
+                    Some(RecalledMemory {
+                        key: h.key()?.to_owned(),
+                        text: h.content.get("user_text")?.as_str()?.to_owned(),
+                    })
+                })
                 .collect()
         })
     };

@@ -400,6 +400,52 @@ mod tests {
         assert!(reply.ends_with(NO_MODEL_NOTE), "{reply}");
     }
 
+    fn tokens_of(chunks: &[&str]) -> SseTokens {
+        let chunks: Vec<reqwest::Result<bytes::Bytes>> = chunks
+            .iter()
+            .map(|c| Ok(bytes::Bytes::from(c.to_string())))
+            .collect();
+        SseTokens {
+            body: futures::stream::iter(chunks).boxed(),
+            buf: Vec::new(),
+            ready: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    async fn drain(mut t: SseTokens) -> Vec<Result<String, String>> {
+        let mut out = Vec::new();
+        while let Some(r) = t.next().await {
+            out.push(r.map_err(|e| e.to_string()));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn stream_pieces_are_read_across_chunk_boundaries() {
+        let ok = drain(tokens_of(&[
+            ": keep-alive\n\ndata: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\nda",
+            "ta: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\r\n\r\ndata:{\"choices\":[{\"delta\":",
+            "{\"content\":\"lo\"}}]}\n\ndata: [DONE]\n\n",
+        ]))
+        .await;
+        assert_eq!(ok, vec![Ok("Hel".to_owned()), Ok("lo".to_owned())]);
+        let cut = drain(tokens_of(&[
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
+        ]))
+        .await;
+        assert_eq!(cut.len(), 2);
+        assert!(
+            cut[1].as_ref().unwrap_err().contains("before [DONE]"),
+            "{cut:?}"
+        );
+        let bad = drain(tokens_of(&["data: {not json\n\n"])).await;
+        assert!(
+            bad[0].as_ref().unwrap_err().contains("malformed"),
+            "{bad:?}"
+        );
+    }
+
     #[test]
     fn only_a_base_url_selects_the_model_client() {
         let mut llm = LlmSettings::default();

@@ -191,13 +191,9 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_writes_wait_for_s
 
     // Tool calls: the executor authorizes each with the tool's risk from its
     // own registry; denials are answers, not errors.
-    let agent = env.token("ava", "acme", &["agent"], "conversation:write tool:execute");
-    let admin = env.token(
-        "root",
-        "acme",
-        &["admin"],
-        "conversation:write tool:execute",
-    );
+    let scopes = "conversation:write conversation:read tool:execute";
+    let agent = env.token("ava", "acme", &["agent"], scopes);
+    let admin = env.token("root", "acme", &["admin"], scopes);
     let cases = [
         (
             &token,
@@ -217,16 +213,11 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_writes_wait_for_s
             "There is no tool `nope`. Tools: time, wordcount, echo, sleep, outbox.",
         ),
     ];
-    for (who, text, expected) in cases {
-        let r = send(
-            &client,
-            &base,
-            &conversation,
-            who,
-            json!({"text": text}),
-            None,
-        )
-        .await;
+    for (i, (who, text, expected)) in cases.into_iter().enumerate() {
+        // A conversation belongs to its creator: each sender uses its own.
+        let own = format!("{conversation}-{i}");
+        let mut sse = SseReader::open(&client, &base, &own, who).await;
+        let r = send(&client, &base, &own, who, json!({"text": text}), None).await;
         let r = expect_status(r, 202).await;
         let id = message_id_of(r).await;
         let events = sse
@@ -381,8 +372,17 @@ async fn authentication_policy_validation_and_rate_limits_answer_as_documented()
     assert!(limited.headers().contains_key("retry-after"));
     assert_eq!(limited.headers()["x-ratelimit-limit"], "10");
     // Another tenant has its own budget.
+    // (Its own conversation: "c1" belongs to initech's erin now.)
     let other = env.token("carol", "globex", &["user"], ALL_SCOPES);
-    let r = send(&client, &base, "c1", &other, json!({"text": "hi"}), None).await;
+    let r = send(
+        &client,
+        &base,
+        "c1-globex",
+        &other,
+        json!({"text": "hi"}),
+        None,
+    )
+    .await;
     expect_status(r, 202).await;
 
     gateway.shutdown().await;
@@ -545,8 +545,9 @@ async fn a_policy_edit_applies_on_the_next_config_update_and_a_broken_one_keeps_
         body.contains("missing_role"),
         "the tightened policy still decides: {body}"
     );
+    // (Its own conversation: "c1" belongs to uma.)
     let admin = env.token("ada", "acme", &["admin"], ALL_SCOPES);
-    let r = send(&client, &base, "c1", &admin, json!({"text": "hi"}), None).await;
+    let r = send(&client, &base, "c2", &admin, json!({"text": "hi"}), None).await;
     expect_status(r, 202).await;
 
     gateway.shutdown().await;
