@@ -366,30 +366,58 @@ async fn turns_recall_only_their_subjects_memories_and_conversations_belong_to_t
     assert!(used(done).contains(&key_b), "{:?}", done.data);
     assert!(text.contains("crimson") && !text.contains("teal"), "{text}");
 
-    // Reward feedback was sent for the turns (utility 1 for the recalling one).
-    let (feedback, useful): (i64, i64) = sqlx::query_as(&format!(
-        "SELECT count(*), count(*) FILTER (WHERE utility > 0) FROM {memory_schema}.feedback \
-         WHERE tenant = 'acme'"
-    ))
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert!(feedback >= 3, "{feedback} feedback rows");
+    // A principal the policy grants `memory.read_tenant` (an admin with
+    // `memory:read`) recalls the tenant's memories — still never another
+    // tenant's — through the context route.
+    let ada = env.token(
+        "ada",
+        "acme",
+        &["admin"],
+        &format!("{ALL_SCOPES} memory:read"),
+    );
+    let conv_d = format!("d-{}", uuid::Uuid::new_v4().simple());
+    let mut sse_d = SseReader::open(&client, &base, &conv_d, &ada).await;
+    let asked_d = turn(
+        &client,
+        &base,
+        &mut sse_d,
+        &conv_d,
+        &ada,
+        "what is my favourite colour",
+    )
+    .await;
+    let done = completed(&asked_d);
+    let seen = used(done);
+    assert!(
+        seen.contains(&key_a) && seen.contains(&key_b),
+        "{:?}",
+        done.data
+    );
+    assert!(
+        !seen.contains(&key_e),
+        "another tenant's memory: {:?}",
+        done.data
+    );
+
+    // Reward feedback is sent for every turn (after its memory is stored),
+    // with utility for the turns whose reply used memories.
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut useful = useful;
-    while useful < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "no feedback with utility for the recalling turns"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        useful = sqlx::query_as::<_, (i64,)>(&format!(
-            "SELECT count(*) FROM {memory_schema}.feedback WHERE tenant = 'acme' AND utility > 0"
+    loop {
+        let (feedback, useful): (i64, i64) = sqlx::query_as(&format!(
+            "SELECT count(*), count(*) FILTER (WHERE utility > 0) \
+             FROM {memory_schema}.feedback WHERE tenant = 'acme'"
         ))
         .fetch_one(&pool)
         .await
-        .unwrap()
-        .0;
+        .unwrap();
+        if feedback >= 5 && useful >= 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "feedback: {feedback} rows, {useful} with utility"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     // Another subject of the tenant, and another tenant: 403 on send and
@@ -540,11 +568,11 @@ async fn turns_recall_only_their_subjects_memories_and_conversations_belong_to_t
         "time to first token observed"
     );
 
-    drop((sse_a, sse_b, sse_e));
+    drop((sse_a, sse_b, sse_e, sse_d));
     replicator.shutdown().await;
     worker.shutdown().await;
     gateway.shutdown().await;
-    logs.assert_free_of(&[&alice, &bob, &eve, MEMORY_TOKEN, &env.secret]);
+    logs.assert_free_of(&[&alice, &bob, &eve, &ada, MEMORY_TOKEN, &env.secret]);
 }
 
 /// What the fake model does with the next requests.
