@@ -262,6 +262,7 @@ async fn turns_recall_only_their_subjects_memories_and_conversations_belong_to_t
     let live = env.settings(&[
         ("somabrain.base_url", json!(format!("http://{brain}"))),
         ("somabrain.token", json!(MEMORY_TOKEN)),
+        ("chat.recall_top_k", json!(8)),
     ]);
     let gateway = Gateway::start(live.clone(), listener().await, listener().await)
         .await
@@ -437,58 +438,34 @@ async fn turns_recall_only_their_subjects_memories_and_conversations_belong_to_t
         .unwrap();
     assert_forbidden(r, "tenant_mismatch").await;
 
-    // Idempotency: the client gives up before the answer; its retry with
-    // the same key gets the id derived from (tenant, subject, key), and
-    // the message is answered once. Bob's same key is another message.
+    // Idempotency: the message id is derived from (tenant, subject, key);
+    // the retry gets the first answer and the message is answered once.
+    // Bob's same key is another message.
     let key = format!("k-{}", uuid::Uuid::new_v4().simple());
     let expected = message_id_for("acme", "alice", &key);
-    // The first try: the whole request is written, then the connection is
-    // closed at once, before any answer.
-    let body = json!({"text": "once only"}).to_string();
-    let raw = format!(
-        "POST /v1/conversations/{conv_a}/messages HTTP/1.1\r\nHost: {}\r\n\
-         Authorization: Bearer {alice}\r\nContent-Type: application/json\r\n\
-         Idempotency-Key: {key}\r\nContent-Length: {}\r\n\r\n{body}",
-        gateway.addr(),
-        body.len()
-    );
-    {
-        use tokio::io::AsyncWriteExt;
-        let mut conn = tokio::net::TcpStream::connect(gateway.addr())
-            .await
-            .unwrap();
-        conn.write_all(raw.as_bytes()).await.unwrap();
-        conn.shutdown().await.unwrap();
-    }
-    // The retry gets the answer the abandoned request's publish stored.
-    let mut retry_answer = None;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while retry_answer.is_none() {
-        let r = send(
-            &client,
-            &base,
-            &conv_a,
-            &alice,
-            json!({"text": "once only"}),
-            Some(&key),
-        )
-        .await;
-        match r.status().as_u16() {
-            202 => {
-                assert_eq!(
-                    r.headers()
-                        .get("idempotent-replayed")
-                        .map(|v| v.to_str().unwrap()),
-                    Some("true"),
-                    "the abandoned request's publish completed and stored its answer"
-                );
-                retry_answer = Some(r.json::<Value>().await.unwrap());
-            }
-            409 => tokio::time::sleep(Duration::from_millis(100)).await,
-            other => panic!("retry answered {other}"),
-        }
-        assert!(Instant::now() < deadline, "the retry never got its answer");
-    }
+    let first = send(
+        &client,
+        &base,
+        &conv_a,
+        &alice,
+        json!({"text": "once only"}),
+        Some(&key),
+    )
+    .await;
+    let first: Value = expect_status(first, 202).await.json().await.unwrap();
+    assert_eq!(first["message_id"], expected.to_string());
+    let retry = send(
+        &client,
+        &base,
+        &conv_a,
+        &alice,
+        json!({"text": "once only"}),
+        Some(&key),
+    )
+    .await;
+    let retry = expect_status(retry, 202).await;
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    let retry_answer = Some(retry.json::<Value>().await.unwrap());
     let retry_answer = retry_answer.unwrap();
     assert_eq!(retry_answer["message_id"], expected.to_string());
     let once = answer_to(&mut sse_a, &expected.to_string()).await;
@@ -529,7 +506,7 @@ async fn turns_recall_only_their_subjects_memories_and_conversations_belong_to_t
                 "soma_policy_auth_decisions_total",
                 "soma_bus_published_total",
                 "soma_outbox_pending",
-                "soma_platform_sse_resumes_total",
+                "soma_platform_sse_resets_total",
             ][..],
         ),
         (
@@ -818,4 +795,56 @@ async fn a_configured_model_streams_the_reply_and_tools_keep_to_their_limits() {
     worker.shutdown().await;
     gateway.shutdown().await;
     logs.assert_free_of(&[&ava, LLM_KEY, &env.secret]);
+}
+
+/// The request times out at the gateway (`http.request_timeout_ms`, 400 ms)
+/// while its publish waits for an unreachable broker (1.5 s, then the
+/// outbox): the publish is not cancelled with the request. It completes,
+/// stores its answer under the key, and the client's retry gets that answer
+/// (`deferred`, replayed) with the id derived from (tenant, subject, key).
+/// Were the publish tied to the request, the retry would find the key
+/// still in progress (`409`) until its claim expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_outlives_its_timed_out_request_and_the_retry_gets_its_answer() {
+    let env = Env::new();
+    let dead_broker = format!("127.0.0.1:{}", soma_testkit::free_port());
+    let live = env.settings(&[
+        ("bus.bootstrap_servers", json!(dead_broker)),
+        ("bus.publish_timeout_ms", json!(1_500)),
+        ("http.request_timeout_ms", json!(400)),
+    ]);
+    let gateway = Gateway::start(live, listener().await, listener().await)
+        .await
+        .expect("the gateway starts without Kafka");
+    let base = format!("http://{}", gateway.addr());
+    let client = reqwest::Client::new();
+    let token = env.token("alice", "acme", &["user"], ALL_SCOPES);
+    let key = format!("k-{}", uuid::Uuid::new_v4().simple());
+    let body = json!({"text": "are you there"});
+
+    let first = send(&client, &base, "c-slow", &token, body.clone(), Some(&key)).await;
+    assert_eq!(
+        first.status(),
+        StatusCode::GATEWAY_TIMEOUT,
+        "the request timed out"
+    );
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let retry = send(&client, &base, "c-slow", &token, body, Some(&key)).await;
+    let retry = expect_status(retry, 202).await;
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    let answer: Value = retry.json().await.unwrap();
+    assert_eq!(answer["delivery"], "deferred");
+    assert_eq!(
+        answer["message_id"],
+        message_id_for("acme", "alice", &key).to_string()
+    );
+    // Exactly one message is waiting in the outbox with that id.
+    let stats = gateway
+        .runtime()
+        .outbox
+        .stats()
+        .await
+        .expect("outbox stats");
+    assert_eq!(stats.pending, 1, "{stats:?}");
+    gateway.shutdown().await;
 }
