@@ -465,8 +465,7 @@ async fn turns_recall_only_their_subjects_memories_and_conversations_belong_to_t
     .await;
     let retry = expect_status(retry, 202).await;
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
-    let retry_answer = Some(retry.json::<Value>().await.unwrap());
-    let retry_answer = retry_answer.unwrap();
+    let retry_answer: Value = retry.json().await.unwrap();
     assert_eq!(retry_answer["message_id"], expected.to_string());
     let once = answer_to(&mut sse_a, &expected.to_string()).await;
     completed(&once);
