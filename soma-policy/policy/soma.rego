@@ -27,6 +27,7 @@ actions := {
 	"conversation.read": {"roles": {"user", "agent", "admin"}, "scope": "conversation:read"},
 	"tool.execute": {"roles": {"agent", "admin"}, "scope": "tool:execute"},
 	"memory.write": {"roles": {"user", "agent", "admin"}, "scope": "memory:write"},
+	"memory.read_tenant": {"roles": {"admin"}, "scope": "memory:read"},
 	"scheduler.create": {"roles": {"operator", "admin"}, "scope": "scheduler:write"},
 	"scheduler.read": {"roles": {"user", "operator", "admin"}, "scope": "scheduler:read"},
 	"scheduler.update": {"roles": {"operator", "admin"}, "scope": "scheduler:write"},
@@ -102,4 +103,14 @@ reasons contains "not_schedule_owner" if {
 	is_string(input.context.owner)
 	input.context.owner != input.subject
 	not admin
+}
+
+# A conversation belongs to the subject that created it: `context.owner`
+# is set from the conversation store by whoever knows it (the gateway
+# after its route check, the conversation worker on every turn). No role
+# overrides it; without an owner in the input only the route check runs.
+reasons contains "not_conversation_owner" if {
+	input.action in {"conversation.send", "conversation.read"}
+	is_string(input.context.owner)
+	input.context.owner != input.subject
 }

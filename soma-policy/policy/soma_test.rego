@@ -159,3 +159,37 @@ test_high_risk_tool_without_roles_needs_admin if {
 	)
 	d.reasons == ["high_risk_tool_requires_admin", "missing_role"]
 }
+
+test_owner_sends_and_reads_own_conversation if {
+	authz.allow with input as object.union(base, {"context": {"owner": "user-1", "resource_tenant": "t1"}})
+	authz.allow with input as object.union(base, {
+		"action": "conversation.read", "scopes": ["conversation:read"],
+		"context": {"owner": "user-1"},
+	})
+}
+
+test_another_subject_cannot_use_a_conversation if {
+	d := authz.decision with input as object.union(base, {"context": {"owner": "user-2"}})
+	d.reasons == ["not_conversation_owner"]
+	r := authz.decision with input as object.union(base, {
+		"action": "conversation.read", "scopes": ["conversation:read"],
+		"context": {"owner": "user-2"},
+	})
+	r.reasons == ["not_conversation_owner"]
+}
+
+test_an_admin_cannot_use_another_subjects_conversation if {
+	d := authz.decision with input as object.union(base, {"roles": ["admin"], "context": {"owner": "user-2"}})
+	d.reasons == ["not_conversation_owner"]
+}
+
+test_another_tenants_conversation_is_out_of_reach if {
+	d := authz.decision with input as object.union(base, {"context": {"owner": "user-1", "resource_tenant": "t2"}})
+	d.reasons == ["tenant_mismatch"]
+}
+
+test_tenant_wide_memory_recall_is_for_admins_with_the_scope if {
+	authz.allow with input as object.union(base, {"action": "memory.read_tenant", "roles": ["admin"], "scopes": ["memory:read"]})
+	d := authz.decision with input as object.union(base, {"action": "memory.read_tenant", "scopes": ["memory:read"]})
+	d.reasons == ["missing_role"]
+}

@@ -70,6 +70,7 @@ const ACTIONS: &[&str] = &[
     "conversation.read",
     "tool.execute",
     "memory.write",
+    "memory.read_tenant",
     "scheduler.create",
     "scheduler.read",
     "scheduler.update",

@@ -71,7 +71,7 @@ pub(crate) struct Observed {
     /// Every SSE event id seen, and how often one was seen again.
     event_ids: HashSet<String>,
     pub(crate) duplicate_event_ids: u64,
-    /// Message id → ids of the `reply.completed` events seen for it.
+    /// Message id → ids of the `assistant.completed` events seen for it.
     pub(crate) completed: HashMap<String, Vec<String>>,
     /// Per conversation, message ids in the order their replies completed.
     pub(crate) completion_order: Vec<Vec<String>>,
@@ -94,7 +94,7 @@ pub(crate) struct Tally {
 }
 
 impl Observed {
-    /// Counts what the client saw: delivered (a `reply.completed` for an
+    /// Counts what the client saw: delivered (a `assistant.completed` for an
     /// accepted message), duplicates (an event id seen again, a second
     /// completed reply for one message, one send accepted as two messages)
     /// and per-conversation order violations.
@@ -134,7 +134,7 @@ impl Observed {
             self.sse_lagged += 1;
             return;
         }
-        if !event.starts_with("reply.") {
+        if !event.starts_with("assistant.") {
             // `reset`, `shutdown`, `unavailable`: stream control, not replies
             // (a `reset` id repeats the last id replayed).
             return;
@@ -143,7 +143,7 @@ impl Observed {
             self.duplicate_event_ids += 1;
             return;
         }
-        if event != "reply.completed" {
+        if event != "assistant.completed" {
             return;
         }
         let Some(message_id) = data["message_id"].as_str() else {
@@ -572,11 +572,11 @@ mod tests {
         o.accepted.insert("m2".into(), sent(1));
         o.accepted.insert("m3".into(), sent(2));
         let done = |m: &str| serde_json::json!({"message_id": m});
-        o.record_event(0, "reply.started", "e0", &done("m1"));
-        o.record_event(0, "reply.completed", "e1", &done("m1"));
-        o.record_event(0, "reply.completed", "e1", &done("m1")); // same event again
-        o.record_event(0, "reply.completed", "e2", &done("m2"));
-        o.record_event(0, "reply.completed", "e3", &done("m2")); // a second reply
+        o.record_event(0, "assistant.started", "e0", &done("m1"));
+        o.record_event(0, "assistant.completed", "e1", &done("m1"));
+        o.record_event(0, "assistant.completed", "e1", &done("m1")); // same event again
+        o.record_event(0, "assistant.completed", "e2", &done("m2"));
+        o.record_event(0, "assistant.completed", "e3", &done("m2")); // a second reply
         let t = o.tally();
         assert_eq!(t.accepted, 3);
         assert_eq!(t.delivered, 2);

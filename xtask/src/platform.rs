@@ -374,7 +374,7 @@ fn smoke(token: &str, conversation: &str) -> Result<String, String> {
                 event = e.trim().to_owned();
             } else if let Some(d) = line.strip_prefix("data:") {
                 let v: serde_json::Value = serde_json::from_str(d.trim()).unwrap_or_default();
-                if event == "reply.completed" && v["message_id"] == id.as_str() {
+                if event == "assistant.completed" && v["message_id"] == id.as_str() {
                     return Ok(v["text"].as_str().unwrap_or_default().to_owned());
                 }
             }

@@ -1,35 +1,58 @@
-//! The conversation worker: answers each accepted message exactly once.
+//! The conversation worker: answers each accepted message exactly once,
+//! with SomaBrain memory in the loop.
 //!
 //! For each `chat.message.received` envelope (consumer group
 //! `<bus.consumer_group>.conversation`, per-conversation order):
 //!
 //! 0. a message `/<tool> <input>` becomes a tool call for the tool
 //!    executor (same transaction pattern as below, no reply from here);
-//! 1. recall related memories from SomaBrain — when SomaBrain is down the
-//!    reply says so (`memory: "unavailable"`) instead of failing;
-//! 2. in **one Postgres transaction**: record the message id in the inbox
+//! 1. **authorize the turn**: `conversation.send` for the message's
+//!    principal with the conversation's owner (`context.owner`,
+//!    `context.resource_tenant`, see [`crate::conversations`]) — the
+//!    gateway checked the same at intake, the worker checks again with
+//!    the policy in force now. A denial answers with one `error` event;
+//!    a policy engine that cannot decide is retried (fail closed);
+//! 2. **recall**: the subject's own memories (`recall` in the subject's
+//!    namespace, [`protocol::memory_namespace`]), or — when the policy
+//!    grants `memory.read_tenant` — the tenant's, through SomaBrain's
+//!    context route. SomaBrain down: the reply says so (`memory:
+//!    "unavailable"`) instead of failing;
+//! 3. **generate** the reply with the configured [`ReplyGenerator`]
+//!    (an OpenAI-compatible model, or the built-in responder), measuring
+//!    time to first token and counting tokens. A model failure answers
+//!    with one `error` event, and nothing is remembered;
+//! 4. in **one Postgres transaction**: record the message id in the inbox
 //!    (a redelivered message is skipped), number and store the reply
 //!    events in the session event store (what SSE clients resume from,
 //!    see [`session_events`]), write them and the memory-write request
-//!    to the outbox (`publish_in_tx`), commit;
-//! 3. the relay delivers those records to Kafka in commit order.
+//!    (the turn, with the memories the reply used, for the memory
+//!    replicator's remember and reward feedback) to the outbox, commit;
+//! 5. the relay delivers those records to Kafka in commit order.
 //!
 //! So the reply is produced exactly once per message id, even across
 //! crashes and redeliveries, and nothing is lost while Kafka is down (the
-//! outbox holds it).
+//! outbox holds it). The reply's events are published when the whole
+//! reply is generated (that is what makes them exactly-once): at most
+//! [`protocol::MAX_DELTAS`] `assistant.delta` events per reply, coalesced
+//! from the generator's tokens.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use soma_bus::{Envelope, HandlerError};
+use futures::StreamExt;
+use soma_bus::{Effects, Envelope, HandlerError};
 use soma_config::Live;
-use soma_somabrain::{CallOptions, RecallRequest, SomabrainClient};
+use soma_observability::metrics::{HistogramFamily, MetricsRegistry};
+use soma_observability::prometheus_client::metrics::counter::Counter;
+use soma_observability::prometheus_client::metrics::family::Family;
+use soma_policy::{Authorizer, AuthzInput, PolicyMetrics, RequestInfo, Resource};
+use soma_somabrain::{CallOptions, ContextRequest, RecallRequest, SomabrainClient};
 use tokio::net::TcpListener;
 
 use crate::PlatformError;
+use crate::conversations::Conversations;
 use crate::protocol::{self, ChatRequest, MemoryStatus, MemoryWrite, ToolCall};
-use soma_bus::Effects;
-
+use crate::reply::{self, RecalledMemory, ReplyGenerator, Turn};
 use crate::runtime::{KafkaRole, Runtime, Worker};
 use crate::session_events::{self, SessionEvents};
 use crate::settings::PlatformSettings;
@@ -41,7 +64,52 @@ struct Ctx {
     settings: Arc<PlatformSettings>,
     effects: Effects,
     store: SessionEvents,
+    conversations: Conversations,
+    authz: Authorizer,
     brain: SomabrainClient,
+    generator: Box<dyn ReplyGenerator>,
+    metrics: AssistantMetrics,
+}
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// The assistant's metrics.
+#[derive(Clone)]
+struct AssistantMetrics {
+    /// `soma_platform_assistant_time_to_first_token_seconds{generator}`.
+    ttft: HistogramFamily<Labels>,
+    /// `soma_platform_assistant_tokens_total{generator}`.
+    tokens: Family<Labels, Counter>,
+    /// `soma_platform_assistant_turns_total{outcome}`.
+    turns: Family<Labels, Counter>,
+}
+
+impl AssistantMetrics {
+    fn new(registry: &MetricsRegistry) -> Self {
+        Self {
+            ttft: registry.histogram_family(
+                "soma_platform_assistant_time_to_first_token_seconds",
+                "From the start of handling a message to the reply generator's first \
+                 token (authorization and recall included), by generator",
+                &[
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ],
+            ),
+            tokens: registry.counter_family(
+                "soma_platform_assistant_tokens_total",
+                "Text pieces (tokens as the model streams them; words for the built-in \
+                 responder) generated for replies, by generator",
+            ),
+            turns: registry.counter_family(
+                "soma_platform_assistant_turns_total",
+                "Messages answered, by outcome: completed, denied (policy), model_failed",
+            ),
+        }
+    }
+
+    fn turn(&self, outcome: &'static str) {
+        self.turns.get_or_create(&vec![("outcome", outcome)]).inc();
+    }
 }
 
 /// Starts a conversation worker consuming `chat.requests_topic`; admin
@@ -51,12 +119,19 @@ pub async fn start(
     admin: TcpListener,
 ) -> Result<Worker, PlatformError> {
     let runtime = Runtime::start(live, admin, KafkaRole::Consumes, "conversation").await?;
+    let generator = reply::from_settings(&runtime.settings.llm)
+        .map_err(|e| PlatformError::Policy(format!("llm: {e}")))?;
+    tracing::info!(event = "reply_generator", generator = generator.name());
     let ctx = Arc::new(Ctx {
         settings: runtime.settings.clone(),
         effects: runtime.effects(),
         store: runtime.session_events.clone(),
+        conversations: runtime.conversations.clone(),
+        authz: runtime.authorizer(PolicyMetrics::new(&runtime.metrics))?,
         // Without SomaBrain the worker answers without memory.
         brain: runtime.somabrain()?,
+        generator,
+        metrics: AssistantMetrics::new(&runtime.metrics),
     });
     let chat = &ctx.settings.chat;
     // Retention of the session event store, off the handling path.
@@ -74,6 +149,7 @@ pub async fn start(
 }
 
 async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
+    let started = Instant::now();
     let req: ChatRequest = env
         .json()
         .map_err(|e| HandlerError::fatal(format!("not a chat request: {e}")))?;
@@ -93,6 +169,7 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
             principal: req.principal.clone(),
             tool,
             input,
+            request_id: req.request_id.clone(),
         };
         let call_env = Envelope::builder(
             protocol::TOOL_CALL,
@@ -111,39 +188,39 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
             .map(|_| ());
     }
 
-    let scope = CallOptions::new()
-        .tenant(req.principal.tenant.as_str())
-        .namespace(chat.memory_namespace.as_str())
-        .request_id(req.request_id.as_str());
-    let recall = RecallRequest::new(req.text.as_str()).top_k(chat.recall_top_k as u32);
-    let (memory, recalled) = match ctx.brain.recall(&recall, scope).await {
-        Ok(found) => {
-            let texts: Vec<String> = found
-                .hits_in_namespace()
-                .filter_map(|h| h.content.get("user_text").and_then(|v| v.as_str()))
-                .map(str::to_owned)
-                .collect();
-            if texts.is_empty() {
-                (MemoryStatus::None, texts)
-            } else {
-                (MemoryStatus::Recalled, texts)
-            }
-        }
+    if let Some(reasons) = authorize_turn(ctx, &req).await? {
+        ctx.metrics.turn("denied");
+        let text = format!("conversation.send denied: {}", reasons.join(", "));
+        let event = protocol::error_event(env.id, &req.conversation_id, &text, MemoryStatus::None);
+        return commit(ctx, &env, vec![event], &[]).await;
+    }
+
+    let (memory, memories) = recall(ctx, &req).await;
+    let turn = Turn {
+        subject: req.principal.subject.clone(),
+        text: req.text.clone(),
+        memory,
+        memories,
+    };
+    let reply = match generate(ctx, &turn, started).await {
+        Ok(r) => r,
         Err(e) => {
-            // Explicit, measured degradation: the client counts it and the
-            // health check reports it; the user still gets an answer.
-            tracing::warn!(event = "recall_unavailable", error = %e);
-            (MemoryStatus::Unavailable, Vec::new())
+            tracing::warn!(event = "reply_generation_failed", generator = ctx.generator.name(), error = %e);
+            ctx.metrics.turn("model_failed");
+            let text = format!("No reply: {e}.");
+            let event = protocol::error_event(env.id, &req.conversation_id, &text, memory);
+            return commit(ctx, &env, vec![event], &[]).await;
         }
     };
-    let reply = protocol::compose_reply(&req, memory, &recalled);
-    let events = protocol::reply_events(env.id, &req.conversation_id, &reply, memory);
+    let used: Vec<String> = turn.memories.iter().map(|m| m.key.clone()).collect();
+    let events = protocol::reply_events(env.id, &req.conversation_id, &reply, memory, &used);
     let write = MemoryWrite {
         conversation_id: req.conversation_id.clone(),
         message_id: env.id,
         principal: req.principal.clone(),
         user_text: req.text.clone(),
         reply_text: reply,
+        used_memories: used,
     };
     let memory_env = Envelope::builder(
         protocol::MEMORY_WRITE,
@@ -155,15 +232,168 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
     .caused_by(&env)
     .build()
     .map_err(HandlerError::fatal)?;
+    ctx.metrics.turn("completed");
+    commit(ctx, &env, events, &[(&chat.memory_topic, &memory_env)]).await
+}
+
+async fn commit(
+    ctx: &Ctx,
+    env: &Envelope,
+    events: Vec<protocol::ChatEvent>,
+    also: &[(&str, &Envelope)],
+) -> Result<(), HandlerError> {
     session_events::commit_reply(
         &ctx.effects,
         &ctx.store,
         HANDLER,
-        &env,
-        &chat.events_topic,
+        env,
+        &ctx.settings.chat.events_topic,
         events,
-        &[(&chat.memory_topic, &memory_env)],
+        also,
     )
     .await
     .map(|_| ())
+}
+
+/// `conversation.send` for the message's principal, with the
+/// conversation's owner. `Some(reasons)` when denied; an engine that
+/// cannot decide, or an unreachable ownership store, is retried.
+async fn authorize_turn(ctx: &Ctx, req: &ChatRequest) -> Result<Option<Vec<String>>, HandlerError> {
+    let p = &req.principal;
+    let owner = ctx
+        .conversations
+        .owner_or_claim(&req.conversation_id, &p.tenant, &p.subject)
+        .await
+        .map_err(HandlerError::retryable)?;
+    let input = AuthzInput::new(
+        p,
+        "conversation.send",
+        Resource {
+            kind: "conversation".into(),
+            id: Some(req.conversation_id.clone()),
+        },
+    )
+    .with_request(RequestInfo {
+        method: "TURN".into(),
+        route: ctx.settings.chat.requests_topic.clone(),
+        request_id: Some(req.request_id.clone()),
+    })
+    .with_context("owner", owner.subject)
+    .with_context("resource_tenant", owner.tenant);
+    let decision = ctx
+        .authz
+        .check(&input)
+        .await
+        .map_err(|e| HandlerError::retryable(format!("policy unavailable: {e}")))?;
+    Ok((!decision.allow).then_some(decision.reasons))
+}
+
+/// Whether the policy lets the principal recall the whole tenant's
+/// memories (`memory.read_tenant`); when it cannot decide, no (the
+/// narrower scope).
+async fn tenant_wide(ctx: &Ctx, req: &ChatRequest) -> bool {
+    let input = AuthzInput::new(
+        &req.principal,
+        "memory.read_tenant",
+        Resource {
+            kind: "memory".into(),
+            id: Some(req.principal.tenant.clone()),
+        },
+    )
+    .with_context("resource_tenant", req.principal.tenant.clone());
+    match ctx.authz.check(&input).await {
+        Ok(d) => d.allow,
+        Err(e) => {
+            tracing::warn!(event = "recall_scope_undecided", error = %e);
+            false
+        }
+    }
+}
+
+/// The memories for this turn: the subject's own (their namespace), or
+/// the tenant's when the policy grants it (the context route, which ranks
+/// across the tenant's namespaces). SomaBrain failing is `Unavailable`.
+async fn recall(ctx: &Ctx, req: &ChatRequest) -> (MemoryStatus, Vec<RecalledMemory>) {
+    let chat = &ctx.settings.chat;
+    let scope = CallOptions::new()
+        .tenant(req.principal.tenant.as_str())
+        .request_id(req.request_id.as_str());
+    let found: Result<Vec<RecalledMemory>, soma_somabrain::Error> = if tenant_wide(ctx, req).await {
+        let request = ContextRequest {
+            session_id: req.conversation_id.clone(),
+            query: req.text.clone(),
+            top_k: chat.recall_top_k as u32,
+        };
+        ctx.brain.context_evaluate(&request, scope).await.map(|c| {
+            c.memories
+                .iter()
+                .filter_map(|m| memory_of(m.get("message_id"), m.get("user_text")))
+                .collect()
+        })
+    } else {
+        let scope = scope.namespace(protocol::memory_namespace(
+            &chat.memory_namespace,
+            &req.principal.subject,
+        ));
+        let request = RecallRequest::new(req.text.as_str()).top_k(chat.recall_top_k as u32);
+        ctx.brain.recall(&request, scope).await.map(|r| {
+            r.hits_in_namespace()
+                .filter_map(|h| {
+                    Some(RecalledMemory {
+                        key: h.key()?.to_owned(),
+                        text: h.content.get("user_text")?.as_str()?.to_owned(),
+                    })
+                })
+                .collect()
+        })
+    };
+    match found {
+        Ok(m) if m.is_empty() => (MemoryStatus::None, m),
+        Ok(m) => (MemoryStatus::Recalled, m),
+        Err(e) => {
+            // Explicit, measured degradation: the client counts it and the
+            // health check reports it; the user still gets an answer.
+            tracing::warn!(event = "recall_unavailable", error = %e);
+            (MemoryStatus::Unavailable, Vec::new())
+        }
+    }
+}
+
+fn memory_of(
+    key: Option<&serde_json::Value>,
+    text: Option<&serde_json::Value>,
+) -> Option<RecalledMemory> {
+    Some(RecalledMemory {
+        key: key?.as_str()?.to_owned(),
+        text: text?.as_str()?.to_owned(),
+    })
+}
+
+/// Runs the generator to the end, recording time to first token and the
+/// token count.
+async fn generate(
+    ctx: &Ctx,
+    turn: &Turn,
+    started: Instant,
+) -> Result<String, reply::GenerateError> {
+    let labels = vec![("generator", ctx.generator.name())];
+    let mut stream = ctx.generator.generate(turn);
+    let mut reply = String::new();
+    let mut tokens = 0u64;
+    while let Some(piece) = stream.next().await {
+        let piece = piece?;
+        if tokens == 0 {
+            ctx.metrics
+                .ttft
+                .get_or_create(&labels)
+                .observe(started.elapsed().as_secs_f64());
+        }
+        tokens += 1;
+        reply.push_str(&piece);
+    }
+    ctx.metrics.tokens.get_or_create(&labels).inc_by(tokens);
+    if reply.trim().is_empty() {
+        return Err(reply::GenerateError::Malformed("the reply is empty".into()));
+    }
+    Ok(reply)
 }

@@ -3,13 +3,15 @@
 //!
 //! | Route | Action | What it does |
 //! |---|---|---|
-//! | `POST /v1/conversations/{id}/messages` | `conversation.send` | Accepts `{"text": …}`, publishes it durably (Kafka, or the outbox when Kafka is down), answers `202` with the message id. An `Idempotency-Key` header makes retries return the first answer. |
-//! | `GET /v1/conversations/{id}/events` | `conversation.read` | Server-sent events `reply.started`, `reply.delta`, `reply.completed` for that conversation of the caller's tenant: from the moment of connecting, or, with `Last-Event-ID`, every event after that id still kept (replayed from the session event store, then live). Heartbeat comments every `chat.sse_heartbeat_ms`. |
+//! | `POST /v1/conversations/{id}/messages` | `conversation.send` | Accepts `{"text": …}`, publishes it durably (Kafka, or the outbox when Kafka is down), answers `202` with the message id. An `Idempotency-Key` header (scoped per tenant and subject) makes retries return the first answer, and derives the message id from (tenant, subject, key). |
+//! | `GET /v1/conversations/{id}/events` | `conversation.read` | Server-sent events `assistant.started`, `assistant.delta`, `assistant.completed`, `error` and `tool.result` for that conversation: from the moment of connecting, or, with `Last-Event-ID`, every event after that id still kept (replayed from the session event store, then live). Heartbeat comments every `chat.sse_heartbeat_ms`. |
 //!
 //! Every request passes, in order: metrics and tracing → authentication (JWT
 //! or API key; `401`) → rate limit per tenant and route (`429`) →
 //! authorization through the embedded Rego policy (`403`, or `503` when no
-//! decision can be had) → the handler.
+//! decision can be had) → the handler, which authorizes the action again
+//! with the conversation's owner (see [`crate::conversations`]): another
+//! subject or tenant gets `403`.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -33,11 +35,13 @@ use soma_observability::prometheus_client::metrics::counter::Counter;
 use soma_observability::prometheus_client::metrics::family::Family;
 use soma_observability::shutdown::Shutdown;
 use soma_policy::{
-    ApiKeyStore, Authenticator, AuthnLayer, AuthzLayer, PgApiKeyStore, PolicyMetrics, Principal,
-    RouteMap, RouteRule,
+    ApiKeyStore, Authenticator, AuthnLayer, Authorizer, AuthzInput, AuthzLayer, PgApiKeyStore,
+    PolicyMetrics, Principal, RequestInfo, Resource, RouteMap, RouteRule,
 };
 use soma_redis::rate_limit::{RateLimitKey, RateLimitLayer};
-use soma_redis::{Claim, Idempotency, IdempotencyOptions, RateLimit, RateLimiter, RedisClient};
+use soma_redis::{
+    Claim, ClaimGuard, Idempotency, IdempotencyOptions, RateLimit, RateLimiter, RedisClient,
+};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -45,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::PlatformError;
+use crate::conversations::Conversations;
 use crate::protocol::{self, ChatEvent, ChatRequest};
 use crate::runtime::{KafkaRole, Runtime};
 use crate::session_events::SessionEvents;
@@ -208,6 +213,8 @@ impl SseMetrics {
 
 struct Shared {
     settings: Arc<PlatformSettings>,
+    authz: Arc<Authorizer>,
+    conversations: Conversations,
     runtime_publisher: soma_bus::DurablePublisher,
     idempotency: Idempotency,
     hub: Arc<Hub>,
@@ -289,7 +296,7 @@ impl Gateway {
             .metrics(policy_metrics.clone())
             .build()
             .map_err(|e| PlatformError::Policy(e.to_string()))?;
-        let authz = runtime.authorizer(policy_metrics)?;
+        let authz = Arc::new(runtime.authorizer(policy_metrics)?);
         let mut rules = routes();
         rules.extend(settings.policy.routes.iter().cloned());
         let routes = RouteMap::new(rules).map_err(|e| PlatformError::Policy(e.to_string()))?;
@@ -299,6 +306,8 @@ impl Gateway {
 
         let shared = Arc::new(Shared {
             settings: settings.clone(),
+            authz: authz.clone(),
+            conversations: runtime.conversations.clone(),
             runtime_publisher: runtime.publisher.clone(),
             idempotency,
             hub,
@@ -317,7 +326,7 @@ impl Gateway {
         let app = Router::new()
             .route(MESSAGES_ROUTE, post(post_message))
             .route(EVENTS_ROUTE, get(events_stream))
-            .route_layer(AuthzLayer::new(Arc::new(authz), Arc::new(routes)))
+            .route_layer(AuthzLayer::new(authz, Arc::new(routes)))
             .route_layer(rate_limit)
             .layer(AuthnLayer::new(Arc::new(authn)))
             .fallback(|| async { problem(StatusCode::NOT_FOUND, "not_found", "no such route") })
@@ -553,63 +562,37 @@ async fn post_message(
         );
     }
 
-    let claim = match headers.get(IDEMPOTENCY_KEY) {
+    if let Err(r) = authorize_owner(
+        &gw,
+        &principal,
+        OwnerCheck::SEND,
+        &conversation_id,
+        &headers,
+    )
+    .await
+    {
+        return r;
+    }
+
+    let key = match headers.get(IDEMPOTENCY_KEY) {
         None => None,
-        Some(v) => {
-            let Some(key) = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 128) else {
+        Some(v) => match v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 128) {
+            Some(k) => Some(k.to_owned()),
+            None => {
                 return problem(
                     StatusCode::BAD_REQUEST,
                     "invalid_idempotency_key",
                     "Idempotency-Key must be 1-128 visible ASCII characters",
                 );
-            };
-            let key = hex::encode(Sha256::digest(key.as_bytes()));
-            let mut fp = Sha256::new();
-            fp.update(conversation_id.as_bytes());
-            fp.update([0]);
-            fp.update(&body);
-            let fingerprint = hex::encode(fp.finalize());
-            match gw
-                .idempotency
-                .claim::<Accepted>(&principal.tenant, &key, &fingerprint)
-                .await
-            {
-                Ok(Claim::Acquired(guard)) => Some(guard),
-                Ok(Claim::Completed(first)) => {
-                    let mut r = (StatusCode::ACCEPTED, axum::Json(first)).into_response();
-                    r.headers_mut()
-                        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-                    return r;
-                }
-                Ok(Claim::InProgress { retry_after }) => {
-                    let mut r = problem(
-                        StatusCode::CONFLICT,
-                        "request_in_progress",
-                        "a request with this Idempotency-Key is still being handled",
-                    );
-                    let secs = retry_after.as_secs().max(1).to_string();
-                    if let Ok(v) = HeaderValue::from_str(&secs) {
-                        r.headers_mut().insert(header::RETRY_AFTER, v);
-                    }
-                    return r;
-                }
-                Ok(Claim::Mismatch) => {
-                    return problem(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "idempotency_key_reused",
-                        "this Idempotency-Key was used for a different request",
-                    );
-                }
-                Err(e) => {
-                    tracing::warn!(event = "idempotency_unavailable", error = %e);
-                    return problem(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "idempotency_unavailable",
-                        "cannot check the Idempotency-Key right now; retry later",
-                    );
-                }
             }
-        }
+        },
+    };
+    let claim = match &key {
+        None => None,
+        Some(key) => match claim_key(&gw, &principal, key, &conversation_id, &body).await {
+            Ok(guard) => Some(guard),
+            Err(answer) => return answer,
+        },
     };
 
     let request = ChatRequest {
@@ -618,11 +601,19 @@ async fn post_message(
         principal: principal.clone(),
         request_id: request_id(&headers),
     };
+    // A retry with the same key publishes the same envelope id, so even a
+    // retry the key store no longer remembers is one message to the
+    // worker's inbox.
+    let id = match &key {
+        Some(k) => message_id_for(&principal.tenant, &principal.subject, k),
+        None => Uuid::now_v7(),
+    };
     let envelope = Envelope::builder(
         protocol::MESSAGE_RECEIVED,
         principal.tenant.as_str(),
         conversation_id.as_str(),
     )
+    .id(id)
     .json(&request)
     .and_then(|b| b.correlation_id(request.request_id.as_str()).build());
     let envelope = match envelope {
@@ -634,11 +625,120 @@ async fn post_message(
             return problem(StatusCode::BAD_REQUEST, "invalid_message", &e.to_string());
         }
     };
-    let outcome = gw
-        .runtime_publisher
-        .publish(&gw.settings.chat.requests_topic, &envelope)
-        .await;
-    let delivery = match outcome {
+    // The publish runs in its own task: a client that disconnects (or the
+    // request timeout) drops this handler, not the publish, which completes
+    // and stores its answer under the key for the client's retry.
+    let publish = tokio::spawn(publish_message(
+        gw.runtime_publisher.clone(),
+        gw.settings.chat.requests_topic.clone(),
+        envelope,
+        conversation_id,
+        claim,
+    ));
+    match publish.await {
+        Ok(Ok(accepted)) => (StatusCode::ACCEPTED, axum::Json(accepted)).into_response(),
+        Ok(Err(answer)) => answer,
+        Err(e) => {
+            tracing::error!(event = "publish_task_failed", error = %e);
+            problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
+        }
+    }
+}
+
+/// The envelope id of the message sent with Idempotency-Key `key` by
+/// `subject` of `tenant`: the first 128 bits of a SHA-256 over the three
+/// (as a version-8 UUID), so every retry of one request publishes the
+/// same id, and the same key of another subject or tenant another one.
+pub fn message_id_for(tenant: &str, subject: &str, key: &str) -> Uuid {
+    let mut h = Sha256::new();
+    for part in ["soma-platform/message", tenant, subject, key] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    let digest = h.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+/// Claims `key` for this request, scoped to the caller's tenant **and
+/// subject** (another subject's key never replays this one's answer).
+/// `Err` is the answer to send instead: the stored first answer (`202`,
+/// `Idempotent-Replayed: true`), `409` in progress, `422` reused for
+/// another body, `503` when the key store is unreachable.
+async fn claim_key(
+    gw: &Shared,
+    principal: &Principal,
+    key: &str,
+    conversation_id: &str,
+    body: &[u8],
+) -> Result<ClaimGuard, Response> {
+    let mut k = Sha256::new();
+    k.update(principal.subject.as_bytes());
+    k.update([0]);
+    k.update(key.as_bytes());
+    let key = hex::encode(k.finalize());
+    let mut fp = Sha256::new();
+    fp.update(conversation_id.as_bytes());
+    fp.update([0]);
+    fp.update(body);
+    let fingerprint = hex::encode(fp.finalize());
+    match gw
+        .idempotency
+        .claim::<Accepted>(&principal.tenant, &key, &fingerprint)
+        .await
+    {
+        Ok(Claim::Acquired(guard)) => Ok(guard),
+        Ok(Claim::Completed(first)) => {
+            let mut r = (StatusCode::ACCEPTED, axum::Json(first)).into_response();
+            r.headers_mut()
+                .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+            Err(r)
+        }
+        Ok(Claim::InProgress { retry_after }) => {
+            let mut r = problem(
+                StatusCode::CONFLICT,
+                "request_in_progress",
+                "a request with this Idempotency-Key is still being handled",
+            );
+            let secs = retry_after.as_secs().max(1).to_string();
+            if let Ok(v) = HeaderValue::from_str(&secs) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            Err(r)
+        }
+        Ok(Claim::Mismatch) => Err(problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used for a different request",
+        )),
+        Err(e) => {
+            tracing::warn!(event = "idempotency_unavailable", error = %e);
+            Err(problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "idempotency_unavailable",
+                "cannot check the Idempotency-Key right now; retry later",
+            ))
+        }
+    }
+}
+
+/// Publishes an accepted message (Kafka, or the outbox when Kafka is down)
+/// and settles its idempotency claim: completed with the answer, or
+/// released when nothing was accepted. Runs to the end whatever happens to
+/// the request that started it.
+async fn publish_message(
+    publisher: soma_bus::DurablePublisher,
+    topic: String,
+    envelope: Envelope,
+    conversation_id: String,
+    claim: Option<ClaimGuard>,
+) -> Result<Accepted, Response> {
+    let delivery = match publisher.publish(&topic, &envelope).await {
         Ok(PublishOutcome::Published { .. }) => "kafka",
         Ok(PublishOutcome::Deferred(_)) => "deferred",
         Err(e) => {
@@ -647,11 +747,11 @@ async fn post_message(
             if let Some(g) = claim {
                 let _ = g.release().await;
             }
-            return problem(
+            return Err(problem(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "bus_unavailable",
                 "the message was not accepted; retry later",
-            );
+            ));
         }
     };
     let accepted = Accepted {
@@ -662,12 +762,91 @@ async fn post_message(
     if let Some(g) = claim {
         if let Err(e) = g.complete(&accepted).await {
             // The message is accepted, but the stored answer is not: a
-            // retry after the in-progress claim expires is accepted again,
-            // as a new message. Say so in the logs.
+            // retry after the in-progress claim expires publishes again,
+            // with the same envelope id (the worker's inbox drops it).
             tracing::warn!(event = "idempotency_complete_failed", error = %e);
         }
     }
-    (StatusCode::ACCEPTED, axum::Json(accepted)).into_response()
+    Ok(accepted)
+}
+
+/// The action and route of an ownership check.
+#[derive(Debug, Clone, Copy)]
+struct OwnerCheck {
+    action: &'static str,
+    method: &'static str,
+    route: &'static str,
+}
+
+impl OwnerCheck {
+    const SEND: Self = Self {
+        action: "conversation.send",
+        method: "POST",
+        route: MESSAGES_ROUTE,
+    };
+    const READ: Self = Self {
+        action: "conversation.read",
+        method: "GET",
+        route: EVENTS_ROUTE,
+    };
+}
+
+/// Authorizes `check.action` on the conversation again, now with its owner
+/// (`context.owner`, `context.resource_tenant`) from the ownership store;
+/// the first to use a conversation id becomes its owner (see
+/// [`crate::conversations`]). `Err` is the answer: `403 forbidden` (another
+/// subject or tenant), `503` when the store or the policy cannot answer.
+async fn authorize_owner(
+    gw: &Shared,
+    principal: &Principal,
+    check: OwnerCheck,
+    conversation_id: &str,
+    headers: &HeaderMap,
+) -> Result<(), Response> {
+    let owner = gw
+        .conversations
+        .owner_or_claim(conversation_id, &principal.tenant, &principal.subject)
+        .await
+        .map_err(|e| {
+            tracing::warn!(event = "conversation_store_unavailable", error = %e);
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "conversation_store_unavailable",
+                "cannot check the conversation's owner right now; retry later",
+            )
+        })?;
+    let input = AuthzInput::new(
+        principal,
+        check.action,
+        Resource {
+            kind: "conversation".into(),
+            id: Some(conversation_id.to_owned()),
+        },
+    )
+    .with_request(RequestInfo {
+        method: check.method.to_owned(),
+        route: check.route.to_owned(),
+        request_id: headers
+            .get(soma_policy::REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() <= 128)
+            .map(str::to_owned),
+    })
+    .with_context("owner", owner.subject)
+    .with_context("resource_tenant", owner.tenant);
+    match gw.authz.check(&input).await {
+        Ok(d) if d.allow => Ok(()),
+        Ok(d) => Err(problem(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            &format!("{} denied: {}", check.action, d.reasons.join(", ")),
+        )),
+        Err(e) => Err(problem(
+            e.status(),
+            e.code(),
+            "the policy engine is unavailable",
+        )),
+    }
 }
 
 /// Request header with the id of the last event an SSE client saw.
@@ -899,6 +1078,17 @@ async fn events_stream(
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
+    if let Err(r) = authorize_owner(
+        &gw,
+        &principal,
+        OwnerCheck::READ,
+        &conversation_id,
+        &headers,
+    )
+    .await
+    {
+        return r;
+    }
     // Subscribed before the store is read: an event is in the replay, or
     // on the channel, or both (then dropped by id) — never in neither.
     let sub = gw.hub.subscribe(&principal.tenant, &conversation_id);
@@ -1012,6 +1202,7 @@ mod tests {
             "c1",
             "one two three four five six seven eight",
             protocol::MemoryStatus::None,
+            &[],
         );
         let mut tx = pool.begin().await.unwrap();
         store.append(&mut tx, "t", "c1", &mut events).await.unwrap();
@@ -1071,8 +1262,13 @@ mod tests {
             1
         );
         // Live again: the next event is delivered from the channel.
-        let mut more =
-            protocol::reply_events(Uuid::now_v7(), "c1", "again", protocol::MemoryStatus::None);
+        let mut more = protocol::reply_events(
+            Uuid::now_v7(),
+            "c1",
+            "again",
+            protocol::MemoryStatus::None,
+            &[],
+        );
         let mut tx = pool.begin().await.unwrap();
         store.append(&mut tx, "t", "c1", &mut more).await.unwrap();
         tx.commit().await.unwrap();

@@ -2,9 +2,11 @@
 
 pub mod cli;
 pub mod conversation;
+pub mod conversations;
 pub mod gateway;
 pub mod memory;
 pub mod protocol;
+pub mod reply;
 pub mod runtime;
 pub mod session_events;
 pub mod settings;

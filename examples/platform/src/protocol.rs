@@ -16,6 +16,8 @@ pub const REPLY_EVENT: &str = "chat.reply.event";
 pub const MEMORY_WRITE: &str = "memory.write.requested";
 /// Envelope type of a tool call.
 pub const TOOL_CALL: &str = "tool.call.requested";
+/// Envelope type of a tool's result (on `chat.tool_results_topic`).
+pub const TOOL_RESULT: &str = "tool.result";
 
 /// A user message accepted by the gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,16 +44,31 @@ pub enum EventKind {
     Delta,
     /// The reply is complete; `text` is the whole reply.
     Completed,
+    /// The message got no reply; `text` says why (e.g. the policy denied
+    /// the turn, or the model failed). Ends the answer like `completed`.
+    Error,
+    /// A tool ran (or was refused); `text` is its output (see
+    /// [`ToolResult`]). The reply events follow.
+    ToolResult,
 }
 
 impl EventKind {
-    /// The SSE event name: `reply.started`, `reply.delta`, `reply.completed`.
+    /// The SSE event name: `assistant.started`, `assistant.delta`,
+    /// `assistant.completed`, `error`, `tool.result`.
     pub fn sse_name(self) -> &'static str {
         match self {
-            EventKind::Started => "reply.started",
-            EventKind::Delta => "reply.delta",
-            EventKind::Completed => "reply.completed",
+            EventKind::Started => "assistant.started",
+            EventKind::Delta => "assistant.delta",
+            EventKind::Completed => "assistant.completed",
+            EventKind::Error => "error",
+            EventKind::ToolResult => "tool.result",
         }
+    }
+
+    /// Whether this event ends the answer to its message (`completed` or
+    /// `error`).
+    pub fn is_final(self) -> bool {
+        matches!(self, EventKind::Completed | EventKind::Error)
     }
 }
 
@@ -77,6 +94,10 @@ pub struct ChatEvent {
     /// what `Last-Event-ID` resumes from. 0 on an event that was not stored.
     #[serde(default)]
     pub event_id: u64,
+    /// On `completed`: the keys of the memories the reply used (the ids of
+    /// the messages that created them). Absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub memories: Vec<String>,
 }
 
 /// How the worker's memory recall went.
@@ -106,6 +127,20 @@ pub struct MemoryWrite {
     pub user_text: String,
     /// What the assistant answered.
     pub reply_text: String,
+    /// The memories the reply used (their keys): the replicator sends
+    /// SomaBrain reward feedback for the turn with them.
+    #[serde(default)]
+    pub used_memories: Vec<String>,
+}
+
+/// The SomaBrain namespace of `subject`'s conversation memories:
+/// `<base>.<first 16 hex digits of SHA-256(subject)>`, so recall without
+/// a tenant-wide grant sees only the subject's own memories (the namespace
+/// is a header value; a hash keeps any subject a valid one).
+pub fn memory_namespace(base: &str, subject: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(subject.as_bytes());
+    format!("{base}.{}", hex::encode(&digest[..8]))
 }
 
 /// A tool call the conversation worker hands to the tool executor: a user
@@ -122,6 +157,48 @@ pub struct ToolCall {
     pub tool: String,
     /// Everything after the tool name.
     pub input: String,
+    /// The gateway request id of the message: the result carries it back.
+    #[serde(default)]
+    pub request_id: String,
+}
+
+/// How a tool call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolStatus {
+    /// It ran; `output` is what it returned.
+    Ok,
+    /// The policy refused it; `output` says why.
+    Denied,
+    /// No tool has that name.
+    Unknown,
+    /// It ran longer than its timeout and was stopped.
+    TimedOut,
+    /// It failed.
+    Failed,
+}
+
+/// A tool's result, published on `chat.tool_results_topic` (keyed by the
+/// conversation) and relayed to the session stream as a `tool.result`
+/// event, correlated with the call by `request_id` and `message_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolResult {
+    /// The conversation.
+    pub conversation_id: String,
+    /// The user message that called the tool.
+    pub message_id: Uuid,
+    /// The gateway request id of that message.
+    pub request_id: String,
+    /// The tool's name.
+    pub tool: String,
+    /// How it ended.
+    pub status: ToolStatus,
+    /// Its output (at most the tool's output limit, in bytes).
+    pub output: String,
+    /// Whether `output` was cut at the tool's output limit.
+    pub truncated: bool,
+    /// How long it ran, in milliseconds.
+    pub elapsed_ms: u64,
 }
 
 /// `Some((tool, input))` when `text` is a tool call: `/` then a name of
@@ -150,26 +227,6 @@ pub fn valid_conversation_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// The example's assistant: a deterministic reply (this example ships no
-/// language model). It names the sender and what memory was available, so
-/// tests and the demo can check the whole path.
-pub fn compose_reply(req: &ChatRequest, memory: MemoryStatus, recalled: &[String]) -> String {
-    let words = req.text.split_whitespace().count();
-    let memory_note = match memory {
-        MemoryStatus::Recalled => format!("I remember: {}.", recalled.join("; ")),
-        MemoryStatus::None => "I have no memories of this yet.".to_owned(),
-        MemoryStatus::Unavailable => "My memory is unavailable right now.".to_owned(),
-    };
-    format!(
-        "Hello {}, you said {} word{}: \"{}\". {}",
-        req.principal.subject,
-        words,
-        if words == 1 { "" } else { "s" },
-        req.text.trim(),
-        memory_note
-    )
-}
-
 /// The events answering the user message `message_id`: `started`, at most
 /// [`MAX_DELTAS`] `delta`s, `completed` with the whole reply — not yet
 /// numbered (`event_id` 0; the session event store numbers them, see
@@ -179,6 +236,7 @@ pub fn reply_events(
     conversation_id: &str,
     reply: &str,
     memory: MemoryStatus,
+    memories: &[String],
 ) -> Vec<ChatEvent> {
     let mut kinds = vec![(EventKind::Started, String::new())];
     kinds.extend(
@@ -194,12 +252,36 @@ pub fn reply_events(
             conversation_id: conversation_id.to_owned(),
             message_id,
             seq: seq as u32,
+            memories: if kind == EventKind::Completed {
+                memories.to_vec()
+            } else {
+                Vec::new()
+            },
             kind,
             text,
             memory,
             event_id: 0,
         })
         .collect()
+}
+
+/// The one event answering `message_id` with an error: `text` says why.
+pub fn error_event(
+    message_id: Uuid,
+    conversation_id: &str,
+    text: &str,
+    memory: MemoryStatus,
+) -> ChatEvent {
+    ChatEvent {
+        conversation_id: conversation_id.to_owned(),
+        message_id,
+        seq: 0,
+        kind: EventKind::Error,
+        text: text.to_owned(),
+        memory,
+        event_id: 0,
+        memories: Vec::new(),
+    }
 }
 
 /// The envelope carrying `event`: keyed by its conversation (so one
@@ -247,38 +329,39 @@ pub fn split_deltas(reply: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use soma_policy::AuthKind;
-
-    fn req(text: &str) -> ChatRequest {
-        ChatRequest {
-            conversation_id: "c1".into(),
-            text: text.into(),
-            principal: Principal {
-                subject: "alice".into(),
-                tenant: "acme".into(),
-                roles: vec!["user".into()],
-                scopes: vec![],
-                auth_kind: AuthKind::Jwt {
-                    issuer: "dev".into(),
-                },
-            },
-            request_id: "r".into(),
-        }
-    }
 
     #[test]
     fn deltas_concatenate_to_the_reply() {
-        let reply = compose_reply(&req("hi  there"), MemoryStatus::Unavailable, &[]);
-        assert!(reply.starts_with("Hello alice, you said 2 words: \"hi  there\"."));
-        let deltas = split_deltas(&reply);
+        let reply = "Hello alice, you said 2 words: \"hi  there\". My memory is unavailable.";
+        let deltas = split_deltas(reply);
         assert!(deltas.len() > 1 && deltas.len() <= MAX_DELTAS, "{deltas:?}");
         assert_eq!(deltas.concat(), reply);
+        let events = reply_events(Uuid::nil(), "c1", reply, MemoryStatus::None, &["k".into()]);
+        assert_eq!(events.first().unwrap().kind, EventKind::Started);
+        let done = events.last().unwrap();
+        assert!(done.kind.is_final() && done.text == reply);
+        assert_eq!(done.memories, vec!["k".to_owned()], "only on completed");
+        assert!(
+            events[..events.len() - 1]
+                .iter()
+                .all(|e| e.memories.is_empty())
+        );
         let long = "word ".repeat(500);
         let deltas = split_deltas(&long);
         assert_eq!(deltas.len(), MAX_DELTAS, "bounded however long the reply");
         assert_eq!(deltas.concat(), long);
         assert_eq!(split_deltas("one"), vec!["one".to_owned()]);
         assert!(split_deltas("").is_empty());
+    }
+
+    #[test]
+    fn memory_namespaces_are_per_subject_and_header_safe() {
+        let a = memory_namespace("conversation", "alice");
+        assert_eq!(a, memory_namespace("conversation", "alice"));
+        assert_ne!(a, memory_namespace("conversation", "bob"));
+        assert!(a.starts_with("conversation.") && a.len() == "conversation.".len() + 16);
+        let odd = memory_namespace("conversation", "ünïcode|subject\n");
+        assert!(odd.bytes().all(|b| b.is_ascii_graphic()));
     }
 
     #[test]

@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::PlatformError;
+use crate::conversations::Conversations;
 use crate::session_events::SessionEvents;
 use crate::settings::PlatformSettings;
 
@@ -56,6 +57,8 @@ pub struct Runtime {
     /// the workers that produce reply events, read by the gateway's SSE
     /// streams.
     pub session_events: SessionEvents,
+    /// Who owns each conversation (in the session event store's schema).
+    pub conversations: Conversations,
     /// The Kafka producer shared by the publisher, the relay and DLQ writes.
     pub producer: BusProducer,
     /// Kafka, or the outbox when Kafka is down.
@@ -115,6 +118,8 @@ impl Runtime {
         let session_events =
             SessionEvents::new(pool.clone(), &settings.chat.session_events_schema)?;
         session_events.migrate().await?;
+        let conversations = session_events.conversations();
+        conversations.migrate().await?;
         OutboxHealthCheck::new(outbox.clone()).register(
             &health,
             CheckOptions::new(Duration::from_secs(5), Duration::from_secs(2)),
@@ -177,6 +182,7 @@ impl Runtime {
             pool,
             outbox,
             session_events,
+            conversations,
             producer,
             publisher,
             admin_addr,

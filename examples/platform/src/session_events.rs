@@ -98,6 +98,11 @@ impl SessionEvents {
         })
     }
 
+    /// The conversation ownership store in the same schema.
+    pub fn conversations(&self) -> crate::conversations::Conversations {
+        crate::conversations::Conversations::new(self.pool.clone(), &self.schema)
+    }
+
     /// Creates the schema and tables if missing (safe to run from several
     /// processes at once: serialized on an advisory lock).
     pub async fn migrate(&self) -> Result<(), SessionEventsError> {

@@ -43,6 +43,10 @@ pub struct PlatformSettings {
     pub somabrain: SomabrainConfig,
     /// The chat protocol: topics, limits.
     pub chat: ChatSettings,
+    /// The reply generator's model endpoint (none: the built-in responder).
+    pub llm: crate::reply::LlmSettings,
+    /// The tool executor's per-tool timeouts and output limits.
+    pub tools: crate::tools::ToolSettings,
     /// Graceful shutdown: the deadline and the drain delay
     /// (soma-observability).
     pub shutdown: ShutdownConfig,
@@ -130,6 +134,9 @@ pub struct ChatSettings {
     pub memory_topic: String,
     /// Tool calls for the tool executor, keyed by conversation id.
     pub tools_topic: String,
+    /// Tool results (`tool.result` envelopes, correlated by request id and
+    /// message id), keyed by conversation id.
+    pub tool_results_topic: String,
     /// Remote configuration updates (`{version, checksum, document}`),
     /// consumed in broadcast mode by every replica.
     pub config_topic: String,
@@ -174,6 +181,7 @@ impl Default for ChatSettings {
             events_topic: "chat.events".into(),
             memory_topic: "memory.writes".into(),
             tools_topic: "tool.requests".into(),
+            tool_results_topic: "tool.results".into(),
             config_topic: "config.updates".into(),
             max_message_bytes: 4 * 1024,
             rate_limit: 120,
@@ -193,12 +201,13 @@ impl Default for ChatSettings {
 
 impl PlatformSettings {
     /// The topics the platform uses (DLQs are added by `ensure_topics`).
-    pub fn topics(&self) -> [&str; 5] {
+    pub fn topics(&self) -> [&str; 6] {
         [
             self.chat.requests_topic.as_str(),
             self.chat.events_topic.as_str(),
             self.chat.memory_topic.as_str(),
             self.chat.tools_topic.as_str(),
+            self.chat.tool_results_topic.as_str(),
             self.chat.config_topic.as_str(),
         ]
     }
@@ -257,6 +266,16 @@ pub fn loader(files: &[PathBuf]) -> Loader<PlatformSettings> {
         checks.ensure(
             s.http.max_concurrent_requests > 0,
             "http.max_concurrent_requests",
+            "must be at least 1",
+        );
+        checks.ensure(
+            s.tools.timeout_ms > 0 && s.tools.max_output_bytes > 0,
+            "tools",
+            "timeout_ms and max_output_bytes must be at least 1",
+        );
+        checks.ensure(
+            s.llm.request_timeout_ms > 0,
+            "llm.request_timeout_ms",
             "must be at least 1",
         );
         checks.ensure(

@@ -1,294 +1,17 @@
 //! End-to-end: the gateway and workers, in-process, against the real
 //! PostgreSQL, Redis and Kafka-protocol broker started by `cargo xtask test`.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use serde_json::{Value, json};
-use soma_config::Live;
-use soma_example_platform::gateway::{EVENTS_ROUTE, IDEMPOTENT_REPLAYED};
-use soma_example_platform::{Gateway, PlatformSettings, conversation, memory, tools};
-use tokio::net::TcpListener;
-
-const ISSUER: &str = "https://id.test.soma";
-const AUDIENCE: &str = "soma-platform";
-
-struct Env {
-    secret: String,
-    prefix: String,
-}
-
-impl Env {
-    fn new() -> Self {
-        soma_testkit::require_postgres();
-        soma_testkit::require_redis();
-        soma_testkit::require_kafka();
-        Self {
-            secret: uuid::Uuid::new_v4().simple().to_string(),
-            prefix: soma_testkit::unique_name("plat"),
-        }
-    }
-
-    /// Settings isolated to this test: own topics, schemas, key prefix and
-    /// groups; SomaBrain pointed at a closed loopback port.
-    fn settings(&self, overrides: &[(&str, Value)]) -> Live<PlatformSettings> {
-        let p = &self.prefix;
-        let policy_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../soma-policy/policy");
-        let mut loader = soma_example_platform::settings::loader(&[])
-            .without_env()
-            .set("telemetry.service_name", "platform-test")
-            .set("postgres.url", soma_testkit::postgres_url())
-            .set("postgres.api_keys_schema", format!("{p}_keys"))
-            .set("redis.url", soma_testkit::redis_url())
-            .set("redis.key_prefix", format!("{p}:"))
-            .set("bus.bootstrap_servers", soma_testkit::kafka_bootstrap())
-            .set("bus.consumer_group", p.as_str())
-            .set("bus.max_attempts", 2)
-            .set("bus.retry_backoff_initial_ms", 50)
-            .set("outbox.schema", format!("{p}_outbox"))
-            .set("chat.session_events_schema", format!("{p}_chat"))
-            .set("chat.requests_topic", format!("{p}.requests"))
-            .set("chat.events_topic", format!("{p}.events"))
-            .set("chat.memory_topic", format!("{p}.memory"))
-            .set("chat.config_topic", format!("{p}.config"))
-            .set("policy.audiences", [AUDIENCE])
-            .set("policy.policy_dir", policy_dir)
-            .set(
-                "policy.issuers",
-                json!([{
-                    "issuer": ISSUER,
-                    "keys": [{"kid": "k1", "alg": "HS256", "secret": self.secret}],
-                }]),
-            )
-            .set(
-                "somabrain.base_url",
-                format!("http://127.0.0.1:{}", soma_testkit::free_port()),
-            )
-            .set("somabrain.retry.max_retries", 0);
-        for (k, v) in overrides {
-            loader = loader.set(k, v.clone());
-        }
-        loader.into_live().expect("test settings load")
-    }
-
-    fn token(&self, sub: &str, tenant: &str, roles: &[&str], scope: &str) -> String {
-        self.token_with_secret(sub, tenant, roles, scope, &self.secret)
-    }
-
-    fn token_with_secret(
-        &self,
-        sub: &str,
-        tenant: &str,
-        roles: &[&str],
-        scope: &str,
-        secret: &str,
-    ) -> String {
-        let now = chrono_now();
-        let claims = json!({
-            "iss": ISSUER, "aud": AUDIENCE, "sub": sub, "tenant": tenant,
-            "roles": roles, "scope": scope, "iat": now, "exp": now + 600,
-        });
-        let mut header = Header::new(Algorithm::HS256);
-        header.kid = Some("k1".into());
-        encode(
-            &header,
-            &claims,
-            &EncodingKey::from_secret(secret.as_bytes()),
-        )
-        .expect("sign")
-    }
-}
-
-fn chrono_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-}
-
-async fn listener() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0").await.expect("bind")
-}
-
-/// Asserts the status, printing the body when it differs.
-async fn expect_status(r: reqwest::Response, code: u16) -> reqwest::Response {
-    if r.status().as_u16() == code {
-        return r;
-    }
-    let status = r.status();
-    let body = r.text().await.unwrap_or_default();
-    panic!("expected {code}, got {status}: {body}");
-}
-
-/// Publishes the config update `{version, document}` to `topic` through
-/// `gateway`'s durable publisher.
-async fn publish_config_update(gateway: &Gateway, topic: &str, version: u64, document: Value) {
-    let update = soma_config::ConfigUpdate::new(version, document);
-    let envelope = soma_bus::Envelope::builder("config.update", "platform", "config")
-        .json(&update)
-        .unwrap()
-        .build()
-        .unwrap();
-    gateway
-        .runtime()
-        .publisher
-        .publish(topic, &envelope)
-        .await
-        .expect("publish the update");
-}
-
-/// `GET /v1/health` on an admin address.
-async fn get_health(client: &reqwest::Client, admin: std::net::SocketAddr) -> Value {
-    client
-        .get(format!("http://{admin}/v1/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-/// The `message_id` of a `202 Accepted` answer.
-async fn message_id_of(r: reqwest::Response) -> String {
-    r.json::<Value>().await.unwrap()["message_id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
-const ALL_SCOPES: &str = "conversation:write conversation:read memory:write";
-
-/// A minimal server-sent-events reader.
-struct SseReader {
-    stream: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-    buf: String,
-}
-
-#[derive(Debug)]
-struct SseEvent {
-    event: String,
-    id: String,
-    data: Value,
-}
-
-impl SseReader {
-    async fn open(client: &reqwest::Client, base: &str, conversation: &str, token: &str) -> Self {
-        Self::resume(client, base, conversation, token, None).await
-    }
-
-    /// Opens the stream with `Last-Event-ID: last_event_id` when given.
-    async fn resume(
-        client: &reqwest::Client,
-        base: &str,
-        conversation: &str,
-        token: &str,
-        last_event_id: Option<&str>,
-    ) -> Self {
-        let resp = events_request(client, base, conversation, token, last_event_id)
-            .send()
-            .await
-            .expect("open SSE");
-        assert_eq!(resp.status(), 200, "SSE status");
-        assert_eq!(
-            resp.headers()["content-type"].to_str().unwrap(),
-            "text/event-stream"
-        );
-        Self {
-            stream: resp.bytes_stream().boxed(),
-            buf: String::new(),
-        }
-    }
-
-    /// The next event within `deadline`, `None` on timeout or end of stream.
-    async fn next(&mut self, deadline: Instant) -> Option<SseEvent> {
-        loop {
-            if let Some(end) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..end + 2).collect();
-                let mut ev = SseEvent {
-                    event: "message".into(),
-                    id: String::new(),
-                    data: Value::Null,
-                };
-                let mut data = String::new();
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event:") {
-                        ev.event = v.trim().to_owned();
-                    } else if let Some(v) = line.strip_prefix("id:") {
-                        ev.id = v.trim().to_owned();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.trim_start());
-                    }
-                }
-                if data.is_empty() {
-                    continue; // keep-alive comment
-                }
-                ev.data = serde_json::from_str(&data).expect("SSE data is JSON");
-                return Some(ev);
-            }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            match tokio::time::timeout(left, self.stream.next()).await {
-                Ok(Some(Ok(chunk))) => self.buf.push_str(&String::from_utf8_lossy(&chunk)),
-                Ok(Some(Err(e))) => panic!("SSE stream failed: {e}"),
-                Ok(None) | Err(_) => return None,
-            }
-        }
-    }
-
-    /// Every event of the reply to `message_id`, up to `reply.completed`.
-    async fn reply_to(&mut self, message_id: &str, within: Duration) -> Option<Vec<SseEvent>> {
-        let deadline = Instant::now() + within;
-        let mut events = Vec::new();
-        while let Some(ev) = self.next(deadline).await {
-            if ev.data["message_id"] != message_id {
-                continue;
-            }
-            let done = ev.event == "reply.completed";
-            events.push(ev);
-            if done {
-                return Some(events);
-            }
-        }
-        None
-    }
-}
-
-fn events_request(
-    client: &reqwest::Client,
-    base: &str,
-    conversation: &str,
-    token: &str,
-    last_event_id: Option<&str>,
-) -> reqwest::RequestBuilder {
-    let url = format!("{base}{}", EVENTS_ROUTE.replace("{id}", conversation));
-    let mut req = client.get(url).bearer_auth(token);
-    if let Some(id) = last_event_id {
-        req = req.header("last-event-id", id);
-    }
-    req
-}
-
-async fn send(
-    client: &reqwest::Client,
-    base: &str,
-    conversation: &str,
-    token: &str,
-    body: Value,
-    idempotency_key: Option<&str>,
-) -> reqwest::Response {
-    let mut req = client
-        .post(format!("{base}/v1/conversations/{conversation}/messages"))
-        .bearer_auth(token)
-        .json(&body);
-    if let Some(k) = idempotency_key {
-        req = req.header("idempotency-key", k);
-    }
-    req.send().await.expect("POST message")
-}
+use soma_example_platform::gateway::IDEMPOTENT_REPLAYED;
+use soma_example_platform::{Gateway, conversation, memory, tools};
+use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_message_comes_back_as_ordered_sse_events_and_memory_writes_wait_for_somabrain() {
@@ -382,7 +105,7 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_writes_wait_for_s
         .reply_to(&message_id, Duration::from_secs(60))
         .await
         .expect("the reply arrives over SSE");
-    assert_eq!(events[0].event, "reply.started");
+    assert_eq!(events[0].event, "assistant.started");
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e.data["seq"], i as u64, "events in order: {events:?}");
         assert_eq!(e.data["conversation_id"], conversation.as_str());
@@ -393,7 +116,7 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_writes_wait_for_s
     let deltas: String = events[1..events.len() - 1]
         .iter()
         .map(|e| {
-            assert_eq!(e.event, "reply.delta");
+            assert_eq!(e.event, "assistant.delta");
             e.data["text"].as_str().unwrap().to_owned()
         })
         .collect();
@@ -437,7 +160,7 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_writes_wait_for_s
     }
     let dlq_topic = format!("{}.memory.dlq", env.prefix);
     assert!(
-        dlq_record_within(&dlq_topic, &message_id, Duration::from_secs(5))
+        record_within(&dlq_topic, &message_id, Duration::from_secs(5))
             .await
             .is_none(),
         "a write waiting for SomaBrain was dead-lettered"
@@ -468,13 +191,9 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_writes_wait_for_s
 
     // Tool calls: the executor authorizes each with the tool's risk from its
     // own registry; denials are answers, not errors.
-    let agent = env.token("ava", "acme", &["agent"], "conversation:write tool:execute");
-    let admin = env.token(
-        "root",
-        "acme",
-        &["admin"],
-        "conversation:write tool:execute",
-    );
+    let scopes = "conversation:write conversation:read tool:execute";
+    let agent = env.token("ava", "acme", &["agent"], scopes);
+    let admin = env.token("root", "acme", &["admin"], scopes);
     let cases = [
         (
             &token,
@@ -491,19 +210,14 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_writes_wait_for_s
         (
             &admin,
             "/nope",
-            "There is no tool `nope`. Tools: time, wordcount, outbox.",
+            "There is no tool `nope`. Tools: time, wordcount, echo, sleep, outbox.",
         ),
     ];
-    for (who, text, expected) in cases {
-        let r = send(
-            &client,
-            &base,
-            &conversation,
-            who,
-            json!({"text": text}),
-            None,
-        )
-        .await;
+    for (i, (who, text, expected)) in cases.into_iter().enumerate() {
+        // A conversation belongs to its creator: each sender uses its own.
+        let own = format!("{conversation}-{i}");
+        let mut sse = SseReader::open(&client, &base, &own, who).await;
+        let r = send(&client, &base, &own, who, json!({"text": text}), None).await;
         let r = expect_status(r, 202).await;
         let id = message_id_of(r).await;
         let events = sse
@@ -570,47 +284,6 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_writes_wait_for_s
     memory.shutdown().await;
     worker.shutdown().await;
     gateway.shutdown().await;
-}
-
-/// Reads `topic` from the start until a record whose payload names
-/// `message_id` and returns its headers; `None` when none arrives in time.
-async fn dlq_record_within(
-    topic: &str,
-    message_id: &str,
-    within: Duration,
-) -> Option<std::collections::BTreeMap<String, String>> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", soma_testkit::kafka_bootstrap())
-        .set("group.id", soma_testkit::unique_name("dlq_reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    consumer.subscribe(&[topic]).expect("subscribe");
-    let deadline = Instant::now() + within;
-    loop {
-        let left = deadline.checked_duration_since(Instant::now())?;
-        let msg = match tokio::time::timeout(left, consumer.recv()).await {
-            Ok(Ok(m)) => m,
-            Ok(Err(e)) => panic!("reading {topic}: {e}"),
-            Err(_) => return None,
-        };
-        let payload: Value =
-            serde_json::from_slice(msg.payload().unwrap_or_default()).unwrap_or(Value::Null);
-        if payload["message_id"] != message_id {
-            continue;
-        }
-        let mut headers = std::collections::BTreeMap::new();
-        if let Some(h) = msg.headers() {
-            for header in h.iter() {
-                headers.insert(
-                    header.key.to_owned(),
-                    String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
-                );
-            }
-        }
-        return Some(headers);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -699,8 +372,17 @@ async fn authentication_policy_validation_and_rate_limits_answer_as_documented()
     assert!(limited.headers().contains_key("retry-after"));
     assert_eq!(limited.headers()["x-ratelimit-limit"], "10");
     // Another tenant has its own budget.
+    // (Its own conversation: "c1" belongs to initech's erin now.)
     let other = env.token("carol", "globex", &["user"], ALL_SCOPES);
-    let r = send(&client, &base, "c1", &other, json!({"text": "hi"}), None).await;
+    let r = send(
+        &client,
+        &base,
+        "c1-globex",
+        &other,
+        json!({"text": "hi"}),
+        None,
+    )
+    .await;
     expect_status(r, 202).await;
 
     gateway.shutdown().await;
@@ -863,8 +545,9 @@ async fn a_policy_edit_applies_on_the_next_config_update_and_a_broken_one_keeps_
         body.contains("missing_role"),
         "the tightened policy still decides: {body}"
     );
+    // (Its own conversation: "c1" belongs to uma.)
     let admin = env.token("ada", "acme", &["admin"], ALL_SCOPES);
-    let r = send(&client, &base, "c1", &admin, json!({"text": "hi"}), None).await;
+    let r = send(&client, &base, "c2", &admin, json!({"text": "hi"}), None).await;
     expect_status(r, 202).await;
 
     gateway.shutdown().await;
@@ -1184,19 +867,19 @@ async fn warm_up(
     }
 }
 
-/// Reads events until `message_id`'s `reply.completed`, returning every
+/// Reads events until `message_id`'s `assistant.completed`, returning every
 /// event read (of any message) in order.
 async fn read_through(sse: &mut SseReader, message_id: &str, within: Duration) -> Vec<SseEvent> {
     let deadline = Instant::now() + within;
     let mut out = Vec::new();
     while let Some(ev) = sse.next(deadline).await {
-        let done = ev.event == "reply.completed" && ev.data["message_id"] == message_id;
+        let done = ev.event == "assistant.completed" && ev.data["message_id"] == message_id;
         out.push(ev);
         if done {
             return out;
         }
     }
-    panic!("no reply.completed for {message_id} within {within:?}; read {out:?}");
+    panic!("no assistant.completed for {message_id} within {within:?}; read {out:?}");
 }
 
 fn ids(events: &[SseEvent]) -> Vec<u64> {
@@ -1227,31 +910,6 @@ fn positions(events: &[SseEvent]) -> Vec<(String, u64)> {
             )
         })
         .collect()
-}
-
-/// A counter's value on an admin `/metrics`, summed over the series of
-/// `name` whose labels include `label` (e.g. `cause="lagged"`; "" for all).
-async fn metric(
-    client: &reqwest::Client,
-    admin: std::net::SocketAddr,
-    name: &str,
-    label: &str,
-) -> f64 {
-    let text = client
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(['{', ' ']) && rest.contains(label))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Issue #18 item 4: a client that drops its stream mid-reply and
@@ -1315,8 +973,8 @@ async fn an_sse_client_resumes_with_last_event_id_on_another_gateway_and_misses_
             head.push(ev);
         }
     }
-    assert_eq!(head[0].event, "reply.started");
-    assert_eq!(head[1].event, "reply.delta");
+    assert_eq!(head[0].event, "assistant.started");
+    assert_eq!(head[1].event, "assistant.delta");
     let last = head[1].id.clone();
     drop(s1);
     // Sent while disconnected.
@@ -1362,7 +1020,7 @@ async fn an_sse_client_resumes_with_last_event_id_on_another_gateway_and_misses_
             .collect::<Vec<_>>(),
         "then all of m2, nothing else"
     );
-    assert_eq!(missed.last().unwrap().event, "reply.completed");
+    assert_eq!(missed.last().unwrap().event, "assistant.completed");
 
     // Then live continues on the same stream.
     let m3 = message_id_of(
@@ -1642,14 +1300,18 @@ async fn a_busy_conversation_does_not_disturb_another_and_a_lagged_stream_sees_n
 
     let quiet_events = read_through(&mut q, &qm, Duration::from_secs(60)).await;
     assert!(
-        quiet_events.iter().all(|e| e.event.starts_with("reply.")),
+        quiet_events
+            .iter()
+            .all(|e| e.event.starts_with("assistant.")),
         "{quiet_events:?}"
     );
     assert_dense_from(&quiet_events, 1);
 
     let busy_events = read_through(&mut b, sent.last().unwrap(), Duration::from_secs(60)).await;
     assert!(
-        busy_events.iter().all(|e| e.event.starts_with("reply.")),
+        busy_events
+            .iter()
+            .all(|e| e.event.starts_with("assistant.")),
         "no reset, no lagged: {busy_events:?}"
     );
     assert_dense_from(&busy_events, busy_from);

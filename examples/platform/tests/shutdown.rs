@@ -313,6 +313,7 @@ async fn a_tool_executor_stopped_with_calls_in_flight_and_replaced_runs_each_cal
             principal: agent.clone(),
             tool: "wordcount".into(),
             input: format!("call number {i}"),
+            request_id: format!("r-{i}"),
         };
         let env = Envelope::builder(protocol::TOOL_CALL, "acme", conversation.as_str())
             .json(&call)
@@ -432,6 +433,7 @@ async fn a_memory_replicator_stopped_with_writes_in_flight_and_replaced_stores_e
             principal: user.clone(),
             user_text: format!("message {i}"),
             reply_text: format!("reply {i}"),
+            used_memories: Vec::new(),
         };
         let env = Envelope::builder(protocol::MEMORY_WRITE, "acme", conversation.as_str())
             .json(&write)

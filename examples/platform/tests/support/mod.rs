@@ -1,0 +1,365 @@
+//! Helpers shared by the platform's end-to-end tests: isolated settings,
+//! tokens, a server-sent-events reader, Kafka and `/metrics` readers.
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use serde_json::{Value, json};
+use soma_config::Live;
+use soma_example_platform::gateway::EVENTS_ROUTE;
+use soma_example_platform::{Gateway, PlatformSettings};
+use tokio::net::TcpListener;
+
+pub const ISSUER: &str = "https://id.test.soma";
+pub const AUDIENCE: &str = "soma-platform";
+
+pub struct Env {
+    pub secret: String,
+    pub prefix: String,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        soma_testkit::require_postgres();
+        soma_testkit::require_redis();
+        soma_testkit::require_kafka();
+        Self {
+            secret: uuid::Uuid::new_v4().simple().to_string(),
+            prefix: soma_testkit::unique_name("plat"),
+        }
+    }
+
+    /// Settings isolated to this test: own topics, schemas, key prefix and
+    /// groups; SomaBrain pointed at a closed loopback port.
+    pub fn settings(&self, overrides: &[(&str, Value)]) -> Live<PlatformSettings> {
+        let p = &self.prefix;
+        let policy_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../soma-policy/policy");
+        let mut loader = soma_example_platform::settings::loader(&[])
+            .without_env()
+            .set("telemetry.service_name", "platform-test")
+            .set("postgres.url", soma_testkit::postgres_url())
+            .set("postgres.api_keys_schema", format!("{p}_keys"))
+            .set("redis.url", soma_testkit::redis_url())
+            .set("redis.key_prefix", format!("{p}:"))
+            .set("bus.bootstrap_servers", soma_testkit::kafka_bootstrap())
+            .set("bus.consumer_group", p.as_str())
+            .set("bus.max_attempts", 2)
+            .set("bus.retry_backoff_initial_ms", 50)
+            .set("outbox.schema", format!("{p}_outbox"))
+            .set("chat.session_events_schema", format!("{p}_chat"))
+            .set("chat.requests_topic", format!("{p}.requests"))
+            .set("chat.events_topic", format!("{p}.events"))
+            .set("chat.memory_topic", format!("{p}.memory"))
+            .set("chat.tools_topic", format!("{p}.tools"))
+            .set("chat.tool_results_topic", format!("{p}.tool_results"))
+            .set("chat.config_topic", format!("{p}.config"))
+            .set("policy.audiences", [AUDIENCE])
+            .set("policy.policy_dir", policy_dir)
+            .set(
+                "policy.issuers",
+                json!([{
+                    "issuer": ISSUER,
+                    "keys": [{"kid": "k1", "alg": "HS256", "secret": self.secret}],
+                }]),
+            )
+            .set(
+                "somabrain.base_url",
+                format!("http://127.0.0.1:{}", soma_testkit::free_port()),
+            )
+            .set("somabrain.retry.max_retries", 0);
+        for (k, v) in overrides {
+            loader = loader.set(k, v.clone());
+        }
+        loader.into_live().expect("test settings load")
+    }
+
+    pub fn token(&self, sub: &str, tenant: &str, roles: &[&str], scope: &str) -> String {
+        self.token_with_secret(sub, tenant, roles, scope, &self.secret)
+    }
+
+    pub fn token_with_secret(
+        &self,
+        sub: &str,
+        tenant: &str,
+        roles: &[&str],
+        scope: &str,
+        secret: &str,
+    ) -> String {
+        let now = chrono_now();
+        let claims = json!({
+            "iss": ISSUER, "aud": AUDIENCE, "sub": sub, "tenant": tenant,
+            "roles": roles, "scope": scope, "iat": now, "exp": now + 600,
+        });
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("k1".into());
+        encode(
+            &header,
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("sign")
+    }
+}
+
+pub fn chrono_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+pub async fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.expect("bind")
+}
+
+/// Asserts the status, printing the body when it differs.
+pub async fn expect_status(r: reqwest::Response, code: u16) -> reqwest::Response {
+    if r.status().as_u16() == code {
+        return r;
+    }
+    let status = r.status();
+    let body = r.text().await.unwrap_or_default();
+    panic!("expected {code}, got {status}: {body}");
+}
+
+/// Publishes the config update `{version, document}` to `topic` through
+/// `gateway`'s durable publisher.
+pub async fn publish_config_update(gateway: &Gateway, topic: &str, version: u64, document: Value) {
+    let update = soma_config::ConfigUpdate::new(version, document);
+    let envelope = soma_bus::Envelope::builder("config.update", "platform", "config")
+        .json(&update)
+        .unwrap()
+        .build()
+        .unwrap();
+    gateway
+        .runtime()
+        .publisher
+        .publish(topic, &envelope)
+        .await
+        .expect("publish the update");
+}
+
+/// `GET /v1/health` on an admin address.
+pub async fn get_health(client: &reqwest::Client, admin: std::net::SocketAddr) -> Value {
+    client
+        .get(format!("http://{admin}/v1/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The `message_id` of a `202 Accepted` answer.
+pub async fn message_id_of(r: reqwest::Response) -> String {
+    r.json::<Value>().await.unwrap()["message_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+pub const ALL_SCOPES: &str = "conversation:write conversation:read memory:write";
+
+/// A minimal server-sent-events reader.
+pub struct SseReader {
+    stream: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buf: String,
+}
+
+#[derive(Debug)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: String,
+    pub data: Value,
+}
+
+impl SseReader {
+    pub async fn open(
+        client: &reqwest::Client,
+        base: &str,
+        conversation: &str,
+        token: &str,
+    ) -> Self {
+        Self::resume(client, base, conversation, token, None).await
+    }
+
+    /// Opens the stream with `Last-Event-ID: last_event_id` when given.
+    pub async fn resume(
+        client: &reqwest::Client,
+        base: &str,
+        conversation: &str,
+        token: &str,
+        last_event_id: Option<&str>,
+    ) -> Self {
+        let resp = events_request(client, base, conversation, token, last_event_id)
+            .send()
+            .await
+            .expect("open SSE");
+        assert_eq!(resp.status(), 200, "SSE status");
+        assert_eq!(
+            resp.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        Self {
+            stream: resp.bytes_stream().boxed(),
+            buf: String::new(),
+        }
+    }
+
+    /// The next event within `deadline`, `None` on timeout or end of stream.
+    pub async fn next(&mut self, deadline: Instant) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut ev = SseEvent {
+                    event: "message".into(),
+                    id: String::new(),
+                    data: Value::Null,
+                };
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        ev.event = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        ev.id = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue; // keep-alive comment
+                }
+                ev.data = serde_json::from_str(&data).expect("SSE data is JSON");
+                return Some(ev);
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match tokio::time::timeout(left, self.stream.next()).await {
+                Ok(Some(Ok(chunk))) => self.buf.push_str(&String::from_utf8_lossy(&chunk)),
+                Ok(Some(Err(e))) => panic!("SSE stream failed: {e}"),
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// Every event of the reply to `message_id`, up to `assistant.completed`.
+    pub async fn reply_to(&mut self, message_id: &str, within: Duration) -> Option<Vec<SseEvent>> {
+        let deadline = Instant::now() + within;
+        let mut events = Vec::new();
+        while let Some(ev) = self.next(deadline).await {
+            if ev.data["message_id"] != message_id {
+                continue;
+            }
+            let done = ev.event == "assistant.completed";
+            events.push(ev);
+            if done {
+                return Some(events);
+            }
+        }
+        None
+    }
+}
+
+pub fn events_request(
+    client: &reqwest::Client,
+    base: &str,
+    conversation: &str,
+    token: &str,
+    last_event_id: Option<&str>,
+) -> reqwest::RequestBuilder {
+    let url = format!("{base}{}", EVENTS_ROUTE.replace("{id}", conversation));
+    let mut req = client.get(url).bearer_auth(token);
+    if let Some(id) = last_event_id {
+        req = req.header("last-event-id", id);
+    }
+    req
+}
+
+pub async fn send(
+    client: &reqwest::Client,
+    base: &str,
+    conversation: &str,
+    token: &str,
+    body: Value,
+    idempotency_key: Option<&str>,
+) -> reqwest::Response {
+    let mut req = client
+        .post(format!("{base}/v1/conversations/{conversation}/messages"))
+        .bearer_auth(token)
+        .json(&body);
+    if let Some(k) = idempotency_key {
+        req = req.header("idempotency-key", k);
+    }
+    req.send().await.expect("POST message")
+}
+
+/// Reads `topic` from the start until a record whose payload names
+/// `message_id` and returns its payload and headers; `None` when none arrives in time.
+pub async fn record_within(
+    topic: &str,
+    message_id: &str,
+    within: Duration,
+) -> Option<(Value, std::collections::BTreeMap<String, String>)> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", soma_testkit::kafka_bootstrap())
+        .set("group.id", soma_testkit::unique_name("dlq_reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        let msg = match tokio::time::timeout(left, consumer.recv()).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => panic!("reading {topic}: {e}"),
+            Err(_) => return None,
+        };
+        let payload: Value =
+            serde_json::from_slice(msg.payload().unwrap_or_default()).unwrap_or(Value::Null);
+        if payload["message_id"] != message_id {
+            continue;
+        }
+        let mut headers = std::collections::BTreeMap::new();
+        if let Some(h) = msg.headers() {
+            for header in h.iter() {
+                headers.insert(
+                    header.key.to_owned(),
+                    String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+                );
+            }
+        }
+        return Some((payload, headers));
+    }
+}
+
+/// A counter's value on an admin `/metrics`, summed over the series of
+/// `name` whose labels include `label` (e.g. `cause="lagged"`; "" for all).
+pub async fn metric(
+    client: &reqwest::Client,
+    admin: std::net::SocketAddr,
+    name: &str,
+    label: &str,
+) -> f64 {
+    let text = client
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']) && rest.contains(label))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
