@@ -129,9 +129,12 @@ impl OpenLoop {
     }
 
     /// Opens one SSE stream per conversation; waits until all answered.
+    /// Streams open at most 32 at a time (a ramp, not a thundering herd).
     pub(crate) async fn follow(&mut self, within: Duration) -> Result<(), String> {
+        let ramp = Arc::new(tokio::sync::Semaphore::new(32));
         for i in 0..self.convs.len() {
             let l = Follower {
+                ramp: Some(ramp.clone()),
                 client: self.client.clone(),
                 url: format!("{}/v1/conversations/{}/events", self.base, self.convs[i].id),
                 token: self.convs[i].token.clone().unwrap_or_default(),
@@ -465,6 +468,8 @@ fn summarize(
 }
 
 struct Follower {
+    /// Held while the first connection opens.
+    ramp: Option<Arc<tokio::sync::Semaphore>>,
     client: reqwest::Client,
     url: String,
     token: String,
@@ -477,13 +482,19 @@ impl Follower {
         self.replies.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn run(self) {
-        let mut first = true;
+    async fn run(mut self) {
+        let ramp = self.ramp.take();
+        let mut permit = match &ramp {
+            Some(r) => r.acquire().await.ok(),
+            None => None,
+        };
+        let (mut attempts, mut opened) = (0u64, false);
         while !self.stop.load(Ordering::Relaxed) {
-            if !first {
+            if attempts > 0 {
                 self.lock().reconnects += 1;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+            attempts += 1;
             let resp = self
                 .client
                 .get(&self.url)
@@ -493,13 +504,13 @@ impl Follower {
                 .await;
             let Ok(resp) = resp else { continue };
             if !resp.status().is_success() {
-                first = false;
                 continue;
             }
-            if first {
+            if !opened {
                 self.lock().opened += 1;
-                first = false;
+                opened = true;
             }
+            permit.take();
             self.read(resp).await;
         }
     }

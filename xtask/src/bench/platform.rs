@@ -299,7 +299,7 @@ async fn phases(
     let mut extra = vec![
         // One tenant per conversation at up to hundreds of messages a
         // second: the shipped limit (120 a minute) would refuse most.
-        ("SOMA_CHAT__RATE_LIMIT".to_owned(), "100000000".to_owned()),
+        ("SOMA_CHAT__RATE_LIMIT".to_owned(), "1000000".to_owned()),
     ];
     extra.extend(opts.env.iter().cloned());
     let wiring = Wiring {
