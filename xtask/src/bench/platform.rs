@@ -374,10 +374,8 @@ async fn measure_platform(
     );
     let (report, profile) = measured(&load, shape, Duration::from_secs(60), &watched).await;
     println!("bench: platform: cpu {profile}");
-    println!("bench: platform: time in PostgreSQL during the load\n{}", {
-        let s = tokio::task::block_in_place(|| stack.top_statements());
-        s
-    });
+    let statements = tokio::task::block_in_place(|| stack.top_statements());
+    println!("bench: platform: time in PostgreSQL during the load\n{statements}");
     let (ceiling, ceiling_errors) = load.ceiling(opts.ceiling_workers, opts.ceiling, 18).await;
     println!("bench: platform: ceiling {ceiling:.0} msg/s ({ceiling_errors} failed)");
     load.stop().await;
