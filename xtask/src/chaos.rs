@@ -23,8 +23,8 @@ use serde_json::json;
 use crate::load::{self, Conversation, Load, Observed};
 use crate::{platform, root, run};
 
-mod deps;
-mod services;
+pub(crate) mod deps;
+pub(crate) mod services;
 mod stress;
 mod truth;
 
@@ -434,6 +434,8 @@ async fn scenario(ctx: &mut Ctx, s: Scenario) -> Result<Row, String> {
         somabrain_url: format!("http://{SOMABRAIN_ADDR}"),
         issuer_file: ctx.issuer_file.clone(),
         source: ctx.opts.platform_root.clone(),
+        port_offset: 0,
+        extra_env: Vec::new(),
     };
     // A deploy is judged behind two gateways (no client error at all); the
     // dependency faults run with one.

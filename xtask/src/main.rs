@@ -5,6 +5,7 @@
 //! cargo xtask stack up|down|status
 //! cargo xtask platform up|down|status|token   # the example platform (README: Run the platform)
 //! cargo xtask chaos [--short] [--scenario NAME]...  # faults under load (README: Chaos)
+//! cargo xtask bench [--group NAME]...                # benchmarks + load, one table (README: Load)
 //! cargo xtask mutants [--crate NAME] [--changed-since REV]  # mutation testing (mutants.rs)
 //! cargo xtask lint-env [--manifest-path PATH] [--format text|json]
 //! ```
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+mod bench;
 mod chaos;
 mod load;
 mod mutants;
@@ -40,6 +42,9 @@ commands:
   chaos [--short] [--scenario NAME]... [--keep] [--storage sqlite|postgres]
                        prove the durable chat path on the running platform under
                        broker, PostgreSQL, Redis and SomaBrain faults (README: Chaos)
+  bench [--group NAME]... [--rate N] [--duration S] [--conversations N] [--no-run] ...
+                       every benchmark, one table with same-run baselines and goals;
+                       `--group platform` is the platform load harness (README: Load)
   mutants [--crate NAME]... [--file PATH]... [--re REGEX] [--changed-since REV]
                        mutation testing of the core modules (cargo-mutants; README: Mutation testing)
   lint-env [--manifest-path PATH] [--format text|json]
@@ -58,6 +63,7 @@ fn main() -> ExitCode {
         "stack" => stack::cli(&rest),
         "platform" => platform::cli(&rest),
         "chaos" => chaos::cli(&rest),
+        "bench" => bench::cli(&rest),
         "mutants" => mutants::cli(&rest),
         "test" | "ci" => test(&rest),
         "deny" => ensure_cargo_deny().and_then(|()| deny()),

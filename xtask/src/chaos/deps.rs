@@ -105,6 +105,8 @@ pub(crate) struct Postgres {
     pub(crate) port: u16,
     pub(crate) data: PathBuf,
     pub(crate) log: PathBuf,
+    /// More server options (`-c name=value …`), e.g. a preloaded library.
+    pub(crate) extra_opts: String,
 }
 
 impl Postgres {
@@ -114,11 +116,23 @@ impl Postgres {
             port,
             data: dir.join(name),
             log: dir.join(format!("{name}.log")),
+            extra_opts: String::new(),
         }
     }
 
     pub(crate) fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The postmaster's process id (first line of `postmaster.pid`).
+    pub(crate) fn pid(&self) -> Option<u32> {
+        fs::read_to_string(self.data.join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     pub(crate) fn url(&self, db: &str) -> String {
@@ -139,9 +153,10 @@ impl Postgres {
 
     fn pg_ctl(&self, args: &[&str]) -> Result<(), String> {
         let opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections=200",
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections=200 {}",
             self.port,
-            self.data.display()
+            self.data.display(),
+            self.extra_opts
         );
         let status = Self::as_postgres(&format!("{PG_BIN}/pg_ctl"))
             .arg("-D")
@@ -313,6 +328,11 @@ impl Redis {
         }
     }
 
+    /// The running process's id.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.child.id())
+    }
+
     pub(crate) fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
@@ -368,6 +388,11 @@ impl Broker {
 
     pub(crate) fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The running process's id.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.child.id())
     }
 
     /// Removes the broker's SQLite data (a fresh broker per scenario).
@@ -462,6 +487,11 @@ impl MemoryService {
             log: PathBuf::from("memory-service.log"),
             proc: None,
         }
+    }
+
+    /// The running process's id.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.child.id())
     }
 
     pub(crate) fn start(&mut self) -> Result<(), String> {

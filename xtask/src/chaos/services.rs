@@ -83,6 +83,11 @@ pub(crate) struct Wiring {
     /// The checkout the binaries come from: their working directory (the
     /// policy directory is relative to it) and where `config/local.toml` is read.
     pub(crate) source: PathBuf,
+    /// Added to every service port (0 for chaos), so another harness can run
+    /// the platform beside a chaos run.
+    pub(crate) port_offset: u16,
+    /// More `SOMA_*` overrides (after the ones above, so they win).
+    pub(crate) extra_env: Vec<(String, String)>,
 }
 
 impl Wiring {
@@ -102,7 +107,19 @@ impl Wiring {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.clone()))
+        .chain(self.extra_env.iter().cloned())
         .collect()
+    }
+}
+
+/// `addr` (`host:port`) with `offset` added to its port.
+pub(crate) fn shifted(addr: &str, offset: u16) -> String {
+    match addr.rsplit_once(':') {
+        Some((host, port)) => match port.parse::<u16>() {
+            Ok(p) => format!("{host}:{}", p + offset),
+            Err(_) => addr.to_owned(),
+        },
+        None => addr.to_owned(),
     }
 }
 
@@ -116,6 +133,7 @@ pub(crate) struct Platform {
     source: PathBuf,
     issuer_file: PathBuf,
     env: Vec<(String, String)>,
+    port_offset: u16,
 }
 
 impl Platform {
@@ -140,6 +158,7 @@ impl Platform {
             source: wiring.source.clone(),
             issuer_file: wiring.issuer_file.clone(),
             env: wiring.env(),
+            port_offset: wiring.port_offset,
         };
         for s in platform.services.clone() {
             let proc = platform.spawn(s)?;
@@ -153,7 +172,7 @@ impl Platform {
         self.services
             .iter()
             .filter_map(|s| s.api)
-            .map(|a| format!("http://{a}"))
+            .map(|a| format!("http://{}", shifted(a, self.port_offset)))
             .collect()
     }
 
@@ -170,9 +189,12 @@ impl Platform {
             .arg("--config")
             .arg(&self.issuer_file)
             .envs(self.env.iter().cloned())
-            .env(format!("SOMA_HTTP__{}", s.admin_key), s.admin);
+            .env(
+                format!("SOMA_HTTP__{}", s.admin_key),
+                shifted(s.admin, self.port_offset),
+            );
         if let Some(api) = s.api {
-            cmd.env("SOMA_HTTP__GATEWAY_BIND", api);
+            cmd.env("SOMA_HTTP__GATEWAY_BIND", shifted(api, self.port_offset));
         }
         Proc::spawn(s.name, cmd, &self.log_dir.join(format!("{}.log", s.name)))
     }
@@ -188,12 +210,14 @@ impl Platform {
         Ok(stopped)
     }
 
+    /// Service `i`'s admin address (`/ready`, `/v1/health`, `/metrics`).
+    pub(crate) fn admin(&self, i: usize) -> String {
+        shifted(self.services[i].admin, self.port_offset)
+    }
+
     /// Whether service `i` answers `/ready` with 200.
     pub(crate) fn is_ready(&self, i: usize) -> bool {
-        matches!(
-            http(self.services[i].admin, "GET", "/ready", &[], ""),
-            Ok((200, _))
-        )
+        matches!(http(&self.admin(i), "GET", "/ready", &[], ""), Ok((200, _)))
     }
 
     /// Names of services that are not `/ready` (or not answering).
@@ -206,10 +230,10 @@ impl Platform {
 
     /// The health components of `service` that are not `up`, with their reasons.
     pub(crate) fn unhealthy(&self, service: &str) -> Vec<String> {
-        let Some(s) = self.services.iter().find(|s| s.name == service) else {
+        let Some(i) = self.services.iter().position(|s| s.name == service) else {
             return Vec::new();
         };
-        let Ok((_, body)) = http(s.admin, "GET", "/v1/health", &[], "") else {
+        let Ok((_, body)) = http(&self.admin(i), "GET", "/v1/health", &[], "") else {
             return vec!["admin endpoint not answering".to_owned()];
         };
         let health: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
@@ -237,7 +261,8 @@ impl Platform {
             .iter()
             .filter(|s| s.api.is_some())
             .filter_map(|s| {
-                let (_, body) = http(s.admin, "GET", "/metrics", &[], "").ok()?;
+                let admin = shifted(s.admin, self.port_offset);
+                let (_, body) = http(&admin, "GET", "/metrics", &[], "").ok()?;
                 let n = body
                     .lines()
                     .filter(|l| l.starts_with("soma_bus_consumed_total") && l.contains(&label))

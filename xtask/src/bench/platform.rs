@@ -1,0 +1,489 @@
+//! The platform group: the four platform binaries on a private stack, an
+//! open-loop chat load followed to its replies, and the same `POST` load on
+//! a bare handler (no soma layers) in the same run as the baseline.
+//!
+//! The private stack reuses the chaos harness's (`chaos/deps.rs`,
+//! `chaos/services.rs`) on a port block of its own (chaos + 100), so a
+//! benchmark and a chaos run can share the machine.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+use super::cpu::{self, Watched};
+use super::openloop::{Conv, OpenLoop, Report, Shape};
+use super::table::{Goal, Row};
+use crate::chaos::deps::{self, Broker, MemoryService, Postgres, Proc, Redis};
+use crate::chaos::services::{Platform, Wiring};
+use crate::{platform, root, run};
+
+/// Chaos's ports + 100.
+const PORT_OFFSET: u16 = 100;
+const PG_PORT: u16 = 25532;
+const BROKER_PG_PORT: u16 = 25533;
+const REDIS_PORT: u16 = 26479;
+const BROKER_PORT: u16 = 29192;
+const SOMABRAIN_ADDR: &str = "127.0.0.1:29796";
+const BARE_ADDR: &str = "127.0.0.1:28190";
+const DB: &str = "bench";
+const GROUP: &str = "platform";
+
+/// What the platform group runs.
+#[derive(Debug, Clone)]
+pub(crate) struct Opts {
+    pub(crate) rate: f64,
+    pub(crate) duration: Duration,
+    pub(crate) conversations: usize,
+    pub(crate) zipf_s: f64,
+    pub(crate) ceiling_workers: usize,
+    pub(crate) ceiling: Duration,
+    /// Prebuilt binaries (default: build this checkout's, release profile).
+    pub(crate) bin_dir: Option<PathBuf>,
+    /// Leave the private stack up afterwards.
+    pub(crate) keep: bool,
+    /// More `SOMA_*` overrides for the platform services (`KEY=VALUE`).
+    pub(crate) env: Vec<(String, String)>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Self {
+            rate: 500.0,
+            duration: Duration::from_secs(60),
+            conversations: 1_000,
+            zipf_s: 1.0,
+            ceiling_workers: 64,
+            ceiling: Duration::from_secs(10),
+            bin_dir: None,
+            keep: false,
+            env: Vec::new(),
+        }
+    }
+}
+
+struct Stack {
+    pg: Postgres,
+    broker_pg: Postgres,
+    redis: Redis,
+    broker: Broker,
+    memory: MemoryService,
+}
+
+impl Stack {
+    fn new(dir: &Path, bin_dir: &Path) -> Self {
+        let mut pg = Postgres::new("pg", dir, PG_PORT);
+        // Where the platform's queries go: pg_stat_statements says.
+        pg.extra_opts = "-c shared_preload_libraries=pg_stat_statements".to_owned();
+        let mut broker_pg = Postgres::new("broker-pg", dir, BROKER_PG_PORT);
+        broker_pg.extra_opts = pg.extra_opts.clone();
+        let storage = broker_pg.url("tansu");
+        let memory = MemoryService::new(
+            SOMABRAIN_ADDR,
+            bin_dir.join("soma-memory-service"),
+            root().join("examples/memory-service/config/local.toml"),
+            pg.url(DB),
+        );
+        Self {
+            pg,
+            redis: Redis::new(dir, REDIS_PORT),
+            broker: Broker::new(dir, BROKER_PORT, storage),
+            broker_pg,
+            memory,
+        }
+    }
+
+    /// Fresh: empty databases, broker storage and Redis (as `cargo xtask
+    /// stack up` runs them: tansu on PostgreSQL storage).
+    fn start(&mut self, log_dir: &Path) -> Result<(), String> {
+        self.stop();
+        for pg in [&self.pg, &self.broker_pg] {
+            // A cluster left running by an earlier run without the library.
+            let _ = pg.stop();
+            pg.start()?;
+        }
+        self.pg.recreate_db(DB)?;
+        self.broker_pg.recreate_db("tansu")?;
+        self.broker_pg
+            .psql_file("tansu", &root().join("xtask/stack.d/tansu-pg-schema.sql"))?;
+        for (pg, db) in [(&self.pg, DB), (&self.broker_pg, "tansu")] {
+            pg.psql(db, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")?;
+        }
+        self.redis.log = log_dir.join("redis.log");
+        self.broker.log = log_dir.join("tansu.log");
+        self.memory.log = log_dir.join("memory-service.log");
+        self.redis.start()?;
+        self.broker.start()?;
+        self.memory.start()
+    }
+
+    fn stop(&mut self) {
+        self.memory.stop();
+        self.broker.stop();
+        self.redis.stop();
+        let _ = self.pg.stop();
+        let _ = self.broker_pg.stop();
+    }
+
+    fn watched(&self) -> Vec<Watched> {
+        let mut w = Vec::new();
+        let mut add = |name: &str, pid: Option<u32>, with_children: bool| {
+            if let Some(pid) = pid {
+                w.push(Watched {
+                    name: name.to_owned(),
+                    pid,
+                    with_children,
+                });
+            }
+        };
+        add("tansu", self.broker.pid(), false);
+        add("postgres (platform)", self.pg.pid(), true);
+        add("postgres (tansu storage)", self.broker_pg.pid(), true);
+        add("redis", self.redis.pid(), false);
+        add("memory-service", self.memory.pid(), false);
+        add("load generator (xtask)", Some(std::process::id()), false);
+        w
+    }
+
+    /// The statements that took the most time since the last reset.
+    fn top_statements(&self) -> String {
+        let sql = "SELECT calls, round(total_exec_time)::bigint, \
+                   round(mean_exec_time::numeric, 2), \
+                   regexp_replace(left(query, 90), '\\s+', ' ', 'g') \
+                   FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 6";
+        let mut out = String::new();
+        for (name, pg, db) in [
+            ("platform", &self.pg, DB),
+            ("tansu storage", &self.broker_pg, "tansu"),
+        ] {
+            out.push_str(&format!(
+                "  postgres ({name}): calls | total ms | mean ms | query\n"
+            ));
+            match pg.psql(db, sql) {
+                Ok(rows) => {
+                    for r in rows.lines() {
+                        out.push_str(&format!("    {}\n", r.replace('|', " | ")));
+                    }
+                }
+                Err(e) => out.push_str(&format!("    (pg_stat_statements: {e})\n")),
+            }
+        }
+        out
+    }
+
+    fn reset_statements(&self) {
+        for (pg, db) in [(&self.pg, DB), (&self.broker_pg, "tansu")] {
+            let _ = pg.psql(db, "SELECT pg_stat_statements_reset()");
+        }
+    }
+}
+
+fn build(opts: &Opts) -> Result<PathBuf, String> {
+    if let Some(dir) = &opts.bin_dir {
+        return Ok(dir.clone());
+    }
+    println!("bench: building the platform, the memory service and the bare gateway (release)");
+    run(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "soma-example-platform",
+            "-p",
+            "soma-memory-service",
+            "-p",
+            "soma-bare-gateway",
+            "--bins",
+        ],
+    )?;
+    Ok(platform::target_dir().join("release"))
+}
+
+/// Runs the platform group; returns its rows.
+pub(crate) async fn run_group(opts: &Opts) -> Result<Vec<Row>, String> {
+    let bin_dir = tokio::task::block_in_place(|| build(opts))?;
+    let dir = root().join(".stack").join("bench");
+    let log_dir = dir.join("logs");
+    let _ = fs::remove_dir_all(&log_dir);
+    fs::create_dir_all(&log_dir).map_err(|e| format!("create {}: {e}", log_dir.display()))?;
+    let mut stack = Stack::new(&dir, &bin_dir);
+    println!(
+        "bench: private stack in {} (PostgreSQL {PG_PORT}, tansu {BROKER_PORT} on PostgreSQL \
+         {BROKER_PG_PORT}, Redis {REDIS_PORT}, memory service {SOMABRAIN_ADDR}); \
+         bare gateway {BARE_ADDR}; platform ports = chaos + {PORT_OFFSET}",
+        dir.display()
+    );
+    tokio::task::block_in_place(|| stack.start(&log_dir))?;
+    let result = phases(opts, &dir, &log_dir, &bin_dir, &stack).await;
+    if opts.keep {
+        println!(
+            "bench: --keep: the private stack is still up; logs in {}",
+            log_dir.display()
+        );
+    } else {
+        tokio::task::block_in_place(|| stack.stop());
+    }
+    result
+}
+
+fn stamp() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+async fn phases(
+    opts: &Opts,
+    dir: &Path,
+    log_dir: &Path,
+    bin_dir: &Path,
+    stack: &Stack,
+) -> Result<Vec<Row>, String> {
+    let shape = Shape {
+        rate: opts.rate,
+        duration: opts.duration,
+        zipf_s: opts.zipf_s,
+        max_in_flight: 4_096,
+        seed: 16,
+    };
+    let run_id = format!("bench-{}", stamp());
+
+    // The baseline: the bare handler, same load, same broker.
+    let bare = {
+        let mut cmd = Command::new(bin_dir.join("soma-bare-gateway"));
+        cmd.args([BARE_ADDR, &stack.broker.addr(), "bench.bare"]);
+        let mut proc = Proc::spawn("soma-bare-gateway", cmd, &log_dir.join("bare-gateway.log"))?;
+        tokio::task::block_in_place(|| {
+            deps::wait_port("bare gateway", BARE_ADDR, Duration::from_secs(60))
+        })?;
+        let convs: Vec<Conv> = (0..opts.conversations)
+            .map(|i| Conv {
+                id: format!("{run_id}-bare-c{i}"),
+                token: None,
+            })
+            .collect();
+        let load = OpenLoop::new(
+            &format!("http://{BARE_ADDR}"),
+            &format!("{run_id}-bare"),
+            convs,
+        );
+        load.warm_up(Duration::from_secs(60)).await?;
+        let mut watched = stack.watched();
+        watched.push(Watched {
+            name: "bare gateway".into(),
+            pid: proc.child.id(),
+            with_children: false,
+        });
+        println!(
+            "bench: bare path: {} msg/s for {:?} over {} conversations (Zipf s = {})",
+            opts.rate, opts.duration, opts.conversations, opts.zipf_s
+        );
+        let (report, profile) = measured(&load, shape, Duration::ZERO, &watched).await;
+        println!("bench: bare path: cpu {profile}");
+        let (ceiling, ceiling_errors) = load.ceiling(opts.ceiling_workers, opts.ceiling, 17).await;
+        println!("bench: bare path: ceiling {ceiling:.0} msg/s ({ceiling_errors} failed)");
+        proc.terminate(Duration::from_secs(5));
+        (report, ceiling)
+    };
+    tokio::task::block_in_place(|| stack.reset_statements());
+
+    // The platform.
+    let secret = platform::random_hex()?;
+    let issuer_file = dir.join("issuer.toml");
+    fs::write(&issuer_file, platform::issuer_toml(&secret)).map_err(|e| e.to_string())?;
+    let mut extra = vec![
+        // One tenant per conversation at up to hundreds of messages a
+        // second: the shipped limit (120 a minute) would refuse most.
+        ("SOMA_CHAT__RATE_LIMIT".to_owned(), "1000000".to_owned()),
+    ];
+    extra.extend(opts.env.iter().cloned());
+    let wiring = Wiring {
+        postgres_url: stack.pg.url(DB),
+        redis_url: format!("redis://{}", stack.redis.addr()),
+        bootstrap: stack.broker.addr(),
+        somabrain_url: format!("http://{SOMABRAIN_ADDR}"),
+        issuer_file,
+        source: root(),
+        port_offset: PORT_OFFSET,
+        extra_env: extra,
+    };
+    let mut platform = Platform::start(bin_dir, log_dir, &wiring, false)?;
+    let result = measure_platform(opts, shape, &run_id, &secret, &mut platform, stack).await;
+    let exited = platform.exited();
+    platform.stop();
+    let (ours, ours_ceiling) = result?;
+    if !exited.is_empty() {
+        return Err(format!("exited during the load: {}", exited.join(", ")));
+    }
+    Ok(rows(opts, &ours, &bare.0, ours_ceiling, bare.1))
+}
+
+async fn measure_platform(
+    opts: &Opts,
+    shape: Shape,
+    run_id: &str,
+    secret: &str,
+    platform: &mut Platform,
+    stack: &Stack,
+) -> Result<(Report, f64), String> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let not_ready = tokio::task::block_in_place(|| platform.not_ready());
+        if not_ready.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("not ready after 120 s: {}", not_ready.join(", ")));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let convs: Vec<Conv> = (0..opts.conversations)
+        .map(|i| {
+            platform::token(
+                secret,
+                &format!("bench-user-{i}"),
+                &format!("bench-{i}"),
+                &["user".to_owned()],
+            )
+            .map(|t| Conv {
+                id: format!("{run_id}-c{i}"),
+                token: Some(t),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let base = platform.gateway_urls()[0].clone();
+    let mut load = OpenLoop::new(&base, run_id, convs);
+    load.follow(Duration::from_secs(120)).await?;
+    load.warm_up(Duration::from_secs(120)).await?;
+    let mut watched = stack.watched();
+    for (s, p) in platform.services.iter().zip(&platform.procs) {
+        watched.push(Watched {
+            name: s.name.to_owned(),
+            pid: p.child.id(),
+            with_children: false,
+        });
+    }
+    println!(
+        "bench: platform: {} SSE streams open; {} msg/s for {:?} (Zipf s = {})",
+        opts.conversations, opts.rate, opts.duration, opts.zipf_s
+    );
+    let (report, profile) = measured(&load, shape, Duration::from_secs(60), &watched).await;
+    println!("bench: platform: cpu {profile}");
+    let statements = tokio::task::block_in_place(|| stack.top_statements());
+    println!("bench: platform: time in PostgreSQL during the load\n{statements}");
+    let (ceiling, ceiling_errors) = load.ceiling(opts.ceiling_workers, opts.ceiling, 18).await;
+    println!("bench: platform: ceiling {ceiling:.0} msg/s ({ceiling_errors} failed)");
+    load.stop().await;
+    Ok((report, ceiling))
+}
+
+/// The load with CPU sampled around it; prints the outcome.
+async fn measured(
+    load: &OpenLoop,
+    shape: Shape,
+    drain: Duration,
+    watched: &[Watched],
+) -> (Report, String) {
+    let before = cpu::sample(watched);
+    let t = std::time::Instant::now();
+    let report = load.run(shape, drain).await;
+    let after = cpu::sample(watched);
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "bench:   offered {} accepted {} ({:.0}/s), deferred {}, errors {:?}, completed {}, \
+         sse reconnects {}",
+        report.offered,
+        report.accepted,
+        report.accepted_per_sec,
+        report.deferred,
+        report.errors,
+        report.completed,
+        report.sse_reconnects
+    );
+    (report, cpu::report(watched, &before, &after, secs))
+}
+
+fn rows(
+    opts: &Opts,
+    ours: &Report,
+    bare: &Report,
+    ours_ceiling: f64,
+    bare_ceiling: f64,
+) -> Vec<Row> {
+    const BARE: &str = "bare axum+producer";
+    let row = |what: &str, unit: &str| Row::new(GROUP, what, unit);
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let share = |n: u64, of: u64| (of > 0).then(|| n as f64 / of as f64 * 100.0);
+    vec![
+        row(
+            &format!(
+                "chat messages accepted, open loop {}/s × {} s, {} conversations (Zipf {})",
+                opts.rate,
+                opts.duration.as_secs(),
+                opts.conversations,
+                opts.zipf_s
+            ),
+            "msg/s",
+        )
+        .ours(Some(ours.accepted_per_sec))
+        .baseline(BARE, Some(bare.accepted_per_sec))
+        .goal(Goal::AtLeast(500.0)),
+        row("POST latency p50", "ms")
+            .ours(ours.post_p50_ms)
+            .baseline(BARE, bare.post_p50_ms),
+        row("POST latency p99", "ms")
+            .ours(ours.post_p99_ms)
+            .baseline(BARE, bare.post_p99_ms)
+            .goal(Goal::AtMost(50.0)),
+        row("POST latency max", "ms")
+            .ours(ours.post_max_ms)
+            .baseline(BARE, bare.post_max_ms),
+        row("send → first reply event p50", "ms").ours(ours.first_p50_ms),
+        row("send → first reply event p99", "ms")
+            .ours(ours.first_p99_ms)
+            .goal(Goal::AtMost(100.0)),
+        row("send → reply.completed p50", "ms").ours(ours.completed_p50_ms),
+        row("send → reply.completed p99", "ms")
+            .ours(ours.completed_p99_ms)
+            .goal(Goal::AtMost(500.0)),
+        row("replies completed of accepted", "%")
+            .ours(share(ours.completed, ours.accepted))
+            .goal(Goal::AtLeast(100.0)),
+        row("errors (non-202 answers, transport)", "")
+            .ours(Some(ours.error_count() as f64))
+            .baseline(BARE, Some(bare.error_count() as f64))
+            .goal(Goal::AtMost(0.0)),
+        row("deferred (outbox) share, broker up", "%")
+            .ours(share(ours.deferred, ours.accepted))
+            .goal(Goal::AtMost(0.0)),
+        row("decay: POST p99, last third / first third", "×")
+            .ours(ratio(ours.post_p99_last_ms, ours.post_p99_first_ms))
+            .baseline(BARE, ratio(bare.post_p99_last_ms, bare.post_p99_first_ms))
+            .goal(Goal::AtMost(1.5)),
+        row("decay: send → completed p99, last third / first third", "×")
+            .ours(ratio(
+                ours.completed_p99_last_ms,
+                ours.completed_p99_first_ms,
+            ))
+            .goal(Goal::AtMost(1.5)),
+        row(
+            &format!(
+                "ceiling: accepted, closed loop {} clients × {} s",
+                opts.ceiling_workers,
+                opts.ceiling.as_secs()
+            ),
+            "msg/s",
+        )
+        .ours(Some(ours_ceiling))
+        .baseline(BARE, Some(bare_ceiling))
+        .goal(Goal::RatioAtLeast(0.5)),
+    ]
+}
