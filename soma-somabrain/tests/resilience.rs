@@ -40,7 +40,7 @@ async fn connection_refused_is_unavailable_and_retried_within_budget() {
         ..SomabrainConfig::default()
     };
     let mut cfg = cfg;
-    cfg.retry.initial_backoff_ms = 1;
+    cfg.retry.initial_ms = 1;
     let c = SomabrainClient::new(cfg).unwrap();
     let e = c.recall(&recall(), CallOptions::new()).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Transport, "{e}");
