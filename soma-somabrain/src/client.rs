@@ -14,7 +14,9 @@ use reqwest::header::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use soma_observability::metrics::MetricsRegistry;
-use soma_observability::resilience::{BreakerState, CircuitBreaker, Permit};
+use soma_observability::resilience::{
+    Backoff, BackoffConfig, BreakerState, CircuitBreaker, Jitter, Permit,
+};
 use tracing::Instrument;
 
 use crate::Endpoint;
@@ -791,14 +793,15 @@ fn is_transient(e: &Error) -> bool {
     }
 }
 
-/// Full jitter: uniform in `[0, min(max, initial * 2^(attempt-1))]`.
+/// Full jitter: uniform in `[0, min(max, initial * 2^(attempt-1))]` — the
+/// shared [`Backoff`] with [`Jitter::Full`].
 fn full_jitter(retry: &RetryConfig, attempt: u32) -> Duration {
-    let cap_ms = retry
-        .initial_backoff_ms
-        .saturating_mul(1u64 << (attempt.saturating_sub(1)).min(20))
-        .min(retry.max_backoff_ms);
-    let us = rand::rng().random_range(0..=cap_ms.saturating_mul(1000));
-    Duration::from_micros(us)
+    Backoff::new(BackoffConfig {
+        initial_ms: retry.initial_ms,
+        max_ms: retry.max_ms,
+        jitter: Jitter::Full,
+    })
+    .delay(attempt)
 }
 
 /// `Retry-After`: delay-seconds or an HTTP date.
@@ -859,8 +862,8 @@ mod tests {
     #[test]
     fn jitter_stays_under_the_cap() {
         let r = RetryConfig {
-            initial_backoff_ms: 10,
-            max_backoff_ms: 25,
+            initial_ms: 10,
+            max_ms: 25,
             ..RetryConfig::default()
         };
         for attempt in 1..10 {
@@ -868,6 +871,18 @@ mod tests {
             for _ in 0..50 {
                 assert!(full_jitter(&r, attempt) <= cap);
             }
+        }
+    }
+
+    #[test]
+    fn retry_backoff_keys_are_the_shared_spelling_and_old_keys_still_read() {
+        let new: RetryConfig =
+            serde_json::from_str(r#"{ "initial_ms": 7, "max_ms": 70 }"#).unwrap();
+        let old: RetryConfig =
+            serde_json::from_str(r#"{ "initial_backoff_ms": 7, "max_backoff_ms": 70 }"#).unwrap();
+        for c in [new, old] {
+            assert_eq!((c.initial_ms, c.max_ms), (7, 70));
+            assert_eq!(c.max_retries, RetryConfig::default().max_retries);
         }
     }
 

@@ -141,10 +141,15 @@ pub struct RetryConfig {
     /// Retries after the first attempt (so at most `max_retries + 1`
     /// attempts per call). `0` disables retries.
     pub max_retries: u32,
-    /// Backoff cap of the first retry; it doubles per retry.
-    pub initial_backoff_ms: u64,
-    /// Upper bound of any backoff cap.
-    pub max_backoff_ms: u64,
+    /// Backoff cap of the first retry; it doubles per retry (old key:
+    /// `initial_backoff_ms`). Spelled, and computed, as the SDK's shared
+    /// [`BackoffConfig`](soma_observability::resilience::BackoffConfig)
+    /// with full jitter: each retry waits uniformly in `[0, cap]`.
+    #[serde(alias = "initial_backoff_ms")]
+    pub initial_ms: u64,
+    /// Upper bound of any backoff cap (old key: `max_backoff_ms`).
+    #[serde(alias = "max_backoff_ms")]
+    pub max_ms: u64,
     /// The longest `Retry-After` the client will wait. A server asking for
     /// longer (or longer than the call's remaining deadline) gets no retry:
     /// the caller sees the 429/503 at once.
@@ -155,8 +160,8 @@ impl Default for RetryConfig {
     fn default() -> Self {
         Self {
             max_retries: 2,
-            initial_backoff_ms: 50,
-            max_backoff_ms: 1_000,
+            initial_ms: 50,
+            max_ms: 1_000,
             max_retry_after_ms: 2_000,
         }
     }

@@ -36,7 +36,7 @@ fn recall() -> RecallRequest {
 async fn connection_refused_is_unavailable_and_retried_within_budget() {
     let port = soma_testkit::free_port();
     let mut cfg = SomabrainConfig::new(format!("http://127.0.0.1:{port}"));
-    cfg.retry.initial_backoff_ms = 1;
+    cfg.retry.initial_ms = 1;
     let c = SomabrainClient::new(cfg).unwrap();
     let e = c.recall(&recall(), CallOptions::new()).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Transport, "{e}");

@@ -263,8 +263,8 @@ impl ContractServer {
             default_namespace: "agent".into(),
             ..SomabrainConfig::default()
         };
-        c.retry.initial_backoff_ms = 5;
-        c.retry.max_backoff_ms = 20;
+        c.retry.initial_ms = 5;
+        c.retry.max_ms = 20;
         c.breaker.open_ms = 60_000;
         c
     }
