@@ -796,12 +796,8 @@ fn is_transient(e: &Error) -> bool {
 /// Full jitter: uniform in `[0, min(max, initial * 2^(attempt-1))]` — the
 /// shared [`Backoff`] with [`Jitter::Full`].
 fn full_jitter(retry: &RetryConfig, attempt: u32) -> Duration {
-    Backoff::new(BackoffConfig {
-        initial_ms: retry.initial_ms,
-        max_ms: retry.max_ms,
-        jitter: Jitter::Full,
-    })
-    .delay(attempt)
+    Backoff::new(BackoffConfig::new(retry.initial_ms, retry.max_ms).with_jitter(Jitter::Full))
+        .delay(attempt)
 }
 
 /// `Retry-After`: delay-seconds or an HTTP date.

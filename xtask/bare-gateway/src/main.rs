@@ -68,11 +68,9 @@ async fn main() {
         eprintln!("usage: soma-bare-gateway <bind addr> <bootstrap servers> <topic>");
         std::process::exit(2);
     };
-    let config = BusConfig {
-        bootstrap_servers: bootstrap.clone(),
-        client_id: "soma-bare-gateway".to_owned(),
-        ..BusConfig::default()
-    };
+    let mut config = BusConfig::default();
+    config.bootstrap_servers = bootstrap.clone();
+    config.client_id = "soma-bare-gateway".to_owned();
     // The topic with the platform's partition count (no DLQ: nothing consumes it).
     soma_bus::TopicAdmin::new(&config)
         .expect("the default admin settings are valid")
