@@ -137,7 +137,7 @@ fn step(name: &str, f: impl FnOnce() -> Result<(), String>) -> Result<(), String
     r
 }
 
-fn cargo_bin_dir() -> PathBuf {
+pub(crate) fn cargo_bin_dir() -> PathBuf {
     #[allow(clippy::disallowed_methods)] // xtask is on the lint-env allowlist
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)

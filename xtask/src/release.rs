@@ -168,13 +168,88 @@ pub(crate) fn docs() -> Result<(), String> {
 
 /// `cargo package` on every published crate: each is built from its tarball,
 /// with its dependencies on the others resolved to their packaged versions.
+///
+/// Cargo verifies a crate against the others through a temporary local
+/// registry whose sources it extracts under `$CARGO_HOME/registry/src/` and
+/// never extracts again while the directory is there (its `.cargo-ok`
+/// marker): a second run would verify against the *first* run's sources of
+/// the other crates. Those extracted copies are removed first. Cargo also
+/// takes a registry crate's build as immutable (fingerprinted by name and
+/// version, not by its sources), so the verification builds of our crates
+/// as registry dependencies are forgotten too.
 pub(crate) fn package() -> Result<(), String> {
+    let meta = metadata()?;
+    let versions = published_versions(&meta);
+    remove_extracted_sources(&versions)?;
+    if let Some(target) = meta["target_directory"].as_str() {
+        forget_registry_builds(&PathBuf::from(target), &versions)?;
+    }
     let crates = published_crates()?;
     let mut args = vec!["package", "--locked", "--allow-dirty"];
     for c in &crates {
         args.extend(["-p", c.as_str()]);
     }
     run("cargo", &args)
+}
+
+/// Removes `$CARGO_HOME/registry/src/*/<crate>-<version>` of our own
+/// crates (left by an earlier `package` run; none of them comes from
+/// crates.io here, and a registry's copy would be re-extracted anyway).
+fn remove_extracted_sources(crates: &[(String, String)]) -> Result<(), String> {
+    let src = crate::cargo_bin_dir()
+        .parent()
+        .map(|home| home.join("registry").join("src"))
+        .ok_or("no cargo home")?;
+    let Ok(registries) = std::fs::read_dir(&src) else {
+        return Ok(());
+    };
+    for registry in registries.flatten() {
+        for (name, version) in crates {
+            let dir = registry.path().join(format!("{name}-{version}"));
+            if dir.is_dir() {
+                std::fs::remove_dir_all(&dir)
+                    .map_err(|e| format!("removing stale {}: {e}", dir.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes the fingerprints of our crates built from a registry source (the
+/// package verification's temporary registry): `deps/<crate>-<hash>.d`
+/// naming a `registry/src/*/<crate>-<version>/` file marks such a build, and
+/// without its `.fingerprint/<crate>-<hash>` cargo rebuilds it.
+fn forget_registry_builds(
+    target: &std::path::Path,
+    crates: &[(String, String)],
+) -> Result<(), String> {
+    let deps = target.join("debug").join("deps");
+    let Ok(entries) = std::fs::read_dir(&deps) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(stem) = file.strip_suffix(".d") else {
+            continue;
+        };
+        for (name, version) in crates {
+            let Some(hash) = stem.strip_prefix(&format!("{}-", name.replace('-', "_"))) else {
+                continue;
+            };
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            if text.contains("/registry/src/") && text.contains(&format!("/{name}-{version}/")) {
+                let fingerprint = target
+                    .join("debug")
+                    .join(".fingerprint")
+                    .join(format!("{name}-{hash}"));
+                if fingerprint.is_dir() {
+                    std::fs::remove_dir_all(&fingerprint)
+                        .map_err(|e| format!("removing {}: {e}", fingerprint.display()))?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The published crates with their versions.
