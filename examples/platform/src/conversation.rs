@@ -280,11 +280,7 @@ async fn authorize_turn(ctx: &Ctx, req: &ChatRequest) -> Result<Option<Vec<Strin
     })
     .with_context("owner", owner.subject)
     .with_context("resource_tenant", owner.tenant);
-    let decision = ctx
-        .authz
-        .check(&input)
-        .await
-        .map_err(|e| HandlerError::retryable(format!("policy unavailable: {e}")))?;
+    let decision = crate::runtime::decide(&ctx.authz, &input).await?;
     Ok((!decision.allow).then_some(decision.reasons))
 }
 

@@ -79,11 +79,7 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
         },
     )
     .with_context("resource_tenant", env.tenant.clone());
-    let decision = ctx
-        .authz
-        .check(&input)
-        .await
-        .map_err(|e| HandlerError::retryable(format!("policy unavailable: {e}")))?;
+    let decision = crate::runtime::decide(&ctx.authz, &input).await?;
     if !decision.allow {
         return Err(HandlerError::fatal(format!(
             "memory.write denied: {}",

@@ -15,7 +15,10 @@ use soma_observability::health::{CheckOptions, Criticality, HealthRegistry};
 use soma_observability::metrics::MetricsRegistry;
 use soma_observability::shutdown::Shutdown;
 use soma_outbox::{Outbox, OutboxHealthCheck, OutboxMetrics, Relay, RelayHandle};
-use soma_policy::{Authorizer, EmbeddedRego, EngineKind, PolicyEngine, PolicyMetrics, RemoteOpa};
+use soma_policy::{
+    Authorizer, AuthzInput, Decision, EmbeddedRego, EngineKind, PolicyEngine, PolicyMetrics,
+    RemoteOpa,
+};
 use soma_somabrain::SomabrainClient;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -446,6 +449,19 @@ pub fn redact_url(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// A worker's policy decision for a message: an engine that cannot decide
+/// is a retryable handler error (the message is handled again later), never
+/// an allow.
+pub(crate) async fn decide(
+    authz: &Authorizer,
+    input: &AuthzInput,
+) -> Result<Decision, HandlerError> {
+    authz
+        .check(input)
+        .await
+        .map_err(|e| HandlerError::retryable(format!("policy unavailable: {e}")))
 }
 
 #[cfg(test)]

@@ -283,11 +283,7 @@ async fn authorize(
     )
     .with_context("tool_risk", risk.as_str())
     .with_context("resource_tenant", env.tenant.clone());
-    let decision = ctx
-        .authz
-        .check(&input)
-        .await
-        .map_err(|e| HandlerError::retryable(format!("policy unavailable: {e}")))?;
+    let decision = crate::runtime::decide(&ctx.authz, &input).await?;
     Ok((!decision.allow).then_some(decision.reasons))
 }
 
