@@ -136,14 +136,7 @@ async fn a_message_comes_back_as_ordered_sse_events_and_memory_writes_wait_for_s
     let memory_admin = memory.admin_addr();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let metrics = client
-            .get(format!("http://{memory_admin}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = metrics_text(&client, memory_admin).await;
         let waiting = metrics.lines().any(|l| {
             l.starts_with("soma_bus_consumed_total{")
                 && l.contains("outcome=\"waiting\"")

@@ -186,17 +186,6 @@ async fn warm_up(
     }
 }
 
-async fn metrics_text(client: &reqwest::Client, admin: SocketAddr) -> String {
-    client
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 fn completed(events: &[SseEvent]) -> &SseEvent {
     let last = events.last().expect("an answer");
     assert_eq!(last.event, "assistant.completed", "{events:?}");

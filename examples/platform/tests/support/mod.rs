@@ -339,6 +339,18 @@ pub async fn record_within(
     }
 }
 
+/// The text of an admin `/metrics`.
+pub async fn metrics_text(client: &reqwest::Client, admin: std::net::SocketAddr) -> String {
+    client
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// A counter's value on an admin `/metrics`, summed over the series of
 /// `name` whose labels include `label` (e.g. `cause="lagged"`; "" for all).
 pub async fn metric(
@@ -347,14 +359,7 @@ pub async fn metric(
     name: &str,
     label: &str,
 ) -> f64 {
-    let text = client
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(client, admin).await;
     text.lines()
         .filter(|l| {
             l.strip_prefix(name)
