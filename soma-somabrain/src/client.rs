@@ -864,9 +864,12 @@ mod tests {
         };
         for attempt in 1..10 {
             let cap = Duration::from_millis((10u64 << (attempt - 1)).min(25));
-            for _ in 0..50 {
-                assert!(full_jitter(&r, attempt) <= cap);
-            }
+            let delays: Vec<Duration> = (0..200).map(|_| full_jitter(&r, attempt)).collect();
+            assert!(delays.iter().all(|d| *d <= cap));
+            // Spread over the whole range, not stuck at zero or the cap:
+            // the chance that 200 uniform draws all miss a half is 2^-200.
+            assert!(delays.iter().any(|d| *d * 2 > cap), "{delays:?}");
+            assert!(delays.iter().any(|d| *d * 2 < cap), "{delays:?}");
         }
     }
 
