@@ -48,24 +48,18 @@ impl TopicAdmin {
         })
     }
 
-    /// Ensures each topic exists with `topic_partitions` partitions and
-    /// `topic_replication_factor` replicas (existing topics are left as they are).
-    /// With `with_dlq`, also `<topic><dlq_suffix>` for each.
+    /// Ensures each topic exists with `topic_partitions` partitions, the
+    /// profile's [replication factor](BusConfig::replication_factor) and
+    /// [`min.insync.replicas`](BusConfig::min_insync_replicas) (existing
+    /// topics are left as they are). With `with_dlq`, also
+    /// `<topic><dlq_suffix>` for each, with the same durability.
     pub async fn ensure_topics(&self, topics: &[&str], with_dlq: bool) -> Result<(), BusError> {
         let mut names: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
         if with_dlq {
             names.extend(topics.iter().map(|t| self.config.dlq_topic(t)));
         }
-        let new: Vec<NewTopic<'_>> = names
-            .iter()
-            .map(|n| {
-                NewTopic::new(
-                    n,
-                    self.config.topic_partitions,
-                    TopicReplication::Fixed(self.config.topic_replication_factor),
-                )
-            })
-            .collect();
+        let min_isr = self.config.min_insync_replicas().map(|m| m.to_string());
+        let new = new_topics(&self.config, &names, min_isr.as_deref());
         let opts = AdminOptions::new().operation_timeout(Some(self.config.admin_timeout()));
         let fut = self.client.create_topics(new.iter(), &opts);
         let results =
@@ -143,6 +137,28 @@ impl TopicAdmin {
     }
 }
 
+/// The creation requests for `names` under `config`'s durability.
+fn new_topics<'a>(
+    config: &BusConfig,
+    names: &'a [String],
+    min_isr: Option<&'a str>,
+) -> Vec<NewTopic<'a>> {
+    names
+        .iter()
+        .map(|n| {
+            let topic = NewTopic::new(
+                n,
+                config.topic_partitions,
+                TopicReplication::Fixed(config.replication_factor()),
+            );
+            match min_isr {
+                Some(m) => topic.set("min.insync.replicas", m),
+                None => topic,
+            }
+        })
+        .collect()
+}
+
 /// Checks that the broker answers a metadata request in time.
 #[derive(Debug, Clone)]
 pub struct BrokerHealthCheck {
@@ -166,6 +182,39 @@ impl HealthCheck for BrokerHealthCheck {
             Ok(Ok(_)) => CheckOutcome::down("metadata lists no brokers"),
             Ok(Err(e)) => CheckOutcome::down(format!("broker metadata request failed: {e}")),
             Err(_) => CheckOutcome::down("metadata task panicked"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use soma_config::DeploymentProfile;
+
+    #[test]
+    fn created_topics_carry_the_profiles_durability() {
+        let names = vec!["orders".to_owned(), "orders.dlq".to_owned()];
+        let prod = BusConfig {
+            deployment_profile: DeploymentProfile::Prod,
+            ..BusConfig::default()
+        };
+        let min_isr = prod.min_insync_replicas().map(|m| m.to_string());
+        for t in new_topics(&prod, &names, min_isr.as_deref()) {
+            assert!(
+                matches!(t.replication, TopicReplication::Fixed(3)),
+                "{}",
+                t.name
+            );
+            assert_eq!(t.config, vec![("min.insync.replicas", "2")], "{}", t.name);
+        }
+        let local = BusConfig::default();
+        for t in new_topics(&local, &names, None) {
+            assert!(
+                matches!(t.replication, TopicReplication::Fixed(1)),
+                "{}",
+                t.name
+            );
+            assert!(t.config.is_empty(), "{}", t.name);
         }
     }
 }

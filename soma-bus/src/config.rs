@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
-use soma_config::Secret;
+use soma_config::{DeploymentProfile, Secret};
 use soma_observability::resilience::BreakerConfig;
 
 use crate::error::BusError;
@@ -15,6 +15,32 @@ use crate::error::BusError;
 /// `acks=all` and idempotence are always on; they are not settings. Keys in
 /// [`BusConfig::librdkafka`] that would weaken them are rejected by
 /// [`BusConfig::validate`].
+///
+/// **Durability of created topics follows the deployment profile**
+/// ([`deployment_profile`](Self::deployment_profile), set by soma-config's
+/// loader from the top-level `profile`):
+///
+/// | profile | replication factor | `min.insync.replicas` | refused |
+/// |---|---|---|---|
+/// | `local` | 1 | broker default | — |
+/// | `prod` | 3 | 2 | replication factor < 2, `min.insync.replicas` < 2 or > replication factor |
+///
+/// With `acks=all`, `min.insync.replicas = 2` means an acknowledged message
+/// is on at least two brokers, so losing one broker loses no acknowledged
+/// message; replication factor 3 keeps the topic writable while one broker
+/// is down.
+///
+/// ```
+/// use soma_bus::BusConfig;
+/// use soma_config::DeploymentProfile;
+/// let mut prod = BusConfig::default();
+/// prod.deployment_profile = DeploymentProfile::Prod;
+/// assert_eq!(prod.replication_factor(), 3);
+/// assert_eq!(prod.min_insync_replicas(), Some(2));
+/// prod.topic_replication_factor = Some(1);
+/// assert!(prod.validate().unwrap_err().is_weak_durability());
+/// assert_eq!(BusConfig::default().replication_factor(), 1); // local
+/// ```
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 #[non_exhaustive]
@@ -92,10 +118,22 @@ pub struct BusConfig {
     /// Replays after which a message is no longer republished from the DLQ.
     pub replay_max: u32,
 
+    /// The deployment profile this section runs under. soma-config's
+    /// [`Loader`](soma_config::Loader) sets it from the top-level `profile`
+    /// key (and refuses a source that gives this section another one); set
+    /// it yourself only when you build a `BusConfig` in code. Decides the
+    /// durability defaults and floors of created topics (see the type docs).
+    pub deployment_profile: DeploymentProfile,
     /// Partitions for topics created by [`crate::TopicAdmin::ensure_topics`].
     pub topic_partitions: i32,
-    /// Replication factor for created topics.
-    pub topic_replication_factor: i32,
+    /// Replication factor for created topics; unset: 1 under `local`, 3
+    /// under `prod`. Under `prod`, less than 2 is refused.
+    pub topic_replication_factor: Option<i32>,
+    /// `min.insync.replicas` of created topics; unset: the broker's default
+    /// under `local`, 2 under `prod`. Under `prod`, less than 2 is refused;
+    /// more than the replication factor is always refused (no write could
+    /// ever be acknowledged).
+    pub topic_min_insync_replicas: Option<i32>,
     /// Timeout for admin and metadata requests (also the health check timeout).
     pub admin_timeout_ms: u64,
 
@@ -137,8 +175,10 @@ impl Default for BusConfig {
             shutdown_timeout_ms: 30_000,
             lag_interval_ms: 5_000,
             replay_max: 3,
+            deployment_profile: DeploymentProfile::Local,
             topic_partitions: 1,
-            topic_replication_factor: 1,
+            topic_replication_factor: None,
+            topic_min_insync_replicas: None,
             admin_timeout_ms: 5_000,
             librdkafka: BTreeMap::new(),
         }
@@ -184,9 +224,10 @@ impl BusConfig {
         if !matches!(self.auto_offset_reset.as_str(), "earliest" | "latest") {
             return bad("auto_offset_reset must be `earliest` or `latest`".into());
         }
-        if self.topic_partitions < 1 || self.topic_replication_factor < 1 {
-            return bad("topic_partitions and topic_replication_factor must be >= 1".into());
+        if self.topic_partitions < 1 {
+            return bad("topic_partitions must be >= 1".into());
         }
+        self.validate_durability()?;
         if let Some(k) = self
             .librdkafka
             .keys()
@@ -195,6 +236,62 @@ impl BusConfig {
             return bad(format!(
                 "librdkafka key `{k}` is managed by soma-bus and may not be overridden"
             ));
+        }
+        Ok(())
+    }
+
+    /// The replication factor created topics get (see the type docs).
+    pub fn replication_factor(&self) -> i32 {
+        self.topic_replication_factor
+            .unwrap_or(match self.deployment_profile {
+                DeploymentProfile::Local => 1,
+                DeploymentProfile::Prod => 3,
+            })
+    }
+
+    /// The `min.insync.replicas` created topics get; `None` leaves the
+    /// broker's default (see the type docs).
+    pub fn min_insync_replicas(&self) -> Option<i32> {
+        self.topic_min_insync_replicas
+            .or(match self.deployment_profile {
+                DeploymentProfile::Local => None,
+                DeploymentProfile::Prod => Some(2),
+            })
+    }
+
+    fn validate_durability(&self) -> Result<(), BusError> {
+        let profile = self.deployment_profile;
+        let rf = self.replication_factor();
+        let weak = |setting: &'static str, value: i32, minimum: i32| {
+            Err(BusError::WeakDurability {
+                profile,
+                setting,
+                value,
+                minimum,
+            })
+        };
+        if rf < 1 {
+            return weak("topic_replication_factor", rf, 1);
+        }
+        let min_isr = self.min_insync_replicas();
+        if profile == DeploymentProfile::Prod {
+            if rf < 2 {
+                return weak("topic_replication_factor", rf, 2);
+            }
+            match min_isr {
+                Some(m) if m >= 2 => {}
+                m => return weak("topic_min_insync_replicas", m.unwrap_or(1), 2),
+            }
+        }
+        if let Some(m) = min_isr {
+            if m < 1 {
+                return weak("topic_min_insync_replicas", m, 1);
+            }
+            if m > rf {
+                return Err(BusError::Config(format!(
+                    "topic_min_insync_replicas ({m}) exceeds the replication factor ({rf}): no write could be acknowledged"
+                )));
+            }
         }
         Ok(())
     }
@@ -296,6 +393,54 @@ mod tests {
             serde_json::from_str(r#"{"linger_ms": 20, "sasl_password": "hunter2"}"#).unwrap();
         assert_eq!(c.linger_ms, 20);
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn durability_follows_the_deployment_profile() {
+        let local = BusConfig::default();
+        local.validate().unwrap();
+        assert_eq!(
+            (local.replication_factor(), local.min_insync_replicas()),
+            (1, None)
+        );
+
+        let prod = BusConfig {
+            deployment_profile: DeploymentProfile::Prod,
+            ..BusConfig::default()
+        };
+        prod.validate().unwrap();
+        assert_eq!(
+            (prod.replication_factor(), prod.min_insync_replicas()),
+            (3, Some(2))
+        );
+        for (rf, isr) in [(Some(1), None), (Some(1), Some(1)), (None, Some(1))] {
+            let mut c = prod.clone();
+            c.topic_replication_factor = rf;
+            c.topic_min_insync_replicas = isr;
+            let e = c.validate().unwrap_err();
+            assert!(
+                e.is_weak_durability() && e.is_config(),
+                "{rf:?}/{isr:?}: {e}"
+            );
+        }
+        let mut c = prod.clone();
+        c.topic_replication_factor = Some(2);
+        c.validate().expect("rf 2 with min.insync 2 is allowed");
+        c.topic_min_insync_replicas = Some(3);
+        assert!(c.validate().unwrap_err().is_config(), "min.insync > rf");
+
+        // An explicit local setting is the operator's call.
+        let mut c = BusConfig {
+            topic_replication_factor: Some(3),
+            topic_min_insync_replicas: Some(2),
+            ..BusConfig::default()
+        };
+        c.validate().unwrap();
+        c.topic_replication_factor = Some(0);
+        assert!(c.validate().unwrap_err().is_config());
+        // The key reads as before from a config file.
+        let c: BusConfig = serde_json::from_str(r#"{"topic_replication_factor": 3}"#).unwrap();
+        assert_eq!(c.replication_factor(), 3);
     }
 
     #[test]

@@ -11,6 +11,21 @@ pub enum BusError {
     /// Invalid configuration.
     #[error("invalid bus configuration: {0}")]
     Config(String),
+    /// A topic durability setting below what the deployment profile
+    /// requires (e.g. replication factor 1 under `prod`).
+    #[error(
+        "{setting} = {value} is below the minimum of {minimum} for the `{profile}` profile: refusing to create topics that can lose acknowledged messages"
+    )]
+    WeakDurability {
+        /// The deployment profile in force.
+        profile: soma_config::DeploymentProfile,
+        /// The setting (`topic_replication_factor`, `topic_min_insync_replicas`).
+        setting: &'static str,
+        /// Its effective value.
+        value: i32,
+        /// The lowest value the profile allows.
+        minimum: i32,
+    },
     /// The envelope is invalid.
     #[error(transparent)]
     Envelope(#[from] EnvelopeError),
@@ -51,16 +66,23 @@ pub enum BusError {
 }
 
 impl BusError {
-    /// True for configuration errors.
+    /// True for configuration errors (including
+    /// [`is_weak_durability`](Self::is_weak_durability)).
     pub fn is_config(&self) -> bool {
-        matches!(self, Self::Config(_))
+        matches!(self, Self::Config(_) | Self::WeakDurability { .. })
+    }
+
+    /// True when a topic durability setting is below what the deployment
+    /// profile requires.
+    pub fn is_weak_durability(&self) -> bool {
+        matches!(self, Self::WeakDurability { .. })
     }
 
     /// True when the message was rejected for what it is (invalid envelope, too large):
     /// retrying the same message will fail again.
     pub fn is_permanent(&self) -> bool {
         match self {
-            Self::Envelope(_) | Self::Config(_) => true,
+            Self::Envelope(_) | Self::Config(_) | Self::WeakDurability { .. } => true,
             Self::Kafka(e) => is_permanent_kafka(e),
             _ => false,
         }

@@ -17,7 +17,7 @@
 //!   producer) or PostgreSQL committed it to the soma-outbox; the outbox
 //!   relay with [`KafkaSink`] delivers deferred messages when Kafka is back.
 //! - **Ordered per key**, across the Kafka/outbox switch in both directions
-//!   (see [`publisher`] for the one multi-process caveat), and in consumers:
+//!   (see [`DurablePublisher`] for the one multi-process caveat), and in consumers:
 //!   one key is handled one message at a time, in order.
 //! - **At-least-once.** Duplicates are possible (an ack lost in a broker
 //!   failure; a crash between handling and committing) and always carry the
@@ -25,12 +25,57 @@
 //! - **No silent drops in consumers.** Offsets are committed only after the
 //!   handler succeeded or the message is in `<topic>.dlq` (acknowledged).
 //!   Malformed records go to the DLQ instead of wedging the partition.
-//!   [`replay_dlq`] (and the `soma-bus-replay` command) sends them back, with a
-//!   replay count that stops loops.
+//!   [`replay_dlq`] (and the `soma-bus-replay` command) sends them back — only
+//!   ever to the topic their DLQ belongs to, whatever a record's headers
+//!   claim — with a replay count that stops loops.
 //! - **One trace across hops.** `soma.publish` and `soma.consume` are
 //!   OpenTelemetry spans linked through `traceparent` headers, and handlers run
 //!   inside `soma.consume`, so gateway → Kafka → worker → Kafka is one trace
-//!   (see [`trace`]).
+//!   (see [Trace context](#trace-context)).
+//!
+//! # Trace context
+//!
+//! W3C trace context on messages, through soma-observability's propagation.
+//!
+//! A single trace spans gateway → Kafka → worker → Kafka: every hop's spans
+//! are real OpenTelemetry spans (through the `tracing-opentelemetry` layer
+//! that [`soma_observability::init`] installs), linked by the `traceparent` /
+//! `tracestate` headers.
+//!
+//! - **Publish.** [`DurablePublisher`] opens a
+//!   `soma.publish` span (a child of the caller's current span) and injects its
+//!   context into every message that has no trace context of its own. An
+//!   explicit context ([`EnvelopeBuilder::trace`],
+//!   or one inherited through
+//!   [`EnvelopeBuilder::caused_by`]) is sent
+//!   as it is. Messages deferred to the outbox store the same headers, so the
+//!   relay delivers them with the context of the original publish.
+//! - **Consume.** [`BusConsumer`] opens a `soma.consume`
+//!   span whose parent is the message's context
+//!   ([`set_parent_from`](soma_observability::propagation::set_parent_from)),
+//!   records its `trace_id` field, and runs the handler inside it: a message
+//!   published from the handler continues the same trace.
+//!
+//! Without a `tracing-opentelemetry` layer there are no OpenTelemetry
+//! contexts: messages carry only explicitly set trace contexts, and nothing
+//! is invented (a made-up `traceparent` would name spans that no tracer
+//! recorded).
+//!
+//! [`TraceContext`] implements
+//! [`HeaderCarrier`](soma_observability::propagation::HeaderCarrier), so the soma-observability
+//! helpers read and write it directly:
+//!
+//! ```
+//! use soma_bus::TraceContext;
+//! use soma_observability::propagation::{extract_context, inject_context};
+//!
+//! let incoming = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None)?;
+//! let cx = extract_context(&incoming);
+//! let mut outgoing = TraceContext::default();
+//! inject_context(&cx, &mut outgoing);
+//! assert_eq!(outgoing, incoming);
+//! # Ok::<(), soma_bus::EnvelopeError>(())
+//! ```
 //!
 //! # Example
 //!
@@ -65,38 +110,47 @@
 //! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-pub mod admin;
-pub mod config;
-pub mod consumer;
+mod admin;
+mod config;
+mod consumer;
+mod dlq;
 mod effects;
-pub mod envelope;
-pub mod error;
-pub mod inbox;
+mod envelope;
+mod error;
+mod inbox;
 mod metrics;
-pub mod producer;
+mod producer;
 mod publish;
-pub mod publisher;
-pub mod replay;
+mod publisher;
+mod replay;
 mod sequencer;
-pub mod sink;
+mod sink;
 #[cfg(feature = "testkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
-pub mod trace;
+mod trace;
 
 pub use admin::{BrokerHealthCheck, TopicAdmin, TopicInfo};
 pub use config::BusConfig;
 pub use consumer::{
-    BusConsumer, ConsumerBuilder, ConsumerHandle, Handler, HandlerError, ShutdownReport,
+    BusConsumer, ConsumerBuilder, ConsumerHandle, DLQ_ATTEMPTS, DLQ_ERROR, DLQ_FAILED_AT,
+    DLQ_GROUP, DLQ_HANDLER, DLQ_HEADER_PREFIX, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION,
+    DLQ_ORIGIN_TOPIC, Handler, HandlerError, ShutdownReport,
 };
+pub use dlq::{DlqPosition, DlqReader, DlqRecord};
 pub use effects::{Effects, EffectsTx};
-pub use envelope::{Envelope, EnvelopeBuilder, EnvelopeError, TraceContext};
+pub use envelope::{
+    CONTENT_TYPE_JSON, Envelope, EnvelopeBuilder, EnvelopeError, HEADER_CAUSATION_ID,
+    HEADER_CONTENT_TYPE, HEADER_CORRELATION_ID, HEADER_ID, HEADER_OCCURRED_AT, HEADER_REPLAY_COUNT,
+    HEADER_SCHEMA_VERSION, HEADER_TENANT, HEADER_TRACEPARENT, HEADER_TRACESTATE, HEADER_TYPE,
+    HEADER_UNKEYED, SOMA_HEADER_PREFIX, TraceContext,
+};
 pub use error::BusError;
 pub use inbox::InboxDedupe;
 pub use producer::{BusProducer, Delivery, FlushReport};
 pub use publish::Publish;
 pub use publisher::{DurablePublisher, DurablePublisherBuilder, PublishOutcome};
-pub use replay::{ReplayOptions, ReplayReport, replay_dlq};
+pub use replay::{MAX_REFUSALS_LISTED, ReplayOptions, ReplayRefusal, ReplayReport, replay_dlq};
 pub use sink::KafkaSink;
 
 /// The README's examples, compiled as doctests so they cannot drift.

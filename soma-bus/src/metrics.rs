@@ -34,7 +34,7 @@ pub(crate) struct LagLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ReplayLabels {
     pub(crate) topic: String,
-    /// `replayed | exceeded | malformed`
+    /// `replayed | exceeded | malformed | refused`
     pub(crate) outcome: &'static str,
 }
 
@@ -85,7 +85,7 @@ impl BusMetrics {
             ),
             replayed: m.counter_family(
                 "soma_bus_dlq_replayed_total",
-                "DLQ replay outcomes (replayed | exceeded | malformed)",
+                "DLQ replay outcomes (replayed | exceeded | malformed | refused)",
             ),
             breaker_open: m.gauge_family(
                 "soma_bus_breaker_open_state",

@@ -1,34 +1,4 @@
-//! The Kafka producer: `acks=all`, idempotent, ordered failure on timeout.
-//!
-//! [`BusProducer`] wraps an rdkafka `FutureProducer`. Sending enqueues into
-//! librdkafka and returns a delivery future; bulk sends enqueue everything
-//! first and then wait for all delivery reports together, so there is no
-//! per-message round trip.
-//!
-//! **Ordered failure.** When a send is not acknowledged within
-//! `publish_timeout_ms`, the producer *purges* everything queued or in flight
-//! (librdkafka reports those messages as failed). Within a partition
-//! acknowledgements arrive in order, so after a purge every partition has an
-//! acknowledged prefix and a failed suffix: a caller that moves failed
-//! messages to the outbox keeps per-key order. A purged message that was
-//! already in flight may still have been written by the broker; it is then
-//! delivered twice (same envelope id).
-//!
-//! **Acknowledged means stored at an offset.** A delivery report without
-//! an offset (librdkafka's answer to some idempotence paths, e.g. a
-//! `DUPLICATE_SEQUENCE_NUMBER`) is returned as [`BusError::Unconfirmed`],
-//! never as `Ok`.
-//!
-//! **Healing.** Every user of the producer (the durable publisher, the
-//! outbox relay's [`KafkaSink`](crate::KafkaSink), DLQ writes, replay)
-//! sends through the same handle, so they heal together: when the broker
-//! refuses the producer's identity (unknown producer id, out-of-order
-//! sequence, fenced or invalid epoch), or three sends in a row fail with
-//! non-permanent errors and no acknowledgement in between, the handle is
-//! replaced by a fresh one (a new idempotent producer id) exactly as after a
-//! purge: what was queued on the old one fails in order and is retried by
-//! its caller. A timeout purges and replaces the handle too. No service
-//! restart is needed after a broker restart.
+//! The producer; documented on [`BusProducer`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -136,6 +106,38 @@ fn is_identity_error(e: &KafkaError) -> bool {
     )
 }
 
+/// The Kafka producer: `acks=all`, idempotent, ordered failure on timeout.
+///
+/// [`BusProducer`] wraps an rdkafka `FutureProducer`. Sending enqueues into
+/// librdkafka and returns a delivery future; bulk sends enqueue everything
+/// first and then wait for all delivery reports together, so there is no
+/// per-message round trip.
+///
+/// **Ordered failure.** When a send is not acknowledged within
+/// `publish_timeout_ms`, the producer *purges* everything queued or in flight
+/// (librdkafka reports those messages as failed). Within a partition
+/// acknowledgements arrive in order, so after a purge every partition has an
+/// acknowledged prefix and a failed suffix: a caller that moves failed
+/// messages to the outbox keeps per-key order. A purged message that was
+/// already in flight may still have been written by the broker; it is then
+/// delivered twice (same envelope id).
+///
+/// **Acknowledged means stored at an offset.** A delivery report without
+/// an offset (librdkafka's answer to some idempotence paths, e.g. a
+/// `DUPLICATE_SEQUENCE_NUMBER`) is returned as [`BusError::Unconfirmed`],
+/// never as `Ok`.
+///
+/// **Healing.** Every user of the producer (the durable publisher, the
+/// outbox relay's [`KafkaSink`](crate::KafkaSink), DLQ writes, replay)
+/// sends through the same handle, so they heal together: when the broker
+/// refuses the producer's identity (unknown producer id, out-of-order
+/// sequence, fenced or invalid epoch), or three sends in a row fail with
+/// non-permanent errors and no acknowledgement in between, the handle is
+/// replaced by a fresh one (a new idempotent producer id) exactly as after a
+/// purge: what was queued on the old one fails in order and is retried by
+/// its caller. A timeout purges and replaces the handle too. No service
+/// restart is needed after a broker restart.
+///
 /// Idempotent `acks=all` Kafka producer shared by the publisher, the outbox
 /// sink, the consumer's DLQ writer and replay. Cheap to clone.
 #[derive(Clone)]

@@ -1,52 +1,4 @@
-//! The durable publisher: Kafka first, the outbox when Kafka cannot take it.
-//!
-//! # Guarantee
-//!
-//! [`DurablePublisher::publish`] returns `Ok` only when the message is durable:
-//! either the broker acknowledged it with `acks=all`
-//! ([`PublishOutcome::Published`]) or PostgreSQL committed it to the outbox
-//! ([`PublishOutcome::Deferred`]); the soma-outbox relay, with [`KafkaSink`](crate::KafkaSink),
-//! delivers deferred messages when the broker is back. If both fail the call
-//! returns [`BusError::Unavailable`]: the message was not accepted, and the
-//! caller should retry it **with the same envelope** (same id). One edge
-//! remains: a Kafka send that timed out and was purged may still have been
-//! written by the broker just before the purge, so a message the call
-//! refused can appear on the topic; a retry with the same id is then a
-//! duplicate the consumers' inbox drops, never a second message.
-//!
-//! Delivery is **at-least-once**. A message can reach Kafka twice (same
-//! envelope id) when the broker wrote it but the ack was lost (the publish
-//! timed out, so it was also written to the outbox), or when the relay
-//! re-sends a message it had already delivered but not yet marked.
-//!
-//! # Per-key order across the switch
-//!
-//! A message goes to the outbox when the breaker is open, when Kafka fails or
-//! times out, or when its `(topic, key)` already has messages waiting in the
-//! outbox. Keys this process deferred are remembered in memory and released
-//! only once the outbox reports no pending message for that key
-//! (`Outbox::pending_for_keys`, one query for up to 1,000 keys, polled every
-//! `pending_key_poll_interval_ms`),
-//! so a later message never overtakes an earlier deferred one. Failures are
-//! ordered too: on a publish timeout the producer purges everything
-//! unacknowledged, so each partition has an acknowledged prefix and a
-//! deferred suffix.
-//!
-//! **Concurrent callers of one key** keep call order as well: each keyed
-//! message draws a ticket when it is routed, and a message that goes to the
-//! outbox is written only after every earlier message of its key (from any
-//! caller of this publisher) was acknowledged, written to the outbox, or
-//! failed. While an earlier message of a key is on its way to the outbox, or
-//! in flight on a producer handle that has since been purged, later messages
-//! of the key follow it to the outbox rather than overtake it on a fresh
-//! handle. A caller whose future is dropped releases its tickets.
-//!
-//! **Multi-process caveat:** the memory of deferred keys is per process. If
-//! another process (or this one before a restart) deferred a key, this
-//! process does not know, and a direct publish of that key may overtake the
-//! waiting messages. Set `check_outbox_per_message = true` to ask the outbox
-//! on every publish (one Postgres round trip each) when several processes
-//! publish the same keys, or route all publishers of a key through one process.
+//! The durable publisher; its guarantee is documented on [`DurablePublisher`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -189,10 +141,57 @@ struct Inner {
     cancel: CancellationToken,
 }
 
-/// Publishes envelopes to Kafka, falling back to the soma-outbox when Kafka is
-/// down, slow, or the key already has messages waiting there. Cheap to clone.
+/// The durable publisher: Kafka first, the outbox when Kafka cannot take it.
 ///
-/// See the [module docs](self) for the guarantee and the ordering caveat.
+/// # Guarantee
+///
+/// [`DurablePublisher::publish`] returns `Ok` only when the message is durable:
+/// either the broker acknowledged it with `acks=all`
+/// ([`PublishOutcome::Published`]) or PostgreSQL committed it to the outbox
+/// ([`PublishOutcome::Deferred`]); the soma-outbox relay, with [`KafkaSink`](crate::KafkaSink),
+/// delivers deferred messages when the broker is back. If both fail the call
+/// returns [`BusError::Unavailable`]: the message was not accepted, and the
+/// caller should retry it **with the same envelope** (same id). One edge
+/// remains: a Kafka send that timed out and was purged may still have been
+/// written by the broker just before the purge, so a message the call
+/// refused can appear on the topic; a retry with the same id is then a
+/// duplicate the consumers' inbox drops, never a second message.
+///
+/// Delivery is **at-least-once**. A message can reach Kafka twice (same
+/// envelope id) when the broker wrote it but the ack was lost (the publish
+/// timed out, so it was also written to the outbox), or when the relay
+/// re-sends a message it had already delivered but not yet marked.
+///
+/// # Per-key order across the switch
+///
+/// A message goes to the outbox when the breaker is open, when Kafka fails or
+/// times out, or when its `(topic, key)` already has messages waiting in the
+/// outbox. Keys this process deferred are remembered in memory and released
+/// only once the outbox reports no pending message for that key
+/// (`Outbox::pending_for_keys`, one query for up to 1,000 keys, polled every
+/// `pending_key_poll_interval_ms`),
+/// so a later message never overtakes an earlier deferred one. Failures are
+/// ordered too: on a publish timeout the producer purges everything
+/// unacknowledged, so each partition has an acknowledged prefix and a
+/// deferred suffix.
+///
+/// **Concurrent callers of one key** keep call order as well: each keyed
+/// message draws a ticket when it is routed, and a message that goes to the
+/// outbox is written only after every earlier message of its key (from any
+/// caller of this publisher) was acknowledged, written to the outbox, or
+/// failed. While an earlier message of a key is on its way to the outbox, or
+/// in flight on a producer handle that has since been purged, later messages
+/// of the key follow it to the outbox rather than overtake it on a fresh
+/// handle. A caller whose future is dropped releases its tickets.
+///
+/// **Multi-process caveat:** the memory of deferred keys is per process. If
+/// another process (or this one before a restart) deferred a key, this
+/// process does not know, and a direct publish of that key may overtake the
+/// waiting messages. Set `check_outbox_per_message = true` to ask the outbox
+/// on every publish (one Postgres round trip each) when several processes
+/// publish the same keys, or route all publishers of a key through one process.
+///
+/// Cheap to clone.
 #[derive(Clone)]
 pub struct DurablePublisher {
     inner: Arc<Inner>,
@@ -355,10 +354,10 @@ impl DurablePublisher {
         Route::Kafka
     }
 
-    /// Publishes one envelope. See the [module docs](self) for the guarantee.
+    /// Publishes one envelope. See [`DurablePublisher`] for the guarantee.
     ///
     /// Runs in a `soma.publish` span (a child of the current span) whose
-    /// context the message carries unless it has its own (see [`crate::trace`]).
+    /// context the message carries unless it has its own (see [trace context](crate#trace-context)).
     pub async fn publish(&self, topic: &str, env: &Envelope) -> Result<PublishOutcome, BusError> {
         let span = tracing::info_span!(
             "soma.publish",

@@ -1,11 +1,22 @@
-//! DLQ replay: republish dead-lettered messages to their origin topic.
+//! DLQ replay: republish dead-lettered messages to the topic their DLQ
+//! belongs to.
 //!
-//! [`replay_dlq`] reads `<topic>.dlq` from the replay group's committed
-//! position up to the end it sees at start, and for each record:
+//! A DLQ belongs to exactly one topic: `<topic><dlq_suffix>` (`orders.dlq`
+//! belongs to `orders`). [`replay_dlq`] derives that topic from the DLQ's
+//! name — a name without the configured suffix is a
+//! [`BusError::Config`] before anything is read — and never republishes
+//! anywhere else, whatever a record's headers say. It reads the DLQ from the
+//! replay group's committed position up to the end it sees at start, and for
+//! each record:
 //!
-//! - republishes it to `soma-dlq-origin-topic` with the original key, payload
-//!   and headers (the `soma-dlq-*` headers removed) and `soma-replay-count`
+//! - republishes it to the DLQ's topic with the original key, payload and
+//!   headers (the `soma-dlq-*` headers removed) and `soma-replay-count`
 //!   incremented, waiting for the broker's ack; or
+//! - refuses it when its `soma-dlq-origin-topic` names another topic: anyone
+//!   who can write to a DLQ could otherwise inject messages into any topic
+//!   the replay tool can write to. It stays in the DLQ, is counted as
+//!   `refused` and listed in [`ReplayReport::refusals`] as a
+//!   [`ReplayRefusal::ForeignOrigin`]; or
 //! - skips it when it was already replayed `replay_max` times (it stays in the
 //!   DLQ; counted as `exceeded`) — this stops a poison message from looping; or
 //! - skips it when it has no origin header (counted as `malformed`).
@@ -61,6 +72,7 @@ impl ReplayOptions {
 
 /// Outcome of a replay run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct ReplayReport {
     /// Records republished to their origin topic.
     pub replayed: u64,
@@ -68,8 +80,60 @@ pub struct ReplayReport {
     pub exceeded: u64,
     /// Records skipped because they have no origin topic header.
     pub malformed: u64,
+    /// Records refused because their origin header names a topic other than
+    /// the one the DLQ belongs to (they stay in the DLQ).
+    pub refused: u64,
+    /// Why each refused record was refused: the first
+    /// [`MAX_REFUSALS_LISTED`] of them (`refused` counts them all).
+    pub refusals: Vec<ReplayRefusal>,
     /// True when replay reached the end seen at start (false: stopped by `max_messages` or idle timeout).
     pub complete: bool,
+}
+
+/// How many refusals a [`ReplayReport`] lists (it counts every one).
+pub const MAX_REFUSALS_LISTED: usize = 100;
+
+/// Why [`replay_dlq`] did not republish a DLQ record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[non_exhaustive]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum ReplayRefusal {
+    /// The record's `soma-dlq-origin-topic` names another topic than the one
+    /// its DLQ belongs to. Replaying it would inject it into that topic.
+    #[error(
+        "DLQ record {dlq_topic}[{partition}]@{offset} claims origin `{claimed}`, but the DLQ belongs to `{expected}`: not replayed"
+    )]
+    ForeignOrigin {
+        /// The DLQ read.
+        dlq_topic: String,
+        /// The record's partition.
+        partition: i32,
+        /// The record's offset.
+        offset: i64,
+        /// The topic the DLQ belongs to (the only replay target).
+        expected: String,
+        /// The origin the record claims (at most 249 characters, the
+        /// longest legal topic name, kept).
+        claimed: String,
+    },
+}
+
+impl ReplayRefusal {
+    /// True when the record claimed an origin other than its DLQ's topic.
+    pub fn is_foreign_origin(&self) -> bool {
+        matches!(self, Self::ForeignOrigin { .. })
+    }
+}
+
+/// The topic `dlq_topic` belongs to: its name without `config.dlq_suffix`.
+pub(crate) fn origin_of(config: &BusConfig, dlq_topic: &str) -> Result<String, BusError> {
+    match dlq_topic.strip_suffix(config.dlq_suffix.as_str()) {
+        Some(origin) if !origin.is_empty() => Ok(origin.to_owned()),
+        _ => Err(BusError::Config(format!(
+            "`{dlq_topic}` is not a DLQ topic: its name must be `<topic>{}` (dlq_suffix)",
+            config.dlq_suffix
+        ))),
+    }
 }
 
 /// Replays `opts.dlq_topic` (see the [module docs](self)).
@@ -80,6 +144,7 @@ pub async fn replay_dlq(
     metrics: Option<&MetricsRegistry>,
 ) -> Result<ReplayReport, BusError> {
     config.validate()?;
+    let target = origin_of(config, &opts.dlq_topic)?;
     let metrics = BusMetrics::new(&metrics.cloned().unwrap_or_default());
     let replay_max = opts.replay_max.unwrap_or(config.replay_max);
     let group = opts
@@ -98,13 +163,7 @@ pub async fn replay_dlq(
     // Where to start and where to stop, per partition.
     let (consumer, ends, assignment) =
         tokio::task::spawn_blocking(move || -> Result<_, BusError> {
-            let md = consumer.fetch_metadata(Some(&topic), timeout)?;
-            let parts: Vec<i32> = md
-                .topics()
-                .iter()
-                .filter(|t| t.name() == topic && t.error().is_none())
-                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                .collect();
+            let parts = partitions_of(&consumer, &topic, timeout)?;
             let mut tpl = TopicPartitionList::new();
             for p in &parts {
                 tpl.add_partition(&topic, *p);
@@ -140,9 +199,13 @@ pub async fn replay_dlq(
     consumer.assign(&assignment)?;
     let mut remaining = ends.clone();
     let mut processed = 0u64;
-    let label = |outcome| ReplayLabels {
-        topic: opts.dlq_topic.clone(),
-        outcome,
+    let ctx = ReplayContext {
+        config,
+        producer,
+        metrics: &metrics,
+        dlq_topic: &opts.dlq_topic,
+        target: &target,
+        replay_max,
     };
     while !remaining.is_empty() {
         if opts.max_messages.is_some_and(|m| processed >= m) {
@@ -161,6 +224,54 @@ pub async fn replay_dlq(
             continue;
         }
         processed += 1;
+        ctx.replay_one(&msg, &mut report).await?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&opts.dlq_topic, partition, Offset::Offset(offset + 1))?;
+        consumer.commit(&tpl, CommitMode::Sync)?;
+        if offset + 1 >= end {
+            remaining.remove(&partition);
+        }
+    }
+    report.complete = remaining.is_empty();
+    Ok(report)
+}
+
+/// What deciding on and republishing one DLQ record needs.
+pub(crate) struct ReplayContext<'a> {
+    pub(crate) config: &'a BusConfig,
+    pub(crate) producer: &'a BusProducer,
+    pub(crate) metrics: &'a BusMetrics,
+    pub(crate) dlq_topic: &'a str,
+    /// The topic the DLQ belongs to: the only replay target.
+    pub(crate) target: &'a str,
+    pub(crate) replay_max: u32,
+}
+
+/// What [`ReplayContext::replay_one`] did with a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Replayed,
+    Exceeded,
+    Malformed,
+    Refused,
+}
+
+impl ReplayContext<'_> {
+    /// Republishes `msg` to the DLQ's topic, or refuses or skips it (see
+    /// the [module docs](self)), counting it in `report` and the metrics.
+    /// `Err` only when the republish was not acknowledged.
+    pub(crate) async fn replay_one<M: Message>(
+        &self,
+        msg: &M,
+        report: &mut ReplayReport,
+    ) -> Result<Outcome, BusError> {
+        let (partition, offset) = (msg.partition(), msg.offset());
+        let label = |outcome| ReplayLabels {
+            topic: self.dlq_topic.to_owned(),
+            outcome,
+        };
+        let metrics = self.metrics;
+        let (target, replay_max) = (self.target, self.replay_max);
         let headers = msg.headers();
         let find = |name: &str| {
             headers
@@ -178,6 +289,23 @@ pub async fn replay_dlq(
                 report.malformed += 1;
                 metrics.replayed.get_or_create(&label("malformed")).inc();
                 tracing::warn!(event = "replay_malformed", partition, offset);
+                Ok(Outcome::Malformed)
+            }
+            Some(claimed) if claimed != target => {
+                let refusal = ReplayRefusal::ForeignOrigin {
+                    dlq_topic: self.dlq_topic.to_owned(),
+                    partition,
+                    offset,
+                    expected: target.to_owned(),
+                    claimed: claimed.chars().take(249).collect(),
+                };
+                tracing::warn!(event = "replay_refused", error = %refusal);
+                report.refused += 1;
+                metrics.replayed.get_or_create(&label("refused")).inc();
+                if report.refusals.len() < MAX_REFUSALS_LISTED {
+                    report.refusals.push(refusal);
+                }
+                Ok(Outcome::Refused)
             }
             Some(_) if count >= replay_max => {
                 report.exceeded += 1;
@@ -189,8 +317,9 @@ pub async fn replay_dlq(
                     count,
                     replay_max
                 );
+                Ok(Outcome::Exceeded)
             }
-            Some(origin) => {
+            Some(_) => {
                 let mut h = OwnedHeaders::new();
                 if let Some(orig) = headers {
                     for x in orig.iter() {
@@ -207,25 +336,33 @@ pub async fn replay_dlq(
                     key: HEADER_REPLAY_COUNT,
                     value: Some(next.as_bytes()),
                 });
-                let deadline = Instant::now() + config.publish_timeout();
+                let deadline = Instant::now() + self.config.publish_timeout();
                 let rec = RawRecord {
-                    topic: &origin,
+                    topic: target,
                     key: msg.key(),
                     payload: msg.payload().unwrap_or_default(),
                     headers: h,
                 };
-                producer.send_raw(rec, deadline).await?;
+                self.producer.send_raw(rec, deadline).await?;
                 report.replayed += 1;
                 metrics.replayed.get_or_create(&label("replayed")).inc();
+                Ok(Outcome::Replayed)
             }
         }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&opts.dlq_topic, partition, Offset::Offset(offset + 1))?;
-        consumer.commit(&tpl, CommitMode::Sync)?;
-        if offset + 1 >= end {
-            remaining.remove(&partition);
-        }
     }
-    report.complete = remaining.is_empty();
-    Ok(report)
+}
+
+/// The partitions of `topic` (none when it does not exist).
+pub(crate) fn partitions_of<C: Consumer>(
+    consumer: &C,
+    topic: &str,
+    timeout: std::time::Duration,
+) -> Result<Vec<i32>, BusError> {
+    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+    Ok(md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect())
 }

@@ -1,43 +1,4 @@
-//! W3C trace context on messages, through soma-observability's propagation.
-//!
-//! A single trace spans gateway → Kafka → worker → Kafka: every hop's spans
-//! are real OpenTelemetry spans (through the `tracing-opentelemetry` layer
-//! that [`soma_observability::init`] installs), linked by the `traceparent` /
-//! `tracestate` headers.
-//!
-//! - **Publish.** [`DurablePublisher`](crate::DurablePublisher) opens a
-//!   `soma.publish` span (a child of the caller's current span) and injects its
-//!   context into every message that has no trace context of its own. An
-//!   explicit context ([`EnvelopeBuilder::trace`](crate::EnvelopeBuilder::trace),
-//!   or one inherited through
-//!   [`EnvelopeBuilder::caused_by`](crate::EnvelopeBuilder::caused_by)) is sent
-//!   as it is. Messages deferred to the outbox store the same headers, so the
-//!   relay delivers them with the context of the original publish.
-//! - **Consume.** [`BusConsumer`](crate::BusConsumer) opens a `soma.consume`
-//!   span whose parent is the message's context
-//!   ([`set_parent_from`](soma_observability::propagation::set_parent_from)),
-//!   records its `trace_id` field, and runs the handler inside it: a message
-//!   published from the handler continues the same trace.
-//!
-//! Without a `tracing-opentelemetry` layer there are no OpenTelemetry
-//! contexts: messages carry only explicitly set trace contexts, and nothing
-//! is invented (a made-up `traceparent` would name spans that no tracer
-//! recorded).
-//!
-//! [`TraceContext`] implements [`HeaderCarrier`], so the soma-observability
-//! helpers read and write it directly:
-//!
-//! ```
-//! use soma_bus::TraceContext;
-//! use soma_observability::propagation::{extract_context, inject_context};
-//!
-//! let incoming = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None)?;
-//! let cx = extract_context(&incoming);
-//! let mut outgoing = TraceContext::default();
-//! inject_context(&cx, &mut outgoing);
-//! assert_eq!(outgoing, incoming);
-//! # Ok::<(), soma_bus::EnvelopeError>(())
-//! ```
+//! W3C trace context on Kafka headers (see the crate docs, "Trace context").
 
 use std::collections::BTreeMap;
 

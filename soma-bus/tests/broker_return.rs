@@ -22,14 +22,6 @@ fn status(health: &HealthRegistry, name: &str) -> ComponentStatus {
     health.component(name).expect("component registered").status
 }
 
-async fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < end, "{what} not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A private broker behind a proxy, a config pointing at the proxy, and a
 /// topic on it.
 async fn broker_behind_proxy(prefix: &str) -> (OwnBroker, FaultProxy, BusConfig, String) {
@@ -83,7 +75,7 @@ async fn an_idle_consumer_is_up_again_once_the_broker_is_back() {
     );
 
     broker.kill9();
-    wait_until(
+    wait_for(
         "the consumer degraded by the lost broker",
         Duration::from_secs(60),
         || !status(&health, name).is_up(),
@@ -93,7 +85,7 @@ async fn an_idle_consumer_is_up_again_once_the_broker_is_back() {
     broker.restart();
     let back = Instant::now();
     // No message arrives on the idle topic; the consumer must find out by itself.
-    wait_until(
+    wait_for(
         "the idle consumer up again",
         Duration::from_secs(20),
         || status(&health, name).is_up(),
@@ -165,7 +157,7 @@ async fn a_broadcast_consumer_keeps_its_position_and_drops_redeliveries() {
     }
     // A producer's redelivery after the outage: same envelope id again.
     producer.send(&topic, &again).await.unwrap();
-    wait_until("all ten messages", Duration::from_secs(30), || {
+    wait_for("all ten messages", Duration::from_secs(30), || {
         seen.lock().len() >= 10
     })
     .await;

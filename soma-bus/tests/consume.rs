@@ -10,12 +10,12 @@ use parking_lot::Mutex;
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use soma_bus::consumer::{
-    DLQ_ATTEMPTS, DLQ_ERROR, DLQ_HANDLER, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC,
-};
 use soma_bus::{
     BusConsumer, BusProducer, DurablePublisher, Envelope, HandlerError, PublishOutcome,
     ReplayOptions, TraceContext, replay_dlq,
+};
+use soma_bus::{
+    DLQ_ATTEMPTS, DLQ_ERROR, DLQ_HANDLER, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION, DLQ_ORIGIN_TOPIC,
 };
 use soma_observability::metrics::MetricsRegistry;
 
@@ -205,6 +205,83 @@ async fn replay_stops_at_replay_max() {
         .unwrap();
     assert_eq!((report.replayed, report.exceeded), (0, 1));
     consumer.shutdown().await;
+}
+
+#[tokio::test]
+async fn replay_republishes_only_to_the_topic_its_dlq_belongs_to() {
+    let bootstrap = soma_testkit::require_kafka();
+    let cfg = config(&bootstrap);
+    let topic = topic(&cfg, "own").await;
+    // Another topic the replay tool could write to, and must not.
+    let victim = new_topic(&cfg, "victim", false).await;
+    let dlq = cfg.dlq_topic(&topic);
+    let raw: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .unwrap();
+    for (key, origin) in [("forged", victim.as_str()), ("genuine", topic.as_str())] {
+        let e = env(key, 1);
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in e.to_headers() {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        headers = headers.insert(Header {
+            key: DLQ_ORIGIN_TOPIC,
+            value: Some(origin.as_bytes()),
+        });
+        raw.send(
+            FutureRecord::to(&dlq)
+                .key(key)
+                .payload(&e.payload[..])
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    let producer = BusProducer::new(&cfg).unwrap();
+    let metrics = MetricsRegistry::default();
+    let report = replay_dlq(&cfg, &producer, &ReplayOptions::new(&dlq), Some(&metrics))
+        .await
+        .unwrap();
+    assert_eq!(report.replayed, 1, "only the genuine record: {report:?}");
+    let in_victim = read_all(&bootstrap, &victim, Duration::from_secs(3), |_| false).await;
+    assert!(
+        in_victim.is_empty(),
+        "replay wrote {} record(s) into a topic the DLQ does not belong to",
+        in_victim.len()
+    );
+    let in_topic = read_all(&bootstrap, &topic, Duration::from_secs(20), |v| {
+        !v.is_empty()
+    })
+    .await;
+    assert_eq!(in_topic.len(), 1);
+    assert_eq!(in_topic[0].key(), Some(&b"genuine"[..]));
+
+    assert_eq!(report.refused, 1, "{report:?}");
+    assert_eq!(report.refusals.len(), 1);
+    let refusal = &report.refusals[0];
+    assert!(refusal.is_foreign_origin(), "{refusal}");
+    assert!(refusal.to_string().contains(&victim), "{refusal}");
+    let text = metrics.encode();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("soma_bus_dlq_replayed_total{")
+                && l.contains(&format!("topic=\"{dlq}\""))
+                && l.contains("outcome=\"refused\"")
+                && l.ends_with(" 1")),
+        "{text}"
+    );
+
+    // A topic that is not a DLQ is refused before anything is read.
+    let e = replay_dlq(&cfg, &producer, &ReplayOptions::new(&topic), None)
+        .await
+        .unwrap_err();
+    assert!(e.is_config(), "{e}");
 }
 
 #[tokio::test]
@@ -461,6 +538,45 @@ async fn restarted_consumer_resumes_from_committed_offsets() {
         "second run re-handled messages the first had committed"
     );
     assert!(seen.iter().any(|(r, _)| *r == 2));
+}
+
+#[tokio::test]
+async fn a_broadcast_consumer_from_the_beginning_catches_up_on_what_the_topic_holds() {
+    let bootstrap = soma_testkit::require_kafka();
+    let cfg = config(&bootstrap);
+    let topic = topic(&cfg, "catchup").await;
+    let producer = BusProducer::new(&cfg).unwrap();
+    // Published before the replica starts (e.g. earlier config updates).
+    let before: Vec<Envelope> = (0..3).map(|i| env("cfg", i)).collect();
+    for e in &before {
+        producer.send(&topic, e).await.unwrap();
+    }
+    let seen = Arc::new(Mutex::new(Vec::<uuid::Uuid>::new()));
+    let s = seen.clone();
+    let consumer = BusConsumer::builder(&cfg, &[&topic], "config-updates", move |e: Envelope| {
+        let s = s.clone();
+        async move {
+            s.lock().push(e.id);
+            Ok(())
+        }
+    })
+    .producer(producer.clone())
+    .broadcast_from_beginning()
+    .spawn()
+    .unwrap();
+    wait_for("earlier messages seen", Duration::from_secs(30), || {
+        seen.lock().len() >= before.len()
+    })
+    .await;
+    let later = env("cfg", 9);
+    producer.send(&topic, &later).await.unwrap();
+    wait_for("later message seen", Duration::from_secs(30), || {
+        seen.lock().contains(&later.id)
+    })
+    .await;
+    let order: Vec<uuid::Uuid> = before.iter().map(|e| e.id).chain([later.id]).collect();
+    assert_eq!(*seen.lock(), order, "in publish order, each once");
+    consumer.shutdown().await;
 }
 
 #[tokio::test]

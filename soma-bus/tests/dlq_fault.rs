@@ -17,11 +17,11 @@ use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use soma_bus::consumer::{
+use soma_bus::{BusConsumer, BusProducer, Envelope, HandlerError, TopicAdmin};
+use soma_bus::{
     DLQ_ATTEMPTS, DLQ_ERROR, DLQ_GROUP, DLQ_HANDLER, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION,
     DLQ_ORIGIN_TOPIC,
 };
-use soma_bus::{BusConsumer, BusProducer, Envelope, HandlerError, TopicAdmin};
 use soma_observability::health::{ComponentStatus, HealthRegistry};
 use uuid::Uuid;
 

@@ -208,35 +208,6 @@ pub(crate) fn merge_json(base: &mut serde_json::Value, top: &serde_json::Value) 
     }
 }
 
-/// Key-name fragments whose values are redacted in snapshots even when the
-/// settings type forgot to use [`Secret`](crate::Secret).
-const SECRET_NAMES: &[&str] = &[
-    "password",
-    "secret",
-    "token",
-    "api_key",
-    "apikey",
-    "credential",
-    "private_key",
-];
-
-/// Replaces every string or number under a secret-looking key with
-/// [`REDACTED`](crate::REDACTED).
-pub(crate) fn redact(value: &mut serde_json::Value) {
-    if let serde_json::Value::Object(map) = value {
-        for (k, v) in map.iter_mut() {
-            let lower = k.to_ascii_lowercase();
-            if SECRET_NAMES.iter().any(|n| lower.contains(n)) && !(v.is_object() || v.is_null()) {
-                *v = serde_json::Value::String(crate::REDACTED.into());
-            } else {
-                redact(v);
-            }
-        }
-    } else if let serde_json::Value::Array(items) = value {
-        items.iter_mut().for_each(redact);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,15 +226,5 @@ mod tests {
         assert_eq!(checksum(&a), checksum(&b));
         assert_ne!(checksum(&a), checksum(&json!({"b": 2})));
         assert_eq!(checksum(&a).len(), 64);
-    }
-
-    #[test]
-    fn redaction_by_key_name() {
-        let mut v = json!({"db": {"password": "p", "pool": 3}, "api_token": 1234, "list": [{"secret": "s"}]});
-        redact(&mut v);
-        assert_eq!(
-            v,
-            json!({"db": {"password": "[REDACTED]", "pool": 3}, "api_token": "[REDACTED]", "list": [{"secret": "[REDACTED]"}]})
-        );
     }
 }

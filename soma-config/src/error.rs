@@ -169,6 +169,15 @@ pub enum ConfigError {
         /// SHA-256 over the canonical JSON of the document.
         computed: String,
     },
+    /// A remote update whose signature is missing or wrong while updates
+    /// must be signed ([`Live::require_signed_updates`](crate::Live::require_signed_updates)).
+    #[error("update version {version} rejected: {problem}")]
+    UpdateSignature {
+        /// The update's (unauthenticated) version.
+        version: u64,
+        /// What is wrong with the signature.
+        problem: SignatureProblem,
+    },
     /// An update whose version is not above the last applied one.
     #[error("update version {version} is not newer than the applied version {current}")]
     VersionRegression {
@@ -268,6 +277,11 @@ impl ConfigError {
         matches!(self, ConfigError::ChecksumMismatch { .. })
     }
 
+    /// A remote update was unsigned or badly signed.
+    pub fn is_update_signature(&self) -> bool {
+        matches!(self, ConfigError::UpdateSignature { .. })
+    }
+
     /// An update was not newer than the applied one.
     pub fn is_version_regression(&self) -> bool {
         matches!(self, ConfigError::VersionRegression { .. })
@@ -293,6 +307,7 @@ impl ConfigError {
             ConfigError::Io { path, .. } => Some(Origin::File(path.clone())),
             ConfigError::Validation { violations } => violations.first().map(|v| v.origin.clone()),
             ConfigError::ChecksumMismatch { version, .. }
+            | ConfigError::UpdateSignature { version, .. }
             | ConfigError::VersionRegression { version, .. } => {
                 Some(Origin::Update { version: *version })
             }
@@ -318,5 +333,33 @@ impl ConfigError {
             ConfigError::UnknownFlag { name } | ConfigError::InvalidFlag { name, .. } => Some(name),
             _ => None,
         }
+    }
+}
+
+/// Why a remote update's signature was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignatureProblem {
+    /// The update carried no signature.
+    #[error("the update is not signed")]
+    Missing,
+    /// The signature is not lowercase/uppercase hex of 32 bytes.
+    #[error("the signature is not hex-encoded HMAC-SHA256")]
+    Malformed,
+    /// The signature does not match (another key, or a changed version or
+    /// document).
+    #[error("the signature does not match")]
+    Mismatch,
+}
+
+impl SignatureProblem {
+    /// The update had no signature.
+    pub fn is_missing(self) -> bool {
+        self == SignatureProblem::Missing
+    }
+
+    /// The signature was present but wrong or unreadable.
+    pub fn is_bad(self) -> bool {
+        !self.is_missing()
     }
 }

@@ -2,17 +2,20 @@
 
 use std::collections::BTreeMap;
 use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use arc_swap::{ArcSwap, Cache, Guard};
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::document;
-use crate::error::{ConfigError, Origin};
+use crate::error::{ConfigError, Origin, SignatureProblem};
 use crate::loader::{Loaded, Loader, Settings, UpdateLayer};
 use crate::profile::DeploymentProfile;
+use crate::secret::Secret;
 
 /// One version of the config: the typed value plus its version, checksum
 /// and provenance. Dereferences to `T`.
@@ -83,6 +86,24 @@ impl<T> Deref for Versioned<T> {
 /// `document` is a full table of settings; it replaces the previously
 /// applied update as one layer, above files and environment and below
 /// programmatic overrides.
+///
+/// **Authenticity.** A checksum only detects corruption: anyone who can
+/// publish to the updates topic can compute one. `signature` is
+/// HMAC-SHA256, keyed with a secret shared by publisher and replicas, over
+/// `soma-config-update/v1\n<version>\n<checksum>` (lowercase hex; the
+/// checksum binds the document). A [`Live`] that
+/// [requires signed updates](Live::require_signed_updates) rejects unsigned
+/// and badly signed ones before looking at their version, so a forged
+/// `version = u64::MAX` cannot freeze it.
+///
+/// ```
+/// use soma_config::{ConfigUpdate, Secret};
+/// let key = Secret::new("0123456789abcdef0123456789abcdef");
+/// let u = ConfigUpdate::new(7, serde_json::json!({"redis": {"pool_size": 8}})).sign(&key);
+/// u.verify_signature(&key).unwrap();
+/// let forged = ConfigUpdate { version: u64::MAX, ..u.clone() };
+/// assert!(forged.verify_signature(&key).unwrap_err().is_update_signature());
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConfigUpdate {
     /// Strictly increasing per publisher.
@@ -91,7 +112,16 @@ pub struct ConfigUpdate {
     pub checksum: String,
     /// The settings document.
     pub document: serde_json::Value,
+    /// Hex HMAC-SHA256 over version and checksum (see the type docs);
+    /// `None` for an unsigned update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
+
+type HmacSha256 = Hmac<sha2::Sha256>;
+
+/// The shortest accepted update signing key, in bytes.
+pub const MIN_UPDATE_KEY_BYTES: usize = 32;
 
 impl ConfigUpdate {
     /// Builds an update, computing its checksum (publisher side).
@@ -101,7 +131,51 @@ impl ConfigUpdate {
             version,
             checksum,
             document,
+            signature: None,
         }
+    }
+
+    /// The same update signed with `key` (publisher side).
+    pub fn sign(mut self, key: &Secret) -> Self {
+        let mac = self.mac(key).finalize().into_bytes();
+        self.signature = Some(hex::encode(mac));
+        self
+    }
+
+    fn mac(&self, key: &Secret) -> HmacSha256 {
+        // HMAC takes keys of any length; `new_from_slice` cannot fail.
+        let mut mac = HmacSha256::new_from_slice(key.expose_secret().as_bytes())
+            .unwrap_or_else(|_| unreachable_hmac());
+        mac.update(b"soma-config-update/v1\n");
+        mac.update(self.version.to_string().as_bytes());
+        mac.update(b"\n");
+        mac.update(self.checksum.to_ascii_lowercase().as_bytes());
+        mac
+    }
+
+    /// Checks the checksum, then that `signature` is `key`'s HMAC over this
+    /// version and checksum (in constant time).
+    ///
+    /// # Errors
+    /// [`ConfigError::ChecksumMismatch`], or [`ConfigError::UpdateSignature`]
+    /// saying whether the signature is missing, malformed or wrong.
+    pub fn verify_signature(&self, key: &Secret) -> Result<(), ConfigError> {
+        self.verify()?;
+        let bad = |problem| ConfigError::UpdateSignature {
+            version: self.version,
+            problem,
+        };
+        let sig = self
+            .signature
+            .as_deref()
+            .ok_or(bad(SignatureProblem::Missing))?;
+        let sig = hex::decode(sig).map_err(|_| bad(SignatureProblem::Malformed))?;
+        if sig.len() != 32 {
+            return Err(bad(SignatureProblem::Malformed));
+        }
+        self.mac(key)
+            .verify_slice(&sig)
+            .map_err(|_| bad(SignatureProblem::Mismatch))
     }
 
     /// Does the checksum match the document?
@@ -117,6 +191,36 @@ impl ConfigUpdate {
             })
         }
     }
+}
+
+fn unreachable_hmac() -> HmacSha256 {
+    unreachable!("HMAC accepts keys of every length")
+}
+
+/// Counts of remote updates offered to [`Live::apply`], by outcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UpdateStats {
+    /// Applied (published a new version, or changed nothing effective).
+    pub applied: u64,
+    /// Exact redeliveries of the applied update, ignored.
+    pub redelivered: u64,
+    /// Rejected: not signed while signatures are required.
+    pub rejected_unsigned: u64,
+    /// Rejected: signature malformed or not matching.
+    pub rejected_bad_signature: u64,
+    /// Rejected for anything else (checksum, version regression,
+    /// validation).
+    pub rejected_other: u64,
+}
+
+#[derive(Default)]
+struct UpdateCounters {
+    applied: AtomicU64,
+    redelivered: AtomicU64,
+    unsigned: AtomicU64,
+    bad_signature: AtomicU64,
+    other: AtomicU64,
 }
 
 /// What a successful [`Live::reload`] or [`Live::apply`] did.
@@ -137,6 +241,8 @@ pub enum Change {
 
 struct WriteState {
     update: Option<(UpdateLayer, String)>,
+    /// When set, remote updates must be signed with this key.
+    update_key: Option<Secret>,
 }
 
 struct Inner<T> {
@@ -144,6 +250,7 @@ struct Inner<T> {
     tx: watch::Sender<Arc<Versioned<T>>>,
     loader: Loader<T>,
     write: Mutex<WriteState>,
+    counters: UpdateCounters,
 }
 
 /// The live config registry.
@@ -190,7 +297,11 @@ impl<T: Settings> Live<T> {
                 current: Arc::new(ArcSwap::new(first)),
                 tx,
                 loader,
-                write: Mutex::new(WriteState { update: None }),
+                write: Mutex::new(WriteState {
+                    update: None,
+                    update_key: None,
+                }),
+                counters: UpdateCounters::default(),
             }),
         })
     }
@@ -249,17 +360,71 @@ impl<T: Settings> Live<T> {
     /// [`ConfigError::ChecksumMismatch`], [`ConfigError::VersionRegression`],
     /// or any parse, unknown-key or validation error naming
     /// `update version N`. The current value stays.
+    ///
+    /// After [`require_signed_updates`](Self::require_signed_updates), an
+    /// unsigned or badly signed update is rejected first
+    /// ([`ConfigError::UpdateSignature`]), whatever its version. Every
+    /// outcome is counted ([`update_stats`](Self::update_stats)).
     pub fn apply(&self, update: &ConfigUpdate) -> Result<Change, ConfigError> {
         let result = self.apply_inner(update);
+        let c = &self.inner.counters;
+        let counter = match &result {
+            Ok(Change::AlreadyApplied) => &c.redelivered,
+            Ok(_) => &c.applied,
+            Err(ConfigError::UpdateSignature { problem, .. }) if problem.is_missing() => {
+                &c.unsigned
+            }
+            Err(ConfigError::UpdateSignature { .. }) => &c.bad_signature,
+            Err(_) => &c.other,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         if let Err(err) = &result {
             tracing::warn!(error = %err, update_version = update.version, "config update rejected; keeping last good config");
         }
         result
     }
 
+    /// From now on, [`apply`](Self::apply) accepts only updates signed with
+    /// `key` (see [`ConfigUpdate`]). Take the key from your settings (a
+    /// [`Secret`]); publishers sign with [`ConfigUpdate::sign`]. Calling it
+    /// again replaces the key (rotation).
+    ///
+    /// # Errors
+    /// [`ConfigError::InvalidValue`] (key `update_signing_key`) when the key
+    /// is shorter than [`MIN_UPDATE_KEY_BYTES`]; the previous setting stays.
+    pub fn require_signed_updates(&self, key: Secret) -> Result<(), ConfigError> {
+        if key.expose_secret().len() < MIN_UPDATE_KEY_BYTES {
+            return Err(ConfigError::InvalidValue {
+                origin: Origin::Override,
+                key: "update_signing_key".into(),
+                message: format!(
+                    "an update signing key needs at least {MIN_UPDATE_KEY_BYTES} bytes"
+                ),
+            });
+        }
+        self.lock().update_key = Some(key);
+        Ok(())
+    }
+
+    /// Remote updates offered to [`apply`](Self::apply) so far, by outcome.
+    pub fn update_stats(&self) -> UpdateStats {
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        UpdateStats {
+            applied: get(&c.applied),
+            redelivered: get(&c.redelivered),
+            rejected_unsigned: get(&c.unsigned),
+            rejected_bad_signature: get(&c.bad_signature),
+            rejected_other: get(&c.other),
+        }
+    }
+
     fn apply_inner(&self, update: &ConfigUpdate) -> Result<Change, ConfigError> {
-        update.verify()?;
         let mut state = self.lock();
+        match &state.update_key {
+            Some(key) => update.verify_signature(key)?,
+            None => update.verify()?,
+        }
         if let Some((applied, checksum)) = &state.update {
             if update.version == applied.version && update.checksum.eq_ignore_ascii_case(checksum) {
                 return Ok(Change::AlreadyApplied);
@@ -293,11 +458,17 @@ impl<T: Settings> Live<T> {
     ///
     /// [`Secret`](crate::Secret) values serialize as `[REDACTED]`; values
     /// under keys that look secret (`password`, `token`, `api_key`, …) are
-    /// redacted too, in case a settings type used a plain `String`.
+    /// redacted too, in case a settings type used a plain `String`; and
+    /// every other string that is a URL loses its credentials (user
+    /// information and secret-looking query parameters, see
+    /// [`redact_url`](crate::redact_url)), so `postgres.url` or `redis.url`
+    /// with a password shows `postgres://***@host/db`. What the snapshot
+    /// shows is safe to serve to an operator; `checksum` is that of the
+    /// unredacted config (it changes when a secret is rotated).
     pub fn snapshot(&self) -> serde_json::Value {
         let cur = self.get();
         let mut config = serde_json::to_value(&cur.value).unwrap_or(serde_json::Value::Null);
-        document::redact(&mut config);
+        crate::redact::redact(&mut config);
         let sources: serde_json::Map<String, serde_json::Value> = cur
             .sources
             .iter()

@@ -313,6 +313,10 @@ impl<T: Settings> Loader<T> {
             }
         }
 
+        if let Some(layer) = profile_layer(&defaults, &layers, profile)? {
+            layers.0.push(layer);
+        }
+
         let merged = layers.merged()?;
         let merged_value = Value::Dict(Tag::Default, merged);
         let mut ignored: Vec<Vec<String>> = Vec::new();
@@ -396,6 +400,57 @@ impl<T: Settings> Loader<T> {
         }
         Ok(DeploymentProfile::default())
     }
+}
+
+/// The key through which a section learns the deployment profile.
+pub(crate) const SECTION_PROFILE_KEY: &str = "deployment_profile";
+
+/// The selected profile for every section that declares
+/// `deployment_profile`, as a layer above every source. A source that gives
+/// such a section another profile is an error: a section must never run
+/// with `local` durability while the deployment says `prod`.
+fn profile_layer(
+    defaults: &serde_json::Value,
+    layers: &Layers,
+    profile: DeploymentProfile,
+) -> Result<Option<Layer>, ConfigError> {
+    let Some(sections) = defaults.as_object() else {
+        return Ok(None);
+    };
+    let mut doc = serde_json::Map::new();
+    for (section, shape) in sections {
+        if shape.get(SECTION_PROFILE_KEY).is_none() {
+            continue;
+        }
+        let path = vec![section.clone(), SECTION_PROFILE_KEY.to_owned()];
+        for layer in &layers.0 {
+            let given = match layer.dict.get(section) {
+                Some(Value::Dict(_, d)) => d.get(SECTION_PROFILE_KEY),
+                _ => None,
+            };
+            if let Some(v) = given {
+                if v.as_str() != Some(profile.as_str()) {
+                    return Err(ConfigError::InvalidValue {
+                        origin: Layers(vec![layer.clone()]).origin_of(&path),
+                        key: path.join("."),
+                        message: format!(
+                            "follows the top-level `profile` (`{profile}`); set that instead of giving one section another profile"
+                        ),
+                    });
+                }
+            }
+        }
+        doc.insert(
+            section.clone(),
+            serde_json::json!({ SECTION_PROFILE_KEY: profile.as_str() }),
+        );
+    }
+    if doc.is_empty() {
+        return Ok(None);
+    }
+    let origin = Origin::Profile(profile);
+    let dict = document::json_to_dict(&serde_json::Value::Object(doc), &origin)?;
+    Ok(Some(Layer::new(origin, dict)))
 }
 
 fn unreachable_dict() -> &'static Dict {

@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use soma_config::flags::{FlagSetting, ResolverError, TenantFlagResolver};
 use soma_config::{
     FeatureFlags, FeatureProfile, FlagDescriptor, FlagSource, FlagState, FlagsConfig,
 };
+use soma_config::{FlagSetting, ResolverError, TenantFlagResolver};
 
 fn descriptors() -> Vec<FlagDescriptor> {
     vec![

@@ -234,6 +234,68 @@ fn snapshot_redacts_secrets_and_reports_sources() {
 }
 
 #[test]
+fn snapshot_never_shows_a_secret_from_any_place_or_layer() {
+    // A secret in every place soma-config takes one, from every layer: a
+    // `Secret` (file), a secret-named plain string (env), URL credentials
+    // (user info and a secret-named query parameter) in a file, an env var
+    // and a remote update, a list under a secret-named key, a URL in a list.
+    let (_d, path) = toml_file(
+        "[redis]\npassword = \"file-secret-1\"\nurl = \"redis://:url-secret-2@cache:6379/0\"\n\
+         [bus]\ntopics = [\"kafka://svc:list-url-secret-3@broker/x\"]\n",
+    );
+    let live = Loader::<AppSettings>::new()
+        .env_from([
+            ("SOMA_LABELS__API_TOKEN", "env-token-4"),
+            (
+                "SOMA_LABELS__DSN",
+                "postgres://app:env-url-secret-5@db/app?sslmode=require&password=query-secret-6",
+            ),
+        ])
+        .file(&path)
+        .set("labels.signing_secrets", "override-secret-7")
+        .into_live()
+        .unwrap();
+    live.apply(&ConfigUpdate::new(
+        2,
+        json!({"auth": {"issuer": "https://user:update-url-secret-8@issuer.example/"}}),
+    ))
+    .unwrap();
+    let snap = live.snapshot();
+    let text = snap.to_string();
+    for secret in [
+        "file-secret-1",
+        "url-secret-2",
+        "list-url-secret-3",
+        "env-token-4",
+        "env-url-secret-5",
+        "query-secret-6",
+        "override-secret-7",
+        "update-url-secret-8",
+    ] {
+        assert!(!text.contains(secret), "{secret} shows: {text}");
+    }
+    let c = &snap["config"];
+    assert_eq!(c["redis"]["password"], "[REDACTED]");
+    assert_eq!(c["redis"]["url"], "redis://***@cache:6379/0");
+    assert_eq!(c["bus"]["topics"][0], "kafka://***@broker/x");
+    assert_eq!(c["labels"]["api_token"], "[REDACTED]");
+    assert_eq!(
+        c["labels"]["dsn"],
+        "postgres://***@db/app?sslmode=require&password=***"
+    );
+    assert_eq!(c["labels"]["signing_secrets"], "[REDACTED]");
+    assert_eq!(c["auth"]["issuer"], "https://***@issuer.example/");
+    // Version and checksum come with it; the values in use are intact.
+    assert_eq!(snap["checksum"], live.load().checksum());
+    assert!(snap["version"].as_u64().is_some());
+    assert_eq!(
+        live.load().redis.url,
+        "redis://:url-secret-2@cache:6379/0",
+        "redaction is for display only"
+    );
+}
+
+#[test]
 fn secret_rotation_changes_the_checksum() {
     let (_d, path) = toml_file("[redis]\npassword = \"one\"\n");
     let live = Loader::<AppSettings>::new()
@@ -305,4 +367,66 @@ fn versions_are_monotonic_under_concurrent_writers() {
     reader.join().unwrap();
     let cur = live.get();
     assert_eq!(cur.redis.pool_size as u64, cur.update_version().unwrap());
+}
+
+#[test]
+fn signed_updates_reject_forgeries_and_count_them() {
+    use soma_config::{Secret, SignatureProblem};
+    let (_d, _p, live) = live_with_file("[redis]\npool_size = 3\n");
+    let key = Secret::new("k".repeat(32));
+    assert!(
+        live.require_signed_updates(Secret::new("short"))
+            .unwrap_err()
+            .is_invalid_value(),
+        "a short key is refused"
+    );
+    live.require_signed_updates(key.clone()).unwrap();
+
+    // Anyone on the topic can compute a checksum; without the key they
+    // cannot freeze the config with version u64::MAX.
+    let forged = ConfigUpdate::new(u64::MAX, json!({"redis": {"pool_size": 1}}));
+    let err = live.apply(&forged).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            soma_config::ConfigError::UpdateSignature {
+                problem: SignatureProblem::Missing,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let other_key = Secret::new("x".repeat(32));
+    let err = live.apply(&forged.clone().sign(&other_key)).unwrap_err();
+    assert!(err.is_update_signature(), "{err}");
+    let mut garbled = ConfigUpdate::new(3, json!({"redis": {"pool_size": 1}})).sign(&key);
+    garbled.signature = Some("zz".into());
+    assert!(live.apply(&garbled).unwrap_err().is_update_signature());
+    // A signature does not carry over to another version or document.
+    let good = ConfigUpdate::new(2, json!({"redis": {"pool_size": 9}})).sign(&key);
+    let mut moved = good.clone();
+    moved.version = u64::MAX;
+    assert!(live.apply(&moved).unwrap_err().is_update_signature());
+    assert_eq!(live.load().redis.pool_size, 3, "nothing applied yet");
+
+    assert_eq!(live.apply(&good).unwrap(), Change::Updated { version: 2 });
+    assert_eq!(live.load().redis.pool_size, 9);
+    assert_eq!(live.load().update_version(), Some(2));
+    assert_eq!(live.apply(&good).unwrap(), Change::AlreadyApplied);
+    // The wire form carries the signature.
+    let back: ConfigUpdate = serde_json::from_str(&serde_json::to_string(&good).unwrap()).unwrap();
+    back.verify_signature(&key).unwrap();
+
+    let stats = live.update_stats();
+    assert_eq!(
+        (
+            stats.applied,
+            stats.redelivered,
+            stats.rejected_unsigned,
+            stats.rejected_bad_signature,
+            stats.rejected_other
+        ),
+        (1, 1, 1, 3, 0),
+        "{stats:?}"
+    );
 }

@@ -325,6 +325,68 @@ fn env_arrays_and_flag_overrides() {
     assert_eq!(s.flags.profile, Some(soma_config::FeatureProfile::Enhanced));
     assert_eq!(
         s.flags.overrides["semantic_cache"],
-        soma_config::flags::FlagSetting::Off
+        soma_config::FlagSetting::Off
     );
+}
+
+/// A section that wants to know the deployment profile.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+struct Topics {
+    deployment_profile: DeploymentProfile,
+    partitions: u32,
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+struct WithSection {
+    profile: DeploymentProfile,
+    topics: Topics,
+}
+
+#[test]
+fn sections_declaring_deployment_profile_receive_the_selected_one() {
+    let prod = Loader::<WithSection>::new()
+        .env_from([("SOMA_PROFILE", "prod")])
+        .strict(true)
+        .load()
+        .unwrap();
+    assert_eq!(prod.topics.deployment_profile, DeploymentProfile::Prod);
+    let local = Loader::<WithSection>::new()
+        .env_from(no_env())
+        .load()
+        .unwrap();
+    assert_eq!(local.topics.deployment_profile, DeploymentProfile::Local);
+    // The same value spelled out is fine.
+    Loader::<WithSection>::new()
+        .env_from([
+            ("SOMA_PROFILE", "prod"),
+            ("SOMA_TOPICS__DEPLOYMENT_PROFILE", "prod"),
+        ])
+        .load()
+        .unwrap();
+
+    // A source that gives the section another profile fails, naming it.
+    let err = Loader::<WithSection>::new()
+        .env_from([
+            ("SOMA_PROFILE", "prod"),
+            ("SOMA_TOPICS__DEPLOYMENT_PROFILE", "local"),
+        ])
+        .load()
+        .unwrap_err();
+    assert_eq!(err.key(), Some("topics.deployment_profile"), "{err}");
+    assert_eq!(
+        err.origin(),
+        Some(Origin::Env {
+            var: "SOMA_TOPICS__DEPLOYMENT_PROFILE".into()
+        }),
+        "{err}"
+    );
+    let (_dir, path) = toml_file("[topics]\ndeployment_profile = \"prod\"\n");
+    let err = Loader::<WithSection>::new()
+        .env_from(no_env())
+        .file(&path)
+        .load()
+        .unwrap_err();
+    assert_eq!(err.key(), Some("topics.deployment_profile"), "{err}");
 }

@@ -8,9 +8,6 @@
 // `criterion_group!` generates an undocumented function.
 #![allow(missing_docs)]
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::convert::Infallible;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -90,8 +87,14 @@ fn benches(c: &mut Criterion) {
         .unwrap();
 
     // Telemetry with OTLP/gRPC export at 10% sampling to a real receiver.
-    let (addr, mut rx) = rt.block_on(common::start_grpc_receiver());
-    rt.spawn(async move { while rx.recv().await.is_some() {} });
+    let (addr, spans) = rt.block_on(soma_testkit::otlp::start_grpc_receiver());
+    // Drain what arrives so the receiver's store does not grow with the run.
+    rt.spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(spans.take());
+        }
+    });
     // Logs at WARN (the request path logs nothing), spans at INFO.
     let mut config = TelemetryConfig::default();
     config.service_name = "bench".into();

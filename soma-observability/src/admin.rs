@@ -1,4 +1,6 @@
-//! The admin [`Router`] (feature `axum`): `/live`, `/ready`, `/v1/health`, `/metrics`.
+//! The admin [`Router`] (feature `axum`): `/live`, `/ready`,
+//! `/v1/health`, `/metrics`; and the [`probe_router`] with the probes alone,
+//! for a service's public port (no metrics there).
 //!
 //! | path | answers |
 //! |---|---|
@@ -29,28 +31,45 @@ use serde_json::json;
 use crate::health::HealthRegistry;
 use crate::metrics::{MetricsRegistry, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_TEXT_CONTENT_TYPE};
 
-#[derive(Clone)]
-struct AdminState {
-    metrics: MetricsRegistry,
-    health: HealthRegistry,
+/// Builds the admin router over `metrics` and `health`: the probes of
+/// [`probe_router`] plus `/metrics`.
+pub fn admin_router(metrics: MetricsRegistry, health: HealthRegistry) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .with_state(metrics)
+        .merge(probe_router(health))
 }
 
-/// Builds the admin router over `metrics` and `health`.
-pub fn admin_router(metrics: MetricsRegistry, health: HealthRegistry) -> Router {
+/// The probes alone over `health`: `/live`, `/ready` and `/v1/health`, no
+/// `/metrics`. For a service's public port, where load balancers and
+/// orchestrators probe: mount it outside authentication. What it shows is
+/// component names, statuses and reasons, never configuration or
+/// credentials.
+///
+/// The paths are exactly those three, so a service whose own API already
+/// serves a probe of another name (SomaBrain's `/healthz`, for one) can
+/// merge this router without a route clash; a service that wants an alias
+/// adds it itself with [`live_handler`].
+pub fn probe_router<S: Clone + Send + Sync + 'static>(health: HealthRegistry) -> Router<S> {
     Router::new()
         .route("/live", get(live))
         .route("/ready", get(ready))
         .route("/v1/health", get(health_report))
-        .route("/metrics", get(metrics_text))
-        .with_state(AdminState { metrics, health })
+        .with_state(health)
+}
+
+/// The `/live` handler alone, for a service that serves liveness under
+/// another path as well (a `/healthz` alias, say): 200 `{"status":"live"}`.
+pub async fn live_handler() -> Response {
+    live().await
 }
 
 async fn live() -> Response {
     Json(json!({ "status": "live" })).into_response()
 }
 
-async fn ready(State(state): State<AdminState>) -> Response {
-    let readiness = state.health.readiness();
+async fn ready(State(health): State<HealthRegistry>) -> Response {
+    let readiness = health.readiness();
     if readiness.is_ready() {
         (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
     } else {
@@ -62,21 +81,21 @@ async fn ready(State(state): State<AdminState>) -> Response {
     }
 }
 
-async fn health_report(State(state): State<AdminState>) -> Response {
-    let report = state.health.report();
+async fn health_report(State(health): State<HealthRegistry>) -> Response {
+    let report = health.report();
     let status =
         StatusCode::from_u16(report.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (status, Json(report)).into_response()
 }
 
-async fn metrics_text(State(state): State<AdminState>, headers: HeaderMap) -> Response {
+async fn metrics_text(State(metrics): State<MetricsRegistry>, headers: HeaderMap) -> Response {
     if wants_prometheus_text(&headers) {
-        let body = state.metrics.encode_prometheus();
+        let body = metrics.encode_prometheus();
         ([(header::CONTENT_TYPE, PROMETHEUS_TEXT_CONTENT_TYPE)], body).into_response()
     } else {
         (
             [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
-            state.metrics.encode(),
+            metrics.encode(),
         )
             .into_response()
     }

@@ -29,7 +29,8 @@
 //!   one config spelling, named per component in metrics and health.
 //! - **Secrets stay out**: `Authorization`, `Cookie`, `Set-Cookie`, `X-Api-Key`
 //!   and configured headers never reach logs or span attributes
-//!   ([`http::SensitiveHeaders`]); OTLP headers in the config are secrets.
+//!   ([`http::SensitiveHeaders`]); OTLP headers in the config are secrets;
+//!   [`redact_url`] takes the credentials out of a connection URL.
 //!
 //! # Features
 //!
@@ -50,11 +51,13 @@ pub mod http;
 pub mod metrics;
 pub mod propagation;
 pub mod resilience;
+mod secrets;
 pub mod shutdown;
 pub mod telemetry;
 
 pub use config::{LogFormat, OtlpProtocol, TelemetryConfig};
 pub use prometheus_client;
+pub use secrets::redact_url;
 pub use telemetry::{TelemetryError, TelemetryGuard, init};
 
 /// The README's example, compiled and run as a doctest.

@@ -1,8 +1,6 @@
 //! The admin router over real HTTP: health transitions, a hung check never
 //! delaying `/ready`, and `/metrics` checked by `promtool check metrics`.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use axum::routing::get;
@@ -23,7 +21,7 @@ async fn get_json(url: &str) -> (u16, serde_json::Value) {
 #[tokio::test]
 async fn health_transitions_over_http() {
     let health = HealthRegistry::new();
-    let addr = common::serve(admin_router(MetricsRegistry::default(), health.clone())).await;
+    let addr = soma_testkit::serve(admin_router(MetricsRegistry::default(), health.clone())).await;
     let base = format!("http://{addr}");
     let db = health.reporter("postgres", Criticality::Required);
     let cache = health.reporter("redis_cache", Criticality::Optional);
@@ -91,7 +89,7 @@ async fn hung_check_never_delays_ready() {
         }),
         CheckOptions::new(Duration::from_secs(60), timeout),
     );
-    let addr = common::serve(admin_router(MetricsRegistry::default(), health.clone())).await;
+    let addr = soma_testkit::serve(admin_router(MetricsRegistry::default(), health.clone())).await;
     let client = reqwest::Client::new();
 
     // While the check hangs, /ready answers from cached state at once.
@@ -178,7 +176,7 @@ async fn metrics_endpoint_passes_promtool_and_labels_by_route_template() {
         })
         .inc_by(5);
 
-    let addr = common::serve(app).await;
+    let addr = soma_testkit::serve(app).await;
     for path in ["/v1/sessions/a1", "/v1/sessions/b2", "/boom", "/nope/123"] {
         reqwest::get(format!("http://{addr}{path}")).await.unwrap();
     }

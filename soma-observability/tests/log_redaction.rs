@@ -1,8 +1,6 @@
 //! Log capture: a request carrying `Authorization: Bearer <token>` (and other
 //! sensitive headers) never prints them, even when a handler logs the headers.
 
-mod common;
-
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
@@ -49,7 +47,7 @@ async fn bearer_token_never_printed() {
             }),
         )
         .layer(TraceLayer::from_config(&config));
-    let addr = common::serve(app).await;
+    let addr = soma_testkit::serve(app).await;
     let resp = reqwest::Client::new()
         .get(format!("http://{addr}/v1/me"))
         .header("authorization", "Bearer tok_LIVE_9f8e7d6c5b4a")

@@ -4,11 +4,11 @@ mod common;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hop_http_call_exports_linked_spans_over_http() {
-    let (addr, mut rx) = common::start_http_receiver().await;
+    let (addr, spans) = soma_testkit::otlp::start_http_receiver().await;
     common::two_hop_scenario(
         soma_observability::OtlpProtocol::Http,
         format!("http://{addr}/v1/traces"),
-        &mut rx,
+        &spans,
     )
     .await;
 }

@@ -72,7 +72,7 @@ async fn late_commits_are_never_skipped_nor_reordered() {
     futures::future::join(futures::future::join_all(producers), blocker).await;
 
     let total = KEYS as u64 * PER_KEY + 1;
-    wait_until(Duration::from_secs(20), "all records published", || async {
+    wait_until("all records published", Duration::from_secs(20), || async {
         sink.published().len() as u64 >= total
     })
     .await;
@@ -118,7 +118,7 @@ async fn a_late_committing_transaction_holds_back_later_ones_instead_of_being_re
     );
     long.commit().await.unwrap();
 
-    wait_until(Duration::from_secs(10), "all three published", || async {
+    wait_until("all three published", Duration::from_secs(10), || async {
         sink.published().len() == 3
     })
     .await;
@@ -151,7 +151,7 @@ async fn relay_killed_between_publish_and_commit_duplicates_but_never_loses() {
     doomed.abort(); // dies after the broker's ack, before its commit
 
     let survivor = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
-    wait_until(Duration::from_secs(20), "outbox drained", || async {
+    wait_until("outbox drained", Duration::from_secs(20), || async {
         db.pending().await == 0
     })
     .await;
@@ -200,8 +200,8 @@ async fn drain_with_relays(relays: usize) {
 
     // All relays share the shards (one owner per shard).
     wait_until(
-        Duration::from_secs(10),
         "shards spread over every relay",
+        Duration::from_secs(10),
         || {
             let owned: Vec<Vec<u32>> = handles.iter().map(|h| h.owned_shards()).collect();
             async move {
@@ -215,7 +215,7 @@ async fn drain_with_relays(relays: usize) {
 
     // Kill one relay mid-drain once it has published something.
     let victim = handles.remove(0);
-    wait_until(Duration::from_secs(20), "victim publishing", || async {
+    wait_until("victim publishing", Duration::from_secs(20), || async {
         sink.published_tagged().iter().any(|(t, _)| t == "r0")
     })
     .await;
@@ -225,8 +225,8 @@ async fn drain_with_relays(relays: usize) {
 
     // Survivors take its shards over within seconds.
     wait_until(
-        Duration::from_secs(5),
         "takeover of the dead relay's shards",
+        Duration::from_secs(5),
         || {
             let owned: HashSet<u32> = handles.iter().flat_map(|h| h.owned_shards()).collect();
             let want = victim_shards.clone();
@@ -240,7 +240,7 @@ async fn drain_with_relays(relays: usize) {
         "takeover took {takeover:?}"
     );
 
-    wait_until(Duration::from_secs(30), "outbox drained", || async {
+    wait_until("outbox drained", Duration::from_secs(30), || async {
         db.pending().await == 0
     })
     .await;
@@ -324,7 +324,7 @@ async fn relays_without_a_crash_never_duplicate() {
         db.outbox.enqueue_standalone(&msgs).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    wait_until(Duration::from_secs(30), "outbox drained", || async {
+    wait_until("outbox drained", Duration::from_secs(30), || async {
         db.pending().await == 0
     })
     .await;
@@ -364,7 +364,7 @@ async fn dead_letter_blocks_its_key_until_requeued_and_poison_never_stalls_other
     let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
 
     // Other keys flow at once; the poison key's later records wait behind it.
-    wait_until(Duration::from_secs(10), "other keys delivered", || async {
+    wait_until("other keys delivered", Duration::from_secs(10), || async {
         sink.published()
             .iter()
             .filter(|r| r.key.as_deref() != Some("bad"))
@@ -372,7 +372,7 @@ async fn dead_letter_blocks_its_key_until_requeued_and_poison_never_stalls_other
             == 50
     })
     .await;
-    wait_until(Duration::from_secs(15), "poison dead-lettered", || async {
+    wait_until("poison dead-lettered", Duration::from_secs(15), || async {
         db.outbox.dead_letters(10, None).await.unwrap().len() == 1
     })
     .await;
@@ -405,7 +405,7 @@ async fn dead_letter_blocks_its_key_until_requeued_and_poison_never_stalls_other
         "{:?}",
         dead[0].errors
     );
-    wait_until(Duration::from_secs(5), "counters committed", || async {
+    wait_until("counters committed", Duration::from_secs(5), || async {
         let c = relay.counters();
         (c.dead_lettered, c.published) == (1, 50)
     })
@@ -415,7 +415,7 @@ async fn dead_letter_blocks_its_key_until_requeued_and_poison_never_stalls_other
     // Requeue: delivered first, in its original place, then the rest of the key.
     sink.clear_rule();
     db.outbox.requeue_dead_letter(poison_id).await.unwrap();
-    wait_until(Duration::from_secs(10), "key drained", || async {
+    wait_until("key drained", Duration::from_secs(10), || async {
         db.pending().await == 0
     })
     .await;
@@ -443,7 +443,7 @@ async fn release_key_lets_later_records_proceed_past_a_dead_letter() {
     cfg.max_attempts = 3;
     cfg.dead_letter_order = DeadLetterOrder::ReleaseKey;
     let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
-    wait_until(Duration::from_secs(15), "key unblocked", || async {
+    wait_until("key unblocked", Duration::from_secs(15), || async {
         db.pending().await == 0
     })
     .await;
@@ -479,7 +479,7 @@ async fn reject_replay_guard_and_purge() {
     let sink = RecordingSink::new();
     sink.set_rule(move |r| (r.id == id).then(|| SinkOutcome::reject("too large for broker")));
     let relay = Relay::new(db.outbox.clone(), sink.clone(), fast_relay()).spawn();
-    wait_until(Duration::from_secs(10), "rejected", || async {
+    wait_until("rejected", Duration::from_secs(10), || async {
         db.outbox.dead_letters(10, None).await.unwrap().len() == 1
     })
     .await;
@@ -491,7 +491,7 @@ async fn reject_replay_guard_and_purge() {
 
     // First requeue allowed, rejected again, second refused by the guard.
     db.outbox.requeue_dead_letter(id).await.unwrap();
-    wait_until(Duration::from_secs(10), "rejected again", || async {
+    wait_until("rejected again", Duration::from_secs(10), || async {
         db.outbox.dead_letters(10, None).await.unwrap().len() == 1
     })
     .await;
@@ -513,7 +513,7 @@ async fn reject_replay_guard_and_purge() {
         1
     );
     assert!(db.outbox.dead_letters(10, None).await.unwrap().is_empty());
-    wait_until(Duration::from_secs(10), "next record delivered", || async {
+    wait_until("next record delivered", Duration::from_secs(10), || async {
         db.pending().await == 0
     })
     .await;
@@ -546,7 +546,7 @@ async fn an_unavailable_sink_costs_latency_never_messages_or_order() {
         .with_metrics(soma_outbox::OutboxMetrics::new(&registry, &db.outbox))
         .with_health(&health)
         .spawn();
-    wait_until(Duration::from_secs(10), "relay backing off", || async {
+    wait_until("relay backing off", Duration::from_secs(10), || async {
         relay.sink_unavailable() && sink.calls() >= 5
     })
     .await;
@@ -581,8 +581,8 @@ async fn an_unavailable_sink_costs_latency_never_messages_or_order() {
 
     sink.clear_rule();
     wait_until(
-        Duration::from_secs(10),
         "drained after the outage",
+        Duration::from_secs(10),
         || async { db.pending().await == 0 },
     )
     .await;
@@ -618,7 +618,7 @@ async fn dead_letter_after_secs_is_the_only_way_an_outage_dead_letters() {
     cfg.unavailable_backoff_initial_ms = 20;
     cfg.unavailable_backoff_max_ms = 50;
     let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
-    wait_until(Duration::from_secs(10), "both aged out", || async {
+    wait_until("both aged out", Duration::from_secs(10), || async {
         db.outbox.dead_letters(10, None).await.unwrap().len() == 2
     })
     .await;
@@ -652,7 +652,7 @@ async fn a_sink_timeout_is_unavailability_not_an_attempt() {
     cfg.unavailable_backoff_initial_ms = 10;
     cfg.unavailable_backoff_max_ms = 20;
     let relay = Relay::new(db.outbox.clone(), slow.clone(), cfg).spawn();
-    wait_until(Duration::from_secs(10), "backing off", || async {
+    wait_until("backing off", Duration::from_secs(10), || async {
         relay.sink_unavailable()
     })
     .await;
@@ -660,7 +660,7 @@ async fn a_sink_timeout_is_unavailability_not_an_attempt() {
     assert!(db.outbox.dead_letters(10, None).await.unwrap().is_empty());
     assert_eq!(relay.counters().failed, 0);
     slow.slow.store(false, std::sync::atomic::Ordering::SeqCst);
-    wait_until(Duration::from_secs(10), "delivered", || async {
+    wait_until("delivered", Duration::from_secs(10), || async {
         db.pending().await == 0
     })
     .await;
@@ -697,7 +697,7 @@ async fn shutdown_finishes_the_in_flight_batch() {
     let mut cfg = fast_relay();
     cfg.batch_size = 40;
     let relay = Relay::new(db.outbox.clone(), SlowSink(sink.tagged("r")), cfg).spawn();
-    wait_until(Duration::from_secs(10), "batch in flight", || async {
+    wait_until("batch in flight", Duration::from_secs(10), || async {
         sink.calls() > 0
     })
     .await;
@@ -722,7 +722,7 @@ async fn retention_marks_sent_and_keeps_deduping() {
     let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
     let m = msg("k", 0).with_dedupe_key("order-1");
     db.outbox.enqueue_standalone(&[m]).await.unwrap();
-    wait_until(Duration::from_secs(10), "delivered", || async {
+    wait_until("delivered", Duration::from_secs(10), || async {
         db.pending().await == 0
     })
     .await;
@@ -753,13 +753,13 @@ async fn relays_must_agree_on_the_shard_count() {
     };
     let a = Relay::new(db.outbox.clone(), RecordingSink::new(), with_shards(4)).spawn();
     wait_until(
-        Duration::from_secs(10),
         "first relay owns shards",
+        Duration::from_secs(10),
         || async { !a.owned_shards().is_empty() },
     )
     .await;
     let b = Relay::new(db.outbox.clone(), RecordingSink::new(), with_shards(5)).spawn();
-    wait_until(Duration::from_secs(10), "second relay stops", || async {
+    wait_until("second relay stops", Duration::from_secs(10), || async {
         b.is_finished()
     })
     .await;
@@ -768,8 +768,8 @@ async fn relays_must_agree_on_the_shard_count() {
     // With no relay running, the count may change.
     let c = Relay::new(db.outbox.clone(), RecordingSink::new(), with_shards(5)).spawn();
     wait_until(
-        Duration::from_secs(10),
         "relay with new count owns shards",
+        Duration::from_secs(10),
         || async { c.owned_shards().len() == 5 },
     )
     .await;
@@ -794,7 +794,7 @@ async fn metrics_are_exported() {
     let relay = Relay::new(db.outbox.clone(), sink.clone(), fast_relay())
         .with_metrics(m)
         .spawn();
-    wait_until(Duration::from_secs(10), "drained", || async {
+    wait_until("drained", Duration::from_secs(10), || async {
         db.pending().await == 0
     })
     .await;
@@ -835,7 +835,7 @@ async fn relay_reconnects_after_its_connection_is_killed() {
     let mut cfg = fast_relay();
     cfg.batch_size = 20;
     let relay = Relay::new(db.outbox.clone(), SlowSink(sink.tagged("r")), cfg).spawn();
-    wait_until(Duration::from_secs(10), "draining", || async {
+    wait_until("draining", Duration::from_secs(10), || async {
         sink.published().len() > 60
     })
     .await;
@@ -851,8 +851,8 @@ async fn relay_reconnects_after_its_connection_is_killed() {
     assert_eq!(killed, vec![true], "exactly the relay's own connection");
 
     wait_until(
-        Duration::from_secs(20),
         "drained after reconnect",
+        Duration::from_secs(20),
         || async { db.pending().await == 0 },
     )
     .await;
@@ -880,14 +880,14 @@ async fn wakes_on_notify_and_falls_back_to_polling() {
     slow_poll.poll_interval_ms = 60_000;
     slow_poll.rebalance_interval_ms = 60_000;
     let relay = Relay::new(db.outbox.clone(), sink.clone(), slow_poll).spawn();
-    wait_until(Duration::from_secs(10), "relay owns shards", || async {
+    wait_until("relay owns shards", Duration::from_secs(10), || async {
         relay.owned_shards().len() == 8
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await; // let it go idle
     let start = std::time::Instant::now();
     db.outbox.enqueue_standalone(&[msg("k", 0)]).await.unwrap();
-    wait_until(Duration::from_secs(5), "woken by NOTIFY", || async {
+    wait_until("woken by NOTIFY", Duration::from_secs(5), || async {
         sink.published().len() == 1
     })
     .await;
@@ -907,7 +907,7 @@ async fn wakes_on_notify_and_falls_back_to_polling() {
     let relay = Relay::new(db.outbox.clone(), sink.clone(), fast_poll).spawn();
     tokio::time::sleep(Duration::from_millis(500)).await;
     db.outbox.enqueue_standalone(&[msg("k", 1)]).await.unwrap();
-    wait_until(Duration::from_secs(5), "found by polling", || async {
+    wait_until("found by polling", Duration::from_secs(5), || async {
         sink.published().len() == 2
     })
     .await;
@@ -952,13 +952,13 @@ async fn a_joining_relay_takes_over_exactly_the_shards_the_first_gives_up() {
     cfg.shards = 12;
     cfg.batch_size = 10;
     let a = Relay::new(db.outbox.clone(), sink.tagged("a"), cfg.clone()).spawn();
-    wait_until(Duration::from_secs(10), "a owns all 12 shards", || async {
+    wait_until("a owns all 12 shards", Duration::from_secs(10), || async {
         a.owned_shards().len() == 12
     })
     .await;
 
     let b = Relay::new(db.outbox.clone(), sink.tagged("b"), cfg.clone()).spawn();
-    wait_until(Duration::from_secs(10), "6 + 6 after b joins", || async {
+    wait_until("6 + 6 after b joins", Duration::from_secs(10), || async {
         exactly_fair(&ownership(&[&a, &b]), 12)
     })
     .await;
@@ -987,7 +987,7 @@ async fn a_joining_relay_takes_over_exactly_the_shards_the_first_gives_up() {
     let n = 600u64;
     let msgs: Vec<_> = (0..n).map(|i| msg(&format!("h{}", i % 60), i)).collect();
     db.outbox.enqueue_standalone(&msgs).await.unwrap();
-    wait_until(Duration::from_secs(20), "drained by a and b", || async {
+    wait_until("drained by a and b", Duration::from_secs(20), || async {
         db.pending().await == 0
     })
     .await;
@@ -1016,8 +1016,8 @@ async fn a_joining_relay_takes_over_exactly_the_shards_the_first_gives_up() {
 
     let c = Relay::new(db.outbox.clone(), sink.tagged("c"), cfg.clone()).spawn();
     wait_until(
-        Duration::from_secs(10),
         "4 + 4 + 4 after c joins",
+        Duration::from_secs(10),
         || async {
             let o = ownership(&[&a, &b, &c]);
             exactly_fair(&o, 12) && o.iter().all(|s| s.len() == 4)
@@ -1026,7 +1026,7 @@ async fn a_joining_relay_takes_over_exactly_the_shards_the_first_gives_up() {
     .await;
     // A graceful leave hands its shards back: the two left end 6 + 6.
     c.shutdown().await.unwrap();
-    wait_until(Duration::from_secs(10), "6 + 6 after c leaves", || async {
+    wait_until("6 + 6 after c leaves", Duration::from_secs(10), || async {
         let o = ownership(&[&a, &b]);
         exactly_fair(&o, 12) && o.iter().all(|s| s.len() == 6)
     })
@@ -1036,8 +1036,8 @@ async fn a_joining_relay_takes_over_exactly_the_shards_the_first_gives_up() {
     // twice, and one unlock would not free it).
     let d = Relay::new(db.outbox.clone(), sink.tagged("d"), cfg.clone()).spawn();
     wait_until(
-        Duration::from_secs(10),
         "4 + 4 + 4 after d joins",
+        Duration::from_secs(10),
         || async {
             let o = ownership(&[&a, &b, &d]);
             exactly_fair(&o, 12) && o.iter().all(|s| s.len() == 4)
@@ -1099,7 +1099,7 @@ async fn a_sink_order_violation_is_counted_once_in_counters_and_metrics() {
     let relay = Relay::new(db.outbox.clone(), sink, fast_relay())
         .with_metrics(m)
         .spawn();
-    wait_until(Duration::from_secs(10), "drained", || async {
+    wait_until("drained", Duration::from_secs(10), || async {
         db.pending().await == 0
     })
     .await;
@@ -1131,7 +1131,7 @@ async fn a_sink_order_violation_is_counted_once_in_counters_and_metrics() {
             .then(|| SinkOutcome::retry("first fails"))
     });
     let relay = Relay::new(db.outbox.clone(), sink, fast_relay()).spawn();
-    wait_until(Duration::from_secs(10), "drained", || async {
+    wait_until("drained", Duration::from_secs(10), || async {
         db.pending().await == 0
     })
     .await;

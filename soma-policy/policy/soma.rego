@@ -32,8 +32,16 @@ actions := {
 	"scheduler.read": {"roles": {"user", "operator", "admin"}, "scope": "scheduler:read"},
 	"scheduler.update": {"roles": {"operator", "admin"}, "scope": "scheduler:write"},
 	"scheduler.delete": {"roles": {"operator", "admin"}, "scope": "scheduler:write"},
-	"operations.read": {"roles": {"operator", "admin"}, "scope": "ops:read"},
-	"operations.admin": {"roles": {"admin"}, "scope": "ops:admin"},
+	"scheduler.run": {"roles": {"operator", "admin"}, "scope": "scheduler:write"},
+	"uploads.write": {"roles": {"user", "agent", "operator", "admin"}, "scope": "uploads:write"},
+	"uploads.read": {"roles": {"user", "agent", "operator", "admin"}, "scope": "uploads:read"},
+	"notifications.read": {"roles": {"user", "agent", "operator", "admin"}, "scope": "notifications:read"},
+	"notifications.ack": {"roles": {"user", "agent", "operator", "admin"}, "scope": "notifications:read"},
+	"ops.read": {"roles": {"operator", "admin"}, "scope": "ops:read"},
+	"ops.admin": {"roles": {"admin"}, "scope": "ops:admin"},
+	"config.read": {"roles": {"operator", "admin"}, "scope": "ops:read"},
+	"features.read": {"roles": {"operator", "admin"}, "scope": "ops:read"},
+	"somabrain.operate": {"roles": {"operator", "admin"}, "scope": "somabrain:operate"},
 }
 
 default allow := false
@@ -97,12 +105,21 @@ reasons contains "high_risk_tool_requires_admin" if {
 	not admin
 }
 
-# Changing or deleting a schedule someone else owns needs an administrator.
+# Changing, running or deleting a schedule someone else owns needs an
+# administrator.
 reasons contains "not_schedule_owner" if {
-	input.action in {"scheduler.update", "scheduler.delete"}
+	input.action in {"scheduler.update", "scheduler.delete", "scheduler.run"}
 	is_string(input.context.owner)
 	input.context.owner != input.subject
 	not admin
+}
+
+# An upload or a notification belongs to the subject that made or
+# received it (`context.owner`, from the store): no role overrides it.
+reasons contains "not_owner" if {
+	input.action in {"uploads.read", "notifications.ack"}
+	is_string(input.context.owner)
+	input.context.owner != input.subject
 }
 
 # A conversation belongs to the subject that created it: `context.owner`

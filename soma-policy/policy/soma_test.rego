@@ -104,6 +104,61 @@ test_operator_crud_own_schedule if {
 	}
 }
 
+test_operator_cannot_run_foreign_schedule_but_admin_can if {
+	d := authz.decision with input as object.union(base, {
+		"action": "scheduler.run", "roles": ["operator"], "scopes": ["scheduler:write"],
+		"context": {"owner": "someone-else"},
+	})
+	d.reasons == ["not_schedule_owner"]
+	authz.allow with input as object.union(base, {
+		"action": "scheduler.run", "roles": ["admin"], "scopes": ["scheduler:write"],
+		"context": {"owner": "someone-else"},
+	})
+}
+
+test_user_cannot_run_schedules if {
+	d := authz.decision with input as object.union(base, {"action": "scheduler.run", "scopes": ["scheduler:write"]})
+	d.reasons == ["missing_role"]
+}
+
+test_user_uploads_and_reads_own_upload if {
+	authz.allow with input as object.union(base, {"action": "uploads.write", "scopes": ["uploads:write"]})
+	authz.allow with input as object.union(base, {
+		"action": "uploads.read", "scopes": ["uploads:read"],
+		"context": {"owner": "user-1", "resource_tenant": "t1"},
+	})
+}
+
+test_uploads_need_their_scopes if {
+	d := authz.decision with input as object.union(base, {"action": "uploads.write"})
+	d.reasons == ["missing_scope"]
+	e := authz.decision with input as object.union(base, {"action": "uploads.read", "scopes": ["uploads:write"]})
+	e.reasons == ["missing_scope"]
+}
+
+test_nobody_reads_another_subjects_upload if {
+	d := authz.decision with input as object.union(base, {
+		"action": "uploads.read", "roles": ["admin"], "scopes": ["uploads:read"],
+		"context": {"owner": "someone-else"},
+	})
+	d.reasons == ["not_owner"]
+}
+
+test_notifications_are_read_and_acknowledged_by_their_owner if {
+	authz.allow with input as object.union(base, {"action": "notifications.read", "scopes": ["notifications:read"]})
+	authz.allow with input as object.union(base, {
+		"action": "notifications.ack", "scopes": ["notifications:read"],
+		"context": {"owner": "user-1"},
+	})
+	d := authz.decision with input as object.union(base, {
+		"action": "notifications.ack", "scopes": ["notifications:read"],
+		"context": {"owner": "someone-else"},
+	})
+	d.reasons == ["not_owner"]
+	e := authz.decision with input as object.union(base, {"action": "notifications.read"})
+	e.reasons == ["missing_scope"]
+}
+
 test_operator_cannot_delete_foreign_schedule if {
 	d := authz.decision with input as object.union(base, {
 		"action": "scheduler.delete", "roles": ["operator"], "scopes": ["scheduler:write"],
@@ -112,14 +167,14 @@ test_operator_cannot_delete_foreign_schedule if {
 	d.reasons == ["not_schedule_owner"]
 }
 
-test_operations_admin_needs_admin_and_scope if {
-	authz.allow with input as object.union(base, {"action": "operations.admin", "roles": ["admin"], "scopes": ["ops:admin"]})
-	not authz.allow with input as object.union(base, {"action": "operations.admin", "roles": ["operator"], "scopes": ["ops:admin"]})
-	not authz.allow with input as object.union(base, {"action": "operations.admin", "roles": ["admin"], "scopes": ["ops:read"]})
+test_ops_admin_needs_admin_and_scope if {
+	authz.allow with input as object.union(base, {"action": "ops.admin", "roles": ["admin"], "scopes": ["ops:admin"]})
+	not authz.allow with input as object.union(base, {"action": "ops.admin", "roles": ["operator"], "scopes": ["ops:admin"]})
+	not authz.allow with input as object.union(base, {"action": "ops.admin", "roles": ["admin"], "scopes": ["ops:read"]})
 }
 
 test_operator_reads_operations if {
-	authz.allow with input as object.union(base, {"action": "operations.read", "roles": ["operator"], "scopes": ["ops:read"]})
+	authz.allow with input as object.union(base, {"action": "ops.read", "roles": ["operator"], "scopes": ["ops:read"]})
 }
 
 test_empty_input_denied if {
@@ -191,5 +246,33 @@ test_another_tenants_conversation_is_out_of_reach if {
 test_tenant_wide_memory_recall_is_for_admins_with_the_scope if {
 	authz.allow with input as object.union(base, {"action": "memory.read_tenant", "roles": ["admin"], "scopes": ["memory:read"]})
 	d := authz.decision with input as object.union(base, {"action": "memory.read_tenant", "scopes": ["memory:read"]})
+	d.reasons == ["missing_role"]
+}
+
+test_operators_read_the_runtime_config_and_features if {
+	every action in {"config.read", "features.read"} {
+		authz.allow with input as object.union(base, {"action": action, "roles": ["operator"], "scopes": ["ops:read"]})
+		authz.allow with input as object.union(base, {"action": action, "roles": ["admin"], "scopes": ["ops:read"]})
+	}
+}
+
+test_users_cannot_read_the_runtime_config_or_features if {
+	every action in {"config.read", "features.read"} {
+		d := authz.decision with input as object.union(base, {"action": action, "scopes": ["ops:read"]})
+		d.reasons == ["missing_role"]
+	}
+}
+
+test_somabrain_operate_needs_an_operator_with_the_scope if {
+	authz.allow with input as object.union(base, {"action": "somabrain.operate", "roles": ["operator"], "scopes": ["somabrain:operate"]})
+	d := authz.decision with input as object.union(base, {"action": "somabrain.operate", "roles": ["operator"], "scopes": ["ops:read"]})
+	d.reasons == ["missing_scope"]
+	u := authz.decision with input as object.union(base, {"action": "somabrain.operate", "scopes": ["somabrain:operate"]})
+	u.reasons == ["missing_role"]
+}
+
+test_dlq_administration_is_for_admins_only if {
+	authz.allow with input as object.union(base, {"action": "ops.admin", "roles": ["admin"], "scopes": ["ops:admin"]})
+	d := authz.decision with input as object.union(base, {"action": "ops.admin", "roles": ["operator"], "scopes": ["ops:admin", "ops:read"]})
 	d.reasons == ["missing_role"]
 }

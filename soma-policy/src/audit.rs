@@ -6,6 +6,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::input::Resource;
+use crate::principal::Principal;
 
 /// The record of one decision. Carries identities and outcome, never
 /// credentials, headers or the policy context.
@@ -19,17 +20,60 @@ pub struct AuditEvent {
     pub action: String,
     /// Resource the action applied to.
     pub resource: Resource,
-    /// `allow`, `deny`, `error` or `fail_open`.
+    /// `allow`, `deny`, `error` or `fail_open`; for an outcome recorded
+    /// with [`Authorizer::audit_outcome`](crate::Authorizer::audit_outcome)
+    /// (engine `outcome`), what the action did.
     pub result: String,
     /// Policy reasons, or the engine error code.
     pub reason: Vec<String>,
-    /// `embedded`, `remote`, or `cache` when the decision was reused.
+    /// `embedded`, `remote`, or `cache` when the decision was reused;
+    /// `outcome` for an action's recorded effect.
     pub engine: String,
     /// Time to decide, in microseconds.
     pub latency_us: u64,
     /// Request correlation id, when known.
     pub request_id: Option<String>,
 }
+
+impl AuditEvent {
+    /// The record of a change `principal` made to `resource` through
+    /// `action` (a job created, an entry discarded), as opposed to an
+    /// authorization decision: `result` is `"changed"`, `reason` says what
+    /// changed (field names, a discard reason: never the changed data
+    /// itself, which may be personal), `engine` is `"application"` and
+    /// `latency_us` is 0. Record it with [`Authorizer::audit`] after the
+    /// change is committed, so the trail holds only what happened.
+    ///
+    /// [`Authorizer::audit`]: crate::Authorizer::audit
+    pub fn change(
+        principal: &Principal,
+        action: &str,
+        resource: Resource,
+        reason: Vec<String>,
+        request_id: Option<&str>,
+    ) -> Self {
+        Self {
+            subject: principal.subject.clone(),
+            tenant: principal.tenant.clone(),
+            action: action.to_owned(),
+            resource,
+            result: CHANGED.to_owned(),
+            reason,
+            engine: "application".to_owned(),
+            latency_us: 0,
+            request_id: request_id.map(str::to_owned),
+        }
+    }
+
+    /// Whether this records a change ([`AuditEvent::change`]) rather than
+    /// an authorization decision.
+    pub fn is_change(&self) -> bool {
+        self.result == CHANGED
+    }
+}
+
+/// `result` of a change record.
+const CHANGED: &str = "changed";
 
 /// Where audit events go besides tracing. Called on the request path, so an
 /// implementation must not block: hand the event to a queue or channel (a
@@ -136,6 +180,28 @@ pub(crate) struct AuditRecord<'a> {
     pub(crate) request_id: Option<&'a str>,
 }
 
+/// Writes a change record to tracing (target `soma_policy::audit`, the
+/// same fields as a decision) and hands it to `sink`.
+pub(crate) fn emit_change(sink: &dyn AuditSink, e: &AuditEvent) {
+    tracing::info!(
+        target: "soma_policy::audit",
+        subject = %e.subject,
+        tenant = %e.tenant,
+        action = %e.action,
+        resource_kind = %e.resource.kind,
+        resource_id = e.resource.id.as_deref().unwrap_or(""),
+        result = %e.result,
+        reason = ?e.reason,
+        engine = %e.engine,
+        latency_us = e.latency_us,
+        request_id = e.request_id.as_deref().unwrap_or(""),
+        "change"
+    );
+    if sink.is_enabled() {
+        sink.record(e);
+    }
+}
+
 pub(crate) fn emit(sink: &dyn AuditSink, r: &AuditRecord<'_>) {
     tracing::info!(
         target: "soma_policy::audit",
@@ -163,5 +229,48 @@ pub(crate) fn emit(sink: &dyn AuditSink, r: &AuditRecord<'_>) {
             latency_us: r.latency_us,
             request_id: r.request_id.map(str::to_owned),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::principal::AuthKind;
+
+    #[test]
+    fn a_change_reaches_the_sink_marked_as_a_change() {
+        let sink = MemoryAuditSink::new();
+        let principal = Principal {
+            subject: "alice".into(),
+            tenant: "acme".into(),
+            roles: vec!["operator".into()],
+            scopes: vec![],
+            auth_kind: AuthKind::Jwt {
+                issuer: "iss".into(),
+            },
+        };
+        let resource = Resource {
+            kind: "scheduled_job".into(),
+            id: Some("j1".into()),
+        };
+        let event = AuditEvent::change(
+            &principal,
+            "scheduler.create",
+            resource.clone(),
+            vec!["name".into()],
+            Some("r1"),
+        );
+        emit_change(&sink, &event);
+        let got = sink.events();
+        assert_eq!(got.len(), 1);
+        assert!(got[0].is_change());
+        assert_eq!(
+            (got[0].subject.as_str(), got[0].tenant.as_str()),
+            ("alice", "acme")
+        );
+        assert_eq!(got[0].action, "scheduler.create");
+        assert_eq!(got[0].resource, resource);
+        assert_eq!(got[0].request_id.as_deref(), Some("r1"));
+        assert_eq!(got[0].reason, vec!["name".to_owned()]);
     }
 }

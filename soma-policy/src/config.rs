@@ -433,20 +433,16 @@ impl Default for CacheConfig {
     }
 }
 
-/// What a caller sees when the engine cannot decide.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailMode {
-    /// Deny with `policy_unavailable` (HTTP 503). The default.
-    #[default]
-    Closed,
-    /// Allow when the engine is unavailable — timeout, transport error, open
-    /// circuit breaker, HTTP 5xx (see [`EngineError::is_unavailable`]) —
-    /// logging and counting every request let through. An engine that
-    /// answered but could not decide (undefined decision, malformed answer,
-    /// evaluation or load error, HTTP 4xx) still denies. Must be chosen
-    /// explicitly.
-    ///
-    /// [`EngineError::is_unavailable`]: crate::EngineError::is_unavailable
-    Open,
-}
+/// What a caller sees when the engine cannot decide: the one
+/// [`FailMode`](soma_observability::resilience::FailMode) of every soma
+/// crate.
+///
+/// - `Closed` (the default): deny with `policy_unavailable` (HTTP 503).
+/// - `Open`: allow when the engine is unavailable — timeout, transport
+///   error, open circuit breaker, HTTP 5xx (see
+///   [`EngineError::is_unavailable`](crate::EngineError::is_unavailable)) —
+///   logging and counting every request let through. An engine that
+///   answered but could not decide (undefined decision, malformed answer,
+///   evaluation or load error, HTTP 4xx) still denies. Must be chosen
+///   explicitly.
+pub use soma_observability::resilience::FailMode;

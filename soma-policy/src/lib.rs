@@ -66,9 +66,20 @@ mod error;
 mod input;
 mod metrics;
 mod principal;
-mod problem;
 mod reference;
 mod routes;
+
+/// Entry points for the cargo-fuzz targets (`xtask/fuzz`), behind the
+/// `fuzzing` feature. Not part of the stable API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The algorithms of the keys the JWT verifier would take from a JWKS
+    /// document (as its issuer serves it), or why it refuses the document.
+    pub fn jwks_keys(document: &[u8]) -> Result<Vec<String>, String> {
+        crate::authn::jwks_algorithms(document)
+    }
+}
 
 pub use audit::{AuditEvent, AuditSink, ChannelAuditSink, MemoryAuditSink, TracingAuditSink};
 #[cfg(feature = "postgres")]
@@ -93,9 +104,12 @@ pub use error::{AuthError, AuthzError, EngineError};
 pub use input::{AuthzInput, RequestInfo, Resource};
 pub use metrics::PolicyMetrics;
 pub use principal::{AuthKind, Principal};
-pub use problem::PROBLEM_CONTENT_TYPE;
 pub use reference::{ReferencePolicy, reference_policy};
 pub use routes::{ResolvedRoute, RouteError, RouteMap, RouteRule};
+/// Content type of every error body the layers write (the same constant as
+/// [`soma_observability::http::PROBLEM_CONTENT_TYPE`], kept here for
+/// existing callers; the body is [`soma_observability::http::Problem`]).
+pub use soma_observability::http::PROBLEM_CONTENT_TYPE;
 
 /// The README's example is compiled as a doctest.
 #[cfg(doctest)]

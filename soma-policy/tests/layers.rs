@@ -98,7 +98,8 @@ async fn stack_with(engine: Arc<dyn PolicyEngine>, fail_mode: FailMode, cache: b
         .route("/v1/schedules/{id}", get(whoami).delete(whoami))
         .route("/v1/unmapped", get(whoami))
         .route_layer(AuthzLayer::new(authz, routes()))
-        .layer(AuthnLayer::new(authn));
+        .layer(AuthnLayer::new(authn))
+        .layer(soma_observability::http::RequestIdLayer::new());
     Stack {
         url: serve(app).await,
         audit,
@@ -123,6 +124,10 @@ fn bearer(sub: &str) -> String {
         mint(JwtAlgorithm::RS256, Some("rs"), &claims(sub))
     )
 }
+
+/// Asserts `r` is an `application/problem+json` answer with all five
+/// members; returns the body.
+use soma_testkit::expect_problem as problem;
 
 #[tokio::test]
 async fn allowed_request_reaches_the_handler_with_principal_and_decision() {
@@ -157,17 +162,37 @@ async fn allowed_request_reaches_the_handler_with_principal_and_decision() {
 }
 
 #[tokio::test]
+async fn the_audit_record_carries_the_request_id_layer_s_one_id() {
+    let s = embedded_stack().await;
+    let c = reqwest::Client::new();
+    // No id, and an invalid one: the layer's new id is the response's and
+    // the audit record's, never the client's invalid value.
+    for sent in [None, Some("two words")] {
+        let mut req = c
+            .post(format!("{}/v1/sessions/s-1/messages", s.url))
+            .header("authorization", bearer("alice"));
+        if let Some(v) = sent {
+            req = req.header("x-request-id", v);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+        assert_ne!(Some(id.as_str()), sent);
+        assert_eq!(id.len(), 36, "a UUID: {id}");
+        let events = s.audit.events();
+        let last = events.last().expect("audited");
+        assert_eq!(last.request_id.as_deref(), Some(id.as_str()));
+    }
+}
+
+#[tokio::test]
 async fn missing_and_bad_credentials_get_401_with_www_authenticate_and_problem() {
     let s = embedded_stack().await;
     let c = reqwest::Client::new();
     let url = format!("{}/v1/sessions/s-1/messages", s.url);
     let r = c.post(&url).send().await.unwrap();
-    assert_eq!(r.status(), 401);
     assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"soma\"");
-    assert_eq!(r.headers()["content-type"], "application/problem+json");
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(body["code"], "missing_credential");
-    assert_eq!(body["status"], 401);
+    problem(r, 401, "missing_credential").await;
 
     let mut expired = claims("alice");
     expired["exp"] = json!(now() - 3600);
@@ -238,9 +263,7 @@ async fn policy_denial_is_403_forbidden_and_unmapped_routes_are_denied() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 403);
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(body["code"], "forbidden");
+    let body = problem(r, 403, "forbidden").await;
     assert!(body["detail"].as_str().unwrap().contains("missing_role"));
     // Unmapped route: denied, never reaches the handler.
     let r = c

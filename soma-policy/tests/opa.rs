@@ -13,7 +13,7 @@ use axum::routing::post;
 use common::*;
 use serde_json::{Value, json};
 use soma_observability::health::{ComponentStatus, Criticality, HealthRegistry};
-use soma_policy::engine::CircuitState;
+use soma_observability::resilience::BreakerState;
 use soma_policy::{Authorizer, BreakerConfig, EngineError, OpaConfig, PolicyEngine, RemoteOpa};
 
 fn opa(base: &str, timeout_ms: u64) -> RemoteOpa {
@@ -215,7 +215,7 @@ async fn timeouts_fail_fast_and_open_the_breaker() {
         assert!(e.is_timeout(), "{e:?}");
         assert!(t.elapsed() < Duration::from_secs(2));
     }
-    assert_eq!(engine.circuit_state(), CircuitState::Open);
+    assert_eq!(engine.breaker_state(), BreakerState::Open);
     let opa_health = health.component("opa").unwrap();
     assert_eq!(opa_health.status, ComponentStatus::Down);
     assert!(opa_health.reason.unwrap().contains("open"));
@@ -236,7 +236,7 @@ async fn timeouts_fail_fast_and_open_the_breaker() {
             .is_timeout()
     );
     assert_eq!(hits.load(Ordering::SeqCst), 4);
-    assert_eq!(engine.circuit_state(), CircuitState::Open);
+    assert_eq!(engine.breaker_state(), BreakerState::Open);
 }
 
 #[tokio::test]
@@ -259,7 +259,7 @@ async fn a_cancelled_trial_does_not_leave_the_breaker_open() {
                 .is_timeout()
         );
     }
-    assert_eq!(engine.circuit_state(), CircuitState::Open);
+    assert_eq!(engine.breaker_state(), BreakerState::Open);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // The trial's caller gives up (its future is dropped) mid-call.
     let cancelled =
@@ -273,7 +273,7 @@ async fn a_cancelled_trial_does_not_leave_the_breaker_open() {
     let e = engine.evaluate(&send_input()).await.unwrap_err();
     assert!(e.is_timeout(), "{e:?}");
     assert_eq!(hits.load(Ordering::SeqCst), 5);
-    assert_eq!(engine.circuit_state(), CircuitState::Open);
+    assert_eq!(engine.breaker_state(), BreakerState::Open);
 }
 
 #[tokio::test]
@@ -305,7 +305,7 @@ async fn server_errors_count_toward_the_breaker_and_recover() {
     let server = OpaServer::start();
     let engine = opa(&server.base_url(), 2_000);
     assert!(engine.evaluate(&send_input()).await.unwrap().allow);
-    assert_eq!(engine.circuit_state(), CircuitState::Closed);
+    assert_eq!(engine.breaker_state(), BreakerState::Closed);
 }
 
 #[tokio::test]
@@ -355,5 +355,5 @@ async fn evaluation_errors_and_4xx_deny_even_in_fail_open_mode() {
         let e = engine.evaluate(&send_input()).await.unwrap_err();
         assert!(matches!(e, EngineError::Evaluation(_)), "{e:?}");
     }
-    assert_eq!(engine.circuit_state(), CircuitState::Closed);
+    assert_eq!(engine.breaker_state(), BreakerState::Closed);
 }

@@ -75,8 +75,11 @@ const ACTIONS: &[&str] = &[
     "scheduler.read",
     "scheduler.update",
     "scheduler.delete",
-    "operations.read",
-    "operations.admin",
+    "ops.read",
+    "ops.admin",
+    "config.read",
+    "features.read",
+    "somabrain.operate",
     "conversation.delete",
     "",
     "tool.execute ",
@@ -92,6 +95,7 @@ const SCOPES: &[&str] = &[
     "scheduler:write",
     "ops:read",
     "ops:admin",
+    "somabrain:operate",
     "*",
     "memory:read",
 ];
@@ -565,14 +569,22 @@ async fn hot_reload_swaps_policy_and_keeps_last_good_on_error() {
         "package soma.authz\ndecision := {\"allow\": input.subject == \"bob\", \"reasons\": []}\n",
     );
     tx.send(1).unwrap();
-    wait_for(|| metrics.reload_count(true) == 1).await;
+    soma_testkit::wait_for(
+        "a successful reload",
+        std::time::Duration::from_secs(5),
+        || metrics.reload_count(true) == 1,
+    )
+    .await;
     assert!(engine.evaluate(&as_subject("bob")).await.unwrap().allow);
     assert!(!engine.evaluate(&as_subject("alice")).await.unwrap().allow);
 
     // A broken policy: reload fails, the last good one stays in force.
     write("package soma.authz\ndecision := {\"allow\": \n");
     tx.send(2).unwrap();
-    wait_for(|| metrics.reload_count(false) == 1).await;
+    soma_testkit::wait_for("a failed reload", std::time::Duration::from_secs(5), || {
+        metrics.reload_count(false) == 1
+    })
+    .await;
     assert!(engine.evaluate(&as_subject("bob")).await.unwrap().allow);
     assert_eq!(
         health.component("policy").unwrap().status,
@@ -583,16 +595,6 @@ async fn hot_reload_swaps_policy_and_keeps_last_good_on_error() {
 
     drop(tx);
     task.await.unwrap();
-}
-
-async fn wait_for(cond: impl Fn() -> bool) {
-    for _ in 0..200 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    panic!("condition not reached in 5 s");
 }
 
 #[test]

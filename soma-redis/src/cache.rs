@@ -85,6 +85,74 @@ impl<E> LoadError<E> {
 
 type Slot<T, E> = tokio::sync::OnceCell<Result<Option<T>, Arc<E>>>;
 
+/// One key's load in progress: the shared slot and how many callers hold it.
+struct InFlight {
+    slot: Arc<dyn Any + Send + Sync>,
+    waiters: usize,
+}
+
+type InFlightMap = Arc<parking_lot::Mutex<HashMap<String, InFlight>>>;
+
+/// A caller's hold on an [`InFlight`] slot. Dropped when the caller is done
+/// *or cancelled*; the last one out removes the slot, so a load whose every
+/// caller went away leaves nothing behind (and the next caller loads anew).
+struct SlotGuard {
+    map: InFlightMap,
+    key: String,
+    slot: Arc<dyn Any + Send + Sync>,
+}
+
+impl SlotGuard {
+    /// Joins the load of `key` (or starts one), counted as one waiter.
+    fn join<T, E>(map: &InFlightMap, key: &str) -> (Self, Arc<Slot<T, E>>)
+    where
+        T: Send + Sync + 'static,
+        E: Send + Sync + 'static,
+    {
+        let mut m = map.lock();
+        let entry = m.entry(key.to_owned()).or_insert_with(|| InFlight {
+            slot: Arc::new(Slot::<T, E>::new()),
+            waiters: 0,
+        });
+        let slot = match entry.slot.clone().downcast::<Slot<T, E>>() {
+            Ok(slot) => slot,
+            // Another loader error type for the same key: a load of its own.
+            Err(_) => {
+                *entry = InFlight {
+                    slot: Arc::new(Slot::<T, E>::new()),
+                    waiters: 0,
+                };
+                entry
+                    .slot
+                    .clone()
+                    .downcast::<Slot<T, E>>()
+                    .unwrap_or_else(|_| Arc::new(Slot::new()))
+            }
+        };
+        entry.waiters += 1;
+        let guard = Self {
+            map: map.clone(),
+            key: key.to_owned(),
+            slot: entry.slot.clone(),
+        };
+        (guard, slot)
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let mut m = self.map.lock();
+        if let Some(entry) = m.get_mut(&self.key) {
+            if Arc::ptr_eq(&entry.slot, &self.slot) {
+                entry.waiters -= 1;
+                if entry.waiters == 0 {
+                    m.remove(&self.key);
+                }
+            }
+        }
+    }
+}
+
 struct CacheMetrics {
     hit: Counter,
     miss: Counter,
@@ -104,7 +172,9 @@ struct CacheMetrics {
 /// * **Single flight per key per process**: concurrent
 ///   [`get_or_load`](Self::get_or_load) calls for the same tenant and id run
 ///   the loader once; the others wait for and share its result (value or
-///   error). Across processes, each process may load once.
+///   error). Across processes, each process may load once. Cancelled callers
+///   release their hold: a load nobody waits for any more leaves no slot
+///   behind, and a later caller runs the loader again.
 /// * **Degrades, never fails, when Redis is down**: a Redis error during a
 ///   lookup counts as a miss (`result="error"` in
 ///   `soma_redis_cache_requests_total`) and the loader runs; a failed write-back
@@ -134,7 +204,7 @@ pub struct Cache<T> {
     name: String,
     kind: String,
     options: CacheOptions,
-    inflight: Arc<parking_lot::Mutex<HashMap<String, Arc<dyn Any + Send + Sync>>>>,
+    inflight: InFlightMap,
     metrics: Arc<CacheMetrics>,
     _t: PhantomData<fn() -> T>,
 }
@@ -212,6 +282,13 @@ where
             metrics: Arc::new(metrics),
             _t: PhantomData,
         })
+    }
+
+    /// Keys of this cache (and its clones) with a load in progress in this
+    /// process: `0` when no [`get_or_load`](Self::get_or_load) is running,
+    /// including after every caller of a load was cancelled.
+    pub fn loads_in_flight(&self) -> usize {
+        self.inflight.lock().len()
     }
 
     /// The Redis key of `tenant`'s entry `id`.
@@ -370,6 +447,12 @@ where
     /// however many callers ask concurrently), caches its answer and returns
     /// it. `Ok(None)` from the loader means "not found" and is cached when a
     /// negative TTL is configured. See the type docs for the failure behaviour.
+    ///
+    /// **Cancellation.** Dropping this future (a timeout, a client that went
+    /// away) is safe: if it was running the loader, the next waiting caller
+    /// runs its own; when every caller of a key is gone the key's slot is
+    /// released, and the next caller loads anew
+    /// ([`loads_in_flight`](Self::loads_in_flight) counts the slots held).
     pub async fn get_or_load<F, Fut, E>(
         &self,
         tenant: &str,
@@ -400,21 +483,9 @@ where
             }
         }
 
-        let slot: Arc<Slot<T, E>> = {
-            let mut map = self.inflight.lock();
-            match map
-                .get(&key)
-                .cloned()
-                .and_then(|a| a.downcast::<Slot<T, E>>().ok())
-            {
-                Some(s) => s,
-                None => {
-                    let s: Arc<Slot<T, E>> = Arc::new(Slot::new());
-                    map.insert(key.clone(), s.clone());
-                    s
-                }
-            }
-        };
+        // Held until this caller returns or is cancelled (dropped): the last
+        // holder releases the slot.
+        let (_guard, slot) = SlotGuard::join::<T, E>(&self.inflight, &key);
         let out = slot
             .get_or_init(|| async {
                 let r = loader().await;
@@ -431,15 +502,6 @@ where
             })
             .await
             .clone();
-        {
-            let mut map = self.inflight.lock();
-            if map
-                .get(&key)
-                .is_some_and(|a| std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(&slot)))
-            {
-                map.remove(&key);
-            }
-        }
         out.map_err(LoadError::Loader)
     }
 

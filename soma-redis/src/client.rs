@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 
 use crate::bulk::BulkPool;
 use crate::metrics::{RedisMetrics, StateLabels};
+use crate::{Bulk, BulkReply};
 use crate::{KeySpace, RedisConfig, RedisError, Topology, Ttl};
 
 /// Whether a command may be sent again after a timeout or a broken connection
@@ -173,7 +174,7 @@ impl RedisClientBuilder {
             max_attempts: Some(1),
             ..Default::default()
         };
-        let bulk = BulkPool::new(builder.get_config(), &config);
+        let bulk = BulkPool::new(builder.get_config(), &config, &metrics);
         let inner = Arc::new(Inner {
             bulk,
             opts,
@@ -406,6 +407,18 @@ impl RedisClient {
             async move { c.publish::<u64, _, _>(channel, message).await }
         })
         .await
+    }
+
+    /// Sends `bulk` on a dedicated bulk connection and returns one reply per
+    /// command, in order. The outer error fails the whole batch (connection,
+    /// timeout, unsupported topology); a server error for one command is that
+    /// command's `Err`. See [`Bulk`] for the guarantees.
+    ///
+    /// Up to 1024 commands (or 1 MiB) are written per round trip;
+    /// `command_timeout_ms` bounds each round trip. The batch is never
+    /// retried.
+    pub async fn run_bulk(&self, bulk: &Bulk) -> Result<Vec<BulkReply>, RedisError> {
+        self.inner.bulk.run(bulk).await
     }
 
     /// Runs a Lua [`Script`] by SHA (`EVALSHA`), loading it on `NOSCRIPT`
@@ -677,16 +690,9 @@ impl HealthCheck for RedisHealthCheck {
     }
 }
 
-/// `url` with any password replaced by `***`, for logs and errors.
-pub(crate) fn redact_url(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://***@{host}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-}
+/// `url` without its credentials, for logs and errors (the one
+/// [`soma_observability::redact_url`]).
+pub(crate) use soma_observability::redact_url;
 
 fn parse_node(node: &str) -> Result<Server, RedisError> {
     let (host, port) = node
@@ -795,15 +801,6 @@ pub(crate) fn fred_builder(cfg: &RedisConfig) -> Result<Builder, RedisError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redacts_passwords_in_urls() {
-        assert_eq!(
-            redact_url("redis://user:pw@host:6379/0"),
-            "redis://***@host:6379/0"
-        );
-        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
-    }
 
     #[test]
     fn rejects_bad_config() {

@@ -25,8 +25,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use soma_observability::metrics::{HistogramFamily, MetricsRegistry};
 
-use crate::bulk::BulkReply;
-use crate::{Bulk, RedisError};
+use crate::RedisError;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct CommandLabels {
@@ -69,8 +68,8 @@ const COMMAND_BUCKETS: &[f64] = &[
 #[derive(Clone)]
 pub(crate) struct RedisMetrics {
     pub(crate) registry: MetricsRegistry,
-    commands: Family<CommandLabels, Counter>,
-    duration: HistogramFamily<CommandOnly>,
+    pub(crate) commands: Family<CommandLabels, Counter>,
+    pub(crate) duration: HistogramFamily<CommandOnly>,
     retries: Family<CommandOnly, Counter>,
     pub(crate) reconnects: Counter,
     pub(crate) pool: Family<StateLabels, Gauge>,
@@ -80,41 +79,6 @@ pub(crate) struct RedisMetrics {
     /// Handles for the hottest commands' success path, resolved once, so a
     /// cache hit does not pay two label-map lookups.
     hot: Vec<(&'static str, Counter, Histogram)>,
-    /// Success counters per bulk command kind and the bulk batch histogram.
-    bulk_ok: [Counter; BulkKind::COUNT],
-    bulk_duration: Histogram,
-}
-
-/// The commands of the bulk path, for per-command metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BulkKind {
-    Get = 0,
-    Set = 1,
-    Del = 2,
-    Expire = 3,
-    /// Connection setup (`AUTH`, `SELECT`): never part of a user batch.
-    Internal = 4,
-}
-
-impl BulkKind {
-    pub(crate) const COUNT: usize = 5;
-    const ALL: [BulkKind; Self::COUNT] = [
-        Self::Get,
-        Self::Set,
-        Self::Del,
-        Self::Expire,
-        Self::Internal,
-    ];
-
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            Self::Get => "bulk_get",
-            Self::Set => "bulk_set",
-            Self::Del => "bulk_del",
-            Self::Expire => "bulk_expire",
-            Self::Internal => "bulk_setup",
-        }
-    }
 }
 
 const HOT_COMMANDS: [&str; 4] = ["get", "set", "rate_limit", "pipeline"];
@@ -152,21 +116,8 @@ impl RedisMetrics {
                 )
             })
             .collect();
-        let bulk_ok = BulkKind::ALL.map(|k| {
-            commands
-                .get_or_create(&CommandLabels {
-                    command: k.label(),
-                    outcome: "ok",
-                })
-                .clone()
-        });
-        let bulk_duration = duration
-            .get_or_create(&CommandOnly { command: "bulk" })
-            .clone();
         Self {
             hot,
-            bulk_ok,
-            bulk_duration,
             commands,
             duration,
             retries: registry.counter_family(
@@ -217,55 +168,6 @@ impl RedisMetrics {
         self.duration
             .get_or_create(&CommandOnly { command })
             .observe(elapsed.as_secs_f64());
-    }
-
-    /// One bulk batch: every command counted by kind and outcome (a failed
-    /// batch counts all its commands with the batch's error), one latency
-    /// observation for the batch.
-    pub(crate) fn observe_bulk(
-        &self,
-        bulk: &Bulk,
-        result: &Result<Vec<BulkReply>, RedisError>,
-        elapsed: Duration,
-    ) {
-        self.bulk_duration.observe(elapsed.as_secs_f64());
-        let counts = bulk.counts();
-        match result {
-            Ok(replies) => {
-                let mut errors = [0u64; BulkKind::COUNT];
-                for (i, reply) in replies.iter().enumerate() {
-                    if let Err(e) = reply {
-                        let kind = bulk.kind(i);
-                        errors[kind as usize] += 1;
-                        self.commands
-                            .get_or_create(&CommandLabels {
-                                command: kind.label(),
-                                outcome: e.kind_label(),
-                            })
-                            .inc();
-                    }
-                }
-                for (k, ok) in self.bulk_ok.iter().enumerate() {
-                    let n = counts[k] - errors[k];
-                    if n > 0 {
-                        ok.inc_by(n);
-                    }
-                }
-            }
-            Err(e) => {
-                for kind in BulkKind::ALL {
-                    let n = counts[kind as usize];
-                    if n > 0 {
-                        self.commands
-                            .get_or_create(&CommandLabels {
-                                command: kind.label(),
-                                outcome: e.kind_label(),
-                            })
-                            .inc_by(n);
-                    }
-                }
-            }
-        }
     }
 
     pub(crate) fn retry(&self, command: &'static str) {

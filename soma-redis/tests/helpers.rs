@@ -7,15 +7,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::{client, config, eventually};
 use serde::{Deserialize, Serialize};
 use soma_observability::health::{ComponentStatus, HealthRegistry};
 use soma_observability::metrics::MetricsRegistry;
-use soma_redis::rate_limit::{FailureMode, RateLimitKey, RateLimitLayer};
+use soma_redis::rate_limit::{FailMode, RateLimitKey, RateLimitLayer};
 use soma_redis::{
     Cache, CacheOptions, Claim, Idempotency, IdempotencyOptions, Lease, LeaseOptions, LoadError,
     Lookup, PubSub, PubSubEvent, RateLimit, RateLimiter, RedisClient, RedisConfig, Ttl,
 };
+use soma_testkit::assert_problem;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tower::{ServiceBuilder, ServiceExt};
 
@@ -224,6 +226,64 @@ async fn concurrent_get_or_load_runs_the_loader_once() {
 }
 
 #[tokio::test]
+async fn cancelling_every_waiter_releases_the_single_flight_slot() {
+    let c = client().await;
+    let cache: Cache<Profile> =
+        Cache::new(&c, "cancel", CacheOptions::new(Duration::from_secs(60))).unwrap();
+    let started = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (cache, started) = (cache.clone(), started.clone());
+        tasks.push(tokio::spawn(async move {
+            cache
+                .get_or_load("acme", "stuck", || async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    // A source that never answers: every caller gives up.
+                    std::future::pending::<Result<Option<Profile>, Infallible>>().await
+                })
+                .await
+        }));
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            started.load(Ordering::SeqCst) == 1
+        })
+        .await,
+        "one loader started"
+    );
+    // Let the other seven reach the slot and wait on it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(cache.loads_in_flight(), 1);
+    for t in &tasks {
+        t.abort();
+    }
+    for t in tasks {
+        assert!(t.await.unwrap_err().is_cancelled());
+    }
+    assert_eq!(
+        cache.loads_in_flight(),
+        0,
+        "every waiter was cancelled: the slot must be released"
+    );
+
+    // A new caller does not hang on the abandoned load: it loads again.
+    let v = tokio::time::timeout(
+        Duration::from_secs(5),
+        cache.get_or_load("acme", "stuck", || async {
+            Ok::<_, Infallible>(Some(Profile {
+                name: "Back".into(),
+                age: 2,
+            }))
+        }),
+    )
+    .await
+    .expect("a new caller after cancellation must not hang")
+    .unwrap();
+    assert_eq!(v.map(|p| p.name).as_deref(), Some("Back"));
+    assert_eq!(cache.loads_in_flight(), 0);
+}
+
+#[tokio::test]
 async fn rate_limiter_admits_the_limit_then_rejects_with_retry_after() {
     let c = client().await;
     let rl = RateLimiter::new(&c, RateLimit::per(5, Duration::from_secs(60))).unwrap();
@@ -325,7 +385,7 @@ async fn rate_limit_check_is_one_round_trip() {
 async fn rate_limit_layer_sets_headers_and_rejects() {
     let c = client().await;
     let rl = RateLimiter::new(&c, RateLimit::per(2, Duration::from_secs(60))).unwrap();
-    let layer = RateLimitLayer::new(rl, |req: &http::Request<String>| {
+    let layer = RateLimitLayer::new(rl, |req: &http::Request<Bytes>| {
         let tenant = req.headers().get("x-tenant")?.to_str().ok()?.to_owned();
         Some(RateLimitKey {
             tenant,
@@ -335,19 +395,19 @@ async fn rate_limit_layer_sets_headers_and_rejects() {
     let svc =
         ServiceBuilder::new()
             .layer(layer)
-            .service_fn(|req: http::Request<String>| async move {
+            .service_fn(|req: http::Request<Bytes>| async move {
                 assert!(
                     req.extensions()
                         .get::<soma_redis::RateLimitDecision>()
                         .is_some()
                 );
-                Ok::<_, Infallible>(http::Response::new("ok".to_owned()))
+                Ok::<_, Infallible>(http::Response::new(Bytes::from_static(b"ok")))
             });
     let req = || {
         http::Request::builder()
             .uri("/v1/items")
             .header("x-tenant", "acme")
-            .body(String::new())
+            .body(Bytes::new())
             .unwrap()
     };
     for remaining in ["1", "0"] {
@@ -366,16 +426,16 @@ async fn rate_limit_layer_sets_headers_and_rejects() {
         .parse()
         .unwrap();
     assert!((1..=31).contains(&retry), "{retry}");
-    assert_eq!(res.body(), "");
+    assert_problem(&res, 429, "rate_limited");
 
     // no key → not limited
     let svc2 = ServiceBuilder::new()
         .layer(RateLimitLayer::new(
             RateLimiter::new(&c, RateLimit::per(1, Duration::from_secs(60))).unwrap(),
-            |_: &http::Request<String>| None,
+            |_: &http::Request<Bytes>| None,
         ))
-        .service_fn(|_req: http::Request<String>| async {
-            Ok::<_, Infallible>(http::Response::new(String::new()))
+        .service_fn(|_req: http::Request<Bytes>| async {
+            Ok::<_, Infallible>(http::Response::new(Bytes::new()))
         });
     for _ in 0..3 {
         assert_eq!(svc2.clone().oneshot(req()).await.unwrap().status(), 200);
@@ -391,29 +451,30 @@ async fn rate_limit_layer_failure_modes_when_redis_is_down() {
     let rl = RateLimiter::new(&down, RateLimit::per(2, Duration::from_secs(60))).unwrap();
     let err = rl.check("acme", "x").await.unwrap_err();
     assert!(err.is_connection(), "{err:?}");
-    let key = |_: &http::Request<String>| {
+    let key = |_: &http::Request<Bytes>| {
         Some(RateLimitKey {
             tenant: "acme".into(),
             route: "GET /".into(),
         })
     };
-    let ok = |_req: http::Request<String>| async {
-        Ok::<_, Infallible>(http::Response::new(String::new()))
+    let ok = |_req: http::Request<Bytes>| async {
+        Ok::<_, Infallible>(http::Response::new(Bytes::new()))
     };
     let closed = ServiceBuilder::new()
         .layer(RateLimitLayer::new(rl.clone(), key))
         .service_fn(ok);
     let res = closed
-        .oneshot(http::Request::new(String::new()))
+        .oneshot(http::Request::new(Bytes::new()))
         .await
         .unwrap();
     assert_eq!(res.status(), 503);
     assert_eq!(res.headers()["retry-after"], "1");
+    assert_problem(&res, 503, "rate_limiter_unavailable");
     let open = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(rl, key).failure_mode(FailureMode::Open))
+        .layer(RateLimitLayer::new(rl, key).failure_mode(FailMode::Open))
         .service_fn(ok);
     assert_eq!(
-        open.oneshot(http::Request::new(String::new()))
+        open.oneshot(http::Request::new(Bytes::new()))
             .await
             .unwrap()
             .status(),

@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,6 +14,7 @@ use reqwest::header::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use soma_observability::http::REQUEST_ID_HEADER;
 use soma_observability::metrics::MetricsRegistry;
 use soma_observability::resilience::{
     Backoff, BackoffConfig, BreakerState, CircuitBreaker, Jitter, Permit,
@@ -36,8 +38,6 @@ use crate::model::{
 pub const TENANT_HEADER: HeaderName = HeaderName::from_static("x-tenant-id");
 /// `X-Namespace`.
 pub const NAMESPACE_HEADER: HeaderName = HeaderName::from_static("x-namespace");
-/// `X-Request-ID`.
-pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 /// `X-Soma-Fast-Ack`.
 pub const FAST_ACK_HEADER: HeaderName = HeaderName::from_static("x-soma-fast-ack");
 
@@ -219,6 +219,7 @@ impl SomabrainClientBuilder {
                 request_timeout: cfg.request_timeout(),
                 call_deadline: cfg.call_deadline(),
                 breakers,
+                memory_backend: AtomicU8::new(BACKEND_UNKNOWN),
                 metrics,
                 injector: self.injector,
             }),
@@ -246,9 +247,16 @@ struct Inner {
     request_timeout: Duration,
     call_deadline: Duration,
     breakers: [CircuitBreaker; EndpointGroup::ALL.len()],
+    /// What the last `/health` this client read said about the server's
+    /// memory backend (`BACKEND_*`).
+    memory_backend: AtomicU8,
     metrics: Option<ClientMetrics>,
     injector: Option<HeaderInjector>,
 }
+
+const BACKEND_UNKNOWN: u8 = 0;
+const BACKEND_OK: u8 = 1;
+const BACKEND_DOWN: u8 = 2;
 
 impl fmt::Debug for SomabrainClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -350,9 +358,13 @@ impl SomabrainClient {
         )?;
         let call = self.call(ep, &opts, true, true, body)?;
         let fast_ack = opts.fast_ack;
-        let resp: RememberResponse = self
+        let mut resp: RememberResponse = self
             .execute(Call { fast_ack, ..call }, permit, &opts)
             .await?;
+        resp.memory_backend_down = self.memory_backend_down() == Some(true);
+        if resp.memory_backend_down {
+            tracing::warn!(key = %memory.key, "somabrain acknowledged remember while its /health reports memory_ok: false; the write is not confirmed");
+        }
         if !resp.warnings.is_empty() {
             tracing::warn!(key = %memory.key, warnings = ?resp.warnings, "somabrain remember answered with warnings");
         }
@@ -384,7 +396,14 @@ impl SomabrainClient {
             },
         )?;
         let call = self.call(ep, &opts, true, true, body)?;
-        let resp: RememberBatchResponse = self.execute(call, permit, &opts).await?;
+        let mut resp: RememberBatchResponse = self.execute(call, permit, &opts).await?;
+        resp.memory_backend_down = self.memory_backend_down() == Some(true);
+        if resp.memory_backend_down {
+            tracing::warn!(
+                items = resp.results.len(),
+                "somabrain acknowledged a batch remember while its /health reports memory_ok: false; the writes are not confirmed"
+            );
+        }
         if resp.warnings().next().is_some() {
             tracing::warn!(warnings = ?resp.warnings().collect::<Vec<_>>(), "somabrain batch remember answered with warnings");
         }
@@ -518,10 +537,41 @@ impl SomabrainClient {
     }
 
     /// `GET /health` (aggregate; always 200, read `status`).
+    ///
+    /// The answer's [`memory_ok`](AggregateHealth::memory_ok) is also kept
+    /// by the client ([`memory_backend_down`](Self::memory_backend_down)):
+    /// while the last `/health` read said `memory_ok: false`, remember
+    /// results are marked unconfirmed
+    /// ([`RememberResponse::memory_backend_down`]).
     pub async fn health(&self) -> Result<AggregateHealth, Error> {
         let opts = CallOptions::default();
         let call = self.call(Endpoint::Health, &opts, false, false, None)?;
-        self.execute(call, None, &opts).await
+        let health: AggregateHealth = self.execute(call, None, &opts).await?;
+        let state = match health.memory_ok() {
+            Some(true) => BACKEND_OK,
+            Some(false) => BACKEND_DOWN,
+            None => BACKEND_UNKNOWN,
+        };
+        self.inner.memory_backend.store(state, Ordering::Relaxed);
+        Ok(health)
+    }
+
+    /// What the last `/health` this client read (through
+    /// [`health`](Self::health), which the registered
+    /// [health check](crate::SomabrainHealthCheck) calls on its schedule)
+    /// said about SomaBrain's own memory backend: `Some(true)` when it
+    /// reported `memory_ok: false`, `Some(false)` when `memory_ok: true`,
+    /// `None` before any read or when the field was absent.
+    ///
+    /// The real server keeps acknowledging remember with
+    /// `persisted_to_ltm: true` while its backend is down, so this is the
+    /// only signal; it is as fresh as the last health check.
+    pub fn memory_backend_down(&self) -> Option<bool> {
+        match self.inner.memory_backend.load(Ordering::Relaxed) {
+            BACKEND_OK => Some(false),
+            BACKEND_DOWN => Some(true),
+            _ => None,
+        }
     }
 
     // ---- machinery ----------------------------------------------------

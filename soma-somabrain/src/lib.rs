@@ -48,8 +48,10 @@
 //!   `is_circuit_open`, `is_rejected`, `is_unauthorized`, `is_timeout`.
 //! - **Write acknowledgements are not overstated.** The server reports
 //!   `persisted_to_ltm: true` even when its backend is down; responses keep
-//!   its `warnings` and the client logs them
-//!   ([`RememberResponse::is_confirmed`]).
+//!   its `warnings` and the client logs them, and while the last `/health`
+//!   the client read said `memory_ok: false` every remember result carries
+//!   `memory_backend_down` ([`SomabrainClient::memory_backend_down`]);
+//!   [`RememberResponse::is_confirmed`] is true only without either.
 //! - **What is kept under failure.** Nothing is buffered: a call that fails
 //!   (or is refused by the open breaker) returns its error to the caller,
 //!   who still owns the request. The client never drops a write silently
@@ -105,17 +107,24 @@ pub mod testkit;
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 pub use client::{
-    CallOptions, FAST_ACK_HEADER, HeaderInjector, NAMESPACE_HEADER, REQUEST_ID_HEADER,
-    SomabrainClient, SomabrainClientBuilder, TENANT_HEADER,
+    CallOptions, FAST_ACK_HEADER, HeaderInjector, NAMESPACE_HEADER, SomabrainClient,
+    SomabrainClientBuilder, TENANT_HEADER,
 };
 pub use config::{RetryConfig, SomabrainConfig};
 pub use endpoint::{Endpoint, EndpointGroup};
 pub use error::{Error, ErrorKind, ServerDetail, ValidationIssue};
 pub use health::{COMPONENT, SomabrainHealthCheck};
+/// The old name of [`MemoryLayer`].
+#[allow(deprecated)]
+pub use model::Layer;
 pub use model::{
     AdaptationState, AggregateHealth, AggregateStatus, Attachment, BatchItemResult, ContextRequest,
-    ContextResponse, FeatureFlags, FeedbackRequest, FeedbackResponse, HitLayer, JsonObject, Layer,
-    Link, Liveness, Memory, MemoryMetrics, Readiness, ReadyStatus, RecallHit, RecallRequest,
+    ContextResponse, FeatureFlags, FeedbackRequest, FeedbackResponse, HitLayer, JsonObject, Link,
+    Liveness, Memory, MemoryLayer, MemoryMetrics, Readiness, ReadyStatus, RecallHit, RecallRequest,
     RecallResponse, RememberBatch, RememberBatchResponse, RememberResponse, RetrievalWeights,
     SignalFeedback, Signals, UtilityWeights,
 };
+/// `x-request-id`: the one request-id header of the workspace (a re-export
+/// of [`soma_observability::http::REQUEST_ID_HEADER`], which the gateway's
+/// request-id layer sets).
+pub use soma_observability::http::REQUEST_ID_HEADER;

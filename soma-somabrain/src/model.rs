@@ -214,7 +214,9 @@ pub struct SignalFeedback {
 /// **`persisted_to_ltm: true` is not proof of durability**: the server
 /// reports it even when its long-term backend is down. Read
 /// [`warnings`](Self::warnings) (e.g. `ltm-persist:queued-async` after a
-/// fast ack); [`is_confirmed`](Self::is_confirmed) combines both.
+/// fast ack) and [`memory_backend_down`](Self::memory_backend_down) (set by
+/// the client from the server's `/health`);
+/// [`is_confirmed`](Self::is_confirmed) combines them.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[non_exhaustive]
 pub struct RememberResponse {
@@ -263,13 +265,21 @@ pub struct RememberResponse {
     /// Signals as applied.
     #[serde(default)]
     pub signals: Option<SignalFeedback>,
+    /// Set by the client, not sent by the server: the last `/health` the
+    /// client read reported `memory_ok: false`, so the server's
+    /// `persisted_to_ltm` cannot be believed (see
+    /// [`SomabrainClient::memory_backend_down`](crate::SomabrainClient::memory_backend_down)).
+    #[serde(skip)]
+    pub memory_backend_down: bool,
 }
 
 impl RememberResponse {
-    /// `ok`, reported persisted to long-term memory, and no warnings: the
-    /// strongest acknowledgement the server gives.
+    /// `ok`, reported persisted to long-term memory, no warnings, and the
+    /// server's memory backend not known to be down: the strongest
+    /// acknowledgement there is. `false` means the write may exist only in
+    /// working memory (or nowhere durable): keep the data if it matters.
     pub fn is_confirmed(&self) -> bool {
-        self.ok && self.persisted_to_ltm && self.warnings.is_empty()
+        self.ok && self.persisted_to_ltm && self.warnings.is_empty() && !self.memory_backend_down
     }
 }
 
@@ -340,9 +350,26 @@ pub struct RememberBatchResponse {
     /// Per-item results, in request order.
     #[serde(default)]
     pub results: Vec<BatchItemResult>,
+    /// Set by the client, not sent by the server: the last `/health` the
+    /// client read reported `memory_ok: false`, so no item's
+    /// `persisted_to_ltm` can be believed.
+    #[serde(skip)]
+    pub memory_backend_down: bool,
 }
 
 impl RememberBatchResponse {
+    /// `ok`, every item reported persisted to long-term memory without
+    /// warnings, and the server's memory backend not known to be down (see
+    /// [`RememberResponse::is_confirmed`]).
+    pub fn is_confirmed(&self) -> bool {
+        self.ok
+            && !self.memory_backend_down
+            && self
+                .results
+                .iter()
+                .all(|r| r.persisted_to_ltm && r.warnings.is_empty())
+    }
+
     /// Every warning of every item, as `(key, warning)`.
     pub fn warnings(&self) -> impl Iterator<Item = (&str, &str)> {
         self.results
@@ -351,10 +378,11 @@ impl RememberBatchResponse {
     }
 }
 
-/// Memory layer of a recall.
+/// Memory layer of a recall (named apart from tower's `Layer`, the
+/// middleware trait every other soma crate uses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum Layer {
+pub enum MemoryLayer {
     /// Working memory only.
     Wm,
     /// Long-term memory only.
@@ -363,6 +391,13 @@ pub enum Layer {
     #[default]
     Both,
 }
+
+/// The old name of [`MemoryLayer`], which read like tower's `Layer`.
+#[deprecated(
+    since = "0.2.0",
+    note = "renamed `MemoryLayer` (apart from tower's `Layer`)"
+)]
+pub type Layer = MemoryLayer;
 
 /// The body of `POST /memory/recall` without `namespace`.
 ///
@@ -376,7 +411,7 @@ pub struct RecallRequest {
     pub top_k: u32,
     /// Layer; `None` lets the server choose (`both`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub layer: Option<Layer>,
+    pub layer: Option<MemoryLayer>,
     /// Universe.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub universe: Option<String>,
@@ -402,7 +437,7 @@ impl RecallRequest {
     }
 
     /// Sets the layer.
-    pub fn layer(mut self, layer: Layer) -> Self {
+    pub fn layer(mut self, layer: MemoryLayer) -> Self {
         self.layer = Some(layer);
         self
     }

@@ -9,8 +9,9 @@ use std::collections::BTreeSet;
 use common::{ContractServer, Fault, TOKEN, fixture, fixture_names};
 use serde_json::{Value, json};
 use soma_somabrain::{
-    AggregateStatus, CallOptions, ContextRequest, Error, FeedbackRequest, HitLayer, Layer, Memory,
-    ReadyStatus, RecallRequest, RememberBatch, ServerDetail, SomabrainClient, SomabrainConfig,
+    AggregateStatus, CallOptions, ContextRequest, Error, FeedbackRequest, HitLayer, Memory,
+    MemoryLayer, ReadyStatus, RecallRequest, RememberBatch, ServerDetail, SomabrainClient,
+    SomabrainConfig,
 };
 
 fn client(server: &ContractServer, f: impl FnOnce(&mut SomabrainConfig)) -> SomabrainClient {
@@ -95,7 +96,7 @@ async fn call_like(server: &ContractServer, name: &str, rec: &Value) -> Outcome 
         }
         "/memory/recall" => {
             let mut r = RecallRequest::new(body["query"].as_str().unwrap()).top_k(body["top_k"].as_u64().unwrap() as u32);
-            r.layer = body["layer"].as_str().map(|l| serde_json::from_value::<Layer>(json!(l)).unwrap());
+            r.layer = body["layer"].as_str().map(|l| serde_json::from_value::<MemoryLayer>(json!(l)).unwrap());
             c.recall(&r, opts).await.map(|r| {
                 json!({"tenant": r.tenant, "n": r.results.len(), "wm_hits": r.wm_hits, "ltm_hits": r.ltm_hits,
                        "ltm_returned": r.results.iter().filter(|h| h.layer == HitLayer::Ltm).count(),

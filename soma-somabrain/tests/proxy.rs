@@ -159,17 +159,46 @@ async fn upstream_failures_map_to_gateway_statuses() {
     server.push(Fault::replay(&fixture("16-context-evaluate")));
     let (s, _, v) = send(&app, ctx()).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(v["detail"], "query.payload: Field required (missing)");
-    assert_eq!(v["upstream_status"], 422);
+    assert_eq!(v["code"], "somabrain_rejected", "{v}");
+    assert_eq!(v["status"], 422);
+    assert_eq!(
+        v["detail"],
+        "SomaBrain refused the request (422): query.payload: Field required (missing)"
+    );
 
     // A bad body from the caller is refused before any upstream call.
     let before = server.seen_count();
-    let (s, _, _) = send(
+    let (s, _, v) = send(
         &app,
         scoped("POST", "/v1/context", "acme", Some(json!({"query": 1}))),
     )
     .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(v["code"], "invalid_request", "{v}");
+    let (s, _, v) = send(
+        &app,
+        Request::builder()
+            .method("POST")
+            .uri("/v1/context")
+            .header("content-type", "application/json")
+            .body(Body::from("{not json"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["code"], "invalid_body", "{v}");
+    let (s, _, v) = send(
+        &app,
+        Request::builder()
+            .method("POST")
+            .uri("/v1/context")
+            .header("content-type", "text/plain")
+            .body(Body::from("{}"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(v["code"], "unsupported_media_type", "{v}");
     assert_eq!(server.seen_count(), before);
 
     // The gateway's own upstream problems (token, prefix) are not the
@@ -178,15 +207,23 @@ async fn upstream_failures_map_to_gateway_statuses() {
         server.push(Fault::status(upstream));
         let (s, _, v) = send(&app, scoped("GET", "/v1/weights", "acme", None)).await;
         assert_eq!(s, StatusCode::BAD_GATEWAY, "{upstream}: {v}");
-        assert_eq!(v["upstream_status"], upstream);
+        assert_eq!(v["code"], "somabrain_bad_gateway", "{v}");
+        let detail = v["detail"].as_str().unwrap();
+        assert!(
+            detail.starts_with(&format!("SomaBrain refused the gateway ({upstream})")),
+            "{detail}"
+        );
     }
 
     // The recorded 500 → 502, and it opens the breaker (threshold 1) → 503.
     server.push(Fault::replay(&fixture("18-context-adaptation-state")));
     let (s, _, v) = send(&app, scoped("GET", "/v1/weights", "acme", None)).await;
     assert_eq!(s, StatusCode::BAD_GATEWAY, "{v}");
+    assert_eq!(v["code"], "somabrain_bad_gateway", "{v}");
     let (s, retry_after, v) = send(&app, ctx()).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["code"], "somabrain_unavailable", "{v}");
+    assert_eq!(v["type"], "https://soma.dev/problems/somabrain_unavailable");
     assert!(retry_after.is_some());
     assert!(
         v["detail"]

@@ -784,3 +784,39 @@ async fn a_base_url_with_a_path_is_a_config_error() {
     assert_eq!(e.kind(), ErrorKind::Config);
     assert!(e.to_string().contains("path_prefix"), "{e}");
 }
+
+#[tokio::test]
+async fn remember_is_unconfirmed_while_health_reports_memory_down() {
+    let server = ContractServer::start().await;
+    let c = client(&server, |_| {});
+    let check = SomabrainHealthCheck::new(c.clone());
+    assert_eq!(check.check().await.status, ComponentStatus::Up);
+    let ack = c.remember(&memory("k1"), CallOptions::new()).await.unwrap();
+    assert!(ack.is_confirmed(), "healthy backend: {ack:?}");
+
+    server.set_memory_down(true);
+    // The server still answers `persisted_to_ltm: true` without warnings.
+    assert_eq!(check.check().await.status, ComponentStatus::Degraded);
+    let ack = c.remember(&memory("k2"), CallOptions::new()).await.unwrap();
+    assert!(ack.persisted_to_ltm && ack.warnings.is_empty(), "{ack:?}");
+    assert!(
+        !ack.is_confirmed(),
+        "the last /health said memory_ok: false, so the ack is not a confirmation: {ack:?}"
+    );
+    let batch = soma_somabrain::RememberBatch {
+        items: vec![memory("k3"), memory("k4")],
+        universe: None,
+    };
+    let acks = c.remember_batch(&batch, CallOptions::new()).await.unwrap();
+    assert!(!acks.is_confirmed(), "{acks:?}");
+    assert!(acks.memory_backend_down);
+    assert_eq!(c.memory_backend_down(), Some(true));
+
+    server.set_memory_down(false);
+    assert_eq!(check.check().await.status, ComponentStatus::Up);
+    assert_eq!(c.memory_backend_down(), Some(false));
+    let ack = c.remember(&memory("k5"), CallOptions::new()).await.unwrap();
+    assert!(ack.is_confirmed(), "{ack:?}");
+    let acks = c.remember_batch(&batch, CallOptions::new()).await.unwrap();
+    assert!(acks.is_confirmed(), "{acks:?}");
+}

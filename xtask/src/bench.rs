@@ -23,13 +23,15 @@ mod table;
 
 use table::Row;
 
-const GROUPS: [&str; 8] = [
+const GROUPS: [&str; 10] = [
     "platform",
+    "sse",
     "bus",
     "outbox",
     "policy",
     "redis",
     "somabrain",
+    "memory",
     "config",
     "observability",
 ];
@@ -37,18 +39,21 @@ const GROUPS: [&str; 8] = [
 const USAGE: &str = "usage: cargo xtask bench [--group NAME]... [--no-run]
          [--rate MSG_PER_SEC] [--duration SECS] [--conversations N] [--zipf S]
          [--ceiling-clients N] [--ceiling-secs SECS] [--env SOMA_KEY=VALUE]...
-         [--bin-dir DIR] [--keep]
+         [--idle N] [--active N] [--bin-dir DIR] [--keep]
 
-groups: platform, bus, outbox, policy, redis, somabrain, config, observability (default: all)
+groups: platform, sse, bus, outbox, policy, redis, somabrain, memory, config, observability (default: all)
   --no-run       crate groups: do not run `cargo bench`, read the last criterion results
   platform load: --rate (500), --duration (60), --conversations (1000), --zipf (1.0),
                  --ceiling-clients (64), --ceiling-secs (10); --env adds a SOMA_* override
-                 to the platform services; --bin-dir uses prebuilt binaries";
+                 to the platform services; --bin-dir uses prebuilt binaries
+  sse:           --idle (10000) idle streams on one gateway, --active (1000) conversations
+                 sending beside them (at --rate, default 100 here, for --duration, default 20)";
 
 struct Opts {
     groups: Vec<String>,
     run_crates: bool,
     platform: platform::Opts,
+    sse: platform::sse::Opts,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -56,7 +61,9 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         groups: Vec::new(),
         run_crates: true,
         platform: platform::Opts::default(),
+        sse: platform::sse::Opts::default(),
     };
+    let (mut rate, mut duration) = (None, None);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || {
@@ -77,14 +84,20 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                 o.groups.push(g);
             }
             "--no-run" => o.run_crates = false,
-            "--rate" => o.platform.rate = num(value()?)?,
-            "--duration" => o.platform.duration = Duration::from_secs_f64(num(value()?)?),
+            "--rate" => rate = Some(num(value()?)?),
+            "--duration" => duration = Some(Duration::from_secs_f64(num(value()?)?)),
+            "--idle" => o.sse.idle = num(value()?)? as usize,
+            "--active" => o.sse.active = num(value()?)? as usize,
             "--conversations" => o.platform.conversations = num(value()?)? as usize,
             "--zipf" => o.platform.zipf_s = num(value()?)?,
             "--ceiling-clients" => o.platform.ceiling_workers = num(value()?)? as usize,
             "--ceiling-secs" => o.platform.ceiling = Duration::from_secs_f64(num(value()?)?),
-            "--bin-dir" => o.platform.bin_dir = Some(value()?.into()),
-            "--keep" => o.platform.keep = true,
+            "--bin-dir" => {
+                let dir: std::path::PathBuf = value()?.into();
+                o.sse.bin_dir = Some(dir.clone());
+                o.platform.bin_dir = Some(dir);
+            }
+            "--keep" => (o.platform.keep, o.sse.keep) = (true, true),
             "--env" => {
                 let kv = value()?;
                 let (k, v) = kv
@@ -92,13 +105,24 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                     .filter(|(k, _)| k.starts_with("SOMA_"))
                     .ok_or_else(|| format!("--env takes SOMA_KEY=VALUE, not `{kv}`"))?;
                 o.platform.env.push((k.to_owned(), v.to_owned()));
+                o.sse.env.push((k.to_owned(), v.to_owned()));
             }
             "-h" | "--help" => return Err(USAGE.to_owned()),
             other => return Err(format!("unknown option `{other}`\n{USAGE}")),
         }
     }
-    if o.platform.rate <= 0.0 || o.platform.conversations == 0 {
-        return Err("--rate and --conversations must be positive".to_owned());
+    if let Some(r) = rate {
+        (o.platform.rate, o.sse.rate) = (r, r);
+    }
+    if let Some(d) = duration {
+        (o.platform.duration, o.sse.duration) = (d, d);
+    }
+    if o.platform.rate <= 0.0
+        || o.platform.conversations == 0
+        || o.sse.idle == 0
+        || o.sse.active == 0
+    {
+        return Err("--rate, --conversations, --idle and --active must be positive".to_owned());
     }
     if o.groups.is_empty() {
         o.groups = GROUPS.iter().map(|g| (*g).to_owned()).collect();
@@ -113,15 +137,17 @@ pub(crate) fn cli(args: &[String]) -> Result<(), String> {
     let mut failures = Vec::new();
     for g in &opts.groups {
         println!("\n==> bench: {g}");
-        let result = if g == "platform" {
+        let runtime = || {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .map_err(|e| format!("tokio runtime: {e}"))
-                .and_then(|rt| rt.block_on(platform::run_group(&opts.platform)))
-        } else {
-            crate_group(g, opts.run_crates)
+        };
+        let result = match g.as_str() {
+            "platform" => runtime().and_then(|rt| rt.block_on(platform::run_group(&opts.platform))),
+            "sse" => runtime().and_then(|rt| rt.block_on(platform::run_sse_group(&opts.sse))),
+            _ => crate_group(g, opts.run_crates),
         };
         match result {
             Ok(r) => rows.extend(r),
@@ -244,6 +270,16 @@ mod tests {
         assert_eq!(o.groups, ["platform"]);
         assert_eq!(o.platform.rate, 300.0);
         assert_eq!(o.platform.duration, Duration::from_secs(30));
+        // One --rate / --duration serves both load groups; each keeps its
+        // own default otherwise.
+        assert_eq!(
+            (o.sse.rate, o.sse.duration),
+            (300.0, Duration::from_secs(30))
+        );
+        let d = parse(&args(&["--idle", "200", "--active", "20"])).unwrap();
+        assert_eq!((d.sse.idle, d.sse.active), (200, 20));
+        assert_eq!((d.platform.rate, d.sse.rate), (500.0, 100.0));
+        assert!(parse(&args(&["--idle", "0"])).is_err());
         assert_eq!(parse(&[]).unwrap().groups.len(), GROUPS.len());
         assert!(parse(&args(&["--group", "nope"])).is_err());
         assert!(parse(&args(&["--rate", "fast"])).is_err());
@@ -259,13 +295,17 @@ mod tests {
     #[test]
     fn every_group_has_rows_or_is_the_platform() {
         let benches = crates::benches();
-        for g in GROUPS.iter().filter(|g| **g != "platform") {
+        for g in GROUPS.iter().filter(|g| !["platform", "sse"].contains(*g)) {
             assert!(benches.iter().any(|b| b.group == *g), "{g}");
         }
         // Each bench file named exists in its crate.
         for b in &benches {
+            let dir = match b.package {
+                "soma-memory-service" => "examples/memory-service",
+                p => p,
+            };
             let file = crate::root()
-                .join(b.package)
+                .join(dir)
                 .join("benches")
                 .join(format!("{}.rs", b.bench));
             assert!(file.exists(), "{}", file.display());

@@ -22,6 +22,7 @@ use std::time::Instant;
 
 mod bench;
 mod chaos;
+mod fuzz;
 mod load;
 mod mutants;
 mod platform;
@@ -33,7 +34,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   test [--no-stack] [--only-tests] [--step NAME]... [-- <nextest args>]
                        bring up the stack, then fmt, clippy, lint-env, deny, msrv,
-                       docs, package, downstream, doc-tests and tests; `--step`
+                       docs, package, downstream, doc-tests, tests, fuzz, chaos; `--step`
                        runs only the named steps (the stack only for doc-tests
                        and tests)
   stack up|down|status the local services (PostgreSQL, Redis, tansu, and stack.d extras)
@@ -45,6 +46,9 @@ commands:
   bench [--group NAME]... [--rate N] [--duration S] [--conversations N] [--no-run] ...
                        every benchmark, one table with same-run baselines and goals;
                        `--group platform` is the platform load harness (README: Load)
+  fuzz [--secs N] [--target NAME]...
+                       every parser of outside input under cargo-fuzz, N s each
+                       (default 60); README: Fuzzing
   mutants [--crate NAME]... [--file PATH]... [--re REGEX] [--changed-since REV]
                        mutation testing of the core modules (cargo-mutants; README: Mutation testing)
   lint-env [--manifest-path PATH] [--format text|json]
@@ -65,8 +69,9 @@ fn main() -> ExitCode {
         "chaos" => chaos::cli(&rest),
         "bench" => bench::cli(&rest),
         "mutants" => mutants::cli(&rest),
+        "fuzz" => fuzz::cli(&rest),
         "test" | "ci" => test(&rest),
-        "deny" => ensure_cargo_deny().and_then(|()| deny()),
+        "deny" => ensure_cargo_tool("deny").and_then(|()| deny()),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(())
@@ -154,12 +159,14 @@ fn have_cargo_subcommand(name: &str) -> bool {
             .is_ok_and(|o| o.status.success())
 }
 
-fn ensure_cargo_deny() -> Result<(), String> {
-    if have_cargo_subcommand("deny") {
+/// Installs the cargo subcommand `cargo-<name>` from crates.io unless it is
+/// there (cargo-deny, cargo-mutants, cargo-fuzz: installed on first use).
+pub(crate) fn ensure_cargo_tool(name: &str) -> Result<(), String> {
+    if have_cargo_subcommand(name) {
         return Ok(());
     }
-    println!("installing cargo-deny (cargo install --locked)");
-    run("cargo", &["install", "--locked", "cargo-deny"])
+    println!("installing cargo-{name} (cargo install --locked)");
+    run("cargo", &["install", "--locked", &format!("cargo-{name}")])
 }
 
 fn deny() -> Result<(), String> {
@@ -171,6 +178,9 @@ fn deny() -> Result<(), String> {
         &["deny", "--offline", "check", "licenses", "bans", "sources"],
     )
 }
+
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const FUZZ_STEP_SECS: u64 = 10;
 
 /// The steps of `cargo xtask test`, in order: the name `--step` takes, and
 /// whether it is a check (skipped by `--only-tests`) rather than a test.
@@ -185,6 +195,7 @@ const STEPS: &[(&str, bool)] = &[
     ("downstream", true),
     ("doc-tests", false),
     ("tests", false),
+    ("fuzz", false),
     ("chaos", false),
 ];
 
@@ -267,7 +278,7 @@ fn run_step(name: &str, passthrough: &[String]) -> Result<(), String> {
             code => Err(format!("lint-env exited with {code}")),
         }),
         "deny" => {
-            step("install cargo-deny", ensure_cargo_deny)?;
+            step("install cargo-deny", || ensure_cargo_tool("deny"))?;
             step("cargo deny", deny)
         }
         "msrv" => step("msrv: locked dependencies vs rust-version", release::msrv),
@@ -284,6 +295,17 @@ fn run_step(name: &str, passthrough: &[String]) -> Result<(), String> {
             let mut a = vec!["nextest", "run", "--workspace", "--no-fail-fast"];
             a.extend(passthrough.iter().map(String::as_str));
             run("cargo", &a)
+        }),
+        // Every fuzz target briefly (and every committed regression input):
+        // a parser that panics again fails here, not in a long run.
+        "fuzz" => step("fuzz targets, 10 s each (nightly)", || {
+            let targets: Vec<String> = fuzz::TARGETS.iter().map(|t| (*t).to_owned()).collect();
+            let outcomes = fuzz::fuzz(&targets, FUZZ_STEP_SECS)?;
+            println!("\n{}", fuzz::table(&outcomes));
+            match outcomes.iter().filter(|o| !o.passed).count() {
+                0 => Ok(()),
+                n => Err(format!("{n} fuzz target(s) failed")),
+            }
         }),
         // The platform's promise on the running binaries, faults injected
         // into a private stack (README, "Chaos"): the short form, minutes.

@@ -24,7 +24,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::{platform, root, run};
+use crate::{platform, root};
 
 const USAGE: &str = "usage: cargo xtask mutants [--crate NAME]... [--file PATH]... [--re REGEX] \
 [--changed-since REV] [--timeout SECS] [-j JOBS] [-- <nextest args>]";
@@ -171,21 +171,9 @@ impl Tally {
     }
 }
 
-fn ensure_cargo_mutants() -> Result<(), String> {
-    let ok = Command::new("cargo")
-        .args(["mutants", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return Ok(());
-    }
-    println!("installing cargo-mutants (cargo install --locked)");
-    run("cargo", &["install", "--locked", "cargo-mutants"])
-}
-
 pub(crate) fn cli(args: &[String]) -> Result<(), String> {
     let o = parse(args)?;
-    ensure_cargo_mutants()?;
+    crate::ensure_cargo_tool("mutants")?;
     let out_root = platform::target_dir().join("mutants");
     fs::create_dir_all(&out_root).map_err(|e| format!("{}: {e}", out_root.display()))?;
     let diff = match &o.changed_since {

@@ -1,11 +1,16 @@
 //! `cargo xtask platform up|down|status|token`: the example platform
 //! (`examples/platform`) on this machine.
 //!
-//! `up` brings the stack up, builds the three services, starts them in the
+//! `up` brings the stack up, builds the four services, starts them in the
 //! background (logs and pid files in `.stack/platform/`), waits until they
-//! are live, sends one chat message through the whole path and prints the
-//! reply it streamed back, then prints a development token and `curl`
-//! commands. The development signing key is generated once into
+//! are ready — failing at once, naming the service and the end of its log,
+//! when one exits or is not ready within its deadline, and stopping the
+//! others — sends one chat message through the whole path and prints the
+//! reply it streamed back (a failed smoke test stops the services too),
+//! then prints a startup summary: the features in force and the sizes the
+//! profile set (read from the running gateway), the URLs, a development
+//! token, a development API key (issued by `soma-gateway issue-api-key`
+//! through soma-policy's API-key store) and `curl` commands. The development signing key is generated once into
 //! `.stack/platform/dev-issuer.toml` (a settings file the services load
 //! after `config/local.toml`); it never leaves this machine.
 
@@ -13,14 +18,21 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::{root, run, stack};
 
 const ISSUER: &str = "soma-dev";
 const AUDIENCE: &str = "soma-platform";
-const GATEWAY: &str = "127.0.0.1:8080";
+const GATEWAY: &str = "127.0.0.1:21016";
+/// How long a service may take to be ready (`/ready` 200) after its start.
+const READY_WITHIN: Duration = Duration::from_secs(90);
+/// Log lines shown of a service that failed.
+const LOG_TAIL: usize = 20;
+/// Every scope the development credentials carry; their roles decide.
+const DEV_SCOPES: &str = "conversation:write conversation:read memory:write tool:execute \
+                          ops:read ops:admin somabrain:operate";
 const SERVICES: &[(&str, &str)] = &[
     ("soma-gateway", "127.0.0.1:9480"),
     ("soma-conversation-worker", "127.0.0.1:9481"),
@@ -116,7 +128,7 @@ pub(crate) fn token(
         .as_secs();
     let claims = serde_json::json!({
         "iss": ISSUER, "aud": AUDIENCE, "sub": subject, "tenant": tenant,
-        "roles": roles, "scope": "conversation:write conversation:read memory:write tool:execute",
+        "roles": roles, "scope": DEV_SCOPES,
         "iat": now, "exp": now + 3600,
     });
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
@@ -127,6 +139,73 @@ pub(crate) fn token(
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
     .map_err(|e| format!("sign the development token: {e}"))
+}
+
+/// A service `up` started: its child process and log.
+pub(crate) struct Running {
+    pub(crate) name: String,
+    pub(crate) admin: String,
+    pub(crate) child: Child,
+    pub(crate) log: PathBuf,
+}
+
+impl Running {
+    /// The last [`LOG_TAIL`] lines of its log.
+    fn tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(LOG_TAIL);
+        format!(
+            "--- last lines of {} ---\n{}",
+            self.log.display(),
+            lines[from..].join("\n")
+        )
+    }
+}
+
+/// Waits until `path` answers 200 on every service's admin address, or
+/// fails at once when one of them exits (naming it, its exit status and
+/// the end of its log), or when `within` passes (naming the ones not
+/// there yet, with the ends of their logs).
+pub(crate) fn wait_all(
+    services: &mut [Running],
+    path: &str,
+    within: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    loop {
+        for s in services.iter_mut() {
+            if let Ok(Some(status)) = s.child.try_wait() {
+                return Err(format!(
+                    "{} exited ({status}) before it was ready\n{}",
+                    s.name,
+                    s.tail()
+                ));
+            }
+        }
+        let waiting: Vec<&Running> = services
+            .iter()
+            .filter(|s| !matches!(http(&s.admin, "GET", path, &[], ""), Ok((200, _))))
+            .collect();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let report: Vec<String> = waiting
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{}: {path} on {} not 200 after {within:?}\n{}",
+                        s.name,
+                        s.admin,
+                        s.tail()
+                    )
+                })
+                .collect();
+            return Err(report.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 fn up() -> Result<(), String> {
@@ -140,57 +219,177 @@ fn up() -> Result<(), String> {
     )?;
     let bin_dir = target_dir().join("debug");
     let dir = dir();
-    for (name, _) in SERVICES {
-        let log_path = dir.join(format!("{name}.log"));
-        let log = fs::File::create(&log_path)
-            .map_err(|e| format!("create {}: {e}", log_path.display()))?;
-        let err = log.try_clone().map_err(|e| e.to_string())?;
-        let child = Command::new(bin_dir.join(name))
-            .args([
-                "--config",
-                "examples/platform/config/local.toml",
-                "--config",
-                ".stack/platform/dev-issuer.toml",
-            ])
-            .current_dir(root())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("start {name}: {e}"))?;
-        fs::write(dir.join(format!("{name}.pid")), child.id().to_string())
-            .map_err(|e| e.to_string())?;
-        println!(
-            "platform: started {name} (pid {}), log {}",
-            child.id(),
-            log_path.display()
-        );
-    }
+    let mut services = Vec::new();
     for (name, admin) in SERVICES {
-        wait_for(name, admin, "/live", Duration::from_secs(90))?;
-    }
-    // Health checks run every few seconds; readiness follows the first
-    // round. Not being ready is reported, not fatal: the smoke test below
-    // says whether the path works.
-    for (name, admin) in SERVICES {
-        if let Err(e) = wait_for(name, admin, "/ready", Duration::from_secs(20)) {
-            println!("platform: {e}");
+        match start(&bin_dir, &dir, name) {
+            Ok(child) => services.push(Running {
+                name: (*name).to_owned(),
+                admin: (*admin).to_owned(),
+                child,
+                log: dir.join(format!("{name}.log")),
+            }),
+            Err(e) => {
+                down()?;
+                return Err(e);
+            }
         }
+    }
+    if let Err(e) = wait_all(&mut services, "/ready", READY_WITHIN) {
+        down()?;
+        return Err(format!("platform up failed: {e}"));
     }
     status();
 
     let token = token(&secret, "dev-user", "acme", &["user".to_owned()])?;
     let conversation = format!("demo-{}", std::process::id());
     println!("\nplatform: smoke test — one message through gateway, worker and SSE");
-    let reply = smoke(&token, &conversation)?;
+    let reply = match smoke(&token, &conversation) {
+        Ok(r) => r,
+        Err(e) => {
+            let tails: Vec<String> = services.iter().map(Running::tail).collect();
+            down()?;
+            return Err(format!(
+                "platform up failed: smoke test: {e}\n{}\nthe services were stopped",
+                tails.join("\n")
+            ));
+        }
+    };
     println!("platform: reply streamed back over SSE:\n  {reply}");
+    let admin_token = self::token(&secret, "dev-operator", "acme", &["admin".to_owned()])?;
+    let api_key = issue_api_key(&bin_dir)?;
+    summary(&token, &admin_token, &api_key, &dir)
+}
+
+/// Starts one service in the background, logging to `<dir>/<name>.log`.
+fn start(bin_dir: &Path, dir: &Path, name: &str) -> Result<Child, String> {
+    let log_path = dir.join(format!("{name}.log"));
+    let log =
+        fs::File::create(&log_path).map_err(|e| format!("create {}: {e}", log_path.display()))?;
+    let err = log.try_clone().map_err(|e| e.to_string())?;
+    let child = Command::new(bin_dir.join(name))
+        .args(config_args())
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("start {name}: {e}"))?;
+    fs::write(dir.join(format!("{name}.pid")), child.id().to_string())
+        .map_err(|e| e.to_string())?;
     println!(
-        "\nThe platform is running. Try it (token valid for one hour; `cargo xtask platform token` makes another):\n\n\
-         export TOKEN={token}\n\
+        "platform: started {name} (pid {}), log {}",
+        child.id(),
+        log_path.display()
+    );
+    Ok(child)
+}
+
+fn config_args() -> [&'static str; 4] {
+    [
+        "--config",
+        "examples/platform/config/local.toml",
+        "--config",
+        ".stack/platform/dev-issuer.toml",
+    ]
+}
+
+/// A development API key (role `operator`, every development scope),
+/// issued through soma-policy's API-key store by the gateway binary.
+fn issue_api_key(bin_dir: &Path) -> Result<String, String> {
+    let mut args: Vec<String> = config_args().iter().map(|s| (*s).to_owned()).collect();
+    args.extend(
+        [
+            "issue-api-key",
+            "--subject",
+            "dev-operator-key",
+            "--tenant",
+            "acme",
+        ]
+        .map(str::to_owned),
+    );
+    for role in ["user", "operator"] {
+        args.extend(["--role".to_owned(), role.to_owned()]);
+    }
+    for scope in DEV_SCOPES.split_whitespace() {
+        args.extend(["--scope".to_owned(), scope.to_owned()]);
+    }
+    let out = Command::new(bin_dir.join("soma-gateway"))
+        .args(&args)
+        .current_dir(root())
+        .output()
+        .map_err(|e| format!("soma-gateway issue-api-key: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "soma-gateway issue-api-key failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// GETs `path` on the gateway with `token`; the JSON body.
+fn get_json(path: &str, token: &str) -> Result<serde_json::Value, String> {
+    let auth = format!("Bearer {token}");
+    let (code, body) = http(GATEWAY, "GET", path, &[("Authorization", &auth)], "")?;
+    if code != 200 {
+        return Err(format!("GET {path} answered {code}: {body}"));
+    }
+    serde_json::from_str(&body).map_err(|e| format!("GET {path}: {e}"))
+}
+
+/// The startup summary: features, sizes, URLs, credentials, curl lines.
+fn summary(token: &str, admin_token: &str, api_key: &str, dir: &Path) -> Result<(), String> {
+    let features = get_json("/v1/features", admin_token)?;
+    let config = get_json("/v1/runtime-config", admin_token)?;
+    println!(
+        "\nplatform: running — profile {}, settings version {} (checksum {})",
+        config["profile"].as_str().unwrap_or("?"),
+        config["version"],
+        config["checksum"]
+            .as_str()
+            .unwrap_or("?")
+            .get(..12)
+            .unwrap_or("?")
+    );
+    println!(
+        "\nFeatures (feature profile {}):",
+        features["profile"].as_str().unwrap_or("none")
+    );
+    for f in features["flags"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<20} {:<9} ({})",
+            f["name"].as_str().unwrap_or("?"),
+            f["state"].as_str().unwrap_or("?"),
+            f["source"]["kind"].as_str().unwrap_or("?")
+        );
+    }
+    println!("\nSizes from the profile:");
+    if let Some(sizes) = config["sizes"].as_object() {
+        for (k, v) in sizes {
+            println!("  {k:<40} {v}");
+        }
+    }
+    println!("\nURLs:");
+    println!("  API        http://{GATEWAY}  (probes: /live /ready /healthz /v1/health)");
+    for (name, admin) in SERVICES {
+        println!("  {name:<26} admin http://{admin}  (/metrics /ready /v1/health)");
+    }
+    println!(
+        "\nCredentials (valid one hour; `cargo xtask platform token [--role R]` makes another):\n\n\
+         export TOKEN={token}         # dev-user, role user\n\
+         export ADMIN_TOKEN={admin_token}   # dev-operator, role admin\n\
+         export API_KEY={api_key}   # dev-operator-key, roles user+operator (stored hashed; shown once)\n"
+    );
+    println!(
+        "Try it:\n\n\
          curl -N -H \"authorization: Bearer $TOKEN\" http://{GATEWAY}/v1/conversations/demo/events &\n\
          curl -H \"authorization: Bearer $TOKEN\" -H 'content-type: application/json' \\\n     \
          -d '{{\"text\":\"hello there\"}}' http://{GATEWAY}/v1/conversations/demo/messages\n\
-         curl http://127.0.0.1:9480/v1/health\n\
+         curl http://{GATEWAY}/ready\n\
+         curl -H \"x-api-key: $API_KEY\" http://{GATEWAY}/v1/features\n\
+         curl -H \"x-api-key: $API_KEY\" http://{GATEWAY}/v1/runtime-config\n\
+         curl -H \"x-api-key: $API_KEY\" http://{GATEWAY}/v1/weights\n\
+         curl -H \"authorization: Bearer $ADMIN_TOKEN\" 'http://{GATEWAY}/v1/admin/dlq?status=all'\n\
          Tools (send as a message): /time, /wordcount some words, /outbox — a `user` is refused; \
          cargo xtask platform token --role agent (or admin) makes a token that may run them.\n\n\
          Logs: {}/*.log   Stop: cargo xtask platform down",
@@ -249,22 +448,6 @@ fn status() {
             Err(_) => "not running".to_owned(),
         };
         println!("  {name:<26} admin {admin:<16} {state}");
-    }
-}
-
-fn wait_for(name: &str, admin: &str, path: &str, within: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Ok((200, _)) = http(admin, "GET", path, &[], "") {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "{name}: {path} on {admin} not 200 after {within:?}; see {}/{name}.log",
-                dir().display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(300));
     }
 }
 
@@ -405,5 +588,82 @@ fn read_line(
         if Instant::now() > deadline {
             return Err("timed out".to_owned());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn free_addr() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    }
+
+    fn spawn_sh(dir: &Path, name: &str, script: &str) -> Running {
+        let log = dir.join(format!("{name}.log"));
+        let out = fs::File::create(&log).unwrap();
+        let child = Command::new("sh")
+            .args(["-c", script])
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Running {
+            name: name.to_owned(),
+            admin: free_addr(),
+            child,
+            log,
+        }
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("xtask-platform-{tag}-{}", std::process::id()));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_service_that_exits_fails_the_wait_at_once_naming_it_and_its_log() {
+        let dir = temp_dir("exit");
+        let mut services = vec![
+            spawn_sh(&dir, "soma-still-starting", "sleep 30"),
+            spawn_sh(
+                &dir,
+                "soma-gateway",
+                "echo starting; echo 'configuration: policy.issuers: no credential' >&2; exit 3",
+            ),
+        ];
+        let started = Instant::now();
+        let err = wait_all(&mut services, "/ready", Duration::from_secs(60)).unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(err.contains("soma-gateway exited"), "{err}");
+        assert!(err.contains("exit status: 3"), "{err}");
+        assert!(err.contains("policy.issuers: no credential"), "{err}");
+        for s in &mut services {
+            let _ = s.child.kill();
+            let _ = s.child.wait();
+        }
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_service_not_ready_in_time_fails_the_wait_naming_it() {
+        let dir = temp_dir("slow");
+        let mut services = vec![spawn_sh(
+            &dir,
+            "soma-slow",
+            "echo waiting for kafka; sleep 30",
+        )];
+        let err = wait_all(&mut services, "/ready", Duration::from_millis(700)).unwrap_err();
+        assert!(err.contains("soma-slow: /ready on"), "{err}");
+        assert!(err.contains("waiting for kafka"), "{err}");
+        let _ = services[0].child.kill();
+        let _ = services[0].child.wait();
+        let _ = fs::remove_dir_all(dir);
     }
 }

@@ -8,9 +8,13 @@ use soma_observability::TelemetryConfig;
 
 /// How recall ranks memories against a query.
 ///
-/// Both are PostgreSQL-native. The default, `trigram`, was chosen by the
-/// measured recall quality on the labelled set in `tests/relevance.rs`
-/// (MRR@10 0.72 against 0.65 for `fts`; the README has the table).
+/// All are PostgreSQL-native and score only the scope's newest
+/// [`MemoryConfig::recall_window`] memories. The default, `hybrid`, was
+/// chosen by the measured recall quality on the labelled set in
+/// `tests/relevance.rs` (MRR@10 0.72, as `trigram`, against 0.65 for
+/// `fts`) and by cost (`benches/recall.rs`: about what `fts` costs, several
+/// hundred times less than `trigram` over a 10,000-memory scope); the
+/// README has both tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Ranking {
@@ -21,17 +25,24 @@ pub enum Ranking {
     Fts,
     /// Trigram similarity (`pg_trgm`): `word_similarity(query, text)`, the
     /// best match of the query against any stretch of the memory's text.
-    /// Tolerates misspellings and partial words, not synonyms. The default.
-    #[default]
+    /// Tolerates misspellings and partial words, not synonyms. Costs a
+    /// similarity computation per memory in the recall window.
     Trigram,
+    /// Full text first; when it finds fewer than `top_k` hits, trigram
+    /// similarity ranks the rest of the window (misspellings, word parts)
+    /// after every full-text hit. Costs about what `fts` costs when full
+    /// text finds enough, and what `trigram` costs otherwise. The default.
+    #[default]
+    Hybrid,
 }
 
 impl Ranking {
-    /// `fts` or `trigram`.
+    /// `fts`, `trigram` or `hybrid`.
     pub fn as_str(self) -> &'static str {
         match self {
             Ranking::Fts => "fts",
             Ranking::Trigram => "trigram",
+            Ranking::Hybrid => "hybrid",
         }
     }
 }
@@ -58,6 +69,12 @@ pub struct MemoryConfig {
     pub wm_capacity: u32,
     /// How recall ranks memories.
     pub ranking: Ranking,
+    /// How many of a scope's newest memories (tenant + namespace, or the
+    /// whole tenant for context evaluate) recall scores. Older memories
+    /// stay stored but are not recalled: the bound that keeps a recall's
+    /// cost flat as a busy conversation's memories grow (SomaBrain's own
+    /// long-term memory searches an approximate vector index instead).
+    pub recall_window: u32,
     /// Smallest trigram `word_similarity` that counts as a hit (`trigram`
     /// ranking only; full-text hits are every memory sharing a stemmed term).
     pub trigram_threshold: f64,
@@ -78,6 +95,7 @@ impl Default for MemoryConfig {
             token: Secret::default(),
             wm_capacity: 32,
             ranking: Ranking::default(),
+            recall_window: 1_000,
             trigram_threshold: 0.3,
             max_top_k: 100,
             default_universe: "real".into(),
@@ -179,6 +197,11 @@ pub fn loader(files: &[PathBuf]) -> Loader<Settings> {
             s.memory.max_top_k > 0,
             "memory.max_top_k",
             "must be at least 1",
+        );
+        checks.ensure(
+            s.memory.recall_window >= s.memory.wm_capacity.max(1),
+            "memory.recall_window",
+            "must be at least memory.wm_capacity (and 1)",
         );
         checks.ensure(
             (0.0..=1.0).contains(&s.memory.trigram_threshold),

@@ -23,10 +23,12 @@
 //! - **Isolation.** Recall sees only the `X-Tenant-ID` tenant and the body's
 //!   namespace — working memory included (SomaBrain's working memory leaks
 //!   across namespaces; this service does not).
-//! - **Ranked.** Hits are ordered by relevance: `pg_trgm` word similarity
-//!   by default, PostgreSQL full-text rank as the alternative ([`Ranking`],
-//!   chosen by measurement); `top_k` caps the results, `wm_hits` /
-//!   `ltm_hits` count the matches before the cap.
+//! - **Ranked, at bounded cost.** Hits are ordered by relevance: full-text
+//!   rank, then `pg_trgm` word similarity for what full text misses, by
+//!   default ([`Ranking`], chosen by measurement); `top_k` caps the results,
+//!   `wm_hits` / `ltm_hits` count the matches before the cap. Only the
+//!   scope's newest `memory.recall_window` memories are scored, so a recall
+//!   costs the same after 100 turns as after 100,000.
 //! - **Health is reported.** A background check pings PostgreSQL; `/readyz`
 //!   and `/health` read its cached state.
 //!
@@ -70,7 +72,7 @@ use sqlx::PgPool;
 
 pub use config::{HttpSettings, MemoryConfig, PostgresSettings, Ranking, Settings, load, loader};
 pub use error::Error;
-pub use run::run;
+pub use run::{app, run};
 
 /// The README's example, compiled as a doctest.
 #[cfg(doctest)]
@@ -142,14 +144,7 @@ impl MemoryServiceBuilder {
                 self.schema
             )));
         }
-        let store = store::Store::open(
-            self.pool,
-            &self.schema,
-            self.config.wm_capacity,
-            self.config.ranking,
-            self.config.trigram_threshold,
-        )
-        .await?;
+        let store = store::Store::open(self.pool, &self.schema, &self.config).await?;
         let metrics = self.metrics.unwrap_or_default();
         let health = self.health.unwrap_or_default();
         let probe = store.clone();

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use axum::Router;
 use soma_observability::health::HealthRegistry;
 use soma_observability::http::{HttpMetricsLayer, TraceLayer};
 use soma_observability::metrics::MetricsRegistry;
@@ -37,17 +38,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         .build()
         .await?;
 
-    let app = service
-        .router()
-        .merge(soma_observability::admin::admin_router(
-            metrics.clone(),
-            health.clone(),
-        ))
-        .layer(axum::extract::DefaultBodyLimit::max(
-            settings.memory.max_body_bytes,
-        ))
-        .layer(HttpMetricsLayer::new(&metrics))
-        .layer(TraceLayer::from_config(&settings.telemetry));
+    let app = app(&service, &settings, &metrics, &health);
     let bind = &settings.http.bind;
     let listener = tokio::net::TcpListener::bind(bind)
         .await
@@ -71,4 +62,28 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         .await;
     shutdown.finish();
     Ok(())
+}
+
+/// The process's whole HTTP app: the SomaBrain routes of `service`, the
+/// admin routes (`/live`, `/ready`, `/v1/health`, `/metrics`) beside them,
+/// the body limit of `settings.memory`, HTTP metrics and tracing. [`run`]
+/// serves exactly this; tests serve it too, so a route clash between the
+/// contract and the admin routes fails a test, not the stack.
+pub fn app(
+    service: &MemoryService,
+    settings: &Settings,
+    metrics: &MetricsRegistry,
+    health: &HealthRegistry,
+) -> Router {
+    service
+        .router()
+        .merge(soma_observability::admin::admin_router(
+            metrics.clone(),
+            health.clone(),
+        ))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            settings.memory.max_body_bytes,
+        ))
+        .layer(HttpMetricsLayer::new(metrics))
+        .layer(TraceLayer::from_config(&settings.telemetry))
 }

@@ -3,7 +3,7 @@
 use serde_json::Value;
 use sqlx::{Connection, PgPool, Row};
 
-use crate::config::Ranking;
+use crate::config::{MemoryConfig, Ranking};
 use crate::error::Error;
 
 /// One embedded migration.
@@ -13,11 +13,18 @@ struct Migration {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../migrations/0001_init.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "tenant_seq",
+        sql: include_str!("../migrations/0002_tenant_seq.sql"),
+    },
+];
 
 /// Advisory lock serialising `CREATE EXTENSION pg_trgm` across schemas
 /// (the extension is per database; concurrent creators race on the catalog).
@@ -98,10 +105,11 @@ pub(crate) struct Store {
     /// Quoted schema name.
     schema: String,
     wm_capacity: i64,
+    /// How many of a scope's newest memories recall scores.
+    window: i64,
     ranking: Ranking,
     trigram_threshold: f64,
-    /// `recall` SQL for the configured ranking.
-    recall_sql: String,
+    recall_sql: RecallSql,
 }
 
 fn quote_ident(s: &str) -> String {
@@ -122,20 +130,19 @@ impl Store {
     pub(crate) async fn open(
         pool: PgPool,
         schema: &str,
-        wm_capacity: u32,
-        ranking: Ranking,
-        trigram_threshold: f64,
+        config: &MemoryConfig,
     ) -> Result<Self, Error> {
         let trgm = ensure_trgm(&pool).await?;
         migrate(&pool, schema, &trgm).await?;
         let q = quote_ident(schema);
         Ok(Store {
-            recall_sql: recall_sql(&q, &quote_ident(&trgm), ranking),
+            recall_sql: RecallSql::new(&q, &quote_ident(&trgm)),
             pool,
             schema: q,
-            wm_capacity: i64::from(wm_capacity),
-            ranking,
-            trigram_threshold,
+            wm_capacity: i64::from(config.wm_capacity),
+            window: i64::from(config.recall_window),
+            ranking: config.ranking,
+            trigram_threshold: config.trigram_threshold,
         })
     }
 
@@ -194,18 +201,42 @@ impl Store {
         Ok(dedup)
     }
 
-    /// Ranked recall (see [`Ranking`]); ties go to the newer memory.
+    /// Ranked recall (see [`Ranking`]) over the scope's newest
+    /// `recall_window` memories; ties go to the newer memory.
     pub(crate) async fn recall(&self, q: &Query<'_>) -> Result<Recalled, Error> {
+        let mut out = match self.ranking {
+            Ranking::Fts => self.recall_by(q, Score::Fts).await?,
+            Ranking::Trigram => self.recall_by(q, Score::Trigram).await?,
+            Ranking::Hybrid => {
+                let mut out = self.recall_by(q, Score::Fts).await?;
+                if out.hits.len() < q.top_k as usize {
+                    // Full text found too few: the trigram pass adds what
+                    // only similarity finds (misspellings, word parts),
+                    // after every full-text hit.
+                    let rest = self.recall_by(q, Score::TrigramRest).await?;
+                    out.wm_matches += rest.wm_matches;
+                    out.matches += rest.matches;
+                    out.hits.extend(rest.hits);
+                }
+                out
+            }
+        };
+        out.hits.truncate(q.top_k as usize);
+        Ok(out)
+    }
+
+    async fn recall_by(&self, q: &Query<'_>, score: Score) -> Result<Recalled, Error> {
         let layer = match q.layer {
             LayerFilter::Wm => "wm",
             LayerFilter::Ltm => "ltm",
             LayerFilter::Both => "both",
         };
-        let min_score = match self.ranking {
-            Ranking::Fts => 0.0,
-            Ranking::Trigram => self.trigram_threshold,
+        let min_score = match score {
+            Score::Fts => 0.0,
+            Score::Trigram | Score::TrigramRest => self.trigram_threshold,
         };
-        let rows = sqlx::query(&self.recall_sql)
+        let sql = self.recall_sql.get(score, q.namespace.is_some());
+        let rows = sqlx::query(sql)
             .bind(q.tenant)
             .bind(q.namespace)
             .bind(q.text)
@@ -214,6 +245,7 @@ impl Store {
             .bind(layer)
             .bind(i64::from(q.top_k.max(1)))
             .bind(min_score)
+            .bind(self.window)
             .fetch_all(&self.pool)
             .await?;
         let mut out = Recalled::default();
@@ -227,7 +259,6 @@ impl Store {
                 in_wm: row.try_get("in_wm")?,
             });
         }
-        out.hits.truncate(q.top_k as usize);
         Ok(out)
     }
 
@@ -294,42 +325,89 @@ impl Store {
     }
 }
 
-/// The recall query. Parameters: `$1` tenant, `$2` namespace (NULL: all),
-/// `$3` query text, `$4` WM capacity, `$5` universe (NULL: all), `$6` layer,
-/// `$7` limit, `$8` minimum score.
-fn recall_sql(s: &str, trgm: &str, ranking: Ranking) -> String {
+/// What a recall SQL scores by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Score {
+    /// `ts_rank` of the memories the query's stemmed terms match.
+    Fts,
+    /// `word_similarity` of every memory in the window.
+    Trigram,
+    /// `word_similarity` of the memories full text does *not* match (the
+    /// hybrid ranking's second pass).
+    TrigramRest,
+}
+
+/// The recall SQL of one scoring and scope, built once per store.
+#[derive(Debug, Clone)]
+struct RecallSql {
+    /// `[score][scoped]`: `scoped` names one namespace; otherwise every
+    /// namespace of the tenant (context evaluate).
+    by: [[String; 2]; 3],
+}
+
+impl RecallSql {
+    fn new(s: &str, trgm: &str) -> Self {
+        let all = |score| {
+            [
+                recall_sql(s, trgm, score, false),
+                recall_sql(s, trgm, score, true),
+            ]
+        };
+        RecallSql {
+            by: [
+                all(Score::Fts),
+                all(Score::Trigram),
+                all(Score::TrigramRest),
+            ],
+        }
+    }
+
+    fn get(&self, score: Score, scoped: bool) -> &str {
+        &self.by[score as usize][usize::from(scoped)]
+    }
+}
+
+/// The recall query. Parameters: `$1` tenant, `$2` namespace (NULL and
+/// unused when not `scoped`), `$3` query text, `$4` WM capacity, `$5`
+/// universe (NULL: all), `$6` layer, `$7` limit, `$8` minimum score, `$9`
+/// the recall window.
+///
+/// The work is bounded: the window is the scope's newest `$9` live
+/// memories, read in order from an index (`memories_scope_seq`, or
+/// `memories_tenant_seq` for the whole tenant), and only those are scored.
+/// The query's `tsquery` is computed once (a `MATERIALIZED` CTE; inlined,
+/// PostgreSQL parsed and stemmed the query text again for every row).
+fn recall_sql(s: &str, trgm: &str, score: Score, scoped: bool) -> String {
     // Full text: the query's stemmed terms OR-ed (plainto_tsquery ANDs them,
     // which misses a memory that shares only some words with a question).
-    let (score, matches) = match ranking {
-        Ranking::Fts => (
-            "ts_rank(m.tsv, q.tsq, 32)".to_owned(),
-            "m.tsv @@ q.tsq".to_owned(),
-        ),
-        Ranking::Trigram => (
-            format!("{trgm}.word_similarity($3, m.search_text)"),
-            "TRUE".to_owned(),
-        ),
+    let similarity = format!("{trgm}.word_similarity($3, w.search_text)");
+    let (score, matches) = match score {
+        Score::Fts => ("ts_rank(w.tsv, q.tsq, 32)".to_owned(), "w.tsv @@ q.tsq"),
+        Score::Trigram => (similarity, "TRUE"),
+        Score::TrigramRest => (similarity, "NOT (w.tsv @@ q.tsq)"),
+    };
+    let scope = if scoped {
+        "m.namespace = $2"
+    } else {
+        "$2::text IS NULL"
     };
     format!(
-        "WITH q AS (
+        "WITH q AS MATERIALIZED (
              SELECT replace(plainto_tsquery('english', $3)::text, ' & ', ' | ')::tsquery AS tsq
          ),
-         wm AS (
-             SELECT id FROM {s}.memories
-             WHERE tenant = $1 AND ($2::text IS NULL OR namespace = $2)
-               AND (expires_at IS NULL OR expires_at > now())
-             ORDER BY seq DESC
-             LIMIT $4
+         w AS (
+             SELECT m.seq, m.payload, m.coordinate, m.tsv, m.search_text, m.universe,
+                    row_number() OVER (ORDER BY m.seq DESC) <= $4 AS in_wm
+             FROM {s}.memories m
+             WHERE m.tenant = $1 AND {scope}
+               AND (m.expires_at IS NULL OR m.expires_at > now())
+             ORDER BY m.seq DESC
+             LIMIT $9
          ),
          scored AS (
-             SELECT m.id, m.seq, m.payload, m.coordinate,
-                    ({score})::float8 AS score,
-                    m.id IN (SELECT id FROM wm) AS in_wm
-             FROM {s}.memories m, q
-             WHERE m.tenant = $1 AND ($2::text IS NULL OR m.namespace = $2)
-               AND ($5::text IS NULL OR m.universe = $5)
-               AND (m.expires_at IS NULL OR m.expires_at > now())
-               AND {matches}
+             SELECT w.seq, w.payload, w.coordinate, w.in_wm, ({score})::float8 AS score
+             FROM w, q
+             WHERE {matches} AND ($5::text IS NULL OR w.universe = $5)
          )
          SELECT payload, coordinate, score, in_wm,
                 count(*) FILTER (WHERE in_wm) OVER () AS wm_count,

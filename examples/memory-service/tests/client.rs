@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{TOKEN, TestService};
 use serde_json::{Value, json};
 use soma_somabrain::{
-    AggregateStatus, CallOptions, ContextRequest, FeedbackRequest, HitLayer, Layer, Memory,
+    AggregateStatus, CallOptions, ContextRequest, FeedbackRequest, HitLayer, Memory, MemoryLayer,
     ReadyStatus, RecallRequest, RememberBatch, ServerDetail, SomabrainClient, ValidationIssue,
 };
 
@@ -85,7 +85,7 @@ async fn another_tenant_or_namespace_never_sees_it() {
     .unwrap();
     let q = RecallRequest::new("launch code tulip");
     for (tenant, namespace) in [("globex", "agent"), ("acme", "other"), ("globex", "other")] {
-        for layer in [Layer::Both, Layer::Wm, Layer::Ltm] {
+        for layer in [MemoryLayer::Both, MemoryLayer::Wm, MemoryLayer::Ltm] {
             let found = c
                 .recall(&q.clone().layer(layer), scope(tenant, namespace))
                 .await
@@ -167,7 +167,7 @@ async fn top_k_and_layers_are_honoured() {
     assert!(both.ltm_hits_truncated());
 
     let ltm = c
-        .recall(&q.clone().layer(Layer::Ltm), scope("acme", "agent"))
+        .recall(&q.clone().layer(MemoryLayer::Ltm), scope("acme", "agent"))
         .await
         .unwrap();
     assert_eq!((ltm.results.len(), ltm.wm_hits, ltm.ltm_hits), (3, 0, 8));
@@ -179,7 +179,7 @@ async fn top_k_and_layers_are_honoured() {
 
     let wm = c
         .recall(
-            &q.clone().top_k(10).layer(Layer::Wm),
+            &q.clone().top_k(10).layer(MemoryLayer::Wm),
             scope("acme", "agent"),
         )
         .await
@@ -202,6 +202,48 @@ async fn top_k_and_layers_are_honoured() {
             .wm_items,
         4
     );
+    svc.stop().await;
+}
+
+/// Recall scores only the scope's newest `recall_window` memories: the
+/// bound that keeps its cost flat while a conversation's memories grow.
+#[tokio::test]
+async fn recall_ranks_only_the_newest_window_of_the_scope() {
+    let svc = TestService::start_with(|c| {
+        c.wm_capacity = 2;
+        c.recall_window = 3;
+    })
+    .await;
+    let c = svc.client();
+    for i in 0..5 {
+        c.remember(
+            &memory(
+                &format!("g{i}"),
+                &format!("Garden note {i}: the tomatoes need water."),
+            ),
+            scope("acme", "agent"),
+        )
+        .await
+        .unwrap();
+    }
+    // Another namespace's newer memories don't push these out of the window.
+    c.remember(
+        &memory("x", "Garden tomatoes elsewhere."),
+        scope("acme", "other"),
+    )
+    .await
+    .unwrap();
+    let found = c
+        .recall(
+            &RecallRequest::new("garden tomatoes").top_k(10),
+            scope("acme", "agent"),
+        )
+        .await
+        .unwrap();
+    let mut got = keys(&found);
+    got.sort_unstable();
+    assert_eq!(got, ["g2", "g3", "g4"], "only the newest three are ranked");
+    assert_eq!((found.wm_hits, found.ltm_hits), (2, 1));
     svc.stop().await;
 }
 
@@ -486,6 +528,34 @@ async fn batch_context_reward_and_probes_through_the_client() {
     assert_eq!(health.status, AggregateStatus::Healthy);
     assert_eq!(health.details["memory_ok"], true);
     assert_eq!(health.memory_ok(), Some(true));
+    svc.stop().await;
+}
+
+/// The process's app serves SomaBrain's probes and the SDK's admin routes
+/// side by side: `/healthz` is the contract's (`"healthy"`), `/live`,
+/// `/ready`, `/v1/health` and `/metrics` are soma-observability's.
+#[tokio::test]
+async fn contract_probes_and_admin_routes_share_one_app() {
+    let svc = TestService::start().await;
+    let http = reqwest::Client::new();
+    let get = |path: &'static str| {
+        let http = http.clone();
+        let url = format!("{}{path}", svc.url());
+        async move {
+            let r = http.get(url).send().await.expect(path);
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (status, body) = get("/healthz").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("healthy"), "/healthz is SomaBrain's: {body}");
+    let (status, body) = get("/live").await;
+    assert_eq!((status, body.as_str()), (200, r#"{"status":"live"}"#));
+    assert_eq!(get("/ready").await.0, 200);
+    assert_eq!(get("/v1/health").await.0, 200);
+    let (status, body) = get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("# EOF"), "OpenMetrics text: {body}");
     svc.stop().await;
 }
 

@@ -41,15 +41,50 @@ pub struct Args {
     #[arg(
         long = "config",
         value_name = "FILE",
-        default_value = "examples/platform/config/local.toml"
+        default_value = "examples/platform/config/local.toml",
+        global = true
     )]
     pub config: Vec<PathBuf>,
+    /// A one-off command instead of running the service.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// One-off commands of a service binary.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Issues an API key into the gateway's API-key store
+    /// (`postgres.api_keys_schema`, soma-policy's `PgApiKeyStore`) and
+    /// prints it once: only its hash is stored.
+    IssueApiKey {
+        /// The subject the key acts as.
+        #[arg(long, default_value = "dev-operator")]
+        subject: String,
+        /// Its tenant.
+        #[arg(long, default_value = "acme")]
+        tenant: String,
+        /// A role (repeatable).
+        #[arg(long = "role", default_value = "user")]
+        roles: Vec<String>,
+        /// A scope (repeatable).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+    },
 }
 
 /// Runs `service` until Ctrl-C or SIGTERM, then shuts down gracefully.
 pub async fn main(service: Service) -> ExitCode {
     let args = Args::parse();
-    match run(service, &args.config).await {
+    let result = match args.command {
+        None => run(service, &args.config).await,
+        Some(Command::IssueApiKey {
+            subject,
+            tenant,
+            roles,
+            scopes,
+        }) => issue_api_key(&args.config, subject, tenant, roles, scopes).await,
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{}: {e}", service.name());
@@ -108,5 +143,38 @@ async fn run(service: Service, files: &[PathBuf]) -> Result<(), PlatformError> {
     if let Err(e) = telemetry.shutdown_async().await {
         eprintln!("{}: telemetry flush: {e}", service.name());
     }
+    Ok(())
+}
+
+/// Issues an API key through soma-policy's store and prints it.
+async fn issue_api_key(
+    files: &[PathBuf],
+    subject: String,
+    tenant: String,
+    roles: Vec<String>,
+    scopes: Vec<String>,
+) -> Result<(), PlatformError> {
+    let settings = crate::settings::loader(files).load()?;
+    let policy = |e: soma_policy::StoreError| PlatformError::Policy(e.to_string());
+    let store = soma_policy::PgApiKeyStore::connect(
+        &settings.postgres.url,
+        &settings.postgres.api_keys_schema,
+        1,
+    )
+    .await
+    .map_err(policy)?;
+    store.migrate().await.map_err(policy)?;
+    let issued = soma_policy::generate_key(
+        &settings.policy.api_keys.prefix,
+        subject,
+        tenant,
+        roles,
+        scopes,
+    );
+    soma_policy::ApiKeyStore::insert(&store, issued.record)
+        .await
+        .map_err(policy)?;
+    // The one place the key is shown: stdout of this command.
+    println!("{}", issued.key.expose_secret());
     Ok(())
 }

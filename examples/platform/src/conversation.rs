@@ -4,7 +4,11 @@
 //! For each `chat.message.received` envelope (consumer group
 //! `<bus.consumer_group>.conversation`, per-conversation order):
 //!
-//! 0. a message `/<tool> <input>` becomes a tool call for the tool
+//! 0. a message this worker already answered (a redelivery after a crash
+//!    or a rebalance, before its offset was committed) is skipped at once,
+//!    before the model is asked again (an inbox read; the inbox record in
+//!    step 4 stays the guarantee); a message `/<tool> <input>` becomes a
+//!    tool call for the tool
 //!    executor (same transaction pattern as below, no reply from here);
 //! 1. **authorize the turn**: `conversation.send` for the message's
 //!    principal with the conversation's owner (`context.owner`,
@@ -19,8 +23,11 @@
 //!    "unavailable"`) instead of failing;
 //! 3. **generate** the reply with the configured [`ReplyGenerator`]
 //!    (an OpenAI-compatible model, or the built-in responder), measuring
-//!    time to first token and counting tokens. A model failure answers
-//!    with one `error` event, and nothing is remembered;
+//!    time to first token and counting tokens, and publishing **live
+//!    previews** of the reply so far as it grows (best effort, coalesced
+//!    and bounded per reply, on Redis pub/sub; see [`crate::live`]), so
+//!    SSE clients see tokens while the model is still writing. A model
+//!    failure answers with one `error` event, and nothing is remembered;
 //! 4. in **one Postgres transaction**: record the message id in the inbox
 //!    (a redelivered message is skipped), number and store the reply
 //!    events in the session event store (what SSE clients resume from,
@@ -31,10 +38,13 @@
 //!
 //! So the reply is produced exactly once per message id, even across
 //! crashes and redeliveries, and nothing is lost while Kafka is down (the
-//! outbox holds it). The reply's events are published when the whole
-//! reply is generated (that is what makes them exactly-once): at most
-//! [`protocol::MAX_DELTAS`] `assistant.delta` events per reply, coalesced
-//! from the generator's tokens.
+//! outbox holds it). The reply's stored events are published when the
+//! whole reply is generated (that is what makes them exactly-once): at
+//! most [`protocol::MAX_DELTAS`] `assistant.delta` events per reply,
+//! coalesced from the generator's tokens. The live previews before them
+//! are at most once and carry no event id: a client that missed them (or
+//! a preview path that is down) changes nothing but how early the text
+//! shows.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +61,7 @@ use tokio::net::TcpListener;
 
 use crate::PlatformError;
 use crate::conversations::Conversations;
+use crate::live::{LivePublisher, ReplyPreviews};
 use crate::protocol::{self, ChatRequest, MemoryStatus, MemoryWrite, ToolCall};
 use crate::reply::{self, RecalledMemory, ReplyGenerator, Turn};
 use crate::runtime::{KafkaRole, Runtime, Worker};
@@ -63,11 +74,14 @@ pub const HANDLER: &str = "conversation-worker";
 struct Ctx {
     settings: Arc<PlatformSettings>,
     effects: Effects,
+    pool: sqlx::PgPool,
+    inbox: soma_outbox::Inbox,
     store: SessionEvents,
     conversations: Conversations,
     authz: Authorizer,
     brain: SomabrainClient,
     generator: Box<dyn ReplyGenerator>,
+    live: LivePublisher,
     metrics: AssistantMetrics,
 }
 
@@ -102,7 +116,8 @@ impl AssistantMetrics {
             ),
             turns: registry.counter_family(
                 "soma_platform_assistant_turns_total",
-                "Messages answered, by outcome: completed, denied (policy), model_failed",
+                "Messages handled, by outcome: completed, denied (policy), model_failed, \
+                 duplicate (answered before: a redelivery, skipped before the model)",
             ),
         }
     }
@@ -122,15 +137,19 @@ pub async fn start(
     let generator = reply::from_settings(&runtime.settings.llm)
         .map_err(|e| PlatformError::Policy(format!("llm: {e}")))?;
     tracing::info!(event = "reply_generator", generator = generator.name());
+    let live = live_publisher(&runtime).await?;
     let ctx = Arc::new(Ctx {
         settings: runtime.settings.clone(),
         effects: runtime.effects(),
+        pool: runtime.pool.clone(),
+        inbox: runtime.outbox.inbox(),
         store: runtime.session_events.clone(),
         conversations: runtime.conversations.clone(),
         authz: runtime.authorizer(PolicyMetrics::new(&runtime.metrics))?,
         // Without SomaBrain the worker answers without memory.
         brain: runtime.somabrain()?,
         generator,
+        live,
         metrics: AssistantMetrics::new(&runtime.metrics),
     });
     let chat = &ctx.settings.chat;
@@ -148,6 +167,26 @@ pub async fn start(
     })
 }
 
+/// The live-preview publisher: on its own Redis client of one connection
+/// (one task publishes, in order), connected in the background and with no
+/// health component (previews are best effort: a worker without Redis
+/// answers as before, only later).
+async fn live_publisher(runtime: &Runtime) -> Result<LivePublisher, PlatformError> {
+    let chat = &runtime.settings.chat;
+    let redis = if chat.live_previews {
+        let mut config = runtime.settings.redis.clone();
+        config.pool_size = 1;
+        let client = soma_redis::RedisClient::builder(config)
+            .metrics(&runtime.metrics)
+            .connect_lazy()
+            .await?;
+        Some(client)
+    } else {
+        None
+    };
+    Ok(LivePublisher::start(chat, redis, &runtime.metrics)?)
+}
+
 async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
     let started = Instant::now();
     let req: ChatRequest = env
@@ -159,33 +198,15 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
         ));
     }
     let chat = &ctx.settings.chat;
+    if crate::runtime::handled_before(&ctx.pool, &ctx.inbox, HANDLER, env.id).await {
+        ctx.metrics.turn("duplicate");
+        return Ok(());
+    }
 
     // `/<tool> <input>`: the tool executor answers (after its own
     // authorization); nothing is recalled or remembered.
     if let Some((tool, input)) = protocol::parse_tool_call(&req.text) {
-        let call = ToolCall {
-            conversation_id: req.conversation_id.clone(),
-            message_id: env.id,
-            principal: req.principal.clone(),
-            tool,
-            input,
-            request_id: req.request_id.clone(),
-        };
-        let call_env = Envelope::builder(
-            protocol::TOOL_CALL,
-            env.tenant.as_str(),
-            req.conversation_id.as_str(),
-        )
-        .json(&call)
-        .map_err(HandlerError::fatal)?
-        .caused_by(&env)
-        .build()
-        .map_err(HandlerError::fatal)?;
-        return ctx
-            .effects
-            .commit_once(HANDLER, env.id, &[(&chat.tools_topic, &call_env)])
-            .await
-            .map(|_| ());
+        return hand_to_tools(ctx, &env, &req, tool, input).await;
     }
 
     if let Some(reasons) = authorize_turn(ctx, &req).await? {
@@ -202,7 +223,10 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
         memory,
         memories,
     };
-    let reply = match generate(ctx, &turn, started).await {
+    let mut previews = ctx
+        .live
+        .reply(env.tenant.as_str(), &req.conversation_id, env.id, memory);
+    let reply = match generate(ctx, &turn, started, &mut previews).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(event = "reply_generation_failed", generator = ctx.generator.name(), error = %e);
@@ -234,6 +258,40 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
     .map_err(HandlerError::fatal)?;
     ctx.metrics.turn("completed");
     commit(ctx, &env, events, &[(&chat.memory_topic, &memory_env)]).await
+}
+
+/// Hands `/<tool> <input>` to the tool executor: the call, in the same
+/// exactly-once transaction as the inbox record.
+async fn hand_to_tools(
+    ctx: &Ctx,
+    env: &Envelope,
+    req: &ChatRequest,
+    tool: String,
+    input: String,
+) -> Result<(), HandlerError> {
+    let call = ToolCall {
+        conversation_id: req.conversation_id.clone(),
+        message_id: env.id,
+        principal: req.principal.clone(),
+        tool,
+        input,
+        request_id: req.request_id.clone(),
+    };
+    let call_env = Envelope::builder(
+        protocol::TOOL_CALL,
+        env.tenant.as_str(),
+        req.conversation_id.as_str(),
+    )
+    .json(&call)
+    .map_err(HandlerError::fatal)?
+    .caused_by(env)
+    .build()
+    .map_err(HandlerError::fatal)?;
+    let topic = ctx.settings.chat.tools_topic.as_str();
+    ctx.effects
+        .commit_once(HANDLER, env.id, &[(topic, &call_env)])
+        .await
+        .map(|_| ())
 }
 
 async fn commit(
@@ -366,17 +424,34 @@ fn memory_of(
 }
 
 /// Runs the generator to the end, recording time to first token and the
-/// token count.
+/// token count, and previewing the reply as it grows: whenever the
+/// generator makes us wait and a preview is due (see
+/// [`ReplyPreviews`]).
 async fn generate(
     ctx: &Ctx,
     turn: &Turn,
     started: Instant,
+    previews: &mut ReplyPreviews<'_>,
 ) -> Result<String, reply::GenerateError> {
     let labels = vec![("generator", ctx.generator.name())];
     let mut stream = ctx.generator.generate(turn);
     let mut reply = String::new();
     let mut tokens = 0u64;
-    while let Some(piece) = stream.next().await {
+    loop {
+        let next = match previews.due_at() {
+            // Biased: a ready token first, the preview only while waiting.
+            // `next()` is cancel-safe: no token is lost to the timer.
+            Some(at) => tokio::select! {
+                biased;
+                piece = stream.next() => piece,
+                _ = tokio::time::sleep_until(at) => {
+                    previews.flush(&reply);
+                    continue;
+                }
+            },
+            None => stream.next().await,
+        };
+        let Some(piece) = next else { break };
         let piece = piece?;
         if tokens == 0 {
             ctx.metrics
@@ -386,6 +461,7 @@ async fn generate(
         }
         tokens += 1;
         reply.push_str(&piece);
+        previews.grew();
     }
     ctx.metrics.tokens.get_or_create(&labels).inc_by(tokens);
     if reply.trim().is_empty() {

@@ -56,25 +56,16 @@ impl Conversations {
     /// Creates the table if missing (serialized on an advisory lock, so
     /// several processes may start at once).
     pub async fn migrate(&self) -> Result<(), SessionEventsError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(format!("soma-conversations:{}", self.schema))
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema))
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(&format!(
+        let table = format!(
             "CREATE TABLE IF NOT EXISTS {} (
                 conversation_id TEXT PRIMARY KEY,
                 tenant TEXT NOT NULL,
                 owner TEXT NOT NULL,
                 created_at TIMESTAMPTZ NOT NULL DEFAULT now())",
             self.table
-        ))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        );
+        let lock = format!("soma-conversations:{}", self.schema);
+        crate::schema::create_locked(&self.pool, &lock, &self.schema, &[table]).await?;
         Ok(())
     }
 

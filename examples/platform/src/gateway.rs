@@ -4,14 +4,20 @@
 //! | Route | Action | What it does |
 //! |---|---|---|
 //! | `POST /v1/conversations/{id}/messages` | `conversation.send` | Accepts `{"text": …}`, publishes it durably (Kafka, or the outbox when Kafka is down), answers `202` with the message id. An `Idempotency-Key` header (scoped per tenant and subject) makes retries return the first answer, and derives the message id from (tenant, subject, key). |
-//! | `GET /v1/conversations/{id}/events` | `conversation.read` | Server-sent events `assistant.started`, `assistant.delta`, `assistant.completed`, `error` and `tool.result` for that conversation: from the moment of connecting, or, with `Last-Event-ID`, every event after that id still kept (replayed from the session event store, then live). Heartbeat comments every `chat.sse_heartbeat_ms`. |
+//! | `GET /v1/conversations/{id}/events` | `conversation.read` | Server-sent events `assistant.started`, `assistant.delta`, `assistant.completed`, `error` and `tool.result` for that conversation: from the moment of connecting, or, with `Last-Event-ID`, every event after that id still kept (replayed from the session event store, then live). While a reply is generated, `assistant.preview` events without an `id:` carry the reply so far (best effort, never replayed; see [`LiveEvent`]). Heartbeat comments every `chat.sse_heartbeat_ms`. |
 //!
-//! Every request passes, in order: metrics and tracing → authentication (JWT
+//! Every request passes, in order: the request id (`x-request-id`: a
+//! client's valid id is kept, else a new one; echoed on the response) →
+//! metrics and tracing → authentication (JWT
 //! or API key; `401`) → rate limit per tenant and route (`429`) →
 //! authorization through the embedded Rego policy (`403`, or `503` when no
 //! decision can be had) → the handler, which authorizes the action again
 //! with the conversation's owner (see [`crate::conversations`]): another
 //! subject or tenant gets `403`.
+//!
+//! The operator routes (runtime config, features, SomaBrain, DLQ) are
+//! mounted from [`crate::operator`] inside the same layers, the probes
+//! (`/live`, `/ready`, `/healthz`, `/v1/health`) outside authentication.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -19,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, State};
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -29,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use soma_bus::{BusConsumer, ConsumerHandle, Envelope, HandlerError, PublishOutcome};
 use soma_config::Live;
-use soma_observability::http::{HttpMetricsLayer, TraceLayer};
+use soma_observability::http::{HttpMetricsLayer, Problem, RequestId, RequestIdLayer, TraceLayer};
 use soma_observability::metrics::MetricsRegistry;
 use soma_observability::prometheus_client::metrics::counter::Counter;
 use soma_observability::prometheus_client::metrics::family::Family;
@@ -46,11 +53,13 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::PlatformError;
 use crate::conversations::Conversations;
-use crate::protocol::{self, ChatEvent, ChatRequest};
+use crate::operator::Operator;
+use crate::protocol::{self, ChatEvent, ChatRequest, LiveEvent};
 use crate::runtime::{KafkaRole, Runtime};
 use crate::session_events::SessionEvents;
 use crate::settings::PlatformSettings;
@@ -228,9 +237,13 @@ pub struct Gateway {
     runtime: Runtime,
     addr: SocketAddr,
     events: Option<ConsumerHandle>,
+    live: Option<JoinHandle<()>>,
+    live_stop: CancellationToken,
     server: Option<JoinHandle<()>>,
     stop: CancellationToken,
     redis: RedisClient,
+    workspace: Option<crate::workspace::Workspace>,
+    operator: Operator,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -298,12 +311,18 @@ impl Gateway {
             .map_err(|e| PlatformError::Policy(e.to_string()))?;
         let authz = Arc::new(runtime.authorizer(policy_metrics)?);
         let mut rules = routes();
+        rules.extend(crate::workspace::routes());
+        rules.extend(crate::operator::routes());
         rules.extend(settings.policy.routes.iter().cloned());
         let routes = RouteMap::new(rules).map_err(|e| PlatformError::Policy(e.to_string()))?;
 
         let hub = Hub::new(settings.chat.sse_buffer);
         let events = spawn_hub(&runtime, hub.clone())?;
+        let live_stop = CancellationToken::new();
+        let live = spawn_live_previews(&runtime, &redis, hub.clone(), live_stop.clone());
 
+        let (workspace, workspace_routes) =
+            crate::workspace::Workspace::start(&runtime, &redis, authz.clone()).await?;
         let shared = Arc::new(Shared {
             settings: settings.clone(),
             authz: authz.clone(),
@@ -323,13 +342,19 @@ impl Gateway {
                 route: format!("{} {}", req.method(), route.as_str()),
             })
         });
+        let operator = Operator::start(&runtime, authz.clone()).await?;
         let app = Router::new()
             .route(MESSAGES_ROUTE, post(post_message))
             .route(EVENTS_ROUTE, get(events_stream))
+            .merge(workspace_routes)
+            .merge(operator.router())
             .route_layer(AuthzLayer::new(authz, Arc::new(routes)))
             .route_layer(rate_limit)
             .layer(AuthnLayer::new(Arc::new(authn)))
-            .fallback(|| async { problem(StatusCode::NOT_FOUND, "not_found", "no such route") })
+            // Outside authentication: the probes.
+            .merge(crate::operator::probes(&runtime.health))
+            .fallback(|| async { Problem::not_found("no such route") })
+            .method_not_allowed_fallback(method_not_allowed)
             .layer(DefaultBodyLimit::max(settings.http.max_body_bytes))
             .layer(
                 tower::ServiceBuilder::new()
@@ -340,6 +365,9 @@ impl Gateway {
             )
             .layer(HttpMetricsLayer::new(&runtime.metrics))
             .layer(TraceLayer::from_config(&settings.telemetry))
+            // Outermost: one id per request, which the span, the policy
+            // input and audit record, and the published message all carry.
+            .layer(RequestIdLayer::new())
             .with_state(shared);
 
         let addr = api.local_addr().map_err(|source| PlatformError::Bind {
@@ -363,9 +391,13 @@ impl Gateway {
             runtime,
             addr,
             events: Some(events),
+            live,
+            live_stop,
             server: Some(server),
             stop,
             redis,
+            workspace: Some(workspace),
+            operator,
         })
     }
 
@@ -387,7 +419,8 @@ impl Gateway {
     /// The shutdown sequence (see [`Runtime::lifecycle`]): readiness down,
     /// the drain delay, then stop accepting and finish in-flight requests
     /// (SSE streams end with a `shutdown` event telling the client to
-    /// reconnect), stop the SSE hub's consumer, close Redis, and shut the
+    /// reconnect), stop the SSE hub's consumer and the live-preview
+    /// subscription, close Redis, and shut the
     /// runtime down (publisher flush before the pool closes, relay, admin).
     /// Every stage shares the one `shutdown.deadline_ms`.
     pub async fn shutdown(mut self) {
@@ -413,6 +446,22 @@ impl Gateway {
             lifecycle
                 .stage("sse_hub", async {
                     e.shutdown().await;
+                })
+                .await;
+        }
+        if let Some(w) = self.workspace.take() {
+            lifecycle
+                .stage("workspace", async {
+                    w.shutdown().await;
+                })
+                .await;
+        }
+        self.operator.shutdown();
+        self.live_stop.cancel();
+        if let Some(l) = self.live.take() {
+            lifecycle
+                .stage("live_previews", async {
+                    let _ = l.await;
                 })
                 .await;
         }
@@ -464,6 +513,32 @@ fn spawn_hub(runtime: &Runtime, hub: Arc<Hub>) -> Result<ConsumerHandle, Platfor
     .spawn()?)
 }
 
+/// Live previews (Redis pub/sub, see [`crate::live`]) go to the same
+/// per-conversation channels as the stored events; `None` when
+/// `chat.live_previews` is off.
+fn spawn_live_previews(
+    runtime: &Runtime,
+    redis: &RedisClient,
+    hub: Arc<Hub>,
+    stop: CancellationToken,
+) -> Option<JoinHandle<()>> {
+    let chat = &runtime.settings.chat;
+    chat.live_previews.then(|| {
+        crate::live::spawn_forwarder(
+            redis.clone(),
+            chat,
+            &runtime.metrics,
+            stop,
+            move |l: LiveEvent| {
+                hub.publish(HubEvent {
+                    tenant: l.tenant,
+                    event: l.event,
+                })
+            },
+        )
+    })
+}
+
 /// What the overload layers' errors answer: `504` when a request ran past
 /// `http.request_timeout_ms`, `503` when `http.max_concurrent_requests` were
 /// already in flight (load is shed at once instead of queueing without
@@ -484,27 +559,40 @@ async fn overload_answer(err: tower::BoxError) -> Response {
         )
     } else {
         tracing::error!(event = "request_failed", error = %err);
-        problem(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error",
-        )
+        Problem::internal().into_response()
     }
 }
 
-fn problem(status: StatusCode, kind: &str, detail: &str) -> Response {
-    let body = serde_json::json!({
-        "type": format!("https://soma.dev/problems/{kind}"),
-        "title": kind,
-        "status": status.as_u16(),
-        "detail": detail,
-    });
-    (
-        status,
-        [(header::CONTENT_TYPE, soma_policy::PROBLEM_CONTENT_TYPE)],
-        body.to_string(),
-    )
-        .into_response()
+/// The gateway's error answer: a [`Problem`] body (`title` the status's
+/// reason, `code` the stable machine code).
+fn problem(status: StatusCode, code: &str, detail: &str) -> Response {
+    Problem::new(status, code, detail).into_response()
+}
+
+/// What a known route answers to a method it does not serve: `405`, a
+/// problem body like every other error (axum's default is plain text).
+async fn method_not_allowed(req: Request<Body>) -> Response {
+    Problem::method_not_allowed(format!(
+        "{} is not allowed on {}",
+        req.method(),
+        req.uri().path()
+    ))
+    .into_response()
+}
+
+/// A request body axum could not read: `413 body_too_large` past
+/// `http.max_body_bytes` (axum answers in plain text by itself), otherwise
+/// `400 invalid_body`.
+fn body_rejection(e: &BytesRejection) -> Response {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the request body is larger than the gateway accepts",
+        )
+    } else {
+        problem(StatusCode::BAD_REQUEST, "invalid_body", &e.body_text())
+    }
 }
 
 /// `Some(400 invalid_conversation_id)` unless `id` is a valid conversation id.
@@ -518,25 +606,27 @@ fn reject_conversation_id(id: &str) -> Option<Response> {
     })
 }
 
-fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get(soma_policy::REQUEST_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-        .map(str::to_owned)
-        .unwrap_or_else(|| Uuid::now_v7().to_string())
+/// The request's one id, set by the outermost [`RequestIdLayer`] (always
+/// visible ASCII, so never empty here).
+fn id_str(id: &RequestId) -> &str {
+    id.header_value().to_str().unwrap_or_default()
 }
 
 async fn post_message(
     State(gw): State<Arc<Shared>>,
     Extension(principal): Extension<Principal>,
+    Extension(request_id): Extension<RequestId>,
     Path(conversation_id): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     if let Some(r) = reject_conversation_id(&conversation_id) {
         return r;
     }
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_rejection(&e),
+    };
     let msg: SendMessage = match serde_json::from_slice(&body) {
         Ok(m) => m,
         Err(e) => {
@@ -567,25 +657,22 @@ async fn post_message(
         &principal,
         OwnerCheck::SEND,
         &conversation_id,
-        &headers,
+        &request_id,
     )
     .await
     {
         return r;
     }
 
-    let key = match headers.get(IDEMPOTENCY_KEY) {
-        None => None,
-        Some(v) => match v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 128) {
-            Some(k) => Some(k.to_owned()),
-            None => {
-                return problem(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_idempotency_key",
-                    "Idempotency-Key must be 1-128 visible ASCII characters",
-                );
-            }
-        },
+    let key = match idempotency_key(&headers) {
+        Ok(key) => key.map(str::to_owned),
+        Err(InvalidIdempotencyKey) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1-128 visible ASCII characters",
+            );
+        }
     };
     let claim = match &key {
         None => None,
@@ -599,7 +686,7 @@ async fn post_message(
         conversation_id: conversation_id.clone(),
         text: msg.text,
         principal: principal.clone(),
-        request_id: request_id(&headers),
+        request_id: id_str(&request_id).to_owned(),
     };
     // A retry with the same key publishes the same envelope id, so even a
     // retry the key store no longer remembers is one message to the
@@ -627,24 +714,24 @@ async fn post_message(
     };
     // The publish runs in its own task: a client that disconnects (or the
     // request timeout) drops this handler, not the publish, which completes
-    // and stores its answer under the key for the client's retry.
-    let publish = tokio::spawn(publish_message(
-        gw.runtime_publisher.clone(),
-        gw.settings.chat.requests_topic.clone(),
-        envelope,
-        conversation_id,
-        claim,
-    ));
+    // and stores its answer under the key for the client's retry. It stays
+    // in the request's span, so the message carries the request's trace.
+    let publish = tokio::spawn(
+        publish_message(
+            gw.runtime_publisher.clone(),
+            gw.settings.chat.requests_topic.clone(),
+            envelope,
+            conversation_id,
+            claim,
+        )
+        .instrument(tracing::Span::current()),
+    );
     match publish.await {
         Ok(Ok(accepted)) => (StatusCode::ACCEPTED, axum::Json(accepted)).into_response(),
         Ok(Err(answer)) => answer,
         Err(e) => {
             tracing::error!(event = "publish_task_failed", error = %e);
-            problem(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "internal error",
-            )
+            Problem::internal().into_response()
         }
     }
 }
@@ -801,7 +888,7 @@ async fn authorize_owner(
     principal: &Principal,
     check: OwnerCheck,
     conversation_id: &str,
-    headers: &HeaderMap,
+    request_id: &RequestId,
 ) -> Result<(), Response> {
     let owner = gw
         .conversations
@@ -826,11 +913,7 @@ async fn authorize_owner(
     .with_request(RequestInfo {
         method: check.method.to_owned(),
         route: check.route.to_owned(),
-        request_id: headers
-            .get(soma_policy::REQUEST_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| v.len() <= 128)
-            .map(str::to_owned),
+        request_id: Some(id_str(request_id).to_owned()),
     })
     .with_context("owner", owner.subject)
     .with_context("resource_tenant", owner.tenant);
@@ -920,6 +1003,10 @@ fn reset_event(last_event_id: u64, resumed_after: u64) -> SseItem {
 /// beyond `last + 1` means something was missed (a lagged channel, or an
 /// event that reached the channel before this stream subscribed) and the
 /// stream catches up from the store first. So every event once, in order.
+///
+/// Live previews (no event id) pass straight through, except one of a
+/// message whose final event this stream already sent (a late preview must
+/// not reopen an answered message).
 struct Session {
     sub: Subscription,
     store: SessionEvents,
@@ -930,9 +1017,29 @@ struct Session {
     last: u64,
     pending: VecDeque<Out>,
     done: bool,
+    /// The messages whose final event this stream sent last.
+    answered: VecDeque<Uuid>,
 }
 
+/// Answered messages a stream remembers, to drop their late previews.
+const ANSWERED_KEPT: usize = 64;
+
 impl Session {
+    fn new(sub: Subscription, gw: &Shared, tenant: String, conversation_id: String) -> Self {
+        Self {
+            sub,
+            store: gw.store.clone(),
+            metrics: gw.sse_metrics.clone(),
+            lifecycle: gw.lifecycle.clone(),
+            tenant,
+            conversation_id,
+            last: 0,
+            pending: VecDeque::new(),
+            done: false,
+            answered: VecDeque::new(),
+        }
+    }
+
     /// Queues the stored events after `last` (with an `event: reset` first
     /// when the oldest of them is no longer kept).
     async fn catch_up(&mut self) -> Result<(), crate::session_events::SessionEventsError> {
@@ -979,7 +1086,21 @@ impl Session {
         }
     }
 
+    /// The next thing to send; remembers the messages it answers.
     async fn next(&mut self) -> Option<Out> {
+        let out = self.next_out().await?;
+        if let Out::Chat(e) = &out {
+            if e.kind.is_final() {
+                if self.answered.len() == ANSWERED_KEPT {
+                    self.answered.pop_front();
+                }
+                self.answered.push_back(e.message_id);
+            }
+        }
+        Some(out)
+    }
+
+    async fn next_out(&mut self) -> Option<Out> {
         loop {
             if let Some(e) = self.pending.pop_front() {
                 return Some(e);
@@ -1002,6 +1123,9 @@ impl Session {
                 Ok(e) => {
                     let id = e.event.event_id;
                     if id == 0 {
+                        if self.answered.contains(&e.event.message_id) {
+                            continue;
+                        }
                         return Some(Out::Chat(e.event.clone()));
                     }
                     if id <= self.last {
@@ -1035,7 +1159,7 @@ impl Session {
 /// A `Last-Event-ID` that is not an id this API sends.
 #[derive(Debug, thiserror::Error)]
 #[error("Last-Event-ID must be the id of an event this API sent (a decimal integer)")]
-struct InvalidLastEventId;
+pub struct InvalidLastEventId;
 
 impl IntoResponse for InvalidLastEventId {
     fn into_response(self) -> Response {
@@ -1047,9 +1171,28 @@ impl IntoResponse for InvalidLastEventId {
     }
 }
 
+/// An `Idempotency-Key` header that is not 1-128 visible ASCII characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("Idempotency-Key must be 1-128 visible ASCII characters")]
+pub struct InvalidIdempotencyKey;
+
+/// Reads `Idempotency-Key`: `Ok(None)` when absent; a key is 1-128 visible
+/// ASCII characters (anything else is refused, not trimmed or guessed).
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, InvalidIdempotencyKey> {
+    match headers.get(IDEMPOTENCY_KEY) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .filter(|k| !k.is_empty() && k.len() <= 128)
+            .map(Some)
+            .ok_or(InvalidIdempotencyKey),
+    }
+}
+
 /// Parses `Last-Event-ID`: `Ok(None)` when absent or empty; ids are
 /// decimal integers up to 2^63-1 (PostgreSQL `BIGINT`).
-fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, InvalidLastEventId> {
+pub fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, InvalidLastEventId> {
     let Some(v) = headers.get(LAST_EVENT_ID) else {
         return Ok(None);
     };
@@ -1068,6 +1211,7 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, InvalidLastEventId>
 async fn events_stream(
     State(gw): State<Arc<Shared>>,
     Extension(principal): Extension<Principal>,
+    Extension(request_id): Extension<RequestId>,
     Path(conversation_id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
@@ -1083,7 +1227,7 @@ async fn events_stream(
         &principal,
         OwnerCheck::READ,
         &conversation_id,
-        &headers,
+        &request_id,
     )
     .await
     {
@@ -1092,17 +1236,7 @@ async fn events_stream(
     // Subscribed before the store is read: an event is in the replay, or
     // on the channel, or both (then dropped by id) — never in neither.
     let sub = gw.hub.subscribe(&principal.tenant, &conversation_id);
-    let mut session = Session {
-        sub,
-        store: gw.store.clone(),
-        metrics: gw.sse_metrics.clone(),
-        lifecycle: gw.lifecycle.clone(),
-        tenant: principal.tenant,
-        conversation_id,
-        last: 0,
-        pending: VecDeque::new(),
-        done: false,
-    };
+    let mut session = Session::new(sub, &gw, principal.tenant, conversation_id);
     let started = match resume_from {
         // From now on: everything after the newest stored event.
         None => gw
@@ -1224,6 +1358,7 @@ mod tests {
             last: 0,
             pending: VecDeque::new(),
             done: false,
+            answered: VecDeque::new(),
         };
         // Another conversation's traffic goes to its own channel (none: no
         // subscriber), never into this one.
@@ -1287,6 +1422,67 @@ mod tests {
             .execute(&pool)
             .await
             .unwrap();
+    }
+
+    /// Previews pass through without an SSE id, in order, until the
+    /// message's final event; a late preview of an answered message is
+    /// dropped. No store is read on this path.
+    #[tokio::test]
+    async fn previews_pass_without_an_id_until_their_message_is_answered() {
+        let pool = sqlx::PgPool::connect_lazy("postgres://127.0.0.1:1/none").unwrap();
+        let hub = Hub::new(16);
+        let registry = MetricsRegistry::new(Default::default());
+        let health = soma_observability::health::HealthRegistry::new();
+        let mut session = Session {
+            sub: hub.subscribe("t", "c1"),
+            store: SessionEvents::new(pool, "unused").unwrap(),
+            metrics: SseMetrics::new(&registry),
+            lifecycle: Shutdown::new(Default::default(), &health),
+            tenant: "t".into(),
+            conversation_id: "c1".into(),
+            last: 0,
+            pending: VecDeque::new(),
+            done: false,
+            answered: VecDeque::new(),
+        };
+        let id = Uuid::now_v7();
+        let none = protocol::MemoryStatus::None;
+        let mut done = protocol::reply_events(id, "c1", "Hi there", none, &[])
+            .pop()
+            .unwrap();
+        done.event_id = 1;
+        for event in [
+            protocol::preview_event(id, "c1", 0, "Hi", none),
+            protocol::preview_event(id, "c1", 1, "Hi the", none),
+            done.clone(),
+            protocol::preview_event(id, "c1", 2, "Hi there", none),
+            protocol::preview_event(Uuid::now_v7(), "c1", 0, "Next", none),
+        ] {
+            hub.publish(HubEvent {
+                tenant: "t".into(),
+                event,
+            });
+        }
+        let mut texts = Vec::new();
+        for _ in 0..4 {
+            let Some(Out::Chat(e)) = session.next().await else {
+                panic!("a chat event")
+            };
+            let sse = format!("{:?}", sse_event(&e).unwrap());
+            assert_eq!(sse.contains("id:"), e.event_id > 0, "{sse}");
+            texts.push((e.kind, e.text));
+        }
+        use protocol::EventKind::{Completed, Preview};
+        assert_eq!(
+            texts,
+            vec![
+                (Preview, "Hi".to_owned()),
+                (Preview, "Hi the".to_owned()),
+                (Completed, "Hi there".to_owned()),
+                (Preview, "Next".to_owned()),
+            ],
+            "the late preview of the answered message was dropped"
+        );
     }
 
     #[test]

@@ -4,13 +4,18 @@ pub mod cli;
 pub mod conversation;
 pub mod conversations;
 pub mod gateway;
+pub mod live;
 pub mod memory;
+pub mod memory_replica;
+pub mod operator;
 pub mod protocol;
 pub mod reply;
 pub mod runtime;
+pub mod schema;
 pub mod session_events;
 pub mod settings;
 pub mod tools;
+pub mod workspace;
 
 pub use gateway::Gateway;
 pub use runtime::Worker;

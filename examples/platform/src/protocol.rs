@@ -2,7 +2,9 @@
 //!
 //! Every message is a soma-bus [`Envelope`](soma_bus::Envelope) keyed by the
 //! conversation id, so one conversation's messages, replies and memory
-//! writes stay in order on their partitions.
+//! writes stay in order on their partitions. Off the bus, live previews of
+//! replies travel as [`LiveEvent`]s on Redis pub/sub (best effort; the
+//! client contract is on that type).
 
 use serde::{Deserialize, Serialize};
 use soma_policy::Principal;
@@ -50,11 +52,19 @@ pub enum EventKind {
     /// A tool ran (or was refused); `text` is its output (see
     /// [`ToolResult`]). The reply events follow.
     ToolResult,
+    /// A **live preview** of a reply still being generated: `text` is the
+    /// reply so far (not a piece of it), `seq` numbers the previews of one
+    /// generation from 0. Best effort and never stored: it has no
+    /// `event_id` (so no SSE `id:`), is never replayed on `Last-Event-ID`,
+    /// and may be lost; the stored `started` / `delta` / `completed` (or
+    /// `error`) events of the same `message_id` follow and are
+    /// authoritative. See [`LiveEvent`].
+    Preview,
 }
 
 impl EventKind {
     /// The SSE event name: `assistant.started`, `assistant.delta`,
-    /// `assistant.completed`, `error`, `tool.result`.
+    /// `assistant.completed`, `error`, `tool.result`, `assistant.preview`.
     pub fn sse_name(self) -> &'static str {
         match self {
             EventKind::Started => "assistant.started",
@@ -62,6 +72,7 @@ impl EventKind {
             EventKind::Completed => "assistant.completed",
             EventKind::Error => "error",
             EventKind::ToolResult => "tool.result",
+            EventKind::Preview => "assistant.preview",
         }
     }
 
@@ -98,6 +109,54 @@ pub struct ChatEvent {
     /// the messages that created them). Absent when none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub memories: Vec<String>,
+}
+
+/// A live preview on its way from the conversation worker to the gateways
+/// (Redis pub/sub, channel `chat.live_channel`; see [`crate::live`]).
+///
+/// **The client contract.** While a reply is generated, SSE clients
+/// connected at that moment receive `event: assistant.preview` events
+/// ([`EventKind::Preview`]) with no `id:` line. Each carries the reply *so
+/// far* for its `message_id`: render it as provisional text, replacing the
+/// previous preview of that message. The stored events follow as before
+/// (`assistant.started`, at most [`MAX_DELTAS`] `assistant.delta`,
+/// `assistant.completed` or `error`, each with an `id:`): when they arrive
+/// for that `message_id`, they replace the preview — `completed.text` is
+/// the reply, `error` means there is none (a preview of a reply that then
+/// failed is withdrawn). Previews are **at most once and may be lost**
+/// (no subscriber at that moment, a gateway restart, Redis down, a slow
+/// client): nothing depends on them. A message handled twice (a worker
+/// crash before its commit) may preview twice, with `seq` from 0 again;
+/// its stored events still come once. A client that ignores
+/// `assistant.preview` sees exactly the stored stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveEvent {
+    /// The conversation's tenant (the gateway's fan-out key, with the
+    /// event's conversation).
+    pub tenant: String,
+    /// The preview (`kind` [`EventKind::Preview`], `event_id` 0).
+    pub event: ChatEvent,
+}
+
+/// The preview number `seq` of the reply to `message_id`, with the reply
+/// so far.
+pub fn preview_event(
+    message_id: Uuid,
+    conversation_id: &str,
+    seq: u32,
+    so_far: &str,
+    memory: MemoryStatus,
+) -> ChatEvent {
+    ChatEvent {
+        conversation_id: conversation_id.to_owned(),
+        message_id,
+        seq,
+        kind: EventKind::Preview,
+        text: so_far.to_owned(),
+        memory,
+        event_id: 0,
+        memories: Vec::new(),
+    }
 }
 
 /// How the worker's memory recall went.

@@ -10,7 +10,7 @@ use soma_bus::{
     BusConfig, BusConsumer, BusProducer, ConsumerHandle, DurablePublisher, Effects, Envelope,
     Handler, HandlerError, KafkaSink, TopicAdmin,
 };
-use soma_config::{ConfigUpdate, Live};
+use soma_config::{Change, ConfigError, ConfigUpdate, Live};
 use soma_observability::health::{CheckOptions, Criticality, HealthRegistry};
 use soma_observability::metrics::MetricsRegistry;
 use soma_observability::shutdown::Shutdown;
@@ -114,7 +114,7 @@ impl Runtime {
             .connect(&settings.postgres.url)
             .await
             .map_err(|source| PlatformError::Postgres {
-                url: redact_url(&settings.postgres.url),
+                url: soma_observability::redact_url(&settings.postgres.url),
                 source,
             })?;
         let outbox = Outbox::new(pool.clone(), settings.outbox.clone()).await?;
@@ -192,7 +192,7 @@ impl Runtime {
             lifecycle,
             group_suffix: group_suffix.to_owned(),
             relay: Some(relay),
-            config_consumer: Some(config_consumer),
+            config_consumer,
             admin: Some(admin_task),
             admin_stop,
         })
@@ -236,10 +236,13 @@ impl Runtime {
 
     /// A SomaBrain client reporting through this process's metrics, with an
     /// optional `somabrain` health component: SomaBrain down makes the
-    /// service degraded, not down.
+    /// service degraded, not down. Every request carries the W3C
+    /// `traceparent` of its `somabrain.call` span, so the memory service's
+    /// spans join the turn's trace.
     pub fn somabrain(&self) -> Result<SomabrainClient, PlatformError> {
         let brain = SomabrainClient::builder(self.settings.somabrain.clone())
             .metrics(&self.metrics)
+            .header_injector(soma_observability::propagation::inject_current)
             .build()?;
         brain.register_health(&self.health, Criticality::Optional, CheckOptions::default());
         Ok(brain)
@@ -399,22 +402,52 @@ fn bus_config(base: &BusConfig, group_suffix: &str) -> BusConfig {
 
 /// Every replica applies every remote config update (broadcast consumer):
 /// the fix for an update that reached one replica and never the facade.
+///
+/// Updates must be signed with `chat.config_update_key` (anyone who can
+/// publish to the topic could otherwise push `version = u64::MAX` and freeze
+/// every replica); without a key, no remote updates are taken. The consumer
+/// reads the topic from its beginning, so a replica that starts later
+/// applies the updates published before it and reaches the current version
+/// (versions only go up, so replaying history ends at the newest).
 fn spawn_config_updates(
     live: &Live<PlatformSettings>,
     bus: &BusConfig,
     settings: &PlatformSettings,
     producer: &BusProducer,
     metrics: &MetricsRegistry,
-) -> Result<ConsumerHandle, PlatformError> {
+) -> Result<Option<ConsumerHandle>, PlatformError> {
+    if settings.chat.config_update_key.is_empty() {
+        tracing::warn!(
+            event = "config_updates_disabled",
+            topic = %settings.chat.config_topic,
+            "chat.config_update_key is not set: remote config updates are not taken"
+        );
+        return Ok(None);
+    }
+    live.require_signed_updates(settings.chat.config_update_key.clone())?;
+    let outcomes = metrics.counter_family::<Vec<(&'static str, &'static str)>>(
+        "soma_platform_config_updates_total",
+        "remote config updates by outcome: applied, redelivered, rejected_unsigned, \
+         rejected_bad_signature, rejected (checksum, version, validation), malformed",
+    );
+    let count = move |outcome: &'static str| {
+        outcomes.get_or_create(&vec![("outcome", outcome)]).inc();
+    };
     let live = live.clone();
     let handler = move |env: Envelope| {
-        let live = live.clone();
+        let (live, count) = (live.clone(), count.clone());
         async move {
-            let update: ConfigUpdate = env
-                .json()
-                .map_err(|e| HandlerError::fatal(format!("not a config update: {e}")))?;
+            let update: ConfigUpdate = env.json().map_err(|e| {
+                count("malformed");
+                HandlerError::fatal(format!("not a config update: {e}"))
+            })?;
             match live.apply(&update) {
                 Ok(change) => {
+                    count(if change == Change::AlreadyApplied {
+                        "redelivered"
+                    } else {
+                        "applied"
+                    });
                     tracing::info!(
                         event = "config_update_applied",
                         update_version = update.version,
@@ -423,32 +456,56 @@ fn spawn_config_updates(
                     Ok(())
                 }
                 // Keep-last-good: the running value is unchanged.
-                Err(e) => Err(HandlerError::fatal(format!("config update rejected: {e}"))),
+                Err(e) => {
+                    count(match &e {
+                        ConfigError::UpdateSignature { problem, .. } if problem.is_missing() => {
+                            "rejected_unsigned"
+                        }
+                        ConfigError::UpdateSignature { .. } => "rejected_bad_signature",
+                        _ => "rejected",
+                    });
+                    Err(HandlerError::fatal(format!("config update rejected: {e}")))
+                }
             }
         }
     };
-    Ok(BusConsumer::builder(
-        bus,
-        &[settings.chat.config_topic.as_str()],
-        "config-updates",
-        handler,
-    )
-    .producer(producer.clone())
-    .metrics(metrics)
-    .broadcast()
-    .spawn()?)
+    Ok(Some(
+        BusConsumer::builder(
+            bus,
+            &[settings.chat.config_topic.as_str()],
+            "config-updates",
+            handler,
+        )
+        .producer(producer.clone())
+        .metrics(metrics)
+        .broadcast_from_beginning()
+        .spawn()?,
+    ))
 }
 
-/// `url` without its password, for error messages.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{}:***@{}", &url[..scheme_end + 3], user, &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
+/// Whether `handler` already handled message `id` (its inbox row is
+/// committed): a redelivery after a crash or a rebalance, before the offset
+/// was committed, is skipped before the work is done again. A read only:
+/// the inbox record written with the work's effects stays the
+/// exactly-once guarantee, so a failed read answers `false` (the work runs
+/// and its commit finds the row). (A candidate for `soma_bus::Effects`.)
+pub(crate) async fn handled_before(
+    pool: &PgPool,
+    inbox: &soma_outbox::Inbox,
+    handler: &str,
+    id: uuid::Uuid,
+) -> bool {
+    let seen = match pool.acquire().await {
+        Ok(mut conn) => inbox
+            .contains(&mut conn, handler, id)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    seen.unwrap_or_else(|error| {
+        tracing::debug!(event = "inbox_check_failed", handler, %error);
+        false
+    })
 }
 
 /// A worker's policy decision for a message: an engine that cannot decide
@@ -462,18 +519,4 @@ pub(crate) async fn decide(
         .check(input)
         .await
         .map_err(|e| HandlerError::retryable(format!("policy unavailable: {e}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_url;
-
-    #[test]
-    fn passwords_are_removed_from_urls() {
-        assert_eq!(
-            redact_url("postgres://app:hunter2@db:5432/x"),
-            "postgres://app:***@db:5432/x"
-        );
-        assert_eq!(redact_url("postgres://db:5432/x"), "postgres://db:5432/x");
-    }
 }

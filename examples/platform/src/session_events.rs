@@ -103,16 +103,15 @@ impl SessionEvents {
         crate::conversations::Conversations::new(self.pool.clone(), &self.schema)
     }
 
+    /// The memory replicator's replica of memory writes in the same schema.
+    pub fn memory_replica(&self) -> crate::memory_replica::MemoryReplica {
+        crate::memory_replica::MemoryReplica::new(self.pool.clone(), &self.schema)
+    }
+
     /// Creates the schema and tables if missing (safe to run from several
     /// processes at once: serialized on an advisory lock).
     pub async fn migrate(&self) -> Result<(), SessionEventsError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(format!("soma-session-events:{}", self.schema))
-            .execute(&mut *tx)
-            .await?;
         let statements = [
-            format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema),
             format!(
                 "CREATE TABLE IF NOT EXISTS {} (
                     tenant TEXT NOT NULL,
@@ -136,10 +135,8 @@ impl SessionEvents {
                 self.events
             ),
         ];
-        for s in statements {
-            sqlx::query(&s).execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
+        let lock = format!("soma-session-events:{}", self.schema);
+        crate::schema::create_locked(&self.pool, &lock, &self.schema, &statements).await?;
         Ok(())
     }
 

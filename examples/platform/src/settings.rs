@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use soma_bus::BusConfig;
-use soma_config::{ConfigError, DeploymentProfile, Live, Loader};
+use soma_config::{ConfigError, DeploymentProfile, FlagsConfig, Live, Loader};
 use soma_observability::TelemetryConfig;
 use soma_observability::shutdown::ShutdownConfig;
 use soma_outbox::{OutboxConfig, RelayConfig};
@@ -47,18 +47,51 @@ pub struct PlatformSettings {
     pub llm: crate::reply::LlmSettings,
     /// The tool executor's per-tool timeouts and output limits.
     pub tools: crate::tools::ToolSettings,
+    /// The memory replicator's replica lag and DLQ health.
+    pub memory: MemorySettings,
     /// Graceful shutdown: the deadline and the drain delay
     /// (soma-observability).
     pub shutdown: ShutdownConfig,
+    /// The gateway's workspace: scheduled jobs, uploads, notifications.
+    pub workspace: crate::workspace::WorkspaceSettings,
+    /// Feature flags: the active feature profile and per-flag overrides
+    /// (soma-config's registry; the flags are declared in
+    /// [`crate::operator::features`]).
+    pub flags: FlagsConfig,
+    /// The gateway's operator routes (DLQ administration).
+    pub operator: OperatorSettings,
+}
+
+/// The gateway's operator routes (see [`crate::operator`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct OperatorSettings {
+    /// PostgreSQL schema of the DLQ ledger: which dead letters were
+    /// discarded (with who and why) or replayed, so a discard survives a
+    /// restart and a record is replayed once.
+    pub dlq_schema: String,
+    /// Most DLQ records one list or filtered replay reads per DLQ (the
+    /// newest ones).
+    pub dlq_scan_max: usize,
+}
+
+impl Default for OperatorSettings {
+    fn default() -> Self {
+        Self {
+            dlq_schema: "soma_dlq".into(),
+            dlq_scan_max: 1_000,
+        }
+    }
 }
 
 /// Where each service listens.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct HttpSettings {
-    /// The gateway's public API (`/v1/conversations/...`).
+    /// The gateway's public API (`/v1/...`, and the probes `/live`,
+    /// `/ready`, `/healthz`, `/v1/health`); default `127.0.0.1:21016`.
     pub gateway_bind: String,
-    /// The gateway's admin endpoints (`/live`, `/ready`, `/v1/health`, `/metrics`).
+    /// The gateway's admin endpoints (`/metrics`, and the probes again).
     pub gateway_admin_bind: String,
     /// The conversation worker's admin endpoints.
     pub conversation_admin_bind: String,
@@ -79,7 +112,7 @@ pub struct HttpSettings {
 impl Default for HttpSettings {
     fn default() -> Self {
         Self {
-            gateway_bind: "127.0.0.1:8080".into(),
+            gateway_bind: "127.0.0.1:21016".into(),
             gateway_admin_bind: "127.0.0.1:9480".into(),
             conversation_admin_bind: "127.0.0.1:9481".into(),
             memory_admin_bind: "127.0.0.1:9482".into(),
@@ -137,9 +170,17 @@ pub struct ChatSettings {
     /// Tool results (`tool.result` envelopes, correlated by request id and
     /// message id), keyed by conversation id.
     pub tool_results_topic: String,
-    /// Remote configuration updates (`{version, checksum, document}`),
-    /// consumed in broadcast mode by every replica.
+    /// Remote configuration updates (`{version, checksum, document,
+    /// signature}`), consumed in broadcast mode by every replica from the
+    /// topic's beginning, so a replica that starts later catches up on the
+    /// current version.
     pub config_topic: String,
+    /// HMAC-SHA256 key remote config updates must be signed with (at least
+    /// 32 bytes; `soma_config::ConfigUpdate::sign`). Unsigned and badly
+    /// signed updates are rejected and counted
+    /// (`soma_platform_config_updates_total{outcome}`). Empty: this process
+    /// does not take remote updates at all.
+    pub config_update_key: soma_config::Secret,
     /// Longest accepted message text, in bytes.
     pub max_message_bytes: usize,
     /// Messages a tenant may send per route per window.
@@ -172,6 +213,19 @@ pub struct ChatSettings {
     pub memory_namespace: String,
     /// How many memories the worker recalls per message.
     pub recall_top_k: usize,
+    /// Whether the conversation worker publishes live previews of replies
+    /// while it generates them (Redis pub/sub, best effort; see
+    /// [`crate::live`]). Off: clients see a reply when it is complete.
+    pub live_previews: bool,
+    /// The Redis pub/sub channel of live previews (a name: no `:`, spaces
+    /// or glob characters), under `redis.key_prefix`.
+    pub live_channel: String,
+    /// Shortest time between two previews of one reply (the first goes
+    /// with the first token).
+    pub live_interval_ms: u64,
+    /// Most previews per reply (each carries the reply so far, so a reply
+    /// costs at most this many times its length on the live path).
+    pub live_max_previews: u32,
 }
 
 impl Default for ChatSettings {
@@ -183,6 +237,7 @@ impl Default for ChatSettings {
             tools_topic: "tool.requests".into(),
             tool_results_topic: "tool.results".into(),
             config_topic: "config.updates".into(),
+            config_update_key: soma_config::Secret::default(),
             max_message_bytes: 4 * 1024,
             rate_limit: 120,
             rate_window_secs: 60,
@@ -195,6 +250,31 @@ impl Default for ChatSettings {
             session_events_prune_interval_ms: 60_000,
             memory_namespace: "conversation".into(),
             recall_top_k: 3,
+            live_previews: true,
+            live_channel: "chat-live".into(),
+            live_interval_ms: 100,
+            live_max_previews: 32,
+        }
+    }
+}
+
+/// The memory replicator's replica (see [`crate::memory`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct MemorySettings {
+    /// Health component `memory_replica` turns degraded when the oldest
+    /// write not yet in SomaBrain is older than this, in seconds.
+    pub replica_lag_degraded_secs: u64,
+    /// How often the replica lag (and DLQ count) is measured into the
+    /// gauges and health, in milliseconds.
+    pub replica_lag_interval_ms: u64,
+}
+
+impl Default for MemorySettings {
+    fn default() -> Self {
+        Self {
+            replica_lag_degraded_secs: 30,
+            replica_lag_interval_ms: 1_000,
         }
     }
 }
@@ -254,9 +334,27 @@ pub fn loader(files: &[PathBuf]) -> Loader<PlatformSettings> {
             "must be at least 1",
         );
         checks.ensure(
+            !s.chat.live_previews
+                || (s.chat.live_max_previews > 0
+                    && !s.chat.live_channel.is_empty()
+                    && s.chat.live_channel.len() <= 128
+                    && s.chat
+                        .live_channel
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && !b":{}*?[]".contains(&b))),
+            "chat.live_channel",
+            "live previews need a channel name (no `:`, spaces, braces or glob \
+             characters) and chat.live_max_previews of at least 1",
+        );
+        checks.ensure(
             s.chat.max_message_bytes > 0 && s.chat.max_message_bytes <= s.http.max_body_bytes,
             "chat.max_message_bytes",
             "must be between 1 and http.max_body_bytes",
+        );
+        checks.ensure(
+            s.memory.replica_lag_interval_ms > 0,
+            "memory.replica_lag_interval_ms",
+            "must be at least 1",
         );
         checks.ensure(
             s.http.request_timeout_ms > 0,
@@ -279,10 +377,16 @@ pub fn loader(files: &[PathBuf]) -> Loader<PlatformSettings> {
             "must be at least 1",
         );
         checks.ensure(
+            s.operator.dlq_scan_max > 0,
+            "operator.dlq_scan_max",
+            "must be at least 1",
+        );
+        checks.ensure(
             !s.policy.issuers.is_empty() || s.policy.api_keys.enabled,
             "policy.issuers",
             "no credential is accepted: configure an issuer or enable API keys",
         );
+        crate::workspace::validate(&s.workspace, checks);
     })
 }
 
@@ -331,9 +435,42 @@ mod tests {
             .unwrap();
         assert_eq!(prod.relay.batch_size, 500);
         assert_eq!(prod.redis.pool_size, 32);
+        // The bus section follows the profile: prod topics are replicated.
+        assert_eq!(s.bus.deployment_profile, DeploymentProfile::Local);
+        assert_eq!(s.bus.replication_factor(), 1);
+        assert_eq!(prod.bus.deployment_profile, DeploymentProfile::Prod);
+        assert_eq!(
+            (
+                prod.bus.replication_factor(),
+                prod.bus.min_insync_replicas()
+            ),
+            (3, Some(2))
+        );
         // Sizing only: authentication and policy are untouched.
         assert_eq!(prod.policy.fail_mode, s.policy.fail_mode);
         assert_eq!(prod.policy.issuers.len(), 1);
+    }
+
+    #[test]
+    fn a_live_channel_that_is_not_a_plain_name_is_refused() {
+        let issuer = tempfile_issuer();
+        let load = |channel: &str| {
+            loader(std::slice::from_ref(&issuer))
+                .without_env()
+                .set("chat.live_channel", channel)
+                .load()
+        };
+        assert_eq!(load("chat-live").unwrap().chat.live_channel, "chat-live");
+        for bad in ["a:b", "", "with space", "glob*"] {
+            let err = load(bad).unwrap_err().to_string();
+            assert!(err.contains("chat.live_channel"), "{bad:?}: {err}");
+        }
+        let off = loader(&[issuer])
+            .without_env()
+            .set("chat.live_previews", false)
+            .set("chat.live_channel", "")
+            .load();
+        assert!(off.is_ok(), "no channel needed when previews are off");
     }
 
     fn tempfile_issuer() -> PathBuf {

@@ -21,9 +21,10 @@
 //!    the [`ToolResult`] on `chat.tool_results_topic` (correlated by the
 //!    message's request id and message id) and relay it to the session
 //!    stream as a `tool.result` event followed by the reply events — so
-//!    each call runs and answers once (a redelivered call finds the inbox
-//!    row; a crash before the commit runs the tool again, so tools must
-//!    be safe to repeat).
+//!    each call runs and answers once (a redelivered call that was
+//!    answered is skipped before it runs, and its commit would find the
+//!    inbox row anyway; a crash before the commit runs the tool again, so
+//!    tools must be safe to repeat).
 //!
 //! | Tool | Risk | What it does |
 //! |---|---|---|
@@ -150,6 +151,8 @@ struct Ctx {
     authz: Authorizer,
     outbox: Outbox,
     effects: Effects,
+    pool: sqlx::PgPool,
+    inbox: soma_outbox::Inbox,
     store: SessionEvents,
 }
 
@@ -165,6 +168,8 @@ pub async fn start(
         authz: runtime.authorizer(PolicyMetrics::new(&runtime.metrics))?,
         outbox: runtime.outbox.clone(),
         effects: runtime.effects(),
+        pool: runtime.pool.clone(),
+        inbox: runtime.outbox.inbox(),
         store: runtime.session_events.clone(),
     });
     let topic = ctx.settings.chat.tools_topic.clone();
@@ -182,6 +187,10 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
         return Err(HandlerError::fatal(
             "envelope tenant and principal tenant differ",
         ));
+    }
+    if crate::runtime::handled_before(&ctx.pool, &ctx.inbox, HANDLER, env.id).await {
+        tracing::debug!(event = "tool_call_answered_before", message_id = %env.id);
+        return Ok(());
     }
     let started = Instant::now();
     let (status, output) = match TOOLS.iter().find(|(name, _)| *name == call.tool) {

@@ -297,9 +297,8 @@ async fn authentication_policy_validation_and_rate_limits_answer_as_documented()
         .send()
         .await
         .unwrap();
-    let r = expect_status(r, 401).await;
     assert!(r.headers().contains_key("www-authenticate"));
-    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    expect_problem(r, 401, "missing_credential").await;
 
     // Signed with another key: 401.
     let forged = env.token_with_secret("bob", "acme", &["user"], ALL_SCOPES, "not-the-key");
@@ -315,13 +314,12 @@ async fn authentication_policy_validation_and_rate_limits_answer_as_documented()
         .send()
         .await
         .unwrap();
-    expect_status(r, 403).await;
+    expect_problem(r, 403, "tenant_mismatch").await;
 
     // Missing scope or role: the policy denies with 403 `forbidden`.
     let no_scope = env.token("bob", "acme", &["user"], "conversation:read");
     let r = send(&client, &base, "c1", &no_scope, json!({"text": "hi"}), None).await;
-    let r = expect_status(r, 403).await;
-    let body: Value = r.json().await.unwrap();
+    let body = expect_problem(r, 403, "forbidden").await;
     assert!(body.to_string().contains("missing_scope"), "{body}");
     let operator = env.token("olga", "acme", &["operator"], ALL_SCOPES);
     let r = send(&client, &base, "c1", &operator, json!({"text": "hi"}), None).await;
@@ -338,14 +336,27 @@ async fn authentication_policy_validation_and_rate_limits_answer_as_documented()
 
     // Bad input: typed 4xx problems, nothing published.
     let r = send(&client, &base, "bad:id", &good, json!({"text": "hi"}), None).await;
-    expect_status(r, 400).await;
+    expect_problem(r, 400, "invalid_conversation_id").await;
     let r = send(&client, &base, "c1", &good, json!({"text": "   "}), None).await;
     expect_status(r, 400).await;
     let r = send(&client, &base, "c1", &good, json!({"txt": "hi"}), None).await;
     expect_status(r, 400).await;
     let big = "x".repeat(5_000);
     let r = send(&client, &base, "c1", &good, json!({"text": big}), None).await;
-    expect_status(r, 413).await;
+    expect_problem(r, 413, "message_too_large").await;
+    // A body past `http.max_body_bytes` (16 KiB): axum's body limit, answered
+    // as a problem too, not axum's plain text.
+    let huge = "x".repeat(20 * 1024);
+    let r = send(&client, &base, "c1", &good, json!({"text": huge}), None).await;
+    expect_problem(r, 413, "body_too_large").await;
+    // A method the route does not serve: 405 as a problem, not plain text.
+    let r = client
+        .put(format!("{base}/v1/conversations/c1/messages"))
+        .bearer_auth(&good)
+        .send()
+        .await
+        .unwrap();
+    expect_problem(r, 405, "method_not_allowed").await;
 
     // Rate limit: 10 per window per tenant and route (the requests above,
     // even those the policy refused, counted against acme's budget: the
@@ -364,6 +375,7 @@ async fn authentication_policy_validation_and_rate_limits_answer_as_documented()
     assert_eq!(admitted, 10);
     assert!(limited.headers().contains_key("retry-after"));
     assert_eq!(limited.headers()["x-ratelimit-limit"], "10");
+    expect_problem(limited, 429, "rate_limited").await;
     // Another tenant has its own budget.
     // (Its own conversation: "c1" belongs to initech's erin now.)
     let other = env.token("carol", "globex", &["user"], ALL_SCOPES);
@@ -699,8 +711,8 @@ async fn overload_is_shed_with_503_and_slow_requests_time_out_with_504() {
         *by_status.entry(status).or_default() += 1;
         assert_eq!(ct, "application/problem+json", "{status} {body}");
         match status {
-            504 => assert_eq!(body["title"], "request_timeout", "{body}"),
-            503 => assert_eq!(body["title"], "overloaded", "{body}"),
+            504 => assert_eq!(body["code"], "request_timeout", "{body}"),
+            503 => assert_eq!(body["code"], "overloaded", "{body}"),
             other => panic!("unexpected {other}: {body}"),
         }
     }
@@ -788,7 +800,7 @@ async fn a_worker_stopped_mid_stream_and_replaced_answers_every_message_exactly_
             .headers()
             .and_then(|h| {
                 h.iter()
-                    .find(|x| x.key == soma_bus::envelope::HEADER_ID)
+                    .find(|x| x.key == soma_bus::HEADER_ID)
                     .map(|x| String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())
             })
             .unwrap_or_else(|| format!("{}:{}", msg.partition(), msg.offset()));
@@ -1121,10 +1133,11 @@ async fn retention_keeps_the_newest_events_and_an_expired_last_event_id_gets_a_r
         let r = expect_status(r, 400).await;
         assert_eq!(
             r.headers()["content-type"].to_str().unwrap(),
-            soma_policy::PROBLEM_CONTENT_TYPE
+            soma_observability::http::PROBLEM_CONTENT_TYPE
         );
         let body: Value = r.json().await.unwrap();
-        assert_eq!(body["title"], "invalid_last_event_id", "{bad}: {body}");
+        assert_eq!(body["code"], "invalid_last_event_id", "{bad}: {body}");
+        assert_eq!(body["title"], "Bad Request", "{bad}: {body}");
         assert_eq!(body["status"], 400);
     }
 
@@ -1344,5 +1357,163 @@ async fn a_busy_conversation_does_not_disturb_another_and_a_lagged_stream_sees_n
         .await;
     println!("streams caught up from the store during the burst: {resumed}");
     worker.shutdown().await;
+    gateway.shutdown().await;
+}
+
+/// Remote config updates are authenticated and converge: an unsigned update
+/// with `version = u64::MAX` (anyone on the topic could publish it) and a
+/// badly signed one are rejected and counted, a signed one applies, and a
+/// replica that starts afterwards catches up on the current version without
+/// a new publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn config_updates_must_be_signed_and_a_late_replica_catches_up() {
+    let env = Env::new();
+    let gateway = Gateway::start(env.settings(&[]), listener().await, listener().await)
+        .await
+        .expect("gateway starts");
+    let client = reqwest::Client::new();
+    let topic = format!("{}.config", env.prefix);
+    let forged = soma_config::ConfigUpdate::new(u64::MAX, json!({"chat": {"rate_limit": 5}}));
+    publish_raw_config_update(&gateway, &topic, &forged).await;
+    let wrong_key = soma_config::Secret::new("k".repeat(40));
+    publish_raw_config_update(
+        &gateway,
+        &topic,
+        &soma_config::ConfigUpdate::new(u64::MAX - 1, json!({"chat": {"rate_limit": 6}}))
+            .sign(&wrong_key),
+    )
+    .await;
+    publish_config_update(&gateway, &topic, 7, json!({"chat": {"rate_limit": 77}})).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gateway.runtime().live.load().chat.rate_limit != 77 {
+        assert!(
+            Instant::now() < deadline,
+            "signed update not applied in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let admin = gateway.admin_addr();
+    let count = |outcome: &'static str| {
+        let client = client.clone();
+        async move {
+            metric(
+                &client,
+                admin,
+                "soma_platform_config_updates_total",
+                &format!("outcome=\"{outcome}\""),
+            )
+            .await
+        }
+    };
+    assert_eq!(count("rejected_unsigned").await, 1.0);
+    assert_eq!(count("rejected_bad_signature").await, 1.0);
+    assert_eq!(count("applied").await, 1.0);
+    assert_eq!(gateway.runtime().live.load().update_version(), Some(7));
+
+    // A replica started now (its own settings, as another process would
+    // load them) reaches the current version from the topic's history.
+    let late = tools::start(env.settings(&[]), listener().await)
+        .await
+        .expect("late replica starts");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while late.runtime().live.load().chat.rate_limit != 77 {
+        assert!(
+            Instant::now() < deadline,
+            "a replica started after the update never obtained it"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(late.runtime().live.load().update_version(), Some(7));
+
+    // The forged u64::MAX froze nothing: the next signed version applies on both.
+    publish_config_update(&gateway, &topic, 8, json!({"chat": {"rate_limit": 78}})).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while [gateway.runtime(), late.runtime()]
+        .iter()
+        .any(|r| r.live.load().chat.rate_limit != 78)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "version 8 not applied everywhere"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    late.shutdown().await;
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_id_reaches_the_response_the_span_the_audit_record_and_the_published_message() {
+    let logs = Captured::install();
+    let env = Env::new();
+    let gateway = Gateway::start(env.settings(&[]), listener().await, listener().await)
+        .await
+        .expect("gateway starts");
+    let base = format!("http://{}", gateway.addr());
+    let client = reqwest::Client::new();
+    let token = env.token("bob", "acme", &["user"], ALL_SCOPES);
+    let requests_topic = format!("{}.requests", env.prefix);
+
+    let valid = format!("req-{}", uuid::Uuid::new_v4().simple());
+    let too_long = "r".repeat(129);
+    // (what the client sends, whether the gateway keeps it)
+    let cases = [
+        (Some(valid.as_str()), true),
+        (Some("two words"), false),
+        (Some(too_long.as_str()), false),
+        (None, false),
+    ];
+    for (sent, kept) in cases {
+        let conversation = format!("c-{}", uuid::Uuid::new_v4().simple());
+        let mut req = client
+            .post(format!("{base}/v1/conversations/{conversation}/messages"))
+            .bearer_auth(&token)
+            .json(&json!({"text": "hi"}));
+        if let Some(id) = sent {
+            req = req.header("x-request-id", id);
+        }
+        let r = expect_status(req.send().await.unwrap(), 202).await;
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+        if kept {
+            assert_eq!(Some(id.as_str()), sent);
+        } else {
+            assert_ne!(Some(id.as_str()), sent);
+            assert!(uuid::Uuid::parse_str(&id).is_ok(), "a fresh id: {id}");
+        }
+        let message_id = message_id_of(r).await;
+
+        // The published message: the ChatRequest and the envelope's
+        // correlation id.
+        let (payload, headers) =
+            record_matching(&requests_topic, Duration::from_secs(15), |_, h| {
+                h.get("soma-id") == Some(&message_id)
+            })
+            .await
+            .expect("the message is on the requests topic");
+        assert_eq!(payload["request_id"], id.as_str(), "{payload}");
+        assert_eq!(headers["soma-correlation-id"], id, "{headers:?}");
+
+        // Every authorization decision of the request (the layer's and the
+        // handler's owner check) is audited with that id, inside the
+        // request's span, which carries it too.
+        let audits: Vec<Value> = logs
+            .text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| {
+                l["target"] == "soma_policy::audit"
+                    && l["fields"]["resource_id"] == conversation.as_str()
+            })
+            .collect();
+        assert_eq!(audits.len(), 2, "layer and owner check: {audits:?}");
+        for a in &audits {
+            assert_eq!(a["fields"]["request_id"], id.as_str(), "{a}");
+            let span = a["spans"]
+                .as_array()
+                .and_then(|s| s.iter().find(|s| s["name"] == "http.server.request"))
+                .unwrap_or_else(|| panic!("audited inside the request span: {a}"));
+            assert_eq!(span["request_id"], id.as_str(), "{a}");
+        }
+    }
     gateway.shutdown().await;
 }

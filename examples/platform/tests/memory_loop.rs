@@ -19,225 +19,18 @@
 
 mod support;
 
-use std::io::Write;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
+use axum::http::StatusCode;
 use serde_json::{Value, json};
+use soma_example_platform::Gateway;
 use soma_example_platform::gateway::message_id_for;
-use soma_example_platform::{Gateway, conversation, memory, tools};
 use sqlx::PgPool;
+use support::model::{Mode, ModelServer, TOKENS};
 use support::*;
 
 const MEMORY_TOKEN: &str = "memory-loop-service-token-7f3a";
 const LLM_KEY: &str = "sk-test-llm-key-91c2";
-
-/// Everything the processes log, for the secret checks.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    /// Captures this test process's logs at `debug` (each test runs in its
-    /// own process under nextest).
-    fn install() -> Self {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        tracing_subscriber::fmt()
-            .json()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_writer(move || writer.clone())
-            .try_init()
-            .expect("one subscriber per test process");
-        captured
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
-    }
-
-    /// Asserts the logs are not empty and contain none of `secrets`.
-    fn assert_free_of(&self, secrets: &[&str]) {
-        let logs = self.text();
-        assert!(
-            logs.lines().count() > 20,
-            "logs were captured: {} lines",
-            logs.lines().count()
-        );
-        for s in secrets {
-            assert!(!s.is_empty());
-            assert!(
-                !logs.contains(s),
-                "a secret ({}…) is in the logs",
-                &s[..8.min(s.len())]
-            );
-        }
-    }
-}
-
-/// The memory service on its own schema, on a loopback port.
-async fn memory_service(pool: &PgPool, schema: &str) -> SocketAddr {
-    let service = soma_memory_service::MemoryService::builder(
-        pool.clone(),
-        soma_memory_service::MemoryConfig {
-            token: MEMORY_TOKEN.into(),
-            ..Default::default()
-        },
-    )
-    .schema(schema)
-    .build()
-    .await
-    .expect("memory service starts (PostgreSQL: `cargo xtask stack up`)");
-    let l = listener().await;
-    let addr = l.local_addr().unwrap();
-    let router = service.router();
-    tokio::spawn(async move { axum::serve(l, router).await });
-    addr
-}
-
-/// Sends `text` and returns the events answering it, up to its final
-/// (`assistant.completed` or `error`) event.
-async fn turn(
-    client: &reqwest::Client,
-    base: &str,
-    sse: &mut SseReader,
-    conversation: &str,
-    token: &str,
-    text: &str,
-) -> Vec<SseEvent> {
-    let r = send(
-        client,
-        base,
-        conversation,
-        token,
-        json!({ "text": text }),
-        None,
-    )
-    .await;
-    let id = message_id_of(expect_status(r, 202).await).await;
-    answer_to(sse, &id).await
-}
-
-async fn answer_to(sse: &mut SseReader, id: &str) -> Vec<SseEvent> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut out = Vec::new();
-    while let Some(ev) = sse.next(deadline).await {
-        if ev.data["message_id"] != id {
-            continue;
-        }
-        let done = ev.event == "assistant.completed" || ev.event == "error";
-        out.push(ev);
-        if done {
-            return out;
-        }
-    }
-    panic!("no answer to {id} within 60 s; got {out:?}");
-}
-
-/// Sends warm-up messages until one is answered over `sse` (the gateway's
-/// broadcast consumer starts at the end of the topic once assigned).
-async fn warm_up(
-    client: &reqwest::Client,
-    base: &str,
-    sse: &mut SseReader,
-    conversation: &str,
-    token: &str,
-) {
-    let started = Instant::now();
-    loop {
-        assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "no reply reached the SSE stream within 90 s"
-        );
-        let r = send(
-            client,
-            base,
-            conversation,
-            token,
-            json!({"text": "warm up"}),
-            None,
-        )
-        .await;
-        let id = message_id_of(expect_status(r, 202).await).await;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while let Some(ev) = sse.next(deadline).await {
-            if ev.data["message_id"] == id.as_str() && ev.event == "assistant.completed" {
-                return;
-            }
-        }
-    }
-}
-
-fn completed(events: &[SseEvent]) -> &SseEvent {
-    let last = events.last().expect("an answer");
-    assert_eq!(last.event, "assistant.completed", "{events:?}");
-    last
-}
-
-fn used(ev: &SseEvent) -> Vec<String> {
-    ev.data["memories"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Waits until the memory service stores every key of `keys`.
-async fn stored(pool: &PgPool, schema: &str, keys: &[&str]) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (n,): (i64,) = sqlx::query_as(&format!(
-            "SELECT count(DISTINCT key) FROM {schema}.memories WHERE key = ANY($1)"
-        ))
-        .bind(keys.iter().map(|k| k.to_string()).collect::<Vec<_>>())
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        if n as usize == keys.len() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {n} of {} memories stored within 60 s",
-            keys.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn assert_forbidden(r: reqwest::Response, reason: &str) {
-    assert_eq!(r.status(), StatusCode::FORBIDDEN);
-    assert_eq!(
-        r.headers()["content-type"].to_str().unwrap(),
-        "application/problem+json"
-    );
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(body["status"], 403);
-    assert_eq!(body["title"], "forbidden");
-    let detail = body["detail"].as_str().unwrap();
-    assert!(detail.contains(reason), "{detail}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn turns_recall_only_their_subjects_memories_and_conversations_belong_to_their_creator() {
@@ -247,22 +40,17 @@ async fn turns_recall_only_their_subjects_memories_and_conversations_belong_to_t
         .await
         .expect("PostgreSQL (start it with `cargo xtask stack up`)");
     let memory_schema = format!("{}_memory", env.prefix);
-    let brain = memory_service(&pool, &memory_schema).await;
-    let live = env.settings(&[
-        ("somabrain.base_url", json!(format!("http://{brain}"))),
-        ("somabrain.token", json!(MEMORY_TOKEN)),
-        ("chat.recall_top_k", json!(8)),
-    ]);
-    let gateway = Gateway::start(live.clone(), listener().await, listener().await)
-        .await
-        .expect("gateway starts");
-    let worker = conversation::start(live.clone(), listener().await)
-        .await
-        .expect("conversation worker starts");
-    let replicator = memory::start(live.clone(), listener().await)
-        .await
-        .expect("memory replicator starts");
-    let base = format!("http://{}", gateway.addr());
+    let brain = memory_service(&pool, &memory_schema, MEMORY_TOKEN).await;
+    let platform = env
+        .platform()
+        .set("somabrain.base_url", json!(format!("http://{brain}")))
+        .set("somabrain.token", json!(MEMORY_TOKEN))
+        .set("chat.recall_top_k", json!(8))
+        .conversation_worker()
+        .memory_replicator()
+        .start()
+        .await;
+    let base = platform.base.clone();
     let client = reqwest::Client::new();
     let alice = env.token("alice", "acme", &["user"], ALL_SCOPES);
     let bob = env.token("bob", "acme", &["user"], ALL_SCOPES);
@@ -483,9 +271,9 @@ async fn turns_recall_only_their_subjects_memories_and_conversations_belong_to_t
     assert_ne!(bobs["message_id"], retry_answer["message_id"]);
 
     // The metric families operators need, on each service.
-    let gw = metrics_text(&client, gateway.admin_addr()).await;
-    let wk = metrics_text(&client, worker.admin_addr()).await;
-    let rp = metrics_text(&client, replicator.admin_addr()).await;
+    let gw = metrics_text(&client, platform.gateway.admin_addr()).await;
+    let wk = metrics_text(&client, platform.worker("conversation").admin_addr()).await;
+    let rp = metrics_text(&client, platform.worker("memory").admin_addr()).await;
     for (who, text, families) in [
         (
             "gateway",
@@ -534,103 +322,28 @@ async fn turns_recall_only_their_subjects_memories_and_conversations_belong_to_t
     );
 
     drop((sse_a, sse_b, sse_e, sse_d));
-    replicator.shutdown().await;
-    worker.shutdown().await;
-    gateway.shutdown().await;
+    platform.shutdown().await;
     logs.assert_free_of(&[&alice, &bob, &eve, &ada, MEMORY_TOKEN, &env.secret]);
-}
-
-/// What the fake model does with the next requests.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Mode {
-    /// Streams `TOKENS`, then `[DONE]`.
-    Stream,
-    /// Answers 500.
-    Fail,
-    /// Streams two tokens and ends without `[DONE]`.
-    Break,
-}
-
-const TOKENS: &[&str] = &["Teal", " is", " a", " calm", " colour", ", ", "friend", "."];
-
-/// A request the fake model received: its `Authorization` and its body.
-type Seen = (Option<String>, Value);
-
-#[derive(Clone)]
-struct Model {
-    mode: Arc<Mutex<Mode>>,
-    seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-async fn fake_completions(
-    State(m): State<Model>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let auth = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    m.seen.lock().unwrap().push((auth, body));
-    let mode = *m.mode.lock().unwrap();
-    if mode == Mode::Fail {
-        return (StatusCode::INTERNAL_SERVER_ERROR, "model overloaded").into_response();
-    }
-    let take = if mode == Mode::Break { 2 } else { TOKENS.len() };
-    let chunks = TOKENS[..take]
-        .iter()
-        .map(|t| {
-            format!(
-                "data: {}\n\n",
-                json!({"choices": [{"index": 0, "delta": {"content": t}}]})
-            )
-        })
-        .chain((mode == Mode::Stream).then(|| "data: [DONE]\n\n".to_owned()));
-    let stream = futures::stream::iter(chunks.collect::<Vec<_>>()).then(|c| async move {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        Ok::<_, std::io::Error>(c)
-    });
-    Response::builder()
-        .header("content-type", "text/event-stream")
-        .body(Body::from_stream(stream))
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_configured_model_streams_the_reply_and_tools_keep_to_their_limits() {
     let logs = Captured::install();
     let env = Env::new();
-    let model = Model {
-        mode: Arc::new(Mutex::new(Mode::Stream)),
-        seen: Arc::new(Mutex::new(Vec::new())),
-    };
-    let app = axum::Router::new()
-        .route(
-            "/v1/chat/completions",
-            axum::routing::post(fake_completions),
-        )
-        .with_state(model.clone());
-    let l = listener().await;
-    let model_addr = l.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(l, app).await });
-    let live = env.settings(&[
-        ("llm.base_url", json!(format!("http://{model_addr}/v1"))),
-        ("llm.api_key", json!(LLM_KEY)),
-        ("llm.model", json!("fake-1")),
-        ("tools.max_output_bytes", json!(64)),
-        ("tools.limits", json!({"sleep": {"timeout_ms": 300}})),
-    ]);
-    let gateway = Gateway::start(live.clone(), listener().await, listener().await)
-        .await
-        .expect("gateway starts");
-    let worker = conversation::start(live.clone(), listener().await)
-        .await
-        .expect("conversation worker starts");
-    let executor = tools::start(live.clone(), listener().await)
-        .await
-        .expect("tool executor starts");
-    let base = format!("http://{}", gateway.addr());
+    let model = ModelServer::start(Mode::Stream).await;
+    let platform = env
+        .platform()
+        .set("llm.base_url", json!(model.base_url()))
+        .set("llm.api_key", json!(LLM_KEY))
+        .set("llm.model", json!("fake-1"))
+        .set("tools.max_output_bytes", json!(64))
+        .set("tools.limits", json!({"sleep": {"timeout_ms": 300}}))
+        .conversation_worker()
+        .tool_executor()
+        .start()
+        .await;
+    let worker = platform.worker("conversation");
+    let base = platform.base.clone();
     let client = reqwest::Client::new();
     let ava = env.token(
         "ava",
@@ -660,7 +373,7 @@ async fn a_configured_model_streams_the_reply_and_tools_keep_to_their_limits() {
             <= 4
     );
     {
-        let seen = model.seen.lock().unwrap();
+        let seen = model.seen();
         let (auth, body) = seen.last().unwrap();
         assert_eq!(auth.as_deref(), Some(format!("Bearer {LLM_KEY}").as_str()));
         assert_eq!(body["stream"], true);
@@ -669,7 +382,7 @@ async fn a_configured_model_streams_the_reply_and_tools_keep_to_their_limits() {
     }
 
     // A failing model: an `error` event, no reply.
-    *model.mode.lock().unwrap() = Mode::Fail;
+    model.set_mode(Mode::Fail);
     let events = turn(&client, &base, &mut sse, &conv, &ava, "again").await;
     let last = events.last().unwrap();
     assert_eq!(last.event, "error", "{events:?}");
@@ -678,14 +391,28 @@ async fn a_configured_model_streams_the_reply_and_tools_keep_to_their_limits() {
         "{last:?}"
     );
     assert!(events.iter().all(|e| e.event != "assistant.completed"));
-    // A stream that breaks off: also an error, not half a reply.
-    *model.mode.lock().unwrap() = Mode::Break;
+    // A stream that breaks off: also an error, not half a reply. What the
+    // client previewed of it is withdrawn by that `error`: no stored event
+    // carries the half reply.
+    model.set_mode(Mode::Break);
     let events = turn(&client, &base, &mut sse, &conv, &ava, "once more").await;
     let last = events.last().unwrap();
     assert_eq!(last.event, "error", "{events:?}");
     assert!(
         last.data["text"].as_str().unwrap().contains("[DONE]"),
         "{last:?}"
+    );
+    let previewed = events.iter().position(|e| e.event == "assistant.preview");
+    assert_eq!(
+        previewed,
+        Some(0),
+        "the half reply was previewed: {events:?}"
+    );
+    assert!(
+        events[1..]
+            .iter()
+            .all(|e| e.event == "assistant.preview" || e.event == "error"),
+        "{events:?}"
     );
 
     let wk = metrics_text(&client, worker.admin_addr()).await;
@@ -779,9 +506,7 @@ async fn a_configured_model_streams_the_reply_and_tools_keep_to_their_limits() {
     assert_eq!(result["truncated"], true);
 
     drop(sse);
-    executor.shutdown().await;
-    worker.shutdown().await;
-    gateway.shutdown().await;
+    platform.shutdown().await;
     logs.assert_free_of(&[&ava, LLM_KEY, &env.secret]);
 }
 

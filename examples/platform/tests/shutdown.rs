@@ -265,7 +265,7 @@ async fn completed_replies(
             .headers()
             .and_then(|h| {
                 h.iter()
-                    .find(|x| x.key == soma_bus::envelope::HEADER_ID)
+                    .find(|x| x.key == soma_bus::HEADER_ID)
                     .map(|x| String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())
             })
             .unwrap_or_else(|| format!("{}:{}", msg.partition(), msg.offset()));

@@ -1,10 +1,11 @@
 //! `soma-bus-replay`: republish dead-lettered messages from `<topic>.dlq` to
-//! their origin topic.
+//! `<topic>`, the topic the DLQ belongs to (records whose origin header names
+//! another topic are refused and stay in the DLQ).
 //!
 //! All settings come from arguments (this tool reads no environment
 //! variables). The SASL password, if any, is read from a file so it never
-//! appears in the process list. Prints a JSON report; exits non-zero on error
-//! or when replay did not reach the end of the DLQ.
+//! appears in the process list. Prints a JSON report; exits non-zero on error,
+//! when replay did not reach the end of the DLQ, or when it refused records.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,9 +18,12 @@ use soma_bus::{BusConfig, BusProducer, ReplayOptions, replay_dlq};
 #[derive(Debug, Parser)]
 #[command(name = "soma-bus-replay", version)]
 struct Args {
-    /// DLQ topic to replay, e.g. `orders.dlq`.
+    /// DLQ topic to replay, e.g. `orders.dlq` (replayed to `orders`).
     #[arg(long)]
     dlq_topic: String,
+    /// Suffix that makes a topic's DLQ name (`<topic><suffix>`).
+    #[arg(long, default_value = ".dlq")]
+    dlq_suffix: String,
     /// Kafka bootstrap servers.
     #[arg(long, default_value = "127.0.0.1:9092")]
     bootstrap_servers: String,
@@ -73,6 +77,7 @@ async fn main() -> ExitCode {
     config.sasl_username = args.sasl_username;
     config.sasl_password = sasl_password;
     config.replay_max = args.replay_max;
+    config.dlq_suffix = args.dlq_suffix;
     let producer = match BusProducer::new(&config) {
         Ok(p) => p,
         Err(e) => {
@@ -91,7 +96,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(report) => {
             println!("{}", serde_json::to_string(&report).unwrap_or_default());
-            if report.complete && flushed.is_complete() {
+            if report.complete && report.refused == 0 && flushed.is_complete() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

@@ -1,5 +1,5 @@
 //! Shared helpers for soma-bus integration tests (real tansu, real Postgres).
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -167,14 +167,7 @@ pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-/// Waits until `f` is true or panics after `timeout` with `what`.
-pub async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+pub use soma_testkit::wait_for;
 
 /// A tansu broker owned by one test: its own port and SQLite file, so it
 /// can be killed and restarted without disturbing other tests.

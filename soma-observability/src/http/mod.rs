@@ -1,16 +1,19 @@
 //! HTTP middleware: tracing with W3C context, metrics by route template,
-//! redaction, and (feature `reqwest`) outgoing-call propagation.
+//! redaction, one error body ([`Problem`], `application/problem+json`), and
+//! (feature `reqwest`) outgoing-call propagation.
 //!
-//! Stack them with the trace layer outermost so metrics and handlers run in
-//! the request span:
+//! Stack them with the request id outermost (one id for the whole request,
+//! see [`RequestIdLayer`]), then the trace layer so metrics and handlers run
+//! in the request span:
 //!
 //! ```
-//! use soma_observability::http::{HttpMetricsLayer, TraceLayer};
+//! use soma_observability::http::{HttpMetricsLayer, RequestIdLayer, TraceLayer};
 //! use soma_observability::metrics::MetricsRegistry;
 //! use tower::ServiceBuilder;
 //!
 //! let metrics = MetricsRegistry::default();
 //! let layers = ServiceBuilder::new()
+//!     .layer(RequestIdLayer::new())
 //!     .layer(TraceLayer::new())
 //!     .layer(HttpMetricsLayer::new(&metrics));
 //! # let _ = layers;
@@ -26,15 +29,26 @@
 
 #[cfg(feature = "reqwest")]
 pub mod client;
+#[cfg(feature = "axum")]
+mod json;
 pub mod metrics;
+mod problem;
 mod redact;
+mod request_id;
 pub mod trace;
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
+#[cfg(feature = "axum")]
+pub use json::json_body;
 pub use metrics::HttpMetricsLayer;
+pub use problem::{PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE, Problem};
 pub use redact::{DEFAULT_SENSITIVE_HEADERS, REDACTED, RedactedHeaders, SensitiveHeaders};
+pub use request_id::{
+    MAX_REQUEST_ID_LEN, REQUEST_ID_HEADER, RequestId, RequestIdLayer, RequestIdService,
+    is_valid_request_id, request_id_of,
+};
 pub use trace::TraceLayer;
 
 /// Route label for requests no router matched.

@@ -26,14 +26,19 @@
 //!   (a paused tokio clock drives it); [`Backoff::delay_from`] takes the
 //!   random sample from the caller.
 //!
+//! [`FailMode`] names the choice a component makes when such a dependency is
+//! down: reject (closed) or let through unchecked (open).
+//!
 //! The breaker keeps nothing: a refused call is the caller's to route to
 //! its fallback or to return as an error.
 
 mod backoff;
 mod breaker;
+mod fail_mode;
 
 pub use backoff::{Backoff, BackoffConfig, Jitter};
 pub use breaker::{
     BREAKER_STATE, BREAKER_TRANSITIONS_TOTAL, BreakerConfig, BreakerState, CircuitBreaker,
     CircuitOpen, OpenHealth, Permit,
 };
+pub use fail_mode::FailMode;

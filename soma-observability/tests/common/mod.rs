@@ -1,181 +1,12 @@
-//! Shared helpers for the integration tests: a real in-process OTLP receiver
-//! (gRPC via opentelemetry-proto's tonic server, HTTP/protobuf via axum) and
-//! axum servers on loopback ports.
+//! The two-hop trace scenario both OTLP protocol tests run against the
+//! testkit's in-process receiver (`soma_testkit::otlp`).
 #![allow(dead_code, unreachable_pub)]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::KeyValue;
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use opentelemetry_proto::tonic::trace::v1::Span;
+use soma_testkit::otlp::Spans;
+use soma_testkit::serve;
 use tokio::sync::mpsc;
-
-/// One received span with its resource attributes.
-#[derive(Debug, Clone)]
-pub struct ReceivedSpan {
-    pub span: Span,
-    pub resource: Vec<(String, String)>,
-}
-
-impl ReceivedSpan {
-    pub fn attr(&self, key: &str) -> Option<String> {
-        attr(&self.span.attributes, key)
-    }
-    pub fn resource_attr(&self, key: &str) -> Option<String> {
-        self.resource
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-    }
-    pub fn trace_id(&self) -> String {
-        hex(&self.span.trace_id)
-    }
-    pub fn span_id(&self) -> String {
-        hex(&self.span.span_id)
-    }
-    pub fn parent_span_id(&self) -> String {
-        hex(&self.span.parent_span_id)
-    }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn value_string(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
-    match v.as_ref().and_then(|v| v.value.as_ref()) {
-        Some(Value::StringValue(s)) => s.clone(),
-        Some(Value::IntValue(i)) => i.to_string(),
-        Some(Value::BoolValue(b)) => b.to_string(),
-        Some(Value::DoubleValue(d)) => d.to_string(),
-        other => format!("{other:?}"),
-    }
-}
-
-pub fn attr(attrs: &[KeyValue], key: &str) -> Option<String> {
-    attrs
-        .iter()
-        .find(|kv| kv.key == key)
-        .map(|kv| value_string(&kv.value))
-}
-
-fn flatten(req: ExportTraceServiceRequest) -> Vec<ReceivedSpan> {
-    let mut out = Vec::new();
-    for rs in req.resource_spans {
-        let resource: Vec<(String, String)> = rs
-            .resource
-            .map(|r| {
-                r.attributes
-                    .iter()
-                    .map(|kv| (kv.key.clone(), value_string(&kv.value)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        for ss in rs.scope_spans {
-            for span in ss.spans {
-                out.push(ReceivedSpan {
-                    span,
-                    resource: resource.clone(),
-                });
-            }
-        }
-    }
-    out
-}
-
-struct Collector(mpsc::UnboundedSender<ReceivedSpan>);
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        for span in flatten(request.into_inner()) {
-            let _ = self.0.send(span);
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-/// Starts an OTLP/gRPC trace receiver on a loopback port.
-pub async fn start_grpc_receiver() -> (SocketAddr, mpsc::UnboundedReceiver<ReceivedSpan>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(Collector(tx)))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .expect("OTLP receiver failed");
-    });
-    (addr, rx)
-}
-
-/// Starts an OTLP/HTTP (protobuf) trace receiver at `/v1/traces` on a loopback port.
-pub async fn start_http_receiver() -> (SocketAddr, mpsc::UnboundedReceiver<ReceivedSpan>) {
-    use prost::Message as _;
-    let (tx, rx) = mpsc::unbounded_channel();
-    let router = axum::Router::new().route(
-        "/v1/traces",
-        axum::routing::post(move |body: axum::body::Bytes| {
-            let tx = tx.clone();
-            async move {
-                let req = ExportTraceServiceRequest::decode(body).expect("valid OTLP protobuf");
-                for span in flatten(req) {
-                    let _ = tx.send(span);
-                }
-                let resp = ExportTraceServiceResponse {
-                    partial_success: None,
-                }
-                .encode_to_vec();
-                (
-                    [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
-                    resp,
-                )
-            }
-        }),
-    );
-    (serve(router).await, rx)
-}
-
-/// Serves `router` on a loopback port.
-pub async fn serve(router: axum::Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await.expect("server failed") });
-    addr
-}
-
-/// Collects spans until `done` says the set is complete, or fails after `within`.
-pub async fn collect_until(
-    rx: &mut mpsc::UnboundedReceiver<ReceivedSpan>,
-    within: Duration,
-    mut done: impl FnMut(&[ReceivedSpan]) -> bool,
-) -> Vec<ReceivedSpan> {
-    let mut spans = Vec::new();
-    let deadline = tokio::time::Instant::now() + within;
-    while !done(&spans) {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(span)) => spans.push(span),
-            _ => panic!(
-                "OTLP receiver did not get the expected spans within {within:?}; got: {:#?}",
-                spans.iter().map(|s| &s.span.name).collect::<Vec<_>>()
-            ),
-        }
-    }
-    spans
-}
 
 /// The two-hop scenario: caller (with a gateway's `traceparent` and a bearer
 /// token) → service A (TraceLayer) → reqwest `send_traced` → service B
@@ -184,7 +15,7 @@ pub async fn collect_until(
 pub async fn two_hop_scenario(
     protocol: soma_observability::OtlpProtocol,
     endpoint: String,
-    rx: &mut mpsc::UnboundedReceiver<ReceivedSpan>,
+    received: &Spans,
 ) {
     use axum::routing::get;
     use soma_observability::http::TraceLayer;
@@ -279,12 +110,13 @@ pub async fn two_hop_scenario(
         "HTTP GET /b/{id}",
         "orders process",
     ];
-    let spans = collect_until(rx, Duration::from_secs(20), |spans| {
-        names
-            .iter()
-            .all(|n| spans.iter().any(|s| s.span.name == *n))
-    })
-    .await;
+    let spans = received
+        .collect_until(Duration::from_secs(20), |spans| {
+            names
+                .iter()
+                .all(|n| spans.iter().any(|s| s.span.name == *n))
+        })
+        .await;
     let find = |name: &str| spans.iter().find(|s| s.span.name == name).unwrap().clone();
     let server_a = find("HTTP GET /a");
     let client = find("HTTP GET");

@@ -1,5 +1,5 @@
 //! Shared helpers for soma-outbox integration tests (real PostgreSQL).
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -212,24 +212,7 @@ impl Sink for TaggedSink {
     }
 }
 
-/// Waits until `cond` holds, panicking with `what` after `timeout`.
-pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
+pub use soma_testkit::wait_until;
 
 /// Checks per-key order: for each key, the sequence numbers (payload as
 /// decimal text) of the *first* publication of each id are increasing, and

@@ -556,38 +556,52 @@ impl Jwks {
             return Err(format!("HTTP {}", resp.status().as_u16()));
         }
         let bytes = read_limited(resp, MAX_JWKS_BYTES).await?;
-        let set: JwkSet = serde_json::from_slice(&bytes).map_err(|e| format!("bad JWKS: {e}"))?;
-        let mut out = Vec::new();
-        for jwk in &set.keys {
-            let alg = match (&jwk.common.key_algorithm, &jwk.algorithm) {
-                (Some(KeyAlgorithm::HS256), _) => continue, // never accept symmetric keys from a JWKS
-                (Some(KeyAlgorithm::RS256), _) => JwtAlgorithm::RS256,
-                (Some(KeyAlgorithm::ES256), _) => JwtAlgorithm::ES256,
-                (Some(KeyAlgorithm::EdDSA), _) => JwtAlgorithm::EdDSA,
-                (Some(_), _) => continue,
-                (None, AlgorithmParameters::RSA(_)) => JwtAlgorithm::RS256,
-                (None, AlgorithmParameters::EllipticCurve(p)) if p.curve == EllipticCurve::P256 => {
-                    JwtAlgorithm::ES256
-                }
-                (None, AlgorithmParameters::OctetKeyPair(p))
-                    if p.curve == EllipticCurve::Ed25519 =>
-                {
-                    JwtAlgorithm::EdDSA
-                }
-                (None, _) => continue,
-            };
-            let key = DecodingKey::from_jwk(jwk)
-                .map_err(|e| e.to_string())
-                .and_then(|key| KeyMaterial::public(alg, &key));
-            match key {
-                Ok(key) => out.push(VerifyKey {
-                    kid: jwk.common.key_id.clone(),
-                    alg,
-                    key: Arc::new(key),
-                }),
-                Err(e) => tracing::warn!(url = %self.url, error = %e, "skipping unusable JWK"),
-            }
-        }
-        Ok(out)
+        parse_jwks(&bytes, &self.url)
     }
+}
+
+/// The algorithms of [`parse_jwks`]'s keys (the fuzz targets' view).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn jwks_algorithms(bytes: &[u8]) -> Result<Vec<String>, String> {
+    Ok(parse_jwks(bytes, "fuzz")?
+        .iter()
+        .map(|k| format!("{:?}", k.alg))
+        .collect())
+}
+
+/// The usable verification keys of a JWKS document (`url` only names it in
+/// the log). Symmetric keys and unknown algorithms are skipped: a JWKS
+/// never supplies a shared secret.
+fn parse_jwks(bytes: &[u8], url: &str) -> Result<Vec<VerifyKey>, String> {
+    let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| format!("bad JWKS: {e}"))?;
+    let mut out = Vec::new();
+    for jwk in &set.keys {
+        let alg = match (&jwk.common.key_algorithm, &jwk.algorithm) {
+            (Some(KeyAlgorithm::HS256), _) => continue, // never accept symmetric keys from a JWKS
+            (Some(KeyAlgorithm::RS256), _) => JwtAlgorithm::RS256,
+            (Some(KeyAlgorithm::ES256), _) => JwtAlgorithm::ES256,
+            (Some(KeyAlgorithm::EdDSA), _) => JwtAlgorithm::EdDSA,
+            (Some(_), _) => continue,
+            (None, AlgorithmParameters::RSA(_)) => JwtAlgorithm::RS256,
+            (None, AlgorithmParameters::EllipticCurve(p)) if p.curve == EllipticCurve::P256 => {
+                JwtAlgorithm::ES256
+            }
+            (None, AlgorithmParameters::OctetKeyPair(p)) if p.curve == EllipticCurve::Ed25519 => {
+                JwtAlgorithm::EdDSA
+            }
+            (None, _) => continue,
+        };
+        let key = DecodingKey::from_jwk(jwk)
+            .map_err(|e| e.to_string())
+            .and_then(|key| KeyMaterial::public(alg, &key));
+        match key {
+            Ok(key) => out.push(VerifyKey {
+                kid: jwk.common.key_id.clone(),
+                alg,
+                key: Arc::new(key),
+            }),
+            Err(e) => tracing::warn!(url = %url, error = %e, "skipping unusable JWK"),
+        }
+    }
+    Ok(out)
 }

@@ -1,18 +1,15 @@
 //! The authentication tower layer.
 
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, header};
+use http::{Request, Response};
 use tower::{Layer, Service};
 
 use super::Authenticator;
-use crate::AuthError;
-use crate::problem::problem;
+pub use super::future::ResponseFuture;
 
 /// Wraps a service so every request is authenticated first (the shape of
 /// tower-http's `AsyncRequireAuthorization`).
@@ -56,67 +53,26 @@ pub struct AuthnService<S> {
     auth: Arc<Authenticator>,
 }
 
-/// Future of [`AuthnService`].
-pub struct ResponseFuture<ResBody, E> {
-    inner: Pin<Box<dyn Future<Output = Result<Response<ResBody>, E>> + Send>>,
-}
-
-impl<ResBody, E> std::fmt::Debug for ResponseFuture<ResBody, E> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuthnResponseFuture")
-            .finish_non_exhaustive()
-    }
-}
-
-impl<ResBody, E> Future for ResponseFuture<ResBody, E> {
-    type Output = Result<Response<ResBody>, E>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
-    }
-}
-
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for AuthnService<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: 'static,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     ReqBody: Send + 'static,
-    ResBody: From<Bytes> + Send + 'static,
+    ResBody: From<Bytes>,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = ResponseFuture<ResBody, S::Error>;
+    type Future = ResponseFuture<S, ReqBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         // Take the service that was driven to readiness; leave a clone behind.
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let auth = self.auth.clone();
-        ResponseFuture {
-            inner: Box::pin(async move {
-                match auth.authenticate_from(req.headers(), peer(&req)).await {
-                    Ok(principal) => {
-                        req.extensions_mut().insert(principal);
-                        inner.call(req).await
-                    }
-                    Err(e) if e.is_unavailable() => {
-                        // The detail (a JWKS URL, a database error) is for the
-                        // operator's log, never for an unauthenticated client.
-                        tracing::warn!(reason = e.code(), error = %e, "credential verification unavailable");
-                        Ok(auth_failure(&e))
-                    }
-                    Err(e) => {
-                        tracing::debug!(reason = e.code(), "authentication failed");
-                        Ok(auth_failure(&e))
-                    }
-                }
-            }),
-        }
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let peer = peer(&req);
+        ResponseFuture::new(self.auth.clone(), req, peer, inner)
     }
 }
 
@@ -132,33 +88,4 @@ fn peer<B>(req: &Request<B>) -> Option<IpAddr> {
         return Some(info.0.ip());
     }
     req.extensions().get::<SocketAddr>().map(SocketAddr::ip)
-}
-
-/// The response for an authentication failure.
-///
-/// The body's `detail` is [`AuthError::public_detail`]: a fixed sentence per
-/// code, so no internal detail (JWKS URLs, database errors) reaches a client
-/// that has not even authenticated.
-pub(crate) fn auth_failure<B: From<Bytes>>(e: &AuthError) -> Response<B> {
-    let status = e.status();
-    let mut res = problem(status, e.code(), &e.public_detail());
-    if status == http::StatusCode::UNAUTHORIZED {
-        // RFC 6750 §3: no error attribute when no credential was presented.
-        let value = if e.is_missing() {
-            "Bearer realm=\"soma\"".to_owned()
-        } else {
-            format!(
-                "Bearer realm=\"soma\", error=\"invalid_token\", error_description=\"{}\"",
-                e.code()
-            )
-        };
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            res.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-        }
-    }
-    if e.is_rate_limited() {
-        res.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    res
 }

@@ -4,6 +4,9 @@ mod apikey;
 mod guard;
 mod jws;
 mod jwt;
+#[cfg(feature = "fuzzing")]
+pub(crate) use jwt::jwks_algorithms;
+mod future;
 mod layer;
 #[cfg(feature = "postgres")]
 mod postgres;

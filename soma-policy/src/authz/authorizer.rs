@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::audit::{AuditRecord, AuditSink, TracingAuditSink, emit};
+use crate::audit::{AuditEvent, AuditRecord, AuditSink, TracingAuditSink, emit, emit_change};
 use crate::config::{CacheConfig, EngineKind, FailMode, PolicyConfig};
 use crate::engine::{EngineDecision, PolicyEngine, RemoteOpa};
 use crate::metrics::PolicyMetrics;
@@ -117,6 +117,13 @@ impl AuthorizerBuilder {
 }
 
 impl Authorizer {
+    /// Records `event` (a change, see [`AuditEvent::change`]) on this
+    /// authorizer's audit trail: tracing target `soma_policy::audit` and
+    /// the configured [`AuditSink`], beside its decisions.
+    pub fn audit(&self, event: &AuditEvent) {
+        emit_change(self.audit.as_ref(), event);
+    }
+
     /// Starts building around `engine`.
     pub fn builder(engine: Arc<dyn PolicyEngine>) -> AuthorizerBuilder {
         AuthorizerBuilder {
@@ -256,6 +263,29 @@ impl Authorizer {
             fail_open: false,
         };
         self.finish(input, &d, Instant::now(), None);
+    }
+
+    /// Audits what an allowed action did (`outcome`, e.g. `replayed` or
+    /// `discarded`, with `details` such as the count or the operator's
+    /// reason) through the same audit path as the decisions: tracing
+    /// target `soma_policy::audit` and the [`AuditSink`], with engine
+    /// `outcome`. Call it after the work, with the input that was
+    /// authorized (its resource naming what was acted on), so the audit
+    /// trail holds both the decision and its effect. `details` must not
+    /// carry credentials.
+    pub fn audit_outcome(&self, input: &AuthzInput, outcome: &'static str, details: &[String]) {
+        let record = AuditRecord {
+            subject: &input.subject,
+            tenant: &input.tenant,
+            action: &input.action,
+            resource: &input.resource,
+            result: outcome,
+            reason: details,
+            engine: "outcome",
+            latency_us: 0,
+            request_id: input.request.request_id.as_deref(),
+        };
+        emit(self.audit.as_ref(), &record);
     }
 
     fn finish(

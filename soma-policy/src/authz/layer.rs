@@ -1,22 +1,22 @@
 //! The authorization tower layer.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response};
+use soma_observability::http::{is_valid_request_id, request_id_of};
 use tower::{Layer, Service};
 
 use super::Authorizer;
+pub use super::future::ResponseFuture;
 use crate::input::{AuthzInput, RequestInfo};
-use crate::problem::problem;
 use crate::routes::RouteMap;
 use crate::{AuthzError, Principal};
 
-/// Header read for the request id (audit correlation only).
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Header read for the request id when no [`RequestId`](soma_observability::http::RequestId) extension is there
+/// (audit correlation only): the one constant of `soma-observability`.
+pub use soma_observability::http::REQUEST_ID_HEADER;
 
 /// Authorizes each request: action from route template + method via the
 /// [`RouteMap`], subject/tenant/roles/scopes from the [`Principal`] the
@@ -63,26 +63,6 @@ pub struct AuthzService<S> {
     routes: Arc<RouteMap>,
 }
 
-/// Future of [`AuthzService`].
-pub struct ResponseFuture<ResBody, E> {
-    inner: Pin<Box<dyn Future<Output = Result<Response<ResBody>, E>> + Send>>,
-}
-
-impl<ResBody, E> std::fmt::Debug for ResponseFuture<ResBody, E> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuthzResponseFuture")
-            .finish_non_exhaustive()
-    }
-}
-
-impl<ResBody, E> Future for ResponseFuture<ResBody, E> {
-    type Output = Result<Response<ResBody>, E>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
-    }
-}
-
 fn matched_template<B>(_req: &Request<B>) -> Option<&str> {
     #[cfg(feature = "axum")]
     if let Some(m) = _req.extensions().get::<axum::extract::MatchedPath>() {
@@ -93,82 +73,78 @@ fn matched_template<B>(_req: &Request<B>) -> Option<&str> {
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for AuthzService<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: 'static,
-    ReqBody: Send + 'static,
-    ResBody: From<Bytes> + Send + 'static,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ResBody: From<Bytes>,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = ResponseFuture<ResBody, S::Error>;
+    type Future = ResponseFuture<S, ReqBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let authorizer = self.authorizer.clone();
-        let routes = self.routes.clone();
-        ResponseFuture {
-            inner: Box::pin(async move {
-                // Read the principal in place: the input copies what it needs.
-                let Some(principal) = req.extensions().get::<Principal>() else {
-                    return Ok(authz_failure(&AuthzError::Unauthenticated));
-                };
-                let method = req.method().as_str();
-                let template = matched_template(&req);
-                let request_id = req
-                    .headers()
-                    .get(REQUEST_ID_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .filter(|v| v.len() <= 128)
-                    .map(str::to_owned);
-                let Some(resolved) = routes.resolve(method, template, req.uri().path()) else {
-                    let route = template.unwrap_or("<unmatched>").to_owned();
-                    let input = AuthzInput::new(principal, "unmapped", Default::default())
-                        .with_request(RequestInfo {
-                            method: method.to_owned(),
-                            route: route.clone(),
-                            request_id,
-                        });
-                    authorizer.record_unmapped(&input);
-                    return Ok(authz_failure(&AuthzError::Unmapped {
-                        method: method.to_owned(),
-                        route,
-                    }));
-                };
-                let input = AuthzInput::new(principal, resolved.action, resolved.resource)
-                    .with_request(RequestInfo {
-                        method: method.to_owned(),
-                        route: resolved.route,
-                        request_id,
-                    });
-                match authorizer.check(&input).await {
-                    Ok(d) if d.allow => {
-                        req.extensions_mut().insert(d);
-                        inner.call(req).await
-                    }
-                    Ok(d) => Ok(authz_failure(&AuthzError::Forbidden {
-                        action: input.action,
-                        reasons: d.reasons,
-                    })),
-                    Err(e) => Ok(authz_failure(&e)),
-                }
-            }),
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        match self.input(&req) {
+            Ok(input) => {
+                // Take the service that was driven to readiness; leave a clone behind.
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::check(self.authorizer.clone(), input, req, inner)
+            }
+            Err(e) => ResponseFuture::refused(&e),
         }
     }
 }
 
-fn authz_failure<B: From<Bytes>>(e: &AuthzError) -> Response<B> {
-    let detail = match e {
-        AuthzError::Forbidden { action, reasons } => {
-            format!("{action} denied: {}", reasons.join(", "))
-        }
-        AuthzError::Unavailable(_) => "the policy engine is unavailable".to_owned(),
-        other => other.to_string(),
-    };
-    problem(e.status(), e.code(), &detail)
+impl<S> AuthzService<S> {
+    /// The policy input for `req`: the principal the authentication layer
+    /// put in the extensions (read in place: the input copies what it
+    /// needs), the action and resource its route maps to, and the request id.
+    /// An unmapped route is recorded (metrics, audit) and refused.
+    fn input<B>(&self, req: &Request<B>) -> Result<AuthzInput, AuthzError> {
+        let Some(principal) = req.extensions().get::<Principal>() else {
+            return Err(AuthzError::Unauthenticated);
+        };
+        let method = req.method().as_str();
+        let template = matched_template(req);
+        let request_id = request_id(req);
+        let Some(resolved) = self.routes.resolve(method, template, req.uri().path()) else {
+            let route = template.unwrap_or("<unmatched>").to_owned();
+            let input = AuthzInput::new(principal, "unmapped", Default::default()).with_request(
+                RequestInfo {
+                    method: method.to_owned(),
+                    route: route.clone(),
+                    request_id,
+                },
+            );
+            self.authorizer.record_unmapped(&input);
+            return Err(AuthzError::Unmapped {
+                method: method.to_owned(),
+                route,
+            });
+        };
+        Ok(
+            AuthzInput::new(principal, resolved.action, resolved.resource).with_request(
+                RequestInfo {
+                    method: method.to_owned(),
+                    route: resolved.route,
+                    request_id,
+                },
+            ),
+        )
+    }
+}
+
+/// The request's one id: the [`RequestId`](soma_observability::http::RequestId) extension of
+/// `soma_observability`'s `RequestIdLayer`, else a valid `x-request-id`.
+fn request_id<B>(req: &Request<B>) -> Option<String> {
+    request_id_of(req)
+        .or_else(|| {
+            req.headers()
+                .get(REQUEST_ID_HEADER)
+                .filter(|v| is_valid_request_id(v))
+                .and_then(|v| v.to_str().ok())
+        })
+        .map(str::to_owned)
 }

@@ -1,6 +1,7 @@
 //! Authorization: the [`Authorizer`] and its tower layer.
 
 mod authorizer;
+mod future;
 mod layer;
 
 pub use authorizer::{Authorizer, AuthorizerBuilder, Decision};

@@ -15,7 +15,9 @@ use serde_json::Value;
 
 #[cfg(feature = "rego")]
 pub use embedded::{EmbeddedRego, MAX_VM_INSTRUCTIONS};
-pub use remote::{CircuitState, RemoteOpa};
+#[allow(deprecated)]
+pub use remote::CircuitState;
+pub use remote::RemoteOpa;
 
 use crate::{AuthzInput, EngineError};
 

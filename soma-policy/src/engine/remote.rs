@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::{EngineDecision, PolicyEngine, decision_from_value};
 use soma_observability::health::HealthReporter;
-use soma_observability::resilience::{CircuitBreaker, OpenHealth};
+use soma_observability::resilience::{BreakerState, CircuitBreaker, OpenHealth};
 
 use crate::config::OpaConfig;
 use crate::{AuthzInput, EngineError};
@@ -30,9 +30,14 @@ pub struct RemoteOpa {
     breaker: CircuitBreaker,
 }
 
-/// State of the remote engine's circuit breaker (the shared
-/// [`BreakerState`](soma_observability::resilience::BreakerState)).
-pub use soma_observability::resilience::BreakerState as CircuitState;
+/// The old name of the shared
+/// [`BreakerState`](soma_observability::resilience::BreakerState), the one
+/// breaker state of every soma crate.
+#[deprecated(
+    since = "0.2.0",
+    note = "one name in every soma crate: use `soma_observability::resilience::BreakerState`"
+)]
+pub type CircuitState = soma_observability::resilience::BreakerState;
 
 impl RemoteOpa {
     /// A client for the OPA described by `config`.
@@ -73,9 +78,19 @@ impl RemoteOpa {
         self
     }
 
-    /// The breaker's current state.
-    pub fn circuit_state(&self) -> CircuitState {
+    /// The breaker's current state (the name the publisher and the
+    /// SomaBrain client use too).
+    pub fn breaker_state(&self) -> BreakerState {
         self.breaker.state()
+    }
+
+    /// The old name of [`RemoteOpa::breaker_state`].
+    #[deprecated(
+        since = "0.2.0",
+        note = "renamed `breaker_state`, as in every soma crate"
+    )]
+    pub fn circuit_state(&self) -> BreakerState {
+        self.breaker_state()
     }
 
     async fn call(&self, input: &AuthzInput) -> Result<EngineDecision, EngineError> {

@@ -1,6 +1,6 @@
 //! Shared helpers for soma-policy's integration tests, benchmarks and
 //! measuring examples.
-#![allow(dead_code, unreachable_pub, missing_docs)]
+#![allow(dead_code, unreachable_pub, missing_docs, unused_imports)]
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -232,15 +232,8 @@ impl Drop for OpaServer {
     }
 }
 
-/// Serves `app` on a free loopback port; returns the base URL.
-pub async fn serve(app: axum::Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
-    format!("http://{addr}")
-}
+/// Serves a router on a free loopback port; returns the base URL.
+pub use soma_testkit::serve_url as serve;
 
 /// The route the benchmarks and measuring examples send to.
 pub const SEND_ROUTE: &str = "/v1/sessions/{id}/messages";

@@ -18,8 +18,8 @@
 //! # Under failure
 //!
 //! * **Redis down**: [`RateLimiter::check`] returns the [`RedisError`] at once;
-//!   the layer then rejects (`503`, [`FailureMode::Closed`], the default) or
-//!   admits ([`FailureMode::Open`]) — your choice, stated in code.
+//!   the layer then rejects (`503`, [`FailMode::Closed`], the default) or
+//!   admits ([`FailMode::Open`]) — your choice, stated in code.
 //! * **Redis lost the key** (restart without persistence, failover to a
 //!   lagging replica, eviction): each limiter remembers the latest bucket
 //!   state it saw per key and sends it with every check, so a process never
@@ -27,6 +27,7 @@
 //!   converge to the combined state after each has checked the key once.
 //! * A check is never retried (it consumes quota).
 
+mod future;
 mod layer;
 
 use std::collections::HashMap;
@@ -40,7 +41,9 @@ use prometheus_client::metrics::counter::Counter;
 use crate::metrics::DecisionLabels;
 use crate::{CommandIdempotency, RedisClient, RedisError, Script};
 
-pub use layer::{FailureMode, RateLimitKey, RateLimitLayer, RateLimitService, ResponseFuture};
+#[allow(deprecated)]
+pub use layer::FailureMode;
+pub use layer::{FailMode, RateLimitKey, RateLimitLayer, RateLimitService, ResponseFuture};
 
 static GCRA: LazyLock<Script> =
     LazyLock::new(|| Script::new("rate_limit", include_str!("gcra.lua")));

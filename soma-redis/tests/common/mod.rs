@@ -1,8 +1,8 @@
 //! Shared helpers for the integration tests (real Redis).
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use soma_redis::{RedisClient, RedisConfig};
 use tokio::process::{Child, Command};
@@ -22,23 +22,7 @@ pub async fn client() -> RedisClient {
         .expect("connect to redis at 127.0.0.1:6379")
 }
 
-/// Polls `f` until it returns true or `within` passes.
-pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if f().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
+pub use soma_testkit::eventually;
 
 /// A private `redis-server` on a free loopback port (no persistence), for
 /// tests that kill and restart it.

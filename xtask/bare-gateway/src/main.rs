@@ -10,17 +10,23 @@
 //! limit, idempotency key, durable-publisher fallback or outbox: a failed
 //! send is a `503` and the message is lost.
 //!
+//! `GET /v1/conversations/{id}/events` is an idle SSE stream (axum's `Sse`
+//! with its default keep-alive and no events): what one held connection
+//! costs a plain axum server, the baseline of `cargo xtask bench --group sse`.
+//!
 //! ```text
 //! soma-bare-gateway <bind addr> <bootstrap servers> <topic>
 //! ```
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use serde::Deserialize;
 use soma_bus::{BusConfig, BusProducer, Envelope};
 
@@ -61,6 +67,11 @@ async fn post_message(
     }
 }
 
+/// An SSE stream that never sends an event (only keep-alive comments).
+async fn idle_events() -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    Sse::new(futures_util::stream::pending()).keep_alive(KeepAlive::default())
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -84,6 +95,7 @@ async fn main() {
     });
     let app = Router::new()
         .route("/v1/conversations/{id}/messages", post(post_message))
+        .route("/v1/conversations/{id}/events", get(idle_events))
         .with_state(shared);
     let listener = tokio::net::TcpListener::bind(bind.as_str())
         .await

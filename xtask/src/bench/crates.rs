@@ -208,6 +208,21 @@ pub(crate) fn benches() -> Vec<Bench> {
             ],
         },
         Bench {
+            group: "memory",
+            package: "soma-memory-service",
+            bench: "recall",
+            pairs: vec![pair(
+                "local memory service: recall over a 10,000-memory scope (hybrid, window 1,000)",
+                "recall_10k/hybrid_window_1000",
+                Some((
+                    "trigram, unbounded (before the window)",
+                    "recall_10k/trigram_unbounded",
+                )),
+                Time("ms"),
+                Goal::RatioAtMost(0.05),
+            )],
+        },
+        Bench {
             group: "config",
             package: "soma-config",
             bench: "live",

@@ -2,7 +2,7 @@
 //! answers take (a slow answer does not slow the sender, so queueing shows
 //! as latency instead of hiding as a lower rate), to conversations drawn
 //! from a Zipf distribution, each followed on its conversation's SSE stream
-//! to its first reply event and its `reply.completed`.
+//! to its first reply event and its `assistant.completed`.
 //!
 //! Latency is measured from the moment a message was *due*, not from when
 //! the sender got to it: if the generator itself falls behind, that counts
@@ -161,6 +161,11 @@ impl OpenLoop {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Replies> {
         self.replies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// SSE streams reopened so far (after they ended or failed).
+    pub(crate) fn reconnects(&self) -> u64 {
+        self.lock().reconnects
     }
 
     /// Sends at `shape.rate` for `shape.duration`, then (when following)
@@ -527,7 +532,7 @@ impl Follower {
                     let mut r = self.lock();
                     let s = r.seen.entry(message_id).or_default();
                     s.first.get_or_insert(now);
-                    if event == "reply.completed" {
+                    if event == REPLY_COMPLETED {
                         s.completed.get_or_insert(now);
                     }
                 }
@@ -535,6 +540,21 @@ impl Follower {
         }
     }
 }
+
+/// The platform's reply events (`examples/platform/src/protocol.rs`,
+/// `EventKind::sse_name`): a live `assistant.preview`, the stored
+/// `assistant.started` / `assistant.delta` / `assistant.completed`, or an
+/// `error` answer. The first of any is the reply's first event.
+const REPLY_EVENTS: [&str; 5] = [
+    "assistant.preview",
+    "assistant.started",
+    "assistant.delta",
+    "assistant.completed",
+    "error",
+];
+
+/// The event that ends a reply.
+const REPLY_COMPLETED: &str = "assistant.completed";
 
 /// `(event name, message id)` of an SSE block carrying a reply event.
 fn reply_event(block: &str) -> Option<(String, String)> {
@@ -547,7 +567,7 @@ fn reply_event(block: &str) -> Option<(String, String)> {
             data.push_str(v.trim_start());
         }
     }
-    if !event.starts_with("reply.") {
+    if !REPLY_EVENTS.contains(&event) {
         return None;
     }
     let v: Value = serde_json::from_str(&data).ok()?;
@@ -570,10 +590,16 @@ mod tests {
 
     #[test]
     fn reply_events_are_read_from_sse_blocks() {
-        let b = "event: reply.delta\nid: 7\ndata: {\"message_id\":\"m1\",\"text\":\"hi\"}\n\n";
+        let b = "event: assistant.delta\nid: 7\ndata: {\"message_id\":\"m1\",\"text\":\"hi\"}\n\n";
         assert_eq!(
             reply_event(b),
-            Some(("reply.delta".to_owned(), "m1".to_owned()))
+            Some(("assistant.delta".to_owned(), "m1".to_owned()))
+        );
+        let p = "event: assistant.preview\ndata: {\"message_id\":\"m2\",\"seq\":0}\n\n";
+        assert_eq!(reply_event(p).map(|(_, id)| id), Some("m2".to_owned()));
+        assert_eq!(
+            reply_event("event: tool.result\ndata: {\"message_id\":\"m3\"}\n\n"),
+            None
         );
         assert_eq!(reply_event(": heartbeat\n\n"), None);
         assert_eq!(reply_event("event: reset\ndata: {}\n\n"), None);

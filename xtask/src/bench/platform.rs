@@ -20,6 +20,8 @@ use crate::chaos::deps::{self, Broker, MemoryService, Postgres, Proc, Redis};
 use crate::chaos::services::{Platform, Wiring};
 use crate::{platform, root, run};
 
+pub(crate) mod sse;
+
 /// Chaos's ports + 100.
 const PORT_OFFSET: u16 = 100;
 const PG_PORT: u16 = 25532;
@@ -180,9 +182,9 @@ impl Stack {
     }
 }
 
-fn build(opts: &Opts) -> Result<PathBuf, String> {
-    if let Some(dir) = &opts.bin_dir {
-        return Ok(dir.clone());
+fn build(bin_dir: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(dir) = bin_dir {
+        return Ok(dir.to_owned());
     }
     println!("bench: building the platform, the memory service and the bare gateway (release)");
     run(
@@ -205,7 +207,25 @@ fn build(opts: &Opts) -> Result<PathBuf, String> {
 
 /// Runs the platform group; returns its rows.
 pub(crate) async fn run_group(opts: &Opts) -> Result<Vec<Row>, String> {
-    let bin_dir = tokio::task::block_in_place(|| build(opts))?;
+    let (bin_dir, dir, log_dir, mut stack) = start_stack(opts.bin_dir.as_deref())?;
+    let result = phases(opts, &dir, &log_dir, &bin_dir, &stack).await;
+    stop_stack(&mut stack, opts.keep, &log_dir);
+    result
+}
+
+/// Runs the SSE group (10,000 idle streams, time to first event beside
+/// them); returns its rows.
+pub(crate) async fn run_sse_group(opts: &sse::Opts) -> Result<Vec<Row>, String> {
+    let (bin_dir, dir, log_dir, mut stack) = start_stack(opts.bin_dir.as_deref())?;
+    let result = sse::phases(opts, &dir, &log_dir, &bin_dir, &stack).await;
+    stop_stack(&mut stack, opts.keep, &log_dir);
+    result
+}
+
+/// Builds (unless `bin_dir` is given) and starts the private stack: the
+/// binaries' directory, the stack's directory, its log directory, the stack.
+fn start_stack(bin_dir: Option<&Path>) -> Result<(PathBuf, PathBuf, PathBuf, Stack), String> {
+    let bin_dir = tokio::task::block_in_place(|| build(bin_dir))?;
     let dir = root().join(".stack").join("bench");
     let log_dir = dir.join("logs");
     let _ = fs::remove_dir_all(&log_dir);
@@ -217,9 +237,15 @@ pub(crate) async fn run_group(opts: &Opts) -> Result<Vec<Row>, String> {
          bare gateway {BARE_ADDR}; platform ports = chaos + {PORT_OFFSET}",
         dir.display()
     );
-    tokio::task::block_in_place(|| stack.start(&log_dir))?;
-    let result = phases(opts, &dir, &log_dir, &bin_dir, &stack).await;
-    if opts.keep {
+    if let Err(e) = tokio::task::block_in_place(|| stack.start(&log_dir)) {
+        stack.stop();
+        return Err(e);
+    }
+    Ok((bin_dir, dir, log_dir, stack))
+}
+
+fn stop_stack(stack: &mut Stack, keep: bool, log_dir: &Path) {
+    if keep {
         println!(
             "bench: --keep: the private stack is still up; logs in {}",
             log_dir.display()
@@ -227,7 +253,6 @@ pub(crate) async fn run_group(opts: &Opts) -> Result<Vec<Row>, String> {
     } else {
         tokio::task::block_in_place(|| stack.stop());
     }
-    result
 }
 
 fn stamp() -> u64 {
@@ -255,12 +280,7 @@ async fn phases(
 
     // The baseline: the bare handler, same load, same broker.
     let bare = {
-        let mut cmd = Command::new(bin_dir.join("soma-bare-gateway"));
-        cmd.args([BARE_ADDR, &stack.broker.addr(), "bench.bare"]);
-        let mut proc = Proc::spawn("soma-bare-gateway", cmd, &log_dir.join("bare-gateway.log"))?;
-        tokio::task::block_in_place(|| {
-            deps::wait_port("bare gateway", BARE_ADDR, Duration::from_secs(60))
-        })?;
+        let mut proc = spawn_bare(bin_dir, log_dir, stack)?;
         let convs: Vec<Conv> = (0..opts.conversations)
             .map(|i| Conv {
                 id: format!("{run_id}-bare-c{i}"),
@@ -293,26 +313,7 @@ async fn phases(
     tokio::task::block_in_place(|| stack.reset_statements());
 
     // The platform.
-    let secret = platform::random_hex()?;
-    let issuer_file = dir.join("issuer.toml");
-    fs::write(&issuer_file, platform::issuer_toml(&secret)).map_err(|e| e.to_string())?;
-    let mut extra = vec![
-        // One tenant per conversation at up to hundreds of messages a
-        // second: the shipped limit (120 a minute) would refuse most.
-        ("SOMA_CHAT__RATE_LIMIT".to_owned(), "1000000".to_owned()),
-    ];
-    extra.extend(opts.env.iter().cloned());
-    let wiring = Wiring {
-        postgres_url: stack.pg.url(DB),
-        redis_url: format!("redis://{}", stack.redis.addr()),
-        bootstrap: stack.broker.addr(),
-        somabrain_url: format!("http://{SOMABRAIN_ADDR}"),
-        issuer_file,
-        source: root(),
-        port_offset: PORT_OFFSET,
-        extra_env: extra,
-    };
-    let mut platform = Platform::start(bin_dir, log_dir, &wiring, false)?;
+    let (mut platform, secret) = start_platform(dir, log_dir, bin_dir, stack, &opts.env)?;
     let result = measure_platform(opts, shape, &run_id, &secret, &mut platform, stack).await;
     let exited = platform.exited();
     platform.stop();
@@ -331,31 +332,8 @@ async fn measure_platform(
     platform: &mut Platform,
     stack: &Stack,
 ) -> Result<(Report, f64), String> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let not_ready = tokio::task::block_in_place(|| platform.not_ready());
-        if not_ready.is_empty() {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("not ready after 120 s: {}", not_ready.join(", ")));
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let convs: Vec<Conv> = (0..opts.conversations)
-        .map(|i| {
-            platform::token(
-                secret,
-                &format!("bench-user-{i}"),
-                &format!("bench-{i}"),
-                &["user".to_owned()],
-            )
-            .map(|t| Conv {
-                id: format!("{run_id}-c{i}"),
-                token: Some(t),
-            })
-        })
-        .collect::<Result<_, _>>()?;
+    wait_ready(platform).await?;
+    let convs = conversations(secret, &format!("{run_id}-c"), opts.conversations)?;
     let base = platform.gateway_urls()[0].clone();
     let mut load = OpenLoop::new(&base, run_id, convs);
     load.follow(Duration::from_secs(120)).await?;
@@ -380,6 +358,82 @@ async fn measure_platform(
     println!("bench: platform: ceiling {ceiling:.0} msg/s ({ceiling_errors} failed)");
     load.stop().await;
     Ok((report, ceiling))
+}
+
+/// The bare gateway (the baseline), started and listening.
+fn spawn_bare(bin_dir: &Path, log_dir: &Path, stack: &Stack) -> Result<Proc, String> {
+    let mut cmd = Command::new(bin_dir.join("soma-bare-gateway"));
+    cmd.args([BARE_ADDR, &stack.broker.addr(), "bench.bare"]);
+    let proc = Proc::spawn("soma-bare-gateway", cmd, &log_dir.join("bare-gateway.log"))?;
+    tokio::task::block_in_place(|| {
+        deps::wait_port("bare gateway", BARE_ADDR, Duration::from_secs(60))
+    })?;
+    Ok(proc)
+}
+
+/// The platform's services on the private stack, with a fresh token
+/// issuer (returned: its secret) and `env` as extra `SOMA_*` overrides.
+fn start_platform(
+    dir: &Path,
+    log_dir: &Path,
+    bin_dir: &Path,
+    stack: &Stack,
+    env: &[(String, String)],
+) -> Result<(Platform, String), String> {
+    let secret = platform::random_hex()?;
+    let issuer_file = dir.join("issuer.toml");
+    fs::write(&issuer_file, platform::issuer_toml(&secret)).map_err(|e| e.to_string())?;
+    let mut extra = vec![
+        // One tenant per conversation at up to hundreds of messages a
+        // second: the shipped limit (120 a minute) would refuse most.
+        ("SOMA_CHAT__RATE_LIMIT".to_owned(), "1000000".to_owned()),
+    ];
+    extra.extend(env.iter().cloned());
+    let wiring = Wiring {
+        postgres_url: stack.pg.url(DB),
+        redis_url: format!("redis://{}", stack.redis.addr()),
+        bootstrap: stack.broker.addr(),
+        somabrain_url: format!("http://{SOMABRAIN_ADDR}"),
+        issuer_file,
+        source: root(),
+        port_offset: PORT_OFFSET,
+        extra_env: extra,
+    };
+    Ok((Platform::start(bin_dir, log_dir, &wiring, false)?, secret))
+}
+
+/// Waits until every service of `platform` is ready (120 s at most).
+async fn wait_ready(platform: &Platform) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let not_ready = tokio::task::block_in_place(|| platform.not_ready());
+        if not_ready.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("not ready after 120 s: {}", not_ready.join(", ")));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `n` conversations `{prefix}{i}`, each of its own tenant and user, with
+/// a token the platform's issuer signed.
+fn conversations(secret: &str, prefix: &str, n: usize) -> Result<Vec<Conv>, String> {
+    (0..n)
+        .map(|i| {
+            platform::token(
+                secret,
+                &format!("bench-user-{i}"),
+                &format!("bench-{i}"),
+                &["user".to_owned()],
+            )
+            .map(|t| Conv {
+                id: format!("{prefix}{i}"),
+                token: Some(t),
+            })
+        })
+        .collect()
 }
 
 /// The load with CPU sampled around it; prints the outcome.
@@ -450,8 +504,8 @@ fn rows(
         row("send → first reply event p99", "ms")
             .ours(ours.first_p99_ms)
             .goal(Goal::AtMost(100.0)),
-        row("send → reply.completed p50", "ms").ours(ours.completed_p50_ms),
-        row("send → reply.completed p99", "ms")
+        row("send → assistant.completed p50", "ms").ours(ours.completed_p50_ms),
+        row("send → assistant.completed p99", "ms")
             .ours(ours.completed_p99_ms)
             .goal(Goal::AtMost(500.0)),
         row("replies completed of accepted", "%")

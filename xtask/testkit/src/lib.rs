@@ -11,6 +11,34 @@
 //! command (`cargo xtask test`) starts, and may be overridden with
 //! `SOMA_TEST_POSTGRES_URL`, `SOMA_TEST_REDIS_URL` and
 //! `SOMA_TEST_KAFKA_BOOTSTRAP` (loopback only).
+//!
+//! Helpers behind features, so a crate's tests pull in only what they use:
+//!
+//! | feature | items |
+//! |---|---|
+//! | `tokio` | `wait_for`, `wait_until`, `eventually`: poll a condition |
+//! | `axum` | `serve`, `serve_url`: a router on a free loopback port |
+//! | `problem` | `assert_problem`: an `application/problem+json` answer |
+//! | `reqwest` | `expect_problem`: the same for a `reqwest::Response` |
+//! | `otlp` | `otlp`: an in-process OTLP trace receiver |
+
+#[cfg(feature = "otlp")]
+pub mod otlp;
+#[cfg(feature = "tokio")]
+mod poll;
+#[cfg(feature = "problem")]
+mod problem;
+#[cfg(feature = "axum")]
+mod serve;
+
+#[cfg(feature = "tokio")]
+pub use poll::{eventually, wait_for, wait_until};
+#[cfg(feature = "reqwest")]
+pub use problem::expect_problem;
+#[cfg(feature = "problem")]
+pub use problem::{PROBLEM_CONTENT_TYPE, assert_problem, assert_problem_parts};
+#[cfg(feature = "axum")]
+pub use serve::{serve, serve_url};
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};

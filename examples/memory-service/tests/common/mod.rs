@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use soma_memory_service::{MemoryConfig, MemoryService, Ranking};
+use soma_memory_service::{MemoryConfig, MemoryService, Ranking, Settings};
 use soma_observability::health::HealthRegistry;
 use soma_observability::metrics::MetricsRegistry;
 use soma_somabrain::{SomabrainClient, SomabrainConfig};
@@ -44,6 +44,10 @@ impl TestService {
         f(&mut config);
         let metrics = MetricsRegistry::default();
         let health = HealthRegistry::new();
+        let settings = Settings {
+            memory: config.clone(),
+            ..Settings::default()
+        };
         let service = MemoryService::builder(pool.clone(), config)
             .schema(&schema)
             .metrics(&metrics)
@@ -55,7 +59,8 @@ impl TestService {
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().unwrap();
-        let app = service.router();
+        // The binary's own composition (contract + admin routes + layers).
+        let app = soma_memory_service::app(&service, &settings, &metrics, &health);
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.expect("serve");
         });

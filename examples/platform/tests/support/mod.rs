@@ -2,6 +2,13 @@
 //! tokens, a server-sent-events reader, Kafka and `/metrics` readers.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod model;
+pub mod platform;
+pub mod processes;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -13,6 +20,7 @@ use serde_json::{Value, json};
 use soma_config::Live;
 use soma_example_platform::gateway::EVENTS_ROUTE;
 use soma_example_platform::{Gateway, PlatformSettings};
+use sqlx::PgPool;
 use tokio::net::TcpListener;
 
 pub const ISSUER: &str = "https://id.test.soma";
@@ -52,12 +60,16 @@ impl Env {
             .set("bus.retry_backoff_initial_ms", 50)
             .set("outbox.schema", format!("{p}_outbox"))
             .set("chat.session_events_schema", format!("{p}_chat"))
+            .set("operator.dlq_schema", format!("{p}_dlq"))
             .set("chat.requests_topic", format!("{p}.requests"))
             .set("chat.events_topic", format!("{p}.events"))
             .set("chat.memory_topic", format!("{p}.memory"))
             .set("chat.tools_topic", format!("{p}.tools"))
             .set("chat.tool_results_topic", format!("{p}.tool_results"))
             .set("chat.config_topic", format!("{p}.config"))
+            .set("chat.config_update_key", CONFIG_UPDATE_KEY)
+            .set("workspace.schema", format!("{p}_ws"))
+            .set("workspace.scheduler.topic", format!("{p}.sched"))
             .set("policy.audiences", [AUDIENCE])
             .set("policy.policy_dir", policy_dir)
             .set(
@@ -127,12 +139,30 @@ pub async fn expect_status(r: reqwest::Response, code: u16) -> reqwest::Response
     panic!("expected {code}, got {status}: {body}");
 }
 
-/// Publishes the config update `{version, document}` to `topic` through
-/// `gateway`'s durable publisher.
+/// Asserts `r` is an `application/problem+json` answer (the testkit's
+/// assertion); returns the body.
+pub use soma_testkit::expect_problem;
+
+/// The key the test settings' replicas require remote config updates to
+/// be signed with.
+pub const CONFIG_UPDATE_KEY: &str = "platform-test-config-update-key-0123456789";
+
+/// Publishes the config update `{version, document}`, signed with
+/// [`CONFIG_UPDATE_KEY`], to `topic` through `gateway`'s durable publisher.
 pub async fn publish_config_update(gateway: &Gateway, topic: &str, version: u64, document: Value) {
-    let update = soma_config::ConfigUpdate::new(version, document);
+    let key = soma_config::Secret::new(CONFIG_UPDATE_KEY);
+    let update = soma_config::ConfigUpdate::new(version, document).sign(&key);
+    publish_raw_config_update(gateway, topic, &update).await;
+}
+
+/// Publishes `update` as it is (signed or not) to `topic`.
+pub async fn publish_raw_config_update(
+    gateway: &Gateway,
+    topic: &str,
+    update: &soma_config::ConfigUpdate,
+) {
     let envelope = soma_bus::Envelope::builder("config.update", "platform", "config")
-        .json(&update)
+        .json(update)
         .unwrap()
         .build()
         .unwrap();
@@ -201,6 +231,12 @@ impl SseReader {
             .send()
             .await
             .expect("open SSE");
+        Self::from_response(resp)
+    }
+
+    /// Reads the event stream `resp` answered with (asserted `200`
+    /// `text/event-stream`).
+    pub fn from_response(resp: reqwest::Response) -> Self {
         assert_eq!(resp.status(), 200, "SSE status");
         assert_eq!(
             resp.headers()["content-type"].to_str().unwrap(),
@@ -305,6 +341,20 @@ pub async fn record_within(
     message_id: &str,
     within: Duration,
 ) -> Option<(Value, std::collections::BTreeMap<String, String>)> {
+    record_matching(topic, within, |payload, _| {
+        payload["message_id"] == message_id
+    })
+    .await
+}
+
+/// Reads `topic` from the start until a record `matches` (its JSON payload
+/// and headers) and returns its payload and headers; `None` when none
+/// arrives in time.
+pub async fn record_matching(
+    topic: &str,
+    within: Duration,
+    matches: impl Fn(&Value, &std::collections::BTreeMap<String, String>) -> bool,
+) -> Option<(Value, std::collections::BTreeMap<String, String>)> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", soma_testkit::kafka_bootstrap())
         .set("group.id", soma_testkit::unique_name("dlq_reader"))
@@ -323,9 +373,6 @@ pub async fn record_within(
         };
         let payload: Value =
             serde_json::from_slice(msg.payload().unwrap_or_default()).unwrap_or(Value::Null);
-        if payload["message_id"] != message_id {
-            continue;
-        }
         let mut headers = std::collections::BTreeMap::new();
         if let Some(h) = msg.headers() {
             for header in h.iter() {
@@ -335,7 +382,9 @@ pub async fn record_within(
                 );
             }
         }
-        return Some((payload, headers));
+        if matches(&payload, &headers) {
+            return Some((payload, headers));
+        }
     }
 }
 
@@ -367,4 +416,209 @@ pub async fn metric(
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Everything the processes log, for the secret checks.
+#[derive(Clone, Default)]
+pub struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// Captures this test process's logs at `debug` (each test runs in its
+    /// own process under nextest).
+    pub fn install() -> Self {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .try_init()
+            .expect("one subscriber per test process");
+        captured
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    /// Asserts the logs are not empty and contain none of `secrets`.
+    pub fn assert_free_of(&self, secrets: &[&str]) {
+        let logs = self.text();
+        assert!(
+            logs.lines().count() > 20,
+            "logs were captured: {} lines",
+            logs.lines().count()
+        );
+        for s in secrets {
+            assert!(!s.is_empty());
+            assert!(
+                !logs.contains(s),
+                "a secret ({}…) is in the logs",
+                &s[..8.min(s.len())]
+            );
+        }
+    }
+}
+
+/// The memory service (the local SomaBrain) on its own schema, not yet
+/// serving.
+pub async fn build_memory_service(
+    pool: &PgPool,
+    schema: &str,
+    token: &str,
+) -> soma_memory_service::MemoryService {
+    soma_memory_service::MemoryService::builder(
+        pool.clone(),
+        soma_memory_service::MemoryConfig {
+            token: token.into(),
+            ..Default::default()
+        },
+    )
+    .schema(schema)
+    .build()
+    .await
+    .expect("memory service starts (PostgreSQL: `cargo xtask stack up`)")
+}
+
+/// The memory service on its own schema, on a loopback port.
+pub async fn memory_service(pool: &PgPool, schema: &str, token: &str) -> SocketAddr {
+    let service = build_memory_service(pool, schema, token).await;
+    let l = listener().await;
+    let addr = l.local_addr().unwrap();
+    let router = service.router();
+    tokio::spawn(async move { axum::serve(l, router).await });
+    addr
+}
+
+/// Sends `text` and returns the events answering it, up to its final
+/// (`assistant.completed` or `error`) event.
+pub async fn turn(
+    client: &reqwest::Client,
+    base: &str,
+    sse: &mut SseReader,
+    conversation: &str,
+    token: &str,
+    text: &str,
+) -> Vec<SseEvent> {
+    let r = send(
+        client,
+        base,
+        conversation,
+        token,
+        json!({ "text": text }),
+        None,
+    )
+    .await;
+    let id = message_id_of(expect_status(r, 202).await).await;
+    answer_to(sse, &id).await
+}
+
+pub async fn answer_to(sse: &mut SseReader, id: &str) -> Vec<SseEvent> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut out = Vec::new();
+    while let Some(ev) = sse.next(deadline).await {
+        if ev.data["message_id"] != id {
+            continue;
+        }
+        let done = ev.event == "assistant.completed" || ev.event == "error";
+        out.push(ev);
+        if done {
+            return out;
+        }
+    }
+    panic!("no answer to {id} within 60 s; got {out:?}");
+}
+
+/// Sends warm-up messages until one is answered over `sse` (the gateway's
+/// broadcast consumer starts at the end of the topic once assigned).
+pub async fn warm_up(
+    client: &reqwest::Client,
+    base: &str,
+    sse: &mut SseReader,
+    conversation: &str,
+    token: &str,
+) {
+    let started = Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "no reply reached the SSE stream within 90 s"
+        );
+        let r = send(
+            client,
+            base,
+            conversation,
+            token,
+            json!({"text": "warm up"}),
+            None,
+        )
+        .await;
+        let id = message_id_of(expect_status(r, 202).await).await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while let Some(ev) = sse.next(deadline).await {
+            if ev.data["message_id"] == id.as_str() && ev.event == "assistant.completed" {
+                return;
+            }
+        }
+    }
+}
+
+pub fn completed(events: &[SseEvent]) -> &SseEvent {
+    let last = events.last().expect("an answer");
+    assert_eq!(last.event, "assistant.completed", "{events:?}");
+    last
+}
+
+pub fn used(ev: &SseEvent) -> Vec<String> {
+    ev.data["memories"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the memory service stores every key of `keys`.
+pub async fn stored(pool: &PgPool, schema: &str, keys: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (n,): (i64,) = sqlx::query_as(&format!(
+            "SELECT count(DISTINCT key) FROM {schema}.memories WHERE key = ANY($1)"
+        ))
+        .bind(keys.iter().map(|k| k.to_string()).collect::<Vec<_>>())
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if n as usize == keys.len() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {n} of {} memories stored within 60 s",
+            keys.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Asserts `r` is a 403 `forbidden` problem whose detail names `reason`.
+pub async fn assert_forbidden(r: reqwest::Response, reason: &str) {
+    let body = expect_problem(r, 403, "forbidden").await;
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains(reason), "{detail}");
 }

@@ -5,8 +5,10 @@
 //! 1. marks sensitive header values (see [`SensitiveHeaders`]) so nothing
 //!    downstream can print them;
 //! 2. opens an INFO span `HTTP {method} {route}` (`otel.kind = server`,
-//!    `http.request.method`, `http.route`, `url.path`, `request_id` from
-//!    `x-request-id`, `trace_id` so JSON logs can be joined to traces) whose parent is the context in `traceparent`/`tracestate`,
+//!    `http.request.method`, `http.route`, `url.path`, `request_id` (the
+//!    [`RequestId`](super::RequestId) extension set by
+//!    [`RequestIdLayer`](super::RequestIdLayer), else the `x-request-id`
+//!    header), `trace_id` so JSON logs can be joined to traces) whose parent is the context in `traceparent`/`tracestate`,
 //!    when present and valid (else it starts a new trace);
 //! 3. records configured request headers as `http.request.header.<name>` span
 //!    attributes, sensitive ones as `[REDACTED]`;
@@ -125,10 +127,11 @@ where
         settings.sensitive.mark(req.headers_mut());
         let method = super::method_label(req.method());
         let route = super::route_template(&req);
-        let request_id = req
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok());
+        let request_id = super::request_id_of(&req).or_else(|| {
+            req.headers()
+                .get(super::REQUEST_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+        });
         let span = tracing::info_span!(
             "http.server.request",
             otel.name = %format_args!("HTTP {method} {route}"),
