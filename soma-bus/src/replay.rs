@@ -1,30 +1,4 @@
-//! DLQ replay: republish dead-lettered messages to the topic their DLQ
-//! belongs to.
-//!
-//! A DLQ belongs to exactly one topic: `<topic><dlq_suffix>` (`orders.dlq`
-//! belongs to `orders`). [`replay_dlq`] derives that topic from the DLQ's
-//! name — a name without the configured suffix is a
-//! [`BusError::Config`] before anything is read — and never republishes
-//! anywhere else, whatever a record's headers say. It reads the DLQ from the
-//! replay group's committed position up to the end it sees at start, and for
-//! each record:
-//!
-//! - republishes it to the DLQ's topic with the original key, payload and
-//!   headers (the `soma-dlq-*` headers removed) and `soma-replay-count`
-//!   incremented, waiting for the broker's ack; or
-//! - refuses it when its `soma-dlq-origin-topic` names another topic: anyone
-//!   who can write to a DLQ could otherwise inject messages into any topic
-//!   the replay tool can write to. It stays in the DLQ, is counted as
-//!   `refused` and listed in [`ReplayReport::refusals`] as a
-//!   [`ReplayRefusal::ForeignOrigin`]; or
-//! - skips it when it was already replayed `replay_max` times (it stays in the
-//!   DLQ; counted as `exceeded`) — this stops a poison message from looping; or
-//! - skips it when it has no origin header (counted as `malformed`).
-//!
-//! The replay group's offset is committed only after the republish was
-//! acknowledged, so an interrupted replay resumes where it stopped
-//! (at-least-once: a message republished just before a crash may be
-//! republished again, with the same envelope id).
+//! DLQ replay: [`replay_dlq`].
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -136,7 +110,33 @@ pub(crate) fn origin_of(config: &BusConfig, dlq_topic: &str) -> Result<String, B
     }
 }
 
-/// Replays `opts.dlq_topic` (see the [module docs](self)).
+/// Replays `opts.dlq_topic`: republishes its dead-lettered messages to the
+/// topic their DLQ belongs to.
+///
+/// A DLQ belongs to exactly one topic: `<topic><dlq_suffix>` (`orders.dlq`
+/// belongs to `orders`). It derives that topic from the DLQ's
+/// name — a name without the configured suffix is a
+/// [`BusError::Config`] before anything is read — and never republishes
+/// anywhere else, whatever a record's headers say. It reads the DLQ from the
+/// replay group's committed position up to the end it sees at start, and for
+/// each record:
+///
+/// - republishes it to the DLQ's topic with the original key, payload and
+///   headers (the `soma-dlq-*` headers removed) and `soma-replay-count`
+///   incremented, waiting for the broker's ack; or
+/// - refuses it when its `soma-dlq-origin-topic` names another topic: anyone
+///   who can write to a DLQ could otherwise inject messages into any topic
+///   the replay tool can write to. It stays in the DLQ, is counted as
+///   `refused` and listed in [`ReplayReport::refusals`] as a
+///   [`ReplayRefusal::ForeignOrigin`]; or
+/// - skips it when it was already replayed `replay_max` times (it stays in the
+///   DLQ; counted as `exceeded`) — this stops a poison message from looping; or
+/// - skips it when it has no origin header (counted as `malformed`).
+///
+/// The replay group's offset is committed only after the republish was
+/// acknowledged, so an interrupted replay resumes where it stopped
+/// (at-least-once: a message republished just before a crash may be
+/// republished again, with the same envelope id).
 pub async fn replay_dlq(
     config: &BusConfig,
     producer: &BusProducer,
@@ -258,7 +258,7 @@ pub(crate) enum Outcome {
 
 impl ReplayContext<'_> {
     /// Republishes `msg` to the DLQ's topic, or refuses or skips it (see
-    /// the [module docs](self)), counting it in `report` and the metrics.
+    /// [`replay_dlq`]), counting it in `report` and the metrics.
     /// `Err` only when the republish was not acknowledged.
     pub(crate) async fn replay_one<M: Message>(
         &self,
