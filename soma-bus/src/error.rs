@@ -29,9 +29,11 @@ pub enum BusError {
     /// The envelope is invalid.
     #[error(transparent)]
     Envelope(#[from] EnvelopeError),
-    /// The broker rejected or failed the request.
+    /// The broker rejected or failed the request. (librdkafka's
+    /// configuration errors become [`Config`](Self::Config) instead: they
+    /// carry the rejected value, which can be a credential.)
     #[error("kafka error: {0}")]
-    Kafka(#[from] KafkaError),
+    Kafka(KafkaError),
     /// The broker did not answer in time.
     #[error("kafka did not answer within {0} ms")]
     Timeout(u64),
@@ -106,6 +108,29 @@ impl BusError {
     }
 }
 
+impl From<KafkaError> for BusError {
+    /// A property librdkafka refuses (`KafkaError::ClientConfig`) becomes
+    /// [`BusError::Config`] naming the property, its value replaced by `***`:
+    /// librdkafka's own text quotes the value, and the property may be
+    /// `sasl.password` or `ssl.key.pem`. Everything else stays
+    /// [`BusError::Kafka`].
+    fn from(e: KafkaError) -> Self {
+        match e {
+            KafkaError::ClientConfig(_, desc, key, value) => {
+                let desc = if value.is_empty() {
+                    desc
+                } else {
+                    desc.replace(&value, "***")
+                };
+                Self::Config(format!(
+                    "librdkafka rejected property `{key}` (value not shown): {desc}"
+                ))
+            }
+            other => Self::Kafka(other),
+        }
+    }
+}
+
 /// Errors caused by the message itself rather than by the broker being unavailable.
 pub(crate) fn is_permanent_kafka(e: &KafkaError) -> bool {
     use RDKafkaErrorCode as C;
@@ -122,4 +147,35 @@ pub(crate) fn is_permanent_kafka(e: &KafkaError) -> bool {
                 | C::InvalidArgument
         )
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BusConfig, BusProducer};
+
+    #[test]
+    fn a_rejected_property_names_the_key_never_the_value() {
+        let mut config = BusConfig::default();
+        config
+            .librdkafka
+            .insert("security.protocol".into(), "hunter2-not-a-protocol".into());
+        let err = BusProducer::new(&config)
+            .err()
+            .expect("librdkafka refuses the value");
+        assert!(err.is_config(), "{err:?}");
+        for shown in [err.to_string(), format!("{err:?}")] {
+            assert!(shown.contains("security.protocol"), "{shown}");
+            assert!(!shown.contains("hunter2"), "the value leaked: {shown}");
+        }
+    }
+
+    #[test]
+    fn other_kafka_errors_stay_kafka_errors() {
+        let err = BusError::from(KafkaError::Canceled);
+        assert!(
+            matches!(err, BusError::Kafka(KafkaError::Canceled)),
+            "{err:?}"
+        );
+    }
 }

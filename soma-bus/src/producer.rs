@@ -59,7 +59,7 @@ pub(crate) struct Handle {
 static HANDLE_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 impl Handle {
-    fn new(config: &BusConfig) -> Result<Self, KafkaError> {
+    fn new(config: &BusConfig) -> Result<Self, BusError> {
         Ok(Self {
             producer: config.producer_client_config().create()?,
             purged: RwLock::new(false),

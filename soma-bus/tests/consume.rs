@@ -541,6 +541,58 @@ async fn restarted_consumer_resumes_from_committed_offsets() {
 }
 
 #[tokio::test]
+async fn consumers_named_into_different_groups_each_receive_every_message() {
+    let bootstrap = soma_testkit::require_kafka();
+    let cfg = config(&bootstrap);
+    let topic = topic(&cfg, "groups").await;
+    let producer = BusProducer::new(&cfg).unwrap();
+    let envs: Vec<Envelope> = (0..20).map(|i| env(&format!("k{}", i % 3), i)).collect();
+    for r in producer.send_many(&topic, &envs).await {
+        r.unwrap();
+    }
+    // One BusConfig, two groups named on the builder.
+    let seen = Arc::new(Mutex::new(Vec::<(&'static str, uuid::Uuid)>::new()));
+    let start = |group: &'static str| {
+        let s = seen.clone();
+        BusConsumer::builder(&cfg, &[&topic], "groups", move |e: Envelope| {
+            let s = s.clone();
+            async move {
+                s.lock().push((group, e.id));
+                Ok(())
+            }
+        })
+        .group(format!("{}.{group}", cfg.consumer_group))
+        .producer(producer.clone())
+        .spawn()
+        .unwrap()
+    };
+    let (a, b) = (start("a"), start("b"));
+    wait_for("both groups", Duration::from_secs(60), || {
+        let seen = seen.lock();
+        ["a", "b"].iter().all(|g| {
+            seen.iter()
+                .filter(|(s, _)| s == g)
+                .map(|(_, id)| *id)
+                .collect::<HashSet<_>>()
+                .len()
+                == 20
+        })
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+
+    // An empty group name is a configuration error, not a random group.
+    let err = BusConsumer::builder(&cfg, &[&topic], "groups", |_e: Envelope| async { Ok(()) })
+        .group("  ")
+        .producer(producer.clone())
+        .spawn()
+        .err()
+        .expect("an empty group is refused");
+    assert!(err.is_config(), "{err:?}");
+}
+
+#[tokio::test]
 async fn a_broadcast_consumer_from_the_beginning_catches_up_on_what_the_topic_holds() {
     let bootstrap = soma_testkit::require_kafka();
     let cfg = config(&bootstrap);

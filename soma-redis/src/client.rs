@@ -241,6 +241,29 @@ impl RedisClient {
         self.inner.pool.clients().iter().any(|c| c.is_connected())
     }
 
+    /// Waits until at least one pooled connection is up, for at most
+    /// `timeout`: the startup step of a service that connected with
+    /// [`connect_lazy`](RedisClientBuilder::connect_lazy) and wants Redis
+    /// before it serves, but will start degraded without it. Returns at
+    /// once when a connection is already up; otherwise a
+    /// [`RedisError::Connection`] naming the (redacted) URL and the wait.
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<(), RedisError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.is_connected() {
+                return Ok(());
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(RedisError::Connection(format!(
+                    "no connection to {} within {timeout:?}",
+                    redact_url(&self.inner.config.url)
+                )));
+            }
+            tokio::time::sleep((deadline - now).min(Duration::from_millis(10))).await;
+        }
+    }
+
     /// Number of pooled connections that are up.
     pub fn connected_count(&self) -> usize {
         self.inner

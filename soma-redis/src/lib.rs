@@ -85,7 +85,11 @@ pub use client::{
 };
 pub use config::{ReconnectConfig, RedisConfig, Topology};
 pub use error::RedisError;
-pub use idempotency::{Claim, ClaimGuard, Idempotency, IdempotencyOptions};
+pub use idempotency::{
+    Claim, ClaimGuard, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, Idempotency,
+    IdempotencyFuture, IdempotencyLayer, IdempotencyOptions, IdempotencyScope, IdempotencyService,
+    InvalidIdempotencyKey, idempotency_key,
+};
 pub use keys::{KeySpace, Ttl};
 pub use lease::{Lease, LeaseGuard, LeaseOptions};
 pub use pubsub::{PubSub, PubSubEvent, Subscription};

@@ -9,13 +9,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{client, config, eventually};
+use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
 use soma_observability::health::{ComponentStatus, HealthRegistry};
 use soma_observability::metrics::MetricsRegistry;
 use soma_redis::rate_limit::{FailMode, RateLimitKey, RateLimitLayer};
 use soma_redis::{
-    Cache, CacheOptions, Claim, Idempotency, IdempotencyOptions, Lease, LeaseOptions, LoadError,
-    Lookup, PubSub, PubSubEvent, RateLimit, RateLimiter, RedisClient, RedisConfig, Ttl,
+    Cache, CacheOptions, Claim, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, Idempotency,
+    IdempotencyLayer, IdempotencyOptions, IdempotencyScope, Lease, LeaseOptions, LoadError, Lookup,
+    PubSub, PubSubEvent, RateLimit, RateLimiter, RedisClient, RedisConfig, Ttl,
 };
 use soma_testkit::assert_problem;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -105,6 +107,36 @@ async fn unreachable_server_fails_fast_with_connection_errors() {
         assert!(e.is_connection() && e.is_retryable(), "{e:?}");
     }
     assert!(!c.is_connected());
+}
+
+#[tokio::test]
+async fn wait_connected_waits_for_a_lazy_client_and_names_an_unreachable_server() {
+    // Reachable: a lazy client is usable once `wait_connected` returns.
+    let up = RedisClient::builder(config()).connect_lazy().await.unwrap();
+    up.wait_connected(Duration::from_secs(5)).await.unwrap();
+    assert!(up.is_connected());
+    let key = up.keys().key("acme", "wait", "x").unwrap();
+    up.set(&key, "v", Ttl::secs(5)).await.unwrap();
+
+    // Unreachable: a connection error after the wait, naming the server
+    // without its password.
+    let port = soma_testkit::free_port();
+    let mut cfg = RedisConfig::default();
+    cfg.url = format!("redis://:hunter2@127.0.0.1:{port}");
+    let down = RedisClient::builder(cfg).connect_lazy().await.unwrap();
+    let started = std::time::Instant::now();
+    let err = down
+        .wait_connected(Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "returned early"
+    );
+    assert!(err.is_connection(), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+    assert!(!text.contains("hunter2"), "the password leaked: {text}");
 }
 
 #[tokio::test]
@@ -531,6 +563,198 @@ async fn idempotency_claims_stores_and_replays() {
         idem.claim::<String>("acme", "req-2", "fp").await.unwrap(),
         Claim::Acquired(_)
     ));
+}
+
+/// A service behind [`IdempotencyLayer`] that counts its calls, waits
+/// `delay`, and answers `status` with the call number.
+fn counted_service(
+    calls: Arc<AtomicUsize>,
+    delay: Duration,
+    status: u16,
+) -> impl tower::Service<
+    http::Request<Full<Bytes>>,
+    Response = http::Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |req: http::Request<Full<Bytes>>| {
+        let calls = calls.clone();
+        async move {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::time::sleep(delay).await;
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let mut res = http::Response::new(Full::new(Bytes::from(format!(
+                r#"{{"call":{n},"echo":{}}}"#,
+                String::from_utf8_lossy(&body)
+            ))));
+            *res.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            res.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            Ok::<_, Infallible>(res)
+        }
+    })
+}
+
+fn keyed(subject: &str, key: Option<&str>, body: &str) -> http::Request<Full<Bytes>> {
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri("/v1/orders")
+        .header("x-tenant", "acme")
+        .header("x-user", subject);
+    if let Some(k) = key {
+        req = req.header(IDEMPOTENCY_KEY_HEADER, k);
+    }
+    req.body(Full::new(Bytes::from(body.to_owned()))).unwrap()
+}
+
+/// Calls `svc` once and reads the whole answer.
+async fn call<S>(svc: &S, req: http::Request<Full<Bytes>>) -> http::Response<Bytes>
+where
+    S: tower::Service<
+            http::Request<Full<Bytes>>,
+            Response = http::Response<Full<Bytes>>,
+            Error = Infallible,
+        > + Clone,
+{
+    let res = svc.clone().oneshot(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    http::Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+}
+
+fn idempotency_layer(idem: Idempotency) -> IdempotencyLayer<Full<Bytes>> {
+    IdempotencyLayer::new(idem, |req: &http::Request<Full<Bytes>>| {
+        Some(IdempotencyScope {
+            tenant: req.headers().get("x-tenant")?.to_str().ok()?.to_owned(),
+            subject: req.headers().get("x-user")?.to_str().ok()?.to_owned(),
+        })
+    })
+    .max_body_bytes(1024)
+}
+
+#[tokio::test]
+async fn idempotency_layer_replays_the_first_answer_and_refuses_what_it_cannot_replay() {
+    let c = client().await;
+    let idem = Idempotency::new(&c, IdempotencyOptions::default()).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = ServiceBuilder::new()
+        .layer(idempotency_layer(idem.clone()))
+        .service(counted_service(calls.clone(), Duration::ZERO, 201));
+
+    let first = call(&svc, keyed("alice", Some("k1"), "{}")).await;
+    assert_eq!(first.status(), 201);
+    assert!(first.headers().get(IDEMPOTENT_REPLAYED_HEADER).is_none());
+    assert_eq!(first.body().as_ref(), br#"{"call":1,"echo":{}}"#);
+    // The retry: the stored answer, status, type and body, not a second call.
+    for _ in 0..3 {
+        let retry = call(&svc, keyed("alice", Some("k1"), "{}")).await;
+        assert_eq!(retry.status(), 201);
+        assert_eq!(retry.headers()[IDEMPOTENT_REPLAYED_HEADER], "true");
+        assert_eq!(
+            retry.headers()[http::header::CONTENT_TYPE],
+            "application/json"
+        );
+        assert_eq!(retry.body(), first.body());
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // The same key from another subject is another key.
+    let bob = call(&svc, keyed("bob", Some("k1"), "{}")).await;
+    assert!(bob.headers().get(IDEMPOTENT_REPLAYED_HEADER).is_none());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // The key with another body: refused, not run.
+    let reused = call(&svc, keyed("alice", Some("k1"), "[]")).await;
+    assert_problem(&reused, 422, "idempotency_key_reused");
+    // Without a key: every request runs.
+    for _ in 0..2 {
+        let r = call(&svc, keyed("alice", None, "{}")).await;
+        assert!(r.headers().get(IDEMPOTENT_REPLAYED_HEADER).is_none());
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    // A malformed key or an oversized body: refused before anything runs.
+    let bad = call(&svc, keyed("alice", Some(&"k".repeat(129)), "{}")).await;
+    assert_problem(&bad, 400, "invalid_idempotency_key");
+    let big = call(&svc, keyed("alice", Some("k2"), &"x".repeat(2048))).await;
+    assert_problem(&big, 413, "body_too_large");
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+
+    // A failed answer is not stored: the retry runs again.
+    let failing = ServiceBuilder::new()
+        .layer(idempotency_layer(idem))
+        .service(counted_service(calls.clone(), Duration::ZERO, 500));
+    for expected in [5, 6] {
+        let r = call(&failing, keyed("alice", Some("k3"), "{}")).await;
+        assert_eq!(r.status(), 500);
+        assert!(r.headers().get(IDEMPOTENT_REPLAYED_HEADER).is_none());
+        assert_eq!(calls.load(Ordering::SeqCst), expected);
+    }
+}
+
+#[tokio::test]
+async fn idempotency_layer_finishes_abandoned_work_and_answers_409_meanwhile() {
+    let c = client().await;
+    let idem = Idempotency::new(&c, IdempotencyOptions::default()).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = ServiceBuilder::new()
+        .layer(idempotency_layer(idem))
+        .service(counted_service(
+            calls.clone(),
+            Duration::from_millis(600),
+            202,
+        ));
+    // The client gives up after 100 ms (disconnect, timeout): its future is dropped.
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(100),
+        call(&svc, keyed("alice", Some("slow"), "{}")),
+    )
+    .await;
+    assert!(
+        abandoned.is_err(),
+        "the slow request should still be running"
+    );
+    // Meanwhile a retry is told to wait.
+    let busy = call(&svc, keyed("alice", Some("slow"), "{}")).await;
+    let problem = assert_problem(&busy, 409, "request_in_progress");
+    assert!(
+        busy.headers().contains_key(http::header::RETRY_AFTER),
+        "{problem}"
+    );
+    // The abandoned work ran to its end and stored its answer.
+    let stored = eventually(Duration::from_secs(5), || {
+        let svc = svc.clone();
+        async move {
+            let r = call(&svc, keyed("alice", Some("slow"), "{}")).await;
+            r.status() == 202 && r.headers().get(IDEMPOTENT_REPLAYED_HEADER).is_some()
+        }
+    })
+    .await;
+    assert!(stored, "the abandoned request's answer was never stored");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "run exactly once");
+}
+
+#[tokio::test]
+async fn idempotency_layer_fails_closed_or_open_when_redis_is_down() {
+    let port = soma_testkit::free_port();
+    let mut cfg = RedisConfig::default();
+    cfg.url = format!("redis://127.0.0.1:{port}");
+    let down = RedisClient::builder(cfg).connect_lazy().await.unwrap();
+    let idem = Idempotency::new(&down, IdempotencyOptions::default()).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let closed = ServiceBuilder::new()
+        .layer(idempotency_layer(idem.clone()))
+        .service(counted_service(calls.clone(), Duration::ZERO, 201));
+    let r = call(&closed, keyed("alice", Some("k"), "{}")).await;
+    assert_problem(&r, 503, "idempotency_unavailable");
+    assert_eq!(r.headers()[http::header::RETRY_AFTER], "1");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    let open = ServiceBuilder::new()
+        .layer(idempotency_layer(idem).failure_mode(FailMode::Open))
+        .service(counted_service(calls.clone(), Duration::ZERO, 201));
+    let r = call(&open, keyed("alice", Some("k"), "{}")).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

@@ -27,7 +27,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, State};
-use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
+use axum::http::{HeaderMap, Request, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -47,7 +47,8 @@ use soma_policy::{
 };
 use soma_redis::rate_limit::{RateLimitKey, RateLimitLayer};
 use soma_redis::{
-    Claim, ClaimGuard, Idempotency, IdempotencyOptions, RateLimit, RateLimiter, RedisClient,
+    Idempotency, IdempotencyLayer, IdempotencyOptions, IdempotencyScope, RateLimit, RateLimiter,
+    RedisClient,
 };
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
@@ -69,9 +70,11 @@ pub const MESSAGES_ROUTE: &str = "/v1/conversations/{id}/messages";
 /// Route template of the SSE stream.
 pub const EVENTS_ROUTE: &str = "/v1/conversations/{id}/events";
 /// Header carrying a client's idempotency key.
-pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+pub const IDEMPOTENCY_KEY: &str = soma_redis::IDEMPOTENCY_KEY_HEADER;
 /// Response header set when a stored response is replayed.
-pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+pub const IDEMPOTENT_REPLAYED: &str = soma_redis::IDEMPOTENT_REPLAYED_HEADER;
+/// The `Idempotency-Key` rule (soma-redis's, which the layer applies).
+pub use soma_redis::{InvalidIdempotencyKey, idempotency_key};
 
 /// The routes the gateway maps to policy actions. Anything else is denied.
 pub fn routes() -> Vec<RouteRule> {
@@ -225,7 +228,6 @@ struct Shared {
     authz: Arc<Authorizer>,
     conversations: Conversations,
     runtime_publisher: soma_bus::DurablePublisher,
-    idempotency: Idempotency,
     hub: Arc<Hub>,
     store: SessionEvents,
     sse_metrics: SseMetrics,
@@ -273,13 +275,11 @@ impl Gateway {
         // Give the first connection its connect timeout. Without Redis the
         // gateway still starts: rate-limited routes answer 503 (fail
         // closed) and health shows `redis` down until it connects.
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_millis(settings.redis.connect_timeout_ms);
-        while !redis.is_connected() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if !redis.is_connected() {
-            tracing::warn!(event = "redis_unavailable_at_start");
+        if let Err(error) = redis
+            .wait_connected(Duration::from_millis(settings.redis.connect_timeout_ms))
+            .await
+        {
+            tracing::warn!(event = "redis_unavailable_at_start", %error);
         }
         let limiter = RateLimiter::new(
             &redis,
@@ -288,7 +288,20 @@ impl Gateway {
                 Duration::from_secs(settings.chat.rate_window_secs),
             ),
         )?;
-        let idempotency = Idempotency::new(&redis, IdempotencyOptions::default())?;
+        // Retries with an `Idempotency-Key` get the first answer; the key
+        // belongs to the caller (tenant and subject), so the layer sits
+        // inside authentication and the policy, on the one route.
+        let idempotency = IdempotencyLayer::new(
+            Idempotency::new(&redis, IdempotencyOptions::default())?,
+            |req: &Request<Body>| {
+                let principal = req.extensions().get::<Principal>()?;
+                Some(IdempotencyScope {
+                    tenant: principal.tenant.clone(),
+                    subject: principal.subject.clone(),
+                })
+            },
+        )
+        .max_body_bytes(settings.http.max_body_bytes);
 
         let policy_metrics = PolicyMetrics::new(&runtime.metrics);
         // Its own small pool: API-key lookups (one per unknown key) must not
@@ -328,7 +341,6 @@ impl Gateway {
             authz: authz.clone(),
             conversations: runtime.conversations.clone(),
             runtime_publisher: runtime.publisher.clone(),
-            idempotency,
             hub,
             store: runtime.session_events.clone(),
             sse_metrics: SseMetrics::new(&runtime.metrics),
@@ -344,7 +356,7 @@ impl Gateway {
         });
         let operator = Operator::start(&runtime, authz.clone()).await?;
         let app = Router::new()
-            .route(MESSAGES_ROUTE, post(post_message))
+            .route(MESSAGES_ROUTE, post(post_message).layer(idempotency))
             .route(EVENTS_ROUTE, get(events_stream))
             .merge(workspace_routes)
             .merge(operator.router())
@@ -495,11 +507,12 @@ fn spawn_hub(runtime: &Runtime, hub: Arc<Hub>) -> Result<ConsumerHandle, Platfor
     };
     let settings = &runtime.settings;
     Ok(BusConsumer::builder(
-        &runtime.bus("gateway-events"),
+        &settings.bus,
         &[settings.chat.events_topic.as_str()],
         "sse-hub",
         handler,
     )
+    .group(runtime.group("gateway-events"))
     .producer(runtime.producer.clone())
     .metrics(&runtime.metrics)
     // No `.health()`: it would make the hub a required component, and a
@@ -674,14 +687,6 @@ async fn post_message(
             );
         }
     };
-    let claim = match &key {
-        None => None,
-        Some(key) => match claim_key(&gw, &principal, key, &conversation_id, &body).await {
-            Ok(guard) => Some(guard),
-            Err(answer) => return answer,
-        },
-    };
-
     let request = ChatRequest {
         conversation_id: conversation_id.clone(),
         text: msg.text,
@@ -705,24 +710,19 @@ async fn post_message(
     .and_then(|b| b.correlation_id(request.request_id.as_str()).build());
     let envelope = match envelope {
         Ok(e) => e,
-        Err(e) => {
-            if let Some(g) = claim {
-                let _ = g.release().await;
-            }
-            return problem(StatusCode::BAD_REQUEST, "invalid_message", &e.to_string());
-        }
+        Err(e) => return problem(StatusCode::BAD_REQUEST, "invalid_message", &e.to_string()),
     };
     // The publish runs in its own task: a client that disconnects (or the
     // request timeout) drops this handler, not the publish, which completes
-    // and stores its answer under the key for the client's retry. It stays
-    // in the request's span, so the message carries the request's trace.
+    // (with a key, the idempotency layer stores its answer for the
+    // client's retry). It stays in the request's span, so the message
+    // carries the request's trace.
     let publish = tokio::spawn(
         publish_message(
             gw.runtime_publisher.clone(),
             gw.settings.chat.requests_topic.clone(),
             envelope,
             conversation_id,
-            claim,
         )
         .instrument(tracing::Span::current()),
     );
@@ -752,78 +752,13 @@ pub fn message_id_for(tenant: &str, subject: &str, key: &str) -> Uuid {
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
-/// Claims `key` for this request, scoped to the caller's tenant **and
-/// subject** (another subject's key never replays this one's answer).
-/// `Err` is the answer to send instead: the stored first answer (`202`,
-/// `Idempotent-Replayed: true`), `409` in progress, `422` reused for
-/// another body, `503` when the key store is unreachable.
-async fn claim_key(
-    gw: &Shared,
-    principal: &Principal,
-    key: &str,
-    conversation_id: &str,
-    body: &[u8],
-) -> Result<ClaimGuard, Response> {
-    let mut k = Sha256::new();
-    k.update(principal.subject.as_bytes());
-    k.update([0]);
-    k.update(key.as_bytes());
-    let key = hex::encode(k.finalize());
-    let mut fp = Sha256::new();
-    fp.update(conversation_id.as_bytes());
-    fp.update([0]);
-    fp.update(body);
-    let fingerprint = hex::encode(fp.finalize());
-    match gw
-        .idempotency
-        .claim::<Accepted>(&principal.tenant, &key, &fingerprint)
-        .await
-    {
-        Ok(Claim::Acquired(guard)) => Ok(guard),
-        Ok(Claim::Completed(first)) => {
-            let mut r = (StatusCode::ACCEPTED, axum::Json(first)).into_response();
-            r.headers_mut()
-                .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-            Err(r)
-        }
-        Ok(Claim::InProgress { retry_after }) => {
-            let mut r = problem(
-                StatusCode::CONFLICT,
-                "request_in_progress",
-                "a request with this Idempotency-Key is still being handled",
-            );
-            let secs = retry_after.as_secs().max(1).to_string();
-            if let Ok(v) = HeaderValue::from_str(&secs) {
-                r.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-            Err(r)
-        }
-        Ok(Claim::Mismatch) => Err(problem(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "idempotency_key_reused",
-            "this Idempotency-Key was used for a different request",
-        )),
-        Err(e) => {
-            tracing::warn!(event = "idempotency_unavailable", error = %e);
-            Err(problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "idempotency_unavailable",
-                "cannot check the Idempotency-Key right now; retry later",
-            ))
-        }
-    }
-}
-
-/// Publishes an accepted message (Kafka, or the outbox when Kafka is down)
-/// and settles its idempotency claim: completed with the answer, or
-/// released when nothing was accepted. Runs to the end whatever happens to
-/// the request that started it.
+/// Publishes an accepted message (Kafka, or the outbox when Kafka is
+/// down). Runs to the end whatever happens to the request that started it.
 async fn publish_message(
     publisher: soma_bus::DurablePublisher,
     topic: String,
     envelope: Envelope,
     conversation_id: String,
-    claim: Option<ClaimGuard>,
 ) -> Result<Accepted, Response> {
     let delivery = match publisher.publish(&topic, &envelope).await {
         Ok(PublishOutcome::Published { .. }) => "kafka",
@@ -831,9 +766,6 @@ async fn publish_message(
         Err(e) => {
             // Neither Kafka nor the outbox took it: nothing was accepted.
             tracing::error!(event = "message_not_accepted", error = %e);
-            if let Some(g) = claim {
-                let _ = g.release().await;
-            }
             return Err(problem(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "bus_unavailable",
@@ -841,20 +773,11 @@ async fn publish_message(
             ));
         }
     };
-    let accepted = Accepted {
+    Ok(Accepted {
         message_id: envelope.id,
         conversation_id,
         delivery: delivery.to_owned(),
-    };
-    if let Some(g) = claim {
-        if let Err(e) = g.complete(&accepted).await {
-            // The message is accepted, but the stored answer is not: a
-            // retry after the in-progress claim expires publishes again,
-            // with the same envelope id (the worker's inbox drops it).
-            tracing::warn!(event = "idempotency_complete_failed", error = %e);
-        }
-    }
-    Ok(accepted)
+    })
 }
 
 /// The action and route of an ownership check.
@@ -1171,25 +1094,6 @@ impl IntoResponse for InvalidLastEventId {
     }
 }
 
-/// An `Idempotency-Key` header that is not 1-128 visible ASCII characters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("Idempotency-Key must be 1-128 visible ASCII characters")]
-pub struct InvalidIdempotencyKey;
-
-/// Reads `Idempotency-Key`: `Ok(None)` when absent; a key is 1-128 visible
-/// ASCII characters (anything else is refused, not trimmed or guessed).
-pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, InvalidIdempotencyKey> {
-    match headers.get(IDEMPOTENCY_KEY) {
-        None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .ok()
-            .filter(|k| !k.is_empty() && k.len() <= 128)
-            .map(Some)
-            .ok_or(InvalidIdempotencyKey),
-    }
-}
-
 /// Parses `Last-Event-ID`: `Ok(None)` when absent or empty; ids are
 /// decimal integers up to 2^63-1 (PostgreSQL `BIGINT`).
 pub fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, InvalidLastEventId> {
@@ -1293,6 +1197,7 @@ async fn events_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderValue;
 
     fn headers(v: &str) -> HeaderMap {
         let mut h = HeaderMap::new();

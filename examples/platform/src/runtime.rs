@@ -128,7 +128,7 @@ impl Runtime {
             CheckOptions::new(Duration::from_secs(5), Duration::from_secs(2)),
         );
 
-        let bus = bus_config(&settings.bus, group_suffix);
+        let bus = settings.bus.clone();
         let producer = BusProducer::new(&bus)?;
         let publisher = DurablePublisher::builder(producer.clone(), outbox.clone())
             .metrics(&metrics)
@@ -268,16 +268,12 @@ impl Runtime {
         handler_name: &str,
         handler: impl Handler,
     ) -> Result<Worker, PlatformError> {
-        let consumer = BusConsumer::builder(
-            &self.bus(&self.group_suffix),
-            &[topic],
-            handler_name,
-            handler,
-        )
-        .producer(self.producer.clone())
-        .metrics(&self.metrics)
-        .health(&self.health)
-        .spawn()?;
+        let consumer = BusConsumer::builder(&self.settings.bus, &[topic], handler_name, handler)
+            .group(self.group(&self.group_suffix))
+            .producer(self.producer.clone())
+            .metrics(&self.metrics)
+            .health(&self.health)
+            .spawn()?;
         tracing::info!(event = "worker_started", handler = handler_name, admin = %self.admin_addr);
         Ok(Worker {
             runtime: self,
@@ -285,10 +281,10 @@ impl Runtime {
         })
     }
 
-    /// The bus settings for this service's consumers (group
-    /// `<bus.consumer_group>.<suffix>`).
-    pub fn bus(&self, group_suffix: &str) -> BusConfig {
-        bus_config(&self.settings.bus, group_suffix)
+    /// The consumer group `<bus.consumer_group>.<suffix>` of one of this
+    /// service's consumers (for [`ConsumerBuilder::group`](soma_bus::ConsumerBuilder::group)).
+    pub fn group(&self, group_suffix: &str) -> String {
+        format!("{}.{}", self.settings.bus.consumer_group, group_suffix)
     }
 
     /// The runtime's stages of the shutdown sequence, after the service
@@ -392,12 +388,6 @@ impl Worker {
         }
         self.runtime.shutdown().await;
     }
-}
-
-fn bus_config(base: &BusConfig, group_suffix: &str) -> BusConfig {
-    let mut bus = base.clone();
-    bus.consumer_group = format!("{}.{}", base.consumer_group, group_suffix);
-    bus
 }
 
 /// Every replica applies every remote config update (broadcast consumer):

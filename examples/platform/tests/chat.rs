@@ -389,6 +389,18 @@ async fn authentication_policy_validation_and_rate_limits_answer_as_documented()
     )
     .await;
     expect_status(r, 202).await;
+    // An Idempotency-Key that is not 1-128 visible ASCII characters: the
+    // idempotency layer refuses it before the handler runs.
+    let r = send(
+        &client,
+        &base,
+        "c1-globex",
+        &other,
+        json!({"text": "hi"}),
+        Some("two words"),
+    )
+    .await;
+    expect_problem(r, 400, "invalid_idempotency_key").await;
 
     gateway.shutdown().await;
 }

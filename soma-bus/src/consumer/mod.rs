@@ -153,6 +153,7 @@ pub struct ConsumerBuilder {
     handler_name: String,
     handler: Arc<dyn Handler>,
     producer: Option<BusProducer>,
+    group: Option<String>,
     metrics: Option<MetricsRegistry>,
     health: Option<HealthRegistry>,
     inbox: Option<crate::inbox::InboxDedupe>,
@@ -230,7 +231,8 @@ pub struct ConsumerBuilder {
 pub struct BusConsumer;
 
 impl BusConsumer {
-    /// A consumer of `topics` in group `config.consumer_group`, calling `handler`
+    /// A consumer of `topics` in group `config.consumer_group` (or the one
+    /// given to [`group`](ConsumerBuilder::group)), calling `handler`
     /// (named `handler_name` in DLQ headers, logs and metrics).
     pub fn builder(
         config: &BusConfig,
@@ -244,6 +246,7 @@ impl BusConsumer {
             handler_name: handler_name.into(),
             handler: Arc::new(handler),
             producer: None,
+            group: None,
             metrics: None,
             health: None,
             inbox: None,
@@ -258,6 +261,16 @@ impl ConsumerBuilder {
     /// Producer used for DLQ writes (default: a new one from the config).
     pub fn producer(mut self, producer: BusProducer) -> Self {
         self.producer = Some(producer);
+        self
+    }
+    /// Joins consumer group `group` instead of `config.consumer_group`:
+    /// one service's consumers of different topics (or of one topic for
+    /// different purposes) each in their own group, from one shared
+    /// [`BusConfig`]. In broadcast mode it is the prefix of the
+    /// per-instance group. An empty name is refused by
+    /// [`spawn`](Self::spawn).
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
         self
     }
     /// Registers metrics in `registry`.
@@ -302,7 +315,13 @@ impl ConsumerBuilder {
 
     /// Subscribes and starts consuming in background tasks.
     pub fn spawn(self) -> Result<ConsumerHandle, BusError> {
-        let cfg = self.config;
+        let mut cfg = self.config;
+        if let Some(group) = self.group {
+            if group.trim().is_empty() {
+                return Err(BusError::Config("consumer group name is empty".into()));
+            }
+            cfg.consumer_group = group;
+        }
         cfg.validate()?;
         if self.topics.is_empty() {
             return Err(BusError::Config("no topics to consume".into()));

@@ -455,11 +455,12 @@ pub(super) fn spawn_dlq_watcher(
         }
     };
     Ok(BusConsumer::builder(
-        &runtime.bus("gateway-notifications"),
+        &runtime.settings.bus,
         &[dlq.as_str()],
         "dlq-notifications",
         handler,
     )
+    .group(runtime.group("gateway-notifications"))
     .producer(runtime.producer.clone())
     .metrics(&runtime.metrics)
     .spawn()?)

@@ -588,7 +588,7 @@ pub(super) async fn spawn_runner(
         redis,
         LeaseOptions::new(Duration::from_millis(s.lease_ttl_ms)),
     )?;
-    let admin = TopicAdmin::new(&runtime.bus("scheduler"))?;
+    let admin = TopicAdmin::new(&runtime.settings.bus)?;
     if let Err(e) = admin.ensure_topics(&[s.topic.as_str()], false).await {
         // Publishing still works: runs wait in the outbox for the broker.
         tracing::warn!(event = "ensure_topics_failed", error = %e);

@@ -1,5 +1,12 @@
 //! [`Idempotency`]: claim a request key, store the first response, replay it
-//! to retries.
+//! to retries; [`IdempotencyLayer`] does it for HTTP routes.
+
+mod layer;
+
+pub use layer::{
+    IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, IdempotencyFuture, IdempotencyLayer,
+    IdempotencyScope, IdempotencyService, InvalidIdempotencyKey, idempotency_key,
+};
 
 use std::sync::LazyLock;
 use std::time::Duration;
