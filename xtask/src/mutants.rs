@@ -40,7 +40,7 @@ const CORE: &[(&str, &[&str])] = &[
         &[
             "src/publisher.rs",
             "src/producer.rs",
-            "src/consumer.rs",
+            "src/consumer/**/*.rs",
             "src/envelope.rs",
             "src/replay.rs",
             "src/sequencer.rs",
@@ -59,7 +59,7 @@ const CORE: &[(&str, &[&str])] = &[
         "soma-redis",
         &[
             "src/rate_limit/**/*.rs",
-            "src/idempotency.rs",
+            "src/idempotency/**/*.rs",
             "src/lease.rs",
             "src/cache.rs",
         ],
