@@ -14,7 +14,7 @@ use soma_config::{Change, ConfigError, ConfigUpdate, Live};
 use soma_observability::health::{CheckOptions, Criticality, HealthRegistry};
 use soma_observability::metrics::MetricsRegistry;
 use soma_observability::shutdown::Shutdown;
-use soma_outbox::{Outbox, OutboxHealthCheck, OutboxMetrics, Relay, RelayHandle};
+use soma_outbox::{Outbox, OutboxHealthCheck, Relay, RelayHandle};
 use soma_policy::{
     Authorizer, AuthzInput, Decision, EmbeddedRego, EngineKind, PolicyEngine, PolicyMetrics,
     RemoteOpa,
@@ -139,8 +139,8 @@ impl Runtime {
             KafkaSink::new(producer.clone()),
             settings.relay.clone(),
         )
-        .with_metrics(OutboxMetrics::new(&metrics, &outbox))
-        .with_health(&health)
+        .metrics(&metrics)
+        .health(&health)
         .spawn();
 
         let topic_admin = TopicAdmin::new(&bus)?;
