@@ -216,7 +216,7 @@ impl Runtime {
                         .map_err(policy_err)?
                         .with_evaluator(policy.evaluator)
                         .map_err(policy_err)?
-                        .with_health(self.health.reporter("policy", Criticality::Required)),
+                        .health(&self.health),
                 );
                 rego.spawn_reloader(self.live.subscribe());
                 rego
@@ -224,7 +224,7 @@ impl Runtime {
             EngineKind::Remote => Arc::new(
                 RemoteOpa::new(&policy.opa)
                     .map_err(policy_err)?
-                    .with_health(self.health.reporter("opa", Criticality::Required)),
+                    .health(&self.health),
             ),
         };
         Ok(Authorizer::builder(engine)
