@@ -242,9 +242,9 @@ impl Runtime {
     pub fn somabrain(&self) -> Result<SomabrainClient, PlatformError> {
         let brain = SomabrainClient::builder(self.settings.somabrain.clone())
             .metrics(&self.metrics)
+            .health(&self.health)
             .header_injector(soma_observability::propagation::inject_current)
             .build()?;
-        brain.register_health(&self.health, Criticality::Optional, CheckOptions::default());
         Ok(brain)
     }
 
