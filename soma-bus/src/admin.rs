@@ -13,7 +13,8 @@ use soma_observability::health::{
 use crate::config::BusConfig;
 use crate::error::BusError;
 
-/// Creates topics (and their DLQs) and reads broker metadata. Cheap to clone.
+/// Creates topics (and their DLQs) and reads broker metadata; reports the
+/// broker's health with [`TopicAdmin::health`]. Cheap to clone.
 #[derive(Clone)]
 pub struct TopicAdmin {
     client: Arc<AdminClient<DefaultClientContext>>,
@@ -123,9 +124,32 @@ impl TopicAdmin {
         }
     }
 
+    /// Reports the component `kafka` (required) in `registry`: the
+    /// [broker check](Self::health_check) runs in the background every
+    /// [`health_interval_ms`](BusConfig::health_interval_ms), within
+    /// [`admin_timeout_ms`](BusConfig::admin_timeout_ms). Must be called
+    /// within a tokio runtime.
+    ///
+    /// A service that only publishes (its messages wait in the outbox while
+    /// Kafka is down) may prefer to register [`Self::health_check`] itself
+    /// as [`Criticality::Optional`].
+    pub fn health(self, registry: &HealthRegistry) -> Self {
+        let interval = Duration::from_millis(self.config.health_interval_ms.max(100));
+        self.register_check(registry, interval);
+        self
+    }
+
     /// Registers [`Self::health_check`] as component `kafka` (required), every `interval`.
+    #[deprecated(
+        since = "0.2.0",
+        note = "use `TopicAdmin::health(&HealthRegistry)`, with the interval in `BusConfig::health_interval_ms`"
+    )]
     pub fn register_health(&self, health: &HealthRegistry, interval: Duration) {
-        health.register_check(
+        self.register_check(health, interval);
+    }
+
+    fn register_check(&self, registry: &HealthRegistry, interval: Duration) {
+        registry.register_check(
             "kafka",
             Criticality::Required,
             self.health_check(),
@@ -216,5 +240,20 @@ mod tests {
             );
             assert!(t.config.is_empty(), "{}", t.name);
         }
+    }
+
+    /// `.health(&registry)` lists the component `kafka`, required, at once
+    /// (no broker needed: the client connects lazily).
+    #[tokio::test]
+    async fn health_registers_the_kafka_component() {
+        let registry = HealthRegistry::new();
+        let config = BusConfig {
+            bootstrap_servers: "127.0.0.1:9".to_owned(),
+            admin_timeout_ms: 100,
+            ..BusConfig::default()
+        };
+        let _admin = TopicAdmin::new(&config).unwrap().health(&registry);
+        let component = registry.component("kafka").expect("kafka component");
+        assert_eq!(component.criticality, Criticality::Required);
     }
 }

@@ -136,6 +136,10 @@ pub struct BusConfig {
     pub topic_min_insync_replicas: Option<i32>,
     /// Timeout for admin and metadata requests (also the health check timeout).
     pub admin_timeout_ms: u64,
+    /// Interval of the broker health check (component `kafka`) once
+    /// [`TopicAdmin::health`](crate::TopicAdmin::health) attached a health
+    /// registry.
+    pub health_interval_ms: u64,
 
     /// Extra librdkafka properties (e.g. `ssl.ca.location`). Keys controlling
     /// acks, idempotence, auto-commit or the settings above are rejected.
@@ -180,6 +184,7 @@ impl Default for BusConfig {
             topic_replication_factor: None,
             topic_min_insync_replicas: None,
             admin_timeout_ms: 5_000,
+            health_interval_ms: 5_000,
             librdkafka: BTreeMap::new(),
         }
     }

@@ -160,9 +160,7 @@ mod tests {
         config
             .librdkafka
             .insert("security.protocol".into(), "hunter2-not-a-protocol".into());
-        let err = BusProducer::new(&config)
-            .err()
-            .expect("librdkafka refuses the value");
+        let err = BusProducer::new(&config).expect_err("librdkafka refuses the value");
         assert!(err.is_config(), "{err:?}");
         for shown in [err.to_string(), format!("{err:?}")] {
             assert!(shown.contains("security.protocol"), "{shown}");

@@ -587,8 +587,7 @@ async fn consumers_named_into_different_groups_each_receive_every_message() {
         .group("  ")
         .producer(producer.clone())
         .spawn()
-        .err()
-        .expect("an empty group is refused");
+        .expect_err("an empty group is refused");
     assert!(err.is_config(), "{err:?}");
 }
 

@@ -32,6 +32,15 @@
 //!   ([`http::SensitiveHeaders`]); OTLP headers in the config are secrets;
 //!   [`redact_url`] takes the credentials out of a connection URL.
 //!
+//! # Plugging a component in
+//!
+//! Every soma component's builder takes the same two calls:
+//! `.metrics(&MetricsRegistry)` registers its families in a
+//! [`MetricsRegistry`], and `.health(&HealthRegistry)` registers its health
+//! component in a [`HealthRegistry`]. Both registries are re-exported here at
+//! the crate root (and stay at [`metrics::MetricsRegistry`] and
+//! [`health::HealthRegistry`]).
+//!
 //! # Features
 //!
 //! | feature | adds |
@@ -56,6 +65,10 @@ pub mod shutdown;
 pub mod telemetry;
 
 pub use config::{LogFormat, OtlpProtocol, TelemetryConfig};
+// The two registries every soma component plugs into (see "Plugging a
+// component in" above); also at their module paths.
+pub use health::HealthRegistry;
+pub use metrics::MetricsRegistry;
 pub use prometheus_client;
 pub use secrets::redact_url;
 pub use telemetry::{TelemetryError, TelemetryGuard, init};
@@ -64,3 +77,16 @@ pub use telemetry::{TelemetryError, TelemetryGuard, init};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+#[cfg(test)]
+mod tests {
+    /// The root re-exports are the module types, not copies: a registry built
+    /// through one path is accepted where the other is named.
+    #[test]
+    fn root_registries_are_the_module_types() {
+        let metrics: crate::metrics::MetricsRegistry = crate::MetricsRegistry::default();
+        let health: crate::health::HealthRegistry = crate::HealthRegistry::new();
+        fn takes(_: &crate::MetricsRegistry, _: &crate::HealthRegistry) {}
+        takes(&metrics, &health);
+    }
+}

@@ -116,7 +116,7 @@
 //! ([`RelayConfig::unavailable_backoff_initial_ms`] doubling, with jitter,
 //! up to [`RelayConfig::unavailable_backoff_max_ms`]) and then claims a
 //! batch of one record as a probe, returning to full batches once the sink
-//! delivers again. While it waits, [`Relay::with_health`]'s component
+//! delivers again. While it waits, [`Relay::health`]'s component
 //! `outbox_relay` is degraded and the gauge
 //! `soma_outbox_relay_sink_unavailable` is 1.
 //!
@@ -129,10 +129,11 @@
 //! * Delivered messages are deleted, or with
 //!   [`RelayConfig::retention_secs`] kept (marked sent, still deduplicating)
 //!   and purged by the relay once older.
-//! * [`OutboxMetrics`] (pass to [`Relay::with_metrics`]) exports
+//! * [`Relay::metrics`] registers [`OutboxMetrics`], which exports
 //!   `soma_outbox_pending`, `soma_outbox_oldest_pending_age_seconds`, the
 //!   published / failed / dead-lettered totals and the relay batch duration;
-//!   [`OutboxHealthCheck`] is the health component.
+//!   [`Relay::health`] reports the relay's component `outbox_relay`, and
+//!   [`OutboxHealthCheck`] the outbox's backlog (component `outbox`).
 //!
 //! # Under pressure
 //!

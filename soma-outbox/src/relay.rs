@@ -15,7 +15,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use soma_observability::health::{Criticality, HealthRegistry, HealthReporter};
+use soma_observability::health::{Criticality, HealthReporter};
+use soma_observability::{HealthRegistry, MetricsRegistry};
 
 use crate::metrics::OutboxMetrics;
 use crate::schema::{channel_name, lock_namespace};
@@ -24,8 +25,8 @@ use crate::{DeadLetterOrder, Outbox, OutboxError, OutboxRecord, RelayConfig, Sin
 /// Longest error text kept per attempt.
 const MAX_ERROR_CHARS: usize = 2_000;
 
-/// Drains an [`Outbox`] into a [`Sink`]. Build with [`Relay::new`], start
-/// with [`Relay::spawn`].
+/// Drains an [`Outbox`] into a [`Sink`]. Build with [`Relay::new`], plug in
+/// with [`Relay::metrics`] and [`Relay::health`], start with [`Relay::spawn`].
 ///
 /// Several relays (in one or many processes) may run against one schema:
 /// they split the shards between them, see the [crate docs](crate).
@@ -179,17 +180,35 @@ impl Relay {
         }
     }
 
-    /// Reports the health component `outbox_relay` (optional) in `health`:
+    /// Exports the relay's metrics (the families listed at [`OutboxMetrics`],
+    /// labelled with this outbox's schema) through `registry`.
+    pub fn metrics(mut self, registry: &MetricsRegistry) -> Self {
+        self.metrics = OutboxMetrics::new(registry, &self.outbox);
+        self
+    }
+
+    /// Reports the health component `outbox_relay` (optional) in `registry`:
     /// `up` while the sink takes records, `degraded` while it is unavailable
     /// and the relay is backing off (messages wait in the outbox).
-    pub fn with_health(mut self, health: &HealthRegistry) -> Self {
-        let r = health.reporter("outbox_relay", Criticality::Optional);
+    pub fn health(mut self, registry: &HealthRegistry) -> Self {
+        let r = registry.reporter("outbox_relay", Criticality::Optional);
         r.set_up();
         self.health = Some(r);
         self
     }
 
-    /// Exports the relay's metrics through `metrics` (see [`OutboxMetrics`]).
+    /// Reports the health component `outbox_relay`; same as
+    /// [`health`](Relay::health).
+    #[deprecated(since = "0.2.0", note = "use `Relay::health(&HealthRegistry)`")]
+    pub fn with_health(self, health: &HealthRegistry) -> Self {
+        self.health(health)
+    }
+
+    /// Exports the relay's metrics through `metrics`.
+    #[deprecated(
+        since = "0.2.0",
+        note = "use `Relay::metrics(&MetricsRegistry)`, which registers the outbox's families itself"
+    )]
     pub fn with_metrics(mut self, metrics: OutboxMetrics) -> Self {
         self.metrics = metrics;
         self

@@ -543,8 +543,8 @@ async fn an_unavailable_sink_costs_latency_never_messages_or_order() {
     cfg.unavailable_backoff_initial_ms = 20;
     cfg.unavailable_backoff_max_ms = 80;
     let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg)
-        .with_metrics(soma_outbox::OutboxMetrics::new(&registry, &db.outbox))
-        .with_health(&health)
+        .metrics(&registry)
+        .health(&health)
         .spawn();
     wait_until("relay backing off", Duration::from_secs(10), || async {
         relay.sink_unavailable() && sink.calls() >= 5
@@ -782,7 +782,6 @@ async fn relays_must_agree_on_the_shard_count() {
 async fn metrics_are_exported() {
     let db = setup("metrics").await;
     let registry = soma_observability::metrics::MetricsRegistry::default();
-    let m = soma_outbox::OutboxMetrics::new(&registry, &db.outbox);
     let poison = msg("p", 0);
     let pid = poison.id;
     db.outbox
@@ -792,7 +791,7 @@ async fn metrics_are_exported() {
     let sink = RecordingSink::new();
     sink.set_rule(move |r| (r.id == pid).then(|| SinkOutcome::reject("nope")));
     let relay = Relay::new(db.outbox.clone(), sink.clone(), fast_relay())
-        .with_metrics(m)
+        .metrics(&registry)
         .spawn();
     wait_until("drained", Duration::from_secs(10), || async {
         db.pending().await == 0
@@ -1087,7 +1086,6 @@ impl soma_outbox::Sink for OneViolation {
 async fn a_sink_order_violation_is_counted_once_in_counters_and_metrics() {
     let db = setup("violation").await;
     let registry = soma_observability::metrics::MetricsRegistry::default();
-    let m = soma_outbox::OutboxMetrics::new(&registry, &db.outbox);
     db.outbox
         .enqueue_standalone(&[msg("v", 0), msg("v", 1), msg("w", 2), msg("v", 3)])
         .await
@@ -1097,7 +1095,7 @@ async fn a_sink_order_violation_is_counted_once_in_counters_and_metrics() {
         done: Default::default(),
     };
     let relay = Relay::new(db.outbox.clone(), sink, fast_relay())
-        .with_metrics(m)
+        .metrics(&registry)
         .spawn();
     wait_until("drained", Duration::from_secs(10), || async {
         db.pending().await == 0
@@ -1137,5 +1135,33 @@ async fn a_sink_order_violation_is_counted_once_in_counters_and_metrics() {
     .await;
     assert_eq!(relay.counters().order_violations, 0);
     relay.shutdown().await.unwrap();
+    db.drop_schema().await;
+}
+
+/// `.metrics(&registry)` exports the relay's families and `.health(&health)`
+/// registers the component `outbox_relay` (as the relay is built).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_plug_in_through_the_registries() {
+    let db = setup("plugin").await;
+    let registry = soma_observability::MetricsRegistry::default();
+    let health = soma_observability::HealthRegistry::new();
+    let sink = RecordingSink::new();
+    let relay = Relay::new(db.outbox.clone(), sink.clone(), fast_relay())
+        .metrics(&registry)
+        .health(&health);
+    let component = health
+        .component("outbox_relay")
+        .expect("outbox_relay component");
+    assert_eq!(component.status.as_str(), "up");
+    let relay = relay.spawn();
+    db.outbox.enqueue_standalone(&[msg("k", 0)]).await.unwrap();
+    wait_until("published", Duration::from_secs(10), || async {
+        sink.published().len() == 1
+    })
+    .await;
+    relay.shutdown().await.unwrap();
+    let text = registry.encode();
+    assert_eq!(series(&text, "soma_outbox_published_total"), "1", "{text}");
+    assert!(text.contains("soma_outbox_relay_batch_duration_seconds_bucket{"));
     db.drop_schema().await;
 }

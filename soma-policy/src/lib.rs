@@ -41,11 +41,12 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use soma_policy::{Authenticator, Authorizer, AuthnLayer, AuthzLayer, PolicyConfig, PolicyMetrics, RouteMap, RouteRule};
+//! use soma_observability::MetricsRegistry;
+//! use soma_policy::{Authenticator, Authorizer, AuthnLayer, AuthzLayer, PolicyConfig, RouteMap, RouteRule};
 //! # async fn run(config: PolicyConfig) -> Result<(), Box<dyn std::error::Error>> {
-//! let metrics = PolicyMetrics::default();
-//! let authn = Arc::new(Authenticator::builder(&config).metrics(metrics.clone()).build()?);
-//! let authz = Arc::new(Authorizer::from_config(&config, metrics)?.build());
+//! let metrics = MetricsRegistry::default(); // the process's registry
+//! let authn = Arc::new(Authenticator::builder(&config).metrics(&metrics).build()?);
+//! let authz = Arc::new(Authorizer::from_config(&config, &metrics)?.build());
 //! let routes = Arc::new(RouteMap::new([RouteRule::new(
 //!     "POST", "/v1/sessions/{id}/messages", "conversation.send", "session",
 //! ).with_id_param("id")])?);

@@ -91,6 +91,15 @@ impl Default for PolicyMetrics {
     }
 }
 
+impl From<&MetricsRegistry> for PolicyMetrics {
+    /// [`PolicyMetrics::new`]: what `.metrics(&registry)` on the
+    /// authenticator, authorizer and embedded engine builds. Handles built
+    /// twice on one registry share their series.
+    fn from(registry: &MetricsRegistry) -> Self {
+        Self::new(registry)
+    }
+}
+
 impl PolicyMetrics {
     /// Registers (or re-uses) the families on `registry`.
     pub fn new(registry: &MetricsRegistry) -> Self {

@@ -798,3 +798,25 @@ async fn a_token_without_kid_needs_a_single_key_of_its_algorithm() {
     let with_kid = mint(JwtAlgorithm::RS256, Some("k1"), &claims("alice"));
     assert_eq!(auth.verify_token(&with_kid).await.unwrap().subject, "alice");
 }
+
+/// `.metrics(&registry)` on the authenticator records on the registry's
+/// series: a `PolicyMetrics` built on the same registry (as the authorizer's
+/// would be) sees the verified-JWT cache lookups.
+#[tokio::test]
+async fn the_authenticator_plugs_into_a_metrics_registry() {
+    let registry = soma_observability::MetricsRegistry::default();
+    let auth = Authenticator::builder(&config_with_static_keys())
+        .metrics(&registry)
+        .build()
+        .unwrap();
+    let token = mint(JwtAlgorithm::HS256, Some("hs"), &claims("alice"));
+    auth.verify_token(&token).await.unwrap();
+    auth.verify_token(&token).await.unwrap();
+    let (hits, misses) = PolicyMetrics::new(&registry).token_cache_counts();
+    assert_eq!(hits + misses, 2, "hits {hits}, misses {misses}");
+    assert!(
+        registry
+            .encode()
+            .contains("soma_policy_token_cache_lookups_total")
+    );
+}

@@ -12,7 +12,7 @@ use axum::Router;
 use axum::routing::post;
 use common::*;
 use serde_json::{Value, json};
-use soma_observability::health::{ComponentStatus, Criticality, HealthRegistry};
+use soma_observability::health::{ComponentStatus, HealthRegistry};
 use soma_observability::resilience::BreakerState;
 use soma_policy::{Authorizer, BreakerConfig, EngineError, OpaConfig, PolicyEngine, RemoteOpa};
 
@@ -207,7 +207,7 @@ async fn timeouts_fail_fast_and_open_the_breaker() {
     )
     .await;
     let health = HealthRegistry::new();
-    let engine = opa(&url, 150).with_health(health.reporter("opa", Criticality::Required));
+    let engine = opa(&url, 150).health(&health);
     assert_eq!(health.component("opa").unwrap().status, ComponentStatus::Up);
     for _ in 0..3 {
         let t = Instant::now();
@@ -356,4 +356,24 @@ async fn evaluation_errors_and_4xx_deny_even_in_fail_open_mode() {
         assert!(matches!(e, EngineError::Evaluation(_)), "{e:?}");
     }
     assert_eq!(engine.breaker_state(), BreakerState::Closed);
+}
+
+/// `.metrics(&registry)` exports the breaker of component `opa` and
+/// `.health(&health)` registers the component `opa`, before any call.
+#[test]
+fn metrics_and_health_plug_in_through_the_registries() {
+    let registry = soma_observability::MetricsRegistry::default();
+    let health = HealthRegistry::new();
+    let engine = opa("http://127.0.0.1:9", 100)
+        .metrics(&registry)
+        .health(&health);
+    assert_eq!(engine.breaker_state(), BreakerState::Closed);
+    assert_eq!(health.component("opa").unwrap().status, ComponentStatus::Up);
+    let text = registry.encode();
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("soma_circuit_breaker_state{") && l.contains("component=\"opa\"")
+        ),
+        "{text}"
+    );
 }

@@ -10,7 +10,7 @@ use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Map, Value, json};
-use soma_observability::health::{ComponentStatus, Criticality, HealthRegistry};
+use soma_observability::health::{ComponentStatus, HealthRegistry};
 use soma_policy::{
     AuthzInput, EmbeddedRego, EngineError, PolicyEngine, PolicyMetrics, RegoEvaluator, RequestInfo,
     Resource,
@@ -552,7 +552,7 @@ async fn hot_reload_swaps_policy_and_keeps_last_good_on_error() {
     let engine = Arc::new(
         EmbeddedRego::from_dir(dir.path(), ENTRY, metrics.clone())
             .unwrap()
-            .with_health(health.reporter("policy", Criticality::Required)),
+            .health(&health),
     );
     let (tx, rx) = tokio::sync::watch::channel(0u32);
     let task = engine.spawn_reloader(rx);
@@ -790,4 +790,44 @@ fn the_decision_cache_is_on_by_default_for_one_second() {
     let c = soma_policy::CacheConfig::default();
     assert!(c.enabled);
     assert_eq!(c.ttl_ms, 1_000);
+}
+
+/// `.metrics(&registry)` and `.health(&health)` plug the embedded engine and
+/// the authorizer into the process registries: the component `policy` is
+/// listed, decisions and reloads are exported, and a `PolicyMetrics` built on
+/// the same registry reads the same series.
+#[tokio::test]
+async fn the_embedded_engine_and_authorizer_plug_into_the_registries() {
+    let registry = soma_observability::MetricsRegistry::default();
+    let health = soma_observability::HealthRegistry::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.rego"),
+        "package soma.authz\ndecision := {\"allow\": input.subject == \"alice\", \"reasons\": []}\n",
+    )
+    .unwrap();
+    let engine = Arc::new(
+        EmbeddedRego::from_dir(dir.path(), ENTRY, PolicyMetrics::default())
+            .unwrap()
+            .metrics(&registry)
+            .health(&health),
+    );
+    assert_eq!(
+        health.component("policy").unwrap().status,
+        ComponentStatus::Up
+    );
+    engine.reload().unwrap();
+    let authz = soma_policy::Authorizer::builder(engine)
+        .metrics(&registry)
+        .build();
+    assert!(authz.check(&principal_input("alice")).await.unwrap().allow);
+
+    let text = registry.encode();
+    assert!(
+        text.contains("soma_policy_reloads_total{") && text.contains("result=\"ok\""),
+        "{text}"
+    );
+    let shared = PolicyMetrics::new(&registry);
+    assert_eq!(shared.reload_count(true), 1);
+    assert_eq!(shared.decisions_count("a", "allow"), 1);
 }

@@ -14,11 +14,12 @@ use reqwest::header::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use soma_observability::health::{CheckOptions, Criticality};
 use soma_observability::http::REQUEST_ID_HEADER;
-use soma_observability::metrics::MetricsRegistry;
 use soma_observability::resilience::{
     Backoff, BackoffConfig, BreakerState, CircuitBreaker, Jitter, Permit,
 };
+use soma_observability::{HealthRegistry, MetricsRegistry};
 use tracing::Instrument;
 
 use crate::Endpoint;
@@ -26,6 +27,7 @@ use crate::config::{RetryConfig, SomabrainConfig};
 use crate::endpoint::EndpointGroup;
 use crate::endpoint::Idempotency;
 use crate::error::{Error, ErrorKind};
+use crate::health::{COMPONENT, SomabrainHealthCheck};
 use crate::metrics::ClientMetrics;
 use crate::model::{
     AdaptationState, AggregateHealth, ContextRequest, ContextResponse, FeatureFlags,
@@ -112,6 +114,7 @@ impl CallOptions {
 pub struct SomabrainClientBuilder {
     config: SomabrainConfig,
     metrics: Option<MetricsRegistry>,
+    health: Option<HealthRegistry>,
     injector: Option<HeaderInjector>,
 }
 
@@ -120,6 +123,7 @@ impl fmt::Debug for SomabrainClientBuilder {
         f.debug_struct("SomabrainClientBuilder")
             .field("config", &self.config)
             .field("metrics", &self.metrics.is_some())
+            .field("health", &self.health.is_some())
             .field("injector", &self.injector.is_some())
             .finish()
     }
@@ -129,6 +133,18 @@ impl SomabrainClientBuilder {
     /// Registers the client's metrics in `registry`.
     pub fn metrics(mut self, registry: &MetricsRegistry) -> Self {
         self.metrics = Some(registry.clone());
+        self
+    }
+
+    /// Reports the component [`somabrain`](crate::COMPONENT) in `registry`
+    /// as [`Criticality::Optional`] (SomaBrain down makes the service
+    /// degraded, not unready): [`SomabrainHealthCheck`] runs in the
+    /// background every [`health_interval_ms`](SomabrainConfig::health_interval_ms)
+    /// with a [`health_timeout_ms`](SomabrainConfig::health_timeout_ms)
+    /// timeout. [`build`](Self::build) then needs a tokio runtime. To
+    /// register it as required, register a [`SomabrainHealthCheck`] yourself.
+    pub fn health(mut self, registry: &HealthRegistry) -> Self {
+        self.health = Some(registry.clone());
         self
     }
 
@@ -142,7 +158,8 @@ impl SomabrainClientBuilder {
     }
 
     /// Builds the client. Fails on an unusable configuration (bad URL,
-    /// prefix, token or scope).
+    /// prefix, token or scope). With [`health`](Self::health), registers
+    /// the health check (within a tokio runtime).
     pub fn build(self) -> Result<SomabrainClient, Error> {
         let cfg = self.config;
         let base = cfg.base_url.trim_end_matches('/');
@@ -208,7 +225,11 @@ impl SomabrainClientBuilder {
                 None => breaker,
             }
         });
-        Ok(SomabrainClient {
+        let health_options = CheckOptions::new(
+            Duration::from_millis(cfg.health_interval_ms.max(10)),
+            Duration::from_millis(cfg.health_timeout_ms.max(10)),
+        );
+        let client = SomabrainClient {
             inner: Arc::new(Inner {
                 http,
                 urls,
@@ -223,7 +244,16 @@ impl SomabrainClientBuilder {
                 metrics,
                 injector: self.injector,
             }),
-        })
+        };
+        if let Some(registry) = &self.health {
+            registry.register_check(
+                COMPONENT,
+                Criticality::Optional,
+                SomabrainHealthCheck::new(client.clone()),
+                health_options,
+            );
+        }
+        Ok(client)
     }
 }
 
@@ -307,6 +337,7 @@ impl SomabrainClient {
         SomabrainClientBuilder {
             config,
             metrics: None,
+            health: None,
             injector: None,
         }
     }

@@ -67,6 +67,14 @@ pub struct SomabrainConfig {
     /// count *calls*, not attempts: a call whose three attempts all failed
     /// is one failure; one that succeeded after two retries is a success.
     pub breaker: BreakerConfig,
+    /// Interval of the background health check (component
+    /// [`somabrain`](crate::COMPONENT)) once
+    /// [`SomabrainClientBuilder::health`](crate::SomabrainClientBuilder::health)
+    /// attached a health registry; also how soon a healed server closes an
+    /// open breaker without traffic (at most `open_ms` + one interval).
+    pub health_interval_ms: u64,
+    /// Timeout of one health check run.
+    pub health_timeout_ms: u64,
 }
 
 impl Default for SomabrainConfig {
@@ -84,6 +92,8 @@ impl Default for SomabrainConfig {
             pool_idle_timeout_ms: 90_000,
             retry: RetryConfig::default(),
             breaker: BreakerConfig::default(),
+            health_interval_ms: 10_000,
+            health_timeout_ms: 2_000,
         }
     }
 }

@@ -35,8 +35,11 @@ pub const COMPONENT: &str = "somabrain";
 /// Each outcome carries the gauge `breaker_open` (number of open groups)
 /// and `breaker_open.<group component>` (0 or 1) per group.
 ///
-/// Register it as [`Criticality::Optional`] (the usual choice: a service
-/// keeps serving without memory, degraded) or [`Criticality::Required`].
+/// [`SomabrainClientBuilder::health`](crate::SomabrainClientBuilder::health)
+/// registers it as [`Criticality::Optional`] (the usual choice: a service
+/// keeps serving without memory, degraded); to make it
+/// [`Criticality::Required`], register it yourself with
+/// [`HealthRegistry::register_check`] under [`COMPONENT`].
 #[derive(Debug, Clone)]
 pub struct SomabrainHealthCheck {
     client: SomabrainClient,
@@ -121,6 +124,10 @@ impl SomabrainClient {
     /// `options` (its interval is also how soon a healed server closes an
     /// open breaker without traffic: at most `open_ms` + one interval).
     /// Must be called within a tokio runtime.
+    #[deprecated(
+        since = "0.2.0",
+        note = "use `SomabrainClientBuilder::health(&HealthRegistry)` (optional, interval and timeout from `SomabrainConfig`), or register a `SomabrainHealthCheck` yourself for another criticality"
+    )]
     pub fn register_health(
         &self,
         registry: &HealthRegistry,

@@ -512,9 +512,10 @@ async fn health_component_follows_server_and_breaker() {
 
     // Registered as optional, SomaBrain down leaves the service ready.
     let registry = soma_observability::health::HealthRegistry::new();
-    c.register_health(
-        &registry,
+    registry.register_check(
+        soma_somabrain::COMPONENT,
         soma_observability::health::Criticality::Optional,
+        SomabrainHealthCheck::new(c.clone()),
         soma_observability::health::CheckOptions::new(
             Duration::from_millis(20),
             Duration::from_secs(1),
@@ -691,9 +692,10 @@ async fn health_closes_an_open_breaker_after_its_period_without_traffic() {
     assert_eq!(c.breaker_state(READ), BreakerState::Open);
 
     let registry = soma_observability::health::HealthRegistry::new();
-    c.register_health(
-        &registry,
+    registry.register_check(
+        soma_somabrain::COMPONENT,
         soma_observability::health::Criticality::Optional,
+        SomabrainHealthCheck::new(c.clone()),
         soma_observability::health::CheckOptions::new(
             Duration::from_millis(20),
             Duration::from_secs(1),
@@ -819,4 +821,47 @@ async fn remember_is_unconfirmed_while_health_reports_memory_down() {
     assert!(ack.is_confirmed(), "{ack:?}");
     let acks = c.remember_batch(&batch, CallOptions::new()).await.unwrap();
     assert!(acks.is_confirmed(), "{acks:?}");
+}
+
+/// `.metrics(&registry)` and `.health(&health)` on the builder: the client's
+/// breakers are exported, and the component `somabrain` is registered as
+/// optional and checked every `health_interval_ms`.
+#[tokio::test]
+async fn the_builder_plugs_into_the_metrics_and_health_registries() {
+    let server = ContractServer::start().await;
+    let metrics = MetricsRegistry::default();
+    let health = soma_observability::HealthRegistry::new();
+    let mut cfg = server.config();
+    cfg.health_interval_ms = 20;
+    let c = SomabrainClient::builder(cfg)
+        .metrics(&metrics)
+        .health(&health)
+        .build()
+        .unwrap();
+    let comp = health
+        .component(soma_somabrain::COMPONENT)
+        .expect("registered at build");
+    assert_eq!(
+        comp.criticality,
+        soma_observability::health::Criticality::Optional
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while health
+        .component(soma_somabrain::COMPONENT)
+        .and_then(|c| c.last_check)
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "the check never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        health.component(soma_somabrain::COMPONENT).unwrap().status,
+        ComponentStatus::Up
+    );
+    c.recall(&recall(), CallOptions::new()).await.unwrap();
+    let text = metrics.encode();
+    assert!(
+        text.contains(soma_somabrain::metrics::REQUESTS_TOTAL),
+        "{text}"
+    );
 }

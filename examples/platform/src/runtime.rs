@@ -14,7 +14,7 @@ use soma_config::{Change, ConfigError, ConfigUpdate, Live};
 use soma_observability::health::{CheckOptions, Criticality, HealthRegistry};
 use soma_observability::metrics::MetricsRegistry;
 use soma_observability::shutdown::Shutdown;
-use soma_outbox::{Outbox, OutboxHealthCheck, OutboxMetrics, Relay, RelayHandle};
+use soma_outbox::{Outbox, OutboxHealthCheck, Relay, RelayHandle};
 use soma_policy::{
     Authorizer, AuthzInput, Decision, EmbeddedRego, EngineKind, PolicyEngine, PolicyMetrics,
     RemoteOpa,
@@ -139,8 +139,8 @@ impl Runtime {
             KafkaSink::new(producer.clone()),
             settings.relay.clone(),
         )
-        .with_metrics(OutboxMetrics::new(&metrics, &outbox))
-        .with_health(&health)
+        .metrics(&metrics)
+        .health(&health)
         .spawn();
 
         let topic_admin = TopicAdmin::new(&bus)?;
@@ -216,7 +216,7 @@ impl Runtime {
                         .map_err(policy_err)?
                         .with_evaluator(policy.evaluator)
                         .map_err(policy_err)?
-                        .with_health(self.health.reporter("policy", Criticality::Required)),
+                        .health(&self.health),
                 );
                 rego.spawn_reloader(self.live.subscribe());
                 rego
@@ -224,7 +224,7 @@ impl Runtime {
             EngineKind::Remote => Arc::new(
                 RemoteOpa::new(&policy.opa)
                     .map_err(policy_err)?
-                    .with_health(self.health.reporter("opa", Criticality::Required)),
+                    .health(&self.health),
             ),
         };
         Ok(Authorizer::builder(engine)
@@ -242,9 +242,9 @@ impl Runtime {
     pub fn somabrain(&self) -> Result<SomabrainClient, PlatformError> {
         let brain = SomabrainClient::builder(self.settings.somabrain.clone())
             .metrics(&self.metrics)
+            .health(&self.health)
             .header_injector(soma_observability::propagation::inject_current)
             .build()?;
-        brain.register_health(&self.health, Criticality::Optional, CheckOptions::default());
         Ok(brain)
     }
 

@@ -25,7 +25,7 @@ use super::Problem;
 /// use http::{HeaderMap, HeaderValue, header};
 /// use soma_observability::http::json_body;
 ///
-/// #[derive(serde::Deserialize)]
+/// #[derive(Debug, serde::Deserialize)]
 /// struct Reason { reason: String }
 ///
 /// let mut headers = HeaderMap::new();

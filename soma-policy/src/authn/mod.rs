@@ -85,9 +85,13 @@ impl AuthenticatorBuilder {
         self
     }
 
-    /// Records metrics on these handles.
-    pub fn metrics(mut self, metrics: PolicyMetrics) -> Self {
-        self.metrics = Some(metrics);
+    /// Records the authenticator's metrics: `.metrics(&registry)` registers them in
+    /// a [`MetricsRegistry`](soma_observability::MetricsRegistry); passing
+    /// [`PolicyMetrics`] shares one set of handles between the authenticator
+    /// and the authorizer (handles built twice on one registry share their
+    /// series anyway).
+    pub fn metrics(mut self, metrics: impl Into<PolicyMetrics>) -> Self {
+        self.metrics = Some(metrics.into());
         self
     }
 

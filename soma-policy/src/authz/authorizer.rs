@@ -86,9 +86,13 @@ impl AuthorizerBuilder {
         self
     }
 
-    /// Metric handles.
-    pub fn metrics(mut self, metrics: PolicyMetrics) -> Self {
-        self.metrics = Some(metrics);
+    /// Records the authorizer's metrics: `.metrics(&registry)` registers them in
+    /// a [`MetricsRegistry`](soma_observability::MetricsRegistry); passing
+    /// [`PolicyMetrics`] shares one set of handles between the authenticator
+    /// and the authorizer (handles built twice on one registry share their
+    /// series anyway).
+    pub fn metrics(mut self, metrics: impl Into<PolicyMetrics>) -> Self {
+        self.metrics = Some(metrics.into());
         self
     }
 
@@ -136,11 +140,13 @@ impl Authorizer {
     }
 
     /// Builds the engine named by `config.engine` and an authorizer around
-    /// it with the configured cache and fail mode.
+    /// it with the configured cache and fail mode; `metrics` as in
+    /// [`AuthorizerBuilder::metrics`].
     pub fn from_config(
         config: &PolicyConfig,
-        metrics: PolicyMetrics,
+        metrics: impl Into<PolicyMetrics>,
     ) -> Result<AuthorizerBuilder, EngineError> {
+        let metrics = metrics.into();
         let engine: Arc<dyn PolicyEngine> = match config.engine {
             EngineKind::Remote => Arc::new(RemoteOpa::new(&config.opa)?),
             #[cfg(feature = "rego")]

@@ -12,7 +12,8 @@ use regorus::rvm::vm::RegoVM;
 use regorus::{CompiledPolicy, PolicyModule, Value};
 
 use super::{EngineDecision, PolicyEngine, decision_from_value};
-use soma_observability::health::HealthReporter;
+use soma_observability::HealthRegistry;
+use soma_observability::health::{Criticality, HealthReporter};
 
 use crate::metrics::PolicyMetrics;
 use crate::{AuthzInput, EngineError, RegoEvaluator};
@@ -69,12 +70,18 @@ impl std::fmt::Debug for EmbeddedRego {
 impl EmbeddedRego {
     /// Loads and compiles the policies in `dir`; `entrypoint` is the rule to
     /// evaluate, e.g. `data.soma.authz.decision`. Fails when nothing loads.
+    /// `metrics` as in [`EmbeddedRego::metrics`].
     pub fn from_dir(
         dir: impl Into<PathBuf>,
         entrypoint: &str,
-        metrics: PolicyMetrics,
+        metrics: impl Into<PolicyMetrics>,
     ) -> Result<Self, EngineError> {
-        Self::from_dir_on(dir.into(), entrypoint, metrics, RegoEvaluator::default())
+        Self::from_dir_on(
+            dir.into(),
+            entrypoint,
+            metrics.into(),
+            RegoEvaluator::default(),
+        )
     }
 
     /// [`EmbeddedRego::from_dir`] then [`EmbeddedRego::with_evaluator`],
@@ -98,12 +105,14 @@ impl EmbeddedRego {
     }
 
     /// Compiles policies given as `(file name, source)` pairs (no directory;
-    /// [`EmbeddedRego::reload`] then fails and keeps these).
+    /// [`EmbeddedRego::reload`] then fails and keeps these). `metrics` as in
+    /// [`EmbeddedRego::metrics`].
     pub fn from_sources(
         sources: &[(&str, &str)],
         entrypoint: &str,
-        metrics: PolicyMetrics,
+        metrics: impl Into<PolicyMetrics>,
     ) -> Result<Self, EngineError> {
+        let metrics = metrics.into();
         let modules: Vec<PolicyModule> = sources
             .iter()
             .map(|(id, content)| PolicyModule {
@@ -169,12 +178,36 @@ impl EmbeddedRego {
         self.current.read().divergences.clone()
     }
 
-    /// Reports health: `degraded` while a failed reload leaves the last good
-    /// policy in force, `up` after a successful (re)load.
-    pub fn with_health(mut self, reporter: HealthReporter) -> Self {
+    /// Records the engine's reloads (`soma_policy_reloads_total`) on
+    /// `metrics`: a [`MetricsRegistry`](soma_observability::MetricsRegistry)
+    /// (`.metrics(&registry)`) or [`PolicyMetrics`] handles shared with the
+    /// authorizer. Replaces the handles given to the constructor.
+    pub fn metrics(mut self, metrics: impl Into<PolicyMetrics>) -> Self {
+        self.metrics = metrics.into();
+        self
+    }
+
+    /// Reports the health component `policy` (required: policy decisions
+    /// gate traffic) in `registry`: `up` after a successful (re)load,
+    /// `degraded` while a failed reload leaves the last good policy in force.
+    pub fn health(self, registry: &HealthRegistry) -> Self {
+        self.health_reporter(registry.reporter("policy", Criticality::Required))
+    }
+
+    fn health_reporter(mut self, reporter: HealthReporter) -> Self {
         reporter.set_up();
         self.health = Some(reporter);
         self
+    }
+
+    /// Reports health through `reporter`: `degraded` while a failed reload
+    /// leaves the last good policy in force, `up` after a successful (re)load.
+    #[deprecated(
+        since = "0.2.0",
+        note = "use `EmbeddedRego::health(&HealthRegistry)`, which registers the component `policy`"
+    )]
+    pub fn with_health(self, reporter: HealthReporter) -> Self {
+        self.health_reporter(reporter)
     }
 
     /// Reloads the directory. On error the previous policy stays in force

@@ -6,13 +6,15 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 use super::{EngineDecision, PolicyEngine, decision_from_value};
-use soma_observability::health::HealthReporter;
+use soma_observability::health::{Criticality, HealthReporter};
 use soma_observability::resilience::{BreakerState, CircuitBreaker, OpenHealth};
+use soma_observability::{HealthRegistry, MetricsRegistry};
 
 use crate::config::OpaConfig;
 use crate::{AuthzInput, EngineError};
 
-/// A remote OPA server.
+/// A remote OPA server. Plug it in with [`RemoteOpa::metrics`] and
+/// [`RemoteOpa::health`].
 ///
 /// Every call has a timeout. A circuit breaker (the shared
 /// [`CircuitBreaker`], component `opa`) stops calling after
@@ -59,23 +61,45 @@ impl RemoteOpa {
         })
     }
 
-    /// Reports the engine's health: `down` while the breaker is open, `up`
-    /// again when a call succeeds. Register the reporter as
-    /// `Criticality::Required` when policy decisions gate traffic.
+    /// Reports the health component `opa` (required: policy decisions gate
+    /// traffic) in `registry`: `up` from now on, `down` while the breaker is
+    /// open, `up` again when a call succeeds.
     ///
     /// # Panics
     ///
     /// Never for a freshly built engine (the breaker is not shared yet).
-    pub fn with_health(mut self, reporter: HealthReporter) -> Self {
+    pub fn health(self, registry: &HealthRegistry) -> Self {
+        self.health_reporter(registry.reporter("opa", Criticality::Required))
+    }
+
+    /// Exports the breaker's state as
+    /// `soma_circuit_breaker_state{component="opa"}` (and its transitions) in
+    /// `registry`.
+    pub fn metrics(mut self, registry: &MetricsRegistry) -> Self {
+        self.breaker = self.breaker.metrics(registry);
+        self
+    }
+
+    fn health_reporter(mut self, reporter: HealthReporter) -> Self {
         reporter.set_up();
         self.breaker = self.breaker.health(reporter, OpenHealth::Down);
         self
     }
 
-    /// Exports the breaker's state as `soma_circuit_breaker_state{component="opa"}`.
-    pub fn with_metrics(mut self, registry: &soma_observability::metrics::MetricsRegistry) -> Self {
-        self.breaker = self.breaker.metrics(registry);
-        self
+    /// Reports the engine's health through `reporter`: `down` while the
+    /// breaker is open, `up` again when a call succeeds.
+    #[deprecated(
+        since = "0.2.0",
+        note = "use `RemoteOpa::health(&HealthRegistry)`, which registers the component `opa`"
+    )]
+    pub fn with_health(self, reporter: HealthReporter) -> Self {
+        self.health_reporter(reporter)
+    }
+
+    /// Exports the breaker's state; same as [`metrics`](RemoteOpa::metrics).
+    #[deprecated(since = "0.2.0", note = "use `RemoteOpa::metrics(&MetricsRegistry)`")]
+    pub fn with_metrics(self, registry: &MetricsRegistry) -> Self {
+        self.metrics(registry)
     }
 
     /// The breaker's current state (the name the publisher and the
