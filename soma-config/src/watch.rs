@@ -121,10 +121,14 @@ impl<T: Settings> Live<T> {
                             Err(mpsc::RecvTimeoutError::Disconnected) => return,
                         }
                     }
-                    let result = live.reload();
-                    let mut s = thread_stats.lock().unwrap_or_else(|p| p.into_inner());
-                    s.reloads += 1;
-                    if let Err(e) = result {
+                    // Counted before the reload publishes: whoever sees
+                    // the new settings sees the reload counted too.
+                    thread_stats
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .reloads += 1;
+                    if let Err(e) = live.reload() {
+                        let mut s = thread_stats.lock().unwrap_or_else(|p| p.into_inner());
                         s.failures += 1;
                         s.last_error = Some(e.to_string());
                     }

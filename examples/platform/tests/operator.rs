@@ -476,6 +476,43 @@ async fn dlq_administration(env: &Env, ctx: &Ctx, platform: &mut Processes) {
     )
     .await;
 
+    // The sender is told: one `message.dead_lettered` notification per
+    // dead-lettered message of bob's, naming it (the gateway's DLQ watcher).
+    let bob_reads = env.token("bob", "acme", &["user"], "notifications:read");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = ctx.json("GET", "/v1/notifications", &bob_reads, None).await;
+        let told: Vec<&str> = v["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["kind"] == "message.dead_lettered")
+            .filter_map(|n| n["body"]["message_id"].as_str())
+            .collect();
+        if [&replay_id, &discard_id, &set_id]
+            .iter()
+            .all(|id| told.iter().filter(|t| **t == id.as_str()).count() == 1)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bob was not notified once of each dead letter within 30 s: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Nobody else is.
+    let carol = env.token("carol", "acme", &["user"], "notifications:read");
+    let v = ctx.json("GET", "/v1/notifications", &carol, None).await;
+    assert!(
+        !v["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["kind"] == "message.dead_lettered"),
+        "another user sees bob's dead letters: {v}"
+    );
+
     // List with filters.
     let v = ctx
         .json(
