@@ -161,9 +161,23 @@ pub enum EngineError {
     /// The policy failed to load or compile.
     #[error("policy failed to load: {0}")]
     Load(String),
+    /// The settings describe no engine that can be built (e.g.
+    /// `engine = "embedded"` without the `rego` feature, an OPA base URL
+    /// that is not http(s)); see
+    /// [`ConfiguredEngine`](crate::engine::ConfiguredEngine). Fix the
+    /// settings: retrying does not help.
+    #[error("invalid policy engine settings: {0}")]
+    Config(String),
 }
 
 impl EngineError {
+    /// True when the settings themselves are wrong
+    /// ([`EngineError::Config`]), as opposed to a policy that does not load
+    /// or an engine that cannot be reached.
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::Config(_))
+    }
+
     /// True for a timeout.
     pub fn is_timeout(&self) -> bool {
         matches!(self, Self::Timeout)
@@ -189,9 +203,11 @@ impl EngineError {
         match self {
             Self::Timeout | Self::Transport(_) | Self::CircuitOpen => true,
             Self::Status(code) => *code >= 500,
-            Self::MalformedResponse(_) | Self::Undefined | Self::Evaluation(_) | Self::Load(_) => {
-                false
-            }
+            Self::MalformedResponse(_)
+            | Self::Undefined
+            | Self::Evaluation(_)
+            | Self::Load(_)
+            | Self::Config(_) => false,
         }
     }
 
@@ -211,6 +227,7 @@ impl EngineError {
             Self::CircuitOpen => "circuit_open",
             Self::Evaluation(_) => "evaluation",
             Self::Load(_) => "load",
+            Self::Config(_) => "config",
         }
     }
 }

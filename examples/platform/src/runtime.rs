@@ -15,10 +15,8 @@ use soma_observability::health::{CheckOptions, Criticality, HealthRegistry};
 use soma_observability::metrics::MetricsRegistry;
 use soma_observability::shutdown::Shutdown;
 use soma_outbox::{Outbox, OutboxHealthCheck, Relay, RelayHandle};
-use soma_policy::{
-    Authorizer, AuthzInput, Decision, EmbeddedRego, EngineKind, PolicyEngine, PolicyMetrics,
-    RemoteOpa,
-};
+use soma_policy::engine::ConfiguredEngine;
+use soma_policy::{Authorizer, AuthzInput, Decision, PolicyMetrics};
 use soma_somabrain::SomabrainClient;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -198,7 +196,8 @@ impl Runtime {
         })
     }
 
-    /// The authorizer every service uses, from the `policy` section: the
+    /// The authorizer every service uses, from the `policy` section (the
+    /// engine chosen by soma-policy's `ConfiguredEngine`): the
     /// embedded Rego engine (reported as health component `policy`, and
     /// recompiled from `policy.policy_dir` whenever the settings change —
     /// e.g. a config update on the `config.updates` topic — keeping the last
@@ -208,28 +207,13 @@ impl Runtime {
     /// registry: the authenticator shares them).
     pub fn authorizer(&self, metrics: PolicyMetrics) -> Result<Authorizer, PlatformError> {
         let policy = &self.settings.policy;
-        let policy_err = |e: soma_policy::EngineError| PlatformError::Policy(e.to_string());
-        let engine: Arc<dyn PolicyEngine> = match policy.engine {
-            EngineKind::Embedded => {
-                let rego = Arc::new(
-                    EmbeddedRego::from_dir(&policy.policy_dir, &policy.entrypoint, metrics.clone())
-                        .map_err(policy_err)?
-                        .with_evaluator(policy.evaluator)
-                        .map_err(policy_err)?
-                        .health(&self.health),
-                );
-                rego.spawn_reloader(self.live.subscribe());
-                rego
-            }
-            EngineKind::Remote => Arc::new(
-                RemoteOpa::new(&policy.opa)
-                    .map_err(policy_err)?
-                    .health(&self.health),
-            ),
-        };
-        Ok(Authorizer::builder(engine)
-            .cache(policy.cache.clone())
-            .fail_mode(policy.fail_mode)
+        let engine = ConfiguredEngine::from_config(policy)
+            .metrics(&self.metrics)
+            .health(&self.health)
+            .build()
+            .map_err(|e| PlatformError::Policy(e.to_string()))?;
+        engine.spawn_reloader(self.live.subscribe());
+        Ok(Authorizer::with_engine(Arc::new(engine), policy)
             .metrics(metrics)
             .build())
     }

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::audit::{AuditEvent, AuditRecord, AuditSink, TracingAuditSink, emit, emit_change};
-use crate::config::{CacheConfig, EngineKind, FailMode, PolicyConfig};
-use crate::engine::{EngineDecision, PolicyEngine, RemoteOpa};
+use crate::config::{CacheConfig, FailMode, PolicyConfig};
+use crate::engine::{ConfiguredEngine, EngineDecision, PolicyEngine};
 use crate::metrics::PolicyMetrics;
 use crate::{AuthzError, AuthzInput, EngineError};
 
@@ -139,34 +139,34 @@ impl Authorizer {
         }
     }
 
-    /// Builds the engine named by `config.engine` and an authorizer around
-    /// it with the configured cache and fail mode; `metrics` as in
-    /// [`AuthorizerBuilder::metrics`].
+    /// Builds the engine named by `config.engine` (a
+    /// [`ConfiguredEngine`], without health reporting) and an authorizer
+    /// around it with the configured cache and fail mode; `metrics` as in
+    /// [`AuthorizerBuilder::metrics`]. To report the engine's health or
+    /// reload the embedded policy on a signal, build the
+    /// [`ConfiguredEngine`] yourself and use [`Authorizer::with_engine`].
+    ///
+    /// # Errors
+    ///
+    /// As [`ConfiguredEngineBuilder::build`](crate::engine::ConfiguredEngineBuilder::build).
     pub fn from_config(
         config: &PolicyConfig,
         metrics: impl Into<PolicyMetrics>,
     ) -> Result<AuthorizerBuilder, EngineError> {
         let metrics = metrics.into();
-        let engine: Arc<dyn PolicyEngine> = match config.engine {
-            EngineKind::Remote => Arc::new(RemoteOpa::new(&config.opa)?),
-            #[cfg(feature = "rego")]
-            EngineKind::Embedded => Arc::new(crate::engine::EmbeddedRego::from_dir_on(
-                config.policy_dir.clone(),
-                &config.entrypoint,
-                metrics.clone(),
-                config.evaluator,
-            )?),
-            #[cfg(not(feature = "rego"))]
-            EngineKind::Embedded => {
-                return Err(EngineError::Load(
-                    "engine = embedded needs the `rego` feature".into(),
-                ));
-            }
-        };
-        Ok(Self::builder(engine)
+        let engine = ConfiguredEngine::from_config(config)
+            .policy_metrics(metrics.clone())
+            .build()?;
+        Ok(Self::with_engine(Arc::new(engine), config).metrics(metrics))
+    }
+
+    /// Starts building around `engine` with the cache and fail mode of
+    /// `config` (`policy.cache`, `policy.fail_mode`); the engine is
+    /// usually the [`ConfiguredEngine`] built from the same `config`.
+    pub fn with_engine(engine: Arc<dyn PolicyEngine>, config: &PolicyConfig) -> AuthorizerBuilder {
+        Self::builder(engine)
             .cache(config.cache.clone())
             .fail_mode(config.fail_mode)
-            .metrics(metrics))
     }
 
     /// The metric handles.

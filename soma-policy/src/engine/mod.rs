@@ -1,5 +1,7 @@
-//! Policy engines behind one trait: [`RemoteOpa`] and `EmbeddedRego`.
+//! Policy engines behind one trait: [`RemoteOpa`] and `EmbeddedRego`, and
+//! [`ConfiguredEngine`], whichever of them the `policy` settings name.
 
+mod configured;
 #[cfg(feature = "rego")]
 mod embedded;
 #[cfg(feature = "rego")]
@@ -13,6 +15,7 @@ mod vm_check;
 use async_trait::async_trait;
 use serde_json::Value;
 
+pub use configured::{ConfiguredEngine, ConfiguredEngineBuilder};
 #[cfg(feature = "rego")]
 pub use embedded::{EmbeddedRego, MAX_VM_INSTRUCTIONS};
 #[allow(deprecated)]
