@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use figment::value::{Dict, Value};
+use figment::value::{Dict, Tag, Value};
 use figment::{Metadata, Profile, Provider};
 use sha2::{Digest, Sha256};
 
@@ -88,6 +88,62 @@ impl Layer {
             }
         }
         true
+    }
+
+    /// Whether this layer sets the value at `path` itself.
+    pub(crate) fn sets(&self, path: &[String]) -> bool {
+        let Some((last, parents)) = path.split_last() else {
+            return false;
+        };
+        let mut dict = &self.dict;
+        for seg in parents {
+            match dict.get(seg) {
+                Some(Value::Dict(_, inner)) => dict = inner,
+                _ => return false,
+            }
+        }
+        dict.contains_key(last)
+    }
+
+    /// Removes the value at `path`, if this layer sets it; for the
+    /// environment layer, also the record of its variable, returned too.
+    pub(crate) fn take(&mut self, path: &[String]) -> Option<(Value, Option<String>)> {
+        let (last, parents) = path.split_last()?;
+        let mut dict = &mut self.dict;
+        for seg in parents {
+            match dict.get_mut(seg) {
+                Some(Value::Dict(_, inner)) => dict = inner,
+                _ => return None,
+            }
+        }
+        let value = dict.remove(last)?;
+        Some((value, self.env_vars.remove(&path.join("."))))
+    }
+
+    /// Sets `value` at `path`, creating the tables on the way (a non-table
+    /// on the way is replaced); `var` is the environment variable that set
+    /// it, if any.
+    pub(crate) fn put(&mut self, path: &[String], value: Value, var: Option<String>) {
+        let Some((last, parents)) = path.split_last() else {
+            return;
+        };
+        let mut dict = &mut self.dict;
+        for seg in parents {
+            let entry = dict
+                .entry(seg.clone())
+                .or_insert_with(|| Value::Dict(Tag::Default, Dict::new()));
+            if !matches!(entry, Value::Dict(..)) {
+                *entry = Value::Dict(Tag::Default, Dict::new());
+            }
+            let Value::Dict(_, inner) = entry else {
+                return;
+            };
+            dict = inner;
+        }
+        dict.insert(last.clone(), value);
+        if let Some(var) = var {
+            self.env_vars.insert(path.join("."), var);
+        }
     }
 
     /// The precise origin for `path`: for the environment, the variable.

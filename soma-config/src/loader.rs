@@ -71,7 +71,15 @@ pub struct Loader<T> {
     strict: bool,
     validators: Vec<Validator<T>>,
     presets: BTreeMap<DeploymentProfile, ProfilePreset>,
+    renamed: Vec<RenamedKey>,
     _settings: PhantomData<fn() -> T>,
+}
+
+/// A deprecated key and the key that replaces it (dotted paths, split).
+#[derive(Debug, Clone)]
+struct RenamedKey {
+    old: Vec<String>,
+    new: Vec<String>,
 }
 
 impl<T> Clone for Loader<T> {
@@ -84,6 +92,7 @@ impl<T> Clone for Loader<T> {
             strict: self.strict,
             validators: self.validators.clone(),
             presets: self.presets.clone(),
+            renamed: self.renamed.clone(),
             _settings: PhantomData,
         }
     }
@@ -136,6 +145,7 @@ impl<T: Settings> Loader<T> {
             strict: false,
             validators: Vec::new(),
             presets: BTreeMap::new(),
+            renamed: Vec::new(),
             _settings: PhantomData,
         }
     }
@@ -206,6 +216,37 @@ impl<T: Settings> Loader<T> {
             }
             Err(e) => self.override_error = Some((key.to_owned(), e.to_string())),
         }
+        self
+    }
+
+    /// Keeps a renamed setting loading under its old name `old` (dotted
+    /// path) for a deprecation period: wherever a source (file, environment
+    /// variable, remote update, override) sets `old`, the value is read as
+    /// `new` and a warning naming both keys and the source is logged on
+    /// every load. When any source sets `new`, `new` wins: every value of
+    /// `old` is ignored (with a warning), whatever the sources' precedence.
+    /// Strict mode does not reject `old`.
+    ///
+    /// ```
+    /// # #[derive(serde::Deserialize, serde::Serialize, Default)]
+    /// # #[serde(default)] struct Db { pool_size: u32 }
+    /// # #[derive(serde::Deserialize, serde::Serialize, Default)]
+    /// # #[serde(default)] struct S { db: Db }
+    /// let s: S = soma_config::Loader::new()
+    ///     .without_env()
+    ///     .strict(true)
+    ///     .deprecated_key("db.connections", "db.pool_size")
+    ///     .set("db.connections", 7)
+    ///     .load()?;
+    /// assert_eq!(s.db.pool_size, 7);
+    /// # Ok::<(), soma_config::ConfigError>(())
+    /// ```
+    pub fn deprecated_key(mut self, old: &str, new: &str) -> Self {
+        let split = |k: &str| k.split('.').map(str::to_owned).collect::<Vec<_>>();
+        self.renamed.push(RenamedKey {
+            old: split(old),
+            new: split(new),
+        });
         self
     }
 
@@ -301,6 +342,8 @@ impl<T: Settings> Loader<T> {
             layers.0.push(Layer::new(Origin::Override, overrides));
         }
 
+        self.apply_renames(&mut layers);
+
         // The deployment profile is chosen by the sources above the preset.
         let profile = self.select_profile(&layers)?;
         if let Some(preset) = self.presets.get(&profile) {
@@ -376,6 +419,36 @@ impl<T: Settings> Loader<T> {
             sources,
             profile,
         })
+    }
+
+    /// Moves every deprecated key to its replacement, layer by layer (or
+    /// drops it when some layer sets the replacement).
+    fn apply_renames(&self, layers: &mut Layers) {
+        for rename in &self.renamed {
+            let (old, new) = (rename.old.join("."), rename.new.join("."));
+            let new_set = layers.0.iter().any(|l| l.sets(&rename.new));
+            for layer in &mut layers.0 {
+                let Some((value, var)) = layer.take(&rename.old) else {
+                    continue;
+                };
+                let source = match &var {
+                    Some(var) => Origin::Env { var: var.clone() },
+                    None => layer.origin.clone(),
+                };
+                if new_set {
+                    tracing::warn!(
+                        key = %old, replacement = %new, source = %source,
+                        "ignoring deprecated config key: its replacement is set"
+                    );
+                } else {
+                    tracing::warn!(
+                        key = %old, replacement = %new, source = %source,
+                        "deprecated config key: set its replacement instead"
+                    );
+                    layer.put(&rename.new, value, var);
+                }
+            }
+        }
     }
 
     fn select_profile(&self, layers: &Layers) -> Result<DeploymentProfile, ConfigError> {
