@@ -236,10 +236,10 @@ impl Default for JwksConfig {
 ///   bucket, so serve with connect info. Behind a proxy the peer is the
 ///   proxy. `client_failure_burst = 0` turns the limiter off.
 ///
-/// Give the store its own small pool too ([`PgApiKeyStore::connect`]), so
-/// what still reaches it cannot take the connections other work needs.
-///
-/// [`PgApiKeyStore::connect`]: crate::PgApiKeyStore
+/// Give the store its own small pool too, so what still reaches it cannot
+/// take the connections other work needs: `PgApiKeyStore::from_config`
+/// (feature `postgres`) opens one of `max_connections` connections on the
+/// store in `schema`. [`ApiKeyConfig::validate`] checks those two.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 #[non_exhaustive]
@@ -260,6 +260,68 @@ pub struct ApiKeyConfig {
     pub client_failures_per_sec: u32,
     /// Most clients tracked by the failure limiter.
     pub client_limiter_capacity: u64,
+    /// PostgreSQL schema of the key store (`<schema>.soma_api_keys`, for
+    /// `PgApiKeyStore`): a plain identifier of letters, digits and `_`, not
+    /// starting with a digit, at most 63 bytes. Default `soma_api_keys`.
+    pub schema: String,
+    /// Size of the key store's own connection pool (at least 1). A flood of
+    /// API-key lookups waits on these connections, never on the pool other
+    /// work uses; past a 1 s wait it is answered 503 `auth_unavailable`.
+    /// Default 2.
+    pub max_connections: u32,
+}
+
+impl ApiKeyConfig {
+    /// Checks the key store's settings: [`schema`](Self::schema) is a plain
+    /// identifier and [`max_connections`](Self::max_connections) is at
+    /// least 1.
+    ///
+    /// # Errors
+    ///
+    /// The first [`ApiKeyConfigError`] found, naming its setting.
+    pub fn validate(&self) -> Result<(), ApiKeyConfigError> {
+        if !is_identifier(&self.schema) {
+            return Err(ApiKeyConfigError::Schema(self.schema.clone()));
+        }
+        if self.max_connections == 0 {
+            return Err(ApiKeyConfigError::MaxConnections);
+        }
+        Ok(())
+    }
+}
+
+/// A PostgreSQL identifier we can quote without escaping: letters, digits
+/// and `_`, not starting with a digit, 1 to 63 bytes.
+pub(crate) fn is_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit()
+}
+
+/// Why the API-key store's settings ([`ApiKeyConfig`]) are invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiKeyConfigError {
+    /// `policy.api_keys.schema` is not a plain identifier.
+    #[error(
+        "policy.api_keys.schema must be letters, digits and `_`, not starting with a digit, \
+         at most 63 bytes; got {0:?}"
+    )]
+    Schema(String),
+    /// `policy.api_keys.max_connections` is 0.
+    #[error("policy.api_keys.max_connections must be at least 1")]
+    MaxConnections,
+}
+
+impl ApiKeyConfigError {
+    /// The setting at fault, as a dotted key (for soma-config's `Checks`).
+    pub fn key(&self) -> &'static str {
+        match self {
+            Self::Schema(_) => "policy.api_keys.schema",
+            Self::MaxConnections => "policy.api_keys.max_connections",
+        }
+    }
 }
 
 impl Default for ApiKeyConfig {
@@ -273,6 +335,8 @@ impl Default for ApiKeyConfig {
             client_failure_burst: 20,
             client_failures_per_sec: 1,
             client_limiter_capacity: 100_000,
+            schema: "soma_api_keys".to_owned(),
+            max_connections: 2,
         }
     }
 }
@@ -446,3 +510,44 @@ impl Default for CacheConfig {
 ///   evaluation or load error, HTTP 4xx) still denies. Must be chosen
 ///   explicitly.
 pub use soma_observability::resilience::FailMode;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_key_store_settings_load_under_policy_api_keys_and_are_validated() {
+        let config: PolicyConfig = serde_json::from_value(serde_json::json!({
+            "api_keys": {"schema": "tenant_keys", "max_connections": 4}
+        }))
+        .unwrap();
+        assert_eq!(config.api_keys.schema, "tenant_keys");
+        assert_eq!(config.api_keys.max_connections, 4);
+        assert_eq!(config.api_keys.prefix, "soma", "other keys keep defaults");
+        assert_eq!(config.api_keys.validate(), Ok(()));
+
+        let defaults = ApiKeyConfig::default();
+        assert_eq!(
+            (defaults.schema.as_str(), defaults.max_connections),
+            ("soma_api_keys", 2)
+        );
+        assert_eq!(defaults.validate(), Ok(()));
+
+        for bad in ["", "a-b", "1abc", "x\"; DROP TABLE y; --", &"k".repeat(64)] {
+            let c = ApiKeyConfig {
+                schema: bad.to_owned(),
+                ..ApiKeyConfig::default()
+            };
+            let e = c.validate().unwrap_err();
+            assert_eq!(e, ApiKeyConfigError::Schema(bad.to_owned()));
+            assert_eq!(e.key(), "policy.api_keys.schema");
+        }
+        let c = ApiKeyConfig {
+            max_connections: 0,
+            ..ApiKeyConfig::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert_eq!(e, ApiKeyConfigError::MaxConnections);
+        assert_eq!(e.key(), "policy.api_keys.max_connections");
+    }
+}

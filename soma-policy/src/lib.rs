@@ -95,8 +95,9 @@ pub use authz::{
     REQUEST_ID_HEADER,
 };
 pub use config::{
-    ApiKeyConfig, BreakerConfig, CacheConfig, EngineKind, FailMode, IssuerConfig, JwksConfig,
-    JwtAlgorithm, OpaConfig, PolicyConfig, RegoEvaluator, StaticKey, TokenCacheConfig,
+    ApiKeyConfig, ApiKeyConfigError, BreakerConfig, CacheConfig, EngineKind, FailMode,
+    IssuerConfig, JwksConfig, JwtAlgorithm, OpaConfig, PolicyConfig, RegoEvaluator, StaticKey,
+    TokenCacheConfig,
 };
 #[cfg(feature = "rego")]
 pub use engine::EmbeddedRego;

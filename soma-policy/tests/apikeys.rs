@@ -186,6 +186,45 @@ async fn schema_names_are_validated() {
     }
 }
 
+/// `PgApiKeyStore::from_config` opens the store `policy.api_keys` names
+/// (its own pool, its schema), and refuses invalid settings before
+/// connecting.
+#[tokio::test]
+async fn from_config_uses_the_api_keys_settings_and_validates_them() {
+    let url = soma_testkit::require_postgres();
+    let mut config = PolicyConfig::default().api_keys;
+    config.schema = soma_testkit::unique_name("policy_keys_cfg");
+    config.max_connections = 3;
+    let store = PgApiKeyStore::from_config(&url, &config).await.unwrap();
+    store.migrate().await.unwrap();
+    assert_eq!(store.pool().options().get_max_connections(), 3);
+    let found: Option<String> = sqlx::query_scalar(
+        "SELECT table_schema::text FROM information_schema.tables \
+         WHERE table_schema = $1 AND table_name = 'soma_api_keys'",
+    )
+    .bind(&config.schema)
+    .fetch_optional(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(found.as_deref(), Some(config.schema.as_str()));
+    drop_schema(store.pool(), &config.schema).await;
+
+    // Invalid settings are a config error, found before any connection (a
+    // closed port would otherwise be `Unavailable`).
+    let closed = format!(
+        "postgres://postgres@127.0.0.1:{}/test",
+        soma_testkit::free_port()
+    );
+    let mut bad = config.clone();
+    bad.schema = "a-b".into();
+    let e = PgApiKeyStore::from_config(&closed, &bad).await.unwrap_err();
+    assert!(e.is_config() && !e.is_unavailable(), "{e:?}");
+    let mut bad = config.clone();
+    bad.max_connections = 0;
+    let e = PgApiKeyStore::from_config(&closed, &bad).await.unwrap_err();
+    assert!(e.is_config(), "{e:?}");
+}
+
 #[tokio::test]
 async fn store_outage_is_unavailable() {
     // A pool pointed at a closed port: verification is 503-unavailable, not 401.

@@ -58,9 +58,19 @@ pub enum StoreError {
     /// Invalid argument (e.g. schema name).
     #[error("invalid: {0}")]
     Invalid(String),
+    /// The store's settings are invalid (see
+    /// [`ApiKeyConfig::validate`](crate::ApiKeyConfig::validate)).
+    #[error(transparent)]
+    Config(#[from] crate::ApiKeyConfigError),
 }
 
 impl StoreError {
+    /// True when the store's settings are invalid: fix them, retrying does
+    /// not help.
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::Config(_))
+    }
+
     /// True when the store could not be reached.
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Unavailable(_))

@@ -7,6 +7,7 @@ use sqlx::PgPool;
 use sqlx::Row;
 
 use super::apikey::{ApiKeyRecord, ApiKeyStore, StoreError};
+use crate::config::ApiKeyConfig;
 
 /// API-key records in a PostgreSQL table `<schema>.soma_api_keys`.
 ///
@@ -39,13 +40,7 @@ fn expiry_from_epoch(secs: f64) -> Option<SystemTime> {
 impl PgApiKeyStore {
     /// A store in `schema` (a plain identifier: letters, digits, `_`).
     pub fn new(pool: PgPool, schema: &str) -> Result<Self, StoreError> {
-        let ok = !schema.is_empty()
-            && schema.len() <= 63
-            && schema
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            && !schema.as_bytes()[0].is_ascii_digit();
-        if !ok {
+        if !crate::config::is_identifier(schema) {
             return Err(StoreError::Invalid(format!("schema name {schema:?}")));
         }
         Ok(Self {
@@ -77,6 +72,20 @@ impl PgApiKeyStore {
             .await
             .map_err(unavailable)?;
         Self::new(pool, schema)
+    }
+
+    /// The store `config` describes: in `config.schema`, on its own pool of
+    /// at most `config.max_connections` connections to `url` (see
+    /// [`connect`](Self::connect)).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] when `config` is invalid
+    /// ([`ApiKeyConfig::validate`]; nothing is connected), or
+    /// [`StoreError::Unavailable`] when the database cannot be reached.
+    pub async fn from_config(url: &str, config: &ApiKeyConfig) -> Result<Self, StoreError> {
+        config.validate()?;
+        Self::connect(url, &config.schema, config.max_connections).await
     }
 
     /// The store's pool.
