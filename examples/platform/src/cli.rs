@@ -54,7 +54,7 @@ pub struct Args {
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Issues an API key into the gateway's API-key store
-    /// (`postgres.api_keys_schema`, soma-policy's `PgApiKeyStore`) and
+    /// (`policy.api_keys.schema`, soma-policy's `PgApiKeyStore`) and
     /// prints it once: only its hash is stored.
     IssueApiKey {
         /// The subject the key acts as.
@@ -156,13 +156,11 @@ async fn issue_api_key(
 ) -> Result<(), PlatformError> {
     let settings = crate::settings::loader(files).load()?;
     let policy = |e: soma_policy::StoreError| PlatformError::Policy(e.to_string());
-    let store = soma_policy::PgApiKeyStore::connect(
-        &settings.postgres.url,
-        &settings.postgres.api_keys_schema,
-        1,
-    )
-    .await
-    .map_err(policy)?;
+    let mut keys = settings.policy.api_keys.clone();
+    keys.max_connections = 1;
+    let store = soma_policy::PgApiKeyStore::from_config(&settings.postgres.url, &keys)
+        .await
+        .map_err(policy)?;
     store.migrate().await.map_err(policy)?;
     let issued = soma_policy::generate_key(
         &settings.policy.api_keys.prefix,

@@ -306,13 +306,9 @@ impl Gateway {
         let policy_metrics = PolicyMetrics::new(&runtime.metrics);
         // Its own small pool: API-key lookups (one per unknown key) must not
         // take the connections the outbox and its fallback need.
-        let keys = PgApiKeyStore::connect(
-            &settings.postgres.url,
-            &settings.postgres.api_keys_schema,
-            settings.postgres.api_keys_max_connections,
-        )
-        .await
-        .map_err(|e| PlatformError::Policy(e.to_string()))?;
+        let keys = PgApiKeyStore::from_config(&settings.postgres.url, &settings.policy.api_keys)
+            .await
+            .map_err(|e| PlatformError::Policy(e.to_string()))?;
         keys.migrate()
             .await
             .map_err(|e| PlatformError::Policy(e.to_string()))?;

@@ -125,6 +125,12 @@ impl Default for HttpSettings {
 }
 
 /// The PostgreSQL pool.
+///
+/// The gateway's API-key store has its own pool and schema, set under
+/// `policy.api_keys` (`schema`, `max_connections`). The old keys
+/// `postgres.api_keys_schema` and `postgres.api_keys_max_connections` still
+/// load, with a deprecation warning, until the next release (see
+/// [`DEPRECATED_KEYS`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct PostgresSettings {
@@ -135,12 +141,6 @@ pub struct PostgresSettings {
     pub max_connections: u32,
     /// How long to wait for a connection.
     pub connect_timeout_ms: u64,
-    /// Schema of the gateway's API-key store (soma-policy `PgApiKeyStore`).
-    pub api_keys_schema: String,
-    /// Size of the API-key store's own pool, separate from the pool above:
-    /// a flood of API-key lookups waits on these connections, never on
-    /// the outbox's.
-    pub api_keys_max_connections: u32,
 }
 
 impl Default for PostgresSettings {
@@ -149,8 +149,6 @@ impl Default for PostgresSettings {
             url: "postgres://postgres@127.0.0.1:5432/test".into(),
             max_connections: 10,
             connect_timeout_ms: 5_000,
-            api_keys_schema: "soma_api_keys".into(),
-            api_keys_max_connections: 2,
         }
     }
 }
@@ -293,16 +291,33 @@ impl PlatformSettings {
     }
 }
 
+/// Settings renamed in this release: `(old key, new key)`. The old key
+/// still loads, with a warning, until the next release; the new key wins.
+pub const DEPRECATED_KEYS: [(&str, &str); 2] = [
+    ("postgres.api_keys_schema", "policy.api_keys.schema"),
+    (
+        "postgres.api_keys_max_connections",
+        "policy.api_keys.max_connections",
+    ),
+];
+
 /// The loader for [`PlatformSettings`]: profile presets, the given TOML
 /// files in order, then the `SOMA_*` environment; strict (unknown keys are
-/// errors) and validated.
+/// errors, except the [`DEPRECATED_KEYS`], read as their replacements) and
+/// validated.
 pub fn loader(files: &[PathBuf]) -> Loader<PlatformSettings> {
     let mut loader = Loader::<PlatformSettings>::new().profiles().strict(true);
+    for (old, new) in DEPRECATED_KEYS {
+        loader = loader.deprecated_key(old, new);
+    }
     for f in files {
         loader = loader.file(f);
     }
     loader.validate(|s, checks| {
         checks.ensure(!s.postgres.url.is_empty(), "postgres.url", "must be set");
+        if let Err(e) = s.policy.api_keys.validate() {
+            checks.fail(e.key(), e.to_string());
+        }
         checks.ensure(
             s.chat.rate_limit > 0,
             "chat.rate_limit",
@@ -471,6 +486,87 @@ mod tests {
             .set("chat.live_channel", "")
             .load();
         assert!(off.is_ok(), "no channel needed when previews are off");
+    }
+
+    /// The API-key store's settings moved from `postgres.api_keys_*` to
+    /// `policy.api_keys.*`: both spellings load (file and environment), and
+    /// the new one wins when both are set.
+    #[test]
+    fn api_key_store_settings_load_under_the_new_and_the_deprecated_keys() {
+        let issuer = tempfile_issuer();
+        let dir = issuer.parent().unwrap().to_owned();
+        let file = |name: &str, body: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, body).unwrap();
+            p
+        };
+        let keys = |s: &PlatformSettings| {
+            (
+                s.policy.api_keys.schema.clone(),
+                s.policy.api_keys.max_connections,
+            )
+        };
+        let load = |files: &[PathBuf], env: &[(&str, &str)]| {
+            let mut all = vec![issuer.clone()];
+            all.extend_from_slice(files);
+            loader(&all).env_from(env.iter().copied()).load()
+        };
+
+        let defaults = load(&[], &[]).unwrap();
+        assert_eq!(keys(&defaults), ("soma_api_keys".into(), 2));
+
+        let new = file(
+            "keys-new.toml",
+            "[policy.api_keys]\nschema = \"new_keys\"\nmax_connections = 4\n",
+        );
+        assert_eq!(
+            keys(&load(&[new.clone()], &[]).unwrap()),
+            ("new_keys".into(), 4)
+        );
+
+        let old = file(
+            "keys-old.toml",
+            "[postgres]\napi_keys_schema = \"old_keys\"\napi_keys_max_connections = 3\n",
+        );
+        assert_eq!(
+            keys(&load(&[old.clone()], &[]).unwrap()),
+            ("old_keys".into(), 3)
+        );
+        let old_env = [
+            ("SOMA_POSTGRES__API_KEYS_SCHEMA", "env_keys"),
+            ("SOMA_POSTGRES__API_KEYS_MAX_CONNECTIONS", "5"),
+        ];
+        assert_eq!(keys(&load(&[], &old_env).unwrap()), ("env_keys".into(), 5));
+
+        // Both set: the new key wins, whichever source is higher.
+        let both = file(
+            "keys-both.toml",
+            "[postgres]\napi_keys_schema = \"old_keys\"\n\
+             [policy.api_keys]\nschema = \"new_keys\"\n",
+        );
+        assert_eq!(keys(&load(&[both], &[]).unwrap()).0, "new_keys");
+        assert_eq!(
+            keys(&load(&[new], &old_env).unwrap()),
+            ("new_keys".into(), 4)
+        );
+        // Old in one field, new in the other: each field takes what is set.
+        assert_eq!(
+            keys(&load(&[old], &[("SOMA_POLICY__API_KEYS__MAX_CONNECTIONS", "6")]).unwrap()),
+            ("old_keys".into(), 6)
+        );
+
+        // Validated under either spelling, and named by the new key.
+        for env in [
+            [("SOMA_POLICY__API_KEYS__SCHEMA", "bad-name")],
+            [("SOMA_POSTGRES__API_KEYS_SCHEMA", "bad-name")],
+        ] {
+            let err = load(&[], &env).unwrap_err().to_string();
+            assert!(err.contains("policy.api_keys.schema"), "{err}");
+        }
+        let err = load(&[], &[("SOMA_POSTGRES__API_KEYS_MAX_CONNECTIONS", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("policy.api_keys.max_connections"), "{err}");
     }
 
     fn tempfile_issuer() -> PathBuf {

@@ -63,7 +63,7 @@ fn settings_with(
         .without_env()
         .set("telemetry.service_name", "platform-shutdown-test")
         .set("postgres.url", soma_testkit::postgres_url())
-        .set("postgres.api_keys_schema", format!("{p}_keys"))
+        .set("policy.api_keys.schema", format!("{p}_keys"))
         .set("redis.url", soma_testkit::redis_url())
         .set("redis.key_prefix", format!("{p}:"))
         .set("bus.bootstrap_servers", soma_testkit::kafka_bootstrap())

@@ -372,7 +372,6 @@ memory_admin_bind = "{mr}"
 
 [postgres]
 url = "{pg}"
-api_keys_schema = "{p}_keys"
 
 [redis]
 url = "{redis}"
@@ -408,6 +407,9 @@ dlq_schema = "{p}_dlq"
 [policy]
 audiences = ["{AUDIENCE}"]
 policy_dir = "{policy_dir}"
+
+[policy.api_keys]
+schema = "{p}_keys"
 
 [[policy.issuers]]
 issuer = "{ISSUER}"
