@@ -520,7 +520,7 @@ mod tests {
             "[policy.api_keys]\nschema = \"new_keys\"\nmax_connections = 4\n",
         );
         assert_eq!(
-            keys(&load(&[new.clone()], &[]).unwrap()),
+            keys(&load(std::slice::from_ref(&new), &[]).unwrap()),
             ("new_keys".into(), 4)
         );
 
@@ -529,7 +529,7 @@ mod tests {
             "[postgres]\napi_keys_schema = \"old_keys\"\napi_keys_max_connections = 3\n",
         );
         assert_eq!(
-            keys(&load(&[old.clone()], &[]).unwrap()),
+            keys(&load(std::slice::from_ref(&old), &[]).unwrap()),
             ("old_keys".into(), 3)
         );
         let old_env = [
