@@ -21,7 +21,7 @@ use soma_redis::{
 };
 use soma_testkit::assert_problem;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tower::{ServiceBuilder, ServiceExt};
+use tower::{Layer, ServiceBuilder, ServiceExt};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Profile {
@@ -755,6 +755,160 @@ async fn idempotency_layer_fails_closed_or_open_when_redis_is_down() {
     let r = call(&open, keyed("alice", Some("k"), "{}")).await;
     assert_eq!(r.status(), 201);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// A request body that is `Full` or fails on its first read.
+enum TestBody {
+    Full(Full<Bytes>),
+    Failing,
+}
+
+impl From<Bytes> for TestBody {
+    fn from(b: Bytes) -> Self {
+        Self::Full(Full::new(b))
+    }
+}
+
+impl http_body::Body for TestBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Self::Full(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|e| match e {}))),
+            Self::Failing => std::task::Poll::Ready(Some(Err(std::io::Error::other("reset")))),
+        }
+    }
+}
+
+#[tokio::test]
+async fn idempotency_layer_edges_unreadable_bodies_bad_scopes_large_answers_readiness() {
+    let c = client().await;
+    let idem = Idempotency::new(&c, IdempotencyOptions::default()).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+
+    // A body that fails mid-read is a 400, not a 413; nothing runs.
+    let counter = calls.clone();
+    let svc = ServiceBuilder::new()
+        .layer(
+            IdempotencyLayer::new(idem.clone(), |req: &http::Request<TestBody>| {
+                Some(IdempotencyScope {
+                    tenant: req.headers().get("x-tenant")?.to_str().ok()?.to_owned(),
+                    subject: "alice".into(),
+                })
+            })
+            .max_body_bytes(1024),
+        )
+        .service(tower::service_fn(move |_req: http::Request<TestBody>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("{}")))) }
+        }));
+    let request = |tenant: &str, body: TestBody| {
+        http::Request::builder()
+            .method("POST")
+            .uri("/v1/orders")
+            .header("x-tenant", tenant)
+            .header(IDEMPOTENCY_KEY_HEADER, "k")
+            .body(body)
+            .unwrap()
+    };
+    let read = |res: http::Response<Full<Bytes>>| async move {
+        let (parts, body) = res.into_parts();
+        http::Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    };
+    let r = read(
+        svc.clone()
+            .oneshot(request("acme", TestBody::Failing))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_problem(&r, 400, "invalid_body");
+    // A tenant that cannot be a key part: 400 naming the scope, not a 503.
+    let r = read(
+        svc.clone()
+            .oneshot(request("ac:me", Bytes::from("{}").into()))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_problem(&r, 400, "invalid_idempotency_scope");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+
+    // An answer over max_stored_bytes is returned but not stored: the
+    // retry runs again and is not marked replayed.
+    let big = ServiceBuilder::new()
+        .layer(idempotency_layer(idem.clone()).max_stored_bytes(8))
+        .service(counted_service(calls.clone(), Duration::ZERO, 200));
+    for expected in [1, 2] {
+        let r = call(&big, keyed("alice", Some("big"), "{}")).await;
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().get(IDEMPOTENT_REPLAYED_HEADER).is_none());
+        assert_eq!(calls.load(Ordering::SeqCst), expected);
+    }
+
+    // Readiness is the inner service's: not ready inside, not ready outside.
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut gated = idempotency_layer(idem).layer(Gate(ready.clone()));
+    let waiting = tokio::time::timeout(Duration::from_millis(100), gated.ready()).await;
+    assert!(waiting.is_err(), "ready while the inner service is not");
+    ready.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(1), gated.ready())
+        .await
+        .expect("ready once the inner service is")
+        .unwrap();
+
+    // Debug shows the layer's settings.
+    let shown = format!("{:?}", idempotency_layer_for_debug(&c));
+    assert!(
+        shown.contains("IdempotencyLayer") && shown.contains("max_body_bytes: 1024"),
+        "{shown}"
+    );
+    let shown = format!("{gated:?}");
+    assert!(
+        shown.contains("IdempotencyService") && shown.contains("max_stored_bytes"),
+        "{shown}"
+    );
+}
+
+fn idempotency_layer_for_debug(c: &RedisClient) -> IdempotencyLayer<Full<Bytes>> {
+    idempotency_layer(Idempotency::new(c, IdempotencyOptions::default()).unwrap())
+}
+
+/// A service that is ready only while its flag is set; while it is not,
+/// it asks to be polled again in 10 ms.
+#[derive(Clone)]
+struct Gate(Arc<std::sync::atomic::AtomicBool>);
+
+impl tower::Service<http::Request<Full<Bytes>>> for Gate {
+    type Response = http::Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        if self.0.load(Ordering::SeqCst) {
+            std::task::Poll::Ready(Ok(()))
+        } else {
+            let waker = cx.waker().clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                waker.wake();
+            });
+            std::task::Poll::Pending
+        }
+    }
+
+    fn call(&mut self, _req: http::Request<Full<Bytes>>) -> Self::Future {
+        std::future::ready(Ok(http::Response::new(Full::new(Bytes::new()))))
+    }
 }
 
 #[tokio::test]
