@@ -121,10 +121,7 @@ pub(crate) fn env_layer(
         let Some(text) = value.to_str() else {
             return Err(ConfigError::NonUtf8Env { var: name, key });
         };
-        let parsed: Value = text
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| Value::from(text.to_owned()));
+        let parsed = parse_value(text);
         insert(&mut layer.dict, &segments, parsed).map_err(|message| ConfigError::Parse {
             origin: Origin::Env { var: name.clone() },
             key: Some(key.clone()),
@@ -133,6 +130,24 @@ pub(crate) fn env_layer(
         layer.env_vars.insert(key, name);
     }
     Ok(layer)
+}
+
+/// An environment value as a typed value (`16` → integer, `true` → bool,
+/// `[1, 2]` → array), or the text itself when it does not parse.
+///
+/// figment 0.10's escape handling indexes a string by character count as
+/// if it were a byte offset, and panics on a backslash that follows a
+/// non-ASCII character inside a quoted value (found by the
+/// `config_document` fuzz target). Such a value is taken as plain text,
+/// never handed to that parser: a service must not crash on its
+/// environment.
+fn parse_value(text: &str) -> Value {
+    if text.contains('\\') && !text.is_ascii() {
+        return Value::from(text.to_owned());
+    }
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| Value::from(text.to_owned()))
 }
 
 fn insert(dict: &mut Dict, segments: &[String], value: Value) -> Result<(), String> {
@@ -179,6 +194,23 @@ mod tests {
             "SOMA_BUS__BOOTSTRAP_SERVERS"
         );
         assert_eq!(env_var_to_key("HOME"), None);
+    }
+
+    #[test]
+    fn a_backslash_after_non_ascii_text_is_plain_text_not_a_panic() {
+        // figment's escape parser panics on these (a char index used as a
+        // byte index); they must load as the text they are.
+        for text in [r#""é\n""#, r#"["ü\t"]"#, "é\\", r#"{ a = "x\u0041" } é"#] {
+            let pairs = vec![("SOMA_REDIS__URL".into(), text.into())];
+            let layer = env_layer(pairs, &sections(&["redis"])).unwrap();
+            let json = crate::document::dict_to_json(&layer.dict);
+            assert_eq!(json["redis"]["url"], text, "{text}");
+        }
+        // ASCII escapes still parse as before.
+        let pairs = vec![("SOMA_REDIS__URL".into(), r#""a\tb""#.into())];
+        let layer = env_layer(pairs, &sections(&["redis"])).unwrap();
+        let json = crate::document::dict_to_json(&layer.dict);
+        assert_eq!(json["redis"]["url"], "a\tb");
     }
 
     #[test]
