@@ -105,9 +105,7 @@ impl Effects {
         let Some(mut tx) = self.begin(handler, cause).await? else {
             return Ok(false);
         };
-        for (topic, env) in out {
-            tx.publish(topic, env).await?;
-        }
+        tx.publish_all(out).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -123,6 +121,17 @@ impl EffectsTx<'_> {
     pub async fn publish(&mut self, topic: &str, env: &Envelope) -> Result<(), HandlerError> {
         self.publisher
             .publish_in_tx(&mut self.tx, topic, env)
+            .await
+            .map(|_| ())
+            .map_err(HandlerError::retryable)
+    }
+
+    /// Writes every `(topic, envelope)` of `out` to the outbox in this
+    /// transaction with one statement, in order (a reply of several events
+    /// costs one round trip, not one per event).
+    pub async fn publish_all(&mut self, out: &[(&str, &Envelope)]) -> Result<(), HandlerError> {
+        self.publisher
+            .publish_many_in_tx(&mut self.tx, out)
             .await
             .map(|_| ())
             .map_err(HandlerError::retryable)

@@ -39,9 +39,9 @@
 //! So the reply is produced exactly once per message id, even across
 //! crashes and redeliveries, and nothing is lost while Kafka is down (the
 //! outbox holds it). The reply's stored events are published when the
-//! whole reply is generated (that is what makes them exactly-once): at
-//! most [`protocol::MAX_DELTAS`] `assistant.delta` events per reply,
-//! coalesced from the generator's tokens. The live previews before them
+//! whole reply is generated (that is what makes them exactly-once):
+//! `assistant.started`, one `assistant.delta` with the reply and
+//! `assistant.completed` ([`protocol::STORED_EVENTS`]). The live previews before them
 //! are at most once and carry no event id: a client that missed them (or
 //! a preview path that is down) changes nothing but how early the text
 //! shows.

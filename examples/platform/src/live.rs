@@ -15,7 +15,7 @@
 //! consumer group: Redis `PUBLISH` keeps nothing and costs one round trip
 //! of an in-memory server, while each record on the broker is stored and
 //! replicated (one record per word was already what made the broker the
-//! platform's bottleneck, see [`MAX_DELTAS`](crate::protocol::MAX_DELTAS)).
+//! platform's bottleneck, see [`STORED_EVENTS`](crate::protocol::STORED_EVENTS)).
 //! Every service already has a Redis client configuration, the gateway a
 //! connection.
 //!

@@ -119,7 +119,7 @@ pub struct ChatEvent {
 /// ([`EventKind::Preview`]) with no `id:` line. Each carries the reply *so
 /// far* for its `message_id`: render it as provisional text, replacing the
 /// previous preview of that message. The stored events follow as before
-/// (`assistant.started`, at most [`MAX_DELTAS`] `assistant.delta`,
+/// (`assistant.started`, one `assistant.delta` with the reply,
 /// `assistant.completed` or `error`, each with an `id:`): when they arrive
 /// for that `message_id`, they replace the preview — `completed.text` is
 /// the reply, `error` means there is none (a preview of a reply that then
@@ -286,8 +286,9 @@ pub fn valid_conversation_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// The events answering the user message `message_id`: `started`, at most
-/// [`MAX_DELTAS`] `delta`s, `completed` with the whole reply — not yet
+/// The events answering the user message `message_id`: `started`, one
+/// `delta` with the whole reply (none for an empty one), `completed` with
+/// it — at most [`STORED_EVENTS`] however long the reply is; not yet
 /// numbered (`event_id` 0; the session event store numbers them, see
 /// [`commit_reply`](crate::session_events::commit_reply)).
 pub fn reply_events(
@@ -298,11 +299,9 @@ pub fn reply_events(
     memories: &[String],
 ) -> Vec<ChatEvent> {
     let mut kinds = vec![(EventKind::Started, String::new())];
-    kinds.extend(
-        split_deltas(reply)
-            .into_iter()
-            .map(|d| (EventKind::Delta, d)),
-    );
+    if !reply.is_empty() {
+        kinds.push((EventKind::Delta, reply.to_owned()));
+    }
     kinds.push((EventKind::Completed, reply.to_owned()));
     kinds
         .into_iter()
@@ -360,43 +359,31 @@ pub fn event_envelope(
     .build()
 }
 
-/// Most `delta` events one reply is streamed in. Each event is a message
-/// through the outbox, the relay and the broker, so a reply costs at most
-/// `MAX_DELTAS + 2` of them however long it is (one per word made the
-/// broker the platform's bottleneck under load).
-pub const MAX_DELTAS: usize = 4;
-
-/// Splits a reply into at most [`MAX_DELTAS`] deltas of about equal length,
-/// cut at word boundaries (keeping the spaces, so concatenating the deltas
-/// gives the reply).
-pub fn split_deltas(reply: &str) -> Vec<String> {
-    let target = reply.len().div_ceil(MAX_DELTAS).max(1);
-    let mut out = Vec::new();
-    let mut current = String::new();
-    for ch in reply.chars() {
-        current.push(ch);
-        if ch == ' ' && current.len() >= target && out.len() + 1 < MAX_DELTAS {
-            out.push(std::mem::take(&mut current));
-        }
-    }
-    if !current.is_empty() {
-        out.push(current);
-    }
-    out
-}
+/// Most stored events one reply is answered with (`started`, one `delta`,
+/// `completed`). Each is a row in the session event store and the outbox
+/// and a record through the relay and the broker, and they are all written
+/// in one transaction once the whole reply is generated — so splitting the
+/// text over several stored deltas would show nothing sooner (the live
+/// previews, [`crate::live`], are what shows the reply while it is being
+/// written) and only multiplies the work. One event per word, and later
+/// four deltas per reply, made the broker and the platform's PostgreSQL
+/// the bottleneck under load (root README, *Load*).
+pub const STORED_EVENTS: usize = 3;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn deltas_concatenate_to_the_reply() {
+    fn a_reply_is_three_stored_events_however_long() {
         let reply = "Hello alice, you said 2 words: \"hi  there\". My memory is unavailable.";
-        let deltas = split_deltas(reply);
-        assert!(deltas.len() > 1 && deltas.len() <= MAX_DELTAS, "{deltas:?}");
-        assert_eq!(deltas.concat(), reply);
         let events = reply_events(Uuid::nil(), "c1", reply, MemoryStatus::None, &["k".into()]);
-        assert_eq!(events.first().unwrap().kind, EventKind::Started);
+        let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [EventKind::Started, EventKind::Delta, EventKind::Completed]
+        );
+        assert_eq!(events[1].text, reply, "the delta is the reply");
         let done = events.last().unwrap();
         assert!(done.kind.is_final() && done.text == reply);
         assert_eq!(done.memories, vec!["k".to_owned()], "only on completed");
@@ -405,12 +392,22 @@ mod tests {
                 .iter()
                 .all(|e| e.memories.is_empty())
         );
+        let seqs: Vec<u32> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [0, 1, 2]);
         let long = "word ".repeat(500);
-        let deltas = split_deltas(&long);
-        assert_eq!(deltas.len(), MAX_DELTAS, "bounded however long the reply");
-        assert_eq!(deltas.concat(), long);
-        assert_eq!(split_deltas("one"), vec!["one".to_owned()]);
-        assert!(split_deltas("").is_empty());
+        let events = reply_events(Uuid::nil(), "c1", &long, MemoryStatus::None, &[]);
+        assert_eq!(
+            events.len(),
+            STORED_EVENTS,
+            "bounded however long the reply"
+        );
+        let empty = reply_events(Uuid::nil(), "c1", "", MemoryStatus::None, &[]);
+        let kinds: Vec<EventKind> = empty.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [EventKind::Started, EventKind::Completed],
+            "no empty delta"
+        );
     }
 
     #[test]

@@ -167,19 +167,25 @@ impl SessionEvents {
         .fetch_one(&mut *conn)
         .await?;
         let first = (last - n + 1) as u64;
+        let mut seqs = Vec::with_capacity(events.len());
+        let mut bodies = Vec::with_capacity(events.len());
         for (i, e) in events.iter_mut().enumerate() {
             e.event_id = first + i as u64;
-            sqlx::query(&format!(
-                "INSERT INTO {} (tenant, conversation_id, seq, event) VALUES ($1, $2, $3, $4)",
-                self.events
-            ))
-            .bind(tenant)
-            .bind(conversation_id)
-            .bind(e.event_id as i64)
-            .bind(sqlx::types::Json(&*e))
-            .execute(&mut *conn)
-            .await?;
+            seqs.push(e.event_id as i64);
+            bodies.push(sqlx::types::Json(&*e));
         }
+        // One statement for the whole reply (one round trip, not one per event).
+        sqlx::query(&format!(
+            "INSERT INTO {} (tenant, conversation_id, seq, event)
+             SELECT $1, $2, s, e FROM UNNEST($3::bigint[], $4::jsonb[]) AS t(s, e)",
+            self.events
+        ))
+        .bind(tenant)
+        .bind(conversation_id)
+        .bind(&seqs)
+        .bind(&bodies)
+        .execute(&mut *conn)
+        .await?;
         Ok(())
     }
 
@@ -310,13 +316,17 @@ pub async fn commit_reply(
             .await
             .map_err(HandlerError::retryable)?;
     }
-    for e in &events {
-        let env = protocol::event_envelope(cause, e).map_err(HandlerError::fatal)?;
-        tx.publish(events_topic, &env).await?;
-    }
-    for (topic, env) in also {
-        tx.publish(topic, env).await?;
-    }
+    let envelopes = events
+        .iter()
+        .map(|e| protocol::event_envelope(cause, e))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(HandlerError::fatal)?;
+    let out: Vec<(&str, &Envelope)> = envelopes
+        .iter()
+        .map(|env| (events_topic, env))
+        .chain(also.iter().map(|(topic, env)| (*topic, *env)))
+        .collect();
+    tx.publish_all(&out).await?;
     tx.commit().await?;
     Ok(true)
 }
