@@ -435,7 +435,13 @@ async fn scenario(ctx: &mut Ctx, s: Scenario) -> Result<Row, String> {
         issuer_file: ctx.issuer_file.clone(),
         source: ctx.opts.platform_root.clone(),
         port_offset: 0,
-        extra_env: Vec::new(),
+        // One sizing change: `chat.sse_buffer` holds a whole burst's reply
+        // events, so a client reading 50 streams at once while the backlog
+        // drains does not fall behind its channels (a stream that does is
+        // resumed from the session event store, one PostgreSQL read per
+        // resume — correct, but load the harness should not add to the
+        // fault it measures). The benchmarks run the shipped sizing.
+        extra_env: vec![("SOMA_CHAT__SSE_BUFFER".to_owned(), "65536".to_owned())],
     };
     // A deploy is judged behind two gateways (no client error at all); the
     // dependency faults run with one.

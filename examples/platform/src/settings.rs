@@ -188,7 +188,11 @@ pub struct ChatSettings {
     /// Live events buffered per conversation channel of a gateway (one
     /// channel per `(tenant, conversation)` with subscribers). A stream
     /// further behind than this is not cut off: it resumes from the session
-    /// event store, then goes on live.
+    /// event store, then goes on live. The channel's ring is allocated
+    /// whole when its first stream subscribes (32 bytes a slot), so this
+    /// is what every open conversation costs a gateway: 64 slots are 2 KiB
+    /// and hold about ten replies with their previews; 65,536 were 2 MiB a
+    /// stream (`cargo xtask bench --group sse`).
     pub sse_buffer: usize,
     /// Reply events a gateway remembers by id, so one delivered twice on
     /// the bus (a producer's retry after an outage) reaches SSE clients once.
@@ -239,7 +243,7 @@ impl Default for ChatSettings {
             max_message_bytes: 4 * 1024,
             rate_limit: 120,
             rate_window_secs: 60,
-            sse_buffer: 1024,
+            sse_buffer: 64,
             sse_dedupe_window: 65_536,
             sse_heartbeat_ms: 15_000,
             session_events_schema: "soma_chat".into(),

@@ -91,19 +91,13 @@ pub(crate) struct Wiring {
 }
 
 impl Wiring {
-    /// The `SOMA_*` overrides. Besides addresses, one sizing change:
-    /// `chat.sse_buffer` holds a whole burst's reply events, so a client
-    /// reading 50 streams at once while the backlog drains does not fall
-    /// behind its channels (a stream that does is resumed from the session
-    /// event store, one PostgreSQL read per resume — correct, but load the
-    /// harness should not add to the fault it measures).
+    /// The `SOMA_*` overrides: the addresses, then `extra_env`.
     fn env(&self) -> Vec<(String, String)> {
         [
             ("SOMA_POSTGRES__URL", &self.postgres_url),
             ("SOMA_REDIS__URL", &self.redis_url),
             ("SOMA_BUS__BOOTSTRAP_SERVERS", &self.bootstrap),
             ("SOMA_SOMABRAIN__BASE_URL", &self.somabrain_url),
-            ("SOMA_CHAT__SSE_BUFFER", &"65536".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.clone()))
