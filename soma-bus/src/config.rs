@@ -98,6 +98,14 @@ pub struct BusConfig {
     pub auto_offset_reset: String,
     /// Consumer session timeout.
     pub session_timeout_ms: u64,
+    /// Longest a fetch may wait at the broker for data (librdkafka
+    /// `fetch.wait.max.ms`); unset: librdkafka's default (500). A Kafka
+    /// broker answers a waiting fetch as soon as data arrives, so this only
+    /// bounds idle polling there. tansu 0.6 sleeps after *every* fetch
+    /// (half the wait, at least 250 ms of a 500 ms wait) before it answers,
+    /// so on tansu every consumer hop costs up to this much latency: the
+    /// example platform's local settings use 50.
+    pub consumer_fetch_wait_ms: Option<u64>,
     /// How often completed offsets are committed.
     pub commit_interval_ms: u64,
     /// Attempts per message (first try included) before a retryable error dead-letters it.
@@ -170,6 +178,7 @@ impl Default for BusConfig {
             consumer_lane_capacity: 256,
             auto_offset_reset: "earliest".to_owned(),
             session_timeout_ms: 10_000,
+            consumer_fetch_wait_ms: None,
             commit_interval_ms: 1_000,
             max_attempts: 5,
             retry_backoff_initial_ms: 100,
@@ -216,6 +225,11 @@ impl BusConfig {
         }
         if self.publish_timeout_ms == 0 {
             return bad("publish_timeout_ms must be > 0".into());
+        }
+        if self.consumer_fetch_wait_ms.is_some_and(|ms| ms > 300_000) {
+            return bad(
+                "consumer_fetch_wait_ms must be at most 300000 (librdkafka's limit)".into(),
+            );
         }
         if self.consumer_concurrency == 0 || self.consumer_lane_capacity == 0 {
             return bad("consumer_concurrency and consumer_lane_capacity must be > 0".into());
@@ -351,6 +365,11 @@ impl BusConfig {
         if !self.librdkafka.contains_key("isolation.level") {
             c.set("isolation.level", "read_uncommitted");
         }
+        if let Some(ms) = self.consumer_fetch_wait_ms {
+            if !self.librdkafka.contains_key("fetch.wait.max.ms") {
+                c.set("fetch.wait.max.ms", ms.to_string());
+            }
+        }
         c
     }
 
@@ -463,5 +482,34 @@ mod tests {
             c.consumer_client_config().get("isolation.level"),
             Some("read_committed")
         );
+    }
+
+    #[test]
+    fn consumer_fetch_wait_reaches_consumers_only_and_is_bounded() {
+        let c = BusConfig::default();
+        assert_eq!(c.consumer_client_config().get("fetch.wait.max.ms"), None);
+        let c = BusConfig {
+            consumer_fetch_wait_ms: Some(50),
+            ..BusConfig::default()
+        };
+        c.validate().unwrap();
+        assert_eq!(
+            c.consumer_client_config().get("fetch.wait.max.ms"),
+            Some("50")
+        );
+        assert_eq!(c.producer_client_config().get("fetch.wait.max.ms"), None);
+        let mut c = c;
+        c.librdkafka.insert("fetch.wait.max.ms".into(), "20".into());
+        assert_eq!(
+            c.consumer_client_config().get("fetch.wait.max.ms"),
+            Some("20"),
+            "an explicit librdkafka property wins"
+        );
+        let c = BusConfig {
+            consumer_fetch_wait_ms: Some(300_001),
+            ..BusConfig::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("consumer_fetch_wait_ms"), "{err}");
     }
 }
