@@ -114,6 +114,44 @@ pub(crate) fn report(watched: &[Watched], a: &Sample, b: &Sample, secs: f64) -> 
     )
 }
 
+/// The name of the watched group that is the benchmark itself (not part of
+/// the stack whose cost is measured).
+pub(crate) const LOAD_GENERATOR: &str = "load generator (xtask)";
+
+/// CPU seconds the watched groups other than the load generator used
+/// between two samples: what the stack under test cost, whatever else the
+/// machine was doing.
+pub(crate) fn stack_secs(watched: &[Watched], a: &Sample, b: &Sample) -> f64 {
+    watched
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.name != LOAD_GENERATOR)
+        .map(|(i, _)| (b.per[i] - a.per[i]).max(0.0))
+        .sum()
+}
+
+/// `name 1.23` per group: CPU milliseconds per message of `messages`
+/// between two samples, busiest first, and the stack's total.
+pub(crate) fn per_message(watched: &[Watched], a: &Sample, b: &Sample, messages: u64) -> String {
+    if messages == 0 {
+        return "no messages".to_owned();
+    }
+    let n = messages as f64;
+    let mut per: Vec<(String, f64)> = watched
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.name != LOAD_GENERATOR)
+        .map(|(i, w)| (w.name.clone(), (b.per[i] - a.per[i]).max(0.0) * 1e3 / n))
+        .collect();
+    per.sort_by(|x, y| y.1.total_cmp(&x.1));
+    let list: Vec<String> = per.iter().map(|(n, ms)| format!("{n} {ms:.2}")).collect();
+    format!(
+        "{} ms; stack {:.2} ms per message",
+        list.join(", "),
+        stack_secs(watched, a, b) * 1e3 / n
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +179,24 @@ mod tests {
         }
         let b = sample(std::slice::from_ref(&me));
         assert!(b.per[0] > a.per[0], "{x}: {:?} → {:?}", a.per, b.per);
-        assert!(report(&[me], &a, &b, 0.2).starts_with("me "));
+        assert!(report(std::slice::from_ref(&me), &a, &b, 0.2).starts_with("me "));
+        let used = stack_secs(std::slice::from_ref(&me), &a, &b);
+        assert!(used > 0.0, "{used}");
+        let line = per_message(std::slice::from_ref(&me), &a, &b, 10);
+        assert!(
+            line.starts_with("me ") && line.ends_with("ms per message"),
+            "{line}"
+        );
+        let generator = Watched {
+            name: LOAD_GENERATOR.into(),
+            ..me
+        };
+        let g = std::slice::from_ref(&generator);
+        let (a, b) = (sample(g), sample(g));
+        assert_eq!(
+            stack_secs(g, &a, &b),
+            0.0,
+            "the load generator is not the stack"
+        );
     }
 }

@@ -145,7 +145,7 @@ impl Stack {
         add("postgres (tansu storage)", self.broker_pg.pid(), true);
         add("redis", self.redis.pid(), false);
         add("memory-service", self.memory.pid(), false);
-        add("load generator (xtask)", Some(std::process::id()), false);
+        add(cpu::LOAD_GENERATOR, Some(std::process::id()), false);
         w
     }
 
@@ -303,12 +303,13 @@ async fn phases(
             "bench: bare path: {} msg/s for {:?} over {} conversations (Zipf s = {})",
             opts.rate, opts.duration, opts.conversations, opts.zipf_s
         );
-        let (report, profile) = measured(&load, shape, Duration::ZERO, &watched).await;
-        println!("bench: bare path: cpu {profile}");
+        let m = measured(&load, shape, Duration::ZERO, &watched).await;
+        println!("bench: bare path: cpu {}", m.profile);
+        println!("bench: bare path: cpu per message {}", m.per_message);
         let (ceiling, ceiling_errors) = load.ceiling(opts.ceiling_workers, opts.ceiling, 17).await;
         println!("bench: bare path: ceiling {ceiling:.0} msg/s ({ceiling_errors} failed)");
         proc.terminate(Duration::from_secs(5));
-        (report, ceiling)
+        (m, ceiling)
     };
     tokio::task::block_in_place(|| stack.reset_statements());
 
@@ -331,7 +332,7 @@ async fn measure_platform(
     secret: &str,
     platform: &mut Platform,
     stack: &Stack,
-) -> Result<(Report, f64), String> {
+) -> Result<(Measured, f64), String> {
     wait_ready(platform).await?;
     let convs = conversations(secret, &format!("{run_id}-c"), opts.conversations)?;
     let base = platform.gateway_urls()[0].clone();
@@ -350,14 +351,15 @@ async fn measure_platform(
         "bench: platform: {} SSE streams open; {} msg/s for {:?} (Zipf s = {})",
         opts.conversations, opts.rate, opts.duration, opts.zipf_s
     );
-    let (report, profile) = measured(&load, shape, Duration::from_secs(60), &watched).await;
-    println!("bench: platform: cpu {profile}");
+    let m = measured(&load, shape, Duration::from_secs(60), &watched).await;
+    println!("bench: platform: cpu {}", m.profile);
+    println!("bench: platform: cpu per message {}", m.per_message);
     let statements = tokio::task::block_in_place(|| stack.top_statements());
     println!("bench: platform: time in PostgreSQL during the load\n{statements}");
     let (ceiling, ceiling_errors) = load.ceiling(opts.ceiling_workers, opts.ceiling, 18).await;
     println!("bench: platform: ceiling {ceiling:.0} msg/s ({ceiling_errors} failed)");
     load.stop().await;
-    Ok((report, ceiling))
+    Ok((m, ceiling))
 }
 
 /// The bare gateway (the baseline), started and listening.
@@ -436,13 +438,20 @@ fn conversations(secret: &str, prefix: &str, n: usize) -> Result<Vec<Conv>, Stri
         .collect()
 }
 
-/// The load with CPU sampled around it; prints the outcome.
-async fn measured(
-    load: &OpenLoop,
-    shape: Shape,
-    drain: Duration,
-    watched: &[Watched],
-) -> (Report, String) {
+/// A load's outcome and what it cost.
+struct Measured {
+    report: Report,
+    /// CPU per process group, percent of one core (printable).
+    profile: String,
+    /// CPU milliseconds per accepted message, by group (printable).
+    per_message: String,
+    /// CPU milliseconds per accepted message, the stack's total.
+    stack_ms_per_message: Option<f64>,
+}
+
+/// The load with CPU sampled around it (load and drain); prints the
+/// outcome.
+async fn measured(load: &OpenLoop, shape: Shape, drain: Duration, watched: &[Watched]) -> Measured {
     let before = cpu::sample(watched);
     let t = std::time::Instant::now();
     let report = load.run(shape, drain).await;
@@ -459,16 +468,28 @@ async fn measured(
         report.completed,
         report.sse_reconnects
     );
-    (report, cpu::report(watched, &before, &after, secs))
+    let stack_ms_per_message = (report.accepted > 0)
+        .then(|| cpu::stack_secs(watched, &before, &after) * 1e3 / report.accepted as f64);
+    Measured {
+        profile: cpu::report(watched, &before, &after, secs),
+        per_message: cpu::per_message(watched, &before, &after, report.accepted),
+        stack_ms_per_message,
+        report,
+    }
 }
 
 fn rows(
     opts: &Opts,
-    ours: &Report,
-    bare: &Report,
+    ours_m: &Measured,
+    bare_m: &Measured,
     ours_ceiling: f64,
     bare_ceiling: f64,
 ) -> Vec<Row> {
+    let (ours, bare) = (&ours_m.report, &bare_m.report);
+    // The goal rate, and the cores this machine has: what the
+    // measured cost per message says about reaching one on the other.
+    const GOAL_RATE: f64 = 500.0;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     const BARE: &str = "bare axum+producer";
     let row = |what: &str, unit: &str| Row::new(GROUP, what, unit);
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
@@ -539,5 +560,21 @@ fn rows(
         .ours(Some(ours_ceiling))
         .baseline(BARE, Some(bare_ceiling))
         .goal(Goal::RatioAtLeast(0.5)),
+        row(
+            "CPU per accepted message, stack processes, load + drain",
+            "ms",
+        )
+        .ours(ours_m.stack_ms_per_message)
+        .baseline(BARE, bare_m.stack_ms_per_message),
+        row(
+            &format!("cores the stack needs for {GOAL_RATE}/s at that cost (machine: {cores})"),
+            "cores",
+        )
+        .ours(ours_m.stack_ms_per_message.map(|ms| ms * GOAL_RATE / 1e3))
+        .baseline(
+            BARE,
+            bare_m.stack_ms_per_message.map(|ms| ms * GOAL_RATE / 1e3),
+        )
+        .goal(Goal::AtMost(cores)),
     ]
 }
