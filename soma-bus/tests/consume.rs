@@ -875,6 +875,89 @@ async fn publish_in_tx_is_delivered_only_after_commit() {
     relay.shutdown().await.unwrap();
 }
 
+/// `publish_many_in_tx`: one statement for a batch, delivered after commit
+/// in input order; a batch with one invalid envelope writes nothing and
+/// leaves the transaction usable.
+#[tokio::test]
+async fn publish_many_in_tx_writes_a_batch_in_order_or_nothing() {
+    use sqlx::Connection;
+    let bootstrap = soma_testkit::require_kafka();
+    let cfg = config(&bootstrap);
+    let topic = topic(&cfg, "txmany").await;
+    let producer = BusProducer::new(&cfg).unwrap();
+    let url = soma_testkit::require_postgres();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&url)
+        .await
+        .unwrap();
+    let mut ob_config = soma_outbox::OutboxConfig::new(soma_testkit::unique_name("bus"));
+    ob_config.max_payload_bytes = 64;
+    let ob = soma_outbox::Outbox::new(pool, ob_config).await.unwrap();
+    let publisher = DurablePublisher::builder(producer.clone(), ob.clone()).build();
+    let mut conn = ob.pool().acquire().await.unwrap();
+
+    let batch: Vec<Envelope> = (1..=4)
+        .map(|i| env(if i % 2 == 0 { "b" } else { "a" }, i))
+        .collect();
+    let too_big = Envelope::builder("order.created", "t1", "a")
+        .payload(vec![b'x'; 65])
+        .build()
+        .unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    let mut refused: Vec<(&str, &Envelope)> = batch.iter().map(|e| (topic.as_str(), e)).collect();
+    refused.push((topic.as_str(), &too_big));
+    let err = publisher
+        .publish_many_in_tx(&mut tx, &refused)
+        .await
+        .expect_err("one payload over the limit refuses the batch");
+    assert!(err.to_string().contains("64"), "{err}");
+    // Nothing written, and the transaction still takes the valid batch.
+    let out: Vec<(&str, &Envelope)> = batch.iter().map(|e| (topic.as_str(), e)).collect();
+    let ids = publisher.publish_many_in_tx(&mut tx, &out).await.unwrap();
+    assert_eq!(ids, batch.iter().map(|e| e.id).collect::<Vec<_>>());
+    let staged: i64 =
+        sqlx::query_scalar(&format!("SELECT count(*) FROM \"{}\".outbox", ob.schema()))
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    assert_eq!(staged, 4, "the refused batch left no row");
+    tx.commit().await.unwrap();
+    assert!(
+        publisher
+            .publish_many_in_tx(&mut conn, &[])
+            .await
+            .unwrap()
+            .is_empty(),
+        "an empty batch is no statement"
+    );
+
+    let mut relay_config = soma_outbox::RelayConfig::default();
+    relay_config.poll_interval_ms = 100;
+    let relay =
+        soma_outbox::Relay::new(ob.clone(), soma_bus::KafkaSink::new(producer), relay_config)
+            .spawn();
+    let recs = read_all(&bootstrap, &topic, Duration::from_secs(30), |v| {
+        v.len() >= 4
+    })
+    .await;
+    let got: Vec<String> = recs.iter().filter_map(|r| header(r, "soma-id")).collect();
+    let of_key = |k: &str| -> Vec<String> {
+        batch
+            .iter()
+            .filter(|e| e.key.as_deref() == Some(k))
+            .map(|e| e.id.to_string())
+            .collect()
+    };
+    for k in ["a", "b"] {
+        let want = of_key(k);
+        let seen: Vec<String> = got.iter().filter(|id| want.contains(id)).cloned().collect();
+        assert_eq!(seen, want, "key {k} in input order: {got:?}");
+    }
+    assert_eq!(got.len(), 4, "each once: {got:?}");
+    relay.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn broker_health_check_reports_up_and_down() {
     use soma_observability::health::{ComponentStatus, HealthCheck};
