@@ -16,7 +16,7 @@
 //! see `release.rs`), and the tests. Each step prints its
 //! duration; `--step NAME` runs one.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
@@ -109,8 +109,19 @@ fn exit(code: i32) -> ExitCode {
 }
 
 /// The workspace root (the parent of this crate's directory).
+///
+/// `cargo xtask` (`cargo run -p xtask`) sets `CARGO_MANIFEST_DIR` for the
+/// run, so this is the checkout the command was started in — not the one
+/// this binary was compiled from, which differs when worktrees share one
+/// `CARGO_TARGET_DIR` (an xtask built in one would test the other). The
+/// compile-time path is the fallback for a binary run by hand.
 pub(crate) fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    #[allow(clippy::disallowed_methods)] // xtask is on the lint-env allowlist
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.join("Cargo.toml").is_file())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .parent()
         .expect("xtask lives inside the workspace")
         .to_path_buf()
