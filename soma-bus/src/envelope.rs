@@ -291,14 +291,77 @@ impl Envelope {
         payload: Option<&[u8]>,
         headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
     ) -> Result<Self, EnvelopeError> {
-        let mut soma: BTreeMap<&'a str, &'a str> = BTreeMap::new();
+        let (soma, attributes) = SomaHeaders::split(headers)?;
+        // Checked in this order, so a record with several faults is
+        // reported by the first.
+        let id = Uuid::parse_str(soma.required(HEADER_ID)?)
+            .map_err(|e| malformed(HEADER_ID, e.to_string()))?;
+        let message_type = soma.non_empty(HEADER_TYPE)?;
+        let tenant = soma.non_empty(HEADER_TENANT)?;
+        let occurred_at = soma.occurred_at()?;
+        let schema_version = soma
+            .number(HEADER_SCHEMA_VERSION)?
+            .ok_or(EnvelopeError::MissingHeader(HEADER_SCHEMA_VERSION))?;
+        let replay_count = soma.number(HEADER_REPLAY_COUNT)?.unwrap_or(0);
+        let key = record_key(key, soma.unkeyed()?)?;
+        Ok(Envelope {
+            id,
+            message_type: message_type.to_owned(),
+            tenant: tenant.to_owned(),
+            key,
+            payload: payload.unwrap_or_default().to_vec(),
+            content_type: soma.owned(HEADER_CONTENT_TYPE),
+            occurred_at,
+            schema_version,
+            correlation_id: soma.owned(HEADER_CORRELATION_ID),
+            causation_id: soma.owned(HEADER_CAUSATION_ID),
+            trace: soma.trace()?,
+            attributes,
+            replay_count,
+        })
+    }
+}
+
+fn malformed(name: &str, reason: String) -> EnvelopeError {
+    EnvelopeError::MalformedHeader {
+        name: name.to_owned(),
+        reason,
+    }
+}
+
+/// The key of a record: UTF-8, present unless the record is marked
+/// unkeyed (and then absent).
+fn record_key(key: Option<&[u8]>, unkeyed: bool) -> Result<Option<String>, EnvelopeError> {
+    match key {
+        Some(k) if !unkeyed => Ok(Some(
+            std::str::from_utf8(k)
+                .map_err(|_| EnvelopeError::KeyNotUtf8)?
+                .to_owned(),
+        )),
+        None if unkeyed => Ok(None),
+        None => Err(EnvelopeError::MissingKey),
+        Some(_) => Err(malformed(
+            HEADER_UNKEYED,
+            "record has a key but is marked unkeyed".to_owned(),
+        )),
+    }
+}
+
+/// A record's `soma-*` and W3C trace headers, by name (the rest are the
+/// envelope's attributes).
+struct SomaHeaders<'a>(BTreeMap<&'a str, &'a str>);
+
+impl<'a> SomaHeaders<'a> {
+    /// Splits a record's headers into ours and the attributes; every value
+    /// must be UTF-8.
+    fn split(
+        headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+    ) -> Result<(Self, BTreeMap<String, String>), EnvelopeError> {
+        let mut soma = BTreeMap::new();
         let mut attributes = BTreeMap::new();
         for (name, value) in headers {
-            let value = value.unwrap_or_default();
-            let value = std::str::from_utf8(value).map_err(|_| EnvelopeError::MalformedHeader {
-                name: name.to_owned(),
-                reason: "value is not UTF-8".to_owned(),
-            })?;
+            let value = std::str::from_utf8(value.unwrap_or_default())
+                .map_err(|_| malformed(name, "value is not UTF-8".to_owned()))?;
             if name.starts_with(SOMA_HEADER_PREFIX)
                 || name == HEADER_TRACEPARENT
                 || name == HEADER_TRACESTATE
@@ -308,92 +371,66 @@ impl Envelope {
                 attributes.insert(name.to_owned(), value.to_owned());
             }
         }
-        let required = |name: &'static str| {
-            soma.get(name)
-                .copied()
-                .ok_or(EnvelopeError::MissingHeader(name))
-        };
-        let malformed = |name: &str, reason: String| EnvelopeError::MalformedHeader {
-            name: name.to_owned(),
-            reason,
-        };
-        let id = Uuid::parse_str(required(HEADER_ID)?)
-            .map_err(|e| malformed(HEADER_ID, e.to_string()))?;
-        let message_type = required(HEADER_TYPE)?;
-        if message_type.is_empty() {
-            return Err(malformed(HEADER_TYPE, "empty".to_owned()));
+        Ok((Self(soma), attributes))
+    }
+
+    fn required(&self, name: &'static str) -> Result<&'a str, EnvelopeError> {
+        self.0
+            .get(name)
+            .copied()
+            .ok_or(EnvelopeError::MissingHeader(name))
+    }
+
+    fn non_empty(&self, name: &'static str) -> Result<&'a str, EnvelopeError> {
+        match self.required(name)? {
+            "" => Err(malformed(name, "empty".to_owned())),
+            v => Ok(v),
         }
-        let tenant = required(HEADER_TENANT)?;
-        if tenant.is_empty() {
-            return Err(malformed(HEADER_TENANT, "empty".to_owned()));
+    }
+
+    fn owned(&self, name: &str) -> Option<String> {
+        self.0.get(name).map(|s| (*s).to_owned())
+    }
+
+    /// A decimal `u32` header, `None` when absent.
+    fn number(&self, name: &str) -> Result<Option<u32>, EnvelopeError> {
+        self.0
+            .get(name)
+            .map(|v| {
+                v.parse()
+                    .map_err(|e: std::num::ParseIntError| malformed(name, e.to_string()))
+            })
+            .transpose()
+    }
+
+    /// Headers carry microseconds; finer digits from a foreign producer are
+    /// cut, so a decoded envelope re-encodes to itself (a relayed or
+    /// replayed message keeps its time exactly).
+    fn occurred_at(&self) -> Result<DateTime<Utc>, EnvelopeError> {
+        Ok(
+            DateTime::parse_from_rfc3339(self.required(HEADER_OCCURRED_AT)?)
+                .map_err(|e| malformed(HEADER_OCCURRED_AT, e.to_string()))?
+                .with_timezone(&Utc)
+                .trunc_subsecs(6),
+        )
+    }
+
+    fn unkeyed(&self) -> Result<bool, EnvelopeError> {
+        match self.0.get(HEADER_UNKEYED) {
+            Some(&"true") => Ok(true),
+            Some(other) => Err(malformed(
+                HEADER_UNKEYED,
+                format!("expected `true`, got `{other}`"),
+            )),
+            None => Ok(false),
         }
-        // Headers carry microseconds; finer digits from a foreign producer
-        // are cut, so a decoded envelope re-encodes to itself (a relayed or
-        // replayed message keeps its time exactly).
-        let occurred_at = DateTime::parse_from_rfc3339(required(HEADER_OCCURRED_AT)?)
-            .map_err(|e| malformed(HEADER_OCCURRED_AT, e.to_string()))?
-            .with_timezone(&Utc)
-            .trunc_subsecs(6);
-        let schema_version: u32 =
-            required(HEADER_SCHEMA_VERSION)?
-                .parse()
-                .map_err(|e: std::num::ParseIntError| {
-                    malformed(HEADER_SCHEMA_VERSION, e.to_string())
-                })?;
-        let replay_count: u32 = match soma.get(HEADER_REPLAY_COUNT) {
-            Some(v) => v.parse().map_err(|e: std::num::ParseIntError| {
-                malformed(HEADER_REPLAY_COUNT, e.to_string())
-            })?,
-            None => 0,
-        };
-        let unkeyed = match soma.get(HEADER_UNKEYED) {
-            Some(&"true") => true,
-            Some(other) => {
-                return Err(malformed(
-                    HEADER_UNKEYED,
-                    format!("expected `true`, got `{other}`"),
-                ));
-            }
-            None => false,
-        };
-        let key = match key {
-            Some(k) if !unkeyed => Some(
-                std::str::from_utf8(k)
-                    .map_err(|_| EnvelopeError::KeyNotUtf8)?
-                    .to_owned(),
-            ),
-            None if unkeyed => None,
-            None => return Err(EnvelopeError::MissingKey),
-            Some(_) => {
-                return Err(malformed(
-                    HEADER_UNKEYED,
-                    "record has a key but is marked unkeyed".to_owned(),
-                ));
-            }
-        };
-        let trace = match soma.get(HEADER_TRACEPARENT) {
-            Some(tp) => Some(TraceContext::parse(
-                tp,
-                soma.get(HEADER_TRACESTATE).copied(),
-            )?),
-            None => None,
-        };
-        let opt = |name: &str| soma.get(name).map(|s| (*s).to_owned());
-        Ok(Envelope {
-            id,
-            message_type: message_type.to_owned(),
-            tenant: tenant.to_owned(),
-            key,
-            payload: payload.unwrap_or_default().to_vec(),
-            content_type: opt(HEADER_CONTENT_TYPE),
-            occurred_at,
-            schema_version,
-            correlation_id: opt(HEADER_CORRELATION_ID),
-            causation_id: opt(HEADER_CAUSATION_ID),
-            trace,
-            attributes,
-            replay_count,
-        })
+    }
+
+    fn trace(&self) -> Result<Option<TraceContext>, EnvelopeError> {
+        self.0
+            .get(HEADER_TRACEPARENT)
+            .map(|tp| TraceContext::parse(tp, self.0.get(HEADER_TRACESTATE).copied()))
+            .transpose()
     }
 }
 
