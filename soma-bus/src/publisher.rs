@@ -561,8 +561,8 @@ impl DurablePublisher {
     ) {
         let inner = &*self.inner;
         let deadline = Instant::now() + inner.producer.config().publish_timeout();
-        let mut futs = Vec::with_capacity(kafka_idx.len());
         let mut sent = Vec::with_capacity(kafka_idx.len());
+        let mut futs = Vec::with_capacity(kafka_idx.len());
         let mut stop: Option<String> = None;
         for &i in kafka_idx {
             if let Some(reason) = &stop {
@@ -570,20 +570,10 @@ impl DurablePublisher {
                 to_outbox.push((i, reason.clone()));
                 continue;
             }
-            let env = &envs[i];
-            let mut headers = envelope_headers(env);
-            if env.trace.is_none() {
-                if let Some(t) = trace {
-                    headers = trace::add_trace_headers(headers, t);
-                }
-            }
-            let rec = RawRecord {
-                topic,
-                key: env.kafka_key(),
-                payload: &env.payload,
-                headers,
-            };
-            match inner.producer.enqueue_on(handle, rec, deadline).await {
+            match self
+                .enqueue_one(topic, &envs[i], handle, trace, deadline)
+                .await
+            {
                 Ok(f) => {
                     futs.push(f);
                     sent.push(i);
@@ -603,38 +593,50 @@ impl DurablePublisher {
             .producer
             .await_deliveries_on(handle, futs, deadline)
             .await;
-        let mut acked = 0u64;
-        let mut had_failure = stop.is_some();
-        for (i, r) in sent.into_iter().zip(deliveries) {
-            match r {
-                Ok(Delivery { partition, offset }) => {
-                    acked += 1;
-                    tickets.settle(i);
-                    results[i] = Some(Ok(PublishOutcome::Published { partition, offset }));
-                }
-                Err(BusError::Kafka(e)) if is_permanent_kafka(&e) => {
-                    tickets.settle(i);
-                    results[i] = Some(Err(BusError::Kafka(e)));
-                }
-                Err(e) => {
-                    had_failure = true;
-                    tickets.to_outbox(i);
-                    to_outbox.push((i, e.to_string()));
-                }
-            }
-        }
+        let (acked, failed) = settle_deliveries(&sent, deliveries, tickets, results, to_outbox);
         if acked > 0 {
             inner
                 .metrics
                 .publish(topic, "kafka", acked, started.elapsed().as_secs_f64());
         }
+        self.report_to_breaker(topic, permit, stop.is_some() || failed, acked);
+    }
+
+    /// One envelope on `handle`, with `trace` unless it has its own.
+    async fn enqueue_one(
+        &self,
+        topic: &str,
+        env: &Envelope,
+        handle: &Arc<crate::producer::Handle>,
+        trace: Option<&TraceContext>,
+        deadline: Instant,
+    ) -> Result<rdkafka::producer::DeliveryFuture, BusError> {
+        let mut headers = envelope_headers(env);
+        if env.trace.is_none() {
+            if let Some(t) = trace {
+                headers = trace::add_trace_headers(headers, t);
+            }
+        }
+        let rec = RawRecord {
+            topic,
+            key: env.kafka_key(),
+            payload: &env.payload,
+            headers,
+        };
+        self.inner.producer.enqueue_on(handle, rec, deadline).await
+    }
+
+    /// Tells the breaker how the call went (a failure, some acks, or
+    /// nothing that says anything about Kafka) and reports a state change.
+    fn report_to_breaker(&self, topic: &str, permit: Permit, failed: bool, acked: u64) {
+        let inner = &*self.inner;
         let before = inner.breaker.state();
-        if had_failure {
+        if failed {
             permit.failure();
         } else if acked > 0 {
             permit.success();
         } else {
-            drop(permit); // nothing says anything about Kafka
+            drop(permit);
         }
         let after = inner.breaker.state();
         if before != after {
@@ -761,6 +763,39 @@ impl DurablePublisher {
         let timeout = Duration::from_millis(self.inner.producer.config().flush_timeout_ms);
         self.inner.producer.flush(timeout).await
     }
+}
+
+/// Files each acknowledgement of `sent` (input indexes, in send order):
+/// acked → `Published`; a permanent error → that error; anything else →
+/// the outbox. Returns (acked, whether any went to the outbox).
+fn settle_deliveries(
+    sent: &[usize],
+    deliveries: Vec<Result<Delivery, BusError>>,
+    tickets: &mut Tickets,
+    results: &mut [Option<Result<PublishOutcome, BusError>>],
+    to_outbox: &mut Vec<(usize, String)>,
+) -> (u64, bool) {
+    let mut acked = 0u64;
+    let mut failed = false;
+    for (&i, r) in sent.iter().zip(deliveries) {
+        match r {
+            Ok(Delivery { partition, offset }) => {
+                acked += 1;
+                tickets.settle(i);
+                results[i] = Some(Ok(PublishOutcome::Published { partition, offset }));
+            }
+            Err(BusError::Kafka(e)) if is_permanent_kafka(&e) => {
+                tickets.settle(i);
+                results[i] = Some(Err(BusError::Kafka(e)));
+            }
+            Err(e) => {
+                failed = true;
+                tickets.to_outbox(i);
+                to_outbox.push((i, e.to_string()));
+            }
+        }
+    }
+    (acked, failed)
 }
 
 /// The outbox message for `env` on `topic`, carrying `trace` unless the
