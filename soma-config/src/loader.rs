@@ -299,17 +299,51 @@ impl<T: Settings> Loader<T> {
         self.files.iter().map(|f| f.path.clone()).collect()
     }
 
+    /// defaults < profile preset < files < environment < live update <
+    /// overrides < profile sections, merged, deserialized, checked.
     pub(crate) fn load_full(&self, update: Option<&UpdateLayer>) -> Result<Loaded<T>, ConfigError> {
         let defaults = serde_json::to_value(T::default()).map_err(|e| ConfigError::Parse {
             origin: Origin::Default,
             key: None,
             message: format!("the settings' defaults do not serialize: {e}"),
         })?;
+        let mut layers = self.source_layers(&defaults, update)?;
+        self.apply_renames(&mut layers);
+        let profile = self.apply_profile(&defaults, &mut layers)?;
+        let merged = layers.merged()?;
+        let value = self.deserialize(&merged, &layers)?;
+        self.run_validators(&value, &layers)?;
+
+        let mut effective = defaults;
+        document::merge_json(&mut effective, &document::dict_to_json(&merged));
+        let checksum = document::checksum(&effective);
+        let sources = effective
+            .as_object()
+            .map(|m| {
+                m.keys()
+                    .map(|k| (k.clone(), layers.origin_of(std::slice::from_ref(k))))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Loaded {
+            value,
+            checksum,
+            sources,
+            profile,
+        })
+    }
+
+    /// The layers of the sources, lowest first: files, the environment (only
+    /// keys of the settings' sections), the live update, the overrides.
+    fn source_layers(
+        &self,
+        defaults: &serde_json::Value,
+        update: Option<&UpdateLayer>,
+    ) -> Result<Layers, ConfigError> {
         let sections: BTreeSet<String> = defaults
             .as_object()
             .map(|m| m.keys().cloned().collect())
             .unwrap_or_default();
-
         let mut layers = Layers::default();
         for file in &self.files {
             if let Some(layer) = read_file(file)? {
@@ -341,13 +375,20 @@ impl<T: Settings> Loader<T> {
         if !overrides.is_empty() {
             layers.0.push(Layer::new(Origin::Override, overrides));
         }
+        Ok(layers)
+    }
 
-        self.apply_renames(&mut layers);
-
-        // The deployment profile is chosen by the sources above the preset.
-        let profile = self.select_profile(&layers)?;
+    /// Chooses the deployment profile (from the sources above the preset),
+    /// puts its preset under every source and its profile sections over
+    /// them.
+    fn apply_profile(
+        &self,
+        defaults: &serde_json::Value,
+        layers: &mut Layers,
+    ) -> Result<DeploymentProfile, ConfigError> {
+        let profile = self.select_profile(layers)?;
         if let Some(preset) = self.presets.get(&profile) {
-            let doc = preset.to_document(&defaults);
+            let doc = preset.to_document(defaults);
             let dict = document::json_to_dict(&doc, &Origin::Profile(profile))?;
             if !dict.is_empty() {
                 layers
@@ -355,18 +396,20 @@ impl<T: Settings> Loader<T> {
                     .insert(0, Layer::new(Origin::Profile(profile), dict));
             }
         }
-
-        if let Some(layer) = profile_layer(&defaults, &layers, profile)? {
+        if let Some(layer) = profile_layer(defaults, layers, profile)? {
             layers.0.push(layer);
         }
+        Ok(profile)
+    }
 
-        let merged = layers.merged()?;
-        let merged_value = Value::Dict(Tag::Default, merged);
+    /// The settings from the merged layers; a key no field takes is an
+    /// error when strict, a warning naming its source otherwise.
+    fn deserialize(&self, merged: &Dict, layers: &Layers) -> Result<T, ConfigError> {
+        let merged_value = Value::Dict(Tag::Default, merged.clone());
         let mut ignored: Vec<Vec<String>> = Vec::new();
         let mut on_ignored = |path: serde_ignored::Path<'_>| ignored.push(path_segments(&path));
         let de = serde_ignored::Deserializer::new(&merged_value, &mut on_ignored);
-        let value = T::deserialize(de).map_err(|e| map_figment_error(e, &layers))?;
-
+        let value = T::deserialize(de).map_err(|e| map_figment_error(e, layers))?;
         for path in &ignored {
             let origin = layers.origin_of(path);
             let key = path.join(".");
@@ -375,50 +418,31 @@ impl<T: Settings> Loader<T> {
             }
             tracing::warn!(key = %key, source = %origin, "ignoring unknown config key");
         }
+        Ok(value)
+    }
 
+    /// Runs the validators; every failure, with the source of its key.
+    fn run_validators(&self, value: &T, layers: &Layers) -> Result<(), ConfigError> {
         let mut checks = Checks::default();
         for hook in &self.validators {
-            hook(&value, &mut checks);
+            hook(value, &mut checks);
         }
-        if !checks.failures.is_empty() {
-            let violations = checks
-                .failures
-                .into_iter()
-                .map(|(key, message)| {
-                    let path: Vec<String> = key.split('.').map(str::to_owned).collect();
-                    Violation {
-                        origin: layers.origin_of(&path),
-                        key,
-                        message,
-                    }
-                })
-                .collect();
-            return Err(ConfigError::Validation { violations });
+        if checks.failures.is_empty() {
+            return Ok(());
         }
-
-        let mut effective = defaults;
-        document::merge_json(
-            &mut effective,
-            &document::dict_to_json(match &merged_value {
-                Value::Dict(_, d) => d,
-                _ => unreachable_dict(),
-            }),
-        );
-        let checksum = document::checksum(&effective);
-        let sources = effective
-            .as_object()
-            .map(|m| {
-                m.keys()
-                    .map(|k| (k.clone(), layers.origin_of(std::slice::from_ref(k))))
-                    .collect()
+        let violations = checks
+            .failures
+            .into_iter()
+            .map(|(key, message)| {
+                let path: Vec<String> = key.split('.').map(str::to_owned).collect();
+                Violation {
+                    origin: layers.origin_of(&path),
+                    key,
+                    message,
+                }
             })
-            .unwrap_or_default();
-        Ok(Loaded {
-            value,
-            checksum,
-            sources,
-            profile,
-        })
+            .collect();
+        Err(ConfigError::Validation { violations })
     }
 
     /// Moves every deprecated key to its replacement, layer by layer (or
@@ -524,11 +548,6 @@ fn profile_layer(
     let origin = Origin::Profile(profile);
     let dict = document::json_to_dict(&serde_json::Value::Object(doc), &origin)?;
     Ok(Some(Layer::new(origin, dict)))
-}
-
-fn unreachable_dict() -> &'static Dict {
-    static EMPTY: std::sync::OnceLock<Dict> = std::sync::OnceLock::new();
-    EMPTY.get_or_init(Dict::new)
 }
 
 fn read_file(file: &FileSource) -> Result<Option<Layer>, ConfigError> {
