@@ -284,22 +284,9 @@ where
         return inner.call(req).await;
     };
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, layer.max_body_bytes).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return Ok(Problem::payload_too_large(
-                "body_too_large",
-                "the request body is too large",
-            )
-            .to_response());
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, "idempotency: request body unreadable");
-            return Ok(
-                Problem::bad_request("invalid_body", "the request body could not be read")
-                    .to_response(),
-            );
-        }
+    let body = match read_body(body, layer.max_body_bytes).await {
+        Ok(b) => b,
+        Err(answer) => return Ok(answer),
     };
     let fingerprint = fingerprint(&parts.method, parts.uri.path(), &body);
     let claim = layer
@@ -310,43 +297,9 @@ where
             &fingerprint,
         )
         .await;
-    let guard = match claim {
-        Ok(Claim::Acquired(guard)) => Some(guard),
-        Ok(Claim::Completed(first)) => return Ok(first.replay()),
-        Ok(Claim::InProgress { retry_after }) => return Ok(in_progress(retry_after)),
-        Ok(Claim::Mismatch) => {
-            return Ok(Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
-                "this Idempotency-Key was used for a different request",
-            )
-            .to_response());
-        }
-        Err(e) if e.is_invalid() => {
-            tracing::warn!(error = %e, "idempotency: key scope rejected");
-            return Ok(Problem::bad_request(
-                "invalid_idempotency_scope",
-                "the request's tenant cannot hold idempotency keys",
-            )
-            .to_response());
-        }
-        Err(e) => match layer.failure {
-            FailMode::Closed => {
-                tracing::warn!(error = %e, "idempotency store unavailable; rejecting (fail closed)");
-                let mut res: Response<ResB> = Problem::service_unavailable(
-                    "idempotency_unavailable",
-                    "cannot check the Idempotency-Key right now; retry later",
-                )
-                .to_response();
-                res.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return Ok(res);
-            }
-            FailMode::Open => {
-                tracing::warn!(error = %e, "idempotency store unavailable; running without it (fail open)");
-                None
-            }
-        },
+    let guard = match admit(claim, layer.failure) {
+        Ok(guard) => guard,
+        Err(answer) => return Ok(answer),
     };
     let req = Request::from_parts(parts, ReqB::from(body));
     let Some(guard) = guard else {
@@ -370,6 +323,76 @@ where
             tracing::error!(error = %e, "idempotency: the claimed request's task failed");
             Ok(Problem::internal().to_response())
         }
+    }
+}
+
+/// The request body, up to `max` bytes; otherwise the answer: `413
+/// body_too_large`, or `400 invalid_body` when it cannot be read.
+async fn read_body<ReqB, ResB>(body: ReqB, max: usize) -> Result<Bytes, Response<ResB>>
+where
+    ReqB: http_body::Body<Data = Bytes>,
+    ReqB::Error: std::error::Error + Send + Sync + 'static,
+    ResB: From<Bytes>,
+{
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(
+            Problem::payload_too_large("body_too_large", "the request body is too large")
+                .to_response(),
+        ),
+        Err(e) => {
+            tracing::debug!(error = %e, "idempotency: request body unreadable");
+            Err(
+                Problem::bad_request("invalid_body", "the request body could not be read")
+                    .to_response(),
+            )
+        }
+    }
+}
+
+/// What a claim means for the request: run it holding the key
+/// (`Ok(Some)`), run it without (`Ok(None)`: the store is down and the
+/// layer fails open), or answer now (the stored answer, `409`, `422`,
+/// `400`, or `503` failing closed).
+fn admit<ResB: From<Bytes>>(
+    claim: Result<Claim<StoredAnswer>, crate::RedisError>,
+    failure: FailMode,
+) -> Result<Option<ClaimGuard>, Response<ResB>> {
+    match claim {
+        Ok(Claim::Acquired(guard)) => Ok(Some(guard)),
+        Ok(Claim::Completed(first)) => Err(first.replay()),
+        Ok(Claim::InProgress { retry_after }) => Err(in_progress(retry_after)),
+        Ok(Claim::Mismatch) => Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used for a different request",
+        )
+        .to_response()),
+        Err(e) if e.is_invalid() => {
+            tracing::warn!(error = %e, "idempotency: key scope rejected");
+            Err(Problem::bad_request(
+                "invalid_idempotency_scope",
+                "the request's tenant cannot hold idempotency keys",
+            )
+            .to_response())
+        }
+        Err(e) => match failure {
+            FailMode::Closed => {
+                tracing::warn!(error = %e, "idempotency store unavailable; rejecting (fail closed)");
+                let mut res: Response<ResB> = Problem::service_unavailable(
+                    "idempotency_unavailable",
+                    "cannot check the Idempotency-Key right now; retry later",
+                )
+                .to_response();
+                res.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                Err(res)
+            }
+            FailMode::Open => {
+                tracing::warn!(error = %e, "idempotency store unavailable; running without it (fail open)");
+                Ok(None)
+            }
+        },
     }
 }
 
