@@ -445,24 +445,7 @@ impl DurablePublisher {
         let (mut to_outbox, mut kafka_idx) = self.route_all(topic, envs, permit.is_none()).await;
 
         let handle = self.inner.producer.handle();
-        let keys: Vec<Option<(&str, &str)>> = envs
-            .iter()
-            .map(|e| e.key.as_deref().map(|k| (topic, k)))
-            .collect();
-        let mut lanes = vec![Lane::Outbox; envs.len()];
-        for &i in &kafka_idx {
-            lanes[i] = Lane::Kafka(handle.generation());
-        }
-        let (mut tickets, forced) = self
-            .inner
-            .sequencer
-            .draw(&keys, &lanes, handle.generation());
-        kafka_idx.retain(|&i| {
-            if forced[i] {
-                to_outbox.push((i, "an earlier message of the key is being deferred".into()));
-            }
-            !forced[i]
-        });
+        let mut tickets = self.draw_tickets(topic, envs, &handle, &mut kafka_idx, &mut to_outbox);
 
         if let (false, Some(permit)) = (kafka_idx.is_empty(), permit) {
             self.send_in_order(
@@ -505,6 +488,38 @@ impl DurablePublisher {
             .into_iter()
             .map(|r| r.unwrap_or(Err(BusError::Shutdown)))
             .collect()
+    }
+
+    /// Draws a [`Sequencer`] ticket for every envelope on the lane it was
+    /// routed to; a Kafka-bound message whose key has an earlier message
+    /// still being deferred (by another call) moves to the outbox behind it.
+    fn draw_tickets(
+        &self,
+        topic: &str,
+        envs: &[Envelope],
+        handle: &Arc<crate::producer::Handle>,
+        kafka_idx: &mut Vec<usize>,
+        to_outbox: &mut Vec<(usize, String)>,
+    ) -> Tickets {
+        let keys: Vec<Option<(&str, &str)>> = envs
+            .iter()
+            .map(|e| e.key.as_deref().map(|k| (topic, k)))
+            .collect();
+        let mut lanes = vec![Lane::Outbox; envs.len()];
+        for &i in kafka_idx.iter() {
+            lanes[i] = Lane::Kafka(handle.generation());
+        }
+        let (tickets, forced) = self
+            .inner
+            .sequencer
+            .draw(&keys, &lanes, handle.generation());
+        kafka_idx.retain(|&i| {
+            if forced[i] {
+                to_outbox.push((i, "an earlier message of the key is being deferred".into()));
+            }
+            !forced[i]
+        });
+        tickets
     }
 
     /// Routes each envelope: `(outbox-bound with the reason, Kafka-bound)`.
