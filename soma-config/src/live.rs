@@ -333,6 +333,60 @@ impl<T: Settings> Live<T> {
         self.inner.tx.subscribe()
     }
 
+    /// A receiver of one part of the settings: `f` of the current version
+    /// at once, then a change only when a published version gives a
+    /// *different* `f` — so a component that takes its own section (say,
+    /// the embedded policy engine's inputs) is not woken by a change to
+    /// another (a rate limit). Slow receivers skip to the newest value.
+    ///
+    /// Spawns one task on the current tokio runtime (it panics outside
+    /// one), which ends when every receiver of the section is dropped.
+    ///
+    /// ```
+    /// # #[derive(Default, serde::Serialize, serde::Deserialize)]
+    /// # #[serde(default)]
+    /// # struct App { redis: Redis, limit: u32 }
+    /// # #[derive(Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+    /// # #[serde(default)]
+    /// # struct Redis { pool_size: u32 }
+    /// # #[tokio::main] async fn main() {
+    /// let live = soma_config::Loader::<App>::new().into_live().unwrap();
+    /// let mut redis = live.map(|s| s.redis.clone());
+    /// live.apply(&soma_config::ConfigUpdate::new(1, serde_json::json!({"limit": 7}))).unwrap();
+    /// tokio::task::yield_now().await;
+    /// assert!(!redis.has_changed().unwrap(), "another section changed");
+    /// # }
+    /// ```
+    pub fn map<S, F>(&self, f: F) -> watch::Receiver<S>
+    where
+        S: PartialEq + Send + Sync + 'static,
+        F: Fn(&T) -> S + Send + Sync + 'static,
+    {
+        let mut whole = self.subscribe();
+        let (tx, rx) = watch::channel(f(&whole.borrow_and_update()));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = whole.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                    () = tx.closed() => return,
+                }
+                let mut next = Some(f(&whole.borrow_and_update()));
+                tx.send_if_modified(|current| match next.take() {
+                    Some(n) if n != *current => {
+                        *current = n;
+                        true
+                    }
+                    _ => false,
+                });
+            }
+        });
+        rx
+    }
+
     /// Re-reads files and environment (keeping the applied update and the
     /// overrides), validates, and publishes if anything changed.
     ///

@@ -430,3 +430,46 @@ fn signed_updates_reject_forgeries_and_count_them() {
         "{stats:?}"
     );
 }
+
+#[tokio::test]
+async fn a_mapped_section_changes_only_when_it_does() {
+    let (_d, _path, live) = live_with_file("[redis]\npool_size = 3\n");
+    let mut redis = live.map(|s| s.redis.clone());
+    assert_eq!(
+        redis.borrow_and_update().pool_size,
+        3,
+        "the current value at once"
+    );
+
+    // Another section changes: the whole settings move, the section does not.
+    let mut whole = live.subscribe();
+    whole.borrow_and_update();
+    live.apply(&ConfigUpdate::new(1, json!({"service_name": "other"})))
+        .unwrap();
+    whole.changed().await.unwrap();
+    // The forwarding task saw that version too before the next one lands:
+    // give it the chance to (wrongly) publish.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(
+        !redis.has_changed().unwrap(),
+        "a change elsewhere woke the section"
+    );
+
+    // The section changes: one notification, with the new value.
+    live.apply(&ConfigUpdate::new(2, json!({"redis": {"pool_size": 7}})))
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), redis.changed())
+        .await
+        .expect("the section's change is seen")
+        .unwrap();
+    assert_eq!(redis.borrow_and_update().pool_size, 7);
+
+    // A published version equal in the section is no change.
+    live.apply(&ConfigUpdate::new(
+        3,
+        json!({"redis": {"pool_size": 7}, "service_name": "again"}),
+    ))
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!redis.has_changed().unwrap());
+}

@@ -212,7 +212,12 @@ impl Runtime {
             .health(&self.health)
             .build()
             .map_err(|e| PlatformError::Policy(e.to_string()))?;
-        engine.spawn_reloader(self.live.subscribe());
+        // Recompiled when the engine's own settings change, not on every
+        // settings change (a rate limit).
+        engine.spawn_reloader(
+            self.live
+                .map(|s| soma_policy::engine::EngineInputs::of(&s.policy)),
+        );
         Ok(Authorizer::with_engine(Arc::new(engine), policy)
             .metrics(metrics)
             .build())

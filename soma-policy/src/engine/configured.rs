@@ -109,11 +109,16 @@ impl ConfiguredEngine {
     }
 
     /// Recompiles the embedded engine's policy directory every time `signal`
-    /// changes (e.g. soma-config's `Live::subscribe()`), keeping the last
+    /// changes, keeping the last
     /// good policy when the new one fails to load; see
     /// [`EmbeddedRego::spawn_reloader`](super::EmbeddedRego::spawn_reloader).
     /// `None`, and nothing spawned, for a remote OPA: its policy is
     /// reloaded by OPA itself (bundles). Needs a tokio runtime.
+    ///
+    /// With soma-config, give it the engine's own inputs, so a change to
+    /// any other setting (a rate limit) recompiles nothing:
+    /// `engine.spawn_reloader(live.map(|s| EngineInputs::of(&s.policy)))`
+    /// (`Live::subscribe()` reloads on every settings change).
     pub fn spawn_reloader<T>(
         &self,
         signal: tokio::sync::watch::Receiver<T>,
@@ -356,5 +361,60 @@ mod tests {
         let engine = ConfiguredEngine::from_config(&config).build().unwrap();
         let (_tx, rx) = tokio::sync::watch::channel(());
         assert!(engine.spawn_reloader(rx).is_none());
+    }
+}
+
+/// What an engine is built from in the `policy` settings: the engine kind,
+/// and the embedded engine's policy directory, entrypoint and evaluator.
+/// A change to one of them is a reason to reload; compare two with `==`
+/// (soma-config's `Live::map` does, see
+/// [`ConfiguredEngine::spawn_reloader`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EngineInputs {
+    /// `policy.engine`.
+    pub engine: crate::EngineKind,
+    /// `policy.policy_dir`.
+    pub policy_dir: std::path::PathBuf,
+    /// `policy.entrypoint`.
+    pub entrypoint: String,
+    /// `policy.evaluator`.
+    pub evaluator: crate::RegoEvaluator,
+}
+
+impl EngineInputs {
+    /// The inputs of `config`.
+    pub fn of(config: &PolicyConfig) -> Self {
+        Self {
+            engine: config.engine,
+            policy_dir: config.policy_dir.clone(),
+            entrypoint: config.entrypoint.clone(),
+            evaluator: config.evaluator,
+        }
+    }
+}
+
+#[cfg(test)]
+mod inputs_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_engine_settings_make_inputs_differ() {
+        let base = PolicyConfig::default();
+        let mut other = base.clone();
+        other.fail_mode = crate::FailMode::Open;
+        other.leeway_secs += 1;
+        assert_eq!(EngineInputs::of(&base), EngineInputs::of(&other));
+        let changes: [fn(&mut PolicyConfig); 4] = [
+            |c: &mut PolicyConfig| c.policy_dir.push("more"),
+            |c: &mut PolicyConfig| c.entrypoint.push_str(".x"),
+            |c: &mut PolicyConfig| c.evaluator = crate::RegoEvaluator::Vm,
+            |c: &mut PolicyConfig| c.engine = crate::EngineKind::Remote,
+        ];
+        for change in changes {
+            let mut changed = base.clone();
+            change(&mut changed);
+            assert_ne!(EngineInputs::of(&base), EngineInputs::of(&changed));
+        }
     }
 }

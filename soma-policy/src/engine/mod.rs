@@ -15,7 +15,7 @@ mod vm_check;
 use async_trait::async_trait;
 use serde_json::Value;
 
-pub use configured::{ConfiguredEngine, ConfiguredEngineBuilder};
+pub use configured::{ConfiguredEngine, ConfiguredEngineBuilder, EngineInputs};
 #[cfg(feature = "rego")]
 pub use embedded::{EmbeddedRego, MAX_VM_INSTRUCTIONS};
 #[allow(deprecated)]
