@@ -87,8 +87,8 @@ pub use config::{ReconnectConfig, RedisConfig, Topology};
 pub use error::RedisError;
 pub use idempotency::{
     Claim, ClaimGuard, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, Idempotency,
-    IdempotencyFuture, IdempotencyLayer, IdempotencyOptions, IdempotencyScope, IdempotencyService,
-    InvalidIdempotencyKey, idempotency_key,
+    IdempotencyFuture, IdempotencyKey, IdempotencyLayer, IdempotencyOptions, IdempotencyScope,
+    IdempotencyService, InvalidIdempotencyKey, idempotency_key,
 };
 pub use keys::{KeySpace, Ttl};
 pub use lease::{Lease, LeaseGuard, LeaseOptions};

@@ -16,8 +16,8 @@ use soma_observability::metrics::MetricsRegistry;
 use soma_redis::rate_limit::{FailMode, RateLimitKey, RateLimitLayer};
 use soma_redis::{
     Cache, CacheOptions, Claim, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, Idempotency,
-    IdempotencyLayer, IdempotencyOptions, IdempotencyScope, Lease, LeaseOptions, LoadError, Lookup,
-    PubSub, PubSubEvent, RateLimit, RateLimiter, RedisClient, RedisConfig, Ttl,
+    IdempotencyKey, IdempotencyLayer, IdempotencyOptions, IdempotencyScope, Lease, LeaseOptions,
+    LoadError, Lookup, PubSub, PubSubEvent, RateLimit, RateLimiter, RedisClient, RedisConfig, Ttl,
 };
 use soma_testkit::assert_problem;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -690,6 +690,35 @@ async fn idempotency_layer_replays_the_first_answer_and_refuses_what_it_cannot_r
         assert!(r.headers().get(IDEMPOTENT_REPLAYED_HEADER).is_none());
         assert_eq!(calls.load(Ordering::SeqCst), expected);
     }
+}
+
+/// The handler reads the validated key from the extensions (with or
+/// without a scope); a request without a key has none.
+#[tokio::test]
+async fn idempotency_layer_hands_the_validated_key_to_the_handler() {
+    let c = client().await;
+    let idem = Idempotency::new(&c, IdempotencyOptions::default()).unwrap();
+    let echo_key = tower::service_fn(|req: http::Request<Full<Bytes>>| async move {
+        let key = req
+            .extensions()
+            .get::<IdempotencyKey>()
+            .map_or("none".to_owned(), |k| k.as_str().to_owned());
+        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(key))))
+    });
+    let svc = ServiceBuilder::new()
+        .layer(idempotency_layer(idem))
+        .service(echo_key);
+    let key = soma_testkit::unique_name("k");
+    let with = call(&svc, keyed("alice", Some(&key), "{}")).await;
+    assert_eq!(with.body().as_ref(), key.as_bytes());
+    let without = call(&svc, keyed("alice", None, "{}")).await;
+    assert_eq!(without.body().as_ref(), b"none");
+    // No scope (no tenant header): the layer does not claim, the key still
+    // reaches the handler validated.
+    let mut unscoped = keyed("alice", Some("k-unscoped"), "{}");
+    unscoped.headers_mut().remove("x-tenant");
+    let r = call(&svc, unscoped).await;
+    assert_eq!(r.body().as_ref(), b"k-unscoped");
 }
 
 #[tokio::test]

@@ -47,8 +47,8 @@ use soma_policy::{
 };
 use soma_redis::rate_limit::{RateLimitKey, RateLimitLayer};
 use soma_redis::{
-    Idempotency, IdempotencyLayer, IdempotencyOptions, IdempotencyScope, RateLimit, RateLimiter,
-    RedisClient,
+    Idempotency, IdempotencyKey, IdempotencyLayer, IdempotencyOptions, IdempotencyScope, RateLimit,
+    RateLimiter, RedisClient,
 };
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
@@ -626,7 +626,7 @@ async fn post_message(
     Extension(principal): Extension<Principal>,
     Extension(request_id): Extension<RequestId>,
     Path(conversation_id): Path<String>,
-    headers: HeaderMap,
+    key: Option<Extension<IdempotencyKey>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     if let Some(r) = reject_conversation_id(&conversation_id) {
@@ -673,16 +673,9 @@ async fn post_message(
         return r;
     }
 
-    let key = match idempotency_key(&headers) {
-        Ok(key) => key.map(str::to_owned),
-        Err(InvalidIdempotencyKey) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "invalid_idempotency_key",
-                "Idempotency-Key must be 1-128 visible ASCII characters",
-            );
-        }
-    };
+    // Validated by the idempotency layer on this route (a malformed key
+    // was answered 400 there).
+    let key = key.map(|Extension(k)| k);
     let request = ChatRequest {
         conversation_id: conversation_id.clone(),
         text: msg.text,
@@ -693,7 +686,7 @@ async fn post_message(
     // retry the key store no longer remembers is one message to the
     // worker's inbox.
     let id = match &key {
-        Some(k) => message_id_for(&principal.tenant, &principal.subject, k),
+        Some(k) => message_id_for(&principal.tenant, &principal.subject, k.as_str()),
         None => Uuid::now_v7(),
     };
     let envelope = Envelope::builder(

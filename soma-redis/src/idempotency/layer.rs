@@ -26,6 +26,19 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 /// request with the same key.
 pub const IDEMPOTENT_REPLAYED_HEADER: &str = "idempotent-replayed";
 
+/// The validated `Idempotency-Key` of a request, put in its extensions by
+/// [`IdempotencyLayer`] for the handler (which need not parse the header
+/// again: a malformed key never reaches it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// The key as sent.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Whose key an `Idempotency-Key` is: the same key sent by another subject
 /// or tenant is another key, so nobody replays someone else's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,7 +271,7 @@ impl StoredAnswer {
 async fn handle<S, ReqB, ResB>(
     layer: IdempotencyLayer<ReqB>,
     mut inner: S,
-    req: Request<ReqB>,
+    mut req: Request<ReqB>,
 ) -> Result<Response<ResB>, S::Error>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
@@ -280,6 +293,7 @@ where
             .to_response());
         }
     };
+    req.extensions_mut().insert(IdempotencyKey(key.clone()));
     let Some(scope) = (layer.scope_fn)(&req) else {
         return inner.call(req).await;
     };

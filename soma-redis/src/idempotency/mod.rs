@@ -4,8 +4,8 @@
 mod layer;
 
 pub use layer::{
-    IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, IdempotencyFuture, IdempotencyLayer,
-    IdempotencyScope, IdempotencyService, InvalidIdempotencyKey, idempotency_key,
+    IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, IdempotencyFuture, IdempotencyKey,
+    IdempotencyLayer, IdempotencyScope, IdempotencyService, InvalidIdempotencyKey, idempotency_key,
 };
 
 use std::sync::LazyLock;
