@@ -50,6 +50,12 @@ pub struct PolicyConfig {
     /// the Rego VM when the policy is eligible, else the interpreter),
     /// `interpreter` or `vm` (see [`RegoEvaluator`]).
     pub evaluator: RegoEvaluator,
+    /// A number an operator bumps to make the embedded engine re-read its
+    /// policy directory (a live settings update `{"policy": {"revision":
+    /// N}}`), when it reloads on its own inputs
+    /// ([`EngineInputs`](crate::engine::EngineInputs)). 0 by default;
+    /// nothing else reads it.
+    pub revision: u64,
     /// Decision cache (on by default, 1 s).
     pub cache: CacheConfig,
     /// What happens when the engine cannot decide.
@@ -74,6 +80,7 @@ impl Default for PolicyConfig {
             policy_dir: PathBuf::from("policy"),
             entrypoint: "data.soma.authz.decision".to_owned(),
             evaluator: RegoEvaluator::default(),
+            revision: 0,
             cache: CacheConfig::default(),
             fail_mode: FailMode::Closed,
             routes: Vec::new(),

@@ -477,7 +477,7 @@ async fn with_kafka_unreachable_the_gateway_defers_to_the_outbox_and_stays_ready
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_policy_edit_applies_on_the_next_config_update_and_a_broken_one_keeps_the_last_good() {
+async fn a_policy_edit_applies_on_the_next_policy_revision_and_a_broken_one_keeps_the_last_good() {
     let env = Env::new();
     let src = std::path::Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -504,24 +504,33 @@ async fn a_policy_edit_applies_on_the_next_config_update_and_a_broken_one_keeps_
     );
     assert_ne!(tightened, original, "the policy text changed");
     std::fs::write(dir.join("soma.rego"), &tightened).unwrap();
-    // Nothing happens until the settings change: a config update does it.
+    // Nothing happens until the policy settings change: an update of
+    // another section (a rate limit) recompiles nothing; bumping
+    // `policy.revision` re-reads the files.
     let config_topic = format!("{}.config", env.prefix);
     let mut version = 500;
-    let mut publish_update = async |rate: u32| {
+    let mut publish_update = async |doc: Value| {
         version += 1;
-        publish_config_update(
-            &gateway,
-            &config_topic,
-            version,
-            json!({"chat": {"rate_limit": rate}}),
-        )
-        .await;
+        publish_config_update(&gateway, &config_topic, version, doc).await;
     };
+    publish_update(json!({"chat": {"rate_limit": 199}})).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gateway.runtime().live.load().chat.rate_limit != 199 {
+        assert!(
+            Instant::now() < deadline,
+            "the rate-limit update never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Time for a (wrong) reload to finish compiling.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = send(&client, &base, "c1", &user, json!({"text": "hi"}), None).await;
+    expect_status(r, 202).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut rate = 200;
     loop {
         rate += 1;
-        publish_update(rate).await;
+        publish_update(json!({"policy": {"revision": rate}})).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let r = send(&client, &base, "c1", &user, json!({"text": "hi"}), None).await;
         if r.status() == 403 {
@@ -545,7 +554,7 @@ async fn a_policy_edit_applies_on_the_next_config_update_and_a_broken_one_keeps_
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         rate += 1;
-        publish_update(rate).await;
+        publish_update(json!({"policy": {"revision": rate}})).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let health: Value = get_health(&client, gateway.admin_addr()).await;
         if health["components"]["policy"]["status"] == "degraded" {

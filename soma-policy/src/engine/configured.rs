@@ -365,7 +365,8 @@ mod tests {
 }
 
 /// What an engine is built from in the `policy` settings: the engine kind,
-/// and the embedded engine's policy directory, entrypoint and evaluator.
+/// the embedded engine's policy directory, entrypoint and evaluator, and
+/// the operator's `revision` (bumped to re-read the policy files).
 /// A change to one of them is a reason to reload; compare two with `==`
 /// (soma-config's `Live::map` does, see
 /// [`ConfiguredEngine::spawn_reloader`]).
@@ -380,6 +381,8 @@ pub struct EngineInputs {
     pub entrypoint: String,
     /// `policy.evaluator`.
     pub evaluator: crate::RegoEvaluator,
+    /// `policy.revision`.
+    pub revision: u64,
 }
 
 impl EngineInputs {
@@ -390,6 +393,7 @@ impl EngineInputs {
             policy_dir: config.policy_dir.clone(),
             entrypoint: config.entrypoint.clone(),
             evaluator: config.evaluator,
+            revision: config.revision,
         }
     }
 }
@@ -405,7 +409,8 @@ mod inputs_tests {
         other.fail_mode = crate::FailMode::Open;
         other.leeway_secs += 1;
         assert_eq!(EngineInputs::of(&base), EngineInputs::of(&other));
-        let changes: [fn(&mut PolicyConfig); 4] = [
+        let changes: [fn(&mut PolicyConfig); 5] = [
+            |c: &mut PolicyConfig| c.revision += 1,
             |c: &mut PolicyConfig| c.policy_dir.push("more"),
             |c: &mut PolicyConfig| c.entrypoint.push_str(".x"),
             |c: &mut PolicyConfig| c.evaluator = crate::RegoEvaluator::Vm,
