@@ -885,15 +885,7 @@ async fn publish_many_in_tx_writes_a_batch_in_order_or_nothing() {
     let cfg = config(&bootstrap);
     let topic = topic(&cfg, "txmany").await;
     let producer = BusProducer::new(&cfg).unwrap();
-    let url = soma_testkit::require_postgres();
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&url)
-        .await
-        .unwrap();
-    let mut ob_config = soma_outbox::OutboxConfig::new(soma_testkit::unique_name("bus"));
-    ob_config.max_payload_bytes = 64;
-    let ob = soma_outbox::Outbox::new(pool, ob_config).await.unwrap();
+    let ob = outbox_with(|c| c.max_payload_bytes = 64).await;
     let publisher = DurablePublisher::builder(producer.clone(), ob.clone()).build();
     let mut conn = ob.pool().acquire().await.unwrap();
 

@@ -85,14 +85,20 @@ pub fn median(v: &[f64]) -> f64 {
 
 /// An outbox in a fresh schema of the `test` database.
 pub async fn outbox() -> Outbox {
+    outbox_with(|_| {}).await
+}
+
+/// [`outbox`] with its config changed by `tune` first.
+pub async fn outbox_with(tune: impl FnOnce(&mut OutboxConfig)) -> Outbox {
     let url = soma_testkit::require_postgres();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
         .connect(&url)
         .await
         .unwrap();
-    let schema = soma_testkit::unique_name("bus");
-    Outbox::new(pool, OutboxConfig::new(schema)).await.unwrap()
+    let mut config = OutboxConfig::new(soma_testkit::unique_name("bus"));
+    tune(&mut config);
+    Outbox::new(pool, config).await.unwrap()
 }
 
 /// Reads every record of `topic` from the beginning until `done` says stop
