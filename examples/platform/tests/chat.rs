@@ -514,14 +514,12 @@ async fn a_policy_edit_applies_on_the_next_policy_revision_and_a_broken_one_keep
         publish_config_update(&gateway, &config_topic, version, doc).await;
     };
     publish_update(json!({"chat": {"rate_limit": 199}})).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while gateway.runtime().live.load().chat.rate_limit != 199 {
-        assert!(
-            Instant::now() < deadline,
-            "the rate-limit update never applied"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    soma_testkit::wait_for(
+        "the rate-limit update applied",
+        Duration::from_secs(60),
+        || gateway.runtime().live.load().chat.rate_limit == 199,
+    )
+    .await;
     // Time for a (wrong) reload to finish compiling.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let r = send(&client, &base, "c1", &user, json!({"text": "hi"}), None).await;
@@ -1404,14 +1402,10 @@ async fn config_updates_must_be_signed_and_a_late_replica_catches_up() {
     )
     .await;
     publish_config_update(&gateway, &topic, 7, json!({"chat": {"rate_limit": 77}})).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while gateway.runtime().live.load().chat.rate_limit != 77 {
-        assert!(
-            Instant::now() < deadline,
-            "signed update not applied in 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    soma_testkit::wait_for("the signed update applied", Duration::from_secs(60), || {
+        gateway.runtime().live.load().chat.rate_limit == 77
+    })
+    .await;
     let admin = gateway.admin_addr();
     let count = |outcome: &'static str| {
         let client = client.clone();
