@@ -16,7 +16,7 @@ use soma_outbox::Inbox;
 /// happen once: in **one PostgreSQL transaction** it records
 /// `(handler, message id)` in the soma-outbox [`Inbox`], applies the
 /// handler's own writes, and writes the outgoing envelopes to the outbox
-/// ([`DurablePublisher::publish_in_tx`]); the relay delivers them after
+/// ([`DurablePublisher::publish_many_in_tx`]); the relay delivers them after
 /// commit. A duplicate finds the inbox row and does nothing. Two concurrent
 /// deliveries of one id serialize on the inbox row.
 ///
@@ -119,11 +119,7 @@ impl EffectsTx<'_> {
 
     /// Writes `env` for `topic` to the outbox in this transaction.
     pub async fn publish(&mut self, topic: &str, env: &Envelope) -> Result<(), HandlerError> {
-        self.publisher
-            .publish_in_tx(&mut self.tx, topic, env)
-            .await
-            .map(|_| ())
-            .map_err(HandlerError::retryable)
+        self.publish_all(&[(topic, env)]).await
     }
 
     /// Writes every `(topic, envelope)` of `out` to the outbox in this
