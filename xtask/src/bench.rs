@@ -16,6 +16,7 @@ use crate::{platform as xplatform, run};
 
 mod cpu;
 mod crates;
+mod drift;
 mod openloop;
 mod platform;
 mod stats;

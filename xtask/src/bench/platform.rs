@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 use super::cpu::{self, Watched};
+use super::drift::{self, Point, Statements};
 use super::openloop::{Conv, OpenLoop, Report, Shape};
 use super::table::{Goal, Row};
 use crate::chaos::deps::{self, Broker, MemoryService, Postgres, Proc, Redis};
@@ -351,15 +352,58 @@ async fn measure_platform(
         "bench: platform: {} SSE streams open; {} msg/s for {:?} (Zipf s = {})",
         opts.conversations, opts.rate, opts.duration, opts.zipf_s
     );
-    let m = measured(&load, shape, Duration::from_secs(60), &watched).await;
+    let (m, points) = tokio::join!(
+        measured(&load, shape, Duration::from_secs(60), &watched),
+        drift_points(stack, &watched, opts.duration)
+    );
     println!("bench: platform: cpu {}", m.profile);
+    let clusters = ["platform", "tansu storage"];
+    if let [a, b, c, d] = &points[..] {
+        println!(
+            "bench: platform: drift, first third of the load against the last ({:?} each)\n{}",
+            opts.duration / 3,
+            drift::report(&clusters, &watched, [a, b, c, d], opts.duration / 3)
+        );
+    }
     println!("bench: platform: cpu per message {}", m.per_message);
     let statements = tokio::task::block_in_place(|| stack.top_statements());
     println!("bench: platform: time in PostgreSQL during the load\n{statements}");
+    let tables = tokio::task::block_in_place(|| {
+        format!(
+            "  platform:\n{}  tansu storage:\n{}",
+            drift::tables(&stack.pg, DB),
+            drift::tables(&stack.broker_pg, "tansu")
+        )
+    });
+    println!("bench: platform: largest tables after the load\n{tables}");
     let (ceiling, ceiling_errors) = load.ceiling(opts.ceiling_workers, opts.ceiling, 18).await;
     println!("bench: platform: ceiling {ceiling:.0} msg/s ({ceiling_errors} failed)");
     load.stop().await;
     Ok((m, ceiling))
+}
+
+/// The stack's statements and CPU at the start of the load and after each
+/// third of `duration` (four points; fewer if a read fails to finish).
+async fn drift_points(stack: &Stack, watched: &[Watched], duration: Duration) -> Vec<Point> {
+    let start = Instant::now();
+    let mut points = Vec::with_capacity(4);
+    for k in 0..4u32 {
+        tokio::time::sleep_until(start + duration * k / 3).await;
+        let (pg, broker_pg, w) = (stack.pg.clone(), stack.broker_pg.clone(), watched.to_vec());
+        let point = tokio::task::spawn_blocking(move || Point {
+            cpu: cpu::sample(&w),
+            statements: vec![
+                Statements::read(&pg, DB),
+                Statements::read(&broker_pg, "tansu"),
+            ],
+        })
+        .await;
+        match point {
+            Ok(p) => points.push(p),
+            Err(e) => println!("bench: drift: a sample failed: {e}"),
+        }
+    }
+    points
 }
 
 /// The bare gateway (the baseline), started and listening.

@@ -100,6 +100,7 @@ pub(crate) fn wait_port(what: &str, addr: &str, within: Duration) -> Result<(), 
 
 /// A private PostgreSQL 15 cluster (trust auth, run as the `postgres` user
 /// when we are root).
+#[derive(Clone)]
 pub(crate) struct Postgres {
     pub(crate) name: &'static str,
     pub(crate) port: u16,
