@@ -119,6 +119,7 @@ mod envelope;
 mod error;
 mod inbox;
 mod metrics;
+mod ordered;
 mod producer;
 mod publish;
 mod publisher;

@@ -13,6 +13,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, 
 use crate::config::BusConfig;
 use crate::envelope::Envelope;
 use crate::error::BusError;
+use crate::ordered::{OrderedSend, Pushed};
 
 /// Where the broker stored an acknowledged message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,23 +244,22 @@ impl BusProducer {
         }
     }
 
-    /// Sends one record and waits for its acknowledgement until `deadline`.
-    ///
-    /// Enqueueing and waiting use the same librdkafka handle, so a timeout
-    /// purges the handle that holds the record (not a newer one created by a
-    /// purge in between, which would leave the record to librdkafka's much
-    /// later `message.timeout.ms`).
+    /// Sends one record and waits for its acknowledgement until `deadline`
+    /// (an [`OrderedSend`] of one).
     pub(crate) async fn send_raw(
         &self,
         rec: RawRecord<'_>,
         deadline: Instant,
     ) -> Result<Delivery, BusError> {
-        let h = self.handle();
-        let f = self.enqueue_on(&h, rec, deadline).await?;
-        self.await_deliveries_on(&h, vec![f], deadline)
+        let mut send = OrderedSend::until(self, deadline);
+        match send.push(0, rec).await {
+            Pushed::Enqueued => {}
+            Pushed::Refused(e) | Pushed::NotSent(e) => return Err(e),
+        }
+        send.finish()
             .await
             .pop()
-            .unwrap_or(Err(BusError::Shutdown))
+            .map_or(Err(BusError::Shutdown), |(_, r)| r)
     }
 
     /// Enqueues one record into `handle`, waiting (until `deadline`) while
@@ -428,37 +428,28 @@ impl BusProducer {
 
     /// Sends one envelope and waits for the ack (or `publish_timeout_ms`).
     pub async fn send(&self, topic: &str, env: &Envelope) -> Result<Delivery, BusError> {
-        let deadline = Instant::now() + self.inner.config.publish_timeout();
-        let h = self.handle();
-        let fut = self
-            .enqueue_on(
-                &h,
-                RawRecord {
-                    topic,
-                    key: env.kafka_key(),
-                    payload: &env.payload,
-                    headers: envelope_headers(env),
-                },
-                deadline,
-            )
-            .await?;
-        self.await_deliveries_on(&h, vec![fut], deadline)
+        self.send_many(topic, std::slice::from_ref(env))
             .await
             .pop()
             .unwrap_or(Err(BusError::Shutdown))
     }
 
-    /// Sends many envelopes: all are enqueued first, then acknowledgements are
-    /// awaited together. Results are in input order.
+    /// Sends many envelopes in order on one librdkafka handle: all are
+    /// enqueued first, then acknowledgements are awaited together (until
+    /// `publish_timeout_ms`; what is missing then is purged and fails).
+    /// Results are in input order.
+    ///
+    /// A record the broker refuses for good ([`BusError::is_permanent`])
+    /// fails alone; a transient failure stops the send, and every later
+    /// envelope fails with [`BusError::NotSent`] without being sent, so
+    /// nothing overtakes a failed message.
     pub async fn send_many(
         &self,
         topic: &str,
         envs: &[Envelope],
     ) -> Vec<Result<Delivery, BusError>> {
-        let deadline = Instant::now() + self.inner.config.publish_timeout();
-        let h = self.handle();
-        let mut futs = Vec::with_capacity(envs.len());
-        let mut early: Option<(usize, BusError)> = None;
+        let mut send = OrderedSend::new(self);
+        let mut out: Vec<Option<Result<Delivery, BusError>>> = Vec::with_capacity(envs.len());
         for (i, env) in envs.iter().enumerate() {
             let rec = RawRecord {
                 topic,
@@ -466,25 +457,20 @@ impl BusProducer {
                 payload: &env.payload,
                 headers: envelope_headers(env),
             };
-            match self.enqueue_on(&h, rec, deadline).await {
-                Ok(f) => futs.push(f),
-                Err(e) => {
-                    early = Some((i, e));
-                    break;
-                }
-            }
+            out.push(match send.push(i, rec).await {
+                Pushed::Enqueued => None,
+                Pushed::Refused(e) | Pushed::NotSent(e) => Some(Err(e)),
+            });
         }
-        let mut out = self.await_deliveries_on(&h, futs, deadline).await;
-        if let Some((i, e)) = early {
-            // Everything after `i` was never enqueued.
-            let msg = e.to_string();
-            out.push(Err(e));
-            for _ in i + 1..envs.len() {
-                out.push(Err(BusError::NotSent(msg.clone())));
-            }
-            tracing::debug!(event = "send_many_stopped", at = i, error = %msg);
+        if let Some(first) = send.stopped() {
+            tracing::debug!(event = "send_many_stopped", error = %first);
         }
-        out
+        for (i, r) in send.finish().await {
+            out[i] = Some(r);
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or(Err(BusError::Shutdown)))
+            .collect()
     }
 
     /// Flushes queued messages, waiting at most `timeout`; reports what is left.

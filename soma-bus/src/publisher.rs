@@ -17,6 +17,7 @@ use uuid::Uuid;
 use crate::envelope::{Envelope, TraceContext};
 use crate::error::{BusError, is_permanent_kafka};
 use crate::metrics::BusMetrics;
+use crate::ordered::{OrderedSend, Pushed};
 use crate::producer::{BusProducer, Delivery, FlushReport, RawRecord, envelope_headers};
 use crate::sequencer::{Lane, Sequencer, Tickets};
 use crate::trace;
@@ -453,7 +454,7 @@ impl DurablePublisher {
                 permit,
                 envs,
                 &kafka_idx,
-                &handle,
+                handle,
                 trace.as_ref(),
                 started,
                 &mut tickets,
@@ -557,9 +558,9 @@ impl DurablePublisher {
         (to_outbox, kafka_idx)
     }
 
-    /// Enqueues the Kafka-bound envelopes on `handle` in order (stopping at
-    /// the first transient failure: the rest go to the outbox), awaits the
-    /// acknowledgements together, and updates the breaker.
+    /// Sends the Kafka-bound envelopes on `handle` as one [`OrderedSend`]
+    /// (a transient failure sends that one and every later one to the
+    /// outbox), files each outcome, and updates the breaker.
     #[allow(clippy::too_many_arguments)]
     async fn send_in_order(
         &self,
@@ -567,7 +568,7 @@ impl DurablePublisher {
         permit: Permit,
         envs: &[Envelope],
         kafka_idx: &[usize],
-        handle: &Arc<crate::producer::Handle>,
+        handle: Arc<crate::producer::Handle>,
         trace: Option<&TraceContext>,
         started: Instant,
         tickets: &mut Tickets,
@@ -576,69 +577,38 @@ impl DurablePublisher {
     ) {
         let inner = &*self.inner;
         let deadline = Instant::now() + inner.producer.config().publish_timeout();
-        let mut sent = Vec::with_capacity(kafka_idx.len());
-        let mut futs = Vec::with_capacity(kafka_idx.len());
-        let mut stop: Option<String> = None;
+        let mut send = OrderedSend::on(&inner.producer, handle, deadline);
         for &i in kafka_idx {
-            if let Some(reason) = &stop {
-                tickets.to_outbox(i);
-                to_outbox.push((i, reason.clone()));
-                continue;
-            }
-            match self
-                .enqueue_one(topic, &envs[i], handle, trace, deadline)
-                .await
-            {
-                Ok(f) => {
-                    futs.push(f);
-                    sent.push(i);
-                }
-                Err(e) if e.is_permanent() => {
+            let rec = RawRecord {
+                topic,
+                key: envs[i].kafka_key(),
+                payload: &envs[i].payload,
+                headers: with_trace(&envs[i], trace),
+            };
+            match send.push(i, rec).await {
+                Pushed::Enqueued => {}
+                Pushed::Refused(e) => {
                     tickets.settle(i);
                     results[i] = Some(Err(e));
                 }
-                Err(e) => {
-                    stop = Some(e.to_string());
+                Pushed::NotSent(e) => {
                     tickets.to_outbox(i);
-                    to_outbox.push((i, e.to_string()));
+                    to_outbox.push((
+                        i,
+                        send.stopped().map_or_else(|| e.to_string(), str::to_owned),
+                    ));
                 }
             }
         }
-        let deliveries = inner
-            .producer
-            .await_deliveries_on(handle, futs, deadline)
-            .await;
-        let (acked, failed) = settle_deliveries(&sent, deliveries, tickets, results, to_outbox);
+        let stopped = send.stopped().is_some();
+        let deliveries = send.finish().await;
+        let (acked, failed) = settle_deliveries(deliveries, tickets, results, to_outbox);
         if acked > 0 {
             inner
                 .metrics
                 .publish(topic, "kafka", acked, started.elapsed().as_secs_f64());
         }
-        self.report_to_breaker(topic, permit, stop.is_some() || failed, acked);
-    }
-
-    /// One envelope on `handle`, with `trace` unless it has its own.
-    async fn enqueue_one(
-        &self,
-        topic: &str,
-        env: &Envelope,
-        handle: &Arc<crate::producer::Handle>,
-        trace: Option<&TraceContext>,
-        deadline: Instant,
-    ) -> Result<rdkafka::producer::DeliveryFuture, BusError> {
-        let mut headers = envelope_headers(env);
-        if env.trace.is_none() {
-            if let Some(t) = trace {
-                headers = trace::add_trace_headers(headers, t);
-            }
-        }
-        let rec = RawRecord {
-            topic,
-            key: env.kafka_key(),
-            payload: &env.payload,
-            headers,
-        };
-        self.inner.producer.enqueue_on(handle, rec, deadline).await
+        self.report_to_breaker(topic, permit, stopped || failed, acked);
     }
 
     /// Tells the breaker how the call went (a failure, some acks, or
@@ -780,19 +750,18 @@ impl DurablePublisher {
     }
 }
 
-/// Files each acknowledgement of `sent` (input indexes, in send order):
+/// Files each acknowledgement (input index, result; in send order):
 /// acked → `Published`; a permanent error → that error; anything else →
 /// the outbox. Returns (acked, whether any went to the outbox).
 fn settle_deliveries(
-    sent: &[usize],
-    deliveries: Vec<Result<Delivery, BusError>>,
+    deliveries: Vec<(usize, Result<Delivery, BusError>)>,
     tickets: &mut Tickets,
     results: &mut [Option<Result<PublishOutcome, BusError>>],
     to_outbox: &mut Vec<(usize, String)>,
 ) -> (u64, bool) {
     let mut acked = 0u64;
     let mut failed = false;
-    for (&i, r) in sent.iter().zip(deliveries) {
+    for (i, r) in deliveries {
         match r {
             Ok(Delivery { partition, offset }) => {
                 acked += 1;
@@ -811,6 +780,16 @@ fn settle_deliveries(
         }
     }
     (acked, failed)
+}
+
+/// The Kafka headers of `env`, carrying `trace` unless the envelope has
+/// its own trace context (as [`outbox_message`] does for the outbox).
+fn with_trace(env: &Envelope, trace: Option<&TraceContext>) -> rdkafka::message::OwnedHeaders {
+    let headers = envelope_headers(env);
+    match (env.trace.is_none(), trace) {
+        (true, Some(t)) => trace::add_trace_headers(headers, t),
+        _ => headers,
+    }
 }
 
 /// The outbox message for `env` on `topic`, carrying `trace` unless the

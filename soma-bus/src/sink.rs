@@ -1,12 +1,12 @@
 //! [`KafkaSink`]: the soma-outbox relay's way to Kafka.
 
 use std::collections::HashSet;
-use std::time::Instant;
 
 use rdkafka::message::{Header, OwnedHeaders};
 use soma_outbox::{OutboxRecord, Sink, SinkOutcome};
 
 use crate::error::BusError;
+use crate::ordered::{OrderedSend, Pushed};
 use crate::producer::{BusProducer, RawRecord};
 
 /// Delivers outbox records to Kafka with the idempotent `acks=all` producer.
@@ -49,62 +49,33 @@ fn outcome(e: &BusError) -> SinkOutcome {
 #[async_trait::async_trait]
 impl Sink for KafkaSink {
     async fn send_batch(&self, batch: &[OutboxRecord]) -> Vec<SinkOutcome> {
-        let deadline = Instant::now() + self.producer.config().publish_timeout();
-        let handle = self.producer.handle();
-        let mut futs = Vec::with_capacity(batch.len());
-        let mut sent = Vec::with_capacity(batch.len());
+        let mut send = OrderedSend::new(&self.producer);
         let mut out: Vec<Option<SinkOutcome>> = (0..batch.len()).map(|_| None).collect();
-        let mut stopped: Option<String> = None;
         // Keys with a record rejected in this batch: their later records wait.
         let mut rejected: HashSet<(&str, &str)> = HashSet::new();
         for (i, r) in batch.iter().enumerate() {
-            if let Some(e) = &stopped {
-                out[i] = Some(SinkOutcome::unavailable(e.clone()));
-                continue;
-            }
             let group = r.key.as_deref().map(|k| (r.topic.as_str(), k));
-            if group.is_some_and(|g| rejected.contains(&g)) {
+            if send.stopped().is_none() && group.is_some_and(|g| rejected.contains(&g)) {
                 out[i] = Some(SinkOutcome::retry(
                     "not sent: an earlier record of its key was rejected",
                 ));
                 continue;
             }
-            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
-            for (k, v) in &r.headers {
-                headers = headers.insert(Header {
-                    key: k.as_str(),
-                    value: Some(v.as_bytes()),
-                });
-            }
-            let rec = RawRecord {
-                topic: &r.topic,
-                key: r.key.as_deref().map(str::as_bytes),
-                payload: &r.payload,
-                headers,
-            };
-            match self.producer.enqueue_on(&handle, rec, deadline).await {
-                Ok(f) => {
-                    futs.push(f);
-                    sent.push(i);
-                }
-                Err(e) if e.is_permanent() => {
+            out[i] = match send.push(i, raw_record(r)).await {
+                Pushed::Enqueued => None,
+                Pushed::Refused(e) => {
                     if let Some(g) = group {
                         rejected.insert(g);
                     }
-                    out[i] = Some(outcome(&e));
+                    Some(outcome(&e))
                 }
-                Err(e) => {
-                    // Stop here: nothing after a failed record may be sent ahead of it.
-                    stopped = Some(e.to_string());
-                    out[i] = Some(outcome(&e));
-                }
-            }
+                Pushed::NotSent(e) => Some(SinkOutcome::unavailable(match send.stopped() {
+                    Some(first) => first.to_owned(),
+                    None => e.to_string(),
+                })),
+            };
         }
-        for (i, r) in sent.into_iter().zip(
-            self.producer
-                .await_deliveries_on(&handle, futs, deadline)
-                .await,
-        ) {
+        for (i, r) in send.finish().await {
             out[i] = Some(match r {
                 Ok(_) => SinkOutcome::Delivered,
                 Err(e) => outcome(&e),
@@ -113,5 +84,22 @@ impl Sink for KafkaSink {
         out.into_iter()
             .map(|o| o.unwrap_or_else(|| SinkOutcome::unavailable("not attempted")))
             .collect()
+    }
+}
+
+/// The Kafka record of an outbox record (its stored headers as they are).
+fn raw_record(r: &OutboxRecord) -> RawRecord<'_> {
+    let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+    for (k, v) in &r.headers {
+        headers = headers.insert(Header {
+            key: k.as_str(),
+            value: Some(v.as_bytes()),
+        });
+    }
+    RawRecord {
+        topic: &r.topic,
+        key: r.key.as_deref().map(str::as_bytes),
+        payload: &r.payload,
+        headers,
     }
 }

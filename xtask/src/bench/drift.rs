@@ -120,7 +120,13 @@ pub(crate) fn report(
             .iter()
             .map(|(id, l)| {
                 let f = first.get(id).cloned().unwrap_or_default();
-                let mean = |s: &Stat| if s.calls > 0.0 { s.total_ms / s.calls } else { 0.0 };
+                let mean = |s: &Stat| {
+                    if s.calls > 0.0 {
+                        s.total_ms / s.calls
+                    } else {
+                        0.0
+                    }
+                };
                 (
                     l.total_ms - f.total_ms,
                     format!(
