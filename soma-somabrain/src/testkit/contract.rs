@@ -1,4 +1,8 @@
 //! The contract itself: routing, validation and the recorded responses.
+//!
+//! A request goes through [`handle`] in stages: it is recorded as [`Seen`],
+//! delayed, routed through the table of [`Route`]s, validated, given an
+//! injected fault if one is due, and answered by its route's function.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -7,6 +11,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -35,17 +40,56 @@ fn html(status: StatusCode, body: &str) -> Response {
         .into_response()
 }
 
-const API_ROUTES: &[(&str, Method)] = &[
-    ("/memory/remember", Method::POST),
-    ("/memory/remember/batch", Method::POST),
-    ("/memory/recall", Method::POST),
-    ("/memory/metrics", Method::GET),
-    ("/context/evaluate", Method::POST),
-    ("/context/feedback", Method::POST),
-    ("/context/adaptation/state", Method::GET),
-    ("/context/feature-flags", Method::GET),
+/// What a route answers to a request that passed validation.
+type Answer = fn(&Call<'_>) -> Response;
+
+/// One route of the contract: its path template, its method and its answer.
+struct Route {
+    path: &'static str,
+    method: Method,
+    answer: Answer,
+}
+
+impl Route {
+    const fn new(path: &'static str, method: Method, answer: Answer) -> Self {
+        Route {
+            path,
+            method,
+            answer,
+        }
+    }
+}
+
+/// The memory and context API, served at the root and under `/api`.
+const API_ROUTES: &[Route] = &[
+    Route::new("/memory/remember", Method::POST, remember),
+    Route::new("/memory/remember/batch", Method::POST, remember_batch),
+    Route::new("/memory/recall", Method::POST, recall),
+    Route::new("/memory/metrics", Method::GET, memory_metrics),
+    Route::new("/context/evaluate", Method::POST, context_evaluate),
+    Route::new("/context/feedback", Method::POST, context_feedback),
+    Route::new("/context/adaptation/state", Method::GET, adaptation_state),
+    Route::new("/context/feature-flags", Method::GET, feature_flags),
 ];
-const PROBES: &[&str] = &["/healthz", "/readyz", "/health"];
+/// The probes, served at the root only.
+const PROBES: &[Route] = &[
+    Route::new("/healthz", Method::GET, healthz),
+    Route::new("/readyz", Method::GET, readyz),
+    Route::new("/health", Method::GET, health),
+];
+
+/// The route serving `path`: API routes at the root and under `/api`,
+/// probes at the root.
+fn find_route(path: &str) -> Option<&'static Route> {
+    let api_path = path
+        .strip_prefix("/api")
+        .filter(|p| p.starts_with('/'))
+        .unwrap_or(path);
+    API_ROUTES
+        .iter()
+        .find(|r| r.path == api_path)
+        .or_else(|| PROBES.iter().find(|r| r.path == path))
+}
 
 const MEMORY_FIELDS: &[&str] = &[
     "key",
@@ -63,25 +107,62 @@ const MEMORY_FIELDS: &[&str] = &[
     "trace_id",
 ];
 
+/// Counts a request in flight while it is held.
 struct InFlight<'a>(&'a ServerState);
+
+impl<'a> InFlight<'a> {
+    fn enter(st: &'a ServerState) -> Self {
+        let n = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        st.max_in_flight.fetch_max(n, Ordering::SeqCst);
+        InFlight(st)
+    }
+}
+
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
+/// Serves one request: records it, waits out the configured delay, routes
+/// it (404, 405), validates it, gives it an injected fault if one is due,
+/// and answers it from its route.
 pub(super) async fn handle(State(st): State<Arc<ServerState>>, req: Request) -> Response {
-    let n = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    st.max_in_flight.fetch_max(n, Ordering::SeqCst);
-    let _guard = InFlight(&st);
+    let _in_flight = InFlight::enter(&st);
 
     let (parts, body) = req.into_parts();
     let bytes: Bytes = axum::body::to_bytes(body, 1 << 20)
         .await
         .unwrap_or_default();
-    let path = parts.uri.path().to_owned();
+    let path = parts.uri.path();
     let query: BTreeMap<String, String> =
         parts.uri.query().map(url_decode_pairs).unwrap_or_default();
+    record(&st, &parts, &query, &bytes);
+
+    let delay = st.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay as u64)).await;
+    }
+
+    let Some(route) = find_route(path) else {
+        return html(StatusCode::NOT_FOUND, HTML_404);
+    };
+    if parts.method != route.method {
+        return html(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed");
+    }
+    let is_probe = PROBES.iter().any(|p| p.path == path);
+    if let Err(resp) = validate(route.path, is_probe, &parts.headers, &query, &bytes) {
+        return resp;
+    }
+    if let Some(resp) = injected_fault(&st, route.path).await {
+        return resp;
+    }
+    (route.answer)(&Call::new(&st, &parts.headers, &query, &bytes))
+}
+
+/// Keeps the request as [`Seen`] (the body as JSON, or as a string when it
+/// is not JSON), before anything can reject it.
+fn record(st: &ServerState, parts: &Parts, query: &BTreeMap<String, String>, bytes: &[u8]) {
     let headers: BTreeMap<String, String> = parts
         .headers
         .iter()
@@ -96,48 +177,28 @@ pub(super) async fn handle(State(st): State<Arc<ServerState>>, req: Request) -> 
         None
     } else {
         Some(
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into())),
+            serde_json::from_slice(bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into())),
         )
     };
     st.seen.lock().push(Seen {
         method: parts.method.to_string(),
-        path: path.clone(),
+        path: parts.uri.path().to_owned(),
         query: query.clone(),
-        headers: headers.clone(),
+        headers,
         body: body_json,
     });
+}
 
-    let delay = st.delay_ms.load(Ordering::SeqCst);
-    if delay > 0 {
-        tokio::time::sleep(Duration::from_millis(delay as u64)).await;
-    }
-
-    // Routing: API routes at the root and under /api; probes at the root.
-    let route = path
-        .strip_prefix("/api")
-        .filter(|p| p.starts_with('/'))
-        .unwrap_or(&path);
-    let is_probe = PROBES.contains(&path.as_str());
-    let api = API_ROUTES.iter().find(|(p, _)| *p == route);
-    let method = match (api, is_probe) {
-        (Some((_, m)), _) => m.clone(),
-        (None, true) => Method::GET,
-        (None, false) => return html(StatusCode::NOT_FOUND, HTML_404),
-    };
-    if parts.method != method {
-        return html(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed");
-    }
-
-    if let Err(resp) = validate(route, is_probe, &parts.headers, &query, &bytes) {
-        return resp;
-    }
-
+/// The response that replaces the route's answer, if any: the 500 of a
+/// [failing route](super::ContractServer::fail_route), else the next queued
+/// [`Fault`] (a queued delay is waited out and the route answers).
+async fn injected_fault(st: &ServerState, route: &str) -> Option<Response> {
     if st.failing_route.lock().as_deref() == Some(route) {
-        return json_response(
+        return Some(json_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             json!({"detail": "injected: route failing"}),
-        );
+        ));
     }
     let fault = st.faults.lock().pop_front();
     match fault {
@@ -157,173 +218,217 @@ pub(super) async fn handle(State(st): State<Arc<ServerState>>, req: Request) -> 
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, ra.parse().unwrap());
             }
-            return resp;
+            Some(resp)
         }
-        Some(Fault::MalformedJson) => {
-            return (
+        Some(Fault::MalformedJson) => Some(
+            (
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, NINJA_JSON)],
                 "{\"ok\": tru",
             )
-                .into_response();
+                .into_response(),
+        ),
+        Some(Fault::Delay(d)) => {
+            tokio::time::sleep(d).await;
+            None
         }
-        Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
-        None => {}
+        None => None,
     }
+}
 
-    let body: Value = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap()
-    };
-    let tenant = parts
-        .headers
-        .get("x-tenant-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let request_id = parts
-        .headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let fast_ack = parts
-        .headers
-        .get("x-soma-fast-ack")
-        .and_then(|v| v.to_str().ok())
-        == Some("true");
-    match route {
-        "/healthz" => json_response(
-            StatusCode::OK,
-            json!({"status": "healthy", "timestamp": "2026-11-22T03:01:03+00:00"}),
-        ),
-        "/readyz" => {
-            if st.ready_degraded.load(Ordering::SeqCst) {
-                json_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"status": "degraded", "checks": {"database": "unhealthy", "cache": "healthy"}}),
-                )
-            } else {
-                json_response(
-                    StatusCode::OK,
-                    json!({"status": "ready", "checks": {"database": "healthy", "cache": "healthy"}}),
-                )
-            }
+/// A request that passed validation, as the answers read it.
+struct Call<'a> {
+    st: &'a ServerState,
+    query: &'a BTreeMap<String, String>,
+    /// The JSON body; `Null` when there was none.
+    body: Value,
+    /// `X-Tenant-ID`, empty when absent.
+    tenant: String,
+    /// `X-Request-ID`.
+    request_id: Option<String>,
+    /// `X-Soma-Fast-Ack: true`.
+    fast_ack: bool,
+}
+
+impl<'a> Call<'a> {
+    fn new(
+        st: &'a ServerState,
+        headers: &HeaderMap,
+        query: &'a BTreeMap<String, String>,
+        bytes: &[u8],
+    ) -> Self {
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(bytes).unwrap()
+        };
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        Call {
+            st,
+            query,
+            body,
+            tenant: header("x-tenant-id").unwrap_or("").to_owned(),
+            request_id: header("x-request-id").map(str::to_owned),
+            fast_ack: header("x-soma-fast-ack") == Some("true"),
         }
-        "/health" => json_response(
-            StatusCode::OK,
-            if st.memory_down.load(Ordering::SeqCst) {
-                json!({"status": "degraded", "version": "1.0.0", "ok": false, "memory_ok": false})
-            } else {
-                json!({"status": "healthy", "version": "1.0.0", "ok": true, "memory_ok": true})
-            },
-        ),
-        "/memory/remember" => {
-            let item = store(
-                &st,
-                &body["tenant"],
-                &body["namespace"],
-                body["universe"].as_str(),
-                &body,
-            );
-            let mut r = write_result(&item, &body, request_id.clone(), fast_ack);
-            r["ok"] = json!(true);
-            r["tenant"] = body["tenant"].clone();
-            r["namespace"] = body["namespace"].clone();
-            json_response(StatusCode::OK, r)
-        }
-        "/memory/remember/batch" => {
-            let results: Vec<Value> = body["items"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .enumerate()
-                .map(|(i, it)| {
-                    let universe = it["universe"].as_str().or(body["universe"].as_str());
-                    let item = store(&st, &body["tenant"], &body["namespace"], universe, it);
-                    let mut r = write_result(
-                        &item,
-                        it,
-                        request_id.as_ref().map(|id| format!("{id}:{i}")),
-                        false,
-                    );
-                    r.as_object_mut().unwrap().remove("queued_for_ltm");
-                    r
-                })
-                .collect();
-            json_response(
-                StatusCode::OK,
-                json!({"ok": true, "tenant": body["tenant"], "namespace": body["namespace"], "results": results}),
-            )
-        }
-        "/memory/recall" => {
-            let ns = body["namespace"].as_str().unwrap_or("default").to_owned();
-            let top_k = body["top_k"].as_u64().unwrap_or(10) as usize;
-            let layer = body["layer"].as_str().unwrap_or("both");
-            let q = body["query"].as_str().unwrap_or("").to_lowercase();
-            let items = st.store.lock().get(&tenant).cloned().unwrap_or_default();
-            let mut results = Vec::new();
-            let (mut wm, mut ltm) = (0, 0);
-            if layer != "ltm" {
-                // Like the real server: WM is every item of the header tenant, any namespace.
-                for it in &items {
-                    wm += 1;
-                    results.push(json!({"content": it.payload, "layer": "wm", "score": 1.0}));
-                }
-            }
-            if layer != "wm" {
-                for it in items.iter().filter(|i| i.namespace == ns) {
-                    let text = it.payload["text"].as_str().unwrap_or("").to_lowercase();
-                    if !q.is_empty() && text.contains(&q) {
-                        ltm += 1;
-                        results.push(json!({"content": it.payload, "layer": "ltm", "score": 0.5, "coordinate": coord(&it.universe, &it.key)}));
-                    }
-                }
-            }
-            results.truncate(top_k);
-            json_response(
-                StatusCode::OK,
-                json!({"tenant": tenant, "namespace": ns, "results": results, "wm_hits": wm, "ltm_hits": ltm,
-                       "duration_ms": 1.5, "total_results": results.len(), "degraded": false, "degraded_reasons": []}),
-            )
-        }
-        "/memory/metrics" => {
-            let n = st.store.lock().get(&tenant).map_or(0, Vec::len);
-            json_response(
-                StatusCode::OK,
-                json!({"tenant": query["tenant"], "namespace": query["namespace"], "wm_items": n, "circuit_open": false}),
-            )
-        }
-        "/context/evaluate" => json_response(
-            StatusCode::OK,
-            json!({"query": body["query"], "prompt": format!("Context for: {}", body["query"].as_str().unwrap_or("")),
-                   "tenant_id": body["tenant_id"], "memories": [], "weights": {"alpha": 1.0}}),
-        ),
-        "/context/feedback" => {
-            *st.feedback.lock().entry(tenant.clone()).or_default() += 1;
-            json_response(
-                StatusCode::OK,
-                json!({"accepted": true, "adaptation_applied": true}),
-            )
-        }
-        "/context/adaptation/state" => {
-            let n = st.feedback.lock().get(&tenant).copied().unwrap_or(0);
-            json_response(
-                StatusCode::OK,
-                json!({"tenant_id": query.get("tenant_id"), "retrieval": {"alpha": 1.0, "beta": 0.2, "gamma": 0.1, "tau": 0.7},
-                       "utility": {"lambda_": 1.0, "mu": 0.1, "nu": 0.05}, "history_len": n, "learning_rate": 0.05}),
-            )
-        }
-        "/context/feature-flags" => json_response(
-            StatusCode::OK,
-            serde_json::from_str::<Value>(include_str!(
-                "../../tests/fixtures/15-context-feature-flags.json"
-            ))
-            .expect("embedded fixture 15 is JSON")["response"]["body"]
-                .clone(),
-        ),
-        _ => html(StatusCode::NOT_FOUND, HTML_404),
     }
+}
+
+fn healthz(_: &Call<'_>) -> Response {
+    json_response(
+        StatusCode::OK,
+        json!({"status": "healthy", "timestamp": "2026-11-22T03:01:03+00:00"}),
+    )
+}
+
+fn readyz(c: &Call<'_>) -> Response {
+    if c.st.ready_degraded.load(Ordering::SeqCst) {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "degraded", "checks": {"database": "unhealthy", "cache": "healthy"}}),
+        )
+    } else {
+        json_response(
+            StatusCode::OK,
+            json!({"status": "ready", "checks": {"database": "healthy", "cache": "healthy"}}),
+        )
+    }
+}
+
+fn health(c: &Call<'_>) -> Response {
+    json_response(
+        StatusCode::OK,
+        if c.st.memory_down.load(Ordering::SeqCst) {
+            json!({"status": "degraded", "version": "1.0.0", "ok": false, "memory_ok": false})
+        } else {
+            json!({"status": "healthy", "version": "1.0.0", "ok": true, "memory_ok": true})
+        },
+    )
+}
+
+fn remember(c: &Call<'_>) -> Response {
+    let body = &c.body;
+    let item = store(
+        c.st,
+        &body["tenant"],
+        &body["namespace"],
+        body["universe"].as_str(),
+        body,
+    );
+    let mut r = write_result(&item, body, c.request_id.clone(), c.fast_ack);
+    r["ok"] = json!(true);
+    r["tenant"] = body["tenant"].clone();
+    r["namespace"] = body["namespace"].clone();
+    json_response(StatusCode::OK, r)
+}
+
+fn remember_batch(c: &Call<'_>) -> Response {
+    let body = &c.body;
+    let results: Vec<Value> = body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, it)| {
+            let universe = it["universe"].as_str().or(body["universe"].as_str());
+            let item = store(c.st, &body["tenant"], &body["namespace"], universe, it);
+            let mut r = write_result(
+                &item,
+                it,
+                c.request_id.as_ref().map(|id| format!("{id}:{i}")),
+                false,
+            );
+            r.as_object_mut().unwrap().remove("queued_for_ltm");
+            r
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        json!({"ok": true, "tenant": body["tenant"], "namespace": body["namespace"], "results": results}),
+    )
+}
+
+fn recall(c: &Call<'_>) -> Response {
+    let body = &c.body;
+    let ns = body["namespace"].as_str().unwrap_or("default").to_owned();
+    let top_k = body["top_k"].as_u64().unwrap_or(10) as usize;
+    let layer = body["layer"].as_str().unwrap_or("both");
+    let q = body["query"].as_str().unwrap_or("").to_lowercase();
+    let items =
+        c.st.store
+            .lock()
+            .get(&c.tenant)
+            .cloned()
+            .unwrap_or_default();
+    let mut results = Vec::new();
+    let (mut wm, mut ltm) = (0, 0);
+    if layer != "ltm" {
+        // Like the real server: WM is every item of the header tenant, any namespace.
+        for it in &items {
+            wm += 1;
+            results.push(json!({"content": it.payload, "layer": "wm", "score": 1.0}));
+        }
+    }
+    if layer != "wm" {
+        for it in items.iter().filter(|i| i.namespace == ns) {
+            let text = it.payload["text"].as_str().unwrap_or("").to_lowercase();
+            if !q.is_empty() && text.contains(&q) {
+                ltm += 1;
+                results.push(json!({"content": it.payload, "layer": "ltm", "score": 0.5, "coordinate": coord(&it.universe, &it.key)}));
+            }
+        }
+    }
+    results.truncate(top_k);
+    json_response(
+        StatusCode::OK,
+        json!({"tenant": c.tenant, "namespace": ns, "results": results, "wm_hits": wm, "ltm_hits": ltm,
+               "duration_ms": 1.5, "total_results": results.len(), "degraded": false, "degraded_reasons": []}),
+    )
+}
+
+fn memory_metrics(c: &Call<'_>) -> Response {
+    let n = c.st.store.lock().get(&c.tenant).map_or(0, Vec::len);
+    json_response(
+        StatusCode::OK,
+        json!({"tenant": c.query["tenant"], "namespace": c.query["namespace"], "wm_items": n, "circuit_open": false}),
+    )
+}
+
+fn context_evaluate(c: &Call<'_>) -> Response {
+    let body = &c.body;
+    json_response(
+        StatusCode::OK,
+        json!({"query": body["query"], "prompt": format!("Context for: {}", body["query"].as_str().unwrap_or("")),
+               "tenant_id": body["tenant_id"], "memories": [], "weights": {"alpha": 1.0}}),
+    )
+}
+
+fn context_feedback(c: &Call<'_>) -> Response {
+    *c.st.feedback.lock().entry(c.tenant.clone()).or_default() += 1;
+    json_response(
+        StatusCode::OK,
+        json!({"accepted": true, "adaptation_applied": true}),
+    )
+}
+
+fn adaptation_state(c: &Call<'_>) -> Response {
+    let n = c.st.feedback.lock().get(&c.tenant).copied().unwrap_or(0);
+    json_response(
+        StatusCode::OK,
+        json!({"tenant_id": c.query.get("tenant_id"), "retrieval": {"alpha": 1.0, "beta": 0.2, "gamma": 0.1, "tau": 0.7},
+               "utility": {"lambda_": 1.0, "mu": 0.1, "nu": 0.05}, "history_len": n, "learning_rate": 0.05}),
+    )
+}
+
+fn feature_flags(_: &Call<'_>) -> Response {
+    json_response(
+        StatusCode::OK,
+        serde_json::from_str::<Value>(include_str!(
+            "../../tests/fixtures/15-context-feature-flags.json"
+        ))
+        .expect("embedded fixture 15 is JSON")["response"]["body"]
+            .clone(),
+    )
 }
 
 fn coord(universe: &str, key: &str) -> Value {
