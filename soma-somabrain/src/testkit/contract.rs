@@ -14,7 +14,7 @@ use axum::extract::{Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::{Fault, HTML_404, NINJA_JSON, Seen, ServerState, Stored, TOKEN};
 
@@ -43,39 +43,131 @@ fn html(status: StatusCode, body: &str) -> Response {
 /// What a route answers to a request that passed validation.
 type Answer = fn(&Call<'_>) -> Response;
 
-/// One route of the contract: its path template, its method and its answer.
+/// One route of the contract: its path template, its method, what is
+/// checked before it answers, and its answer.
 struct Route {
     path: &'static str,
     method: Method,
+    check: Check,
     answer: Answer,
 }
 
 impl Route {
-    const fn new(path: &'static str, method: Method, answer: Answer) -> Self {
+    const fn new(path: &'static str, method: Method, check: Check, answer: Answer) -> Self {
         Route {
             path,
             method,
+            check,
             answer,
+        }
+    }
+}
+
+/// Adds the problems of a JSON body's fields to `issues`, each located
+/// under `loc` (`["body", "payload"]`).
+type FieldCheck = fn(&Map<String, Value>, &[Value], &mut Vec<Value>);
+
+/// What the server checks before a route answers (see [`validate`]).
+enum Check {
+    /// Nothing: the probes.
+    Probe,
+    /// A GET without the token or `X-Tenant-ID` (feature flags): no body,
+    /// no query parameter.
+    Open,
+    /// A GET with the token and `X-Tenant-ID`: no body, only `allowed`
+    /// query parameters, and the query's `tenant_key` equal to the header.
+    Query {
+        allowed: &'static [&'static str],
+        tenant_key: &'static str,
+    },
+    /// A POST with the token, `X-Tenant-ID` and a JSON object whose fields
+    /// pass `fields`; the body's `tenant_key` (when sent) equals
+    /// `X-Tenant-ID`, and its `namespace_key` equals `X-Namespace` (when
+    /// sent).
+    Body {
+        fields: FieldCheck,
+        tenant_key: &'static str,
+        namespace_key: Option<&'static str>,
+    },
+}
+
+impl Check {
+    const fn query(allowed: &'static [&'static str], tenant_key: &'static str) -> Self {
+        Check::Query {
+            allowed,
+            tenant_key,
+        }
+    }
+
+    const fn body(
+        fields: FieldCheck,
+        tenant_key: &'static str,
+        namespace_key: Option<&'static str>,
+    ) -> Self {
+        Check::Body {
+            fields,
+            tenant_key,
+            namespace_key,
         }
     }
 }
 
 /// The memory and context API, served at the root and under `/api`.
 const API_ROUTES: &[Route] = &[
-    Route::new("/memory/remember", Method::POST, remember),
-    Route::new("/memory/remember/batch", Method::POST, remember_batch),
-    Route::new("/memory/recall", Method::POST, recall),
-    Route::new("/memory/metrics", Method::GET, memory_metrics),
-    Route::new("/context/evaluate", Method::POST, context_evaluate),
-    Route::new("/context/feedback", Method::POST, context_feedback),
-    Route::new("/context/adaptation/state", Method::GET, adaptation_state),
-    Route::new("/context/feature-flags", Method::GET, feature_flags),
+    Route::new(
+        "/memory/remember",
+        Method::POST,
+        Check::body(remember_fields, "tenant", Some("namespace")),
+        remember,
+    ),
+    Route::new(
+        "/memory/remember/batch",
+        Method::POST,
+        Check::body(remember_batch_fields, "tenant", Some("namespace")),
+        remember_batch,
+    ),
+    Route::new(
+        "/memory/recall",
+        Method::POST,
+        Check::body(recall_fields, "tenant", Some("namespace")),
+        recall,
+    ),
+    Route::new(
+        "/memory/metrics",
+        Method::GET,
+        Check::query(&["tenant", "namespace"], "tenant"),
+        memory_metrics,
+    ),
+    Route::new(
+        "/context/evaluate",
+        Method::POST,
+        Check::body(context_evaluate_fields, "tenant_id", None),
+        context_evaluate,
+    ),
+    Route::new(
+        "/context/feedback",
+        Method::POST,
+        Check::body(context_feedback_fields, "tenant_id", None),
+        context_feedback,
+    ),
+    Route::new(
+        "/context/adaptation/state",
+        Method::GET,
+        Check::query(&["tenant_id"], "tenant_id"),
+        adaptation_state,
+    ),
+    Route::new(
+        "/context/feature-flags",
+        Method::GET,
+        Check::Open,
+        feature_flags,
+    ),
 ];
 /// The probes, served at the root only.
 const PROBES: &[Route] = &[
-    Route::new("/healthz", Method::GET, healthz),
-    Route::new("/readyz", Method::GET, readyz),
-    Route::new("/health", Method::GET, health),
+    Route::new("/healthz", Method::GET, Check::Probe, healthz),
+    Route::new("/readyz", Method::GET, Check::Probe, readyz),
+    Route::new("/health", Method::GET, Check::Probe, health),
 ];
 
 /// The route serving `path`: API routes at the root and under `/api`,
@@ -150,8 +242,7 @@ pub(super) async fn handle(State(st): State<Arc<ServerState>>, req: Request) -> 
     if parts.method != route.method {
         return html(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed");
     }
-    let is_probe = PROBES.iter().any(|p| p.path == path);
-    if let Err(resp) = validate(route.path, is_probe, &parts.headers, &query, &bytes) {
+    if let Err(resp) = validate(&route.check, &parts.headers, &query, &bytes) {
         return resp;
     }
     if let Some(resp) = injected_fault(&st, route.path).await {
@@ -524,7 +615,7 @@ fn extra(loc: Vec<Value>) -> Value {
 }
 
 fn check_fields(
-    obj: &serde_json::Map<String, Value>,
+    obj: &Map<String, Value>,
     required: &[&str],
     allowed: &[&str],
     loc: &[Value],
@@ -546,199 +637,153 @@ fn check_fields(
     }
 }
 
+/// Checks a routed request as the real server would, stricter where that
+/// catches client bugs (see the [module docs](super)); `Err` is the answer.
 fn validate(
-    route: &str,
-    is_probe: bool,
+    check: &Check,
     headers: &HeaderMap,
     query: &BTreeMap<String, String>,
     bytes: &[u8],
 ) -> Result<(), Response> {
-    if is_probe {
-        return Ok(());
-    }
-    if route != "/context/feature-flags" {
-        let auth = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        if auth != Some(&format!("Bearer {TOKEN}")) {
-            return Err(detail(StatusCode::UNAUTHORIZED, "Unauthorized"));
+    let scope = Scope::of(headers);
+    match check {
+        Check::Probe => Ok(()),
+        Check::Open => check_query(&[], None, &scope, query, bytes),
+        Check::Query {
+            allowed,
+            tenant_key,
+        } => {
+            check_guard(headers, &scope)?;
+            check_query(allowed, Some(*tenant_key), &scope, query, bytes)
+        }
+        Check::Body {
+            fields,
+            tenant_key,
+            namespace_key,
+        } => {
+            check_guard(headers, &scope)?;
+            check_body(*fields, tenant_key, *namespace_key, &scope, headers, bytes)
         }
     }
-    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    let tenant_h = h("x-tenant-id");
-    let namespace_h = h("x-namespace");
-    let needs_tenant = route != "/context/feature-flags";
-    if needs_tenant && tenant_h.is_none_or(str::is_empty) {
+}
+
+/// The scope headers a request sent.
+struct Scope<'a> {
+    /// `X-Tenant-ID`.
+    tenant: Option<&'a str>,
+    /// `X-Namespace`.
+    namespace: Option<&'a str>,
+}
+
+impl<'a> Scope<'a> {
+    fn of(headers: &'a HeaderMap) -> Self {
+        let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+        Scope {
+            tenant: h("x-tenant-id"),
+            namespace: h("x-namespace"),
+        }
+    }
+}
+
+/// The memory and context routes' guard: the bearer [`TOKEN`] (else 401),
+/// then a non-empty `X-Tenant-ID` (else 400).
+fn check_guard(headers: &HeaderMap, scope: &Scope<'_>) -> Result<(), Response> {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if auth != Some(&format!("Bearer {TOKEN}")) {
+        return Err(detail(StatusCode::UNAUTHORIZED, "Unauthorized"));
+    }
+    if scope.tenant.is_none_or(str::is_empty) {
         return Err(detail(
             StatusCode::BAD_REQUEST,
             "X-Tenant-ID header required",
         ));
     }
-    let get = matches!(
-        route,
-        "/memory/metrics" | "/context/adaptation/state" | "/context/feature-flags"
-    );
-    if get {
-        if !bytes.is_empty() {
-            return Err(detail(StatusCode::BAD_REQUEST, "GET with a body"));
-        }
-        let (allowed, tkey): (&[&str], Option<&str>) = match route {
-            "/memory/metrics" => (&["tenant", "namespace"], Some("tenant")),
-            "/context/adaptation/state" => (&["tenant_id"], Some("tenant_id")),
-            _ => (&[], None),
-        };
-        let bad: Vec<Value> = query
-            .keys()
-            .filter(|k| !allowed.contains(&k.as_str()))
-            .map(|k| extra(vec![json!("query"), json!(k)]))
-            .collect();
-        if !bad.is_empty() {
-            return Err(json_response(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                json!({"detail": bad}),
+    Ok(())
+}
+
+/// A GET: no body (400), only `allowed` query parameters (422), the query's
+/// `tenant_key` equal to `X-Tenant-ID` and its namespace to `X-Namespace`
+/// when both are sent (400).
+fn check_query(
+    allowed: &[&str],
+    tenant_key: Option<&str>,
+    scope: &Scope<'_>,
+    query: &BTreeMap<String, String>,
+    bytes: &[u8],
+) -> Result<(), Response> {
+    if !bytes.is_empty() {
+        return Err(detail(StatusCode::BAD_REQUEST, "GET with a body"));
+    }
+    let bad: Vec<Value> = query
+        .keys()
+        .filter(|k| !allowed.contains(&k.as_str()))
+        .map(|k| extra(vec![json!("query"), json!(k)]))
+        .collect();
+    if !bad.is_empty() {
+        return Err(json_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"detail": bad}),
+        ));
+    }
+    if let Some(tk) = tenant_key {
+        if query.get(tk).map(String::as_str) != scope.tenant {
+            return Err(detail(
+                StatusCode::BAD_REQUEST,
+                &format!("query {tk} does not match X-Tenant-ID"),
             ));
         }
-        if let Some(tk) = tkey {
-            if query.get(tk).map(String::as_str) != tenant_h {
-                return Err(detail(
-                    StatusCode::BAD_REQUEST,
-                    &format!("query {tk} does not match X-Tenant-ID"),
-                ));
-            }
-        }
-        if let (Some(ns), Some(q)) = (namespace_h, query.get("namespace")) {
-            if ns != q {
-                return Err(detail(
-                    StatusCode::BAD_REQUEST,
-                    "X-Namespace does not match query namespace",
-                ));
-            }
-        }
-        return Ok(());
     }
-    let ct = h("content-type").unwrap_or("");
+    if let (Some(ns), Some(q)) = (scope.namespace, query.get("namespace")) {
+        if ns != q {
+            return Err(detail(
+                StatusCode::BAD_REQUEST,
+                "X-Namespace does not match query namespace",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A POST: a JSON object sent as `application/json` (400), whose fields pass
+/// `fields` (422), whose `tenant_key` (when sent) equals `X-Tenant-ID` and
+/// whose `namespace_key` equals `X-Namespace` when the header is sent (400).
+fn check_body(
+    fields: FieldCheck,
+    tenant_key: &str,
+    namespace_key: Option<&str>,
+    scope: &Scope<'_>,
+    headers: &HeaderMap,
+    bytes: &[u8],
+) -> Result<(), Response> {
+    let ct = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let Some(Value::Object(obj)) = (ct.starts_with("application/json"))
         .then(|| serde_json::from_slice::<Value>(bytes).ok())
         .flatten()
     else {
         return Err(detail(StatusCode::BAD_REQUEST, "Cannot parse request body"));
     };
-    let loc = [json!("body"), json!("payload")];
     let mut issues = Vec::new();
-    let (body_tenant_key, ns_key) = match route {
-        "/memory/remember" => {
-            let allowed: Vec<&str> = ["tenant", "namespace"]
-                .iter()
-                .chain(MEMORY_FIELDS)
-                .copied()
-                .collect();
-            check_fields(
-                &obj,
-                &["tenant", "namespace", "key", "value"],
-                &allowed,
-                &loc,
-                &mut issues,
-            );
-            check_memory(&obj, &loc, &mut issues);
-            (Some("tenant"), Some("namespace"))
-        }
-        "/memory/remember/batch" => {
-            check_fields(
-                &obj,
-                &["tenant", "namespace", "items"],
-                &["tenant", "namespace", "items", "universe"],
-                &loc,
-                &mut issues,
-            );
-            match obj.get("items").and_then(Value::as_array) {
-                Some(items) if !items.is_empty() => {
-                    for (i, it) in items.iter().enumerate() {
-                        let iloc = [loc[0].clone(), loc[1].clone(), json!("items"), json!(i)];
-                        match it.as_object() {
-                            Some(o) => {
-                                check_fields(o, &["key", "value"], MEMORY_FIELDS, &iloc, &mut issues);
-                                check_memory(o, &iloc, &mut issues);
-                            }
-                            None => issues.push(json!({"type": "model_type", "loc": iloc, "msg": "Input should be an object"})),
-                        }
-                    }
-                }
-                Some(_) => issues.push(json!({"type": "too_short", "loc": [loc[0], loc[1], "items"], "msg": "List should have at least 1 item"})),
-                None => {}
-            }
-            (Some("tenant"), Some("namespace"))
-        }
-        "/memory/recall" => {
-            check_fields(
-                &obj,
-                &["query"],
-                &["query", "top_k", "layer", "tenant", "namespace", "universe"],
-                &loc,
-                &mut issues,
-            );
-            if let Some(l) = obj.get("layer") {
-                if !matches!(l.as_str(), Some("wm" | "ltm" | "both")) {
-                    issues.push(json!({"type": "enum", "loc": [loc[0], loc[1], "layer"], "msg": "layer must be wm, ltm or both"}));
-                }
-            }
-            (Some("tenant"), Some("namespace"))
-        }
-        "/context/evaluate" => {
-            check_fields(
-                &obj,
-                &["session_id", "query", "top_k", "tenant_id"],
-                &["session_id", "query", "top_k", "tenant_id"],
-                &loc,
-                &mut issues,
-            );
-            (Some("tenant_id"), None)
-        }
-        "/context/feedback" => {
-            let allowed = [
-                "session_id",
-                "query",
-                "prompt",
-                "response_text",
-                "utility",
-                "reward",
-                "metadata",
-                "tenant_id",
-            ];
-            check_fields(
-                &obj,
-                &[
-                    "session_id",
-                    "query",
-                    "prompt",
-                    "response_text",
-                    "utility",
-                    "tenant_id",
-                ],
-                &allowed,
-                &loc,
-                &mut issues,
-            );
-            (Some("tenant_id"), None)
-        }
-        _ => (None, None),
-    };
+    fields(&obj, &[json!("body"), json!("payload")], &mut issues);
     if !issues.is_empty() {
         return Err(json_response(
             StatusCode::UNPROCESSABLE_ENTITY,
             json!({"detail": issues}),
         ));
     }
-    if let Some(tk) = body_tenant_key {
-        if let Some(t) = obj.get(tk) {
-            if t.as_str() != tenant_h {
-                return Err(detail(
-                    StatusCode::BAD_REQUEST,
-                    &format!("body {tk} does not match X-Tenant-ID"),
-                ));
-            }
+    if let Some(t) = obj.get(tenant_key) {
+        if t.as_str() != scope.tenant {
+            return Err(detail(
+                StatusCode::BAD_REQUEST,
+                &format!("body {tenant_key} does not match X-Tenant-ID"),
+            ));
         }
     }
-    if let (Some(nk), Some(ns)) = (ns_key, namespace_h) {
+    if let (Some(nk), Some(ns)) = (namespace_key, scope.namespace) {
         if obj.get(nk).and_then(Value::as_str) != Some(ns) {
             return Err(detail(
                 StatusCode::BAD_REQUEST,
@@ -749,7 +794,101 @@ fn validate(
     Ok(())
 }
 
-fn check_memory(obj: &serde_json::Map<String, Value>, loc: &[Value], issues: &mut Vec<Value>) {
+fn remember_fields(obj: &Map<String, Value>, loc: &[Value], issues: &mut Vec<Value>) {
+    let allowed: Vec<&str> = ["tenant", "namespace"]
+        .iter()
+        .chain(MEMORY_FIELDS)
+        .copied()
+        .collect();
+    check_fields(
+        obj,
+        &["tenant", "namespace", "key", "value"],
+        &allowed,
+        loc,
+        issues,
+    );
+    check_memory(obj, loc, issues);
+}
+
+fn remember_batch_fields(obj: &Map<String, Value>, loc: &[Value], issues: &mut Vec<Value>) {
+    check_fields(
+        obj,
+        &["tenant", "namespace", "items"],
+        &["tenant", "namespace", "items", "universe"],
+        loc,
+        issues,
+    );
+    match obj.get("items").and_then(Value::as_array) {
+        Some(items) if !items.is_empty() => {
+            for (i, it) in items.iter().enumerate() {
+                let iloc = [loc[0].clone(), loc[1].clone(), json!("items"), json!(i)];
+                match it.as_object() {
+                    Some(o) => {
+                        check_fields(o, &["key", "value"], MEMORY_FIELDS, &iloc, issues);
+                        check_memory(o, &iloc, issues);
+                    }
+                    None => issues.push(json!({"type": "model_type", "loc": iloc, "msg": "Input should be an object"})),
+                }
+            }
+        }
+        Some(_) => issues.push(json!({"type": "too_short", "loc": [loc[0], loc[1], "items"], "msg": "List should have at least 1 item"})),
+        None => {}
+    }
+}
+
+fn recall_fields(obj: &Map<String, Value>, loc: &[Value], issues: &mut Vec<Value>) {
+    check_fields(
+        obj,
+        &["query"],
+        &["query", "top_k", "layer", "tenant", "namespace", "universe"],
+        loc,
+        issues,
+    );
+    if let Some(l) = obj.get("layer") {
+        if !matches!(l.as_str(), Some("wm" | "ltm" | "both")) {
+            issues.push(json!({"type": "enum", "loc": [loc[0], loc[1], "layer"], "msg": "layer must be wm, ltm or both"}));
+        }
+    }
+}
+
+fn context_evaluate_fields(obj: &Map<String, Value>, loc: &[Value], issues: &mut Vec<Value>) {
+    check_fields(
+        obj,
+        &["session_id", "query", "top_k", "tenant_id"],
+        &["session_id", "query", "top_k", "tenant_id"],
+        loc,
+        issues,
+    );
+}
+
+fn context_feedback_fields(obj: &Map<String, Value>, loc: &[Value], issues: &mut Vec<Value>) {
+    let allowed = [
+        "session_id",
+        "query",
+        "prompt",
+        "response_text",
+        "utility",
+        "reward",
+        "metadata",
+        "tenant_id",
+    ];
+    check_fields(
+        obj,
+        &[
+            "session_id",
+            "query",
+            "prompt",
+            "response_text",
+            "utility",
+            "tenant_id",
+        ],
+        &allowed,
+        loc,
+        issues,
+    );
+}
+
+fn check_memory(obj: &Map<String, Value>, loc: &[Value], issues: &mut Vec<Value>) {
     let at = |f: &str| {
         let mut l = loc.to_vec();
         l.push(json!(f));
