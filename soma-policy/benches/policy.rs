@@ -7,9 +7,6 @@
 
 #![allow(missing_docs)]
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::sync::Arc;
 
 use axum::Router;
@@ -17,28 +14,30 @@ use axum::body::Body;
 use criterion::{Criterion, black_box};
 use futures_util::StreamExt;
 use http::Request;
+use soma_policy::testkit;
 use soma_policy::{
     Authenticator, Authorizer, AuthzInput, CacheConfig, EmbeddedRego, JwtAlgorithm, OpaConfig,
     PolicyEngine, PolicyMetrics, RegoEvaluator, RemoteOpa,
 };
+use soma_testkit::{OpaServer, serve_url};
 use tower::ServiceExt;
 
 const ENTRY: &str = "data.soma.authz.decision";
 
 fn input() -> AuthzInput {
-    common::send_input()
+    testkit::send_input()
 }
 
 fn embedded(evaluator: RegoEvaluator) -> Arc<EmbeddedRego> {
     Arc::new(
-        EmbeddedRego::from_dir(common::policy_dir(), ENTRY, PolicyMetrics::default())
+        EmbeddedRego::from_dir(testkit::policy_dir(), ENTRY, PolicyMetrics::default())
             .unwrap()
             .with_evaluator(evaluator)
             .unwrap(),
     )
 }
 
-fn engines(c: &mut Criterion, rt: &tokio::runtime::Runtime, opa: &common::OpaServer) {
+fn engines(c: &mut Criterion, rt: &tokio::runtime::Runtime, opa: &OpaServer) {
     let embedded_interp = embedded(RegoEvaluator::Interpreter);
     let embedded = embedded(RegoEvaluator::Auto);
     assert_eq!(embedded.active_evaluator(), RegoEvaluator::Vm);
@@ -109,14 +108,14 @@ fn engines(c: &mut Criterion, rt: &tokio::runtime::Runtime, opa: &common::OpaSer
 
 fn jwt(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     // Full verification every time: the verified-token cache off.
-    let mut uncached = common::config_with_static_keys();
+    let mut uncached = testkit::config_with_static_keys();
     uncached.token_cache.enabled = false;
     let auth = Authenticator::builder(&uncached).build().unwrap();
-    let cached = Authenticator::builder(&common::config_with_static_keys())
+    let cached = Authenticator::builder(&testkit::config_with_static_keys())
         .build()
         .unwrap();
-    let mut claims = common::claims("alice");
-    claims["exp"] = serde_json::json!(common::now() + 86_400);
+    let mut claims = testkit::claims("alice");
+    claims["exp"] = serde_json::json!(testkit::now() + 86_400);
     let mut g = c.benchmark_group("jwt");
     for alg in [
         JwtAlgorithm::HS256,
@@ -124,7 +123,7 @@ fn jwt(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         JwtAlgorithm::ES256,
         JwtAlgorithm::EdDSA,
     ] {
-        let token = common::mint(alg, Some(common::kid_for(alg)), &claims);
+        let token = testkit::mint(alg, Some(testkit::kid_for(alg)), &claims);
         rt.block_on(auth.verify_token(&token)).unwrap();
         g.bench_function(alg.as_str(), |b| {
             b.iter(|| {
@@ -138,7 +137,7 @@ fn jwt(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         });
     }
     // The same token again, with the verified-token cache (the default).
-    let token = common::mint(JwtAlgorithm::RS256, Some("rs"), &claims);
+    let token = testkit::mint(JwtAlgorithm::RS256, Some("rs"), &claims);
     rt.block_on(cached.verify_token(&token)).unwrap();
     g.bench_function("cached_token", |b| {
         b.iter(|| {
@@ -167,8 +166,8 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
-    let bare: Router = common::bare_router();
-    let config = common::config_with_static_keys();
+    let bare: Router = testkit::bare_router();
+    let config = testkit::config_with_static_keys();
     let authn = Arc::new(Authenticator::builder(&config).build().unwrap());
     // No decision cache (it is on by default): every request evaluates the
     // policy (worst case).
@@ -198,21 +197,21 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
             })
             .build(),
     );
-    let full: Router = common::guarded_router(authn.clone(), Some(authz));
-    let full_interp: Router = common::guarded_router(authn.clone(), Some(authz_interp));
-    let full_cached: Router = common::guarded_router(authn, Some(authz_cached));
-    let token = common::long_lived_bearer();
+    let full: Router = testkit::guarded_router(authn.clone(), Some(authz));
+    let full_interp: Router = testkit::guarded_router(authn.clone(), Some(authz_interp));
+    let full_cached: Router = testkit::guarded_router(authn, Some(authz_cached));
+    let token = testkit::long_lived_bearer();
     // Over real HTTP on loopback (keep-alive client), the way requests reach a service.
     let (bare_url, full_url, interp_url, cached_url) = rt.block_on(async {
         (
-            common::serve(bare.clone()).await,
-            common::serve(full.clone()).await,
-            common::serve(full_interp).await,
-            common::serve(full_cached).await,
+            serve_url(bare.clone()).await,
+            serve_url(full.clone()).await,
+            serve_url(full_interp).await,
+            serve_url(full_cached).await,
         )
     });
     let client = reqwest::Client::new();
-    let path = common::SEND_PATH;
+    let path = testkit::SEND_PATH;
     let url_bare = format!("{bare_url}{path}");
     let url_full = format!("{full_url}{path}");
     let url_interp = format!("{interp_url}{path}");
@@ -277,7 +276,7 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
     });
     // In-process (tower oneshot, no network): the layers' own cost, worst case for the ratio.
     let req = |t: &str| {
-        Request::post(common::SEND_PATH)
+        Request::post(testkit::SEND_PATH)
             .header("authorization", t)
             .body(Body::empty())
             .unwrap()
@@ -338,7 +337,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let opa = common::OpaServer::start();
+    let opa = OpaServer::start(&testkit::policy_dir());
     let mut c = Criterion::default().configure_from_args();
     engines(&mut c, &rt, &opa);
     jwt(&mut c, &rt);
