@@ -687,34 +687,10 @@ async fn post_message(
     if let Some(r) = reject_conversation_id(&conversation_id) {
         return r;
     }
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => return body_rejection(&e),
-    };
-    let msg: SendMessage = match serde_json::from_slice(&body) {
+    let msg = match parse_message(&gw.settings, body) {
         Ok(m) => m,
-        Err(e) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "invalid_body",
-                &format!("expected {{\"text\": string}}: {e}"),
-            );
-        }
+        Err(r) => return r,
     };
-    if msg.text.trim().is_empty() {
-        return problem(StatusCode::BAD_REQUEST, "empty_message", "text is empty");
-    }
-    if msg.text.len() > gw.settings.chat.max_message_bytes {
-        return problem(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "message_too_large",
-            &format!(
-                "text is {} bytes; the limit is {}",
-                msg.text.len(),
-                gw.settings.chat.max_message_bytes
-            ),
-        );
-    }
 
     if let Err(r) = authorize_owner(
         &gw,
@@ -737,24 +713,9 @@ async fn post_message(
         principal: principal.clone(),
         request_id: id_str(&request_id).to_owned(),
     };
-    // A retry with the same key publishes the same envelope id, so even a
-    // retry the key store no longer remembers is one message to the
-    // worker's inbox.
-    let id = match &key {
-        Some(k) => message_id_for(&principal.tenant, &principal.subject, k.as_str()),
-        None => Uuid::now_v7(),
-    };
-    let envelope = Envelope::builder(
-        protocol::MESSAGE_RECEIVED,
-        principal.tenant.as_str(),
-        conversation_id.as_str(),
-    )
-    .id(id)
-    .json(&request)
-    .and_then(|b| b.correlation_id(request.request_id.as_str()).build());
-    let envelope = match envelope {
+    let envelope = match message_envelope(&principal, &conversation_id, &request, key.as_ref()) {
         Ok(e) => e,
-        Err(e) => return problem(StatusCode::BAD_REQUEST, "invalid_message", &e.to_string()),
+        Err(r) => return r,
     };
     // The publish runs in its own task: a client that disconnects (or the
     // request timeout) drops this handler, not the publish, which completes
@@ -778,6 +739,76 @@ async fn post_message(
             Problem::internal().into_response()
         }
     }
+}
+
+/// The message of a `POST`: a JSON `{"text": …}` body, not blank, of at
+/// most `chat.max_message_bytes`; else the answer (400, 413).
+// The Err is the handler's answer, returned as it is.
+#[allow(clippy::result_large_err)]
+fn parse_message(
+    settings: &PlatformSettings,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<SendMessage, Response> {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return Err(body_rejection(&e)),
+    };
+    let msg: SendMessage = match serde_json::from_slice(&body) {
+        Ok(m) => m,
+        Err(e) => {
+            return Err(problem(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                &format!("expected {{\"text\": string}}: {e}"),
+            ));
+        }
+    };
+    if msg.text.trim().is_empty() {
+        return Err(problem(
+            StatusCode::BAD_REQUEST,
+            "empty_message",
+            "text is empty",
+        ));
+    }
+    if msg.text.len() > settings.chat.max_message_bytes {
+        return Err(problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "message_too_large",
+            &format!(
+                "text is {} bytes; the limit is {}",
+                msg.text.len(),
+                settings.chat.max_message_bytes
+            ),
+        ));
+    }
+    Ok(msg)
+}
+
+/// The envelope that carries `request` to the workers; else the answer
+/// (400). A retry with the same key publishes the same envelope id, so even
+/// a retry the key store no longer remembers is one message to the worker's
+/// inbox.
+// The Err is the handler's answer, returned as it is.
+#[allow(clippy::result_large_err)]
+fn message_envelope(
+    principal: &Principal,
+    conversation_id: &str,
+    request: &ChatRequest,
+    key: Option<&IdempotencyKey>,
+) -> Result<Envelope, Response> {
+    let id = match key {
+        Some(k) => message_id_for(&principal.tenant, &principal.subject, k.as_str()),
+        None => Uuid::now_v7(),
+    };
+    Envelope::builder(
+        protocol::MESSAGE_RECEIVED,
+        principal.tenant.as_str(),
+        conversation_id,
+    )
+    .id(id)
+    .json(request)
+    .and_then(|b| b.correlation_id(request.request_id.as_str()).build())
+    .map_err(|e| problem(StatusCode::BAD_REQUEST, "invalid_message", &e.to_string()))
 }
 
 /// The envelope id of the message sent with Idempotency-Key `key` by
