@@ -1038,6 +1038,40 @@ impl Session {
         }
     }
 
+    /// Positions a new stream: from now on (after the newest stored event),
+    /// or after the client's `Last-Event-ID` `resume_from`, with the stored
+    /// events since queued. An id this conversation never had gets an
+    /// `event: reset` and the stream goes on after the newest.
+    async fn start(
+        &mut self,
+        resume_from: Option<u64>,
+    ) -> Result<(), crate::session_events::SessionEventsError> {
+        let bounds = self
+            .store
+            .bounds(&self.tenant, &self.conversation_id)
+            .await?;
+        match resume_from {
+            None => {
+                self.last = bounds.head;
+                Ok(())
+            }
+            Some(after) if after > bounds.head => {
+                self.metrics.resets.inc();
+                self.pending.push_back(Out::Reset {
+                    last_event_id: after,
+                    resumed_after: bounds.head,
+                });
+                self.last = bounds.head;
+                Ok(())
+            }
+            Some(after) => {
+                self.metrics.resumed("last_event_id");
+                self.last = after;
+                self.catch_up().await
+            }
+        }
+    }
+
     /// Queues the stored events after `last` (with an `event: reset` first
     /// when the oldest of them is no longer kept).
     async fn catch_up(&mut self) -> Result<(), crate::session_events::SessionEventsError> {
@@ -1216,40 +1250,7 @@ async fn events_stream(
     // on the channel, or both (then dropped by id) — never in neither.
     let sub = gw.hub.subscribe(&principal.tenant, &conversation_id);
     let mut session = Session::new(sub, &gw, principal.tenant, conversation_id);
-    let started = match resume_from {
-        // From now on: everything after the newest stored event.
-        None => gw
-            .store
-            .bounds(&session.tenant, &session.conversation_id)
-            .await
-            .map(|b| session.last = b.head),
-        Some(after) => {
-            match gw
-                .store
-                .bounds(&session.tenant, &session.conversation_id)
-                .await
-            {
-                Ok(b) if after > b.head => {
-                    // An id this conversation never had: say so, go on
-                    // after the newest.
-                    gw.sse_metrics.resets.inc();
-                    session.pending.push_back(Out::Reset {
-                        last_event_id: after,
-                        resumed_after: b.head,
-                    });
-                    session.last = b.head;
-                    Ok(())
-                }
-                Ok(_) => {
-                    gw.sse_metrics.resumed("last_event_id");
-                    session.last = after;
-                    session.catch_up().await
-                }
-                Err(e) => Err(e),
-            }
-        }
-    };
-    if let Err(e) = started {
+    if let Err(e) = session.start(resume_from).await {
         tracing::warn!(event = "sse_store_unavailable", error = %e);
         return problem(
             StatusCode::SERVICE_UNAVAILABLE,
