@@ -167,39 +167,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 
 fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
     let bare: Router = testkit::bare_router();
-    let config = testkit::config_with_static_keys();
-    let authn = Arc::new(Authenticator::builder(&config).build().unwrap());
-    // No decision cache (it is on by default): every request evaluates the
-    // policy (worst case).
-    let no_cache = || {
-        let mut c = CacheConfig::default();
-        c.enabled = false;
-        c
-    };
-    let authz = Arc::new(
-        Authorizer::builder(embedded(RegoEvaluator::Auto))
-            .cache(no_cache())
-            .build(),
-    );
-    let authz_interp = Arc::new(
-        Authorizer::builder(embedded(RegoEvaluator::Interpreter))
-            .cache(no_cache())
-            .build(),
-    );
-    // With the decision cache on at its default TTL and capacity (every
-    // request after the first is a hit: one user, one route).
-    let authz_cached = Arc::new(
-        Authorizer::builder(embedded(RegoEvaluator::Auto))
-            .cache({
-                let mut c = CacheConfig::default();
-                c.enabled = true;
-                c
-            })
-            .build(),
-    );
-    let full: Router = testkit::guarded_router(authn.clone(), Some(authz));
-    let full_interp: Router = testkit::guarded_router(authn.clone(), Some(authz_interp));
-    let full_cached: Router = testkit::guarded_router(authn, Some(authz_cached));
+    let (full, full_interp, full_cached) = guarded_routers();
     let token = testkit::long_lived_bearer();
     // Over real HTTP on loopback (keep-alive client), the way requests reach a service.
     let (bare_url, full_url, interp_url, cached_url) = rt.block_on(async {
@@ -291,6 +259,62 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
     });
     g.finish();
 
+    paired_blocks(rt, burst, &url_bare, &url_full)
+}
+
+/// The bare handler's router behind authentication and the reference policy
+/// three ways: no decision cache (it is on by default: every request
+/// evaluates the policy, the worst case) with the default evaluator, the
+/// same with the interpreter, and with the decision cache on at its default
+/// TTL and capacity (every request after the first is a hit: one user, one
+/// route).
+fn guarded_routers() -> (Router, Router, Router) {
+    let config = testkit::config_with_static_keys();
+    let authn = Arc::new(Authenticator::builder(&config).build().unwrap());
+    let no_cache = || {
+        let mut c = CacheConfig::default();
+        c.enabled = false;
+        c
+    };
+    let authz = Arc::new(
+        Authorizer::builder(embedded(RegoEvaluator::Auto))
+            .cache(no_cache())
+            .build(),
+    );
+    let authz_interp = Arc::new(
+        Authorizer::builder(embedded(RegoEvaluator::Interpreter))
+            .cache(no_cache())
+            .build(),
+    );
+    let authz_cached = Arc::new(
+        Authorizer::builder(embedded(RegoEvaluator::Auto))
+            .cache({
+                let mut c = CacheConfig::default();
+                c.enabled = true;
+                c
+            })
+            .build(),
+    );
+    (
+        testkit::guarded_router(authn.clone(), Some(authz)),
+        testkit::guarded_router(authn.clone(), Some(authz_interp)),
+        testkit::guarded_router(authn, Some(authz_cached)),
+    )
+}
+
+/// 40 rounds of one block of 400 requests (`burst`) to each of `url_bare`
+/// and `url_full`, alternating which goes first so neither always follows
+/// the other: the medians of the time per request and of the ratio.
+fn paired_blocks<F, Fut>(
+    rt: &tokio::runtime::Runtime,
+    burst: F,
+    url_bare: &str,
+    url_full: &str,
+) -> Paired
+where
+    F: Fn(&str, u64) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     const ROUNDS: usize = 40;
     const BLOCK: u64 = 400;
     let (mut bare_t, mut full_t, mut keeps) = (Vec::new(), Vec::new(), Vec::new());
@@ -300,7 +324,7 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
             let mut t = [0.0f64; 2];
             for k in 0..2 {
                 let which = (k + round) % 2;
-                let url = if which == 0 { &url_bare } else { &url_full };
+                let url = if which == 0 { url_bare } else { url_full };
                 let start = std::time::Instant::now();
                 burst(url, BLOCK).await;
                 t[which] = start.elapsed().as_secs_f64() * 1e6 / BLOCK as f64;
