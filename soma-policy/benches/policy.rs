@@ -367,21 +367,29 @@ fn main() {
     jwt(&mut c, &rt);
     let paired = stack(&mut c, &rt);
     c.final_summary();
+    print_summary(&paired);
+}
 
-    let m = |g, n| median_ns(g, n).unwrap_or(f64::NAN);
-    let embedded = m("decision", "embedded");
-    let embedded_interp = m("decision", "embedded_interpreter");
-    let remote = m("decision", "remote_opa_loopback");
-    let hit = m("cache", "authorizer_check_hit");
-    let hs = m("jwt", "HS256");
-    let rs = m("jwt", "RS256");
-    let bare = m("stack", "bare_handler_http");
-    let full = m("stack", "authn_authz_handler_http");
-    let bare_c = m("stack", "bare_handler_http_c16");
-    let full_c = m("stack", "authn_authz_handler_http_c16");
-    let bare_in = m("stack", "bare_handler_inproc");
-    let full_in = m("stack", "authn_authz_handler_inproc");
+/// Prints criterion's medians of this run side by side with their goals,
+/// and the ratios between them.
+fn print_summary(paired: &Paired) {
     println!("\n== soma-policy summary (criterion medians) ==");
+    print_decisions();
+    print_jwt();
+    print_stack(paired);
+}
+
+/// Criterion's median of `group/name` in ns; NaN when it has none.
+fn median_of(group: &str, name: &str) -> f64 {
+    median_ns(group, name).unwrap_or(f64::NAN)
+}
+
+/// Embedded (VM, interpreter) and remote decisions, and a decision-cache hit.
+fn print_decisions() {
+    let embedded = median_of("decision", "embedded");
+    let embedded_interp = median_of("decision", "embedded_interpreter");
+    let remote = median_of("decision", "remote_opa_loopback");
+    let hit = median_of("cache", "authorizer_check_hit");
     println!(
         "embedded decision        {:>10.2} µs   (default evaluator: auto → VM; goal ≤ 15 µs)",
         embedded / 1e3
@@ -392,7 +400,7 @@ fn main() {
     );
     println!(
         "interpreter, const policy{:>10.2} µs   (engine + input conversion only)",
-        m("decision", "embedded_constant_policy") / 1e3
+        median_of("decision", "embedded_constant_policy") / 1e3
     );
     println!("remote OPA (loopback)    {:>10.2} µs", remote / 1e3);
     println!(
@@ -407,6 +415,12 @@ fn main() {
         "cache hit (check)        {:>10.3} µs   (goal ≤ 1 µs)",
         hit / 1e3
     );
+}
+
+/// Token validation per algorithm, and a verified-token cache hit.
+fn print_jwt() {
+    let hs = median_of("jwt", "HS256");
+    let rs = median_of("jwt", "RS256");
     println!(
         "HS256 validation         {:>10.2} µs   (goal ≤ 5 µs)",
         hs / 1e3
@@ -417,16 +431,27 @@ fn main() {
     );
     println!(
         "cached token (any alg)   {:>10.2} µs   (verified-token cache hit, the default)",
-        m("jwt", "cached_token") / 1e3
+        median_of("jwt", "cached_token") / 1e3
     );
     println!(
         "ES256 validation         {:>10.2} µs",
-        m("jwt", "ES256") / 1e3
+        median_of("jwt", "ES256") / 1e3
     );
     println!(
         "EdDSA validation         {:>10.2} µs",
-        m("jwt", "EdDSA") / 1e3
+        median_of("jwt", "EdDSA") / 1e3
     );
+}
+
+/// The handler bare and behind the layers: over HTTP at 16 in flight
+/// (criterion and `paired` blocks), sequentially, and in process.
+fn print_stack(paired: &Paired) {
+    let bare = median_of("stack", "bare_handler_http");
+    let full = median_of("stack", "authn_authz_handler_http");
+    let bare_c = median_of("stack", "bare_handler_http_c16");
+    let full_c = median_of("stack", "authn_authz_handler_http_c16");
+    let bare_in = median_of("stack", "bare_handler_inproc");
+    let full_in = median_of("stack", "authn_authz_handler_inproc");
     let rps = |ns: f64| 1e9 / ns;
     println!("bare handler (HTTP, c16) {:>10.0} req/s", rps(bare_c));
     println!(
@@ -434,13 +459,13 @@ fn main() {
         rps(full_c),
         bare_c / full_c
     );
-    let interp_c = m("stack", "authn_authz_interpreter_handler_http_c16");
+    let interp_c = median_of("stack", "authn_authz_interpreter_handler_http_c16");
     println!(
         "authn+authz, interp (c16){:>10.0} req/s  keeps {:.2} × of bare",
         rps(interp_c),
         bare_c / interp_c
     );
-    let cached_c = m("stack", "authn_authz_cached_handler_http_c16");
+    let cached_c = median_of("stack", "authn_authz_cached_handler_http_c16");
     println!(
         "authn+authz + cache      {:>10.0} req/s  keeps {:.2} × of bare",
         rps(cached_c),
