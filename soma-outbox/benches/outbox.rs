@@ -169,6 +169,140 @@ impl Sink for StampSink {
     }
 }
 
+/// Stage 1, enqueue: UNNEST vs multi-row VALUES (criterion, then interleaved
+/// timed runs); rows per second of UNNEST, VALUES and the server-side floor.
+fn enqueue(c: &mut Criterion, rt: &tokio::runtime::Runtime, pool: &PgPool) -> (f64, f64, f64) {
+    let ob = rt.block_on(setup(pool, "bench_enq"));
+    rt.block_on(create_floor_rows(pool, ob.schema()));
+    {
+        let mut g = c.benchmark_group("enqueue_1000_rows");
+        g.throughput(Throughput::Elements(BATCH as u64));
+        rt.block_on(truncate(pool, ob.schema()));
+        g.bench_function("unnest", |b| {
+            b.to_async(rt).iter(|| async {
+                ob.enqueue_standalone(&batch(BATCH)).await.unwrap();
+            })
+        });
+        rt.block_on(truncate(pool, ob.schema()));
+        g.bench_function("multi_row_values", |b| {
+            b.to_async(rt).iter(|| async {
+                enqueue_values(pool, ob.schema(), &batch(BATCH)).await;
+            })
+        });
+        rt.block_on(truncate(pool, ob.schema()));
+        g.bench_function("multi_row_values_unprepared", |b| {
+            b.to_async(rt).iter(|| async {
+                enqueue_values_with(pool, ob.schema(), &batch(BATCH), false).await;
+            })
+        });
+        rt.block_on(truncate(pool, ob.schema()));
+        g.bench_function("server_floor_insert_select", |b| {
+            b.to_async(rt)
+                .iter(|| async { enqueue_server_floor(pool, ob.schema()).await })
+        });
+        g.finish();
+    }
+    let (unnest, values, floor) = rt.block_on(async {
+        // Interleave the three to share the machine's noise fairly, each
+        // segment starting from an empty table.
+        let (mut u, mut v, mut f) = (0.0, 0.0, 0.0);
+        for _ in 0..3 {
+            truncate(pool, ob.schema()).await;
+            u += timed_rows_per_sec(
+                async || {
+                    ob.enqueue_standalone(&batch(BATCH)).await.unwrap();
+                },
+                10,
+            )
+            .await;
+            truncate(pool, ob.schema()).await;
+            v += timed_rows_per_sec(
+                async || enqueue_values(pool, ob.schema(), &batch(BATCH)).await,
+                10,
+            )
+            .await;
+            truncate(pool, ob.schema()).await;
+            f += timed_rows_per_sec(async || enqueue_server_floor(pool, ob.schema()).await, 10)
+                .await;
+        }
+        (u / 3.0, v / 3.0, f / 3.0)
+    });
+    rt.block_on(drop_schema(pool, &ob));
+    (unnest, values, floor)
+}
+
+/// Stage 2, relay drain into a no-I/O sink: messages per second over 50,000.
+async fn drain_rate(pool: &PgPool) -> f64 {
+    let ob = setup(pool, "bench_drain").await;
+    let total = 50_000usize;
+    for _ in 0..total / 5_000 {
+        ob.enqueue_standalone(&batch(5_000)).await.unwrap();
+    }
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut cfg = RelayConfig::default();
+    cfg.batch_size = 2_000;
+    cfg.shards = 16;
+    let start = Instant::now();
+    let relay = Relay::new(ob.clone(), NullSink(seen.clone()), cfg).spawn();
+    loop {
+        if seen.load(std::sync::atomic::Ordering::Relaxed) >= total as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rate = total as f64 / start.elapsed().as_secs_f64();
+    relay.shutdown().await.unwrap();
+    assert_eq!(ob.stats().await.unwrap().pending, 0);
+    drop_schema(pool, &ob).await;
+    rate
+}
+
+/// Stage 3, commit-to-publish latency at a steady 1,000 msg/s (4 producers
+/// x 250 tx/s, 1 msg per tx): p50, p99 and max in ms, and the message count.
+async fn commit_to_publish_latency(pool: &PgPool) -> (f64, f64, f64, usize) {
+    let ob = setup(pool, "bench_lat").await;
+    let stamps = Arc::new(Mutex::new(HashMap::new()));
+    let mut cfg = RelayConfig::default();
+    cfg.batch_size = 500;
+    let relay = Relay::new(ob.clone(), StampSink(stamps.clone()), cfg).spawn();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let secs = 5u64;
+    let producers = (0..4).map(|p| {
+        let ob = ob.clone();
+        tokio::spawn(async move {
+            let mut commits = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(4));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            for i in 0..(secs * 250) {
+                tick.tick().await;
+                let m = NewMessage::new("bench.lat", vec![b'x'; 200])
+                    .with_key(format!("p{p}-{}", i % 10));
+                ob.enqueue_standalone(std::slice::from_ref(&m))
+                    .await
+                    .unwrap();
+                commits.push((m.id, Instant::now()));
+            }
+            commits
+        })
+    });
+    let mut commits = Vec::new();
+    for p in futures::future::join_all(producers).await {
+        commits.extend(p.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.shutdown().await.unwrap();
+    let stamps = stamps.lock().unwrap().clone();
+    let mut lat: Vec<f64> = commits
+        .iter()
+        .map(|(id, at)| stamps[id].saturating_duration_since(*at).as_secs_f64() * 1000.0)
+        .collect();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    let r = (q(0.5), q(0.99), *lat.last().unwrap(), lat.len());
+    drop_schema(pool, &ob).await;
+    r
+}
+
 fn main() {
     let url = soma_testkit::require_postgres();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -184,134 +318,9 @@ fn main() {
     });
     let mut c = Criterion::default().configure_from_args();
 
-    // 1. Enqueue: UNNEST vs multi-row VALUES.
-    let ob = rt.block_on(setup(&pool, "bench_enq"));
-    rt.block_on(create_floor_rows(&pool, ob.schema()));
-    {
-        let mut g = c.benchmark_group("enqueue_1000_rows");
-        g.throughput(Throughput::Elements(BATCH as u64));
-        rt.block_on(truncate(&pool, ob.schema()));
-        g.bench_function("unnest", |b| {
-            b.to_async(&rt).iter(|| async {
-                ob.enqueue_standalone(&batch(BATCH)).await.unwrap();
-            })
-        });
-        rt.block_on(truncate(&pool, ob.schema()));
-        g.bench_function("multi_row_values", |b| {
-            b.to_async(&rt).iter(|| async {
-                enqueue_values(&pool, ob.schema(), &batch(BATCH)).await;
-            })
-        });
-        rt.block_on(truncate(&pool, ob.schema()));
-        g.bench_function("multi_row_values_unprepared", |b| {
-            b.to_async(&rt).iter(|| async {
-                enqueue_values_with(&pool, ob.schema(), &batch(BATCH), false).await;
-            })
-        });
-        rt.block_on(truncate(&pool, ob.schema()));
-        g.bench_function("server_floor_insert_select", |b| {
-            b.to_async(&rt)
-                .iter(|| async { enqueue_server_floor(&pool, ob.schema()).await })
-        });
-        g.finish();
-    }
-    let (unnest, values, floor) = rt.block_on(async {
-        // Interleave the three to share the machine's noise fairly, each
-        // segment starting from an empty table.
-        let (mut u, mut v, mut f) = (0.0, 0.0, 0.0);
-        for _ in 0..3 {
-            truncate(&pool, ob.schema()).await;
-            u += timed_rows_per_sec(
-                async || {
-                    ob.enqueue_standalone(&batch(BATCH)).await.unwrap();
-                },
-                10,
-            )
-            .await;
-            truncate(&pool, ob.schema()).await;
-            v += timed_rows_per_sec(
-                async || enqueue_values(&pool, ob.schema(), &batch(BATCH)).await,
-                10,
-            )
-            .await;
-            truncate(&pool, ob.schema()).await;
-            f += timed_rows_per_sec(async || enqueue_server_floor(&pool, ob.schema()).await, 10)
-                .await;
-        }
-        (u / 3.0, v / 3.0, f / 3.0)
-    });
-    rt.block_on(drop_schema(&pool, &ob));
-
-    // 2. Relay drain into a no-I/O sink.
-    let drain = rt.block_on(async {
-        let ob = setup(&pool, "bench_drain").await;
-        let total = 50_000usize;
-        for _ in 0..total / 5_000 {
-            ob.enqueue_standalone(&batch(5_000)).await.unwrap();
-        }
-        let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let mut cfg = RelayConfig::default();
-        cfg.batch_size = 2_000;
-        cfg.shards = 16;
-        let start = Instant::now();
-        let relay = Relay::new(ob.clone(), NullSink(seen.clone()), cfg).spawn();
-        loop {
-            if seen.load(std::sync::atomic::Ordering::Relaxed) >= total as u64 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        let rate = total as f64 / start.elapsed().as_secs_f64();
-        relay.shutdown().await.unwrap();
-        assert_eq!(ob.stats().await.unwrap().pending, 0);
-        drop_schema(&pool, &ob).await;
-        rate
-    });
-
-    // 3. Commit-to-publish latency at a steady 1,000 msg/s (4 producers x 250 tx/s, 1 msg per tx).
-    let (p50, p99, max, n) = rt.block_on(async {
-        let ob = setup(&pool, "bench_lat").await;
-        let stamps = Arc::new(Mutex::new(HashMap::new()));
-        let mut cfg = RelayConfig::default();
-        cfg.batch_size = 500;
-        let relay = Relay::new(ob.clone(), StampSink(stamps.clone()), cfg).spawn();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let secs = 5u64;
-        let producers = (0..4).map(|p| {
-            let ob = ob.clone();
-            tokio::spawn(async move {
-                let mut commits = Vec::new();
-                let mut tick = tokio::time::interval(Duration::from_millis(4));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                for i in 0..(secs * 250) {
-                    tick.tick().await;
-                    let m = NewMessage::new("bench.lat", vec![b'x'; 200])
-                        .with_key(format!("p{p}-{}", i % 10));
-                    ob.enqueue_standalone(std::slice::from_ref(&m))
-                        .await
-                        .unwrap();
-                    commits.push((m.id, Instant::now()));
-                }
-                commits
-            })
-        });
-        let mut commits = Vec::new();
-        for p in futures::future::join_all(producers).await {
-            commits.extend(p.unwrap());
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        relay.shutdown().await.unwrap();
-        let stamps = stamps.lock().unwrap().clone();
-        let mut lat: Vec<f64> = commits
-            .iter()
-            .map(|(id, at)| stamps[id].saturating_duration_since(*at).as_secs_f64() * 1000.0)
-            .collect();
-        lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
-        let r = (q(0.5), q(0.99), *lat.last().unwrap(), lat.len());
-        drop_schema(&pool, &ob).await;
-        r
-    });
+    let (unnest, values, floor) = enqueue(&mut c, &rt, &pool);
+    let drain = rt.block_on(drain_rate(&pool));
+    let (p50, p99, max, n) = rt.block_on(commit_to_publish_latency(&pool));
 
     c.final_summary();
     println!();

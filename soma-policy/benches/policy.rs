@@ -7,9 +7,6 @@
 
 #![allow(missing_docs)]
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::sync::Arc;
 
 use axum::Router;
@@ -17,28 +14,30 @@ use axum::body::Body;
 use criterion::{Criterion, black_box};
 use futures_util::StreamExt;
 use http::Request;
+use soma_policy::testkit;
 use soma_policy::{
     Authenticator, Authorizer, AuthzInput, CacheConfig, EmbeddedRego, JwtAlgorithm, OpaConfig,
     PolicyEngine, PolicyMetrics, RegoEvaluator, RemoteOpa,
 };
+use soma_testkit::{OpaServer, serve_url};
 use tower::ServiceExt;
 
 const ENTRY: &str = "data.soma.authz.decision";
 
 fn input() -> AuthzInput {
-    common::send_input()
+    testkit::send_input()
 }
 
 fn embedded(evaluator: RegoEvaluator) -> Arc<EmbeddedRego> {
     Arc::new(
-        EmbeddedRego::from_dir(common::policy_dir(), ENTRY, PolicyMetrics::default())
+        EmbeddedRego::from_dir(testkit::policy_dir(), ENTRY, PolicyMetrics::default())
             .unwrap()
             .with_evaluator(evaluator)
             .unwrap(),
     )
 }
 
-fn engines(c: &mut Criterion, rt: &tokio::runtime::Runtime, opa: &common::OpaServer) {
+fn engines(c: &mut Criterion, rt: &tokio::runtime::Runtime, opa: &OpaServer) {
     let embedded_interp = embedded(RegoEvaluator::Interpreter);
     let embedded = embedded(RegoEvaluator::Auto);
     assert_eq!(embedded.active_evaluator(), RegoEvaluator::Vm);
@@ -109,14 +108,14 @@ fn engines(c: &mut Criterion, rt: &tokio::runtime::Runtime, opa: &common::OpaSer
 
 fn jwt(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     // Full verification every time: the verified-token cache off.
-    let mut uncached = common::config_with_static_keys();
+    let mut uncached = testkit::config_with_static_keys();
     uncached.token_cache.enabled = false;
     let auth = Authenticator::builder(&uncached).build().unwrap();
-    let cached = Authenticator::builder(&common::config_with_static_keys())
+    let cached = Authenticator::builder(&testkit::config_with_static_keys())
         .build()
         .unwrap();
-    let mut claims = common::claims("alice");
-    claims["exp"] = serde_json::json!(common::now() + 86_400);
+    let mut claims = testkit::claims("alice");
+    claims["exp"] = serde_json::json!(testkit::now() + 86_400);
     let mut g = c.benchmark_group("jwt");
     for alg in [
         JwtAlgorithm::HS256,
@@ -124,7 +123,7 @@ fn jwt(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         JwtAlgorithm::ES256,
         JwtAlgorithm::EdDSA,
     ] {
-        let token = common::mint(alg, Some(common::kid_for(alg)), &claims);
+        let token = testkit::mint(alg, Some(testkit::kid_for(alg)), &claims);
         rt.block_on(auth.verify_token(&token)).unwrap();
         g.bench_function(alg.as_str(), |b| {
             b.iter(|| {
@@ -138,7 +137,7 @@ fn jwt(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         });
     }
     // The same token again, with the verified-token cache (the default).
-    let token = common::mint(JwtAlgorithm::RS256, Some("rs"), &claims);
+    let token = testkit::mint(JwtAlgorithm::RS256, Some("rs"), &claims);
     rt.block_on(cached.verify_token(&token)).unwrap();
     g.bench_function("cached_token", |b| {
         b.iter(|| {
@@ -167,52 +166,20 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
-    let bare: Router = common::bare_router();
-    let config = common::config_with_static_keys();
-    let authn = Arc::new(Authenticator::builder(&config).build().unwrap());
-    // No decision cache (it is on by default): every request evaluates the
-    // policy (worst case).
-    let no_cache = || {
-        let mut c = CacheConfig::default();
-        c.enabled = false;
-        c
-    };
-    let authz = Arc::new(
-        Authorizer::builder(embedded(RegoEvaluator::Auto))
-            .cache(no_cache())
-            .build(),
-    );
-    let authz_interp = Arc::new(
-        Authorizer::builder(embedded(RegoEvaluator::Interpreter))
-            .cache(no_cache())
-            .build(),
-    );
-    // With the decision cache on at its default TTL and capacity (every
-    // request after the first is a hit: one user, one route).
-    let authz_cached = Arc::new(
-        Authorizer::builder(embedded(RegoEvaluator::Auto))
-            .cache({
-                let mut c = CacheConfig::default();
-                c.enabled = true;
-                c
-            })
-            .build(),
-    );
-    let full: Router = common::guarded_router(authn.clone(), Some(authz));
-    let full_interp: Router = common::guarded_router(authn.clone(), Some(authz_interp));
-    let full_cached: Router = common::guarded_router(authn, Some(authz_cached));
-    let token = common::long_lived_bearer();
+    let bare: Router = testkit::bare_router();
+    let (full, full_interp, full_cached) = guarded_routers();
+    let token = testkit::long_lived_bearer();
     // Over real HTTP on loopback (keep-alive client), the way requests reach a service.
     let (bare_url, full_url, interp_url, cached_url) = rt.block_on(async {
         (
-            common::serve(bare.clone()).await,
-            common::serve(full.clone()).await,
-            common::serve(full_interp).await,
-            common::serve(full_cached).await,
+            serve_url(bare.clone()).await,
+            serve_url(full.clone()).await,
+            serve_url(full_interp).await,
+            serve_url(full_cached).await,
         )
     });
     let client = reqwest::Client::new();
-    let path = common::SEND_PATH;
+    let path = testkit::SEND_PATH;
     let url_bare = format!("{bare_url}{path}");
     let url_full = format!("{full_url}{path}");
     let url_interp = format!("{interp_url}{path}");
@@ -277,7 +244,7 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
     });
     // In-process (tower oneshot, no network): the layers' own cost, worst case for the ratio.
     let req = |t: &str| {
-        Request::post(common::SEND_PATH)
+        Request::post(testkit::SEND_PATH)
             .header("authorization", t)
             .body(Body::empty())
             .unwrap()
@@ -292,6 +259,62 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
     });
     g.finish();
 
+    paired_blocks(rt, burst, &url_bare, &url_full)
+}
+
+/// The bare handler's router behind authentication and the reference policy
+/// three ways: no decision cache (it is on by default: every request
+/// evaluates the policy, the worst case) with the default evaluator, the
+/// same with the interpreter, and with the decision cache on at its default
+/// TTL and capacity (every request after the first is a hit: one user, one
+/// route).
+fn guarded_routers() -> (Router, Router, Router) {
+    let config = testkit::config_with_static_keys();
+    let authn = Arc::new(Authenticator::builder(&config).build().unwrap());
+    let no_cache = || {
+        let mut c = CacheConfig::default();
+        c.enabled = false;
+        c
+    };
+    let authz = Arc::new(
+        Authorizer::builder(embedded(RegoEvaluator::Auto))
+            .cache(no_cache())
+            .build(),
+    );
+    let authz_interp = Arc::new(
+        Authorizer::builder(embedded(RegoEvaluator::Interpreter))
+            .cache(no_cache())
+            .build(),
+    );
+    let authz_cached = Arc::new(
+        Authorizer::builder(embedded(RegoEvaluator::Auto))
+            .cache({
+                let mut c = CacheConfig::default();
+                c.enabled = true;
+                c
+            })
+            .build(),
+    );
+    (
+        testkit::guarded_router(authn.clone(), Some(authz)),
+        testkit::guarded_router(authn.clone(), Some(authz_interp)),
+        testkit::guarded_router(authn, Some(authz_cached)),
+    )
+}
+
+/// 40 rounds of one block of 400 requests (`burst`) to each of `url_bare`
+/// and `url_full`, alternating which goes first so neither always follows
+/// the other: the medians of the time per request and of the ratio.
+fn paired_blocks<F, Fut>(
+    rt: &tokio::runtime::Runtime,
+    burst: F,
+    url_bare: &str,
+    url_full: &str,
+) -> Paired
+where
+    F: Fn(&str, u64) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     const ROUNDS: usize = 40;
     const BLOCK: u64 = 400;
     let (mut bare_t, mut full_t, mut keeps) = (Vec::new(), Vec::new(), Vec::new());
@@ -301,7 +324,7 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
             let mut t = [0.0f64; 2];
             for k in 0..2 {
                 let which = (k + round) % 2;
-                let url = if which == 0 { &url_bare } else { &url_full };
+                let url = if which == 0 { url_bare } else { url_full };
                 let start = std::time::Instant::now();
                 burst(url, BLOCK).await;
                 t[which] = start.elapsed().as_secs_f64() * 1e6 / BLOCK as f64;
@@ -338,27 +361,35 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let opa = common::OpaServer::start();
+    let opa = OpaServer::start(&testkit::policy_dir());
     let mut c = Criterion::default().configure_from_args();
     engines(&mut c, &rt, &opa);
     jwt(&mut c, &rt);
     let paired = stack(&mut c, &rt);
     c.final_summary();
+    print_summary(&paired);
+}
 
-    let m = |g, n| median_ns(g, n).unwrap_or(f64::NAN);
-    let embedded = m("decision", "embedded");
-    let embedded_interp = m("decision", "embedded_interpreter");
-    let remote = m("decision", "remote_opa_loopback");
-    let hit = m("cache", "authorizer_check_hit");
-    let hs = m("jwt", "HS256");
-    let rs = m("jwt", "RS256");
-    let bare = m("stack", "bare_handler_http");
-    let full = m("stack", "authn_authz_handler_http");
-    let bare_c = m("stack", "bare_handler_http_c16");
-    let full_c = m("stack", "authn_authz_handler_http_c16");
-    let bare_in = m("stack", "bare_handler_inproc");
-    let full_in = m("stack", "authn_authz_handler_inproc");
+/// Prints criterion's medians of this run side by side with their goals,
+/// and the ratios between them.
+fn print_summary(paired: &Paired) {
     println!("\n== soma-policy summary (criterion medians) ==");
+    print_decisions();
+    print_jwt();
+    print_stack(paired);
+}
+
+/// Criterion's median of `group/name` in ns; NaN when it has none.
+fn median_of(group: &str, name: &str) -> f64 {
+    median_ns(group, name).unwrap_or(f64::NAN)
+}
+
+/// Embedded (VM, interpreter) and remote decisions, and a decision-cache hit.
+fn print_decisions() {
+    let embedded = median_of("decision", "embedded");
+    let embedded_interp = median_of("decision", "embedded_interpreter");
+    let remote = median_of("decision", "remote_opa_loopback");
+    let hit = median_of("cache", "authorizer_check_hit");
     println!(
         "embedded decision        {:>10.2} µs   (default evaluator: auto → VM; goal ≤ 15 µs)",
         embedded / 1e3
@@ -369,7 +400,7 @@ fn main() {
     );
     println!(
         "interpreter, const policy{:>10.2} µs   (engine + input conversion only)",
-        m("decision", "embedded_constant_policy") / 1e3
+        median_of("decision", "embedded_constant_policy") / 1e3
     );
     println!("remote OPA (loopback)    {:>10.2} µs", remote / 1e3);
     println!(
@@ -384,6 +415,12 @@ fn main() {
         "cache hit (check)        {:>10.3} µs   (goal ≤ 1 µs)",
         hit / 1e3
     );
+}
+
+/// Token validation per algorithm, and a verified-token cache hit.
+fn print_jwt() {
+    let hs = median_of("jwt", "HS256");
+    let rs = median_of("jwt", "RS256");
     println!(
         "HS256 validation         {:>10.2} µs   (goal ≤ 5 µs)",
         hs / 1e3
@@ -394,16 +431,27 @@ fn main() {
     );
     println!(
         "cached token (any alg)   {:>10.2} µs   (verified-token cache hit, the default)",
-        m("jwt", "cached_token") / 1e3
+        median_of("jwt", "cached_token") / 1e3
     );
     println!(
         "ES256 validation         {:>10.2} µs",
-        m("jwt", "ES256") / 1e3
+        median_of("jwt", "ES256") / 1e3
     );
     println!(
         "EdDSA validation         {:>10.2} µs",
-        m("jwt", "EdDSA") / 1e3
+        median_of("jwt", "EdDSA") / 1e3
     );
+}
+
+/// The handler bare and behind the layers: over HTTP at 16 in flight
+/// (criterion and `paired` blocks), sequentially, and in process.
+fn print_stack(paired: &Paired) {
+    let bare = median_of("stack", "bare_handler_http");
+    let full = median_of("stack", "authn_authz_handler_http");
+    let bare_c = median_of("stack", "bare_handler_http_c16");
+    let full_c = median_of("stack", "authn_authz_handler_http_c16");
+    let bare_in = median_of("stack", "bare_handler_inproc");
+    let full_in = median_of("stack", "authn_authz_handler_inproc");
     let rps = |ns: f64| 1e9 / ns;
     println!("bare handler (HTTP, c16) {:>10.0} req/s", rps(bare_c));
     println!(
@@ -411,13 +459,13 @@ fn main() {
         rps(full_c),
         bare_c / full_c
     );
-    let interp_c = m("stack", "authn_authz_interpreter_handler_http_c16");
+    let interp_c = median_of("stack", "authn_authz_interpreter_handler_http_c16");
     println!(
         "authn+authz, interp (c16){:>10.0} req/s  keeps {:.2} × of bare",
         rps(interp_c),
         bare_c / interp_c
     );
-    let cached_c = m("stack", "authn_authz_cached_handler_http_c16");
+    let cached_c = median_of("stack", "authn_authz_cached_handler_http_c16");
     println!(
         "authn+authz + cache      {:>10.0} req/s  keeps {:.2} × of bare",
         rps(cached_c),

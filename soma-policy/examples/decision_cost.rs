@@ -16,17 +16,14 @@
 //! valgrind --tool=callgrind target/release/examples/decision_cost soma-policy/policy 1000
 //! ```
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::hint::black_box;
 use std::time::Instant;
 
-use soma_policy::{EmbeddedRego, PolicyMetrics};
+use soma_policy::{EmbeddedRego, PolicyMetrics, testkit};
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let dir = args.next().map_or_else(common::policy_dir, Into::into);
+    let dir = args.next().map_or_else(testkit::policy_dir, Into::into);
     let n: u32 = match args.next().map(|a| a.parse()) {
         None => 200_000,
         Some(Ok(n)) if n > 0 => n,
@@ -40,7 +37,7 @@ fn main() {
             eprintln!("{}: {e}", dir.display());
             std::process::exit(1);
         });
-    let input = common::send_input();
+    let input = testkit::send_input();
     let first = engine.evaluate_sync(&input).expect("the policy decides");
     let start = Instant::now();
     for _ in 0..n {

@@ -12,14 +12,12 @@
 //! `N` defaults to 40,000 (after 2,000 to warm up); `POLICY_DIR` to the
 //! reference policy.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::StreamExt;
-use soma_policy::{Authenticator, Authorizer, CacheConfig, EmbeddedRego, PolicyMetrics};
+use soma_policy::{Authenticator, Authorizer, CacheConfig, EmbeddedRego, PolicyMetrics, testkit};
+use soma_testkit::serve_url;
 
 const IN_FLIGHT: usize = 16;
 
@@ -36,7 +34,7 @@ fn main() {
         Some(Ok(n)) if n > 0 => n,
         Some(_) => usage(),
     };
-    let dir = args.next().map_or_else(common::policy_dir, Into::into);
+    let dir = args.next().map_or_else(testkit::policy_dir, Into::into);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -44,14 +42,14 @@ fn main() {
         .unwrap();
     let authn = || {
         Arc::new(
-            Authenticator::builder(&common::config_with_static_keys())
+            Authenticator::builder(&testkit::config_with_static_keys())
                 .build()
                 .unwrap(),
         )
     };
     let app = match mode.as_str() {
-        "bare" => common::bare_router(),
-        "authn" => common::guarded_router(authn(), None),
+        "bare" => testkit::bare_router(),
+        "authn" => testkit::guarded_router(authn(), None),
         "full" => {
             let engine =
                 EmbeddedRego::from_dir(&dir, "data.soma.authz.decision", PolicyMetrics::default())
@@ -69,14 +67,14 @@ fn main() {
                     })
                     .build(),
             );
-            common::guarded_router(authn(), Some(authz))
+            testkit::guarded_router(authn(), Some(authz))
         }
         _ => usage(),
     };
-    let token = common::long_lived_bearer();
+    let token = testkit::long_lived_bearer();
     let client = reqwest::Client::new();
     rt.block_on(async {
-        let url = format!("{}{}", common::serve(app).await, common::SEND_PATH);
+        let url = format!("{}{}", serve_url(app).await, testkit::SEND_PATH);
         let (client, url, token, mode) = (&client, &url, &token, &mode);
         let burst = |n: u64| {
             futures_util::stream::iter(0..n)

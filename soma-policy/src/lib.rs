@@ -37,6 +37,10 @@
 //!   [`AuditSink`]; metrics `soma_policy_auth_decisions_total{action,result}`,
 //!   `soma_policy_auth_duration_seconds`, cache hits and misses.
 //!
+//! For tests, the feature `testkit` adds `testkit`: a test issuer with a
+//! static key per algorithm, tokens minted for it, and the request the
+//! benchmarks send.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -69,6 +73,9 @@ mod metrics;
 mod principal;
 mod reference;
 mod routes;
+#[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
+pub mod testkit;
 
 /// Entry points for the cargo-fuzz targets (`xtask/fuzz`), behind the
 /// `fuzzing` feature. Not part of the stable API.

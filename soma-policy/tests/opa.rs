@@ -27,7 +27,7 @@ fn opa(base: &str, timeout_ms: u64) -> RemoteOpa {
 
 #[tokio::test]
 async fn remote_opa_decides_with_the_real_evaluator_and_sends_exactly_the_schema() {
-    let server = OpaServer::start();
+    let server = start_opa();
     let engine = opa(&server.base_url(), 2_000);
     let d = engine.evaluate(&send_input()).await.unwrap();
     assert!(d.allow, "{d:?}");
@@ -83,7 +83,7 @@ async fn remote_opa_decides_with_the_real_evaluator_and_sends_exactly_the_schema
 #[tokio::test]
 async fn the_http_stack_sends_no_credentials_to_opa() {
     use soma_policy::Authenticator;
-    let server = OpaServer::start();
+    let server = start_opa();
     let authn = Arc::new(
         Authenticator::builder(&config_with_static_keys())
             .build()
@@ -302,7 +302,7 @@ async fn server_errors_count_toward_the_breaker_and_recover() {
     assert_eq!(e.status(), 503);
 
     // A healthy OPA closes the breaker after the reset timeout.
-    let server = OpaServer::start();
+    let server = start_opa();
     let engine = opa(&server.base_url(), 2_000);
     assert!(engine.evaluate(&send_input()).await.unwrap().allow);
     assert_eq!(engine.breaker_state(), BreakerState::Closed);
@@ -310,7 +310,7 @@ async fn server_errors_count_toward_the_breaker_and_recover() {
 
 #[tokio::test]
 async fn undefined_package_path_is_an_error_not_a_decision() {
-    let server = OpaServer::start();
+    let server = start_opa();
     let mut config = OpaConfig::default();
     config.base_url = server.base_url();
     config.package_path = "soma/no_such_package/decision".into();

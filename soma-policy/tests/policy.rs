@@ -51,7 +51,7 @@ fn rego_tests_pass_under_regorus() {
 
 #[tokio::test]
 async fn rego_tests_pass_under_real_opa() {
-    let server = OpaServer::start();
+    let server = start_opa();
     let client = reqwest::Client::new();
     let r = server.eval(&client, "soma/authz_test", &json!({})).await;
     let result = r["result"].as_object().expect("test package evaluates");
@@ -167,7 +167,7 @@ fn reference_policy_on_both_evaluators() -> (EmbeddedRego, EmbeddedRego) {
 /// Both of regorus' evaluators against OPA on the same generated inputs.
 #[tokio::test]
 async fn regorus_and_real_opa_agree_on_generated_inputs() {
-    let server = OpaServer::start();
+    let server = start_opa();
     let client = reqwest::Client::new();
     let (interpreter, vm) = reference_policy_on_both_evaluators();
     let mut rng = StdRng::seed_from_u64(0x5047_4c43);
@@ -419,7 +419,7 @@ async fn vm_interpreter_and_real_opa_on_undefined_operands() {
     for (i, src) in sources.iter().enumerate() {
         std::fs::write(dir.path().join(format!("p{i}.rego")), src).unwrap();
     }
-    let opa = OpaServer::start_with(dir.path());
+    let opa = OpaServer::start(dir.path());
     let client = reqwest::Client::new();
     let (mut opa_errors, mut interpreter_errors, mut not_undefined) = (0, 0, 0);
     for (i, ((rule, is_eligible, differs_without), src)) in rules.iter().zip(&sources).enumerate() {
@@ -647,7 +647,7 @@ async fn the_vm_is_chosen_through_configuration() {
 /// under regorus (where regorus errs, the engine fails closed: 503).
 #[tokio::test]
 async fn regorus_and_real_opa_agree_on_malformed_inputs() {
-    let server = OpaServer::start();
+    let server = start_opa();
     let client = reqwest::Client::new();
     let (interpreter, vm) = reference_policy_on_both_evaluators();
     let odd = [

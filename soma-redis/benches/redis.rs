@@ -371,44 +371,10 @@ async fn hit_overhead(
     ((raw[0], hit[0]), (raw[raw.len() / 2], hit[hit.len() / 2]))
 }
 
-fn main() {
-    let rt = rt();
-    let client = rt
-        .block_on(RedisClient::connect(config()))
-        .expect("redis on 127.0.0.1:6379");
-    let keys: Arc<Vec<String>> = Arc::new(
-        (0..TASKS)
-            .map(|i| client.keys().key("bench", "kv", &i.to_string()).unwrap())
-            .collect(),
-    );
-    let cache: Cache<Session> = Cache::new(
-        &client,
-        "session",
-        CacheOptions::new(Duration::from_secs(600)),
-    )
-    .unwrap();
-    let session = Session {
-        user: "user-42".into(),
-        roles: vec!["admin".into(), "billing".into()],
-        exp: 1_900_000_000,
-    };
-    rt.block_on(cache.set("acme", "s1", &session)).unwrap();
-    let raw_key = cache.key("acme", "s1").unwrap();
-    let limiter = RateLimiter::new(
-        &client,
-        RateLimit::per(u32::MAX / 2, Duration::from_secs(3600)),
-    )
-    .unwrap();
-    rt.block_on(limiter.check("acme", "bench")).unwrap();
-
-    let mut c = Criterion::default().configure_from_args();
-    bench_pipelined(&mut c, &rt, &client, &keys);
-    bench_latency(&mut c, &rt, &client, &cache, &limiter, &raw_key);
-    c.final_summary();
-
-    // Summary 1: the bulk path vs redis-benchmark, interleaved so that each
-    // ratio compares runs made seconds apart (other load on a shared machine
-    // drifts over minutes).
+/// Summary 1: the bulk path vs redis-benchmark, interleaved so that each
+/// ratio compares runs made seconds apart (other load on a shared machine
+/// drifts over minutes).
+fn summary_bulk_vs_redis_benchmark(rt: &Runtime, client: &RedisClient, keys: &Arc<Vec<String>>) {
     let n = 200_000u64;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut wide_config = config();
@@ -449,9 +415,9 @@ fn main() {
                 break;
             };
             let cpu1 = cpu_ticks();
-            let narrow = rt.block_on(async { rate(bulk_pipelined(&client, &keys, *op, n).await) });
+            let narrow = rt.block_on(async { rate(bulk_pipelined(client, keys, *op, n).await) });
             let cpu2 = cpu_ticks();
-            let wide_rate = rt.block_on(async { rate(bulk_pipelined(&wide, &keys, *op, n).await) });
+            let wide_rate = rt.block_on(async { rate(bulk_pipelined(&wide, keys, *op, n).await) });
             ratios[i].0.push(narrow / rb);
             ratios[i].1.push(wide_rate / rb);
             // CPU per command (10 ms ticks): redis-benchmark (a finished child) vs this process
@@ -469,43 +435,61 @@ fn main() {
     if rb_missing {
         println!("redis-benchmark not found (apt-get install redis-tools): no ratios");
     } else {
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        for ((name, _, _), (narrow, wide)) in tests.iter().zip(ratios.iter_mut()) {
-            println!(
-                "median ratio {name:<14}: {:.2}x (4 bulk connections)   {:.2}x ({TASKS} bulk connections)",
-                median(narrow),
-                median(wide)
-            );
-        }
-        let per_cmd = |ticks: u64| ticks as f64 * 10_000.0 / (n * ROUNDS as u64) as f64;
-        for ((name, _, _), (rb, bulk)) in tests.iter().zip(&cpu) {
-            println!(
-                "CPU per command {name:<14}: redis-benchmark {:.2} µs, client (bulk, 4 connections) {:.2} µs",
-                per_cmd(*rb),
-                per_cmd(*bulk)
-            );
-        }
+        let names: Vec<&str> = tests.iter().map(|(name, _, _)| *name).collect();
+        print_medians(&names, &mut ratios, &cpu, n);
     }
+}
 
-    // Summary 2: the same mix through fred (raw and through the client), for context.
+/// Per command: the median over the rounds of the bulk path's ratio to
+/// redis-benchmark (4 and `TASKS` bulk connections), then the CPU per
+/// command of redis-benchmark and of the client (`cpu` in 10 ms ticks,
+/// over `ROUNDS` runs of `n` commands).
+fn print_medians(names: &[&str], ratios: &mut [(Vec<f64>, Vec<f64>)], cpu: &[(u64, u64)], n: u64) {
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (name, (narrow, wide)) in names.iter().zip(ratios.iter_mut()) {
+        println!(
+            "median ratio {name:<14}: {:.2}x (4 bulk connections)   {:.2}x ({TASKS} bulk connections)",
+            median(narrow),
+            median(wide)
+        );
+    }
+    let per_cmd = |ticks: u64| ticks as f64 * 10_000.0 / (n * ROUNDS as u64) as f64;
+    for (name, (rb, bulk)) in names.iter().zip(cpu) {
+        println!(
+            "CPU per command {name:<14}: redis-benchmark {:.2} µs, client (bulk, 4 connections) {:.2} µs",
+            per_cmd(*rb),
+            per_cmd(*bulk)
+        );
+    }
+}
+
+/// Summary 2: the same mix through fred (raw and through the client), for
+/// context, and the cache's overhead over a raw GET.
+fn summary_fred_paths(
+    rt: &Runtime,
+    client: &RedisClient,
+    keys: &Arc<Vec<String>>,
+    cache: &Cache<Session>,
+    raw_key: &str,
+) {
     let n = 400_000u64;
     let rb = redis_benchmark(n, &["-t", "set"]).zip(redis_benchmark(n, &["-t", "get"]));
     let (raw_set, raw_get, batch_set, batch_get, conc_set, conc_get) = rt.block_on(async {
         let rate = |d: Duration| n as f64 / d.as_secs_f64();
         (
-            rate(raw_pipelined(&client, &keys, Op::Set, n).await),
-            rate(raw_pipelined(&client, &keys, Op::Get, n).await),
-            rate(pipelined(&client, &keys, Op::Set, n).await),
-            rate(pipelined(&client, &keys, Op::Get, n).await),
-            rate(concurrent(&client, &keys, Op::Set, n).await),
-            rate(concurrent(&client, &keys, Op::Get, n).await),
+            rate(raw_pipelined(client, keys, Op::Set, n).await),
+            rate(raw_pipelined(client, keys, Op::Get, n).await),
+            rate(pipelined(client, keys, Op::Set, n).await),
+            rate(pipelined(client, keys, Op::Get, n).await),
+            rate(concurrent(client, keys, Op::Set, n).await),
+            rate(concurrent(client, keys, Op::Get, n).await),
         )
     });
     let ((raw_min, hit_min), (raw_med, hit_med)) =
-        rt.block_on(hit_overhead(&client, &cache, &raw_key));
+        rt.block_on(hit_overhead(client, cache, raw_key));
     println!("\n=== fred paths, {n} ops per run (SET with PX 300000) ===");
     match rb {
         Some((rb_set, rb_get)) => {
@@ -540,6 +524,45 @@ fn main() {
         "cache hit vs raw fred GET, median block: {hit_med:.2} µs vs {raw_med:.2} µs = overhead {:.2} µs per call",
         hit_med - raw_med
     );
+}
+
+fn main() {
+    let rt = rt();
+    let client = rt
+        .block_on(RedisClient::connect(config()))
+        .expect("redis on 127.0.0.1:6379");
+    let keys: Arc<Vec<String>> = Arc::new(
+        (0..TASKS)
+            .map(|i| client.keys().key("bench", "kv", &i.to_string()).unwrap())
+            .collect(),
+    );
+    let cache: Cache<Session> = Cache::new(
+        &client,
+        "session",
+        CacheOptions::new(Duration::from_secs(600)),
+    )
+    .unwrap();
+    let session = Session {
+        user: "user-42".into(),
+        roles: vec!["admin".into(), "billing".into()],
+        exp: 1_900_000_000,
+    };
+    rt.block_on(cache.set("acme", "s1", &session)).unwrap();
+    let raw_key = cache.key("acme", "s1").unwrap();
+    let limiter = RateLimiter::new(
+        &client,
+        RateLimit::per(u32::MAX / 2, Duration::from_secs(3600)),
+    )
+    .unwrap();
+    rt.block_on(limiter.check("acme", "bench")).unwrap();
+
+    let mut c = Criterion::default().configure_from_args();
+    bench_pipelined(&mut c, &rt, &client, &keys);
+    bench_latency(&mut c, &rt, &client, &cache, &limiter, &raw_key);
+    c.final_summary();
+
+    summary_bulk_vs_redis_benchmark(&rt, &client, &keys);
+    summary_fred_paths(&rt, &client, &keys, &cache, &raw_key);
     rt.block_on(async {
         let _ = client
             .del(&keys.iter().map(String::as_str).collect::<Vec<_>>())

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use crate::bulk::BulkPool;
 use crate::metrics::{RedisMetrics, StateLabels};
 use crate::{Bulk, BulkReply};
-use crate::{KeySpace, RedisConfig, RedisError, Topology, Ttl};
+use crate::{KeySpace, ReconnectConfig, RedisConfig, RedisError, Topology, Ttl};
 
 /// Whether a command may be sent again after a timeout or a broken connection
 /// without changing the outcome.
@@ -727,10 +727,40 @@ fn parse_node(node: &str) -> Result<Server, RedisError> {
     Ok(Server::new(host.to_owned(), port))
 }
 
+/// The fred builder for `cfg`: its URL, credentials and topology, then the
+/// connection, timeout and reconnect settings this crate relies on (fail
+/// fast, no command replay, unresponsive connections torn down).
 pub(crate) fn fred_builder(cfg: &RedisConfig) -> Result<Builder, RedisError> {
     if cfg.pool_size == 0 {
         return Err(RedisError::Config("pool_size must be at least 1".into()));
     }
+    let mut fc = fred_config(cfg)?;
+    fc.fail_fast = true;
+    let connect_timeout = Duration::from_millis(cfg.connect_timeout_ms.max(1));
+    let command_timeout = Duration::from_millis(cfg.command_timeout_ms.max(1));
+    let mut builder = Builder::from_config(fc);
+    builder.with_connection_config(|c| {
+        c.connection_timeout = connect_timeout;
+        c.internal_command_timeout = connect_timeout;
+        // Commands are never replayed by fred after a reconnect: retries are
+        // decided here, per command, by idempotency.
+        c.max_command_attempts = 1;
+        c.tcp.nodelay = Some(true);
+        // A connection that stops answering is torn down and reconnected.
+        c.unresponsive.max_timeout = Some((command_timeout * 4).max(Duration::from_secs(2)));
+        c.unresponsive.interval = Duration::from_millis(500);
+    });
+    builder.with_performance_config(|p| {
+        p.default_command_timeout = command_timeout;
+    });
+    builder.set_policy(reconnect_policy(&cfg.reconnect));
+    Ok(builder)
+}
+
+/// fred's config from the URL (`redis://`, `rediss://`, `redis-sentinel://`,
+/// `redis-cluster://`, or the `valkey` spellings), with the credentials and
+/// servers of the section taking precedence over the URL's.
+fn fred_config(cfg: &RedisConfig) -> Result<FredConfig, RedisError> {
     let scheme = cfg.url.split_once("://").map(|(s, _)| s).unwrap_or("");
     if !(scheme.starts_with("redis") || scheme.starts_with("valkey")) {
         return Err(RedisError::Config(format!(
@@ -751,8 +781,20 @@ pub(crate) fn fred_builder(cfg: &RedisConfig) -> Result<Builder, RedisError> {
     if let Some(pw) = cfg.password.as_ref().filter(|p| !p.is_empty()) {
         fc.password = Some(pw.expose_secret().to_owned());
     }
-    match &cfg.topology {
-        Topology::FromUrl => {}
+    if let Some(server) = topology_servers(&cfg.topology)? {
+        fc.server = server;
+    }
+    Ok(fc)
+}
+
+/// The servers of an explicit sentinel or cluster topology; `None` for
+/// [`Topology::FromUrl`], which keeps the URL's.
+fn topology_servers(topology: &Topology) -> Result<Option<ServerConfig>, RedisError> {
+    let hosts = |nodes: &[String]| -> Result<Vec<Server>, RedisError> {
+        nodes.iter().map(|n| parse_node(n)).collect()
+    };
+    match topology {
+        Topology::FromUrl => Ok(None),
         Topology::Sentinel {
             nodes,
             service_name,
@@ -764,17 +806,14 @@ pub(crate) fn fred_builder(cfg: &RedisConfig) -> Result<Builder, RedisError> {
                     "sentinel topology needs nodes and a service_name".into(),
                 ));
             }
-            fc.server = ServerConfig::Sentinel {
-                hosts: nodes
-                    .iter()
-                    .map(|n| parse_node(n))
-                    .collect::<Result<_, _>>()?,
+            Ok(Some(ServerConfig::Sentinel {
+                hosts: hosts(nodes)?,
                 service_name: service_name.clone(),
                 username: sentinel_username.clone(),
                 password: sentinel_password
                     .as_ref()
                     .map(|p| p.expose_secret().to_owned()),
-            };
+            }))
         }
         Topology::Cluster { nodes } => {
             if nodes.is_empty() {
@@ -782,34 +821,17 @@ pub(crate) fn fred_builder(cfg: &RedisConfig) -> Result<Builder, RedisError> {
                     "cluster topology needs at least one node".into(),
                 ));
             }
-            fc.server = ServerConfig::Clustered {
-                hosts: nodes
-                    .iter()
-                    .map(|n| parse_node(n))
-                    .collect::<Result<_, _>>()?,
+            Ok(Some(ServerConfig::Clustered {
+                hosts: hosts(nodes)?,
                 policy: ClusterDiscoveryPolicy::default(),
-            };
+            }))
         }
     }
-    fc.fail_fast = true;
-    let connect_timeout = Duration::from_millis(cfg.connect_timeout_ms.max(1));
-    let command_timeout = Duration::from_millis(cfg.command_timeout_ms.max(1));
-    let mut builder = Builder::from_config(fc);
-    builder.with_connection_config(|c| {
-        c.connection_timeout = connect_timeout;
-        c.internal_command_timeout = connect_timeout;
-        // Commands are never replayed by fred after a reconnect: retries are
-        // decided here, per command, by idempotency.
-        c.max_command_attempts = 1;
-        c.tcp.nodelay = Some(true);
-        // A connection that stops answering is torn down and reconnected.
-        c.unresponsive.max_timeout = Some((command_timeout * 4).max(Duration::from_secs(2)));
-        c.unresponsive.interval = Duration::from_millis(500);
-    });
-    builder.with_performance_config(|p| {
-        p.default_command_timeout = command_timeout;
-    });
-    let r = &cfg.reconnect;
+}
+
+/// Exponential backoff with jitter between reconnect attempts (every bound
+/// at least 1).
+fn reconnect_policy(r: &ReconnectConfig) -> ReconnectPolicy {
     let mut policy = ReconnectPolicy::new_exponential(
         r.max_attempts,
         r.initial_ms.max(1),
@@ -817,8 +839,7 @@ pub(crate) fn fred_builder(cfg: &RedisConfig) -> Result<Builder, RedisError> {
         r.base.max(1),
     );
     policy.set_jitter(r.jitter_ms);
-    builder.set_policy(policy);
-    Ok(builder)
+    policy
 }
 
 #[cfg(test)]

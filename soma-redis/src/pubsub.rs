@@ -7,7 +7,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use fred::clients::SubscriberClient;
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
-use fred::types::Value;
+use fred::types::config::Server;
+use fred::types::{Message, Value};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
@@ -49,9 +50,12 @@ pub enum PubSubEvent {
 pub struct PubSub {
     client: RedisClient,
     subscriber: SubscriberClient,
-    channels: Arc<parking_lot::Mutex<HashMap<String, broadcast::Sender<PubSubEvent>>>>,
+    channels: Channels,
     tasks: Vec<JoinHandle<()>>,
 }
+
+/// Each subscribed channel's sender, by full channel name.
+type Channels = Arc<parking_lot::Mutex<HashMap<String, broadcast::Sender<PubSubEvent>>>>;
 
 impl std::fmt::Debug for PubSub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -119,72 +123,13 @@ impl PubSub {
                 ));
             }
         }
-        let channels: Arc<parking_lot::Mutex<HashMap<String, broadcast::Sender<PubSubEvent>>>> =
-            Arc::default();
-
-        let mut rx = subscriber.message_rx();
-        let ch = channels.clone();
-        let dispatch = tokio::spawn(async move {
-            loop {
-                match rx.recv().await {
-                    Ok(msg) => {
-                        let payload = match msg.value {
-                            Value::Bytes(b) => b,
-                            Value::String(s) => s.into_inner(),
-                            other => match other.into_bytes() {
-                                Some(b) => b,
-                                None => continue,
-                            },
-                        };
-                        if let Some(tx) = ch.lock().get(&*msg.channel) {
-                            let _ = tx.send(PubSubEvent::Message(payload));
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        for tx in ch.lock().values() {
-                            let _ = tx.send(PubSubEvent::Lagged(n));
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        });
-
-        let mut reconnects = subscriber.reconnect_rx();
-        let sub = subscriber.clone();
-        let ch = channels.clone();
-        let resubscribe = tokio::spawn(async move {
-            loop {
-                match reconnects.recv().await {
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => break,
-                }
-                // Resubscribe until it works (or the connection drops again,
-                // which brings another reconnect event).
-                loop {
-                    let names: Vec<String> = ch.lock().keys().cloned().collect();
-                    if names.is_empty() {
-                        break;
-                    }
-                    match sub.subscribe(names).await {
-                        Ok(()) => {
-                            tracing::info!("redis pub/sub resubscribed after reconnect");
-                            for tx in ch.lock().values() {
-                                let _ = tx.send(PubSubEvent::Resubscribed);
-                            }
-                            break;
-                        }
-                        Err(e) if sub.is_connected() => {
-                            tracing::warn!(error = %e, "redis pub/sub resubscribe failed; retrying");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                        Err(_) => break,
-                    }
-                }
-            }
-        });
-
+        let channels = Channels::default();
+        let dispatch = tokio::spawn(dispatch(subscriber.message_rx(), channels.clone()));
+        let resubscribe = tokio::spawn(resubscribe_after_reconnects(
+            subscriber.reconnect_rx(),
+            subscriber.clone(),
+            channels.clone(),
+        ));
         Ok(Self {
             client: client.clone(),
             subscriber,
@@ -239,5 +184,81 @@ impl PubSub {
     /// `true` while the subscriber connection is up.
     pub fn is_connected(&self) -> bool {
         self.subscriber.is_connected()
+    }
+}
+
+/// Forwards each message of the subscriber connection to its channel's
+/// subscriptions, until the connection is dropped. When this task falls
+/// behind the connection, every subscription gets [`PubSubEvent::Lagged`].
+async fn dispatch(mut rx: broadcast::Receiver<Message>, channels: Channels) {
+    loop {
+        match rx.recv().await {
+            Ok(msg) => {
+                let Some(payload) = payload(msg.value) else {
+                    continue;
+                };
+                if let Some(tx) = channels.lock().get(&*msg.channel) {
+                    let _ = tx.send(PubSubEvent::Message(payload));
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                for tx in channels.lock().values() {
+                    let _ = tx.send(PubSubEvent::Lagged(n));
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => break,
+        }
+    }
+}
+
+/// A message's payload as bytes; `None` for a value that has none.
+fn payload(value: Value) -> Option<Bytes> {
+    match value {
+        Value::Bytes(b) => Some(b),
+        Value::String(s) => Some(s.into_inner()),
+        other => other.into_bytes(),
+    }
+}
+
+/// After every reconnect of the subscriber connection, resubscribes every
+/// channel, until the connection is dropped.
+async fn resubscribe_after_reconnects(
+    mut reconnects: broadcast::Receiver<Server>,
+    sub: SubscriberClient,
+    channels: Channels,
+) {
+    loop {
+        match reconnects.recv().await {
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => break,
+        }
+        resubscribe(&sub, &channels).await;
+    }
+}
+
+/// Resubscribes every channel until it works (or the connection drops
+/// again, which brings another reconnect event), then tells every
+/// subscription [`PubSubEvent::Resubscribed`].
+async fn resubscribe(sub: &SubscriberClient, channels: &Channels) {
+    loop {
+        let names: Vec<String> = channels.lock().keys().cloned().collect();
+        if names.is_empty() {
+            break;
+        }
+        match sub.subscribe(names).await {
+            Ok(()) => {
+                tracing::info!("redis pub/sub resubscribed after reconnect");
+                for tx in channels.lock().values() {
+                    let _ = tx.send(PubSubEvent::Resubscribed);
+                }
+                break;
+            }
+            Err(e) if sub.is_connected() => {
+                tracing::warn!(error = %e, "redis pub/sub resubscribe failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(_) => break,
+        }
     }
 }

@@ -137,54 +137,64 @@ fn benches(c: &mut Criterion) {
     let s = rt.block_on(setup());
     let req = RecallRequest::new("window seats").top_k(5);
 
-    let mut g = c.benchmark_group("recall");
-    g.bench_function("bare_reqwest", |b| {
-        b.to_async(&rt).iter(|| bare_call(&s, &req))
-    });
-    g.bench_function("somabrain_client", |b| {
-        b.to_async(&rt).iter(|| client_call(&s, &req))
-    });
-    g.finish();
+    criterion_groups(c, &rt, &s, &req);
+    let (b, w, d, cpu) = paired_rounds(&rt, &s, &req);
+    let t = Instant::now();
+    let n = 100_000;
+    for _ in 0..n {
+        let _ = futures::executor::block_on(s.open.recall(&req, CallOptions::new()));
+    }
+    let open = t.elapsed().as_secs_f64() / f64::from(n);
+    println!(
+        "\nsummary: bare reqwest {:.2} µs/call, SomabrainClient {:.2} µs/call, paired overhead {:+.2} µs/call ({:.3}x); breaker-open rejection {:.3} µs/call",
+        b * 1e6,
+        w * 1e6,
+        d * 1e6,
+        (b + d) / b,
+        open * 1e6
+    );
+    if let Some(cpu) = cpu {
+        println!(
+            "summary: paired CPU-time overhead of the wrapper {:+.2} µs/call",
+            cpu * 1e6
+        );
+    }
+}
 
-    let mut g = c.benchmark_group("breaker_open");
-    g.bench_function("rejected_call", |b| {
-        b.iter(|| {
-            let e =
-                futures::executor::block_on(s.open.recall(&req, CallOptions::new())).unwrap_err();
-            assert!(e.is_circuit_open());
-            e
-        })
-    });
-    g.finish();
-
-    // Paired comparison in the same run: rounds of 100 calls of each
-    // variant, alternating which goes first (ABBA), so both see the same
-    // machine load; the overhead is the median of the per-round differences.
-    // Wall time is dominated by scheduling noise on a loaded machine, so
-    // each round also records the process's CPU time (Linux schedstat):
-    // both variants run the same server code on the same thread, so the
-    // CPU difference is the client-side work the wrapper adds.
+/// Paired comparison in the same run: rounds of 100 calls of each
+/// variant, alternating which goes first (ABBA), so both see the same
+/// machine load; the overhead is the median of the per-round differences.
+/// Wall time is dominated by scheduling noise on a loaded machine, so
+/// each round also records the process's CPU time (Linux schedstat):
+/// both variants run the same server code on the same thread, so the
+/// CPU difference is the client-side work the wrapper adds.
+///
+/// Returns the medians, in seconds per call, of the bare variant, the
+/// wrapped one, their difference, and their difference in CPU time (`None`
+/// without Linux schedstat).
+fn paired_rounds(
+    rt: &tokio::runtime::Runtime,
+    s: &Setup,
+    req: &RecallRequest,
+) -> (f64, f64, f64, Option<f64>) {
     let (mut bare, mut wrapped, mut diffs, mut cpu_diffs) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let round = |wrapped: bool| {
-        let (s, req) = (&s, &req);
-        async move {
-            let (t, c) = (Instant::now(), cpu_ns());
-            for _ in 0..100 {
-                if wrapped {
-                    client_call(s, req).await;
-                } else {
-                    bare_call(s, req).await;
-                }
+    let round = |wrapped: bool| async move {
+        let (t, c) = (Instant::now(), cpu_ns());
+        for _ in 0..100 {
+            if wrapped {
+                client_call(s, req).await;
+            } else {
+                bare_call(s, req).await;
             }
-            let cpu = cpu_ns().zip(c).map(|(a, b)| (a - b) as f64 / 1e9 / 100.0);
-            (t.elapsed().as_secs_f64() / 100.0, cpu)
         }
+        let cpu = cpu_ns().zip(c).map(|(a, b)| (a - b) as f64 / 1e9 / 100.0);
+        (t.elapsed().as_secs_f64() / 100.0, cpu)
     };
     rt.block_on(async {
         for _ in 0..200 {
-            client_call(&s, &req).await;
-            bare_call(&s, &req).await;
+            client_call(s, req).await;
+            bare_call(s, req).await;
         }
         for i in 0..100 {
             let (b, w) = if i % 2 == 0 {
@@ -208,26 +218,36 @@ fn benches(c: &mut Criterion) {
     };
     let (b, w, d) = (median(&mut bare), median(&mut wrapped), median(&mut diffs));
     let cpu = (!cpu_diffs.is_empty()).then(|| median(&mut cpu_diffs));
-    let t = Instant::now();
-    let n = 100_000;
-    for _ in 0..n {
-        let _ = futures::executor::block_on(s.open.recall(&req, CallOptions::new()));
-    }
-    let open = t.elapsed().as_secs_f64() / f64::from(n);
-    println!(
-        "\nsummary: bare reqwest {:.2} µs/call, SomabrainClient {:.2} µs/call, paired overhead {:+.2} µs/call ({:.3}x); breaker-open rejection {:.3} µs/call",
-        b * 1e6,
-        w * 1e6,
-        d * 1e6,
-        (b + d) / b,
-        open * 1e6
-    );
-    if let Some(cpu) = cpu {
-        println!(
-            "summary: paired CPU-time overhead of the wrapper {:+.2} µs/call",
-            cpu * 1e6
-        );
-    }
+    (b, w, d, cpu)
+}
+
+/// The criterion groups: a recall through bare reqwest and through the
+/// client, and a call the open breaker rejects.
+fn criterion_groups(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    s: &Setup,
+    req: &RecallRequest,
+) {
+    let mut g = c.benchmark_group("recall");
+    g.bench_function("bare_reqwest", |b| {
+        b.to_async(rt).iter(|| bare_call(s, req))
+    });
+    g.bench_function("somabrain_client", |b| {
+        b.to_async(rt).iter(|| client_call(s, req))
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("breaker_open");
+    g.bench_function("rejected_call", |b| {
+        b.iter(|| {
+            let e =
+                futures::executor::block_on(s.open.recall(req, CallOptions::new())).unwrap_err();
+            assert!(e.is_circuit_open());
+            e
+        })
+    });
+    g.finish();
 }
 
 /// CPU time of every thread of this process, in ns (Linux `schedstat`).

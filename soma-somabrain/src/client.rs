@@ -162,61 +162,10 @@ impl SomabrainClientBuilder {
     /// the health check (within a tokio runtime).
     pub fn build(self) -> Result<SomabrainClient, Error> {
         let cfg = self.config;
-        let base = cfg.base_url.trim_end_matches('/');
-        let parsed = reqwest::Url::parse(base)
-            .map_err(|e| Error::config(format!("base_url {base:?} is not a URL: {e}")))?;
-        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-            return Err(Error::config(format!(
-                "base_url {base:?} must be http(s)://host[:port]"
-            )));
-        }
-        // A path in base_url would apply to some routes and not others
-        // (probes live at the server root): refuse it, point at path_prefix.
-        if parsed.path() != "/" || parsed.query().is_some() || parsed.fragment().is_some() {
-            return Err(Error::config(format!(
-                "base_url {base:?} must not have a path, query or fragment; \
-                 put the API mount point in path_prefix (e.g. \"/api\")"
-            )));
-        }
-        let prefix = cfg.path_prefix.trim_end_matches('/');
-        if !(prefix.is_empty() || prefix.starts_with('/')) || prefix.contains(['?', '#']) {
-            return Err(Error::config(format!(
-                "path_prefix {:?} must be empty or start with '/' (e.g. \"/api\")",
-                cfg.path_prefix
-            )));
-        }
-        let urls = Endpoint::ALL.map(|ep| {
-            let p = if ep.is_probe() { "" } else { prefix };
-            format!("{base}{p}{}", ep.path())
-        });
-        let auth = if cfg.token.is_empty() {
-            None
-        } else {
-            let mut v = HeaderValue::from_str(&format!("Bearer {}", cfg.token.expose_secret()))
-                .map_err(|_| Error::config("token contains characters not allowed in a header"))?;
-            v.set_sensitive(true);
-            Some(v)
-        };
-        for (what, v) in [
-            ("default_tenant", &cfg.default_tenant),
-            ("default_namespace", &cfg.default_namespace),
-        ] {
-            header_value(None, what, v).map_err(|_| {
-                Error::config(format!(
-                    "{what} must be a non-empty header-safe string, got {v:?}"
-                ))
-            })?;
-        }
-        let http = reqwest::Client::builder()
-            .connect_timeout(cfg.connect_timeout())
-            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-            .pool_idle_timeout(Duration::from_millis(cfg.pool_idle_timeout_ms))
-            .tcp_nodelay(true)
-            // Settings come from the config section only, never from
-            // HTTP(S)_PROXY in the environment.
-            .no_proxy()
-            .build()
-            .map_err(|e| Error::config("HTTP client could not be built").with_source(e))?;
+        let urls = endpoint_urls(&cfg)?;
+        let auth = auth_header(&cfg)?;
+        check_default_scope(&cfg)?;
+        let http = http_client(&cfg)?;
         let metrics = self.metrics.as_ref().map(ClientMetrics::new);
         let breakers = EndpointGroup::ALL.map(|group| {
             let breaker = CircuitBreaker::new(group.component(), cfg.breaker);
@@ -225,10 +174,6 @@ impl SomabrainClientBuilder {
                 None => breaker,
             }
         });
-        let health_options = CheckOptions::new(
-            Duration::from_millis(cfg.health_interval_ms.max(10)),
-            Duration::from_millis(cfg.health_timeout_ms.max(10)),
-        );
         let client = SomabrainClient {
             inner: Arc::new(Inner {
                 http,
@@ -246,15 +191,93 @@ impl SomabrainClientBuilder {
             }),
         };
         if let Some(registry) = &self.health {
+            let options = CheckOptions::new(
+                Duration::from_millis(cfg.health_interval_ms.max(10)),
+                Duration::from_millis(cfg.health_timeout_ms.max(10)),
+            );
             registry.register_check(
                 COMPONENT,
                 Criticality::Optional,
                 SomabrainHealthCheck::new(client.clone()),
-                health_options,
+                options,
             );
         }
         Ok(client)
     }
+}
+
+/// The URL of every endpoint: `base_url`, then `path_prefix` (API routes
+/// only; probes live at the server root), then the endpoint's path. Fails
+/// on a `base_url` that is not `http(s)://host[:port]` or a malformed
+/// `path_prefix`.
+fn endpoint_urls(cfg: &SomabrainConfig) -> Result<[String; Endpoint::ALL.len()], Error> {
+    let base = cfg.base_url.trim_end_matches('/');
+    let parsed = reqwest::Url::parse(base)
+        .map_err(|e| Error::config(format!("base_url {base:?} is not a URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(Error::config(format!(
+            "base_url {base:?} must be http(s)://host[:port]"
+        )));
+    }
+    // A path in base_url would apply to some routes and not others
+    // (probes live at the server root): refuse it, point at path_prefix.
+    if parsed.path() != "/" || parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(Error::config(format!(
+            "base_url {base:?} must not have a path, query or fragment; \
+             put the API mount point in path_prefix (e.g. \"/api\")"
+        )));
+    }
+    let prefix = cfg.path_prefix.trim_end_matches('/');
+    if !(prefix.is_empty() || prefix.starts_with('/')) || prefix.contains(['?', '#']) {
+        return Err(Error::config(format!(
+            "path_prefix {:?} must be empty or start with '/' (e.g. \"/api\")",
+            cfg.path_prefix
+        )));
+    }
+    Ok(Endpoint::ALL.map(|ep| {
+        let p = if ep.is_probe() { "" } else { prefix };
+        format!("{base}{p}{}", ep.path())
+    }))
+}
+
+/// `Authorization: Bearer <token>`, marked sensitive; `None` without a token.
+fn auth_header(cfg: &SomabrainConfig) -> Result<Option<HeaderValue>, Error> {
+    if cfg.token.is_empty() {
+        return Ok(None);
+    }
+    let mut v = HeaderValue::from_str(&format!("Bearer {}", cfg.token.expose_secret()))
+        .map_err(|_| Error::config("token contains characters not allowed in a header"))?;
+    v.set_sensitive(true);
+    Ok(Some(v))
+}
+
+/// The default tenant and namespace must be usable as header values.
+fn check_default_scope(cfg: &SomabrainConfig) -> Result<(), Error> {
+    for (what, v) in [
+        ("default_tenant", &cfg.default_tenant),
+        ("default_namespace", &cfg.default_namespace),
+    ] {
+        header_value(None, what, v).map_err(|_| {
+            Error::config(format!(
+                "{what} must be a non-empty header-safe string, got {v:?}"
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// The connection pool, with the section's timeouts and pool sizes.
+fn http_client(cfg: &SomabrainConfig) -> Result<reqwest::Client, Error> {
+    reqwest::Client::builder()
+        .connect_timeout(cfg.connect_timeout())
+        .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+        .pool_idle_timeout(Duration::from_millis(cfg.pool_idle_timeout_ms))
+        .tcp_nodelay(true)
+        // Settings come from the config section only, never from
+        // HTTP(S)_PROXY in the environment.
+        .no_proxy()
+        .build()
+        .map_err(|e| Error::config("HTTP client could not be built").with_source(e))
 }
 
 /// A SomaBrain client. Cheap to clone (clones share the connection pool,

@@ -30,9 +30,9 @@ fn memory_from(body: &Value) -> Memory {
 /// What a recorded call returned, reduced to JSON for comparison.
 type Outcome = Result<Value, Error>;
 
-/// Makes the client call that corresponds to recording `name`.
-async fn call_like(server: &ContractServer, name: &str, rec: &Value) -> Outcome {
-    let req = &rec["request"];
+/// The call options a recorded request implies: its tenant, request id,
+/// fast-ack flag, and the namespace of its body or query.
+fn options_like(req: &Value) -> CallOptions {
     let headers = &req["headers"];
     let body = &req["body"];
     let mut opts = CallOptions::new();
@@ -51,20 +51,35 @@ async fn call_like(server: &ContractServer, name: &str, rec: &Value) -> Outcome 
     if let Some(ns) = ns {
         opts = opts.namespace(ns);
     }
+    opts
+}
+
+/// A client of `server` configured as the recorded request was sent: the
+/// `/api` prefix when its path has one, and its bearer token (none, the
+/// server's [`TOKEN`] for the recording's placeholder, or the recorded one).
+fn client_like(server: &ContractServer, req: &Value) -> SomabrainClient {
     let prefix = if req["path"].as_str().unwrap().starts_with("/api/") {
         "/api"
     } else {
         ""
     };
-    let bearer = headers["Authorization"].as_str();
-    let c = client(server, |c| {
+    let bearer = req["headers"]["Authorization"].as_str();
+    client(server, |c| {
         c.path_prefix = prefix.into();
         c.token = match bearer {
             Some("Bearer <token>") => TOKEN.into(),
             Some(b) => b.trim_start_matches("Bearer ").into(),
             None => "".into(),
         };
-    });
+    })
+}
+
+/// Makes the client call that corresponds to recording `name`.
+async fn call_like(server: &ContractServer, name: &str, rec: &Value) -> Outcome {
+    let req = &rec["request"];
+    let body = &req["body"];
+    let opts = options_like(req);
+    let c = client_like(server, req);
     let to_json = |v: Result<Value, Error>| v;
     let path = req["path"].as_str().unwrap().trim_start_matches("/api");
     let _ = name;

@@ -5,7 +5,7 @@
 # ships OPA v1.20.2 as a shared library with a ctypes wrapper. Its metadata
 # says Python >= 3.14, but the library only needs ctypes, so we download the
 # py3-none wheel for 3.14 and unpack it (no pip install) under
-# .stack/opa/site, where soma-policy/tests/support/opa_data_api.py loads it
+# .stack/opa/site, where xtask/testkit/opa_data_api.py (soma_testkit::OpaServer) loads it
 # with the machine's python3. Idempotent; a no-op when already unpacked.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"

@@ -267,63 +267,13 @@ impl Gateway {
         let runtime = Runtime::start(live, admin, KafkaRole::PublishOnly, "gateway").await?;
         let settings = runtime.settings.clone();
 
-        let redis = RedisClient::builder(settings.redis.clone())
-            .metrics(&runtime.metrics)
-            .health(&runtime.health)
-            .connect_lazy()
-            .await?;
-        // Give the first connection its connect timeout. Without Redis the
-        // gateway still starts: rate-limited routes answer 503 (fail
-        // closed) and health shows `redis` down until it connects.
-        if let Err(error) = redis
-            .wait_connected(Duration::from_millis(settings.redis.connect_timeout_ms))
-            .await
-        {
-            tracing::warn!(event = "redis_unavailable_at_start", %error);
-        }
-        let limiter = RateLimiter::new(
-            &redis,
-            RateLimit::per(
-                settings.chat.rate_limit,
-                Duration::from_secs(settings.chat.rate_window_secs),
-            ),
-        )?;
-        // Retries with an `Idempotency-Key` get the first answer; the key
-        // belongs to the caller (tenant and subject), so the layer sits
-        // inside authentication and the policy, on the one route.
-        let idempotency = IdempotencyLayer::new(
-            Idempotency::new(&redis, IdempotencyOptions::default())?,
-            |req: &Request<Body>| {
-                let principal = req.extensions().get::<Principal>()?;
-                Some(IdempotencyScope {
-                    tenant: principal.tenant.clone(),
-                    subject: principal.subject.clone(),
-                })
-            },
-        )
-        .max_body_bytes(settings.http.max_body_bytes);
-
+        let redis = connect_redis(&runtime).await?;
+        let rate_limit = rate_limit_layer(&redis, &settings)?;
+        let idempotency = idempotency_layer(&redis, &settings)?;
         let policy_metrics = PolicyMetrics::new(&runtime.metrics);
-        // Its own small pool: API-key lookups (one per unknown key) must not
-        // take the connections the outbox and its fallback need.
-        let keys = PgApiKeyStore::from_config(&settings.postgres.url, &settings.policy.api_keys)
-            .await
-            .map_err(|e| PlatformError::Policy(e.to_string()))?;
-        keys.migrate()
-            .await
-            .map_err(|e| PlatformError::Policy(e.to_string()))?;
-        let keys: Arc<dyn ApiKeyStore> = Arc::new(keys);
-        let authn = Authenticator::builder(&settings.policy)
-            .api_key_store(keys)
-            .metrics(policy_metrics.clone())
-            .build()
-            .map_err(|e| PlatformError::Policy(e.to_string()))?;
+        let authn = authenticator(&settings, policy_metrics.clone()).await?;
         let authz = Arc::new(runtime.authorizer(policy_metrics)?);
-        let mut rules = routes();
-        rules.extend(crate::workspace::routes());
-        rules.extend(crate::operator::routes());
-        rules.extend(settings.policy.routes.iter().cloned());
-        let routes = RouteMap::new(rules).map_err(|e| PlatformError::Policy(e.to_string()))?;
+        let routes = route_map(&settings)?;
 
         let hub = Hub::new(settings.chat.sse_buffer);
         let events = spawn_hub(&runtime, hub.clone())?;
@@ -342,58 +292,22 @@ impl Gateway {
             sse_metrics: SseMetrics::new(&runtime.metrics),
             lifecycle: runtime.lifecycle.clone(),
         });
-        let rate_limit = RateLimitLayer::new(limiter, |req: &Request<Body>| {
-            let principal = req.extensions().get::<Principal>()?;
-            let route = req.extensions().get::<MatchedPath>()?;
-            Some(RateLimitKey {
-                tenant: principal.tenant.clone(),
-                route: format!("{} {}", req.method(), route.as_str()),
-            })
-        });
         let operator = Operator::start(&runtime, authz.clone()).await?;
-        let app = Router::new()
+        let guarded = Router::new()
             .route(MESSAGES_ROUTE, post(post_message).layer(idempotency))
             .route(EVENTS_ROUTE, get(events_stream))
             .merge(workspace_routes)
             .merge(operator.router())
             .route_layer(AuthzLayer::new(authz, Arc::new(routes)))
             .route_layer(rate_limit)
-            .layer(AuthnLayer::new(Arc::new(authn)))
-            // Outside authentication: the probes.
-            .merge(crate::operator::probes(&runtime.health))
-            .fallback(|| async { Problem::not_found("no such route") })
-            .method_not_allowed_fallback(method_not_allowed)
-            .layer(DefaultBodyLimit::max(settings.http.max_body_bytes))
-            .layer(
-                tower::ServiceBuilder::new()
-                    .layer(axum::error_handling::HandleErrorLayer::new(overload_answer))
-                    .load_shed()
-                    .concurrency_limit(settings.http.max_concurrent_requests)
-                    .timeout(Duration::from_millis(settings.http.request_timeout_ms)),
-            )
-            .layer(HttpMetricsLayer::new(&runtime.metrics))
-            .layer(TraceLayer::from_config(&settings.telemetry))
-            // Outermost: one id per request, which the span, the policy
-            // input and audit record, and the published message all carry.
-            .layer(RequestIdLayer::new())
-            .with_state(shared);
+            .layer(AuthnLayer::new(Arc::new(authn)));
+        let app = around_the_api(guarded, &runtime, &settings).with_state(shared);
 
         let addr = api.local_addr().map_err(|source| PlatformError::Bind {
             addr: "api".into(),
             source,
         })?;
-        let stop = CancellationToken::new();
-        let s = stop.clone();
-        let server = tokio::spawn(async move {
-            let serve =
-                // With the peer address in the extensions, so soma-policy's
-                // failed-API-key limiter works per client.
-                axum::serve(api, app.into_make_service_with_connect_info::<SocketAddr>())
-                    .with_graceful_shutdown(async move { s.cancelled().await });
-            if let Err(e) = serve.await {
-                tracing::error!(event = "api_server_failed", error = %e);
-            }
-        });
+        let (stop, server) = serve_api(api, app);
         tracing::info!(event = "gateway_started", %addr, admin = %runtime.admin_addr);
         Ok(Self {
             runtime,
@@ -480,6 +394,147 @@ impl Gateway {
             .await;
         self.runtime.shutdown().await;
     }
+}
+
+/// The gateway's Redis client, given its connect timeout to come up.
+/// Without Redis the gateway still starts: rate-limited routes answer 503
+/// (fail closed) and health shows `redis` down until it connects.
+async fn connect_redis(runtime: &Runtime) -> Result<RedisClient, PlatformError> {
+    let settings = &runtime.settings;
+    let redis = RedisClient::builder(settings.redis.clone())
+        .metrics(&runtime.metrics)
+        .health(&runtime.health)
+        .connect_lazy()
+        .await?;
+    if let Err(error) = redis
+        .wait_connected(Duration::from_millis(settings.redis.connect_timeout_ms))
+        .await
+    {
+        tracing::warn!(event = "redis_unavailable_at_start", %error);
+    }
+    Ok(redis)
+}
+
+/// The rate limit per tenant and route (`chat.rate_limit` per
+/// `chat.rate_window_secs`), applied after authentication.
+fn rate_limit_layer(
+    redis: &RedisClient,
+    settings: &PlatformSettings,
+) -> Result<RateLimitLayer<Body>, PlatformError> {
+    let limiter = RateLimiter::new(
+        redis,
+        RateLimit::per(
+            settings.chat.rate_limit,
+            Duration::from_secs(settings.chat.rate_window_secs),
+        ),
+    )?;
+    Ok(RateLimitLayer::new(limiter, |req: &Request<Body>| {
+        let principal = req.extensions().get::<Principal>()?;
+        let route = req.extensions().get::<MatchedPath>()?;
+        Some(RateLimitKey {
+            tenant: principal.tenant.clone(),
+            route: format!("{} {}", req.method(), route.as_str()),
+        })
+    }))
+}
+
+/// Retries with an `Idempotency-Key` get the first answer; the key belongs
+/// to the caller (tenant and subject), so the layer sits inside
+/// authentication and the policy, on the one route.
+fn idempotency_layer(
+    redis: &RedisClient,
+    settings: &PlatformSettings,
+) -> Result<IdempotencyLayer<Body>, PlatformError> {
+    Ok(IdempotencyLayer::new(
+        Idempotency::new(redis, IdempotencyOptions::default())?,
+        |req: &Request<Body>| {
+            let principal = req.extensions().get::<Principal>()?;
+            Some(IdempotencyScope {
+                tenant: principal.tenant.clone(),
+                subject: principal.subject.clone(),
+            })
+        },
+    )
+    .max_body_bytes(settings.http.max_body_bytes))
+}
+
+/// Authentication from the `policy` section: JWTs of its issuers, and API
+/// keys looked up in PostgreSQL (the key table is migrated here).
+async fn authenticator(
+    settings: &PlatformSettings,
+    metrics: PolicyMetrics,
+) -> Result<Authenticator, PlatformError> {
+    // Its own small pool: API-key lookups (one per unknown key) must not
+    // take the connections the outbox and its fallback need.
+    let keys = PgApiKeyStore::from_config(&settings.postgres.url, &settings.policy.api_keys)
+        .await
+        .map_err(|e| PlatformError::Policy(e.to_string()))?;
+    keys.migrate()
+        .await
+        .map_err(|e| PlatformError::Policy(e.to_string()))?;
+    let keys: Arc<dyn ApiKeyStore> = Arc::new(keys);
+    Authenticator::builder(&settings.policy)
+        .api_key_store(keys)
+        .metrics(metrics)
+        .build()
+        .map_err(|e| PlatformError::Policy(e.to_string()))
+}
+
+/// Every guarded route's policy action: the chat routes, the workspace's,
+/// the operator's, then the ones `policy.routes` adds.
+fn route_map(settings: &PlatformSettings) -> Result<RouteMap, PlatformError> {
+    let mut rules = routes();
+    rules.extend(crate::workspace::routes());
+    rules.extend(crate::operator::routes());
+    rules.extend(settings.policy.routes.iter().cloned());
+    RouteMap::new(rules).map_err(|e| PlatformError::Policy(e.to_string()))
+}
+
+/// What surrounds the guarded routes: the probes (outside
+/// authentication), the 404 and 405 answers, the body limit, load
+/// shedding, the concurrency limit and the request timeout, then metrics,
+/// traces and, outermost, the request id.
+fn around_the_api(
+    guarded: Router<Arc<Shared>>,
+    runtime: &Runtime,
+    settings: &PlatformSettings,
+) -> Router<Arc<Shared>> {
+    guarded
+        // Outside authentication: the probes.
+        .merge(crate::operator::probes(&runtime.health))
+        .fallback(|| async { Problem::not_found("no such route") })
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(settings.http.max_body_bytes))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(overload_answer))
+                .load_shed()
+                .concurrency_limit(settings.http.max_concurrent_requests)
+                .timeout(Duration::from_millis(settings.http.request_timeout_ms)),
+        )
+        .layer(HttpMetricsLayer::new(&runtime.metrics))
+        .layer(TraceLayer::from_config(&settings.telemetry))
+        // Outermost: one id per request, which the span, the policy
+        // input and audit record, and the published message all carry.
+        .layer(RequestIdLayer::new())
+}
+
+/// Serves the API on `api` in a task until the returned token is cancelled
+/// (then in-flight requests finish).
+fn serve_api(api: TcpListener, app: Router) -> (CancellationToken, JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let server = tokio::spawn(async move {
+        let serve =
+            // With the peer address in the extensions, so soma-policy's
+            // failed-API-key limiter works per client.
+            axum::serve(api, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(async move { s.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!(event = "api_server_failed", error = %e);
+        }
+    });
+    (stop, server)
 }
 
 /// Reply events reach every gateway replica (broadcast group), which fans
@@ -632,34 +687,10 @@ async fn post_message(
     if let Some(r) = reject_conversation_id(&conversation_id) {
         return r;
     }
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => return body_rejection(&e),
-    };
-    let msg: SendMessage = match serde_json::from_slice(&body) {
+    let msg = match parse_message(&gw.settings, body) {
         Ok(m) => m,
-        Err(e) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "invalid_body",
-                &format!("expected {{\"text\": string}}: {e}"),
-            );
-        }
+        Err(r) => return r,
     };
-    if msg.text.trim().is_empty() {
-        return problem(StatusCode::BAD_REQUEST, "empty_message", "text is empty");
-    }
-    if msg.text.len() > gw.settings.chat.max_message_bytes {
-        return problem(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "message_too_large",
-            &format!(
-                "text is {} bytes; the limit is {}",
-                msg.text.len(),
-                gw.settings.chat.max_message_bytes
-            ),
-        );
-    }
 
     if let Err(r) = authorize_owner(
         &gw,
@@ -682,24 +713,9 @@ async fn post_message(
         principal: principal.clone(),
         request_id: id_str(&request_id).to_owned(),
     };
-    // A retry with the same key publishes the same envelope id, so even a
-    // retry the key store no longer remembers is one message to the
-    // worker's inbox.
-    let id = match &key {
-        Some(k) => message_id_for(&principal.tenant, &principal.subject, k.as_str()),
-        None => Uuid::now_v7(),
-    };
-    let envelope = Envelope::builder(
-        protocol::MESSAGE_RECEIVED,
-        principal.tenant.as_str(),
-        conversation_id.as_str(),
-    )
-    .id(id)
-    .json(&request)
-    .and_then(|b| b.correlation_id(request.request_id.as_str()).build());
-    let envelope = match envelope {
+    let envelope = match message_envelope(&principal, &conversation_id, &request, key.as_ref()) {
         Ok(e) => e,
-        Err(e) => return problem(StatusCode::BAD_REQUEST, "invalid_message", &e.to_string()),
+        Err(r) => return r,
     };
     // The publish runs in its own task: a client that disconnects (or the
     // request timeout) drops this handler, not the publish, which completes
@@ -723,6 +739,76 @@ async fn post_message(
             Problem::internal().into_response()
         }
     }
+}
+
+/// The message of a `POST`: a JSON `{"text": …}` body, not blank, of at
+/// most `chat.max_message_bytes`; else the answer (400, 413).
+// The Err is the handler's answer, returned as it is.
+#[allow(clippy::result_large_err)]
+fn parse_message(
+    settings: &PlatformSettings,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<SendMessage, Response> {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return Err(body_rejection(&e)),
+    };
+    let msg: SendMessage = match serde_json::from_slice(&body) {
+        Ok(m) => m,
+        Err(e) => {
+            return Err(problem(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                &format!("expected {{\"text\": string}}: {e}"),
+            ));
+        }
+    };
+    if msg.text.trim().is_empty() {
+        return Err(problem(
+            StatusCode::BAD_REQUEST,
+            "empty_message",
+            "text is empty",
+        ));
+    }
+    if msg.text.len() > settings.chat.max_message_bytes {
+        return Err(problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "message_too_large",
+            &format!(
+                "text is {} bytes; the limit is {}",
+                msg.text.len(),
+                settings.chat.max_message_bytes
+            ),
+        ));
+    }
+    Ok(msg)
+}
+
+/// The envelope that carries `request` to the workers; else the answer
+/// (400). A retry with the same key publishes the same envelope id, so even
+/// a retry the key store no longer remembers is one message to the worker's
+/// inbox.
+// The Err is the handler's answer, returned as it is.
+#[allow(clippy::result_large_err)]
+fn message_envelope(
+    principal: &Principal,
+    conversation_id: &str,
+    request: &ChatRequest,
+    key: Option<&IdempotencyKey>,
+) -> Result<Envelope, Response> {
+    let id = match key {
+        Some(k) => message_id_for(&principal.tenant, &principal.subject, k.as_str()),
+        None => Uuid::now_v7(),
+    };
+    Envelope::builder(
+        protocol::MESSAGE_RECEIVED,
+        principal.tenant.as_str(),
+        conversation_id,
+    )
+    .id(id)
+    .json(request)
+    .and_then(|b| b.correlation_id(request.request_id.as_str()).build())
+    .map_err(|e| problem(StatusCode::BAD_REQUEST, "invalid_message", &e.to_string()))
 }
 
 /// The envelope id of the message sent with Idempotency-Key `key` by
@@ -952,6 +1038,40 @@ impl Session {
         }
     }
 
+    /// Positions a new stream: from now on (after the newest stored event),
+    /// or after the client's `Last-Event-ID` `resume_from`, with the stored
+    /// events since queued. An id this conversation never had gets an
+    /// `event: reset` and the stream goes on after the newest.
+    async fn start(
+        &mut self,
+        resume_from: Option<u64>,
+    ) -> Result<(), crate::session_events::SessionEventsError> {
+        let bounds = self
+            .store
+            .bounds(&self.tenant, &self.conversation_id)
+            .await?;
+        match resume_from {
+            None => {
+                self.last = bounds.head;
+                Ok(())
+            }
+            Some(after) if after > bounds.head => {
+                self.metrics.resets.inc();
+                self.pending.push_back(Out::Reset {
+                    last_event_id: after,
+                    resumed_after: bounds.head,
+                });
+                self.last = bounds.head;
+                Ok(())
+            }
+            Some(after) => {
+                self.metrics.resumed("last_event_id");
+                self.last = after;
+                self.catch_up().await
+            }
+        }
+    }
+
     /// Queues the stored events after `last` (with an `event: reset` first
     /// when the oldest of them is no longer kept).
     async fn catch_up(&mut self) -> Result<(), crate::session_events::SessionEventsError> {
@@ -1130,40 +1250,7 @@ async fn events_stream(
     // on the channel, or both (then dropped by id) — never in neither.
     let sub = gw.hub.subscribe(&principal.tenant, &conversation_id);
     let mut session = Session::new(sub, &gw, principal.tenant, conversation_id);
-    let started = match resume_from {
-        // From now on: everything after the newest stored event.
-        None => gw
-            .store
-            .bounds(&session.tenant, &session.conversation_id)
-            .await
-            .map(|b| session.last = b.head),
-        Some(after) => {
-            match gw
-                .store
-                .bounds(&session.tenant, &session.conversation_id)
-                .await
-            {
-                Ok(b) if after > b.head => {
-                    // An id this conversation never had: say so, go on
-                    // after the newest.
-                    gw.sse_metrics.resets.inc();
-                    session.pending.push_back(Out::Reset {
-                        last_event_id: after,
-                        resumed_after: b.head,
-                    });
-                    session.last = b.head;
-                    Ok(())
-                }
-                Ok(_) => {
-                    gw.sse_metrics.resumed("last_event_id");
-                    session.last = after;
-                    session.catch_up().await
-                }
-                Err(e) => Err(e),
-            }
-        }
-    };
-    if let Err(e) = started {
+    if let Err(e) = session.start(resume_from).await {
         tracing::warn!(event = "sse_store_unavailable", error = %e);
         return problem(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -106,15 +106,7 @@ impl Runtime {
         health.export_metrics(&metrics);
         let lifecycle = Shutdown::new(settings.shutdown.clone(), &health);
 
-        let pool = PgPoolOptions::new()
-            .max_connections(settings.postgres.max_connections)
-            .acquire_timeout(Duration::from_millis(settings.postgres.connect_timeout_ms))
-            .connect(&settings.postgres.url)
-            .await
-            .map_err(|source| PlatformError::Postgres {
-                url: soma_observability::redact_url(&settings.postgres.url),
-                source,
-            })?;
+        let pool = connect_postgres(&settings).await?;
         let outbox = Outbox::new(pool.clone(), settings.outbox.clone()).await?;
         let session_events =
             SessionEvents::new(pool.clone(), &settings.chat.session_events_schema)?;
@@ -141,22 +133,7 @@ impl Runtime {
         .health(&health)
         .spawn();
 
-        let topic_admin = TopicAdmin::new(&bus)?;
-        let criticality = match kafka {
-            KafkaRole::PublishOnly => Criticality::Optional,
-            KafkaRole::Consumes => Criticality::Required,
-        };
-        health.register_check(
-            "kafka",
-            criticality,
-            topic_admin.health_check(),
-            CheckOptions::new(Duration::from_secs(5), Duration::from_secs(3)),
-        );
-        if let Err(e) = topic_admin.ensure_topics(&settings.topics(), true).await {
-            // Publishing still works (the outbox holds messages until the
-            // broker is back); consumers report the problem through health.
-            tracing::warn!(event = "ensure_topics_failed", error = %e);
-        }
+        watch_kafka(&bus, &settings, kafka, &health).await?;
 
         let config_consumer = spawn_config_updates(&live, &bus, &settings, &producer, &metrics)?;
 
@@ -164,16 +141,7 @@ impl Runtime {
             addr: "admin".into(),
             source,
         })?;
-        let admin_stop = CancellationToken::new();
-        let router = soma_observability::admin::admin_router(metrics.clone(), health.clone());
-        let stop = admin_stop.clone();
-        let admin_task = tokio::spawn(async move {
-            let serve = axum::serve(admin, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await });
-            if let Err(e) = serve.await {
-                tracing::error!(event = "admin_server_failed", error = %e);
-            }
-        });
+        let (admin_stop, admin_task) = serve_admin(admin, &metrics, &health);
 
         Ok(Self {
             live,
@@ -377,6 +345,68 @@ impl Worker {
         }
         self.runtime.shutdown().await;
     }
+}
+
+/// The process's PostgreSQL pool (`postgres.max_connections`, waiting at
+/// most `postgres.connect_timeout_ms` for a connection).
+async fn connect_postgres(settings: &PlatformSettings) -> Result<PgPool, PlatformError> {
+    PgPoolOptions::new()
+        .max_connections(settings.postgres.max_connections)
+        .acquire_timeout(Duration::from_millis(settings.postgres.connect_timeout_ms))
+        .connect(&settings.postgres.url)
+        .await
+        .map_err(|source| PlatformError::Postgres {
+            url: soma_observability::redact_url(&settings.postgres.url),
+            source,
+        })
+}
+
+/// Reports the broker as health component `kafka` (required when the
+/// service consumes, optional when it only publishes) and creates the
+/// platform's topics; a broker that is down is logged, not an error.
+async fn watch_kafka(
+    bus: &BusConfig,
+    settings: &PlatformSettings,
+    kafka: KafkaRole,
+    health: &HealthRegistry,
+) -> Result<(), PlatformError> {
+    let topic_admin = TopicAdmin::new(bus)?;
+    let criticality = match kafka {
+        KafkaRole::PublishOnly => Criticality::Optional,
+        KafkaRole::Consumes => Criticality::Required,
+    };
+    health.register_check(
+        "kafka",
+        criticality,
+        topic_admin.health_check(),
+        CheckOptions::new(Duration::from_secs(5), Duration::from_secs(3)),
+    );
+    if let Err(e) = topic_admin.ensure_topics(&settings.topics(), true).await {
+        // Publishing still works (the outbox holds messages until the
+        // broker is back); consumers report the problem through health.
+        tracing::warn!(event = "ensure_topics_failed", error = %e);
+    }
+    Ok(())
+}
+
+/// Serves `/metrics`, `/live`, `/ready` and `/v1/health` on `admin` in a
+/// task until the returned token is cancelled.
+fn serve_admin(
+    admin: TcpListener,
+    metrics: &MetricsRegistry,
+    health: &HealthRegistry,
+) -> (CancellationToken, JoinHandle<()>) {
+    let admin_stop = CancellationToken::new();
+    let router = soma_observability::admin::admin_router(metrics.clone(), health.clone());
+    let stop = admin_stop.clone();
+    let admin_task = tokio::spawn(async move {
+        let serve = axum::serve(admin, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!(event = "admin_server_failed", error = %e);
+        }
+    });
+    (admin_stop, admin_task)
 }
 
 /// Every replica applies every remote config update (broadcast consumer):

@@ -193,23 +193,7 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
         return Ok(());
     }
     let started = Instant::now();
-    let (status, output) = match TOOLS.iter().find(|(name, _)| *name == call.tool) {
-        None => (
-            ToolStatus::Unknown,
-            format!(
-                "There is no tool `{}`. Tools: {}.",
-                call.tool,
-                TOOLS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
-            ),
-        ),
-        Some((name, risk)) => match authorize(ctx, &call, &env, name, *risk).await? {
-            Some(reasons) => (
-                ToolStatus::Denied,
-                format!("Tool `{name}` was not run: {}.", reasons.join(", ")),
-            ),
-            None => run_limited(ctx, name, &call.input).await?,
-        },
-    };
+    let (status, output) = run_tool(ctx, &call, &env).await?;
     let (_, max_output) = ctx.settings.tools.limits_of(&call.tool);
     let (output, truncated) = truncate(&output, max_output);
     let result = ToolResult {
@@ -233,8 +217,51 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
     .correlation_id(call.request_id.as_str())
     .build()
     .map_err(HandlerError::fatal)?;
-    // The session stream gets the result, then the reply (which answers
-    // the user's message, not this envelope).
+    let events = result_events(&call, &result, truncated);
+    session_events::commit_reply(
+        &ctx.effects,
+        &ctx.store,
+        HANDLER,
+        &env,
+        &ctx.settings.chat.events_topic,
+        events,
+        &[(&ctx.settings.chat.tool_results_topic, &result_env)],
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Runs the tool `call` names if the policy allows it. An unknown tool and
+/// a denied call are answers (status and a sentence saying why), not
+/// errors.
+async fn run_tool(
+    ctx: &Ctx,
+    call: &ToolCall,
+    env: &Envelope,
+) -> Result<(ToolStatus, String), HandlerError> {
+    Ok(match TOOLS.iter().find(|(name, _)| *name == call.tool) {
+        None => (
+            ToolStatus::Unknown,
+            format!(
+                "There is no tool `{}`. Tools: {}.",
+                call.tool,
+                TOOLS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+            ),
+        ),
+        Some((name, risk)) => match authorize(ctx, call, env, name, *risk).await? {
+            Some(reasons) => (
+                ToolStatus::Denied,
+                format!("Tool `{name}` was not run: {}.", reasons.join(", ")),
+            ),
+            None => run_limited(ctx, name, &call.input).await?,
+        },
+    })
+}
+
+/// What the session stream gets for a tool call, numbered from 0: the
+/// result, then the reply (which answers the user's message, not the tool
+/// call's envelope; `…` marks a truncated output).
+fn result_events(call: &ToolCall, result: &ToolResult, truncated: bool) -> Vec<ChatEvent> {
     let mut events = vec![ChatEvent {
         conversation_id: call.conversation_id.clone(),
         message_id: call.message_id,
@@ -260,17 +287,7 @@ async fn handle(ctx: &Ctx, env: Envelope) -> Result<(), HandlerError> {
     for (seq, e) in events.iter_mut().enumerate() {
         e.seq = seq as u32;
     }
-    session_events::commit_reply(
-        &ctx.effects,
-        &ctx.store,
-        HANDLER,
-        &env,
-        &ctx.settings.chat.events_topic,
-        events,
-        &[(&ctx.settings.chat.tool_results_topic, &result_env)],
-    )
-    .await
-    .map(|_| ())
+    events
 }
 
 /// `tool.execute` on `tool/<name>` with the tool's risk. `Some(reasons)`

@@ -21,7 +21,10 @@
 //! | `problem` | `assert_problem`: an `application/problem+json` answer |
 //! | `reqwest` | `expect_problem`: the same for a `reqwest::Response` |
 //! | `otlp` | `otlp`: an in-process OTLP trace receiver |
+//! | `opa` | `OpaServer`: OPA's real evaluator behind a minimal Data API |
 
+#[cfg(feature = "opa")]
+mod opa;
 #[cfg(feature = "otlp")]
 pub mod otlp;
 #[cfg(feature = "tokio")]
@@ -31,6 +34,8 @@ mod problem;
 #[cfg(feature = "axum")]
 mod serve;
 
+#[cfg(feature = "opa")]
+pub use opa::OpaServer;
 #[cfg(feature = "tokio")]
 pub use poll::{eventually, wait_for, wait_until};
 #[cfg(feature = "reqwest")]
