@@ -56,8 +56,7 @@ struct FileSource {
 /// Builds a settings value of type `T` from layered sources.
 ///
 /// Precedence, lowest first: `T::default()` < the deployment profile's
-/// preset (only when [`presets`](Loader::presets),
-/// [`profiles`](Loader::profiles) or
+/// preset (only when [`presets`](Loader::presets) or
 /// [`profile_preset`](Loader::profile_preset) was called) < TOML files in
 /// the order added < `SOMA_*` environment variables < an applied remote
 /// update (see [`Live::apply`](crate::Live::apply)) < programmatic
@@ -273,9 +272,12 @@ impl<T: Settings> Loader<T> {
     /// active profile, chosen by the top-level key `profile`, selects
     /// whose preset applies.
     ///
-    /// Every load builds the active profile's preset; one that cannot be
-    /// built or is for another profile fails the load with its
-    /// [`ConfigError`] (typically [`ConfigError::ProfileViolation`]).
+    /// Every load builds the preset of every profile and checks each
+    /// against the settings' defaults, so a preset that cannot be built,
+    /// is for another profile, or names a key that is not a numeric
+    /// setting fails the load with its [`ConfigError`] (typically
+    /// [`ConfigError::ProfileViolation`]) — under `local` too, long before
+    /// `prod` would have sized nothing.
     ///
     /// ```
     /// # use serde::{Deserialize, Serialize};
@@ -307,18 +309,9 @@ impl<T: Settings> Loader<T> {
         self
     }
 
-    /// Enables the SDK's built-in `local` and `prod` sizing presets
-    /// ([`DeploymentProfile::builtin_preset`]). The active one is chosen by
-    /// the top-level key `profile`.
-    pub fn profiles(mut self) -> Self {
-        for p in [DeploymentProfile::Local, DeploymentProfile::Prod] {
-            self.presets.insert(p, p.builtin_preset());
-        }
-        self
-    }
-
     /// Registers (or replaces) the preset for its profile; for that profile
-    /// it takes the place of what [`presets`](Loader::presets) builds.
+    /// it takes the place of what [`presets`](Loader::presets) builds. It
+    /// is checked on every load as `presets`' are.
     pub fn profile_preset(mut self, preset: ProfilePreset) -> Self {
         self.presets.insert(preset.profile(), preset);
         self
@@ -434,8 +427,8 @@ impl<T: Settings> Loader<T> {
         layers: &mut Layers,
     ) -> Result<DeploymentProfile, ConfigError> {
         let profile = self.select_profile(layers)?;
-        if let Some(preset) = self.preset_for(profile)? {
-            let doc = preset.to_document(defaults);
+        if let Some(preset) = self.checked_presets(defaults)?.remove(&profile) {
+            let doc = preset.to_document();
             let dict = document::json_to_dict(&doc, &Origin::Profile(profile))?;
             if !dict.is_empty() {
                 layers
@@ -449,24 +442,33 @@ impl<T: Settings> Loader<T> {
         Ok(profile)
     }
 
-    /// The preset of `profile`, if any: registered, or built.
-    fn preset_for(&self, profile: DeploymentProfile) -> Result<Option<ProfilePreset>, ConfigError> {
-        let preset = match (self.presets.get(&profile), &self.preset_fn) {
-            (Some(preset), _) => preset.clone(),
-            (None, Some(build)) => build(profile)?,
-            (None, None) => return Ok(None),
-        };
-        if preset.profile() != profile {
-            return Err(ConfigError::ProfileViolation {
-                profile,
-                key: "profile".into(),
-                message: format!(
-                    "the preset built for `{profile}` is for `{}`",
-                    preset.profile()
-                ),
-            });
+    /// The preset of every profile that has one, each built and checked
+    /// against the settings' defaults.
+    fn checked_presets(
+        &self,
+        defaults: &serde_json::Value,
+    ) -> Result<BTreeMap<DeploymentProfile, ProfilePreset>, ConfigError> {
+        let mut presets = BTreeMap::new();
+        for profile in DeploymentProfile::ALL {
+            let preset = match (self.presets.get(&profile), &self.preset_fn) {
+                (Some(preset), _) => preset.clone(),
+                (None, Some(build)) => build(profile)?,
+                (None, None) => continue,
+            };
+            if preset.profile() != profile {
+                return Err(ConfigError::ProfileViolation {
+                    profile,
+                    key: "profile".into(),
+                    message: format!(
+                        "the preset built for `{profile}` is for `{}`",
+                        preset.profile()
+                    ),
+                });
+            }
+            preset.check_shape(defaults)?;
+            presets.insert(profile, preset);
         }
-        Ok(Some(preset))
+        Ok(presets)
     }
 
     /// The settings from the merged layers; a key no field takes is an

@@ -4,7 +4,8 @@
 //! ([`SectionPreset`], keys relative to the section) next to the section's
 //! type; the application mounts them where it mounts the sections
 //! ([`ProfilePreset::section`]) and hands the result to the loader
-//! ([`Loader::presets`](crate::Loader::presets)).
+//! ([`Loader::presets`](crate::Loader::presets)). This crate names no other
+//! crate's keys.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -72,37 +73,6 @@ impl DeploymentProfile {
             DeploymentProfile::Local => "local",
             DeploymentProfile::Prod => "prod",
         }
-    }
-
-    /// The SDK's built-in preset for this profile. It sizes the standard
-    /// soma sections (`redis`, `bus`, `relay`, `policy`) and an
-    /// application's `postgres` pool section; entries for sections or keys your settings type does
-    /// not have are skipped, so it is safe with any settings type.
-    pub fn builtin_preset(self) -> ProfilePreset {
-        let p = ProfilePreset::new(self);
-        let table: &[(&str, u64, u64)] = &[
-            // key, local, prod — keys of the soma crates' own config
-            // sections (checked against them by the example platform's tests).
-            ("redis.pool_size", 4, 32),
-            ("redis.connect_timeout_ms", 2_000, 5_000),
-            ("redis.command_timeout_ms", 1_000, 2_000),
-            ("postgres.max_connections", 5, 50),
-            ("postgres.connect_timeout_ms", 2_000, 5_000),
-            ("bus.topic_partitions", 1, 12),
-            ("bus.consumer_concurrency", 4, 16),
-            ("relay.batch_size", 50, 500),
-            ("relay.poll_interval_ms", 100, 500),
-            ("policy.cache.capacity", 1_000, 100_000),
-        ];
-        table.iter().fold(p, |p, (key, local, prod)| {
-            let v = if self == DeploymentProfile::Local {
-                *local
-            } else {
-                *prod
-            };
-            p.size(key, v)
-                .expect("built-in preset keys are sizing keys")
-        })
     }
 }
 
@@ -276,7 +246,9 @@ impl SectionPreset {
 ///
 /// An application composes its preset from the crates' [`SectionPreset`]s,
 /// mounted at the paths of its settings type ([`section`](Self::section)),
-/// plus any sizes of its own ([`size`](Self::size)).
+/// plus any sizes of its own ([`size`](Self::size)). The loader refuses a
+/// preset that names a key the settings do not have as a number (see
+/// [`Loader::presets`](crate::Loader::presets)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProfilePreset {
     profile: DeploymentProfile,
@@ -344,28 +316,25 @@ impl ProfilePreset {
     }
 
     /// Checks that every key names a number in `settings` serialized as
-    /// JSON (give it the settings type's `Default`), for an application's
-    /// test of its composition: a key that is not there sizes nothing.
+    /// JSON (give it the settings type's `Default`): what the loader checks
+    /// on every load, for an application's test of its composition.
     ///
     /// # Errors
     /// [`ConfigError::ProfileViolation`] naming the first key that is not a
     /// numeric setting.
     pub fn check<T: Serialize + ?Sized>(&self, settings: &T) -> Result<(), ConfigError> {
-        check_shape(
-            self.profile,
-            self.entries(),
-            &shape_of(self.profile, settings)?,
-        )
+        self.check_shape(&shape_of(self.profile, settings)?)
     }
 
-    /// The preset as a nested JSON object, keeping only keys that exist in
-    /// `shape` (the serialized defaults of the settings type).
-    pub(crate) fn to_document(&self, shape: &serde_json::Value) -> serde_json::Value {
+    /// As [`check`](Self::check), against the settings' serialized defaults.
+    pub(crate) fn check_shape(&self, shape: &serde_json::Value) -> Result<(), ConfigError> {
+        check_shape(self.profile, self.entries(), shape)
+    }
+
+    /// The preset as a nested JSON object.
+    pub(crate) fn to_document(&self) -> serde_json::Value {
         let mut root = serde_json::Map::new();
         for (key, value) in &self.entries {
-            if !numeric_at(shape, key) {
-                continue;
-            }
             let segments: Vec<&str> = key.split('.').collect();
             let mut node = &mut root;
             for seg in &segments[..segments.len() - 1] {
@@ -569,37 +538,15 @@ mod tests {
     }
 
     #[test]
-    fn builtin_presets_only_size_things() {
-        for profile in [DeploymentProfile::Local, DeploymentProfile::Prod] {
-            let preset = profile.builtin_preset();
-            assert!(preset.entries().count() >= 10);
-            for (key, value) in preset.entries() {
-                assert!(value >= 1);
-                let leaf = key.rsplit('.').next().unwrap();
-                assert!(!PROTECTED_WORDS.iter().any(|w| leaf.contains(w)), "{key}");
-            }
-        }
-        let local: BTreeMap<_, _> = DeploymentProfile::Local
-            .builtin_preset()
-            .entries()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
-        let prod: BTreeMap<_, _> = DeploymentProfile::Prod
-            .builtin_preset()
-            .entries()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
+    fn documents_nest_the_keys() {
+        let preset = ProfilePreset::new(DeploymentProfile::Prod)
+            .size("db.pool_size", 32)
+            .unwrap()
+            .size("lookup.cache.capacity", 100_000)
+            .unwrap();
         assert_eq!(
-            local.keys().collect::<Vec<_>>(),
-            prod.keys().collect::<Vec<_>>()
+            preset.to_document(),
+            serde_json::json!({"db": {"pool_size": 32}, "lookup": {"cache": {"capacity": 100_000}}})
         );
-        assert!(local["redis.pool_size"] < prod["redis.pool_size"]);
-    }
-
-    #[test]
-    fn documents_keep_only_known_numeric_keys() {
-        let shape = serde_json::json!({"redis": {"pool_size": 8, "url": "x"}});
-        let doc = DeploymentProfile::Prod.builtin_preset().to_document(&shape);
-        assert_eq!(doc, serde_json::json!({"redis": {"pool_size": 32}}));
     }
 }

@@ -338,10 +338,39 @@ fn profiles_size_but_never_weaken_safety() {
     );
 }
 
-/// A preset builder's error comes out of the load as it was; a preset
-/// built for another profile is refused.
+/// A preset key the settings do not have would size nothing: every load
+/// refuses it, whichever profile is active, as it refuses a preset that
+/// cannot be built or is for another profile.
 #[test]
-fn presets_that_cannot_be_built_fail_the_load() {
+fn presets_that_would_size_nothing_fail_every_load() {
+    let typo = |profile: DeploymentProfile| {
+        let preset = ProfilePreset::new(profile).section("redis", redis_sizes(profile))?;
+        match profile {
+            DeploymentProfile::Local => Ok(preset),
+            DeploymentProfile::Prod => preset.size("redis.pool_sise", 8),
+        }
+    };
+    let err = Loader::<AppSettings>::new()
+        .env_from(no_env())
+        .presets(typo)
+        .load()
+        .unwrap_err();
+    assert!(err.is_profile_violation(), "{err}");
+    assert_eq!(err.key(), Some("redis.pool_sise"));
+
+    // A string setting is not a size either.
+    let err = Loader::<AppSettings>::new()
+        .env_from(no_env())
+        .profile_preset(
+            ProfilePreset::new(DeploymentProfile::Prod)
+                .size("service_name", 3)
+                .unwrap(),
+        )
+        .load()
+        .unwrap_err();
+    assert_eq!(err.key(), Some("service_name"));
+
+    // The builder's own error comes out of the load as it was.
     let err = Loader::<AppSettings>::new()
         .env_from(no_env())
         .presets(|profile| ProfilePreset::new(profile).size("redis.tls_enabled", 1))
