@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
-use soma_config::{DeploymentProfile, Secret};
+use soma_config::{DeploymentProfile, Secret, SectionPreset};
 use soma_observability::resilience::BreakerConfig;
 
 use crate::error::BusError;
@@ -212,6 +212,40 @@ const RESERVED_KEYS: &[&str] = &[
 ];
 
 impl BusConfig {
+    /// This section's sizes under a deployment profile, keys relative to
+    /// the section; mount them where your settings mount it
+    /// ([`ProfilePreset::section`](soma_config::ProfilePreset::section)).
+    /// Durability is not a size: it follows
+    /// [`deployment_profile`](Self::deployment_profile) (see the type docs).
+    ///
+    /// | key | `local` | `prod` |
+    /// |---|---|---|
+    /// | `topic_partitions` | 1 | 12 |
+    /// | `consumer_concurrency` | 4 | 16 |
+    ///
+    /// ```
+    /// use soma_bus::BusConfig;
+    /// use soma_config::{DeploymentProfile, ProfilePreset};
+    ///
+    /// let prod = DeploymentProfile::Prod;
+    /// let preset = ProfilePreset::new(prod).section("bus", BusConfig::preset(prod))?;
+    /// assert!(preset.entries().any(|entry| entry == ("bus.topic_partitions", 12)));
+    /// # Ok::<(), soma_config::ConfigError>(())
+    /// ```
+    pub fn preset(profile: DeploymentProfile) -> SectionPreset {
+        let (topic_partitions, consumer_concurrency) = match profile {
+            DeploymentProfile::Local => (1, 4),
+            DeploymentProfile::Prod => (12, 16),
+        };
+        SectionPreset::new(
+            profile,
+            [
+                ("topic_partitions", topic_partitions),
+                ("consumer_concurrency", consumer_concurrency),
+            ],
+        )
+    }
+
     /// Checks the settings; called by every constructor in this crate.
     pub fn validate(&self) -> Result<(), BusError> {
         let bad = |m: String| Err(BusError::Config(m));
@@ -417,6 +451,17 @@ mod tests {
             serde_json::from_str(r#"{"linger_ms": 20, "sasl_password": "hunter2"}"#).unwrap();
         assert_eq!(c.linger_ms, 20);
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    /// The preset's keys live here, so the proof that each one is a numeric
+    /// setting of this section does too.
+    #[test]
+    fn every_preset_key_is_a_numeric_setting_of_the_section() {
+        for profile in DeploymentProfile::ALL {
+            BusConfig::preset(profile)
+                .check(&BusConfig::default())
+                .unwrap();
+        }
     }
 
     #[test]

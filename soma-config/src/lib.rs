@@ -22,7 +22,7 @@ pub use flags::{
 };
 pub use live::{Change, ConfigUpdate, Live, MIN_UPDATE_KEY_BYTES, Reader, UpdateStats, Versioned};
 pub use loader::{Checks, Loader, Settings};
-pub use profile::{DeploymentProfile, ProfilePreset};
+pub use profile::{DeploymentProfile, ProfilePreset, SectionPreset};
 pub use redact::redact_url;
 pub use secret::{REDACTED, Secret};
 #[cfg(feature = "watch")]

@@ -45,6 +45,7 @@ impl Checks {
 }
 
 type Validator<T> = Arc<dyn Fn(&T, &mut Checks) + Send + Sync>;
+type PresetFn = Arc<dyn Fn(DeploymentProfile) -> Result<ProfilePreset, ConfigError> + Send + Sync>;
 
 #[derive(Debug, Clone)]
 struct FileSource {
@@ -55,7 +56,7 @@ struct FileSource {
 /// Builds a settings value of type `T` from layered sources.
 ///
 /// Precedence, lowest first: `T::default()` < the deployment profile's
-/// preset (only when [`profiles`](Loader::profiles) or
+/// preset (only when [`presets`](Loader::presets) or
 /// [`profile_preset`](Loader::profile_preset) was called) < TOML files in
 /// the order added < `SOMA_*` environment variables < an applied remote
 /// update (see [`Live::apply`](crate::Live::apply)) < programmatic
@@ -71,6 +72,7 @@ pub struct Loader<T> {
     strict: bool,
     validators: Vec<Validator<T>>,
     presets: BTreeMap<DeploymentProfile, ProfilePreset>,
+    preset_fn: Option<PresetFn>,
     renamed: Vec<RenamedKey>,
     _settings: PhantomData<fn() -> T>,
 }
@@ -92,6 +94,7 @@ impl<T> Clone for Loader<T> {
             strict: self.strict,
             validators: self.validators.clone(),
             presets: self.presets.clone(),
+            preset_fn: self.preset_fn.clone(),
             renamed: self.renamed.clone(),
             _settings: PhantomData,
         }
@@ -105,7 +108,8 @@ impl<T> fmt::Debug for Loader<T> {
             .field("env", &matches!(self.env, EnvSource::Process))
             .field("strict", &self.strict)
             .field("validators", &self.validators.len())
-            .field("profiles", &self.presets.keys().collect::<Vec<_>>())
+            .field("presets", &self.preset_fn.is_some())
+            .field("profile_presets", &self.presets.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -145,6 +149,7 @@ impl<T: Settings> Loader<T> {
             strict: false,
             validators: Vec::new(),
             presets: BTreeMap::new(),
+            preset_fn: None,
             renamed: Vec::new(),
             _settings: PhantomData,
         }
@@ -261,17 +266,52 @@ impl<T: Settings> Loader<T> {
         self
     }
 
-    /// Enables the SDK's built-in `local` and `prod` sizing presets
-    /// ([`DeploymentProfile::builtin_preset`]). The active one is chosen by
-    /// the top-level key `profile`.
-    pub fn profiles(mut self) -> Self {
-        for p in [DeploymentProfile::Local, DeploymentProfile::Prod] {
-            self.presets.insert(p, p.builtin_preset());
-        }
+    /// Sizes the settings per deployment profile with `preset`: the
+    /// application's one function that mounts each crate's section preset
+    /// where it mounts the section (see [`ProfilePreset::section`]). The
+    /// active profile, chosen by the top-level key `profile`, selects
+    /// whose preset applies.
+    ///
+    /// Every load builds the preset of every profile and checks each
+    /// against the settings' defaults, so a preset that cannot be built,
+    /// is for another profile, or names a key that is not a numeric
+    /// setting fails the load with its [`ConfigError`] (typically
+    /// [`ConfigError::ProfileViolation`]) — under `local` too, long before
+    /// `prod` would have sized nothing.
+    ///
+    /// ```
+    /// # use serde::{Deserialize, Serialize};
+    /// use soma_config::{ConfigError, DeploymentProfile, Loader, ProfilePreset, SectionPreset};
+    /// # #[derive(Serialize, Deserialize)] #[serde(default)]
+    /// # struct Pool { max_connections: u32 }
+    /// # impl Default for Pool { fn default() -> Self { Self { max_connections: 10 } } }
+    /// # #[derive(Default, Serialize, Deserialize)] #[serde(default)]
+    /// # struct Settings { profile: DeploymentProfile, db: Pool }
+    /// fn preset(profile: DeploymentProfile) -> Result<ProfilePreset, ConfigError> {
+    ///     let connections = match profile {
+    ///         DeploymentProfile::Local => 5,
+    ///         DeploymentProfile::Prod => 50,
+    ///     };
+    ///     ProfilePreset::new(profile)
+    ///         .section("db", SectionPreset::new(profile, [("max_connections", connections)]))
+    /// }
+    ///
+    /// let loader = Loader::<Settings>::new().without_env().presets(preset);
+    /// assert_eq!(loader.load()?.db.max_connections, 5);
+    /// assert_eq!(loader.set("profile", "prod").load()?.db.max_connections, 50);
+    /// # Ok::<(), ConfigError>(())
+    /// ```
+    pub fn presets<F>(mut self, preset: F) -> Self
+    where
+        F: Fn(DeploymentProfile) -> Result<ProfilePreset, ConfigError> + Send + Sync + 'static,
+    {
+        self.preset_fn = Some(Arc::new(preset));
         self
     }
 
-    /// Registers (or replaces) the preset for its profile.
+    /// Registers (or replaces) the preset for its profile; for that profile
+    /// it takes the place of what [`presets`](Loader::presets) builds. It
+    /// is checked on every load as `presets`' are.
     pub fn profile_preset(mut self, preset: ProfilePreset) -> Self {
         self.presets.insert(preset.profile(), preset);
         self
@@ -387,8 +427,8 @@ impl<T: Settings> Loader<T> {
         layers: &mut Layers,
     ) -> Result<DeploymentProfile, ConfigError> {
         let profile = self.select_profile(layers)?;
-        if let Some(preset) = self.presets.get(&profile) {
-            let doc = preset.to_document(defaults);
+        if let Some(preset) = self.checked_presets(defaults)?.remove(&profile) {
+            let doc = preset.to_document();
             let dict = document::json_to_dict(&doc, &Origin::Profile(profile))?;
             if !dict.is_empty() {
                 layers
@@ -400,6 +440,35 @@ impl<T: Settings> Loader<T> {
             layers.0.push(layer);
         }
         Ok(profile)
+    }
+
+    /// The preset of every profile that has one, each built and checked
+    /// against the settings' defaults.
+    fn checked_presets(
+        &self,
+        defaults: &serde_json::Value,
+    ) -> Result<BTreeMap<DeploymentProfile, ProfilePreset>, ConfigError> {
+        let mut presets = BTreeMap::new();
+        for profile in DeploymentProfile::ALL {
+            let preset = match (self.presets.get(&profile), &self.preset_fn) {
+                (Some(preset), _) => preset.clone(),
+                (None, Some(build)) => build(profile)?,
+                (None, None) => continue,
+            };
+            if preset.profile() != profile {
+                return Err(ConfigError::ProfileViolation {
+                    profile,
+                    key: "profile".into(),
+                    message: format!(
+                        "the preset built for `{profile}` is for `{}`",
+                        preset.profile()
+                    ),
+                });
+            }
+            preset.check_shape(defaults)?;
+            presets.insert(profile, preset);
+        }
+        Ok(presets)
     }
 
     /// The settings from the merged layers; a key no field takes is an

@@ -1,4 +1,11 @@
 //! Deployment profiles: sizing presets that can never weaken safety.
+//!
+//! The mechanism only. Each crate describes its own section's sizes
+//! ([`SectionPreset`], keys relative to the section) next to the section's
+//! type; the application mounts them where it mounts the sections
+//! ([`ProfilePreset::section`]) and hands the result to the loader
+//! ([`Loader::presets`](crate::Loader::presets)). This crate names no other
+//! crate's keys.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -56,43 +63,16 @@ pub enum DeploymentProfile {
 }
 
 impl DeploymentProfile {
+    /// Every profile, `local` first: what a crate's preset function and an
+    /// application's composition answer for (and what their tests iterate).
+    pub const ALL: [DeploymentProfile; 2] = [DeploymentProfile::Local, DeploymentProfile::Prod];
+
     /// `"local"` or `"prod"`.
     pub fn as_str(self) -> &'static str {
         match self {
             DeploymentProfile::Local => "local",
             DeploymentProfile::Prod => "prod",
         }
-    }
-
-    /// The SDK's built-in preset for this profile. It sizes the standard
-    /// soma sections (`redis`, `bus`, `relay`, `policy`) and an
-    /// application's `postgres` pool section; entries for sections or keys your settings type does
-    /// not have are skipped, so it is safe with any settings type.
-    pub fn builtin_preset(self) -> ProfilePreset {
-        let p = ProfilePreset::new(self);
-        let table: &[(&str, u64, u64)] = &[
-            // key, local, prod — keys of the soma crates' own config
-            // sections (checked against them by the example platform's tests).
-            ("redis.pool_size", 4, 32),
-            ("redis.connect_timeout_ms", 2_000, 5_000),
-            ("redis.command_timeout_ms", 1_000, 2_000),
-            ("postgres.max_connections", 5, 50),
-            ("postgres.connect_timeout_ms", 2_000, 5_000),
-            ("bus.topic_partitions", 1, 12),
-            ("bus.consumer_concurrency", 4, 16),
-            ("relay.batch_size", 50, 500),
-            ("relay.poll_interval_ms", 100, 500),
-            ("policy.cache.capacity", 1_000, 100_000),
-        ];
-        table.iter().fold(p, |p, (key, local, prod)| {
-            let v = if self == DeploymentProfile::Local {
-                *local
-            } else {
-                *prod
-            };
-            p.size(key, v)
-                .expect("built-in preset keys are sizing keys")
-        })
     }
 }
 
@@ -145,6 +125,113 @@ pub(crate) const PROTECTED_WORDS: &[&str] = &[
     "allow",
 ];
 
+/// One crate's sizes for its own config section under one deployment
+/// profile: keys relative to the section (`pool_size`, `cache.capacity`),
+/// positive integers.
+///
+/// A crate offers one next to its section type (`RedisConfig::preset(profile)`
+/// in soma-redis), so the keys live beside the struct they name and are
+/// tested against it ([`check`](Self::check)). The application mounts it
+/// where *it* mounts the section ([`ProfilePreset::section`]): soma-config
+/// knows no crate's keys, and a section mounted twice (two Redis pools) is
+/// sized twice.
+///
+/// Building one never fails; its keys and values obey the rules of
+/// [`ProfilePreset::size`], checked when it is mounted or
+/// [`check`](Self::check)ed.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use soma_config::{DeploymentProfile, ProfilePreset, SectionPreset};
+///
+/// /// A crate's section…
+/// #[derive(Debug, Serialize, Deserialize)]
+/// #[serde(default)]
+/// struct PoolConfig { url: String, max_connections: u32, connect_timeout_ms: u64 }
+/// # impl Default for PoolConfig {
+/// #     fn default() -> Self {
+/// #         Self { url: "postgres://localhost/app".into(), max_connections: 10, connect_timeout_ms: 5_000 }
+/// #     }
+/// # }
+///
+/// impl PoolConfig {
+///     /// …and, next to it, its sizes per profile.
+///     fn preset(profile: DeploymentProfile) -> SectionPreset {
+///         let (connections, timeout_ms) = match profile {
+///             DeploymentProfile::Local => (5, 2_000),
+///             DeploymentProfile::Prod => (50, 5_000),
+///         };
+///         SectionPreset::new(profile, [("max_connections", connections), ("connect_timeout_ms", timeout_ms)])
+///     }
+/// }
+///
+/// // The crate's unit test: every key is a numeric setting of the section.
+/// for profile in DeploymentProfile::ALL {
+///     PoolConfig::preset(profile).check(&PoolConfig::default())?;
+/// }
+///
+/// // The application mounts it where it mounts the section.
+/// let prod = DeploymentProfile::Prod;
+/// let preset = ProfilePreset::new(prod).section("db", PoolConfig::preset(prod))?;
+/// assert_eq!(
+///     preset.entries().collect::<Vec<_>>(),
+///     [("db.connect_timeout_ms", 5_000), ("db.max_connections", 50)],
+/// );
+/// # Ok::<(), soma_config::ConfigError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SectionPreset {
+    profile: DeploymentProfile,
+    entries: BTreeMap<String, u64>,
+}
+
+impl SectionPreset {
+    /// The sizes `entries` (key relative to the section, value) for
+    /// `profile`. A key given twice keeps its last value.
+    pub fn new<K: Into<String>>(
+        profile: DeploymentProfile,
+        entries: impl IntoIterator<Item = (K, u64)>,
+    ) -> Self {
+        Self {
+            profile,
+            entries: entries.into_iter().map(|(k, v)| (k.into(), v)).collect(),
+        }
+    }
+
+    /// The profile these sizes are for.
+    pub fn profile(&self) -> DeploymentProfile {
+        self.profile
+    }
+
+    /// The entries, by key (relative to the section).
+    pub fn entries(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.entries.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+
+    /// Checks these sizes against the section they size: every key is a
+    /// sizing key (the rules of [`ProfilePreset::size`]) and names a number
+    /// in `section` serialized as JSON (give it the section type's
+    /// `Default`). A crate calls it in a unit test next to its keys, for
+    /// every profile, so a renamed field cannot leave a preset sizing
+    /// nothing.
+    ///
+    /// # Errors
+    /// [`ConfigError::ProfileViolation`] naming the first bad key (relative
+    /// to the section).
+    pub fn check<S: Serialize + ?Sized>(&self, section: &S) -> Result<(), ConfigError> {
+        for (key, value) in self.entries() {
+            if let Some(message) = sizing_problem(key, value) {
+                return Err(violation(self.profile, key, message));
+            }
+        }
+        check_shape(
+            self.profile,
+            self.entries(),
+            &shape_of(self.profile, section)?,
+        )
+    }
+}
+
 /// A sizing preset: numbers only, every one at least 1.
 ///
 /// Safety by construction: a preset holds nothing but positive integers
@@ -156,6 +243,12 @@ pub(crate) const PROTECTED_WORDS: &[&str] = &[
 /// `*replica*`, `fail_open`, `tls*`, …) are rejected with
 /// [`ConfigError::ProfileViolation`]. The preset sits just above the
 /// settings' defaults: files, environment, updates and overrides still win.
+///
+/// An application composes its preset from the crates' [`SectionPreset`]s,
+/// mounted at the paths of its settings type ([`section`](Self::section)),
+/// plus any sizes of its own ([`size`](Self::size)). The loader refuses a
+/// preset that names a key the settings do not have as a number (see
+/// [`Loader::presets`](crate::Loader::presets)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProfilePreset {
     profile: DeploymentProfile,
@@ -183,30 +276,37 @@ impl ProfilePreset {
     /// dotted snake_case path, or its last segment names a protected
     /// (authentication, policy or durability) setting.
     pub fn size(mut self, key: &str, value: u64) -> Result<Self, ConfigError> {
-        let violation = |message: String| ConfigError::ProfileViolation {
-            profile: self.profile,
-            key: key.to_owned(),
-            message,
-        };
-        let value = NonZeroU64::new(value).ok_or_else(|| {
-            violation("a preset value must be at least 1 (0 often means off or unlimited)".into())
-        })?;
-        let segments: Vec<&str> = key.split('.').collect();
-        if segments.iter().any(|s| {
-            s.is_empty()
-                || !s
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        }) {
-            return Err(violation("keys are dotted snake_case paths".into()));
+        if let Some(message) = sizing_problem(key, value) {
+            return Err(violation(self.profile, key, message));
         }
-        let leaf = segments.last().copied().unwrap_or_default();
-        if let Some(word) = PROTECTED_WORDS.iter().find(|w| leaf.contains(*w)) {
-            return Err(violation(format!(
-                "`{leaf}` looks like an authentication, policy or durability setting (contains `{word}`); profiles only size things"
-            )));
-        }
+        let value = NonZeroU64::new(value).expect("sizing_problem refuses 0");
         self.entries.insert(key.to_owned(), value);
+        Ok(self)
+    }
+
+    /// Mounts a crate's section sizes at `path`, where the settings type
+    /// has that section (`"redis"`, or `"cache.redis"` for a nested one):
+    /// each `key` of `sizes` is set at `path.key`, by the rules of
+    /// [`size`](Self::size).
+    ///
+    /// # Errors
+    /// [`ConfigError::ProfileViolation`] when `sizes` is for another
+    /// profile (at `path`), or for the first entry [`size`](Self::size)
+    /// refuses (at its full key).
+    pub fn section(mut self, path: &str, sizes: SectionPreset) -> Result<Self, ConfigError> {
+        if sizes.profile != self.profile {
+            return Err(violation(
+                self.profile,
+                path,
+                format!(
+                    "the section's sizes are for profile `{}`",
+                    sizes.profile.as_str()
+                ),
+            ));
+        }
+        for (key, value) in sizes.entries() {
+            self = self.size(&format!("{path}.{key}"), value)?;
+        }
         Ok(self)
     }
 
@@ -215,15 +315,27 @@ impl ProfilePreset {
         self.entries.iter().map(|(k, v)| (k.as_str(), v.get()))
     }
 
-    /// The preset as a nested JSON object, keeping only keys that exist in
-    /// `shape` (the serialized defaults of the settings type).
-    pub(crate) fn to_document(&self, shape: &serde_json::Value) -> serde_json::Value {
+    /// Checks that every key names a number in `settings` serialized as
+    /// JSON (give it the settings type's `Default`): what the loader checks
+    /// on every load, for an application's test of its composition.
+    ///
+    /// # Errors
+    /// [`ConfigError::ProfileViolation`] naming the first key that is not a
+    /// numeric setting.
+    pub fn check<T: Serialize + ?Sized>(&self, settings: &T) -> Result<(), ConfigError> {
+        self.check_shape(&shape_of(self.profile, settings)?)
+    }
+
+    /// As [`check`](Self::check), against the settings' serialized defaults.
+    pub(crate) fn check_shape(&self, shape: &serde_json::Value) -> Result<(), ConfigError> {
+        check_shape(self.profile, self.entries(), shape)
+    }
+
+    /// The preset as a nested JSON object.
+    pub(crate) fn to_document(&self) -> serde_json::Value {
         let mut root = serde_json::Map::new();
         for (key, value) in &self.entries {
             let segments: Vec<&str> = key.split('.').collect();
-            if !path_exists(shape, &segments) {
-                continue;
-            }
             let mut node = &mut root;
             for seg in &segments[..segments.len() - 1] {
                 node = node
@@ -241,15 +353,71 @@ impl ProfilePreset {
     }
 }
 
-fn path_exists(shape: &serde_json::Value, segments: &[&str]) -> bool {
-    let mut node = shape;
-    for seg in segments {
-        match node.get(seg) {
-            Some(next) => node = next,
-            None => return false,
-        }
+fn violation(profile: DeploymentProfile, key: &str, message: String) -> ConfigError {
+    ConfigError::ProfileViolation {
+        profile,
+        key: key.to_owned(),
+        message,
     }
-    node.is_number()
+}
+
+/// Why `key = value` is not a sizing entry, if it is not one.
+fn sizing_problem(key: &str, value: u64) -> Option<String> {
+    if value == 0 {
+        return Some("a preset value must be at least 1 (0 often means off or unlimited)".into());
+    }
+    let segments: Vec<&str> = key.split('.').collect();
+    if segments.iter().any(|s| {
+        s.is_empty()
+            || !s
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    }) {
+        return Some("keys are dotted snake_case paths".into());
+    }
+    let leaf = segments.last().copied().unwrap_or_default();
+    PROTECTED_WORDS.iter().find(|w| leaf.contains(*w)).map(|word| {
+        format!(
+            "`{leaf}` looks like an authentication, policy or durability setting (contains `{word}`); profiles only size things"
+        )
+    })
+}
+
+/// `value` serialized as JSON, for [`check_shape`].
+fn shape_of<S: Serialize + ?Sized>(
+    profile: DeploymentProfile,
+    value: &S,
+) -> Result<serde_json::Value, ConfigError> {
+    serde_json::to_value(value).map_err(|e| {
+        violation(
+            profile,
+            "<root>",
+            format!("the settings do not serialize: {e}"),
+        )
+    })
+}
+
+/// Every key of `entries` names a number in `shape`, or the first that
+/// does not is a violation: a preset key that is not there sizes nothing.
+fn check_shape<'a>(
+    profile: DeploymentProfile,
+    mut entries: impl Iterator<Item = (&'a str, u64)>,
+    shape: &serde_json::Value,
+) -> Result<(), ConfigError> {
+    match entries.find(|(key, _)| !numeric_at(shape, key)) {
+        None => Ok(()),
+        Some((key, _)) => Err(violation(
+            profile,
+            key,
+            "no numeric setting has this key, so the preset would size nothing".into(),
+        )),
+    }
+}
+
+fn numeric_at(shape: &serde_json::Value, key: &str) -> bool {
+    key.split('.')
+        .try_fold(shape, |node, seg| node.get(seg))
+        .is_some_and(serde_json::Value::is_number)
 }
 
 #[cfg(test)]
@@ -261,13 +429,13 @@ mod tests {
         for key in [
             "auth.required",
             "gateway.auth_enabled",
-            "policy.enforce",
-            "policy.fail_open",
-            "outbox.fsync_interval_ms",
-            "bus.acks",
-            "bus.replication_factor",
-            "bus.min_insync_replicas",
-            "redis.tls_enabled",
+            "authz.enforce",
+            "authz.fail_open",
+            "journal.fsync_interval_ms",
+            "queue.acks",
+            "queue.replication_factor",
+            "queue.min_insync_replicas",
+            "pool.tls_enabled",
             "db.synchronous_commit",
         ] {
             let err = ProfilePreset::new(DeploymentProfile::Local)
@@ -283,57 +451,102 @@ mod tests {
         let p = ProfilePreset::new(DeploymentProfile::Prod);
         assert!(
             p.clone()
-                .size("redis.pool_size", 0)
+                .size("db.pool_size", 0)
                 .unwrap_err()
                 .is_profile_violation()
         );
         assert!(
             p.clone()
-                .size("Redis.PoolSize", 3)
+                .size("Db.PoolSize", 3)
                 .unwrap_err()
                 .is_profile_violation()
         );
         assert!(
             p.clone()
-                .size("redis..pool_size", 3)
+                .size("db..pool_size", 3)
                 .unwrap_err()
                 .is_profile_violation()
         );
-        assert!(p.size("redis.pool_size", 3).is_ok());
+        assert!(p.size("db.pool_size", 3).is_ok());
     }
 
     #[test]
-    fn builtin_presets_only_size_things() {
-        for profile in [DeploymentProfile::Local, DeploymentProfile::Prod] {
-            let preset = profile.builtin_preset();
-            assert!(preset.entries().count() >= 10);
-            for (key, value) in preset.entries() {
-                assert!(value >= 1);
-                let leaf = key.rsplit('.').next().unwrap();
-                assert!(!PROTECTED_WORDS.iter().any(|w| leaf.contains(w)), "{key}");
-            }
-        }
-        let local: BTreeMap<_, _> = DeploymentProfile::Local
-            .builtin_preset()
-            .entries()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
-        let prod: BTreeMap<_, _> = DeploymentProfile::Prod
-            .builtin_preset()
-            .entries()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
+    fn sections_mount_under_their_path_by_the_same_rules() {
+        let local = DeploymentProfile::Local;
+        let sizes = SectionPreset::new(local, [("pool_size", 4), ("cache.capacity", 100)]);
+        let preset = ProfilePreset::new(local)
+            .section("pool", sizes.clone())
+            .unwrap()
+            .section("cache.pool", sizes.clone())
+            .unwrap();
         assert_eq!(
-            local.keys().collect::<Vec<_>>(),
-            prod.keys().collect::<Vec<_>>()
+            preset.entries().collect::<Vec<_>>(),
+            [
+                ("cache.pool.cache.capacity", 100),
+                ("cache.pool.pool_size", 4),
+                ("pool.cache.capacity", 100),
+                ("pool.pool_size", 4),
+            ]
         );
-        assert!(local["redis.pool_size"] < prod["redis.pool_size"]);
+
+        // Another profile's sizes, a safety switch, a zero, a bad path:
+        // refused, named by the key the settings would have seen.
+        let prod = SectionPreset::new(DeploymentProfile::Prod, [("pool_size", 32)]);
+        let err = ProfilePreset::new(local).section("pool", prod).unwrap_err();
+        assert!(err.is_profile_violation());
+        assert_eq!(err.key(), Some("pool"));
+        for (entry, key) in [
+            (("tls_enabled", 1), "pool.tls_enabled"),
+            (("pool_size", 0), "pool.pool_size"),
+        ] {
+            let err = ProfilePreset::new(local)
+                .section("pool", SectionPreset::new(local, [entry]))
+                .unwrap_err();
+            assert!(err.is_profile_violation(), "{err}");
+            assert_eq!(err.key(), Some(key));
+        }
+        let err = ProfilePreset::new(local)
+            .section("Pool", sizes)
+            .unwrap_err();
+        assert!(err.is_profile_violation());
     }
 
     #[test]
-    fn documents_keep_only_known_numeric_keys() {
-        let shape = serde_json::json!({"redis": {"pool_size": 8, "url": "x"}});
-        let doc = DeploymentProfile::Prod.builtin_preset().to_document(&shape);
-        assert_eq!(doc, serde_json::json!({"redis": {"pool_size": 32}}));
+    fn checks_find_keys_that_are_not_numeric_settings() {
+        let shape = serde_json::json!({"pool_size": 8, "url": "x", "cache": {"capacity": 1}});
+        let local = DeploymentProfile::Local;
+        let ok = SectionPreset::new(local, [("pool_size", 4), ("cache.capacity", 10)]);
+        ok.check(&shape).unwrap();
+        for (key, value) in [
+            ("pool_sise", 4),
+            ("url", 4),
+            ("cache", 4),
+            ("acks", 1),
+            ("pool_size", 0),
+        ] {
+            let err = SectionPreset::new(local, [(key, value)])
+                .check(&shape)
+                .unwrap_err();
+            assert!(err.is_profile_violation(), "{key}: {err}");
+            assert_eq!(err.key(), Some(key));
+        }
+        let preset = ProfilePreset::new(local).section("pool", ok).unwrap();
+        let settings = serde_json::json!({"pool": shape});
+        preset.check(&settings).unwrap();
+        let err = preset.check(&serde_json::json!({"other": {}})).unwrap_err();
+        assert_eq!(err.key(), Some("pool.cache.capacity"));
+    }
+
+    #[test]
+    fn documents_nest_the_keys() {
+        let preset = ProfilePreset::new(DeploymentProfile::Prod)
+            .size("db.pool_size", 32)
+            .unwrap()
+            .size("lookup.cache.capacity", 100_000)
+            .unwrap();
+        assert_eq!(
+            preset.to_document(),
+            serde_json::json!({"db": {"pool_size": 32}, "lookup": {"cache": {"capacity": 100_000}}})
+        );
     }
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{AppSettings, no_env, toml_file};
-use soma_config::{ConfigError, DeploymentProfile, Loader, Origin, ProfilePreset};
+use soma_config::{ConfigError, DeploymentProfile, Loader, Origin, ProfilePreset, SectionPreset};
 
 #[test]
 fn defaults_only() {
@@ -252,9 +252,31 @@ fn validation_names_key_and_the_source_of_the_bad_value() {
     );
 }
 
+/// The test settings' composition: the `redis` section's sizes (as a
+/// crate would offer them next to its config) mounted at `redis`.
+fn redis_sizes(profile: DeploymentProfile) -> SectionPreset {
+    let (pool_size, connect_timeout_ms) = match profile {
+        DeploymentProfile::Local => (4, 500),
+        DeploymentProfile::Prod => (32, 5_000),
+    };
+    SectionPreset::new(
+        profile,
+        [
+            ("pool_size", pool_size),
+            ("connect_timeout_ms", connect_timeout_ms),
+        ],
+    )
+}
+
+fn preset(profile: DeploymentProfile) -> Result<ProfilePreset, ConfigError> {
+    ProfilePreset::new(profile)
+        .section("redis", redis_sizes(profile))?
+        .size("bus.partitions", 1)
+}
+
 #[test]
 fn profiles_size_but_never_weaken_safety() {
-    let base = Loader::<AppSettings>::new().profiles();
+    let base = Loader::<AppSettings>::new().presets(preset);
     let local = base.clone().env_from(no_env()).load().unwrap();
     let prod = base
         .clone()
@@ -263,8 +285,9 @@ fn profiles_size_but_never_weaken_safety() {
         .unwrap();
     assert_eq!(local.profile, DeploymentProfile::Local);
     assert_eq!(prod.profile, DeploymentProfile::Prod);
-    assert!(local.redis.pool_size < prod.redis.pool_size);
+    assert_eq!((local.redis.pool_size, prod.redis.pool_size), (4, 32));
     assert!(local.redis.connect_timeout_ms < prod.redis.connect_timeout_ms);
+    assert_eq!(prod.bus.partitions, 1);
     for s in [&local, &prod] {
         assert!(s.auth.required, "authentication stays on in every profile");
         assert_eq!(s.bus.acks, "all", "durability stays on in every profile");
@@ -283,14 +306,19 @@ fn profiles_size_but_never_weaken_safety() {
         .unwrap_err();
     assert!(err.is_profile_violation());
     let err = ProfilePreset::new(DeploymentProfile::Local)
-        .size("bus.acks", 1)
+        .section(
+            "bus",
+            SectionPreset::new(DeploymentProfile::Local, [("acks", 1)]),
+        )
         .unwrap_err();
     assert!(err.is_profile_violation());
-    // What it can do: size.
+    assert_eq!(err.key(), Some("bus.acks"));
+    // What it can do: size. A fixed preset takes the place of the built one.
     let preset = ProfilePreset::new(DeploymentProfile::Local)
         .size("redis.pool_size", 1)
         .unwrap();
-    let s = Loader::<AppSettings>::new()
+    let s = base
+        .clone()
         .env_from(no_env())
         .profile_preset(preset)
         .load()
@@ -308,6 +336,55 @@ fn profiles_size_but_never_weaken_safety() {
             var: "SOMA_PROFILE".into()
         })
     );
+}
+
+/// A preset key the settings do not have would size nothing: every load
+/// refuses it, whichever profile is active, as it refuses a preset that
+/// cannot be built or is for another profile.
+#[test]
+fn presets_that_would_size_nothing_fail_every_load() {
+    let typo = |profile: DeploymentProfile| {
+        let preset = ProfilePreset::new(profile).section("redis", redis_sizes(profile))?;
+        match profile {
+            DeploymentProfile::Local => Ok(preset),
+            DeploymentProfile::Prod => preset.size("redis.pool_sise", 8),
+        }
+    };
+    let err = Loader::<AppSettings>::new()
+        .env_from(no_env())
+        .presets(typo)
+        .load()
+        .unwrap_err();
+    assert!(err.is_profile_violation(), "{err}");
+    assert_eq!(err.key(), Some("redis.pool_sise"));
+
+    // A string setting is not a size either.
+    let err = Loader::<AppSettings>::new()
+        .env_from(no_env())
+        .profile_preset(
+            ProfilePreset::new(DeploymentProfile::Prod)
+                .size("service_name", 3)
+                .unwrap(),
+        )
+        .load()
+        .unwrap_err();
+    assert_eq!(err.key(), Some("service_name"));
+
+    // The builder's own error comes out of the load as it was.
+    let err = Loader::<AppSettings>::new()
+        .env_from(no_env())
+        .presets(|profile| ProfilePreset::new(profile).size("redis.tls_enabled", 1))
+        .load()
+        .unwrap_err();
+    assert_eq!(err.key(), Some("redis.tls_enabled"));
+
+    let err = Loader::<AppSettings>::new()
+        .env_from(no_env())
+        .presets(|_| Ok(ProfilePreset::new(DeploymentProfile::Prod)))
+        .load()
+        .unwrap_err();
+    assert!(err.is_profile_violation(), "{err}");
+    assert_eq!(err.key(), Some("profile"));
 }
 
 #[test]

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use soma_config::{DeploymentProfile, SectionPreset};
 use soma_observability::resilience::{Backoff, BackoffConfig, Jitter};
 
 use crate::OutboxError;
@@ -191,6 +192,40 @@ impl Default for RelayConfig {
 }
 
 impl RelayConfig {
+    /// This section's sizes under a deployment profile, keys relative to
+    /// the section; mount them where your settings mount it
+    /// ([`ProfilePreset::section`](soma_config::ProfilePreset::section)).
+    /// Retries, dead-lettering and ordering are not sizes: they are the
+    /// same in every profile.
+    ///
+    /// | key | `local` | `prod` |
+    /// |---|---|---|
+    /// | `batch_size` | 50 | 500 |
+    /// | `poll_interval_ms` | 100 | 500 |
+    ///
+    /// ```
+    /// use soma_config::{DeploymentProfile, ProfilePreset};
+    /// use soma_outbox::RelayConfig;
+    ///
+    /// let local = DeploymentProfile::Local;
+    /// let preset = ProfilePreset::new(local).section("relay", RelayConfig::preset(local))?;
+    /// assert!(preset.entries().any(|entry| entry == ("relay.batch_size", 50)));
+    /// # Ok::<(), soma_config::ConfigError>(())
+    /// ```
+    pub fn preset(profile: DeploymentProfile) -> SectionPreset {
+        let (batch_size, poll_interval_ms) = match profile {
+            DeploymentProfile::Local => (50, 100),
+            DeploymentProfile::Prod => (500, 500),
+        };
+        SectionPreset::new(
+            profile,
+            [
+                ("batch_size", batch_size),
+                ("poll_interval_ms", poll_interval_ms),
+            ],
+        )
+    }
+
     /// Checks every value, naming the first bad one.
     pub fn validate(&self) -> Result<(), OutboxError> {
         let bad = |m: &str| Err(OutboxError::InvalidConfig(m.to_owned()));
@@ -299,6 +334,17 @@ mod tests {
                 let d = c.unavailable_backoff(n).as_millis() as u64;
                 assert!(d >= ceiling / 2 && d <= ceiling, "{n}: {d} vs {ceiling}");
             }
+        }
+    }
+
+    /// The preset's keys live here, so the proof that each one is a numeric
+    /// setting of this section does too.
+    #[test]
+    fn every_preset_key_is_a_numeric_setting_of_the_section() {
+        for profile in DeploymentProfile::ALL {
+            RelayConfig::preset(profile)
+                .check(&RelayConfig::default())
+                .unwrap();
         }
     }
 

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use soma_config::Secret;
+use soma_config::{DeploymentProfile, Secret, SectionPreset};
 pub use soma_observability::resilience::BreakerConfig;
 
 use crate::routes::RouteRule;
@@ -85,6 +85,35 @@ impl Default for PolicyConfig {
             fail_mode: FailMode::Closed,
             routes: Vec::new(),
         }
+    }
+}
+
+impl PolicyConfig {
+    /// This section's sizes under a deployment profile, keys relative to
+    /// the section; mount them where your settings mount it
+    /// ([`ProfilePreset::section`](soma_config::ProfilePreset::section)).
+    /// Only the decision cache's size: authentication, the engine and the
+    /// fail mode are the same in every profile.
+    ///
+    /// | key | `local` | `prod` |
+    /// |---|---|---|
+    /// | `cache.capacity` | 1 000 | 100 000 |
+    ///
+    /// ```
+    /// use soma_config::{DeploymentProfile, ProfilePreset};
+    /// use soma_policy::PolicyConfig;
+    ///
+    /// let prod = DeploymentProfile::Prod;
+    /// let preset = ProfilePreset::new(prod).section("policy", PolicyConfig::preset(prod))?;
+    /// assert!(preset.entries().any(|entry| entry == ("policy.cache.capacity", 100_000)));
+    /// # Ok::<(), soma_config::ConfigError>(())
+    /// ```
+    pub fn preset(profile: DeploymentProfile) -> SectionPreset {
+        let cache_capacity = match profile {
+            DeploymentProfile::Local => 1_000,
+            DeploymentProfile::Prod => 100_000,
+        };
+        SectionPreset::new(profile, [("cache.capacity", cache_capacity)])
     }
 }
 
@@ -521,6 +550,17 @@ pub use soma_observability::resilience::FailMode;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The preset's keys live here, so the proof that each one is a numeric
+    /// setting of this section does too.
+    #[test]
+    fn every_preset_key_is_a_numeric_setting_of_the_section() {
+        for profile in DeploymentProfile::ALL {
+            PolicyConfig::preset(profile)
+                .check(&PolicyConfig::default())
+                .unwrap();
+        }
+    }
 
     #[test]
     fn api_key_store_settings_load_under_policy_api_keys_and_are_validated() {

@@ -1,7 +1,7 @@
 //! [`RedisConfig`]: the `redis` section of an application's settings.
 
 use serde::{Deserialize, Serialize};
-use soma_config::Secret;
+use soma_config::{DeploymentProfile, Secret, SectionPreset};
 
 /// Connection settings for [`RedisClient`](crate::RedisClient).
 ///
@@ -95,6 +95,42 @@ impl Default for RedisConfig {
     }
 }
 
+impl RedisConfig {
+    /// This section's sizes under a deployment profile, keys relative to
+    /// the section; mount them where your settings mount it
+    /// ([`ProfilePreset::section`](soma_config::ProfilePreset::section)).
+    ///
+    /// | key | `local` | `prod` |
+    /// |---|---|---|
+    /// | `pool_size` | 4 | 32 |
+    /// | `connect_timeout_ms` | 2 000 | 5 000 |
+    /// | `command_timeout_ms` | 1 000 | 2 000 |
+    ///
+    /// ```
+    /// use soma_config::{DeploymentProfile, ProfilePreset};
+    /// use soma_redis::RedisConfig;
+    ///
+    /// let prod = DeploymentProfile::Prod;
+    /// let preset = ProfilePreset::new(prod).section("redis", RedisConfig::preset(prod))?;
+    /// assert!(preset.entries().any(|entry| entry == ("redis.pool_size", 32)));
+    /// # Ok::<(), soma_config::ConfigError>(())
+    /// ```
+    pub fn preset(profile: DeploymentProfile) -> SectionPreset {
+        let (pool_size, connect_timeout_ms, command_timeout_ms) = match profile {
+            DeploymentProfile::Local => (4, 2_000, 1_000),
+            DeploymentProfile::Prod => (32, 5_000, 2_000),
+        };
+        SectionPreset::new(
+            profile,
+            [
+                ("pool_size", pool_size),
+                ("connect_timeout_ms", connect_timeout_ms),
+                ("command_timeout_ms", command_timeout_ms),
+            ],
+        )
+    }
+}
+
 /// Exponential backoff with jitter between reconnect attempts.
 ///
 /// Attempt *n* waits `min(max_ms, initial_ms * base^(n-1)) + rand(0..jitter_ms)`.
@@ -166,7 +202,20 @@ pub enum Topology {
 
 #[cfg(test)]
 mod tests {
-    use super::ReconnectConfig;
+    use soma_config::DeploymentProfile;
+
+    use super::{ReconnectConfig, RedisConfig};
+
+    /// The preset's keys live here, so the proof that each one is a numeric
+    /// setting of this section does too.
+    #[test]
+    fn every_preset_key_is_a_numeric_setting_of_the_section() {
+        for profile in DeploymentProfile::ALL {
+            RedisConfig::preset(profile)
+                .check(&RedisConfig::default())
+                .unwrap();
+        }
+    }
 
     #[test]
     fn reconnect_delays_use_the_shared_spelling_and_still_read_the_old_keys() {

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use soma_bus::BusConfig;
-use soma_config::{ConfigError, DeploymentProfile, FlagsConfig, Live, Loader};
+use soma_config::{
+    ConfigError, DeploymentProfile, FlagsConfig, Live, Loader, ProfilePreset, SectionPreset,
+};
 use soma_observability::TelemetryConfig;
 use soma_observability::shutdown::ShutdownConfig;
 use soma_outbox::{OutboxConfig, RelayConfig};
@@ -150,6 +152,26 @@ impl Default for PostgresSettings {
             max_connections: 10,
             connect_timeout_ms: 5_000,
         }
+    }
+}
+
+impl PostgresSettings {
+    /// The pool's sizes under a deployment profile, keys relative to the
+    /// section (mounted at `postgres` by [`preset`]): `max_connections`
+    /// 5 / 50 and `connect_timeout_ms` 2 000 / 5 000 under `local` /
+    /// `prod`.
+    pub fn preset(profile: DeploymentProfile) -> SectionPreset {
+        let (max_connections, connect_timeout_ms) = match profile {
+            DeploymentProfile::Local => (5, 2_000),
+            DeploymentProfile::Prod => (50, 5_000),
+        };
+        SectionPreset::new(
+            profile,
+            [
+                ("max_connections", max_connections),
+                ("connect_timeout_ms", connect_timeout_ms),
+            ],
+        )
     }
 }
 
@@ -305,12 +327,31 @@ pub const DEPRECATED_KEYS: [(&str, &str); 2] = [
     ),
 ];
 
-/// The loader for [`PlatformSettings`]: profile presets, the given TOML
-/// files in order, then the `SOMA_*` environment; strict (unknown keys are
-/// errors, except the [`DEPRECATED_KEYS`], read as their replacements) and
-/// validated.
+/// The platform's sizing preset for `profile`: each section's own preset
+/// (the soma crates' and this crate's `postgres`), mounted where
+/// [`PlatformSettings`] mounts the section. [`loader`] sizes the settings
+/// with it, and `GET /v1/runtime-config` lists its keys as `sizes`.
+///
+/// # Errors
+/// [`ConfigError::ProfileViolation`] if a section's preset set anything
+/// but a size (each crate's tests, and this crate's, prove none does).
+pub fn preset(profile: DeploymentProfile) -> Result<ProfilePreset, ConfigError> {
+    ProfilePreset::new(profile)
+        .section("postgres", PostgresSettings::preset(profile))?
+        .section("redis", RedisConfig::preset(profile))?
+        .section("bus", BusConfig::preset(profile))?
+        .section("relay", RelayConfig::preset(profile))?
+        .section("policy", PolicyConfig::preset(profile))
+}
+
+/// The loader for [`PlatformSettings`]: the profile's [`preset`], the
+/// given TOML files in order, then the `SOMA_*` environment; strict
+/// (unknown keys are errors, except the [`DEPRECATED_KEYS`], read as their
+/// replacements) and validated.
 pub fn loader(files: &[PathBuf]) -> Loader<PlatformSettings> {
-    let mut loader = Loader::<PlatformSettings>::new().profiles().strict(true);
+    let mut loader = Loader::<PlatformSettings>::new()
+        .presets(preset)
+        .strict(true);
     for (old, new) in DEPRECATED_KEYS {
         loader = loader.deprecated_key(old, new);
     }
@@ -418,21 +459,43 @@ pub fn load(files: &[PathBuf]) -> Result<Live<PlatformSettings>, ConfigError> {
 mod tests {
     use super::*;
 
-    /// soma-config's built-in sizing presets name keys of the soma crates'
-    /// real config sections: every one must exist in a settings type that
-    /// composes them all, or the preset silently sizes nothing.
+    /// Each crate proves its own preset's keys against its own section;
+    /// this proves they are mounted where these settings have the sections
+    /// (a preset key the settings lack would size nothing), and pins what
+    /// each profile sizes.
     #[test]
-    fn every_builtin_preset_key_exists_in_the_composed_settings() {
-        let shape = serde_json::to_value(PlatformSettings::default()).unwrap();
-        for profile in [DeploymentProfile::Local, DeploymentProfile::Prod] {
-            for (key, _) in profile.builtin_preset().entries() {
-                let found = key
-                    .split('.')
-                    .try_fold(&shape, |v, part| v.get(part))
-                    .is_some_and(serde_json::Value::is_number);
-                assert!(found, "preset key {key} is not a numeric setting");
-            }
+    fn every_composed_preset_key_is_a_numeric_setting() {
+        for profile in DeploymentProfile::ALL {
+            PostgresSettings::preset(profile)
+                .check(&PostgresSettings::default())
+                .unwrap();
+            preset(profile)
+                .unwrap()
+                .check(&PlatformSettings::default())
+                .unwrap();
         }
+        let table = [
+            ("bus.consumer_concurrency", 4, 16),
+            ("bus.topic_partitions", 1, 12),
+            ("policy.cache.capacity", 1_000, 100_000),
+            ("postgres.connect_timeout_ms", 2_000, 5_000),
+            ("postgres.max_connections", 5, 50),
+            ("redis.command_timeout_ms", 1_000, 2_000),
+            ("redis.connect_timeout_ms", 2_000, 5_000),
+            ("redis.pool_size", 4, 32),
+            ("relay.batch_size", 50, 500),
+            ("relay.poll_interval_ms", 100, 500),
+        ];
+        let local = preset(DeploymentProfile::Local).unwrap();
+        let prod = preset(DeploymentProfile::Prod).unwrap();
+        assert_eq!(
+            local.entries().collect::<Vec<_>>(),
+            table.map(|(key, size, _)| (key, size))
+        );
+        assert_eq!(
+            prod.entries().collect::<Vec<_>>(),
+            table.map(|(key, _, size)| (key, size))
+        );
     }
 
     #[test]

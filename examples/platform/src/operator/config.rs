@@ -3,7 +3,8 @@
 //! [`Secret`](soma_config::Secret) and every value under a secret-looking
 //! key is `[REDACTED]`, every URL loses its credentials), with its version
 //! and checksum, plus `sizes`: the numeric settings the deployment
-//! profile's preset sizes, with the values in force.
+//! profile's preset ([`crate::settings::preset`]) sizes, with the values in
+//! force.
 
 use axum::Router;
 use axum::extract::State;
@@ -45,9 +46,12 @@ impl RuntimeConfig {
     pub fn view(&self) -> serde_json::Value {
         let mut snap = self.live.snapshot();
         let profile = self.live.load().value().profile;
-        let sizes: serde_json::Map<String, serde_json::Value> = profile
-            .builtin_preset()
-            .entries()
+        // The loader refuses a preset it cannot build, so the settings were
+        // loaded with this one.
+        let preset = crate::settings::preset(profile).ok();
+        let sizes: serde_json::Map<String, serde_json::Value> = preset
+            .iter()
+            .flat_map(|preset| preset.entries())
             .filter_map(|(key, _)| {
                 let v = key
                     .split('.')
