@@ -40,6 +40,8 @@ const CORE: &[(&str, &[&str])] = &[
         &[
             "src/publisher.rs",
             "src/producer.rs",
+            "src/ordered.rs",
+            "src/sink.rs",
             "src/consumer/**/*.rs",
             "src/envelope.rs",
             "src/replay.rs",
