@@ -3,13 +3,15 @@
 //! One scope holds 10,000 chat turns (25 words each from a 300-word
 //! vocabulary, so a question shares words with some turns and not others).
 //! The platform's recall (`top_k` 3, layer `both`) is timed through the real
-//! `SomabrainClient` against the service in-process, in three
+//! `SomabrainClient` against the service in-process, in four
 //! configurations over their own schemas, in the same run:
 //!
 //! - `recall_10k/trigram_unbounded`: the ranking and scope the service had
 //!   before the recall window (`trigram`, every memory of the scope scored);
 //! - `recall_10k/fts_window_1000`: full text over the newest 1,000;
-//! - `recall_10k/hybrid_window_1000`: the default (`hybrid`, newest 1,000).
+//! - `recall_10k/hybrid_window_1000`: `hybrid` over the newest 1,000 (the
+//!   default window until the platform load showed its cost);
+//! - `recall_10k/hybrid_window_256`: the default (`hybrid`, newest 256).
 //!
 //! After criterion, an interleaved run prints the mean of each and the
 //! ratio against the first.
@@ -140,6 +142,10 @@ fn main() {
             (
                 "hybrid_window_1000",
                 start("hybrid", Ranking::Hybrid, 1_000).await,
+            ),
+            (
+                "hybrid_window_256",
+                start("hybrid256", Ranking::Hybrid, 256).await,
             ),
         ]
     });

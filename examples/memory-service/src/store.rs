@@ -24,6 +24,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "tenant_seq",
         sql: include_str!("../migrations/0002_tenant_seq.sql"),
     },
+    Migration {
+        version: 3,
+        name: "feedback_totals",
+        sql: include_str!("../migrations/0003_feedback_totals.sql"),
+    },
 ];
 
 /// Advisory lock serialising `CREATE EXTENSION pg_trgm` across schemas
@@ -280,13 +285,21 @@ impl Store {
         Ok(n.max(0) as u64)
     }
 
-    /// Stores one feedback event; returns the tenant's feedback count.
+    /// Stores one feedback event and counts it in the tenant's total, in
+    /// one statement; returns the tenant's feedback count.
     pub(crate) async fn record_feedback(&self, f: &Feedback<'_>) -> Result<u64, Error> {
         let s = &self.schema;
-        sqlx::query(&format!(
-            "INSERT INTO {s}.feedback
-                 (tenant, session_id, query, prompt, response_text, utility, reward, metadata)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        let n: i64 = sqlx::query_scalar(&format!(
+            "WITH stored AS (
+                 INSERT INTO {s}.feedback
+                     (tenant, session_id, query, prompt, response_text, utility, reward, metadata)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 RETURNING tenant
+             )
+             INSERT INTO {s}.feedback_totals AS t (tenant, events)
+             SELECT tenant, 1 FROM stored
+             ON CONFLICT (tenant) DO UPDATE SET events = t.events + 1
+             RETURNING events"
         ))
         .bind(f.tenant)
         .bind(f.session_id)
@@ -296,21 +309,22 @@ impl Store {
         .bind(f.utility)
         .bind(f.reward)
         .bind(f.metadata)
-        .execute(&self.pool)
-        .await?;
-        self.feedback_count(f.tenant).await
-    }
-
-    /// Feedback events stored for `tenant`.
-    pub(crate) async fn feedback_count(&self, tenant: &str) -> Result<u64, Error> {
-        let s = &self.schema;
-        let n: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM {s}.feedback WHERE tenant = $1"
-        ))
-        .bind(tenant)
         .fetch_one(&self.pool)
         .await?;
         Ok(n.max(0) as u64)
+    }
+
+    /// Feedback events stored for `tenant` (one row read, whatever the
+    /// tenant's history).
+    pub(crate) async fn feedback_count(&self, tenant: &str) -> Result<u64, Error> {
+        let s = &self.schema;
+        let n: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT events FROM {s}.feedback_totals WHERE tenant = $1"
+        ))
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(n.unwrap_or(0).max(0) as u64)
     }
 
     /// Deletes expired memories; returns how many.
