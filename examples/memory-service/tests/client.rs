@@ -643,3 +643,59 @@ async fn storage_down_is_a_503_and_not_ready() {
     assert_eq!(health.memory_ok(), Some(false));
     svc.stop().await;
 }
+
+/// The feedback totals (migration 3) start from the feedback a schema
+/// already holds, and count on from there.
+#[tokio::test]
+async fn the_feedback_totals_migration_counts_the_feedback_already_stored() {
+    let svc = TestService::start().await;
+    let q = format!("\"{}\"", svc.schema);
+    // The schema as a build before migration 3 left it, with feedback.
+    sqlx::raw_sql(&format!(
+        "DROP TABLE {q}.feedback_totals;
+         DELETE FROM {q}.schema_migrations WHERE version = 3;
+         INSERT INTO {q}.feedback (tenant, session_id, query, prompt, response_text, utility)
+         SELECT t, 's', 'q', 'p', 'r', 1 FROM unnest(ARRAY['acme', 'acme', 'acme', 'globex']) t;"
+    ))
+    .execute(&svc.pool)
+    .await
+    .unwrap();
+    // A new build starting on that schema migrates it.
+    soma_memory_service::MemoryService::builder(
+        svc.pool.clone(),
+        soma_memory_service::MemoryConfig {
+            token: TOKEN.into(),
+            ..Default::default()
+        },
+    )
+    .schema(&svc.schema)
+    .build()
+    .await
+    .expect("migrates to the feedback totals");
+
+    let c = svc.client();
+    let len = |tenant: &'static str| {
+        let c = c.clone();
+        async move {
+            c.adaptation_state(scope(tenant, "agent"))
+                .await
+                .unwrap()
+                .history_len
+        }
+    };
+    assert_eq!((len("acme").await, len("globex").await), (3, 1));
+    let fb = FeedbackRequest {
+        session_id: "s1".into(),
+        query: "q".into(),
+        prompt: "p".into(),
+        response_text: "r".into(),
+        utility: 0.5,
+        reward: None,
+        metadata: None,
+    };
+    c.context_feedback(&fb, scope("acme", "agent"))
+        .await
+        .unwrap();
+    assert_eq!((len("acme").await, len("globex").await), (4, 1));
+    svc.stop().await;
+}
