@@ -321,7 +321,11 @@ async fn subscribers_see_each_published_version() {
             live.reload().unwrap();
         })
     };
-    rx.changed().await.unwrap();
+    // Bounded: a reload that publishes nothing fails here, not by hanging.
+    tokio::time::timeout(std::time::Duration::from_secs(10), rx.changed())
+        .await
+        .expect("the reload publishes version 2 within 10 s")
+        .unwrap();
     let v = rx.borrow_and_update().clone();
     assert_eq!((v.version(), v.redis.pool_size), (2, 6));
     writer.await.unwrap();
@@ -446,7 +450,10 @@ async fn a_mapped_section_changes_only_when_it_does() {
     whole.borrow_and_update();
     live.apply(&ConfigUpdate::new(1, json!({"service_name": "other"})))
         .unwrap();
-    whole.changed().await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), whole.changed())
+        .await
+        .expect("the update is published within 10 s")
+        .unwrap();
     // The forwarding task saw that version too before the next one lands:
     // give it the chance to (wrongly) publish.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -467,3 +467,21 @@ fn sections_declaring_deployment_profile_receive_the_selected_one() {
         .unwrap_err();
     assert_eq!(err.key(), Some("topics.deployment_profile"), "{err}");
 }
+
+#[test]
+fn a_loader_prints_its_sources_and_switches_never_values() {
+    let (_dir, path) = toml_file("[redis]\nurl = \"redis://:hunter2@cache:6379\"\n");
+    let printed = format!(
+        "{:?}",
+        Loader::<AppSettings>::new()
+            .file(&path)
+            .env_from(no_env())
+            .strict(true)
+    );
+    assert!(printed.starts_with("Loader"), "{printed}");
+    assert!(
+        printed.contains(&format!("{}", path.display())) && printed.contains("strict: true"),
+        "the files and switches an operator debugs with: {printed}"
+    );
+    assert!(!printed.contains("hunter2"), "{printed}");
+}

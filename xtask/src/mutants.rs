@@ -235,6 +235,8 @@ pub(crate) fn cli(args: &[String]) -> Result<(), String> {
         println!("\n==> cargo {}", a.join(" "));
         let status = Command::new("cargo")
             .args(&a)
+            // .config/nextest.toml: stop at the first failing test.
+            .env("NEXTEST_PROFILE", "mutants")
             .current_dir(root())
             .status()
             .map_err(|e| format!("cargo mutants: {e}"))?;
