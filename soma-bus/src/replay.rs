@@ -256,6 +256,19 @@ pub(crate) enum Outcome {
     Refused,
 }
 
+impl Outcome {
+    /// The `outcome` label of `soma_bus_dlq_replayed_total` (and the outcome
+    /// [`DlqReader::replay`](crate::DlqReader::replay) reports).
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Replayed => "replayed",
+            Self::Exceeded => "exceeded",
+            Self::Malformed => "malformed",
+            Self::Refused => "refused",
+        }
+    }
+}
+
 impl ReplayContext<'_> {
     /// Republishes `msg` to the DLQ's topic, or refuses or skips it (see
     /// [`replay_dlq`]), counting it in `report` and the metrics.
@@ -266,50 +279,26 @@ impl ReplayContext<'_> {
         report: &mut ReplayReport,
     ) -> Result<Outcome, BusError> {
         let (partition, offset) = (msg.partition(), msg.offset());
-        let label = |outcome| ReplayLabels {
-            topic: self.dlq_topic.to_owned(),
-            outcome,
-        };
-        let metrics = self.metrics;
-        let (target, replay_max) = (self.target, self.replay_max);
+        let replay_max = self.replay_max;
         let headers = msg.headers();
-        let find = |name: &str| {
-            headers
-                .and_then(|h| h.iter().find(|x| x.key == name))
-                .and_then(|x| x.value)
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .map(str::to_owned)
-        };
-        let origin = find(DLQ_ORIGIN_TOPIC).filter(|t| !t.is_empty());
-        let count: u32 = find(HEADER_REPLAY_COUNT)
+        let origin = header_str(headers, DLQ_ORIGIN_TOPIC).filter(|t| !t.is_empty());
+        let count: u32 = header_str(headers, HEADER_REPLAY_COUNT)
             .and_then(|c| c.parse().ok())
             .unwrap_or(0);
-        match origin {
+        let outcome = match origin {
             None => {
-                report.malformed += 1;
-                metrics.replayed.get_or_create(&label("malformed")).inc();
                 tracing::warn!(event = "replay_malformed", partition, offset);
-                Ok(Outcome::Malformed)
+                Outcome::Malformed
             }
-            Some(claimed) if claimed != target => {
-                let refusal = ReplayRefusal::ForeignOrigin {
-                    dlq_topic: self.dlq_topic.to_owned(),
-                    partition,
-                    offset,
-                    expected: target.to_owned(),
-                    claimed: claimed.chars().take(249).collect(),
-                };
+            Some(claimed) if claimed != self.target => {
+                let refusal = self.refusal(partition, offset, &claimed);
                 tracing::warn!(event = "replay_refused", error = %refusal);
-                report.refused += 1;
-                metrics.replayed.get_or_create(&label("refused")).inc();
                 if report.refusals.len() < MAX_REFUSALS_LISTED {
                     report.refusals.push(refusal);
                 }
-                Ok(Outcome::Refused)
+                Outcome::Refused
             }
             Some(_) if count >= replay_max => {
-                report.exceeded += 1;
-                metrics.replayed.get_or_create(&label("exceeded")).inc();
                 tracing::warn!(
                     event = "replay_max_exceeded",
                     partition,
@@ -317,46 +306,98 @@ impl ReplayContext<'_> {
                     count,
                     replay_max
                 );
-                Ok(Outcome::Exceeded)
+                Outcome::Exceeded
             }
             Some(_) => {
-                let mut h = OwnedHeaders::new();
-                if let Some(orig) = headers {
-                    for x in orig.iter() {
-                        if !x.key.starts_with(DLQ_HEADER_PREFIX) && x.key != HEADER_REPLAY_COUNT {
-                            h = h.insert(Header {
-                                key: x.key,
-                                value: x.value,
-                            });
-                        }
-                    }
-                }
-                let next = (count + 1).to_string();
+                self.republish(msg, count).await?;
+                Outcome::Replayed
+            }
+        };
+        self.count(outcome, report);
+        Ok(outcome)
+    }
+
+    /// Why the record at `partition`/`offset`, claiming origin `claimed`, is
+    /// not replayed.
+    fn refusal(&self, partition: i32, offset: i64, claimed: &str) -> ReplayRefusal {
+        ReplayRefusal::ForeignOrigin {
+            dlq_topic: self.dlq_topic.to_owned(),
+            partition,
+            offset,
+            expected: self.target.to_owned(),
+            claimed: claimed.chars().take(249).collect(),
+        }
+    }
+
+    /// Sends `msg` to the DLQ's topic with its key and payload, and its
+    /// headers without the `soma-dlq-*` ones and with the replay count
+    /// `count + 1`, waiting (up to the publish timeout) for the broker's ack.
+    async fn republish<M: Message>(&self, msg: &M, count: u32) -> Result<(), BusError> {
+        let deadline = Instant::now() + self.config.publish_timeout();
+        let rec = RawRecord {
+            topic: self.target,
+            key: msg.key(),
+            payload: msg.payload().unwrap_or_default(),
+            headers: replayed_headers(msg.headers(), count + 1),
+        };
+        self.producer.send_raw(rec, deadline).await?;
+        Ok(())
+    }
+
+    /// Counts `outcome` in `report` and in `soma_bus_dlq_replayed_total`.
+    fn count(&self, outcome: Outcome, report: &mut ReplayReport) {
+        let counter = match outcome {
+            Outcome::Replayed => &mut report.replayed,
+            Outcome::Exceeded => &mut report.exceeded,
+            Outcome::Malformed => &mut report.malformed,
+            Outcome::Refused => &mut report.refused,
+        };
+        *counter += 1;
+        self.metrics
+            .replayed
+            .get_or_create(&ReplayLabels {
+                topic: self.dlq_topic.to_owned(),
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+}
+
+/// The value of header `name`, when present and UTF-8.
+fn header_str<H: Headers>(headers: Option<&H>, name: &str) -> Option<String> {
+    headers
+        .and_then(|h| h.iter().find(|x| x.key == name))
+        .and_then(|x| x.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_owned)
+}
+
+/// `headers` without the `soma-dlq-*` ones and the replay count, then
+/// `soma-replay-count: <replay_count>`.
+fn replayed_headers<H: Headers>(headers: Option<&H>, replay_count: u32) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new();
+    if let Some(orig) = headers {
+        for x in orig.iter() {
+            if !x.key.starts_with(DLQ_HEADER_PREFIX) && x.key != HEADER_REPLAY_COUNT {
                 h = h.insert(Header {
-                    key: HEADER_REPLAY_COUNT,
-                    value: Some(next.as_bytes()),
+                    key: x.key,
+                    value: x.value,
                 });
-                let deadline = Instant::now() + self.config.publish_timeout();
-                let rec = RawRecord {
-                    topic: target,
-                    key: msg.key(),
-                    payload: msg.payload().unwrap_or_default(),
-                    headers: h,
-                };
-                self.producer.send_raw(rec, deadline).await?;
-                report.replayed += 1;
-                metrics.replayed.get_or_create(&label("replayed")).inc();
-                Ok(Outcome::Replayed)
             }
         }
     }
+    let next = replay_count.to_string();
+    h.insert(Header {
+        key: HEADER_REPLAY_COUNT,
+        value: Some(next.as_bytes()),
+    })
 }
 
 /// The partitions of `topic` (none when it does not exist).
 pub(crate) fn partitions_of<C: Consumer>(
     consumer: &C,
     topic: &str,
-    timeout: std::time::Duration,
+    timeout: Duration,
 ) -> Result<Vec<i32>, BusError> {
     let md = consumer.fetch_metadata(Some(topic), timeout)?;
     Ok(md
