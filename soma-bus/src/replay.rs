@@ -146,7 +146,33 @@ pub async fn replay_dlq(
     config.validate()?;
     let target = origin_of(config, &opts.dlq_topic)?;
     let metrics = BusMetrics::new(&metrics.cloned().unwrap_or_default());
-    let replay_max = opts.replay_max.unwrap_or(config.replay_max);
+    let consumer = replay_consumer(config, opts)?;
+    let (consumer, range) =
+        replay_range(consumer, opts.dlq_topic.clone(), config.admin_timeout()).await?;
+    let mut report = ReplayReport::default();
+    if range.ends.is_empty() {
+        report.complete = true;
+        return Ok(report);
+    }
+    consumer.assign(&range.assignment)?;
+    let ctx = ReplayContext {
+        config,
+        producer,
+        metrics: &metrics,
+        dlq_topic: &opts.dlq_topic,
+        target: &target,
+        replay_max: opts.replay_max.unwrap_or(config.replay_max),
+    };
+    report.complete = ctx
+        .replay_to_ends(&consumer, range.ends, opts, &mut report)
+        .await?;
+    Ok(report)
+}
+
+/// The consumer of the replay group (`opts.group`, default
+/// `<consumer_group>.replay`): manual commits only, from the beginning when
+/// the group has no position yet.
+fn replay_consumer(config: &BusConfig, opts: &ReplayOptions) -> Result<StreamConsumer, BusError> {
     let group = opts
         .group
         .clone()
@@ -156,84 +182,59 @@ pub async fn replay_dlq(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest");
-    let consumer: StreamConsumer = cc.create()?;
-    let topic = opts.dlq_topic.clone();
-    let timeout = config.admin_timeout();
+    Ok(cc.create()?)
+}
 
-    // Where to start and where to stop, per partition.
-    let (consumer, ends, assignment) =
-        tokio::task::spawn_blocking(move || -> Result<_, BusError> {
-            let parts = partitions_of(&consumer, &topic, timeout)?;
-            let mut tpl = TopicPartitionList::new();
-            for p in &parts {
-                tpl.add_partition(&topic, *p);
-            }
-            let committed = if parts.is_empty() {
-                TopicPartitionList::new()
-            } else {
-                consumer.committed_offsets(tpl, timeout)?
-            };
-            let mut ends = HashMap::new();
-            let mut assignment = TopicPartitionList::new();
-            for p in parts {
-                let (low, high) = consumer.fetch_watermarks(&topic, p, timeout)?;
-                let start = match committed.find_partition(&topic, p).map(|e| e.offset()) {
-                    Some(Offset::Offset(o)) if o >= low => o,
-                    _ => low,
-                };
-                if start < high {
-                    ends.insert(p, high);
-                    assignment.add_partition_offset(&topic, p, Offset::Offset(start))?;
-                }
-            }
-            Ok((consumer, ends, assignment))
-        })
-        .await
-        .map_err(|_| BusError::Shutdown)??;
+/// What a replay run reads: per partition of the DLQ, from the replay
+/// group's committed position up to the end seen at start.
+struct ReplayRange {
+    /// The end (high watermark at start) of each partition with records to
+    /// replay; partitions already replayed to their end are absent.
+    ends: HashMap<i32, i64>,
+    /// Those partitions, each from where replay starts.
+    assignment: TopicPartitionList,
+}
 
-    let mut report = ReplayReport::default();
-    if ends.is_empty() {
-        report.complete = true;
-        return Ok(report);
-    }
-    consumer.assign(&assignment)?;
-    let mut remaining = ends.clone();
-    let mut processed = 0u64;
-    let ctx = ReplayContext {
-        config,
-        producer,
-        metrics: &metrics,
-        dlq_topic: &opts.dlq_topic,
-        target: &target,
-        replay_max,
-    };
-    while !remaining.is_empty() {
-        if opts.max_messages.is_some_and(|m| processed >= m) {
-            break;
-        }
-        let msg = match tokio::time::timeout(opts.idle_timeout, consumer.recv()).await {
-            Err(_) => break,
-            Ok(r) => r?,
-        };
-        let (partition, offset) = (msg.partition(), msg.offset());
-        let Some(end) = remaining.get(&partition).copied() else {
-            continue;
-        };
-        if offset >= end {
-            remaining.remove(&partition);
-            continue;
-        }
-        processed += 1;
-        ctx.replay_one(&msg, &mut report).await?;
+/// Finds [`ReplayRange`] of `topic` (blocking metadata, committed-offset
+/// and watermark requests, on the blocking pool) and hands the consumer
+/// back.
+async fn replay_range(
+    consumer: StreamConsumer,
+    topic: String,
+    timeout: Duration,
+) -> Result<(StreamConsumer, ReplayRange), BusError> {
+    tokio::task::spawn_blocking(move || -> Result<_, BusError> {
+        let parts = partitions_of(&consumer, &topic, timeout)?;
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&opts.dlq_topic, partition, Offset::Offset(offset + 1))?;
-        consumer.commit(&tpl, CommitMode::Sync)?;
-        if offset + 1 >= end {
-            remaining.remove(&partition);
+        for p in &parts {
+            tpl.add_partition(&topic, *p);
         }
-    }
-    report.complete = remaining.is_empty();
-    Ok(report)
+        let committed = if parts.is_empty() {
+            TopicPartitionList::new()
+        } else {
+            consumer.committed_offsets(tpl, timeout)?
+        };
+        let mut range = ReplayRange {
+            ends: HashMap::new(),
+            assignment: TopicPartitionList::new(),
+        };
+        for p in parts {
+            let (low, high) = consumer.fetch_watermarks(&topic, p, timeout)?;
+            let start = match committed.find_partition(&topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) if o >= low => o,
+                _ => low,
+            };
+            if start < high {
+                range.ends.insert(p, high);
+                range
+                    .assignment
+                    .add_partition_offset(&topic, p, Offset::Offset(start))?;
+            }
+        }
+        Ok((consumer, range))
+    })
+    .await
+    .map_err(|_| BusError::Shutdown)?
 }
 
 /// What deciding on and republishing one DLQ record needs.
@@ -270,6 +271,47 @@ impl Outcome {
 }
 
 impl ReplayContext<'_> {
+    /// Replays what `consumer` (assigned to the range) reads until every
+    /// partition reached its end in `remaining`, `opts.max_messages` records
+    /// were processed, or nothing arrived for `opts.idle_timeout`. Each
+    /// record's offset is committed after [`replay_one`](Self::replay_one)
+    /// decided on it. True when every partition reached its end.
+    async fn replay_to_ends(
+        &self,
+        consumer: &StreamConsumer,
+        mut remaining: HashMap<i32, i64>,
+        opts: &ReplayOptions,
+        report: &mut ReplayReport,
+    ) -> Result<bool, BusError> {
+        let mut processed = 0u64;
+        while !remaining.is_empty() {
+            if opts.max_messages.is_some_and(|m| processed >= m) {
+                break;
+            }
+            let msg = match tokio::time::timeout(opts.idle_timeout, consumer.recv()).await {
+                Err(_) => break,
+                Ok(r) => r?,
+            };
+            let (partition, offset) = (msg.partition(), msg.offset());
+            let Some(end) = remaining.get(&partition).copied() else {
+                continue;
+            };
+            if offset >= end {
+                remaining.remove(&partition);
+                continue;
+            }
+            processed += 1;
+            self.replay_one(&msg, report).await?;
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(self.dlq_topic, partition, Offset::Offset(offset + 1))?;
+            consumer.commit(&tpl, CommitMode::Sync)?;
+            if offset + 1 >= end {
+                remaining.remove(&partition);
+            }
+        }
+        Ok(remaining.is_empty())
+    }
+
     /// Republishes `msg` to the DLQ's topic, or refuses or skips it (see
     /// [`replay_dlq`]), counting it in `report` and the metrics.
     /// `Err` only when the republish was not acknowledged.
