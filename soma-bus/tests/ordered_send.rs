@@ -51,7 +51,11 @@ async fn a_transient_failure_stops_the_send_and_nothing_after_it_is_sent() {
         matches!(third, BusError::NotSent(_)),
         "the record after the failed one is not sent: {third}"
     );
-    assert_eq!(producer.purge_count(), 1, "the unacknowledged one is purged");
+    assert_eq!(
+        producer.purge_count(),
+        1,
+        "the unacknowledged one is purged"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "one deadline for the whole send: {:?}",
@@ -79,7 +83,10 @@ async fn send_many_refuses_a_too_large_record_alone_and_delivers_the_rest_in_ord
     for i in [0, 2, 3] {
         assert!(r[i].is_ok(), "record {i}: {:?}", r[i]);
     }
-    let got = read_all(&bootstrap, &topic, Duration::from_secs(30), |m| m.len() >= 3).await;
+    let got = read_all(&bootstrap, &topic, Duration::from_secs(30), |m| {
+        m.len() >= 3
+    })
+    .await;
     let firsts: Vec<u8> = got
         .iter()
         .filter(|m| m.key() == Some(b"a".as_slice()))
@@ -124,7 +131,10 @@ async fn the_kafka_sink_holds_back_the_rest_of_a_refused_key_and_sends_other_key
         out[2]
     );
     assert!(matches!(out[3], SinkOutcome::Delivered), "{:?}", out[3]);
-    let got = read_all(&bootstrap, &topic, Duration::from_secs(30), |m| m.len() >= 2).await;
+    let got = read_all(&bootstrap, &topic, Duration::from_secs(30), |m| {
+        m.len() >= 2
+    })
+    .await;
     let mut firsts: Vec<u8> = got.iter().map(|m| m.payload().unwrap()[0]).collect();
     firsts.sort_unstable();
     assert_eq!(firsts, vec![1, 4]);
