@@ -21,12 +21,9 @@
 
 #![allow(missing_docs)]
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::time::{Duration, Instant};
 
-use soma_bus::{BusConfig, BusProducer, DurablePublisher};
+use soma_bus::{BusConfig, BusProducer, DurablePublisher, testkit};
 use soma_observability::resilience::BreakerConfig;
 
 /// Concurrent publishers.
@@ -61,10 +58,10 @@ struct Figures {
 
 async fn run(breaker: BreakerConfig) -> Figures {
     let (bootstrap, hole) = black_hole().await;
-    let mut cfg = common::config(&bootstrap);
+    let mut cfg = testkit::config(&bootstrap);
     cfg.publish_timeout_ms = PUBLISH_TIMEOUT_MS;
     cfg.breaker = breaker;
-    let outbox = common::outbox().await;
+    let outbox = testkit::outbox(&soma_testkit::require_postgres()).await;
     let publisher =
         DurablePublisher::builder(BusProducer::new(&cfg).unwrap(), outbox.clone()).build();
     let topic = soma_testkit::unique_name("outage.latency");
@@ -78,7 +75,7 @@ async fn run(breaker: BreakerConfig) -> Figures {
                 // A fresh key per publish: a key that already has a message
                 // waiting in the outbox goes there directly (per-key order),
                 // which would hide what the breaker does.
-                let env = common::env(&format!("key-{p}-{r}"), r as u32);
+                let env = testkit::env(&format!("key-{p}-{r}"), r as u32);
                 let t = Instant::now();
                 let out = publisher
                     .publish(&topic, &env)

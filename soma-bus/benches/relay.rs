@@ -28,9 +28,6 @@
 
 #![allow(missing_docs)]
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::time::{Duration, Instant};
 
 use criterion::{
@@ -38,8 +35,9 @@ use criterion::{
 };
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use soma_bus::{BusConfig, BusProducer, Envelope, KafkaSink};
+use soma_bus::{BusConfig, BusProducer, Envelope, KafkaSink, testkit};
 use soma_outbox::{NewMessage, Outbox, OutboxConfig, Relay, RelayConfig, RelayHandle};
+use soma_testkit::{OwnBroker, median};
 
 /// Messages per sample.
 const N: usize = 5_000;
@@ -79,7 +77,7 @@ fn bus_config(bootstrap: &str) -> BusConfig {
 /// while an idle relay (already holding its shards) waits; timed from the
 /// commit until the relay reports all `N` published.
 async fn relay_sample(ob: &Outbox, cfg: &BusConfig, relay: &RelayHandle) -> Duration {
-    let topic = common::new_topic(cfg, "relaybench", false).await;
+    let topic = testkit::new_topic(cfg, "relaybench", false).await;
     let msgs = messages(&topic);
     let before = relay.counters();
     ob.enqueue_standalone(&msgs).await.unwrap();
@@ -105,7 +103,7 @@ async fn relay_sample(ob: &Outbox, cfg: &BusConfig, relay: &RelayHandle) -> Dura
 /// each chunk's delivery reports awaited before the next (`chunk` = `N`: all
 /// enqueued at once, then every report awaited).
 async fn raw_sample(raw: &FutureProducer, cfg: &BusConfig, chunk: usize) -> Duration {
-    let topic = common::new_topic(cfg, "relaybench", false).await;
+    let topic = testkit::new_topic(cfg, "relaybench", false).await;
     let msgs = messages(&topic);
     let headers: Vec<OwnedHeaders> = msgs
         .iter()
@@ -141,7 +139,7 @@ async fn raw_sample(raw: &FutureProducer, cfg: &BusConfig, chunk: usize) -> Dura
 /// One relay case: its own broker, producer, outbox schema and running relay.
 struct RelayCase {
     name: String,
-    broker: common::OwnBroker,
+    broker: OwnBroker,
     cfg: BusConfig,
     producer: BusProducer,
     ob: Outbox,
@@ -150,13 +148,13 @@ struct RelayCase {
 
 /// The raw case: its own broker and a `FutureProducer` with soma-bus's settings.
 struct RawCase {
-    broker: common::OwnBroker,
+    broker: OwnBroker,
     cfg: BusConfig,
     raw: FutureProducer,
 }
 
 async fn relay_case(batch_size: usize) -> RelayCase {
-    let broker = common::OwnBroker::start();
+    let broker = OwnBroker::start();
     let cfg = bus_config(&broker.bootstrap());
     let producer = BusProducer::new(&cfg).unwrap();
     let pool = sqlx::postgres::PgPoolOptions::new()
@@ -192,9 +190,9 @@ async fn relay_case(batch_size: usize) -> RelayCase {
 }
 
 fn raw_case() -> RawCase {
-    let broker = common::OwnBroker::start();
+    let broker = OwnBroker::start();
     let cfg = bus_config(&broker.bootstrap());
-    let raw = common::raw_producer(&cfg);
+    let raw = testkit::raw_producer(&cfg);
     RawCase { broker, cfg, raw }
 }
 
@@ -280,17 +278,14 @@ fn bench(c: &mut Criterion) {
         "relay into Kafka vs raw rdkafka: {N} x 1 KiB keyed messages per sample, {ROUNDS} rounds, order rotated each round"
     );
     for (i, (name, _)) in RAW_CASES.iter().enumerate() {
-        println!(
-            "  {name:<36} median {:>7.0} msg/s",
-            common::median(&rates[i])
-        );
+        println!("  {name:<36} median {:>7.0} msg/s", median(&rates[i]));
     }
     for (i, case) in relays.iter().enumerate() {
         let own = &rates[raws + i];
         let ratio = |base: &[f64]| -> (f64, f64, f64) {
             let r: Vec<f64> = own.iter().zip(base).map(|(a, b)| a / b).collect();
             (
-                common::median(&r),
+                median(&r),
                 r.iter().copied().fold(f64::INFINITY, f64::min),
                 r.iter().copied().fold(0.0, f64::max),
             )
@@ -300,7 +295,7 @@ fn bench(c: &mut Criterion) {
         println!(
             "  {:<36} median {:>7.0} msg/s   relay / raw: median {m:.2}x (min {lo:.2}x, max {hi:.2}x; goal >= 0.8x)   relay / raw in chunks of 500: {mc:.2}x",
             case.name,
-            common::median(own),
+            median(own),
         );
     }
 

@@ -11,9 +11,6 @@
 
 #![allow(missing_docs)]
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -21,8 +18,11 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use soma_bus::{BusConfig, BusConsumer, BusProducer, DurablePublisher, Envelope, TopicAdmin};
+use soma_bus::{
+    BusConfig, BusConsumer, BusProducer, DurablePublisher, Envelope, TopicAdmin, testkit,
+};
 use soma_outbox::{Outbox, OutboxConfig};
+use soma_testkit::{OwnBroker, median};
 
 const BATCH: usize = 1_000;
 /// Paired rounds for the durable / raw ratio.
@@ -72,11 +72,11 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let broker = common::OwnBroker::start();
+    let broker = OwnBroker::start();
     let bootstrap = broker.bootstrap();
     let cfg = base_config(&bootstrap);
     // The raw producer gets a broker of its own, equally fresh.
-    let raw_broker = common::OwnBroker::start();
+    let raw_broker = OwnBroker::start();
     let raw_cfg = base_config(&raw_broker.bootstrap());
     let topic = soma_testkit::unique_name("bench");
     rt.block_on(async {
@@ -90,7 +90,7 @@ fn bench(c: &mut Criterion) {
 
     // Raw rdkafka with the same producer settings, keys, payloads and headers.
     // (`raw_cfg` differs from `cfg` only in the broker and consumer group.)
-    let raw = common::raw_producer(&raw_cfg);
+    let raw = testkit::raw_producer(&raw_cfg);
     let raw_headers: Vec<OwnedHeaders> = messages
         .iter()
         .map(|e| {
@@ -257,12 +257,12 @@ fn bench(c: &mut Criterion) {
     );
     println!(
         "  raw rdkafka FutureProducer      median {:>7.0} msg/s",
-        common::median(&r_rates)
+        median(&r_rates)
     );
     println!(
         "  DurablePublisher::publish_many  median {:>7.0} msg/s   durable / raw: median {:.2}x (min {:.2}x, max {:.2}x; goal >= 0.85x)",
-        common::median(&d_rates),
-        common::median(&ratios),
+        median(&d_rates),
+        median(&ratios),
         ratios.iter().copied().fold(f64::INFINITY, f64::min),
         ratios.iter().copied().fold(0.0, f64::max),
     );
@@ -284,7 +284,7 @@ struct DurableCase<'a> {
 
 impl DurableCase<'_> {
     async fn sample(&self) -> Duration {
-        let topic = common::new_topic(self.cfg, "benchp", false).await;
+        let topic = testkit::new_topic(self.cfg, "benchp", false).await;
         let started = Instant::now();
         for r in self.publisher.publish_many(&topic, self.messages).await {
             assert!(!r.unwrap().is_deferred());
@@ -305,7 +305,7 @@ struct RawCase<'a> {
 
 impl RawCase<'_> {
     async fn sample(&self) -> Duration {
-        let topic = common::new_topic(self.cfg, "benchp", false).await;
+        let topic = testkit::new_topic(self.cfg, "benchp", false).await;
         let started = Instant::now();
         let mut futs = Vec::with_capacity(self.messages.len());
         for (e, h) in self.messages.iter().zip(self.headers) {

@@ -18,7 +18,7 @@ use crate::envelope::{HEADER_ID, HEADER_REPLAY_COUNT, HEADER_TYPE};
 use crate::error::BusError;
 use crate::metrics::BusMetrics;
 use crate::producer::BusProducer;
-use crate::replay::{Outcome, ReplayContext, ReplayReport, origin_of, partitions_of};
+use crate::replay::{ReplayContext, ReplayReport, origin_of, partitions_of};
 
 /// Where a record sits in its DLQ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -327,12 +327,7 @@ impl DlqReader {
                 .find(|m| m.partition() == pos.partition && m.offset() == pos.offset);
             let outcome = match msg {
                 None => "missing",
-                Some(m) => match ctx.replay_one(m, &mut report).await? {
-                    Outcome::Replayed => "replayed",
-                    Outcome::Refused => "refused",
-                    Outcome::Exceeded => "exceeded",
-                    Outcome::Malformed => "malformed",
-                },
+                Some(m) => ctx.replay_one(m, &mut report).await?.as_str(),
             };
             outcomes.push((*pos, outcome));
         }

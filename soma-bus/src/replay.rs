@@ -146,7 +146,33 @@ pub async fn replay_dlq(
     config.validate()?;
     let target = origin_of(config, &opts.dlq_topic)?;
     let metrics = BusMetrics::new(&metrics.cloned().unwrap_or_default());
-    let replay_max = opts.replay_max.unwrap_or(config.replay_max);
+    let consumer = replay_consumer(config, opts)?;
+    let (consumer, range) =
+        replay_range(consumer, opts.dlq_topic.clone(), config.admin_timeout()).await?;
+    let mut report = ReplayReport::default();
+    if range.ends.is_empty() {
+        report.complete = true;
+        return Ok(report);
+    }
+    consumer.assign(&range.assignment)?;
+    let ctx = ReplayContext {
+        config,
+        producer,
+        metrics: &metrics,
+        dlq_topic: &opts.dlq_topic,
+        target: &target,
+        replay_max: opts.replay_max.unwrap_or(config.replay_max),
+    };
+    report.complete = ctx
+        .replay_to_ends(&consumer, range.ends, opts, &mut report)
+        .await?;
+    Ok(report)
+}
+
+/// The consumer of the replay group (`opts.group`, default
+/// `<consumer_group>.replay`): manual commits only, from the beginning when
+/// the group has no position yet.
+fn replay_consumer(config: &BusConfig, opts: &ReplayOptions) -> Result<StreamConsumer, BusError> {
     let group = opts
         .group
         .clone()
@@ -156,84 +182,59 @@ pub async fn replay_dlq(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest");
-    let consumer: StreamConsumer = cc.create()?;
-    let topic = opts.dlq_topic.clone();
-    let timeout = config.admin_timeout();
+    Ok(cc.create()?)
+}
 
-    // Where to start and where to stop, per partition.
-    let (consumer, ends, assignment) =
-        tokio::task::spawn_blocking(move || -> Result<_, BusError> {
-            let parts = partitions_of(&consumer, &topic, timeout)?;
-            let mut tpl = TopicPartitionList::new();
-            for p in &parts {
-                tpl.add_partition(&topic, *p);
-            }
-            let committed = if parts.is_empty() {
-                TopicPartitionList::new()
-            } else {
-                consumer.committed_offsets(tpl, timeout)?
-            };
-            let mut ends = HashMap::new();
-            let mut assignment = TopicPartitionList::new();
-            for p in parts {
-                let (low, high) = consumer.fetch_watermarks(&topic, p, timeout)?;
-                let start = match committed.find_partition(&topic, p).map(|e| e.offset()) {
-                    Some(Offset::Offset(o)) if o >= low => o,
-                    _ => low,
-                };
-                if start < high {
-                    ends.insert(p, high);
-                    assignment.add_partition_offset(&topic, p, Offset::Offset(start))?;
-                }
-            }
-            Ok((consumer, ends, assignment))
-        })
-        .await
-        .map_err(|_| BusError::Shutdown)??;
+/// What a replay run reads: per partition of the DLQ, from the replay
+/// group's committed position up to the end seen at start.
+struct ReplayRange {
+    /// The end (high watermark at start) of each partition with records to
+    /// replay; partitions already replayed to their end are absent.
+    ends: HashMap<i32, i64>,
+    /// Those partitions, each from where replay starts.
+    assignment: TopicPartitionList,
+}
 
-    let mut report = ReplayReport::default();
-    if ends.is_empty() {
-        report.complete = true;
-        return Ok(report);
-    }
-    consumer.assign(&assignment)?;
-    let mut remaining = ends.clone();
-    let mut processed = 0u64;
-    let ctx = ReplayContext {
-        config,
-        producer,
-        metrics: &metrics,
-        dlq_topic: &opts.dlq_topic,
-        target: &target,
-        replay_max,
-    };
-    while !remaining.is_empty() {
-        if opts.max_messages.is_some_and(|m| processed >= m) {
-            break;
-        }
-        let msg = match tokio::time::timeout(opts.idle_timeout, consumer.recv()).await {
-            Err(_) => break,
-            Ok(r) => r?,
-        };
-        let (partition, offset) = (msg.partition(), msg.offset());
-        let Some(end) = remaining.get(&partition).copied() else {
-            continue;
-        };
-        if offset >= end {
-            remaining.remove(&partition);
-            continue;
-        }
-        processed += 1;
-        ctx.replay_one(&msg, &mut report).await?;
+/// Finds [`ReplayRange`] of `topic` (blocking metadata, committed-offset
+/// and watermark requests, on the blocking pool) and hands the consumer
+/// back.
+async fn replay_range(
+    consumer: StreamConsumer,
+    topic: String,
+    timeout: Duration,
+) -> Result<(StreamConsumer, ReplayRange), BusError> {
+    tokio::task::spawn_blocking(move || -> Result<_, BusError> {
+        let parts = partitions_of(&consumer, &topic, timeout)?;
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&opts.dlq_topic, partition, Offset::Offset(offset + 1))?;
-        consumer.commit(&tpl, CommitMode::Sync)?;
-        if offset + 1 >= end {
-            remaining.remove(&partition);
+        for p in &parts {
+            tpl.add_partition(&topic, *p);
         }
-    }
-    report.complete = remaining.is_empty();
-    Ok(report)
+        let committed = if parts.is_empty() {
+            TopicPartitionList::new()
+        } else {
+            consumer.committed_offsets(tpl, timeout)?
+        };
+        let mut range = ReplayRange {
+            ends: HashMap::new(),
+            assignment: TopicPartitionList::new(),
+        };
+        for p in parts {
+            let (low, high) = consumer.fetch_watermarks(&topic, p, timeout)?;
+            let start = match committed.find_partition(&topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) if o >= low => o,
+                _ => low,
+            };
+            if start < high {
+                range.ends.insert(p, high);
+                range
+                    .assignment
+                    .add_partition_offset(&topic, p, Offset::Offset(start))?;
+            }
+        }
+        Ok((consumer, range))
+    })
+    .await
+    .map_err(|_| BusError::Shutdown)?
 }
 
 /// What deciding on and republishing one DLQ record needs.
@@ -256,7 +257,61 @@ pub(crate) enum Outcome {
     Refused,
 }
 
+impl Outcome {
+    /// The `outcome` label of `soma_bus_dlq_replayed_total` (and the outcome
+    /// [`DlqReader::replay`](crate::DlqReader::replay) reports).
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Replayed => "replayed",
+            Self::Exceeded => "exceeded",
+            Self::Malformed => "malformed",
+            Self::Refused => "refused",
+        }
+    }
+}
+
 impl ReplayContext<'_> {
+    /// Replays what `consumer` (assigned to the range) reads until every
+    /// partition reached its end in `remaining`, `opts.max_messages` records
+    /// were processed, or nothing arrived for `opts.idle_timeout`. Each
+    /// record's offset is committed after [`replay_one`](Self::replay_one)
+    /// decided on it. True when every partition reached its end.
+    async fn replay_to_ends(
+        &self,
+        consumer: &StreamConsumer,
+        mut remaining: HashMap<i32, i64>,
+        opts: &ReplayOptions,
+        report: &mut ReplayReport,
+    ) -> Result<bool, BusError> {
+        let mut processed = 0u64;
+        while !remaining.is_empty() {
+            if opts.max_messages.is_some_and(|m| processed >= m) {
+                break;
+            }
+            let msg = match tokio::time::timeout(opts.idle_timeout, consumer.recv()).await {
+                Err(_) => break,
+                Ok(r) => r?,
+            };
+            let (partition, offset) = (msg.partition(), msg.offset());
+            let Some(end) = remaining.get(&partition).copied() else {
+                continue;
+            };
+            if offset >= end {
+                remaining.remove(&partition);
+                continue;
+            }
+            processed += 1;
+            self.replay_one(&msg, report).await?;
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(self.dlq_topic, partition, Offset::Offset(offset + 1))?;
+            consumer.commit(&tpl, CommitMode::Sync)?;
+            if offset + 1 >= end {
+                remaining.remove(&partition);
+            }
+        }
+        Ok(remaining.is_empty())
+    }
+
     /// Republishes `msg` to the DLQ's topic, or refuses or skips it (see
     /// [`replay_dlq`]), counting it in `report` and the metrics.
     /// `Err` only when the republish was not acknowledged.
@@ -266,50 +321,26 @@ impl ReplayContext<'_> {
         report: &mut ReplayReport,
     ) -> Result<Outcome, BusError> {
         let (partition, offset) = (msg.partition(), msg.offset());
-        let label = |outcome| ReplayLabels {
-            topic: self.dlq_topic.to_owned(),
-            outcome,
-        };
-        let metrics = self.metrics;
-        let (target, replay_max) = (self.target, self.replay_max);
+        let replay_max = self.replay_max;
         let headers = msg.headers();
-        let find = |name: &str| {
-            headers
-                .and_then(|h| h.iter().find(|x| x.key == name))
-                .and_then(|x| x.value)
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .map(str::to_owned)
-        };
-        let origin = find(DLQ_ORIGIN_TOPIC).filter(|t| !t.is_empty());
-        let count: u32 = find(HEADER_REPLAY_COUNT)
+        let origin = header_str(headers, DLQ_ORIGIN_TOPIC).filter(|t| !t.is_empty());
+        let count: u32 = header_str(headers, HEADER_REPLAY_COUNT)
             .and_then(|c| c.parse().ok())
             .unwrap_or(0);
-        match origin {
+        let outcome = match origin {
             None => {
-                report.malformed += 1;
-                metrics.replayed.get_or_create(&label("malformed")).inc();
                 tracing::warn!(event = "replay_malformed", partition, offset);
-                Ok(Outcome::Malformed)
+                Outcome::Malformed
             }
-            Some(claimed) if claimed != target => {
-                let refusal = ReplayRefusal::ForeignOrigin {
-                    dlq_topic: self.dlq_topic.to_owned(),
-                    partition,
-                    offset,
-                    expected: target.to_owned(),
-                    claimed: claimed.chars().take(249).collect(),
-                };
+            Some(claimed) if claimed != self.target => {
+                let refusal = self.refusal(partition, offset, &claimed);
                 tracing::warn!(event = "replay_refused", error = %refusal);
-                report.refused += 1;
-                metrics.replayed.get_or_create(&label("refused")).inc();
                 if report.refusals.len() < MAX_REFUSALS_LISTED {
                     report.refusals.push(refusal);
                 }
-                Ok(Outcome::Refused)
+                Outcome::Refused
             }
             Some(_) if count >= replay_max => {
-                report.exceeded += 1;
-                metrics.replayed.get_or_create(&label("exceeded")).inc();
                 tracing::warn!(
                     event = "replay_max_exceeded",
                     partition,
@@ -317,46 +348,98 @@ impl ReplayContext<'_> {
                     count,
                     replay_max
                 );
-                Ok(Outcome::Exceeded)
+                Outcome::Exceeded
             }
             Some(_) => {
-                let mut h = OwnedHeaders::new();
-                if let Some(orig) = headers {
-                    for x in orig.iter() {
-                        if !x.key.starts_with(DLQ_HEADER_PREFIX) && x.key != HEADER_REPLAY_COUNT {
-                            h = h.insert(Header {
-                                key: x.key,
-                                value: x.value,
-                            });
-                        }
-                    }
-                }
-                let next = (count + 1).to_string();
+                self.republish(msg, count).await?;
+                Outcome::Replayed
+            }
+        };
+        self.count(outcome, report);
+        Ok(outcome)
+    }
+
+    /// Why the record at `partition`/`offset`, claiming origin `claimed`, is
+    /// not replayed.
+    fn refusal(&self, partition: i32, offset: i64, claimed: &str) -> ReplayRefusal {
+        ReplayRefusal::ForeignOrigin {
+            dlq_topic: self.dlq_topic.to_owned(),
+            partition,
+            offset,
+            expected: self.target.to_owned(),
+            claimed: claimed.chars().take(249).collect(),
+        }
+    }
+
+    /// Sends `msg` to the DLQ's topic with its key and payload, and its
+    /// headers without the `soma-dlq-*` ones and with the replay count
+    /// `count + 1`, waiting (up to the publish timeout) for the broker's ack.
+    async fn republish<M: Message>(&self, msg: &M, count: u32) -> Result<(), BusError> {
+        let deadline = Instant::now() + self.config.publish_timeout();
+        let rec = RawRecord {
+            topic: self.target,
+            key: msg.key(),
+            payload: msg.payload().unwrap_or_default(),
+            headers: replayed_headers(msg.headers(), count + 1),
+        };
+        self.producer.send_raw(rec, deadline).await?;
+        Ok(())
+    }
+
+    /// Counts `outcome` in `report` and in `soma_bus_dlq_replayed_total`.
+    fn count(&self, outcome: Outcome, report: &mut ReplayReport) {
+        let counter = match outcome {
+            Outcome::Replayed => &mut report.replayed,
+            Outcome::Exceeded => &mut report.exceeded,
+            Outcome::Malformed => &mut report.malformed,
+            Outcome::Refused => &mut report.refused,
+        };
+        *counter += 1;
+        self.metrics
+            .replayed
+            .get_or_create(&ReplayLabels {
+                topic: self.dlq_topic.to_owned(),
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+}
+
+/// The value of header `name`, when present and UTF-8.
+fn header_str<H: Headers>(headers: Option<&H>, name: &str) -> Option<String> {
+    headers
+        .and_then(|h| h.iter().find(|x| x.key == name))
+        .and_then(|x| x.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_owned)
+}
+
+/// `headers` without the `soma-dlq-*` ones and the replay count, then
+/// `soma-replay-count: <replay_count>`.
+fn replayed_headers<H: Headers>(headers: Option<&H>, replay_count: u32) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new();
+    if let Some(orig) = headers {
+        for x in orig.iter() {
+            if !x.key.starts_with(DLQ_HEADER_PREFIX) && x.key != HEADER_REPLAY_COUNT {
                 h = h.insert(Header {
-                    key: HEADER_REPLAY_COUNT,
-                    value: Some(next.as_bytes()),
+                    key: x.key,
+                    value: x.value,
                 });
-                let deadline = Instant::now() + self.config.publish_timeout();
-                let rec = RawRecord {
-                    topic: target,
-                    key: msg.key(),
-                    payload: msg.payload().unwrap_or_default(),
-                    headers: h,
-                };
-                self.producer.send_raw(rec, deadline).await?;
-                report.replayed += 1;
-                metrics.replayed.get_or_create(&label("replayed")).inc();
-                Ok(Outcome::Replayed)
             }
         }
     }
+    let next = replay_count.to_string();
+    h.insert(Header {
+        key: HEADER_REPLAY_COUNT,
+        value: Some(next.as_bytes()),
+    })
 }
 
 /// The partitions of `topic` (none when it does not exist).
 pub(crate) fn partitions_of<C: Consumer>(
     consumer: &C,
     topic: &str,
-    timeout: std::time::Duration,
+    timeout: Duration,
 ) -> Result<Vec<i32>, BusError> {
     let md = consumer.fetch_metadata(Some(topic), timeout)?;
     Ok(md

@@ -1,5 +1,8 @@
-//! Test adapters for code that publishes through [`Publish`] (feature
-//! `testkit`): no Kafka broker, no PostgreSQL outbox.
+//! Test helpers (feature `testkit`): an in-memory [`Publish`] for code that
+//! publishes, and helpers for tests and benchmarks against a real broker
+//! and PostgreSQL.
+//!
+//! # Without a broker
 //!
 //! [`MemoryPublisher`] records every accepted envelope in call order and can
 //! be told to fail the way [`DurablePublisher`](crate::DurablePublisher)
@@ -22,6 +25,30 @@
 //! assert_eq!(bus.len(), 1, "a failed publish records nothing");
 //! # Ok(()) }
 //! ```
+//!
+//! # Against a broker and PostgreSQL
+//!
+//! [`config`] is a [`BusConfig`](crate::BusConfig) for tests (a fresh
+//! consumer group, short timeouts); [`topic`] and [`new_topic`] create fresh
+//! topics, [`outbox`] a fresh outbox schema, [`env()`] a small keyed envelope,
+//! and [`raw_producer`] the plain rdkafka producer the benchmarks compare
+//! the bus with. They panic on failure, as test helpers do. This crate's
+//! integration tests and benchmarks use them; the service addresses come
+//! from the caller.
+//!
+//! ```no_run
+//! use soma_bus::testkit::{config, env, outbox, topic};
+//! use soma_bus::{BusProducer, DurablePublisher, Publish};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let cfg = config("127.0.0.1:9092");
+//! let topic = topic(&cfg, "orders").await; // and `<topic>.dlq`
+//! let outbox = outbox("postgres://postgres@127.0.0.1:5432/test").await;
+//! let publisher = DurablePublisher::builder(BusProducer::new(&cfg)?, outbox).build();
+//! publisher.publish(&topic, &env("order-1", 1)).await?;
+//! publisher.shutdown().await;
+//! # Ok(()) }
+//! ```
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,6 +60,10 @@ use crate::envelope::Envelope;
 use crate::error::BusError;
 use crate::publish::Publish;
 use crate::publisher::PublishOutcome;
+
+mod live;
+
+pub use live::{config, env, new_topic, outbox, outbox_with, raw_producer, topic};
 
 /// How a [`MemoryPublisher`] fails a message it was told to fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,7 +20,11 @@ async fn dead_publisher() -> DurablePublisher {
     cfg.bootstrap_servers = format!("127.0.0.1:{}", soma_testkit::free_port());
     cfg.publish_timeout_ms = PUBLISH_TIMEOUT_MS;
     cfg.breaker = BreakerConfig::new(1, OPEN_MS);
-    DurablePublisher::builder(BusProducer::new(&cfg).unwrap(), outbox().await).build()
+    DurablePublisher::builder(
+        BusProducer::new(&cfg).unwrap(),
+        outbox(&require_postgres()).await,
+    )
+    .build()
 }
 
 /// Opens the breaker with one publish that waits the timeout, then waits

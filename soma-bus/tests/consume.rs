@@ -27,7 +27,8 @@ async fn round_trip_keeps_headers_and_trace_context() {
     let cfg = config(&bootstrap);
     let topic = topic(&cfg, "rt").await;
     let producer = BusProducer::new(&cfg).unwrap();
-    let publisher = DurablePublisher::builder(producer.clone(), outbox().await).build();
+    let publisher =
+        DurablePublisher::builder(producer.clone(), outbox(&require_postgres()).await).build();
 
     let trace = TraceContext::parse(
         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
@@ -692,7 +693,7 @@ async fn inbox_dedupe_drops_redelivered_messages() {
     let cfg = config(&bootstrap);
     let topic = topic(&cfg, "inbox").await;
     let producer = BusProducer::new(&cfg).unwrap();
-    let ob = outbox().await;
+    let ob = outbox(&require_postgres()).await;
     let e = env("k", 1);
     // The same message delivered twice (e.g. an ack lost during a broker failure).
     producer.send(&topic, &e).await.unwrap();
@@ -731,7 +732,7 @@ async fn inbox_dedupe_holds_no_transaction_across_the_handler() {
     let cfg = config(&bootstrap);
     let topic = topic(&cfg, "inboxtx").await;
     let producer = BusProducer::new(&cfg).unwrap();
-    let ob = outbox().await;
+    let ob = outbox(&require_postgres()).await;
     let e = env("k", 1);
     producer.send(&topic, &e).await.unwrap();
     let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
@@ -792,7 +793,7 @@ async fn inbox_dedupe_holds_no_transaction_across_the_handler() {
 async fn effects_commit_once_per_message_id() {
     let bootstrap = soma_testkit::require_kafka();
     let cfg = config(&bootstrap);
-    let ob = outbox().await;
+    let ob = outbox(&require_postgres()).await;
     let publisher = DurablePublisher::builder(BusProducer::new(&cfg).unwrap(), ob.clone()).build();
     let effects = soma_bus::Effects::new(ob.pool().clone(), ob.inbox(), publisher);
     let cause = uuid::Uuid::now_v7();
@@ -833,7 +834,7 @@ async fn publish_in_tx_is_delivered_only_after_commit() {
     let cfg = config(&bootstrap);
     let topic = topic(&cfg, "tx").await;
     let producer = BusProducer::new(&cfg).unwrap();
-    let ob = outbox().await;
+    let ob = outbox(&require_postgres()).await;
     let mut relay_config = soma_outbox::RelayConfig::default();
     relay_config.poll_interval_ms = 100;
     let relay = soma_outbox::Relay::new(
@@ -885,7 +886,7 @@ async fn publish_many_in_tx_writes_a_batch_in_order_or_nothing() {
     let cfg = config(&bootstrap);
     let topic = topic(&cfg, "txmany").await;
     let producer = BusProducer::new(&cfg).unwrap();
-    let ob = outbox_with(|c| c.max_payload_bytes = 64).await;
+    let ob = outbox_with(&require_postgres(), |c| c.max_payload_bytes = 64).await;
     let publisher = DurablePublisher::builder(producer.clone(), ob.clone()).build();
     let mut conn = ob.pool().acquire().await.unwrap();
 

@@ -49,7 +49,7 @@ async fn outage(total: usize) {
     admin_cfg.topic_partitions = 2;
     let admin = TopicAdmin::new(&admin_cfg).unwrap();
     admin.ensure_topics(&[&topic], false).await.unwrap();
-    let ob = outbox().await;
+    let ob = outbox(&require_postgres()).await;
     let producer = BusProducer::new(&cfg).unwrap();
     let mut relay_config = RelayConfig::default();
     relay_config.poll_interval_ms = 100;

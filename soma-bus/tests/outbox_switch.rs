@@ -22,7 +22,7 @@ async fn per_message_outbox_check_keeps_key_order_across_processes() {
     let mut base = config(&bootstrap);
     base.pending_key_poll_interval_ms = 100;
     let topic = topic(&base, "switch").await;
-    let ob = outbox().await;
+    let ob = outbox(&require_postgres()).await;
 
     // "Process B": Kafka is up; asks the outbox on every publish.
     let mut checked_cfg = base.clone();
@@ -118,7 +118,7 @@ async fn per_message_outbox_check_keeps_key_order_across_processes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_fallbacks_of_one_key_reach_the_outbox_in_call_order() {
     soma_testkit::require_kafka();
-    let ob = outbox().await;
+    let ob = outbox(&require_postgres()).await;
     let mut cfg = config("unused");
     cfg.bootstrap_servers = format!("127.0.0.1:{}", soma_testkit::free_port());
     cfg.publish_timeout_ms = 400;

@@ -88,7 +88,8 @@ async fn one_trace_spans_publish_consume_and_reply() {
     let requests = topic(&cfg, "trace-req").await;
     let replies = topic(&cfg, "trace-reply").await;
     let producer = BusProducer::new(&cfg).unwrap();
-    let publisher = DurablePublisher::builder(producer.clone(), outbox().await).build();
+    let publisher =
+        DurablePublisher::builder(producer.clone(), outbox(&require_postgres()).await).build();
 
     // The "gateway": publishes inside its request span.
     let request = Envelope::builder("chat.turn", "tenant-a", "session-1")

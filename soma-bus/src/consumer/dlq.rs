@@ -56,46 +56,16 @@ pub(super) async fn dead_letter(
         return true;
     }
     let dlq = s.cfg.dlq_topic(msg.topic());
-    let partition = msg.partition().to_string();
-    let offset = msg.offset().to_string();
-    let attempts_s = attempts.to_string();
-    let failed_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let error = truncate(error, MAX_ERROR_BYTES);
+    let stamp = DlqStamp::new(msg, s, attempts, error);
     // True once a write failed: this lane counts in `dlq_blocked` until it ends.
     let mut failing = false;
     loop {
-        let mut h = OwnedHeaders::new();
-        if let Some(orig) = msg.headers() {
-            for x in orig.iter() {
-                if !x.key.starts_with(DLQ_HEADER_PREFIX) {
-                    h = h.insert(Header {
-                        key: x.key,
-                        value: x.value,
-                    });
-                }
-            }
-        }
-        for (k, v) in [
-            (DLQ_ORIGIN_TOPIC, msg.topic()),
-            (DLQ_ORIGIN_PARTITION, partition.as_str()),
-            (DLQ_ORIGIN_OFFSET, offset.as_str()),
-            (DLQ_ATTEMPTS, attempts_s.as_str()),
-            (DLQ_ERROR, error),
-            (DLQ_HANDLER, s.handler_name.as_str()),
-            (DLQ_GROUP, s.group.as_str()),
-            (DLQ_FAILED_AT, failed_at.as_str()),
-        ] {
-            h = h.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
         let deadline = Instant::now() + s.cfg.publish_timeout();
         let rec = RawRecord {
             topic: &dlq,
             key: msg.key(),
             payload: msg.payload().unwrap_or_default(),
-            headers: h,
+            headers: stamp.headers(msg),
         };
         match s.producer.send_raw(rec, deadline).await {
             Ok(_) => {
@@ -108,23 +78,96 @@ pub(super) async fn dead_letter(
             }
             Err(e) => {
                 tracing::error!(event = "dlq_write_failed", dlq = %dlq, error = %e);
-                if !failing {
-                    failing = true;
-                    s.dlq_blocked.fetch_add(1, Ordering::AcqRel);
-                }
-                if let Some(hr) = &s.health {
-                    hr.set_degraded(format!("DLQ write to {dlq} failing; lane paused"));
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(s.cfg.dlq_retry_backoff_ms)) => {}
-                    () = s.hard.cancelled() => {
-                        // Abandoned uncommitted: redelivered after a restart.
-                        s.dlq_write_recovered();
-                        return false;
-                    }
+                lane_blocked(s, &dlq, &mut failing);
+                if !backed_off(s).await {
+                    // Abandoned uncommitted: redelivered after a restart.
+                    s.dlq_write_recovered();
+                    return false;
                 }
             }
         }
+    }
+}
+
+/// The `soma-dlq-*` header values of one dead-lettered message, the same
+/// for every attempt at writing it.
+struct DlqStamp<'a> {
+    origin_topic: &'a str,
+    partition: String,
+    offset: String,
+    attempts: String,
+    /// At most [`MAX_ERROR_BYTES`].
+    error: &'a str,
+    handler: &'a str,
+    group: &'a str,
+    failed_at: String,
+}
+
+impl<'a> DlqStamp<'a> {
+    fn new(msg: &'a OwnedMessage, s: &'a Shared, attempts: u32, error: &'a str) -> Self {
+        Self {
+            origin_topic: msg.topic(),
+            partition: msg.partition().to_string(),
+            offset: msg.offset().to_string(),
+            attempts: attempts.to_string(),
+            error: truncate(error, MAX_ERROR_BYTES),
+            handler: s.handler_name.as_str(),
+            group: s.group.as_str(),
+            failed_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        }
+    }
+
+    /// `msg`'s headers without any `soma-dlq-*` it already carried, then
+    /// this stamp's.
+    fn headers(&self, msg: &OwnedMessage) -> OwnedHeaders {
+        let mut h = OwnedHeaders::new();
+        if let Some(orig) = msg.headers() {
+            for x in orig.iter() {
+                if !x.key.starts_with(DLQ_HEADER_PREFIX) {
+                    h = h.insert(Header {
+                        key: x.key,
+                        value: x.value,
+                    });
+                }
+            }
+        }
+        for (k, v) in [
+            (DLQ_ORIGIN_TOPIC, self.origin_topic),
+            (DLQ_ORIGIN_PARTITION, self.partition.as_str()),
+            (DLQ_ORIGIN_OFFSET, self.offset.as_str()),
+            (DLQ_ATTEMPTS, self.attempts.as_str()),
+            (DLQ_ERROR, self.error),
+            (DLQ_HANDLER, self.handler),
+            (DLQ_GROUP, self.group),
+            (DLQ_FAILED_AT, self.failed_at.as_str()),
+        ] {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        h
+    }
+}
+
+/// A DLQ write failed: the lane counts in `dlq_blocked` from its first
+/// failure (`failing`), and the health component is degraded.
+fn lane_blocked(s: &Shared, dlq: &str, failing: &mut bool) {
+    if !*failing {
+        *failing = true;
+        s.dlq_blocked.fetch_add(1, Ordering::AcqRel);
+    }
+    if let Some(hr) = &s.health {
+        hr.set_degraded(format!("DLQ write to {dlq} failing; lane paused"));
+    }
+}
+
+/// Waits `dlq_retry_backoff_ms` before the next attempt; false when a hard
+/// shutdown came first.
+async fn backed_off(s: &Shared) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_millis(s.cfg.dlq_retry_backoff_ms)) => true,
+        () = s.hard.cancelled() => false,
     }
 }
 

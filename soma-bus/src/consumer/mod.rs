@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
+use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
@@ -315,69 +316,28 @@ impl ConsumerBuilder {
 
     /// Subscribes and starts consuming in background tasks.
     pub fn spawn(self) -> Result<ConsumerHandle, BusError> {
-        let mut cfg = self.config;
-        if let Some(group) = self.group {
-            if group.trim().is_empty() {
-                return Err(BusError::Config("consumer group name is empty".into()));
-            }
-            cfg.consumer_group = group;
-        }
-        cfg.validate()?;
-        if self.topics.is_empty() {
-            return Err(BusError::Config("no topics to consume".into()));
-        }
+        let cfg = checked_config(self.config, self.group, &self.topics)?;
         let metrics = BusMetrics::new(&self.metrics.unwrap_or_default());
         let producer = match self.producer {
             Some(p) => p,
             None => BusProducer::new(&cfg)?,
         };
-        let group = if self.broadcast {
-            format!(
-                "{}.broadcast.{}",
-                cfg.consumer_group,
-                uuid::Uuid::now_v7().simple()
-            )
-        } else {
-            cfg.consumer_group.clone()
-        };
+        let group = group_id(&cfg, self.broadcast);
         let progress = Arc::new(Mutex::new(Progress::default()));
-        let mut cc = cfg.consumer_client_config();
-        cc.set("group.id", &group)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "false")
-            .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
-            .set(
-                "auto.offset.reset",
-                if self.broadcast {
-                    "latest"
-                } else {
-                    cfg.auto_offset_reset.as_str()
-                },
-            );
-        if cfg.lag_interval_ms > 0 {
-            cc.set("statistics.interval.ms", cfg.lag_interval_ms.to_string());
-        }
         let ctx = Ctx {
             progress: progress.clone(),
             commits: !self.broadcast,
             metrics: metrics.clone(),
             group: group.clone(),
         };
-        let consumer: StreamConsumer<Ctx> = cc.create_with_context(ctx)?;
+        let consumer: StreamConsumer<Ctx> =
+            client_config(&cfg, &group, self.broadcast).create_with_context(ctx)?;
         if !self.broadcast {
             // Broadcast consumers assign themselves in `run` (no group).
             let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
             consumer.subscribe(&topics)?;
         }
-        let health = self.health.map(|h| {
-            let r = h.reporter(
-                format!("bus_consumer.{}", self.handler_name),
-                Criticality::Required,
-            );
-            r.set_up();
-            r
-        });
+        let health = self.health.map(|h| health_reporter(&h, &self.handler_name));
         let stop = CancellationToken::new();
         let hard = CancellationToken::new();
         let shared = Arc::new(Shared {
@@ -406,6 +366,78 @@ impl ConsumerBuilder {
             task: Some(task),
         })
     }
+}
+
+/// `config` with its consumer group replaced by `group` when given, after
+/// checking what [`ConsumerBuilder::spawn`] refuses: an empty group name,
+/// an invalid config, no topics.
+fn checked_config(
+    mut config: BusConfig,
+    group: Option<String>,
+    topics: &[String],
+) -> Result<BusConfig, BusError> {
+    if let Some(group) = group {
+        if group.trim().is_empty() {
+            return Err(BusError::Config("consumer group name is empty".into()));
+        }
+        config.consumer_group = group;
+    }
+    config.validate()?;
+    if topics.is_empty() {
+        return Err(BusError::Config("no topics to consume".into()));
+    }
+    Ok(config)
+}
+
+/// The consumer group the client joins: `consumer_group`, or in broadcast
+/// mode a group of this instance alone, `<consumer_group>.broadcast.<uuid>`
+/// (never coordinated, never committed to).
+fn group_id(cfg: &BusConfig, broadcast: bool) -> String {
+    if broadcast {
+        format!(
+            "{}.broadcast.{}",
+            cfg.consumer_group,
+            uuid::Uuid::now_v7().simple()
+        )
+    } else {
+        cfg.consumer_group.clone()
+    }
+}
+
+/// The rdkafka consumer settings: `group`, offsets stored and committed by
+/// this crate only (never automatically), no partition-EOF events, the
+/// session timeout, where a group without a position starts (`latest` in
+/// broadcast mode) and, with `lag_interval_ms`, statistics for the lag
+/// gauge.
+fn client_config(cfg: &BusConfig, group: &str, broadcast: bool) -> ClientConfig {
+    let mut cc = cfg.consumer_client_config();
+    cc.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
+        .set(
+            "auto.offset.reset",
+            if broadcast {
+                "latest"
+            } else {
+                cfg.auto_offset_reset.as_str()
+            },
+        );
+    if cfg.lag_interval_ms > 0 {
+        cc.set("statistics.interval.ms", cfg.lag_interval_ms.to_string());
+    }
+    cc
+}
+
+/// The health component `bus_consumer.<handler_name>`, reported up.
+fn health_reporter(health: &HealthRegistry, handler_name: &str) -> HealthReporter {
+    let r = health.reporter(
+        format!("bus_consumer.{handler_name}"),
+        Criticality::Required,
+    );
+    r.set_up();
+    r
 }
 
 struct Shared {

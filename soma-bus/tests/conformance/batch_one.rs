@@ -9,7 +9,7 @@ use std::time::Duration;
 use soma_bus::{BusProducer, KafkaSink};
 use soma_outbox::{NewMessage, Relay};
 
-use crate::common::{config, outbox};
+use crate::common::{config, outbox, require_postgres};
 use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -18,7 +18,7 @@ async fn relay_with_batch_size_one_delivers_everything_in_key_order() {
     bounded("relay batch size 1", Duration::from_secs(90), async {
         let cfg = config(&soma_testkit::require_kafka());
         let topic = topic_with(&cfg, "c11one", 2).await;
-        let ob = outbox().await;
+        let ob = outbox(&require_postgres()).await;
         let ledger = Ledger::new(ob.clone(), "c11").await;
         let producer = BusProducer::new(&cfg).unwrap();
         let mut one = relay_config();

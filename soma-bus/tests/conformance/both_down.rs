@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use soma_bus::{BusProducer, DurablePublisher, KafkaSink};
 use soma_outbox::{Outbox, OutboxConfig, Relay};
 
-use crate::common::{FaultProxy, OwnBroker, config, outbox};
+use crate::common::{FaultProxy, OwnBroker, config, outbox, require_postgres};
 use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,7 +32,7 @@ async fn kafka_and_postgres_down_publish_returns_err_and_leaves_no_phantom() {
         let topic = topic_with(&cfg, "c8down", 1).await;
         // The ledger and the checks use PostgreSQL directly; the publisher
         // and the relay go through the proxy.
-        let direct = outbox().await;
+        let direct = outbox(&require_postgres()).await;
         let ledger = Ledger::new(direct.clone(), "c8").await;
         let q = format!("\"{}\"", direct.schema());
         for stmt in [

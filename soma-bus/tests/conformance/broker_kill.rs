@@ -14,7 +14,7 @@ use std::time::Duration;
 use soma_bus::{BusProducer, DurablePublisher, KafkaSink};
 use soma_outbox::Relay;
 
-use crate::common::{OwnBroker, config, outbox, wait_for};
+use crate::common::{OwnBroker, config, outbox, require_postgres, wait_for};
 use crate::harness::*;
 
 const KEYS: usize = 12;
@@ -32,7 +32,7 @@ async fn broker_killed_mid_publish_many_every_accepted_message_takes_effect_once
         cfg.pending_key_poll_interval_ms = 100;
         cfg.consumer_concurrency = 4;
         let topic = topic_with(&cfg, "c1kill", 2).await;
-        let ob = outbox().await;
+        let ob = outbox(&require_postgres()).await;
         let ledger = Ledger::new(ob.clone(), "c1").await;
         let producer = BusProducer::new(&cfg).unwrap();
         let relay = Relay::new(ob.clone(), KafkaSink::new(producer.clone()), relay_config()).spawn();

@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use soma_bus::{BusProducer, DurablePublisher, KafkaSink};
 use soma_outbox::Relay;
 
-use crate::common::{config, outbox};
+use crate::common::{config, outbox, require_postgres};
 use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,7 +44,7 @@ async fn churn(cycles: usize) {
     cfg.consumer_concurrency = 4;
     cfg.pending_key_poll_interval_ms = 100;
     let topic = topic_with(&cfg, "c9churn", 2).await;
-    let ob = outbox().await;
+    let ob = outbox(&require_postgres()).await;
     let ledger = Ledger::new(ob.clone(), "c9").await;
     let producer = BusProducer::new(&cfg).unwrap();
     let relay = Relay::new(ob.clone(), KafkaSink::new(producer.clone()), relay_config()).spawn();

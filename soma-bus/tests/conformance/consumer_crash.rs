@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use soma_bus::BusProducer;
 
-use crate::common::{config, outbox};
+use crate::common::{config, outbox, require_postgres};
 use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,7 +26,7 @@ async fn crash_between_handler_and_commit_redelivers_same_ids_and_effects_happen
     bounded("consumer crash", Duration::from_secs(90), async {
         let base = config(&soma_testkit::require_kafka());
         let topic = topic_with(&base, "c4crash", 1).await;
-        let ledger = Ledger::new(outbox().await, "c4").await;
+        let ledger = Ledger::new(outbox(&require_postgres()).await, "c4").await;
         let producer = BusProducer::new(&base).unwrap();
         let mut msgs = Msgs::new();
         let envs: Vec<_> = (0..20).map(|_| msgs.next(&topic, "k", "p")).collect();

@@ -14,7 +14,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use soma_bus::{BusProducer, DurablePublisher, KafkaSink};
 use soma_outbox::Relay;
 
-use crate::common::{FaultProxy, OwnBroker, config, outbox};
+use crate::common::{FaultProxy, OwnBroker, config, outbox, require_postgres};
 use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,7 +30,7 @@ async fn consumer_resumes_after_a_network_cut_and_a_broker_restart_and_commits_l
         cfg.pending_key_poll_interval_ms = 100;
         cfg.consumer_concurrency = 4;
         let topic = topic_with(&cfg, "c7cons", 2).await;
-        let ob = outbox().await;
+        let ob = outbox(&require_postgres()).await;
         let ledger = Ledger::new(ob.clone(), "c7").await;
         let producer = BusProducer::new(&cfg).unwrap();
         let relay =

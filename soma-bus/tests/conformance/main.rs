@@ -10,8 +10,9 @@
 //! peer test it answers.
 //!
 //! Real services: the shared tansu broker and PostgreSQL, private tansu
-//! brokers for scenarios that kill or slow a broker (see `common`), TCP
-//! proxies for network faults, and librdkafka's mock cluster where tansu
+//! brokers for scenarios that kill or slow a broker
+//! (`soma_testkit::OwnBroker`), TCP proxies for network faults
+//! (`soma_testkit::FaultProxy`), and librdkafka's mock cluster where tansu
 //! cannot express a fault (it does not enforce idempotent-producer
 //! sequence numbers, so sequence errors run on the mock).
 //!
@@ -21,7 +22,6 @@
 //! runs just the `*_stress` variants, which run scenarios several times in
 //! parallel.
 
-#[path = "../common/mod.rs"]
 mod common;
 mod harness;
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use soma_bus::BusProducer;
 
-use crate::common::{config, outbox};
+use crate::common::{config, outbox, require_postgres};
 use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,7 +28,7 @@ async fn thousand_messages_sixteen_keys_concurrent_lanes_with_retries_keep_key_o
         cfg.consumer_concurrency = 8;
         cfg.publish_timeout_ms = 30_000;
         let topic = topic_with(&cfg, "c2order", 4).await;
-        let ledger = Ledger::new(outbox().await, "c2").await;
+        let ledger = Ledger::new(outbox(&require_postgres()).await, "c2").await;
         let producer = BusProducer::new(&cfg).unwrap();
         let mut msgs = Msgs::new();
         let envs: Vec<_> = (0..1_200)
@@ -77,7 +77,7 @@ async fn consumers_see_only_their_topics_and_same_keys_on_two_topics_are_indepen
             topic_with(&cfg, "c2iso2", 2).await,
             topic_with(&cfg, "c2iso3", 2).await,
         );
-        let ob = outbox().await;
+        let ob = outbox(&require_postgres()).await;
         let both = Ledger::new(ob.clone(), "c2both").await;
         let third = Ledger::new(ob, "c2third").await;
         let producer = BusProducer::new(&cfg).unwrap();

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use soma_bus::BusProducer;
 
-use crate::common::{config, outbox, wait_for};
+use crate::common::{config, outbox, require_postgres, wait_for};
 use crate::harness::*;
 
 const KEYS: usize = 16;
@@ -29,7 +29,7 @@ async fn members_join_leave_and_abort_while_keyed_traffic_flows() {
         let mut cfg = config(&soma_testkit::require_kafka());
         cfg.consumer_concurrency = 4;
         let topic = topic_with(&cfg, "c3rebal", 4).await;
-        let ledger = Ledger::new(outbox().await, "c3").await;
+        let ledger = Ledger::new(outbox(&require_postgres()).await, "c3").await;
         let producer = BusProducer::new(&cfg).unwrap();
         let msgs = Arc::new(Mutex::new(Msgs::new()));
         let stop = Arc::new(AtomicBool::new(false));

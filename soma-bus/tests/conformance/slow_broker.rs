@@ -16,7 +16,7 @@ use std::time::Duration;
 use soma_bus::{BusProducer, DurablePublisher, KafkaSink};
 use soma_outbox::Relay;
 
-use crate::common::{FaultProxy, OwnBroker, config, outbox};
+use crate::common::{FaultProxy, OwnBroker, config, outbox, require_postgres};
 use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,7 +32,7 @@ async fn latency_above_the_publish_timeout_defers_and_duplicates_only_with_the_s
         cfg.pending_key_poll_interval_ms = 100;
         cfg.consumer_concurrency = 4;
         let topic = topic_with(&cfg, "c5slow", 2).await;
-        let ob = outbox().await;
+        let ob = outbox(&require_postgres()).await;
         let ledger = Ledger::new(ob.clone(), "c5").await;
         let producer = BusProducer::new(&cfg).unwrap();
         let relay =

@@ -22,7 +22,16 @@
 //! | `reqwest` | `expect_problem`: the same for a `reqwest::Response` |
 //! | `otlp` | `otlp`: an in-process OTLP trace receiver |
 //! | `opa` | `OpaServer`: OPA's real evaluator behind a minimal Data API |
+//! | `tansu` | `OwnBroker`: a private tansu broker, killed and restarted at will |
+//! | `fault-proxy` | `FaultProxy`: a TCP forwarder that cuts or slows the link |
+//! | `kafka` | `kafka`: read a topic back with a plain rdkafka consumer |
+//!
+//! Without a feature: service discovery ([`require_postgres`], …), unique
+//! names ([`unique_name`]), free ports ([`free_port`]) and the benchmarks'
+//! [`median`].
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "opa")]
 mod opa;
 #[cfg(feature = "otlp")]
@@ -31,8 +40,12 @@ pub mod otlp;
 mod poll;
 #[cfg(feature = "problem")]
 mod problem;
+#[cfg(feature = "fault-proxy")]
+mod proxy;
 #[cfg(feature = "axum")]
 mod serve;
+#[cfg(feature = "tansu")]
+mod tansu;
 
 #[cfg(feature = "opa")]
 pub use opa::OpaServer;
@@ -42,8 +55,12 @@ pub use poll::{eventually, wait_for, wait_until};
 pub use problem::expect_problem;
 #[cfg(feature = "problem")]
 pub use problem::{PROBLEM_CONTENT_TYPE, assert_problem, assert_problem_parts};
+#[cfg(feature = "fault-proxy")]
+pub use proxy::FaultProxy;
 #[cfg(feature = "axum")]
 pub use serve::{serve, serve_url};
+#[cfg(feature = "tansu")]
+pub use tansu::OwnBroker;
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -154,6 +171,14 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// The median of `v` (the upper one of an even count; NaN when empty), for
+/// benchmarks that summarise paired rounds.
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +203,13 @@ mod tests {
             a.chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         );
+    }
+
+    #[test]
+    fn median_takes_the_middle_of_the_sorted_values() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 3.0);
+        assert!(median(&[]).is_nan());
     }
 
     #[test]
