@@ -1,5 +1,5 @@
 //! Publish latency during a broker outage: the shared circuit breaker on
-//! (the default) versus off (`bus.breaker.enabled = false`), in one run.
+//! (the default) versus off (`bus.publisher.breaker.enabled = false`), in one run.
 //!
 //! `cargo bench -p soma-bus --bench outage_latency`
 //!
@@ -59,8 +59,8 @@ struct Figures {
 async fn run(breaker: BreakerConfig) -> Figures {
     let (bootstrap, hole) = black_hole().await;
     let mut cfg = testkit::config(&bootstrap);
-    cfg.publish_timeout_ms = PUBLISH_TIMEOUT_MS;
-    cfg.breaker = breaker;
+    cfg.publisher.timeout_ms = PUBLISH_TIMEOUT_MS;
+    cfg.publisher.breaker = breaker;
     let outbox = testkit::outbox(&soma_testkit::require_postgres()).await;
     let publisher =
         DurablePublisher::builder(BusProducer::new(&cfg).unwrap(), outbox.clone()).build();
@@ -120,7 +120,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let on = run(BusConfig::default().breaker).await;
+        let on = run(BusConfig::default().publisher.breaker).await;
         let off = run(BreakerConfig::disabled()).await;
         println!(
             "outage_latency: {PUBLISHERS} publishers x {ROUNDS} publishes, black-holed broker, publish_timeout_ms {PUBLISH_TIMEOUT_MS}"

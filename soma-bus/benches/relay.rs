@@ -68,8 +68,8 @@ fn messages(topic: &str) -> Vec<NewMessage> {
 fn bus_config(bootstrap: &str) -> BusConfig {
     let mut c = BusConfig::default();
     c.bootstrap_servers = bootstrap.to_owned();
-    c.lag_interval_ms = 0;
-    c.publish_timeout_ms = 30_000;
+    c.consumer.lag_interval_ms = 0;
+    c.publisher.timeout_ms = 30_000;
     c
 }
 

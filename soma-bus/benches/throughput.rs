@@ -46,8 +46,8 @@ fn envs(n: usize) -> Vec<Envelope> {
 fn base_config(bootstrap: &str) -> BusConfig {
     let mut c = BusConfig::default();
     c.bootstrap_servers = bootstrap.to_owned();
-    c.consumer_group = soma_testkit::unique_name("bench");
-    c.lag_interval_ms = 0;
+    c.consumer.group = soma_testkit::unique_name("bench");
+    c.consumer.lag_interval_ms = 0;
     c
 }
 
@@ -109,8 +109,8 @@ fn bench(c: &mut Criterion) {
         // Broker down: nothing listens on this port; the first publish opens the breaker.
         let mut dead = cfg.clone();
         dead.bootstrap_servers = format!("127.0.0.1:{}", soma_testkit::free_port());
-        dead.publish_timeout_ms = 500;
-        dead.breaker = soma_observability::resilience::BreakerConfig::new(1, 3_600_000);
+        dead.publisher.timeout_ms = 500;
+        dead.publisher.breaker = soma_observability::resilience::BreakerConfig::new(1, 3_600_000);
         let down =
             DurablePublisher::builder(BusProducer::new(&dead).unwrap(), outbox().await).build();
         for r in down.publish_many(&topic, &messages[..1]).await {
@@ -164,7 +164,7 @@ fn bench(c: &mut Criterion) {
                     let first = Arc::new(parking_lot::Mutex::new(None::<Instant>));
                     let (n, f) = (count.clone(), first.clone());
                     let mut cfg = cfg.clone();
-                    cfg.consumer_group = soma_testkit::unique_name("benchg");
+                    cfg.consumer.group = soma_testkit::unique_name("benchg");
                     let consumer =
                         BusConsumer::builder(&cfg, &[&ctopic], "noop", move |_e: Envelope| {
                             let (n, f) = (n.clone(), f.clone());

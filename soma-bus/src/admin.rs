@@ -42,6 +42,7 @@ impl TopicAdmin {
     /// An admin client for the configured cluster.
     pub fn new(config: &BusConfig) -> Result<Self, BusError> {
         config.validate()?;
+        config.warn_deprecated_keys();
         let client: AdminClient<DefaultClientContext> = config.base_client_config().create()?;
         Ok(Self {
             client: Arc::new(client),
@@ -66,7 +67,7 @@ impl TopicAdmin {
         let results =
             tokio::time::timeout(self.config.admin_timeout() + Duration::from_secs(1), fut)
                 .await
-                .map_err(|_| BusError::Timeout(self.config.admin_timeout_ms))??;
+                .map_err(|_| BusError::Timeout(self.config.topics.admin_timeout_ms))??;
         for r in results {
             match r {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -172,7 +173,7 @@ fn new_topics<'a>(
         .map(|n| {
             let topic = NewTopic::new(
                 n,
-                config.topic_partitions,
+                config.topics.partitions,
                 TopicReplication::Fixed(config.replication_factor()),
             );
             match min_isr {
@@ -247,11 +248,11 @@ mod tests {
     #[tokio::test]
     async fn health_registers_the_kafka_component() {
         let registry = HealthRegistry::new();
-        let config = BusConfig {
+        let mut config = BusConfig {
             bootstrap_servers: "127.0.0.1:9".to_owned(),
-            admin_timeout_ms: 100,
             ..BusConfig::default()
         };
+        config.topics.admin_timeout_ms = 100;
         let _admin = TopicAdmin::new(&config).unwrap().health(&registry);
         let component = registry.component("kafka").expect("kafka component");
         assert_eq!(component.criticality, Criticality::Required);

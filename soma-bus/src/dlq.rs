@@ -140,6 +140,7 @@ impl DlqReader {
     /// [`BusError::Config`] when the config is invalid.
     pub fn new(config: &BusConfig) -> Result<Self, BusError> {
         config.validate()?;
+        config.warn_deprecated_keys();
         Ok(Self {
             config: config.clone(),
         })
@@ -164,13 +165,13 @@ impl DlqReader {
         // the client wants one.
         cc.set(
             "group.id",
-            format!("{}.dlq-reader", self.config.consumer_group),
+            format!("{}.dlq-reader", self.config.consumer.group),
         )
         // As the consumers set it, so a `max.poll.interval.ms` in
         // `librdkafka` sized for them is valid here too.
         .set(
             "session.timeout.ms",
-            self.config.session_timeout_ms.to_string(),
+            self.config.consumer.session_timeout_ms.to_string(),
         )
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
@@ -316,7 +317,7 @@ impl DlqReader {
             metrics: &metrics,
             dlq_topic,
             target: &target,
-            replay_max: self.config.replay_max,
+            replay_max: self.config.consumer.replay_max,
         };
         let found = self.fetch(dlq_topic, positions).await?;
         let mut report = ReplayReport::default();

@@ -132,7 +132,7 @@ pub mod testkit;
 mod trace;
 
 pub use admin::{BrokerHealthCheck, TopicAdmin, TopicInfo};
-pub use config::BusConfig;
+pub use config::{BusConfig, ConsumerConfig, ProducerConfig, PublisherConfig, TopicsConfig};
 pub use consumer::{
     BusConsumer, ConsumerBuilder, ConsumerHandle, DLQ_ATTEMPTS, DLQ_ERROR, DLQ_FAILED_AT,
     DLQ_GROUP, DLQ_HANDLER, DLQ_HEADER_PREFIX, DLQ_ORIGIN_OFFSET, DLQ_ORIGIN_PARTITION,

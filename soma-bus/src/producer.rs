@@ -177,6 +177,7 @@ impl BusProducer {
     /// Creates the producer (no network round trip; librdkafka connects lazily).
     pub fn new(config: &BusConfig) -> Result<Self, BusError> {
         config.validate()?;
+        config.warn_deprecated_keys();
         let handle = Handle::new(config)?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -280,7 +281,7 @@ impl BusProducer {
             let sent = {
                 let purged = handle.purged.read();
                 if *purged {
-                    return Err(BusError::Timeout(self.inner.config.publish_timeout_ms));
+                    return Err(BusError::Timeout(self.inner.config.publisher.timeout_ms));
                 }
                 handle.producer.send_result(record)
             };
@@ -288,7 +289,7 @@ impl BusProducer {
                 Ok(f) => return Ok(f),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     if Instant::now() >= deadline {
-                        return Err(BusError::Timeout(self.inner.config.publish_timeout_ms));
+                        return Err(BusError::Timeout(self.inner.config.publisher.timeout_ms));
                     }
                     record = r;
                     tokio::time::sleep(Duration::from_millis(2)).await;
@@ -322,7 +323,7 @@ impl BusProducer {
                 all.await
             }
         };
-        let timeout_ms = self.inner.config.publish_timeout_ms;
+        let timeout_ms = self.inner.config.publisher.timeout_ms;
         let mut fatal_checked = false;
         let mut acked = false;
         let mut unhealthy: Option<KafkaError> = None;

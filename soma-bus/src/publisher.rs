@@ -238,7 +238,7 @@ impl DurablePublisherBuilder {
             r
         });
         metrics.breaker_open.get_or_create(&Vec::new()).set(0);
-        let mut breaker = CircuitBreaker::new("bus_publisher", cfg.breaker);
+        let mut breaker = CircuitBreaker::new("bus_publisher", cfg.publisher.breaker);
         if let Some(registry) = &self.metrics {
             breaker = breaker.metrics(registry);
         }
@@ -252,10 +252,10 @@ impl DurablePublisherBuilder {
             breaker,
             tracker: KeyTracker::default(),
             sequencer: Sequencer::default(),
-            check_outbox_per_message: cfg.check_outbox_per_message,
+            check_outbox_per_message: cfg.publisher.check_outbox_per_message,
             cancel: CancellationToken::new(),
         });
-        let poll = Duration::from_millis(cfg.pending_key_poll_interval_ms.max(10));
+        let poll = Duration::from_millis(cfg.publisher.pending_key_poll_interval_ms.max(10));
         tokio::spawn(poll_pending_keys(
             Arc::downgrade(&inner),
             poll,
@@ -742,10 +742,10 @@ impl DurablePublisher {
         Ok(out.iter().map(|(_, env)| env.id).collect())
     }
 
-    /// Stops the key poller and flushes the producer within `flush_timeout_ms`.
+    /// Stops the key poller and flushes the producer within `producer.flush_timeout_ms`.
     pub async fn shutdown(&self) -> FlushReport {
         self.inner.cancel.cancel();
-        let timeout = Duration::from_millis(self.inner.producer.config().flush_timeout_ms);
+        let timeout = Duration::from_millis(self.inner.producer.config().producer.flush_timeout_ms);
         self.inner.producer.flush(timeout).await
     }
 }

@@ -99,13 +99,13 @@ impl ReplayRefusal {
     }
 }
 
-/// The topic `dlq_topic` belongs to: its name without `config.dlq_suffix`.
+/// The topic `dlq_topic` belongs to: its name without `config.consumer.dlq_suffix`.
 pub(crate) fn origin_of(config: &BusConfig, dlq_topic: &str) -> Result<String, BusError> {
-    match dlq_topic.strip_suffix(config.dlq_suffix.as_str()) {
+    match dlq_topic.strip_suffix(config.consumer.dlq_suffix.as_str()) {
         Some(origin) if !origin.is_empty() => Ok(origin.to_owned()),
         _ => Err(BusError::Config(format!(
             "`{dlq_topic}` is not a DLQ topic: its name must be `<topic>{}` (dlq_suffix)",
-            config.dlq_suffix
+            config.consumer.dlq_suffix
         ))),
     }
 }
@@ -144,6 +144,7 @@ pub async fn replay_dlq(
     metrics: Option<&MetricsRegistry>,
 ) -> Result<ReplayReport, BusError> {
     config.validate()?;
+    config.warn_deprecated_keys();
     let target = origin_of(config, &opts.dlq_topic)?;
     let metrics = BusMetrics::new(&metrics.cloned().unwrap_or_default());
     let consumer = replay_consumer(config, opts)?;
@@ -161,7 +162,7 @@ pub async fn replay_dlq(
         metrics: &metrics,
         dlq_topic: &opts.dlq_topic,
         target: &target,
-        replay_max: opts.replay_max.unwrap_or(config.replay_max),
+        replay_max: opts.replay_max.unwrap_or(config.consumer.replay_max),
     };
     report.complete = ctx
         .replay_to_ends(&consumer, range.ends, opts, &mut report)
@@ -176,7 +177,7 @@ fn replay_consumer(config: &BusConfig, opts: &ReplayOptions) -> Result<StreamCon
     let group = opts
         .group
         .clone()
-        .unwrap_or_else(|| format!("{}.replay", config.consumer_group));
+        .unwrap_or_else(|| format!("{}.replay", config.consumer.group));
     let mut cc = config.consumer_client_config();
     cc.set("group.id", &group)
         .set("enable.auto.commit", "false")

@@ -18,8 +18,8 @@ const OPEN_MS: u64 = 300;
 async fn dead_publisher() -> DurablePublisher {
     let mut cfg = config("unused");
     cfg.bootstrap_servers = format!("127.0.0.1:{}", soma_testkit::free_port());
-    cfg.publish_timeout_ms = PUBLISH_TIMEOUT_MS;
-    cfg.breaker = BreakerConfig::new(1, OPEN_MS);
+    cfg.publisher.timeout_ms = PUBLISH_TIMEOUT_MS;
+    cfg.publisher.breaker = BreakerConfig::new(1, OPEN_MS);
     DurablePublisher::builder(
         BusProducer::new(&cfg).unwrap(),
         outbox(&require_postgres()).await,

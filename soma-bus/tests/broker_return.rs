@@ -29,7 +29,7 @@ async fn broker_behind_proxy(prefix: &str) -> (OwnBroker, FaultProxy, BusConfig,
     let broker = OwnBroker::behind_proxy(proxy_port);
     let proxy = FaultProxy::start(proxy_port, broker.port).await;
     let mut cfg = config(&proxy.addr());
-    cfg.session_timeout_ms = 6_000;
+    cfg.consumer.session_timeout_ms = 6_000;
     let topic = soma_testkit::unique_name(prefix);
     let end = Instant::now() + Duration::from_secs(30);
     loop {
@@ -51,7 +51,7 @@ async fn an_idle_consumer_is_up_again_once_the_broker_is_back() {
     // same port and data), as in the platform's broker-kill chaos scenario.
     let mut broker = OwnBroker::start();
     let mut cfg = config(&broker.bootstrap());
-    cfg.session_timeout_ms = 6_000;
+    cfg.consumer.session_timeout_ms = 6_000;
     let topic = soma_testkit::unique_name("idle");
     TopicAdmin::new(&cfg)
         .unwrap()
@@ -116,7 +116,7 @@ async fn a_broadcast_consumer_keeps_its_position_and_drops_redeliveries() {
     .spawn()
     .unwrap();
     let mut producer_cfg = cfg.clone();
-    producer_cfg.publish_timeout_ms = 10_000;
+    producer_cfg.publisher.timeout_ms = 10_000;
     let producer = BusProducer::new(&producer_cfg).unwrap();
 
     // Assigned once a probe reaches the end of the partition: send until the

@@ -190,7 +190,7 @@ async fn replay_stops_at_replay_max() {
     let topic = topic(&cfg, "loop").await;
     let producer = BusProducer::new(&cfg).unwrap();
     let mut e = env("k", 1);
-    e.replay_count = cfg.replay_max; // already replayed the maximum number of times
+    e.replay_count = cfg.consumer.replay_max; // already replayed the maximum number of times
     producer.send(&topic, &e).await.unwrap();
     let consumer = BusConsumer::builder(&cfg, &[&topic], "always-fails", |_e: Envelope| async {
         Err(HandlerError::fatal("still broken"))
@@ -289,7 +289,7 @@ async fn replay_republishes_only_to_the_topic_its_dlq_belongs_to() {
 async fn retryable_errors_are_retried_then_dead_lettered() {
     let bootstrap = soma_testkit::require_kafka();
     let mut cfg = config(&bootstrap);
-    cfg.max_attempts = 3;
+    cfg.consumer.max_attempts = 3;
     let topic = topic(&cfg, "retry").await;
     let producer = BusProducer::new(&cfg).unwrap();
     let flaky = env("k", 1);
@@ -341,9 +341,9 @@ async fn retryable_errors_are_retried_then_dead_lettered() {
 async fn unavailable_dependencies_make_messages_wait_never_dead_letter() {
     let bootstrap = soma_testkit::require_kafka();
     let mut cfg = config(&bootstrap);
-    cfg.max_attempts = 2;
-    cfg.retry_backoff_initial_ms = 10;
-    cfg.retry_backoff_max_ms = 40;
+    cfg.consumer.max_attempts = 2;
+    cfg.consumer.retry_backoff_initial_ms = 10;
+    cfg.consumer.retry_backoff_max_ms = 40;
     let topic = topic(&cfg, "wait").await;
     let producer = BusProducer::new(&cfg).unwrap();
     let first = env("k", 1);
@@ -481,8 +481,8 @@ async fn restarted_consumer_resumes_from_committed_offsets() {
     let bootstrap = soma_testkit::require_kafka();
     // Small lanes so shutdown has little buffered work to finish.
     let mut cfg = config(&bootstrap);
-    cfg.consumer_concurrency = 4;
-    cfg.consumer_lane_capacity = 4;
+    cfg.consumer.concurrency = 4;
+    cfg.consumer.lane_capacity = 4;
     let topic = topic(&cfg, "resume").await;
     let producer = BusProducer::new(&cfg).unwrap();
     let envs: Vec<Envelope> = (0..300).map(|i| env(&format!("k{}", i % 7), i)).collect();
@@ -562,7 +562,7 @@ async fn consumers_named_into_different_groups_each_receive_every_message() {
                 Ok(())
             }
         })
-        .group(format!("{}.{group}", cfg.consumer_group))
+        .group(format!("{}.{group}", cfg.consumer.group))
         .producer(producer.clone())
         .spawn()
         .unwrap()
@@ -962,7 +962,7 @@ async fn broker_health_check_reports_up_and_down() {
         .await;
     assert_eq!(up.status, ComponentStatus::Up, "{up:?}");
     let mut dead = config(&format!("127.0.0.1:{}", soma_testkit::free_port()));
-    dead.admin_timeout_ms = 500;
+    dead.topics.admin_timeout_ms = 500;
     let down = soma_bus::TopicAdmin::new(&dead)
         .unwrap()
         .health_check()

@@ -95,9 +95,9 @@ async fn failed_dlq_write_pauses_retries_and_never_commits() {
         .try_init();
     let bootstrap = soma_testkit::require_kafka();
     let mut cfg = config(&bootstrap);
-    cfg.publish_timeout_ms = 1_000;
-    cfg.dlq_retry_backoff_ms = 200;
-    cfg.shutdown_timeout_ms = 2_000;
+    cfg.publisher.timeout_ms = 1_000;
+    cfg.consumer.dlq_retry_backoff_ms = 200;
+    cfg.consumer.shutdown_timeout_ms = 2_000;
     // Origin topic on the shared broker (no DLQ there: it lives behind the proxy).
     let topic = soma_testkit::unique_name("dlqcut");
     TopicAdmin::new(&cfg)
@@ -132,7 +132,7 @@ async fn failed_dlq_write_pauses_retries_and_never_commits() {
     // The origin producer talks to the shared broker, which the rest of the
     // suite loads too: the short timeout is for the DLQ producer only.
     let mut producer_cfg = cfg.clone();
-    producer_cfg.publish_timeout_ms = 10_000;
+    producer_cfg.publisher.timeout_ms = 10_000;
     let producer = BusProducer::new(&producer_cfg).unwrap();
     let before = env("k", 0);
     let poison = env("k", 1);
@@ -159,7 +159,7 @@ async fn failed_dlq_write_pauses_retries_and_never_commits() {
     };
     let handled = |id: Uuid| calls.lock().iter().any(|(_, i)| *i == id);
     let calls_of = |id: Uuid| calls.lock().iter().filter(|(_, i)| *i == id).count();
-    let probe = CommittedProbe::new(&bootstrap, &cfg.consumer_group, &topic);
+    let probe = CommittedProbe::new(&bootstrap, &cfg.consumer.group, &topic);
 
     // Healthy first: offset 0 handled and committed.
     assert_eq!(producer.send(&topic, &before).await.unwrap().offset, 0);
@@ -266,7 +266,7 @@ async fn failed_dlq_write_pauses_retries_and_never_commits() {
     assert_eq!(header(r, DLQ_HANDLER).as_deref(), Some("ledger"));
     assert_eq!(
         header(r, DLQ_GROUP).as_deref(),
-        Some(cfg.consumer_group.as_str())
+        Some(cfg.consumer.group.as_str())
     );
     assert!(
         header(r, DLQ_ERROR)

@@ -17,7 +17,7 @@ async fn a_producer_that_keeps_failing_is_replaced_and_sends_again() {
     let mock = MockCluster::new(1).expect("librdkafka mock cluster");
     mock.create_topic("heal", 1, 1).expect("mock topic");
     let mut cfg = common::config(&mock.bootstrap_servers());
-    cfg.publish_timeout_ms = 10_000;
+    cfg.publisher.timeout_ms = 10_000;
     let producer = BusProducer::new(&cfg).unwrap();
     producer
         .send("heal", &common::env("k", 0))

@@ -35,8 +35,8 @@ async fn a_transient_failure_stops_the_send_and_nothing_after_it_is_sent() {
     // until the deadline (a transient failure), the third is never tried.
     let mut cfg = BusConfig::default();
     cfg.bootstrap_servers = "127.0.0.1:1".into();
-    cfg.queue_buffering_max_messages = 1;
-    cfg.publish_timeout_ms = 400;
+    cfg.producer.queue_buffering_max_messages = 1;
+    cfg.publisher.timeout_ms = 400;
     let producer = BusProducer::new(&cfg).unwrap();
     let envs = [env("k", 1), env("k", 2), env("k", 3)];
     let started = std::time::Instant::now();

@@ -41,12 +41,12 @@ async fn outage(total: usize) {
     let mut broker = OwnBroker::start();
     let bootstrap = broker.bootstrap();
     let mut cfg = config(&bootstrap);
-    cfg.publish_timeout_ms = 2_000;
-    cfg.breaker = soma_observability::resilience::BreakerConfig::new(1, 500);
-    cfg.pending_key_poll_interval_ms = 100;
+    cfg.publisher.timeout_ms = 2_000;
+    cfg.publisher.breaker = soma_observability::resilience::BreakerConfig::new(1, 500);
+    cfg.publisher.pending_key_poll_interval_ms = 100;
     let topic = soma_testkit::unique_name("outage");
     let mut admin_cfg = cfg.clone();
-    admin_cfg.topic_partitions = 2;
+    admin_cfg.topics.partitions = 2;
     let admin = TopicAdmin::new(&admin_cfg).unwrap();
     admin.ensure_topics(&[&topic], false).await.unwrap();
     let ob = outbox(&require_postgres()).await;

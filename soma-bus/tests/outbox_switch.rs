@@ -20,20 +20,20 @@ fn is_kafka(o: &PublishOutcome) -> bool {
 async fn per_message_outbox_check_keeps_key_order_across_processes() {
     let bootstrap = soma_testkit::require_kafka();
     let mut base = config(&bootstrap);
-    base.pending_key_poll_interval_ms = 100;
+    base.publisher.pending_key_poll_interval_ms = 100;
     let topic = topic(&base, "switch").await;
     let ob = outbox(&require_postgres()).await;
 
     // "Process B": Kafka is up; asks the outbox on every publish.
     let mut checked_cfg = base.clone();
-    checked_cfg.check_outbox_per_message = true;
+    checked_cfg.publisher.check_outbox_per_message = true;
     let producer = BusProducer::new(&checked_cfg).unwrap();
     let b = DurablePublisher::builder(producer.clone(), ob.clone()).build();
     // "Process A": same outbox, but its broker connection is down, so it defers.
     let mut dead_cfg = base.clone();
     dead_cfg.bootstrap_servers = format!("127.0.0.1:{}", soma_testkit::free_port());
-    dead_cfg.publish_timeout_ms = 500;
-    dead_cfg.breaker = soma_observability::resilience::BreakerConfig::new(1, 3_600_000);
+    dead_cfg.publisher.timeout_ms = 500;
+    dead_cfg.publisher.breaker = soma_observability::resilience::BreakerConfig::new(1, 3_600_000);
     let a = DurablePublisher::builder(BusProducer::new(&dead_cfg).unwrap(), ob.clone()).build();
     // "Process C": Kafka up, default settings (only its own deferrals count).
     let c = DurablePublisher::builder(BusProducer::new(&base).unwrap(), ob.clone()).build();
@@ -121,9 +121,9 @@ async fn concurrent_fallbacks_of_one_key_reach_the_outbox_in_call_order() {
     let ob = outbox(&require_postgres()).await;
     let mut cfg = config("unused");
     cfg.bootstrap_servers = format!("127.0.0.1:{}", soma_testkit::free_port());
-    cfg.publish_timeout_ms = 400;
+    cfg.publisher.timeout_ms = 400;
     // Every call tries Kafka first, so every one falls back itself.
-    cfg.breaker = soma_observability::resilience::BreakerConfig::new(1_000_000, 2_000);
+    cfg.publisher.breaker = soma_observability::resilience::BreakerConfig::new(1_000_000, 2_000);
     let publisher = DurablePublisher::builder(BusProducer::new(&cfg).unwrap(), ob.clone()).build();
     let envs: Vec<Envelope> = (0..40).map(|n| env("k", n)).collect();
     // Call order is the order in which the calls are first polled (a call

@@ -2,7 +2,7 @@
 //! with SomaBrain memory in the loop.
 //!
 //! For each `chat.message.received` envelope (consumer group
-//! `<bus.consumer_group>.conversation`, per-conversation order):
+//! `<bus.consumer.group>.conversation`, per-conversation order):
 //!
 //! 0. a message this worker already answered (a redelivery after a crash
 //!    or a rebalance, before its offset was committed) is skipped at once,

@@ -3,7 +3,7 @@
 //! authorization, waiting (never dropping) while SomaBrain is down.
 //!
 //! For each `memory.write.requested` envelope (group
-//! `<bus.consumer_group>.memory`):
+//! `<bus.consumer.group>.memory`):
 //!
 //! 1. authorize `memory.write` on `memory/<conversation>` for the principal
 //!    the gateway verified, with the same [`Authorizer`] and input schema as

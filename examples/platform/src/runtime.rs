@@ -215,7 +215,7 @@ impl Runtime {
     }
 
     /// Turns this runtime into a worker consuming `topic` in group
-    /// `<bus.consumer_group>.<group suffix given to start>`, calling
+    /// `<bus.consumer.group>.<group suffix given to start>`, calling
     /// `handler` (named `handler_name` in DLQ headers, logs and metrics),
     /// with DLQ writes on the shared producer and a required
     /// `bus_consumer.<handler_name>` health component.
@@ -238,10 +238,10 @@ impl Runtime {
         })
     }
 
-    /// The consumer group `<bus.consumer_group>.<suffix>` of one of this
+    /// The consumer group `<bus.consumer.group>.<suffix>` of one of this
     /// service's consumers (for [`ConsumerBuilder::group`](soma_bus::ConsumerBuilder::group)).
     pub fn group(&self, group_suffix: &str) -> String {
-        format!("{}.{}", self.settings.bus.consumer_group, group_suffix)
+        format!("{}.{}", self.settings.bus.consumer.group, group_suffix)
     }
 
     /// The runtime's stages of the shutdown sequence, after the service

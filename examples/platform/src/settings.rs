@@ -475,8 +475,8 @@ mod tests {
                 .unwrap();
         }
         let table = [
-            ("bus.consumer_concurrency", 4, 16),
-            ("bus.topic_partitions", 1, 12),
+            ("bus.consumer.concurrency", 4, 16),
+            ("bus.topics.partitions", 1, 12),
             ("policy.cache.capacity", 1_000, 100_000),
             ("postgres.connect_timeout_ms", 2_000, 5_000),
             ("postgres.max_connections", 5, 50),

@@ -3,7 +3,7 @@
 //! output limits.
 //!
 //! For each `tool.call.requested` envelope (group
-//! `<bus.consumer_group>.tools`):
+//! `<bus.consumer.group>.tools`):
 //!
 //! 1. look the tool up in the executor's registry, which — not the client
 //!    — knows each tool's risk;

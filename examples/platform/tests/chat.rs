@@ -411,7 +411,7 @@ async fn with_kafka_unreachable_the_gateway_defers_to_the_outbox_and_stays_ready
     let dead_broker = format!("127.0.0.1:{}", soma_testkit::free_port());
     let live = env.settings(&[
         ("bus.bootstrap_servers", json!(dead_broker)),
-        ("bus.publish_timeout_ms", json!(500)),
+        ("bus.publisher.timeout_ms", json!(500)),
     ]);
     let gateway = Gateway::start(live, listener().await, listener().await)
         .await
@@ -590,7 +590,7 @@ async fn shutdown_drains_in_flight_requests_ends_sse_with_reconnect_and_loses_no
     let dead_broker = format!("127.0.0.1:{}", soma_testkit::free_port());
     let live = env.settings(&[
         ("bus.bootstrap_servers", json!(dead_broker)),
-        ("bus.publish_timeout_ms", json!(700)),
+        ("bus.publisher.timeout_ms", json!(700)),
         ("shutdown.deadline_ms", json!(15_000)),
     ]);
     let gateway = Gateway::start(live, listener().await, listener().await)
@@ -695,7 +695,7 @@ async fn overload_is_shed_with_503_and_slow_requests_time_out_with_504() {
     let dead_broker = format!("127.0.0.1:{}", soma_testkit::free_port());
     let live = env.settings(&[
         ("bus.bootstrap_servers", json!(dead_broker)),
-        ("bus.publish_timeout_ms", json!(3_000)),
+        ("bus.publisher.timeout_ms", json!(3_000)),
         ("http.request_timeout_ms", json!(600)),
         ("http.max_concurrent_requests", json!(2)),
     ]);

@@ -523,7 +523,7 @@ async fn a_publish_outlives_its_timed_out_request_and_the_retry_gets_its_answer(
     let dead_broker = format!("127.0.0.1:{}", soma_testkit::free_port());
     let live = env.settings(&[
         ("bus.bootstrap_servers", json!(dead_broker)),
-        ("bus.publish_timeout_ms", json!(1_500)),
+        ("bus.publisher.timeout_ms", json!(1_500)),
         ("http.request_timeout_ms", json!(400)),
     ]);
     let gateway = Gateway::start(live, listener().await, listener().await)

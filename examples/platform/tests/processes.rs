@@ -228,7 +228,7 @@ async fn assert_metric_families(client: &reqwest::Client, platform: &Processes) 
         ),
     ];
     // Consumer lag is sampled from the client's statistics (every
-    // `bus.lag_interval_ms`): give each process a while to report it.
+    // `bus.consumer.lag_interval_ms`): give each process a while to report it.
     let deadline = Instant::now() + Duration::from_secs(30);
     for (service, own) in families {
         let consumes = service != "soma-gateway";

@@ -76,8 +76,8 @@ async fn main() -> ExitCode {
     config.sasl_mechanism = args.sasl_mechanism;
     config.sasl_username = args.sasl_username;
     config.sasl_password = sasl_password;
-    config.replay_max = args.replay_max;
-    config.dlq_suffix = args.dlq_suffix;
+    config.consumer.replay_max = args.replay_max;
+    config.consumer.dlq_suffix = args.dlq_suffix;
     let producer = match BusProducer::new(&config) {
         Ok(p) => p,
         Err(e) => {

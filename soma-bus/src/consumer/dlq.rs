@@ -162,11 +162,11 @@ fn lane_blocked(s: &Shared, dlq: &str, failing: &mut bool) {
     }
 }
 
-/// Waits `dlq_retry_backoff_ms` before the next attempt; false when a hard
+/// Waits `consumer.dlq_retry_backoff_ms` before the next attempt; false when a hard
 /// shutdown came first.
 async fn backed_off(s: &Shared) -> bool {
     tokio::select! {
-        () = tokio::time::sleep(Duration::from_millis(s.cfg.dlq_retry_backoff_ms)) => true,
+        () = tokio::time::sleep(Duration::from_millis(s.cfg.consumer.dlq_retry_backoff_ms)) => true,
         () = s.hard.cancelled() => false,
     }
 }

@@ -31,9 +31,9 @@ pub(super) async fn run(consumer: Arc<StreamConsumer<Ctx>>, s: Arc<Shared>) -> S
 
 /// `consumer_concurrency` lanes, each with a queue of `consumer_lane_capacity`.
 fn spawn_lanes(s: &Arc<Shared>) -> (Vec<mpsc::Sender<Work>>, Vec<JoinHandle<()>>) {
-    (0..s.cfg.consumer_concurrency)
+    (0..s.cfg.consumer.concurrency)
         .map(|_| {
-            let (tx, rx) = mpsc::channel::<Work>(s.cfg.consumer_lane_capacity);
+            let (tx, rx) = mpsc::channel::<Work>(s.cfg.consumer.lane_capacity);
             (tx, tokio::spawn(lane(rx, s.clone())))
         })
         .unzip()
@@ -50,7 +50,9 @@ fn ticker(period: Duration) -> tokio::time::Interval {
 /// gone); commits on a timer; while degraded (or an unassigned broadcast
 /// consumer) asks the broker for the topics' metadata.
 async fn fetch(consumer: &Arc<StreamConsumer<Ctx>>, s: &Shared, lanes: &[mpsc::Sender<Work>]) {
-    let mut commit_tick = ticker(Duration::from_millis(s.cfg.commit_interval_ms.max(10)));
+    let mut commit_tick = ticker(Duration::from_millis(
+        s.cfg.consumer.commit_interval_ms.max(10),
+    ));
     let mut probe_tick = ticker(PROBE_INTERVAL);
     let mut partitions_tick = ticker(PARTITIONS_INTERVAL);
     // Broadcast: the partitions assigned so far (none until the first
@@ -156,7 +158,7 @@ async fn shut_down(
     // handles (after the deadline) would do.
     let aborts: Vec<_> = workers.iter().map(JoinHandle::abort_handle).collect();
     let mut running: FuturesUnordered<JoinHandle<()>> = workers.into_iter().collect();
-    let deadline = Instant::now() + Duration::from_millis(s.cfg.shutdown_timeout_ms);
+    let deadline = Instant::now() + Duration::from_millis(s.cfg.consumer.shutdown_timeout_ms);
     let drained = tokio::time::timeout_at(deadline.into(), drain_lanes(&mut running))
         .await
         .is_ok();

@@ -105,8 +105,11 @@ fn decode(msg: &OwnedMessage) -> Result<Envelope, EnvelopeError> {
 fn backoff(cfg: &BusConfig, attempt: u32) -> Duration {
     use soma_observability::resilience::{Backoff, BackoffConfig, Jitter};
     Backoff::new(
-        BackoffConfig::new(cfg.retry_backoff_initial_ms, cfg.retry_backoff_max_ms)
-            .with_jitter(Jitter::None),
+        BackoffConfig::new(
+            cfg.consumer.retry_backoff_initial_ms,
+            cfg.consumer.retry_backoff_max_ms,
+        )
+        .with_jitter(Jitter::None),
     )
     .delay(attempt)
 }
@@ -226,7 +229,7 @@ async fn process_envelope(msg: &OwnedMessage, env: Envelope, s: &Shared) -> bool
                     () = s.stop.cancelled() => return false,
                 }
             }
-            Err(HandlerError::Retryable(e)) if attempt < s.cfg.max_attempts => {
+            Err(HandlerError::Retryable(e)) if attempt < s.cfg.consumer.max_attempts => {
                 s.metrics.consumed(topic, "retried");
                 tracing::info!(event = "handler_retry", attempt, error = %e);
                 tokio::select! {
@@ -270,11 +273,9 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_caps() {
-        let cfg = BusConfig {
-            retry_backoff_initial_ms: 100,
-            retry_backoff_max_ms: 350,
-            ..Default::default()
-        };
+        let mut cfg = BusConfig::default();
+        cfg.consumer.retry_backoff_initial_ms = 100;
+        cfg.consumer.retry_backoff_max_ms = 350;
         assert_eq!(backoff(&cfg, 1), Duration::from_millis(100));
         assert_eq!(backoff(&cfg, 2), Duration::from_millis(200));
         assert_eq!(backoff(&cfg, 3), Duration::from_millis(350));

@@ -232,7 +232,7 @@ pub struct ConsumerBuilder {
 pub struct BusConsumer;
 
 impl BusConsumer {
-    /// A consumer of `topics` in group `config.consumer_group` (or the one
+    /// A consumer of `topics` in group `config.consumer.group` (or the one
     /// given to [`group`](ConsumerBuilder::group)), calling `handler`
     /// (named `handler_name` in DLQ headers, logs and metrics).
     pub fn builder(
@@ -264,7 +264,7 @@ impl ConsumerBuilder {
         self.producer = Some(producer);
         self
     }
-    /// Joins consumer group `group` instead of `config.consumer_group`:
+    /// Joins consumer group `group` instead of `config.consumer.group`:
     /// one service's consumers of different topics (or of one topic for
     /// different purposes) each in their own group, from one shared
     /// [`BusConfig`]. In broadcast mode it is the prefix of the
@@ -380,9 +380,10 @@ fn checked_config(
         if group.trim().is_empty() {
             return Err(BusError::Config("consumer group name is empty".into()));
         }
-        config.consumer_group = group;
+        config.consumer.group = group;
     }
     config.validate()?;
+    config.warn_deprecated_keys();
     if topics.is_empty() {
         return Err(BusError::Config("no topics to consume".into()));
     }
@@ -396,11 +397,11 @@ fn group_id(cfg: &BusConfig, broadcast: bool) -> String {
     if broadcast {
         format!(
             "{}.broadcast.{}",
-            cfg.consumer_group,
+            cfg.consumer.group,
             uuid::Uuid::now_v7().simple()
         )
     } else {
-        cfg.consumer_group.clone()
+        cfg.consumer.group.clone()
     }
 }
 
@@ -415,17 +416,23 @@ fn client_config(cfg: &BusConfig, group: &str, broadcast: bool) -> ClientConfig 
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
-        .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
+        .set(
+            "session.timeout.ms",
+            cfg.consumer.session_timeout_ms.to_string(),
+        )
         .set(
             "auto.offset.reset",
             if broadcast {
                 "latest"
             } else {
-                cfg.auto_offset_reset.as_str()
+                cfg.consumer.auto_offset_reset.as_str()
             },
         );
-    if cfg.lag_interval_ms > 0 {
-        cc.set("statistics.interval.ms", cfg.lag_interval_ms.to_string());
+    if cfg.consumer.lag_interval_ms > 0 {
+        cc.set(
+            "statistics.interval.ms",
+            cfg.consumer.lag_interval_ms.to_string(),
+        );
     }
     cc
 }

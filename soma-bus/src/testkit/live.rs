@@ -38,20 +38,22 @@ fn unique_name(prefix: &str) -> String {
 /// every 1 s, session timeout 6 s, shutdown 10 s), so failures show within
 /// a test's time.
 pub fn config(bootstrap: &str) -> BusConfig {
-    BusConfig {
+    let mut config = BusConfig {
         bootstrap_servers: bootstrap.to_owned(),
         client_id: "soma-bus-test".into(),
-        consumer_group: unique_name("g"),
-        publish_timeout_ms: 3_000,
-        retry_backoff_initial_ms: 20,
-        retry_backoff_max_ms: 100,
-        dlq_retry_backoff_ms: 200,
-        commit_interval_ms: 200,
-        lag_interval_ms: 1_000,
-        session_timeout_ms: 6_000,
-        shutdown_timeout_ms: 10_000,
         ..BusConfig::default()
-    }
+    };
+    config.publisher.timeout_ms = 3_000;
+    let consumer = &mut config.consumer;
+    consumer.group = unique_name("g");
+    consumer.retry_backoff_initial_ms = 20;
+    consumer.retry_backoff_max_ms = 100;
+    consumer.dlq_retry_backoff_ms = 200;
+    consumer.commit_interval_ms = 200;
+    consumer.lag_interval_ms = 1_000;
+    consumer.session_timeout_ms = 6_000;
+    consumer.shutdown_timeout_ms = 10_000;
+    config
 }
 
 /// A test envelope of type `test.event` in tenant `tenant-a`, keyed `key`,
@@ -133,12 +135,15 @@ pub fn raw_producer(cfg: &BusConfig) -> FutureProducer {
         .set("bootstrap.servers", &cfg.bootstrap_servers)
         .set("acks", "all")
         .set("enable.idempotence", "true")
-        .set("linger.ms", cfg.linger_ms.to_string())
-        .set("batch.size", cfg.batch_size_bytes.to_string())
-        .set("batch.num.messages", cfg.batch_num_messages.to_string())
+        .set("linger.ms", cfg.producer.linger_ms.to_string())
+        .set("batch.size", cfg.producer.batch_size_bytes.to_string())
+        .set(
+            "batch.num.messages",
+            cfg.producer.batch_num_messages.to_string(),
+        )
         .set(
             "max.in.flight.requests.per.connection",
-            cfg.max_in_flight.to_string(),
+            cfg.producer.max_in_flight.to_string(),
         )
         .create()
         .expect("raw rdkafka producer")
@@ -165,6 +170,6 @@ mod tests {
     fn config_gives_each_call_its_own_group() {
         let (a, b) = (config("127.0.0.1:9092"), config("127.0.0.1:9092"));
         assert_eq!(a.bootstrap_servers, "127.0.0.1:9092");
-        assert_ne!(a.consumer_group, b.consumer_group);
+        assert_ne!(a.consumer.group, b.consumer.group);
     }
 }

@@ -26,9 +26,9 @@ async fn kafka_and_postgres_down_publish_returns_err_and_leaves_no_phantom() {
         let kafka = FaultProxy::start(kafka_port, broker.port).await;
         let pg = FaultProxy::start(soma_testkit::free_port(), 5432).await;
         let mut cfg = config(&kafka.addr());
-        cfg.publish_timeout_ms = 1_000;
-        cfg.breaker = soma_observability::resilience::BreakerConfig::new(1, 300);
-        cfg.pending_key_poll_interval_ms = 100;
+        cfg.publisher.timeout_ms = 1_000;
+        cfg.publisher.breaker = soma_observability::resilience::BreakerConfig::new(1, 300);
+        cfg.publisher.pending_key_poll_interval_ms = 100;
         let topic = topic_with(&cfg, "c8down", 1).await;
         // The ledger and the checks use PostgreSQL directly; the publisher
         // and the relay go through the proxy.

@@ -27,10 +27,10 @@ async fn broker_killed_mid_publish_many_every_accepted_message_takes_effect_once
     bounded("broker kill", Duration::from_secs(150), async {
         let mut broker = OwnBroker::start();
         let mut cfg = config(&broker.bootstrap());
-        cfg.publish_timeout_ms = 2_000;
-        cfg.breaker = soma_observability::resilience::BreakerConfig::new(1, 500);
-        cfg.pending_key_poll_interval_ms = 100;
-        cfg.consumer_concurrency = 4;
+        cfg.publisher.timeout_ms = 2_000;
+        cfg.publisher.breaker = soma_observability::resilience::BreakerConfig::new(1, 500);
+        cfg.publisher.pending_key_poll_interval_ms = 100;
+        cfg.consumer.concurrency = 4;
         let topic = topic_with(&cfg, "c1kill", 2).await;
         let ob = outbox(&require_postgres()).await;
         let ledger = Ledger::new(ob.clone(), "c1").await;

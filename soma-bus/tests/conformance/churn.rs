@@ -41,8 +41,8 @@ async fn churn_stress() {
 
 async fn churn(cycles: usize) {
     let mut cfg = config(&soma_testkit::require_kafka());
-    cfg.consumer_concurrency = 4;
-    cfg.pending_key_poll_interval_ms = 100;
+    cfg.consumer.concurrency = 4;
+    cfg.publisher.pending_key_poll_interval_ms = 100;
     let topic = topic_with(&cfg, "c9churn", 2).await;
     let ob = outbox(&require_postgres()).await;
     let ledger = Ledger::new(ob.clone(), "c9").await;

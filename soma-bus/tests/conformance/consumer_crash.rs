@@ -34,8 +34,8 @@ async fn crash_between_handler_and_commit_redelivers_same_ids_and_effects_happen
             msgs.answer(e.id, &r);
         }
         let mut crashy_cfg = base.clone();
-        crashy_cfg.consumer_concurrency = 1;
-        crashy_cfg.commit_interval_ms = 60_000;
+        crashy_cfg.consumer.concurrency = 1;
+        crashy_cfg.consumer.commit_interval_ms = 60_000;
         crashy_cfg
             .librdkafka
             .insert("max.poll.interval.ms".into(), "7000".into());

@@ -25,10 +25,10 @@ async fn consumer_resumes_after_a_network_cut_and_a_broker_restart_and_commits_l
         let mut broker = OwnBroker::behind_proxy(proxy_port);
         let proxy = FaultProxy::start(proxy_port, broker.port).await;
         let mut cfg = config(&proxy.addr());
-        cfg.publish_timeout_ms = 1_500;
-        cfg.breaker = soma_observability::resilience::BreakerConfig::new(1, 300);
-        cfg.pending_key_poll_interval_ms = 100;
-        cfg.consumer_concurrency = 4;
+        cfg.publisher.timeout_ms = 1_500;
+        cfg.publisher.breaker = soma_observability::resilience::BreakerConfig::new(1, 300);
+        cfg.publisher.pending_key_poll_interval_ms = 100;
+        cfg.consumer.concurrency = 4;
         let topic = topic_with(&cfg, "c7cons", 2).await;
         let ob = outbox(&require_postgres()).await;
         let ledger = Ledger::new(ob.clone(), "c7").await;
@@ -78,7 +78,7 @@ async fn consumer_resumes_after_a_network_cut_and_a_broker_restart_and_commits_l
         // each partition (through the proxy, like the consumer).
         let probe: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", proxy.addr())
-            .set("group.id", &cfg.consumer_group)
+            .set("group.id", &cfg.consumer.group)
             .set("enable.auto.commit", "false")
             .create()
             .unwrap();

@@ -452,7 +452,7 @@ pub async fn bounded<T>(what: &str, limit: Duration, f: impl std::future::Future
 pub async fn topic_with(cfg: &BusConfig, prefix: &str, partitions: i32) -> String {
     let t = soma_testkit::unique_name(prefix);
     let mut admin_cfg = cfg.clone();
-    admin_cfg.topic_partitions = partitions;
+    admin_cfg.topics.partitions = partitions;
     soma_bus::TopicAdmin::new(&admin_cfg)
         .unwrap()
         .ensure_topics(&[&t], true)

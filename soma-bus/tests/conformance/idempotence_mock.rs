@@ -66,11 +66,11 @@ async fn run(case: Case) -> Outcome {
     let topic = "idem";
     mock.create_topic(topic, 2, 1).unwrap();
     let mut cfg = config(&mock.bootstrap_servers());
-    cfg.publish_timeout_ms = 10_000;
-    cfg.max_in_flight = case.max_in_flight;
+    cfg.publisher.timeout_ms = 10_000;
+    cfg.producer.max_in_flight = case.max_in_flight;
     if case.one_message_per_request {
-        cfg.batch_num_messages = 1;
-        cfg.linger_ms = 0;
+        cfg.producer.batch_num_messages = 1;
+        cfg.producer.linger_ms = 0;
     }
     for (k, v) in case.librdkafka {
         cfg.librdkafka.insert((*k).into(), (*v).into());

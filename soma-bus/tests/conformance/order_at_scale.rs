@@ -25,8 +25,8 @@ async fn thousand_messages_sixteen_keys_concurrent_lanes_with_retries_keep_key_o
         // Sent with the bare producer (no outbox): a generous publish timeout,
         // so a busy shared broker does not turn sends into (ambiguous) timeouts.
         let mut cfg = config(&soma_testkit::require_kafka());
-        cfg.consumer_concurrency = 8;
-        cfg.publish_timeout_ms = 30_000;
+        cfg.consumer.concurrency = 8;
+        cfg.publisher.timeout_ms = 30_000;
         let topic = topic_with(&cfg, "c2order", 4).await;
         let ledger = Ledger::new(outbox(&require_postgres()).await, "c2").await;
         let producer = BusProducer::new(&cfg).unwrap();
@@ -102,7 +102,7 @@ async fn consumers_see_only_their_topics_and_same_keys_on_two_topics_are_indepen
             .spawn()
             .unwrap();
         let mut cfg3 = cfg.clone();
-        cfg3.consumer_group = soma_testkit::unique_name("g3");
+        cfg3.consumer.group = soma_testkit::unique_name("g3");
         let c3 = third
             .consumer(&cfg3, &[&t3], "y", Faults::default())
             .producer(producer.clone())

@@ -27,7 +27,7 @@ async fn members_join_leave_and_abort_while_keyed_traffic_flows() {
     quiet_logs();
     bounded("rebalance", Duration::from_secs(150), async {
         let mut cfg = config(&soma_testkit::require_kafka());
-        cfg.consumer_concurrency = 4;
+        cfg.consumer.concurrency = 4;
         let topic = topic_with(&cfg, "c3rebal", 4).await;
         let ledger = Ledger::new(outbox(&require_postgres()).await, "c3").await;
         let producer = BusProducer::new(&cfg).unwrap();

@@ -27,10 +27,10 @@ async fn latency_above_the_publish_timeout_defers_and_duplicates_only_with_the_s
         let broker = OwnBroker::behind_proxy(proxy_port);
         let proxy = FaultProxy::start(proxy_port, broker.port).await;
         let mut cfg = config(&proxy.addr());
-        cfg.publish_timeout_ms = 1_000;
-        cfg.breaker = soma_observability::resilience::BreakerConfig::new(1, 300);
-        cfg.pending_key_poll_interval_ms = 100;
-        cfg.consumer_concurrency = 4;
+        cfg.publisher.timeout_ms = 1_000;
+        cfg.publisher.breaker = soma_observability::resilience::BreakerConfig::new(1, 300);
+        cfg.publisher.pending_key_poll_interval_ms = 100;
+        cfg.consumer.concurrency = 4;
         let topic = topic_with(&cfg, "c5slow", 2).await;
         let ob = outbox(&require_postgres()).await;
         let ledger = Ledger::new(ob.clone(), "c5").await;

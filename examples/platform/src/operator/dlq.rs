@@ -14,7 +14,7 @@
 //!
 //! **Replay goes only to the topic the DLQ belongs to** ([`DlqReader::replay`]
 //! applies soma-bus's rules: a record whose origin header names another
-//! topic is refused, `422 foreign_origin`; one replayed `bus.replay_max`
+//! topic is refused, `422 foreign_origin`; one replayed `bus.consumer.replay_max`
 //! times is not, `409 replay_max_exceeded`).
 //!
 //! **The ledger** (`<operator.dlq_schema>.dlq_ledger`, PostgreSQL) records
@@ -770,7 +770,7 @@ async fn replay_one(
         "already_replayed" => conflict("already_replayed", format!("{rid} was replayed already")),
         "exceeded" => conflict(
             "replay_max_exceeded",
-            format!("{rid} was replayed bus.replay_max times already"),
+            format!("{rid} was replayed bus.consumer.replay_max times already"),
         ),
         "refused" => Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
