@@ -50,7 +50,7 @@ impl TopicAdmin {
         })
     }
 
-    /// Ensures each topic exists with `topic_partitions` partitions, the
+    /// Ensures each topic exists with `topics.partitions` partitions, the
     /// profile's [replication factor](BusConfig::replication_factor) and
     /// [`min.insync.replicas`](BusConfig::min_insync_replicas) (existing
     /// topics are left as they are). With `with_dlq`, also
@@ -97,7 +97,7 @@ impl TopicAdmin {
         Ok(())
     }
 
-    /// Broker metadata for `topic` (or all topics), within `admin_timeout_ms`.
+    /// Broker metadata for `topic` (or all topics), within `topics.admin_timeout_ms`.
     pub async fn describe(&self, topic: Option<&str>) -> Result<Vec<TopicInfo>, BusError> {
         let client = self.client.clone();
         let timeout = self.config.admin_timeout();
@@ -118,7 +118,7 @@ impl TopicAdmin {
             .collect())
     }
 
-    /// A health check that fetches broker metadata within `admin_timeout_ms`.
+    /// A health check that fetches broker metadata within `topics.admin_timeout_ms`.
     pub fn health_check(&self) -> BrokerHealthCheck {
         BrokerHealthCheck {
             admin: self.clone(),
@@ -128,7 +128,7 @@ impl TopicAdmin {
     /// Reports the component `kafka` (required) in `registry`: the
     /// [broker check](Self::health_check) runs in the background every
     /// [`health_interval_ms`](BusConfig::health_interval_ms), within
-    /// [`admin_timeout_ms`](BusConfig::admin_timeout_ms). Must be called
+    /// [`topics.admin_timeout_ms`](crate::TopicsConfig::admin_timeout_ms). Must be called
     /// within a tokio runtime.
     ///
     /// A service that only publishes (its messages wait in the outbox while

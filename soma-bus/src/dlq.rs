@@ -115,7 +115,7 @@ impl DlqRecord {
 /// [`replay`](Self::replay) applies the same rules as `replay_dlq`: a record is
 /// republished only to the topic its DLQ belongs to (`orders.dlq` →
 /// `orders`), a record claiming another origin is refused, one replayed
-/// `replay_max` times already is skipped. It is at-least-once like every
+/// `consumer.replay_max` times already is skipped. It is at-least-once like every
 /// republish: the record keeps its envelope id, so a consumer's inbox drops
 /// a second copy. Which records were replayed is the caller's to remember
 /// (the platform example keeps a ledger in PostgreSQL).
@@ -146,7 +146,7 @@ impl DlqReader {
         })
     }
 
-    /// The topic `dlq_topic` belongs to (its name without `dlq_suffix`).
+    /// The topic `dlq_topic` belongs to (its name without `consumer.dlq_suffix`).
     ///
     /// # Errors
     /// [`BusError::Config`] when `dlq_topic` is not a DLQ name.
@@ -294,7 +294,7 @@ impl DlqReader {
 
     /// Replays the records of `dlq_topic` at `positions` to the topic the
     /// DLQ belongs to, by the rules of [`replay_dlq`](crate::replay_dlq)
-    /// (foreign origins refused, `replay_max` honoured). Returns the
+    /// (foreign origins refused, `consumer.replay_max` honoured). Returns the
     /// report and each position's outcome: `replayed`, `refused`,
     /// `exceeded`, `malformed` or `missing` (no such record).
     ///

@@ -19,7 +19,7 @@ pub enum BusError {
     WeakDurability {
         /// The deployment profile in force.
         profile: soma_config::DeploymentProfile,
-        /// The setting (`topic_replication_factor`, `topic_min_insync_replicas`).
+        /// The setting (`topics.replication_factor`, `topics.min_insync_replicas`).
         setting: &'static str,
         /// Its effective value.
         value: i32,

@@ -51,7 +51,7 @@ pub(crate) struct OrderedSend<'p> {
 }
 
 impl<'p> OrderedSend<'p> {
-    /// A send on `producer`'s current handle, due by `publish_timeout_ms`
+    /// A send on `producer`'s current handle, due by `publisher.timeout_ms`
     /// from now.
     pub(crate) fn new(producer: &'p BusProducer) -> Self {
         Self::until(

@@ -115,7 +115,7 @@ fn is_identity_error(e: &KafkaError) -> bool {
 /// per-message round trip.
 ///
 /// **Ordered failure.** When a send is not acknowledged within
-/// `publish_timeout_ms`, the producer *purges* everything queued or in flight
+/// `publisher.timeout_ms`, the producer *purges* everything queued or in flight
 /// (librdkafka reports those messages as failed). Within a partition
 /// acknowledgements arrive in order, so after a purge every partition has an
 /// acknowledged prefix and a failed suffix: a caller that moves failed
@@ -427,7 +427,7 @@ impl BusProducer {
         true
     }
 
-    /// Sends one envelope and waits for the ack (or `publish_timeout_ms`).
+    /// Sends one envelope and waits for the ack (or `publisher.timeout_ms`).
     pub async fn send(&self, topic: &str, env: &Envelope) -> Result<Delivery, BusError> {
         self.send_many(topic, std::slice::from_ref(env))
             .await
@@ -437,7 +437,7 @@ impl BusProducer {
 
     /// Sends many envelopes in order on one librdkafka handle: all are
     /// enqueued first, then acknowledgements are awaited together (until
-    /// `publish_timeout_ms`; what is missing then is purged and fails).
+    /// `publisher.timeout_ms`; what is missing then is purged and fails).
     /// Results are in input order.
     ///
     /// A record the broker refuses for good ([`BusError::is_permanent`])

@@ -170,7 +170,7 @@ struct Inner {
 /// outbox. Keys this process deferred are remembered in memory and released
 /// only once the outbox reports no pending message for that key
 /// (`Outbox::pending_for_keys`, one query for up to 1,000 keys, polled every
-/// `pending_key_poll_interval_ms`),
+/// `publisher.pending_key_poll_interval_ms`),
 /// so a later message never overtakes an earlier deferred one. Failures are
 /// ordered too: on a publish timeout the producer purges everything
 /// unacknowledged, so each partition has an acknowledged prefix and a

@@ -25,7 +25,7 @@ pub struct ReplayOptions {
     pub group: Option<String>,
     /// Stop after this many records (default: up to the end seen at start).
     pub max_messages: Option<u64>,
-    /// Override of `BusConfig::replay_max`.
+    /// Override of `bus.consumer.replay_max`.
     pub replay_max: Option<u32>,
     /// How long to wait for the next record before giving up (default 10 s).
     pub idle_timeout: Duration,
@@ -50,7 +50,7 @@ impl ReplayOptions {
 pub struct ReplayReport {
     /// Records republished to their origin topic.
     pub replayed: u64,
-    /// Records skipped because they reached `replay_max`.
+    /// Records skipped because they reached `consumer.replay_max`.
     pub exceeded: u64,
     /// Records skipped because they have no origin topic header.
     pub malformed: u64,
@@ -129,7 +129,7 @@ pub(crate) fn origin_of(config: &BusConfig, dlq_topic: &str) -> Result<String, B
 ///   the replay tool can write to. It stays in the DLQ, is counted as
 ///   `refused` and listed in [`ReplayReport::refusals`] as a
 ///   [`ReplayRefusal::ForeignOrigin`]; or
-/// - skips it when it was already replayed `replay_max` times (it stays in the
+/// - skips it when it was already replayed `consumer.replay_max` times (it stays in the
 ///   DLQ; counted as `exceeded`) — this stops a poison message from looping; or
 /// - skips it when it has no origin header (counted as `malformed`).
 ///

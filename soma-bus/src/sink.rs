@@ -12,7 +12,7 @@ use crate::producer::{BusProducer, RawRecord};
 /// Delivers outbox records to Kafka with the idempotent `acks=all` producer.
 ///
 /// A batch is enqueued in order and acknowledgements awaited together (within
-/// `publish_timeout_ms`). On timeout the producer purges everything
+/// `publisher.timeout_ms`). On timeout the producer purges everything
 /// unacknowledged, so within a partition a failed record is never followed by
 /// a delivered one of the same batch: the relay keeps per-key order.
 ///

@@ -286,10 +286,10 @@ mod tests {
         assert!(parse(&args(&["--rate", "fast"])).is_err());
         assert!(parse(&args(&["--rate"])).is_err());
         assert!(parse(&args(&["--env", "PATH=/bin"])).is_err());
-        let e = parse(&args(&["--env", "SOMA_BUS__LINGER_MS=1"])).unwrap();
+        let e = parse(&args(&["--env", "SOMA_BUS__PRODUCER__LINGER_MS=1"])).unwrap();
         assert_eq!(
             e.platform.env,
-            [("SOMA_BUS__LINGER_MS".to_owned(), "1".to_owned())]
+            [("SOMA_BUS__PRODUCER__LINGER_MS".to_owned(), "1".to_owned())]
         );
     }
 

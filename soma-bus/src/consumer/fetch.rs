@@ -29,7 +29,7 @@ pub(super) async fn run(consumer: Arc<StreamConsumer<Ctx>>, s: Arc<Shared>) -> S
     shut_down(&consumer, &s, workers).await
 }
 
-/// `consumer_concurrency` lanes, each with a queue of `consumer_lane_capacity`.
+/// `consumer.concurrency` lanes, each with a queue of `consumer.lane_capacity`.
 fn spawn_lanes(s: &Arc<Shared>) -> (Vec<mpsc::Sender<Work>>, Vec<JoinHandle<()>>) {
     (0..s.cfg.consumer.concurrency)
         .map(|_| {
@@ -146,7 +146,7 @@ async fn hand_to_lane(s: &Shared, lanes: &[mpsc::Sender<Work>], msg: OwnedMessag
 }
 
 /// Graceful shutdown once fetching stopped: let the lanes finish (within
-/// `shutdown_timeout_ms`, then a second's grace before aborting them),
+/// `consumer.shutdown_timeout_ms`, then a second's grace before aborting them),
 /// commit, leave the group (or the assignment), report down.
 async fn shut_down(
     consumer: &StreamConsumer<Ctx>,

@@ -1,6 +1,6 @@
 //! Lanes: ordered concurrency. Messages of one key go to one lane and are
 //! handled one at a time, in offset order; different keys run on
-//! `consumer_concurrency` lanes at once. A lane retries a failed handler
+//! `consumer.concurrency` lanes at once. A lane retries a failed handler
 //! with backoff, then dead-letters the message.
 
 use std::collections::{HashSet, VecDeque};

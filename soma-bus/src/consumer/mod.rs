@@ -46,7 +46,7 @@ pub enum HandlerError {
     Fatal(String),
     /// A dependency the handler needs is down (its service unreachable, its
     /// breaker open): the message **waits**. It is retried with the retry
-    /// backoff (capped at `retry_backoff_max_ms`) for as long as it takes,
+    /// backoff (capped at `consumer.retry_backoff_max_ms`) for as long as it takes,
     /// its attempts are not counted and it is never dead-lettered; later
     /// messages of its key wait behind it. A shutdown abandons the wait and
     /// the message is redelivered after the restart.
@@ -171,13 +171,13 @@ pub struct ConsumerBuilder {
 /// **At-least-once, ordered per key.** A message's offset is committed only
 /// after its handler succeeded or the message was written to `<topic>.dlq`
 /// and the broker acknowledged that write. A failed DLQ write is retried
-/// (every `dlq_retry_backoff_ms`) while the lane holding it — and, once its
+/// (every `consumer.dlq_retry_backoff_ms`) while the lane holding it — and, once its
 /// queue fills, fetching — waits; it is never skipped. Meanwhile the health
 /// component is degraded. A graceful shutdown that runs out of
-/// `shutdown_timeout_ms` gives up on the write and commits only below the
+/// `consumer.shutdown_timeout_ms` gives up on the write and commits only below the
 /// message, so the next consumer of the group receives it again. Messages
 /// of one key are handled one at a time, in offset order, on one lane;
-/// different keys run concurrently on `consumer_concurrency` lanes.
+/// different keys run concurrently on `consumer.concurrency` lanes.
 ///
 /// Duplicates happen when the process stops (or loses a partition in a
 /// rebalance) after a handler ran but before the offset was committed; the
@@ -390,7 +390,7 @@ fn checked_config(
     Ok(config)
 }
 
-/// The consumer group the client joins: `consumer_group`, or in broadcast
+/// The consumer group the client joins: `consumer.group`, or in broadcast
 /// mode a group of this instance alone, `<consumer_group>.broadcast.<uuid>`
 /// (never coordinated, never committed to).
 fn group_id(cfg: &BusConfig, broadcast: bool) -> String {
@@ -408,7 +408,7 @@ fn group_id(cfg: &BusConfig, broadcast: bool) -> String {
 /// The rdkafka consumer settings: `group`, offsets stored and committed by
 /// this crate only (never automatically), no partition-EOF events, the
 /// session timeout, where a group without a position starts (`latest` in
-/// broadcast mode) and, with `lag_interval_ms`, statistics for the lag
+/// broadcast mode) and, with `consumer.lag_interval_ms`, statistics for the lag
 /// gauge.
 fn client_config(cfg: &BusConfig, group: &str, broadcast: bool) -> ClientConfig {
     let mut cc = cfg.consumer_client_config();
@@ -492,7 +492,7 @@ pub struct ConsumerHandle {
 /// What graceful shutdown achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShutdownReport {
-    /// True when every in-flight message finished before `shutdown_timeout_ms`.
+    /// True when every in-flight message finished before `consumer.shutdown_timeout_ms`.
     pub drained: bool,
     /// True when the final offset commit succeeded (always true in broadcast mode).
     pub committed: bool,
@@ -500,7 +500,7 @@ pub struct ShutdownReport {
 
 impl ConsumerHandle {
     /// Graceful shutdown: stop fetching, finish in-flight messages (within
-    /// `shutdown_timeout_ms`; retries waiting for backoff are abandoned and
+    /// `consumer.shutdown_timeout_ms`; retries waiting for backoff are abandoned and
     /// redelivered later), commit, leave the group.
     pub async fn shutdown(mut self) -> ShutdownReport {
         self.stop.cancel();
