@@ -355,6 +355,12 @@ pub fn loader(files: &[PathBuf]) -> Loader<PlatformSettings> {
     for (old, new) in DEPRECATED_KEYS {
         loader = loader.deprecated_key(old, new);
     }
+    // The bus section's flat keys of before its nesting (`bus.linger_ms` →
+    // `bus.producer.linger_ms`, ...): still read, with a warning, and
+    // accepted by strict mode.
+    for (old, new) in BusConfig::RENAMED {
+        loader = loader.deprecated_key(&format!("bus.{old}"), &format!("bus.{new}"));
+    }
     for f in files {
         loader = loader.file(f);
     }
@@ -553,6 +559,30 @@ mod tests {
             .set("chat.live_channel", "")
             .load();
         assert!(off.is_ok(), "no channel needed when previews are off");
+    }
+
+    /// The bus section's flat keys still load under strict mode (the
+    /// loader reads them as the nested ones), and a nested key wins.
+    #[test]
+    fn flat_bus_keys_load_as_the_nested_ones() {
+        let issuer = tempfile_issuer();
+        let load = |env: &[(&str, &str)]| {
+            loader(std::slice::from_ref(&issuer))
+                .env_from(env.iter().copied())
+                .load()
+                .unwrap()
+        };
+        let s = load(&[
+            ("SOMA_BUS__CONSUMER_FETCH_WAIT_MS", "70"),
+            ("SOMA_BUS__TOPIC_PARTITIONS", "3"),
+        ]);
+        assert_eq!(s.bus.consumer.fetch_wait_ms, Some(70));
+        assert_eq!(s.bus.topics.partitions, 3);
+        let s = load(&[
+            ("SOMA_BUS__CONSUMER_FETCH_WAIT_MS", "70"),
+            ("SOMA_BUS__CONSUMER__FETCH_WAIT_MS", "80"),
+        ]);
+        assert_eq!(s.bus.consumer.fetch_wait_ms, Some(80));
     }
 
     /// The API-key store's settings moved from `postgres.api_keys_*` to
