@@ -39,7 +39,7 @@ use crate::error::BusError;
 /// prod.deployment_profile = DeploymentProfile::Prod;
 /// assert_eq!(prod.replication_factor(), 3);
 /// assert_eq!(prod.min_insync_replicas(), Some(2));
-/// prod.topic_replication_factor = Some(1);
+/// prod.topics.replication_factor = Some(1);
 /// assert!(prod.validate().unwrap_err().is_weak_durability());
 /// assert_eq!(BusConfig::default().replication_factor(), 1); // local
 /// ```
@@ -932,5 +932,17 @@ mod tests {
             let c: BusConfig = toml::from_str(bad).unwrap();
             assert!(c.validate().unwrap_err().is_config(), "{bad}");
         }
+    }
+
+    #[test]
+    fn deprecated_keys_are_reported_once_per_config_and_its_clones() {
+        let c: BusConfig = toml::from_str("linger_ms = 1").unwrap();
+        let clone = c.clone();
+        assert!(!clone.deprecated.reported.load(Ordering::Relaxed));
+        c.warn_deprecated_keys();
+        assert!(clone.deprecated.reported.load(Ordering::Relaxed));
+        let nested = BusConfig::default();
+        nested.warn_deprecated_keys();
+        assert!(!nested.deprecated.reported.load(Ordering::Relaxed));
     }
 }
