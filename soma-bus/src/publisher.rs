@@ -188,7 +188,7 @@ struct Inner {
 /// **Multi-process caveat:** the memory of deferred keys is per process. If
 /// another process (or this one before a restart) deferred a key, this
 /// process does not know, and a direct publish of that key may overtake the
-/// waiting messages. Set `check_outbox_per_message = true` to ask the outbox
+/// waiting messages. Set `publisher.check_outbox_per_message = true` to ask the outbox
 /// on every publish (one Postgres round trip each) when several processes
 /// publish the same keys, or route all publishers of a key through one process.
 ///

@@ -21,7 +21,7 @@ use crate::producer::{BusProducer, RawRecord};
 pub struct ReplayOptions {
     /// The DLQ topic to read (e.g. `orders.dlq`).
     pub dlq_topic: String,
-    /// Consumer group remembering how far replay got (default `<consumer_group>.replay`).
+    /// Consumer group remembering how far replay got (default `<consumer.group>.replay`).
     pub group: Option<String>,
     /// Stop after this many records (default: up to the end seen at start).
     pub max_messages: Option<u64>,
@@ -171,7 +171,7 @@ pub async fn replay_dlq(
 }
 
 /// The consumer of the replay group (`opts.group`, default
-/// `<consumer_group>.replay`): manual commits only, from the beginning when
+/// `<consumer.group>.replay`): manual commits only, from the beginning when
 /// the group has no position yet.
 fn replay_consumer(config: &BusConfig, opts: &ReplayOptions) -> Result<StreamConsumer, BusError> {
     let group = opts

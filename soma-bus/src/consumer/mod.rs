@@ -391,7 +391,7 @@ fn checked_config(
 }
 
 /// The consumer group the client joins: `consumer.group`, or in broadcast
-/// mode a group of this instance alone, `<consumer_group>.broadcast.<uuid>`
+/// mode a group of this instance alone, `<consumer.group>.broadcast.<uuid>`
 /// (never coordinated, never committed to).
 fn group_id(cfg: &BusConfig, broadcast: bool) -> String {
     if broadcast {
