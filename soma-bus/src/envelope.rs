@@ -636,6 +636,18 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err, EnvelopeError::MissingKey);
+        // A keyed record that says it is unkeyed is malformed, not rekeyed.
+        let map = e.header_map();
+        let err = Envelope::from_kafka(
+            Some(b"k"),
+            None,
+            map.iter().map(|(k, v)| (k.as_str(), Some(v.as_bytes()))),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, EnvelopeError::MalformedHeader { ref name, .. } if name == HEADER_UNKEYED),
+            "{err:?}"
+        );
     }
 
     #[test]
