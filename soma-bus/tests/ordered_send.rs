@@ -139,3 +139,42 @@ async fn the_kafka_sink_holds_back_the_rest_of_a_refused_key_and_sends_other_key
     firsts.sort_unstable();
     assert_eq!(firsts, vec![1, 4]);
 }
+
+#[tokio::test]
+async fn after_a_stop_the_sink_reports_every_later_record_unavailable_even_of_a_refused_key() {
+    // No broker, room for one record, records over 1,000 bytes refused:
+    // a1 is refused for good, b1 is enqueued (and purged at the deadline),
+    // b2 waits for room until the deadline (the stop), a2 comes after the
+    // stop. A record after a stop is the broker's problem, not its own: it
+    // must not lose an attempt (Retry) because its key had a refusal.
+    let mut cfg = BusConfig::default();
+    cfg.bootstrap_servers = "127.0.0.1:1".into();
+    cfg.producer.queue_buffering_max_messages = 1;
+    cfg.publisher.timeout_ms = 400;
+    cfg.librdkafka
+        .insert("message.max.bytes".into(), MAX_BYTES.into());
+    let sink = KafkaSink::new(BusProducer::new(&cfg).unwrap());
+    let record = |key: &str, size: usize| OutboxRecord {
+        id: uuid::Uuid::new_v4(),
+        topic: "ordered-sink-nowhere".into(),
+        key: Some(key.to_owned()),
+        payload: vec![b'x'; size],
+        headers: BTreeMap::new(),
+        attempts: 0,
+        created_at: chrono::Utc::now(),
+    };
+    let batch = [
+        record("a", TOO_LARGE),
+        record("b", 10),
+        record("b", 10),
+        record("a", 10),
+    ];
+    let out = sink.send_batch(&batch).await;
+    assert!(matches!(out[0], SinkOutcome::Reject { .. }), "{:?}", out[0]);
+    for (i, o) in out.iter().enumerate().skip(1) {
+        assert!(
+            matches!(o, SinkOutcome::Unavailable { .. }),
+            "record {i}: {o:?}"
+        );
+    }
+}
