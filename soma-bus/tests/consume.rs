@@ -971,3 +971,45 @@ async fn broker_health_check_reports_up_and_down() {
     assert_eq!(down.status, ComponentStatus::Down, "{down:?}");
     assert!(down.reason.unwrap().contains("metadata"));
 }
+
+/// While the transaction that wrote a key with `publish_many_in_tx` is still
+/// open (the outbox cannot show the row yet), a direct publish of that key
+/// is held back to the outbox, and the relay delivers the transaction's
+/// message first once it commits.
+#[tokio::test]
+async fn a_key_written_in_an_open_transaction_holds_direct_publishes_back() {
+    use sqlx::Connection;
+    let bootstrap = soma_testkit::require_kafka();
+    let cfg = config(&bootstrap);
+    let topic = topic(&cfg, "txhold").await;
+    let producer = BusProducer::new(&cfg).unwrap();
+    let ob = outbox(&require_postgres()).await;
+    let publisher = DurablePublisher::builder(producer.clone(), ob.clone()).build();
+    let in_tx = env("order-9", 1);
+    let direct = env("order-9", 2);
+    let mut conn = ob.pool().acquire().await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    publisher
+        .publish_many_in_tx(&mut tx, &[(topic.as_str(), &in_tx)])
+        .await
+        .unwrap();
+    let outcome = publisher.publish(&topic, &direct).await.unwrap();
+    assert!(
+        outcome.is_deferred(),
+        "the key is held while its transaction is open: {outcome:?}"
+    );
+    tx.commit().await.unwrap();
+    let mut relay_config = soma_outbox::RelayConfig::default();
+    relay_config.poll_interval_ms = 100;
+    let relay =
+        soma_outbox::Relay::new(ob.clone(), soma_bus::KafkaSink::new(producer), relay_config)
+            .spawn();
+    let recs = read_all(&bootstrap, &topic, Duration::from_secs(30), |v| {
+        v.len() >= 2
+    })
+    .await;
+    let ids: Vec<String> = recs.iter().filter_map(|r| header(r, "soma-id")).collect();
+    assert_eq!(ids, vec![in_tx.id.to_string(), direct.id.to_string()]);
+    publisher.shutdown().await;
+    relay.shutdown().await.unwrap();
+}
