@@ -980,7 +980,8 @@ async fn broker_health_check_reports_up_and_down() {
 async fn a_key_written_in_an_open_transaction_holds_direct_publishes_back() {
     use sqlx::Connection;
     let bootstrap = soma_testkit::require_kafka();
-    let cfg = config(&bootstrap);
+    let mut cfg = config(&bootstrap);
+    cfg.publisher.pending_key_poll_interval_ms = 50;
     let topic = topic(&cfg, "txhold").await;
     let producer = BusProducer::new(&cfg).unwrap();
     let ob = outbox(&require_postgres()).await;
@@ -993,6 +994,10 @@ async fn a_key_written_in_an_open_transaction_holds_direct_publishes_back() {
         .publish_many_in_tx(&mut tx, &[(topic.as_str(), &in_tx)])
         .await
         .unwrap();
+    // Long enough for the pending-key poller to look several times: the
+    // outbox shows nothing for the key (the row is not committed), and the
+    // key must stay held anyway.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let outcome = publisher.publish(&topic, &direct).await.unwrap();
     assert!(
         outcome.is_deferred(),
