@@ -835,14 +835,7 @@ async fn publish_in_tx_is_delivered_only_after_commit() {
     let topic = topic(&cfg, "tx").await;
     let producer = BusProducer::new(&cfg).unwrap();
     let ob = outbox(&require_postgres()).await;
-    let mut relay_config = soma_outbox::RelayConfig::default();
-    relay_config.poll_interval_ms = 100;
-    let relay = soma_outbox::Relay::new(
-        ob.clone(),
-        soma_bus::KafkaSink::new(producer.clone()),
-        relay_config,
-    )
-    .spawn();
+    let relay = spawn_relay(&ob, producer.clone());
     let publisher = DurablePublisher::builder(producer, ob.clone()).build();
     let rolled_back = env("order-1", 1);
     let committed = env("order-1", 2);
@@ -925,11 +918,7 @@ async fn publish_many_in_tx_writes_a_batch_in_order_or_nothing() {
         "an empty batch is no statement"
     );
 
-    let mut relay_config = soma_outbox::RelayConfig::default();
-    relay_config.poll_interval_ms = 100;
-    let relay =
-        soma_outbox::Relay::new(ob.clone(), soma_bus::KafkaSink::new(producer), relay_config)
-            .spawn();
+    let relay = spawn_relay(&ob, producer);
     let recs = read_all(&bootstrap, &topic, Duration::from_secs(30), |v| {
         v.len() >= 4
     })
@@ -1004,11 +993,7 @@ async fn a_key_written_in_an_open_transaction_holds_direct_publishes_back() {
         "the key is held while its transaction is open: {outcome:?}"
     );
     tx.commit().await.unwrap();
-    let mut relay_config = soma_outbox::RelayConfig::default();
-    relay_config.poll_interval_ms = 100;
-    let relay =
-        soma_outbox::Relay::new(ob.clone(), soma_bus::KafkaSink::new(producer), relay_config)
-            .spawn();
+    let relay = spawn_relay(&ob, producer);
     let recs = read_all(&bootstrap, &topic, Duration::from_secs(30), |v| {
         v.len() >= 2
     })

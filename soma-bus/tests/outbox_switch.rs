@@ -7,8 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use soma_bus::{BusProducer, DurablePublisher, Envelope, KafkaSink, PublishOutcome};
-use soma_outbox::{Relay, RelayConfig};
+use soma_bus::{BusProducer, DurablePublisher, Envelope, PublishOutcome};
 
 use common::*;
 
@@ -73,9 +72,7 @@ async fn per_message_outbox_check_keeps_key_order_across_processes() {
     );
 
     // The relay drains the outbox; then B goes back to Kafka for k.
-    let mut relay_config = RelayConfig::default();
-    relay_config.poll_interval_ms = 100;
-    let relay = Relay::new(ob.clone(), KafkaSink::new(producer.clone()), relay_config).spawn();
+    let relay = spawn_relay(&ob, producer.clone());
     let end = Instant::now() + Duration::from_secs(30);
     while ob.stats().await.unwrap().pending > 0 {
         assert!(Instant::now() < end, "outbox not drained");

@@ -6,6 +6,9 @@
 
 use std::collections::HashMap;
 
+use soma_bus::{BusProducer, KafkaSink};
+use soma_outbox::{Outbox, Relay, RelayConfig, RelayHandle};
+
 pub use soma_bus::testkit::{config, env, new_topic, outbox, outbox_with, topic};
 pub use soma_testkit::kafka::{BOUNDED_FETCH_BYTES, header, read_all, read_partitionwise};
 pub use soma_testkit::{FaultProxy, OwnBroker, require_postgres, wait_for};
@@ -19,4 +22,12 @@ pub fn counts<T: std::hash::Hash + Eq + Clone>(
         *m.entry(i).or_insert(0) += 1;
     }
     m
+}
+
+/// A relay from `ob` to Kafka through `producer`, polling every 100 ms
+/// (the tests' pace; the rest of its settings are the defaults).
+pub fn spawn_relay(ob: &Outbox, producer: BusProducer) -> RelayHandle {
+    let mut config = RelayConfig::default();
+    config.poll_interval_ms = 100;
+    Relay::new(ob.clone(), KafkaSink::new(producer), config).spawn()
 }
