@@ -132,7 +132,7 @@ section! {
 section! {
     /// Topics created by [`crate::TopicAdmin::ensure_topics`] (`bus.topics`)
     /// and the timeout of admin requests. Durability defaults follow
-    /// [`BusConfig::deployment_profile`] (see [`BusConfig`]).
+    /// [`BusConfig::deployment_profile`](crate::BusConfig::deployment_profile) (see [`BusConfig`](crate::BusConfig)).
     pub struct TopicsConfig via RawTopics {
         /// Partitions for created topics.
         partitions: i32 = 1,
