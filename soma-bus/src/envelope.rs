@@ -564,13 +564,21 @@ impl EnvelopeBuilder {
 mod tests {
     use super::*;
 
-    fn round_trip(e: &Envelope) -> Result<Envelope, EnvelopeError> {
-        let map = e.header_map();
+    /// Decodes a record of `key`, `payload` and the headers of `map`.
+    fn decode(
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        map: &BTreeMap<String, String>,
+    ) -> Result<Envelope, EnvelopeError> {
         Envelope::from_kafka(
-            e.kafka_key(),
-            Some(&e.payload),
+            key,
+            payload,
             map.iter().map(|(k, v)| (k.as_str(), Some(v.as_bytes()))),
         )
+    }
+
+    fn round_trip(e: &Envelope) -> Result<Envelope, EnvelopeError> {
+        decode(e.kafka_key(), Some(&e.payload), &e.header_map())
     }
 
     #[test]
@@ -606,12 +614,7 @@ mod tests {
             HEADER_OCCURRED_AT.to_owned(),
             "2026-12-06T04:00:00.123645600Z".to_owned(),
         );
-        let d = Envelope::from_kafka(
-            e.kafka_key(),
-            Some(&e.payload),
-            map.iter().map(|(k, v)| (k.as_str(), Some(v.as_bytes()))),
-        )
-        .unwrap();
+        let d = decode(e.kafka_key(), Some(&e.payload), &map).unwrap();
         assert_eq!(d.occurred_at.timestamp_subsec_nanos(), 123_645_000);
         assert_eq!(round_trip(&d).unwrap(), d);
     }
@@ -629,21 +632,11 @@ mod tests {
         // A keyless record without the unkeyed marker is rejected.
         let mut map = e.header_map();
         map.remove(HEADER_UNKEYED);
-        let err = Envelope::from_kafka(
-            None,
-            None,
-            map.iter().map(|(k, v)| (k.as_str(), Some(v.as_bytes()))),
-        )
-        .unwrap_err();
+        let err = decode(None, None, &map).unwrap_err();
         assert_eq!(err, EnvelopeError::MissingKey);
         // A keyed record that says it is unkeyed is malformed, not rekeyed.
         let map = e.header_map();
-        let err = Envelope::from_kafka(
-            Some(b"k"),
-            None,
-            map.iter().map(|(k, v)| (k.as_str(), Some(v.as_bytes()))),
-        )
-        .unwrap_err();
+        let err = decode(Some(b"k"), None, &map).unwrap_err();
         assert!(
             matches!(err, EnvelopeError::MalformedHeader { ref name, .. } if name == HEADER_UNKEYED),
             "{err:?}"
@@ -662,34 +655,19 @@ mod tests {
         ] {
             let mut map = e.header_map();
             map.remove(name);
-            let err = Envelope::from_kafka(
-                Some(b"k"),
-                None,
-                map.iter().map(|(k, v)| (k.as_str(), Some(v.as_bytes()))),
-            )
-            .unwrap_err();
+            let err = decode(Some(b"k"), None, &map).unwrap_err();
             assert_eq!(err, EnvelopeError::MissingHeader(name));
             assert!(err.is_header());
         }
         let mut map = e.header_map();
         map.insert(HEADER_SCHEMA_VERSION.into(), "v2".into());
-        let err = Envelope::from_kafka(
-            Some(b"k"),
-            None,
-            map.iter().map(|(k, v)| (k.as_str(), Some(v.as_bytes()))),
-        )
-        .unwrap_err();
+        let err = decode(Some(b"k"), None, &map).unwrap_err();
         assert!(
             matches!(err, EnvelopeError::MalformedHeader { ref name, .. } if name == HEADER_SCHEMA_VERSION)
         );
         let mut map = e.header_map();
         map.insert(HEADER_TRACEPARENT.into(), "00-zz-00-01".into());
-        let err = Envelope::from_kafka(
-            Some(b"k"),
-            None,
-            map.iter().map(|(k, v)| (k.as_str(), Some(v.as_bytes()))),
-        )
-        .unwrap_err();
+        let err = decode(Some(b"k"), None, &map).unwrap_err();
         assert!(
             matches!(err, EnvelopeError::MalformedHeader { ref name, .. } if name == HEADER_TRACEPARENT)
         );
