@@ -35,8 +35,10 @@ pub(crate) enum Pushed {
     /// Refused for good (`BusError::is_permanent`): this record only.
     Refused(BusError),
     /// Not sent because of a transient failure, this record's or an
-    /// earlier one's: the send stopped.
-    NotSent(BusError),
+    /// earlier one's: the send stopped. `error` is this record's (the
+    /// failure itself, or `BusError::NotSent`); `first` is the text of the
+    /// failure that stopped the send.
+    NotSent { error: BusError, first: String },
 }
 
 /// An ordered send in progress; see the module docs.
@@ -82,7 +84,10 @@ impl<'p> OrderedSend<'p> {
     /// stopped.
     pub(crate) async fn push(&mut self, index: usize, rec: RawRecord<'_>) -> Pushed {
         if let Some(first) = &self.stopped {
-            return Pushed::NotSent(BusError::NotSent(first.clone()));
+            return Pushed::NotSent {
+                error: BusError::NotSent(first.clone()),
+                first: first.clone(),
+            };
         }
         match self
             .producer
@@ -94,9 +99,10 @@ impl<'p> OrderedSend<'p> {
                 Pushed::Enqueued
             }
             Err(e) if e.is_permanent() => Pushed::Refused(e),
-            Err(e) => {
-                self.stopped = Some(e.to_string());
-                Pushed::NotSent(e)
+            Err(error) => {
+                let first = error.to_string();
+                self.stopped = Some(first.clone());
+                Pushed::NotSent { error, first }
             }
         }
     }

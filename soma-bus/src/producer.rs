@@ -255,7 +255,7 @@ impl BusProducer {
         let mut send = OrderedSend::until(self, deadline);
         match send.push(0, rec).await {
             Pushed::Enqueued => {}
-            Pushed::Refused(e) | Pushed::NotSent(e) => return Err(e),
+            Pushed::Refused(e) | Pushed::NotSent { error: e, .. } => return Err(e),
         }
         send.finish()
             .await
@@ -460,7 +460,7 @@ impl BusProducer {
             };
             out.push(match send.push(i, rec).await {
                 Pushed::Enqueued => None,
-                Pushed::Refused(e) | Pushed::NotSent(e) => Some(Err(e)),
+                Pushed::Refused(e) | Pushed::NotSent { error: e, .. } => Some(Err(e)),
             });
         }
         if let Some(first) = send.stopped() {

@@ -591,12 +591,9 @@ impl DurablePublisher {
                     tickets.settle(i);
                     results[i] = Some(Err(e));
                 }
-                Pushed::NotSent(e) => {
+                Pushed::NotSent { first, .. } => {
                     tickets.to_outbox(i);
-                    to_outbox.push((
-                        i,
-                        send.stopped().map_or_else(|| e.to_string(), str::to_owned),
-                    ));
+                    to_outbox.push((i, first));
                 }
             }
         }

@@ -69,10 +69,7 @@ impl Sink for KafkaSink {
                     }
                     Some(outcome(&e))
                 }
-                Pushed::NotSent(e) => Some(SinkOutcome::unavailable(match send.stopped() {
-                    Some(first) => first.to_owned(),
-                    None => e.to_string(),
-                })),
+                Pushed::NotSent { first, .. } => Some(SinkOutcome::unavailable(first)),
             };
         }
         for (i, r) in send.finish().await {
