@@ -22,6 +22,7 @@ use std::time::Instant;
 
 mod bench;
 mod chaos;
+mod disk;
 mod fuzz;
 mod load;
 mod mutants;
@@ -253,11 +254,29 @@ fn test(args: &[String]) -> Result<(), String> {
         || selected
             .iter()
             .any(|s| matches!(*s, "doc-tests" | "tests" | "chaos"));
+    let target = platform::target_dir();
+    if let Some(free) = disk::free_bytes(&target) {
+        println!("disk: {} free under {}", disk::gib(free), target.display());
+        if free < disk::TOO_LOW_BYTES {
+            return Err(format!(
+                "only {} free under {}: a cold run writes well over {} \
+                 (debug, nightly docs, packaged crates, fuzz and chaos builds); \
+                 free some space first",
+                disk::gib(free),
+                target.display(),
+                disk::gib(disk::LOW_BYTES)
+            ));
+        }
+    }
     if with_stack && needs_stack {
         step("stack up", stack::up)?;
     }
     for name in selected {
+        disk::make_room(&target, name);
         run_step(name, passthrough)?;
+        if let Some(free) = disk::free_bytes(&target) {
+            println!("disk: {} free after `{name}`", disk::gib(free));
+        }
     }
     println!(
         "\nxtask test: all steps passed in {:.1} min",
