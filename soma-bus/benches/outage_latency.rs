@@ -75,7 +75,7 @@ async fn run(breaker: BreakerConfig) -> Figures {
                 // A fresh key per publish: a key that already has a message
                 // waiting in the outbox goes there directly (per-key order),
                 // which would hide what the breaker does.
-                let env = testkit::env(&format!("key-{p}-{r}"), r as u32);
+                let env = testkit::envelope(&format!("key-{p}-{r}"), r as u32);
                 let t = Instant::now();
                 let out = publisher
                     .publish(&topic, &env)

@@ -30,14 +30,14 @@
 //!
 //! [`config`] is a [`BusConfig`](crate::BusConfig) for tests (a fresh
 //! consumer group, short timeouts); [`topic`] and [`new_topic`] create fresh
-//! topics, [`outbox`] a fresh outbox schema, [`env()`] a small keyed envelope,
+//! topics, [`outbox`] a fresh outbox schema, [`envelope()`] a small keyed envelope,
 //! and [`raw_producer`] the plain rdkafka producer the benchmarks compare
 //! the bus with. They panic on failure, as test helpers do. This crate's
 //! integration tests and benchmarks use them; the service addresses come
 //! from the caller.
 //!
 //! ```no_run
-//! use soma_bus::testkit::{config, env, outbox, topic};
+//! use soma_bus::testkit::{config, envelope, outbox, topic};
 //! use soma_bus::{BusProducer, DurablePublisher, Publish};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -45,7 +45,7 @@
 //! let topic = topic(&cfg, "orders").await; // and `<topic>.dlq`
 //! let outbox = outbox("postgres://postgres@127.0.0.1:5432/test").await;
 //! let publisher = DurablePublisher::builder(BusProducer::new(&cfg)?, outbox).build();
-//! publisher.publish(&topic, &env("order-1", 1)).await?;
+//! publisher.publish(&topic, &envelope("order-1", 1)).await?;
 //! publisher.shutdown().await;
 //! # Ok(()) }
 //! ```
@@ -63,7 +63,7 @@ use crate::publisher::PublishOutcome;
 
 mod live;
 
-pub use live::{config, env, new_topic, outbox, outbox_with, raw_producer, topic};
+pub use live::{config, envelope, new_topic, outbox, outbox_with, raw_producer, topic};
 
 /// How a [`MemoryPublisher`] fails a message it was told to fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -30,7 +30,12 @@ async fn dead_publisher() -> DurablePublisher {
 /// Opens the breaker with one publish that waits the timeout, then waits
 /// until the breaker is half-open.
 async fn open_then_half_open(p: &DurablePublisher, topic: &str, key: &str) {
-    assert!(p.publish(topic, &env(key, 0)).await.unwrap().is_deferred());
+    assert!(
+        p.publish(topic, &envelope(key, 0))
+            .await
+            .unwrap()
+            .is_deferred()
+    );
     assert_eq!(p.breaker_state(), BreakerState::Open);
     tokio::time::sleep(Duration::from_millis(OPEN_MS + 50)).await;
     assert_eq!(p.breaker_state(), BreakerState::HalfOpen);
@@ -46,7 +51,7 @@ async fn fifty_concurrent_publishers_in_an_outage_only_the_probe_waits() {
         let p = p.clone();
         async move {
             let t = Instant::now();
-            let out = p.publish(topic, &env(&format!("k{n}"), n)).await;
+            let out = p.publish(topic, &envelope(&format!("k{n}"), n)).await;
             (t.elapsed(), out)
         }
     });
@@ -77,7 +82,7 @@ async fn a_cancelled_probe_frees_the_breaker() {
     // The probe's caller gives up long before the publish timeout.
     let cancelled = tokio::time::timeout(
         Duration::from_millis(100),
-        p.publish(topic, &env("probe-1", 1)),
+        p.publish(topic, &envelope("probe-1", 1)),
     )
     .await;
     assert!(cancelled.is_err());
@@ -88,7 +93,7 @@ async fn a_cancelled_probe_frees_the_breaker() {
     // that no longer exists.
     let t = Instant::now();
     assert!(
-        p.publish(topic, &env("probe-2", 2))
+        p.publish(topic, &envelope("probe-2", 2))
             .await
             .unwrap()
             .is_deferred()

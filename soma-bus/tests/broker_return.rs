@@ -121,7 +121,7 @@ async fn a_broadcast_consumer_keeps_its_position_and_drops_redeliveries() {
 
     // Assigned once a probe reaches the end of the partition: send until the
     // consumer sees something, then count from there.
-    let warm = env("k", 1000);
+    let warm = envelope("k", 1000);
     let end = Instant::now() + Duration::from_secs(30);
     while seen.lock().is_empty() {
         assert!(
@@ -140,16 +140,20 @@ async fn a_broadcast_consumer_keeps_its_position_and_drops_redeliveries() {
     seen.lock().clear();
 
     for n in 0..5 {
-        producer.send(&topic, &env("k", n)).await.unwrap();
+        producer.send(&topic, &envelope("k", n)).await.unwrap();
     }
     proxy.cut();
     // Longer than the session timeout: a group member would have been
     // expelled and, rejoining at `latest`, would skip what follows.
     tokio::time::sleep(Duration::from_secs(10)).await;
     proxy.restore();
-    let again = env("k", 5);
+    let again = envelope("k", 5);
     for n in 5..10 {
-        let e = if n == 5 { again.clone() } else { env("k", n) };
+        let e = if n == 5 {
+            again.clone()
+        } else {
+            envelope("k", n)
+        };
         producer
             .send(&topic, &e)
             .await

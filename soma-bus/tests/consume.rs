@@ -52,7 +52,7 @@ async fn round_trip_keeps_headers_and_trace_context() {
     );
     // No tracing-opentelemetry layer in this test binary: no context to
     // inject, and none is invented (tests/trace_propagation.rs has the layer).
-    let bare = env("session-1", 2);
+    let bare = envelope("session-1", 2);
     publisher.publish(&topic, &bare).await.unwrap();
 
     let got = Arc::new(Mutex::new(Vec::<Envelope>::new()));
@@ -106,8 +106,8 @@ async fn fatal_error_goes_to_dlq_with_metadata_then_replay_is_handled() {
     let producer = BusProducer::new(&cfg).unwrap();
     let metrics = MetricsRegistry::default();
 
-    let poison = env("k1", 1);
-    let fine = env("k1", 2);
+    let poison = envelope("k1", 1);
+    let fine = envelope("k1", 2);
     producer.send(&topic, &poison).await.unwrap();
     producer.send(&topic, &fine).await.unwrap();
 
@@ -189,7 +189,7 @@ async fn replay_stops_at_replay_max() {
     let cfg = config(&bootstrap);
     let topic = topic(&cfg, "loop").await;
     let producer = BusProducer::new(&cfg).unwrap();
-    let mut e = env("k", 1);
+    let mut e = envelope("k", 1);
     e.replay_count = cfg.consumer.replay_max; // already replayed the maximum number of times
     producer.send(&topic, &e).await.unwrap();
     let consumer = BusConsumer::builder(&cfg, &[&topic], "always-fails", |_e: Envelope| async {
@@ -221,7 +221,7 @@ async fn replay_republishes_only_to_the_topic_its_dlq_belongs_to() {
         .create()
         .unwrap();
     for (key, origin) in [("forged", victim.as_str()), ("genuine", topic.as_str())] {
-        let e = env(key, 1);
+        let e = envelope(key, 1);
         let mut headers = OwnedHeaders::new();
         for (k, v) in e.to_headers() {
             headers = headers.insert(Header {
@@ -292,8 +292,8 @@ async fn retryable_errors_are_retried_then_dead_lettered() {
     cfg.consumer.max_attempts = 3;
     let topic = topic(&cfg, "retry").await;
     let producer = BusProducer::new(&cfg).unwrap();
-    let flaky = env("k", 1);
-    let doomed = env("k", 2);
+    let flaky = envelope("k", 1);
+    let doomed = envelope("k", 2);
     producer
         .send_many(&topic, &[flaky.clone(), doomed.clone()])
         .await
@@ -346,8 +346,8 @@ async fn unavailable_dependencies_make_messages_wait_never_dead_letter() {
     cfg.consumer.retry_backoff_max_ms = 40;
     let topic = topic(&cfg, "wait").await;
     let producer = BusProducer::new(&cfg).unwrap();
-    let first = env("k", 1);
-    let second = env("k", 2);
+    let first = envelope("k", 1);
+    let second = envelope("k", 2);
     for e in [&first, &second] {
         producer.send(&topic, e).await.unwrap();
     }
@@ -404,7 +404,7 @@ async fn malformed_records_go_to_dlq_without_wedging_the_partition() {
     .await
     .unwrap();
     // 2: a malformed schema version.
-    let good = env("k", 1);
+    let good = envelope("k", 1);
     let mut h = OwnedHeaders::new();
     for (k, v) in good.header_map() {
         let v = if k == "soma-schema-version" {
@@ -485,7 +485,9 @@ async fn restarted_consumer_resumes_from_committed_offsets() {
     cfg.consumer.lane_capacity = 4;
     let topic = topic(&cfg, "resume").await;
     let producer = BusProducer::new(&cfg).unwrap();
-    let envs: Vec<Envelope> = (0..300).map(|i| env(&format!("k{}", i % 7), i)).collect();
+    let envs: Vec<Envelope> = (0..300)
+        .map(|i| envelope(&format!("k{}", i % 7), i))
+        .collect();
     for r in producer.send_many(&topic, &envs).await {
         r.unwrap();
     }
@@ -547,7 +549,9 @@ async fn consumers_named_into_different_groups_each_receive_every_message() {
     let cfg = config(&bootstrap);
     let topic = topic(&cfg, "groups").await;
     let producer = BusProducer::new(&cfg).unwrap();
-    let envs: Vec<Envelope> = (0..20).map(|i| env(&format!("k{}", i % 3), i)).collect();
+    let envs: Vec<Envelope> = (0..20)
+        .map(|i| envelope(&format!("k{}", i % 3), i))
+        .collect();
     for r in producer.send_many(&topic, &envs).await {
         r.unwrap();
     }
@@ -599,7 +603,7 @@ async fn a_broadcast_consumer_from_the_beginning_catches_up_on_what_the_topic_ho
     let topic = topic(&cfg, "catchup").await;
     let producer = BusProducer::new(&cfg).unwrap();
     // Published before the replica starts (e.g. earlier config updates).
-    let before: Vec<Envelope> = (0..3).map(|i| env("cfg", i)).collect();
+    let before: Vec<Envelope> = (0..3).map(|i| envelope("cfg", i)).collect();
     for e in &before {
         producer.send(&topic, e).await.unwrap();
     }
@@ -620,7 +624,7 @@ async fn a_broadcast_consumer_from_the_beginning_catches_up_on_what_the_topic_ho
         seen.lock().len() >= before.len()
     })
     .await;
-    let later = env("cfg", 9);
+    let later = envelope("cfg", 9);
     producer.send(&topic, &later).await.unwrap();
     wait_for("later message seen", Duration::from_secs(30), || {
         seen.lock().contains(&later.id)
@@ -656,7 +660,7 @@ async fn broadcast_subscribers_each_see_every_message() {
     // Both join from the end; publish until each has seen the same message.
     let mut common = None;
     for i in 0..60 {
-        let e = env("cfg", i);
+        let e = envelope("cfg", i);
         producer.send(&topic, &e).await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
         if a.lock().contains(&e.id) && b.lock().contains(&e.id) {
@@ -669,7 +673,7 @@ async fn broadcast_subscribers_each_see_every_message() {
         "both broadcast subscribers received a message"
     );
     // After both are live, every later message reaches both.
-    let later: Vec<Envelope> = (0..20).map(|i| env("cfg", 100 + i)).collect();
+    let later: Vec<Envelope> = (0..20).map(|i| envelope("cfg", 100 + i)).collect();
     for r in producer.send_many(&topic, &later).await {
         r.unwrap();
     }
@@ -694,11 +698,11 @@ async fn inbox_dedupe_drops_redelivered_messages() {
     let topic = topic(&cfg, "inbox").await;
     let producer = BusProducer::new(&cfg).unwrap();
     let ob = outbox(&require_postgres()).await;
-    let e = env("k", 1);
+    let e = envelope("k", 1);
     // The same message delivered twice (e.g. an ack lost during a broker failure).
     producer.send(&topic, &e).await.unwrap();
     producer.send(&topic, &e).await.unwrap();
-    let marker = env("k", 2);
+    let marker = envelope("k", 2);
     producer.send(&topic, &marker).await.unwrap();
     let calls = Arc::new(Mutex::new(Vec::new()));
     let c = calls.clone();
@@ -733,7 +737,7 @@ async fn inbox_dedupe_holds_no_transaction_across_the_handler() {
     let topic = topic(&cfg, "inboxtx").await;
     let producer = BusProducer::new(&cfg).unwrap();
     let ob = outbox(&require_postgres()).await;
-    let e = env("k", 1);
+    let e = envelope("k", 1);
     producer.send(&topic, &e).await.unwrap();
     let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
     let release = Arc::new(tokio::sync::Notify::new());
@@ -797,7 +801,7 @@ async fn effects_commit_once_per_message_id() {
     let publisher = DurablePublisher::builder(BusProducer::new(&cfg).unwrap(), ob.clone()).build();
     let effects = soma_bus::Effects::new(ob.pool().clone(), ob.inbox(), publisher);
     let cause = uuid::Uuid::now_v7();
-    let out = env("conv-1", 1);
+    let out = envelope("conv-1", 1);
     assert!(
         effects
             .commit_once("worker", cause, &[("replies", &out)])
@@ -814,7 +818,7 @@ async fn effects_commit_once_per_message_id() {
     // A rolled-back attempt records nothing: the message is handled later.
     let other = uuid::Uuid::now_v7();
     let mut tx = effects.begin("worker", other).await.unwrap().unwrap();
-    tx.publish("replies", &env("conv-2", 1)).await.unwrap();
+    tx.publish("replies", &envelope("conv-2", 1)).await.unwrap();
     drop(tx);
     assert!(effects.begin("worker", other).await.unwrap().is_some());
     let rows: i64 = sqlx::query_scalar(&format!(
@@ -837,8 +841,8 @@ async fn publish_in_tx_is_delivered_only_after_commit() {
     let ob = outbox(&require_postgres()).await;
     let relay = spawn_relay(&ob, producer.clone());
     let publisher = DurablePublisher::builder(producer, ob.clone()).build();
-    let rolled_back = env("order-1", 1);
-    let committed = env("order-1", 2);
+    let rolled_back = envelope("order-1", 1);
+    let committed = envelope("order-1", 2);
     let mut conn = ob.pool().acquire().await.unwrap();
     let mut tx = conn.begin().await.unwrap();
     publisher
@@ -853,7 +857,7 @@ async fn publish_in_tx_is_delivered_only_after_commit() {
         .unwrap();
     tx.commit().await.unwrap();
     // A direct publish of the same key right after must not overtake it.
-    let direct = env("order-1", 3);
+    let direct = envelope("order-1", 3);
     let outcome = publisher.publish(&topic, &direct).await.unwrap();
     assert!(
         outcome.is_deferred(),
@@ -884,7 +888,7 @@ async fn publish_many_in_tx_writes_a_batch_in_order_or_nothing() {
     let mut conn = ob.pool().acquire().await.unwrap();
 
     let batch: Vec<Envelope> = (1..=4)
-        .map(|i| env(if i % 2 == 0 { "b" } else { "a" }, i))
+        .map(|i| envelope(if i % 2 == 0 { "b" } else { "a" }, i))
         .collect();
     let too_big = Envelope::builder("order.created", "t1", "a")
         .payload(vec![b'x'; 65])
@@ -975,8 +979,8 @@ async fn a_key_written_in_an_open_transaction_holds_direct_publishes_back() {
     let producer = BusProducer::new(&cfg).unwrap();
     let ob = outbox(&require_postgres()).await;
     let publisher = DurablePublisher::builder(producer.clone(), ob.clone()).build();
-    let in_tx = env("order-9", 1);
-    let direct = env("order-9", 2);
+    let in_tx = envelope("order-9", 1);
+    let direct = envelope("order-9", 2);
     let mut conn = ob.pool().acquire().await.unwrap();
     let mut tx = conn.begin().await.unwrap();
     publisher

@@ -122,7 +122,7 @@ async fn failed_dlq_write_pauses_retries_and_never_commits() {
     // Warm the DLQ producer's connections through the proxy, so the cut
     // below drops live ones.
     let end = Instant::now() + Duration::from_secs(30);
-    while let Err(e) = dlq_producer.send(&warm_topic, &env("warm", 0)).await {
+    while let Err(e) = dlq_producer.send(&warm_topic, &envelope("warm", 0)).await {
         assert!(
             Instant::now() < end,
             "DLQ broker not reachable through the proxy: {e}"
@@ -134,9 +134,9 @@ async fn failed_dlq_write_pauses_retries_and_never_commits() {
     let mut producer_cfg = cfg.clone();
     producer_cfg.publisher.timeout_ms = 10_000;
     let producer = BusProducer::new(&producer_cfg).unwrap();
-    let before = env("k", 0);
-    let poison = env("k", 1);
-    let after = env("k", 2);
+    let before = envelope("k", 0);
+    let poison = envelope("k", 1);
+    let after = envelope("k", 2);
     let calls = Arc::new(Mutex::new(Vec::<(u8, Uuid)>::new()));
     let health = HealthRegistry::new();
     let component = "bus_consumer.ledger";

@@ -20,7 +20,7 @@ async fn a_producer_that_keeps_failing_is_replaced_and_sends_again() {
     cfg.publisher.timeout_ms = 10_000;
     let producer = BusProducer::new(&cfg).unwrap();
     producer
-        .send("heal", &common::env("k", 0))
+        .send("heal", &common::envelope("k", 0))
         .await
         .expect("first send");
     assert_eq!(producer.heal_count(), 0);
@@ -33,7 +33,7 @@ async fn a_producer_that_keeps_failing_is_replaced_and_sends_again() {
     );
     let mut failures = 0;
     for n in 1..=3 {
-        let r = producer.send("heal", &common::env("k", n)).await;
+        let r = producer.send("heal", &common::envelope("k", n)).await;
         let e = r.expect_err("the broker refuses the produce request");
         assert!(!e.is_permanent(), "{e}");
         failures += 1;
@@ -48,7 +48,7 @@ async fn a_producer_that_keeps_failing_is_replaced_and_sends_again() {
     // The fresh producer sends; the broker answers again.
     let d = tokio::time::timeout(
         Duration::from_secs(10),
-        producer.send("heal", &common::env("k", 4)),
+        producer.send("heal", &common::envelope("k", 4)),
     )
     .await
     .expect("send after healing returns")

@@ -38,7 +38,7 @@ async fn a_transient_failure_stops_the_send_and_nothing_after_it_is_sent() {
     cfg.producer.queue_buffering_max_messages = 1;
     cfg.publisher.timeout_ms = 400;
     let producer = BusProducer::new(&cfg).unwrap();
-    let envs = [env("k", 1), env("k", 2), env("k", 3)];
+    let envs = [envelope("k", 1), envelope("k", 2), envelope("k", 3)];
     let started = std::time::Instant::now();
     let r = producer.send_many("ordered-send-nowhere", &envs).await;
     assert_eq!(r.len(), 3);

@@ -37,8 +37,8 @@ async fn per_message_outbox_check_keeps_key_order_across_processes() {
     // "Process C": Kafka up, default settings (only its own deferrals count).
     let c = DurablePublisher::builder(BusProducer::new(&base).unwrap(), ob.clone()).build();
 
-    let k: Vec<Envelope> = (0..6).map(|n| env("k", n)).collect();
-    let other = env("j", 0);
+    let k: Vec<Envelope> = (0..6).map(|n| envelope("k", n)).collect();
+    let other = envelope("j", 0);
 
     // Kafka: nothing waits for k.
     assert!(is_kafka(&b.publish(&topic, &k[0]).await.unwrap()));
@@ -63,8 +63,8 @@ async fn per_message_outbox_check_keeps_key_order_across_processes() {
 
     // Control: without the per-message check, C publishes a key A deferred
     // straight to Kafka, ahead of A's message (the documented caveat).
-    let c0 = env("c", 0);
-    let c1 = env("c", 1);
+    let c0 = envelope("c", 0);
+    let c1 = envelope("c", 1);
     assert!(a.publish(&topic, &c0).await.unwrap().is_deferred());
     assert!(
         is_kafka(&c.publish(&topic, &c1).await.unwrap()),
@@ -122,7 +122,7 @@ async fn concurrent_fallbacks_of_one_key_reach_the_outbox_in_call_order() {
     // Every call tries Kafka first, so every one falls back itself.
     cfg.publisher.breaker = soma_observability::resilience::BreakerConfig::new(1_000_000, 2_000);
     let publisher = DurablePublisher::builder(BusProducer::new(&cfg).unwrap(), ob.clone()).build();
-    let envs: Vec<Envelope> = (0..40).map(|n| env("k", n)).collect();
+    let envs: Vec<Envelope> = (0..40).map(|n| envelope("k", n)).collect();
     // Call order is the order in which the calls are first polled (a call
     // takes its place in the key's sequence there). `join_all` polls its
     // futures in vector order, so the call order is `envs`' order however

@@ -62,7 +62,7 @@ pub fn config(bootstrap: &str) -> BusConfig {
 /// # Panics
 ///
 /// If `key` is empty (an envelope built with a key needs a non-empty one).
-pub fn env(key: &str, n: u32) -> Envelope {
+pub fn envelope(key: &str, n: u32) -> Envelope {
     Envelope::builder("test.event", "tenant-a", key)
         .json(&serde_json::json!({ "n": n }))
         .unwrap()

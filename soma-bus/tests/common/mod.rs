@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use soma_bus::{BusProducer, KafkaSink};
 use soma_outbox::{Outbox, Relay, RelayConfig, RelayHandle};
 
-pub use soma_bus::testkit::{config, env, new_topic, outbox, outbox_with, topic};
+pub use soma_bus::testkit::{config, envelope, new_topic, outbox, outbox_with, topic};
 pub use soma_testkit::kafka::{BOUNDED_FETCH_BYTES, header, read_all, read_partitionwise};
 pub use soma_testkit::{FaultProxy, OwnBroker, require_postgres, wait_for};
 
