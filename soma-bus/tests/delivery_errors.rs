@@ -86,7 +86,7 @@ async fn a_transient_delivery_error_defers_the_message_and_the_relay_delivers_it
             outbox,
             publisher,
         } = setup().await;
-        let k: Vec<_> = (0..3).map(|n| env("k", n)).collect();
+        let k: Vec<_> = (0..3).map(|n| envelope("k", n)).collect();
         let first = publisher.publish(TOPIC, &k[0]).await.expect("k0");
         assert!(
             matches!(first, PublishOutcome::Published { .. }),
@@ -169,7 +169,10 @@ async fn a_permanent_delivery_error_is_returned_to_the_caller_and_nothing_is_def
             publisher,
             ..
         } = setup().await;
-        let first = publisher.publish(TOPIC, &env("k", 0)).await.expect("k0");
+        let first = publisher
+            .publish(TOPIC, &envelope("k", 0))
+            .await
+            .expect("k0");
         assert!(
             matches!(first, PublishOutcome::Published { .. }),
             "{first:?}"
@@ -180,7 +183,7 @@ async fn a_permanent_delivery_error_is_returned_to_the_caller_and_nothing_is_def
             RDKafkaApiKey::Produce,
             &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
         );
-        let refused = publisher.publish(TOPIC, &env("k", 1)).await;
+        let refused = publisher.publish(TOPIC, &envelope("k", 1)).await;
         let err = refused.expect_err("a permanent delivery error is the caller's");
         assert!(
             matches!(err, BusError::Kafka(_)) && err.is_permanent(),
