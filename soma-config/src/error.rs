@@ -4,7 +4,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::profile::DeploymentProfile;
+use crate::deployment::DeploymentProfile;
 
 /// Where a setting (or a bad input) came from.
 ///

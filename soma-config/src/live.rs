@@ -11,10 +11,10 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::deployment::DeploymentProfile;
 use crate::document;
 use crate::error::{ConfigError, Origin, SignatureProblem};
 use crate::loader::{Loaded, Loader, Settings, UpdateLayer};
-use crate::profile::DeploymentProfile;
 use crate::secret::Secret;
 
 /// One version of the config: the typed value plus its version, checksum

@@ -13,10 +13,11 @@ use figment::value::{Dict, Tag, Value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::deployment::DeploymentProfile;
 use crate::document::{self, Layer, Layers};
 use crate::env::{self, EnvSource};
 use crate::error::{ConfigError, Origin, Violation};
-use crate::profile::{DeploymentProfile, ProfilePreset};
+use crate::profile::ProfilePreset;
 
 /// What a settings type needs to be loaded: `Deserialize` (with
 /// `#[serde(default)]` on every struct), `Serialize` (for snapshots and
