@@ -12,13 +12,8 @@ use syn::{Expr, Pat, Token};
 use crate::config::Config;
 use crate::report::Rule;
 use crate::resolve::{Res, ScopeId, Scopes, Want, name};
+use crate::targets::classify;
 
-/// Functions of `std::env` that read the process environment.
-const READS: [&str; 4] = ["var", "var_os", "vars", "vars_os"];
-/// Functions of `std::env` that change it.
-const WRITES: [&str; 2] = ["set_var", "remove_var"];
-/// Crates whose functions load `.env` files into the process environment.
-const DOTENV_CRATES: [&str; 2] = ["dotenv", "dotenvy"];
 /// Crates whose `dotenv!` macro reads `.env` at compile time.
 const DOTENV_MACRO_CRATES: [&str; 4] = ["dotenv_codegen", "dotenvy_macro", "dotenv", "dotenvy"];
 
@@ -41,34 +36,6 @@ pub(crate) struct Hit {
     /// What the code touches, canonical (`std::env::var`, `env!("HOME")`).
     pub(crate) target: String,
     pub(crate) message: String,
-}
-
-/// Is this resolution something the linter reports (or needs to follow
-/// through a glob import)?
-pub(crate) fn is_interesting(r: &Res) -> bool {
-    match r {
-        Res::Extern(p) => {
-            classify(p).is_some() || matches!(p.as_slice(), [k, e] if k == "std" && e == "env")
-        }
-        _ => false,
-    }
-}
-
-/// The rule an external path breaks, if any.
-fn classify(path: &[String]) -> Option<Rule> {
-    match path {
-        [krate, env, f] if krate == "std" && env == "env" => {
-            if READS.contains(&f.as_str()) {
-                Some(Rule::EnvRead)
-            } else if WRITES.contains(&f.as_str()) {
-                Some(Rule::EnvWrite)
-            } else {
-                None
-            }
-        }
-        [krate, _, ..] if DOTENV_CRATES.contains(&krate.as_str()) => Some(Rule::Dotenv),
-        _ => None,
-    }
 }
 
 /// Everything the walk of one file needs besides the syntax tree.

@@ -64,6 +64,7 @@ mod cli;
 mod config;
 mod report;
 mod resolve;
+mod targets;
 mod workspace;
 
 use std::path::{Path, PathBuf};

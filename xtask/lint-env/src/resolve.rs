@@ -652,14 +652,13 @@ impl Scopes {
             match self.resolve_guarded(s, g.leading_colon, &g.segments, Want::Path, guard) {
                 Res::Extern(mut p) => {
                     p.push(name.to_string());
-                    let r = Res::Extern(p);
-                    if crate::check::is_interesting(&r) {
-                        return Some(r);
+                    if crate::targets::is_interesting(&p) {
+                        return Some(Res::Extern(p));
                     }
                 }
                 Res::Module(m) => {
                     if let Some(r) = self.lookup_in(m, name, want, guard) {
-                        if crate::check::is_interesting(&r) {
+                        if matches!(&r, Res::Extern(p) if crate::targets::is_interesting(p)) {
                             return Some(r);
                         }
                         fallback.get_or_insert(r);
