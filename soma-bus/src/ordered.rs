@@ -2,7 +2,8 @@
 //! handle under one deadline, stopping at the first transient failure.
 //!
 //! Every path that sends several records whose order matters uses it: the
-//! producer's `send_many`, the durable publisher, the relay's Kafka sink.
+//! producer's own `send`/`send_many` (defined here, at the end), the
+//! durable publisher, the relay's Kafka sink.
 //! The rules live here once:
 //!
 //! - records go into **one handle**, so a purge (the deadline passing, a
@@ -24,8 +25,9 @@ use std::time::Instant;
 
 use rdkafka::producer::DeliveryFuture;
 
+use crate::envelope::Envelope;
 use crate::error::BusError;
-use crate::producer::{BusProducer, Delivery, Handle, RawRecord};
+use crate::producer::{BusProducer, Delivery, Handle, RawRecord, envelope_headers};
 
 /// What happened to one record [`OrderedSend::push`] was given.
 #[derive(Debug)]
@@ -121,5 +123,73 @@ impl<'p> OrderedSend<'p> {
             .await_deliveries_on(&self.handle, futs, self.deadline)
             .await;
         indexes.into_iter().zip(results).collect()
+    }
+}
+
+/// `BusProducer`'s own sends are ordered sends (of one, or of a slice).
+impl BusProducer {
+    /// Sends one envelope and waits for the ack (or `publisher.timeout_ms`).
+    pub async fn send(&self, topic: &str, env: &Envelope) -> Result<Delivery, BusError> {
+        self.send_many(topic, std::slice::from_ref(env))
+            .await
+            .pop()
+            .unwrap_or(Err(BusError::Shutdown))
+    }
+
+    /// Sends many envelopes in order on one librdkafka handle: all are
+    /// enqueued first, then acknowledgements are awaited together (until
+    /// `publisher.timeout_ms`; what is missing then is purged and fails).
+    /// Results are in input order.
+    ///
+    /// A record the broker refuses for good ([`BusError::is_permanent`])
+    /// fails alone; a transient failure stops the send, and every later
+    /// envelope fails with [`BusError::NotSent`] without being sent, so
+    /// nothing overtakes a failed message.
+    pub async fn send_many(
+        &self,
+        topic: &str,
+        envs: &[Envelope],
+    ) -> Vec<Result<Delivery, BusError>> {
+        let mut send = OrderedSend::new(self);
+        let mut out: Vec<Option<Result<Delivery, BusError>>> = Vec::with_capacity(envs.len());
+        for (i, env) in envs.iter().enumerate() {
+            let rec = RawRecord {
+                topic,
+                key: env.kafka_key(),
+                payload: &env.payload,
+                headers: envelope_headers(env),
+            };
+            out.push(match send.push(i, rec).await {
+                Pushed::Enqueued => None,
+                Pushed::Refused(e) | Pushed::NotSent { error: e, .. } => Some(Err(e)),
+            });
+        }
+        if let Some(first) = send.stopped() {
+            tracing::debug!(event = "send_many_stopped", error = %first);
+        }
+        for (i, r) in send.finish().await {
+            out[i] = Some(r);
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or(Err(BusError::Shutdown)))
+            .collect()
+    }
+
+    /// Sends one record and waits for its acknowledgement until `deadline`
+    /// (an [`OrderedSend`] of one).
+    pub(crate) async fn send_raw(
+        &self,
+        rec: RawRecord<'_>,
+        deadline: Instant,
+    ) -> Result<Delivery, BusError> {
+        let mut send = OrderedSend::until(self, deadline);
+        match send.push(0, rec).await {
+            Pushed::Enqueued => {}
+            Pushed::Refused(e) | Pushed::NotSent { error: e, .. } => return Err(e),
+        }
+        send.finish()
+            .await
+            .pop()
+            .map_or(Err(BusError::Shutdown), |(_, r)| r)
     }
 }

@@ -13,7 +13,6 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, 
 use crate::config::BusConfig;
 use crate::envelope::Envelope;
 use crate::error::BusError;
-use crate::ordered::{OrderedSend, Pushed};
 
 /// Where the broker stored an acknowledged message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,24 +244,6 @@ impl BusProducer {
         }
     }
 
-    /// Sends one record and waits for its acknowledgement until `deadline`
-    /// (an [`OrderedSend`] of one).
-    pub(crate) async fn send_raw(
-        &self,
-        rec: RawRecord<'_>,
-        deadline: Instant,
-    ) -> Result<Delivery, BusError> {
-        let mut send = OrderedSend::until(self, deadline);
-        match send.push(0, rec).await {
-            Pushed::Enqueued => {}
-            Pushed::Refused(e) | Pushed::NotSent { error: e, .. } => return Err(e),
-        }
-        send.finish()
-            .await
-            .pop()
-            .map_or(Err(BusError::Shutdown), |(_, r)| r)
-    }
-
     /// Enqueues one record into `handle`, waiting (until `deadline`) while
     /// the local queue is full. Fails once `handle` was purged.
     pub(crate) async fn enqueue_on(
@@ -425,53 +406,6 @@ impl BusProducer {
             });
         }
         true
-    }
-
-    /// Sends one envelope and waits for the ack (or `publisher.timeout_ms`).
-    pub async fn send(&self, topic: &str, env: &Envelope) -> Result<Delivery, BusError> {
-        self.send_many(topic, std::slice::from_ref(env))
-            .await
-            .pop()
-            .unwrap_or(Err(BusError::Shutdown))
-    }
-
-    /// Sends many envelopes in order on one librdkafka handle: all are
-    /// enqueued first, then acknowledgements are awaited together (until
-    /// `publisher.timeout_ms`; what is missing then is purged and fails).
-    /// Results are in input order.
-    ///
-    /// A record the broker refuses for good ([`BusError::is_permanent`])
-    /// fails alone; a transient failure stops the send, and every later
-    /// envelope fails with [`BusError::NotSent`] without being sent, so
-    /// nothing overtakes a failed message.
-    pub async fn send_many(
-        &self,
-        topic: &str,
-        envs: &[Envelope],
-    ) -> Vec<Result<Delivery, BusError>> {
-        let mut send = OrderedSend::new(self);
-        let mut out: Vec<Option<Result<Delivery, BusError>>> = Vec::with_capacity(envs.len());
-        for (i, env) in envs.iter().enumerate() {
-            let rec = RawRecord {
-                topic,
-                key: env.kafka_key(),
-                payload: &env.payload,
-                headers: envelope_headers(env),
-            };
-            out.push(match send.push(i, rec).await {
-                Pushed::Enqueued => None,
-                Pushed::Refused(e) | Pushed::NotSent { error: e, .. } => Some(Err(e)),
-            });
-        }
-        if let Some(first) = send.stopped() {
-            tracing::debug!(event = "send_many_stopped", error = %first);
-        }
-        for (i, r) in send.finish().await {
-            out[i] = Some(r);
-        }
-        out.into_iter()
-            .map(|r| r.unwrap_or(Err(BusError::Shutdown)))
-            .collect()
     }
 
     /// Flushes queued messages, waiting at most `timeout`; reports what is left.
