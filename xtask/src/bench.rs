@@ -39,13 +39,14 @@ const GROUPS: [&str; 10] = [
 
 const USAGE: &str = "usage: cargo xtask bench [--group NAME]... [--no-run]
          [--rate MSG_PER_SEC] [--duration SECS] [--conversations N] [--zipf S]
-         [--ceiling-clients N] [--ceiling-secs SECS] [--env SOMA_KEY=VALUE]...
+         [--ceiling-clients N] [--ceiling-secs SECS] [--bare-secs SECS] [--env SOMA_KEY=VALUE]...
          [--idle N] [--active N] [--bin-dir DIR] [--keep]
 
 groups: platform, sse, bus, outbox, policy, redis, somabrain, memory, config, observability (default: all)
   --no-run       crate groups: do not run `cargo bench`, read the last criterion results
   platform load: --rate (500), --duration (60), --conversations (1000), --zipf (1.0),
-                 --ceiling-clients (64), --ceiling-secs (10); --env adds a SOMA_* override
+                 --ceiling-clients (64), --ceiling-secs (10), --bare-secs (the baseline's load,
+                 default --duration); --env adds a SOMA_* override
                  to the platform services; --bin-dir uses prebuilt binaries
   sse:           --idle (10000) idle streams on one gateway, --active (1000) conversations
                  sending beside them (at --rate, default 100 here, for --duration, default 20)";
@@ -93,6 +94,9 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--zipf" => o.platform.zipf_s = num(value()?)?,
             "--ceiling-clients" => o.platform.ceiling_workers = num(value()?)? as usize,
             "--ceiling-secs" => o.platform.ceiling = Duration::from_secs_f64(num(value()?)?),
+            "--bare-secs" => {
+                o.platform.bare_duration = Some(Duration::from_secs_f64(num(value()?)?));
+            }
             "--bin-dir" => {
                 let dir: std::path::PathBuf = value()?.into();
                 o.sse.bin_dir = Some(dir.clone());
@@ -286,6 +290,11 @@ mod tests {
         assert!(parse(&args(&["--rate", "fast"])).is_err());
         assert!(parse(&args(&["--rate"])).is_err());
         assert!(parse(&args(&["--env", "PATH=/bin"])).is_err());
+        let b = parse(&args(&["--duration", "900", "--bare-secs", "120"])).unwrap();
+        assert_eq!(b.platform.duration, Duration::from_secs(900));
+        assert_eq!(b.platform.bare_duration, Some(Duration::from_secs(120)));
+        assert_eq!(parse(&args(&[])).unwrap().platform.bare_duration, None);
+        assert!(parse(&args(&["--bare-secs", "soon"])).is_err());
         let e = parse(&args(&["--env", "SOMA_BUS__PRODUCER__LINGER_MS=1"])).unwrap();
         assert_eq!(
             e.platform.env,

@@ -49,6 +49,10 @@ pub(crate) struct Opts {
     pub(crate) keep: bool,
     /// More `SOMA_*` overrides for the platform services (`KEY=VALUE`).
     pub(crate) env: Vec<(String, String)>,
+    /// How long the bare path's load runs (default: `duration`). A long
+    /// decay run of the platform needs the baseline's figures, not its
+    /// decay, so `--bare-secs` spares the machine the bare path's hour.
+    pub(crate) bare_duration: Option<Duration>,
 }
 
 impl Default for Opts {
@@ -63,6 +67,7 @@ impl Default for Opts {
             bin_dir: None,
             keep: false,
             env: Vec::new(),
+            bare_duration: None,
         }
     }
 }
@@ -300,11 +305,15 @@ async fn phases(
             pid: proc.child.id(),
             with_children: false,
         });
+        let bare_shape = Shape {
+            duration: opts.bare_duration.unwrap_or(opts.duration),
+            ..shape
+        };
         println!(
             "bench: bare path: {} msg/s for {:?} over {} conversations (Zipf s = {})",
-            opts.rate, opts.duration, opts.conversations, opts.zipf_s
+            opts.rate, bare_shape.duration, opts.conversations, opts.zipf_s
         );
-        let m = measured(&load, shape, Duration::ZERO, &watched).await;
+        let m = measured(&load, bare_shape, Duration::ZERO, &watched).await;
         println!("bench: bare path: cpu {}", m.profile);
         println!("bench: bare path: cpu per message {}", m.per_message);
         let (ceiling, ceiling_errors) = load.ceiling(opts.ceiling_workers, opts.ceiling, 17).await;
