@@ -222,28 +222,39 @@ fn bench(c: &mut Criterion) {
         }
         v
     });
+    bench_cases(c, &rt, &raw, &relays);
+    let rates = paired(&rt, &raw, &relays);
+    print_paired(&rates, &relays);
+    rt.block_on(teardown(relays));
+    drop(raw.raw);
+    drop(raw.broker);
+}
 
+/// The criterion group: every raw case, then every relay case.
+fn bench_cases(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    raw: &RawCase,
+    relays: &[RelayCase],
+) {
     let mut g = c.benchmark_group("relay_vs_raw_1KiB_keyed");
     g.throughput(Throughput::Elements(N as u64));
     g.sample_size(10);
     g.sampling_mode(SamplingMode::Flat);
     for (name, chunk) in RAW_CASES {
         g.bench_function(BenchmarkId::new(name, N), |b| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let raw = &raw;
-                async move {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        total += raw_sample(&raw.raw, &raw.cfg, chunk).await;
-                    }
-                    total
+            b.to_async(rt).iter_custom(|iters| async move {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    total += raw_sample(&raw.raw, &raw.cfg, chunk).await;
                 }
+                total
             })
         });
     }
-    for case in &relays {
+    for case in relays {
         g.bench_function(BenchmarkId::new(&case.name, N), |b| {
-            b.to_async(&rt).iter_custom(|iters| async move {
+            b.to_async(rt).iter_custom(|iters| async move {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     total += relay_sample(&case.ob, &case.cfg, &case.relay).await;
@@ -253,9 +264,13 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.finish();
+}
 
-    // Paired phase: load on a shared machine drifts over minutes, so the
-    // ratio is taken per round, from samples run back to back.
+/// The paired phase: load on a shared machine drifts over minutes, so the
+/// ratio is taken per round, from samples run back to back (order rotated
+/// each round). Returns the rates (msg/s) of each case: the raw cases
+/// first, then the relays.
+fn paired(rt: &tokio::runtime::Runtime, raw: &RawCase, relays: &[RelayCase]) -> Vec<Vec<f64>> {
     let raws = RAW_CASES.len();
     let cases = raws + relays.len();
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); cases];
@@ -273,6 +288,13 @@ fn bench(c: &mut Criterion) {
             }
         }
     });
+    rates
+}
+
+/// Medians of the paired rates and each relay's per-round ratios to the
+/// raw cases.
+fn print_paired(rates: &[Vec<f64>], relays: &[RelayCase]) {
+    let raws = RAW_CASES.len();
     println!();
     println!(
         "relay into Kafka vs raw rdkafka: {N} x 1 KiB keyed messages per sample, {ROUNDS} rounds, order rotated each round"
@@ -298,19 +320,18 @@ fn bench(c: &mut Criterion) {
             median(own),
         );
     }
+}
 
-    rt.block_on(async {
-        for case in relays {
-            case.relay.shutdown().await.unwrap();
-            case.producer.flush(Duration::from_secs(10)).await;
-            let _ = sqlx::query(&format!("DROP SCHEMA \"{}\" CASCADE", case.ob.schema()))
-                .execute(case.ob.pool())
-                .await;
-            drop(case.broker);
-        }
-    });
-    drop(raw.raw);
-    drop(raw.broker);
+/// Stops every relay, flushes its producer and drops its outbox schema.
+async fn teardown(relays: Vec<RelayCase>) {
+    for case in relays {
+        case.relay.shutdown().await.unwrap();
+        case.producer.flush(Duration::from_secs(10)).await;
+        let _ = sqlx::query(&format!("DROP SCHEMA \"{}\" CASCADE", case.ob.schema()))
+            .execute(case.ob.pool())
+            .await;
+        drop(case.broker);
+    }
 }
 
 criterion_group!(benches, bench);

@@ -73,51 +73,19 @@ fn bench(c: &mut Criterion) {
         .build()
         .unwrap();
     let broker = OwnBroker::start();
-    let bootstrap = broker.bootstrap();
-    let cfg = base_config(&bootstrap);
+    let cfg = base_config(&broker.bootstrap());
     // The raw producer gets a broker of its own, equally fresh.
     let raw_broker = OwnBroker::start();
     let raw_cfg = base_config(&raw_broker.bootstrap());
     let topic = soma_testkit::unique_name("bench");
-    rt.block_on(async {
-        TopicAdmin::new(&cfg)
-            .unwrap()
-            .ensure_topics(&[&topic], false)
-            .await
-            .unwrap()
-    });
+    rt.block_on(ensure_topic(&cfg, &topic));
     let messages = envs(BATCH);
 
     // Raw rdkafka with the same producer settings, keys, payloads and headers.
     // (`raw_cfg` differs from `cfg` only in the broker and consumer group.)
     let raw = testkit::raw_producer(&raw_cfg);
-    let raw_headers: Vec<OwnedHeaders> = messages
-        .iter()
-        .map(|e| {
-            let mut h = OwnedHeaders::new();
-            for (k, v) in e.header_map() {
-                h = h.insert(Header {
-                    key: &k,
-                    value: Some(v.as_bytes()),
-                });
-            }
-            h
-        })
-        .collect();
-    let (publisher, down) = rt.block_on(async {
-        let up = DurablePublisher::builder(BusProducer::new(&cfg).unwrap(), outbox().await).build();
-        // Broker down: nothing listens on this port; the first publish opens the breaker.
-        let mut dead = cfg.clone();
-        dead.bootstrap_servers = format!("127.0.0.1:{}", soma_testkit::free_port());
-        dead.publisher.timeout_ms = 500;
-        dead.publisher.breaker = soma_observability::resilience::BreakerConfig::new(1, 3_600_000);
-        let down =
-            DurablePublisher::builder(BusProducer::new(&dead).unwrap(), outbox().await).build();
-        for r in down.publish_many(&topic, &messages[..1]).await {
-            assert!(r.unwrap().is_deferred());
-        }
-        (up, down)
-    });
+    let raw_headers = kafka_headers(&messages);
+    let (publisher, down) = rt.block_on(publishers(&cfg, &topic, &messages));
     let durable = DurableCase {
         publisher: &publisher,
         cfg: &cfg,
@@ -130,14 +98,73 @@ fn bench(c: &mut Criterion) {
         headers: &raw_headers,
     };
 
-    // Consumer: fill a topic once, then each sample consumes all of it in a new group.
+    bench_consume(c, &rt, &cfg, &publisher);
+    bench_publish(c, &rt, durable, raw_case, &down, &topic);
+    paired(&rt, durable, raw_case);
+
+    rt.block_on(async {
+        publisher.shutdown().await;
+    });
+    drop(broker);
+    drop(raw_broker);
+}
+
+async fn ensure_topic(cfg: &BusConfig, topic: &str) {
+    TopicAdmin::new(cfg)
+        .unwrap()
+        .ensure_topics(&[topic], false)
+        .await
+        .unwrap();
+}
+
+/// Each envelope's headers as rdkafka headers (what the raw case sends).
+fn kafka_headers(messages: &[Envelope]) -> Vec<OwnedHeaders> {
+    messages
+        .iter()
+        .map(|e| {
+            let mut h = OwnedHeaders::new();
+            for (k, v) in e.header_map() {
+                h = h.insert(Header {
+                    key: &k,
+                    value: Some(v.as_bytes()),
+                });
+            }
+            h
+        })
+        .collect()
+}
+
+/// The durable publisher with Kafka up, and one whose broker is down (its
+/// breaker already open, so every publish goes to the outbox).
+async fn publishers(
+    cfg: &BusConfig,
+    topic: &str,
+    messages: &[Envelope],
+) -> (DurablePublisher, DurablePublisher) {
+    let up = DurablePublisher::builder(BusProducer::new(cfg).unwrap(), outbox().await).build();
+    // Broker down: nothing listens on this port; the first publish opens the breaker.
+    let mut dead = cfg.clone();
+    dead.bootstrap_servers = format!("127.0.0.1:{}", soma_testkit::free_port());
+    dead.publisher.timeout_ms = 500;
+    dead.publisher.breaker = soma_observability::resilience::BreakerConfig::new(1, 3_600_000);
+    let down = DurablePublisher::builder(BusProducer::new(&dead).unwrap(), outbox().await).build();
+    for r in down.publish_many(topic, &messages[..1]).await {
+        assert!(r.unwrap().is_deferred());
+    }
+    (up, down)
+}
+
+/// `consume_noop`: a topic filled once; each sample consumes all of it in a
+/// new group, timed from the first handled message (group join excluded).
+fn bench_consume(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    cfg: &BusConfig,
+    publisher: &DurablePublisher,
+) {
     let ctopic = soma_testkit::unique_name("benchc");
     rt.block_on(async {
-        TopicAdmin::new(&cfg)
-            .unwrap()
-            .ensure_topics(&[&ctopic], false)
-            .await
-            .unwrap();
+        ensure_topic(cfg, &ctopic).await;
         let small: Vec<Envelope> = (0..CONSUME as usize)
             .map(|i| {
                 Envelope::builder("bench.event", "tenant-a", format!("key-{}", i % 64))
@@ -154,52 +181,67 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(CONSUME));
     g.sample_size(10);
     g.bench_function(BenchmarkId::new("bus_consumer", CONSUME), |b| {
-        b.to_async(&rt).iter_custom(|iters| {
-            let cfg = cfg.clone();
-            let ctopic = ctopic.clone();
+        b.to_async(rt).iter_custom(|iters| {
+            let (cfg, ctopic) = (cfg.clone(), ctopic.clone());
             async move {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let count = Arc::new(AtomicU64::new(0));
-                    let first = Arc::new(parking_lot::Mutex::new(None::<Instant>));
-                    let (n, f) = (count.clone(), first.clone());
-                    let mut cfg = cfg.clone();
-                    cfg.consumer.group = soma_testkit::unique_name("benchg");
-                    let consumer =
-                        BusConsumer::builder(&cfg, &[&ctopic], "noop", move |_e: Envelope| {
-                            let (n, f) = (n.clone(), f.clone());
-                            async move {
-                                if n.fetch_add(1, Ordering::Relaxed) == 0 {
-                                    *f.lock() = Some(Instant::now());
-                                }
-                                Ok(())
-                            }
-                        })
-                        .spawn()
-                        .unwrap();
-                    let give_up = Instant::now() + Duration::from_secs(120);
-                    while count.load(Ordering::Relaxed) < CONSUME {
-                        assert!(
-                            Instant::now() < give_up,
-                            "consumer stalled at {}",
-                            count.load(Ordering::Relaxed)
-                        );
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                    // Measured from the first handled message (group join excluded).
-                    total += first.lock().unwrap().elapsed();
-                    consumer.shutdown().await;
+                    total += consume_all(&cfg, &ctopic).await;
                 }
                 total
             }
         })
     });
     g.finish();
+}
+
+/// One `consume_noop` sample: a new group reads `ctopic` to its end.
+async fn consume_all(cfg: &BusConfig, ctopic: &str) -> Duration {
+    let count = Arc::new(AtomicU64::new(0));
+    let first = Arc::new(parking_lot::Mutex::new(None::<Instant>));
+    let (n, f) = (count.clone(), first.clone());
+    let mut cfg = cfg.clone();
+    cfg.consumer.group = soma_testkit::unique_name("benchg");
+    let consumer = BusConsumer::builder(&cfg, &[ctopic], "noop", move |_e: Envelope| {
+        let (n, f) = (n.clone(), f.clone());
+        async move {
+            if n.fetch_add(1, Ordering::Relaxed) == 0 {
+                *f.lock() = Some(Instant::now());
+            }
+            Ok(())
+        }
+    })
+    .spawn()
+    .unwrap();
+    let give_up = Instant::now() + Duration::from_secs(120);
+    while count.load(Ordering::Relaxed) < CONSUME {
+        assert!(
+            Instant::now() < give_up,
+            "consumer stalled at {}",
+            count.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = first.lock().unwrap().elapsed();
+    consumer.shutdown().await;
+    elapsed
+}
+
+/// `publish_1KiB_keyed`: the durable publisher with Kafka up, raw rdkafka,
+/// and the durable publisher with the broker down (to the outbox).
+fn bench_publish(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    durable: DurableCase<'_>,
+    raw_case: RawCase<'_>,
+    down: &DurablePublisher,
+    topic: &str,
+) {
     let mut g = c.benchmark_group("publish_1KiB_keyed");
     g.throughput(Throughput::Elements(BATCH as u64));
     g.sample_size(10);
     g.bench_function(BenchmarkId::new("durable_publisher_kafka_up", BATCH), |b| {
-        b.to_async(&rt).iter_custom(|iters| async move {
+        b.to_async(rt).iter_custom(|iters| async move {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 total += durable.sample().await;
@@ -208,7 +250,7 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.bench_function(BenchmarkId::new("raw_rdkafka", BATCH), |b| {
-        b.to_async(&rt).iter_custom(|iters| async move {
+        b.to_async(rt).iter_custom(|iters| async move {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 total += raw_case.sample().await;
@@ -219,19 +261,22 @@ fn bench(c: &mut Criterion) {
     g.bench_function(
         BenchmarkId::new("durable_publisher_broker_down_outbox", BATCH),
         |b| {
-            b.to_async(&rt).iter(|| async {
+            b.to_async(rt).iter(|| async {
                 // Fresh ids each time (the outbox rejects a repeated id in one call only; ids stay unique anyway).
                 let batch = envs(BATCH);
-                for r in down.publish_many(&topic, &batch).await {
+                for r in down.publish_many(topic, &batch).await {
                     assert!(r.unwrap().is_deferred());
                 }
             })
         },
     );
     g.finish();
+}
 
-    // Paired phase: load on a shared machine drifts over minutes, so the
-    // ratio is taken per round from samples run back to back.
+/// The paired phase: load on a shared machine drifts over minutes, so the
+/// ratio is taken per round from samples run back to back (order
+/// alternated), and its median printed.
+fn paired(rt: &tokio::runtime::Runtime, durable: DurableCase<'_>, raw_case: RawCase<'_>) {
     let (mut d_rates, mut r_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     rt.block_on(async {
         for round in 0..ROUNDS {
@@ -266,12 +311,6 @@ fn bench(c: &mut Criterion) {
         ratios.iter().copied().fold(f64::INFINITY, f64::min),
         ratios.iter().copied().fold(0.0, f64::max),
     );
-
-    rt.block_on(async {
-        publisher.shutdown().await;
-    });
-    drop(broker);
-    drop(raw_broker);
 }
 
 /// The durable publisher (Kafka up) sending `messages` to a fresh topic.
