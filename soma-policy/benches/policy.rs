@@ -19,7 +19,7 @@ use soma_policy::{
     Authenticator, Authorizer, AuthzInput, CacheConfig, EmbeddedRego, JwtAlgorithm, OpaConfig,
     PolicyEngine, PolicyMetrics, RegoEvaluator, RemoteOpa,
 };
-use soma_testkit::{OpaServer, serve_url};
+use soma_testkit::{OpaServer, median, serve_url};
 use tower::ServiceExt;
 
 const ENTRY: &str = "data.soma.authz.decision";
@@ -160,30 +160,18 @@ struct Paired {
     keeps: f64,
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
 fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
     let bare: Router = testkit::bare_router();
     let (full, full_interp, full_cached) = guarded_routers();
     let token = testkit::long_lived_bearer();
     // Over real HTTP on loopback (keep-alive client), the way requests reach a service.
-    let (bare_url, full_url, interp_url, cached_url) = rt.block_on(async {
-        (
-            serve_url(bare.clone()).await,
-            serve_url(full.clone()).await,
-            serve_url(full_interp).await,
-            serve_url(full_cached).await,
-        )
-    });
+    let [url_bare, url_full, url_interp, url_cached] = rt.block_on(send_urls([
+        bare.clone(),
+        full.clone(),
+        full_interp,
+        full_cached,
+    ]));
     let client = reqwest::Client::new();
-    let path = testkit::SEND_PATH;
-    let url_bare = format!("{bare_url}{path}");
-    let url_full = format!("{full_url}{path}");
-    let url_interp = format!("{interp_url}{path}");
-    let url_cached = format!("{cached_url}{path}");
     let send = |url: &str| {
         let req = client.post(url).header("authorization", &token);
         async move {
@@ -242,7 +230,30 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
     g.bench_function("authn_authz_cached_handler_http_c16", |b| {
         b.to_async(rt).iter_custom(timed(&url_cached))
     });
-    // In-process (tower oneshot, no network): the layers' own cost, worst case for the ratio.
+    in_process(&mut g, rt, &bare, &full, &token);
+    g.finish();
+
+    paired_blocks(rt, burst, &url_bare, &url_full)
+}
+
+/// Serves each router on loopback; the URL of its send route.
+async fn send_urls(routers: [Router; 4]) -> [String; 4] {
+    let mut urls: [String; 4] = Default::default();
+    for (url, router) in urls.iter_mut().zip(routers) {
+        *url = format!("{}{}", serve_url(router).await, testkit::SEND_PATH);
+    }
+    urls
+}
+
+/// In-process (tower oneshot, no network): the layers' own cost, the worst
+/// case for the ratio.
+fn in_process(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    bare: &Router,
+    full: &Router,
+    token: &str,
+) {
     let req = |t: &str| {
         Request::post(testkit::SEND_PATH)
             .header("authorization", t)
@@ -251,15 +262,12 @@ fn stack(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> Paired {
     };
     g.bench_function("bare_handler_inproc", |b| {
         b.to_async(rt)
-            .iter(|| async { black_box(bare.clone().oneshot(req(&token)).await.unwrap()) })
+            .iter(|| async { black_box(bare.clone().oneshot(req(token)).await.unwrap()) })
     });
     g.bench_function("authn_authz_handler_inproc", |b| {
         b.to_async(rt)
-            .iter(|| async { black_box(full.clone().oneshot(req(&token)).await.unwrap()) })
+            .iter(|| async { black_box(full.clone().oneshot(req(token)).await.unwrap()) })
     });
-    g.finish();
-
-    paired_blocks(rt, burst, &url_bare, &url_full)
 }
 
 /// The bare handler's router behind authentication and the reference policy
@@ -335,9 +343,9 @@ where
         }
     });
     Paired {
-        bare_us: median(bare_t),
-        full_us: median(full_t),
-        keeps: median(keeps),
+        bare_us: median(&bare_t),
+        full_us: median(&full_t),
+        keeps: median(&keeps),
     }
 }
 
