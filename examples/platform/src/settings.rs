@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use soma_bus::BusConfig;
 use soma_config::{
-    ConfigError, DeploymentProfile, FlagsConfig, Live, Loader, ProfilePreset, SectionPreset,
+    Checks, ConfigError, DeploymentProfile, FlagsConfig, Live, Loader, ProfilePreset, SectionPreset,
 };
 use soma_observability::TelemetryConfig;
 use soma_observability::shutdown::ShutdownConfig;
@@ -364,96 +364,78 @@ pub fn loader(files: &[PathBuf]) -> Loader<PlatformSettings> {
     for f in files {
         loader = loader.file(f);
     }
-    loader.validate(|s, checks| {
-        checks.ensure(!s.postgres.url.is_empty(), "postgres.url", "must be set");
-        if let Err(e) = s.policy.api_keys.validate() {
-            checks.fail(e.key(), e.to_string());
-        }
-        checks.ensure(
-            s.chat.rate_limit > 0,
-            "chat.rate_limit",
-            "must be at least 1",
-        );
-        checks.ensure(
-            s.chat.rate_window_secs > 0,
-            "chat.rate_window_secs",
-            "must be at least 1",
-        );
-        checks.ensure(
-            s.chat.sse_buffer > 0,
-            "chat.sse_buffer",
-            "must be at least 1",
-        );
-        checks.ensure(
-            s.chat.sse_heartbeat_ms > 0,
-            "chat.sse_heartbeat_ms",
-            "must be at least 1",
-        );
-        checks.ensure(
+    loader.validate(validate)
+}
+
+/// The rules no type expresses: counts and sizes of at least 1, a named
+/// live-preview channel, a message limit within the body limit, and at
+/// least one accepted credential.
+fn validate(s: &PlatformSettings, checks: &mut Checks) {
+    checks.ensure(!s.postgres.url.is_empty(), "postgres.url", "must be set");
+    if let Err(e) = s.policy.api_keys.validate() {
+        checks.fail(e.key(), e.to_string());
+    }
+    let at_least_one = [
+        (s.chat.rate_limit > 0, "chat.rate_limit"),
+        (s.chat.rate_window_secs > 0, "chat.rate_window_secs"),
+        (s.chat.sse_buffer > 0, "chat.sse_buffer"),
+        (s.chat.sse_heartbeat_ms > 0, "chat.sse_heartbeat_ms"),
+        (
             s.chat.session_events_max_per_conversation > 0,
             "chat.session_events_max_per_conversation",
-            "must be at least 1",
-        );
-        checks.ensure(
+        ),
+        (
             s.chat.session_events_prune_interval_ms > 0,
             "chat.session_events_prune_interval_ms",
-            "must be at least 1",
-        );
-        checks.ensure(
-            !s.chat.live_previews
-                || (s.chat.live_max_previews > 0
-                    && !s.chat.live_channel.is_empty()
-                    && s.chat.live_channel.len() <= 128
-                    && s.chat
-                        .live_channel
-                        .bytes()
-                        .all(|b| b.is_ascii_graphic() && !b":{}*?[]".contains(&b))),
-            "chat.live_channel",
-            "live previews need a channel name (no `:`, spaces, braces or glob \
-             characters) and chat.live_max_previews of at least 1",
-        );
-        checks.ensure(
-            s.chat.max_message_bytes > 0 && s.chat.max_message_bytes <= s.http.max_body_bytes,
-            "chat.max_message_bytes",
-            "must be between 1 and http.max_body_bytes",
-        );
-        checks.ensure(
+        ),
+        (
             s.memory.replica_lag_interval_ms > 0,
             "memory.replica_lag_interval_ms",
-            "must be at least 1",
-        );
-        checks.ensure(
-            s.http.request_timeout_ms > 0,
-            "http.request_timeout_ms",
-            "must be at least 1",
-        );
-        checks.ensure(
+        ),
+        (s.http.request_timeout_ms > 0, "http.request_timeout_ms"),
+        (
             s.http.max_concurrent_requests > 0,
             "http.max_concurrent_requests",
-            "must be at least 1",
-        );
-        checks.ensure(
-            s.tools.timeout_ms > 0 && s.tools.max_output_bytes > 0,
-            "tools",
-            "timeout_ms and max_output_bytes must be at least 1",
-        );
-        checks.ensure(
-            s.llm.request_timeout_ms > 0,
-            "llm.request_timeout_ms",
-            "must be at least 1",
-        );
-        checks.ensure(
-            s.operator.dlq_scan_max > 0,
-            "operator.dlq_scan_max",
-            "must be at least 1",
-        );
-        checks.ensure(
-            !s.policy.issuers.is_empty() || s.policy.api_keys.enabled,
-            "policy.issuers",
-            "no credential is accepted: configure an issuer or enable API keys",
-        );
-        crate::workspace::validate(&s.workspace, checks);
-    })
+        ),
+        (s.llm.request_timeout_ms > 0, "llm.request_timeout_ms"),
+        (s.operator.dlq_scan_max > 0, "operator.dlq_scan_max"),
+    ];
+    for (ok, key) in at_least_one {
+        checks.ensure(ok, key, "must be at least 1");
+    }
+    checks.ensure(
+        !s.chat.live_previews
+            || (s.chat.live_max_previews > 0 && valid_live_channel(&s.chat.live_channel)),
+        "chat.live_channel",
+        "live previews need a channel name (no `:`, spaces, braces or glob \
+         characters) and chat.live_max_previews of at least 1",
+    );
+    checks.ensure(
+        s.chat.max_message_bytes > 0 && s.chat.max_message_bytes <= s.http.max_body_bytes,
+        "chat.max_message_bytes",
+        "must be between 1 and http.max_body_bytes",
+    );
+    checks.ensure(
+        s.tools.timeout_ms > 0 && s.tools.max_output_bytes > 0,
+        "tools",
+        "timeout_ms and max_output_bytes must be at least 1",
+    );
+    checks.ensure(
+        !s.policy.issuers.is_empty() || s.policy.api_keys.enabled,
+        "policy.issuers",
+        "no credential is accepted: configure an issuer or enable API keys",
+    );
+    crate::workspace::validate(&s.workspace, checks);
+}
+
+/// A Redis pub/sub channel name live previews can use: 1–128 visible ASCII
+/// characters, none of `:{}*?[]` (key separators and glob characters).
+fn valid_live_channel(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b":{}*?[]".contains(&b))
 }
 
 /// Loads the settings into a live registry (see [`loader`]).
