@@ -313,7 +313,8 @@ async fn phases(
             "bench: bare path: {} msg/s for {:?} over {} conversations (Zipf s = {})",
             opts.rate, bare_shape.duration, opts.conversations, opts.zipf_s
         );
-        let m = measured(&load, bare_shape, Duration::ZERO, &watched).await;
+        let rest = at_rest("bare path", &watched).await;
+        let m = measured(&load, bare_shape, Duration::ZERO, &watched, rest).await;
         println!("bench: bare path: cpu {}", m.profile);
         println!("bench: bare path: cpu per message {}", m.per_message);
         let (ceiling, ceiling_errors) = load.ceiling(opts.ceiling_workers, opts.ceiling, 17).await;
@@ -357,12 +358,13 @@ async fn measure_platform(
             with_children: false,
         });
     }
+    let rest = at_rest("platform", &watched).await;
     println!(
         "bench: platform: {} SSE streams open; {} msg/s for {:?} (Zipf s = {})",
         opts.conversations, opts.rate, opts.duration, opts.zipf_s
     );
     let (m, points) = tokio::join!(
-        measured(&load, shape, Duration::from_secs(60), &watched),
+        measured(&load, shape, Duration::from_secs(60), &watched, rest),
         drift_points(stack, &watched, opts.duration)
     );
     println!("bench: platform: cpu {}", m.profile);
@@ -500,11 +502,42 @@ struct Measured {
     per_message: String,
     /// CPU milliseconds per accepted message, the stack's total.
     stack_ms_per_message: Option<f64>,
+    /// Cores the stack used at rest just before the load (streams open, no
+    /// messages): its fixed cost, polling included.
+    rest_cores: f64,
+    /// CPU milliseconds per accepted message above that fixed cost: the
+    /// load's marginal cost.
+    marginal_ms_per_message: Option<f64>,
+}
+
+/// How long the stack is watched at rest before a load.
+const REST: Duration = Duration::from_secs(15);
+
+/// Cores the watched stack (the load generator aside) uses over `REST`
+/// with no load: printed with its profile, returned.
+async fn at_rest(what: &str, watched: &[Watched]) -> f64 {
+    let before = cpu::sample(watched);
+    let t = Instant::now();
+    tokio::time::sleep(REST).await;
+    let after = cpu::sample(watched);
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "bench: {what}: at rest for {:?} (no messages): cpu {}",
+        REST,
+        cpu::report(watched, &before, &after, secs)
+    );
+    cpu::stack_secs(watched, &before, &after) / secs
 }
 
 /// The load with CPU sampled around it (load and drain); prints the
 /// outcome.
-async fn measured(load: &OpenLoop, shape: Shape, drain: Duration, watched: &[Watched]) -> Measured {
+async fn measured(
+    load: &OpenLoop,
+    shape: Shape,
+    drain: Duration,
+    watched: &[Watched],
+    rest_cores: f64,
+) -> Measured {
     let before = cpu::sample(watched);
     let t = std::time::Instant::now();
     let report = load.run(shape, drain).await;
@@ -521,9 +554,14 @@ async fn measured(load: &OpenLoop, shape: Shape, drain: Duration, watched: &[Wat
         report.completed,
         report.sse_reconnects
     );
-    let stack_ms_per_message = (report.accepted > 0)
-        .then(|| cpu::stack_secs(watched, &before, &after) * 1e3 / report.accepted as f64);
+    let stack_secs = cpu::stack_secs(watched, &before, &after);
+    let stack_ms_per_message =
+        (report.accepted > 0).then(|| stack_secs * 1e3 / report.accepted as f64);
+    let marginal_ms_per_message = (report.accepted > 0)
+        .then(|| (stack_secs - rest_cores * secs).max(0.0) * 1e3 / report.accepted as f64);
     Measured {
+        rest_cores,
+        marginal_ms_per_message,
         profile: cpu::report(watched, &before, &after, secs),
         per_message: cpu::per_message(watched, &before, &after, report.accepted),
         stack_ms_per_message,
@@ -629,5 +667,28 @@ fn rows(
             bare_m.stack_ms_per_message.map(|ms| ms * GOAL_RATE / 1e3),
         )
         .goal(Goal::AtMost(cores)),
+        row(
+            "stack CPU at rest before the load (streams open, no messages)",
+            "cores",
+        )
+        .ours(Some(ours_m.rest_cores))
+        .baseline(BARE, Some(bare_m.rest_cores)),
+        row("CPU per accepted message above the stack at rest", "ms")
+            .ours(ours_m.marginal_ms_per_message)
+            .baseline(BARE, bare_m.marginal_ms_per_message),
+        row(
+            &format!("cores for {GOAL_RATE}/s: at rest + {GOAL_RATE} × cost above rest"),
+            "cores",
+        )
+        .ours(cores_for(GOAL_RATE, ours_m))
+        .baseline(BARE, cores_for(GOAL_RATE, bare_m))
+        .goal(Goal::AtMost(cores)),
     ]
+}
+
+/// Cores a stack would need at `rate` messages a second: its fixed cost at
+/// rest plus `rate` times its marginal cost per message.
+fn cores_for(rate: f64, m: &Measured) -> Option<f64> {
+    m.marginal_ms_per_message
+        .map(|ms| m.rest_cores + rate * ms / 1e3)
 }
