@@ -23,9 +23,23 @@ ready() { curl -fsS --max-time 2 "http://$bind/readyz" >/dev/null 2>&1; }
 if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null && ready; then
   exit 0
 fi
-if (exec 3<>"/dev/tcp/${bind%:*}/${bind##*:}") 2>/dev/null; then
-  echo "stack: $bind is taken by another process; not starting the memory service" >&2
-  exit 1
+taken() { (exec 3<>"/dev/tcp/${bind%:*}/${bind##*:}") 2>/dev/null; }
+if taken; then
+  # Another checkout's memory service (a second clone, a CI clone) holds the
+  # port: this checkout's tests must meet this checkout's service, so stop
+  # that one. Anything else on the port is left alone.
+  pid="$(ss -Hltnp "sport = :${bind##*:}" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2 || true)"
+  exe="$(readlink "/proc/${pid:-0}/exe" 2>/dev/null || true)"
+  exe="${exe% (deleted)}"
+  if [ -n "$pid" ] && [ "$(basename "$exe")" = soma-memory-service ]; then
+    echo "stack: $bind is held by another checkout's memory service ($exe, pid $pid); stopping it to start this checkout's" >&2
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 40); do taken || break; sleep 0.25; done
+  fi
+  if taken; then
+    echo "stack: $bind is taken by another process; not starting the memory service" >&2
+    exit 1
+  fi
 fi
 
 cd "$ROOT"
