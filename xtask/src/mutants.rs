@@ -21,7 +21,7 @@
 //! directory; don't edit it while the run lasts.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::{platform, root};
@@ -148,7 +148,7 @@ struct Tally {
 }
 
 impl Tally {
-    fn read(dir: &std::path::Path) -> Self {
+    fn read(dir: &Path) -> Self {
         let count = |name: &str| {
             fs::read_to_string(dir.join(name))
                 .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
@@ -179,75 +179,106 @@ pub(crate) fn cli(args: &[String]) -> Result<(), String> {
     let out_root = platform::target_dir().join("mutants");
     fs::create_dir_all(&out_root).map_err(|e| format!("{}: {e}", out_root.display()))?;
     let diff = match &o.changed_since {
-        Some(rev) => {
-            let out = Command::new("git")
-                .args(["diff", rev, "--", "*.rs"])
-                .current_dir(root())
-                .output()
-                .map_err(|e| format!("git diff: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "git diff {rev}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
-            let path = out_root.join("changes.diff");
-            fs::write(&path, &out.stdout).map_err(|e| e.to_string())?;
-            Some(path)
-        }
+        Some(rev) => Some(write_diff(rev, &out_root)?),
         None => None,
     };
     let mut rows: Vec<(String, Tally, bool)> = Vec::new();
     for (krate, files) in plan(&o)? {
         let out_dir: PathBuf = out_root.join(&krate);
-        let mut a: Vec<String> = ["mutants", "--package", &krate, "--test-tool", "nextest"]
-            .map(String::from)
-            .to_vec();
-        a.extend(["--output".into(), out_dir.display().to_string()]);
-        let jobs = o.jobs.clone().unwrap_or_else(|| "1".into());
-        if jobs == "1" {
-            // One job mutates this tree in place and reuses its warm target
-            // directory (a copy would build every dependency cold); the
-            // sources are restored when cargo-mutants ends. Don't edit the
-            // tree meanwhile.
-            a.push("--in-place".into());
-        } else {
-            a.extend(["--jobs".into(), jobs]);
-        }
-        // A timeout is reported, not counted as a kill: keep it bounded.
-        a.extend([
-            "--timeout".into(),
-            o.timeout.clone().unwrap_or_else(|| "300".into()),
-        ]);
-        for f in &files {
-            a.extend(["--file".into(), format!("{krate}/{f}")]);
-        }
-        if let Some(re) = &o.re {
-            a.extend(["--re".into(), re.clone()]);
-        }
-        if let Some(d) = &diff {
-            a.extend(["--in-diff".into(), d.display().to_string()]);
-        }
-        if !o.passthrough.is_empty() {
-            a.push("--".into());
-            a.extend(o.passthrough.iter().cloned());
-        }
-        println!("\n==> cargo {}", a.join(" "));
-        let status = Command::new("cargo")
-            .args(&a)
-            // .config/nextest.toml: stop at the first failing test.
-            .env("NEXTEST_PROFILE", "mutants")
-            .current_dir(root())
-            .status()
-            .map_err(|e| format!("cargo mutants: {e}"))?;
-        // Exit codes: 0 all caught, 2 missed, 3 timeouts; anything else
-        // (usage, baseline tests failing) is a failed run.
-        let ran = matches!(status.code(), Some(0 | 2 | 3));
+        let a = mutants_args(&o, &krate, &files, &out_dir, diff.as_deref());
+        let ran = run_mutants(&a)?;
         rows.push((krate, Tally::read(&out_dir.join("mutants.out")), ran));
     }
+    print_table(&rows);
+    if rows.iter().any(|(_, _, ran)| !ran) {
+        return Err("a cargo-mutants run failed (see its output above)".into());
+    }
+    Ok(())
+}
+
+/// Writes the Rust changes since `rev` to `out_root/changes.diff` (for
+/// cargo-mutants' `--in-diff`) and returns its path.
+fn write_diff(rev: &str, out_root: &Path) -> Result<PathBuf, String> {
+    let out = Command::new("git")
+        .args(["diff", rev, "--", "*.rs"])
+        .current_dir(root())
+        .output()
+        .map_err(|e| format!("git diff: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "git diff {rev}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let path = out_root.join("changes.diff");
+    fs::write(&path, &out.stdout).map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
+/// The `cargo mutants` arguments for one crate's `files`.
+fn mutants_args(
+    o: &Opts,
+    krate: &str,
+    files: &[String],
+    out_dir: &Path,
+    diff: Option<&Path>,
+) -> Vec<String> {
+    let mut a: Vec<String> = ["mutants", "--package", krate, "--test-tool", "nextest"]
+        .map(String::from)
+        .to_vec();
+    a.extend(["--output".into(), out_dir.display().to_string()]);
+    let jobs = o.jobs.clone().unwrap_or_else(|| "1".into());
+    if jobs == "1" {
+        // One job mutates this tree in place and reuses its warm target
+        // directory (a copy would build every dependency cold); the
+        // sources are restored when cargo-mutants ends. Don't edit the
+        // tree meanwhile.
+        a.push("--in-place".into());
+    } else {
+        a.extend(["--jobs".into(), jobs]);
+    }
+    // A timeout is reported, not counted as a kill: keep it bounded.
+    a.extend([
+        "--timeout".into(),
+        o.timeout.clone().unwrap_or_else(|| "300".into()),
+    ]);
+    for f in files {
+        a.extend(["--file".into(), format!("{krate}/{f}")]);
+    }
+    if let Some(re) = &o.re {
+        a.extend(["--re".into(), re.clone()]);
+    }
+    if let Some(d) = diff {
+        a.extend(["--in-diff".into(), d.display().to_string()]);
+    }
+    if !o.passthrough.is_empty() {
+        a.push("--".into());
+        a.extend(o.passthrough.iter().cloned());
+    }
+    a
+}
+
+/// Runs `cargo <a>`; whether cargo-mutants completed its run (whatever
+/// it found).
+fn run_mutants(a: &[String]) -> Result<bool, String> {
+    println!("\n==> cargo {}", a.join(" "));
+    let status = Command::new("cargo")
+        .args(a)
+        // .config/nextest.toml: stop at the first failing test.
+        .env("NEXTEST_PROFILE", "mutants")
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("cargo mutants: {e}"))?;
+    // Exit codes: 0 all caught, 2 missed, 3 timeouts; anything else
+    // (usage, baseline tests failing) is a failed run.
+    Ok(matches!(status.code(), Some(0 | 2 | 3)))
+}
+
+/// One table row per crate run, then where the surviving mutants are listed.
+fn print_table(rows: &[(String, Tally, bool)]) {
     println!("\n| crate | mutants | caught | missed | timeout | unviable | kill rate |");
     println!("|---|---|---|---|---|---|---|");
-    for (krate, t, ran) in &rows {
+    for (krate, t, ran) in rows {
         let rate = t
             .kill_rate()
             .map_or_else(|| "—".to_owned(), |r| format!("{r:.1} %"));
@@ -264,10 +295,6 @@ pub(crate) fn cli(args: &[String]) -> Result<(), String> {
     println!(
         "\nmissed and timed-out mutants: target/mutants/<crate>/mutants.out/{{missed,timeout}}.txt"
     );
-    if rows.iter().any(|(_, _, ran)| !ran) {
-        return Err("a cargo-mutants run failed (see its output above)".into());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -303,6 +330,29 @@ mod tests {
                 "soma-config".to_owned(),
                 vec!["src/loader.rs".to_owned(), "src/live.rs".to_owned()]
             )]
+        );
+    }
+
+    #[test]
+    fn one_job_mutates_in_place_and_options_pass_through() {
+        let o = parse(&args(&["--re", "relay", "--", "-E", "test(x)"])).unwrap();
+        let files = ["src/relay.rs".to_owned()];
+        let a = mutants_args(
+            &o,
+            "soma-outbox",
+            &files,
+            Path::new("out"),
+            Some(Path::new("d")),
+        );
+        let expected = "mutants --package soma-outbox --test-tool nextest --output out \
+                        --in-place --timeout 300 --file soma-outbox/src/relay.rs --re relay \
+                        --in-diff d -- -E test(x)";
+        assert_eq!(a.join(" "), expected);
+        let o = parse(&args(&["-j", "2", "--timeout", "60"])).unwrap();
+        let a = mutants_args(&o, "soma-bus", &[], Path::new("out"), None);
+        assert_eq!(
+            a.join(" "),
+            "mutants --package soma-bus --test-tool nextest --output out --jobs 2 --timeout 60"
         );
     }
 

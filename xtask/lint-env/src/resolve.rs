@@ -315,118 +315,111 @@ impl Scopes {
         files: &[SourceFile],
     ) {
         for item in items {
-            match item {
-                Item::Use(u) => {
-                    let mut prefix = Vec::new();
-                    self.collect_use(scope, u.leading_colon.is_some(), &mut prefix, &u.tree);
+            self.collect_item(scope, file, item, files);
+        }
+    }
+
+    /// Records the names one item defines in `scope`.
+    fn collect_item(&mut self, scope: ScopeId, file: usize, item: &Item, files: &[SourceFile]) {
+        match item {
+            Item::Use(u) => {
+                let mut prefix = Vec::new();
+                self.collect_use(scope, u.leading_colon.is_some(), &mut prefix, &u.tree);
+            }
+            Item::Mod(m) => {
+                let id = self.collect_mod(scope, file, m, files);
+                self.bind(scope, name(&m.ident), Binding::Module(id));
+            }
+            Item::ExternCrate(e) => self.collect_extern_crate(scope, e),
+            Item::ForeignMod(fm) => {
+                for (ident, ns) in fm.items.iter().filter_map(foreign_item_name) {
+                    self.bind(scope, ident, Binding::Item(ns));
                 }
-                Item::Mod(m) => {
-                    let name = name(&m.ident);
-                    let module = self.scopes[scope].module;
-                    let (child_dir, path_base) = (
-                        self.scopes[module].child_dir.clone(),
-                        self.scopes[module].path_base.clone(),
-                    );
-                    let id = match &m.content {
-                        Some((_, inner)) => {
-                            let dir = match path_attr(&m.attrs) {
-                                Some(p) => path_base.join(p),
-                                None => child_dir.join(&name),
-                            };
-                            let id = self.new_module(Some(module), dir.clone(), dir);
-                            self.inline_mods.insert(mod_key(file, &m.ident), id);
-                            self.collect(id, file, inner, files);
-                            id
-                        }
-                        None => {
-                            let found = candidates(&m.attrs, &name, &child_dir, &path_base)
-                                .into_iter()
-                                .find_map(|c| self.file_index.get(&c).copied())
-                                .filter(|i| !self.file_scopes.contains_key(i) && *i < files.len());
-                            match found {
-                                Some(i) => {
-                                    let fpath = files[i].path.clone();
-                                    let fdir =
-                                        fpath.parent().map(Path::to_path_buf).unwrap_or_default();
-                                    let cdir = if is_mod_rs(&fpath) {
-                                        fdir.clone()
-                                    } else {
-                                        fdir.join(fpath.file_stem().unwrap_or_default())
-                                    };
-                                    let id = self.new_module(Some(module), cdir, fdir);
-                                    self.file_scopes.insert(i, id);
-                                    self.collect(id, i, &files[i].ast.items, files);
-                                    id
-                                }
-                                // A module whose file we cannot see: its names
-                                // stay unknown, which is never reported.
-                                None => self.new_module(
-                                    Some(module),
-                                    child_dir.join(&name),
-                                    child_dir.clone(),
-                                ),
-                            }
-                        }
-                    };
-                    self.bind(scope, name, Binding::Module(id));
+            }
+            other => {
+                if let Some((ident, ns)) = item_name(other) {
+                    self.bind(scope, ident, Binding::Item(ns));
                 }
-                Item::ExternCrate(e) => {
-                    let krate = name(&e.ident);
-                    let name = e
-                        .rename
-                        .as_ref()
-                        .map(|(_, r)| name(r))
-                        .unwrap_or_else(|| krate.clone());
-                    if name == "_" {
-                        continue;
-                    }
-                    let b = if krate == "self" {
-                        let root = self.root_of(scope);
-                        Binding::Module(root)
-                    } else {
-                        Binding::ExternCrate(krate)
-                    };
-                    self.bind(scope, name, b);
-                }
-                Item::Fn(f) => self.bind(scope, name(&f.sig.ident), Binding::Item(Ns::Value)),
-                Item::Const(c) => self.bind(scope, name(&c.ident), Binding::Item(Ns::Value)),
-                Item::Static(s) => self.bind(scope, name(&s.ident), Binding::Item(Ns::Value)),
-                Item::Struct(s) => {
-                    let ns = match s.fields {
-                        syn::Fields::Named(_) => Ns::Type,
-                        _ => Ns::Both,
-                    };
-                    self.bind(scope, name(&s.ident), Binding::Item(ns));
-                }
-                Item::Enum(e) => self.bind(scope, name(&e.ident), Binding::Item(Ns::Type)),
-                Item::Union(u) => self.bind(scope, name(&u.ident), Binding::Item(Ns::Type)),
-                Item::Trait(t) => self.bind(scope, name(&t.ident), Binding::Item(Ns::Type)),
-                Item::TraitAlias(t) => self.bind(scope, name(&t.ident), Binding::Item(Ns::Type)),
-                Item::Type(t) => self.bind(scope, name(&t.ident), Binding::Item(Ns::Type)),
-                Item::Macro(m) => {
-                    if let Some(ident) = &m.ident {
-                        self.bind(scope, name(ident), Binding::Item(Ns::Macro));
-                    }
-                }
-                Item::ForeignMod(fm) => {
-                    for fi in &fm.items {
-                        match fi {
-                            syn::ForeignItem::Fn(f) => {
-                                self.bind(scope, name(&f.sig.ident), Binding::Item(Ns::Value))
-                            }
-                            syn::ForeignItem::Static(s) => {
-                                self.bind(scope, name(&s.ident), Binding::Item(Ns::Value))
-                            }
-                            syn::ForeignItem::Type(t) => {
-                                self.bind(scope, name(&t.ident), Binding::Item(Ns::Type))
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-                _ => {}
             }
         }
+    }
+
+    /// The scope of module `m` declared in `scope`: an inline module's
+    /// items, or the file a `mod x;` names (a module of unknown names when
+    /// that file is not among `files`).
+    fn collect_mod(
+        &mut self,
+        scope: ScopeId,
+        file: usize,
+        m: &syn::ItemMod,
+        files: &[SourceFile],
+    ) -> ScopeId {
+        let name = name(&m.ident);
+        let module = self.scopes[scope].module;
+        let (child_dir, path_base) = (
+            self.scopes[module].child_dir.clone(),
+            self.scopes[module].path_base.clone(),
+        );
+        match &m.content {
+            Some((_, inner)) => {
+                let dir = match path_attr(&m.attrs) {
+                    Some(p) => path_base.join(p),
+                    None => child_dir.join(&name),
+                };
+                let id = self.new_module(Some(module), dir.clone(), dir);
+                self.inline_mods.insert(mod_key(file, &m.ident), id);
+                self.collect(id, file, inner, files);
+                id
+            }
+            None => {
+                let found = candidates(&m.attrs, &name, &child_dir, &path_base)
+                    .into_iter()
+                    .find_map(|c| self.file_index.get(&c).copied())
+                    .filter(|i| !self.file_scopes.contains_key(i) && *i < files.len());
+                match found {
+                    Some(i) => self.collect_mod_file(module, i, files),
+                    // A module whose file we cannot see: its names stay
+                    // unknown, which is never reported.
+                    None => self.new_module(Some(module), child_dir.join(&name), child_dir),
+                }
+            }
+        }
+    }
+
+    /// The scope of `files[i]`, a module file of `module`, with its items.
+    fn collect_mod_file(&mut self, module: ScopeId, i: usize, files: &[SourceFile]) -> ScopeId {
+        let fpath = files[i].path.clone();
+        let fdir = fpath.parent().map(Path::to_path_buf).unwrap_or_default();
+        let cdir = if is_mod_rs(&fpath) {
+            fdir.clone()
+        } else {
+            fdir.join(fpath.file_stem().unwrap_or_default())
+        };
+        let id = self.new_module(Some(module), cdir, fdir);
+        self.file_scopes.insert(i, id);
+        self.collect(id, i, &files[i].ast.items, files);
+        id
+    }
+
+    /// `extern crate krate [as name];`: `name` binds the crate, or this
+    /// crate's root for `extern crate self as name;` (`as _` binds nothing).
+    fn collect_extern_crate(&mut self, scope: ScopeId, e: &syn::ItemExternCrate) {
+        let krate = name(&e.ident);
+        let name = e
+            .rename
+            .as_ref()
+            .map(|(_, r)| name(r))
+            .unwrap_or_else(|| krate.clone());
+        if name == "_" {
+            return;
+        }
+        let b = if krate == "self" {
+            let root = self.root_of(scope);
+            Binding::Module(root)
+        } else {
+            Binding::ExternCrate(krate)
+        };
+        self.bind(scope, name, b);
     }
 
     fn collect_use(
@@ -676,6 +669,38 @@ fn ns_matches(ns: Ns, want: Want) -> bool {
         Want::Path => matches!(ns, Ns::Type | Ns::Both),
         Want::Value => matches!(ns, Ns::Value | Ns::Both),
         Want::Macro => ns == Ns::Macro,
+    }
+}
+
+/// The name and namespace an item other than a `use`, `mod`, `extern
+/// crate` or `extern` block defines, if any.
+fn item_name(item: &Item) -> Option<(String, Ns)> {
+    let (ident, ns) = match item {
+        Item::Fn(f) => (&f.sig.ident, Ns::Value),
+        Item::Const(c) => (&c.ident, Ns::Value),
+        Item::Static(s) => (&s.ident, Ns::Value),
+        Item::Struct(s) => match s.fields {
+            syn::Fields::Named(_) => (&s.ident, Ns::Type),
+            _ => (&s.ident, Ns::Both),
+        },
+        Item::Enum(e) => (&e.ident, Ns::Type),
+        Item::Union(u) => (&u.ident, Ns::Type),
+        Item::Trait(t) => (&t.ident, Ns::Type),
+        Item::TraitAlias(t) => (&t.ident, Ns::Type),
+        Item::Type(t) => (&t.ident, Ns::Type),
+        Item::Macro(m) => (m.ident.as_ref()?, Ns::Macro),
+        _ => return None,
+    };
+    Some((name(ident), ns))
+}
+
+/// The name and namespace an item of an `extern` block defines, if any.
+fn foreign_item_name(item: &syn::ForeignItem) -> Option<(String, Ns)> {
+    match item {
+        syn::ForeignItem::Fn(f) => Some((name(&f.sig.ident), Ns::Value)),
+        syn::ForeignItem::Static(s) => Some((name(&s.ident), Ns::Value)),
+        syn::ForeignItem::Type(t) => Some((name(&t.ident), Ns::Type)),
+        _ => None,
     }
 }
 

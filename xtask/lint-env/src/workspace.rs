@@ -361,33 +361,8 @@ pub(crate) fn load(manifest_path: &Path) -> Result<Workspace, LintError> {
         .unwrap_or(Path::new("/"))
         .to_path_buf();
     let manifest = read_manifest(&manifest_path)?;
-
-    let package_of =
-        |m: &toml::Table, dir: &Path, root: Option<(&toml::Table, &Path)>, path: &Path| {
-            Ok::<_, LintError>(Package {
-                name: package_name(m, path)?,
-                dir: dir.to_path_buf(),
-                renames: renames(&dependencies(m, dir, root)),
-            })
-        };
-
     if manifest.contains_key("workspace") {
-        let config = config_from(&manifest, "workspace", &manifest_path)?;
-        let mut packages = Vec::new();
-        for d in member_dirs(&dir, &manifest, &manifest_path)? {
-            let path = d.join("Cargo.toml");
-            let m = if d == dir {
-                manifest.clone()
-            } else {
-                read_manifest(&path)?
-            };
-            packages.push(package_of(&m, &d, Some((&manifest, &dir)), &path)?);
-        }
-        return Ok(Workspace {
-            root: dir,
-            packages,
-            config,
-        });
+        return load_root(dir, &manifest, &manifest_path);
     }
     if !manifest.contains_key("package") {
         return Err(LintError::ManifestParse {
@@ -395,31 +370,61 @@ pub(crate) fn load(manifest_path: &Path) -> Result<Workspace, LintError> {
             message: "neither [package] nor [workspace] found".to_string(),
         });
     }
+    load_package(dir, &manifest, &manifest_path)
+}
 
-    // A package: find its workspace root the way cargo does.
-    let explicit = manifest
-        .get("package")
-        .and_then(|p| p.get("workspace"))
-        .and_then(|w| w.as_str())
-        .map(|w| normalize(&dir.join(w)).join("Cargo.toml"));
-    let mut root_manifest = None;
-    if let Some(r) = explicit {
-        root_manifest = Some(r);
-    } else {
-        for anc in dir.ancestors().skip(1) {
-            let cand = anc.join("Cargo.toml");
-            if cand.is_file() && is_member(&dir, &cand)? {
-                root_manifest = Some(cand);
-                break;
-            }
-        }
+/// The package a manifest `m` in `dir` declares; `root` is its workspace
+/// root's manifest and directory, if it has one.
+fn package_of(
+    m: &toml::Table,
+    dir: &Path,
+    root: Option<(&toml::Table, &Path)>,
+    path: &Path,
+) -> Result<Package, LintError> {
+    Ok(Package {
+        name: package_name(m, path)?,
+        dir: dir.to_path_buf(),
+        renames: renames(&dependencies(m, dir, root)),
+    })
+}
+
+/// A workspace root's manifest: every member, with the root's allowlist.
+fn load_root(
+    dir: PathBuf,
+    manifest: &toml::Table,
+    manifest_path: &Path,
+) -> Result<Workspace, LintError> {
+    let config = config_from(manifest, "workspace", manifest_path)?;
+    let mut packages = Vec::new();
+    for d in member_dirs(&dir, manifest, manifest_path)? {
+        let path = d.join("Cargo.toml");
+        let m = if d == dir {
+            manifest.clone()
+        } else {
+            read_manifest(&path)?
+        };
+        packages.push(package_of(&m, &d, Some((manifest, &dir)), &path)?);
     }
-    match root_manifest {
+    Ok(Workspace {
+        root: dir,
+        packages,
+        config,
+    })
+}
+
+/// A package's manifest: that package, with the allowlist of the
+/// workspace it belongs to, or its own when it belongs to none.
+fn load_package(
+    dir: PathBuf,
+    manifest: &toml::Table,
+    manifest_path: &Path,
+) -> Result<Workspace, LintError> {
+    match root_manifest_of(&dir, manifest)? {
         Some(rm) => {
             let root = rm.parent().unwrap_or(Path::new("/")).to_path_buf();
             let rmanifest = read_manifest(&rm)?;
             let config = config_from(&rmanifest, "workspace", &rm)?;
-            let package = package_of(&manifest, &dir, Some((&rmanifest, &root)), &manifest_path)?;
+            let package = package_of(manifest, &dir, Some((&rmanifest, &root)), manifest_path)?;
             Ok(Workspace {
                 root,
                 packages: vec![package],
@@ -427,8 +432,8 @@ pub(crate) fn load(manifest_path: &Path) -> Result<Workspace, LintError> {
             })
         }
         None => {
-            let config = config_from(&manifest, "package", &manifest_path)?;
-            let package = package_of(&manifest, &dir, None, &manifest_path)?;
+            let config = config_from(manifest, "package", manifest_path)?;
+            let package = package_of(manifest, &dir, None, manifest_path)?;
             Ok(Workspace {
                 root: dir,
                 packages: vec![package],
@@ -436,6 +441,27 @@ pub(crate) fn load(manifest_path: &Path) -> Result<Workspace, LintError> {
             })
         }
     }
+}
+
+/// The root manifest of the workspace the package in `dir` belongs to,
+/// found the way cargo does: `package.workspace` when given, else the
+/// nearest ancestor manifest that lists it as a member.
+fn root_manifest_of(dir: &Path, manifest: &toml::Table) -> Result<Option<PathBuf>, LintError> {
+    let explicit = manifest
+        .get("package")
+        .and_then(|p| p.get("workspace"))
+        .and_then(|w| w.as_str())
+        .map(|w| normalize(&dir.join(w)).join("Cargo.toml"));
+    if explicit.is_some() {
+        return Ok(explicit);
+    }
+    for anc in dir.ancestors().skip(1) {
+        let cand = anc.join("Cargo.toml");
+        if cand.is_file() && is_member(dir, &cand)? {
+            return Ok(Some(cand));
+        }
+    }
+    Ok(None)
 }
 
 /// The `.rs` files of a package: everything under its directory except

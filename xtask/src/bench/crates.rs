@@ -71,230 +71,290 @@ const fn pair(
     }
 }
 
-/// Every crate bench with the goals its crate's README states.
+/// Every crate bench with the goals its crate's README states, in the
+/// order the table shows them.
 pub(crate) fn benches() -> Vec<Bench> {
-    use Show::*;
     vec![
-        Bench {
-            group: "bus",
-            package: "soma-bus",
-            bench: "throughput",
-            pairs: vec![
-                pair(
-                    "durable publisher, Kafka up (1 KiB keyed, batches of 1,000)",
-                    "publish_1KiB_keyed/durable_publisher_kafka_up/1000",
-                    Some(("raw rdkafka", "publish_1KiB_keyed/raw_rdkafka/1000")),
-                    Rate(1_000, "msg/s"),
-                    Goal::RatioAtLeast(0.85),
-                ),
-                pair(
-                    "durable publisher, broker down (outbox)",
-                    "publish_1KiB_keyed/durable_publisher_broker_down_outbox/1000",
-                    None,
-                    Rate(1_000, "msg/s"),
-                    Goal::AtLeast(10_000.0),
-                ),
-                pair(
-                    "BusConsumer, no-op handler",
-                    "consume_noop/bus_consumer/2000",
-                    None,
-                    Rate(2_000, "msg/s"),
-                    Goal::AtLeast(50_000.0),
-                ),
-            ],
-        },
-        Bench {
-            group: "bus",
-            package: "soma-bus",
-            bench: "relay",
-            pairs: vec![pair(
-                "outbox relay into Kafka (batch 500)",
-                "relay_vs_raw_1KiB_keyed/relay_kafka_sink_batch500/5000",
-                Some((
-                    "raw rdkafka",
-                    "relay_vs_raw_1KiB_keyed/raw_rdkafka_future_producer/5000",
-                )),
-                Rate(5_000, "msg/s"),
-                Goal::RatioAtLeast(0.8),
-            )],
-        },
-        Bench {
-            group: "outbox",
-            package: "soma-outbox",
-            bench: "outbox",
-            pairs: vec![pair(
-                "outbox enqueue, UNNEST (1,000 rows)",
-                "enqueue_1000_rows/unnest",
-                Some(("multi-row VALUES", "enqueue_1000_rows/multi_row_values")),
-                Rate(1_000, "rows/s"),
-                Goal::AtLeast(30_000.0),
-            )],
-        },
-        Bench {
-            group: "policy",
-            package: "soma-policy",
-            bench: "policy",
-            pairs: vec![
-                pair(
-                    "embedded decision (reference policy)",
-                    "decision/embedded",
-                    Some(("remote OPA, loopback", "decision/remote_opa_loopback")),
-                    Time("µs"),
-                    Goal::AtMost(15.0),
-                ),
-                pair(
-                    "decision-cache hit",
-                    "cache/authorizer_check_hit",
-                    None,
-                    Time("µs"),
-                    Goal::AtMost(1.0),
-                ),
-                pair(
-                    "HS256 token validation",
-                    "jwt/HS256",
-                    None,
-                    Time("µs"),
-                    Goal::AtMost(5.0),
-                ),
-                pair(
-                    "authn + authz + handler over HTTP, 16 in flight",
-                    "stack/authn_authz_handler_http_c16",
-                    Some(("bare handler", "stack/bare_handler_http_c16")),
-                    Time("µs"),
-                    Goal::None,
-                ),
-            ],
-        },
-        Bench {
-            group: "redis",
-            package: "soma-redis",
-            bench: "redis",
-            pairs: vec![
-                pair(
-                    "cache hit",
-                    "single/cache_hit",
-                    Some(("raw fred GET", "single/raw_fred_get")),
-                    Time("µs"),
-                    Goal::None,
-                ),
-                pair(
-                    "rate-limit check",
-                    "single/rate_limit_check",
-                    Some(("raw fred GET", "single/raw_fred_get")),
-                    Time("µs"),
-                    Goal::None,
-                ),
-            ],
-        },
-        Bench {
-            group: "somabrain",
-            package: "soma-somabrain",
-            bench: "resilience",
-            pairs: vec![
-                pair(
-                    "recall through SomabrainClient",
-                    "recall/somabrain_client",
-                    Some(("bare reqwest", "recall/bare_reqwest")),
-                    Time("µs"),
-                    Goal::OverheadAtMost(2.0),
-                ),
-                pair(
-                    "call rejected by the open breaker",
-                    "breaker_open/rejected_call",
-                    None,
-                    Time("µs"),
-                    Goal::AtMost(1.0),
-                ),
-            ],
-        },
-        Bench {
-            group: "memory",
-            package: "soma-memory-service",
-            bench: "recall",
-            pairs: vec![
-                pair(
-                    "local memory service: recall over a 10,000-memory scope (hybrid, window 256)",
-                    "recall_10k/hybrid_window_256",
-                    Some((
-                        "trigram, unbounded (before the window)",
-                        "recall_10k/trigram_unbounded",
-                    )),
-                    Time("ms"),
-                    Goal::RatioAtMost(0.05),
-                ),
-                pair(
-                    "local memory service: recall window 256 (default) against 1,000",
-                    "recall_10k/hybrid_window_256",
-                    Some(("hybrid, window 1,000", "recall_10k/hybrid_window_1000")),
-                    Time("ms"),
-                    Goal::RatioAtMost(0.5),
-                ),
-            ],
-        },
-        Bench {
-            group: "config",
-            package: "soma-config",
-            bench: "live",
-            pairs: vec![
-                pair(
-                    "Live::load() + field",
-                    "read/live_load",
-                    None,
-                    Time("ns"),
-                    Goal::AtMost(50.0),
-                ),
-                pair(
-                    "Reader::load() with a writer",
-                    "contended/reader_load_with_writer",
-                    Some(("RwLock read", "contended/rwlock_read_with_writer")),
-                    Time("ns"),
-                    Goal::RatioAtMost(0.1),
-                ),
-            ],
-        },
-        Bench {
-            group: "observability",
-            package: "soma-observability",
-            bench: "http_layers",
-            pairs: vec![
-                pair(
-                    "HTTP metrics layer, per request",
-                    "http_layers/metrics_layer",
-                    Some(("bare handler", "http_layers/bare_handler")),
-                    Time("µs"),
-                    Goal::OverheadAtMost(1.0),
-                ),
-                pair(
-                    "tracing + OTLP at 10 % sampling, per request",
-                    "http_layers/trace_layer_otlp_10pct",
-                    Some(("bare handler", "http_layers/bare_handler")),
-                    Time("µs"),
-                    Goal::OverheadAtMost(2.0),
-                ),
-            ],
-        },
-        Bench {
-            group: "observability",
-            package: "soma-observability",
-            bench: "metrics",
-            pairs: vec![
-                pair(
-                    "counter increment, resolved family",
-                    "metrics/counter_inc_resolved",
-                    None,
-                    Time("ns"),
-                    Goal::AtMost(5.0),
-                ),
-                pair(
-                    "encode 10,000 series",
-                    "metrics/encode_10k_series",
-                    None,
-                    Time("ms"),
-                    Goal::AtMost(10.0),
-                ),
-            ],
-        },
+        bus_throughput(),
+        bus_relay(),
+        outbox(),
+        policy(),
+        redis(),
+        somabrain_resilience(),
+        memory_recall(),
+        config_live(),
+        observability_http_layers(),
+        observability_metrics(),
     ]
+}
+
+/// `soma-bus`'s `throughput` bench.
+fn bus_throughput() -> Bench {
+    use Show::*;
+    Bench {
+        group: "bus",
+        package: "soma-bus",
+        bench: "throughput",
+        pairs: vec![
+            pair(
+                "durable publisher, Kafka up (1 KiB keyed, batches of 1,000)",
+                "publish_1KiB_keyed/durable_publisher_kafka_up/1000",
+                Some(("raw rdkafka", "publish_1KiB_keyed/raw_rdkafka/1000")),
+                Rate(1_000, "msg/s"),
+                Goal::RatioAtLeast(0.85),
+            ),
+            pair(
+                "durable publisher, broker down (outbox)",
+                "publish_1KiB_keyed/durable_publisher_broker_down_outbox/1000",
+                None,
+                Rate(1_000, "msg/s"),
+                Goal::AtLeast(10_000.0),
+            ),
+            pair(
+                "BusConsumer, no-op handler",
+                "consume_noop/bus_consumer/2000",
+                None,
+                Rate(2_000, "msg/s"),
+                Goal::AtLeast(50_000.0),
+            ),
+        ],
+    }
+}
+
+/// `soma-bus`'s `relay` bench.
+fn bus_relay() -> Bench {
+    use Show::*;
+    Bench {
+        group: "bus",
+        package: "soma-bus",
+        bench: "relay",
+        pairs: vec![pair(
+            "outbox relay into Kafka (batch 500)",
+            "relay_vs_raw_1KiB_keyed/relay_kafka_sink_batch500/5000",
+            Some((
+                "raw rdkafka",
+                "relay_vs_raw_1KiB_keyed/raw_rdkafka_future_producer/5000",
+            )),
+            Rate(5_000, "msg/s"),
+            Goal::RatioAtLeast(0.8),
+        )],
+    }
+}
+
+/// `soma-outbox`'s `outbox` bench.
+fn outbox() -> Bench {
+    use Show::*;
+    Bench {
+        group: "outbox",
+        package: "soma-outbox",
+        bench: "outbox",
+        pairs: vec![pair(
+            "outbox enqueue, UNNEST (1,000 rows)",
+            "enqueue_1000_rows/unnest",
+            Some(("multi-row VALUES", "enqueue_1000_rows/multi_row_values")),
+            Rate(1_000, "rows/s"),
+            Goal::AtLeast(30_000.0),
+        )],
+    }
+}
+
+/// `soma-policy`'s `policy` bench.
+fn policy() -> Bench {
+    use Show::*;
+    Bench {
+        group: "policy",
+        package: "soma-policy",
+        bench: "policy",
+        pairs: vec![
+            pair(
+                "embedded decision (reference policy)",
+                "decision/embedded",
+                Some(("remote OPA, loopback", "decision/remote_opa_loopback")),
+                Time("µs"),
+                Goal::AtMost(15.0),
+            ),
+            pair(
+                "decision-cache hit",
+                "cache/authorizer_check_hit",
+                None,
+                Time("µs"),
+                Goal::AtMost(1.0),
+            ),
+            pair(
+                "HS256 token validation",
+                "jwt/HS256",
+                None,
+                Time("µs"),
+                Goal::AtMost(5.0),
+            ),
+            pair(
+                "authn + authz + handler over HTTP, 16 in flight",
+                "stack/authn_authz_handler_http_c16",
+                Some(("bare handler", "stack/bare_handler_http_c16")),
+                Time("µs"),
+                Goal::None,
+            ),
+        ],
+    }
+}
+
+/// `soma-redis`'s `redis` bench.
+fn redis() -> Bench {
+    use Show::*;
+    Bench {
+        group: "redis",
+        package: "soma-redis",
+        bench: "redis",
+        pairs: vec![
+            pair(
+                "cache hit",
+                "single/cache_hit",
+                Some(("raw fred GET", "single/raw_fred_get")),
+                Time("µs"),
+                Goal::None,
+            ),
+            pair(
+                "rate-limit check",
+                "single/rate_limit_check",
+                Some(("raw fred GET", "single/raw_fred_get")),
+                Time("µs"),
+                Goal::None,
+            ),
+        ],
+    }
+}
+
+/// `soma-somabrain`'s `resilience` bench.
+fn somabrain_resilience() -> Bench {
+    use Show::*;
+    Bench {
+        group: "somabrain",
+        package: "soma-somabrain",
+        bench: "resilience",
+        pairs: vec![
+            pair(
+                "recall through SomabrainClient",
+                "recall/somabrain_client",
+                Some(("bare reqwest", "recall/bare_reqwest")),
+                Time("µs"),
+                Goal::OverheadAtMost(2.0),
+            ),
+            pair(
+                "call rejected by the open breaker",
+                "breaker_open/rejected_call",
+                None,
+                Time("µs"),
+                Goal::AtMost(1.0),
+            ),
+        ],
+    }
+}
+
+/// `soma-memory-service`'s `recall` bench.
+fn memory_recall() -> Bench {
+    use Show::*;
+    Bench {
+        group: "memory",
+        package: "soma-memory-service",
+        bench: "recall",
+        pairs: vec![
+            pair(
+                "local memory service: recall over a 10,000-memory scope (hybrid, window 256)",
+                "recall_10k/hybrid_window_256",
+                Some((
+                    "trigram, unbounded (before the window)",
+                    "recall_10k/trigram_unbounded",
+                )),
+                Time("ms"),
+                Goal::RatioAtMost(0.05),
+            ),
+            pair(
+                "local memory service: recall window 256 (default) against 1,000",
+                "recall_10k/hybrid_window_256",
+                Some(("hybrid, window 1,000", "recall_10k/hybrid_window_1000")),
+                Time("ms"),
+                Goal::RatioAtMost(0.5),
+            ),
+        ],
+    }
+}
+
+/// `soma-config`'s `live` bench.
+fn config_live() -> Bench {
+    use Show::*;
+    Bench {
+        group: "config",
+        package: "soma-config",
+        bench: "live",
+        pairs: vec![
+            pair(
+                "Live::load() + field",
+                "read/live_load",
+                None,
+                Time("ns"),
+                Goal::AtMost(50.0),
+            ),
+            pair(
+                "Reader::load() with a writer",
+                "contended/reader_load_with_writer",
+                Some(("RwLock read", "contended/rwlock_read_with_writer")),
+                Time("ns"),
+                Goal::RatioAtMost(0.1),
+            ),
+        ],
+    }
+}
+
+/// `soma-observability`'s `http_layers` bench.
+fn observability_http_layers() -> Bench {
+    use Show::*;
+    Bench {
+        group: "observability",
+        package: "soma-observability",
+        bench: "http_layers",
+        pairs: vec![
+            pair(
+                "HTTP metrics layer, per request",
+                "http_layers/metrics_layer",
+                Some(("bare handler", "http_layers/bare_handler")),
+                Time("µs"),
+                Goal::OverheadAtMost(1.0),
+            ),
+            pair(
+                "tracing + OTLP at 10 % sampling, per request",
+                "http_layers/trace_layer_otlp_10pct",
+                Some(("bare handler", "http_layers/bare_handler")),
+                Time("µs"),
+                Goal::OverheadAtMost(2.0),
+            ),
+        ],
+    }
+}
+
+/// `soma-observability`'s `metrics` bench.
+fn observability_metrics() -> Bench {
+    use Show::*;
+    Bench {
+        group: "observability",
+        package: "soma-observability",
+        bench: "metrics",
+        pairs: vec![
+            pair(
+                "counter increment, resolved family",
+                "metrics/counter_inc_resolved",
+                None,
+                Time("ns"),
+                Goal::AtMost(5.0),
+            ),
+            pair(
+                "encode 10,000 series",
+                "metrics/encode_10k_series",
+                None,
+                Time("ms"),
+                Goal::AtMost(10.0),
+            ),
+        ],
+    }
 }
 
 /// criterion's `full_id` → median ns per iteration, for every

@@ -569,6 +569,14 @@ async fn measured(
     }
 }
 
+/// The baseline's name in the platform rows.
+const BARE: &str = "bare axum+producer";
+/// The goal rate: what the measured cost per message says about
+/// reaching it on this machine's cores.
+const GOAL_RATE: f64 = 500.0;
+
+/// The platform group's rows, family by family: throughput and POST
+/// latency, replies, errors, decay, the closed-loop ceiling, CPU cost.
 fn rows(
     opts: &Opts,
     ours_m: &Measured,
@@ -576,18 +584,34 @@ fn rows(
     ours_ceiling: f64,
     bare_ceiling: f64,
 ) -> Vec<Row> {
-    let (ours, bare) = (&ours_m.report, &bare_m.report);
-    // The goal rate, and the cores this machine has: what the
-    // measured cost per message says about reaching one on the other.
-    const GOAL_RATE: f64 = 500.0;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    const BARE: &str = "bare axum+producer";
-    let row = |what: &str, unit: &str| Row::new(GROUP, what, unit);
-    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+    let mut rows = post_rows(opts, &ours_m.report, &bare_m.report);
+    rows.extend(reply_rows(&ours_m.report));
+    rows.extend(error_rows(&ours_m.report, &bare_m.report));
+    rows.extend(decay_rows(&ours_m.report, &bare_m.report));
+    rows.push(ceiling_row(opts, ours_ceiling, bare_ceiling));
+    rows.extend(cpu_rows(ours_m, bare_m));
+    rows
+}
+
+fn row(what: &str, unit: &str) -> Row {
+    Row::new(GROUP, what, unit)
+}
+
+/// `n` as a percentage of `of`; `None` when `of` is 0.
+fn share(n: u64, of: u64) -> Option<f64> {
+    (of > 0).then(|| n as f64 / of as f64 * 100.0)
+}
+
+/// `a / b` when both are known and `b` is positive.
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
-    };
-    let share = |n: u64, of: u64| (of > 0).then(|| n as f64 / of as f64 * 100.0);
+    }
+}
+
+/// Messages accepted under the open loop, and the POST's latency.
+fn post_rows(opts: &Opts, ours: &Report, bare: &Report) -> Vec<Row> {
     vec![
         row(
             &format!(
@@ -612,6 +636,13 @@ fn rows(
         row("POST latency max", "ms")
             .ours(ours.post_max_ms)
             .baseline(BARE, bare.post_max_ms),
+    ]
+}
+
+/// Time to the first reply event and to `assistant.completed`, and the
+/// replies completed (ours only: the bare path sends no replies).
+fn reply_rows(ours: &Report) -> Vec<Row> {
+    vec![
         row("send → first reply event p50", "ms").ours(ours.first_p50_ms),
         row("send → first reply event p99", "ms")
             .ours(ours.first_p99_ms)
@@ -623,6 +654,12 @@ fn rows(
         row("replies completed of accepted", "%")
             .ours(share(ours.completed, ours.accepted))
             .goal(Goal::AtLeast(100.0)),
+    ]
+}
+
+/// Failed sends, and sends the outbox deferred with the broker up.
+fn error_rows(ours: &Report, bare: &Report) -> Vec<Row> {
+    vec![
         row("errors (non-202 answers, transport)", "")
             .ours(Some(ours.error_count() as f64))
             .baseline(BARE, Some(bare.error_count() as f64))
@@ -630,6 +667,12 @@ fn rows(
         row("deferred (outbox) share, broker up", "%")
             .ours(share(ours.deferred, ours.accepted))
             .goal(Goal::AtMost(0.0)),
+    ]
+}
+
+/// Latency at the end of the load against its start.
+fn decay_rows(ours: &Report, bare: &Report) -> Vec<Row> {
+    vec![
         row("decay: POST p99, last third / first third", "×")
             .ours(ratio(ours.post_p99_last_ms, ours.post_p99_first_ms))
             .baseline(BARE, ratio(bare.post_p99_last_ms, bare.post_p99_first_ms))
@@ -640,17 +683,29 @@ fn rows(
                 ours.completed_p99_first_ms,
             ))
             .goal(Goal::AtMost(1.5)),
-        row(
-            &format!(
-                "ceiling: accepted, closed loop {} clients × {} s",
-                opts.ceiling_workers,
-                opts.ceiling.as_secs()
-            ),
-            "msg/s",
-        )
-        .ours(Some(ours_ceiling))
-        .baseline(BARE, Some(bare_ceiling))
-        .goal(Goal::RatioAtLeast(0.5)),
+    ]
+}
+
+/// Messages accepted under the closed loop.
+fn ceiling_row(opts: &Opts, ours_ceiling: f64, bare_ceiling: f64) -> Row {
+    row(
+        &format!(
+            "ceiling: accepted, closed loop {} clients × {} s",
+            opts.ceiling_workers,
+            opts.ceiling.as_secs()
+        ),
+        "msg/s",
+    )
+    .ours(Some(ours_ceiling))
+    .baseline(BARE, Some(bare_ceiling))
+    .goal(Goal::RatioAtLeast(0.5))
+}
+
+/// CPU per message, at rest and above rest, and the cores `GOAL_RATE`
+/// would need on this machine.
+fn cpu_rows(ours_m: &Measured, bare_m: &Measured) -> Vec<Row> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    vec![
         row(
             "CPU per accepted message, stack processes, load + drain",
             "ms",

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{Value, json};
 
@@ -41,16 +41,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// Reads `topic` from its beginning to the high watermarks seen at the
+/// start, emitting one JSON object per record.
 fn dump(
     bootstrap: &str,
     topic: &str,
-    mut emit: impl FnMut(Value) -> Result<(), String>,
+    emit: impl FnMut(Value) -> Result<(), String>,
 ) -> Result<(), String> {
+    let consumer = reader(bootstrap)?;
+    let high = assign_from_beginning(&consumer, topic)?;
+    if high.is_empty() {
+        return Ok(());
+    }
+    read_to_ends(&consumer, topic, &high, emit)
+}
+
+/// A consumer of a group of its own that reads from the earliest offset,
+/// commits nothing and reports each partition's end.
+fn reader(bootstrap: &str) -> Result<BaseConsumer, String> {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or_default();
-    let consumer: BaseConsumer = ClientConfig::new()
+    ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("chaos-truth-{nanos}"))
         .set("enable.auto.commit", "false")
@@ -67,7 +80,16 @@ fn dump(
         .set("fetch.max.bytes", "65536")
         .set("max.partition.fetch.bytes", "16384")
         .create()
-        .map_err(|e| format!("Kafka reader: {e}"))?;
+        .map_err(|e| format!("Kafka reader: {e}"))
+}
+
+/// The high watermark of each non-empty partition of `topic`, with those
+/// partitions assigned to `consumer` from their beginning (nothing is
+/// assigned when every partition is empty or the topic does not exist).
+fn assign_from_beginning(
+    consumer: &BaseConsumer,
+    topic: &str,
+) -> Result<HashMap<i32, i64>, String> {
     let timeout = Duration::from_secs(10);
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)
@@ -90,10 +112,20 @@ fn dump(
                 .map_err(|e| e.to_string())?;
         }
     }
-    if high.is_empty() {
-        return Ok(());
+    if !high.is_empty() {
+        consumer.assign(&tpl).map_err(|e| e.to_string())?;
     }
-    consumer.assign(&tpl).map_err(|e| e.to_string())?;
+    Ok(high)
+}
+
+/// Polls until every partition in `high` is read to its watermark (or its
+/// end is reported), within 60 s.
+fn read_to_ends(
+    consumer: &BaseConsumer,
+    topic: &str,
+    high: &HashMap<i32, i64>,
+    mut emit: impl FnMut(Value) -> Result<(), String>,
+) -> Result<(), String> {
     let mut pending: HashSet<i32> = high.keys().copied().collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !pending.is_empty() {
@@ -109,30 +141,36 @@ fn dump(
             }
             Some(Err(e)) => return Err(format!("reading {topic}: {e}")),
             Some(Ok(m)) => {
-                let id = m.headers().and_then(|hs| {
-                    hs.iter()
-                        .find(|h| h.key == "soma-id")
-                        .and_then(|h| h.value)
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                });
-                let value: Value = m
-                    .payload()
-                    .and_then(|p| serde_json::from_slice(p).ok())
-                    .unwrap_or_default();
                 if high
                     .get(&m.partition())
                     .is_some_and(|h| m.offset() + 1 >= *h)
                 {
                     pending.remove(&m.partition());
                 }
-                emit(json!({
-                    "partition": m.partition(),
-                    "offset": m.offset(),
-                    "id": id,
-                    "value": value,
-                }))?;
+                emit(record(&m))?;
             }
         }
     }
     Ok(())
+}
+
+/// One record as printed: partition, offset, `soma-id` header and the
+/// payload parsed as JSON (`null` for either when absent or not JSON).
+fn record(m: &BorrowedMessage<'_>) -> Value {
+    let id = m.headers().and_then(|hs| {
+        hs.iter()
+            .find(|h| h.key == "soma-id")
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    });
+    let value: Value = m
+        .payload()
+        .and_then(|p| serde_json::from_slice(p).ok())
+        .unwrap_or_default();
+    json!({
+        "partition": m.partition(),
+        "offset": m.offset(),
+        "id": id,
+        "value": value,
+    })
 }

@@ -21,10 +21,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::super::openloop::{Conv, OpenLoop, Shape};
+use super::super::openloop::{Conv, OpenLoop, Report, Shape};
 use super::super::table::{Goal, Row};
 use super::{BARE_ADDR, Stack, conversations, spawn_bare, stamp, start_platform, wait_ready};
-use crate::chaos::services::GATEWAY_A;
+use crate::chaos::services::{GATEWAY_A, Platform};
 
 const GROUP: &str = "sse";
 const BARE: &str = "bare axum SSE";
@@ -97,7 +97,9 @@ async fn per_stream_kib(
     Ok(per)
 }
 
-/// The SSE group's phases on a started private stack.
+/// The SSE group's phases on a started private stack: the bare gateway's
+/// idle streams, then the platform gateway's idle and active ones, then
+/// the rows.
 pub(super) async fn phases(
     opts: &Opts,
     dir: &Path,
@@ -106,78 +108,127 @@ pub(super) async fn phases(
     stack: &Stack,
 ) -> Result<Vec<Row>, String> {
     let run_id = format!("sse-{}", stamp());
-
-    let bare_per = {
-        let mut proc = spawn_bare(bin_dir, log_dir, stack)?;
-        let pid = proc.child.id();
-        let convs: Vec<Conv> = (0..opts.idle)
-            .map(|i| Conv {
-                id: format!("{run_id}-bare-{i}"),
-                token: None,
-            })
-            .collect();
-        let mut load = OpenLoop::new(&format!("http://{BARE_ADDR}"), &run_id, convs);
-        let per = per_stream_kib("bare gateway", pid, &mut load, opts.idle).await;
-        load.stop().await;
-        proc.terminate(Duration::from_secs(5));
-        per?
-    };
+    let bare_per = bare_per_stream(opts, &run_id, log_dir, bin_dir, stack).await?;
 
     let (mut platform, secret) = start_platform(dir, log_dir, bin_dir, stack, &opts.env)?;
-    let result = async {
-        wait_ready(&platform).await?;
-        let i = platform
-            .index(GATEWAY_A)
-            .ok_or("the platform runs no gateway")?;
-        let pid = platform.procs[i].child.id();
-        let base = platform.gateway_urls()[0].clone();
-        let idle = conversations(&secret, &format!("{run_id}-idle-"), opts.idle)?;
-        let mut idle_load = OpenLoop::new(&base, &format!("{run_id}-idle"), idle);
-        let ours_per = per_stream_kib("platform gateway", pid, &mut idle_load, opts.idle).await?;
-
-        let active = conversations(&secret, &format!("{run_id}-active-"), opts.active)?;
-        let mut load = OpenLoop::new(&base, &run_id, active);
-        load.follow(Duration::from_secs(120)).await?;
-        load.warm_up(Duration::from_secs(120)).await?;
-        println!(
-            "bench: platform gateway: {} active conversations at {} msg/s for {:?}, beside {} \
-             idle streams",
-            opts.active, opts.rate, opts.duration, opts.idle
-        );
-        let shape = Shape {
-            rate: opts.rate,
-            duration: opts.duration,
-            zipf_s: 0.0,
-            max_in_flight: 4_096,
-            seed: 23,
-        };
-        let report = load.run(shape, Duration::from_secs(60)).await;
-        println!(
-            "bench:   offered {} accepted {}, errors {:?}, completed {}, first event p50 {:?} \
-             ms p99 {:?} ms, sse reconnects {}",
-            report.offered,
-            report.accepted,
-            report.errors,
-            report.completed,
-            report.first_p50_ms,
-            report.first_p99_ms,
-            report.sse_reconnects
-        );
-        load.stop().await;
-        let idle_reconnects = idle_load.reconnects();
-        idle_load.stop().await;
-        Ok::<_, String>((ours_per, report, idle_reconnects))
-    }
-    .await;
+    let result = on_platform(opts, &run_id, &platform, &secret).await;
     let exited = platform.exited();
     platform.stop();
-    let (ours_per, report, idle_reconnects) = result?;
+    let ours = result?;
     if !exited.is_empty() {
         return Err(format!("exited during the run: {}", exited.join(", ")));
     }
+    Ok(rows(opts, bare_per, &ours))
+}
+
+/// Phase 1: resident memory per idle stream on the bare gateway, in KiB.
+async fn bare_per_stream(
+    opts: &Opts,
+    run_id: &str,
+    log_dir: &Path,
+    bin_dir: &Path,
+    stack: &Stack,
+) -> Result<f64, String> {
+    let mut proc = spawn_bare(bin_dir, log_dir, stack)?;
+    let pid = proc.child.id();
+    let convs: Vec<Conv> = (0..opts.idle)
+        .map(|i| Conv {
+            id: format!("{run_id}-bare-{i}"),
+            token: None,
+        })
+        .collect();
+    let mut load = OpenLoop::new(&format!("http://{BARE_ADDR}"), run_id, convs);
+    let per = per_stream_kib("bare gateway", pid, &mut load, opts.idle).await;
+    load.stop().await;
+    proc.terminate(Duration::from_secs(5));
+    per
+}
+
+/// What the platform gateway showed.
+struct Ours {
+    /// Resident memory per idle stream, KiB.
+    per_stream_kib: f64,
+    /// The active conversations' load.
+    report: Report,
+    /// Idle streams reopened while they were held.
+    idle_reconnects: u64,
+}
+
+/// Phases 2 and 3 on the started platform: idle streams held open, then
+/// the active conversations' load beside them.
+async fn on_platform(
+    opts: &Opts,
+    run_id: &str,
+    platform: &Platform,
+    secret: &str,
+) -> Result<Ours, String> {
+    wait_ready(platform).await?;
+    let i = platform
+        .index(GATEWAY_A)
+        .ok_or("the platform runs no gateway")?;
+    let pid = platform.procs[i].child.id();
+    let base = platform.gateway_urls()[0].clone();
+    let idle = conversations(secret, &format!("{run_id}-idle-"), opts.idle)?;
+    let mut idle_load = OpenLoop::new(&base, &format!("{run_id}-idle"), idle);
+    let per_stream_kib = per_stream_kib("platform gateway", pid, &mut idle_load, opts.idle).await?;
+
+    let report = active_load(opts, run_id, &base, secret).await?;
+    let idle_reconnects = idle_load.reconnects();
+    idle_load.stop().await;
+    Ok(Ours {
+        per_stream_kib,
+        report,
+        idle_reconnects,
+    })
+}
+
+/// Phase 3: `active` conversations send at `rate`, each followed on its
+/// own stream; prints and returns the outcome.
+async fn active_load(
+    opts: &Opts,
+    run_id: &str,
+    base: &str,
+    secret: &str,
+) -> Result<Report, String> {
+    let active = conversations(secret, &format!("{run_id}-active-"), opts.active)?;
+    let mut load = OpenLoop::new(base, run_id, active);
+    load.follow(Duration::from_secs(120)).await?;
+    load.warm_up(Duration::from_secs(120)).await?;
+    println!(
+        "bench: platform gateway: {} active conversations at {} msg/s for {:?}, beside {} \
+         idle streams",
+        opts.active, opts.rate, opts.duration, opts.idle
+    );
+    let shape = Shape {
+        rate: opts.rate,
+        duration: opts.duration,
+        zipf_s: 0.0,
+        max_in_flight: 4_096,
+        seed: 23,
+    };
+    let report = load.run(shape, Duration::from_secs(60)).await;
+    println!(
+        "bench:   offered {} accepted {}, errors {:?}, completed {}, first event p50 {:?} \
+         ms p99 {:?} ms, sse reconnects {}",
+        report.offered,
+        report.accepted,
+        report.errors,
+        report.completed,
+        report.first_p50_ms,
+        report.first_p99_ms,
+        report.sse_reconnects
+    );
+    load.stop().await;
+    Ok(report)
+}
+
+/// The group's rows: memory per idle stream against the bare gateway,
+/// reopened streams, time to first event, replies completed.
+fn rows(opts: &Opts, bare_per: f64, ours: &Ours) -> Vec<Row> {
+    let report = &ours.report;
     let row = |what: &str, unit: &str| Row::new(GROUP, what, unit);
     let share = |n: u64, of: u64| (of > 0).then(|| n as f64 / of as f64 * 100.0);
-    Ok(vec![
+    vec![
         row(
             &format!(
                 "resident memory per idle SSE stream, {} on one gateway",
@@ -185,11 +236,11 @@ pub(super) async fn phases(
             ),
             "KiB",
         )
-        .ours(Some(ours_per))
+        .ours(Some(ours.per_stream_kib))
         .baseline(BARE, Some(bare_per))
         .goal(Goal::AtMost(16.0)),
         row("idle streams reopened while held", "")
-            .ours(Some(idle_reconnects as f64))
+            .ours(Some(ours.idle_reconnects as f64))
             .goal(Goal::AtMost(0.0)),
         row(
             &format!(
@@ -211,5 +262,5 @@ pub(super) async fn phases(
         row("replies completed of accepted (SSE group)", "%")
             .ours(share(report.completed, report.accepted))
             .goal(Goal::AtLeast(100.0)),
-    ])
+    ]
 }
