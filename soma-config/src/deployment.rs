@@ -18,9 +18,10 @@ use serde::{Deserialize, Serialize};
 /// `deployment_profile` key (soma-bus's `BusConfig` does) receives the
 /// selected profile there, above every source; a file, variable, update or
 /// override that gives such a section another profile fails the load with
-/// [`ConfigError::InvalidValue`]. So a crate can choose profile-dependent
-/// safety defaults (soma-bus: replication factor 3 and
-/// `min.insync.replicas` 2 under `prod`) without a second switch to forget.
+/// [`ConfigError::InvalidValue`](crate::ConfigError::InvalidValue). So a
+/// crate can choose profile-dependent safety defaults (soma-bus:
+/// replication factor 3 and `min.insync.replicas` 2 under `prod`) without a
+/// second switch to forget.
 ///
 /// ```
 /// use serde::{Deserialize, Serialize};
