@@ -18,6 +18,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use soma_bus::{BusConfig, BusError, BusProducer, DurablePublisher, PublishOutcome};
+use soma_observability::MetricsRegistry;
 use soma_observability::resilience::BreakerState;
 use soma_outbox::Outbox;
 
@@ -36,6 +37,7 @@ struct Setup {
     producer: BusProducer,
     outbox: Outbox,
     publisher: DurablePublisher,
+    metrics: MetricsRegistry,
 }
 
 /// A one-broker mock cluster with [`TOPIC`] (one partition), a fresh
@@ -48,14 +50,30 @@ async fn setup() -> Setup {
     cfg.publisher.pending_key_poll_interval_ms = 100;
     let producer = BusProducer::new(&cfg).unwrap();
     let outbox = outbox(&require_postgres()).await;
-    let publisher = DurablePublisher::builder(producer.clone(), outbox.clone()).build();
+    let metrics = MetricsRegistry::default();
+    let publisher = DurablePublisher::builder(producer.clone(), outbox.clone())
+        .metrics(&metrics)
+        .build();
     Setup {
         mock,
         cfg,
         producer,
         outbox,
         publisher,
+        metrics,
     }
+}
+
+/// The value of `soma_bus_published_total` for [`TOPIC`] and `outcome`.
+fn published(metrics: &MetricsRegistry, outcome: &str) -> Option<f64> {
+    let text = metrics.encode();
+    text.lines()
+        .find(|l| {
+            l.starts_with("soma_bus_published_total{")
+                && l.contains(&format!("topic=\"{TOPIC}\""))
+                && l.contains(&format!("outcome=\"{outcome}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// `(id, key)` of every outbox row not yet sent, in relay order.
@@ -85,6 +103,7 @@ async fn a_transient_delivery_error_defers_the_message_and_the_relay_delivers_it
             producer,
             outbox,
             publisher,
+            metrics,
         } = setup().await;
         let k: Vec<_> = (0..3).map(|n| envelope("k", n)).collect();
         let first = publisher.publish(TOPIC, &k[0]).await.expect("k0");
@@ -92,6 +111,8 @@ async fn a_transient_delivery_error_defers_the_message_and_the_relay_delivers_it
             matches!(first, PublishOutcome::Published { .. }),
             "{first:?}"
         );
+        // The acknowledged delivery is counted as published to Kafka.
+        assert_eq!(published(&metrics, "kafka"), Some(1.0));
 
         // The broker answers the next produce request with an error that
         // is about the broker, not the record (`is_permanent()` is false),
