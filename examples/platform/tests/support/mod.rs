@@ -529,8 +529,11 @@ pub async fn turn(
 pub async fn answer_to(sse: &mut SseReader, id: &str) -> Vec<SseEvent> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut out = Vec::new();
+    // Events for other messages: tells a quiet stream from a lost answer.
+    let mut others = 0usize;
     while let Some(ev) = sse.next(deadline).await {
         if ev.data["message_id"] != id {
+            others += 1;
             continue;
         }
         let done = ev.event == "assistant.completed" || ev.event == "error";
@@ -539,7 +542,7 @@ pub async fn answer_to(sse: &mut SseReader, id: &str) -> Vec<SseEvent> {
             return out;
         }
     }
-    panic!("no answer to {id} within 60 s; got {out:?}");
+    panic!("no answer to {id} within 60 s; got {out:?} (and {others} events for other messages)");
 }
 
 /// Sends warm-up messages until one is answered over `sse` (the gateway's

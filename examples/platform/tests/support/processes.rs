@@ -294,6 +294,22 @@ impl Processes {
         std::fs::read_to_string(self.dir.join(format!("{service}.log"))).unwrap_or_default()
     }
 
+    /// The last 30 of `service`'s `WARN` and `ERROR` lines.
+    fn complaints(&self, service: &str) -> String {
+        let log = self.log(service);
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
+            .collect();
+        let from = lines.len().saturating_sub(30);
+        format!(
+            "--- {service}: {} warnings and errors, the last {} ---\n{}",
+            lines.len(),
+            lines.len() - from,
+            lines[from..].join("\n")
+        )
+    }
+
     fn log_tail(&self, service: &str) -> String {
         let log = self.log(service);
         let lines: Vec<&str> = log.lines().collect();
@@ -335,7 +351,15 @@ impl Drop for Processes {
                 let _ = child.wait();
             }
         }
-        if !std::thread::panicking() {
+        if std::thread::panicking() {
+            // What the failing test's output needs to be read without the
+            // machine: each service's warnings and errors and its last lines.
+            for (service, _) in &self.admins {
+                eprintln!("{}", self.complaints(service));
+                eprintln!("{}", self.log_tail(service));
+            }
+            eprintln!("the processes' logs are kept in {}", self.dir.display());
+        } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
