@@ -232,99 +232,9 @@ struct Ctx {
 }
 
 async fn main(opts: Opts) -> Result<(), String> {
-    let dir = root().join(".stack").join("chaos");
-    fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    let bin_dir = match &opts.bin_dir {
-        Some(dir) => dir.clone(),
-        None => {
-            println!("chaos: building the platform binaries");
-            run(
-                "cargo",
-                &[
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "soma-example-platform",
-                    "-p",
-                    "soma-memory-service",
-                    "-p",
-                    "soma-topic-dump",
-                    "--bins",
-                ],
-            )?;
-            platform::target_dir().join("debug")
-        }
-    };
-    truth::set_reader(bin_dir.join("soma-topic-dump"));
-    let secret = platform::random_hex()?;
-    let issuer_file = dir.join("issuer.toml");
-    fs::write(&issuer_file, platform::issuer_toml(&secret)).map_err(|e| e.to_string())?;
-    let (broker_pg, storage_url) = match opts.storage {
-        Storage::Sqlite => (None, "sqlite://tansu.db".to_owned()),
-        Storage::Postgres => {
-            let pg = Postgres::new("broker-pg", &dir, BROKER_PG_PORT);
-            let url = pg.url("tansu");
-            (Some(pg), url)
-        }
-    };
-    let pg = Postgres::new("pg", &dir, PG_PORT);
-    let memory = MemoryService::new(
-        SOMABRAIN_ADDR,
-        bin_dir.join("soma-memory-service"),
-        opts.platform_root
-            .join("examples/memory-service/config/local.toml"),
-        pg.url(DB),
-    );
-    let mut ctx = Ctx {
-        pg,
-        memory,
-        broker_pg,
-        redis: Redis::new(&dir, REDIS_PORT),
-        broker: Broker::new(&dir, BROKER_PORT, storage_url),
-        dir,
-        bin_dir,
-        secret,
-        issuer_file,
-        opts,
-    };
-    println!(
-        "chaos: private stack in {} (PostgreSQL {PG_PORT}, Redis {REDIS_PORT}, tansu {BROKER_PORT} \
-         with {} storage); gateway {}; memory service (SomaBrain) {SOMABRAIN_ADDR}",
-        ctx.dir.display(),
-        match ctx.opts.storage {
-            Storage::Sqlite => "SQLite",
-            Storage::Postgres => "PostgreSQL",
-        },
-        GATEWAY_A.api.unwrap_or_default(),
-    );
-    let mut rows = Vec::new();
-    let scenarios = ctx.opts.scenarios.clone();
-    for s in scenarios {
-        println!("\n==> chaos: {}", s.name());
-        let started = Instant::now();
-        let row = match scenario(&mut ctx, s).await {
-            Ok(row) => row,
-            Err(e) => Row::broken(s, e),
-        };
-        println!(
-            "==> chaos: {} {} in {:.0} s: accepted {}, delivered {}, dupes {}, order {}, \
-             dead {}, ready {}, recover {}",
-            s.name(),
-            if row.pass { "passed" } else { "FAILED" },
-            started.elapsed().as_secs_f64(),
-            row.accepted,
-            row.delivered,
-            row.duplicates,
-            row.order_violations,
-            row.dead_lettered,
-            secs(row.ready_secs),
-            secs(row.recover_secs)
-        );
-        if !row.pass {
-            print_logs(&ctx, s);
-        }
-        rows.push(row);
-    }
+    let mut ctx = Ctx::prepare(opts)?;
+    announce_stack(&ctx);
+    let rows = run_scenarios(&mut ctx).await;
     if !ctx.opts.keep {
         stop_stack(&mut ctx);
     } else {
@@ -346,6 +256,127 @@ async fn main(opts: Opts) -> Result<(), String> {
             rows.len()
         ))
     }
+}
+
+impl Ctx {
+    /// Lays out the private stack in `.stack/chaos/`: the platform binaries,
+    /// the token issuer's secret and a handle per dependency (none started).
+    fn prepare(opts: Opts) -> Result<Self, String> {
+        let dir = root().join(".stack").join("chaos");
+        fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let bin_dir = platform_binaries(&opts)?;
+        truth::set_reader(bin_dir.join("soma-topic-dump"));
+        let secret = platform::random_hex()?;
+        let issuer_file = dir.join("issuer.toml");
+        fs::write(&issuer_file, platform::issuer_toml(&secret)).map_err(|e| e.to_string())?;
+        let (broker_pg, storage_url) = match opts.storage {
+            Storage::Sqlite => (None, "sqlite://tansu.db".to_owned()),
+            Storage::Postgres => {
+                let pg = Postgres::new("broker-pg", &dir, BROKER_PG_PORT);
+                let url = pg.url("tansu");
+                (Some(pg), url)
+            }
+        };
+        let pg = Postgres::new("pg", &dir, PG_PORT);
+        let memory = MemoryService::new(
+            SOMABRAIN_ADDR,
+            bin_dir.join("soma-memory-service"),
+            opts.platform_root
+                .join("examples/memory-service/config/local.toml"),
+            pg.url(DB),
+        );
+        Ok(Ctx {
+            pg,
+            memory,
+            broker_pg,
+            redis: Redis::new(&dir, REDIS_PORT),
+            broker: Broker::new(&dir, BROKER_PORT, storage_url),
+            dir,
+            bin_dir,
+            secret,
+            issuer_file,
+            opts,
+        })
+    }
+}
+
+/// The directory of the platform binaries: `--bin-dir`'s prebuilt ones, or
+/// this checkout's, built now.
+fn platform_binaries(opts: &Opts) -> Result<PathBuf, String> {
+    Ok(match &opts.bin_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            println!("chaos: building the platform binaries");
+            run(
+                "cargo",
+                &[
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "soma-example-platform",
+                    "-p",
+                    "soma-memory-service",
+                    "-p",
+                    "soma-topic-dump",
+                    "--bins",
+                ],
+            )?;
+            platform::target_dir().join("debug")
+        }
+    })
+}
+
+/// Prints where the private stack lives and on which ports it listens.
+fn announce_stack(ctx: &Ctx) {
+    println!(
+        "chaos: private stack in {} (PostgreSQL {PG_PORT}, Redis {REDIS_PORT}, tansu {BROKER_PORT} \
+         with {} storage); gateway {}; memory service (SomaBrain) {SOMABRAIN_ADDR}",
+        ctx.dir.display(),
+        match ctx.opts.storage {
+            Storage::Sqlite => "SQLite",
+            Storage::Postgres => "PostgreSQL",
+        },
+        GATEWAY_A.api.unwrap_or_default(),
+    );
+}
+
+/// Runs the chosen scenarios one after another, a row each; a failed one
+/// prints its services' logs.
+async fn run_scenarios(ctx: &mut Ctx) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let scenarios = ctx.opts.scenarios.clone();
+    for s in scenarios {
+        println!("\n==> chaos: {}", s.name());
+        let started = Instant::now();
+        let row = match scenario(ctx, s).await {
+            Ok(row) => row,
+            Err(e) => Row::broken(s, e),
+        };
+        print_outcome(s, &row, started);
+        if !row.pass {
+            print_logs(ctx, s);
+        }
+        rows.push(row);
+    }
+    rows
+}
+
+/// The one-line verdict of a scenario that began at `started`.
+fn print_outcome(s: Scenario, row: &Row, started: Instant) {
+    println!(
+        "==> chaos: {} {} in {:.0} s: accepted {}, delivered {}, dupes {}, order {}, \
+         dead {}, ready {}, recover {}",
+        s.name(),
+        if row.pass { "passed" } else { "FAILED" },
+        started.elapsed().as_secs_f64(),
+        row.accepted,
+        row.delivered,
+        row.duplicates,
+        row.order_violations,
+        row.dead_lettered,
+        secs(row.ready_secs),
+        secs(row.recover_secs)
+    );
 }
 
 fn stop_stack(ctx: &mut Ctx) {
@@ -482,6 +513,52 @@ async fn wait_ready(platform: &Platform, within: Duration) -> Result<(), String>
 async fn drive(ctx: &mut Ctx, platform: &mut Platform, s: Scenario) -> Result<Row, String> {
     wait_ready(platform, Duration::from_secs(90)).await?;
     let plan = ctx.opts.plan;
+    let mut load = start_load(ctx, platform, s).await?;
+
+    let mut notes = Vec::new();
+    let back_at = fault(ctx, platform, s, &mut load, &mut notes).await?;
+    let (ready_secs, recover_secs) =
+        recover(ctx, platform, &load, back_at, plan.recover_limit).await;
+    if recover_secs.is_none() {
+        notes.push(stuck(ctx, platform, &load, plan.recover_limit).await);
+    }
+    // Late duplicates would arrive now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let truth = read_truth(ctx, &mut notes);
+    let unknown = truth.is_none();
+    let truth = truth.unwrap_or_default();
+    let_sse_catch_up(&load, &truth).await;
+    load.stop().await;
+    let hub_consumed = tokio::task::block_in_place(|| platform.gateway_consumed(EVENTS_TOPIC));
+    let observed = load.observed.lock().await;
+    if sse_behind(&observed, &truth) {
+        for (gateway, n) in hub_consumed {
+            notes.push(format!(
+                "{gateway}'s SSE hub consumed {n} of the {} records in {EVENTS_TOPIC}",
+                truth.replies.records
+            ));
+        }
+    }
+    let mut row = count(s, &observed, &truth, notes);
+    row.ready_secs = ready_secs;
+    row.recover_secs = recover_secs;
+    judge(&mut row);
+    // Behind two gateways a deploy shows the client no error at all: a
+    // gateway refusing or draining is routed around (a failover).
+    if s == Scenario::RollingRestart && row.client_errors() > 0 {
+        row.notes.push(format!(
+            "{} client-visible errors behind two gateways (must be 0)",
+            row.client_errors()
+        ));
+        row.pass = false;
+    }
+    row.pass &= !unknown;
+    Ok(row)
+}
+
+/// Opens one SSE stream per conversation (a tenant each) and waits until a
+/// warm-up reply streams back: the load is ready to send.
+async fn start_load(ctx: &Ctx, platform: &Platform, s: Scenario) -> Result<Load, String> {
     let run = format!(
         "{}-{}",
         s.name(),
@@ -490,7 +567,7 @@ async fn drive(ctx: &mut Ctx, platform: &mut Platform, s: Scenario) -> Result<Ro
             .map(|d| d.as_secs())
             .unwrap_or_default()
     );
-    let conversations: Vec<Conversation> = (0..plan.conversations)
+    let conversations: Vec<Conversation> = (0..ctx.opts.plan.conversations)
         .map(|i| {
             // One tenant per conversation: the shipped per-tenant rate limit
             // (chat.rate_limit per minute) stays as configured.
@@ -514,17 +591,13 @@ async fn drive(ctx: &mut Ctx, platform: &mut Platform, s: Scenario) -> Result<Ro
         "chaos: {}: SSE streams open, replies flowing; load starts",
         s.name()
     );
+    Ok(load)
+}
 
-    let mut notes = Vec::new();
-    let back_at = fault(ctx, platform, s, &mut load, &mut notes).await?;
-    let (ready_secs, recover_secs) =
-        recover(ctx, platform, &load, back_at, plan.recover_limit).await;
-    if recover_secs.is_none() {
-        notes.push(stuck(ctx, platform, &load, plan.recover_limit).await);
-    }
-    // Late duplicates would arrive now.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let truth = match tokio::task::block_in_place(|| Truth::read(ctx)) {
+/// The ground truth, or `None` with a note saying the row is the client's
+/// view only.
+fn read_truth(ctx: &Ctx, notes: &mut Vec<String>) -> Option<Truth> {
+    match tokio::task::block_in_place(|| Truth::read(ctx)) {
         Ok(t) => Some(t),
         Err(e) => {
             notes.push(format!(
@@ -532,54 +605,30 @@ async fn drive(ctx: &mut Ctx, platform: &mut Platform, s: Scenario) -> Result<Ro
             ));
             None
         }
-    };
-    let unknown = truth.is_none();
-    let truth = truth.unwrap_or_default();
-    // The SSE streams trail the topic a little: give them time to show
-    // what the topic had when it was read, then stop listening.
+    }
+}
+
+/// Whether an accepted message has its reply in the topic but not on SSE.
+fn sse_behind(observed: &Observed, truth: &Truth) -> bool {
+    observed
+        .accepted
+        .keys()
+        .any(|id| truth.replies.completed.contains_key(id) && !observed.completed.contains_key(id))
+}
+
+/// The SSE streams trail the topic a little: gives them up to 15 s to show
+/// what the topic had when it was read.
+async fn let_sse_catch_up(load: &Load, truth: &Truth) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         let o = load.observed.lock().await;
-        let behind = o
-            .accepted
-            .keys()
-            .any(|id| truth.replies.completed.contains_key(id) && !o.completed.contains_key(id));
+        let behind = sse_behind(&o, truth);
         drop(o);
         if !behind {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    load.stop().await;
-    let hub_consumed = tokio::task::block_in_place(|| platform.gateway_consumed(EVENTS_TOPIC));
-    let observed = load.observed.lock().await;
-    let sse_missed = observed
-        .accepted
-        .keys()
-        .any(|id| truth.replies.completed.contains_key(id) && !observed.completed.contains_key(id));
-    if sse_missed {
-        for (gateway, n) in hub_consumed {
-            notes.push(format!(
-                "{gateway}'s SSE hub consumed {n} of the {} records in {EVENTS_TOPIC}",
-                truth.replies.records
-            ));
-        }
-    }
-    let mut row = count(s, &observed, &truth, notes);
-    row.ready_secs = ready_secs;
-    row.recover_secs = recover_secs;
-    judge(&mut row);
-    // Behind two gateways a deploy shows the client no error at all: a
-    // gateway refusing or draining is routed around (a failover).
-    if s == Scenario::RollingRestart && row.client_errors() > 0 {
-        row.notes.push(format!(
-            "{} client-visible errors behind two gateways (must be 0)",
-            row.client_errors()
-        ));
-        row.pass = false;
-    }
-    row.pass &= !unknown;
-    Ok(row)
 }
 
 /// SSE is live only and the gateway's reply consumer starts at the end of
@@ -609,23 +658,8 @@ async fn fault(
     notes: &mut Vec<String>,
 ) -> Result<Instant, String> {
     let plan = ctx.opts.plan;
-    let give_up = plan.recover_limit;
     match s {
-        Scenario::BrokerKill => {
-            let sending = load.send(plan.burst, None, give_up);
-            wait_accepted(load, plan.burst / 5).await;
-            ctx.broker.kill9();
-            println!(
-                "chaos: broker killed (kill -9) after {} accepted",
-                accepted(load).await
-            );
-            tokio::time::sleep(plan.broker_down).await;
-            tokio::task::block_in_place(|| ctx.broker.start())?;
-            let back = Instant::now();
-            println!("chaos: broker restarted after {:?}", plan.broker_down);
-            let _ = sending.await;
-            Ok(back)
-        }
+        Scenario::BrokerKill => broker_kill(ctx, load).await,
         Scenario::BrokerOutage => {
             outage(
                 ctx,
@@ -638,105 +672,152 @@ async fn fault(
             .await
         }
         Scenario::PostgresRestart => {
-            let sending = load.send(plan.burst, None, give_up);
-            wait_accepted(load, plan.burst / 4).await;
-            println!(
-                "chaos: pg_ctl restart -m fast after {} accepted",
-                accepted(load).await
-            );
-            tokio::task::block_in_place(|| ctx.pg.restart())?;
-            let back = Instant::now();
-            let _ = sending.await;
-            Ok(back)
+            restart_mid_burst(ctx, load, "pg_ctl restart -m fast", |ctx| ctx.pg.restart()).await
         }
         Scenario::RedisRestart => {
-            let sending = load.send(plan.burst, None, give_up);
-            wait_accepted(load, plan.burst / 4).await;
-            println!(
-                "chaos: Redis restarted after {} accepted",
-                accepted(load).await
-            );
-            tokio::task::block_in_place(|| {
+            restart_mid_burst(ctx, load, "Redis restarted", |ctx| {
                 ctx.redis.stop();
                 ctx.redis.start()
-            })?;
-            let back = Instant::now();
-            let _ = sending.await;
-            Ok(back)
+            })
+            .await
         }
         Scenario::SomabrainDown => {
             let (n, window) = (plan.brain_messages, plan.brain_window);
             outage(ctx, load, Dependency::Somabrain, n, window, notes).await
         }
-        Scenario::RollingRestart => {
-            // A deploy behind two gateways: while a steady stream of
-            // messages flows, each service in turn gets SIGTERM and is
-            // started again (gateway A, conversation worker, tool executor,
-            // memory replicator, gateway B); the next goes only once the
-            // new process is ready, and a gateway only while the other one
-            // is ready, so a client always has a gateway to fail over to.
-            let window = plan.rolling_window;
-            let sending = load.send(plan.burst, Some(window), give_up);
-            let order = [
-                GATEWAY_A,
-                services::WORKER,
-                services::TOOLS,
-                services::MEMORY,
-                GATEWAY_B,
-            ];
-            let step = window / (order.len() as u32 + 1);
-            let t0 = Instant::now();
-            for (k, service) in order.iter().enumerate() {
-                let name = service.name;
-                let i = platform
-                    .index(*service)
-                    .ok_or_else(|| format!("{name} is not running"))?;
-                let due = t0 + step * (k as u32 + 1);
-                tokio::time::sleep_until(due.into()).await;
-                if service.api.is_some() {
-                    let other = if *service == GATEWAY_A {
-                        GATEWAY_B
-                    } else {
-                        GATEWAY_A
-                    };
-                    let j = platform
-                        .index(other)
-                        .ok_or_else(|| format!("{} is not running", other.name))?;
-                    if !tokio::task::block_in_place(|| platform.is_ready(j)) {
-                        return Err(format!(
-                            "{name} due for redeploy while {} is not ready",
-                            other.name
-                        ));
-                    }
-                }
-                let at = accepted(load).await;
-                let grace = Duration::from_secs(30);
-                let stopped = tokio::task::block_in_place(|| platform.redeploy(i, grace))?;
-                let started = Instant::now();
-                while !tokio::task::block_in_place(|| platform.is_ready(i)) {
-                    if started.elapsed() > Duration::from_secs(60) {
-                        return Err(format!("{name} not ready 60 s after its redeploy"));
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                let note = format!(
-                    "{name} redeployed after {at} accepted: old process exited in {:.1} s, new one ready in {:.1} s",
-                    stopped.as_secs_f64(),
-                    started.elapsed().as_secs_f64()
-                );
-                println!("chaos: {note}");
-                notes.push(note);
-                if stopped >= grace {
-                    notes.push(format!(
-                        "graceful shutdown overran: {name} needed SIGKILL after {grace:?}"
-                    ));
-                }
-            }
-            let back = Instant::now();
-            let _ = sending.await;
-            Ok(back)
-        }
+        Scenario::RollingRestart => rolling_restart(platform, load, plan, notes).await,
     }
+}
+
+/// A burst of messages; a fifth in, the broker is killed (`kill -9`), down
+/// for `broker_down`, then started again. Returns when it was back.
+async fn broker_kill(ctx: &mut Ctx, load: &mut Load) -> Result<Instant, String> {
+    let plan = ctx.opts.plan;
+    let sending = load.send(plan.burst, None, plan.recover_limit);
+    wait_accepted(load, plan.burst / 5).await;
+    ctx.broker.kill9();
+    println!(
+        "chaos: broker killed (kill -9) after {} accepted",
+        accepted(load).await
+    );
+    tokio::time::sleep(plan.broker_down).await;
+    tokio::task::block_in_place(|| ctx.broker.start())?;
+    let back = Instant::now();
+    println!("chaos: broker restarted after {:?}", plan.broker_down);
+    let _ = sending.await;
+    Ok(back)
+}
+
+/// A burst of messages; a quarter in, `restart` runs (announced as `what`).
+/// Returns when it had finished.
+async fn restart_mid_burst(
+    ctx: &mut Ctx,
+    load: &mut Load,
+    what: &str,
+    restart: impl FnOnce(&mut Ctx) -> Result<(), String>,
+) -> Result<Instant, String> {
+    let plan = ctx.opts.plan;
+    let sending = load.send(plan.burst, None, plan.recover_limit);
+    wait_accepted(load, plan.burst / 4).await;
+    println!("chaos: {what} after {} accepted", accepted(load).await);
+    tokio::task::block_in_place(|| restart(ctx))?;
+    let back = Instant::now();
+    let _ = sending.await;
+    Ok(back)
+}
+
+/// A deploy behind two gateways: while a steady stream of messages flows,
+/// each service in turn gets SIGTERM and is started again (gateway A,
+/// conversation worker, tool executor, memory replicator, gateway B); the
+/// next goes only once the new process is ready, and a gateway only while
+/// the other one is ready, so a client always has a gateway to fail over to.
+/// Returns when the last one was back.
+async fn rolling_restart(
+    platform: &mut Platform,
+    load: &mut Load,
+    plan: Plan,
+    notes: &mut Vec<String>,
+) -> Result<Instant, String> {
+    let window = plan.rolling_window;
+    let sending = load.send(plan.burst, Some(window), plan.recover_limit);
+    let order = [
+        GATEWAY_A,
+        services::WORKER,
+        services::TOOLS,
+        services::MEMORY,
+        GATEWAY_B,
+    ];
+    let step = window / (order.len() as u32 + 1);
+    let t0 = Instant::now();
+    for (k, service) in order.iter().enumerate() {
+        let i = platform
+            .index(*service)
+            .ok_or_else(|| format!("{} is not running", service.name))?;
+        let due = t0 + step * (k as u32 + 1);
+        tokio::time::sleep_until(due.into()).await;
+        if service.api.is_some() {
+            other_gateway_ready(platform, *service)?;
+        }
+        redeploy(platform, i, service.name, load, notes).await?;
+    }
+    let back = Instant::now();
+    let _ = sending.await;
+    Ok(back)
+}
+
+/// `Err` unless the gateway other than `gateway` is ready to take its
+/// clients while `gateway` is redeployed.
+fn other_gateway_ready(platform: &Platform, gateway: services::Service) -> Result<(), String> {
+    let other = if gateway == GATEWAY_A {
+        GATEWAY_B
+    } else {
+        GATEWAY_A
+    };
+    let j = platform
+        .index(other)
+        .ok_or_else(|| format!("{} is not running", other.name))?;
+    if !tokio::task::block_in_place(|| platform.is_ready(j)) {
+        return Err(format!(
+            "{} due for redeploy while {} is not ready",
+            gateway.name, other.name
+        ));
+    }
+    Ok(())
+}
+
+/// Redeploys service `i` (SIGTERM, SIGKILL after a 30 s grace, started
+/// again), waits up to 60 s for the new process to be ready and notes how
+/// long each half took.
+async fn redeploy(
+    platform: &mut Platform,
+    i: usize,
+    name: &str,
+    load: &Load,
+    notes: &mut Vec<String>,
+) -> Result<(), String> {
+    let at = accepted(load).await;
+    let grace = Duration::from_secs(30);
+    let stopped = tokio::task::block_in_place(|| platform.redeploy(i, grace))?;
+    let started = Instant::now();
+    while !tokio::task::block_in_place(|| platform.is_ready(i)) {
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err(format!("{name} not ready 60 s after its redeploy"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let note = format!(
+        "{name} redeployed after {at} accepted: old process exited in {:.1} s, new one ready in {:.1} s",
+        stopped.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    println!("chaos: {note}");
+    notes.push(note);
+    if stopped >= grace {
+        notes.push(format!(
+            "graceful shutdown overran: {name} needed SIGKILL after {grace:?}"
+        ));
+    }
+    Ok(())
 }
 
 /// A dependency the harness stops for a window.
@@ -956,21 +1037,7 @@ fn count(s: Scenario, observed: &Observed, truth: &Truth, mut notes: Vec<String>
         outbox,
         memories,
     } = truth;
-    let mut delivered = 0;
-    let mut topic_duplicates = observed.double_accepts;
-    let mut lost_before_bus = 0;
-    for id in observed.accepted.keys() {
-        let in_topic = replies.completed.get(id);
-        if in_topic.is_some() || observed.completed.contains_key(id) {
-            delivered += 1;
-        } else if !requests.contains(id) {
-            lost_before_bus += 1;
-        }
-        if let Some(ids) = in_topic {
-            let distinct: HashSet<&String> = ids.iter().collect();
-            topic_duplicates += distinct.len() as u64 - 1;
-        }
-    }
+    let answered = Answered::reconcile(observed, replies, requests);
     let topic_order: u64 = replies
         .completion_order
         .values()
@@ -990,7 +1057,76 @@ fn count(s: Scenario, observed: &Observed, truth: &Truth, mut notes: Vec<String>
             observed.accepted.len() as u64 - remembered
         ));
     }
+    note_delivery(observed, &tally, replies, &answered, &mut notes);
+    note_leftovers(truth, dead_outbox + dead_bus, pending, &mut notes);
+    Row {
+        scenario: s.name(),
+        accepted: tally.accepted,
+        delivered: answered.delivered,
+        seen_on_sse: tally.delivered,
+        duplicates: tally.duplicates.max(answered.topic_duplicates),
+        order_violations: tally.order_violations.max(topic_order),
+        dead_lettered: dead_outbox + dead_bus,
+        remembered,
+        pending_outbox: pending,
+        errors: observed.errors.clone(),
+        failovers: observed.failovers,
+        gave_up: observed.gave_up,
+        notes,
+        ..Row::default()
+    }
+}
 
+/// The accepted messages held against the topics.
+struct Answered {
+    /// Answered, on SSE or in the replies topic.
+    delivered: u64,
+    /// Second distinct replies in the topic, plus sends accepted twice.
+    topic_duplicates: u64,
+    /// Unanswered and never in the requests topic.
+    lost_before_bus: u64,
+}
+
+impl Answered {
+    /// Holds each accepted message against the replies and requests topics.
+    fn reconcile(
+        observed: &Observed,
+        replies: &truth::Replies,
+        requests: &HashSet<String>,
+    ) -> Self {
+        let mut delivered = 0;
+        let mut topic_duplicates = observed.double_accepts;
+        let mut lost_before_bus = 0;
+        for id in observed.accepted.keys() {
+            let in_topic = replies.completed.get(id);
+            if in_topic.is_some() || observed.completed.contains_key(id) {
+                delivered += 1;
+            } else if !requests.contains(id) {
+                lost_before_bus += 1;
+            }
+            if let Some(ids) = in_topic {
+                let distinct: HashSet<&String> = ids.iter().collect();
+                topic_duplicates += distinct.len() as u64 - 1;
+            }
+        }
+        Self {
+            delivered,
+            topic_duplicates,
+            lost_before_bus,
+        }
+    }
+}
+
+/// Notes how replies reached the client: the delivery paths, SSE gaps,
+/// messages never answered and redelivered reply events.
+fn note_delivery(
+    observed: &Observed,
+    tally: &load::Tally,
+    replies: &truth::Replies,
+    answered: &Answered,
+    notes: &mut Vec<String>,
+) {
+    let delivered = answered.delivered;
     let deferred = observed
         .accepted
         .values()
@@ -1019,6 +1155,7 @@ fn count(s: Scenario, observed: &Observed, truth: &Truth, mut notes: Vec<String>
     }
     let lost = observed.accepted.len() as u64 - delivered;
     if lost > 0 {
+        let lost_before_bus = answered.lost_before_bus;
         notes.push(format!(
             "{lost} accepted messages never answered; {lost_before_bus} of them never reached \
              {REQUESTS_TOPIC}"
@@ -1030,33 +1167,23 @@ fn count(s: Scenario, observed: &Observed, truth: &Truth, mut notes: Vec<String>
             replies.same_id_again
         ));
     }
-    if dead_outbox + dead_bus > 0 {
-        let per: Vec<String> = outbox
+}
+
+/// Notes what was left over: `dead` dead letters (per outbox schema and
+/// DLQ topic) and `pending` outbox rows.
+fn note_leftovers(truth: &Truth, dead: u64, pending: u64, notes: &mut Vec<String>) {
+    if dead > 0 {
+        let per: Vec<String> = truth
+            .outbox
             .iter()
             .filter(|(_, (d, _))| *d > 0)
             .map(|(s, (d, _))| format!("{s}.dead_letters {d}"))
-            .chain(dlqs.iter().map(|(t, n)| format!("{t} {n}")))
+            .chain(truth.dlqs.iter().map(|(t, n)| format!("{t} {n}")))
             .collect();
         notes.push(format!("dead-lettered: {}", per.join(", ")));
     }
     if pending > 0 {
         notes.push(format!("{pending} outbox rows still pending at the end"));
-    }
-    Row {
-        scenario: s.name(),
-        accepted: tally.accepted,
-        delivered,
-        seen_on_sse: tally.delivered,
-        duplicates: tally.duplicates.max(topic_duplicates),
-        order_violations: tally.order_violations.max(topic_order),
-        dead_lettered: dead_outbox + dead_bus,
-        remembered,
-        pending_outbox: pending,
-        errors: observed.errors.clone(),
-        failovers: observed.failovers,
-        gave_up: observed.gave_up,
-        notes,
-        ..Row::default()
     }
 }
 

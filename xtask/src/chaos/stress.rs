@@ -33,81 +33,30 @@ struct Copy {
     log: std::path::PathBuf,
 }
 
+/// A copy started and not yet waited for.
+struct Running {
+    index: usize,
+    log: std::path::PathBuf,
+    started: Instant,
+    child: std::process::Child,
+}
+
 /// Runs `copies` copies of the suite at once and prints a table; `Err`
 /// unless every copy passed.
 pub(crate) fn run(copies: usize) -> Result<(), String> {
     let copies = copies.clamp(1, 8);
     let dir = platform::target_dir().join("chaos").join("stress");
     fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    // Reachability first: a copy against a missing broker would fail with
-    // every scenario's timeout instead of one line.
-    for (what, addr, how) in [
-        ("tansu (Kafka)", "127.0.0.1:9092", "cargo xtask stack up"),
-        ("PostgreSQL", "127.0.0.1:5432", "cargo xtask stack up"),
-    ] {
-        let sock = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
-        std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(2))
-            .map_err(|e| format!("{what} at {addr} is unreachable ({e}); start it with `{how}`"))?;
-    }
-    let base = nextest_args(false);
-    println!("chaos --stress: building the conformance suites");
-    let status = Command::new("cargo")
-        .args(&base)
-        .arg("--no-run")
-        .current_dir(root())
-        .status()
-        .map_err(|e| format!("cargo: {e}"))?;
-    if !status.success() {
-        return Err(format!("building the conformance suites failed ({status})"));
-    }
+    check_stack_reachable()?;
+    build_suites()?;
     println!(
         "chaos --stress: {copies} copies of the conformance suite at once (stress variants included)"
     );
     let started = Instant::now();
-    let mut children = Vec::new();
-    for index in 1..=copies {
-        let log = dir.join(format!("copy-{index}.log"));
-        let file = fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let err = file.try_clone().map_err(|e| e.to_string())?;
-        let child = Command::new("cargo")
-            .args(nextest_args(true))
-            .current_dir(root())
-            .stdout(Stdio::from(file))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .map_err(|e| format!("cargo nextest: {e}"))?;
-        children.push((index, log, Instant::now(), child));
-    }
-    let mut results = Vec::new();
-    for (index, log, t0, mut child) in children {
-        let status = child.wait().map_err(|e| e.to_string())?;
-        let secs = t0.elapsed().as_secs_f64();
-        let text = fs::read_to_string(&log).unwrap_or_default();
-        let (run, passed, failed) = summary(&text);
-        results.push(Copy {
-            index,
-            ok: status.success() && failed == 0 && run > 0,
-            run,
-            passed,
-            failed,
-            secs,
-            log,
-        });
-    }
+    let running = spawn_copies(&dir, copies)?;
+    let results = wait_for_copies(running)?;
     let wall = started.elapsed().as_secs_f64();
-    println!("\n| copy | scenarios run | passed | failed | time | result |");
-    println!("|---|---|---|---|---|---|");
-    for c in &results {
-        println!(
-            "| {} | {} | {} | {} | {:.0} s | {} |",
-            c.index,
-            c.run,
-            c.passed,
-            c.failed,
-            c.secs,
-            if c.ok { "pass" } else { "FAIL" }
-        );
-    }
+    print_table(&results);
     println!(
         "\n{copies} copies in {wall:.0} s wall time; logs in {}",
         dir.display()
@@ -126,17 +75,120 @@ pub(crate) fn run(copies: usize) -> Result<(), String> {
         return Ok(());
     }
     for c in &failed {
-        let text = fs::read_to_string(&c.log).unwrap_or_default();
-        println!("\n--- copy {} (tail of {}) ---", c.index, c.log.display());
-        let lines: Vec<&str> = text
-            .lines()
-            .filter(|l| l.contains("FAIL") || l.contains("panicked") || l.contains("TIMEOUT"))
-            .collect();
-        for l in lines.iter().rev().take(20).rev() {
-            println!("{l}");
-        }
+        print_failures(c);
     }
     Err(format!("{} of {copies} copies failed", failed.len()))
+}
+
+/// Reachability first: a copy against a missing broker would fail with
+/// every scenario's timeout instead of one line.
+fn check_stack_reachable() -> Result<(), String> {
+    for (what, addr, how) in [
+        ("tansu (Kafka)", "127.0.0.1:9092", "cargo xtask stack up"),
+        ("PostgreSQL", "127.0.0.1:5432", "cargo xtask stack up"),
+    ] {
+        let sock = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+        std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(2))
+            .map_err(|e| format!("{what} at {addr} is unreachable ({e}); start it with `{how}`"))?;
+    }
+    Ok(())
+}
+
+/// Builds the conformance suites once, before the copies race to.
+fn build_suites() -> Result<(), String> {
+    let base = nextest_args(false);
+    println!("chaos --stress: building the conformance suites");
+    let status = Command::new("cargo")
+        .args(&base)
+        .arg("--no-run")
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!("building the conformance suites failed ({status})"));
+    }
+    Ok(())
+}
+
+/// Starts the copies, each logging to `dir/copy-<n>.log`.
+fn spawn_copies(dir: &std::path::Path, copies: usize) -> Result<Vec<Running>, String> {
+    let mut running = Vec::new();
+    for index in 1..=copies {
+        let log = dir.join(format!("copy-{index}.log"));
+        let file = fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = file.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new("cargo")
+            .args(nextest_args(true))
+            .current_dir(root())
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .map_err(|e| format!("cargo nextest: {e}"))?;
+        running.push(Running {
+            index,
+            log,
+            started: Instant::now(),
+            child,
+        });
+    }
+    Ok(running)
+}
+
+/// Waits for each copy in turn and reads its verdict from its log.
+fn wait_for_copies(running: Vec<Running>) -> Result<Vec<Copy>, String> {
+    let mut results = Vec::new();
+    for Running {
+        index,
+        log,
+        started,
+        mut child,
+    } in running
+    {
+        let status = child.wait().map_err(|e| e.to_string())?;
+        let secs = started.elapsed().as_secs_f64();
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        let (run, passed, failed) = summary(&text);
+        results.push(Copy {
+            index,
+            ok: status.success() && failed == 0 && run > 0,
+            run,
+            passed,
+            failed,
+            secs,
+            log,
+        });
+    }
+    Ok(results)
+}
+
+/// The table of copies, one row each.
+fn print_table(results: &[Copy]) {
+    println!("\n| copy | scenarios run | passed | failed | time | result |");
+    println!("|---|---|---|---|---|---|");
+    for c in results {
+        println!(
+            "| {} | {} | {} | {} | {:.0} s | {} |",
+            c.index,
+            c.run,
+            c.passed,
+            c.failed,
+            c.secs,
+            if c.ok { "pass" } else { "FAIL" }
+        );
+    }
+}
+
+/// The last 20 failure lines of a failed copy's log.
+fn print_failures(c: &Copy) {
+    let text = fs::read_to_string(&c.log).unwrap_or_default();
+    println!("\n--- copy {} (tail of {}) ---", c.index, c.log.display());
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("FAIL") || l.contains("panicked") || l.contains("TIMEOUT"))
+        .collect();
+    for l in lines.iter().rev().take(20).rev() {
+        println!("{l}");
+    }
 }
 
 fn nextest_args(run: bool) -> Vec<String> {

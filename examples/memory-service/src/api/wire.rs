@@ -341,28 +341,7 @@ fn check_value(v: &Value, kind: Kind, at: Vec<Value>, out: &mut Vec<Issue>) {
                 }
             }
         },
-        Kind::Items(fields, min) => match v.as_array() {
-            None => out.push(issue("list_type", at, "Input should be a valid list")),
-            Some(items) if items.len() < min => out.push(issue(
-                "too_short",
-                at,
-                "List should have at least 1 item after validation, not 0",
-            )),
-            Some(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    let mut l = at.clone();
-                    l.push(json!(i));
-                    match item.as_object() {
-                        Some(o) => check(o, fields, &l, out),
-                        None => out.push(issue(
-                            "model_attributes_type",
-                            l,
-                            "Input should be a valid dictionary or object to extract fields from",
-                        )),
-                    }
-                }
-            }
-        },
+        Kind::Items(fields, min) => check_items(v, fields, min, at, out),
         Kind::Nested(fields) => match v.as_object() {
             Some(o) => check(o, fields, &at, out),
             None => out.push(issue(
@@ -371,6 +350,32 @@ fn check_value(v: &Value, kind: Kind, at: Vec<Value>, out: &mut Vec<Issue>) {
                 "Input should be a valid dictionary or object to extract fields from",
             )),
         },
+    }
+}
+
+/// Checks a list of at least `min` objects, each against `fields`.
+fn check_items(v: &Value, fields: &[Field], min: usize, at: Vec<Value>, out: &mut Vec<Issue>) {
+    match v.as_array() {
+        None => out.push(issue("list_type", at, "Input should be a valid list")),
+        Some(items) if items.len() < min => out.push(issue(
+            "too_short",
+            at,
+            "List should have at least 1 item after validation, not 0",
+        )),
+        Some(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let mut l = at.clone();
+                l.push(json!(i));
+                match item.as_object() {
+                    Some(o) => check(o, fields, &l, out),
+                    None => out.push(issue(
+                        "model_attributes_type",
+                        l,
+                        "Input should be a valid dictionary or object to extract fields from",
+                    )),
+                }
+            }
+        }
     }
 }
 

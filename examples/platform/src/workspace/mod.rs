@@ -285,14 +285,23 @@ impl Workspace {
 }
 
 async fn migrate(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
-    let t = Tables::new(schema);
-    let n = format!("{schema}.notifications");
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
         .bind(format!("soma-workspace:{schema}"))
         .execute(&mut *tx)
         .await?;
-    let statements = [
+    for s in schema_ddl(schema) {
+        sqlx::query(&s).execute(&mut *tx).await?;
+    }
+    tx.commit().await
+}
+
+/// The workspace's schema, tables and indexes, in creation order (each
+/// statement idempotent).
+fn schema_ddl(schema: &str) -> [String; 9] {
+    let t = Tables::new(schema);
+    let n = format!("{schema}.notifications");
+    [
         format!("CREATE SCHEMA IF NOT EXISTS {schema}"),
         format!(
             "CREATE TABLE IF NOT EXISTS {} (
@@ -359,11 +368,7 @@ async fn migrate(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
         ),
         format!("CREATE INDEX IF NOT EXISTS notifications_owner ON {n} (tenant, subject, seq)"),
         format!("CREATE INDEX IF NOT EXISTS notifications_expiry ON {n} (expires_at)"),
-    ];
-    for s in statements {
-        sqlx::query(&s).execute(&mut *tx).await?;
-    }
-    tx.commit().await
+    ]
 }
 
 /// The error answer of the workspace's handlers.
