@@ -13,7 +13,9 @@ use soma_observability::resilience::{BreakerConfig, BreakerState};
 use common::*;
 
 const PUBLISH_TIMEOUT_MS: u64 = 800;
-const OPEN_MS: u64 = 300;
+/// Long enough that a loaded machine (CI runs the suite on two cores) reads
+/// the state before a re-opened breaker turns half-open again by itself.
+const OPEN_MS: u64 = 1_000;
 
 async fn dead_publisher() -> DurablePublisher {
     let mut cfg = config("unused");
@@ -52,22 +54,25 @@ async fn fifty_concurrent_publishers_in_an_outage_only_the_probe_waits() {
         async move {
             let t = Instant::now();
             let out = p.publish(topic, &envelope(&format!("k{n}"), n)).await;
-            (t.elapsed(), out)
+            // Read as the call returns: join_all ends only after the
+            // slowest outbox write, by when an open breaker may have
+            // turned half-open again.
+            (t.elapsed(), out, p.breaker_state())
         }
     });
     let results = futures::future::join_all(calls).await;
     let slow = Duration::from_millis(PUBLISH_TIMEOUT_MS / 2);
-    let waited: Vec<_> = results.iter().filter(|(d, _)| *d >= slow).collect();
+    let waited: Vec<_> = results.iter().filter(|(d, ..)| *d >= slow).collect();
     assert_eq!(
         waited.len(),
         1,
         "only the probe waits for Kafka: {results:?}"
     );
-    for (_, out) in &results {
+    for (_, out, _) in &results {
         assert!(out.as_ref().unwrap().is_deferred());
     }
     assert_eq!(
-        p.breaker_state(),
+        waited[0].2,
         BreakerState::Open,
         "the failed probe re-opened it"
     );
