@@ -480,3 +480,33 @@ async fn a_mapped_section_changes_only_when_it_does() {
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     assert!(!redis.has_changed().unwrap());
 }
+
+#[test]
+fn a_version_reports_its_profile_and_where_each_section_came_from() {
+    let (_dir, path) = toml_file("profile = \"prod\"\n[redis]\npool_size = 3\n");
+    let live = strict_live(&path, [("SOMA_BUS__PARTITIONS", "4")]);
+    let v = live.load();
+    assert_eq!(v.profile(), soma_config::DeploymentProfile::Prod);
+    assert_eq!(v.sources().get("redis"), Some(&Origin::File(path.clone())));
+    assert_eq!(
+        v.sources().get("bus"),
+        Some(&Origin::Env {
+            var: "SOMA_BUS__PARTITIONS".into()
+        })
+    );
+}
+
+#[test]
+fn live_and_reader_print_the_version_and_checksum_and_nothing_else() {
+    let (_d, _p, live) = live_with_file("[redis]\npool_size = 3\nurl = \"redis://:hunter2@h\"\n");
+    let printed = format!("{live:?}");
+    let checksum = live.load().checksum().to_owned();
+    assert!(
+        printed.starts_with("Live")
+            && printed.contains("version: 1")
+            && printed.contains(&checksum),
+        "{printed}"
+    );
+    assert!(!printed.contains("hunter2"), "{printed}");
+    assert_eq!(format!("{:?}", live.reader()), "Reader { .. }");
+}

@@ -485,3 +485,86 @@ fn a_loader_prints_its_sources_and_switches_never_values() {
     );
     assert!(!printed.contains("hunter2"), "{printed}");
 }
+
+#[test]
+fn without_env_reads_no_variable_and_keeps_every_other_source() {
+    let (_dir, path) = toml_file("service_name = \"from-file\"\n[redis]\npool_size = 16\n");
+    let s = Loader::<AppSettings>::new()
+        .file(&path)
+        .env_from([("SOMA_REDIS__POOL_SIZE", "24")])
+        .set("bus.partitions", 9)
+        .without_env()
+        .load()
+        .unwrap();
+    assert_eq!(s.redis.pool_size, 16, "the variable is not read");
+    assert_eq!(s.service_name, "from-file", "the file still is");
+    assert_eq!(s.bus.partitions, 9, "and the override");
+}
+
+#[test]
+fn overrides_under_one_section_keep_each_other() {
+    let s = Loader::<AppSettings>::new()
+        .env_from(no_env())
+        .set("redis.url", "redis://set:6379")
+        .set("redis.pool_size", 7)
+        .load()
+        .unwrap();
+    assert_eq!(
+        s.redis.url, "redis://set:6379",
+        "the second set kept the first"
+    );
+    assert_eq!(s.redis.pool_size, 7);
+}
+
+#[test]
+fn a_file_that_is_not_utf8_is_a_parse_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("latin1.toml");
+    std::fs::write(&path, b"service_name = \"caf\xe9\"\n").unwrap();
+    let err = Loader::<AppSettings>::new()
+        .env_from(no_env())
+        .file(&path)
+        .load()
+        .unwrap_err();
+    assert!(err.is_parse() && !err.is_io(), "{err:?}");
+    assert_eq!(err.origin(), Some(Origin::File(path.clone())), "{err}");
+    assert!(err.to_string().contains("not valid UTF-8"), "{err}");
+}
+
+#[test]
+fn a_toml_syntax_error_names_the_file_and_no_key() {
+    let (_dir, path) = toml_file("[redis\npool_size = 3\n");
+    let err = Loader::<AppSettings>::new()
+        .env_from(no_env())
+        .file(&path)
+        .load()
+        .unwrap_err();
+    assert!(err.is_parse(), "{err:?}");
+    assert_eq!(
+        err.key(),
+        None,
+        "a syntax error is not about a key: {err:?}"
+    );
+}
+
+#[test]
+fn a_settings_type_that_denies_unknown_fields_names_the_field() {
+    #[derive(Debug, Default, serde::Deserialize, serde::Serialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Inner {
+        size: u32,
+    }
+    #[derive(Debug, Default, serde::Deserialize, serde::Serialize)]
+    #[serde(default)]
+    struct Outer {
+        inner: Inner,
+    }
+    let (_dir, path) = toml_file("[inner]\nsize = 2\nsise = 3\n");
+    let err = Loader::<Outer>::new()
+        .env_from(no_env())
+        .file(&path)
+        .load()
+        .unwrap_err();
+    assert!(err.is_unknown_key(), "{err:?}");
+    assert_eq!(err.key(), Some("inner.sise"), "{err:?}");
+}
