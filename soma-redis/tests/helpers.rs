@@ -17,7 +17,7 @@ use soma_redis::rate_limit::{FailMode, RateLimitKey, RateLimitLayer};
 use soma_redis::{
     Cache, CacheOptions, Claim, IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, Idempotency,
     IdempotencyKey, IdempotencyLayer, IdempotencyOptions, IdempotencyScope, Lease, LeaseOptions,
-    LoadError, Lookup, PubSub, PubSubEvent, RateLimit, RateLimiter, RedisClient, RedisConfig, Ttl,
+    Lookup, PubSub, PubSubEvent, RateLimit, RateLimiter, RedisClient, RedisConfig, Ttl,
 };
 use soma_testkit::assert_problem;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -187,6 +187,10 @@ async fn cache_roundtrip_ttl_tenants_and_negative_caching() {
 
     assert!(cache.invalidate("acme", "u1").await.unwrap());
     assert_eq!(cache.get("acme", "u1").await.unwrap(), Lookup::Miss);
+    assert!(
+        !cache.invalidate("acme", "u1").await.unwrap(),
+        "nothing left to invalidate"
+    );
 
     // a value that no longer decodes is a typed decode error
     c.set(&key, "{not json", Ttl::secs(5)).await.unwrap();
@@ -249,11 +253,27 @@ async fn concurrent_get_or_load_runs_the_loader_once() {
     }
     for t in tasks {
         match t.await.unwrap() {
-            Err(LoadError::Loader(e)) => assert_eq!(e.to_string(), "db down"),
+            Err(e) => assert_eq!(
+                e.loader_error().map(ToString::to_string).as_deref(),
+                Some("db down"),
+                "{e:?}"
+            ),
             other => panic!("expected loader error, got {other:?}"),
         }
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // A bad tenant is not the loader's failure.
+    let invalid = cache
+        .get_or_load("ac:me", "x", || async { Ok::<_, std::io::Error>(None) })
+        .await
+        .unwrap_err();
+    assert!(invalid.loader_error().is_none(), "{invalid:?}");
+    // What an operator reads when the cache is printed: its name and options.
+    let printed = format!("{cache:?}");
+    assert!(
+        printed.starts_with("Cache") && printed.contains("\"sf\"") && printed.contains("ttl"),
+        "{printed}"
+    );
     assert_eq!(cache.get("acme", "broken").await.unwrap(), Lookup::Miss);
 }
 
@@ -522,6 +542,14 @@ async fn idempotency_claims_stores_and_replays() {
     else {
         panic!("first claim must be acquired");
     };
+    // The guard names the claim's Redis key: the tenant's, with a lifetime.
+    assert!(
+        guard.key().contains("acme") && guard.key().ends_with("req-1"),
+        "{}",
+        guard.key()
+    );
+    let claim_ttl = c.pttl(guard.key()).await.unwrap();
+    assert!(claim_ttl.is_some_and(|ms| ms > 0), "{claim_ttl:?}");
     // concurrent retry while in progress
     match idem.claim::<String>("acme", "req-1", "fp-a").await.unwrap() {
         Claim::InProgress { retry_after } => {
@@ -1047,6 +1075,83 @@ async fn lease_expires_when_the_holder_stops_renewing() {
         .unwrap()
         .expect("lease expired");
     assert!(g2.token() > t1);
+}
+
+#[tokio::test]
+async fn a_lease_taken_over_is_lost_at_the_next_renewal_and_not_released() {
+    let c = client().await;
+    // Renewed every second; lost at the first renewal after the takeover,
+    // long before the 3 s TTL would end it.
+    let lease = Lease::new(&c, LeaseOptions::new(Duration::from_secs(3))).unwrap();
+    let g = lease.try_acquire("acme", "stolen").await.unwrap().unwrap();
+    assert_eq!(
+        format!("{g:?}"),
+        format!("LeaseGuard {{ key: {:?}, token: {} }}", g.key(), g.token())
+    );
+    // The fencing counter outlives the lease by days (FENCE_TTL: a week).
+    let fence = g.key().replace(":lease:", ":lease-fence:");
+    let fence_ttl = c.pttl(&fence).await.unwrap().expect("the fence has a TTL");
+    assert!(fence_ttl > 6 * 86_400_000, "{fence_ttl} ms");
+
+    // Another owner takes the key (an operator, a holder after a partition).
+    c.set(g.key(), "someone-else", Ttl::secs(30)).await.unwrap();
+    tokio::time::timeout(Duration::from_millis(2_500), g.lost())
+        .await
+        .expect("lost at the next renewal, before the TTL passes");
+    assert!(!g.is_held());
+    let key = g.key().to_owned();
+    assert!(!g.release().await.unwrap(), "a lost lease is not released");
+    assert_eq!(
+        c.get::<String>(&key).await.unwrap().as_deref(),
+        Some("someone-else"),
+        "nor is the new owner's key deleted"
+    );
+}
+
+#[tokio::test]
+async fn a_waiter_gets_the_lease_its_holder_releases_and_gives_up_at_its_deadline() {
+    let c = client().await;
+    let lease = Lease::new(&c, LeaseOptions::new(Duration::from_secs(2))).unwrap();
+    let g = lease
+        .try_acquire("acme", "handover")
+        .await
+        .unwrap()
+        .unwrap();
+    let t1 = g.token();
+    let releaser = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        g.release().await.unwrap()
+    });
+    let g2 = lease
+        .acquire("acme", "handover", Duration::from_secs(5))
+        .await
+        .unwrap()
+        .expect("the released lease, within the wait");
+    assert!(releaser.await.unwrap());
+    assert!(g2.token() > t1);
+    // While it is held, a wait ends empty-handed, and not before its time.
+    let started = std::time::Instant::now();
+    let none = lease
+        .acquire("acme", "handover", Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(none.is_none());
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // A guard dropped without release() stops renewing and frees the
+    // lease at once, not after its TTL.
+    drop(g2);
+    let freed = eventually(Duration::from_secs(1), || {
+        let lease = lease.clone();
+        async move {
+            lease
+                .try_acquire("acme", "handover")
+                .await
+                .unwrap()
+                .is_some()
+        }
+    })
+    .await;
+    assert!(freed, "a dropped guard released the lease");
 }
 
 #[tokio::test]

@@ -299,6 +299,29 @@ mod tests {
                 .unwrap(),
             (100_000, 1_000_000)
         );
+        // The documented bounds are inclusive: 1 ms, and 1 µs per request.
+        assert_eq!(
+            RateLimit::per(1, Duration::from_millis(1))
+                .validate()
+                .unwrap(),
+            (1_000, 1_000)
+        );
+        assert!(
+            RateLimit::per(1, Duration::from_micros(999))
+                .validate()
+                .is_err()
+        );
+        assert_eq!(
+            RateLimit::per(1_000, Duration::from_millis(1))
+                .validate()
+                .unwrap(),
+            (1, 1_000)
+        );
+        assert!(
+            RateLimit::per(1_001, Duration::from_millis(1))
+                .validate()
+                .is_err()
+        );
     }
 
     #[test]
