@@ -20,6 +20,13 @@ fn authenticator(store: Arc<dyn ApiKeyStore>) -> Authenticator {
 
 async fn exercise(store: Arc<dyn ApiKeyStore>) {
     let auth = authenticator(store.clone());
+    let printed = format!("{auth:?}");
+    assert!(
+        printed.starts_with("Authenticator")
+            && printed.contains("api_keys: true")
+            && printed.contains("api_key_prefix"),
+        "what an operator reads: {printed}"
+    );
     let issued = generate_key(
         "soma",
         "svc-1",
