@@ -361,6 +361,19 @@ async fn rate_limiter_admits_the_limit_then_rejects_with_retry_after() {
     let key = c.keys().key("acme", "rl", "POST /v1/orders").unwrap();
     let ttl = c.pttl(&key).await.unwrap().unwrap();
     assert!(ttl > 0 && ttl <= 60_000, "{ttl}");
+    assert_eq!(
+        format!("{rl:?}"),
+        format!("RateLimiter {{ limit: {:?} }}", rl.limit())
+    );
+
+    // A cost is 1 ..= the limit: a request may take the whole bucket, never more.
+    let per3 = RateLimit::per(3, Duration::from_secs(60));
+    for bad in [0, 4] {
+        let err = rl.check_with("acme", "cost", per3, bad).await.unwrap_err();
+        assert!(err.is_invalid(), "cost {bad}: {err:?}");
+    }
+    let whole = rl.check_with("acme", "cost", per3, 3).await.unwrap();
+    assert!(whole.allowed && whole.remaining == 0, "{whole:?}");
 
     // the bucket refills: 10 per 200 ms → one every 20 ms
     let fast = RateLimiter::new(&c, RateLimit::per(10, Duration::from_millis(200))).unwrap();

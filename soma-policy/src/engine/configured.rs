@@ -275,6 +275,9 @@ mod tests {
         assert!(engine.embedded().is_none());
         assert!(health.component("opa").is_some());
         assert!(health.component("policy").is_none());
+        // A remote OPA cannot tell when its bundle changes: generation 0,
+        // so the decision cache's TTL alone bounds a stale decision.
+        assert_eq!(engine.generation(), 0);
     }
 
     #[test]

@@ -338,5 +338,14 @@ mod tests {
         assert_eq!(h["x-ratelimit-remaining"], "0");
         assert_eq!(h["x-ratelimit-reset"], "2");
         assert_eq!(h["retry-after"], "1");
+        // Whole seconds are not rounded up.
+        let d = RateLimitDecision {
+            reset_after: Duration::from_secs(2),
+            retry_after: Some(Duration::from_secs(3)),
+            ..d
+        };
+        let h = d.headers();
+        assert_eq!(h["x-ratelimit-reset"], "2");
+        assert_eq!(h["retry-after"], "3");
     }
 }
