@@ -318,6 +318,14 @@ impl BusConfig {
         if !self.librdkafka.contains_key("isolation.level") {
             c.set("isolation.level", "read_uncommitted");
         }
+        // Heartbeats at most a third of the session, as Kafka advises: a
+        // member then outlives two late heartbeats (a loaded machine, a slow
+        // coordinator) before it is evicted and its group rebalances.
+        // librdkafka's fixed 3 s would leave a 6 s session only one.
+        if !self.librdkafka.contains_key("heartbeat.interval.ms") {
+            let every = (self.consumer.session_timeout_ms / 3).clamp(1, 3_000);
+            c.set("heartbeat.interval.ms", every.to_string());
+        }
         if let Some(ms) = self.consumer.fetch_wait_ms {
             if !self.librdkafka.contains_key("fetch.wait.max.ms") {
                 c.set("fetch.wait.max.ms", ms.to_string());

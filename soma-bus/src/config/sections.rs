@@ -98,7 +98,9 @@ section! {
         lane_capacity: usize = 256,
         /// Where a group with no committed offset starts: `earliest` or `latest`.
         auto_offset_reset: String = "earliest".to_owned(),
-        /// Consumer session timeout.
+        /// Consumer session timeout. Consumers heartbeat every third of it
+        /// (at most every 3 s) unless `librdkafka` sets
+        /// `heartbeat.interval.ms`.
         session_timeout_ms: u64 = 10_000,
         /// Longest a fetch may wait at the broker for data (librdkafka
         /// `fetch.wait.max.ms`); unset: librdkafka's default (500). A Kafka

@@ -99,6 +99,32 @@ fn consumers_read_uncommitted_unless_overridden() {
 }
 
 #[test]
+fn consumers_heartbeat_a_third_of_the_session_at_most_every_3_s() {
+    let mut c = BusConfig::default();
+    assert_eq!(c.consumer.session_timeout_ms, 10_000);
+    assert_eq!(
+        c.consumer_client_config().get("heartbeat.interval.ms"),
+        Some("3000")
+    );
+    c.consumer.session_timeout_ms = 6_000;
+    assert_eq!(
+        c.consumer_client_config().get("heartbeat.interval.ms"),
+        Some("2000")
+    );
+    assert_eq!(
+        c.producer_client_config().get("heartbeat.interval.ms"),
+        None
+    );
+    c.librdkafka
+        .insert("heartbeat.interval.ms".into(), "500".into());
+    assert_eq!(
+        c.consumer_client_config().get("heartbeat.interval.ms"),
+        Some("500"),
+        "an explicit librdkafka property wins"
+    );
+}
+
+#[test]
 fn consumer_fetch_wait_reaches_consumers_only_and_is_bounded() {
     let c = BusConfig::default();
     assert_eq!(c.consumer_client_config().get("fetch.wait.max.ms"), None);
