@@ -388,6 +388,34 @@ async fn rate_limiter_admits_the_limit_then_rejects_with_retry_after() {
     assert!(refilled);
 }
 
+/// The limiter's memory of bucket states (what it sends when Redis forgot a
+/// key) is pruned once it holds 10,000 keys: of stale states only, never of
+/// a bucket that is still draining.
+#[tokio::test]
+async fn pruning_the_remembered_states_keeps_every_bucket_still_draining() {
+    use futures_util::StreamExt;
+    let c = client().await;
+    let rl = RateLimiter::new(&c, RateLimit::per(2, Duration::from_secs(60))).unwrap();
+    for _ in 0..2 {
+        assert!(rl.check("acme", "busy").await.unwrap().allowed);
+    }
+    assert!(!rl.check("acme", "busy").await.unwrap().allowed);
+    // 10,000 other keys: the memory reaches its pruning size.
+    futures_util::stream::iter(0..10_000)
+        .for_each_concurrent(64, |i| {
+            let rl = rl.clone();
+            async move {
+                rl.check("acme", &format!("other-{i}")).await.unwrap();
+            }
+        })
+        .await;
+    // Redis forgets the busy key (a restart without persistence).
+    let key = c.keys().key("acme", "rl", "busy").unwrap();
+    assert_eq!(c.del(&[&key]).await.unwrap(), 1);
+    let d = rl.check("acme", "busy").await.unwrap();
+    assert!(!d.allowed, "the remembered state still limits it: {d:?}");
+}
+
 /// A rate-limit check is one round trip: MONITOR sees exactly one command
 /// from our client per check (the script's inner GET/SET/TIME are marked `lua`).
 #[tokio::test]
