@@ -304,6 +304,8 @@ mod tests {
         assert_eq!(id("/v1/schedules/%73ecret").as_deref(), Some("secret"));
         assert_eq!(id("/v1/schedules/caf%C3%A9").as_deref(), Some("café"));
         assert_eq!(id("/v1/schedules/100%").as_deref(), Some("100%"));
+        // A `%` with one character after it, at the end, stays as it is.
+        assert_eq!(id("/v1/schedules/50%2").as_deref(), Some("50%2"));
         assert_eq!(id("/v1/schedules/a%2Bb").as_deref(), Some("a+b"));
         // An encoded `/`, invalid UTF-8 and an empty id match nothing.
         assert_eq!(id("/v1/schedules/a%2Fb"), None);
