@@ -132,6 +132,9 @@ impl ClientContext for Ctx {
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if !matches!(rebalance, Rebalance::Assign(_)) {
+            log_rebalance(&self.group, rebalance);
+        }
         if let Rebalance::Revoke(tpl) = rebalance {
             let mut progress = self.progress.lock();
             if self.commits {
@@ -143,6 +146,38 @@ impl ConsumerContext for Ctx {
                 }
             }
             progress.forget(tpl);
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if matches!(rebalance, Rebalance::Assign(_)) {
+            log_rebalance(&self.group, rebalance);
+        }
+    }
+}
+
+/// A group's rebalance, as an operator follows it: partitions revoked
+/// (before the new assignment) and assigned (after it) at `info`, a failed
+/// rebalance at `warn`. A member evicted for missed heartbeats shows as a
+/// revoke and an assignment it did not ask for.
+fn log_rebalance(group: &str, rebalance: &Rebalance<'_>) {
+    match rebalance {
+        Rebalance::Assign(tpl) => {
+            tracing::info!(
+                event = "partitions_assigned",
+                group,
+                partitions = tpl.count()
+            );
+        }
+        Rebalance::Revoke(tpl) => {
+            tracing::info!(
+                event = "partitions_revoked",
+                group,
+                partitions = tpl.count()
+            );
+        }
+        Rebalance::Error(error) => {
+            tracing::warn!(event = "rebalance_failed", group, %error);
         }
     }
 }

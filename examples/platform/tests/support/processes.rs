@@ -294,16 +294,21 @@ impl Processes {
         std::fs::read_to_string(self.dir.join(format!("{service}.log"))).unwrap_or_default()
     }
 
-    /// The last 30 of `service`'s `WARN` and `ERROR` lines.
+    /// The last 30 of `service`'s `WARN` and `ERROR` lines and consumer
+    /// group rebalances.
     fn complaints(&self, service: &str) -> String {
         let log = self.log(service);
         let lines: Vec<&str> = log
             .lines()
-            .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
+            .filter(|l| {
+                l.contains("\"level\":\"WARN\"")
+                    || l.contains("\"level\":\"ERROR\"")
+                    || l.contains("\"event\":\"partitions_")
+            })
             .collect();
         let from = lines.len().saturating_sub(30);
         format!(
-            "--- {service}: {} warnings and errors, the last {} ---\n{}",
+            "--- {service}: {} warnings, errors and rebalances, the last {} ---\n{}",
             lines.len(),
             lines.len() - from,
             lines[from..].join("\n")
@@ -353,7 +358,8 @@ impl Drop for Processes {
         }
         if std::thread::panicking() {
             // What the failing test's output needs to be read without the
-            // machine: each service's warnings and errors and its last lines.
+            // machine: each service's warnings, errors and rebalances and its
+            // last lines.
             for (service, _) in &self.admins {
                 eprintln!("{}", self.complaints(service));
                 eprintln!("{}", self.log_tail(service));
