@@ -536,6 +536,72 @@ async fn rate_limit_layer_sets_headers_and_rejects() {
 }
 
 #[tokio::test]
+async fn rate_limit_layer_answers_400_for_a_tenant_it_cannot_key_and_passes_readiness_on() {
+    let c = client().await;
+    let rl = RateLimiter::new(&c, RateLimit::per(2, Duration::from_secs(60))).unwrap();
+    // A tenant with `:` cannot be part of a key: the client's fault (400),
+    // not the limiter's (503, fail closed).
+    let layer = RateLimitLayer::new(rl, |_: &http::Request<Bytes>| {
+        Some(RateLimitKey {
+            tenant: "ac:me".into(),
+            route: "GET /".into(),
+        })
+    });
+    let printed = format!("{layer:?}");
+    assert!(
+        printed.starts_with("RateLimitLayer")
+            && printed.contains("RateLimiter")
+            && printed.contains("Closed"),
+        "{printed}"
+    );
+    let svc =
+        ServiceBuilder::new()
+            .layer(layer.clone())
+            .service_fn(|_req: http::Request<Bytes>| async {
+                Ok::<_, Infallible>(http::Response::new(Bytes::new()))
+            });
+    assert!(
+        format!("{svc:?}").starts_with("RateLimitService"),
+        "{svc:?}"
+    );
+    let mut ready = svc.clone();
+    let future = tower::Service::call(
+        tower::ServiceExt::ready(&mut ready).await.unwrap(),
+        http::Request::new(Bytes::new()),
+    );
+    assert_eq!(format!("{future:?}"), "ResponseFuture { .. }");
+    let res = future.await.unwrap();
+    assert_problem(&res, 400, "invalid_rate_limit_key");
+
+    // The inner service's readiness is the layer's: an inner service that
+    // cannot take requests is not hidden behind a ready limiter.
+    let mut refusing = tower::Layer::layer(&layer, Refusing);
+    let err = tower::ServiceExt::ready(&mut refusing).await.unwrap_err();
+    assert_eq!(err, "inner service overloaded");
+}
+
+/// A service that is never ready (its `poll_ready` fails).
+#[derive(Clone)]
+struct Refusing;
+
+impl tower::Service<http::Request<Bytes>> for Refusing {
+    type Response = http::Response<Bytes>;
+    type Error = &'static str;
+    type Future = std::future::Ready<Result<http::Response<Bytes>, &'static str>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Err("inner service overloaded"))
+    }
+
+    fn call(&mut self, _: http::Request<Bytes>) -> Self::Future {
+        std::future::ready(Err("called without being ready"))
+    }
+}
+
+#[tokio::test]
 async fn rate_limit_layer_failure_modes_when_redis_is_down() {
     let port = soma_testkit::free_port();
     let mut cfg = RedisConfig::default();
