@@ -265,3 +265,31 @@ impl ApiKeyStore for InMemoryApiKeyStore {
             .is_some())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_the_prefix_and_28_to_128_safe_characters() {
+        let shortest = format!("soma_{}", "a".repeat(LOOKUP_ID_LEN + 16));
+        assert_eq!(parse_key("soma", &shortest), Some(&shortest[5..17]));
+        let short = format!("soma_{}", "a".repeat(LOOKUP_ID_LEN + 15));
+        assert_eq!(parse_key("soma", &short), None);
+        let longest = format!("soma_{}", "b".repeat(128));
+        assert!(parse_key("soma", &longest).is_some());
+        let long = format!("soma_{}", "b".repeat(129));
+        assert_eq!(parse_key("soma", &long), None);
+        assert_eq!(parse_key("other", &shortest), None);
+        let unsafe_char = format!("soma_{}!", "a".repeat(LOOKUP_ID_LEN + 16));
+        assert_eq!(parse_key("soma", &unsafe_char), None);
+    }
+
+    #[test]
+    fn store_errors_say_whether_to_fix_settings_or_retry() {
+        let down = StoreError::Unavailable("connection refused".into());
+        assert!(down.is_unavailable() && !down.is_config());
+        let dup = StoreError::Duplicate;
+        assert!(!dup.is_unavailable() && !dup.is_config());
+    }
+}
