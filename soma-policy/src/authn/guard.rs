@@ -153,6 +153,18 @@ mod tests {
     }
 
     #[test]
+    fn an_exhausted_client_regains_attempts_as_its_bucket_refills() {
+        // 1,000 a second: a few milliseconds give the burst back.
+        let l = FailureLimiter::new(2, 1_000, 100);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..20 {
+            l.charge(Some(a));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!l.exhausted(Some(a)), "refilled after 20 ms at 1,000/s");
+    }
+
+    #[test]
     fn ipv6_clients_are_keyed_by_their_64() {
         let x: IpAddr = "2001:db8:1:2::1".parse().unwrap();
         let y: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();

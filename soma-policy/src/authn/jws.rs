@@ -525,5 +525,17 @@ mod tests {
         assert_eq!(&der[4..8], &[0x02, 0x82, 0x01, 0x01]);
         assert_eq!(der[8], 0);
         assert_eq!(&der[der.len() - 5..], &[0x02, 0x03, 1, 0, 1]);
+        // 127 content bytes keep the short length form; 128 take the long
+        // one (a lone 0x80 would mean "indefinite", which DER forbids).
+        let der = rsa_public_key_der(&[0x40; 127], &[3]);
+        assert_eq!(&der[3..5], &[0x02, 0x7f]);
+        let der = rsa_public_key_der(&[0x40; 128], &[3]);
+        assert_eq!(&der[3..6], &[0x02, 0x81, 0x80]);
+    }
+
+    #[test]
+    fn key_material_never_prints_a_secret() {
+        let key = KeyMaterial::hmac(b"hs256-shared-secret-value");
+        assert_eq!(format!("{key:?}"), "KeyMaterial::Hmac([redacted])");
     }
 }
