@@ -489,6 +489,10 @@ mod tests {
             (&br#"{"exp":5}"#[..], Ok(5)),
             (br#"{"exp":5.5}"#, Ok(6)),
             (br#"{"exp":-1}"#, Err(())),
+            (br#"{"exp":-1.5}"#, Err(())),
+            // 2^64 as a float is past every u64 (the float u64::MAX rounds to).
+            (br#"{"exp":18446744073709551616.0}"#, Err(())),
+            (br#"{"exp":1e300}"#, Err(())),
             (br#"{"exp":"5"}"#, Err(())),
             (br#"{"exp":null}"#, Err(())),
             (br#"{}"#, Err(())),
