@@ -120,6 +120,40 @@ async fn dedupe_key_conflicts_are_reported_per_record() {
         .unwrap_err();
     assert!(err.is_duplicate_id(), "{err}");
     assert_eq!(db.pending().await, 3);
+
+    // Only the message id's own constraint means "duplicate id": another
+    // unique violation (an index an operator added) is a database error.
+    sqlx::query(&format!(
+        "CREATE UNIQUE INDEX one_per_topic ON \"{}\".outbox (topic) WHERE topic = 'once'",
+        db.schema
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    ob.enqueue_standalone(&[NewMessage::new("once", b"1".to_vec())])
+        .await
+        .unwrap();
+    let err = ob
+        .enqueue_standalone(&[NewMessage::new("once", b"2".to_vec())])
+        .await
+        .unwrap_err();
+    assert!(err.is_database() && !err.is_duplicate_id(), "{err:?}");
+    // So is any other failure.
+    sqlx::query(&format!("DROP TABLE \"{}\".outbox CASCADE", db.schema))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let err = ob
+        .enqueue_standalone(&[NewMessage::new("t", b"g".to_vec())])
+        .await
+        .unwrap_err();
+    assert!(err.is_database() && !err.is_duplicate_id(), "{err:?}");
+    // What an operator reads when the outbox is printed.
+    assert_eq!(
+        format!("{ob:?}"),
+        format!("Outbox {{ schema: {:?}, .. }}", db.schema)
+    );
+    assert_eq!(ob.config().schema, db.schema);
     db.drop_schema().await;
 }
 
@@ -254,9 +288,30 @@ async fn inbox_records_each_message_once_per_consumer_inside_the_transaction() {
             first
         }
     };
+    let contains = |consumer: &'static str| {
+        let pool = db.pool.clone();
+        let inbox = inbox.clone();
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            inbox.contains(&mut conn, consumer, id).await.unwrap()
+        }
+    };
+    assert!(!contains("billing").await, "nothing recorded yet");
     assert!(consume(true).await, "first delivery (rolled back)");
+    assert!(
+        !contains("billing").await,
+        "a rolled-back record is no record"
+    );
     assert!(consume(false).await, "rolled back delivery did not count");
+    assert!(contains("billing").await, "the committed record is seen");
+    assert!(!contains("audit").await, "per consumer");
     assert!(!consume(false).await, "duplicate delivery is skipped");
+    // A consumer name must be non-empty and free of NUL.
+    for bad in ["", "bill\0ing"] {
+        let mut tx = db.pool.begin().await.unwrap();
+        let err = inbox.record(&mut tx, bad, id).await.unwrap_err();
+        assert!(err.is_invalid_message(), "{bad:?}: {err:?}");
+    }
     // Concurrent redeliveries: exactly one applies.
     let results = futures::future::join_all((0..5).map(|_| {
         let pool = db.pool.clone();
