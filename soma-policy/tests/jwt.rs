@@ -32,6 +32,11 @@ const ALL: [JwtAlgorithm; 4] = [
 #[tokio::test]
 async fn every_algorithm_verifies_and_yields_the_principal() {
     let auth = authenticator(&config_with_static_keys());
+    let printed = format!("{auth:?}");
+    assert!(
+        printed.contains("JwtVerifier") && printed.contains(ISSUER),
+        "the issuers an operator debugs with: {printed}"
+    );
     for alg in ALL {
         let token = mint(alg, Some(kid_for(alg)), &claims("alice"));
         let p = auth
@@ -819,4 +824,16 @@ async fn the_authenticator_plugs_into_a_metrics_registry() {
             .encode()
             .contains("soma_policy_token_cache_lookups_total")
     );
+}
+
+#[tokio::test]
+async fn scopes_come_from_an_scp_array_when_there_is_no_scope_string() {
+    let auth = authenticator(&config_with_static_keys());
+    let mut c = claims("carol");
+    let c_obj = c.as_object_mut().unwrap();
+    c_obj.remove("scope");
+    c_obj.insert("scp".into(), json!(["memory:read", "tool:execute"]));
+    let token = mint(JwtAlgorithm::HS256, Some(kid_for(JwtAlgorithm::HS256)), &c);
+    let p = auth.verify_token(&token).await.unwrap();
+    assert_eq!(p.scopes, vec!["memory:read", "tool:execute"]);
 }

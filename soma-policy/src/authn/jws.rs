@@ -508,6 +508,13 @@ mod tests {
     }
 
     #[test]
+    fn scope_and_scp_are_read_into_their_own_slots() {
+        let c = Claims::parse(br#"{"scope":"a b","scp":["c","d"]}"#, NAMES).unwrap();
+        assert_eq!(c.scope, Some(Claim::Str("a b".into())));
+        assert_eq!(c.scp, Some(Claim::StrList(vec!["c".into(), "d".into()])));
+    }
+
+    #[test]
     fn a_configured_claim_name_may_coincide_with_a_standard_one() {
         let names = ClaimNames {
             tenant: Some("sub"),

@@ -605,3 +605,43 @@ fn parse_jwks(bytes: &[u8], url: &str) -> Result<Vec<VerifyKey>, String> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `check` with the clock's second, retrying if the second changed
+    /// meanwhile (the boundary must be read against one `now`).
+    fn at_one_second(check: impl Fn(u64) -> Result<(), AuthError>) -> Result<(), AuthError> {
+        loop {
+            let now = unix_now();
+            let r = check(now);
+            if unix_now() == now {
+                return r;
+            }
+        }
+    }
+
+    #[test]
+    fn the_window_includes_both_of_its_edges() {
+        let leeway = 60;
+        // Expiring exactly at the leeway's edge: still valid; a second before, not.
+        assert_eq!(
+            at_one_second(|now| check_window(now - leeway, None, leeway)),
+            Ok(())
+        );
+        assert_eq!(
+            at_one_second(|now| check_window(now - leeway - 1, None, leeway)),
+            Err(AuthError::Expired)
+        );
+        // Valid from exactly the leeway's edge: already valid; a second later, not yet.
+        assert_eq!(
+            at_one_second(|now| check_window(now + 600, Some(now + leeway), leeway)),
+            Ok(())
+        );
+        assert_eq!(
+            at_one_second(|now| check_window(now + 600, Some(now + leeway + 1), leeway)),
+            Err(AuthError::NotYetValid)
+        );
+    }
+}
