@@ -719,7 +719,15 @@ async fn retention_marks_sent_and_keeps_deduping() {
     let sink = RecordingSink::new();
     let mut cfg = fast_relay();
     cfg.retention_secs = 3600;
-    let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
+    let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg);
+    let printed = format!("{relay:?}");
+    assert!(
+        printed.starts_with("Relay")
+            && printed.contains(&db.schema)
+            && printed.contains("retention_secs: 3600"),
+        "{printed}"
+    );
+    let relay = relay.spawn();
     let m = msg("k", 0).with_dedupe_key("order-1");
     db.outbox.enqueue_standalone(&[m]).await.unwrap();
     wait_until("delivered", Duration::from_secs(10), || async {
@@ -738,7 +746,14 @@ async fn retention_marks_sent_and_keeps_deduping() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     relay.shutdown().await.unwrap();
     assert_eq!(sink.published().len(), 1);
-    assert_eq!(db.outbox.purge_sent(Duration::ZERO, 100).await.unwrap(), 1);
+    let purge = |retention| db.outbox.purge_sent(retention, 100);
+    assert_eq!(
+        purge(Duration::from_secs(3600)).await.unwrap(),
+        0,
+        "kept within retention"
+    );
+    assert_eq!(purge(Duration::ZERO).await.unwrap(), 1);
+    assert_eq!(purge(Duration::ZERO).await.unwrap(), 0, "purged once");
     db.drop_schema().await;
 }
 
