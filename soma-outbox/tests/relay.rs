@@ -757,6 +757,37 @@ async fn retention_marks_sent_and_keeps_deduping() {
     db.drop_schema().await;
 }
 
+/// The relay's monitor purges what outlived the retention by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_relay_purges_sent_messages_once_their_retention_passed() {
+    let db = setup("retain1").await;
+    let sink = RecordingSink::new();
+    let mut cfg = fast_relay();
+    cfg.retention_secs = 1;
+    cfg.stats_interval_ms = 100;
+    let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
+    db.outbox.enqueue_standalone(&[msg("k", 0)]).await.unwrap();
+    let rows = || async {
+        sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM \"{}\".outbox", db.schema))
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    wait_until("delivered", Duration::from_secs(10), || async {
+        db.pending().await == 0
+    })
+    .await;
+    wait_until(
+        "purged after its second of retention",
+        Duration::from_secs(10),
+        || async { rows().await == 0 },
+    )
+    .await;
+    relay.shutdown().await.unwrap();
+    assert_eq!(sink.published().len(), 1);
+    db.drop_schema().await;
+}
+
 /// A relay with a different shard count than running relays refuses to start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relays_must_agree_on_the_shard_count() {

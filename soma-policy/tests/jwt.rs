@@ -221,6 +221,26 @@ async fn oversized_tokens_are_rejected_before_parsing() {
         !e.to_string().contains(&token[..20]),
         "error must not echo the token"
     );
+    // The bound is inclusive: a token of exactly max_token_bytes is read.
+    let token = mint(JwtAlgorithm::HS256, Some("hs"), &claims("alice"));
+    config.max_token_bytes = token.len();
+    let auth = authenticator(&config);
+    assert_eq!(auth.verify_token(&token).await.unwrap().subject, "alice");
+}
+
+/// With one issuer the signature is checked before the payload is read: a
+/// forged token with a payload that is not even JSON is a bad signature,
+/// never parsed.
+#[tokio::test]
+async fn one_issuer_checks_the_signature_before_reading_the_payload() {
+    let auth = authenticator(&config_with_static_keys());
+    let header = URL_SAFE_NO_PAD.encode(json!({"alg": "HS256", "kid": "hs"}).to_string());
+    let payload = URL_SAFE_NO_PAD.encode("not json at all");
+    let token = format!("{header}.{payload}.c2ln");
+    assert_eq!(
+        auth.verify_token(&token).await.unwrap_err(),
+        AuthError::BadSignature
+    );
 }
 
 #[tokio::test]
@@ -247,6 +267,11 @@ fn weak_hs256_secrets_and_keyless_issuers_are_refused_at_build() {
     let mut config = config_with_static_keys();
     config.issuers[0].keys[0].secret = Some("short".into());
     assert!(Authenticator::builder(&config).build().is_err());
+    // 32 bytes is the floor, inclusive.
+    config.issuers[0].keys[0].secret = Some("x".repeat(31).into());
+    assert!(Authenticator::builder(&config).build().is_err());
+    config.issuers[0].keys[0].secret = Some("x".repeat(32).into());
+    assert!(Authenticator::builder(&config).build().is_ok());
     let mut config = PolicyConfig::default();
     config.issuers = vec![IssuerConfig::new(ISSUER)];
     assert!(Authenticator::builder(&config).build().is_err());
