@@ -535,6 +535,8 @@ impl Worker {
         if let Some(conn) = self.conn.take() {
             let _ = conn.close().await;
         }
+        // Closing the session released every shard lock.
+        self.owned.clear();
         self.set_owned();
         result
     }

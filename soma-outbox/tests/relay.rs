@@ -1211,3 +1211,122 @@ async fn metrics_and_health_plug_in_through_the_registries() {
     assert!(text.contains("soma_outbox_relay_batch_duration_seconds_bucket{"));
     db.drop_schema().await;
 }
+
+/// Scans of `schema.outbox` the server has counted so far (every claim
+/// query scans it once; the statistics reach other sessions within about a
+/// second).
+async fn outbox_scans(db: &common::TestDb) -> i64 {
+    sqlx::query_scalar(
+        "SELECT (coalesce(seq_scan, 0) + coalesce(idx_scan, 0))::int8
+         FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = 'outbox'",
+    )
+    .bind(&db.schema)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// An idle relay claims once per poll interval: after a wake-up it polls
+/// fast only briefly (also when the wake-up found nothing claimable yet,
+/// because an older transaction is still open), and a batch that found
+/// nothing never loops straight into the next one. Without this, a relay
+/// that spins or keeps polling fast costs the database hundreds of claims
+/// a second while every functional test still passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_relay_claims_once_per_poll_interval_even_after_a_wake_up() {
+    let db = setup("idle").await;
+    let sink = RecordingSink::new();
+    let mut cfg = fast_relay();
+    cfg.poll_interval_ms = 500;
+    cfg.rebalance_interval_ms = 60_000;
+    cfg.stats_interval_ms = 60_000;
+    let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
+    wait_until("relay owns shards", Duration::from_secs(10), || async {
+        relay.owned_shards().len() == 8
+    })
+    .await;
+    // 4 s at one claim per 500 ms is 8 claims (a claim may scan the table
+    // up to three times; the statistics may lag about a second at either
+    // end). Spinning or 5 ms polling would be hundreds.
+    let idle_claims = async |what: &str| {
+        // Past the fast polling, and past the statistics' flush delay.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let before = outbox_scans(&db).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let scans = outbox_scans(&db).await - before;
+        assert!(
+            (4..=60).contains(&scans),
+            "{what}: an idle relay polling every 500 ms scanned the outbox {scans} times in 4 s"
+        );
+    };
+
+    // A message wakes the relay (NOTIFY) and is published.
+    db.outbox.enqueue_standalone(&[msg("k", 0)]).await.unwrap();
+    wait_until("published", Duration::from_secs(5), || async {
+        sink.published().len() == 1
+    })
+    .await;
+    idle_claims("after a wake-up that found work").await;
+
+    // A wake-up that finds nothing claimable: the message committed after
+    // a transaction that is still open waits for it.
+    let mut open = db.pool.begin().await.unwrap();
+    db.outbox.enqueue(&mut open, &[msg("a", 1)]).await.unwrap();
+    db.outbox.enqueue_standalone(&[msg("b", 2)]).await.unwrap();
+    idle_claims("after a wake-up that found nothing claimable").await;
+    assert_eq!(
+        sink.published().len(),
+        1,
+        "held behind the open transaction"
+    );
+    open.commit().await.unwrap();
+    wait_until("both published", Duration::from_secs(5), || async {
+        sink.published().len() == 3
+    })
+    .await;
+    relay.shutdown().await.unwrap();
+    db.drop_schema().await;
+}
+
+/// `soma_outbox_relay_shards_owned` follows what the relay holds: all
+/// shards once it runs, the same after its connection is killed and it
+/// takes them again (not twice), none after shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_shards_owned_gauge_follows_ownership_through_a_reconnect_and_shutdown() {
+    let db = setup("gauge").await;
+    let registry = soma_observability::MetricsRegistry::default();
+    let sink = RecordingSink::new();
+    let relay = Relay::new(db.outbox.clone(), sink.clone(), fast_relay())
+        .metrics(&registry)
+        .spawn();
+    let gauge = || series(&registry.encode(), "soma_outbox_relay_shards_owned").to_owned();
+    wait_until("relay owns shards", Duration::from_secs(10), || async {
+        relay.owned_shards().len() == 8
+    })
+    .await;
+    assert_eq!(gauge(), "8");
+
+    let app = format!("soma-outbox-relay {}", db.schema);
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(&app)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, vec![true], "exactly the relay's own connection");
+    // The relay notices at its next claim, gives its shards up and retakes them.
+    wait_until("relay reconnected", Duration::from_secs(10), || async {
+        relay.counters().shard_moves >= 16 && relay.owned_shards().len() == 8
+    })
+    .await;
+    assert_eq!(gauge(), "8", "after the reconnect");
+    db.outbox.enqueue_standalone(&[msg("k", 0)]).await.unwrap();
+    wait_until("published", Duration::from_secs(5), || async {
+        sink.published().len() == 1
+    })
+    .await;
+    relay.shutdown().await.unwrap();
+    assert_eq!(gauge(), "0", "after shutdown");
+    db.drop_schema().await;
+}
