@@ -1226,16 +1226,25 @@ async fn a_waiter_gets_the_lease_its_holder_releases_and_gives_up_at_its_deadlin
         .unwrap();
     let t1 = g.token();
     let releaser = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        g.release().await.unwrap()
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let released = g.release().await.unwrap();
+        (released, std::time::Instant::now())
     });
     let g2 = lease
         .acquire("acme", "handover", Duration::from_secs(5))
         .await
         .unwrap()
         .expect("the released lease, within the wait");
-    assert!(releaser.await.unwrap());
+    let acquired = std::time::Instant::now();
+    let (released, released_at) = releaser.await.unwrap();
+    assert!(released);
     assert!(g2.token() > t1);
+    // The waiter polls every ttl / 10 (200 ms here), not every second.
+    let after = acquired.saturating_duration_since(released_at);
+    assert!(
+        after < Duration::from_millis(500),
+        "acquired {after:?} after the release"
+    );
     // While it is held, a wait ends empty-handed, and not before its time.
     let started = std::time::Instant::now();
     let none = lease
