@@ -803,6 +803,51 @@ async fn oversized_jwks_documents_are_refused_while_streaming() {
     assert!(e.is_unavailable(), "{e:?}");
 }
 
+/// A valid JWKS document of exactly `len` bytes (a padding member fills it).
+fn jwks_of_len(len: usize) -> Vec<u8> {
+    let head = format!(
+        r#"{{"keys": [{}], "pad": ""#,
+        serde_json::to_string(&public_jwk("rsa_private.pem", "k1")).unwrap()
+    );
+    let tail = br#""}"#;
+    let mut doc = head.into_bytes();
+    doc.resize(len - tail.len(), b'x');
+    doc.extend_from_slice(tail);
+    doc
+}
+
+/// The JWKS size limit (1 MiB) is inclusive, with a content length and
+/// streamed in chunks without one: a document of exactly 1 MiB verifies
+/// tokens, one byte more is refused (the issuer is unavailable).
+#[tokio::test]
+async fn a_jwks_document_of_exactly_the_limit_is_read_and_one_byte_more_is_not() {
+    use futures_util::{StreamExt, stream};
+    const LIMIT: usize = 1024 * 1024;
+    let whole = |len: usize| async move { axum::body::Body::from(jwks_of_len(len)) };
+    let streamed = |len: usize| async move {
+        let chunks: Vec<Vec<u8>> = jwks_of_len(len).chunks(1000).map(<[u8]>::to_vec).collect();
+        axum::body::Body::from_stream(stream::iter(chunks).map(Ok::<_, std::io::Error>))
+    };
+    let app = Router::new()
+        .route("/whole/at", get(move || whole(LIMIT)))
+        .route("/whole/over", get(move || whole(LIMIT + 1)))
+        .route("/streamed/at", get(move || streamed(LIMIT)))
+        .route("/streamed/over", get(move || streamed(LIMIT + 1)));
+    let base = serve(app).await;
+    let token = mint(JwtAlgorithm::RS256, Some("k1"), &claims("alice"));
+    for path in ["/whole/at", "/streamed/at", "/whole/over", "/streamed/over"] {
+        let mut config = PolicyConfig::default();
+        config.issuers = vec![IssuerConfig::new(ISSUER).with_jwks_url(format!("{base}{path}"))];
+        let result = authenticator(&config).verify_token(&token).await;
+        if path.ends_with("/at") {
+            assert_eq!(result.map(|p| p.subject).as_deref(), Ok("alice"), "{path}");
+        } else {
+            let e = result.unwrap_err();
+            assert!(e.is_unavailable(), "{path}: {e:?}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_token_without_kid_needs_a_single_key_of_its_algorithm() {
     let keys = Arc::new(parking_lot::Mutex::new(vec![public_jwk(
