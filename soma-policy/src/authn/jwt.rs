@@ -509,16 +509,19 @@ impl Jwks {
                 Ok((keys, generation))
             }
         };
+        // Fresh, or within the cooldown: answer from what we have, never
+        // hammer the IdP.
+        let answer_now = |keys: &[Arc<KeyMaterial>], stale: bool, may_fetch: bool| {
+            (!keys.is_empty() && !stale) || !may_fetch
+        };
         let (keys, stale, may_fetch, generation) = self.lookup(kid, alg);
-        if (!keys.is_empty() && !stale) || !may_fetch {
-            // Fresh, or within the cooldown: answer from what we have,
-            // never hammer the IdP.
+        if answer_now(&keys, stale, may_fetch) {
             return found(keys, generation);
         }
         let _guard = self.fetch.lock().await;
         // Another task may have fetched while we waited.
         let (keys, stale, may_fetch, generation) = self.lookup(kid, alg);
-        if (!keys.is_empty() && !stale) || !may_fetch {
+        if answer_now(&keys, stale, may_fetch) {
             return found(keys, generation);
         }
         self.state.write().attempted_at = Some(Instant::now());
