@@ -490,9 +490,9 @@ impl Worker {
                     continue;
                 }
                 Ok(b) if b.handled > 0 => {
-                    if b.delivered > 0 {
-                        self.sink_available();
-                    }
+                    // The sink answered for every record (delivered,
+                    // retry later or refused): it is reachable again.
+                    self.sink_available();
                     idle_hot = 0;
                     continue;
                 }
@@ -567,7 +567,8 @@ impl Worker {
         wait
     }
 
-    /// The sink delivered again: leave the backoff.
+    /// The sink answered again (a delivery, or a retry or refusal of one
+    /// record): leave the backoff.
     fn sink_available(&mut self) {
         let u = &mut self.unavailable;
         if let Some(since) = u.since.take() {
@@ -855,7 +856,6 @@ impl Worker {
         }
         Ok(Batch {
             handled: claimed.len(),
-            delivered: settled.delivered.len(),
             unavailable: settled.unavailable,
         })
     }
@@ -878,8 +878,6 @@ fn log_order_violations(schema: &str, n: u64) {
 struct Batch {
     /// Records claimed.
     handled: usize,
-    /// Records the sink delivered.
-    delivered: usize,
     /// Set when the sink was unavailable for some record: why.
     unavailable: Option<String>,
 }

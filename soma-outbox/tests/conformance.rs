@@ -16,6 +16,8 @@ mod common;
 
 use common::setup;
 use soma_outbox::{NewMessage, Relay};
+use std::time::Duration;
+
 use sqlx::{Connection, Row};
 
 const BACKLOG: usize = 100_000;
@@ -90,6 +92,26 @@ async fn claim_walks_the_index_at_a_backlog_of_100k_mostly_claimed_rows() {
         .execute(&mut *conn)
         .await
         .unwrap();
+    // Rows are claimable once their transaction is below every running
+    // transaction's snapshot (cluster-wide): a test elsewhere that holds a
+    // transaction open from before our inserts holds our backlog back.
+    let below_xmin = format!(
+        "SELECT pg_snapshot_xmin(pg_current_snapshot()) > (SELECT max(txid) FROM {q}.outbox)"
+    );
+    let claimable = soma_testkit::eventually(Duration::from_secs(60), || {
+        let (pool, sql) = (db.pool.clone(), below_xmin.clone());
+        async move {
+            sqlx::query_scalar::<_, bool>(&sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+    assert!(
+        claimable,
+        "another session kept a transaction open for 60 s from before the backlog was written"
+    );
     let mut tx = conn.begin().await.unwrap();
     let explained: serde_json::Value =
         sqlx::query(&format!("EXPLAIN (ANALYZE, FORMAT JSON) {claim}"))

@@ -601,6 +601,59 @@ async fn an_unavailable_sink_costs_latency_never_messages_or_order() {
     db.drop_schema().await;
 }
 
+/// After an outage the relay leaves its backoff when the sink answers a
+/// probe, whatever the answer: a probe it refuses (dead-lettered) shows the
+/// sink is reachable, so health, the gauge and `sink_unavailable()` say so
+/// at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_probe_the_sink_refuses_ends_the_backoff_it_answered() {
+    let db = setup("refprobe").await;
+    let registry = soma_observability::metrics::MetricsRegistry::default();
+    let health = soma_observability::health::HealthRegistry::new();
+    let poison = msg("p", 0);
+    let pid = poison.id;
+    db.outbox.enqueue_standalone(&[poison]).await.unwrap();
+    let sink = RecordingSink::new();
+    sink.set_rule(|_| Some(SinkOutcome::unavailable("broker transport failure")));
+    let mut cfg = fast_relay();
+    // Long enough that a relay still backing off is seen backing off.
+    cfg.unavailable_backoff_initial_ms = 2_000;
+    cfg.unavailable_backoff_max_ms = 2_000;
+    let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg)
+        .metrics(&registry)
+        .health(&health)
+        .spawn();
+    wait_until("relay backing off", Duration::from_secs(10), || async {
+        relay.sink_unavailable()
+    })
+    .await;
+    // The broker is back and refuses the one waiting record.
+    sink.set_rule(move |r| (r.id == pid).then(|| SinkOutcome::reject("record too large")));
+    wait_until("probe refused", Duration::from_secs(10), || async {
+        relay.counters().dead_lettered == 1
+    })
+    .await;
+    // (The flag is cleared as the relay takes the batch's result, just
+    // after the counters.)
+    wait_until(
+        "the backoff left: the sink answered",
+        Duration::from_secs(1),
+        || async { !relay.sink_unavailable() },
+    )
+    .await;
+    let component = health.component("outbox_relay").unwrap();
+    assert_eq!(component.status.as_str(), "up", "{component:?}");
+    let text = registry.encode();
+    assert_eq!(series(&text, "soma_outbox_relay_sink_unavailable"), "0");
+    db.outbox.enqueue_standalone(&[msg("k", 1)]).await.unwrap();
+    wait_until("published", Duration::from_secs(10), || async {
+        sink.published().len() == 1
+    })
+    .await;
+    relay.shutdown().await.unwrap();
+    db.drop_schema().await;
+}
+
 /// The opt-in maximum age dead-letters a message the sink could not take
 /// in time, even while the sink is unavailable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1262,7 +1315,7 @@ async fn an_idle_relay_claims_once_per_poll_interval_even_after_a_wake_up() {
 
     // A message wakes the relay (NOTIFY) and is published.
     db.outbox.enqueue_standalone(&[msg("k", 0)]).await.unwrap();
-    wait_until("published", Duration::from_secs(5), || async {
+    wait_until("published", Duration::from_secs(10), || async {
         sink.published().len() == 1
     })
     .await;
@@ -1280,7 +1333,7 @@ async fn an_idle_relay_claims_once_per_poll_interval_even_after_a_wake_up() {
         "held behind the open transaction"
     );
     open.commit().await.unwrap();
-    wait_until("both published", Duration::from_secs(5), || async {
+    wait_until("both published", Duration::from_secs(10), || async {
         sink.published().len() == 3
     })
     .await;
