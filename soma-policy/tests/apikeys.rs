@@ -333,3 +333,79 @@ async fn key_guessing_is_bounded_before_the_store() {
         .unwrap();
     assert_eq!(p.subject, "svc");
 }
+
+/// Through the authentication layer, failed attempts are charged to the
+/// client's address taken from the request (axum's `ConnectInfo`, or a bare
+/// `SocketAddr` in the extensions): one client out of attempts is answered
+/// 429 while another still gets its 401. The layer passes its inner
+/// service's readiness on and its future prints without the request.
+#[tokio::test]
+async fn the_layer_charges_failures_to_the_request_s_peer_and_passes_readiness_on() {
+    use std::net::SocketAddr;
+    use tower::{Layer, Service, ServiceExt};
+
+    let mut config = PolicyConfig::default();
+    config.api_keys.client_failure_burst = 2;
+    let auth = Arc::new(
+        Authenticator::builder(&config)
+            .api_key_store(Arc::new(InMemoryApiKeyStore::new()))
+            .build()
+            .unwrap(),
+    );
+    let inner = tower::service_fn(|_req: http::Request<axum::body::Body>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::from("handled")))
+    });
+    let svc = soma_policy::AuthnLayer::new(auth.clone()).layer(inner);
+    let from = |peer: &str| {
+        let guess = generate_key("soma", "x", "t1", vec![], vec![]);
+        let mut req = http::Request::builder()
+            .uri("/v1/things")
+            .header("x-api-key", guess.key.expose_secret())
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let addr: SocketAddr = format!("{peer}:40000").parse().unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(addr));
+        req
+    };
+    let status = |svc: &mut soma_policy::AuthnService<_>, req| {
+        let fut = svc.call(req);
+        async move { fut.await.unwrap().status().as_u16() }
+    };
+    let mut svc = svc;
+    for _ in 0..2 {
+        svc.ready().await.unwrap();
+        assert_eq!(status(&mut svc, from("192.0.2.66")).await, 401);
+    }
+    svc.ready().await.unwrap();
+    assert_eq!(
+        status(&mut svc, from("192.0.2.66")).await,
+        429,
+        "out of attempts"
+    );
+    svc.ready().await.unwrap();
+    assert_eq!(
+        status(&mut svc, from("198.51.100.7")).await,
+        401,
+        "another client"
+    );
+    // The future says what it is, never the request or its credential.
+    let req = from("198.51.100.7");
+    let fut = svc.call(req);
+    assert!(
+        format!("{fut:?}").starts_with("AuthnResponseFuture"),
+        "{fut:?}"
+    );
+    drop(fut);
+
+    // Readiness is the inner service's: one that is never ready keeps the
+    // layer's service pending.
+    let pending = tower::service_fn(|_req: http::Request<axum::body::Body>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::empty()))
+    });
+    let pending = tower::limit::ConcurrencyLimit::new(pending, 0);
+    let mut svc = soma_policy::AuthnLayer::new(auth).layer(pending);
+    let waker = futures_util::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    assert!(svc.poll_ready(&mut cx).is_pending());
+}
