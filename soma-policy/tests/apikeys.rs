@@ -152,6 +152,19 @@ async fn postgres_store() {
         dump.iter().all(|row| !row.contains(&secret[5..])),
         "plaintext key found in the table"
     );
+    // The same record again is a duplicate; any other failure is not.
+    let again = generate_key("soma", "svc-10", "t1", vec![], vec![]);
+    store.insert(again.record.clone()).await.unwrap();
+    assert!(matches!(
+        store.insert(again.record.clone()).await,
+        Err(StoreError::Duplicate)
+    ));
+    sqlx::query(&format!("DROP TABLE \"{schema}\".soma_api_keys"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let e = store.insert(again.record).await.unwrap_err();
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
     drop_schema(&pool, &schema).await;
 }
 
