@@ -613,3 +613,34 @@ async fn the_policy_sees_the_resource_id_the_handler_sees() {
     }
     assert!(engine.0.lock().is_empty());
 }
+
+/// The authorization layer passes its inner service's readiness on (a
+/// handler that cannot take a request keeps the layer's service pending),
+/// and its response future prints its name only.
+#[tokio::test]
+async fn the_authz_layer_passes_readiness_on_and_its_future_prints_its_name() {
+    use tower::{Layer, Service};
+    let authz = Arc::new(Authorizer::builder(dead_opa()).build());
+    let handler = tower::service_fn(|_req: http::Request<axum::body::Body>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::empty()))
+    });
+    let waker = futures_util::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+
+    let mut never_ready = AuthzLayer::new(authz.clone(), routes())
+        .layer(tower::limit::ConcurrencyLimit::new(handler, 0));
+    assert!(never_ready.poll_ready(&mut cx).is_pending());
+
+    let mut ready = AuthzLayer::new(authz, routes()).layer(handler);
+    assert!(ready.poll_ready(&mut cx).is_ready());
+    let fut = ready.call(
+        http::Request::builder()
+            .uri("/v1/unmapped")
+            .body(axum::body::Body::empty())
+            .unwrap(),
+    );
+    assert!(
+        format!("{fut:?}").starts_with("AuthzResponseFuture"),
+        "{fut:?}"
+    );
+}
