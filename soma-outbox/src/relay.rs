@@ -308,6 +308,25 @@ async fn monitor(
 /// `(txid, seq)` index and stop at the batch size (see `Worker::connect`).
 const CLAIM_SESSION_SETTINGS: &[&str] = &["SET jit = off", "SET enable_sort = off"];
 
+/// The statements a relay's session starts with. Keepalives and the
+/// idle-in-transaction timeout let the server drop a vanished relay's
+/// session (and its locks) fast. The claim must walk the (txid, seq) index
+/// and stop at the batch size; with a large backlog the planner's row
+/// estimates otherwise favour sorting every pending row, so sorting is
+/// disabled on this (claim-only) session, and JIT is useless here.
+fn session_setup(config: &RelayConfig) -> Vec<String> {
+    let idle_in_transaction_ms = config.sink_timeout_ms.saturating_mul(2).max(10_000);
+    [
+        "SET tcp_keepalives_idle = 5".to_owned(),
+        "SET tcp_keepalives_interval = 2".to_owned(),
+        "SET tcp_keepalives_count = 3".to_owned(),
+        format!("SET idle_in_transaction_session_timeout = {idle_in_transaction_ms}"),
+    ]
+    .into_iter()
+    .chain(CLAIM_SESSION_SETTINGS.iter().map(|s| (*s).to_owned()))
+    .collect()
+}
+
 impl Relay {
     /// The relay's claim query for `outbox` and the planner settings its
     /// session runs it under, for plan regression tests. Parameters: `$1`
@@ -623,25 +642,8 @@ impl Worker {
             .clone()
             .application_name(&format!("soma-outbox-relay {}", self.outbox.schema()));
         let mut conn = opts.connect().await?;
-        // Let the server drop a vanished relay's session (and its locks)
-        // fast. The claim must walk the (txid, seq) index and stop at the
-        // batch size; with a large backlog the planner's row estimates
-        // otherwise favour sorting every pending row, so sorting is
-        // disabled on this (claim-only) session, and JIT is useless here.
-        let setup = format!(
-            "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2;
-             SET tcp_keepalives_count = 3;
-             SET idle_in_transaction_session_timeout = {};",
-            self.config.sink_timeout_ms.saturating_mul(2).max(10_000)
-        );
-        let planner = CLAIM_SESSION_SETTINGS.iter().copied();
-        for stmt in setup
-            .split(';')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .chain(planner)
-        {
-            sqlx::query(stmt).execute(&mut conn).await?;
+        for stmt in session_setup(&self.config) {
+            sqlx::query(&stmt).execute(&mut conn).await?;
         }
         // Membership: one session lock per live relay, counted to share shards.
         loop {
@@ -1037,4 +1039,42 @@ fn truncate(mut s: String) -> String {
         s = s.chars().take(MAX_ERROR_CHARS).collect();
     }
     s.replace('\0', "")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A session set up as a relay's has the keepalives, the
+    /// idle-in-transaction backstop (twice the sink timeout, at least 10 s)
+    /// and the claim's planner settings.
+    #[tokio::test]
+    async fn a_relay_session_is_set_up_for_fast_failure_and_index_walking_claims() {
+        let url = soma_testkit::require_postgres();
+        for (sink_timeout_ms, want) in [(30_000, "1min"), (2_000, "10s")] {
+            let config = RelayConfig {
+                sink_timeout_ms,
+                ..RelayConfig::default()
+            };
+            let mut conn = PgConnection::connect(&url).await.expect("connect");
+            for stmt in session_setup(&config) {
+                sqlx::query(&stmt).execute(&mut conn).await.unwrap();
+            }
+            let show = async |conn: &mut PgConnection, name: &str| -> String {
+                sqlx::query_scalar(&format!("SHOW {name}"))
+                    .fetch_one(conn)
+                    .await
+                    .unwrap()
+            };
+            assert_eq!(
+                show(&mut conn, "idle_in_transaction_session_timeout").await,
+                want
+            );
+            assert_eq!(show(&mut conn, "tcp_keepalives_idle").await, "5");
+            assert_eq!(show(&mut conn, "tcp_keepalives_interval").await, "2");
+            assert_eq!(show(&mut conn, "tcp_keepalives_count").await, "3");
+            assert_eq!(show(&mut conn, "enable_sort").await, "off");
+            assert_eq!(show(&mut conn, "jit").await, "off");
+        }
+    }
 }
