@@ -644,3 +644,55 @@ async fn the_authz_layer_passes_readiness_on_and_its_future_prints_its_name() {
         "{fut:?}"
     );
 }
+
+/// Log lines written while `f` runs (soma-observability's subscriber with a
+/// capture buffer as its writer).
+fn logs_of(f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<parking_lot::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let (dispatch, _guard) = soma_observability::telemetry::TelemetryBuilder::new(
+        &soma_observability::TelemetryConfig::default(),
+    )
+    .with_writer(move || writer.clone())
+    .build()
+    .unwrap();
+    tracing::dispatcher::with_default(&dispatch, f);
+    String::from_utf8_lossy(&buf.0.lock()).into_owned()
+}
+
+/// Failing open is an explicit choice the authorizer warns about when it
+/// is built (failing closed, the default, is silent), and the authorizer
+/// prints its engine, cache and fail mode.
+#[test]
+fn an_authorizer_that_fails_open_says_so_when_built_and_prints_its_settings() {
+    let mut open = None;
+    let logs = logs_of(|| {
+        open = Some(
+            Authorizer::builder(dead_opa())
+                .fail_mode(FailMode::Open)
+                .build(),
+        );
+    });
+    assert!(logs.contains("fail_mode = open"), "{logs}");
+    let printed = format!("{:?}", open.unwrap());
+    assert!(
+        printed.starts_with("Authorizer {") && printed.contains("fail_mode: Open"),
+        "{printed}"
+    );
+    assert!(printed.contains("cache: true"), "{printed}");
+    let logs = logs_of(|| {
+        Authorizer::builder(dead_opa()).build();
+    });
+    assert!(!logs.contains("fail_mode"), "{logs}");
+}
