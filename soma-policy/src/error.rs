@@ -253,7 +253,8 @@ pub enum AuthzError {
     Unmapped {
         /// Request method.
         method: String,
-        /// Route template (or the path when no template matched).
+        /// Route template (`<unmatched>` when the server matched no route
+        /// template: the raw path is not echoed).
         route: String,
     },
     /// No principal on the request: the authentication layer is missing in

@@ -272,7 +272,11 @@ async fn policy_denial_is_403_forbidden_and_unmapped_routes_are_denied() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 403);
+    let body = problem(r, 403, "forbidden").await;
+    assert_eq!(
+        body["detail"], "no action mapped for GET /v1/unmapped",
+        "the route axum matched is named"
+    );
     let events = s.audit.events();
     assert_eq!(events.len(), 2);
     assert_eq!(events[0].result, "deny");
@@ -695,4 +699,64 @@ fn an_authorizer_that_fails_open_says_so_when_built_and_prints_its_settings() {
         Authorizer::builder(dead_opa()).build();
     });
     assert!(!logs.contains("fail_mode"), "{logs}");
+}
+
+/// `Authorizer::audit` (a change) and `audit_outcome` (what an allowed
+/// action did) reach the authorizer's audit sink beside its decisions, and
+/// `metrics()` are the handles it records its decisions on.
+#[tokio::test]
+async fn an_authorizer_audits_changes_and_outcomes_and_shows_its_metrics() {
+    let engine = EmbeddedRego::from_dir(
+        policy_dir(),
+        "data.soma.authz.decision",
+        PolicyMetrics::default(),
+    )
+    .unwrap();
+    let registry = soma_observability::MetricsRegistry::default();
+    let audit = MemoryAuditSink::new();
+    let authz = Authorizer::builder(Arc::new(engine))
+        .audit_sink(Arc::new(audit.clone()))
+        .metrics(&registry)
+        .build();
+    let alice = soma_policy::Principal {
+        subject: "alice".into(),
+        tenant: "t1".into(),
+        roles: vec!["user".into()],
+        scopes: vec![],
+        auth_kind: soma_policy::AuthKind::ApiKey {
+            key_id: "k1".into(),
+        },
+    };
+    let resource = soma_policy::Resource {
+        kind: "schedule".into(),
+        id: Some("s1".into()),
+        ..Default::default()
+    };
+    let input = soma_policy::AuthzInput::new(&alice, "schedule:delete", resource.clone());
+    let decision = authz.check(&input).await.unwrap();
+    assert_eq!(
+        authz.metrics().decisions_count(
+            "schedule:delete",
+            if decision.allow { "allow" } else { "deny" }
+        ),
+        1,
+        "the handles the authorizer records on"
+    );
+    authz.audit(&soma_policy::AuditEvent::change(
+        &alice,
+        "schedule:update",
+        resource,
+        vec!["cron".into()],
+        Some("req-1"),
+    ));
+    authz.audit_outcome(&input, "discarded", &["operator: stale".into()]);
+    let events = audit.events();
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert!(events[1].is_change() && events[1].reason == vec!["cron"]);
+    assert_eq!(events[1].request_id.as_deref(), Some("req-1"));
+    assert_eq!(
+        (events[2].result.as_str(), events[2].engine.as_str()),
+        ("discarded", "outcome")
+    );
+    assert_eq!(events[2].reason, vec!["operator: stale"]);
 }
