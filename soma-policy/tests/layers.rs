@@ -730,7 +730,6 @@ async fn an_authorizer_audits_changes_and_outcomes_and_shows_its_metrics() {
     let resource = soma_policy::Resource {
         kind: "schedule".into(),
         id: Some("s1".into()),
-        ..Default::default()
     };
     let input = soma_policy::AuthzInput::new(&alice, "schedule:delete", resource.clone());
     let decision = authz.check(&input).await.unwrap();
