@@ -305,7 +305,7 @@ async fn monitor(
 }
 
 /// Planner settings of the relay's session: the claim must walk the
-/// `(txid, seq)` index and stop at the batch size (see `Worker::connect`).
+/// `(txid, seq)` index and stop at the batch size (see `session_setup`).
 const CLAIM_SESSION_SETTINGS: &[&str] = &["SET jit = off", "SET enable_sort = off"];
 
 /// The statements a relay's session starts with. Keepalives and the
