@@ -914,7 +914,7 @@ fn settle(
 ) -> Settled {
     let mut out = Settled::default();
     let mut blocked: HashSet<(&str, &str)> = HashSet::new();
-    let max_age = (config.dead_letter_after_secs > 0).then(|| {
+    let max_age = (config.dead_letter_after_secs != 0).then(|| {
         chrono::Duration::seconds(config.dead_letter_after_secs.min(i64::MAX as u64) as i64)
     });
     let too_old = |c: &Claimed| max_age.is_some_and(|m| now - c.record.created_at > m);

@@ -665,12 +665,20 @@ async fn dead_letter_after_secs_is_the_only_way_an_outage_dead_letters() {
         .unwrap();
     let sink = RecordingSink::new();
     sink.set_rule(|_| Some(SinkOutcome::unavailable("broker down")));
+    let enqueued = std::time::Instant::now();
     let mut cfg = fast_relay();
-    cfg.dead_letter_after_secs = 1;
+    cfg.dead_letter_after_secs = 3;
     cfg.dead_letter_order = DeadLetterOrder::ReleaseKey;
     cfg.unavailable_backoff_initial_ms = 20;
     cfg.unavailable_backoff_max_ms = 50;
     let relay = Relay::new(db.outbox.clone(), sink.clone(), cfg).spawn();
+    // Probed many times meanwhile, and younger than 3 s: still waiting.
+    tokio::time::sleep_until((enqueued + Duration::from_secs(1)).into()).await;
+    assert!(sink.calls() >= 5, "probed {} times", sink.calls());
+    assert!(
+        db.outbox.dead_letters(10, None).await.unwrap().is_empty(),
+        "dead-lettered before dead_letter_after_secs"
+    );
     wait_until("both aged out", Duration::from_secs(10), || async {
         db.outbox.dead_letters(10, None).await.unwrap().len() == 2
     })
