@@ -156,7 +156,15 @@ fn reference_policy_on_both_evaluators() -> (EmbeddedRego, EmbeddedRego) {
         .unwrap()
         .with_evaluator(RegoEvaluator::Interpreter)
         .unwrap();
+    assert_eq!(interpreter.evaluator(), RegoEvaluator::Interpreter);
     assert_eq!(interpreter.active_evaluator(), RegoEvaluator::Interpreter);
+    let printed = format!("{interpreter:?}");
+    assert!(
+        printed.starts_with("EmbeddedRego {")
+            && printed.contains(ENTRY)
+            && printed.contains("Interpreter"),
+        "{printed}"
+    );
     let vm = EmbeddedRego::from_dir(policy_dir(), ENTRY, PolicyMetrics::default()).unwrap();
     assert_eq!(vm.evaluator(), RegoEvaluator::Auto);
     assert_eq!(vm.active_evaluator(), RegoEvaluator::Vm);

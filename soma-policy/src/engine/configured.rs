@@ -314,6 +314,8 @@ mod tests {
             .unwrap();
         assert_eq!(engine.kind(), EngineKind::Embedded);
         assert_eq!(engine.name(), "embedded");
+        assert!(engine.remote().is_none());
+        assert!(engine.embedded().is_some(), "the embedded engine");
         assert!(health.component("policy").is_some());
         assert!(health.component("opa").is_none());
 
