@@ -1045,6 +1045,19 @@ fn truncate(mut s: String) -> String {
 mod tests {
     use super::*;
 
+    /// A sink's error is stored with at most `MAX_ERROR_CHARS` characters
+    /// (characters, not bytes: never cut inside one) and without NULs,
+    /// which PostgreSQL's text refuses.
+    #[test]
+    fn stored_errors_are_bounded_in_characters_and_free_of_nul() {
+        let long = "é".repeat(MAX_ERROR_CHARS + 500);
+        let cut = truncate(long.clone());
+        assert_eq!(cut.chars().count(), MAX_ERROR_CHARS);
+        assert!(long.starts_with(&cut));
+        assert_eq!(truncate("short".into()), "short");
+        assert_eq!(truncate("a\0b".into()), "ab");
+    }
+
     /// A session set up as a relay's has the keepalives, the
     /// idle-in-transaction backstop (twice the sink timeout, at least 10 s)
     /// and the claim's planner settings.
