@@ -688,6 +688,34 @@ mod tests {
         AuthzInput::new(&p, "conversation.send", Resource::default())
     }
 
+    /// The VM pool hands a VM back after an evaluation (VMs are reused,
+    /// not built per request) and keeps at most `MAX_IDLE_VMS` idle.
+    #[test]
+    fn the_vm_pool_reuses_its_vms_and_keeps_at_most_max_idle() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policy");
+        let engine =
+            EmbeddedRego::from_dir(dir, "data.soma.authz.decision", PolicyMetrics::default())
+                .unwrap()
+                .with_evaluator(RegoEvaluator::Vm)
+                .unwrap();
+        let loaded = engine.current.read().clone();
+        let pool = loaded
+            .vm
+            .as_ref()
+            .expect("the reference policy runs on the VM");
+        let idle = || pool.idle.lock().len();
+        assert_eq!(idle(), 1, "built with one VM");
+        engine.evaluate_sync(&input()).unwrap();
+        assert_eq!(idle(), 1, "the VM went back to the pool");
+        // More idle VMs than the bound (as after a burst): one evaluation
+        // takes one and does not hand it back.
+        let extra: Vec<_> = (0..MAX_IDLE_VMS).map(|_| pool.new_vm().unwrap()).collect();
+        pool.idle.lock().extend(extra);
+        assert_eq!(idle(), MAX_IDLE_VMS + 1);
+        engine.evaluate_sync(&input()).unwrap();
+        assert_eq!(idle(), MAX_IDLE_VMS);
+    }
+
     #[test]
     fn the_input_value_is_exactly_the_json_one() {
         let cases = [

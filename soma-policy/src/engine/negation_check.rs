@@ -167,6 +167,7 @@ mod tests {
             ("allow if not is_string(input.subject)", "p.rego:4:10"),
             ("allow if not \"admin\" in input.roles", "p.rego:4:10"),
             ("allow if { not count(input.xs) == 0 }", "p.rego:4:12"),
+            ("allow if { not -count(input.xs) < 0 }", "p.rego:4:12"),
             ("allow if { not actions[input.a].roles }", "p.rego:4:12"),
             ("allow if { not actions[known].roles }", "p.rego:4:12"),
             ("allow if { [1 | not input.x in {1}] == [] }", "p.rego:4:17"),
