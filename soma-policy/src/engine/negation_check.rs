@@ -168,6 +168,11 @@ mod tests {
             ("allow if not \"admin\" in input.roles", "p.rego:4:10"),
             ("allow if { not count(input.xs) == 0 }", "p.rego:4:12"),
             ("allow if { not -count(input.xs) < 0 }", "p.rego:4:12"),
+            (
+                "allow if { not is_string({\"k\": input.x}) }",
+                "p.rego:4:12",
+            ),
+            ("allow if { not is_number(1 + input.x) }", "p.rego:4:12"),
             ("allow if { not actions[input.a].roles }", "p.rego:4:12"),
             ("allow if { not actions[known].roles }", "p.rego:4:12"),
             ("allow if { [1 | not input.x in {1}] == [] }", "p.rego:4:17"),
@@ -203,6 +208,8 @@ allow if {
 	not actions[r]
 	not f(1)
 	not is_string(r)
+	not is_string({"k": [1, -2, 3 + 4, lower("A")]})
+	not is_number(-count([r]) * 2)
 }
 "#;
         assert_eq!(check(src), Vec::<String>::new());
