@@ -244,6 +244,18 @@ allow := true if {
                 "builtin",
             ),
             ("allow if { input.a + 1 > 2 }", "p.rego:3:20", "arithmetic"),
+            // Inside a unary minus.
+            (
+                "allow if { -count(input.items) < 0 }",
+                "p.rego:3:13",
+                "builtin",
+            ),
+            // `deny` here is the local of `every`, not the set rule.
+            (
+                "deny contains \"d\" if input.x\nallow if { every deny in input.ds { count(deny) == 0 } }",
+                "p.rego:4:37",
+                "builtin",
+            ),
             (
                 "allow if { x = input.a / input.b; x > 0 }",
                 "p.rego:3:24",
