@@ -1361,11 +1361,12 @@ async fn the_shards_owned_gauge_follows_ownership_through_a_reconnect_and_shutdo
         .metrics(&registry)
         .spawn();
     let gauge = || series(&registry.encode(), "soma_outbox_relay_shards_owned").to_owned();
+    // (The gauge follows the shared view of the owned shards by a few
+    // instructions: wait for both.)
     wait_until("relay owns shards", Duration::from_secs(10), || async {
-        relay.owned_shards().len() == 8
+        relay.owned_shards().len() == 8 && gauge() == "8"
     })
     .await;
-    assert_eq!(gauge(), "8");
 
     let app = format!("soma-outbox-relay {}", db.schema);
     let killed: Vec<bool> = sqlx::query_scalar(
@@ -1381,6 +1382,12 @@ async fn the_shards_owned_gauge_follows_ownership_through_a_reconnect_and_shutdo
         relay.counters().shard_moves >= 16 && relay.owned_shards().len() == 8
     })
     .await;
+    wait_until("the gauge says 8 again", Duration::from_secs(1), || async {
+        gauge() == "8"
+    })
+    .await;
+    // And stays there: not 16, as a gauge counting the retaken shards twice.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(gauge(), "8", "after the reconnect");
     db.outbox.enqueue_standalone(&[msg("k", 0)]).await.unwrap();
     wait_until("published", Duration::from_secs(5), || async {
