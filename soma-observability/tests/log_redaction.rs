@@ -1,30 +1,14 @@
 //! Log capture: a request carrying `Authorization: Bearer <token>` (and other
 //! sensitive headers) never prints them, even when a handler logs the headers.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use axum::routing::get;
 use soma_observability::http::TraceLayer;
 use soma_observability::telemetry::TelemetryBuilder;
 use soma_observability::{LogFormat, TelemetryConfig};
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_token_never_printed() {
-    let capture = Capture::default();
+    let capture = soma_testkit::LogCapture::default();
     let mut config = TelemetryConfig::default();
     config.log_filter = "trace".into();
     config.log_format = LogFormat::Json;
@@ -60,7 +44,7 @@ async fn bearer_token_never_printed() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     // The capture really saw the request: the handler's events, inside the
     // request span (JSON logs carry span fields).
     assert!(

@@ -652,19 +652,8 @@ async fn the_authz_layer_passes_readiness_on_and_its_future_prints_its_name() {
 /// Log lines written while `f` runs (soma-observability's subscriber with a
 /// capture buffer as its writer).
 fn logs_of(f: impl FnOnce()) -> String {
-    #[derive(Clone, Default)]
-    struct Buf(Arc<parking_lot::Mutex<Vec<u8>>>);
-    impl std::io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let buf = Buf::default();
-    let writer = buf.clone();
+    let capture = soma_testkit::LogCapture::default();
+    let writer = capture.clone();
     let (dispatch, _guard) = soma_observability::telemetry::TelemetryBuilder::new(
         &soma_observability::TelemetryConfig::default(),
     )
@@ -672,7 +661,7 @@ fn logs_of(f: impl FnOnce()) -> String {
     .build()
     .unwrap();
     tracing::dispatcher::with_default(&dispatch, f);
-    String::from_utf8_lossy(&buf.0.lock()).into_owned()
+    capture.text()
 }
 
 /// Failing open is an explicit choice the authorizer warns about when it

@@ -27,11 +27,12 @@
 //! | `kafka` | `kafka`: read a topic back with a plain rdkafka consumer |
 //!
 //! Without a feature: service discovery ([`require_postgres`], …), unique
-//! names ([`unique_name`]), free ports ([`free_port`]) and the benchmarks'
-//! [`median`].
+//! names ([`unique_name`]), free ports ([`free_port`]), a log sink to read
+//! back ([`LogCapture`]) and the benchmarks' [`median`].
 
 #[cfg(feature = "kafka")]
 pub mod kafka;
+mod log_capture;
 #[cfg(feature = "opa")]
 mod opa;
 #[cfg(feature = "otlp")]
@@ -47,6 +48,7 @@ mod serve;
 #[cfg(feature = "tansu")]
 mod tansu;
 
+pub use log_capture::LogCapture;
 #[cfg(feature = "opa")]
 pub use opa::OpaServer;
 #[cfg(feature = "tokio")]

@@ -6,9 +6,7 @@ pub mod model;
 pub mod platform;
 pub mod processes;
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -420,27 +418,14 @@ pub async fn metric(
 
 /// Everything the processes log, for the secret checks.
 #[derive(Clone, Default)]
-pub struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+pub struct Captured(soma_testkit::LogCapture);
 
 impl Captured {
     /// Captures this test process's logs at `debug` (each test runs in its
     /// own process under nextest).
     pub fn install() -> Self {
         let captured = Captured::default();
-        let writer = captured.clone();
+        let writer = captured.0.clone();
         tracing_subscriber::fmt()
             .json()
             .with_max_level(tracing::Level::DEBUG)
@@ -451,7 +436,7 @@ impl Captured {
     }
 
     pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+        self.0.text()
     }
 
     /// Asserts the logs are not empty and contain none of `secrets`.
