@@ -946,15 +946,7 @@ async fn relay_reconnects_after_its_connection_is_killed() {
     })
     .await;
 
-    let app = format!("soma-outbox-relay {}", db.schema);
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-    )
-    .bind(&app)
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(killed, vec![true], "exactly the relay's own connection");
+    kill_relay_session(&db).await;
 
     wait_until(
         "drained after reconnect",
@@ -1273,6 +1265,20 @@ async fn metrics_and_health_plug_in_through_the_registries() {
     db.drop_schema().await;
 }
 
+/// Terminates the relay's own session (as after a network loss), asserting
+/// it was exactly one connection.
+async fn kill_relay_session(db: &common::TestDb) {
+    let app = format!("soma-outbox-relay {}", db.schema);
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(&app)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, vec![true], "exactly the relay's own connection");
+}
+
 /// Scans of `schema.outbox` the server has counted so far (every claim
 /// query scans it once; the statistics reach other sessions within about a
 /// second).
@@ -1368,15 +1374,7 @@ async fn the_shards_owned_gauge_follows_ownership_through_a_reconnect_and_shutdo
     })
     .await;
 
-    let app = format!("soma-outbox-relay {}", db.schema);
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-    )
-    .bind(&app)
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(killed, vec![true], "exactly the relay's own connection");
+    kill_relay_session(&db).await;
     // The relay notices at its next claim, gives its shards up and retakes them.
     wait_until("relay reconnected", Duration::from_secs(10), || async {
         relay.counters().shard_moves >= 16 && relay.owned_shards().len() == 8
